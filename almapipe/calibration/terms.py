@@ -1,0 +1,145 @@
+"""Gain terms: how each Jones type bins the data into solution slots.
+
+* G: per correlation, one slot per time interval over the selected channels.
+* T: like G, but one gain shared by both correlations.
+* B: per correlation and per channel, over (usually) all of the time.
+
+Each term is solved by :func:`solve_term`, which pre-applies earlier tables,
+divides by the model, bins, and hands the slots to :func:`solver.solve`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import solver
+from .applycal import apply_tables
+from .caltable import CalSolutions
+from ..msio.ms import Vis
+
+
+@dataclass
+class SolveSpec:
+    """The parameters of one solve, named as CASA's gaincal/bandpass name them."""
+    kind: str = "G"            # 'G', 'T' or 'B'
+    solint: str = "inf"        # 'int', 'inf', or seconds such as '30s'
+    combine: str = ""          # '', 'scan', 'field' or 'scan,field'
+    calmode: str = "ap"        # 'ap', 'p', 'a'
+    refant: int | None = None
+    minsnr: float = 3.0
+    minblperant: int = 4
+    chans: slice | None = None  # channels used (G/T); B uses all and flags outside
+    solnorm: bool = False
+    preapply: list = field(default_factory=list)  # CalSolutions applied first
+
+
+def time_bins(vis: Vis, solint: str, combine: str) -> np.ndarray:
+    """Solution-interval index per row.
+
+    Intervals never span a field change unless combine has 'field', nor a
+    scan change unless combine has 'scan' (CASA's rules).
+    """
+    comb = {c.strip() for c in combine.split(",") if c.strip()}
+    key_field = np.zeros_like(vis.field_id) if "field" in comb else vis.field_id
+    key_scan = np.zeros_like(vis.scan) if "scan" in comb else vis.scan
+    if solint == "int":
+        sub = np.unique(vis.time, return_inverse=True)[1]
+    elif solint == "inf":
+        sub = np.zeros(len(vis.time), int)
+    else:
+        secs = float(solint.rstrip("s").rstrip("sec")) if solint.rstrip("s") else 0
+        if secs <= 0:
+            raise ValueError(f"solint {solint!r}: expected 'int', 'inf' or a duration like '30s'")
+        # bins of secs within each scan, counted from the scan's first time
+        t0 = {s: vis.time[vis.scan == s].min() for s in np.unique(vis.scan)}
+        start = np.array([t0[s] for s in vis.scan])
+        sub = np.floor((vis.time - start) / secs + 1e-6).astype(int)
+    keys = np.stack([key_field, key_scan, sub], axis=1)
+    return np.unique(keys, axis=0, return_inverse=True)[1].ravel()
+
+
+def solve_term(vis: Vis, model: np.ndarray, spec: SolveSpec) -> CalSolutions:
+    """Solve one gain term. model is (nrow, nchan) Jy for each row's field."""
+    nrow, nchan, ncorr = vis.data.shape
+    nant = vis.nant
+    data = vis.data
+    flag = vis.flag.copy()
+    if spec.preapply:
+        data, flag, _ = apply_tables(vis, spec.preapply)
+    chans = spec.chans if spec.chans is not None else slice(0, nchan)
+    use_chan = np.zeros(nchan, bool)
+    use_chan[chans] = True
+
+    tbin = time_bins(vis, spec.solint, spec.combine)
+    ntb = int(tbin.max()) + 1 if nrow else 0
+    if spec.kind == "B":
+        ncg, cgroup = nchan, np.arange(nchan)
+    else:
+        ncg, cgroup = 1, np.zeros(nchan, int)
+    ncs = 1 if spec.kind == "T" else ncorr
+    corr_slot = np.zeros(ncorr, int) if spec.kind == "T" else np.arange(ncorr)
+
+    m = model[:, :, None]
+    good = (~flag) & (m != 0) & use_chan[None, :, None] & (vis.weight[:, None, :] > 0)
+    ratio = np.where(good, data / np.where(m != 0, m, 1), 0)
+    wt = np.where(good, vis.weight[:, None, :] * np.abs(m) ** 2, 0)
+    slot = (tbin[:, None, None] * ncg + cgroup[None, :, None]) * ncs + corr_slot[None, None, :]
+    shape = data.shape
+    a1 = np.broadcast_to(vis.ant1[:, None, None], shape).ravel()
+    a2 = np.broadcast_to(vis.ant2[:, None, None], shape).ravel()
+    X, W = solver.accumulate(np.broadcast_to(slot, shape).ravel(), a1, a2, ratio.ravel(),
+                             wt.ravel(), ntb * ncg * ncs, nant)
+    g, snr, ok = solver.solve(X, W, spec.calmode, spec.refant, min_baselines=spec.minblperant)
+    g = g.reshape(ntb, ncg, ncs, nant)
+    snr = snr.reshape(ntb, ncg, ncs, nant)
+    ok = ok.reshape(ntb, ncg, ncs, nant)
+    bad = ~ok | (snr < spec.minsnr)
+    if spec.kind == "T":   # one gain for both correlations: store it for each
+        g, snr, bad = (np.repeat(a, ncorr, axis=2) for a in (g, snr, bad))
+    if spec.kind == "B" and spec.solnorm:
+        g = _normalise_bandpass(g, bad)
+    elif spec.solnorm:
+        amp = np.where(bad, np.nan, np.abs(g))
+        g = g / np.nanmean(amp, axis=(0, 1, 3), keepdims=True)
+
+    # One caltable row per (time slot, antenna), with params (nchan_sol, ncorr).
+    wsum = np.bincount(tbin, minlength=ntb).astype(float)
+    t_sol = np.bincount(tbin, vis.time, ntb) / np.maximum(wsum, 1)
+    first = np.full(ntb, -1)
+    first[tbin[::-1]] = np.arange(nrow)[::-1]
+    tmin = np.full(ntb, np.inf); np.minimum.at(tmin, tbin, vis.time - vis.interval / 2)
+    tmax = np.full(ntb, -np.inf); np.maximum.at(tmax, tbin, vis.time + vis.interval / 2)
+    cparam = np.transpose(g, (0, 3, 1, 2)).reshape(ntb * nant, ncg, ncorr)
+    sol_freq = vis.freq if spec.kind == "B" else np.array([vis.freq[use_chan].mean()])
+    return CalSolutions(
+        kind=spec.kind, spw=vis.spw, freq=sol_freq,
+        time=np.repeat(t_sol, nant), interval=np.repeat(tmax - tmin, nant),
+        field_id=np.repeat(vis.field_id[first], nant), scan=np.repeat(vis.scan[first], nant),
+        antenna=np.tile(np.arange(nant), ntb),
+        cparam=cparam.astype(np.complex64),
+        flag=np.transpose(bad, (0, 3, 1, 2)).reshape(ntb * nant, ncg, ncorr),
+        snr=np.transpose(snr, (0, 3, 1, 2)).reshape(ntb * nant, ncg, ncorr).astype(np.float32),
+        refant=-1 if spec.refant is None else int(spec.refant))
+
+
+def _normalise_bandpass(g: np.ndarray, bad: np.ndarray) -> np.ndarray:
+    """Scale each antenna/correlation bandpass to unit mean amplitude (solnorm)."""
+    amp = np.where(bad, np.nan, np.abs(g))
+    with np.errstate(invalid="ignore"):
+        norm = np.nanmean(amp, axis=1, keepdims=True)
+    return g / np.where(np.isfinite(norm) & (norm > 0), norm, 1)
+
+
+def point_model(vis: Vis, flux_of_field: dict) -> np.ndarray:
+    """Model visibilities (nrow, nchan) of point sources at the phase centres.
+
+    flux_of_field maps field id -> callable(freq_hz) -> flux density in Jy.
+    Fields without a model get zero (their rows are not used in a solve).
+    """
+    model = np.zeros((len(vis.time), len(vis.freq)), np.float64)
+    for fid, fn in flux_of_field.items():
+        rows = vis.field_id == fid
+        if rows.any():
+            model[rows] = np.asarray(fn(vis.freq), float)[None, :]
+    return model

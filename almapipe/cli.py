@@ -1,0 +1,199 @@
+"""The `almapipe` command.
+
+  almapipe up | down | status          the local stack
+  almapipe run [INPUT] --out DIR       submit through the gateway, follow, download the products
+  almapipe recipes                     list the recipes
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+import urllib.request
+
+from .config import Config
+
+DEFAULT_INPUT = os.path.join(os.path.dirname(__file__), "data", "ngc5921.uvfits.gz")
+DEFAULT_RECIPE = "ngc5921"
+
+
+def _stack():
+    from .platform.stack import Stack
+    return Stack()
+
+
+def cmd_up(args) -> int:
+    from .platform.stack import StackError
+    try:
+        _stack().up()
+    except StackError as exc:
+        print(f"almapipe up: {exc}", file=sys.stderr)
+        return 1
+    cfg = Config.from_env()
+    print(f"stack ready: gateway {cfg.gateway_addr}, NATS {cfg.nats_url}, S3 {cfg.s3_endpoint}, data {cfg.data_dir}")
+    return 0
+
+
+def cmd_down(args) -> int:
+    _stack().down()
+    print("stack stopped")
+    return 0
+
+
+def cmd_status(args) -> int:
+    st = _stack().status()
+    if not st:
+        print("no stack recorded in", Config.from_env().data_dir)
+        return 1
+    for name, s in st.items():
+        print(f"{name:18s} pid {s['pid']:>7d}  {'up' if s['alive'] else 'DOWN'}  {s['log']}")
+    return 0 if all(s["alive"] for s in st.values()) else 1
+
+
+def cmd_recipes(args) -> int:
+    from . import recipes
+    for name in recipes.available():
+        r = recipes.load(name)
+        print(f"{name}: {' -> '.join(s['stage'] for s in r['stages'])}")
+    return 0
+
+
+def upload_input(cfg: Config, path: str) -> str:
+    from .platform.store import ObjectStore, sha256_file
+    store = ObjectStore(cfg)
+    store.ensure_buckets()
+    digest = sha256_file(path)
+    key = f"inputs/{digest[:16]}/{os.path.basename(path.rstrip('/'))}"
+    if os.path.isdir(path):   # an MS directory: send it as a tar
+        import tarfile
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:
+            tar = os.path.join(tmp, os.path.basename(path.rstrip("/")) + ".tar")
+            with tarfile.open(tar, "w") as t:
+                t.add(path, arcname=os.path.basename(path.rstrip("/")))
+            key = f"inputs/{sha256_file(tar)[:16]}/{os.path.basename(tar)}"
+            store.put_file(tar, key, bucket=store.raw_bucket)
+        return key
+    if not store.exists(key, bucket=store.raw_bucket):
+        store.put_file(path, key, bucket=store.raw_bucket)
+    return key
+
+
+def cmd_run(args) -> int:
+    import grpc
+    from .platform.stack import Stack, StackError, gateway_healthy
+    from .v1 import pipeline_pb2 as pb, pipeline_pb2_grpc as pb_grpc
+    input_path = args.input or DEFAULT_INPUT
+    if not os.path.exists(input_path):
+        print(f"almapipe run: input {input_path} does not exist", file=sys.stderr)
+        return 2
+    recipe_name = args.recipe or (DEFAULT_RECIPE if args.input is None else None)
+    cfg = Config.from_env()
+    started = None
+    if not gateway_healthy(cfg.gateway_addr):
+        print(f"no gateway at {cfg.gateway_addr}: starting the local stack in {cfg.data_dir} ...", flush=True)
+        started = Stack()
+        try:
+            started.up()
+        except StackError as exc:
+            print(f"almapipe run: {exc}", file=sys.stderr)
+            return 1
+        cfg = Config.from_env()
+    try:
+        key = upload_input(cfg, input_path)
+        params = {}
+        for p in args.param or []:
+            k, eq, v = p.partition("=")
+            if not eq:
+                print(f"almapipe run: --param {p!r}: expected stage.param=value", file=sys.stderr)
+                return 2
+            params[k] = v
+        req = pb.SubmitRunRequest(input_key=key, recipe=recipe_name or "", parameters=params,
+                                  flag_template=_read(args.flag_template), cont_dat=_read(args.cont_dat),
+                                  label=os.path.basename(input_path))
+        metadata = []
+        if args.recipe_file:
+            metadata.append(("x-almapipe-recipe", json.dumps(json.load(open(args.recipe_file)))))
+        with grpc.insecure_channel(cfg.gateway_addr, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+            stub = pb_grpc.PipelineServiceStub(ch)
+            try:
+                run = stub.SubmitRun(req, metadata=metadata, timeout=60)
+            except grpc.RpcError as exc:
+                print(f"almapipe run: submit refused: {exc.details()}", file=sys.stderr)
+                return 2
+            print(f"run {run.run_id}: recipe {run.recipe}, {len(run.stages)} stages", flush=True)
+            for ev in stub.WatchRun(pb.WatchRunRequest(run_id=run.run_id)):
+                _print_event(pb, ev)
+            run = stub.GetRun(pb.GetRunRequest(run_id=run.run_id))
+            status = pb.RunStatus.Name(run.status).replace("RUN_STATUS_", "")
+            print(f"run {run.run_id} {status}" + (f": {run.error}" if run.error else ""), flush=True)
+            if args.out:
+                n = download_products(stub, pb, run.run_id, args.out)
+                print(f"{n} files of the products package in {args.out}")
+        return 0 if status == "SUCCEEDED" else 1
+    finally:
+        if started is not None and not args.keep_stack:
+            started.down()
+
+
+def _read(path):
+    if not path:
+        return ""
+    with open(path) as f:
+        return f.read()
+
+
+def _print_event(pb, ev) -> None:
+    status = pb.StageStatus.Name(ev.status).replace("STAGE_STATUS_", "").lower()
+    if ev.stage == "_run":
+        return
+    line = f"  [{ev.stage_index:2d}] {ev.stage:12s} {status}"
+    if ev.status == pb.STAGE_STATUS_SUCCEEDED:
+        line += f"  QA {ev.qa_score:.2f}  {ev.duration_s:.1f} s"
+        if ev.qa_reasons:
+            line += f"  {ev.qa_reasons[-1][:90]}"
+    elif ev.message and status != "dispatched":
+        line += f"  {ev.message}"
+    print(line, flush=True)
+
+
+def download_products(stub, pb, run_id: str, out: str) -> int:
+    resp = stub.ListProducts(pb.ListProductsRequest(run_id=run_id))
+    for p in resp.products:
+        dest = os.path.join(out, p.path)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with urllib.request.urlopen(p.url, timeout=120) as r, open(dest, "wb") as f:
+            f.write(r.read())
+        if p.sha256:
+            with open(dest, "rb") as f:
+                if hashlib.sha256(f.read()).hexdigest() != p.sha256:
+                    raise RuntimeError(f"{p.path}: checksum mismatch after download")
+    return len(resp.products)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="almapipe", description="ALMA/VLA calibration and imaging pipeline")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("up", help="start the local stack").set_defaults(fn=cmd_up)
+    sub.add_parser("down", help="stop the local stack").set_defaults(fn=cmd_down)
+    sub.add_parser("status", help="show the local stack's processes").set_defaults(fn=cmd_status)
+    sub.add_parser("recipes", help="list recipes").set_defaults(fn=cmd_recipes)
+    r = sub.add_parser("run", help="run a recipe on an MS (directory or tar) or UVFITS file")
+    r.add_argument("input", nargs="?", help="input data (default: the built-in NGC 5921 VLA data)")
+    r.add_argument("--out", default="almapipe-products", help="directory for the products package")
+    r.add_argument("--recipe", help="recipe name (see `almapipe recipes`)")
+    r.add_argument("--recipe-file", help="a recipe JSON file (e.g. script/recipe.json of an earlier run)")
+    r.add_argument("--param", action="append", help="override: stage.param=JSON value (repeatable)")
+    r.add_argument("--flag-template", help="flag commands, CASA flagdata list syntax")
+    r.add_argument("--cont-dat", help="a cont.dat (ALMA format) to use instead of findcont")
+    r.add_argument("--keep-stack", action="store_true", help="leave a stack started by this command running")
+    r.set_defaults(fn=cmd_run)
+    args = ap.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

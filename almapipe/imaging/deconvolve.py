@@ -1,0 +1,154 @@
+"""Deconvolution: Hogbom CLEAN minor cycles inside major cycles, beam fitting, restoring.
+
+The minor cycle (:func:`hogbom`) is a pure image-plane kernel; the major
+cycle (:func:`clean`) recomputes the residual from the visibilities with the
+gridder so errors of the minor cycle's PSF approximation do not accumulate.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import optimize
+
+from . import gridding
+
+
+@dataclass
+class CleanResult:
+    model: np.ndarray      # Jy/pixel
+    residual: np.ndarray   # Jy/beam
+    psf: np.ndarray
+    iterations: int
+    major_cycles: int
+    stop_reason: str
+
+
+def hogbom(residual: np.ndarray, psf: np.ndarray, model: np.ndarray, gain: float, threshold: float,
+           niter: int, mask: np.ndarray | None = None) -> int:
+    """Subtract scaled, shifted PSFs at the residual's peaks, in place.
+
+    psf is twice the image size or the same size with its peak at (n//2, n//2).
+    Stops after niter components or when the peak |residual| < threshold.
+    Returns the number of components subtracted.
+    """
+    ny, nx = residual.shape
+    py, px = np.unravel_index(np.argmax(psf), psf.shape)
+    search = np.abs(residual) if mask is None else np.abs(residual) * mask
+    for i in range(niter):
+        k = int(np.argmax(search))
+        y, x = divmod(k, nx)
+        peak = residual[y, x]
+        if abs(peak) < threshold:
+            return i
+        comp = gain * peak
+        model[y, x] += comp
+        # overlap of the shifted PSF with the image
+        y0, x0 = py - y, px - x
+        ys, xs = max(0, -y0), max(0, -x0)
+        ye, xe = min(ny, psf.shape[0] - y0), min(nx, psf.shape[1] - x0)
+        residual[ys:ye, xs:xe] -= comp * psf[ys + y0:ye + y0, xs + x0:xe + x0]
+        sub = np.abs(residual[ys:ye, xs:xe])
+        search[ys:ye, xs:xe] = sub if mask is None else sub * mask[ys:ye, xs:xe]
+    return niter
+
+
+def clean(uvw, freq, vis, wgt, npix: int, cell_rad: float, niter: int, threshold: float,
+          gain: float = 0.1, cyclefactor: float = 1.5, max_major: int = 20,
+          mask: np.ndarray | None = None, wgridding: bool = True) -> CleanResult:
+    """Major/minor-cycle CLEAN of one plane (mfs, or one cube channel)."""
+    big_psf = gridding.psf(uvw, freq, wgt, 2 * npix, cell_rad, wgridding)
+    peak = big_psf.max()
+    if peak <= 0:
+        z = np.zeros((npix, npix))
+        return CleanResult(z, z.copy(), z.copy(), 0, 0, "no data")
+    big_psf /= peak
+    c = npix
+    psf_img = big_psf[c - npix // 2:c + npix // 2, c - npix // 2:c + npix // 2]
+    sidelobe = _max_sidelobe(psf_img)
+    model = np.zeros((npix, npix))
+    residual = gridding.dirty(uvw, freq, vis, wgt, npix, cell_rad, wgridding)
+    done, major, reason = 0, 0, "niter reached"
+    while done < niter and major < max_major:
+        rmax = np.abs(residual if mask is None else residual * mask).max()
+        if rmax < threshold:
+            reason = "threshold reached"
+            break
+        cycle_threshold = max(threshold, min(0.95, cyclefactor * sidelobe) * rmax)
+        n = hogbom(residual, big_psf, model, gain, cycle_threshold, niter - done, mask)
+        done += n
+        major += 1
+        model_vis = gridding.predict(uvw, freq, model, cell_rad, wgridding)
+        residual = gridding.dirty(uvw, freq, vis - model_vis, wgt, npix, cell_rad, wgridding)
+        if n == 0:
+            reason = "threshold reached"
+            break
+    else:
+        if major >= max_major:
+            reason = "major cycle limit"
+    return CleanResult(model, residual, psf_img, done, major, reason)
+
+
+def _max_sidelobe(psf: np.ndarray) -> float:
+    """Largest PSF value outside its main lobe (the region where it first drops below 0)."""
+    n = psf.shape[0]
+    c = n // 2
+    row = psf[c, c:]
+    first_neg = np.argmax(row < 0) if (row < 0).any() else n // 4
+    yy, xx = np.mgrid[:n, :n]
+    outside = (yy - c) ** 2 + (xx - c) ** 2 > (1.5 * max(first_neg, 2)) ** 2
+    return float(np.abs(psf[outside]).max()) if outside.any() else 0.2
+
+
+def fit_beam(psf: np.ndarray, cell_rad: float) -> tuple[float, float, float]:
+    """Gaussian fitted to the PSF main lobe: (bmaj_arcsec, bmin_arcsec, bpa_deg east of north)."""
+    n = psf.shape[0]
+    c = n // 2
+    h = min(n // 2, 32)
+    cut = psf[c - h:c + h, c - h:c + h]
+    yy, xx = np.mgrid[-h:h, -h:h]
+    # main lobe: pixels above 0.35 connected to the centre (approximated by a radius)
+    sel = cut > 0.35
+    r_main = np.sqrt(xx[sel] ** 2 + yy[sel] ** 2)
+    rmax = np.percentile(r_main, 90) if len(r_main) else 3
+    fit = sel & (np.sqrt(xx ** 2 + yy ** 2) <= rmax + 1)
+
+    def model(p):
+        a, b, cc = p
+        return np.exp(-(a * xx[fit] ** 2 + 2 * b * xx[fit] * yy[fit] + cc * yy[fit] ** 2))
+
+    res = optimize.least_squares(lambda p: model(p) - cut[fit], x0=[0.1, 0.0, 0.1])
+    a, b, cc = res.x
+    m = np.array([[a, b], [b, cc]])
+    evals, evecs = np.linalg.eigh(m)          # ascending: the smaller is the major axis
+    sig = np.sqrt(1 / (2 * np.maximum(evals, 1e-12)))
+    fwhm = 2 * np.sqrt(2 * np.log(2)) * sig * cell_rad * 206264.806
+    dx, dy = evecs[:, 0]                      # major-axis direction in (x west, y north)
+    pa = np.degrees(np.arctan2(-dx, dy))      # east of north
+    pa = (pa + 90) % 180 - 90
+    return float(fwhm[0]), float(fwhm[1]), float(pa)
+
+
+def gaussian_kernel(npix: int, cell_rad: float, beam: tuple) -> np.ndarray:
+    """The restoring beam on the pixel grid, peak 1, centred at (npix//2, npix//2)."""
+    bmaj, bmin, bpa = beam
+    s = 1 / (2 * np.sqrt(2 * np.log(2))) / (cell_rad * 206264.806)
+    smaj, smin = bmaj * s, bmin * s
+    th = np.radians(bpa)
+    yy, xx = np.mgrid[:npix, :npix] - npix // 2
+    # rotate to the beam frame: major axis at PA east of north (east = -x)
+    a_ax = -xx * np.sin(th) + yy * np.cos(th)
+    b_ax = -xx * np.cos(th) - yy * np.sin(th)
+    return np.exp(-0.5 * ((a_ax / smaj) ** 2 + (b_ax / smin) ** 2))
+
+
+def restore(model: np.ndarray, residual: np.ndarray, cell_rad: float, beam: tuple) -> np.ndarray:
+    if not model.any():
+        return residual.copy()
+    n = model.shape[0]
+    # convolve on a grid padded to 2n so components near an edge do not wrap
+    kernel = np.fft.ifftshift(gaussian_kernel(2 * n, cell_rad, beam))
+    padded = np.zeros((2 * n, 2 * n))
+    padded[:n, :n] = model
+    conv = np.fft.irfft2(np.fft.rfft2(padded) * np.fft.rfft2(kernel), s=padded.shape)
+    return conv[:n, :n] + residual

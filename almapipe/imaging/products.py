@@ -1,0 +1,62 @@
+"""Primary beam, FITS export and image statistics.
+
+FITS images carry RA---SIN/DEC--SIN celestial axes, a FREQ axis in the
+frame of the data (SPECSYS), a STOKES axis, BUNIT, and BMAJ/BMIN/BPA, so
+astropy, CARTA, DS9 and CASA's importfits read them.
+"""
+from __future__ import annotations
+
+import numpy as np
+from astropy.io import fits
+
+# FWHM of the primary beam in units of lambda/D, per telescope: ALMA's
+# heuristics use 1.13; the VLA's measured beam is 42'/nu_GHz for 25 m, 1.02.
+PB_FWHM_FACTOR = {"ALMA": 1.13, "VLA": 1.02, "EVLA": 1.02}
+
+
+def primary_beam(npix: int, cell_rad: float, freq_hz: float, dish_m: float, telescope: str) -> np.ndarray:
+    """Gaussian primary-beam response (peak 1) on the image grid."""
+    factor = PB_FWHM_FACTOR.get(telescope.upper(), 1.13)
+    fwhm = factor * 299792458.0 / freq_hz / dish_m
+    yy, xx = (np.mgrid[:npix, :npix] - npix // 2) * cell_rad
+    return np.exp(-4 * np.log(2) * (xx ** 2 + yy ** 2) / fwhm ** 2)
+
+
+def image_header(ra_rad: float, dec_rad: float, npix: int, cell_rad: float, freqs: np.ndarray,
+                 frame: str, bunit: str, beam: tuple | None, field: str, telescope: str,
+                 restfreq: float | None = None) -> fits.Header:
+    h = fits.Header()
+    h["BUNIT"] = bunit
+    h["CTYPE1"], h["CRVAL1"], h["CDELT1"], h["CRPIX1"], h["CUNIT1"] = \
+        "RA---SIN", float(np.degrees(ra_rad)), -float(np.degrees(cell_rad)), npix // 2 + 1.0, "deg"
+    h["CTYPE2"], h["CRVAL2"], h["CDELT2"], h["CRPIX2"], h["CUNIT2"] = \
+        "DEC--SIN", float(np.degrees(dec_rad)), float(np.degrees(cell_rad)), npix // 2 + 1.0, "deg"
+    width = float(freqs[1] - freqs[0]) if len(freqs) > 1 else 0.0
+    h["CTYPE3"], h["CRVAL3"], h["CDELT3"], h["CRPIX3"], h["CUNIT3"] = \
+        "FREQ", float(freqs[0]), width if width else 1.0, 1.0, "Hz"
+    h["CTYPE4"], h["CRVAL4"], h["CDELT4"], h["CRPIX4"], h["CUNIT4"] = "STOKES", 1.0, 1.0, 1.0, ""
+    h["RADESYS"], h["EQUINOX"] = "FK5", 2000.0
+    h["SPECSYS"] = frame
+    if restfreq:
+        h["RESTFRQ"] = float(restfreq)
+    if beam is not None:
+        h["BMAJ"], h["BMIN"], h["BPA"] = beam[0] / 3600.0, beam[1] / 3600.0, float(beam[2])
+    h["OBJECT"], h["TELESCOP"], h["ORIGIN"] = field, telescope, "almapipe"
+    return h
+
+
+def write_fits(path: str, planes: np.ndarray, header: fits.Header) -> None:
+    """planes is (nchan, ny, nx); written as (STOKES, FREQ, DEC, RA)."""
+    data = np.asarray(planes, np.float32)[None]
+    fits.PrimaryHDU(data=data, header=header).writeto(path, overwrite=True)
+
+
+def image_stats(image: np.ndarray, mask_pb: np.ndarray, exclude: np.ndarray | None = None) -> dict:
+    """Peak and robust rms (1.4826 MAD) inside the primary-beam region."""
+    vals = image[..., mask_pb]
+    finite = vals[np.isfinite(vals)]
+    peak = float(np.nanmax(image[..., mask_pb])) if finite.size else 0.0
+    rms_src = image[..., mask_pb] if exclude is None else image[exclude][..., mask_pb]
+    r = rms_src[np.isfinite(rms_src)]
+    rms = float(1.4826 * np.median(np.abs(r - np.median(r)))) if r.size else 0.0
+    return {"peak": peak, "rms": rms}

@@ -1,0 +1,115 @@
+"""The observation summary (CASA listobs content) and field roles (intents)."""
+from __future__ import annotations
+
+import numpy as np
+import casacore.tables as ct
+from astropy.time import Time
+
+from . import ms as msio
+from ..calibration.fluxmodels import standard_calibrator
+
+# ALMA/VLA STATE.OBS_MODE prefixes -> the pipeline's intent names.
+INTENT_MAP = {"CALIBRATE_BANDPASS": "BANDPASS", "CALIBRATE_FLUX": "FLUX", "CALIBRATE_AMPLI": "FLUX",
+              "CALIBRATE_PHASE": "PHASE", "OBSERVE_TARGET": "TARGET", "OBSERVE_CHECK_SOURCE": "CHECK",
+              "CALIBRATE_ATMOSPHERE": "ATMOSPHERE", "CALIBRATE_WVR": "WVR", "CALIBRATE_POINTING": "POINTING",
+              "CALIBRATE_SIDEBAND_RATIO": "SIDEBAND", "CALIBRATE_DIFFGAIN": "DIFFGAIN",
+              "CALIBRATE_POL_ANGLE": "POLANGLE", "CALIBRATE_POL_LEAKAGE": "POLLEAKAGE"}
+
+
+def _iso(mjd_s: float) -> str:
+    return Time(mjd_s / 86400.0, format="mjd", scale="utc").isot
+
+
+def summary(ms: str) -> dict:
+    """Scans, fields, spws, antennas, times and baselines of an MS."""
+    with ct.table(ms, ack=False) as t:
+        time = t.getcol("TIME")
+        scan = t.getcol("SCAN_NUMBER")
+        fid = t.getcol("FIELD_ID")
+        ddid = t.getcol("DATA_DESC_ID")
+        a1, a2 = t.getcol("ANTENNA1"), t.getcol("ANTENNA2")
+        state = t.getcol("STATE_ID")
+        interval = t.getcol("INTERVAL")
+        uvw = t.getcol("UVW")
+    modes = msio.state_intents(ms)
+    spw_of = msio.spw_of_ddid(ms)
+    fields = msio.field_table(ms)
+    scans = []
+    for s in np.unique(scan):
+        r = scan == s
+        st = {modes[i] for i in np.unique(state[r]) if 0 <= i < len(modes)}
+        scans.append({"scan": int(s), "field_id": int(fid[r][0]), "field": fields[int(fid[r][0])]["name"],
+                      "start": _iso(time[r].min() - interval[r][0] / 2), "end": _iso(time[r].max() + interval[r][0] / 2),
+                      "duration_s": float(time[r].max() - time[r].min() + interval[r][0]),
+                      "nrows": int(r.sum()), "spws": sorted({spw_of[int(d)] for d in np.unique(ddid[r])}),
+                      "intents": sorted(intents_of_modes(st)),
+                      "integration_s": float(np.median(interval[r]))})
+    ants = msio.antenna_table(ms)
+    with_data = set(np.unique(np.r_[a1, a2]).tolist())
+    cross = a1 != a2
+    bl = np.linalg.norm(uvw[cross], axis=1) if cross.any() else np.zeros(1)
+    with ct.table(f"{ms}/OBSERVATION", ack=False) as t:
+        telescope = str(t.getcell("TELESCOPE_NAME", 0)) if t.nrows() else "UNKNOWN"
+        observer = str(t.getcell("OBSERVER", 0)) if t.nrows() else ""
+    for f in fields:
+        r = fid == f["id"]
+        f["nrows"] = int(r.sum())
+        f["time_on_source_s"] = float(sum(sc["duration_s"] for sc in scans if sc["field_id"] == f["id"]))
+    return {"telescope": telescope, "observer": observer, "start": _iso(time.min()), "end": _iso(time.max()),
+            "duration_s": float(time.max() - time.min()), "nrows": int(len(time)),
+            "scans": scans, "fields": fields, "spws": msio.spw_table(ms),
+            "antennas": [dict(a, has_data=a["id"] in with_data) for a in ants],
+            "baselines_m": {"min": float(bl.min()), "max": float(bl.max()), "median": float(np.median(bl))},
+            "corr_types": [msio.CORR_NAMES.get(int(c), str(c)) for c in
+                           ct.table(f"{ms}/POLARIZATION", ack=False).getcell("CORR_TYPE", 0)]}
+
+
+def intents_of_modes(modes) -> set:
+    out = set()
+    for m in modes:
+        for part in str(m).split(","):
+            key = part.split("#")[0].strip()
+            if key in INTENT_MAP:
+                out.add(INTENT_MAP[key])
+    return out
+
+
+def assign_roles(obs: dict, field_roles: dict | None) -> list:
+    """Intents per field: from the STATE table, else the recipe's field_roles,
+    else a heuristic: standard flux calibrators are BANDPASS+FLUX, the field with
+    the most time is TARGET, fields observed next to target scans are PHASE."""
+    fields = [{"id": f["id"], "name": f["name"], "intents": []} for f in obs["fields"]]
+    by_name = {f["name"]: f for f in fields}
+    for sc in obs["scans"]:
+        f = fields[sc["field_id"]]
+        f["intents"] = sorted(set(f["intents"]) | set(sc["intents"]))
+    source = "STATE table"
+    if field_roles:
+        source = "recipe parameter field_roles"
+        for name, roles in field_roles.items():
+            if name not in by_name:
+                raise ValueError(f"field_roles names field {name!r}, which is not in the data "
+                                 f"(fields: {', '.join(by_name)})")
+            roles = roles.split(",") if isinstance(roles, str) else roles
+            by_name[name]["intents"] = sorted({r.strip().upper() for r in roles})
+    elif not any(f["intents"] for f in fields):
+        source = "heuristic (standard calibrator names and the scan pattern)"
+        observed = {sc["field_id"] for sc in obs["scans"]}
+        for f in fields:
+            if f["id"] in observed and standard_calibrator(f["name"]):
+                f["intents"] = ["BANDPASS", "FLUX"]
+        rest = [f for f in fields if not f["intents"] and f["id"] in observed]
+        if rest:
+            t_on = {f["id"]: sum(sc["duration_s"] for sc in obs["scans"] if sc["field_id"] == f["id"]) for f in rest}
+            target = max(rest, key=lambda f: t_on[f["id"]])
+            target["intents"] = ["TARGET"]
+            order = [sc["field_id"] for sc in obs["scans"]]
+            neighbours = {order[i + d] for i, fid in enumerate(order) if fid == target["id"]
+                          for d in (-1, 1) if 0 <= i + d < len(order)}
+            for f in rest:
+                if f is not target:
+                    f["intents"] = ["PHASE"] if f["id"] in neighbours else ["TARGET"]
+    for f in fields:
+        f["std_name"] = standard_calibrator(f["name"])
+        f["roles_from"] = source
+    return fields

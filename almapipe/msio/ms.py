@@ -1,0 +1,203 @@
+"""MeasurementSet (v2) reading and writing with python-casacore.
+
+The pipeline's boundary format is the MS: every stage reads one, and the
+importer writes one. Inside a stage, science kernels work on plain numpy
+arrays held by :class:`Vis`, read here from one spectral window of an MS.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import casacore.tables as ct
+
+# CASA Stokes enumeration (casacore Stokes::StokesTypes) for the names we use.
+CORR_CODES = {"RR": 5, "RL": 6, "LR": 7, "LL": 8, "XX": 9, "XY": 10, "YX": 11, "YY": 12,
+              "I": 1, "Q": 2, "U": 3, "V": 4}
+CORR_NAMES = {v: k for k, v in CORR_CODES.items()}
+# MFrequency reference codes as stored in SPECTRAL_WINDOW.MEAS_FREQ_REF.
+FREQ_FRAMES = {"REST": 0, "LSRK": 1, "LSRD": 2, "BARY": 3, "GEO": 4, "TOPO": 5, "GALACTO": 6}
+FREQ_FRAME_NAMES = {v: k for k, v in FREQ_FRAMES.items()}
+
+C_LIGHT = 299792458.0
+
+
+class MSError(ValueError):
+    """The input is not a usable MeasurementSet; the message says why."""
+
+
+@dataclass
+class Vis:
+    """Visibilities of one spectral window, as arrays (rows are baselines x times)."""
+    time: np.ndarray          # (nrow,) MJD seconds
+    interval: np.ndarray      # (nrow,) s
+    ant1: np.ndarray          # (nrow,) int
+    ant2: np.ndarray          # (nrow,) int
+    field_id: np.ndarray      # (nrow,) int
+    scan: np.ndarray          # (nrow,) int
+    uvw: np.ndarray           # (nrow, 3) m
+    data: np.ndarray          # (nrow, nchan, ncorr) complex64
+    flag: np.ndarray          # (nrow, nchan, ncorr) bool
+    weight: np.ndarray        # (nrow, ncorr) float32
+    freq: np.ndarray          # (nchan,) Hz
+    corr_types: list = field(default_factory=list)
+    rows: np.ndarray | None = None   # row numbers in the MS, to write back
+    spw: int = 0
+    state_id: np.ndarray | None = None
+
+    @property
+    def nant(self) -> int:
+        return int(max(self.ant1.max(), self.ant2.max()) + 1) if len(self.ant1) else 0
+
+    def select(self, mask: np.ndarray) -> "Vis":
+        """A copy restricted to the rows where mask is true."""
+        out = {}
+        for k, v in self.__dict__.items():
+            if isinstance(v, np.ndarray) and v.shape[:1] == self.time.shape and k != "freq":
+                out[k] = v[mask]
+            else:
+                out[k] = v
+        return Vis(**out)
+
+
+def check_ms(path: str) -> None:
+    """Raise MSError naming the problem if path is not a readable MS."""
+    if not os.path.isdir(path):
+        raise MSError(f"{path}: not a MeasurementSet directory")
+    if not os.path.exists(os.path.join(path, "table.dat")):
+        raise MSError(f"{path}: no table.dat, not a casacore table")
+    try:
+        with ct.table(path, ack=False) as t:
+            missing = {"DATA", "UVW", "ANTENNA1", "ANTENNA2", "TIME", "FLAG"} - set(t.colnames())
+            kw = set(t.getkeywords())
+    except RuntimeError as exc:
+        raise MSError(f"{path}: cannot be opened as a casacore table ({exc})") from exc
+    if missing:
+        raise MSError(f"{path}: main table lacks columns {sorted(missing)}")
+    for sub in ("ANTENNA", "FIELD", "SPECTRAL_WINDOW", "DATA_DESCRIPTION", "POLARIZATION"):
+        if sub not in kw:
+            raise MSError(f"{path}: missing subtable {sub}")
+
+
+def subtable(ms: str, name: str, readonly: bool = True) -> ct.table:
+    return ct.table(os.path.join(ms, name), readonly=readonly, ack=False)
+
+
+def spw_of_ddid(ms: str) -> dict:
+    with subtable(ms, "DATA_DESCRIPTION") as t:
+        return {i: int(s) for i, s in enumerate(t.getcol("SPECTRAL_WINDOW_ID"))}
+
+
+def read_vis(ms: str, spw: int = 0, column: str = "DATA", field_ids=None,
+             chan: slice | None = None) -> Vis:
+    """Read one spectral window of an MS into a :class:`Vis`."""
+    ddids = [d for d, s in spw_of_ddid(ms).items() if s == spw]
+    if not ddids:
+        raise MSError(f"{ms}: no data description for spw {spw}")
+    with ct.table(ms, ack=False) as t:
+        if column not in t.colnames():
+            raise MSError(f"{ms}: no {column} column")
+        q = f"DATA_DESC_ID IN {ddids}"
+        if field_ids is not None:
+            q += f" AND FIELD_ID IN {list(map(int, field_ids))}"
+        sel = t.query(q, sortlist="TIME,ANTENNA1,ANTENNA2")
+        rows = sel.rownumbers()
+        data = sel.getcol(column)
+        flag = sel.getcol("FLAG")
+        if chan is not None:
+            data, flag = data[:, chan], flag[:, chan]
+        vis = Vis(time=sel.getcol("TIME"), interval=sel.getcol("INTERVAL"),
+                  ant1=sel.getcol("ANTENNA1"), ant2=sel.getcol("ANTENNA2"),
+                  field_id=sel.getcol("FIELD_ID"), scan=sel.getcol("SCAN_NUMBER"),
+                  uvw=sel.getcol("UVW"), data=data.astype(np.complex64), flag=flag | sel.getcol("FLAG_ROW")[:, None, None],
+                  weight=sel.getcol("WEIGHT").astype(np.float32),
+                  freq=np.zeros(0), rows=np.asarray(rows), spw=spw,
+                  state_id=sel.getcol("STATE_ID"))
+        sel.close()
+    with subtable(ms, "SPECTRAL_WINDOW") as t:
+        f = t.getcell("CHAN_FREQ", spw)
+    vis.freq = f[chan] if chan is not None else f
+    with subtable(ms, "POLARIZATION") as t:
+        vis.corr_types = [CORR_NAMES.get(int(c), str(c)) for c in t.getcell("CORR_TYPE", 0)]
+    return vis
+
+
+def write_column(ms: str, rows: np.ndarray, column: str, values: np.ndarray) -> None:
+    """Write values (nrow, nchan, ncorr) into column for the given MS rows."""
+    with ct.table(ms, readonly=False, ack=False) as t:
+        if column not in t.colnames():
+            desc = t.getcoldesc("DATA")
+            desc["comment"] = f"{column} written by almapipe"
+            t.addcols(ct.maketabdesc(ct.makecoldesc(column, desc)))
+        _put_rows(t, column, rows, values)
+
+
+def _put_rows(t: ct.table, column: str, rows: np.ndarray, values: np.ndarray) -> None:
+    # putcol on contiguous runs: far faster than one putcell per row.
+    order = np.argsort(rows)
+    rows, values = rows[order], values[order]
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    for start, stop in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+        t.putcol(column, values[start:stop], startrow=int(rows[start]), nrow=int(stop - start))
+
+
+def write_flags(ms: str, rows: np.ndarray, flags: np.ndarray) -> None:
+    with ct.table(ms, readonly=False, ack=False) as t:
+        _put_rows(t, "FLAG", rows, flags)
+
+
+def new_ms(path: str, nchan: int, ncorr: int) -> None:
+    """Create an empty MS with a DATA column of fixed shape (nchan, ncorr)."""
+    desc = ct.makearrcoldesc("DATA", 0j, ndim=2, shape=[nchan, ncorr], valuetype="complex",
+                             datamanagertype="TiledShapeStMan", datamanagergroup="TiledData",
+                             comment="The data column")
+    t = ct.default_ms(path, ct.maketabdesc([desc]))
+    t.close()
+
+
+def fill_table(tab_path: str, columns: dict) -> None:
+    """Append rows to a subtable: columns maps name -> sequence of row values."""
+    n = len(next(iter(columns.values())))
+    with ct.table(tab_path, readonly=False, ack=False) as t:
+        start = t.nrows()
+        t.addrows(n)
+        for name, values in columns.items():
+            if name not in t.colnames():
+                continue
+            t.putcol(name, np.asarray(values), startrow=start, nrow=n)
+
+
+def field_table(ms: str) -> list[dict]:
+    with subtable(ms, "FIELD") as t:
+        names = t.getcol("NAME")
+        dirs = t.getcol("PHASE_DIR")
+    return [{"id": i, "name": str(n), "ra_rad": float(d[0][0]) % (2 * np.pi), "dec_rad": float(d[0][1])}
+            for i, (n, d) in enumerate(zip(names, dirs))]
+
+
+def antenna_table(ms: str) -> list[dict]:
+    with subtable(ms, "ANTENNA") as t:
+        return [{"id": i, "name": str(n), "station": str(s), "position": [float(x) for x in p],
+                 "diameter_m": float(d)}
+                for i, (n, s, p, d) in enumerate(zip(t.getcol("NAME"), t.getcol("STATION"),
+                                                      t.getcol("POSITION"), t.getcol("DISH_DIAMETER")))]
+
+
+def spw_table(ms: str) -> list[dict]:
+    with subtable(ms, "SPECTRAL_WINDOW") as t:
+        out = []
+        for i in range(t.nrows()):
+            f = t.getcell("CHAN_FREQ", i)
+            out.append({"id": i, "name": str(t.getcell("NAME", i)), "nchan": int(len(f)),
+                        "chan_freq_hz": [float(x) for x in f],
+                        "chan_width_hz": float(t.getcell("CHAN_WIDTH", i)[0]),
+                        "ref_freq_hz": float(t.getcell("REF_FREQUENCY", i)),
+                        "frame": FREQ_FRAME_NAMES.get(int(t.getcell("MEAS_FREQ_REF", i)), "TOPO")})
+        return out
+
+
+def state_intents(ms: str) -> list[str]:
+    """OBS_MODE strings of the STATE table (empty when the MS records no intents)."""
+    with subtable(ms, "STATE") as t:
+        return [str(m) for m in t.getcol("OBS_MODE")] if t.nrows() else []

@@ -1,0 +1,80 @@
+"""The message bus: NATS JetStream streams, consumers and the run-state KV.
+
+* WORK   (work.<service>.<stage>): a work-queue stream of StageRequests; each
+  service has one durable pull consumer, shared by all of its workers.
+* EVENTS (events.run.<run_id>.<stage>.<status>): StageEvents, kept, so a
+  client watching a run replays it from the start and a restarted gateway
+  finds the results it had not yet handled.
+* KV bucket RUNS: one entry per run, the gateway's run state.
+"""
+from __future__ import annotations
+
+import nats
+from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig, AckPolicy
+from nats.js.errors import BadRequestError
+
+from ..config import Config
+
+WORK_STREAM = "ALMAPIPE_WORK"
+EVENTS_STREAM = "ALMAPIPE_EVENTS"
+RUNS_KV = "ALMAPIPE_RUNS"
+RUN_EVENT_STAGE = "_run"   # stage name used for run-level events
+
+
+class BusError(RuntimeError):
+    """NATS is unreachable or refused a request; the message says which."""
+
+
+def work_subject(service: str, stage: str) -> str:
+    return f"work.{service}.{stage}"
+
+
+def event_subject(run_id: str, stage: str, status: str) -> str:
+    return f"events.run.{run_id}.{stage}.{status}"
+
+
+async def connect(cfg: Config, name: str):
+    """Connect and make sure the streams and the KV bucket exist; returns (nc, js)."""
+    try:
+        nc = await nats.connect(cfg.nats_url, name=name, connect_timeout=3, max_reconnect_attempts=-1,
+                                reconnect_time_wait=1, allow_reconnect=True)
+    except Exception as exc:
+        raise BusError(f"NATS at {cfg.nats_url} unavailable: {exc or type(exc).__name__}") from exc
+    js = nc.jetstream()
+    await _ensure_stream(js, StreamConfig(name=WORK_STREAM, subjects=["work.>"],
+                                          retention=RetentionPolicy.WORK_QUEUE))
+    await _ensure_stream(js, StreamConfig(name=EVENTS_STREAM, subjects=["events.>"],
+                                          max_age=30 * 24 * 3600))
+    return nc, js
+
+
+async def _ensure_stream(js, config: StreamConfig) -> None:
+    try:
+        await js.stream_info(config.name)
+    except Exception:
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            pass  # created concurrently by another process
+
+
+async def runs_kv(js):
+    try:
+        return await js.key_value(RUNS_KV)
+    except Exception:
+        return await js.create_key_value(bucket=RUNS_KV, history=5)
+
+
+async def work_consumer(js, service: str, cfg: Config):
+    """The durable pull subscription of a service's workers."""
+    return await js.pull_subscribe(
+        f"work.{service}.>", durable=f"worker-{service}", stream=WORK_STREAM,
+        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_deliver=cfg.max_deliver,
+                              ack_wait=cfg.ack_wait_s, max_ack_pending=64))
+
+
+async def gateway_event_consumer(js):
+    return await js.pull_subscribe(
+        "events.run.>", durable="gateway", stream=EVENTS_STREAM,
+        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
+                              ack_wait=30, max_deliver=20))

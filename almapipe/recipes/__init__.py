@@ -1,0 +1,78 @@
+"""Recipes are data: an ordered list of stages with parameters (JSON files here).
+
+Parameter overrides address a stage by name ("uvcontsub.fitspw") or by its
+index ("10.fitspw"); values are JSON ("0.5", "\"4~6\"", "{\"a\": 1}").
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+from ..stages import REGISTRY
+
+DIR = os.path.dirname(__file__)
+DEFAULT = "vla_calimage"
+
+
+class RecipeError(ValueError):
+    pass
+
+
+def available() -> list:
+    return sorted(f[:-5] for f in os.listdir(DIR) if f.endswith(".json"))
+
+
+def load(name: str | None) -> dict:
+    name = name or DEFAULT
+    path = os.path.join(DIR, f"{name}.json")
+    if not os.path.exists(path):
+        raise RecipeError(f"unknown recipe {name!r}; available: {', '.join(available())}")
+    with open(path) as f:
+        doc = json.load(f)
+    if "extends" in doc:   # a recipe that is another recipe with some parameters changed
+        base = load(doc["extends"])
+        base = apply_overrides(base, doc.get("overrides", {}))
+        base.update({k: v for k, v in doc.items() if k not in ("extends", "overrides", "stages")})
+        return base
+    return validate(doc)
+
+
+def validate(recipe: dict) -> dict:
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("stages"), list) or not recipe["stages"]:
+        raise RecipeError("a recipe is an object with a non-empty 'stages' list")
+    for i, st in enumerate(recipe["stages"]):
+        if not isinstance(st, dict) or st.get("stage") not in REGISTRY:
+            raise RecipeError(f"recipe stage {i}: unknown stage {st.get('stage') if isinstance(st, dict) else st!r}; "
+                              f"known: {', '.join(sorted(REGISTRY))}")
+        if not isinstance(st.get("params", {}), dict):
+            raise RecipeError(f"recipe stage {i} ({st['stage']}): params must be an object")
+        st.setdefault("params", {})
+        st["service"] = REGISTRY[st["stage"]][0]
+    recipe.setdefault("name", "custom")
+    recipe.setdefault("version", 1)
+    return recipe
+
+
+def apply_overrides(recipe: dict, overrides: dict) -> dict:
+    out = copy.deepcopy(recipe)
+    for key, raw in overrides.items():
+        target, _, param = key.partition(".")
+        if not param:
+            raise RecipeError(f"parameter override {key!r}: expected '<stage>.<param>'")
+        stages = out["stages"]
+        if target.isdigit():
+            idx = [int(target)] if int(target) < len(stages) else []
+        else:
+            idx = [i for i, s in enumerate(stages) if s["stage"] == target][:1]
+        if not idx:
+            raise RecipeError(f"parameter override {key!r}: no stage {target!r} in recipe {out['name']}")
+        if isinstance(raw, str):
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                value = raw   # a bare string
+        else:
+            value = raw
+        stages[idx[0]]["params"][param] = value
+    return out

@@ -1,0 +1,101 @@
+"""WebLog rendering: static HTML pages from the pipeline context.
+
+Home (observation overview, pipeline summary, observation summary), By Task
+(the stage list with QA scores coloured as the ALMA WebLog does), By Topic,
+and one page per stage with its parameters, QA reasons, result tables,
+plots and log.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from ..stages.base import qa_colour
+
+TOPICS = [("Data set", {"importdata"}),
+          ("Flagging", {"flagdata"}),
+          ("Calibration", {"refant", "setjy", "bandpass", "gaincal", "fluxscale", "timegaincal", "applycal"}),
+          ("Line finding and imaging", {"split", "uvcontsub", "makeimages"}),
+          ("Products", {"exportdata", "weblog"})]
+
+
+def _env() -> Environment:
+    env = Environment(loader=FileSystemLoader(os.path.join(os.path.dirname(__file__), "templates")),
+                      autoescape=select_autoescape(["html"]))
+    env.globals["colour"] = qa_colour
+    return env
+
+
+def _result_tables(ctx: dict, name: str) -> list:
+    if name == "fluxscale" and ctx.get("fluxscale"):
+        return [{"title": "Derived flux densities", "header": ["Field", "spw", "Flux (Jy)", "Error (Jy)", "N"],
+                 "rows": [[r["field"], r["spw"], f"{r['flux_jy']:.4f}", f"{r['flux_err_jy']:.4f}", r["n"]]
+                          for r in ctx["fluxscale"]]}]
+    if name == "setjy" and ctx.get("setjy"):
+        return [{"title": "Flux density models", "header": ["Field", "spw", "Frequency (GHz)", "Flux (Jy)", "Model"],
+                 "rows": [[r["field"], r["spw"], f"{r['freq_hz'] / 1e9:.6f}", f"{r['flux_jy']:.4f}", r["model"]]
+                          for r in ctx["setjy"]]}]
+    if name == "refant" and ctx.get("refant"):
+        return [{"title": "Reference antenna ranking", "header": ["Rank", "Antenna", "Geometry", "Flagging"],
+                 "rows": [[i + 1, a, f"{ctx['refant']['scores'][a]['geometry']:.2f}",
+                           f"{ctx['refant']['scores'][a]['flagging']:.2f}"]
+                          for i, a in enumerate(ctx["refant"]["ranked"][:10])]}]
+    if name == "flagdata" and ctx["flags"].get("flagdata"):
+        fr = ctx["flags"]["flagdata"]["fractions"]
+        return [{"title": "Flagged fraction", "header": ["Reason", "Fraction"],
+                 "rows": [[k, f"{v:.4f}"] for k, v in fr.items()]}]
+    if name == "uvcontsub" and ctx.get("continuum"):
+        return [{"title": "Continuum ranges (cont.dat)", "header": ["Field", "spw", "Channels", "Ranges (GHz)", "From"],
+                 "rows": [[e["field"], e["spw"], e["channels"],
+                           "; ".join(f"{a:.6f}~{b:.6f}" for a, b in e["ranges_ghz"]), e["origin"]]
+                          for e in ctx["continuum"]]}]
+    if name == "makeimages" and ctx.get("images"):
+        return [{"title": "Images", "header": ["File", "Mode", "Beam (\")", "Peak (mJy/beam)", "rms (mJy/beam)",
+                                               "Theoretical rms", "QA"],
+                 "rows": [[i["file"], i["specmode"], "{:.1f} x {:.1f} @ {:.0f}".format(*i["beam_arcsec"]),
+                           f"{i['peak_jy_per_beam'] * 1e3:.2f}", f"{i['rms_jy_per_beam'] * 1e3:.3f}",
+                           f"{i['theoretical_rms_jy_per_beam'] * 1e3:.3f}" if i.get("theoretical_rms_jy_per_beam") else "",
+                           f"{i['qa_score']:.2f}"] for i in ctx["images"]]}]
+    return []
+
+
+def render(ctx: dict, out_dir: str, plot_files: dict) -> list:
+    """Write the WebLog into out_dir; plot_files maps stage index -> [png file names
+    already in out_dir]. Returns the list of files written."""
+    env = _env()
+    obs = ctx.get("observation", {})
+    stages = []
+    for r in ctx["stage_results"]:
+        stages.append({"index": r["index"], "name": r["name"], "service": r["service"],
+                       "qa_score": r["qa_score"], "reasons": r["qa_reasons"], "duration_s": r["duration_s"],
+                       "params": r.get("params", {}), "plots": plot_files.get(r["index"], []),
+                       "log": r.get("log", []), "tables": _result_tables(ctx, r["name"])})
+    scored = [s for s in stages if s["qa_score"] >= 0]
+    worst = min(scored, key=lambda s: s["qa_score"]) if scored else None
+    fields = []
+    for f in ctx.get("fields", []):
+        of = next((o for o in obs.get("fields", []) if o["id"] == f["id"]), {})
+        fields.append({"id": f["id"], "name": f["name"], "intents": f["intents"],
+                       "ra_deg": np.degrees(of.get("ra_rad", 0.0)), "dec_deg": np.degrees(of.get("dec_rad", 0.0)),
+                       "t_on": of.get("time_on_source_s", 0.0)})
+    common = {"run_id": ctx["run_id"], "stages": stages}
+    pages = {
+        "index.html": env.get_template("index.html").render(
+            title="Home", obs=obs, ms_name=ctx.get("ms_name", ""), recipe=ctx["recipe"],
+            input_key=ctx["input_key"], input_format=ctx.get("input_format", ""),
+            nant=sum(a.get("has_data", False) for a in obs.get("antennas", [])),
+            min_qa=worst["qa_score"] if worst else -1, min_qa_stage=worst["name"] if worst else "",
+            failed=[s["name"] for s in stages if s["qa_score"] == 0], fluxscale=ctx.get("fluxscale", []),
+            fields=fields, roles_from=(ctx.get("fields") or [{}])[0].get("roles_from", ""), **common),
+        "by_task.html": env.get_template("by_task.html").render(title="By Task", **common),
+        "by_topic.html": env.get_template("by_topic.html").render(
+            title="By Topic", topics=[(t, [s for s in stages if s["name"] in names]) for t, names in TOPICS], **common),
+    }
+    for s in stages:
+        pages[f"stage{s['index']}.html"] = env.get_template("stage.html").render(title=s["name"], s=s, **common)
+    for name, html in pages.items():
+        with open(os.path.join(out_dir, name), "w") as f:
+            f.write(html)
+    return list(pages)

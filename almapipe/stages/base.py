@@ -1,0 +1,157 @@
+"""What every pipeline stage shares: its I/O handle, QA result and the registry.
+
+A stage is a function ``fn(ctx, params, io) -> QA``. It reads the pipeline
+context ``ctx`` (a JSON-able dict, ALMA's h_init/h_save context), fetches
+the objects it needs through ``io``, writes new objects through ``io``
+(never overwriting: keys are run/stage scoped), updates ``ctx`` in place and
+returns its QA score. Services are thin shells around this call.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..platform.store import CachedFetcher, ObjectStore
+
+CONTEXT_VERSION = 1
+log = logging.getLogger("almapipe.stage")
+
+
+class StageError(RuntimeError):
+    """A stage cannot proceed; the message names the problem (not retried)."""
+
+
+@dataclass
+class QA:
+    """A stage's QA score in [0, 1] with the reasons, as the ALMA WebLog shows them."""
+    score: float = 1.0
+    reasons: list = field(default_factory=list)
+
+    def lower(self, score: float, reason: str) -> None:
+        self.score = min(self.score, max(0.0, min(1.0, score)))
+        self.reasons.append(reason)
+
+    def note(self, reason: str) -> None:
+        self.reasons.append(reason)
+
+
+def qa_colour(score: float) -> str:
+    """The ALMA WebLog colour of a QA score."""
+    if score is None or score < 0:
+        return "grey"
+    if score >= 0.9:
+        return "green"
+    if score >= 0.66:
+        return "blue"
+    if score >= 0.33:
+        return "yellow"
+    return "red"
+
+
+class StageIO:
+    """Object access for one execution of one stage of one run."""
+
+    def __init__(self, store: ObjectStore, fetcher: CachedFetcher, run_id: str, stage_index: int,
+                 stage: str, workdir: str):
+        self.store, self.fetcher = store, fetcher
+        self.run_id, self.stage_index, self.stage = run_id, stage_index, stage
+        self.workdir = workdir
+        self.outputs: list = []
+        self.log_lines: list = []
+        self.visibilities = 0
+
+    @property
+    def prefix(self) -> str:
+        return f"runs/{self.run_id}/stages/{self.stage_index:02d}_{self.stage}"
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    def fetch_dir(self, key: str) -> str:
+        return self.fetcher.dir(key, self.workdir)
+
+    def fetch_raw(self, key: str) -> str:
+        return self.fetcher.file(key, self.workdir, bucket=self.store.raw_bucket)
+
+    def fetch_file(self, key: str) -> str:
+        return self.fetcher.file(key, self.workdir)
+
+    def put_dir(self, local_dir: str, name: str) -> dict:
+        return self._record(name, self.store.put_dir(local_dir, self.key(name + ".tar")))
+
+    def put_file(self, local: str, name: str | None = None) -> dict:
+        name = name or os.path.basename(local)
+        return self._record(name, self.store.put_file(local, self.key(name)))
+
+    def put_bytes(self, data: bytes, name: str, content_type: str = "application/octet-stream") -> dict:
+        return self._record(name, self.store.put_bytes(self.key(name), data, content_type))
+
+    def put_json(self, doc, name: str) -> dict:
+        return self._record(name, self.store.put_json(self.key(name), doc))
+
+    def _record(self, name: str, entry: dict) -> dict:
+        entry = dict(entry, name=name, stage=self.stage)
+        self.outputs.append(entry)
+        return entry
+
+    def log(self, msg: str, *args) -> None:
+        text = msg % args if args else msg
+        self.log_lines.append(text)
+        log.info("[%s %s] %s", self.run_id, self.stage, text)
+
+    def plot(self, fig, name: str) -> dict:
+        """Save a matplotlib figure as PNG; the WebLog shows it on the stage's page."""
+        path = os.path.join(self.workdir, name)
+        fig.savefig(path, dpi=80, bbox_inches="tight")
+        import matplotlib.pyplot as plt
+        plt.close(fig)
+        return self.put_file(path, name)
+
+
+StageFn = Callable[[dict, dict, StageIO], QA]
+REGISTRY: dict[str, tuple[str, StageFn]] = {}
+
+
+def stage(name: str, service: str):
+    """Register fn as the implementation of stage `name`, run by `service`."""
+    def deco(fn: StageFn) -> StageFn:
+        REGISTRY[name] = (service, fn)
+        return fn
+    return deco
+
+
+def new_context(run_id: str, recipe: dict, input_key: str, extras: dict) -> dict:
+    return {"version": CONTEXT_VERSION, "run_id": run_id, "recipe": recipe, "input_key": input_key,
+            "fields": [], "partitions": [], "callibrary": [], "caltables": {}, "qa": {},
+            "images": [], "fluxscale": [], "flags": {}, "stage_results": [], "manifest": [],
+            "user": extras}
+
+
+def params_json(params: dict) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
+# --- helpers on the context used by several stages
+
+def fields_with(ctx: dict, intent: str) -> list:
+    return [f for f in ctx["fields"] if intent in f["intents"]]
+
+
+def field_ids_with(ctx: dict, intent: str) -> list:
+    return [f["id"] for f in fields_with(ctx, intent)]
+
+
+def require_intent(ctx: dict, intent: str, stage_name: str) -> list:
+    ids = field_ids_with(ctx, intent)
+    if not ids:
+        known = ", ".join(f"{f['name']} ({'/'.join(f['intents']) or 'no intent'})" for f in ctx["fields"])
+        raise StageError(f"{stage_name}: no field has intent {intent}; fields: {known}. "
+                         f"Name one with the importdata parameter field_roles.")
+    return ids
+
+
+def field_name(ctx: dict, fid: int) -> str:
+    return next((f["name"] for f in ctx["fields"] if f["id"] == fid), str(fid))

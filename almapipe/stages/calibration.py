@@ -1,0 +1,441 @@
+"""Calibration stages (calibrator service): refant, setjy, bandpass, gaincal,
+fluxscale, timegaincal, applycal.
+
+Each stage reads the spw partitions and the earlier caltables named in the
+context, calls the kernels in :mod:`almapipe.calibration`, writes CASA
+caltables and records in the calibration library which table applies to
+which fields with which interpolation.
+"""
+from __future__ import annotations
+
+import os
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .base import QA, StageError, StageIO, field_ids_with, field_name, require_intent, stage  # noqa: E402
+from ..calibration import fluxmodels  # noqa: E402
+from ..calibration.applycal import GainApply, apply_tables  # noqa: E402
+from ..calibration.caltable import CalSolutions, read_caltable, write_caltable  # noqa: E402
+from ..calibration.terms import SolveSpec, point_model, solve_term  # noqa: E402
+from ..imaging.uvcontsub import parse_channels  # noqa: E402
+from ..msio import ms as msio  # noqa: E402
+
+CALIBRATOR_INTENTS = ("BANDPASS", "FLUX", "PHASE", "CHECK")
+
+
+# ------------------------------------------------------------------ helpers
+
+def calibrator_ids(ctx: dict) -> list:
+    return sorted({f["id"] for f in ctx["fields"] if set(f["intents"]) & set(CALIBRATOR_INTENTS)})
+
+
+def flux_function(model: dict):
+    """A setjy model entry -> callable(freq_hz) -> Jy."""
+    if model["kind"] == "pb2017":
+        return lambda f, s=model["standard_name"]: fluxmodels.perley_butler_2017(s, f)
+    return lambda f, m=model: fluxmodels.manual_model(m["flux_jy"], m["ref_freq_hz"], m.get("spix", 0.0), f)
+
+
+def field_models(ctx: dict, unit_for: list = ()) -> dict:
+    """field id -> flux callable, from setjy and fluxscale; unit (1 Jy) models for unit_for."""
+    models = {int(fid): flux_function(m) for fid, m in ctx.get("models", {}).items()}
+    for fid in unit_for:
+        models.setdefault(int(fid), lambda f: np.ones_like(np.asarray(f, float)))
+    return models
+
+
+def load_table(io: StageIO, ctx: dict, name: str, spw: int) -> CalSolutions:
+    entry = ctx["caltables"].get(name)
+    if entry is None:
+        raise StageError(f"no {name} table in the context: run the {name} stage first")
+    path = io.fetch_dir(entry["key"])
+    for sol in read_caltable(path):
+        if sol.spw == spw:
+            return sol
+    raise StageError(f"{name} table has no solutions for spw {spw}")
+
+
+def refant_id(ctx: dict) -> int | None:
+    return ctx.get("refant", {}).get("refant_id")
+
+
+def read_part(io: StageIO, part: dict, fields=None, column="DATA") -> tuple[str, msio.Vis]:
+    ms = io.fetch_dir(part["key"])
+    vis = msio.read_vis(ms, part["spw"], column=column, field_ids=fields)
+    io.visibilities += vis.data.size
+    return ms, vis
+
+
+def save_table(io: StageIO, ctx: dict, name: str, sols: list, ms_path: str) -> dict:
+    path = os.path.join(io.workdir, f"{ctx.get('ms_name', 'ms')}.{name}.tbl")
+    write_caltable(sols, path, ms_path)
+    entry = io.put_dir(path, os.path.basename(path))
+    ctx["caltables"][name] = {"key": entry["key"], "sha256": entry["sha256"], "kind": sols[0].kind,
+                              "name": os.path.basename(path)}
+    return entry
+
+
+def chan_selection(spec: str | None, nchan: int) -> np.ndarray:
+    return parse_channels(spec, nchan) if spec else np.ones(nchan, bool)
+
+
+def solution_qa(qa: QA, sols: list, what: str) -> None:
+    flagged = float(np.mean([s.flag.mean() for s in sols]))
+    snr = np.concatenate([s.snr[~s.flag] for s in sols]) if any((~s.flag).any() for s in sols) else np.zeros(1)
+    if flagged > 0.0:
+        qa.lower(1.0 - flagged, f"{flagged:.1%} of the {what} solutions flagged (low SNR or no data).")
+    qa.note(f"Median {what} solution SNR {np.median(snr):.1f}.")
+
+
+def apply_for(ctx: dict, io: StageIO, spw: int, fid: int, with_gains: bool = True) -> list:
+    """The calibration library entries that apply to field fid, as GainApply."""
+    out = []
+    phase_ids = field_ids_with(ctx, "PHASE")
+    cal_ids = calibrator_ids(ctx)
+    for entry in ctx["callibrary"]:
+        if entry["kind"] != "B" and not with_gains:
+            continue
+        sol = load_table(io, ctx, entry["table"], spw)
+        if entry["gainfield"] == "all":
+            gf = None
+        elif fid in cal_ids:
+            gf = [fid]
+        else:
+            gf = phase_ids or cal_ids
+        out.append(GainApply(sol, gainfield=gf, interp=entry["interp"], calwt=entry.get("calwt", True)))
+    return out
+
+
+# ------------------------------------------------------------------ refant
+
+@stage("refant", service="calibrator")
+def refant(ctx: dict, params: dict, io: StageIO) -> QA:
+    """Rank antennas by distance to the array centre and unflagged fraction (hif_refant)."""
+    qa = QA()
+    ants = ctx["observation"]["antennas"]
+    nant = len(ants)
+    good = np.zeros(nant)
+    total = np.zeros(nant)
+    cal = calibrator_ids(ctx)
+    for part in ctx["partitions"]:
+        _, vis = read_part(io, part, fields=cal)
+        per_row = (~vis.flag).sum(axis=(1, 2))
+        for a in (vis.ant1, vis.ant2):
+            good += np.bincount(a, per_row, nant)
+            total += np.bincount(a, np.full(len(a), vis.flag[0].size), nant)
+    frac = np.where(total > 0, good / np.maximum(total, 1), 0)
+    pos = np.array([a["position"] for a in ants])
+    has = frac > 0
+    if not has.any():
+        raise StageError("refant: all antennas are flagged on the calibrators")
+    centre = pos[has].mean(axis=0)
+    dist = np.linalg.norm(pos - centre, axis=1)
+    geo = np.where(has, 1 - dist / max(dist[has].max(), 1e-9), 0)
+    flagscore = np.where(has, frac / frac.max(), 0)
+    score = geo + flagscore
+    order = [int(i) for i in np.argsort(-score) if has[i]]
+    chosen = order[0]
+    forced = params.get("refant")
+    if forced not in (None, ""):
+        match = [a["id"] for a in ants if a["name"] == str(forced) or str(a["id"]) == str(forced)
+                 or a["station"] == str(forced)]
+        if not match:
+            raise StageError(f"refant: no antenna {forced!r}; antennas: {', '.join(a['name'] for a in ants)}")
+        chosen = match[0]
+        order = [chosen] + [i for i in order if i != chosen]
+        qa.note(f"Reference antenna {ants[chosen]['name']} set by the recipe.")
+    ctx["refant"] = {"refant_id": chosen, "refant": ants[chosen]["name"],
+                     "ranked": [ants[i]["name"] for i in order],
+                     "scores": {ants[i]["name"]: {"geometry": float(geo[i]), "flagging": float(flagscore[i])}
+                                for i in order}}
+    io.log("reference antennas (best first): %s", ",".join(ctx["refant"]["ranked"][:8]))
+    if frac[chosen] < 0.5:
+        qa.lower(0.5, f"Reference antenna {ants[chosen]['name']} has {1 - frac[chosen]:.0%} of its data flagged.")
+    qa.note(f"Reference antenna {ants[chosen]['name']} ({ants[chosen]['station']}).")
+    return qa
+
+
+# ------------------------------------------------------------------ setjy
+
+@stage("setjy", service="calibrator")
+def setjy(ctx: dict, params: dict, io: StageIO) -> QA:
+    """Flux density models of the flux calibrators (Perley-Butler 2017 or manual)."""
+    qa = QA()
+    manual = params.get("manual") or {}
+    models = {}
+    spw_freqs = {s["id"]: np.mean(s["chan_freq_hz"]) for s in ctx["observation"]["spws"]}
+    for fid in require_intent(ctx, "FLUX", "setjy"):
+        name = field_name(ctx, fid)
+        if name in manual:
+            m = manual[name]
+            models[str(fid)] = {"kind": "manual", "flux_jy": float(m["flux_jy"]),
+                                "ref_freq_hz": float(m.get("ref_freq_hz", next(iter(spw_freqs.values())))),
+                                "spix": float(m.get("spix", 0.0)), "origin": "setjy manual"}
+            continue
+        std = fluxmodels.standard_calibrator(name)
+        if std is None:
+            raise StageError(f"setjy: flux calibrator {name!r} is not a standard calibrator "
+                             f"({', '.join(fluxmodels.ALIASES)}); give setjy.manual for it")
+        models[str(fid)] = {"kind": "pb2017", "standard_name": std, "origin": "Perley-Butler 2017"}
+    ctx["models"] = models
+    ctx["setjy"] = []
+    for fid, m in models.items():
+        fn = flux_function(m)
+        for spw, f in spw_freqs.items():
+            flux = float(fn(np.array([f]))[0])
+            ctx["setjy"].append({"field": field_name(ctx, int(fid)), "spw": spw, "freq_hz": f, "flux_jy": flux,
+                                 "model": m["origin"]})
+            io.log("setjy %s spw %d: %.4f Jy at %.6f GHz (%s)", field_name(ctx, int(fid)), spw, flux, f / 1e9, m["origin"])
+            qa.note(f"{field_name(ctx, int(fid))} spw {spw}: {flux:.3f} Jy ({m['origin']}).")
+    return qa
+
+
+# ------------------------------------------------------------------ bandpass
+
+@stage("bandpass", service="calibrator")
+def bandpass(ctx: dict, params: dict, io: StageIO) -> QA:
+    """Bandpass per antenna and channel, after a phase-up gaincal (hifa_bandpass)."""
+    qa = QA()
+    bp_ids = require_intent(ctx, "BANDPASS", "bandpass")
+    ref = refant_id(ctx)
+    sols, ms_path = [], None
+    for part in ctx["partitions"]:
+        ms_path, vis = read_part(io, part, fields=bp_ids)
+        nchan = len(vis.freq)
+        models = field_models(ctx, unit_for=bp_ids)
+        model = point_model(vis, models)
+        # Phase-up: per-integration phases on the central channels, so that the
+        # time-averaged bandpass solve does not decorrelate.
+        centre = slice(int(nchan * params.get("phaseup_lo", 0.1)), max(int(nchan * params.get("phaseup_hi", 0.9)), 1))
+        phaseup = solve_term(vis, model, SolveSpec(kind="G", solint=params.get("phaseup_solint", "int"),
+                                                   calmode="p", refant=ref, chans=centre,
+                                                   minsnr=params.get("phaseup_minsnr", 2.0)))
+        bp = solve_term(vis, model, SolveSpec(kind="B", solint=params.get("solint", "inf"),
+                                              combine=params.get("combine", "scan"), calmode="ap", refant=ref,
+                                              minsnr=params.get("minsnr", 3.0), solnorm=params.get("solnorm", True),
+                                              preapply=[GainApply(phaseup, interp="nearest", calwt=False)]))
+        sols.append(bp)
+        _plot_bandpass(io, bp, ctx, part["spw"])
+    save_table(io, ctx, "bandpass", sols, ms_path)
+    ctx["callibrary"] = [e for e in ctx["callibrary"] if e["table"] != "bandpass"]
+    ctx["callibrary"].append({"table": "bandpass", "kind": "B", "interp": "nearest", "gainfield": "all",
+                              "calwt": True})
+    solution_qa(qa, sols, "bandpass")
+    return qa
+
+
+def _plot_bandpass(io, bp: CalSolutions, ctx, spw):
+    fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    chan = np.arange(len(bp.freq))
+    for r in range(len(bp.time)):
+        for p in range(bp.cparam.shape[2]):
+            g = np.where(bp.flag[r, :, p], np.nan, bp.cparam[r, :, p])
+            axes[0].plot(chan, np.abs(g), lw=0.6, alpha=0.6)
+            axes[1].plot(chan, np.degrees(np.angle(g)), lw=0.6, alpha=0.6)
+    axes[0].set_ylabel("amplitude")
+    axes[1].set_ylabel("phase (deg)")
+    axes[1].set_xlabel("channel")
+    axes[0].set_title(f"Bandpass solutions, spw {spw}, all antennas and correlations")
+    io.plot(fig, f"bandpass_spw{spw}.png")
+
+
+# ------------------------------------------------------------------ gaincal and timegaincal
+
+def _gain_solve(ctx, params, io, name: str, unit_fields: list, qa: QA) -> list:
+    cal_ids = calibrator_ids(ctx)
+    ref = refant_id(ctx)
+    sols, ms_path = [], None
+    for part in ctx["partitions"]:
+        ms_path, vis = read_part(io, part, fields=cal_ids)
+        spw_sel = params.get("spw", "")
+        chans = chan_selection(spw_sel, len(vis.freq))
+        bp = load_table(io, ctx, "bandpass", part["spw"])
+        model = point_model(vis, field_models(ctx, unit_for=unit_fields))
+        idx = np.flatnonzero(chans)
+        g = solve_term(vis, model, SolveSpec(kind=params.get("gaintype", "G"), solint=params.get("solint", "inf"),
+                                             combine=params.get("combine", ""), calmode=params.get("calmode", "ap"),
+                                             refant=ref, minsnr=params.get("minsnr", 3.0),
+                                             chans=slice(idx[0], idx[-1] + 1),
+                                             preapply=[GainApply(bp, interp="nearest", calwt=False)]))
+        sols.append(g)
+        _plot_gains(io, g, ctx, part["spw"], name)
+    save_table(io, ctx, name, sols, ms_path)
+    solution_qa(qa, sols, name)
+    return sols
+
+
+def _plot_gains(io, g: CalSolutions, ctx, spw, name):
+    fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    t0 = g.time.min()
+    for fid in np.unique(g.field_id):
+        r = g.field_id == fid
+        for p in range(g.cparam.shape[2]):
+            ok = r & ~g.flag[:, 0, p]
+            axes[0].plot((g.time[ok] - t0) / 3600, np.abs(g.cparam[ok, 0, p]), ".", ms=3,
+                         label=f"{field_name(ctx, int(fid))} corr {p}")
+            axes[1].plot((g.time[ok] - t0) / 3600, np.degrees(np.angle(g.cparam[ok, 0, p])), ".", ms=3)
+    axes[0].set_ylabel("amplitude")
+    axes[1].set_ylabel("phase (deg)")
+    axes[1].set_xlabel("hours since first solution")
+    axes[0].legend(fontsize=6)
+    axes[0].set_title(f"{name} solutions vs time, spw {spw}")
+    io.plot(fig, f"{name}_spw{spw}.png")
+
+
+@stage("gaincal", service="calibrator")
+def gaincal(ctx: dict, params: dict, io: StageIO) -> QA:
+    """Gains of all calibrators with the bandpass applied; non-flux calibrators
+    get a 1 Jy model, so fluxscale can transfer the scale."""
+    qa = QA()
+    require_intent(ctx, "FLUX", "gaincal")
+    unit = [f for f in calibrator_ids(ctx) if str(f) not in ctx.get("models", {})]
+    _gain_solve(ctx, params, io, "gaincal", unit, qa)
+    return qa
+
+
+@stage("timegaincal", service="calibrator")
+def timegaincal(ctx: dict, params: dict, io: StageIO) -> QA:
+    """Final time-dependent gains with every calibrator's flux known (hifa_timegaincal)."""
+    qa = QA()
+    missing = [field_name(ctx, f) for f in calibrator_ids(ctx) if str(f) not in ctx.get("models", {})]
+    if missing:
+        qa.lower(0.6, f"No flux model for {', '.join(missing)}: solved with 1 Jy (run fluxscale first).")
+    _gain_solve(ctx, params, io, "timegaincal", calibrator_ids(ctx), qa)
+    ctx["callibrary"] = [e for e in ctx["callibrary"] if e["kind"] == "B"]
+    ctx["callibrary"].append({"table": "timegaincal", "kind": "G", "interp": params.get("interp", "linear"),
+                              "gainfield": "nearest-calibrator", "calwt": True})
+    return qa
+
+
+# ------------------------------------------------------------------ fluxscale
+
+def derive_flux(g: CalSolutions, ref_ids: list, fid: int, clip: float = 5.0):
+    """Flux of field fid in units of the 1 Jy model: mean over antennas and
+    correlations of (<|g_field|> / <|g_ref|>)^2, after rejecting outliers."""
+    amp = np.abs(g.cparam[:, 0, :])
+    ok = ~g.flag[:, 0, :]
+    ratios = []
+    for a in np.unique(g.antenna):
+        for p in range(amp.shape[1]):
+            r = (g.antenna == a) & ok[:, p]
+            ref = r & np.isin(g.field_id, ref_ids)
+            tr = r & (g.field_id == fid)
+            if ref.any() and tr.any():
+                ratios.append((amp[tr, p].mean() / amp[ref, p].mean()) ** 2)
+    ratios = np.array(ratios)
+    if len(ratios) < 3:
+        return None
+    med = np.median(ratios)
+    mad = 1.4826 * np.median(np.abs(ratios - med)) or 1e-12
+    keep = np.abs(ratios - med) <= clip * mad
+    r = ratios[keep]
+    return float(r.mean()), float(r.std(ddof=1) / np.sqrt(len(r))), int(len(r)), int((~keep).sum())
+
+
+@stage("fluxscale", service="calibrator")
+def fluxscale(ctx: dict, params: dict, io: StageIO) -> QA:
+    """Transfer the flux scale from the flux calibrator to the other calibrators."""
+    qa = QA()
+    ref_ids = require_intent(ctx, "FLUX", "fluxscale")
+    transfer = [f for f in calibrator_ids(ctx) if f not in ref_ids]
+    results, scaled, ms_path = [], [], None
+    for part in ctx["partitions"]:
+        g = load_table(io, ctx, "gaincal", part["spw"])
+        ms_path = io.fetch_dir(part["key"])
+        freq = float(g.freq[0])
+        cp = g.cparam.copy()
+        for fid in transfer:
+            res = derive_flux(g, ref_ids, fid, params.get("clip", 5.0))
+            name = field_name(ctx, fid)
+            if res is None:
+                qa.lower(0.3, f"{name} spw {part['spw']}: too few antennas to derive a flux.")
+                continue
+            flux, err, n, rejected = res
+            results.append({"field": name, "field_id": fid, "spw": part["spw"], "freq_hz": freq,
+                            "flux_jy": flux, "flux_err_jy": err, "n": n, "rejected": rejected})
+            cp[g.field_id == fid] /= np.sqrt(flux)
+            io.log("flux density of %s in spw %d: %.4f +- %.4f Jy (N = %d, %d rejected)",
+                   name, part["spw"], flux, err, n, rejected)
+            snr = flux / err if err > 0 else np.inf
+            if snr < 10:
+                qa.lower(0.5, f"{name} spw {part['spw']}: derived flux SNR only {snr:.1f}.")
+            qa.note(f"{name} spw {part['spw']}: {flux:.4f} +- {err:.4f} Jy.")
+        scaled.append(CalSolutions(g.kind, g.spw, g.freq, g.time, g.interval, g.field_id, g.scan, g.antenna,
+                                   cp, g.flag, g.snr, g.refant))
+    ctx["fluxscale"] = results
+    # The derived fluxes become the models of those fields (spectral index
+    # fitted when several spws were measured), as hifa_gfluxscale does.
+    for fid in transfer:
+        rows = [r for r in results if r["field_id"] == fid]
+        if not rows:
+            continue
+        f = np.array([r["freq_hz"] for r in rows])
+        s = np.array([r["flux_jy"] for r in rows])
+        spix = float(np.polyfit(np.log(f), np.log(s), 1)[0]) if len(rows) > 1 and np.ptp(f) > 0 else 0.0
+        ctx["models"][str(fid)] = {"kind": "manual", "flux_jy": float(np.exp(np.mean(np.log(s)))),
+                                   "ref_freq_hz": float(np.exp(np.mean(np.log(f)))), "spix": spix,
+                                   "origin": "fluxscale"}
+    save_table(io, ctx, "fluxscale", scaled, ms_path)
+    csv = "field,spw,freq_hz,flux_jy,flux_err_jy,n\n" + "".join(
+        f"{r['field']},{r['spw']},{r['freq_hz']:.1f},{r['flux_jy']:.6f},{r['flux_err_jy']:.6f},{r['n']}\n"
+        for r in results)
+    entry = io.put_bytes(csv.encode(), "flux.csv", "text/csv")
+    ctx["flux_csv_key"] = entry["key"]
+    return qa
+
+
+# ------------------------------------------------------------------ applycal
+
+@stage("applycal", service="calibrator")
+def applycal(ctx: dict, params: dict, io: StageIO) -> QA:
+    """Apply the calibration library to every field, writing CORRECTED_DATA."""
+    qa = QA()
+    if not ctx["callibrary"]:
+        raise StageError("applycal: the calibration library is empty; run bandpass and timegaincal first")
+    new_parts, flagged_before, flagged_after, total = [], 0, 0, 0
+    for part in ctx["partitions"]:
+        ms, vis_all = read_part(io, part)
+        corrected = np.zeros_like(vis_all.data)
+        flags = vis_all.flag.copy()
+        weights = vis_all.weight.copy()
+        for fid in np.unique(vis_all.field_id):
+            rows = vis_all.field_id == fid
+            vis = vis_all.select(rows)
+            applies = apply_for(ctx, io, part["spw"], int(fid))
+            for a in applies:
+                a.calwt = a.calwt and params.get("calwt", True)
+            d, f, w = apply_tables(vis, applies)
+            corrected[rows], flags[rows], weights[rows] = d, f, w
+        flagged_before += int(vis_all.flag.sum())
+        flagged_after += int(flags.sum())
+        total += flags.size
+        msio.write_column(ms, vis_all.rows, "CORRECTED_DATA", corrected)
+        msio.write_flags(ms, vis_all.rows, flags)
+        msio.write_column(ms, vis_all.rows, "WEIGHT", weights.astype(np.float32))
+        entry = io.put_dir(ms, part["name"])
+        new_parts.append(dict(part, key=entry["key"], sha256=entry["sha256"], calibrated=True))
+        _plot_calibrated(io, vis_all, corrected, flags, ctx, part["spw"])
+    ctx["partitions"] = new_parts
+    newly = (flagged_after - flagged_before) / max(total, 1)
+    if newly > 0.05:
+        qa.lower(1 - newly, f"applycal flagged {newly:.1%} more data (no solutions for them).")
+    qa.note(f"Applied {', '.join(e['table'] for e in ctx['callibrary'])}; "
+            f"{flagged_after / max(total, 1):.1%} of the data now flagged.")
+    return qa
+
+
+def _plot_calibrated(io, vis, corrected, flags, ctx, spw):
+    fig, ax = plt.subplots(figsize=(8, 4))
+    t0 = vis.time.min()
+    amp = np.where(flags, np.nan, np.abs(corrected)).mean(axis=(1, 2))
+    for fid in np.unique(vis.field_id):
+        r = (vis.field_id == fid) & (vis.ant1 != vis.ant2)
+        ax.plot((vis.time[r] - t0) / 3600, amp[r], ",", label=field_name(ctx, int(fid)))
+    ax.set_xlabel("hours")
+    ax.set_ylabel("calibrated amplitude (Jy)")
+    ax.set_title(f"Calibrated amplitude vs time, spw {spw}")
+    ax.legend(markerscale=20, fontsize=7)
+    io.plot(fig, f"applycal_amp_time_spw{spw}.png")

@@ -1,0 +1,176 @@
+"""flagdata (calibrator service): deterministic flags and flag templates.
+
+Flags autocorrelations, exact zeros, shadowed antennas and whatever a flag
+template (CASA flagdata list syntax) names. Reports the flagged fraction per
+reason, as hifa_flagdata does.
+"""
+from __future__ import annotations
+
+import shlex
+
+import numpy as np
+
+from .base import QA, StageError, StageIO, stage
+from ..imaging.uvcontsub import parse_channels
+from ..msio import ms as msio
+
+TEMPLATE_KEYS = {"mode", "antenna", "spw", "field", "scan", "correlation", "reason", "autocorr", "timerange"}
+
+
+def shadow_mask(vis: msio.Vis, diameters: np.ndarray) -> np.ndarray:
+    """Rows (nrow,) in which either antenna is shadowed by another at that time.
+
+    For a baseline b = x2 - x1 with projected length < (D1 + D2) / 2, the
+    antenna farther from the source (w < 0 side) is shadowed.
+    """
+    cross = vis.ant1 != vis.ant2
+    proj = np.hypot(vis.uvw[:, 0], vis.uvw[:, 1])
+    close = cross & (proj < 0.5 * (diameters[vis.ant1] + diameters[vis.ant2]))
+    shadowed = set()
+    for r in np.flatnonzero(close):
+        behind = vis.ant1[r] if vis.uvw[r, 2] > 0 else vis.ant2[r]
+        shadowed.add((vis.time[r], int(behind)))
+    if not shadowed:
+        return np.zeros(len(vis.time), bool)
+    times = vis.time.tolist()
+
+    def hit(ants):
+        return np.fromiter(((t, a) in shadowed for t, a in zip(times, ants.tolist())), bool, len(times))
+    return hit(vis.ant1) | hit(vis.ant2)
+
+
+def parse_template(text: str) -> list:
+    """CASA flagdata list syntax: one command per line, key='value' pairs."""
+    cmds = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        cmd = {}
+        try:
+            tokens = shlex.split(line)
+        except ValueError as exc:
+            raise StageError(f"flag template line {n}: {exc}") from exc
+        for tok in tokens:
+            key, eq, val = tok.partition("=")
+            if not eq:
+                raise StageError(f"flag template line {n}: {tok!r} is not key='value'")
+            if key not in TEMPLATE_KEYS:
+                raise StageError(f"flag template line {n}: unknown key {key!r} (known: {', '.join(sorted(TEMPLATE_KEYS))})")
+            cmd[key] = val
+        if cmd.get("mode", "manual") != "manual":
+            raise StageError(f"flag template line {n}: only mode='manual' is supported, not {cmd['mode']!r}")
+        cmds.append(cmd)
+    return cmds
+
+
+def template_mask(vis: msio.Vis, cmd: dict, ants: list, fields: list, spw: int) -> np.ndarray:
+    """Flags (nrow, nchan, ncorr) selected by one template command."""
+    nrow, nchan, ncorr = vis.data.shape
+    rows = np.ones(nrow, bool)
+    chans = np.ones(nchan, bool)
+    corrs = np.ones(ncorr, bool)
+    if "antenna" in cmd:
+        rows &= _antenna_rows(vis, cmd["antenna"], ants)
+    if "field" in cmd:
+        ids = _lookup(cmd["field"], fields, "field")
+        rows &= np.isin(vis.field_id, ids)
+    if "scan" in cmd:
+        scans = [int(s) for part in cmd["scan"].split(",") for s in _range(part)]
+        rows &= np.isin(vis.scan, scans)
+    if cmd.get("autocorr", "").lower() in ("true", "1"):
+        rows &= vis.ant1 == vis.ant2
+    if "spw" in cmd:
+        sel = cmd["spw"]
+        sp, _, ch = sel.partition(":")
+        if sp not in ("", "*") and int(sp) != spw:
+            return np.zeros(vis.data.shape, bool)
+        if ch:
+            chans = parse_channels(ch, nchan)
+    if "correlation" in cmd:
+        wanted = {c.strip().upper() for c in cmd["correlation"].split(",")}
+        corrs = np.array([c in wanted for c in vis.corr_types])
+    return rows[:, None, None] & chans[None, :, None] & corrs[None, None, :]
+
+
+def _range(part: str) -> range:
+    lo, _, hi = part.partition("~")
+    return range(int(lo), int(hi or lo) + 1)
+
+
+def _lookup(spec: str, table: list, what: str) -> list:
+    ids = []
+    for item in spec.split(","):
+        item = item.strip()
+        match = [t["id"] for t in table if t["name"] == item or str(t["id"]) == item or
+                 t.get("station") == item]
+        if not match:
+            raise StageError(f"flag template: no {what} {item!r}")
+        ids += match
+    return ids
+
+
+def _antenna_rows(vis, spec: str, ants: list) -> np.ndarray:
+    rows = np.zeros(len(vis.time), bool)
+    for item in spec.split(";"):
+        if "&" in item:
+            a, b = item.split("&", 1)
+            ia, ib = _lookup(a, ants, "antenna"), _lookup(b, ants, "antenna") if b.strip() else None
+            ra = np.isin(vis.ant1, ia) | np.isin(vis.ant2, ia)
+            rows |= ra if ib is None else ((np.isin(vis.ant1, ia) & np.isin(vis.ant2, ib)) |
+                                           (np.isin(vis.ant2, ia) & np.isin(vis.ant1, ib)))
+        else:
+            ia = _lookup(item, ants, "antenna")
+            rows |= np.isin(vis.ant1, ia) | np.isin(vis.ant2, ia)
+    return rows
+
+
+@stage("flagdata", service="calibrator")
+def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
+    qa = QA()
+    template = params.get("template") or ctx["user"].get("flag_template") or ""
+    commands = parse_template(template) if template else []
+    ants = ctx["observation"]["antennas"]
+    diam = np.array([a["diameter_m"] for a in ants])
+    summary = {"autocorr": 0, "zeros": 0, "shadow": 0, "template": 0, "before": 0, "total": 0, "samples": 0}
+    new_parts = []
+    for part in ctx["partitions"]:
+        ms = io.fetch_dir(part["key"])
+        vis = msio.read_vis(ms, part["spw"])
+        io.visibilities += vis.data.size
+        flag = vis.flag.copy()
+        summary["before"] += int(flag.sum())
+        summary["samples"] += flag.size
+
+        def add(mask, reason):
+            new = mask & ~flag
+            summary[reason] += int(new.sum())
+            flag[...] |= mask
+
+        if params.get("autocorr", True):
+            add(np.broadcast_to((vis.ant1 == vis.ant2)[:, None, None], flag.shape), "autocorr")
+        if params.get("zeros", True):
+            add(np.abs(vis.data) == 0, "zeros")
+        if params.get("shadow", True):
+            add(np.broadcast_to(shadow_mask(vis, diam)[:, None, None], flag.shape), "shadow")
+        for cmd in commands:
+            add(template_mask(vis, cmd, ants, ctx["fields"], part["spw"]), "template")
+        summary["total"] += int(flag.sum())
+        msio.write_flags(ms, vis.rows, flag)
+        entry = io.put_dir(ms, part["name"])
+        new_parts.append(dict(part, key=entry["key"], sha256=entry["sha256"]))
+    ctx["partitions"] = new_parts
+    n = max(summary["samples"], 1)
+    frac = {k: summary[k] / n for k in ("autocorr", "zeros", "shadow", "template", "before", "total")}
+    ctx["flags"]["flagdata"] = {"fractions": frac, "commands": commands}
+    for k, v in frac.items():
+        io.log("flagged fraction %s: %.4f", k, v)
+    # As hifa_flagdata: the score falls with the fraction flagged beyond autocorrelations.
+    extra = frac["total"] - frac["autocorr"] - frac["before"]
+    if extra > 0.6:
+        qa.lower(0.0, f"{extra:.0%} of the data flagged beyond autocorrelations.")
+    elif extra > 0.05:
+        qa.lower(1.0 - extra, f"{extra:.1%} of the data flagged beyond autocorrelations.")
+    qa.note(f"Flagged in total {frac['total']:.1%} (autocorrelations {frac['autocorr']:.1%}, zeros "
+            f"{frac['zeros']:.2%}, shadowing {frac['shadow']:.2%}, template {frac['template']:.2%}).")
+    return qa

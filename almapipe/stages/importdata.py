@@ -1,0 +1,106 @@
+"""importdata (importer service): ingest, partition by spw, summarise, assign roles."""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tarfile
+
+import casacore.tables as ct
+import numpy as np
+
+from .base import QA, StageError, StageIO, stage
+from ..msio import listobs, ms as msio, uvfits
+
+
+def _unpack_input(path: str, workdir: str) -> tuple[str, str]:
+    """Return (ms_path, input_format) for an MS tar or a UVFITS file."""
+    name = os.path.basename(path)
+    if uvfits.is_uvfits(path):
+        ms_path = os.path.join(workdir, "input.ms")
+        try:
+            uvfits.uvfits_to_ms(path, ms_path)
+        except msio.MSError as exc:
+            raise StageError(f"importdata: {name}: {exc}") from exc
+        return ms_path, "UVFITS"
+    if tarfile.is_tarfile(path):
+        dest = os.path.join(workdir, "untar")
+        with tarfile.open(path) as tar:
+            tar.extractall(dest, filter="data")
+        tops = [d for d in os.listdir(dest) if os.path.isdir(os.path.join(dest, d))]
+        if len(tops) != 1:
+            raise StageError(f"importdata: {name}: a tar must hold exactly one MS directory, found {tops}")
+        ms_path = os.path.join(dest, tops[0])
+        try:
+            msio.check_ms(ms_path)
+        except msio.MSError as exc:
+            raise StageError(f"importdata: {name}: {exc}") from exc
+        return ms_path, "MeasurementSet"
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head[:2] == b"\x1f\x8b":   # a gzip of something that is not UVFITS: maybe a .tar.gz
+        raw = path + ".raw"
+        with gzip.open(path) as src, open(raw, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        if tarfile.is_tarfile(raw):
+            return _unpack_input(raw, workdir)
+    raise StageError(f"importdata: {name} is neither a MeasurementSet (as a tar of its directory) "
+                     f"nor a UVFITS file (first bytes {head[:16]!r})")
+
+
+def _partition(ms_path: str, workdir: str, basename: str) -> list:
+    """One MS per spectral window (the unit of fan-out for later stages)."""
+    spw_of = msio.spw_of_ddid(ms_path)
+    spws = sorted(set(spw_of.values()))
+    if len(spws) == 1:
+        dest = os.path.join(workdir, f"{basename}.spw{spws[0]}.ms")
+        shutil.move(ms_path, dest)
+        return [(spws[0], dest)]
+    out = []
+    with ct.table(ms_path, ack=False) as t:
+        for s in spws:
+            dd = [d for d, sp in spw_of.items() if sp == s]
+            dest = os.path.join(workdir, f"{basename}.spw{s}.ms")
+            sel = t.query(f"DATA_DESC_ID IN {dd}")
+            sel.copy(dest, deep=True).close()
+            sel.close()
+            out.append((s, dest))
+    return out
+
+
+@stage("importdata", service="importer")
+def importdata(ctx: dict, params: dict, io: StageIO) -> QA:
+    qa = QA()
+    local = io.fetch_raw(ctx["input_key"])
+    ms_path, fmt = _unpack_input(local, io.workdir)
+    io.log("input %s read as %s", os.path.basename(local), fmt)
+    obs = listobs.summary(ms_path)
+    try:
+        fields = listobs.assign_roles(obs, params.get("field_roles"))
+    except ValueError as exc:
+        raise StageError(f"importdata: {exc}") from exc
+    basename = params.get("name") or os.path.basename(ctx["input_key"]).split(".")[0]
+    parts = []
+    for spw, path in _partition(ms_path, io.workdir, basename):
+        with ct.table(path, ack=False) as t:
+            nvis = int(t.nrows())
+        entry = io.put_dir(path, os.path.basename(path))
+        parts.append({"spw": int(spw), "key": entry["key"], "sha256": entry["sha256"], "name": os.path.basename(path),
+                      "nrows": nvis})
+        io.visibilities += nvis
+    ctx.update(partitions=parts, observation=obs, fields=fields, ms_name=basename, input_format=fmt)
+    roles_from = fields[0]["roles_from"] if fields else ""
+    for f in fields:
+        io.log("field %s: %s", f["name"], ",".join(f["intents"]) or "no intent")
+    if roles_from.startswith("heuristic"):
+        qa.lower(0.8, "No scan intents in the data: field roles were inferred from calibrator names "
+                      "and the scan pattern; check them, or give field_roles.")
+    else:
+        qa.note(f"Field roles from the {roles_from}.")
+    missing = {"BANDPASS", "PHASE", "TARGET"} - {i for f in fields for i in f["intents"]}
+    if missing:
+        qa.lower(0.5, f"No field with intent(s) {', '.join(sorted(missing))}.")
+    nant_data = sum(a["has_data"] for a in obs["antennas"])
+    qa.note(f"{fmt}: {obs['nrows']} rows, {len(obs['scans'])} scans, {len(obs['fields'])} fields, "
+            f"{len(obs['spws'])} spw(s), {nant_data} antennas with data.")
+    return qa

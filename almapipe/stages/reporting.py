@@ -1,0 +1,102 @@
+"""Reporting stages (weblog service): exportdata and weblog.
+
+The products package is a map from package path (product/..., calibration/...,
+qa/..., log/..., script/..., README) to immutable object keys; the gateway
+adds summary.json when the run ends and serves the map through ListProducts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+
+from .base import QA, StageIO, stage
+from ..report import weblog as weblog_render
+
+README = """almapipe products package
+=========================
+
+run id      : {run_id}
+recipe      : {recipe} (version {version})
+input       : {input_key}
+
+product/      FITS images (image, pbcor, pb, mask, residual), cont.dat, flux.csv
+calibration/  CASA calibration tables (tar archives of the table directories)
+qa/           the WebLog (weblog.tar.gz, open weblog/index.html) and qa_scores.json
+log/          the log of every stage
+script/       recipe.json: the exact recipe this run executed;
+              rerun.sh: reruns it with `almapipe run` (edit recipe.json to tweak it)
+summary.json  run status, stage QA scores and durations, fluxes, image statistics
+"""
+
+RERUN = """#!/usr/bin/env bash
+# Reruns this pipeline run: give the input (MS tar or UVFITS) as the first argument.
+# Edit recipe.json beside this script to change parameters; a flag template
+# and a cont.dat can be given with --flag-template and --cont-dat.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+exec almapipe run "${{1:?usage: rerun.sh INPUT [--out DIR]}}" --recipe-file "$here/recipe.json" "${{@:2}}"
+"""
+
+
+@stage("exportdata", service="weblog")
+def exportdata(ctx: dict, params: dict, io: StageIO) -> QA:
+    qa = QA()
+    pkg = {}
+    for img in ctx.get("images", []):
+        for suffix, key in img["files"].items():
+            pkg[f"product/{os.path.basename(key)}"] = key
+    if ctx.get("cont_dat_key"):
+        pkg["product/cont.dat"] = ctx["cont_dat_key"]
+    if ctx.get("flux_csv_key"):
+        pkg["product/flux.csv"] = ctx["flux_csv_key"]
+    for name, entry in ctx.get("caltables", {}).items():
+        pkg[f"calibration/{entry['name']}.tar"] = entry["key"]
+    for r in ctx["stage_results"]:
+        if r.get("log_key"):
+            pkg[f"log/{r['index']:02d}_{r['name']}.log"] = r["log_key"]
+    recipe = ctx["recipe"]
+    pkg["script/recipe.json"] = io.put_bytes(json.dumps(recipe, indent=2).encode(), "recipe.json",
+                                             "application/json")["key"]
+    pkg["script/rerun.sh"] = io.put_bytes(RERUN.format().encode(), "rerun.sh", "text/x-shellscript")["key"]
+    qa_scores = {r["name"]: {"score": r["qa_score"], "reasons": r["qa_reasons"]} for r in ctx["stage_results"]}
+    pkg["qa/qa_scores.json"] = io.put_json(qa_scores, "qa_scores.json")["key"]
+    pkg["README"] = io.put_bytes(README.format(run_id=ctx["run_id"], recipe=recipe.get("name"),
+                                               version=recipe.get("version"), input_key=ctx["input_key"]).encode(),
+                                 "README", "text/plain")["key"]
+    ctx["package"] = pkg
+    n_fits = sum(1 for p in pkg if p.endswith(".fits"))
+    if not n_fits:
+        qa.lower(0.5, "No FITS images in the products package.")
+    qa.note(f"Package of {len(pkg)} files, {n_fits} FITS images.")
+    return qa
+
+
+@stage("weblog", service="weblog")
+def weblog(ctx: dict, params: dict, io: StageIO) -> QA:
+    qa = QA()
+    out = os.path.join(io.workdir, "weblog")
+    os.makedirs(out, exist_ok=True)
+    plots = {}
+    for r in ctx["stage_results"]:
+        for o in r.get("outputs", []):
+            if o["name"].endswith(".png"):
+                dest = os.path.join(out, f"s{r['index']:02d}_{o['name']}")
+                io.store.get_file(o["key"], dest)
+                plots.setdefault(r["index"], []).append(os.path.basename(dest))
+    # this stage's own row, so the WebLog lists it (its QA is known only now)
+    pages = weblog_render.render(ctx, out, plots)
+    keys = {}
+    for name in sorted(os.listdir(out)):
+        keys[name] = io.put_file(os.path.join(out, name), f"weblog/{name}")["key"]
+    tgz = os.path.join(io.workdir, "weblog.tar.gz")
+    with tarfile.open(tgz, "w:gz") as tar:
+        tar.add(out, arcname="weblog")
+    pkg = dict(ctx.get("package", {}))
+    pkg["qa/weblog.tar.gz"] = io.put_file(tgz)["key"]
+    for name, key in keys.items():
+        pkg[f"qa/weblog/{name}"] = key
+    ctx["package"] = pkg
+    ctx["weblog_index_key"] = keys["index.html"]
+    qa.note(f"WebLog of {len(pages)} pages and {sum(len(v) for v in plots.values())} plots.")
+    return qa

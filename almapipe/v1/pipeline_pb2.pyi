@@ -1,0 +1,253 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RunStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RUN_STATUS_UNSPECIFIED: _ClassVar[RunStatus]
+    RUN_STATUS_QUEUED: _ClassVar[RunStatus]
+    RUN_STATUS_RUNNING: _ClassVar[RunStatus]
+    RUN_STATUS_SUCCEEDED: _ClassVar[RunStatus]
+    RUN_STATUS_FAILED: _ClassVar[RunStatus]
+    RUN_STATUS_CANCELLED: _ClassVar[RunStatus]
+
+class StageStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STAGE_STATUS_UNSPECIFIED: _ClassVar[StageStatus]
+    STAGE_STATUS_PENDING: _ClassVar[StageStatus]
+    STAGE_STATUS_DISPATCHED: _ClassVar[StageStatus]
+    STAGE_STATUS_SUCCEEDED: _ClassVar[StageStatus]
+    STAGE_STATUS_FAILED: _ClassVar[StageStatus]
+    STAGE_STATUS_RETRYING: _ClassVar[StageStatus]
+    STAGE_STATUS_SKIPPED: _ClassVar[StageStatus]
+RUN_STATUS_UNSPECIFIED: RunStatus
+RUN_STATUS_QUEUED: RunStatus
+RUN_STATUS_RUNNING: RunStatus
+RUN_STATUS_SUCCEEDED: RunStatus
+RUN_STATUS_FAILED: RunStatus
+RUN_STATUS_CANCELLED: RunStatus
+STAGE_STATUS_UNSPECIFIED: StageStatus
+STAGE_STATUS_PENDING: StageStatus
+STAGE_STATUS_DISPATCHED: StageStatus
+STAGE_STATUS_SUCCEEDED: StageStatus
+STAGE_STATUS_FAILED: StageStatus
+STAGE_STATUS_RETRYING: StageStatus
+STAGE_STATUS_SKIPPED: StageStatus
+
+class SubmitRunRequest(_message.Message):
+    __slots__ = ("input_key", "recipe", "parameters", "flag_template", "cont_dat", "label")
+    class ParametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    INPUT_KEY_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    FLAG_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    CONT_DAT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    input_key: str
+    recipe: str
+    parameters: _containers.ScalarMap[str, str]
+    flag_template: str
+    cont_dat: str
+    label: str
+    def __init__(self, input_key: _Optional[str] = ..., recipe: _Optional[str] = ..., parameters: _Optional[_Mapping[str, str]] = ..., flag_template: _Optional[str] = ..., cont_dat: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
+
+class StageState(_message.Message):
+    __slots__ = ("index", "name", "service", "status", "qa_score", "qa_reasons", "duration_s", "attempts", "error", "params_json")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    QA_SCORE_FIELD_NUMBER: _ClassVar[int]
+    QA_REASONS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    name: str
+    service: str
+    status: StageStatus
+    qa_score: float
+    qa_reasons: _containers.RepeatedScalarFieldContainer[str]
+    duration_s: float
+    attempts: int
+    error: str
+    params_json: str
+    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., service: _Optional[str] = ..., status: _Optional[_Union[StageStatus, str]] = ..., qa_score: _Optional[float] = ..., qa_reasons: _Optional[_Iterable[str]] = ..., duration_s: _Optional[float] = ..., attempts: _Optional[int] = ..., error: _Optional[str] = ..., params_json: _Optional[str] = ...) -> None: ...
+
+class Run(_message.Message):
+    __slots__ = ("run_id", "status", "recipe", "input_key", "stages", "current_stage", "error", "context_key", "created_unix", "updated_unix", "label")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_KEY_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_STAGE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_KEY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    status: RunStatus
+    recipe: str
+    input_key: str
+    stages: _containers.RepeatedCompositeFieldContainer[StageState]
+    current_stage: int
+    error: str
+    context_key: str
+    created_unix: float
+    updated_unix: float
+    label: str
+    def __init__(self, run_id: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., recipe: _Optional[str] = ..., input_key: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageState, _Mapping]]] = ..., current_stage: _Optional[int] = ..., error: _Optional[str] = ..., context_key: _Optional[str] = ..., created_unix: _Optional[float] = ..., updated_unix: _Optional[float] = ..., label: _Optional[str] = ...) -> None: ...
+
+class GetRunRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class ListRunsRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class ListRunsResponse(_message.Message):
+    __slots__ = ("runs",)
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    runs: _containers.RepeatedCompositeFieldContainer[Run]
+    def __init__(self, runs: _Optional[_Iterable[_Union[Run, _Mapping]]] = ...) -> None: ...
+
+class WatchRunRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class CancelRunRequest(_message.Message):
+    __slots__ = ("run_id",)
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    def __init__(self, run_id: _Optional[str] = ...) -> None: ...
+
+class ListProductsRequest(_message.Message):
+    __slots__ = ("run_id", "url_expiry_s")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    URL_EXPIRY_S_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    url_expiry_s: int
+    def __init__(self, run_id: _Optional[str] = ..., url_expiry_s: _Optional[int] = ...) -> None: ...
+
+class Product(_message.Message):
+    __slots__ = ("path", "key", "size", "sha256", "url")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    key: str
+    size: int
+    sha256: str
+    url: str
+    def __init__(self, path: _Optional[str] = ..., key: _Optional[str] = ..., size: _Optional[int] = ..., sha256: _Optional[str] = ..., url: _Optional[str] = ...) -> None: ...
+
+class ListProductsResponse(_message.Message):
+    __slots__ = ("products", "bucket")
+    PRODUCTS_FIELD_NUMBER: _ClassVar[int]
+    BUCKET_FIELD_NUMBER: _ClassVar[int]
+    products: _containers.RepeatedCompositeFieldContainer[Product]
+    bucket: str
+    def __init__(self, products: _Optional[_Iterable[_Union[Product, _Mapping]]] = ..., bucket: _Optional[str] = ...) -> None: ...
+
+class FetchProductRequest(_message.Message):
+    __slots__ = ("run_id", "path")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    path: str
+    def __init__(self, run_id: _Optional[str] = ..., path: _Optional[str] = ...) -> None: ...
+
+class ProductChunk(_message.Message):
+    __slots__ = ("data", "offset")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    offset: int
+    def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class StageRequest(_message.Message):
+    __slots__ = ("run_id", "stage_index", "stage", "service", "params_json", "context_key", "input_key", "attempt")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_KEY_FIELD_NUMBER: _ClassVar[int]
+    INPUT_KEY_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    stage_index: int
+    stage: str
+    service: str
+    params_json: str
+    context_key: str
+    input_key: str
+    attempt: int
+    def __init__(self, run_id: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage: _Optional[str] = ..., service: _Optional[str] = ..., params_json: _Optional[str] = ..., context_key: _Optional[str] = ..., input_key: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+
+class Output(_message.Message):
+    __slots__ = ("name", "key", "sha256", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    key: str
+    sha256: str
+    size: int
+    def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class StageEvent(_message.Message):
+    __slots__ = ("run_id", "stage_index", "stage", "status", "message", "qa_score", "qa_reasons", "context_key", "outputs", "duration_s", "attempt", "time_unix", "worker", "run_status")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    QA_SCORE_FIELD_NUMBER: _ClassVar[int]
+    QA_REASONS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_KEY_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    RUN_STATUS_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    stage_index: int
+    stage: str
+    status: StageStatus
+    message: str
+    qa_score: float
+    qa_reasons: _containers.RepeatedScalarFieldContainer[str]
+    context_key: str
+    outputs: _containers.RepeatedCompositeFieldContainer[Output]
+    duration_s: float
+    attempt: int
+    time_unix: float
+    worker: str
+    run_status: RunStatus
+    def __init__(self, run_id: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage: _Optional[str] = ..., status: _Optional[_Union[StageStatus, str]] = ..., message: _Optional[str] = ..., qa_score: _Optional[float] = ..., qa_reasons: _Optional[_Iterable[str]] = ..., context_key: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[Output, _Mapping]]] = ..., duration_s: _Optional[float] = ..., attempt: _Optional[int] = ..., time_unix: _Optional[float] = ..., worker: _Optional[str] = ..., run_status: _Optional[_Union[RunStatus, str]] = ...) -> None: ...

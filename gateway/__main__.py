@@ -1,0 +1,4 @@
+from gateway.server import main
+
+if __name__ == "__main__":
+    main()
