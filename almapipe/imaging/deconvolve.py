@@ -53,10 +53,19 @@ def hogbom(residual: np.ndarray, psf: np.ndarray, model: np.ndarray, gain: float
     return niter
 
 
+def robust_rms(img: np.ndarray) -> float:
+    v = img[np.isfinite(img)]
+    return float(1.4826 * np.median(np.abs(v - np.median(v)))) if v.size else 0.0
+
+
 def clean(uvw, freq, vis, wgt, npix: int, cell_rad: float, niter: int, threshold: float,
           gain: float = 0.1, cyclefactor: float = 1.5, max_major: int = 20,
-          mask: np.ndarray | None = None, wgridding: bool = True) -> CleanResult:
-    """Major/minor-cycle CLEAN of one plane (mfs, or one cube channel)."""
+          mask: np.ndarray | None = None, wgridding: bool = True, nsigma: float = 0.0) -> CleanResult:
+    """Major/minor-cycle CLEAN of one plane (mfs, or one cube channel).
+
+    Stops at max(threshold, nsigma x robust rms of the residual); the rms is
+    measured again after every major cycle, because in the dirty image the
+    sidelobes of bright sources inflate it."""
     big_psf = gridding.psf(uvw, freq, wgt, 2 * npix, cell_rad, wgridding)
     peak = big_psf.max()
     if peak <= 0:
@@ -70,11 +79,12 @@ def clean(uvw, freq, vis, wgt, npix: int, cell_rad: float, niter: int, threshold
     residual = gridding.dirty(uvw, freq, vis, wgt, npix, cell_rad, wgridding)
     done, major, reason = 0, 0, "niter reached"
     while done < niter and major < max_major:
+        threshold_now = max(threshold, nsigma * robust_rms(residual))
         rmax = np.abs(residual if mask is None else residual * mask).max()
-        if rmax < threshold:
+        if rmax < threshold_now:
             reason = "threshold reached"
             break
-        cycle_threshold = max(threshold, min(0.95, cyclefactor * sidelobe) * rmax)
+        cycle_threshold = max(threshold_now, min(0.95, cyclefactor * sidelobe) * rmax)
         n = hogbom(residual, big_psf, model, gain, cycle_threshold, niter - done, mask)
         done += n
         major += 1

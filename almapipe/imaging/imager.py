@@ -74,10 +74,8 @@ def make_image(vis: Vis, spec: ImageSpec, dish_m: float, telescope: str) -> Imag
         f = vis.freq[pl]
         w = gridding.briggs_weights(uvw, f, w_nat[:, ci], npix, cell, spec.robust).astype(np.float32)
         v = data[:, ci]
-        dirty = gridding.dirty(uvw, f, v, w, npix, cell)
-        rms = _robust_rms(dirty)
-        threshold = max(spec.threshold_jy, spec.nsigma * rms)
-        res = deconvolve.clean(uvw, f, v, w, npix, cell, spec.niter, threshold, gain=spec.gain)
+        res = deconvolve.clean(uvw, f, v, w, npix, cell, spec.niter, spec.threshold_jy, gain=spec.gain,
+                               nsigma=spec.nsigma)
         beam = deconvolve.fit_beam(res.psf, cell) if res.psf.max() > 0 else (0.0, 0.0, 0.0)
         residuals.append(res.residual)
         models.append(res.model)
@@ -99,7 +97,3 @@ def make_image(vis: Vis, spec: ImageSpec, dish_m: float, telescope: str) -> Imag
     return ImageResult(image, np.array(residuals), np.array(models), np.array(psfs), pb, pbcor,
                        mask, freqs, common, beams, iters, reasons)
 
-
-def _robust_rms(img: np.ndarray) -> float:
-    v = img[np.isfinite(img)]
-    return float(1.4826 * np.median(np.abs(v - np.median(v)))) if v.size else 0.0

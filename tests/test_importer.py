@@ -1,0 +1,81 @@
+"""UVFITS import, observation summary, field roles, flagging: on the real NGC 5921 data."""
+import numpy as np
+import casacore.tables as ct
+import pytest
+from astropy.time import Time
+
+from almapipe.msio import listobs, ms as msio
+from almapipe.msio.uvfits import uvfits_to_ms
+from almapipe.stages.base import StageError
+from almapipe.stages.flagging import parse_template, shadow_mask, template_mask
+
+
+def test_ngc5921_imports_as_casa_ms(ngc5921_ms):
+    obs = listobs.summary(ngc5921_ms)
+    assert obs["nrows"] == 22653 and len(obs["scans"]) == 7 and obs["telescope"] == "VLA"
+    assert [f["name"] for f in obs["fields"]] == ["1331+30500002_0", "1445+09900002_0", "N5921_2"]
+    assert obs["spws"][0]["nchan"] == 63 and obs["spws"][0]["frame"] == "LSRK"
+    assert obs["corr_types"] == ["RR", "LL"]
+    assert sum(a["has_data"] for a in obs["antennas"]) == 27
+
+
+def test_uvw_follow_the_ms_convention(ngc5921_ms):
+    """MS baselines point from antenna 1 to antenna 2: uvw = projection of x2 - x1."""
+    with ct.table(ngc5921_ms, ack=False) as t:
+        a1, a2, uvw, tm, fid = (t.getcol(c) for c in ("ANTENNA1", "ANTENNA2", "UVW", "TIME", "FIELD_ID"))
+    pos = np.array([a["position"] for a in msio.antenna_table(ngc5921_ms)])
+    fields = msio.field_table(ngc5921_ms)
+    i = np.flatnonzero(a1 != a2)[100]
+    L = pos[a2[i]] - pos[a1[i]]
+    gast = Time(tm[i] / 86400, format="mjd", scale="utc").sidereal_time("apparent", "greenwich").rad
+    ra, dec = fields[fid[i]]["ra_rad"], fields[fid[i]]["dec_rad"]
+    H = gast - ra
+    u = np.sin(H) * L[0] + np.cos(H) * L[1]
+    v = -np.sin(dec) * np.cos(H) * L[0] + np.sin(dec) * np.sin(H) * L[1] + np.cos(dec) * L[2]
+    assert abs(uvw[i, 0] - u) < 2.0 and abs(uvw[i, 1] - v) < 2.0
+
+
+def test_roles_from_heuristic_and_from_parameter(ngc5921_ms):
+    obs = listobs.summary(ngc5921_ms)
+    roles = {f["name"]: f["intents"] for f in listobs.assign_roles(obs, None)}
+    assert roles == {"1331+30500002_0": ["BANDPASS", "FLUX"], "1445+09900002_0": ["PHASE"], "N5921_2": ["TARGET"]}
+    given = listobs.assign_roles(obs, {"1445+09900002_0": "PHASE,CHECK"})
+    assert next(f for f in given if f["name"] == "1445+09900002_0")["intents"] == ["CHECK", "PHASE"]
+    with pytest.raises(ValueError, match="not in the data"):
+        listobs.assign_roles(obs, {"3C48": "FLUX"})
+
+
+def test_not_uvfits_is_a_clear_error(tmp_path):
+    bad = tmp_path / "junk.fits"
+    bad.write_bytes(b"this is not a FITS file" * 100)
+    with pytest.raises(msio.MSError, match="not a UVFITS"):
+        uvfits_to_ms(str(bad), str(tmp_path / "x.ms"))
+    with pytest.raises(msio.MSError, match="not a MeasurementSet"):
+        msio.check_ms(str(tmp_path / "nothing.ms"))
+
+
+def test_flag_template_syntax_and_selection(ngc5921_ms):
+    cmds = parse_template("mode='manual' antenna='VL05' spw='0:0~3' reason='bad'\n# comment\nscan='2'\n")
+    assert len(cmds) == 2
+    vis = msio.read_vis(ngc5921_ms, 0)
+    ants = msio.antenna_table(ngc5921_ms)
+    fields = [{"id": f["id"], "name": f["name"]} for f in msio.field_table(ngc5921_ms)]
+    m = template_mask(vis, cmds[0], ants, fields, 0)
+    ant5 = [a["id"] for a in ants if a["name"] == "VL05"][0]
+    rows = (vis.ant1 == ant5) | (vis.ant2 == ant5)
+    assert m[rows][:, :4].all() and not m[rows][:, 4:].any() and not m[~rows].any()
+    assert template_mask(vis, cmds[1], ants, fields, 0)[vis.scan == 2].all()
+    with pytest.raises(StageError, match="unknown key"):
+        parse_template("antena='VL05'")
+    with pytest.raises(StageError, match="no antenna"):
+        template_mask(vis, {"antenna": "XX99"}, ants, fields, 0)
+
+
+def test_shadowing_flags_the_antenna_behind():
+    from conftest import simulate
+    vis = simulate(nant=3, ntime=1)
+    vis.uvw[:] = [[100.0, 0, 0]] * len(vis.uvw)
+    vis.uvw[0] = [5.0, 0.0, 30.0]      # baseline 0-1 nearly along the line of sight, w > 0
+    mask = shadow_mask(vis, np.full(3, 12.0))
+    # antenna 0 (behind) is shadowed: rows with antenna 0 flagged, row 1-2 not
+    assert mask[(vis.ant1 == 0) | (vis.ant2 == 0)].all() and not mask[(vis.ant1 == 1) & (vis.ant2 == 2)].any()
