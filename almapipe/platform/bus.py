@@ -9,6 +9,8 @@
 """
 from __future__ import annotations
 
+import logging
+
 import nats
 from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig, AckPolicy
 from nats.js.errors import BadRequestError
@@ -19,6 +21,7 @@ WORK_STREAM = "ALMAPIPE_WORK"
 EVENTS_STREAM = "ALMAPIPE_EVENTS"
 RUNS_KV = "ALMAPIPE_RUNS"
 RUN_EVENT_STAGE = "_run"   # stage name used for run-level events
+log = logging.getLogger("almapipe.bus")
 
 
 class BusError(RuntimeError):
@@ -33,11 +36,21 @@ def event_subject(run_id: str, stage: str, status: str) -> str:
     return f"events.run.{run_id}.{stage}.{status}"
 
 
+async def _log_error(exc) -> None:
+    log.warning("NATS: %s", exc or type(exc).__name__)
+
+
 async def connect(cfg: Config, name: str):
-    """Connect and make sure the streams and the KV bucket exist; returns (nc, js)."""
+    """Connect and make sure the streams and the KV bucket exist; returns (nc, js).
+
+    The first connection is tried a few times and then fails with BusError;
+    once connected, the client reconnects for as long as it takes."""
     try:
+        probe = await nats.connect(cfg.nats_url, connect_timeout=3, max_reconnect_attempts=3,
+                                   reconnect_time_wait=0.5, error_cb=_log_error)
+        await probe.close()
         nc = await nats.connect(cfg.nats_url, name=name, connect_timeout=3, max_reconnect_attempts=-1,
-                                reconnect_time_wait=1, allow_reconnect=True)
+                                reconnect_time_wait=1, allow_reconnect=True, error_cb=_log_error)
     except Exception as exc:
         raise BusError(f"NATS at {cfg.nats_url} unavailable: {exc or type(exc).__name__}") from exc
     js = nc.jetstream()

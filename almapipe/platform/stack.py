@@ -176,6 +176,24 @@ class Stack:
             _wait(lambda s=s: _http_ok(f"http://127.0.0.1:{port(f'metrics_{s}')}/metrics"), f"{s} worker",
                   timeout, p, self.procs[f"worker-{s}"]["log"])
 
+    def restart(self, name: str, timeout: float = 60.0) -> None:
+        """Kill one process (SIGKILL, as a crash would) and start it again."""
+        procs = self.load().get("procs", {}) or self.procs
+        self.procs = dict(procs)
+        old = procs[name]
+        _signal(old["pid"], signal.SIGKILL)
+        while _alive(old["pid"]):
+            time.sleep(0.05)
+        metrics_name = "metrics_gateway" if name == "gateway" else f"metrics_{name.removeprefix('worker-')}"
+        proc = self._start(name, old["args"], dict(self.env(), ALMAPIPE_METRICS_PORT=str(port(metrics_name))))
+        cfg = _config_for(self.data_dir)
+        if name == "gateway":
+            _wait(lambda: gateway_healthy(cfg.gateway_addr), name, timeout, proc, self.procs[name]["log"])
+        else:
+            _wait(lambda: _http_ok(f"http://127.0.0.1:{port(metrics_name)}/metrics"), name, timeout, proc,
+                  self.procs[name]["log"])
+        self.save()
+
     def save(self) -> None:
         with open(self.state_path, "w") as f:
             json.dump({"procs": self.procs, "port_base": int(os.environ.get("ALMAPIPE_PORT_BASE", "14200"))}, f,

@@ -37,6 +37,9 @@ def sha256_file(path: str) -> str:
 class ObjectStore:
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        if not cfg.s3_secret_key:
+            raise StoreError(f"no S3 credentials: set ALMAPIPE_S3_SECRET_KEY, or start a stack with "
+                             f"`almapipe up` (it writes {cfg.data_dir}/credentials.json)")
         self.client = Minio(cfg.s3_endpoint, access_key=cfg.s3_access_key, secret_key=cfg.s3_secret_key,
                             secure=cfg.s3_secure)
         self.bucket = cfg.bucket
