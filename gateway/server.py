@@ -95,18 +95,19 @@ class PipelineService(pb_grpc.PipelineServiceServicer):
         finally:
             await sub.unsubscribe()
 
-    def _manifest(self, run_id: str) -> dict:
+    def _read_manifest(self, run_id: str) -> dict:
         key = f"runs/{run_id}/products/manifest.json"
         if not self.store.exists(key):
             raise RequestError(f"run {run_id} has no products yet (it has not finished)", not_found=True)
         return self.store.get_json(key)
 
+    async def _manifest(self, run_id: str, context) -> dict:
+        """The products map of a finished run; aborts with NOT_FOUND otherwise."""
+        await self._guard(context, self.coord.load(run_id))
+        return await self._guard(context, asyncio.to_thread(self._read_manifest, run_id))
+
     async def ListProducts(self, request, context):
-        await self._guard(context, self.coord.load(request.run_id))
-        try:
-            manifest = await asyncio.to_thread(self._manifest, request.run_id)
-        except RequestError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        manifest = await self._manifest(request.run_id, context)
         expiry = request.url_expiry_s or 3600
         out = []
         for path, key in sorted(manifest.items()):
@@ -116,11 +117,7 @@ class PipelineService(pb_grpc.PipelineServiceServicer):
         return pb.ListProductsResponse(products=out, bucket=self.store.bucket)
 
     async def FetchProduct(self, request, context):
-        await self._guard(context, self.coord.load(request.run_id))
-        try:
-            manifest = await asyncio.to_thread(self._manifest, request.run_id)
-        except RequestError as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        manifest = await self._manifest(request.run_id, context)
         if request.path not in manifest:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no product {request.path!r} in run {request.run_id}")
         data = await asyncio.to_thread(self.store.get_bytes, manifest[request.path])

@@ -125,10 +125,10 @@ def solve_term(vis: Vis, model: np.ndarray, spec: SolveSpec) -> CalSolutions:
 
 def _normalise_bandpass(g: np.ndarray, bad: np.ndarray) -> np.ndarray:
     """Scale each antenna/correlation bandpass to unit mean amplitude (solnorm)."""
-    amp = np.where(bad, np.nan, np.abs(g))
-    with np.errstate(invalid="ignore"):
-        norm = np.nanmean(amp, axis=1, keepdims=True)
-    return g / np.where(np.isfinite(norm) & (norm > 0), norm, 1)
+    amp = np.where(bad, 0.0, np.abs(g))
+    n_good = (~bad).sum(axis=1, keepdims=True)
+    norm = amp.sum(axis=1, keepdims=True) / np.maximum(n_good, 1)   # mean over unflagged channels
+    return g / np.where(norm > 0, norm, 1)
 
 
 def point_model(vis: Vis, flux_of_field: dict) -> np.ndarray:
