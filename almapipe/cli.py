@@ -62,23 +62,24 @@ def cmd_recipes(args) -> int:
 
 
 def upload_input(cfg: Config, path: str) -> str:
+    """Put an input into the raw bucket under a key derived from its content;
+    an MS directory travels as a tar of itself. Returns the key."""
+    import tarfile
+    import tempfile
     from .platform.store import ObjectStore, sha256_file
     store = ObjectStore(cfg)
     store.ensure_buckets()
-    digest = sha256_file(path)
-    key = f"inputs/{digest[:16]}/{os.path.basename(path.rstrip('/'))}"
-    if os.path.isdir(path):   # an MS directory: send it as a tar
-        import tarfile
-        import tempfile
-        with tempfile.TemporaryDirectory() as tmp:
-            tar = os.path.join(tmp, os.path.basename(path.rstrip("/")) + ".tar")
-            with tarfile.open(tar, "w") as t:
-                t.add(path, arcname=os.path.basename(path.rstrip("/")))
-            key = f"inputs/{sha256_file(tar)[:16]}/{os.path.basename(tar)}"
-            store.put_file(tar, key, bucket=store.raw_bucket)
-        return key
-    if not store.exists(key, bucket=store.raw_bucket):
-        store.put_file(path, key, bucket=store.raw_bucket)
+    with tempfile.TemporaryDirectory() as tmp:
+        if os.path.isdir(path):
+            name = os.path.basename(os.path.normpath(path))
+            local = os.path.join(tmp, name + ".tar")
+            with tarfile.open(local, "w") as t:
+                t.add(path, arcname=name)
+        else:
+            local = path
+        key = f"inputs/{sha256_file(local)[:16]}/{os.path.basename(local)}"
+        if not store.exists(key, bucket=store.raw_bucket):
+            store.put_file(local, key, bucket=store.raw_bucket)
     return key
 
 

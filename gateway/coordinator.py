@@ -181,15 +181,28 @@ class Coordinator:
             elif ev.status == pb.STAGE_STATUS_FAILED:
                 st.update(status="FAILED", error=ev.message, duration_s=ev.duration_s, qa_score=0.0,
                           qa_reasons=[ev.message])
-                run["status"] = "FAILED"
+                if run.get("finalizing"):   # the failure WebLog itself failed
+                    run["status"] = "FAILED"
+                    run["error"] += f"; the WebLog could not be made: {ev.message}"
+                    await self.save(run)
+                    await self.finish(run)
+                    return
                 run["error"] = f"stage {st['index']} ({st['name']}) failed: {ev.message}"
-                await self.save(run)
-                await self.finish(run)
+                for later in run["stages"][st["index"] + 1:]:
+                    later["status"] = "SKIPPED"
+                if not await self.finalize_with_weblog(run, st):
+                    run["status"] = "FAILED"
+                    await self.save(run)
+                    await self.finish(run)
             elif ev.status == pb.STAGE_STATUS_SUCCEEDED:
                 st.update(status="SUCCEEDED", qa_score=ev.qa_score, qa_reasons=list(ev.qa_reasons),
                           duration_s=ev.duration_s, error="")
                 run["context_key"] = ev.context_key
-                if run["current_stage"] + 1 < len(run["stages"]):
+                if run.get("finalizing"):    # the WebLog of a failed run is done
+                    run["status"] = "FAILED"
+                    await self.save(run)
+                    await self.finish(run)
+                elif run["current_stage"] + 1 < len(run["stages"]):
                     run["current_stage"] += 1
                     await self.save(run)
                     await self.dispatch(run)
@@ -197,6 +210,22 @@ class Coordinator:
                     run["status"] = "SUCCEEDED"
                     await self.save(run)
                     await self.finish(run)
+
+    async def finalize_with_weblog(self, run: dict, failed: dict) -> bool:
+        """After a failure, still render the WebLog (and package what exists), as
+        the ALMA pipeline does: the run stays RUNNING until that is done, then
+        ends FAILED. Returns False when the recipe has no weblog stage to run."""
+        wl = next((s for s in run["stages"] if s["name"] == "weblog" and s["index"] > failed["index"]), None)
+        if wl is None:
+            return False
+        run["finalizing"] = True
+        run["current_stage"] = wl["index"]
+        wl["status"] = "PENDING"
+        wl["params"] = dict(wl["params"], failure={"index": failed["index"], "name": failed["name"],
+                                                   "service": failed["service"], "error": failed["error"]})
+        await self.save(run)
+        await self.dispatch(run)
+        return True
 
     async def finish(self, run: dict) -> None:
         """Write summary.json and the products manifest; announce the run's end."""

@@ -114,3 +114,20 @@ def test_solver_flags_antenna_without_data():
     sol = solve_term(vis, point_model(vis, {0: lambda f: np.ones_like(f)}), SolveSpec(kind="G", solint="inf", refant=0))
     assert sol.flag[sol.antenna == 5].all()
     assert not sol.flag[sol.antenna != 5].any()
+
+
+def test_t_gains_are_shared_by_both_correlations_and_solint_forms():
+    import pytest
+    from almapipe.calibration.terms import time_bins
+    from almapipe.errors import ParameterError
+    rng = np.random.default_rng(7)
+    g = _gains(rng, 20, 8, 1)
+    vis = simulate(gains=np.repeat(g, 2, axis=2), noise=0.01)
+    sol = solve_term(vis, point_model(vis, {0: lambda f: np.ones_like(f)}), SolveSpec(kind="T", solint="int", refant=0))
+    np.testing.assert_allclose(sol.cparam[..., 0], sol.cparam[..., 1])
+    np.testing.assert_allclose(np.abs(sol.cparam[:, 0, 0]).reshape(20, 8), np.abs(g[..., 0]), rtol=0.01)
+    assert time_bins(vis, "30s", "").max() + 1 == 7      # 200 s of 10 s integrations in 30 s bins
+    assert time_bins(vis, "1min", "").max() + 1 == 4
+    assert time_bins(vis, "scan", "scan").max() == 0      # one scan
+    with pytest.raises(ParameterError, match="solint 'often'"):
+        time_bins(vis, "often", "")

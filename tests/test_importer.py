@@ -79,3 +79,21 @@ def test_shadowing_flags_the_antenna_behind():
     mask = shadow_mask(vis, np.full(3, 12.0))
     # antenna 0 (behind) is shadowed: rows with antenna 0 flagged, row 1-2 not
     assert mask[(vis.ant1 == 0) | (vis.ant2 == 0)].all() and not mask[(vis.ant1 == 1) & (vis.ant2 == 2)].any()
+
+
+def test_intents_come_from_the_state_table(ngc5921_ms, tmp_path):
+    """An MS that records intents (as ALMA's do) needs no roles parameter."""
+    import shutil
+    ms = str(tmp_path / "with_state.ms")
+    shutil.copytree(ngc5921_ms, ms)
+    modes = ["CALIBRATE_BANDPASS#ON_SOURCE,CALIBRATE_FLUX#ON_SOURCE", "CALIBRATE_PHASE#ON_SOURCE",
+             "OBSERVE_TARGET#ON_SOURCE"]
+    msio.fill_table(f"{ms}/STATE", {"OBS_MODE": modes, "SIG": [True] * 3, "REF": [False] * 3,
+                                    "CAL": [0.0] * 3, "LOAD": [0.0] * 3, "SUB_SCAN": [0] * 3,
+                                    "FLAG_ROW": [False] * 3})
+    with ct.table(ms, readonly=False, ack=False) as t:
+        t.putcol("STATE_ID", t.getcol("FIELD_ID"))
+    obs = listobs.summary(ms)
+    roles = {f["name"]: f["intents"] for f in listobs.assign_roles(obs, None)}
+    assert roles == {"1331+30500002_0": ["BANDPASS", "FLUX"], "1445+09900002_0": ["PHASE"], "N5921_2": ["TARGET"]}
+    assert listobs.assign_roles(obs, None)[0]["roles_from"] == "STATE table"

@@ -197,6 +197,14 @@ def test_input_that_is_not_data_fails_the_run_clearly(stub, stack, tmp_path):
     assert run.status == pb.RUN_STATUS_FAILED
     assert "importdata" in run.error and "neither a MeasurementSet" in run.error
     assert run.stages[0].attempts == 1   # a bad input is not retried
+    assert all(s.status == pb.STAGE_STATUS_SKIPPED for s in run.stages[1:-1])
+    # the WebLog is still made, and shows the failure at a glance
+    out = tmp_path / "failed-products"
+    download_products(stub, pb, run.run_id, str(out))
+    home = (out / "qa" / "weblog" / "index.html").read_text()
+    assert "Run FAILED at stage" in home and "neither a MeasurementSet" in home
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "FAILED" and summary["stages"][0]["status"] == "FAILED"
 
 
 def test_missing_calibrator_role_fails_with_the_field_named(stub, stack):
@@ -300,3 +308,28 @@ def test_servers_down_give_clear_errors(monkeypatch, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run([sys.executable, "-m", "gateway"], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "unavailable" in proc.stderr
+
+
+def test_ms_tar_input_and_a_recipe_document(stack, stub, ngc5921_ms):
+    """An MS directory is uploaded as a tar, and a whole recipe is sent with the request."""
+    _, cfg = stack
+    key = upload_input(cfg, ngc5921_ms)
+    assert key.endswith(".tar")
+    recipe = {"name": "import-only", "stages": [{"stage": "importdata", "params": {"name": "viams"}},
+                                                {"stage": "flagdata", "params": {"template": "antenna='VL05'"}}]}
+    run = stub.SubmitRun(pb.SubmitRunRequest(input_key=key),
+                         metadata=[("x-almapipe-recipe", json.dumps(recipe))])
+    run = wait_run(stub, run.run_id, 120)
+    assert run.status == pb.RUN_STATUS_SUCCEEDED, run.error
+    assert run.recipe == "import-only" and [s.name for s in run.stages] == ["importdata", "flagdata"]
+    assert any("MeasurementSet" in r for r in run.stages[0].qa_reasons)
+    assert any("template" in r for r in run.stages[1].qa_reasons)
+
+
+def test_bad_parameter_fails_at_once_with_its_name(stack, stub):
+    _, cfg = stack
+    run = stub.SubmitRun(pb.SubmitRunRequest(input_key=upload_input(cfg, NGC5921), recipe="ngc5921",
+                                             parameters={"bandpass.solint": "often"}))
+    run = wait_run(stub, run.run_id, 120)
+    assert run.status == pb.RUN_STATUS_FAILED
+    assert "solint 'often'" in run.error and run.stages[4].attempts == 1

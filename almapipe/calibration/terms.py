@@ -9,11 +9,13 @@ divides by the model, bins, and hands the slots to :func:`solver.solve`.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import solver
+from ..errors import ParameterError
 from .applycal import apply_tables
 from .caltable import CalSolutions
 from ..msio.ms import Vis
@@ -37,7 +39,8 @@ class SolveSpec:
 def time_bins(vis: Vis, solint: str, combine: str) -> np.ndarray:
     """Solution-interval index per row.
 
-    Intervals never span a field change unless combine has 'field', nor a
+    solint: 'int' (each integration), 'scan', 'inf' (per scan unless combine
+    has 'scan'), or a duration such as '30s'. Intervals never span a field change unless combine has 'field', nor a
     scan change unless combine has 'scan' (CASA's rules).
     """
     comb = {c.strip() for c in combine.split(",") if c.strip()}
@@ -45,12 +48,15 @@ def time_bins(vis: Vis, solint: str, combine: str) -> np.ndarray:
     key_scan = np.zeros_like(vis.scan) if "scan" in comb else vis.scan
     if solint == "int":
         sub = np.unique(vis.time, return_inverse=True)[1]
-    elif solint == "inf":
+    elif solint in ("inf", "scan"):   # 'scan': one solution per scan, whatever combine says
+        if solint == "scan":
+            key_scan = vis.scan
         sub = np.zeros(len(vis.time), int)
     else:
-        secs = float(solint.rstrip("s").rstrip("sec")) if solint.rstrip("s") else 0
+        m = re.fullmatch(r"\s*([0-9.]+)\s*(s|sec|min)?\s*", str(solint))
+        secs = float(m.group(1)) * (60 if m.group(2) == "min" else 1) if m else 0.0
         if secs <= 0:
-            raise ValueError(f"solint {solint!r}: expected 'int', 'inf' or a duration like '30s'")
+            raise ParameterError(f"solint {solint!r}: expected 'int', 'scan', 'inf' or a duration like '30s'")
         # bins of secs within each scan, counted from the scan's first time
         t0 = {s: vis.time[vis.scan == s].min() for s in np.unique(vis.scan)}
         start = np.array([t0[s] for s in vis.scan])

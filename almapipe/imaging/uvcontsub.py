@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import ParameterError
+
 
 def parse_channels(spec: str, nchan: int) -> np.ndarray:
     """'4~6;50~59' (CASA's syntax, with or without 'spw:' prefix) -> boolean mask."""
@@ -22,9 +24,9 @@ def parse_channels(spec: str, nchan: int) -> np.ndarray:
         try:
             lo_i, hi_i = int(lo), int(hi or lo)
         except ValueError:
-            raise ValueError(f"channel range {part!r}: expected 'N' or 'N~M'") from None
+            raise ParameterError(f"channel range {part!r}: expected 'N' or 'N~M'") from None
         if not (0 <= lo_i <= hi_i < nchan):
-            raise ValueError(f"channel range {part!r} outside 0~{nchan - 1}")
+            raise ParameterError(f"channel range {part!r} outside 0~{nchan - 1}")
         mask[lo_i:hi_i + 1] = True
     return mask
 

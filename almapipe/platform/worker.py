@@ -7,7 +7,7 @@
    and only then ack. A worker that dies before the ack leaves the request
    to be redelivered; keys are deterministic, so a rerun rewrites the same
    objects and the gateway ignores the duplicate event.
-A StageError (bad input, missing intent) fails the stage at once; any other
+A StageError (bad input, missing intent) or ParameterError fails the stage at once; any other
 exception is retried until the delivery limit, then fails the stage with
 the reason.
 """
@@ -28,6 +28,7 @@ from . import bus, metrics
 from .store import CachedFetcher, ObjectStore
 from ..config import Config
 from ..stages import REGISTRY
+from ..errors import ParameterError
 from ..stages.base import StageError, StageIO
 from ..v1 import pipeline_pb2 as pb
 
@@ -118,12 +119,18 @@ class Worker:
             key, qa, outputs, duration = await asyncio.to_thread(execute, self.store, self.fetcher, req, self.workroot)
         except Exception as exc:
             heartbeat.cancel()
-            final = isinstance(exc, StageError) or delivered >= self.cfg.max_deliver
-            reason = str(exc) if isinstance(exc, StageError) else f"{type(exc).__name__}: {exc}"
+            wrong_request = isinstance(exc, (StageError, ParameterError))   # retrying cannot help
+            final = wrong_request or delivered >= self.cfg.max_deliver
+            if isinstance(exc, ParameterError):
+                reason = f"{req.stage}: {exc}"
+            elif isinstance(exc, StageError):
+                reason = str(exc)
+            else:
+                reason = f"{type(exc).__name__}: {exc}"
             log.error("%s stage %s of run %s failed (attempt %d%s): %s", self.name, req.stage, req.run_id,
                       delivered, ", final" if final else "", reason)
-            if not isinstance(exc, StageError):
-                log.debug(traceback.format_exc())
+            if not wrong_request:
+                log.warning(traceback.format_exc())
             metrics.STAGE_FAILURES.labels(self.service, req.stage, str(final).lower()).inc()
             metrics.STAGE_DURATION.labels(self.service, req.stage, "failed").observe(time.time() - t0)
             if final:

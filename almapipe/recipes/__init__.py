@@ -9,14 +9,15 @@ import copy
 import json
 import os
 
+from ..errors import ParameterError
 from ..stages import REGISTRY
 
 DIR = os.path.dirname(__file__)
 DEFAULT = "vla_calimage"
 
 
-class RecipeError(ValueError):
-    pass
+class RecipeError(ParameterError):
+    """The recipe or a parameter override is invalid."""
 
 
 def available() -> list:

@@ -71,7 +71,8 @@ def render(ctx: dict, out_dir: str, plot_files: dict) -> list:
         stages.append({"index": r["index"], "name": r["name"], "service": r["service"],
                        "qa_score": r["qa_score"], "reasons": r["qa_reasons"], "duration_s": r["duration_s"],
                        "params": r.get("params", {}), "plots": plot_files.get(r["index"], []),
-                       "log": r.get("log", []), "tables": _result_tables(ctx, r["name"])})
+                       "log": r.get("log", []), "tables": _result_tables(ctx, r["name"]),
+                       "failed": r.get("failed", False)})
     scored = [s for s in stages if s["qa_score"] >= 0]
     worst = min(scored, key=lambda s: s["qa_score"]) if scored else None
     fields = []
@@ -87,8 +88,10 @@ def render(ctx: dict, out_dir: str, plot_files: dict) -> list:
             input_key=ctx["input_key"], input_format=ctx.get("input_format", ""),
             nant=sum(a.get("has_data", False) for a in obs.get("antennas", [])),
             min_qa=worst["qa_score"] if worst else -1, min_qa_stage=worst["name"] if worst else "",
-            failed=[s["name"] for s in stages if s["qa_score"] == 0], fluxscale=ctx.get("fluxscale", []),
-            fields=fields, roles_from=(ctx.get("fields") or [{}])[0].get("roles_from", ""), **common),
+            failed=[s["name"] for s in stages if s.get("failed")], fluxscale=ctx.get("fluxscale", []),
+            fields=fields, roles_from=(ctx.get("fields") or [{}])[0].get("roles_from", ""),
+            field_intents={f["id"]: f["intents"] for f in ctx.get("fields", [])}, failure=ctx.get("failure"),
+            **common),
         "by_task.html": env.get_template("by_task.html").render(title="By Task", **common),
         "by_topic.html": env.get_template("by_topic.html").render(
             title="By Topic", topics=[(t, [s for s in stages if s["name"] in names]) for t, names in TOPICS], **common),

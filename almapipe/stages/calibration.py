@@ -82,12 +82,28 @@ def chan_selection(spec: str | None, nchan: int) -> np.ndarray:
     return parse_channels(spec, nchan) if spec else np.ones(nchan, bool)
 
 
-def solution_qa(qa: QA, sols: list, what: str) -> None:
-    flagged = float(np.mean([s.flag.mean() for s in sols]))
-    snr = np.concatenate([s.snr[~s.flag] for s in sols]) if any((~s.flag).any() for s in sols) else np.zeros(1)
-    if flagged > 0.0:
-        qa.lower(1.0 - flagged, f"{flagged:.1%} of the {what} solutions flagged (low SNR or no data).")
-    qa.note(f"Median {what} solution SNR {np.median(snr):.1f}.")
+def solution_qa(qa: QA, sols: list, what: str, ctx: dict) -> None:
+    """Score the fraction of flagged solutions of the antennas that have data;
+    antennas without any unflagged solution are named rather than scored."""
+    ants = ctx["observation"]["antennas"]
+    flagged, total, missing = 0, 0, set()
+    for s in sols:
+        for a in np.unique(s.antenna):
+            f = s.flag[s.antenna == a]
+            if f.all():
+                if ants[int(a)]["has_data"]:
+                    missing.add(ants[int(a)]["name"])
+                continue
+            flagged += int(f.sum())
+            total += f.size
+    frac = flagged / max(total, 1)
+    if frac > 0.0:
+        qa.lower(1.0 - frac, f"{frac:.1%} of the {what} solutions of the solved antennas flagged (low SNR).")
+    if missing:
+        qa.lower(1.0 - len(missing) / max(sum(a["has_data"] for a in ants), 1),
+                 f"No {what} solutions for antenna(s) {', '.join(sorted(missing))}: all their data are flagged.")
+    good = [s.snr[~s.flag] for s in sols if (~s.flag).any()]
+    qa.note(f"Median {what} solution SNR {np.median(np.concatenate(good)) if good else 0:.1f}.")
 
 
 def apply_for(ctx: dict, io: StageIO, spw: int, fid: int, with_gains: bool = True) -> list:
@@ -223,7 +239,7 @@ def bandpass(ctx: dict, params: dict, io: StageIO) -> QA:
     ctx["callibrary"] = [e for e in ctx["callibrary"] if e["table"] != "bandpass"]
     ctx["callibrary"].append({"table": "bandpass", "kind": "B", "interp": "nearest", "gainfield": "all",
                               "calwt": True})
-    solution_qa(qa, sols, "bandpass")
+    solution_qa(qa, sols, "bandpass", ctx)
     return qa
 
 
@@ -263,7 +279,7 @@ def _gain_solve(ctx, params, io, name: str, unit_fields: list, qa: QA) -> list:
         sols.append(g)
         _plot_gains(io, g, ctx, part["spw"], name)
     save_table(io, ctx, name, sols, ms_path)
-    solution_qa(qa, sols, name)
+    solution_qa(qa, sols, name, ctx)
     return sols
 
 

@@ -74,7 +74,20 @@ def exportdata(ctx: dict, params: dict, io: StageIO) -> QA:
 
 @stage("weblog", service="weblog")
 def weblog(ctx: dict, params: dict, io: StageIO) -> QA:
+    """Render the WebLog. After a failed stage the gateway runs this with
+    params['failure'], so the WebLog shows the failure (in red) and the package
+    holds whatever the run made before it."""
     qa = QA()
+    failure = params.get("failure")
+    if failure:
+        ctx["stage_results"].append({"index": failure["index"], "name": failure["name"],
+                                     "service": failure["service"], "qa_score": 0.0,
+                                     "qa_reasons": [failure["error"]], "duration_s": 0.0, "params": {},
+                                     "outputs": [], "log": [failure["error"]], "failed": True})
+        ctx["failure"] = failure
+        if "package" not in ctx:
+            exportdata(ctx, {}, io)
+        qa.note(f"Run failed at stage {failure['index']} ({failure['name']}).")
     out = os.path.join(io.workdir, "weblog")
     os.makedirs(out, exist_ok=True)
     plots = {}
