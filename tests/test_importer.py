@@ -97,3 +97,32 @@ def test_intents_come_from_the_state_table(ngc5921_ms, tmp_path):
     roles = {f["name"]: f["intents"] for f in listobs.assign_roles(obs, None)}
     assert roles == {"1331+30500002_0": ["BANDPASS", "FLUX"], "1445+09900002_0": ["PHASE"], "N5921_2": ["TARGET"]}
     assert listobs.assign_roles(obs, None)[0]["roles_from"] == "STATE table"
+
+
+def test_partitions_one_ms_per_spw(ngc5921_ms, tmp_path):
+    """Two spectral windows become two CASA MSs, each holding only its spw's rows."""
+    import shutil
+    from almapipe.stages.importdata import _partition
+    ms = str(tmp_path / "two_spw.ms")
+    shutil.copytree(ngc5921_ms, ms)
+    with ct.table(f"{ms}/SPECTRAL_WINDOW", readonly=False, ack=False) as t:
+        t.addrows(1)
+        for col in ("NUM_CHAN", "CHAN_WIDTH", "EFFECTIVE_BW", "RESOLUTION", "REF_FREQUENCY",
+                    "TOTAL_BANDWIDTH", "MEAS_FREQ_REF", "NET_SIDEBAND", "NAME"):
+            t.putcell(col, 1, t.getcell(col, 0))
+        t.putcell("CHAN_FREQ", 1, t.getcell("CHAN_FREQ", 0) + 10e6)
+    msio.fill_table(f"{ms}/DATA_DESCRIPTION", {"SPECTRAL_WINDOW_ID": [1], "POLARIZATION_ID": [0], "FLAG_ROW": [False]})
+    with ct.table(ms, readonly=False, ack=False) as t:
+        dd = (t.getcol("SCAN_NUMBER") % 2).astype(np.int32)   # odd scans in spw 0, even in spw 1
+        t.putcol("DATA_DESC_ID", 1 - dd)
+        n_spw1 = int((1 - dd).sum())
+    parts = _partition(ms, str(tmp_path), "two")
+    assert [p[0] for p in parts] == [0, 1]
+    for spw, path in parts:
+        msio.check_ms(path)
+        with ct.table(path, ack=False) as t:
+            assert set(t.getcol("DATA_DESC_ID")) == {spw}
+            if spw == 1:
+                assert t.nrows() == n_spw1
+        vis = msio.read_vis(path, spw)
+        assert abs(vis.freq[0] - (1.412665e9 + 10e6 * spw)) < 1e3
