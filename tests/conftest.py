@@ -43,7 +43,8 @@ def simulate(nant=8, ntime=20, nchan=16, ncorr=2, flux=None, gains=None, bandpas
     S = np.ones(nchan) if flux is None else np.asarray(flux, float) * np.ones(nchan)
     model = np.broadcast_to(S[None, :, None], (len(t), nchan, ncorr)).astype(complex)
     for f, l, m in offsets:
-        ph = np.exp(-2j * np.pi * (uvw[:, 0:1] * l + uvw[:, 1:2] * m) * freq[None, :] / 299792458.0)
+        # the sign CASA's MSs carry (see imaging/gridding.py)
+        ph = np.exp(2j * np.pi * (uvw[:, 0:1] * l + uvw[:, 1:2] * m) * freq[None, :] / 299792458.0)
         model = model + f * ph[:, :, None]
     g = np.ones((ntime, nant, ncorr), complex) if gains is None else gains
     b = np.ones((nant, nchan, ncorr), complex) if bandpass is None else bandpass

@@ -86,9 +86,10 @@ def _convert(hdul, ms_path: str) -> dict:
 
     # Visibilities: (ngroup, ..., nchan, nstokes, 3) -> (nrow, nchan, ncorr)
     raw = np.asarray(gd.data).reshape(len(gd), -1, nchan, nstokes, 3)[:, 0]
-    # UVFITS (AIPS) baselines point from antenna 2 to antenna 1 and the MS's from
-    # 1 to 2: flip uvw and conjugate, so gain phases carry CASA's sign.
-    data = (raw[..., 0] - 1j * raw[..., 1]).astype(np.complex64)
+    # u, v, w and the visibilities pass through unchanged, as CASA's importuvfits
+    # does (checked: identical UVW and DATA on NGC 5921), so gains and images
+    # agree with CASA's in sign and orientation.
+    data = (raw[..., 0] + 1j * raw[..., 1]).astype(np.complex64)
     wspec = raw[..., 2].astype(np.float32)
     flag = wspec <= 0
     weight = np.where(flag, 0, wspec).max(axis=1)   # per row and correlation
@@ -101,8 +102,8 @@ def _convert(hdul, ms_path: str) -> dict:
     bl = np.asarray(gd.par("BASELINE"), float).round().astype(int)
     ant1 = bl // 256 - 1
     ant2 = bl % 256 - 1
-    # UVFITS stores u,v,w in light seconds; the MS wants metres (and the other sign).
-    uvw = -np.stack([gd.par("UU"), gd.par("VV"), gd.par("WW")], axis=1).astype(float) * C_LIGHT
+    # UVFITS stores u,v,w in light seconds; the MS wants metres.
+    uvw = np.stack([gd.par("UU"), gd.par("VV"), gd.par("WW")], axis=1).astype(float) * C_LIGHT
     src = np.asarray(gd.par("SOURCE"), float).round().astype(int) if "SOURCE" in names else np.ones(len(gd), int)
 
     # Sources -> FIELD
