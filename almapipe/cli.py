@@ -3,6 +3,7 @@
   almapipe up | down | status          the local stack
   almapipe run [INPUT] --out DIR       submit through the gateway, follow, download the products
   almapipe recipes                     list the recipes
+  almapipe simulate --preset small     an ALMA-like EB with known truth
 """
 from __future__ import annotations
 
@@ -175,6 +176,20 @@ def download_products(stub, pb, run_id: str, out: str) -> int:
     return len(resp.products)
 
 
+def cmd_simulate(args) -> int:
+    from .simulate.simulator import SimConfig, Simulator
+    overrides = {k: v for k, v in (("nant", args.nant), ("nspw", args.nspw), ("nchan", args.nchan),
+                                   ("target_scans", args.target_scans), ("seed", args.seed)) if v is not None}
+    try:
+        cfg = SimConfig.preset(args.preset, **overrides)
+    except (ValueError, TypeError) as exc:
+        print(f"almapipe simulate: {exc}", file=sys.stderr)
+        return 2
+    out = Simulator(cfg).write(args.out, args.name)
+    print(f"wrote {out['ms']}\n      {out['antennapos']}\n      {out['truth']} (and truth.npz)")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="almapipe", description="ALMA/VLA calibration and imaging pipeline")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -192,6 +207,13 @@ def main(argv=None) -> int:
     r.add_argument("--cont-dat", help="a cont.dat (ALMA format) to use instead of findcont")
     r.add_argument("--keep-stack", action="store_true", help="leave a stack started by this command running")
     r.set_defaults(fn=cmd_run)
+    sm = sub.add_parser("simulate", help="write an ALMA-like execution block with known truth")
+    sm.add_argument("--preset", default="small", help="small (tests) or realistic (43 antennas, 4 spws, ~1 h)")
+    sm.add_argument("--out", default="sim-eb", help="output directory")
+    sm.add_argument("--name", default="sim", help="MS name (NAME.ms)")
+    for opt in ("nant", "nspw", "nchan", "target-scans", "seed"):
+        sm.add_argument(f"--{opt}", type=int)
+    sm.set_defaults(fn=cmd_simulate)
     args = ap.parse_args(argv)
     return args.fn(args)
 

@@ -77,9 +77,9 @@ def test_shadowing_flags_the_antenna_behind():
     vis = simulate(nant=3, ntime=1)
     vis.uvw[:] = [[100.0, 0, 0]] * len(vis.uvw)
     vis.uvw[0] = [5.0, 0.0, 30.0]      # baseline 0-1 nearly along the line of sight, w > 0
-    mask = shadow_mask(vis, np.full(3, 12.0))
-    # antenna 0 (behind) is shadowed: rows with antenna 0 flagged, row 1-2 not
-    assert mask[(vis.ant1 == 0) | (vis.ant2 == 0)].all() and not mask[(vis.ant1 == 1) & (vis.ant2 == 2)].any()
+    mask = shadow_mask(vis.time, vis.ant1, vis.ant2, vis.uvw, np.full(3, 12.0))
+    # uvw = x0 - x1 and w > 0: antenna 0 is nearer the source, antenna 1 (behind) is shadowed
+    assert mask[(vis.ant1 == 1) | (vis.ant2 == 1)].all() and not mask[(vis.ant1 == 0) & (vis.ant2 == 2)].any()
 
 
 def test_intents_come_from_the_state_table(ngc5921_ms, tmp_path):

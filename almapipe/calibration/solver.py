@@ -68,7 +68,9 @@ def solve(X: np.ndarray, W: np.ndarray, mode: str = "ap", refant: int | None = N
             break
     if refant is not None and 0 <= refant < nant and mode != "a":
         g = _reference(g, ok, refant)
-    snr = _snr(X, Wk, g, ok)
+    # A phase-only solution is judged with each antenna's amplitude in the model:
+    # raw data (correlation coefficients) are far from the model's unit amplitude.
+    snr = _snr(X, Wk, g * mean_amp if mode == "p" else g, ok)
     return g, snr, ok
 
 

@@ -84,8 +84,12 @@ def chan_selection(spec: str | None, nchan: int) -> np.ndarray:
 
 def solution_qa(qa: QA, sols: list, what: str, ctx: dict) -> None:
     """Score the fraction of flagged solutions of the antennas that have data;
-    antennas without any unflagged solution are named rather than scored."""
+    antennas without any unflagged solution are named rather than scored.
+    No solution at all stops the run here, where the cause is."""
     ants = ctx["observation"]["antennas"]
+    if all(s.flag.all() for s in sols):
+        raise StageError(f"{what}: no solutions at all: every antenna's data are flagged or below the "
+                         f"minimum SNR on the calibrators (see the flagging summary)")
     flagged, total, missing = 0, 0, set()
     for s in sols:
         for a in np.unique(s.antenna):

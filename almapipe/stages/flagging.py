@@ -17,26 +17,24 @@ from ..msio import ms as msio
 TEMPLATE_KEYS = {"mode", "antenna", "spw", "field", "scan", "correlation", "reason", "autocorr", "timerange"}
 
 
-def shadow_mask(vis: msio.Vis, diameters: np.ndarray) -> np.ndarray:
+def shadow_mask(time, ant1, ant2, uvw, diameters: np.ndarray) -> np.ndarray:
     """Rows (nrow,) in which either antenna is shadowed by another at that time.
 
-    For a baseline b = x2 - x1 with projected length < (D1 + D2) / 2, the
-    antenna farther from the source (w < 0 side) is shadowed.
+    For a baseline with projected length < (D1 + D2) / 2, the antenna farther
+    from the source is shadowed. UVW is the projection of x1 - x2 (CASA's MS),
+    so w > 0 means antenna 1 is nearer the source and antenna 2 is behind.
     """
-    cross = vis.ant1 != vis.ant2
-    proj = np.hypot(vis.uvw[:, 0], vis.uvw[:, 1])
-    close = cross & (proj < 0.5 * (diameters[vis.ant1] + diameters[vis.ant2]))
-    shadowed = set()
-    for r in np.flatnonzero(close):
-        behind = vis.ant1[r] if vis.uvw[r, 2] > 0 else vis.ant2[r]
-        shadowed.add((vis.time[r], int(behind)))
+    cross = ant1 != ant2
+    proj = np.hypot(uvw[:, 0], uvw[:, 1])
+    close = cross & (proj < 0.5 * (diameters[ant1] + diameters[ant2]))
+    shadowed = {(time[r], int(ant2[r] if uvw[r, 2] > 0 else ant1[r])) for r in np.flatnonzero(close)}
     if not shadowed:
-        return np.zeros(len(vis.time), bool)
-    times = vis.time.tolist()
+        return np.zeros(len(time), bool)
+    times = time.tolist()
 
     def hit(ants):
         return np.fromiter(((t, a) in shadowed for t, a in zip(times, ants.tolist())), bool, len(times))
-    return hit(vis.ant1) | hit(vis.ant2)
+    return hit(ant1) | hit(ant2)
 
 
 def parse_template(text: str) -> list:
@@ -152,7 +150,8 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
         if params.get("zeros", True):
             add(np.abs(vis.data) == 0, "zeros")
         if params.get("shadow", True):
-            add(np.broadcast_to(shadow_mask(vis, diam)[:, None, None], flag.shape), "shadow")
+            add(np.broadcast_to(shadow_mask(vis.time, vis.ant1, vis.ant2, vis.uvw, diam)[:, None, None],
+                                flag.shape), "shadow")
         for cmd in commands:
             add(template_mask(vis, cmd, ants, ctx["fields"], part["spw"]), "template")
         summary["total"] += int(flag.sum())

@@ -274,6 +274,9 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
             continue
         nchan = len(vis.freq)
         chans = parse_channels(p["chans"], nchan) if p.get("chans") else np.ones(nchan, bool)
+        if vis.flag[:, chans].all():
+            qa.lower(0.5, f"{fields[fid]['name']} spw {part['spw']} ({specmode}): all data flagged; not imaged.")
+            continue
         cell, npix = image_heuristics(vis, dish, telescope, chans)
         cell = float(p.get("cell_arcsec", cell))
         npix = int(p.get("imsize", npix))
@@ -324,6 +327,8 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
                      + (f" vs theoretical {theo * 1e3:.2f}" if theo else "") + ".")
         io.log("%s: peak %.4f Jy/beam, rms %.5f Jy/beam, beam %s", rec["file"], stats["peak"], stats["rms"],
                rec["beam_arcsec"])
+    if not images:
+        raise StageError("makeimages: no image could be made: all data of the fields to image are flagged")
     ctx["images"] = images
     qa.note(f"Made {len(images)} image(s).")
     return qa

@@ -1,0 +1,505 @@
+"""An ALMA-like execution block with known truth, written as a MeasurementSet.
+
+What is in it (each corruption recorded in the truth files next to the MS):
+
+* intents in the STATE table and an ALMA scan sequence: Tsys (ATMOSPHERE) and
+  bandpass/flux calibrator first, then the phase calibrator around target
+  scans, a check source, Tsys scans on the phase calibrator;
+* a SYSCAL table with Tsys spectra per antenna, Tsys spw and time, rising
+  towards an atmospheric line in the last spw; Tsys spws are mapped to the
+  science spws by frequency; thermal noise follows the radiometer equation;
+* a WVR spw (4 channels near 183 GHz, auto-correlations) whose brightness
+  temperatures follow the same path fluctuations that corrupt the phases;
+* antenna position errors for a few antennas, with the corrections in
+  antennapos.csv;
+* per-antenna bandpasses (ripple, phase slope, TDM edge roll-off), slowly
+  drifting amplitude gains, a dead antenna, shadowing at low elevation and a
+  few bad channels;
+* a sky of point sources with known flux and spectral index, and a target
+  with continuum and a spectral line.
+
+Conventions are the ones CASA uses and the pipeline checks against CASA:
+UVW is the projection of x(ant1) - x(ant2); V_12 = g_1 conj(g_2) V_sky and
+V_sky = sum S exp(+2 pi i (u l + v m + w (n - 1)) nu / c). Raw data are
+correlation coefficients: V_raw = V_Jy / (JyperK sqrt(Tsys_1 Tsys_2)).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+
+import casacore.tables as ct
+import numpy as np
+from astropy import units as u
+from astropy.coordinates import EarthLocation
+from astropy.time import Time
+
+from .alma_pads import ALMA_C1_PADS, ALMA_SITE
+from ..msio.ms import CORR_CODES, FREQ_FRAMES, fill_table, new_ms
+from ..stages.flagging import shadow_mask
+
+C = 299792458.0
+WVR_OFFSETS_GHZ = (0.88, 2.2, 4.3, 7.4)          # the four WVR channels around 183.31 GHz
+WVR_DTDL = (2.9, 1.7, 0.9, 0.45)                  # K of brightness per mm of path, per channel
+
+
+@dataclass
+class SimConfig:
+    """What to simulate. Presets: 'small' (tests) and 'realistic' (benchmarks)."""
+    nant: int = 8
+    nspw: int = 2
+    nchan: int = 32
+    spw_width_hz: float = 1.875e9
+    band_centre_hz: float = 230.0e9
+    integration_s: float = 6.0
+    target_scans: int = 3
+    target_scan_s: float = 120.0
+    phase_scan_s: float = 30.0
+    bandpass_scan_s: float = 120.0
+    check_scan_s: float = 60.0
+    atm_scan_s: float = 12.0
+    seed: int = 1
+    # corruptions
+    gain_amp_rms: float = 0.1
+    gain_drift: float = 0.05          # fractional amplitude drift over the EB
+    path_rms_mm: float = 0.15         # atmospheric path fluctuation (phase rms ~ 40 deg at 230 GHz)
+    pos_error_mm: float = 2.0         # size of the antenna position errors
+    n_pos_errors: int = 2
+    dead_antenna: bool = True
+    bad_channels: int = 2
+    tsys_k: float = 90.0
+    jy_per_k: float = 40.0
+    # elevation of the bandpass calibrator at the start; None: just below the elevation at
+    # which the close pair stops shadowing, so the first minutes are shadowed
+    start_elevation_deg: float | None = None
+    # sky
+    bp_flux_jy: float = 3.0
+    bp_spix: float = -0.6
+    phase_flux_jy: float = 0.8
+    phase_spix: float = -0.4
+    check_flux_jy: float = 0.3
+    target_cont_jy: float = 0.05
+    target_line_jy: float = 0.2
+    target_offset_arcsec: tuple = (0.6, -0.4)
+
+    @staticmethod
+    def preset(name: str, **overrides) -> "SimConfig":
+        presets = {
+            "small": {},
+            "realistic": {"nant": 43, "nspw": 4, "nchan": 128, "target_scans": 8, "target_scan_s": 360.0,
+                          "phase_scan_s": 30.0, "bandpass_scan_s": 300.0, "check_scan_s": 120.0},
+        }
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; presets: {', '.join(presets)}")
+        return SimConfig(**{**presets[name], **overrides})
+
+
+FIELDS = [  # name, ra (deg), dec (deg), role
+    ("J1924-2914", 291.212733, -29.241700, "BANDPASS"),
+    ("J1832-2039", 278.166667, -20.654167, "PHASE"),
+    ("J1820-2528", 275.0, -25.47, "CHECK"),
+    ("Target", 277.5, -21.9, "TARGET"),
+]
+OBS_MODES = {
+    "ATMOSPHERE": "CALIBRATE_ATMOSPHERE#ON_SOURCE,CALIBRATE_WVR#ON_SOURCE",
+    "BANDPASS": "CALIBRATE_BANDPASS#ON_SOURCE,CALIBRATE_FLUX#ON_SOURCE,CALIBRATE_WVR#ON_SOURCE",
+    "PHASE": "CALIBRATE_PHASE#ON_SOURCE,CALIBRATE_WVR#ON_SOURCE",
+    "CHECK": "OBSERVE_CHECK_SOURCE#ON_SOURCE,CALIBRATE_WVR#ON_SOURCE",
+    "TARGET": "OBSERVE_TARGET#ON_SOURCE",
+}
+
+
+def choose_pads(nant: int, azimuth_rad: float = 0.0) -> list:
+    """nant pads spread over the configuration (farthest-point order), so a small
+    array keeps long baselines and is not all shadowed at once, starting from the
+    close pair (< 20 m) best aligned with azimuth_rad: it shadows at low elevation
+    when the array looks that way."""
+    xy = np.array([[p[1], p[2]] for p in ALMA_C1_PADS])
+    d = np.linalg.norm(xy[:, None] - xy[None], axis=2)
+    i, j = np.nonzero((d > 0) & (d < 20))
+    ang = np.arctan2(xy[j, 0] - xy[i, 0], xy[j, 1] - xy[i, 1])    # east of north
+    k = int(np.argmin(np.abs(np.sin(ang - azimuth_rad))))
+    chosen = [int(i[k]), int(j[k])][:nant]
+    order = list(chosen)
+    dist = np.min([np.linalg.norm(xy - xy[k], axis=1) for k in chosen], axis=0)
+    while len(chosen) < min(nant, len(xy)):
+        k = int(np.argmax(dist))
+        chosen.append(k)
+        dist = np.minimum(dist, np.linalg.norm(xy - xy[k], axis=1))
+    # the close pair first: callers use pads[0:2]
+    return [ALMA_C1_PADS[k] for k in order + sorted(set(chosen) - set(order))]
+
+
+def antenna_itrf(pads: list) -> np.ndarray:
+    """ITRF xyz (nant, 3) of pads given in local east/north/up."""
+    lon, lat, h = np.radians(ALMA_SITE[0]), np.radians(ALMA_SITE[1]), ALMA_SITE[2]
+    ref = EarthLocation.from_geodetic(ALMA_SITE[0] * u.deg, ALMA_SITE[1] * u.deg, h * u.m)
+    ref_xyz = np.array([ref.x.value, ref.y.value, ref.z.value])
+    enu = np.array([[p[1], p[2], p[3]] for p in pads])
+    # local east/north/up to Earth-centred axes
+    rot = np.array([[-np.sin(lon), -np.sin(lat) * np.cos(lon), np.cos(lat) * np.cos(lon)],
+                    [np.cos(lon), -np.sin(lat) * np.sin(lon), np.cos(lat) * np.sin(lon)],
+                    [0.0, np.cos(lat), np.sin(lat)]])
+    return ref_xyz + enu @ rot.T
+
+
+def antenna_uvw(xyz: np.ndarray, gast: np.ndarray, ra: float, dec: float) -> np.ndarray:
+    """Per-antenna (u, v, w) in metres, (ntime, nant, 3); baseline uvw = uvw_1 - uvw_2."""
+    H = gast[:, None] - ra
+    X, Y, Z = xyz[:, 0][None], xyz[:, 1][None], xyz[:, 2][None]
+    uu = np.sin(H) * X + np.cos(H) * Y
+    vv = -np.sin(dec) * np.cos(H) * X + np.sin(dec) * np.sin(H) * Y + np.cos(dec) * Z
+    ww = np.cos(dec) * np.cos(H) * X - np.cos(dec) * np.sin(H) * Y + np.sin(dec) * Z
+    return np.stack([uu, vv, ww], axis=-1)
+
+
+def elevation(gast: np.ndarray, ra: float, dec: float) -> np.ndarray:
+    lat = np.radians(ALMA_SITE[1])
+    H = gast + np.radians(ALMA_SITE[0]) - ra
+    return np.arcsin(np.sin(lat) * np.sin(dec) + np.cos(lat) * np.cos(dec) * np.cos(H))
+
+
+class Simulator:
+    def __init__(self, cfg: SimConfig):
+        self.cfg = cfg
+        self.rng = np.random.default_rng(cfg.seed)
+        c = cfg
+        # start when the bandpass calibrator rises through start_elevation_deg
+        lat = np.radians(ALMA_SITE[1])
+        ra0, dec0 = np.radians(FIELDS[0][1]), np.radians(FIELDS[0][2])
+
+        def hour_angle(el_deg):
+            cos_h = (np.sin(np.radians(el_deg)) - np.sin(lat) * np.sin(dec0)) / (np.cos(lat) * np.cos(dec0))
+            return -np.arccos(np.clip(cos_h, -1, 1))     # rising
+
+        def azimuth(h):
+            return np.arctan2(-np.cos(dec0) * np.sin(h),
+                              np.sin(dec0) * np.cos(lat) - np.cos(dec0) * np.cos(h) * np.sin(lat))
+        el_start = c.start_elevation_deg if c.start_elevation_deg is not None else 45.0
+        pads = choose_pads(c.nant, azimuth(hour_angle(el_start)))
+        if c.start_elevation_deg is None:
+            # the close pair (pads[0:2] in choice order) shadows while d sin(el) < D, if aligned
+            a, b = np.array(pads[0][1:3]), np.array(pads[1][1:3])
+            el_start = np.degrees(np.arcsin(min(12.0 / np.linalg.norm(a - b), 1.0))) - 0.4
+            pads = choose_pads(c.nant, azimuth(hour_angle(el_start)))
+        h0 = hour_angle(el_start)
+        t_ref = Time("2026-05-01T00:00:00", scale="utc")
+        lst_ref = t_ref.sidereal_time("apparent", longitude=ALMA_SITE[0] * u.deg).rad
+        self.t0 = t_ref.mjd * 86400 + ((ra0 + h0 - lst_ref) % (2 * np.pi)) / (2 * np.pi) * 86164.0905
+        self.start_elevation_deg = float(el_start)
+        self.pads = [p[0] for p in pads]
+        self.xyz = antenna_itrf(pads)
+        n = c.nant
+        # spectral set-up: science spws side by side around the band centre
+        offs = (np.arange(c.nspw) - (c.nspw - 1) / 2) * (c.spw_width_hz * 1.07)
+        self.spw_centres = c.band_centre_hz + offs
+        dch = c.spw_width_hz / c.nchan
+        self.freqs = [fc - c.spw_width_hz / 2 + (np.arange(c.nchan) + 0.5) * dch for fc in self.spw_centres]
+        self.chan_width = dch
+        # truth: bandpasses (ripple, phase slope, TDM edge roll-off)
+        ch = np.arange(c.nchan)
+        edge = np.clip(np.minimum(ch + 1, c.nchan - ch) / max(c.nchan * 0.06, 1), 0, 1) ** 0.5
+        self.bandpass = np.empty((c.nspw, n, c.nchan, 2), complex)
+        for s in range(c.nspw):
+            amp = 1 + 0.05 * np.sin(2 * np.pi * ch[None, :, None] / c.nchan * self.rng.uniform(1, 3, (n, 1, 2))
+                                    + self.rng.uniform(0, 6, (n, 1, 2)))
+            phase = np.radians(20) * self.rng.normal(size=(n, 1, 2)) * (ch[None, :, None] / c.nchan - 0.5)
+            self.bandpass[s] = amp * edge[None, :, None] * np.exp(1j * phase)
+        self.gain_amp0 = 1 + c.gain_amp_rms * self.rng.normal(size=(n, 2))
+        self.gain_drift = c.gain_drift * self.rng.normal(size=(n, 2))
+        self.gain_phase0 = self.rng.uniform(-np.pi, np.pi, (n, 2))
+        self.tsys_scale = self.rng.uniform(0.85, 1.2, n)
+        self.pos_err = np.zeros((n, 3))
+        err_ants = self.rng.choice(np.arange(1, n), size=min(c.n_pos_errors, n - 1), replace=False)
+        for a in err_ants:
+            self.pos_err[a] = self.rng.normal(size=3) * c.pos_error_mm / 1e3
+        self.dead = int(n - 1) if c.dead_antenna else -1
+        self.bad_channels = [(int(self.rng.integers(0, c.nspw)), int(ch_)) for ch_ in
+                             self.rng.choice(np.arange(c.nchan // 5, 4 * c.nchan // 5), size=c.bad_channels, replace=False)]
+        # a frozen turbulent screen blown over the array gives each antenna's path (mm)
+        self.screen_k = self.rng.normal(size=(64, 2)) * 2 * np.pi / np.array([200.0, 200.0]) * 3
+        self.screen_a = self.rng.normal(size=64) / np.sqrt(64)
+        self.screen_p = self.rng.uniform(0, 2 * np.pi, 64)
+        self.wind = np.array([8.0, 3.0])   # m/s
+        enu = np.array([[p[1], p[2]] for p in pads])
+        self.enu = enu - enu.mean(axis=0)
+
+    # ------------------------------------------------------------ truth models
+    def path_mm(self, t_s: np.ndarray) -> np.ndarray:
+        """Excess atmospheric path (ntime, nant) in mm."""
+        pos = self.enu[None, :, :] - self.wind[None, None, :] * t_s[:, None, None]
+        arg = np.einsum("tak,mk->tam", pos, self.screen_k) + self.screen_p
+        scr = (np.cos(arg) * self.screen_a).sum(axis=2)
+        return self.cfg.path_rms_mm * scr / max(np.std(scr), 1e-9) if scr.size > 1 else scr
+
+    def tsys(self, spw: int, t_frac: np.ndarray, el: np.ndarray) -> np.ndarray:
+        """Tsys (ntime, nant, nchan) in K: airmass and a line in the last spw's upper edge."""
+        c = self.cfg
+        ch = np.linspace(0, 1, c.nchan)
+        line = 1.0 + (1.5 * np.exp(-((ch - 0.92) / 0.06) ** 2) if spw == c.nspw - 1 else np.zeros_like(ch))
+        airmass = 1 / np.sin(np.clip(el, np.radians(10), None))
+        base = c.tsys_k * (0.6 + 0.4 * airmass)[:, None, None] * self.tsys_scale[None, :, None]
+        return base * line[None, None, :] * (1 + 0.02 * np.sin(2 * np.pi * t_frac))[:, None, None]
+
+    def gains(self, t_frac: np.ndarray) -> np.ndarray:
+        """Complex electronic gains (ntime, nant, 2), slowly drifting."""
+        amp = self.gain_amp0[None] * (1 + self.gain_drift[None] * t_frac[:, None, None])
+        ph = self.gain_phase0[None] + 0.3 * np.sin(2 * np.pi * t_frac[:, None, None] * 0.7)
+        g = amp * np.exp(1j * ph)
+        if self.dead >= 0:
+            g[:, self.dead] *= 0.0
+        return g
+
+    def sky(self, field: int, freq: np.ndarray) -> list:
+        """[(flux (nchan,), l, m)] for a field."""
+        c = self.cfg
+        nu0 = c.band_centre_hz
+        role = FIELDS[field][3]
+        if role == "BANDPASS":
+            return [(c.bp_flux_jy * (freq / nu0) ** c.bp_spix, 0.0, 0.0)]
+        if role == "PHASE":
+            return [(c.phase_flux_jy * (freq / nu0) ** c.phase_spix, 0.0, 0.0)]
+        if role == "CHECK":
+            return [(np.full(len(freq), c.check_flux_jy), 0.0, 0.0)]
+        l, m = (np.radians(a / 3600) for a in c.target_offset_arcsec)
+        line_centre = self.spw_centres[0]
+        line = c.target_line_jy * np.exp(-0.5 * ((freq - line_centre) / (0.06 * c.spw_width_hz)) ** 2)
+        return [(np.full(len(freq), c.target_cont_jy), 0.0, 0.0), (line, l, m)]
+
+    # ------------------------------------------------------------ scan plan
+    def scan_plan(self) -> list:
+        c = self.cfg
+        plan = [("ATMOSPHERE", 0, c.atm_scan_s), ("BANDPASS", 0, c.bandpass_scan_s), ("ATMOSPHERE", 1, c.atm_scan_s)]
+        for k in range(c.target_scans):
+            plan += [("PHASE", 1, c.phase_scan_s), ("TARGET", 3, c.target_scan_s)]
+            if k == c.target_scans // 2:
+                plan += [("CHECK", 2, c.check_scan_s)]
+        plan += [("PHASE", 1, c.phase_scan_s), ("ATMOSPHERE", 1, c.atm_scan_s)]
+        return plan
+
+    # ------------------------------------------------------------ writing
+    def write(self, out_dir: str, name: str = "sim") -> dict:
+        c = self.cfg
+        os.makedirs(out_dir, exist_ok=True)
+        ms = os.path.join(out_dir, f"{name}.ms")
+        if os.path.exists(ms):
+            shutil.rmtree(ms)
+        n = c.nant
+        a1, a2 = np.triu_indices(n, 0)             # with auto-correlations, as ALMA records them
+        nbl = len(a1)
+        plan = self.scan_plan()
+        total_s = sum(p[2] for p in plan) + 10 * len(plan)
+        t0 = self.t0
+        # spectral windows: science (0..nspw-1), Tsys (nspw..2nspw-1, same frequencies), WVR (last)
+        new_ms(ms, c.nchan, 2)
+        # WVR data have 4 channels and one correlation: a second DATA shape needs its own
+        # data manager, which default_ms provides through variable-shape columns; we keep WVR
+        # brightness temperatures in a separate small table instead (see wvr below).
+        states = list(OBS_MODES)
+        fill_table(f"{ms}/STATE", {"OBS_MODE": [OBS_MODES[s] for s in states], "SIG": [True] * len(states),
+                                   "REF": [False] * len(states), "CAL": [0.0] * len(states),
+                                   "LOAD": [0.0] * len(states), "SUB_SCAN": [1] * len(states),
+                                   "FLAG_ROW": [False] * len(states)})
+        diam = np.full(n, 12.0)
+        fill_table(f"{ms}/ANTENNA", {"NAME": [f"DA{41 + i}" if i % 2 else f"DV{i + 1:02d}" for i in range(n)],
+                                     "STATION": self.pads, "POSITION": self.xyz, "OFFSET": np.zeros((n, 3)),
+                                     "DISH_DIAMETER": diam, "TYPE": ["GROUND-BASED"] * n, "MOUNT": ["ALT-AZ"] * n,
+                                     "FLAG_ROW": np.zeros(n, bool)})
+        nf = len(FIELDS)
+        dirs = np.radians(np.array([[f[1], f[2]] for f in FIELDS]))[:, None, :]
+        fill_table(f"{ms}/FIELD", {"NAME": [f[0] for f in FIELDS], "CODE": ["none"] * nf, "TIME": np.full(nf, t0),
+                                   "NUM_POLY": np.zeros(nf, int), "PHASE_DIR": dirs, "DELAY_DIR": dirs,
+                                   "REFERENCE_DIR": dirs, "SOURCE_ID": np.arange(nf), "FLAG_ROW": np.zeros(nf, bool)})
+        spw_names = [f"X0000000000#ALMA_RB_06#BB_{s + 1}#SW-01#FULL_RES" for s in range(c.nspw)] + \
+                    [f"X0000000000#ALMA_RB_06#BB_{s + 1}#SW-01#TDM_TSYS" for s in range(c.nspw)]
+        freqs = self.freqs + self.freqs
+        nsw = len(freqs)
+        fill_table(f"{ms}/SPECTRAL_WINDOW", {
+            "NAME": spw_names, "NUM_CHAN": [c.nchan] * nsw, "CHAN_FREQ": np.array(freqs),
+            "CHAN_WIDTH": np.full((nsw, c.nchan), self.chan_width), "EFFECTIVE_BW": np.full((nsw, c.nchan), self.chan_width),
+            "RESOLUTION": np.full((nsw, c.nchan), self.chan_width), "REF_FREQUENCY": [float(f[0]) for f in freqs],
+            "TOTAL_BANDWIDTH": [c.spw_width_hz] * nsw, "MEAS_FREQ_REF": [FREQ_FRAMES["TOPO"]] * nsw,
+            "NET_SIDEBAND": [1] * nsw, "FREQ_GROUP": [0] * nsw, "FREQ_GROUP_NAME": ["none"] * nsw,
+            "IF_CONV_CHAIN": [0] * nsw, "FLAG_ROW": [False] * nsw})
+        fill_table(f"{ms}/POLARIZATION", {"NUM_CORR": [2], "CORR_TYPE": np.array([[CORR_CODES["XX"], CORR_CODES["YY"]]]),
+                                          "CORR_PRODUCT": np.array([[[0, 0], [1, 1]]]), "FLAG_ROW": [False]})
+        fill_table(f"{ms}/DATA_DESCRIPTION", {"SPECTRAL_WINDOW_ID": list(range(c.nspw)),
+                                              "POLARIZATION_ID": [0] * c.nspw, "FLAG_ROW": [False] * c.nspw})
+        fill_table(f"{ms}/FEED", {
+            "ANTENNA_ID": np.arange(n), "FEED_ID": np.zeros(n, int), "SPECTRAL_WINDOW_ID": np.full(n, -1),
+            "TIME": np.full(n, t0), "INTERVAL": np.zeros(n), "NUM_RECEPTORS": np.full(n, 2), "BEAM_ID": np.full(n, -1),
+            "BEAM_OFFSET": np.zeros((n, 2, 2)), "POLARIZATION_TYPE": np.array([["X", "Y"]] * n),
+            "POL_RESPONSE": np.tile(np.eye(2, dtype=complex), (n, 1, 1)), "POSITION": np.zeros((n, 3)),
+            "RECEPTOR_ANGLE": np.zeros((n, 2))})
+        fill_table(f"{ms}/PROCESSOR", {"TYPE": ["CORRELATOR"], "SUB_TYPE": ["ALMA_CORRELATOR_MODE"], "TYPE_ID": [0],
+                                       "MODE_ID": [0], "FLAG_ROW": [False]})
+
+        syscal_rows, wvr_rows, truth_rows = [], [], {"shadowed_rows": 0, "rows": 0}
+        t = t0
+        scan_no = 0
+        t_end_est = t0 + total_s
+        with ct.table(ms, readonly=False, ack=False) as main:
+            for kind, fid, dur in plan:
+                scan_no += 1
+                nint = max(int(round(dur / c.integration_s)), 1)
+                times = t + (np.arange(nint) + 0.5) * c.integration_s
+                t_frac = (times - t0) / (t_end_est - t0)
+                ra, dec = np.radians(FIELDS[fid][1]), np.radians(FIELDS[fid][2])
+                gast = Time(times / 86400, format="mjd", scale="utc").sidereal_time("apparent", "greenwich").rad
+                el = elevation(gast, ra, dec)
+                auvw = antenna_uvw(self.xyz, gast, ra, dec)                   # (nt, nant, 3)
+                uvw = (auvw[:, a1] - auvw[:, a2]).reshape(-1, 3)
+                ti = np.repeat(np.arange(nint), nbl)
+                b1, b2 = np.tile(a1, nint), np.tile(a2, nint)
+                # Tsys for every scan (SYSCAL rows only for ATMOSPHERE scans, as ALMA measures it)
+                tsys_all = [self.tsys(s, t_frac, el) for s in range(c.nspw)]
+                if kind == "ATMOSPHERE":
+                    for s in range(c.nspw):
+                        mean_tsys = tsys_all[s].mean(axis=0)
+                        for a in range(n):
+                            syscal_rows.append((a, c.nspw + s, float(times.mean()), float(nint * c.integration_s),
+                                                np.stack([mean_tsys[a], mean_tsys[a] * 1.03], axis=1)))
+                    t = times[-1] + c.integration_s / 2 + 10.0
+                    continue
+                path = self.path_mm(times - t0)                                    # (nt, nant)
+                wvr_rows.append((times, path))
+                shadow = shadow_mask(np.repeat(times, nbl), b1, b2, uvw, diam)
+                truth_rows["shadowed_rows"] += int(shadow.sum())
+                # source direction unit vector (ITRF) for the position-error phases
+                hg = gast - ra                                                      # Greenwich hour angle
+                s_vec = np.stack([np.cos(dec) * np.cos(hg), -np.cos(dec) * np.sin(hg),
+                                  np.full(nint, np.sin(dec))], axis=1)            # (nt, 3) Earth-fixed
+                pos_delay = s_vec @ self.pos_err.T                                  # (nt, nant) m
+                g_el = self.gains(t_frac)                                           # (nt, nant, 2)
+                state = states.index(kind)
+                for s in range(c.nspw):
+                    freq = self.freqs[s]
+                    lam_inv = freq / C
+                    vsky = np.zeros((len(uvw), c.nchan), complex)
+                    for flux, l, m in self.sky(fid, freq):
+                        nn = np.sqrt(1 - l * l - m * m) - 1
+                        ph = 2j * np.pi * (uvw[:, 0:1] * l + uvw[:, 1:2] * m + uvw[:, 2:3] * nn) * lam_inv[None]
+                        vsky += flux[None, :] * np.exp(ph)
+                    # antenna-based corruptions: atmosphere + position errors (+ electronics, bandpass)
+                    phi = 2 * np.pi * ((path / 1e3)[:, :, None] + pos_delay[:, :, None]) * lam_inv[None, None, :]
+                    atm = np.exp(1j * phi)                                           # (nt, nant, nchan)
+                    tsys = tsys_all[s]                                               # (nt, nant, nchan)
+                    ga = g_el[:, :, None, :] * self.bandpass[s][None] * atm[..., None] / \
+                        np.sqrt(c.jy_per_k * tsys)[..., None]                        # (nt, nant, nchan, 2)
+                    vis = ga[ti, b1] * np.conj(ga[ti, b2]) * vsky[:, :, None]
+                    # radiometer equation: noise of a correlation coefficient
+                    sigma = 1 / np.sqrt(2 * self.chan_width * c.integration_s)
+                    noise = sigma * (self.rng.normal(size=vis.shape) + 1j * self.rng.normal(size=vis.shape)) / np.sqrt(2)
+                    vis = vis + noise
+                    vis[b1 == b2] = 1.0                 # normalised auto-correlations
+                    vis[shadow] *= 0.3                  # a shadowed dish collects less signal
+                    for sp, chn in self.bad_channels:
+                        if sp == s:
+                            vis[:, chn] += 20 * sigma * (1 + 1j)
+                    nrow = len(uvw)
+                    start = main.nrows()
+                    main.addrows(nrow)
+                    cols = {"TIME": np.repeat(times, nbl), "TIME_CENTROID": np.repeat(times, nbl),
+                            "INTERVAL": np.full(nrow, c.integration_s), "EXPOSURE": np.full(nrow, c.integration_s),
+                            "ANTENNA1": b1, "ANTENNA2": b2, "FIELD_ID": np.full(nrow, fid),
+                            "SCAN_NUMBER": np.full(nrow, scan_no), "UVW": uvw, "DATA": vis.astype(np.complex64),
+                            "FLAG": np.zeros(vis.shape, bool),
+                            "WEIGHT": np.full((nrow, 2), 2 * self.chan_width * c.integration_s / 1e6, np.float32),
+                            "SIGMA": np.full((nrow, 2), 1.0, np.float32), "DATA_DESC_ID": np.full(nrow, s),
+                            "ARRAY_ID": np.zeros(nrow, int), "OBSERVATION_ID": np.zeros(nrow, int),
+                            "PROCESSOR_ID": np.zeros(nrow, int), "STATE_ID": np.full(nrow, state),
+                            "FEED1": np.zeros(nrow, int), "FEED2": np.zeros(nrow, int), "FLAG_ROW": np.zeros(nrow, bool)}
+                    for k, v in cols.items():
+                        main.putcol(k, v, startrow=start, nrow=nrow)
+                    truth_rows["rows"] += nrow
+                t = times[-1] + c.integration_s / 2 + 10.0
+        fill_table(f"{ms}/OBSERVATION", {"TELESCOPE_NAME": ["ALMA"], "OBSERVER": ["almapipe simulate"],
+                                         "PROJECT": ["uid://S000/X00/X00"], "TIME_RANGE": np.array([[t0, t]]),
+                                         "RELEASE_DATE": [0.0], "SCHEDULE_TYPE": [""], "FLAG_ROW": [False]})
+        self._write_syscal(ms, syscal_rows)
+        wvr = self._write_wvr(ms, wvr_rows)
+        antpos = os.path.join(out_dir, "antennapos.csv")
+        with open(antpos, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["antenna", "xoffset_m", "yoffset_m", "zoffset_m", "comment"])
+            names = [f"DA{41 + i}" if i % 2 else f"DV{i + 1:02d}" for i in range(n)]
+            for a in np.flatnonzero(np.abs(self.pos_err).sum(axis=1)):
+                w.writerow([names[a], *(f"{x:.6f}" for x in self.pos_err[a]), "position correction"])
+        truth = self._truth(out_dir, names, truth_rows, wvr)
+        return {"ms": ms, "antennapos": antpos, "truth": truth}
+
+    def _write_syscal(self, ms: str, rows: list) -> None:
+        desc = ct.makearrcoldesc("TSYS_SPECTRUM", 0.0, ndim=2, valuetype="float",
+                                 comment="System temperature spectrum (K)")
+        path = f"{ms}/SYSCAL"
+        t = ct.default_ms_subtable("SYSCAL", path, ct.maketabdesc([desc]))
+        t.close()
+        with ct.table(ms, readonly=False, ack=False) as main:
+            main.putkeyword("SYSCAL", "Table: " + os.path.abspath(path))
+        with ct.table(path, readonly=False, ack=False) as t:
+            t.addrows(len(rows))
+            t.putcol("ANTENNA_ID", np.array([r[0] for r in rows]))
+            t.putcol("FEED_ID", np.zeros(len(rows), int))
+            t.putcol("SPECTRAL_WINDOW_ID", np.array([r[1] for r in rows]))
+            t.putcol("TIME", np.array([r[2] for r in rows]))
+            t.putcol("INTERVAL", np.array([r[3] for r in rows]))
+            t.putcol("TSYS_SPECTRUM", np.array([r[4] for r in rows], np.float32))
+
+    def _write_wvr(self, ms: str, rows: list) -> dict:
+        """WVR brightness temperatures (K) per antenna, time and channel, in the
+        table WVR_DATA of the MS (ALMA's 4-channel WVR spw, one correlation)."""
+        times = np.concatenate([r[0] for r in rows])
+        path = np.concatenate([r[1] for r in rows])          # (nt, nant) mm
+        t_sky = np.array([250.0, 200.0, 140.0, 90.0])
+        dtdl = np.array(WVR_DTDL)
+        tb = t_sky[None, None, :] + path[:, :, None] * dtdl[None, None, :]
+        tb = tb + self.rng.normal(size=tb.shape) * 0.01
+        if self.dead >= 0:
+            tb[:, self.dead] = self.rng.normal(size=tb[:, self.dead].shape) * 5 + 200
+        cols = [ct.makescacoldesc("TIME", 0.0), ct.makescacoldesc("ANTENNA_ID", 0),
+                ct.makearrcoldesc("TB", 0.0, ndim=1, shape=[4], valuetype="float")]
+        nt, n = path.shape
+        with ct.table(f"{ms}/WVR_DATA", ct.maketabdesc(cols), nrow=nt * n, ack=False) as t:
+            t.putcol("TIME", np.repeat(times, n))
+            t.putcol("ANTENNA_ID", np.tile(np.arange(n), nt))
+            t.putcol("TB", tb.reshape(-1, 4).astype(np.float32))
+            t.putkeyword("CHAN_FREQ", [183.31e9 + o * 1e9 for o in WVR_OFFSETS_GHZ])
+        with ct.table(ms, readonly=False, ack=False) as main:
+            main.putkeyword("WVR_DATA", "Table: " + os.path.abspath(f"{ms}/WVR_DATA"))
+        return {"times": times, "path_mm": path}
+
+    def _truth(self, out_dir: str, names: list, rows: dict, wvr: dict) -> str:
+        c = self.cfg
+        np.savez_compressed(os.path.join(out_dir, "truth.npz"), bandpass=self.bandpass,
+                            gain_amp0=self.gain_amp0, gain_drift=self.gain_drift, gain_phase0=self.gain_phase0,
+                            pos_err_m=self.pos_err, wvr_times=wvr["times"], path_mm=wvr["path_mm"],
+                            tsys_scale=self.tsys_scale, spw_freqs=np.array(self.freqs))
+        truth = {
+            "config": asdict(c), "antennas": names, "pads": self.pads,
+            "dead_antenna": names[self.dead] if self.dead >= 0 else None,
+            "bad_channels": [{"spw": s, "chan": ch} for s, ch in self.bad_channels],
+            "position_errors_m": {names[a]: self.pos_err[a].tolist() for a in np.flatnonzero(np.abs(self.pos_err).sum(1))},
+            "wvr_dTdL_K_per_mm": list(WVR_DTDL), "jy_per_k": c.jy_per_k,
+            "tsys_spw_map": {str(c.nspw + s): s for s in range(c.nspw)},
+            "sky": {FIELDS[f][0]: [{"flux_jy_at_band_centre": float(fl[len(fl) // 2]) if hasattr(fl, "__len__") else fl,
+                                    "l_arcsec": float(np.degrees(l) * 3600), "m_arcsec": float(np.degrees(m) * 3600)}
+                                   for fl, l, m in self.sky(f, np.array([c.band_centre_hz] * 3))]
+                    for f in range(len(FIELDS))},
+            "spectral_index": {FIELDS[0][0]: c.bp_spix, FIELDS[1][0]: c.phase_spix, FIELDS[2][0]: 0.0},
+            "line": {"field": "Target", "spw": 0, "centre_hz": float(self.spw_centres[0]),
+                     "sigma_hz": 0.06 * c.spw_width_hz, "peak_jy": c.target_line_jy},
+            "shadowed_rows_per_spw": rows["shadowed_rows"], "rows": rows["rows"],
+            "start_elevation_deg": self.start_elevation_deg,
+            "conventions": "V_12 = g_1 conj(g_2) V_sky; uvw = x1 - x2 projected; raw = Jy / (JyperK sqrt(Tsys1 Tsys2))",
+        }
+        path = os.path.join(out_dir, "truth.json")
+        with open(path, "w") as f:
+            json.dump(truth, f, indent=1)
+        return path
+
+
+def simulate(out_dir: str, preset: str = "small", name: str = "sim", **overrides) -> dict:
+    return Simulator(SimConfig.preset(preset, **overrides)).write(out_dir, name)

@@ -1,0 +1,97 @@
+"""The ALMA simulator: structure of the EB it writes, and consistency with its truth."""
+import csv
+import json
+import os
+
+import casacore.tables as ct
+import numpy as np
+import pytest
+
+from almapipe.msio import listobs, ms as msio
+from almapipe.simulate.simulator import SimConfig, Simulator
+from almapipe.stages.flagging import shadow_mask
+
+
+@pytest.fixture(scope="module")
+def eb(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("sim"))
+    sim = Simulator(SimConfig.preset("small"))
+    res = sim.write(out)
+    return sim, res, json.load(open(res["truth"])), np.load(os.path.join(out, "truth.npz"))
+
+
+def test_eb_is_an_ms_with_alma_intents_and_scan_sequence(eb):
+    _, res, truth, _ = eb
+    msio.check_ms(res["ms"])
+    obs = listobs.summary(res["ms"])
+    assert obs["telescope"] == "ALMA" and obs["corr_types"] == ["XX", "YY"]
+    roles = {f["name"]: f["intents"] for f in listobs.assign_roles(obs, None)}
+    assert roles["J1924-2914"] == ["BANDPASS", "FLUX", "WVR"] and roles["Target"] == ["TARGET"]
+    assert "CHECK" in roles["J1820-2528"] and "PHASE" in roles["J1832-2039"]
+    order = [s["field"] for s in obs["scans"]]
+    assert order[0] == "J1924-2914" and order[1] == "J1832-2039" and order[2] == "Target"
+    assert order.count("Target") == 3 and order[-1] == "J1832-2039"
+
+
+def test_syscal_tsys_spectra_and_spw_map(eb):
+    sim, res, truth, _ = eb
+    with ct.table(os.path.join(res["ms"], "SYSCAL"), ack=False) as t:
+        tsys = t.getcol("TSYS_SPECTRUM")
+        spw = t.getcol("SPECTRAL_WINDOW_ID")
+    assert tsys.shape[1:] == (32, 2) and set(spw) == {2, 3}
+    assert 50 < np.median(tsys) < 250
+    last = tsys[spw == 3].mean(axis=(0, 2))
+    assert last[-3:].mean() > 1.5 * last[:10].mean()      # the atmospheric line in the last spw
+    assert truth["tsys_spw_map"] == {"2": 0, "3": 1}
+    spws = msio.spw_table(res["ms"])
+    assert spws[2]["chan_freq_hz"] == spws[0]["chan_freq_hz"]   # Tsys spw covers its science spw
+
+
+def test_wvr_brightness_tracks_the_injected_path(eb):
+    sim, res, truth, arrays = eb
+    with ct.table(os.path.join(res["ms"], "WVR_DATA"), ack=False) as t:
+        tb = t.getcol("TB")
+        ant = t.getcol("ANTENNA_ID")
+    path = arrays["path_mm"].ravel()
+    dead = truth["antennas"].index(truth["dead_antenna"])
+    good = ant != dead
+    est = (tb[good, 0] - tb[good, 0].mean()) / truth["wvr_dTdL_K_per_mm"][0]
+    assert np.corrcoef(est, path[good] - path[good].mean())[0, 1] > 0.99
+
+
+def test_antennapos_csv_lists_the_position_errors(eb):
+    _, res, truth, _ = eb
+    rows = list(csv.DictReader(open(res["antennapos"])))
+    assert {r["antenna"] for r in rows} == set(truth["position_errors_m"])
+    for r in rows:
+        np.testing.assert_allclose([float(r[k]) for k in ("xoffset_m", "yoffset_m", "zoffset_m")],
+                                   truth["position_errors_m"][r["antenna"]], atol=1e-6)
+
+
+def test_noise_follows_the_radiometer_equation(eb):
+    """Baselines to the dead antenna carry noise only: sigma = 1/sqrt(2 dnu tau) per component."""
+    sim, res, truth, _ = eb
+    vis = msio.read_vis(res["ms"], 0)
+    dead = truth["antennas"].index(truth["dead_antenna"])
+    rows = ((vis.ant1 == dead) | (vis.ant2 == dead)) & (vis.ant1 != vis.ant2)
+    d = vis.data[rows]
+    expected = 1 / np.sqrt(2 * sim.chan_width * sim.cfg.integration_s) / np.sqrt(2)
+    shadowed = shadow_mask(vis.time, vis.ant1, vis.ant2, vis.uvw, np.full(sim.cfg.nant, 12.0))[rows]
+    assert abs(np.std(d[~shadowed].real) / expected - 1) < 0.05
+
+
+def test_shadowing_is_present_and_found_by_flagdata(eb):
+    sim, res, truth, _ = eb
+    assert 0 < truth["shadowed_rows_per_spw"] * sim.cfg.nspw < 0.05 * truth["rows"]
+    vis = msio.read_vis(res["ms"], 0)
+    mask = shadow_mask(vis.time, vis.ant1, vis.ant2, vis.uvw, np.full(sim.cfg.nant, 12.0))
+    assert mask.sum() == truth["shadowed_rows_per_spw"]
+
+
+def test_realistic_preset_is_the_one_the_issue_describes():
+    cfg = SimConfig.preset("realistic")
+    assert (cfg.nant, cfg.nspw, cfg.nchan, cfg.integration_s, cfg.spw_width_hz) == (43, 4, 128, 6.0, 1.875e9)
+    sim = Simulator(cfg)
+    assert len(set(sim.pads)) == 43 and 3300 < sum(p[2] for p in sim.scan_plan()) < 4500   # about an hour
+    with pytest.raises(ValueError, match="unknown preset"):
+        SimConfig.preset("huge")
