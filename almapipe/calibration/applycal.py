@@ -17,11 +17,16 @@ from ..msio.ms import Vis
 
 @dataclass
 class GainApply:
-    """One entry of the calibration library: a table and how to apply it."""
+    """One entry of the calibration library: a table and how to apply it.
+
+    gainfield: the field ids whose solutions are used for every row (None: all);
+    field_map: instead, per field of the data, the solution fields to use
+    (a calibrator its own, a target its phase calibrator's)."""
     solutions: object          # CalSolutions
-    gainfield: list | None = None   # field ids whose solutions are used; None = all
+    gainfield: list | None = None
     interp: str = "linear"     # 'linear' or 'nearest'
     calwt: bool = True
+    field_map: dict | None = None
 
 
 def interpolate_gains(sol, times: np.ndarray, nant: int, interp: str, fields=None):
@@ -71,13 +76,21 @@ def apply_tables(vis: Vis, applies: list, data: np.ndarray | None = None):
         if not isinstance(ap, GainApply):
             ap = GainApply(ap)
         sol = ap.solutions
-        g, bad = interpolate_gains(sol, utimes, nant, ap.interp, ap.gainfield)
-        nch_sol = g.shape[2]
+        nch_sol = sol.cparam.shape[1]
         if nch_sol != 1 and nch_sol != data.shape[1]:
             raise ValueError(f"{sol.kind} table has {nch_sol} channels, data have {data.shape[1]}")
-        g1 = g[tidx, vis.ant1]   # (nrow, nch_sol, ncorr)
-        g2 = g[tidx, vis.ant2]
-        b = bad[tidx, vis.ant1] | bad[tidx, vis.ant2]
+        if ap.field_map is None:
+            groups = [(np.ones(len(vis.time), bool), ap.gainfield)]
+        else:
+            groups = [(vis.field_id == f, ap.field_map.get(int(f))) for f in np.unique(vis.field_id)]
+        g1 = np.ones((len(vis.time), nch_sol, sol.cparam.shape[2]), np.complex64)
+        g2 = np.ones_like(g1)
+        b = np.zeros(g1.shape, bool)
+        for rows, fields in groups:
+            g, bad = interpolate_gains(sol, utimes, nant, ap.interp, fields)
+            t = tidx[rows]
+            g1[rows], g2[rows] = g[t, vis.ant1[rows]], g[t, vis.ant2[rows]]
+            b[rows] = bad[t, vis.ant1[rows]] | bad[t, vis.ant2[rows]]
         denom = g1 * np.conj(g2)
         zero = np.abs(denom) == 0
         data /= np.where(zero, 1, denom)

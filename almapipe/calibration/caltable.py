@@ -15,7 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import casacore.tables as ct
 
-VISCAL_NAMES = {"G": "G Jones", "T": "T Jones", "B": "B Jones"}
+# Our kinds and the CASA VisCal type each is written as. TSYS is CASA's own float
+# table (FPARAM holds Tsys in K; the gain it stands for is 1/sqrt(Tsys)). WVR and
+# ANTPOS phase corrections vary per channel and time, so they are written as
+# time-dependent B Jones tables (which CASA's applycal interpolates), marked with
+# the keyword almapipe_kind.
+VISCAL_NAMES = {"G": "G Jones", "T": "T Jones", "B": "B Jones", "TSYS": "B TSYS", "WVR": "B Jones",
+                "ANTPOS": "B Jones"}
 _SUBTABLES = ("OBSERVATION", "ANTENNA", "FIELD", "HISTORY")
 
 
@@ -61,6 +67,7 @@ def write_caltable(sol: CalSolutions | list, path: str, ms_path: str) -> None:
         ct.makescacoldesc("ANTENNA1", 0), ct.makescacoldesc("ANTENNA2", 0),
         ct.makescacoldesc("INTERVAL", 0.0, keywords={"QuantumUnits": ["s"]}),
         ct.makescacoldesc("SCAN_NUMBER", 0), ct.makescacoldesc("OBSERVATION_ID", 0),
+        ct.makearrcoldesc("FPARAM", 0.0, ndim=2, valuetype="float") if kind == "TSYS" else
         ct.makearrcoldesc("CPARAM", 0j, ndim=2, valuetype="complex"),
         ct.makearrcoldesc("PARAMERR", 0.0, ndim=2, valuetype="float"),
         ct.makearrcoldesc("FLAG", False, ndim=2),
@@ -81,14 +88,18 @@ def write_caltable(sol: CalSolutions | list, path: str, ms_path: str) -> None:
             t.putcol("ANTENNA2", np.full(n, s.refant, np.int32), **sl)
             t.putcol("SCAN_NUMBER", s.scan.astype(np.int32), **sl)
             t.putcol("OBSERVATION_ID", np.zeros(n, np.int32), **sl)
-            t.putcol("CPARAM", s.cparam.astype(np.complex64), **sl)
+            if kind == "TSYS":
+                t.putcol("FPARAM", (1.0 / np.maximum(np.abs(s.cparam), 1e-12) ** 2).astype(np.float32), **sl)
+            else:
+                t.putcol("CPARAM", s.cparam.astype(np.complex64), **sl)
             t.putcol("PARAMERR", np.where(s.snr > 0, np.abs(s.cparam) / np.maximum(s.snr, 1e-30), -1).astype(np.float32), **sl)
             t.putcol("FLAG", s.flag, **sl)
             t.putcol("SNR", s.snr.astype(np.float32), **sl)
             t.putcol("WEIGHT", np.ones(s.cparam.shape, np.float32), **sl)
             start += n
         t.putinfo({"type": "Calibration", "subType": VISCAL_NAMES[kind], "readme": "written by almapipe"})
-        t.putkeyword("ParType", "Complex")
+        t.putkeyword("ParType", "Float" if kind == "TSYS" else "Complex")
+        t.putkeyword("almapipe_kind", kind)
         t.putkeyword("MSName", os.path.basename(os.path.normpath(ms_path)))
         t.putkeyword("VisCal", VISCAL_NAMES[kind])
         t.putkeyword("PolBasis", "unknown")
@@ -124,12 +135,18 @@ def read_caltable(path: str) -> list:
     """Read a CASA caltable into CalSolutions, one per spectral window."""
     with ct.table(path, ack=False) as t:
         viscal = t.getkeyword("VisCal")
-        kind = {v: k for k, v in VISCAL_NAMES.items()}.get(viscal)
+        kws = t.getkeywords()
+        kind = kws.get("almapipe_kind") or {"G Jones": "G", "T Jones": "T", "B Jones": "B",
+                                            "B TSYS": "TSYS"}.get(viscal)
         if kind is None:
             raise ValueError(f"{path}: unsupported calibration type {viscal!r}")
         spw = t.getcol("SPECTRAL_WINDOW_ID")
         cols = {c: t.getcol(c) for c in ("TIME", "INTERVAL", "FIELD_ID", "SCAN_NUMBER", "ANTENNA1", "ANTENNA2")}
-        cparam, flag, snr = t.getcol("CPARAM"), t.getcol("FLAG"), t.getcol("SNR")
+        if kind == "TSYS":
+            cparam = (1.0 / np.sqrt(np.maximum(t.getcol("FPARAM"), 1e-12))).astype(np.complex64)
+        else:
+            cparam = t.getcol("CPARAM")
+        flag, snr = t.getcol("FLAG"), t.getcol("SNR")
     with ct.table(os.path.join(path, "SPECTRAL_WINDOW"), ack=False) as st:
         freqs = [st.getcell("CHAN_FREQ", i) for i in range(st.nrows())]
     out = []

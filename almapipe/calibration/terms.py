@@ -109,7 +109,9 @@ def solve_term(vis: Vis, model: np.ndarray, spec: SolveSpec) -> CalSolutions:
         amp = np.where(bad, np.nan, np.abs(g))
         g = g / np.nanmean(amp, axis=(0, 1, 3), keepdims=True)
 
-    # One caltable row per (time slot, antenna), with params (nchan_sol, ncorr).
+    # One caltable row per (time slot, antenna), with params (nchan_sol, ncorr);
+    # an interval without any usable data gets no rows at all (as in CASA).
+    has_data = ok.reshape(ntb, -1).any(axis=1)
     wsum = np.bincount(tbin, minlength=ntb).astype(float)
     t_sol = np.bincount(tbin, vis.time, ntb) / np.maximum(wsum, 1)
     first = np.full(ntb, -1)
@@ -118,6 +120,7 @@ def solve_term(vis: Vis, model: np.ndarray, spec: SolveSpec) -> CalSolutions:
     tmax = np.full(ntb, -np.inf); np.maximum.at(tmax, tbin, vis.time + vis.interval / 2)
     cparam = np.transpose(g, (0, 3, 1, 2)).reshape(ntb * nant, ncg, ncorr)
     sol_freq = vis.freq if spec.kind == "B" else np.array([vis.freq[use_chan].mean()])
+    keep = np.repeat(has_data, nant)
     return CalSolutions(
         kind=spec.kind, spw=vis.spw, freq=sol_freq,
         time=np.repeat(t_sol, nant), interval=np.repeat(tmax - tmin, nant),
@@ -126,7 +129,7 @@ def solve_term(vis: Vis, model: np.ndarray, spec: SolveSpec) -> CalSolutions:
         cparam=cparam.astype(np.complex64),
         flag=np.transpose(bad, (0, 3, 1, 2)).reshape(ntb * nant, ncg, ncorr),
         snr=np.transpose(snr, (0, 3, 1, 2)).reshape(ntb * nant, ncg, ncorr).astype(np.float32),
-        refant=-1 if spec.refant is None else int(spec.refant))
+        refant=-1 if spec.refant is None else int(spec.refant)).select(keep)
 
 
 def _normalise_bandpass(g: np.ndarray, bad: np.ndarray) -> np.ndarray:

@@ -16,7 +16,8 @@ from ..stages.base import qa_colour
 
 TOPICS = [("Data set", {"importdata"}),
           ("Flagging", {"flagdata"}),
-          ("Calibration", {"refant", "setjy", "bandpass", "gaincal", "fluxscale", "timegaincal", "applycal"}),
+          ("Calibration", {"refant", "tsyscal", "antpos", "wvrgcal", "setjy", "bandpass", "gaincal", "fluxscale",
+                           "timegaincal", "applycal"}),
           ("Line finding and imaging", {"split", "uvcontsub", "makeimages"}),
           ("Products", {"exportdata", "weblog"})]
 

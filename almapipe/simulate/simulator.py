@@ -64,7 +64,7 @@ class SimConfig:
     seed: int = 1
     # corruptions
     gain_amp_rms: float = 0.1
-    gain_drift: float = 0.05          # fractional amplitude drift over the EB
+    gain_drift: float = 0.02          # fractional amplitude drift over the EB (ALMA: 1-2 % per hour)
     path_rms_mm: float = 0.15         # atmospheric path fluctuation (phase rms ~ 40 deg at 230 GHz)
     pos_error_mm: float = 2.0         # size of the antenna position errors
     n_pos_errors: int = 2
@@ -274,9 +274,12 @@ class Simulator:
         c = self.cfg
         plan = [("ATMOSPHERE", 0, c.atm_scan_s), ("BANDPASS", 0, c.bandpass_scan_s), ("ATMOSPHERE", 1, c.atm_scan_s)]
         for k in range(c.target_scans):
+            if k == 0:
+                plan += [("ATMOSPHERE", 3, c.atm_scan_s)]          # Tsys on the target itself
             plan += [("PHASE", 1, c.phase_scan_s), ("TARGET", 3, c.target_scan_s)]
             if k == c.target_scans // 2:
-                plan += [("CHECK", 2, c.check_scan_s)]
+                plan += [("ATMOSPHERE", 1, c.atm_scan_s), ("ATMOSPHERE", 2, c.atm_scan_s),
+                         ("CHECK", 2, c.check_scan_s)]
         plan += [("PHASE", 1, c.phase_scan_s), ("ATMOSPHERE", 1, c.atm_scan_s)]
         return plan
 
@@ -361,7 +364,14 @@ class Simulator:
                         mean_tsys = tsys_all[s].mean(axis=0)
                         for a in range(n):
                             syscal_rows.append((a, c.nspw + s, float(times.mean()), float(nint * c.integration_s),
-                                                np.stack([mean_tsys[a], mean_tsys[a] * 1.03], axis=1)))
+                                                np.stack([mean_tsys[a], mean_tsys[a]], axis=1)))
+                        # the scan itself: auto-correlations only (its cross-correlations carry no calibration)
+                        auto_t = np.repeat(times, n)
+                        ants = np.tile(np.arange(n), nint)
+                        self._put(main, {"TIME": auto_t, "ANTENNA1": ants, "ANTENNA2": ants,
+                                         "UVW": np.zeros((len(auto_t), 3)),
+                                         "DATA": np.ones((len(auto_t), c.nchan, 2), np.complex64)},
+                                  fid, scan_no, s, states.index(kind))
                     t = times[-1] + c.integration_s / 2 + 10.0
                     continue
                 path = self.path_mm(times - t0)                                    # (nt, nant)
@@ -399,22 +409,9 @@ class Simulator:
                     for sp, chn in self.bad_channels:
                         if sp == s:
                             vis[:, chn] += 20 * sigma * (1 + 1j)
-                    nrow = len(uvw)
-                    start = main.nrows()
-                    main.addrows(nrow)
-                    cols = {"TIME": np.repeat(times, nbl), "TIME_CENTROID": np.repeat(times, nbl),
-                            "INTERVAL": np.full(nrow, c.integration_s), "EXPOSURE": np.full(nrow, c.integration_s),
-                            "ANTENNA1": b1, "ANTENNA2": b2, "FIELD_ID": np.full(nrow, fid),
-                            "SCAN_NUMBER": np.full(nrow, scan_no), "UVW": uvw, "DATA": vis.astype(np.complex64),
-                            "FLAG": np.zeros(vis.shape, bool),
-                            "WEIGHT": np.full((nrow, 2), 2 * self.chan_width * c.integration_s / 1e6, np.float32),
-                            "SIGMA": np.full((nrow, 2), 1.0, np.float32), "DATA_DESC_ID": np.full(nrow, s),
-                            "ARRAY_ID": np.zeros(nrow, int), "OBSERVATION_ID": np.zeros(nrow, int),
-                            "PROCESSOR_ID": np.zeros(nrow, int), "STATE_ID": np.full(nrow, state),
-                            "FEED1": np.zeros(nrow, int), "FEED2": np.zeros(nrow, int), "FLAG_ROW": np.zeros(nrow, bool)}
-                    for k, v in cols.items():
-                        main.putcol(k, v, startrow=start, nrow=nrow)
-                    truth_rows["rows"] += nrow
+                    self._put(main, {"TIME": np.repeat(times, nbl), "ANTENNA1": b1, "ANTENNA2": b2, "UVW": uvw,
+                                     "DATA": vis.astype(np.complex64)}, fid, scan_no, s, state)
+                    truth_rows["rows"] += len(uvw)
                 t = times[-1] + c.integration_s / 2 + 10.0
         fill_table(f"{ms}/OBSERVATION", {"TELESCOPE_NAME": ["ALMA"], "OBSERVER": ["almapipe simulate"],
                                          "PROJECT": ["uid://S000/X00/X00"], "TIME_RANGE": np.array([[t0, t]]),
@@ -428,8 +425,31 @@ class Simulator:
             names = [f"DA{41 + i}" if i % 2 else f"DV{i + 1:02d}" for i in range(n)]
             for a in np.flatnonzero(np.abs(self.pos_err).sum(axis=1)):
                 w.writerow([names[a], *(f"{x:.6f}" for x in self.pos_err[a]), "position correction"])
+        # the flux calibrator's catalogue flux, as ALMA's pipeline receives it in flux.csv
+        flux_csv = os.path.join(out_dir, "flux.csv")
+        with open(flux_csv, "w") as f:
+            f.write("field,freq_hz,flux_jy,spix,comment\n")
+            f.write(f"{FIELDS[0][0]},{c.band_centre_hz:.1f},{c.bp_flux_jy},{c.bp_spix},calibrator catalogue\n")
         truth = self._truth(out_dir, names, truth_rows, wvr)
-        return {"ms": ms, "antennapos": antpos, "truth": truth}
+        return {"ms": ms, "antennapos": antpos, "flux_csv": flux_csv, "truth": truth}
+
+    def _put(self, main, cols: dict, fid: int, scan: int, spw: int, state: int) -> None:
+        """Append rows to the main table; cols has TIME, ANTENNA1/2, UVW, DATA."""
+        c = self.cfg
+        nrow = len(cols["TIME"])
+        nchan = cols["DATA"].shape[1]
+        full = dict(cols, TIME_CENTROID=cols["TIME"], INTERVAL=np.full(nrow, c.integration_s),
+                    EXPOSURE=np.full(nrow, c.integration_s), FIELD_ID=np.full(nrow, fid),
+                    SCAN_NUMBER=np.full(nrow, scan), FLAG=np.zeros((nrow, nchan, 2), bool),
+                    WEIGHT=np.full((nrow, 2), 2 * self.chan_width * c.integration_s / 1e6, np.float32),
+                    SIGMA=np.ones((nrow, 2), np.float32), DATA_DESC_ID=np.full(nrow, spw),
+                    ARRAY_ID=np.zeros(nrow, int), OBSERVATION_ID=np.zeros(nrow, int),
+                    PROCESSOR_ID=np.zeros(nrow, int), STATE_ID=np.full(nrow, state), FEED1=np.zeros(nrow, int),
+                    FEED2=np.zeros(nrow, int), FLAG_ROW=np.zeros(nrow, bool))
+        start = main.nrows()
+        main.addrows(nrow)
+        for k, v in full.items():
+            main.putcol(k, v, startrow=start, nrow=nrow)
 
     def _write_syscal(self, ms: str, rows: list) -> None:
         desc = ct.makearrcoldesc("TSYS_SPECTRUM", 0.0, ndim=2, valuetype="float",

@@ -110,23 +110,41 @@ def solution_qa(qa: QA, sols: list, what: str, ctx: dict) -> None:
     qa.note(f"Median {what} solution SNR {np.median(np.concatenate(good)) if good else 0:.1f}.")
 
 
-def apply_for(ctx: dict, io: StageIO, spw: int, fid: int, with_gains: bool = True) -> list:
-    """The calibration library entries that apply to field fid, as GainApply."""
+def field_map(ctx: dict, rule: str, solved: set) -> dict | None:
+    """Which solution fields each field uses, for a library entry's gainfield rule:
+    'all' -> None (any field's solutions); 'nearest-calibrator' -> a field with
+    solutions of its own uses them (a calibrator its gains, a target its Tsys),
+    every other field those of the phase calibrators."""
+    if rule == "all":
+        return None
+    others = [f for f in field_ids_with(ctx, "PHASE") if f in solved] or sorted(solved)
+    return {f["id"]: ([f["id"]] if f["id"] in solved else others) for f in ctx["fields"]}
+
+
+def apply_for(ctx: dict, io: StageIO, spw: int) -> list:
+    """The whole calibration library, in order, as GainApply (applycal)."""
     out = []
-    phase_ids = field_ids_with(ctx, "PHASE")
-    cal_ids = calibrator_ids(ctx)
-    for entry in ctx["callibrary"]:
-        if entry["kind"] != "B" and not with_gains:
-            continue
-        sol = load_table(io, ctx, entry["table"], spw)
-        if entry["gainfield"] == "all":
-            gf = None
-        elif fid in cal_ids:
-            gf = [fid]
-        else:
-            gf = phase_ids or cal_ids
-        out.append(GainApply(sol, gainfield=gf, interp=entry["interp"], calwt=entry.get("calwt", True)))
+    for e in ctx["callibrary"]:
+        sol = load_table(io, ctx, e["table"], spw)
+        out.append(GainApply(sol, interp=e["interp"], calwt=e.get("calwt", True),
+                             field_map=field_map(ctx, e["gainfield"], set(np.unique(sol.field_id).tolist()))))
     return out
+
+
+def preapply(ctx: dict, io: StageIO, spw: int) -> list:
+    """What a solve applies first: the library so far (Tsys, antenna positions,
+    WVR, bandpass, ...), each with its field matching, weights untouched."""
+    out = apply_for(ctx, io, spw)
+    for a in out:
+        a.calwt = False
+    return out
+
+
+def register(ctx: dict, table: str, kind: str, interp: str, gainfield: str, calwt: bool = True) -> None:
+    """Add (or replace) a table in the calibration library; order is application order."""
+    ctx["callibrary"] = [e for e in ctx["callibrary"] if e["table"] != table]
+    ctx["callibrary"].append({"table": table, "kind": kind, "interp": interp, "gainfield": gainfield,
+                              "calwt": calwt})
 
 
 # ------------------------------------------------------------------ refant
@@ -180,11 +198,26 @@ def refant(ctx: dict, params: dict, io: StageIO) -> QA:
 
 # ------------------------------------------------------------------ setjy
 
+def catalogue_fluxes(text: str) -> dict:
+    """flux.csv (field, flux_jy, spix, freq_hz; other columns ignored) -> setjy manual models."""
+    import csv
+    import io as _io
+    out = {}
+    for row in csv.DictReader(_io.StringIO(text)) if text.strip() else []:
+        try:
+            out[row["field"].strip()] = {"flux_jy": float(row["flux_jy"]), "spix": float(row.get("spix") or 0.0),
+                                         "ref_freq_hz": float(row["freq_hz"])}
+        except (KeyError, ValueError) as exc:
+            raise StageError(f"setjy: flux.csv row {row}: {exc}") from None
+    return out
+
+
 @stage("setjy", service="calibrator")
 def setjy(ctx: dict, params: dict, io: StageIO) -> QA:
     """Flux density models of the flux calibrators (Perley-Butler 2017 or manual)."""
     qa = QA()
-    manual = params.get("manual") or {}
+    manual = dict(catalogue_fluxes(ctx["user"].get("flux_csv", "")))
+    manual.update(params.get("manual") or {})
     models = {}
     spw_freqs = {s["id"]: np.mean(s["chan_freq_hz"]) for s in ctx["observation"]["spws"]}
     for fid in require_intent(ctx, "FLUX", "setjy"):
@@ -193,7 +226,8 @@ def setjy(ctx: dict, params: dict, io: StageIO) -> QA:
             m = manual[name]
             models[str(fid)] = {"kind": "manual", "flux_jy": float(m["flux_jy"]),
                                 "ref_freq_hz": float(m.get("ref_freq_hz", next(iter(spw_freqs.values())))),
-                                "spix": float(m.get("spix", 0.0)), "origin": "setjy manual"}
+                                "spix": float(m.get("spix", 0.0)),
+                                "origin": "setjy manual" if name in (params.get("manual") or {}) else "flux.csv"}
             continue
         std = fluxmodels.standard_calibrator(name)
         if std is None:
@@ -230,19 +264,18 @@ def bandpass(ctx: dict, params: dict, io: StageIO) -> QA:
         # Phase-up: per-integration phases on the central channels, so that the
         # time-averaged bandpass solve does not decorrelate.
         centre = slice(int(nchan * params.get("phaseup_lo", 0.1)), max(int(nchan * params.get("phaseup_hi", 0.9)), 1))
+        earlier = preapply(ctx, io, part["spw"])
         phaseup = solve_term(vis, model, SolveSpec(kind="G", solint=params.get("phaseup_solint", "int"),
                                                    calmode="p", refant=ref, chans=centre,
-                                                   minsnr=params.get("phaseup_minsnr", 2.0)))
+                                                   minsnr=params.get("phaseup_minsnr", 2.0), preapply=earlier))
         bp = solve_term(vis, model, SolveSpec(kind="B", solint=params.get("solint", "inf"),
                                               combine=params.get("combine", "scan"), calmode="ap", refant=ref,
                                               minsnr=params.get("minsnr", 3.0), solnorm=params.get("solnorm", True),
-                                              preapply=[GainApply(phaseup, interp="nearest", calwt=False)]))
+                                              preapply=earlier + [GainApply(phaseup, interp="nearest", calwt=False)]))
         sols.append(bp)
         _plot_bandpass(io, bp, ctx, part["spw"])
     save_table(io, ctx, "bandpass", sols, ms_path)
-    ctx["callibrary"] = [e for e in ctx["callibrary"] if e["table"] != "bandpass"]
-    ctx["callibrary"].append({"table": "bandpass", "kind": "B", "interp": "nearest", "gainfield": "all",
-                              "calwt": True})
+    register(ctx, "bandpass", "B", "nearest", "all")
     solution_qa(qa, sols, "bandpass", ctx)
     return qa
 
@@ -272,19 +305,50 @@ def _gain_solve(ctx, params, io, name: str, unit_fields: list, qa: QA) -> list:
         ms_path, vis = read_part(io, part, fields=cal_ids)
         spw_sel = params.get("spw", "")
         chans = chan_selection(spw_sel, len(vis.freq))
-        bp = load_table(io, ctx, "bandpass", part["spw"])
+        if "bandpass" not in ctx["caltables"]:
+            raise StageError(f"{name}: no bandpass table in the context: run bandpass first")
+        earlier = preapply(ctx, io, part["spw"])
         model = point_model(vis, field_models(ctx, unit_for=unit_fields))
         idx = np.flatnonzero(chans)
+        phases = None
+        if params.get("phaseup_solint"):
+            # hifa_gfluxscale/timegaincal: phases on a short interval first, so the
+            # amplitudes of the longer interval are not lowered by decorrelation
+            phases = solve_term(vis, model, SolveSpec(kind="G", solint=params["phaseup_solint"], calmode="p",
+                                                      refant=ref, minsnr=params.get("phaseup_minsnr", 2.0),
+                                                      chans=slice(idx[0], idx[-1] + 1), preapply=earlier))
+            earlier = earlier + [GainApply(phases, interp="linear", calwt=False)]
         g = solve_term(vis, model, SolveSpec(kind=params.get("gaintype", "G"), solint=params.get("solint", "inf"),
                                              combine=params.get("combine", ""), calmode=params.get("calmode", "ap"),
                                              refant=ref, minsnr=params.get("minsnr", 3.0),
                                              chans=slice(idx[0], idx[-1] + 1),
-                                             preapply=[GainApply(bp, interp="nearest", calwt=False)]))
+                                             preapply=earlier))
+        if phases is not None:
+            # the table must undo everything the solve saw: phase-up phases times the gains
+            g = combine_phase_gain(phases, g)
         sols.append(g)
         _plot_gains(io, g, ctx, part["spw"], name)
     save_table(io, ctx, name, sols, ms_path)
     solution_qa(qa, sols, name, ctx)
     return sols
+
+
+def combine_phase_gain(phases: CalSolutions, gains: CalSolutions) -> CalSolutions:
+    """One table at the phase solutions' cadence: each phase solution times the
+    gain of the same antenna, field and scan (flagged where either is)."""
+    cp = phases.cparam.copy()
+    flag = phases.flag.copy()
+    lookup = {(int(a), int(f), int(s)): r for r, (a, f, s) in
+              enumerate(zip(gains.antenna, gains.field_id, gains.scan))}
+    for r, key in enumerate(zip(phases.antenna.tolist(), phases.field_id.tolist(), phases.scan.tolist())):
+        k = lookup.get(key)
+        if k is None:
+            flag[r] = True
+            continue
+        cp[r] = cp[r] * gains.cparam[k]
+        flag[r] |= gains.flag[k]
+    return CalSolutions(gains.kind, gains.spw, gains.freq, phases.time, phases.interval, phases.field_id,
+                        phases.scan, phases.antenna, cp, flag, np.minimum(phases.snr, gains.snr.max()), gains.refant)
 
 
 def _plot_gains(io, g: CalSolutions, ctx, spw, name):
@@ -324,9 +388,7 @@ def timegaincal(ctx: dict, params: dict, io: StageIO) -> QA:
     if missing:
         qa.lower(0.6, f"No flux model for {', '.join(missing)}: solved with 1 Jy (run fluxscale first).")
     _gain_solve(ctx, params, io, "timegaincal", calibrator_ids(ctx), qa)
-    ctx["callibrary"] = [e for e in ctx["callibrary"] if e["kind"] == "B"]
-    ctx["callibrary"].append({"table": "timegaincal", "kind": "G", "interp": params.get("interp", "linear"),
-                              "gainfield": "nearest-calibrator", "calwt": True})
+    register(ctx, "timegaincal", "G", params.get("interp", "linear"), "nearest-calibrator")
     return qa
 
 
@@ -418,17 +480,10 @@ def applycal(ctx: dict, params: dict, io: StageIO) -> QA:
     new_parts, flagged_before, flagged_after, total = [], 0, 0, 0
     for part in ctx["partitions"]:
         ms, vis_all = read_part(io, part)
-        corrected = np.zeros_like(vis_all.data)
-        flags = vis_all.flag.copy()
-        weights = vis_all.weight.copy()
-        for fid in np.unique(vis_all.field_id):
-            rows = vis_all.field_id == fid
-            vis = vis_all.select(rows)
-            applies = apply_for(ctx, io, part["spw"], int(fid))
-            for a in applies:
-                a.calwt = a.calwt and params.get("calwt", True)
-            d, f, w = apply_tables(vis, applies)
-            corrected[rows], flags[rows], weights[rows] = d, f, w
+        applies = apply_for(ctx, io, part["spw"])
+        for a in applies:
+            a.calwt = a.calwt and params.get("calwt", True)
+        corrected, flags, weights = apply_tables(vis_all, applies)
         flagged_before += int(vis_all.flag.sum())
         flagged_after += int(flags.sum())
         total += flags.size

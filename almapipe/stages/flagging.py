@@ -13,6 +13,7 @@ import numpy as np
 from .base import QA, StageError, StageIO, stage
 from ..imaging.uvcontsub import parse_channels
 from ..msio import ms as msio
+from ..msio.listobs import intents_of_modes
 
 TEMPLATE_KEYS = {"mode", "antenna", "spw", "field", "scan", "correlation", "reason", "autocorr", "timerange"}
 
@@ -130,7 +131,10 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
     commands = parse_template(template) if template else []
     ants = ctx["observation"]["antennas"]
     diam = np.array([a["diameter_m"] for a in ants])
-    summary = {"autocorr": 0, "zeros": 0, "shadow": 0, "template": 0, "before": 0, "total": 0, "samples": 0}
+    summary = {"autocorr": 0, "zeros": 0, "intents": 0, "edges": 0, "shadow": 0, "template": 0, "before": 0, "total": 0,
+               "samples": 0}
+    state_intents = [intents_of_modes([m]) for m in msio.state_intents(io.fetch_dir(ctx["partitions"][0]["key"]))] \
+        if ctx["partitions"] else []
     new_parts = []
     for part in ctx["partitions"]:
         ms = io.fetch_dir(part["key"])
@@ -149,6 +153,17 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
             add(np.broadcast_to((vis.ant1 == vis.ant2)[:, None, None], flag.shape), "autocorr")
         if params.get("zeros", True):
             add(np.abs(vis.data) == 0, "zeros")
+        unused = set(params.get("unused_intents", ["ATMOSPHERE", "POINTING", "SIDEBAND", "FOCUS"]))
+        if unused and state_intents:
+            bad_states = [i for i, its in enumerate(state_intents) if its and its <= unused]
+            add(np.broadcast_to(np.isin(vis.state_id, bad_states)[:, None, None], flag.shape), "intents")
+        edge = params.get("edge_fraction", 0.0)     # ALMA TDM spws: 1/16 of the channels at each edge
+        if edge > 0:
+            nchan = flag.shape[1]
+            n_edge = int(np.ceil(edge * nchan))
+            edges = np.zeros(nchan, bool)
+            edges[:n_edge] = edges[nchan - n_edge:] = True
+            add(np.broadcast_to(edges[None, :, None], flag.shape), "edges")
         if params.get("shadow", True):
             add(np.broadcast_to(shadow_mask(vis.time, vis.ant1, vis.ant2, vis.uvw, diam)[:, None, None],
                                 flag.shape), "shadow")
@@ -160,16 +175,83 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
         new_parts.append(dict(part, key=entry["key"], sha256=entry["sha256"]))
     ctx["partitions"] = new_parts
     n = max(summary["samples"], 1)
-    frac = {k: summary[k] / n for k in ("autocorr", "zeros", "shadow", "template", "before", "total")}
+    frac = {k: summary[k] / n for k in ("autocorr", "zeros", "intents", "edges", "shadow", "template", "before",
+                                        "total")}
     ctx["flags"]["flagdata"] = {"fractions": frac, "commands": commands}
     for k, v in frac.items():
         io.log("flagged fraction %s: %.4f", k, v)
     # As hifa_flagdata: the score falls with the fraction flagged beyond autocorrelations.
-    extra = frac["total"] - frac["autocorr"] - frac["before"]
+    extra = frac["total"] - frac["autocorr"] - frac["intents"] - frac["edges"] - frac["before"]
     if extra > 0.6:
         qa.lower(0.0, f"{extra:.0%} of the data flagged beyond autocorrelations.")
     elif extra > 0.05:
         qa.lower(1.0 - extra, f"{extra:.1%} of the data flagged beyond autocorrelations.")
-    qa.note(f"Flagged in total {frac['total']:.1%} (autocorrelations {frac['autocorr']:.1%}, zeros "
-            f"{frac['zeros']:.2%}, shadowing {frac['shadow']:.2%}, template {frac['template']:.2%}).")
+    qa.note(f"Flagged in total {frac['total']:.1%} (autocorrelations {frac['autocorr']:.1%}, intents not used "
+            f"for calibration {frac['intents']:.1%}, band edges {frac['edges']:.1%}, zeros {frac['zeros']:.2%}, shadowing {frac['shadow']:.2%}, "
+            f"template {frac['template']:.2%}).")
+    return qa
+
+
+def outlier_channels(vis: msio.Vis, nsigma: float = 8.0) -> np.ndarray:
+    """Channels (nchan,) whose time- and baseline-averaged amplitude jumps away
+    from its neighbours: the robust second difference across channels beyond
+    nsigma (1.4826 MAD). The bandpass shape is smooth; a birdie or a bad
+    correlator channel is not."""
+    w = np.where(vis.flag, 0, vis.weight[:, None, :])
+    cross = (vis.ant1 != vis.ant2)[:, None, None]
+    w = w * cross
+    spec = np.abs((w * vis.data).sum(axis=(0, 2)) / np.maximum(w.sum(axis=(0, 2)), 1e-30))
+    good = w.sum(axis=(0, 2)) > 0
+    bad = np.zeros(len(spec), bool)
+    if good.sum() < 5:
+        return bad
+    def second_difference(idx):
+        a = spec[idx]
+        d2 = np.zeros_like(a)
+        d2[1:-1] = a[1:-1] - 0.5 * (a[:-2] + a[2:])
+        return d2
+
+    idx = np.flatnonzero(good)
+    d2 = second_difference(idx)
+    sigma = 1.4826 * np.median(np.abs(d2[1:-1] - np.median(d2[1:-1]))) or 1e-30
+    # one channel at a time, worst first: a spike also raises its neighbours' second
+    # difference (by half), which vanishes once the spike itself is left out
+    for _ in range(max(1, len(spec) // 10)):
+        d2 = second_difference(idx)
+        k = int(np.argmax(np.abs(d2)))
+        if abs(d2[k]) <= nsigma * sigma:
+            break
+        bad[idx[k]] = True
+        idx = np.delete(idx, k)
+    return bad
+
+
+@stage("rawflagchans", service="calibrator")
+def rawflagchans(ctx: dict, params: dict, io: StageIO) -> QA:
+    """Flag channels that stand out in the calibrators' raw spectra, in every field (hif_rawflagchans)."""
+    from .calibration import calibrator_ids
+    qa = QA()
+    found, new_parts = {}, []
+    for part in ctx["partitions"]:
+        ms = io.fetch_dir(part["key"])
+        cal = msio.read_vis(ms, part["spw"], field_ids=calibrator_ids(ctx))
+        io.visibilities += cal.data.size
+        bad = outlier_channels(cal, params.get("nsigma", 8.0))
+        if bad.any():
+            vis = msio.read_vis(ms, part["spw"])
+            flag = vis.flag | bad[None, :, None]
+            msio.write_flags(ms, vis.rows, flag)
+            entry = io.put_dir(ms, part["name"])
+            part = dict(part, key=entry["key"], sha256=entry["sha256"])
+            found[part["spw"]] = np.flatnonzero(bad).tolist()
+            qa.note(f"spw {part['spw']}: flagged channel(s) {', '.join(map(str, found[part['spw']]))}.")
+        new_parts.append(part)
+    ctx["partitions"] = new_parts
+    ctx["flags"]["rawflagchans"] = found
+    if not found:
+        qa.note("No outlier channels.")
+    nflag = sum(len(v) for v in found.values())
+    total = sum(s["nchan"] for s in ctx["observation"]["spws"] if any(p["spw"] == s["id"] for p in ctx["partitions"]))
+    if nflag > 0.1 * max(total, 1):
+        qa.lower(0.6, f"{nflag} channels flagged as outliers: more than 10% of the band.")
     return qa

@@ -67,17 +67,21 @@ def find_continuum(vis: msio.Vis, edge_frac: float = 0.05, nsigma: float = 4.0) 
     short = cross & (uvd <= np.median(uvd[cross]))
     w = np.where(vis.flag[short], 0, vis.weight[short][:, None, :])
     spec = np.abs((w * vis.data[short]).sum(axis=(0, 2)) / np.maximum(w.sum(axis=(0, 2)), 1e-30))
+    has_data = w.sum(axis=(0, 2)) > 0          # flagged channels are neither line nor continuum
     edge = max(1, int(round(edge_frac * nchan)))
     chans = np.arange(nchan)
-    cont = np.zeros(nchan, bool)
-    cont[edge:nchan - edge] = True
+    cont = has_data.copy()
+    cont[:edge] = cont[nchan - edge:] = False
     for _ in range(5):
         coef = np.polyfit(chans[cont], spec[cont], 1)
         resid = spec - np.polyval(coef, chans)
-        sigma = 1.4826 * np.median(np.abs(resid[cont] - np.median(resid[cont]))) or 1e-12
-        line = np.abs(resid) > nsigma * sigma
+        # deviations from the residuals' median: a first fit pulled up by the line
+        # offsets every continuum channel alike, which is not line
+        centre = np.median(resid[cont])
+        sigma = 1.4826 * np.median(np.abs(resid[cont] - centre)) or 1e-12
+        line = (np.abs(resid - centre) > nsigma * sigma) & has_data
         line = np.convolve(line, np.ones(5), "same") > 0
-        new = ~line
+        new = ~line & has_data
         new[:edge] = new[nchan - edge:] = False
         if (new == cont).all() or new.sum() < 3:
             break
@@ -262,6 +266,13 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
         for fid in calibrator_ids(ctx):
             for part in ctx["partitions"]:
                 jobs.append(("mfs", fid, part, "CORRECTED_DATA", params.get("calibrator", {})))
+    if params.get("target_cont", False) and ctx.get("target_partitions") and ctx.get("continuum"):
+        # specmode 'cont': the target's continuum from its line-free channels (cont.dat)
+        chans_of = {e["spw"]: e["channels"] for e in ctx["continuum"]}
+        for fid in field_ids_with(ctx, "TARGET"):
+            for part in ctx["target_partitions"]:
+                jobs.append(("cont", fid, part, "DATA", dict(params.get("cont", {}),
+                                                              chans=chans_of.get(part["spw"], ""))))
     if params.get("target_cube", True) and ctx.get("contsub_partitions"):
         for fid in field_ids_with(ctx, "TARGET"):
             for part in ctx["contsub_partitions"]:
@@ -280,7 +291,8 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
         cell, npix = image_heuristics(vis, dish, telescope, chans)
         cell = float(p.get("cell_arcsec", cell))
         npix = int(p.get("imsize", npix))
-        spec = ImageSpec(field=fields[fid]["name"], specmode=specmode, npix=npix, cell_arcsec=cell,
+        spec = ImageSpec(field=fields[fid]["name"], specmode="mfs" if specmode == "cont" else specmode,
+                         npix=npix, cell_arcsec=cell,
                          robust=p.get("robust", 0.5), niter=int(p.get("niter", 1000)),
                          nsigma=float(p.get("nsigma", 3.0)), chans=chans)
         res = make_image(vis, spec, dish, telescope)

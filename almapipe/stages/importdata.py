@@ -13,6 +13,12 @@ from .base import QA, StageError, StageIO, stage
 from ..msio import listobs, ms as msio, uvfits
 
 
+# Files an input tar may carry beside the MS, as ALMA's pipeline finds them in
+# its working directory; each lands in the context's user inputs.
+SIDECARS = {"antennapos.csv": "antennapos", "flagtemplate.txt": "flag_template", "cont.dat": "cont_dat",
+            "flux.csv": "flux_csv"}
+
+
 def _unpack_input(path: str, workdir: str) -> tuple[str, str]:
     """Return (ms_path, input_format) for an MS tar or a UVFITS file."""
     name = os.path.basename(path)
@@ -29,7 +35,8 @@ def _unpack_input(path: str, workdir: str) -> tuple[str, str]:
             tar.extractall(dest, filter="data")
         tops = [d for d in os.listdir(dest) if os.path.isdir(os.path.join(dest, d))]
         if len(tops) != 1:
-            raise StageError(f"importdata: {name}: a tar must hold exactly one MS directory, found {tops}")
+            raise StageError(f"importdata: {name}: a tar must hold exactly one MS directory (and optionally "
+                             f"{', '.join(SIDECARS)}), found {tops}")
         ms_path = os.path.join(dest, tops[0])
         try:
             msio.check_ms(ms_path)
@@ -74,6 +81,12 @@ def importdata(ctx: dict, params: dict, io: StageIO) -> QA:
     local = io.fetch_raw(ctx["input_key"])
     ms_path, fmt = _unpack_input(local, io.workdir)
     io.log("input %s read as %s", os.path.basename(local), fmt)
+    for fname, key in SIDECARS.items():
+        side = os.path.join(os.path.dirname(ms_path), fname)
+        if os.path.exists(side) and not ctx["user"].get(key):
+            with open(side) as f:
+                ctx["user"][key] = f.read()
+            qa.note(f"Found {fname} beside the MS.")
     obs = listobs.summary(ms_path)
     try:
         fields = listobs.assign_roles(obs, params.get("field_roles"))

@@ -1,0 +1,325 @@
+"""ALMA calibration stages (calibrator service): tsyscal, antpos, wvrgcal.
+
+Each writes a table into the calibration library (field-independent, applied
+before every later solve and by applycal):
+
+* tsyscal (hifa_tsyscal): Tsys spectra from the SYSCAL table, mapped from the
+  Tsys spws to the science spws by frequency, as CASA's 'B TSYS' table;
+  applying it multiplies the data by sqrt(Tsys_1 Tsys_2).
+* antpos (hifa_antpos): phase corrections exp(2 pi i nu (delta . s) / c) for
+  the antenna position offsets delta of antennapos.csv.
+* wvrgcal (hifa_wvrgcalflag): atmospheric path per antenna and integration from
+  the 183 GHz radiometers, scaled to phase with a factor fitted on the
+  calibrators; antennas whose radiometer does not follow their phases get the
+  path of their nearest neighbours.
+"""
+from __future__ import annotations
+
+import csv
+import io as _io
+import os
+
+import casacore.tables as ct
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from astropy.time import Time  # noqa: E402
+
+from .base import QA, StageError, StageIO, stage  # noqa: E402
+from .calibration import calibrator_ids, field_models, preapply, read_part, refant_id, register, save_table  # noqa: E402
+from ..calibration.caltable import CalSolutions  # noqa: E402
+from ..calibration.terms import SolveSpec, point_model, solve_term  # noqa: E402
+from ..msio import ms as msio  # noqa: E402
+
+C = 299792458.0
+
+
+def _ones_like_rows(n_rows: int, nchan: int, ncorr: int):
+    return np.zeros((n_rows, nchan, ncorr), bool), np.full((n_rows, nchan, ncorr), 100.0, np.float32)
+
+
+# ------------------------------------------------------------------ tsyscal
+
+def tsys_spw_map(ms: str, science_spw: int, tsys_spws: list) -> int | None:
+    """The Tsys spw whose frequency range overlaps the science spw most (tsysspwmap)."""
+    spws = msio.spw_table(ms)
+    f = np.array(spws[science_spw]["chan_freq_hz"])
+    lo, hi = f.min(), f.max()
+    best, best_overlap = None, 0.0
+    for t in tsys_spws:
+        ft = np.array(spws[t]["chan_freq_hz"])
+        overlap = max(0.0, min(hi, ft.max()) - max(lo, ft.min()))
+        if overlap > best_overlap:
+            best, best_overlap = t, overlap
+    return best
+
+
+@stage("tsyscal", service="calibrator")
+def tsyscal(ctx: dict, params: dict, io: StageIO) -> QA:
+    qa = QA()
+    sols, ms_path, summary = [], None, []
+    for part in ctx["partitions"]:
+        ms_path = io.fetch_dir(part["key"])
+        syscal = os.path.join(ms_path, "SYSCAL")
+        if not os.path.exists(syscal):
+            qa.lower(0.3, "No SYSCAL (Tsys) table in the data: the amplitudes are not corrected for Tsys, "
+                          "so fluxes transferred between calibrators at different elevations are biased.")
+            return qa
+        with ct.table(syscal, ack=False) as t:
+            if "TSYS_SPECTRUM" not in t.colnames() or t.nrows() == 0:
+                qa.lower(0.3, "The SYSCAL table holds no Tsys spectra: Tsys not applied.")
+                return qa
+            ant, spw, time, tsys = (t.getcol(c) for c in ("ANTENNA_ID", "SPECTRAL_WINDOW_ID", "TIME", "TSYS_SPECTRUM"))
+            interval = t.getcol("INTERVAL")
+        tspw = tsys_spw_map(ms_path, part["spw"], sorted(set(spw.tolist())))
+        if tspw is None:
+            qa.lower(0.3, f"No Tsys spw covers science spw {part['spw']}: Tsys not applied there.")
+            continue
+        sel = spw == tspw
+        # the field each Tsys measurement was made on: that of the MS rows at its time
+        with ct.table(ms_path, ack=False) as mt:
+            mtime, mfield = mt.getcol("TIME"), mt.getcol("FIELD_ID")
+        order_t = np.argsort(mtime)
+        near = order_t[np.clip(np.searchsorted(mtime[order_t], time), 0, len(mtime) - 1)]
+        field = mfield[near]
+        f_sci = np.array(msio.spw_table(ms_path)[part["spw"]]["chan_freq_hz"])
+        f_tsys = np.array(msio.spw_table(ms_path)[tspw]["chan_freq_hz"])
+        order = np.argsort(f_tsys)
+        rows = np.flatnonzero(sel)
+        t_on = np.stack([np.stack([np.interp(f_sci, f_tsys[order], tsys[r][order, p]) for p in range(tsys.shape[2])],
+                                  axis=1) for r in rows])                      # (nrow, nchan_sci, ncorr)
+        bad = ~np.isfinite(t_on) | (t_on <= 0)
+        g = 1.0 / np.sqrt(np.where(bad, 1.0, t_on))
+        flag, snr = bad, np.full(t_on.shape, 100.0, np.float32)
+        sols.append(CalSolutions("TSYS", part["spw"], f_sci, time[rows], interval[rows], field[rows],
+                                 np.zeros(len(rows), int), ant[rows], g.astype(np.complex64), flag, snr))
+        med = float(np.median(t_on[~bad])) if (~bad).any() else 0.0
+        summary.append({"spw": part["spw"], "tsys_spw": int(tspw), "median_tsys_k": med})
+        qa.note(f"spw {part['spw']}: Tsys from spw {tspw}, median {med:.0f} K.")
+        if med > params.get("max_median_tsys_k", 1000):
+            qa.lower(0.6, f"spw {part['spw']}: median Tsys {med:.0f} K is very high.")
+        _plot_tsys(io, t_on, ant[rows], f_sci, part["spw"])
+    if not sols:
+        return qa
+    save_table(io, ctx, "tsyscal", sols, ms_path)
+    # as ALMA applies it: each calibrator its own Tsys, the target its phase calibrator's
+    register(ctx, "tsyscal", "TSYS", "linear", "nearest-calibrator")
+    ctx["tsys"] = summary
+    return qa
+
+
+def _plot_tsys(io, tsys, ant, freq, spw):
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for a in np.unique(ant):
+        ax.plot(freq / 1e9, tsys[ant == a].mean(axis=(0, 2)), lw=0.8)
+    ax.set_xlabel("frequency (GHz)")
+    ax.set_ylabel("Tsys (K)")
+    ax.set_title(f"Tsys per antenna, spw {spw}")
+    io.plot(fig, f"tsys_spw{spw}.png")
+
+
+# ------------------------------------------------------------------ antpos
+
+def parse_antennapos(text: str) -> dict:
+    """antennapos.csv -> {antenna name: (dx, dy, dz) in m}; header line required."""
+    rows = list(csv.reader(_io.StringIO(text)))
+    if not rows:
+        return {}
+    header = [h.strip().lower() for h in rows[0]]
+    try:
+        ia, ix, iy, iz = (header.index(k) for k in ("antenna", "xoffset_m", "yoffset_m", "zoffset_m"))
+    except ValueError:
+        raise StageError("antennapos.csv: expected columns antenna, xoffset_m, yoffset_m, zoffset_m") from None
+    out = {}
+    for n, r in enumerate(rows[1:], 2):
+        if not r or r[0].startswith("#"):
+            continue
+        try:
+            out[r[ia].strip()] = (float(r[ix]), float(r[iy]), float(r[iz]))
+        except (ValueError, IndexError):
+            raise StageError(f"antennapos.csv line {n}: cannot read {r}") from None
+    return out
+
+
+def source_vectors(times: np.ndarray, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    """Earth-fixed unit vectors (n, 3) towards (ra, dec) at the given MJD-second times."""
+    gast = Time(times / 86400, format="mjd", scale="utc").sidereal_time("apparent", "greenwich").rad
+    hg = gast - ra
+    return np.stack([np.cos(dec) * np.cos(hg), -np.cos(dec) * np.sin(hg), np.sin(dec)], axis=1)
+
+
+@stage("antpos", service="calibrator")
+def antpos(ctx: dict, params: dict, io: StageIO) -> QA:
+    qa = QA()
+    text = params.get("csv") or ctx["user"].get("antennapos") or ""
+    offsets = parse_antennapos(text) if text else {}
+    if not offsets:
+        qa.note("No antenna position corrections given (antennapos.csv): nothing to correct.")
+        return qa
+    ants = ctx["observation"]["antennas"]
+    by_name = {a["name"]: a["id"] for a in ants}
+    unknown = sorted(set(offsets) - set(by_name))
+    if unknown:
+        raise StageError(f"antpos: antennapos.csv names antennas not in the data: {', '.join(unknown)}")
+    delta = np.zeros((len(ants), 3))
+    for name, d in offsets.items():
+        delta[by_name[name]] = d
+    fields = {f["id"]: f for f in ctx["observation"]["fields"]}
+    sols, ms_path = [], None
+    for part in ctx["partitions"]:
+        ms_path = io.fetch_dir(part["key"])
+        with ct.table(ms_path, ack=False) as t:
+            key = np.unique(np.stack([t.getcol("TIME"), t.getcol("FIELD_ID")], axis=1), axis=0)
+        times, fids = key[:, 0], key[:, 1].astype(int)
+        ra = np.array([fields[f]["ra_rad"] for f in fids])
+        dec = np.array([fields[f]["dec_rad"] for f in fids])
+        s = source_vectors(times, ra, dec)                                   # (nt, 3)
+        freq = np.array(msio.spw_table(ms_path)[part["spw"]]["chan_freq_hz"])
+        delay = s @ delta.T                                                   # (nt, nant) m
+        phase = 2 * np.pi * delay[:, :, None] * freq[None, None, :] / C        # (nt, nant, nchan)
+        nant = len(ants)
+        g = np.repeat(np.exp(1j * phase)[..., None], 2, axis=3).reshape(-1, len(freq), 2)
+        n = len(times) * nant
+        flag, snr = _ones_like_rows(n, len(freq), 2)
+        sols.append(CalSolutions("ANTPOS", part["spw"], freq, np.repeat(times, nant), np.zeros(n),
+                                 np.repeat(fids, nant), np.zeros(n, int), np.tile(np.arange(nant), len(times)),
+                                 g.astype(np.complex64), flag, snr))
+    save_table(io, ctx, "antpos", sols, ms_path)
+    register(ctx, "antpos", "ANTPOS", "nearest", "all", calwt=False)
+    ctx["antpos"] = {k: list(v) for k, v in offsets.items()}
+    for name, d in offsets.items():
+        qa.note(f"{name}: position corrected by ({d[0] * 1e3:.1f}, {d[1] * 1e3:.1f}, {d[2] * 1e3:.1f}) mm.")
+    return qa
+
+
+# ------------------------------------------------------------------ wvrgcal
+
+def read_wvr(ms: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(times (nt,), antenna ids, brightness temperatures (nt, nant, 4)) of the WVR data."""
+    path = os.path.join(ms, "WVR_DATA")
+    if not os.path.exists(path):
+        raise FileNotFoundError(path)
+    with ct.table(path, ack=False) as t:
+        time, ant, tb = t.getcol("TIME"), t.getcol("ANTENNA_ID"), t.getcol("TB")
+    times = np.unique(time)
+    nant = int(ant.max()) + 1
+    cube = np.full((len(times), nant, tb.shape[1]), np.nan)
+    cube[np.searchsorted(times, time), ant] = tb
+    return times, np.arange(nant), cube
+
+
+def nearest_index(grid: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Index of the nearest grid time for each t (grid sorted)."""
+    i = np.searchsorted(grid, t).clip(1, len(grid) - 1)
+    return np.where(np.abs(grid[i - 1] - t) <= np.abs(grid[i] - t), i - 1, i)
+
+
+def wvr_proxy(tb: np.ndarray) -> np.ndarray:
+    """A path proxy (nt, nant) from the four channels: the projection of the
+    brightness fluctuations on their common direction (first principal component),
+    which is the water-vapour signature whatever the absolute calibration."""
+    fluct = tb - np.nanmean(tb, axis=0, keepdims=True)
+    x = fluct.reshape(-1, tb.shape[2])
+    x = x[np.isfinite(x).all(axis=1)]
+    _, _, vt = np.linalg.svd(x - x.mean(axis=0), full_matrices=False)
+    direction = vt[0] * np.sign(vt[0].sum())
+    return np.einsum("tak,k->ta", np.nan_to_num(fluct), direction)
+
+
+@stage("wvrgcal", service="calibrator")
+def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
+    qa = QA()
+    ants = ctx["observation"]["antennas"]
+    pos = np.array([a["position"] for a in ants])
+    ref = refant_id(ctx)
+    cal_ids = calibrator_ids(ctx)
+    part0 = ctx["partitions"][0]
+    ms0 = io.fetch_dir(part0["key"])
+    try:
+        wtimes, _, tb = read_wvr(ms0)
+    except FileNotFoundError:
+        qa.lower(0.5, "No WVR data in the EB: no WVR correction; phases keep the atmospheric fluctuations.")
+        return qa
+    proxy = wvr_proxy(tb)                                                     # (nt, nant)
+    # Fit the path scale on the calibrators: per-integration antenna phases
+    # (relative to the reference antenna) against the proxy differences.
+    _, vis = read_part(io, part0, fields=cal_ids)
+    nu0 = float(np.mean(vis.freq))
+    model = point_model(vis, field_models(ctx, unit_for=cal_ids))
+    # per polarisation (G): before the bandpass the X and Y phases are unrelated
+    ph = solve_term(vis, model, SolveSpec(kind="G", solint="int", calmode="p", refant=ref,
+                                          minsnr=params.get("minsnr", 3.0), preapply=preapply(ctx, io, part0["spw"])))
+    idx = nearest_index(wtimes, ph.time)
+    ok = ~ph.flag[:, 0, 0]
+    obs_phase = np.angle(ph.cparam[:, 0, 0])
+    dproxy = proxy[idx, ph.antenna] - proxy[idx, ref]
+    # remove per-antenna and per-scan means: slow phases belong to the gain solves
+    key = ph.antenna * 100000 + ph.scan
+    resid_phase, resid_proxy = obs_phase.copy(), dproxy.copy()
+    for k in np.unique(key[ok]):
+        r = ok & (key == k)
+        resid_phase[r] = np.angle(np.exp(1j * (obs_phase[r] - np.angle(np.exp(1j * obs_phase[r]).mean()))))
+        resid_proxy[r] -= dproxy[r].mean()
+    # per-antenna fit quality: an antenna whose radiometer does not follow its phases is bad
+    bad_ants, corr = [], {}
+    for a in np.unique(ph.antenna):
+        r = ok & (ph.antenna == a)
+        if a == ref or r.sum() < 5:
+            continue
+        c = np.corrcoef(resid_phase[r], resid_proxy[r])[0, 1] if resid_proxy[r].std() > 0 else 0.0
+        corr[int(a)] = float(c)
+        if not np.isfinite(c) or abs(c) < params.get("min_correlation", 0.5):
+            bad_ants.append(int(a))
+    good = ok & ~np.isin(ph.antenna, bad_ants) & (ph.antenna != ref)
+    if good.sum() < 10:
+        qa.lower(0.4, "Too few calibrator phases to fit the WVR scale: no WVR correction.")
+        return qa
+    scale = float((resid_phase[good] * resid_proxy[good]).sum() / (resid_proxy[good] ** 2).sum())  # rad / unit
+    path_m = proxy * scale * C / (2 * np.pi * nu0)                               # (nt, nant) metres
+    # bad radiometers: the mean path of the three nearest good antennas
+    good_ants = [a for a in range(len(ants)) if a not in bad_ants and np.isfinite(tb[:, a]).all()]
+    for a in bad_ants:
+        near = sorted(good_ants, key=lambda b: np.linalg.norm(pos[a] - pos[b]))[:3]
+        path_m[:, a] = path_m[:, near].mean(axis=1)
+    before = np.sqrt(np.mean(resid_phase[good] ** 2))
+    after_res = np.angle(np.exp(1j * (resid_phase - (resid_proxy * scale))))
+    after = np.sqrt(np.mean(after_res[good] ** 2))
+    ratio = float(before / after) if after > 0 else 1.0
+    sols, ms_path = [], None
+    nant = len(ants)
+    for part in ctx["partitions"]:
+        ms_path = io.fetch_dir(part["key"])
+        freq = np.array(msio.spw_table(ms_path)[part["spw"]]["chan_freq_hz"])
+        phase = 2 * np.pi * path_m[:, :, None] * freq[None, None, :] / C       # (nt, nant, nchan)
+        g = np.repeat(np.exp(1j * phase)[..., None], 2, axis=3).reshape(-1, len(freq), 2)
+        n = len(wtimes) * nant
+        flag, snr = _ones_like_rows(n, len(freq), 2)
+        sols.append(CalSolutions("WVR", part["spw"], freq, np.repeat(wtimes, nant), np.zeros(n), np.zeros(n, int),
+                                 np.zeros(n, int), np.tile(np.arange(nant), len(wtimes)), g.astype(np.complex64),
+                                 flag, snr))
+    save_table(io, ctx, "wvrgcal", sols, ms_path)
+    register(ctx, "wvrgcal", "WVR", "linear", "all", calwt=False)
+    ctx["wvr"] = {"phase_rms_before_deg": float(np.degrees(before)), "phase_rms_after_deg": float(np.degrees(after)),
+                  "improvement_ratio": ratio, "bad_antennas": [ants[a]["name"] for a in bad_ants],
+                  "scale_rad_per_unit": scale, "correlation": {ants[a]["name"]: c for a, c in corr.items()}}
+    qa.note(f"Phase rms on the calibrators {np.degrees(before):.1f} -> {np.degrees(after):.1f} deg "
+            f"(improvement ratio {ratio:.2f}).")
+    if bad_ants:
+        qa.lower(0.8, f"WVR of {', '.join(ants[a]['name'] for a in bad_ants)} does not follow the phases: "
+                      f"their path interpolated from the nearest antennas.")
+    if ratio < params.get("min_ratio", 1.0):
+        qa.lower(0.5, f"WVR correction does not improve the phases (ratio {ratio:.2f}).")
+    _plot_wvr(io, wtimes, path_m, ants)
+    return qa
+
+
+def _plot_wvr(io, times, path_m, ants):
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for a in range(path_m.shape[1]):
+        ax.plot((times - times[0]) / 60, path_m[:, a] * 1e3, lw=0.6, label=ants[a]["name"])
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("path from WVR (mm)")
+    ax.set_title("Atmospheric path per antenna from the 183 GHz radiometers")
+    ax.legend(fontsize=6, ncol=4)
+    io.plot(fig, "wvr_path.png")
