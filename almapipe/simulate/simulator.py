@@ -343,7 +343,7 @@ class Simulator:
         syscal_rows, wvr_rows, truth_rows = [], [], {"shadowed_rows": 0, "rows": 0}
         t = t0
         scan_no = 0
-        t_end_est = t0 + total_s
+        t_end_est = self.t_end_est = t0 + total_s
         with ct.table(ms, readonly=False, ack=False) as main:
             for kind, fid, dur in plan:
                 scan_no += 1
@@ -432,6 +432,13 @@ class Simulator:
             f.write(f"{FIELDS[0][0]},{c.band_centre_hz:.1f},{c.bp_flux_jy},{c.bp_spix},calibrator catalogue\n")
         truth = self._truth(out_dir, names, truth_rows, wvr)
         return {"ms": ms, "antennapos": antpos, "flux_csv": flux_csv, "truth": truth}
+
+    def true_tsys(self, spw: int, time: float, field: int) -> np.ndarray:
+        """The model Tsys (nant, nchan) at a time, looking at a field (for tests)."""
+        t_frac = np.array([(time - self.t0) / (self.t_end_est - self.t0)])
+        ra, dec = np.radians(FIELDS[field][1]), np.radians(FIELDS[field][2])
+        gast = Time(np.array([time]) / 86400, format="mjd", scale="utc").sidereal_time("apparent", "greenwich").rad
+        return self.tsys(spw, t_frac, elevation(gast, ra, dec))[0]
 
     def _put(self, main, cols: dict, fid: int, scan: int, spw: int, state: int) -> None:
         """Append rows to the main table; cols has TIME, ANTENNA1/2, UVW, DATA."""
