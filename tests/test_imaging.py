@@ -81,3 +81,18 @@ def test_uvcontsub_removes_continuum_and_keeps_line():
     assert format_channels(mask) == "0~10;30~39"
     with pytest.raises(ValueError, match="outside"):
         parse_channels("0~99", nchan)
+
+
+def test_findcont_finds_a_line_that_covers_most_of_the_band():
+    """A line wider than half the band (as NGC 5921's HI is) must still be found."""
+    from almapipe.stages.imaging import find_continuum
+    nchan = 40
+    vis = simulate(nant=10, ntime=20, nchan=nchan, noise=0.02, flux=0.0, baseline_m=400,
+                   offsets=[(1.0, 40 * ARCSEC, -30 * ARCSEC)])
+    line = np.zeros(nchan)
+    line[8:32] = 0.5
+    ph = np.exp(2j * np.pi * (vis.uvw[:, 0:1] * 60 * ARCSEC) * vis.freq[None, :] / 299792458.0)
+    vis.data += (line[None, :] * ph)[:, :, None].astype(np.complex64)
+    cont = find_continuum(vis)
+    assert not cont[8:32].any()
+    assert cont[2:6].all() and cont[34:38].all()

@@ -15,7 +15,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from ..stages.base import qa_colour
 
 TOPICS = [("Data set", {"importdata"}),
-          ("Flagging", {"flagdata"}),
+          ("Flagging", {"flagdata", "rawflagchans", "tsysflag", "lowgainflag"}),
           ("Calibration", {"refant", "tsyscal", "antpos", "wvrgcal", "setjy", "bandpass", "gaincal", "fluxscale",
                            "timegaincal", "applycal"}),
           ("Line finding and imaging", {"split", "uvcontsub", "makeimages"}),

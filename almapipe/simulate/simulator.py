@@ -239,7 +239,8 @@ class Simulator:
         """Tsys (ntime, nant, nchan) in K: airmass and a line in the last spw's upper edge."""
         c = self.cfg
         ch = np.linspace(0, 1, c.nchan)
-        line = 1.0 + (1.5 * np.exp(-((ch - 0.92) / 0.06) ** 2) if spw == c.nspw - 1 else np.zeros_like(ch))
+        # a pressure-broadened atmospheric line near the top of the last spw (sigma ~225 MHz)
+        line = 1.0 + (1.5 * np.exp(-((ch - 0.92) / 0.12) ** 2) if spw == c.nspw - 1 else np.zeros_like(ch))
         airmass = 1 / np.sin(np.clip(el, np.radians(10), None))
         base = c.tsys_k * (0.6 + 0.4 * airmass)[:, None, None] * self.tsys_scale[None, :, None]
         return base * line[None, None, :] * (1 + 0.02 * np.sin(2 * np.pi * t_frac))[:, None, None]

@@ -25,6 +25,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from astropy.time import Time  # noqa: E402
+from scipy.signal import medfilt  # noqa: E402
 
 from .base import QA, StageError, StageIO, stage  # noqa: E402
 from .calibration import calibrator_ids, field_models, preapply, read_part, refant_id, register, save_table  # noqa: E402
@@ -323,3 +324,106 @@ def _plot_wvr(io, times, path_m, ants):
     ax.set_title("Atmospheric path per antenna from the 183 GHz radiometers")
     ax.legend(fontsize=6, ncol=4)
     io.plot(fig, "wvr_path.png")
+
+
+# ------------------------------------------------------------------ flagging on solutions
+
+def _flag_antennas_in_data(io: StageIO, ctx: dict, ant_ids: list) -> None:
+    """Flag every row of the given antennas in every partition (new MS objects)."""
+    new_parts = []
+    for part in ctx["partitions"]:
+        ms = io.fetch_dir(part["key"])
+        vis = msio.read_vis(ms, part["spw"])
+        rows = np.isin(vis.ant1, ant_ids) | np.isin(vis.ant2, ant_ids)
+        msio.write_flags(ms, vis.rows, vis.flag | rows[:, None, None])
+        entry = io.put_dir(ms, part["name"])
+        new_parts.append(dict(part, key=entry["key"], sha256=entry["sha256"]))
+    ctx["partitions"] = new_parts
+
+
+@stage("lowgainflag", service="calibrator")
+def lowgainflag(ctx: dict, params: dict, io: StageIO) -> QA:
+    """Flag antennas whose gain amplitude on the bandpass calibrator is far below the
+    array's (hif_lowgainflag): a dead or badly pointed antenna."""
+    from .base import require_intent
+    qa = QA()
+    bp_ids = require_intent(ctx, "BANDPASS", "lowgainflag")
+    ants = ctx["observation"]["antennas"]
+    low = set()
+    for part in ctx["partitions"]:
+        _, vis = read_part(io, part, fields=bp_ids)
+        model = point_model(vis, field_models(ctx, unit_for=bp_ids))
+        g = solve_term(vis, model, SolveSpec(kind="G", solint="inf", calmode="ap", refant=refant_id(ctx),
+                                             minsnr=0.0, preapply=preapply(ctx, io, part["spw"])))
+        amp = np.where(g.flag, np.nan, np.abs(g.cparam))[:, 0, :]
+        per_ant = {int(a): np.nanmedian(amp[g.antenna == a]) for a in np.unique(g.antenna)
+                   if np.isfinite(amp[g.antenna == a]).any()}
+        med = np.median(list(per_ant.values()))
+        for a, v in per_ant.items():
+            if v < params.get("fraction", 0.3) * med:
+                low.add(a)
+        # an antenna with data but no usable gain at all is the lowest gain there is
+        low |= {a["id"] for a in ants if a["has_data"]} - set(per_ant)
+    has = {a["id"] for a in ants if a["has_data"]}
+    low &= has
+    if low:
+        _flag_antennas_in_data(io, ctx, sorted(low))
+        names = ", ".join(ants[a]["name"] for a in sorted(low))
+        qa.lower(1 - len(low) / max(len(has), 1), f"Flagged antenna(s) {names}: gain amplitude below "
+                                                   f"{params.get('fraction', 0.3):.0%} of the array's median.")
+    else:
+        qa.note("No low-gain antennas.")
+    ctx["flags"]["lowgainflag"] = [ants[a]["name"] for a in sorted(low)]
+    return qa
+
+
+@stage("tsysflag", service="calibrator")
+def tsysflag(ctx: dict, params: dict, io: StageIO) -> QA:
+    """Flag Tsys spectra of outlier antennas and channels (hifa_tsysflag, in brief):
+    an antenna whose median Tsys is far from the array's, and channels whose Tsys
+    jumps away from their neighbours (birdies)."""
+    from ..calibration.caltable import read_caltable, write_caltable
+    qa = QA()
+    entry = ctx["caltables"].get("tsyscal")
+    if entry is None:
+        qa.note("No Tsys table: nothing to flag.")
+        return qa
+    path = io.fetch_dir(entry["key"])
+    sols = read_caltable(path)
+    ants = ctx["observation"]["antennas"]
+    report = []
+    for sol in sols:
+        tsys = 1 / np.maximum(np.abs(sol.cparam), 1e-12) ** 2                 # (nrow, nchan, ncorr)
+        med_ant = {int(a): np.median(tsys[sol.antenna == a]) for a in np.unique(sol.antenna)}
+        vals = np.array(list(med_ant.values()))
+        centre = np.median(vals)
+        mad = 1.4826 * np.median(np.abs(vals - centre)) or 0.05 * centre
+        for a, v in med_ant.items():
+            if abs(v - centre) > params.get("antenna_nsigma", 6.0) * mad and abs(v / centre - 1) > 0.5:
+                sol.flag[sol.antenna == a] = True
+                report.append(f"spw {sol.spw}: {ants[a]['name']} median Tsys {v:.0f} K vs array {centre:.0f} K")
+        # a birdie is one or two channels wide: it does not survive a 5-channel median
+        # filter, while an atmospheric line (smooth, monotonic on each side) does
+        spec = np.median(tsys, axis=(0, 2))
+        smooth = medfilt(spec, 5)
+        resid = spec - smooth
+        s = 1.4826 * np.median(np.abs(resid - np.median(resid))) or 1e-9
+        birdies = np.flatnonzero((np.abs(resid) > params.get("channel_nsigma", 10.0) * s) &
+                                 (np.abs(resid) > params.get("birdie_fraction", 0.15) * smooth))
+        if len(birdies):
+            sol.flag[:, birdies] = True
+            report.append(f"spw {sol.spw}: Tsys birdie channel(s) {', '.join(map(str, birdies))}")
+    if report:
+        ms0 = io.fetch_dir(ctx["partitions"][0]["key"])
+        new_path = os.path.join(io.workdir, "flagged", os.path.basename(path))   # same name, new object
+        os.makedirs(os.path.dirname(new_path), exist_ok=True)
+        write_caltable(sols, new_path, ms0)
+        e = io.put_dir(new_path, os.path.basename(new_path))
+        ctx["caltables"]["tsyscal"] = dict(entry, key=e["key"], sha256=e["sha256"])
+        for r in report:
+            qa.note(r)
+        qa.lower(0.9, f"{len(report)} Tsys flag(s).")
+    else:
+        qa.note("No outlier Tsys spectra.")
+    ctx["flags"]["tsysflag"] = report
+    return qa

@@ -272,12 +272,34 @@ def bandpass(ctx: dict, params: dict, io: StageIO) -> QA:
                                               combine=params.get("combine", "scan"), calmode="ap", refant=ref,
                                               minsnr=params.get("minsnr", 3.0), solnorm=params.get("solnorm", True),
                                               preapply=earlier + [GainApply(phaseup, interp="nearest", calwt=False)]))
+        if params.get("flag_outliers", False):
+            flag_bandpass_outliers(bp, params.get("outlier_nsigma", 8.0))
         sols.append(bp)
         _plot_bandpass(io, bp, ctx, part["spw"])
     save_table(io, ctx, "bandpass", sols, ms_path)
     register(ctx, "bandpass", "B", "nearest", "all")
     solution_qa(qa, sols, "bandpass", ctx)
     return qa
+
+
+def flag_bandpass_outliers(bp: CalSolutions, nsigma: float) -> int:
+    """hifa_bandpassflag, in brief: flag solution channels whose amplitude jumps away
+    from the antenna's smooth bandpass (robust second difference); returns how many."""
+    amp = np.abs(bp.cparam)
+    n = 0
+    for r in range(amp.shape[0]):
+        for p in range(amp.shape[2]):
+            good = ~bp.flag[r, :, p]
+            if good.sum() < 5:
+                continue
+            a = amp[r, good, p]
+            d2 = np.r_[0, a[1:-1] - 0.5 * (a[:-2] + a[2:]), 0]
+            s = 1.4826 * np.median(np.abs(d2 - np.median(d2))) or 1e-9
+            bad = np.abs(d2) > nsigma * s
+            idx = np.flatnonzero(good)[bad]
+            bp.flag[r, idx, p] = True
+            n += len(idx)
+    return n
 
 
 def _plot_bandpass(io, bp: CalSolutions, ctx, spw):

@@ -53,40 +53,56 @@ def split(ctx: dict, params: dict, io: StageIO) -> QA:
 
 # ------------------------------------------------------------------ findcont + uvcontsub
 
-def find_continuum(vis: msio.Vis, edge_frac: float = 0.05, nsigma: float = 4.0) -> np.ndarray:
-    """Line-free channels from the visibility spectrum of the short baselines.
+def line_spectrum(vis: msio.Vis, npix: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(per-channel peak SNR of the continuum-free dirty cube, channels with data).
 
-    The amplitude of the weighted vector average over the shorter half of the
-    baselines picks up extended line emission; channels that deviate from a
-    linear continuum fit by more than nsigma robust sigmas (grown by two
-    channels) are line; the band edges are left out.
-    """
+    A coarse dirty cube (a few pixels per beam, covering the inner primary beam)
+    is made; each pixel's median over channels (its continuum) is subtracted, and
+    the peak of what is left in each channel is the spectrum in which line
+    emission stands out wherever in the field it is (as ALMA's findcont works on
+    the dirty cube rather than on visibilities)."""
+    from ..imaging.imager import _stokes_i_samples
     nchan = len(vis.freq)
-    uvd = np.hypot(vis.uvw[:, 0], vis.uvw[:, 1])
     cross = vis.ant1 != vis.ant2
-    short = cross & (uvd <= np.median(uvd[cross]))
-    w = np.where(vis.flag[short], 0, vis.weight[short][:, None, :])
-    spec = np.abs((w * vis.data[short]).sum(axis=(0, 2)) / np.maximum(w.sum(axis=(0, 2)), 1e-30))
-    has_data = w.sum(axis=(0, 2)) > 0          # flagged channels are neither line nor continuum
+    uvmax = np.percentile(np.hypot(vis.uvw[cross, 0], vis.uvw[cross, 1]), 95) * vis.freq.max() / 299792458.0
+    cell = 1.0 / max(uvmax, 1e-9) / 3.0                      # radians: ~3 pixels per beam
+    uvw, data, w = _stokes_i_samples(vis, np.arange(nchan))
+    has_data = w.sum(axis=0) > 0
+    cube = np.zeros((nchan, npix, npix))
+    for c in np.flatnonzero(has_data):
+        cube[c] = gridding.dirty(uvw, vis.freq[c:c + 1], data[:, c:c + 1], w[:, c:c + 1], npix, cell)
+    cont = np.median(cube[has_data], axis=0)
+    resid = (cube - cont[None]).reshape(nchan, -1)
+    # peak signal-to-noise per channel: channels are noisier where the bandpass rolls off
+    med = np.median(resid, axis=1, keepdims=True)
+    rms = 1.4826 * np.median(np.abs(resid - med), axis=1)
+    spec = resid.max(axis=1) / np.where(rms > 0, rms, np.inf)
+    return np.where(has_data, spec, 0.0), has_data
+
+
+def find_continuum(vis: msio.Vis, edge_frac: float = 0.05, nsigma: float = 5.0,
+                   min_peak_snr: float = 6.0) -> np.ndarray:
+    """Line-free channels: those whose continuum-free dirty-cube peak SNR (line_spectrum)
+    is neither nsigma above the quiet channels' level nor above min_peak_snr (noise
+    peaks in the coarse cube reach ~4), with line channels grown by two; the band
+    edges and flagged channels are left out."""
+    nchan = len(vis.freq)
+    spec, has_data = line_spectrum(vis)
     edge = max(1, int(round(edge_frac * nchan)))
-    chans = np.arange(nchan)
-    cont = has_data.copy()
-    cont[:edge] = cont[nchan - edge:] = False
-    for _ in range(5):
-        coef = np.polyfit(chans[cont], spec[cont], 1)
-        resid = spec - np.polyval(coef, chans)
-        # deviations from the residuals' median: a first fit pulled up by the line
-        # offsets every continuum channel alike, which is not line
-        centre = np.median(resid[cont])
-        sigma = 1.4826 * np.median(np.abs(resid[cont] - centre)) or 1e-12
-        line = (np.abs(resid - centre) > nsigma * sigma) & has_data
-        line = np.convolve(line, np.ones(5), "same") > 0
-        new = ~line & has_data
-        new[:edge] = new[nchan - edge:] = False
-        if (new == cont).all() or new.sum() < 3:
-            break
-        cont = new
-    return cont
+    inner = has_data.copy()
+    inner[:edge] = inner[nchan - edge:] = False
+    if inner.sum() < 3:
+        return inner
+    # the baseline from the quietest 30 % of the channels: a line may cover most of
+    # the band (NGC 5921's HI covers 60 %), so the median can sit on the line
+    vals = np.sort(spec[inner])
+    low = vals[:max(3, int(0.3 * len(vals)))]
+    centre = np.median(low)
+    sigma = 1.4826 * np.median(np.abs(low - centre)) or 1e-12
+    threshold = max(centre + nsigma * sigma, min_peak_snr)
+    line = (spec > threshold) & has_data
+    line = np.convolve(line, np.ones(5), "same") > 0          # grown by two channels each side
+    return inner & ~line
 
 
 def cont_dat_text(entries: list) -> str:
