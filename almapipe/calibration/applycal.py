@@ -65,36 +65,39 @@ def interpolate_gains(sol, times: np.ndarray, nant: int, interp: str, fields=Non
 def apply_tables(vis: Vis, applies: list, data: np.ndarray | None = None):
     """Apply a list of GainApply (or bare CalSolutions) to vis.
 
-    Returns (corrected data, flags, weights). Rows whose gains are missing are flagged.
+    All tables are first multiplied into one antenna-gain cube per (field, time)
+    and channel, small next to the data; one fused pass (kernels.apply_gains)
+    then corrects every sample. Returns (corrected data, flags, weights); samples
+    whose gains are missing are flagged.
     """
+    from .kernels import apply_gains
     data = (vis.data if data is None else data).astype(np.complex64, copy=True)
     flag = vis.flag.copy()
     weight = vis.weight.astype(np.float32, copy=True)
-    utimes, tidx = np.unique(vis.time, return_inverse=True)
+    if not len(vis.time):
+        return data, flag, weight
     nant = vis.nant
+    nchan, ncorr = data.shape[1:]
+    pairs, pidx = np.unique(np.stack([vis.field_id, vis.time], axis=1), axis=0, return_inverse=True)
+    pidx = pidx.ravel()
+    gain = np.ones((len(pairs), nant, nchan, ncorr), np.complex64)
+    wfac = np.ones((len(pairs), nant, nchan, ncorr), np.float32)   # |g|^2 of the calwt tables
+    bad = np.zeros((len(pairs), nant, nchan, ncorr), bool)
     for ap in applies:
         if not isinstance(ap, GainApply):
             ap = GainApply(ap)
         sol = ap.solutions
         nch_sol = sol.cparam.shape[1]
-        if nch_sol != 1 and nch_sol != data.shape[1]:
-            raise ValueError(f"{sol.kind} table has {nch_sol} channels, data have {data.shape[1]}")
-        if ap.field_map is None:
-            groups = [(np.ones(len(vis.time), bool), ap.gainfield)]
-        else:
-            groups = [(vis.field_id == f, ap.field_map.get(int(f))) for f in np.unique(vis.field_id)]
-        g1 = np.ones((len(vis.time), nch_sol, sol.cparam.shape[2]), np.complex64)
-        g2 = np.ones_like(g1)
-        b = np.zeros(g1.shape, bool)
-        for rows, fields in groups:
-            g, bad = interpolate_gains(sol, utimes, nant, ap.interp, fields)
-            t = tidx[rows]
-            g1[rows], g2[rows] = g[t, vis.ant1[rows]], g[t, vis.ant2[rows]]
-            b[rows] = bad[t, vis.ant1[rows]] | bad[t, vis.ant2[rows]]
-        denom = g1 * np.conj(g2)
-        zero = np.abs(denom) == 0
-        data /= np.where(zero, 1, denom)
-        flag |= np.broadcast_to(b | zero, data.shape)
-        if ap.calwt:
-            weight *= (np.abs(g1) ** 2 * np.abs(g2) ** 2).mean(axis=1).astype(np.float32)
+        if nch_sol != 1 and nch_sol != nchan:
+            raise ValueError(f"{sol.kind} table has {nch_sol} channels, data have {nchan}")
+        for f in np.unique(pairs[:, 0]).astype(int):
+            sel = pairs[:, 0] == f
+            fields = ap.gainfield if ap.field_map is None else ap.field_map.get(f)
+            g, b = interpolate_gains(sol, pairs[sel, 1], nant, ap.interp, fields)
+            gain[sel] *= g                       # (nt, nant, 1 or nchan, ncorr) broadcasts
+            bad[sel] |= b
+            if ap.calwt:
+                wfac[sel] *= np.abs(g) ** 2
+    apply_gains(data, flag, weight, pidx.astype(np.int64), vis.ant1.astype(np.int64), vis.ant2.astype(np.int64),
+                gain, wfac, bad)
     return data, flag, weight

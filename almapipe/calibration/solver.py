@@ -3,7 +3,8 @@
 Every gain term (G, T, B) is solved the same way: the visibilities of one
 solution slot (a time interval, a channel or channel range, a correlation)
 are divided by the model and averaged per baseline into a Hermitian matrix
-X[a, b] ~ g_a conj(g_b), with weights W[a, b]. :func:`solve` then finds the
+X[a, b] ~ g_a conj(g_b), with weights W[a, b] (kernels.accumulate_slots).
+:func:`solve` then finds the
 g that minimise sum W |X - g g^H|^2 with the StEFCal iteration (Salvini &
 Wijnholds 2014), for all slots at once. Gain terms differ only in how they
 bin the data into slots (see :mod:`almapipe.calibration.terms`).
@@ -11,28 +12,6 @@ bin the data into slots (see :mod:`almapipe.calibration.terms`).
 from __future__ import annotations
 
 import numpy as np
-
-
-def accumulate(slot: np.ndarray, ant1: np.ndarray, ant2: np.ndarray, ratio: np.ndarray,
-               weight: np.ndarray, nslot: int, nant: int):
-    """Sum weighted visibility/model ratios into per-slot baseline matrices.
-
-    slot, ant1, ant2, ratio, weight are flat arrays of one length (one entry per
-    visibility sample); ratio is V / M and weight is w |M|^2, zero where flagged.
-    Returns X (nslot, nant, nant) complex and W (nslot, nant, nant) float, with
-    X the weighted mean ratio per baseline, Hermitian in (a, b).
-    """
-    cross = ant1 != ant2
-    slot, ant1, ant2, ratio, weight = slot[cross], ant1[cross], ant2[cross], ratio[cross], weight[cross]
-    idx = (slot * nant + ant1) * nant + ant2
-    idx_t = (slot * nant + ant2) * nant + ant1
-    size = nslot * nant * nant
-    wr = weight * ratio
-    xs = np.bincount(idx, wr.real, size) + 1j * np.bincount(idx, wr.imag, size)
-    xs += np.bincount(idx_t, wr.real, size) - 1j * np.bincount(idx_t, wr.imag, size)
-    ws = np.bincount(idx, weight, size) + np.bincount(idx_t, weight, size)
-    X = np.where(ws > 0, xs / np.where(ws > 0, ws, 1), 0).reshape(nslot, nant, nant)
-    return X, ws.reshape(nslot, nant, nant)
 
 
 def solve(X: np.ndarray, W: np.ndarray, mode: str = "ap", refant: int | None = None,

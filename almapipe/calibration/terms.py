@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import solver
+from .kernels import accumulate_slots
 from ..errors import ParameterError
 from .applycal import apply_tables
 from .caltable import CalSolutions
@@ -86,16 +87,9 @@ def solve_term(vis: Vis, model: np.ndarray, spec: SolveSpec) -> CalSolutions:
     ncs = 1 if spec.kind == "T" else ncorr
     corr_slot = np.zeros(ncorr, int) if spec.kind == "T" else np.arange(ncorr)
 
-    m = model[:, :, None]
-    good = (~flag) & (m != 0) & use_chan[None, :, None] & (vis.weight[:, None, :] > 0)
-    ratio = np.where(good, data / np.where(m != 0, m, 1), 0)
-    wt = np.where(good, vis.weight[:, None, :] * np.abs(m) ** 2, 0)
-    slot = (tbin[:, None, None] * ncg + cgroup[None, :, None]) * ncs + corr_slot[None, None, :]
-    shape = data.shape
-    a1 = np.broadcast_to(vis.ant1[:, None, None], shape).ravel()
-    a2 = np.broadcast_to(vis.ant2[:, None, None], shape).ravel()
-    X, W = solver.accumulate(np.broadcast_to(slot, shape).ravel(), a1, a2, ratio.ravel(),
-                             wt.ravel(), ntb * ncg * ncs, nant)
+    X, W = accumulate_slots(data, flag, vis.weight.astype(np.float64), model.astype(np.float64), use_chan,
+                            tbin.astype(np.int64), cgroup.astype(np.int64), corr_slot.astype(np.int64),
+                            vis.ant1.astype(np.int64), vis.ant2.astype(np.int64), ncg, ncs, ntb * ncg * ncs, nant)
     g, snr, ok = solver.solve(X, W, spec.calmode, spec.refant, min_baselines=spec.minblperant)
     g = g.reshape(ntb, ncg, ncs, nant)
     snr = snr.reshape(ntb, ncg, ncs, nant)

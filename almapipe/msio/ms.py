@@ -107,11 +107,14 @@ def read_vis(ms: str, spw: int = 0, column: str = "DATA", field_ids=None,
         flag = sel.getcol("FLAG")
         if chan is not None:
             data, flag = data[:, chan], flag[:, chan]
+        flag_row = sel.getcol("FLAG_ROW")
+        if flag_row.any():
+            flag |= flag_row[:, None, None]
         vis = Vis(time=sel.getcol("TIME"), interval=sel.getcol("INTERVAL"),
                   ant1=sel.getcol("ANTENNA1"), ant2=sel.getcol("ANTENNA2"),
                   field_id=sel.getcol("FIELD_ID"), scan=sel.getcol("SCAN_NUMBER"),
-                  uvw=sel.getcol("UVW"), data=data.astype(np.complex64), flag=flag | sel.getcol("FLAG_ROW")[:, None, None],
-                  weight=sel.getcol("WEIGHT").astype(np.float32),
+                  uvw=sel.getcol("UVW"), data=data.astype(np.complex64, copy=False), flag=flag,
+                  weight=sel.getcol("WEIGHT").astype(np.float32, copy=False),
                   freq=np.zeros(0), rows=np.asarray(rows), spw=spw,
                   state_id=sel.getcol("STATE_ID"))
         sel.close()

@@ -36,8 +36,18 @@ from ..msio import ms as msio  # noqa: E402
 C = 299792458.0
 
 
-def _ones_like_rows(n_rows: int, nchan: int, ncorr: int):
-    return np.zeros((n_rows, nchan, ncorr), bool), np.full((n_rows, nchan, ncorr), 100.0, np.float32)
+def delay_table(kind: str, spw: int, freq: np.ndarray, times: np.ndarray, fields: np.ndarray,
+                delay_m: np.ndarray) -> CalSolutions:
+    """A phase table from per-antenna excess path delay_m (ntime, nant) in metres:
+    g = exp(2 pi i nu delay / c) per channel, the same for both correlations.
+    Used for antenna position offsets and for the WVR atmospheric path."""
+    nt, nant = delay_m.shape
+    phase = 2 * np.pi * delay_m[:, :, None] * freq[None, None, :] / C          # (nt, nant, nchan)
+    g = np.repeat(np.exp(1j * phase)[..., None], 2, axis=3).reshape(-1, len(freq), 2)
+    n = nt * nant
+    return CalSolutions(kind, spw, freq, np.repeat(times, nant), np.zeros(n), np.repeat(fields, nant),
+                        np.zeros(n, int), np.tile(np.arange(nant), nt), g.astype(np.complex64),
+                        np.zeros(g.shape, bool), np.full(g.shape, 100.0, np.float32))
 
 
 # ------------------------------------------------------------------ tsyscal
@@ -177,15 +187,7 @@ def antpos(ctx: dict, params: dict, io: StageIO) -> QA:
         dec = np.array([fields[f]["dec_rad"] for f in fids])
         s = source_vectors(times, ra, dec)                                   # (nt, 3)
         freq = np.array(msio.spw_table(ms_path)[part["spw"]]["chan_freq_hz"])
-        delay = s @ delta.T                                                   # (nt, nant) m
-        phase = 2 * np.pi * delay[:, :, None] * freq[None, None, :] / C        # (nt, nant, nchan)
-        nant = len(ants)
-        g = np.repeat(np.exp(1j * phase)[..., None], 2, axis=3).reshape(-1, len(freq), 2)
-        n = len(times) * nant
-        flag, snr = _ones_like_rows(n, len(freq), 2)
-        sols.append(CalSolutions("ANTPOS", part["spw"], freq, np.repeat(times, nant), np.zeros(n),
-                                 np.repeat(fids, nant), np.zeros(n, int), np.tile(np.arange(nant), len(times)),
-                                 g.astype(np.complex64), flag, snr))
+        sols.append(delay_table("ANTPOS", part["spw"], freq, times, fids, s @ delta.T))
     save_table(io, ctx, "antpos", sols, ms_path)
     register(ctx, "antpos", "ANTPOS", "nearest", "all", calwt=False)
     ctx["antpos"] = {k: list(v) for k, v in offsets.items()}
@@ -288,17 +290,10 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
     after = np.sqrt(np.mean(after_res[good] ** 2))
     ratio = float(before / after) if after > 0 else 1.0
     sols, ms_path = [], None
-    nant = len(ants)
     for part in ctx["partitions"]:
         ms_path = io.fetch_dir(part["key"])
         freq = np.array(msio.spw_table(ms_path)[part["spw"]]["chan_freq_hz"])
-        phase = 2 * np.pi * path_m[:, :, None] * freq[None, None, :] / C       # (nt, nant, nchan)
-        g = np.repeat(np.exp(1j * phase)[..., None], 2, axis=3).reshape(-1, len(freq), 2)
-        n = len(wtimes) * nant
-        flag, snr = _ones_like_rows(n, len(freq), 2)
-        sols.append(CalSolutions("WVR", part["spw"], freq, np.repeat(wtimes, nant), np.zeros(n), np.zeros(n, int),
-                                 np.zeros(n, int), np.tile(np.arange(nant), len(wtimes)), g.astype(np.complex64),
-                                 flag, snr))
+        sols.append(delay_table("WVR", part["spw"], freq, wtimes, np.zeros(len(wtimes), int), path_m))
     save_table(io, ctx, "wvrgcal", sols, ms_path)
     register(ctx, "wvrgcal", "WVR", "linear", "all", calwt=False)
     ctx["wvr"] = {"phase_rms_before_deg": float(np.degrees(before)), "phase_rms_after_deg": float(np.degrees(after)),

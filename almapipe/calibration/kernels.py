@@ -1,0 +1,69 @@
+"""Compiled inner loops of calibration (numba): one pass over the visibilities."""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False)
+def apply_gains(data, flag, weight, pidx, ant1, ant2, gain, wfac, bad):
+    """In place, for every row r, channel c, correlation p:
+    data /= g[a1] conj(g[a2]); flag where a gain is missing or zero;
+    weight[r, p] *= mean over channels of wfac[a1] wfac[a2] (calwt)."""
+    nrow, nchan, ncorr = data.shape
+    for r in numba.prange(nrow):
+        t = pidx[r]
+        i = ant1[r]
+        j = ant2[r]
+        for p in range(ncorr):
+            wsum = 0.0
+            for c in range(nchan):
+                g = gain[t, i, c, p] * np.conj(gain[t, j, c, p])
+                wsum += wfac[t, i, c, p] * wfac[t, j, c, p]
+                if bad[t, i, c, p] or bad[t, j, c, p] or g == 0:
+                    flag[r, c, p] = True
+                else:
+                    data[r, c, p] = data[r, c, p] / g
+            weight[r, p] = weight[r, p] * (wsum / nchan)
+
+
+@numba.njit(parallel=False, cache=True)
+def accumulate_slots(data, flag, weight, model, use_chan, tbin, cgroup, corr_slot, ant1, ant2,
+                     ncg, ncs, nslot, nant):
+    """Sum weighted visibility/model ratios into per-slot baseline matrices in one pass.
+
+    slot = (tbin[r] * ncg + cgroup[c]) * ncs + corr_slot[p]; a sample contributes
+    w |M|^2 (V / M) to X[slot, a1, a2] and its conjugate to X[slot, a2, a1], and
+    w |M|^2 to W at both. Returns X (weighted mean ratio) and W."""
+    xs = np.zeros((nslot, nant, nant), np.complex128)
+    ws = np.zeros((nslot, nant, nant), np.float64)
+    nrow, nchan, ncorr = data.shape
+    for r in range(nrow):
+        i = ant1[r]
+        j = ant2[r]
+        if i == j:
+            continue
+        base = tbin[r] * ncg
+        for c in range(nchan):
+            if not use_chan[c]:
+                continue
+            m = model[r, c]
+            if m == 0.0:
+                continue
+            for p in range(ncorr):
+                w = weight[r, p]
+                if flag[r, c, p] or w <= 0:
+                    continue
+                s = (base + cgroup[c]) * ncs + corr_slot[p]
+                wm = w * m * m
+                v = data[r, c, p] / m
+                xs[s, i, j] += wm * v
+                xs[s, j, i] += wm * np.conj(v)
+                ws[s, i, j] += wm
+                ws[s, j, i] += wm
+    for s in range(nslot):
+        for i in range(nant):
+            for j in range(nant):
+                if ws[s, i, j] > 0:
+                    xs[s, i, j] /= ws[s, i, j]
+    return xs, ws
