@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import sys
-import time
 import urllib.request
 
 from .config import Config

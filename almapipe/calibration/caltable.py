@@ -58,7 +58,6 @@ def write_caltable(sol: CalSolutions | list, path: str, ms_path: str) -> None:
     sols = sol if isinstance(sol, list) else [sol]
     kind = sols[0].kind
     nchan = max(len(s.freq) for s in sols)
-    ncorr = sols[0].cparam.shape[2]
     if os.path.exists(path):
         shutil.rmtree(path)
     cols = [

@@ -73,7 +73,6 @@ def psf(uvw, freq, wgt, npix: int, cell_rad: float, wgridding: bool = True) -> n
 
 def predict(uvw, freq, model: np.ndarray, cell_rad: float, wgridding: bool = True) -> np.ndarray:
     """Model visibilities (nrow, nchan) of a model image in Jy/pixel, (ny, nx)."""
-    npix = model.shape[0]
     return ducc0.wgridder.experimental.dirty2vis(
         uvw=np.ascontiguousarray(uvw, np.float64), freq=np.ascontiguousarray(freq, np.float64),
         dirty=np.ascontiguousarray(model.T, np.float32), pixsize_x=cell_rad, pixsize_y=cell_rad,

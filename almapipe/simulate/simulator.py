@@ -29,7 +29,7 @@ import csv
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import casacore.tables as ct
 import numpy as np

@@ -7,7 +7,6 @@ import shutil
 import tarfile
 
 import casacore.tables as ct
-import numpy as np
 
 from .base import QA, StageError, StageIO, stage
 from ..msio import listobs, ms as msio, uvfits
