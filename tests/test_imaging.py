@@ -96,3 +96,17 @@ def test_findcont_finds_a_line_that_covers_most_of_the_band():
     cont = find_continuum(vis)
     assert not cont[8:32].any()
     assert cont[2:6].all() and cont[34:38].all()
+
+
+def test_automask_covers_the_sources_and_little_else():
+    # 24 antennas: PSF sidelobes low enough (as an ALMA array's) for the sidelobe threshold
+    vis = simulate(nant=24, ntime=60, nchan=2, noise=0.05, flux=1.0, baseline_m=500.0,
+                   offsets=[(0.4, 200 * ARCSEC, 100 * ARCSEC)])
+    spec = ImageSpec(field="s", npix=128, cell_arcsec=8.0, niter=1000, nsigma=2.0, automask=True)
+    res = make_image(vis, spec, 12.0, "ALMA")
+    mask = res.clean_mask[0]
+    c = 64
+    assert mask[c, c] and mask[c + 12, c - 25]            # both sources (200" east = 25 px, 100" north = 12 px)
+    assert mask.mean() < 0.05                              # and not the noise
+    assert np.abs(res.residual[0]).max() < 6 * deconvolve.robust_rms(res.residual[0])
+    assert abs(res.image[0][c + 12, c - 25] - 0.4) < 0.04

@@ -22,6 +22,7 @@ class CleanResult:
     iterations: int
     major_cycles: int
     stop_reason: str
+    mask: np.ndarray | None = None       # the clean mask used (automask), if any
 
 
 def hogbom(residual: np.ndarray, psf: np.ndarray, model: np.ndarray, gain: float, threshold: float,
@@ -60,7 +61,8 @@ def robust_rms(img: np.ndarray) -> float:
 
 def clean(uvw, freq, vis, wgt, npix: int, cell_rad: float, niter: int, threshold: float,
           gain: float = 0.1, cyclefactor: float = 1.5, max_major: int = 20,
-          mask: np.ndarray | None = None, wgridding: bool = True, nsigma: float = 0.0) -> CleanResult:
+          mask: np.ndarray | None = None, wgridding: bool = True, nsigma: float = 0.0,
+          automask: bool = False) -> CleanResult:
     """Major/minor-cycle CLEAN of one plane (mfs, or one cube channel).
 
     Stops at max(threshold, nsigma x robust rms of the residual); the rms is
@@ -70,15 +72,22 @@ def clean(uvw, freq, vis, wgt, npix: int, cell_rad: float, niter: int, threshold
     peak = big_psf.max()
     if peak <= 0:
         z = np.zeros((npix, npix))
-        return CleanResult(z, z.copy(), z.copy(), 0, 0, "no data")
+        return CleanResult(z, z.copy(), z.copy(), 0, 0, "no data", None)
     big_psf /= peak
     c = npix
     psf_img = big_psf[c - npix // 2:c + npix // 2, c - npix // 2:c + npix // 2]
     sidelobe = _max_sidelobe(psf_img)
+    beam_pixels = float((psf_img > 0.5).sum()) * np.pi / (4 * np.log(2))   # Gaussian beam area in pixels
     model = np.zeros((npix, npix))
     residual = gridding.dirty(uvw, freq, vis, wgt, npix, cell_rad, wgridding)
     done, major, reason = 0, 0, "niter reached"
     while done < niter and major < max_major:
+        if automask:
+            from .automask import update_mask
+            mask = update_mask(residual, mask, sidelobe, beam_pixels).astype(float)
+            if not mask.any():
+                reason = "automask found no emission"
+                break
         threshold_now = max(threshold, nsigma * robust_rms(residual))
         rmax = np.abs(residual if mask is None else residual * mask).max()
         if rmax < threshold_now:
@@ -96,7 +105,7 @@ def clean(uvw, freq, vis, wgt, npix: int, cell_rad: float, niter: int, threshold
     else:
         if major >= max_major:
             reason = "major cycle limit"
-    return CleanResult(model, residual, psf_img, done, major, reason)
+    return CleanResult(model, residual, psf_img, done, major, reason, mask)
 
 
 def _max_sidelobe(psf: np.ndarray) -> float:

@@ -31,6 +31,7 @@ class ImageSpec:
     chans: np.ndarray | None = None   # boolean mask of channels used (mfs) / imaged (cube)
     gain: float = 0.1
     pb_limit: float = 0.2
+    automask: bool = False              # auto-multithresh-style masks (imaging/automask.py)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class ImageResult:
     plane_beams: list = field(default_factory=list)
     iterations: int = 0
     stop_reasons: list = field(default_factory=list)
+    clean_mask: np.ndarray | None = None   # (nplane, ny, nx) when automasking
 
 
 def _stokes_i_samples(vis: Vis, chan_idx: np.ndarray):
@@ -68,14 +70,15 @@ def make_image(vis: Vis, spec: ImageSpec, dish_m: float, telescope: str) -> Imag
     planes = [chans] if spec.specmode == "mfs" else [np.array([c]) for c in chans]
     uvw, data, w_nat = _stokes_i_samples(vis, chans)
     col = {c: i for i, c in enumerate(chans)}
-    images, residuals, models, psfs, beams, reasons, iters = [], [], [], [], [], [], 0
+    images, residuals, models, psfs, beams, reasons, iters, masks = [], [], [], [], [], [], 0, []
     for pl in planes:
         ci = [col[c] for c in pl]
         f = vis.freq[pl]
         w = gridding.briggs_weights(uvw, f, w_nat[:, ci], npix, cell, spec.robust).astype(np.float32)
         v = data[:, ci]
         res = deconvolve.clean(uvw, f, v, w, npix, cell, spec.niter, spec.threshold_jy, gain=spec.gain,
-                               nsigma=spec.nsigma)
+                               nsigma=spec.nsigma, automask=spec.automask)
+        masks.append(res.mask if res.mask is not None else np.zeros((npix, npix)))
         beam = deconvolve.fit_beam(res.psf, cell) if res.psf.max() > 0 else (0.0, 0.0, 0.0)
         residuals.append(res.residual)
         models.append(res.model)
@@ -95,5 +98,6 @@ def make_image(vis: Vis, spec: ImageSpec, dish_m: float, telescope: str) -> Imag
     pbcor = np.where(mask[None], image / np.maximum(pb, 1e-6)[None], np.nan)
     freqs = np.array([vis.freq[pl].mean() for pl in planes])
     return ImageResult(image, np.array(residuals), np.array(models), np.array(psfs), pb, pbcor,
-                       mask, freqs, common, beams, iters, reasons)
+                       mask, freqs, common, beams, iters, reasons,
+                       np.array(masks) > 0 if spec.automask else None)
 

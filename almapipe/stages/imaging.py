@@ -310,7 +310,7 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
         spec = ImageSpec(field=fields[fid]["name"], specmode="mfs" if specmode == "cont" else specmode,
                          npix=npix, cell_arcsec=cell,
                          robust=p.get("robust", 0.5), niter=int(p.get("niter", 1000)),
-                         nsigma=float(p.get("nsigma", 3.0)), chans=chans)
+                         nsigma=float(p.get("nsigma", 3.0)), chans=chans, automask=bool(p.get("automask", False)))
         res = make_image(vis, spec, dish, telescope)
         io.visibilities += vis.data.size
         fctx = next(f for f in ctx["fields"] if f["id"] == fid)
@@ -326,7 +326,8 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
         files = {}
         for suffix, planes, unit in (("image", res.image, "Jy/beam"), ("pbcor", res.pbcor, "Jy/beam"),
                                      ("pb", np.repeat(res.pb[None], len(res.freqs), 0), ""),
-                                     ("mask", np.repeat(res.mask[None].astype(np.float32), len(res.freqs), 0), ""),
+                                     ("mask", res.clean_mask.astype(np.float32) if res.clean_mask is not None
+                                      else np.repeat(res.mask[None].astype(np.float32), len(res.freqs), 0), ""),
                                      ("residual", res.residual, "Jy/beam")):
             hdr = image_header(fld["ra_rad"], fld["dec_rad"], npix, np.radians(cell / 3600), res.freqs, frame,
                                unit, res.beam, spec.field, telescope,
