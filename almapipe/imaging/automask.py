@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .deconvolve import robust_rms
+
 
 @dataclass
 class AutomaskParams:
@@ -21,11 +23,6 @@ class AutomaskParams:
     low_noise_threshold: float = 1.5
     min_beam_frac: float = 0.3
     grow_iterations: int = 75
-
-
-def robust_rms(img: np.ndarray) -> float:
-    v = img[np.isfinite(img)]
-    return float(1.4826 * np.median(np.abs(v - np.median(v)))) if v.size else 0.0
 
 
 def prune(mask: np.ndarray, min_pixels: float) -> np.ndarray:

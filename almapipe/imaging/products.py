@@ -1,4 +1,4 @@
-"""Primary beam, FITS export and image statistics.
+"""Primary beam and FITS export.
 
 FITS images carry RA---SIN/DEC--SIN celestial axes, a FREQ axis in the
 frame of the data (SPECSYS), a STOKES axis, BUNIT, and BMAJ/BMIN/BPA, so
@@ -49,14 +49,3 @@ def write_fits(path: str, planes: np.ndarray, header: fits.Header) -> None:
     """planes is (nchan, ny, nx); written as (STOKES, FREQ, DEC, RA)."""
     data = np.asarray(planes, np.float32)[None]
     fits.PrimaryHDU(data=data, header=header).writeto(path, overwrite=True)
-
-
-def image_stats(image: np.ndarray, mask_pb: np.ndarray, exclude: np.ndarray | None = None) -> dict:
-    """Peak and robust rms (1.4826 MAD) inside the primary-beam region."""
-    vals = image[..., mask_pb]
-    finite = vals[np.isfinite(vals)]
-    peak = float(np.nanmax(image[..., mask_pb])) if finite.size else 0.0
-    rms_src = image[..., mask_pb] if exclude is None else image[exclude][..., mask_pb]
-    r = rms_src[np.isfinite(rms_src)]
-    rms = float(1.4826 * np.median(np.abs(r - np.median(r)))) if r.size else 0.0
-    return {"peak": peak, "rms": rms}

@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 from .base import QA, StageError, StageIO, field_ids_with, field_name, require_intent, stage  # noqa: E402
 from .calibration import calibrator_ids, read_part  # noqa: E402
 from ..imaging import gridding  # noqa: E402
+from ..imaging.deconvolve import robust_rms  # noqa: E402
 from ..imaging.imager import ImageSpec, make_image  # noqa: E402
 from ..imaging.products import image_header, write_fits  # noqa: E402
 from ..imaging.uvcontsub import format_channels, parse_channels, subtract_continuum  # noqa: E402
@@ -226,9 +227,7 @@ def _stats(res, spec: ImageSpec, cont_mask: np.ndarray | None, specmode: str) ->
         noise_planes = res.image[cont_mask]
     else:
         noise_planes = res.residual
-    v = noise_planes[:, inside]
-    v = v[np.isfinite(v)]
-    rms = float(1.4826 * np.median(np.abs(v - np.median(v)))) if v.size else 0.0
+    rms = robust_rms(noise_planes[:, inside])
     peak = float(np.nanmax(res.image[:, inside])) if inside.any() else 0.0
     return {"rms": rms, "peak": peak}
 
