@@ -1,7 +1,9 @@
 """Automatic clean masks in the spirit of CASA's auto-multithresh.
 
 Each major cycle: a new mask of the residual above max(sidelobe_threshold x
-sidelobe level x peak, noise_threshold x rms); regions smaller than
+sidelobe level x peak, noise_threshold x rms), the sidelobe term capped at half
+the peak (unlike CASA: with a sparse array's sidelobes near 0.5 it would exceed
+the peak and nothing would ever be masked or cleaned); regions smaller than
 min_beam_frac of a beam are pruned; the previous mask is grown by binary
 dilation into emission above low_noise_threshold x rms; the result is the
 union of the grown and the new masks. Defaults are the ALMA 12-m values.
@@ -40,7 +42,7 @@ def update_mask(residual: np.ndarray, previous: np.ndarray | None, sidelobe: flo
                 p: AutomaskParams = AutomaskParams()) -> np.ndarray:
     rms = robust_rms(residual)
     peak = float(np.abs(residual).max())
-    threshold = max(p.sidelobe_threshold * sidelobe * peak, p.noise_threshold * rms)
+    threshold = max(min(p.sidelobe_threshold * sidelobe, 0.5) * peak, p.noise_threshold * rms)
     new = prune(residual > threshold, p.min_beam_frac * beam_pixels)
     if previous is None or not previous.any():
         return new

@@ -77,7 +77,10 @@ def clean(uvw, freq, vis, wgt, npix: int, cell_rad: float, niter: int, threshold
     c = npix
     psf_img = big_psf[c - npix // 2:c + npix // 2, c - npix // 2:c + npix // 2]
     sidelobe = _max_sidelobe(psf_img)
-    beam_pixels = float((psf_img > 0.5).sum()) * np.pi / (4 * np.log(2))   # Gaussian beam area in pixels
+    # beam area in pixels from the fitted main lobe (counting PSF pixels above 0.5
+    # would include a sparse array's sidelobes)
+    bmaj, bmin, _ = fit_beam(psf_img, cell_rad) if automask else (0.0, 0.0, 0.0)
+    beam_pixels = np.pi / (4 * np.log(2)) * bmaj * bmin / (cell_rad * 206264.806) ** 2
     model = np.zeros((npix, npix))
     residual = gridding.dirty(uvw, freq, vis, wgt, npix, cell_rad, wgridding)
     done, major, reason = 0, 0, "niter reached"

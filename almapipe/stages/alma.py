@@ -266,9 +266,12 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
         resid_proxy[r] -= dproxy[r].mean()
     # per-antenna fit quality: an antenna whose radiometer does not follow its phases is bad
     bad_ants, corr = [], {}
-    for a in np.unique(ph.antenna):
+    for a in range(len(ants)):
         r = ok & (ph.antenna == a)
-        if a == ref or r.sum() < 5:
+        if a == ref or not np.isfinite(tb[:, a]).all():
+            continue
+        if r.sum() < 5:   # a radiometer that cannot be checked against phases is not trusted
+            bad_ants.append(int(a))
             continue
         c = np.corrcoef(resid_phase[r], resid_proxy[r])[0, 1] if resid_proxy[r].std() > 0 else 0.0
         corr[int(a)] = float(c)
