@@ -60,6 +60,7 @@ class StageIO:
         self.run_id, self.stage_index, self.stage = run_id, stage_index, stage
         self.workdir = workdir
         self.outputs: list = []
+        self._dirs: dict = {}
         self.log_lines: list = []
         self.visibilities = 0
 
@@ -71,7 +72,12 @@ class StageIO:
         return f"{self.prefix}/{name}"
 
     def fetch_dir(self, key: str) -> str:
-        return self.fetcher.dir(key, self.workdir)
+        """A private, writable copy of the directory at key: one per stage execution,
+        so a stage that reads a partition or table twice does not copy it twice."""
+        path = self._dirs.get(key)
+        if path is None or not os.path.isdir(path):    # uvcontsub renames its copy
+            path = self._dirs[key] = self.fetcher.dir(key, self.workdir)
+        return path
 
     def fetch_raw(self, key: str) -> str:
         return self.fetcher.file(key, self.workdir, bucket=self.store.raw_bucket)
