@@ -70,8 +70,7 @@ def solve_term(vis: Vis, model: np.ndarray, spec: SolveSpec) -> CalSolutions:
     """Solve one gain term. model is (nrow, nchan) Jy for each row's field."""
     nrow, nchan, ncorr = vis.data.shape
     nant = vis.nant
-    data = vis.data
-    flag = vis.flag.copy()
+    data, flag = vis.data, vis.flag        # read only: the accumulation does not change them
     if spec.preapply:
         data, flag, _ = apply_tables(vis, spec.preapply)
     chans = spec.chans if spec.chans is not None else slice(0, nchan)
