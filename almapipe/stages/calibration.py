@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .base import QA, StageError, StageIO, field_ids_with, field_name, require_intent, stage  # noqa: E402
+from .flagging import spike_channels  # noqa: E402
 from ..calibration import fluxmodels  # noqa: E402
 from ..calibration.applycal import GainApply, apply_tables  # noqa: E402
 from ..calibration.caltable import CalSolutions, read_caltable, write_caltable  # noqa: E402
@@ -283,22 +284,15 @@ def bandpass(ctx: dict, params: dict, io: StageIO) -> QA:
 
 
 def flag_bandpass_outliers(bp: CalSolutions, nsigma: float) -> int:
-    """hifa_bandpassflag, in brief: flag solution channels whose amplitude jumps away
-    from the antenna's smooth bandpass (robust second difference); returns how many."""
+    """hifa_bandpassflag, in brief: flag solution channels that spike away from the
+    antenna's smooth bandpass amplitude (flagging.spike_channels); returns how many."""
     amp = np.abs(bp.cparam)
     n = 0
     for r in range(amp.shape[0]):
         for p in range(amp.shape[2]):
-            good = ~bp.flag[r, :, p]
-            if good.sum() < 5:
-                continue
-            a = amp[r, good, p]
-            d2 = np.r_[0, a[1:-1] - 0.5 * (a[:-2] + a[2:]), 0]
-            s = 1.4826 * np.median(np.abs(d2 - np.median(d2))) or 1e-9
-            bad = np.abs(d2) > nsigma * s
-            idx = np.flatnonzero(good)[bad]
-            bp.flag[r, idx, p] = True
-            n += len(idx)
+            bad = spike_channels(amp[r, :, p], ~bp.flag[r, :, p], nsigma)
+            bp.flag[r, bad, p] = True
+            n += int(bad.sum())
     return n
 
 

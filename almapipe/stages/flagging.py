@@ -192,19 +192,16 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
     return qa
 
 
-def outlier_channels(vis: msio.Vis, nsigma: float = 8.0) -> np.ndarray:
-    """Channels (nchan,) whose time- and baseline-averaged amplitude jumps away
-    from its neighbours: the robust second difference across channels beyond
-    nsigma (1.4826 MAD). The bandpass shape is smooth; a birdie or a bad
-    correlator channel is not."""
-    w = np.where(vis.flag, 0, vis.weight[:, None, :])
-    cross = (vis.ant1 != vis.ant2)[:, None, None]
-    w = w * cross
-    spec = np.abs((w * vis.data).sum(axis=(0, 2)) / np.maximum(w.sum(axis=(0, 2)), 1e-30))
-    good = w.sum(axis=(0, 2)) > 0
+def spike_channels(spec: np.ndarray, good: np.ndarray, nsigma: float) -> np.ndarray:
+    """Channels of a smooth spectrum that jump away from their neighbours: the
+    robust second difference (1.4826 MAD) beyond nsigma, found one channel at a
+    time, worst first. A spike also raises its neighbours' second difference (by
+    half), which vanishes once the spike itself is left out; a bandpass or a Tsys
+    spectrum is smooth, a birdie or a bad correlator channel is not."""
     bad = np.zeros(len(spec), bool)
     if good.sum() < 5:
         return bad
+
     def second_difference(idx):
         a = spec[idx]
         d2 = np.zeros_like(a)
@@ -214,8 +211,6 @@ def outlier_channels(vis: msio.Vis, nsigma: float = 8.0) -> np.ndarray:
     idx = np.flatnonzero(good)
     d2 = second_difference(idx)
     sigma = 1.4826 * np.median(np.abs(d2[1:-1] - np.median(d2[1:-1]))) or 1e-30
-    # one channel at a time, worst first: a spike also raises its neighbours' second
-    # difference (by half), which vanishes once the spike itself is left out
     for _ in range(max(1, len(spec) // 10)):
         d2 = second_difference(idx)
         k = int(np.argmax(np.abs(d2)))
@@ -224,6 +219,14 @@ def outlier_channels(vis: msio.Vis, nsigma: float = 8.0) -> np.ndarray:
         bad[idx[k]] = True
         idx = np.delete(idx, k)
     return bad
+
+
+def outlier_channels(vis: msio.Vis, nsigma: float = 8.0) -> np.ndarray:
+    """Channels (nchan,) that spike in the time- and baseline-averaged amplitude spectrum."""
+    w = np.where(vis.flag, 0, vis.weight[:, None, :])
+    w = w * (vis.ant1 != vis.ant2)[:, None, None]
+    spec = np.abs((w * vis.data).sum(axis=(0, 2)) / np.maximum(w.sum(axis=(0, 2)), 1e-30))
+    return spike_channels(spec, w.sum(axis=(0, 2)) > 0, nsigma)
 
 
 @stage("rawflagchans", service="calibrator")
