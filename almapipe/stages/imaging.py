@@ -232,9 +232,11 @@ def _stats(res, spec: ImageSpec, cont_mask: np.ndarray | None, specmode: str) ->
     return {"rms": rms, "peak": peak}
 
 
-def _theoretical_rms(vis: msio.Vis, chans: np.ndarray, spec: ImageSpec, line_free: np.ndarray | None) -> float | None:
+def _theoretical_rms(vis: msio.Vis, spec: ImageSpec, line_free: np.ndarray | None) -> float | None:
     """Image noise predicted from the visibility scatter and the imaging weights:
-    sigma_vis * sqrt(sum w_i^2) / sum w_i (per plane, from line-free data)."""
+    sigma_vis * sqrt(sum w_im^2 / w_nat) / sum w_im, from line-free data, for one
+    plane (the first line-free channel's Briggs weights)."""
+    from ..imaging.imager import _stokes_i_samples
     if line_free is None or not line_free.any():
         return None
     cross = vis.ant1 != vis.ant2
@@ -245,20 +247,16 @@ def _theoretical_rms(vis: msio.Vis, chans: np.ndarray, spec: ImageSpec, line_fre
     if resid.size < 10:
         return None
     sigma_unit = 1.4826 * np.median(np.abs(resid - np.median(resid)))   # sigma for weight 1
-    wn = np.where(ok, w, 0)[:, 0, :].ravel()   # one channel's natural weights
-    # robust weighting changes the noise; use natural weights scaled by the
-    # Briggs loss computed on the same uv grid (one channel)
-    from ..imaging.imager import _stokes_i_samples
     c0 = np.flatnonzero(line_free)[:1]
-    uvw, _, wnat = _stokes_i_samples(vis.select(cross), c0)
-    wim = gridding.briggs_weights(uvw, vis.freq[c0], wnat, spec.npix, np.radians(spec.cell_arcsec / 3600), spec.robust)
-    wv = wnat[:, 0]
-    wi = wim[:, 0]
+    uvw, _, wnat = _stokes_i_samples(vis, c0)          # auto-correlations get weight 0
+    wim = gridding.briggs_weights(uvw, vis.freq[c0], wnat, spec.npix, np.radians(spec.cell_arcsec / 3600),
+                                  spec.robust)
+    wv, wi = wnat[:, 0], wim[:, 0]
     sel = wv > 0
     if not sel.any():
         return None
     # var(V_i) = sigma_unit^2 / w_i (natural weights are inverse variances up to a scale)
-    return float(sigma_unit * np.sqrt((wi[sel] ** 2 / wv[sel]).sum()) / wi[sel].sum()) if wn.size else None
+    return float(sigma_unit * np.sqrt((wi[sel] ** 2 / wv[sel]).sum()) / wi[sel].sum())
 
 
 def _product_name(ctx: dict, field: str, intents: list, spw: int, specmode: str) -> str:
@@ -319,7 +317,7 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
             cont_mask = parse_channels(part["cont_chans"], nchan)[chans]
         stats = _stats(res, spec, cont_mask, specmode)
         line_free = parse_channels(part["cont_chans"], nchan) & chans if part.get("cont_chans") else None
-        theo = _theoretical_rms(vis, chans, spec, line_free) if specmode == "cube" else None
+        theo = _theoretical_rms(vis, spec, line_free) if specmode == "cube" else None
         frame = next(s["frame"] for s in obs["spws"] if s["id"] == part["spw"])
         fld = fields[fid]
         files = {}
