@@ -47,9 +47,15 @@ def solve(X: np.ndarray, W: np.ndarray, mode: str = "ap", refant: int | None = N
             break
     if refant is not None and 0 <= refant < nant and mode != "a":
         g = _reference(g, ok, refant)
-    # A phase-only solution is judged with each antenna's amplitude in the model:
-    # raw data (correlation coefficients) are far from the model's unit amplitude.
-    snr = _snr(X, Wk, g * mean_amp if mode == "p" else g, ok)
+    # A phase-only solution is judged with each antenna's amplitude in the model
+    # (raw data are far from the model's unit amplitude, and antennas differ): the
+    # amplitudes of an amplitude-and-phase solve of the same slots, so that the
+    # SNR measures the noise and not the amplitude mismatch.
+    if mode == "p":
+        g_ap, _, _ = solve(X, W, "ap", None, max_iter=60, tol=1e-6, min_baselines=min_baselines)
+        snr = _snr(X, Wk, g * np.abs(g_ap), ok)
+    else:
+        snr = _snr(X, Wk, g, ok)
     return g, snr, ok
 
 

@@ -94,6 +94,10 @@ def solve_term(vis: Vis, model: np.ndarray, spec: SolveSpec) -> CalSolutions:
     snr = snr.reshape(ntb, ncg, ncs, nant)
     ok = ok.reshape(ntb, ncg, ncs, nant)
     bad = ~ok | (snr < spec.minsnr)
+    wsum = np.bincount(tbin, minlength=ntb).astype(float)
+    t_sol = np.bincount(tbin, vis.time, ntb) / np.maximum(wsum, 1)
+    if spec.refant is not None and spec.calmode != "a" and 0 <= spec.refant < nant:
+        _continue_reference(g, bad, t_sol, spec.refant)
     if spec.kind == "T":   # one gain for both correlations: store it for each
         g, snr, bad = (np.repeat(a, ncorr, axis=2) for a in (g, snr, bad))
     if spec.kind == "B" and spec.solnorm:
@@ -105,8 +109,6 @@ def solve_term(vis: Vis, model: np.ndarray, spec: SolveSpec) -> CalSolutions:
     # One caltable row per (time slot, antenna), with params (nchan_sol, ncorr);
     # an interval without any usable data gets no rows at all (as in CASA).
     has_data = ok.reshape(ntb, -1).any(axis=1)
-    wsum = np.bincount(tbin, minlength=ntb).astype(float)
-    t_sol = np.bincount(tbin, vis.time, ntb) / np.maximum(wsum, 1)
     first = np.full(ntb, -1)
     first[tbin[::-1]] = np.arange(nrow)[::-1]
     tmin = np.full(ntb, np.inf); np.minimum.at(tmin, tbin, vis.time - vis.interval / 2)
@@ -123,6 +125,29 @@ def solve_term(vis: Vis, model: np.ndarray, spec: SolveSpec) -> CalSolutions:
         flag=np.transpose(bad, (0, 3, 1, 2)).reshape(ntb * nant, ncg, ncorr),
         snr=np.transpose(snr, (0, 3, 1, 2)).reshape(ntb * nant, ncg, ncorr).astype(np.float32),
         refant=-1 if spec.refant is None else int(spec.refant)).select(keep)
+
+
+def _continue_reference(g: np.ndarray, bad: np.ndarray, t_sol: np.ndarray, refant: int) -> None:
+    """Where the reference antenna has no solution (flagged, off source), the solver
+    referred that slot's phases to another antenna, which would make the phases
+    jump. Rotate such a slot so that the antennas it shares with the nearest slot
+    that has the reference keep, on average, their phases there (CASA's 'flex'
+    reference mode in spirit). g, bad: (ntime, nchan, ncorr, nant), in place."""
+    for c in range(g.shape[1]):
+        for p in range(g.shape[2]):
+            has_ref = ~bad[:, c, p, refant]
+            if has_ref.all() or not has_ref.any():
+                continue
+            with_ref = np.flatnonzero(has_ref)
+            for t in np.flatnonzero(~has_ref):
+                near = with_ref[np.argmin(np.abs(t_sol[with_ref] - t_sol[t]))]
+                common = ~bad[t, c, p] & ~bad[near, c, p]
+                if not common.any():
+                    continue
+                ratio = g[near, c, p, common] * np.conj(g[t, c, p, common])
+                rot = np.sum(ratio / np.maximum(np.abs(ratio), 1e-30))
+                if abs(rot) > 0:
+                    g[t, c, p] *= rot / abs(rot)
 
 
 def _normalise_bandpass(g: np.ndarray, bad: np.ndarray) -> np.ndarray:
