@@ -76,7 +76,7 @@ def test_noise_follows_the_radiometer_equation(eb):
     dead = truth["antennas"].index(truth["dead_antenna"])
     rows = ((vis.ant1 == dead) | (vis.ant2 == dead)) & (vis.ant1 != vis.ant2)
     d = vis.data[rows]
-    expected = 1 / np.sqrt(2 * sim.chan_width * sim.cfg.integration_s) / np.sqrt(2)
+    expected = 1 / np.sqrt(2 * sim.chan_widths[0] * sim.cfg.integration_s) / np.sqrt(2)
     shadowed = shadow_mask(vis.time, vis.ant1, vis.ant2, vis.uvw, np.full(sim.cfg.nant, 12.0))[rows]
     assert abs(np.std(d[~shadowed].real) / expected - 1) < 0.05
 
@@ -96,3 +96,33 @@ def test_realistic_preset_is_the_one_the_issue_describes():
     assert len(set(sim.pads)) == 43 and 3300 < sum(p[2] for p in sim.scan_plan()) < 4500   # about an hour
     with pytest.raises(ValueError, match="unknown preset"):
         SimConfig.preset("huge")
+
+
+def test_online_flags_in_flag_cmd_name_the_off_source_antenna(eb):
+    """FLAG_CMD holds the online flag as a flagdata command; inside its time range the
+    antenna's cross-correlations carry noise only."""
+    from almapipe.stages.flagging import parse_template, parse_timerange
+    sim, res, truth, _ = eb
+    (row,) = msio.online_flag_commands(res["ms"])
+    assert row["type"] == "ONLINE" and row["reason"] == "ANTENNA_NOT_ON_SOURCE"
+    (cmd,) = parse_template(row["command"])
+    (online,) = truth["online_flags"]
+    assert cmd["antenna"].startswith(online["antenna"])
+    ((lo, hi),) = parse_timerange(cmd["timerange"], online["start_mjd_s"])
+    assert abs(lo - online["start_mjd_s"]) < 1e-3 and abs(hi - online["end_mjd_s"]) < 1e-3
+    vis = msio.read_vis(res["ms"], 0, field_ids=[1])
+    a = truth["antennas"].index(online["antenna"])
+    inside = (vis.time >= lo) & (vis.time <= hi) & (vis.ant1 != vis.ant2)
+    mine = inside & ((vis.ant1 == a) | (vis.ant2 == a))
+    others = inside & (vis.ant1 != a) & (vis.ant2 != a)
+    assert np.abs(vis.data[mine].mean(axis=1)).mean() < 0.2 * np.abs(vis.data[others].mean(axis=1)).mean()
+
+
+def test_mixed_preset_has_a_narrow_spw_with_its_own_phase_offsets(tmp_path):
+    sim = Simulator(SimConfig.preset("mixed", target_scans=1, nant=4))
+    res = sim.write(str(tmp_path))
+    spws = msio.spw_table(res["ms"])
+    widths = [s["chan_width_hz"] * s["nchan"] for s in spws[:3]]
+    assert widths == pytest.approx([1.875e9, 1.875e9, 0.1171875e9])
+    t = np.load(tmp_path / "truth.npz")
+    assert np.all(t["spw_phase_rad"][0] == 0) and np.std(t["spw_phase_rad"][1:]) > 0.3

@@ -12,6 +12,10 @@ What is in it (each corruption recorded in the truth files next to the MS):
   temperatures follow the same path fluctuations that corrupt the phases;
 * antenna position errors for a few antennas, with the corrections in
   antennapos.csv;
+* online flags in the FLAG_CMD table (an antenna off source for a while; its
+  data in that time are noise);
+* spws of different widths (preset 'mixed': a narrow spw beside wide ones)
+  with instrumental phase offsets between spws, for spw phase-up;
 * per-antenna bandpasses (ripple, phase slope, TDM edge roll-off), slowly
   drifting amplitude gains, a dead antenna, shadowing at low elevation and a
   few bad channels;
@@ -64,8 +68,15 @@ class SimConfig:
     seed: int = 1
     # corruptions
     gain_amp_rms: float = 0.1
-    gain_drift: float = 0.02          # fractional amplitude drift over the EB (ALMA: 1-2 % per hour)
+    gain_drift_per_hour: float = 0.015   # rms fractional amplitude drift (ALMA: 1-2 % per hour)
     path_rms_mm: float = 0.15         # atmospheric path fluctuation (phase rms ~ 40 deg at 230 GHz)
+    # path the radiometers do not see (dry air, liquid water): what WVR correction leaves;
+    # the injected improvement factor is sqrt(path^2 + untracked^2) / untracked
+    path_untracked_mm: float = 0.025
+    spw_phase_offset_deg: float = 60.0   # rms instrumental phase offset between spws
+    online_flags: int = 1             # FLAG_CMD entries: an antenna off source for online_flag_s
+    online_flag_s: float = 60.0
+    spw_widths_hz: tuple | None = None   # per spw; None: spw_width_hz for all
     pos_error_mm: float = 2.0         # size of the antenna position errors
     n_pos_errors: int = 2
     dead_antenna: bool = True
@@ -91,6 +102,9 @@ class SimConfig:
             "small": {},
             "realistic": {"nant": 43, "nspw": 4, "nchan": 128, "target_scans": 8, "target_scan_s": 360.0,
                           "phase_scan_s": 30.0, "bandpass_scan_s": 300.0, "check_scan_s": 120.0},
+            # a narrow (FDM-like) spw beside two wide ones: too little SNR per integration
+            # for its own phases on the phase calibrator, so spwphaseup maps it to a wide one
+            "mixed": {"nspw": 3, "spw_widths_hz": (1.875e9, 1.875e9, 0.1171875e9)},
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; presets: {', '.join(presets)}")
@@ -194,11 +208,14 @@ class Simulator:
         self.xyz = antenna_itrf(pads)
         n = c.nant
         # spectral set-up: science spws side by side around the band centre
-        offs = (np.arange(c.nspw) - (c.nspw - 1) / 2) * (c.spw_width_hz * 1.07)
+        self.spw_widths = np.array(c.spw_widths_hz or [c.spw_width_hz] * c.nspw, float)
+        if len(self.spw_widths) != c.nspw:
+            raise ValueError(f"spw_widths_hz has {len(self.spw_widths)} entries for {c.nspw} spws")
+        offs = (np.arange(c.nspw) - (c.nspw - 1) / 2) * (self.spw_widths.max() * 1.07)
         self.spw_centres = c.band_centre_hz + offs
-        dch = c.spw_width_hz / c.nchan
-        self.freqs = [fc - c.spw_width_hz / 2 + (np.arange(c.nchan) + 0.5) * dch for fc in self.spw_centres]
-        self.chan_width = dch
+        self.chan_widths = self.spw_widths / c.nchan
+        self.freqs = [fc - w / 2 + (np.arange(c.nchan) + 0.5) * w / c.nchan
+                      for fc, w in zip(self.spw_centres, self.spw_widths)]
         # truth: bandpasses (ripple, phase slope, TDM edge roll-off)
         ch = np.arange(c.nchan)
         edge = np.clip(np.minimum(ch + 1, c.nchan - ch) / max(c.nchan * 0.06, 1), 0, 1) ** 0.5
@@ -209,7 +226,8 @@ class Simulator:
             phase = np.radians(20) * self.rng.normal(size=(n, 1, 2)) * (ch[None, :, None] / c.nchan - 0.5)
             self.bandpass[s] = amp * edge[None, :, None] * np.exp(1j * phase)
         self.gain_amp0 = 1 + c.gain_amp_rms * self.rng.normal(size=(n, 2))
-        self.gain_drift = c.gain_drift * self.rng.normal(size=(n, 2))
+        hours = (sum(p[2] for p in self.scan_plan()) + 10.0 * len(self.scan_plan())) / 3600
+        self.gain_drift = c.gain_drift_per_hour * hours * self.rng.normal(size=(n, 2))   # over the EB
         self.gain_phase0 = self.rng.uniform(-np.pi, np.pi, (n, 2))
         self.tsys_scale = self.rng.uniform(0.85, 1.2, n)
         self.pos_err = np.zeros((n, 3))
@@ -226,24 +244,37 @@ class Simulator:
         self.wind = np.array([8.0, 3.0])   # m/s
         enu = np.array([[p[1], p[2]] for p in pads])
         self.enu = enu - enu.mean(axis=0)
+        extra = np.random.default_rng(c.seed + 7919)
+        self.untracked_k = extra.normal(size=(64, 2)) * 2 * np.pi / 200.0 * 3
+        self.untracked_a = extra.normal(size=64) / np.sqrt(64)
+        self.untracked_p = extra.uniform(0, 2 * np.pi, 64)
+        # instrumental phase per spw, antenna and correlation (spw 0 is the reference)
+        self.spw_phase = np.radians(c.spw_phase_offset_deg) * extra.normal(size=(c.nspw, n, 2))
+        self.spw_phase[0] = 0.0
+        self.online = []        # (antenna, t_start, t_end) filled in write()
+        self.online_rng = extra
 
     # ------------------------------------------------------------ truth models
-    def path_mm(self, t_s: np.ndarray) -> np.ndarray:
-        """Excess atmospheric path (ntime, nant) in mm."""
+    def path_mm(self, t_s: np.ndarray, untracked: bool = False) -> np.ndarray:
+        """Excess atmospheric path (ntime, nant) in mm: the water-vapour path the
+        radiometers see, or (untracked) the part they do not see."""
+        k, a, p, rms = (self.untracked_k, self.untracked_a, self.untracked_p, self.cfg.path_untracked_mm) \
+            if untracked else (self.screen_k, self.screen_a, self.screen_p, self.cfg.path_rms_mm)
         pos = self.enu[None, :, :] - self.wind[None, None, :] * t_s[:, None, None]
-        arg = np.einsum("tak,mk->tam", pos, self.screen_k) + self.screen_p
-        scr = (np.cos(arg) * self.screen_a).sum(axis=2)
-        return self.cfg.path_rms_mm * scr / max(np.std(scr), 1e-9) if scr.size > 1 else scr
+        arg = np.einsum("tak,mk->tam", pos, k) + p
+        scr = (np.cos(arg) * a).sum(axis=2)
+        return rms * scr / max(np.std(scr), 1e-9) if scr.size > 1 else scr
 
     def tsys(self, spw: int, t_frac: np.ndarray, el: np.ndarray) -> np.ndarray:
-        """Tsys (ntime, nant, nchan) in K: airmass and a line in the last spw's upper edge."""
+        """Tsys (ntime, nant, nchan) in K: airmass, a slow drift, and a line in the last spw's upper edge."""
         c = self.cfg
         ch = np.linspace(0, 1, c.nchan)
         # a pressure-broadened atmospheric line near the top of the last spw (sigma ~225 MHz)
         line = 1.0 + (1.5 * np.exp(-((ch - 0.92) / 0.12) ** 2) if spw == c.nspw - 1 else np.zeros_like(ch))
         airmass = 1 / np.sin(np.clip(el, np.radians(10), None))
         base = c.tsys_k * (0.6 + 0.4 * airmass)[:, None, None] * self.tsys_scale[None, :, None]
-        return base * line[None, None, :] * (1 + 0.02 * np.sin(2 * np.pi * t_frac))[:, None, None]
+        # and a slow drift (2 % over the EB: precipitable water vapour changing)
+        return base * line[None, None, :] * (1 + 0.02 * t_frac)[:, None, None]
 
     def gains(self, t_frac: np.ndarray) -> np.ndarray:
         """Complex electronic gains (ntime, nant, 2), slowly drifting."""
@@ -267,7 +298,7 @@ class Simulator:
             return [(np.full(len(freq), c.check_flux_jy), 0.0, 0.0)]
         l, m = (np.radians(a / 3600) for a in c.target_offset_arcsec)
         line_centre = self.spw_centres[0]
-        line = c.target_line_jy * np.exp(-0.5 * ((freq - line_centre) / (0.06 * c.spw_width_hz)) ** 2)
+        line = c.target_line_jy * np.exp(-0.5 * ((freq - line_centre) / (0.06 * self.spw_widths[0])) ** 2)
         return [(np.full(len(freq), c.target_cont_jy), 0.0, 0.0), (line, l, m)]
 
     # ------------------------------------------------------------ scan plan
@@ -308,7 +339,7 @@ class Simulator:
                                    "LOAD": [0.0] * len(states), "SUB_SCAN": [1] * len(states),
                                    "FLAG_ROW": [False] * len(states)})
         diam = np.full(n, 12.0)
-        fill_table(f"{ms}/ANTENNA", {"NAME": [f"DA{41 + i}" if i % 2 else f"DV{i + 1:02d}" for i in range(n)],
+        fill_table(f"{ms}/ANTENNA", {"NAME": self.antenna_names(),
                                      "STATION": self.pads, "POSITION": self.xyz, "OFFSET": np.zeros((n, 3)),
                                      "DISH_DIAMETER": diam, "TYPE": ["GROUND-BASED"] * n, "MOUNT": ["ALT-AZ"] * n,
                                      "FLAG_ROW": np.zeros(n, bool)})
@@ -321,11 +352,11 @@ class Simulator:
                     [f"X0000000000#ALMA_RB_06#BB_{s + 1}#SW-01#TDM_TSYS" for s in range(c.nspw)]
         freqs = self.freqs + self.freqs
         nsw = len(freqs)
+        chan_w = np.repeat(np.tile(self.chan_widths, 2)[:, None], c.nchan, axis=1)
         fill_table(f"{ms}/SPECTRAL_WINDOW", {
             "NAME": spw_names, "NUM_CHAN": [c.nchan] * nsw, "CHAN_FREQ": np.array(freqs),
-            "CHAN_WIDTH": np.full((nsw, c.nchan), self.chan_width), "EFFECTIVE_BW": np.full((nsw, c.nchan), self.chan_width),
-            "RESOLUTION": np.full((nsw, c.nchan), self.chan_width), "REF_FREQUENCY": [float(f[0]) for f in freqs],
-            "TOTAL_BANDWIDTH": [c.spw_width_hz] * nsw, "MEAS_FREQ_REF": [FREQ_FRAMES["TOPO"]] * nsw,
+            "CHAN_WIDTH": chan_w, "EFFECTIVE_BW": chan_w, "RESOLUTION": chan_w,
+            "REF_FREQUENCY": [float(f[0]) for f in freqs], "TOTAL_BANDWIDTH": list(self.spw_widths) * 2, "MEAS_FREQ_REF": [FREQ_FRAMES["TOPO"]] * nsw,
             "NET_SIDEBAND": [1] * nsw, "FREQ_GROUP": [0] * nsw, "FREQ_GROUP_NAME": ["none"] * nsw,
             "IF_CONV_CHAIN": [0] * nsw, "FLAG_ROW": [False] * nsw})
         fill_table(f"{ms}/POLARIZATION", {"NUM_CORR": [2], "CORR_TYPE": np.array([[CORR_CODES["XX"], CORR_CODES["YY"]]]),
@@ -341,7 +372,11 @@ class Simulator:
         fill_table(f"{ms}/PROCESSOR", {"TYPE": ["CORRELATOR"], "SUB_TYPE": ["ALMA_CORRELATOR_MODE"], "TYPE_ID": [0],
                                        "MODE_ID": [0], "FLAG_ROW": [False]})
 
-        syscal_rows, wvr_rows, truth_rows = [], [], {"shadowed_rows": 0, "rows": 0}
+        syscal_rows, wvr_rows, truth_rows = [], [], {"shadowed_rows": 0, "rows": 0, "online_rows": 0}
+        untracked_rows = []
+        phase_scans = [i for i, p in enumerate(plan) if p[0] == "PHASE"]
+        online_scans = phase_scans[1:1 + c.online_flags]     # an antenna off source from these scans on
+        online_ant = min(2, n - 2)
         t = t0
         scan_no = 0
         t_end_est = self.t_end_est = t0 + total_s
@@ -375,8 +410,20 @@ class Simulator:
                                   fid, scan_no, s, states.index(kind))
                     t = times[-1] + c.integration_s / 2 + 10.0
                     continue
+                truth_rows.setdefault("scans", []).append(
+                    {"scan": scan_no, "field": FIELDS[fid][0], "kind": kind,
+                     "start_mjd_s": float(times[0] - c.integration_s / 2), "end_mjd_s": float(times[-1] + c.integration_s / 2)})
+                if scan_no - 1 in online_scans:
+                    self.online.append((online_ant, float(t), float(t + c.online_flag_s)))
                 path = self.path_mm(times - t0)                                    # (nt, nant)
+                untracked = self.path_mm(times - t0, untracked=True)
                 wvr_rows.append((times, path))
+                untracked_rows.append(untracked)
+                off_source = np.zeros(len(uvw), bool)                             # rows of an antenna off source
+                for ant, ta, tb_ in self.online:
+                    half = c.integration_s / 2          # an integration that overlaps the range
+                    hit = (times + half >= ta) & (times - half <= tb_)
+                    off_source |= np.repeat(hit, nbl) & ((b1 == ant) | (b2 == ant))
                 shadow = shadow_mask(np.repeat(times, nbl), b1, b2, uvw, diam)
                 truth_rows["shadowed_rows"] += int(shadow.sum())
                 # source direction unit vector (ITRF) for the position-error phases
@@ -395,14 +442,17 @@ class Simulator:
                         ph = 2j * np.pi * (uvw[:, 0:1] * l + uvw[:, 1:2] * m + uvw[:, 2:3] * nn) * lam_inv[None]
                         vsky += flux[None, :] * np.exp(ph)
                     # antenna-based corruptions: atmosphere + position errors (+ electronics, bandpass)
-                    phi = 2 * np.pi * ((path / 1e3)[:, :, None] + pos_delay[:, :, None]) * lam_inv[None, None, :]
+                    phi = 2 * np.pi * (((path + untracked) / 1e3)[:, :, None] + pos_delay[:, :, None]) * \
+                        lam_inv[None, None, :]
                     atm = np.exp(1j * phi)                                           # (nt, nant, nchan)
                     tsys = tsys_all[s]                                               # (nt, nant, nchan)
                     ga = g_el[:, :, None, :] * self.bandpass[s][None] * atm[..., None] / \
                         np.sqrt(c.jy_per_k * tsys)[..., None]                        # (nt, nant, nchan, 2)
+                    ga = ga * np.exp(1j * self.spw_phase[s])[None, :, None, :]
                     vis = ga[ti, b1] * np.conj(ga[ti, b2]) * vsky[:, :, None]
+                    vis[off_source] = 0.0                 # off source: noise only
                     # radiometer equation: noise of a correlation coefficient
-                    sigma = 1 / np.sqrt(2 * self.chan_width * c.integration_s)
+                    sigma = 1 / np.sqrt(2 * self.chan_widths[s] * c.integration_s)
                     noise = sigma * (self.rng.normal(size=vis.shape) + 1j * self.rng.normal(size=vis.shape)) / np.sqrt(2)
                     vis = vis + noise
                     vis[b1 == b2] = 1.0                 # normalised auto-correlations
@@ -413,17 +463,22 @@ class Simulator:
                     self._put(main, {"TIME": np.repeat(times, nbl), "ANTENNA1": b1, "ANTENNA2": b2, "UVW": uvw,
                                      "DATA": vis.astype(np.complex64)}, fid, scan_no, s, state)
                     truth_rows["rows"] += len(uvw)
+                    truth_rows["online_rows"] += int((off_source & (b1 != b2)).sum())
                 t = times[-1] + c.integration_s / 2 + 10.0
         fill_table(f"{ms}/OBSERVATION", {"TELESCOPE_NAME": ["ALMA"], "OBSERVER": ["almapipe simulate"],
                                          "PROJECT": ["uid://S000/X00/X00"], "TIME_RANGE": np.array([[t0, t]]),
                                          "RELEASE_DATE": [0.0], "SCHEDULE_TYPE": [""], "FLAG_ROW": [False]})
+        with ct.table(ms, ack=False) as main:
+            truth_rows["all_rows"] = main.nrows()           # ATM scans' auto-correlations included
         self._write_syscal(ms, syscal_rows)
+        self._write_flag_cmd(ms)
         wvr = self._write_wvr(ms, wvr_rows)
+        wvr["untracked_mm"] = np.concatenate(untracked_rows)
         antpos = os.path.join(out_dir, "antennapos.csv")
         with open(antpos, "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["antenna", "xoffset_m", "yoffset_m", "zoffset_m", "comment"])
-            names = [f"DA{41 + i}" if i % 2 else f"DV{i + 1:02d}" for i in range(n)]
+            names = self.antenna_names()
             for a in np.flatnonzero(np.abs(self.pos_err).sum(axis=1)):
                 w.writerow([names[a], *(f"{x:.6f}" for x in self.pos_err[a]), "position correction"])
         # the flux calibrator's catalogue flux, as ALMA's pipeline receives it in flux.csv
@@ -449,7 +504,7 @@ class Simulator:
         full = dict(cols, TIME_CENTROID=cols["TIME"], INTERVAL=np.full(nrow, c.integration_s),
                     EXPOSURE=np.full(nrow, c.integration_s), FIELD_ID=np.full(nrow, fid),
                     SCAN_NUMBER=np.full(nrow, scan), FLAG=np.zeros((nrow, nchan, 2), bool),
-                    WEIGHT=np.full((nrow, 2), 2 * self.chan_width * c.integration_s / 1e6, np.float32),
+                    WEIGHT=np.full((nrow, 2), 2 * self.chan_widths[spw] * c.integration_s / 1e6, np.float32),
                     SIGMA=np.ones((nrow, 2), np.float32), DATA_DESC_ID=np.full(nrow, spw),
                     ARRAY_ID=np.zeros(nrow, int), OBSERVATION_ID=np.zeros(nrow, int),
                     PROCESSOR_ID=np.zeros(nrow, int), STATE_ID=np.full(nrow, state), FEED1=np.zeros(nrow, int),
@@ -475,6 +530,27 @@ class Simulator:
             t.putcol("TIME", np.array([r[2] for r in rows]))
             t.putcol("INTERVAL", np.array([r[3] for r in rows]))
             t.putcol("TSYS_SPECTRUM", np.array([r[4] for r in rows], np.float32))
+
+    def _write_flag_cmd(self, ms: str) -> None:
+        """Online flags as ALMA's importasdm writes them: one FLAG_CMD row per
+        antenna and time range, a flagdata command, TYPE 'ONLINE', not applied."""
+        names = self.antenna_names()
+        cmds = [f"antenna='{names[a]}&&*' timerange='{casa_time(t0)}~{casa_time(t1)}'" for a, t0, t1 in self.online]
+        rows = len(cmds)
+        with ct.table(f"{ms}/FLAG_CMD", readonly=False, ack=False) as t:
+            t.addrows(rows)
+            if rows:
+                t.putcol("TIME", np.array([(a + b) / 2 for _, a, b in self.online]))
+                t.putcol("INTERVAL", np.array([b - a for _, a, b in self.online]))
+                t.putcol("TYPE", ["ONLINE"] * rows)
+                t.putcol("REASON", ["ANTENNA_NOT_ON_SOURCE"] * rows)
+                t.putcol("LEVEL", np.zeros(rows, int))
+                t.putcol("SEVERITY", np.zeros(rows, int))
+                t.putcol("APPLIED", np.zeros(rows, bool))
+                t.putcol("COMMAND", cmds)
+
+    def antenna_names(self) -> list:
+        return [f"DA{41 + i}" if i % 2 else f"DV{i + 1:02d}" for i in range(self.cfg.nant)]
 
     def _write_wvr(self, ms: str, rows: list) -> dict:
         """WVR brightness temperatures (K) per antenna, time and channel, in the
@@ -504,13 +580,22 @@ class Simulator:
         np.savez_compressed(os.path.join(out_dir, "truth.npz"), bandpass=self.bandpass,
                             gain_amp0=self.gain_amp0, gain_drift=self.gain_drift, gain_phase0=self.gain_phase0,
                             pos_err_m=self.pos_err, wvr_times=wvr["times"], path_mm=wvr["path_mm"],
+                            untracked_path_mm=wvr["untracked_mm"], spw_phase_rad=self.spw_phase,
                             tsys_scale=self.tsys_scale, spw_freqs=np.array(self.freqs))
+        total = wvr["path_mm"] + wvr["untracked_mm"]
+        # over all antenna pairs: what a perfect WVR correction would do to baseline phases
+        i, j = np.triu_indices(total.shape[1], 1)
+        injected = float(np.std(total[:, i] - total[:, j]) / np.std(wvr["untracked_mm"][:, i] - wvr["untracked_mm"][:, j]))
         truth = {
             "config": asdict(c), "antennas": names, "pads": self.pads,
             "dead_antenna": names[self.dead] if self.dead >= 0 else None,
             "bad_channels": [{"spw": s, "chan": ch} for s, ch in self.bad_channels],
             "position_errors_m": {names[a]: self.pos_err[a].tolist() for a in np.flatnonzero(np.abs(self.pos_err).sum(1))},
             "wvr_dTdL_K_per_mm": list(WVR_DTDL), "jy_per_k": c.jy_per_k,
+            "wvr_injected_improvement": injected,
+            "online_flags": [{"antenna": names[a], "start_mjd_s": t0, "end_mjd_s": t1} for a, t0, t1 in self.online],
+            "online_rows": rows["online_rows"], "all_rows": rows["all_rows"], "scans": rows.get("scans", []),
+            "spw_widths_hz": self.spw_widths.tolist(),
             "tsys_spw_map": {str(c.nspw + s): s for s in range(c.nspw)},
             "sky": {FIELDS[f][0]: [{"flux_jy_at_band_centre": float(fl[len(fl) // 2]) if hasattr(fl, "__len__") else fl,
                                     "l_arcsec": float(np.degrees(l) * 3600), "m_arcsec": float(np.degrees(m) * 3600)}
@@ -518,7 +603,7 @@ class Simulator:
                     for f in range(len(FIELDS))},
             "spectral_index": {FIELDS[0][0]: c.bp_spix, FIELDS[1][0]: c.phase_spix, FIELDS[2][0]: 0.0},
             "line": {"field": "Target", "spw": 0, "centre_hz": float(self.spw_centres[0]),
-                     "sigma_hz": 0.06 * c.spw_width_hz, "peak_jy": c.target_line_jy},
+                     "sigma_hz": 0.06 * float(self.spw_widths[0]), "peak_jy": c.target_line_jy},
             "shadowed_rows_per_spw": rows["shadowed_rows"], "rows": rows["rows"],
             "start_elevation_deg": self.start_elevation_deg,
             "conventions": "V_12 = g_1 conj(g_2) V_sky; uvw = x1 - x2 projected; raw = Jy / (JyperK sqrt(Tsys1 Tsys2))",
@@ -527,6 +612,12 @@ class Simulator:
         with open(path, "w") as f:
             json.dump(truth, f, indent=1)
         return path
+
+
+def casa_time(mjd_s: float) -> str:
+    """MJD seconds (UTC) as CASA writes times in flag commands: 2026/05/01/01:02:03.456."""
+    iso = Time(mjd_s / 86400, format="mjd", scale="utc", precision=3).iso     # 2026-05-01 01:02:03.456
+    return iso.replace("-", "/").replace(" ", "/")
 
 
 def simulate(out_dir: str, preset: str = "small", name: str = "sim", **overrides) -> dict:
