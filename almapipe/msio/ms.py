@@ -200,6 +200,22 @@ def spw_table(ms: str) -> list[dict]:
         return out
 
 
+def online_flag_commands(ms: str) -> list[dict]:
+    """The FLAG_CMD table's commands not yet applied: [{'command', 'reason', 'type'}]
+    (ALMA's online flags as importasdm writes them). None when there is no table."""
+    if not os.path.exists(os.path.join(ms, "FLAG_CMD")):
+        return []
+    with subtable(ms, "FLAG_CMD") as t:
+        if not t.nrows():
+            return []
+        cols = t.colnames()
+        applied = t.getcol("APPLIED") if "APPLIED" in cols else np.zeros(t.nrows(), bool)
+        reasons = t.getcol("REASON") if "REASON" in cols else [""] * t.nrows()
+        types = t.getcol("TYPE") if "TYPE" in cols else [""] * t.nrows()
+        return [{"command": str(c), "reason": str(r), "type": str(ty)}
+                for c, r, ty, a in zip(t.getcol("COMMAND"), reasons, types, applied) if not a and str(c).strip()]
+
+
 def state_intents(ms: str) -> list[str]:
     """OBS_MODE strings of the STATE table (empty when the MS records no intents)."""
     with subtable(ms, "STATE") as t:

@@ -74,6 +74,13 @@ def template_mask(vis: msio.Vis, cmd: dict, ants: list, fields: list, spw: int) 
     if "field" in cmd:
         ids = _lookup(cmd["field"], fields, "field")
         rows &= np.isin(vis.field_id, ids)
+    if "timerange" in cmd and len(vis.time):
+        # rows whose integration overlaps the range (CASA compares the integration's extent)
+        half = 0.5 * vis.interval
+        hit = np.zeros(nrow, bool)
+        for lo, hi in parse_timerange(cmd["timerange"], float(vis.time[0])):
+            hit |= (vis.time + half >= lo) & (vis.time - half <= hi)
+        rows &= hit
     if "scan" in cmd:
         scans = [int(s) for part in cmd["scan"].split(",") for s in _range(part)]
         rows &= np.isin(vis.scan, scans)
@@ -90,6 +97,34 @@ def template_mask(vis: msio.Vis, cmd: dict, ants: list, fields: list, spw: int) 
         wanted = {c.strip().upper() for c in cmd["correlation"].split(",")}
         corrs = np.array([c in wanted for c in vis.corr_types])
     return rows[:, None, None] & chans[None, :, None] & corrs[None, None, :]
+
+
+def parse_timerange(spec: str, ref_mjd_s: float) -> list:
+    """CASA timerange 'T0~T1[,T0~T1...]' -> [(start, end)] in MJD seconds (UTC).
+    T is YYYY/MM/DD/hh:mm:ss[.s] or hh:mm:ss[.s] (then on the day of ref_mjd_s)."""
+    from astropy.time import Time
+    day = Time(ref_mjd_s / 86400, format="mjd", scale="utc").iso[:10]
+
+    def one(t: str) -> float:
+        t = t.strip()
+        parts = t.split("/")
+        if len(parts) == 4:
+            iso = f"{parts[0]}-{parts[1]}-{parts[2]}T{parts[3]}"
+        elif len(parts) == 1 and t.count(":") == 2:
+            iso = f"{day}T{t}"
+        else:
+            raise StageError(f"flag command: timerange {spec!r}: {t!r} is not YYYY/MM/DD/hh:mm:ss or hh:mm:ss")
+        try:
+            return float(Time(iso, format="isot", scale="utc").mjd * 86400)
+        except ValueError as exc:
+            raise StageError(f"flag command: timerange {spec!r}: {exc}") from None
+    out = []
+    for item in spec.split(","):
+        lo, sep, hi = item.partition("~")
+        if not sep:
+            raise StageError(f"flag command: timerange {spec!r} needs start~end")
+        out.append((one(lo), one(hi)))
+    return out
 
 
 def _range(part: str) -> range:
@@ -112,6 +147,9 @@ def _lookup(spec: str, table: list, what: str) -> list:
 def _antenna_rows(vis, spec: str, ants: list) -> np.ndarray:
     rows = np.zeros(len(vis.time), bool)
     for item in spec.split(";"):
+        # 'DV03&&*' and 'DV03&*' (with or without auto-correlations) mean every
+        # baseline of DV03; autocorrelations are flagged anyway
+        item = item.strip().removesuffix("&&*").removesuffix("&*").removesuffix("&&")
         if "&" in item:
             a, b = item.split("&", 1)
             ia, ib = _lookup(a, ants, "antenna"), _lookup(b, ants, "antenna") if b.strip() else None
@@ -129,10 +167,17 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
     template = params.get("template") or ctx["user"].get("flag_template") or ""
     commands = parse_template(template) if template else []
+    online = []
+    if params.get("online", True) and ctx["partitions"]:
+        # ALMA's online flags (FLAG_CMD): the same command syntax as a template
+        rows = msio.online_flag_commands(io.fetch_dir(ctx["partitions"][0]["key"]))
+        online = parse_template("\n".join(r["command"] for r in rows))
+        for cmd, r in zip(online, rows):
+            cmd.setdefault("reason", r["reason"])
     ants = ctx["observation"]["antennas"]
     diam = np.array([a["diameter_m"] for a in ants])
-    summary = {"autocorr": 0, "zeros": 0, "intents": 0, "edges": 0, "shadow": 0, "template": 0, "before": 0, "total": 0,
-               "samples": 0}
+    summary = {"autocorr": 0, "zeros": 0, "intents": 0, "edges": 0, "shadow": 0, "online": 0, "template": 0,
+               "before": 0, "total": 0, "samples": 0}
     state_intents = [intents_of_modes([m]) for m in msio.state_intents(io.fetch_dir(ctx["partitions"][0]["key"]))] \
         if ctx["partitions"] else []
     new_parts = []
@@ -167,6 +212,8 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
         if params.get("shadow", True):
             add(np.broadcast_to(shadow_mask(vis.time, vis.ant1, vis.ant2, vis.uvw, diam)[:, None, None],
                                 flag.shape), "shadow")
+        for cmd in online:
+            add(template_mask(vis, cmd, ants, ctx["fields"], part["spw"]), "online")
         for cmd in commands:
             add(template_mask(vis, cmd, ants, ctx["fields"], part["spw"]), "template")
         summary["total"] += int(flag.sum())
@@ -175,19 +222,20 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
         new_parts.append(dict(part, key=entry["key"], sha256=entry["sha256"]))
     ctx["partitions"] = new_parts
     n = max(summary["samples"], 1)
-    frac = {k: summary[k] / n for k in ("autocorr", "zeros", "intents", "edges", "shadow", "template", "before",
-                                        "total")}
-    ctx["flags"]["flagdata"] = {"fractions": frac, "commands": commands}
+    frac = {k: summary[k] / n for k in ("autocorr", "zeros", "intents", "edges", "shadow", "online", "template",
+                                        "before", "total")}
+    ctx["flags"]["flagdata"] = {"fractions": frac, "commands": commands, "online_commands": online}
     for k, v in frac.items():
         io.log("flagged fraction %s: %.4f", k, v)
     # As hifa_flagdata: the score falls with the fraction flagged beyond autocorrelations.
-    extra = frac["total"] - frac["autocorr"] - frac["intents"] - frac["edges"] - frac["before"]
+    extra = frac["total"] - frac["autocorr"] - frac["intents"] - frac["edges"] - frac["before"] - frac["online"]
     if extra > 0.6:
         qa.lower(0.0, f"{extra:.0%} of the data flagged beyond autocorrelations.")
     elif extra > 0.05:
         qa.lower(1.0 - extra, f"{extra:.1%} of the data flagged beyond autocorrelations.")
     qa.note(f"Flagged in total {frac['total']:.1%} (autocorrelations {frac['autocorr']:.1%}, intents not used "
-            f"for calibration {frac['intents']:.1%}, band edges {frac['edges']:.1%}, zeros {frac['zeros']:.2%}, shadowing {frac['shadow']:.2%}, "
+            f"for calibration {frac['intents']:.1%}, band edges {frac['edges']:.1%}, zeros {frac['zeros']:.2%}, "
+            f"shadowing {frac['shadow']:.2%}, online flags {frac['online']:.2%} ({len(online)} commands), "
             f"template {frac['template']:.2%}).")
     return qa
 
