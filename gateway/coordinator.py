@@ -263,6 +263,7 @@ def build_summary(run: dict, ctx: dict) -> dict:
                    for img in ctx.get("images", [])],
         "continuum": ctx.get("continuum", []),
         "refant": ctx.get("refant", {}).get("refant"),
-        "calibration": {k: ctx.get(k) for k in ("tsys", "antpos", "wvr", "flags")},
+        "calibration": {k: ctx.get(k) for k in ("tsys", "antpos", "wvr", "flags", "spwphaseup", "bandpass_phaseup",
+                                                "callibrary")},
         "fields": ctx.get("fields", []),
     }

@@ -21,7 +21,8 @@ class GainApply:
 
     gainfield: the field ids whose solutions are used for every row (None: all);
     field_map: instead, per field of the data, the solution fields to use
-    (a calibrator its own, a target its phase calibrator's)."""
+    (a calibrator its own, a target its phase calibrator's); an empty list:
+    the table does not apply to that field."""
     solutions: object          # CalSolutions
     gainfield: list | None = None
     interp: str = "linear"     # 'linear' or 'nearest'
@@ -93,6 +94,8 @@ def apply_tables(vis: Vis, applies: list, data: np.ndarray | None = None):
         for f in np.unique(pairs[:, 0]).astype(int):
             sel = pairs[:, 0] == f
             fields = ap.gainfield if ap.field_map is None else ap.field_map.get(f)
+            if fields is not None and len(fields) == 0:
+                continue                         # this table does not apply to field f
             g, b = interpolate_gains(sol, pairs[sel, 1], nant, ap.interp, fields)
             gain[sel] *= g                       # (nt, nant, 1 or nchan, ncorr) broadcasts
             bad[sel] |= b

@@ -1,4 +1,5 @@
-"""ALMA calibration stages (calibrator service): tsyscal, antpos, wvrgcal.
+"""ALMA calibration stages (calibrator service): tsyscal, tsysflag, antpos, wvrgcal,
+fluxcalflag, lowgainflag.
 
 Each writes a table into the calibration library (field-independent, applied
 before every later solve and by applycal):
@@ -25,9 +26,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from astropy.time import Time  # noqa: E402
+from scipy.optimize import minimize_scalar  # noqa: E402
 from scipy.signal import medfilt  # noqa: E402
 
-from .base import QA, StageError, StageIO, stage  # noqa: E402
+from .base import QA, StageError, StageIO, field_ids_with, stage  # noqa: E402
 from .calibration import calibrator_ids, field_models, preapply, read_part, refant_id, register, save_table  # noqa: E402
 from ..calibration.caltable import CalSolutions  # noqa: E402
 from ..calibration.terms import SolveSpec, point_model, solve_term  # noqa: E402
@@ -221,13 +223,29 @@ def nearest_index(grid: np.ndarray, t: np.ndarray) -> np.ndarray:
 def wvr_proxy(tb: np.ndarray) -> np.ndarray:
     """A path proxy (nt, nant) from the four channels: the projection of the
     brightness fluctuations on their common direction (first principal component),
-    which is the water-vapour signature whatever the absolute calibration."""
+    which is the water-vapour signature whatever the absolute calibration. The
+    direction is the median over antennas of each antenna's own, so a broken
+    radiometer (noise in every channel) does not tilt everyone's."""
     fluct = tb - np.nanmean(tb, axis=0, keepdims=True)
-    x = fluct.reshape(-1, tb.shape[2])
-    x = x[np.isfinite(x).all(axis=1)]
-    _, _, vt = np.linalg.svd(x - x.mean(axis=0), full_matrices=False)
-    direction = vt[0] * np.sign(vt[0].sum())
+    dirs = []
+    for a in range(tb.shape[1]):
+        x = fluct[:, a][np.isfinite(fluct[:, a]).all(axis=1)]
+        if len(x) < 3:
+            continue
+        _, _, vt = np.linalg.svd(x - x.mean(axis=0), full_matrices=False)
+        dirs.append(vt[0] * np.sign(vt[0].sum()))
+    direction = np.median(dirs, axis=0)
+    direction /= np.linalg.norm(direction)
     return np.einsum("tak,k->ta", np.nan_to_num(fluct), direction)
+
+
+def circular_residual(phase: np.ndarray, groups: np.ndarray, use: np.ndarray) -> np.ndarray:
+    """Phases (wrapped) less their circular mean in each group (antenna and scan)."""
+    out = np.zeros_like(phase)
+    for k in np.unique(groups[use]):
+        r = use & (groups == k)
+        out[r] = np.angle(np.exp(1j * phase[r]) * np.conj(np.exp(1j * phase[r]).mean()))
+    return out
 
 
 @stage("wvrgcal", service="calibrator")
@@ -236,7 +254,9 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
     ants = ctx["observation"]["antennas"]
     pos = np.array([a["position"] for a in ants])
     ref = refant_id(ctx)
-    cal_ids = calibrator_ids(ctx)
+    # the scale is fitted and the improvement measured on the bandpass and phase
+    # calibrators, as hifa_wvrgcalflag does: bright, and often observed
+    cal_ids = sorted(set(field_ids_with(ctx, "BANDPASS")) | set(field_ids_with(ctx, "PHASE"))) or calibrator_ids(ctx)
     part0 = ctx["partitions"][0]
     ms0 = io.fetch_dir(part0["key"])
     try:
@@ -254,15 +274,17 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
     ph = solve_term(vis, model, SolveSpec(kind="G", solint="int", calmode="p", refant=ref,
                                           minsnr=params.get("minsnr", 3.0), preapply=preapply(ctx, io, part0["spw"])))
     idx = nearest_index(wtimes, ph.time)
-    ok = ~ph.flag[:, 0, 0]
+    # only slots with the reference antenna: elsewhere the phases are relative to
+    # another antenna, whose path the proxy differences below would not follow
+    ref_times = ph.time[(ph.antenna == ref) & ~ph.flag[:, 0, 0]]
+    ok = ~ph.flag[:, 0, 0] & np.isin(ph.time, ref_times)
     obs_phase = np.angle(ph.cparam[:, 0, 0])
     dproxy = proxy[idx, ph.antenna] - proxy[idx, ref]
     # remove per-antenna and per-scan means: slow phases belong to the gain solves
     key = ph.antenna * 100000 + ph.scan
-    resid_phase, resid_proxy = obs_phase.copy(), dproxy.copy()
+    resid_phase, resid_proxy = circular_residual(obs_phase, key, ok), dproxy.copy()
     for k in np.unique(key[ok]):
         r = ok & (key == k)
-        resid_phase[r] = np.angle(np.exp(1j * (obs_phase[r] - np.angle(np.exp(1j * obs_phase[r]).mean()))))
         resid_proxy[r] -= dproxy[r].mean()
     # per-antenna fit quality: an antenna whose radiometer does not follow its phases is bad
     bad_ants, corr = [], {}
@@ -281,7 +303,14 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
     if good.sum() < 10:
         qa.lower(0.4, "Too few calibrator phases to fit the WVR scale: no WVR correction.")
         return qa
-    scale = float((resid_phase[good] * resid_proxy[good]).sum() / (resid_proxy[good] ** 2).sum())  # rad / unit
+    # the scale (rad per proxy unit): a least-squares start, then the value that
+    # minimises the phase rms left after correction. Wrapped phases make the linear
+    # fit slightly off when the atmosphere moves the phase by tens of degrees.
+    first = float((resid_phase[good] * resid_proxy[good]).sum() / (resid_proxy[good] ** 2).sum())
+
+    def rms_after(s):
+        return np.sqrt(np.mean(circular_residual(obs_phase - s * dproxy, key, good)[good] ** 2))
+    scale = float(minimize_scalar(rms_after, bounds=sorted((0.5 * first, 1.5 * first)), method="bounded").x)
     path_m = proxy * scale * C / (2 * np.pi * nu0)                               # (nt, nant) metres
     # bad radiometers: the mean path of the three nearest good antennas
     good_ants = [a for a in range(len(ants)) if a not in bad_ants and np.isfinite(tb[:, a]).all()]
@@ -289,8 +318,7 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
         near = sorted(good_ants, key=lambda b: np.linalg.norm(pos[a] - pos[b]))[:3]
         path_m[:, a] = path_m[:, near].mean(axis=1)
     before = np.sqrt(np.mean(resid_phase[good] ** 2))
-    after_res = np.angle(np.exp(1j * (resid_phase - (resid_proxy * scale))))
-    after = np.sqrt(np.mean(after_res[good] ** 2))
+    after = rms_after(scale)
     ratio = float(before / after) if after > 0 else 1.0
     sols, ms_path = [], None
     for part in ctx["partitions"]:
@@ -322,6 +350,78 @@ def _plot_wvr(io, times, path_m, ants):
     ax.set_title("Atmospheric path per antenna from the 183 GHz radiometers")
     ax.legend(fontsize=6, ncol=4)
     io.plot(fig, "wvr_path.png")
+
+
+# ------------------------------------------------------------------ fluxcalflag
+
+# Rest frequencies (GHz) of the molecular lines that show in the spectra of solar
+# system flux calibrators, and the half-width (GHz) flagged around each for each
+# body (pressure-broadened: Neptune's CO absorption is GHz wide, Titan's lines are
+# narrower). A recipe can replace the table with fluxcalflag.lines.
+LINE_FREQS_GHZ = {
+    "CO": [115.271, 230.538, 345.796, 461.041, 576.268, 691.473, 806.652, 921.800],
+    "HCN": [88.632, 177.261, 265.886, 354.505, 443.116, 531.716, 620.304, 708.877, 797.433, 885.971],
+    "H2O": [183.310, 325.153, 380.197, 448.001, 556.936, 752.033, 916.172],
+}
+SOLAR_SYSTEM_LINES = {      # body: [(molecule, half-width GHz)]
+    "titan": [("CO", 0.15), ("HCN", 0.15)],
+    "neptune": [("CO", 1.0)],
+    "uranus": [("CO", 0.3)],
+    "mars": [("CO", 0.1), ("H2O", 0.1)],
+    "venus": [("CO", 0.5), ("H2O", 0.5)],
+}
+
+
+def line_channels(body: str, freq_hz: np.ndarray, table: dict | None = None) -> np.ndarray:
+    """Channels (nchan,) of a spectrum that fall on a known line of a solar system
+    body (case-insensitive name); none for any other source."""
+    table = SOLAR_SYSTEM_LINES if table is None else table
+    out = np.zeros(len(freq_hz), bool)
+    for molecule, half_width in table.get(body.strip().lower(), []):
+        for f0 in LINE_FREQS_GHZ[molecule]:
+            out |= np.abs(freq_hz / 1e9 - f0) <= half_width
+    return out
+
+
+@stage("fluxcalflag", service="calibrator")
+def fluxcalflag(ctx: dict, params: dict, io: StageIO) -> QA:
+    """Flag the channels of solar system flux calibrators that lie on their
+    atmospheric lines (hifa_fluxcalflag), so the continuum model of setjy holds on
+    what is left; a spw left with too few channels is named."""
+    from .base import field_name, require_intent
+    qa = QA()
+    flux_ids = require_intent(ctx, "FLUX", "fluxcalflag")
+    table = params.get("lines")
+    if table is not None:
+        table = {k.lower(): [tuple(x) for x in v] for k, v in table.items()}
+    found, new_parts = {}, []
+    for part in ctx["partitions"]:
+        freq = np.array(next(s["chan_freq_hz"] for s in ctx["observation"]["spws"] if s["id"] == part["spw"]))
+        bad = {f: line_channels(field_name(ctx, f), freq, table) for f in flux_ids}
+        bad = {f: m for f, m in bad.items() if m.any()}
+        if bad:
+            ms = io.fetch_dir(part["key"])
+            vis = msio.read_vis(ms, part["spw"])
+            flag = vis.flag.copy()
+            for f, m in bad.items():
+                flag |= (vis.field_id == f)[:, None, None] & m[None, :, None]
+                name = field_name(ctx, f)
+                found.setdefault(name, {})[str(part["spw"])] = np.flatnonzero(m).tolist()
+                frac = m.mean()
+                qa.note(f"{name} spw {part['spw']}: {m.sum()} channels on lines flagged.")
+                if frac > params.get("max_fraction", 0.75):
+                    qa.lower(0.5, f"{name} spw {part['spw']}: {frac:.0%} of the channels lie on its lines; "
+                                  f"its flux scale in that spw rests on {int((~m).sum())} channels.")
+            msio.write_flags(ms, vis.rows, flag)
+            entry = io.put_dir(ms, part["name"])
+            part = dict(part, key=entry["key"], sha256=entry["sha256"])
+        new_parts.append(part)
+    ctx["partitions"] = new_parts
+    ctx["flags"]["fluxcalflag"] = found
+    if not found:
+        qa.note(f"No known lines in {', '.join(field_name(ctx, f) for f in flux_ids)} in these spws "
+                f"(only solar system flux calibrators have them): nothing flagged.")
+    return qa
 
 
 # ------------------------------------------------------------------ flagging on solutions

@@ -8,6 +8,7 @@ which fields with which interpolation.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import matplotlib
@@ -111,15 +112,27 @@ def solution_qa(qa: QA, sols: list, what: str, ctx: dict) -> None:
     qa.note(f"Median {what} solution SNR {np.median(np.concatenate(good)) if good else 0:.1f}.")
 
 
-def field_map(ctx: dict, rule: str, solved: set) -> dict | None:
+def field_map(ctx: dict, rule: str, solved: set, skip: tuple = ()) -> dict | None:
     """Which solution fields each field uses, for a library entry's gainfield rule:
-    'all' -> None (any field's solutions); 'nearest-calibrator' -> a field with
-    solutions of its own uses them (a calibrator its gains, a target its Tsys),
-    every other field those of the phase calibrators."""
+
+    'all'                -> None: any field's solutions (bandpass, WVR, spw offsets);
+    'nearest-calibrator' -> a field with solutions of its own uses them (a calibrator
+                            its gains, a target its Tsys), every other field those of
+                            the phase calibrators;
+    'own'                -> only fields with solutions of their own, each its own;
+    'phase-calibrator'   -> every field except those in skip, the phase calibrators'.
+    An empty list means the entry does not apply to that field."""
     if rule == "all":
         return None
-    others = [f for f in field_ids_with(ctx, "PHASE") if f in solved] or sorted(solved)
-    return {f["id"]: ([f["id"]] if f["id"] in solved else others) for f in ctx["fields"]}
+    phase = [f for f in field_ids_with(ctx, "PHASE") if f in solved] or sorted(solved)
+    ids = [f["id"] for f in ctx["fields"]]
+    if rule == "own":
+        return {f: ([f] if f in solved else []) for f in ids}
+    if rule == "phase-calibrator":
+        return {f: ([] if f in skip else phase) for f in ids}
+    if rule == "nearest-calibrator":
+        return {f: ([f] if f in solved else phase) for f in ids}
+    raise StageError(f"calibration library: unknown gainfield rule {rule!r}")
 
 
 def apply_for(ctx: dict, io: StageIO, spw: int) -> list:
@@ -128,7 +141,8 @@ def apply_for(ctx: dict, io: StageIO, spw: int) -> list:
     for e in ctx["callibrary"]:
         sol = load_table(io, ctx, e["table"], spw)
         out.append(GainApply(sol, interp=e["interp"], calwt=e.get("calwt", True),
-                             field_map=field_map(ctx, e["gainfield"], set(np.unique(sol.field_id).tolist()))))
+                             field_map=field_map(ctx, e["gainfield"], set(np.unique(sol.field_id).tolist()),
+                                                 tuple(e.get("skip_fields", ())))))
     return out
 
 
@@ -141,11 +155,14 @@ def preapply(ctx: dict, io: StageIO, spw: int) -> list:
     return out
 
 
-def register(ctx: dict, table: str, kind: str, interp: str, gainfield: str, calwt: bool = True) -> None:
-    """Add (or replace) a table in the calibration library; order is application order."""
+def register(ctx: dict, table: str, kind: str, interp: str, gainfield: str, calwt: bool = True,
+             **extra) -> None:
+    """Add (or replace) a table in the calibration library; order is application order.
+    extra: skip_fields (for 'phase-calibrator'), spwmap (informative: the spw whose
+    phases each spw's solutions carry)."""
     ctx["callibrary"] = [e for e in ctx["callibrary"] if e["table"] != table]
     ctx["callibrary"].append({"table": table, "kind": kind, "interp": interp, "gainfield": gainfield,
-                              "calwt": calwt})
+                              "calwt": calwt, **extra})
 
 
 # ------------------------------------------------------------------ refant
@@ -266,7 +283,10 @@ def bandpass(ctx: dict, params: dict, io: StageIO) -> QA:
         # time-averaged bandpass solve does not decorrelate.
         centre = slice(int(nchan * params.get("phaseup_lo", 0.1)), max(int(nchan * params.get("phaseup_hi", 0.9)), 1))
         earlier = preapply(ctx, io, part["spw"])
-        phaseup = solve_term(vis, model, SolveSpec(kind="G", solint=params.get("phaseup_solint", "int"),
+        solint = params.get("phaseup_solint", "int")
+        if solint == "snr":
+            solint = _phaseup_solint_from_snr(vis, model, ref, centre, earlier, params, qa, ctx, part["spw"])
+        phaseup = solve_term(vis, model, SolveSpec(kind="G", solint=solint,
                                                    calmode="p", refant=ref, chans=centre,
                                                    minsnr=params.get("phaseup_minsnr", 2.0), preapply=earlier))
         bp = solve_term(vis, model, SolveSpec(kind="B", solint=params.get("solint", "inf"),
@@ -281,6 +301,40 @@ def bandpass(ctx: dict, params: dict, io: StageIO) -> QA:
     register(ctx, "bandpass", "B", "nearest", "all")
     solution_qa(qa, sols, "bandpass", ctx)
     return qa
+
+
+def phaseup_interval(snr_int: float, int_s: float, scan_s: float, target_snr: float,
+                     min_solutions: int = 2) -> tuple[int, float]:
+    """How many integrations the bandpass phase-up averages (hifa_bandpass's SNR
+    heuristic): the fewest that reach target_snr, the SNR growing as the square
+    root of the time, but no more than leave min_solutions per scan.
+    Returns (integrations, expected SNR)."""
+    need = int(np.ceil((target_snr / max(snr_int, 1e-6)) ** 2))
+    most = max(int(scan_s // (int_s * min_solutions)), 1)
+    n = int(np.clip(need, 1, most))
+    return n, float(snr_int * np.sqrt(n))
+
+
+def _phaseup_solint_from_snr(vis, model, ref, chans, earlier, params, qa, ctx, spw) -> str:
+    """Measure the per-integration phase SNR on the bandpass calibrator and choose
+    the phase-up interval from it; a calibrator too weak even over the longest
+    allowed interval is named in the QA."""
+    trial = solve_term(vis, model, SolveSpec(kind="G", solint="int", calmode="p", refant=ref, chans=chans,
+                                             minsnr=0.0, preapply=earlier))
+    snr_int = float(np.median(trial.snr[~trial.flag])) if (~trial.flag).any() else 0.0
+    int_s = float(np.median(vis.interval)) if len(vis.interval) else 1.0
+    scan_s = min(np.ptp(vis.time[vis.scan == s]) + int_s for s in np.unique(vis.scan))
+    target = params.get("phaseup_snr", 20.0)
+    n, expected = phaseup_interval(snr_int, int_s, scan_s, target, params.get("phaseup_nsolint", 2))
+    solint = "int" if n == 1 else f"{n * int_s:g}s"
+    ctx.setdefault("bandpass_phaseup", {})[str(spw)] = {"snr_per_integration": snr_int, "solint": solint,
+                                                        "expected_snr": expected}
+    if expected < target:
+        names = ", ".join(field_name(ctx, int(f)) for f in np.unique(vis.field_id))
+        qa.lower(0.6, f"Bandpass calibrator {names} too weak for a phase-up in spw {spw}: SNR {expected:.1f} "
+                      f"over {solint} (wanted {target:g}); the bandpass may decorrelate.")
+    qa.note(f"spw {spw}: phase-up interval {solint} (SNR per integration {snr_int:.1f}).")
+    return solint
 
 
 def flag_bandpass_outliers(bp: CalSolutions, nsigma: float) -> int:
@@ -313,45 +367,87 @@ def _plot_bandpass(io, bp: CalSolutions, ctx, spw):
 
 # ------------------------------------------------------------------ gaincal and timegaincal
 
-def _gain_solve(ctx, params, io, name: str, unit_fields: list, qa: QA) -> list:
-    cal_ids = calibrator_ids(ctx)
+class PhaseSolver:
+    """Phase-only solutions per spw for a gain solve, taken from the spw that
+    spwphaseup maps each spw to (a narrow spw gets a wide one's phases, relabelled
+    as its own); each (spw, interval, fields) is solved once."""
+
+    def __init__(self, ctx, params, io, unit_fields):
+        self.ctx, self.params, self.io, self.unit_fields = ctx, params, io, unit_fields
+        self.spwmap = {int(k): int(v) for k, v in ctx.get("spwphaseup", {}).get("spwmap", {}).items()}
+        self.parts = {p["spw"]: p for p in ctx["partitions"]}
+        self.cache = {}
+
+    def source(self, spw: int) -> int:
+        src = self.spwmap.get(spw, spw)
+        return src if src in self.parts else spw
+
+    def __call__(self, spw: int, solint: str, fields: list) -> CalSolutions:
+        src = self.source(spw)
+        key = (src, solint, tuple(fields))
+        if key not in self.cache:
+            _, vis = read_part(self.io, self.parts[src], fields=fields)
+            idx = np.flatnonzero(chan_selection(self.params.get("spw", ""), len(vis.freq)))
+            model = point_model(vis, field_models(self.ctx, unit_for=self.unit_fields))
+            self.cache[key] = solve_term(vis, model, SolveSpec(
+                kind="G", solint=solint, calmode="p", refant=refant_id(self.ctx),
+                minsnr=self.params.get("phaseup_minsnr", 2.0), chans=slice(idx[0], idx[-1] + 1),
+                preapply=preapply(self.ctx, self.io, src)))
+        sol = self.cache[key]
+        if src == spw:
+            return sol
+        freq = np.array([np.mean(self.ctx_spw_freqs(spw))])
+        return dataclasses.replace(sol, spw=spw, freq=freq)
+
+    def ctx_spw_freqs(self, spw: int) -> list:
+        return next(s["chan_freq_hz"] for s in self.ctx["observation"]["spws"] if s["id"] == spw)
+
+
+def _gain_solve(ctx, params, io, name: str, fields: list, unit_fields: list, qa: QA,
+                transfer_fields: list | None = None) -> tuple[list, list]:
+    """Gains on the given calibrator fields, bandpass applied: phases on a short
+    interval (phaseup_solint) first, so the amplitudes of the longer interval are
+    not lowered by decorrelation, then amplitude and phase per solint. The table
+    is the product of the two, at the phase cadence.
+
+    With transfer_fields (timegaincal) a second table is made for the fields that
+    have no solutions of their own (targets, check sources): phases per scan on
+    the phase calibrators times the amplitudes, as hifa_timegaincal transfers them."""
     ref = refant_id(ctx)
-    sols, ms_path = [], None
+    if "bandpass" not in ctx["caltables"]:
+        raise StageError(f"{name}: no bandpass table in the context: run bandpass first")
+    phases_of = PhaseSolver(ctx, params, io, unit_fields)
+    sols, transfer, ms_path = [], [], None
     for part in ctx["partitions"]:
-        ms_path, vis = read_part(io, part, fields=cal_ids)
-        spw_sel = params.get("spw", "")
-        chans = chan_selection(spw_sel, len(vis.freq))
-        if "bandpass" not in ctx["caltables"]:
-            raise StageError(f"{name}: no bandpass table in the context: run bandpass first")
+        ms_path, vis = read_part(io, part, fields=fields)
+        idx = np.flatnonzero(chan_selection(params.get("spw", ""), len(vis.freq)))
         earlier = preapply(ctx, io, part["spw"])
         model = point_model(vis, field_models(ctx, unit_for=unit_fields))
-        idx = np.flatnonzero(chans)
-        phases = None
-        if params.get("phaseup_solint"):
-            # hifa_gfluxscale/timegaincal: phases on a short interval first, so the
-            # amplitudes of the longer interval are not lowered by decorrelation
-            phases = solve_term(vis, model, SolveSpec(kind="G", solint=params["phaseup_solint"], calmode="p",
-                                                      refant=ref, minsnr=params.get("phaseup_minsnr", 2.0),
-                                                      chans=slice(idx[0], idx[-1] + 1), preapply=earlier))
+        phases = phases_of(part["spw"], params["phaseup_solint"], fields) if params.get("phaseup_solint") else None
+        if phases is not None:
             earlier = earlier + [GainApply(phases, interp="linear", calwt=False)]
         g = solve_term(vis, model, SolveSpec(kind=params.get("gaintype", "G"), solint=params.get("solint", "inf"),
                                              combine=params.get("combine", ""), calmode=params.get("calmode", "ap"),
                                              refant=ref, minsnr=params.get("minsnr", 3.0),
-                                             chans=slice(idx[0], idx[-1] + 1),
-                                             preapply=earlier))
-        if phases is not None:
-            # the table must undo everything the solve saw: phase-up phases times the gains
-            g = combine_phase_gain(phases, g)
-        sols.append(g)
-        _plot_gains(io, g, ctx, part["spw"], name)
+                                             chans=slice(idx[0], idx[-1] + 1), preapply=earlier))
+        # the table must undo everything the solve saw: phase-up phases times the gains
+        sols.append(g if phases is None else combine_phase_gain(phases, g))
+        _plot_gains(io, sols[-1], ctx, part["spw"], name)
+        if transfer_fields is not None:
+            scan_phases = phases_of(part["spw"], params.get("transfer_solint", "inf"), transfer_fields)
+            transfer.append(combine_phase_gain(scan_phases, g, amplitude_only=True))
     save_table(io, ctx, name, sols, ms_path)
     solution_qa(qa, sols, name, ctx)
-    return sols
+    if transfer_fields is not None:
+        save_table(io, ctx, f"{name}_transfer", transfer, ms_path)
+    return sols, transfer
 
 
-def combine_phase_gain(phases: CalSolutions, gains: CalSolutions) -> CalSolutions:
+def combine_phase_gain(phases: CalSolutions, gains: CalSolutions, amplitude_only: bool = False) -> CalSolutions:
     """One table at the phase solutions' cadence: each phase solution times the
-    gain of the same antenna, field and scan (flagged where either is)."""
+    gain of the same antenna, field and scan (flagged where either is); with
+    amplitude_only, times the gain's amplitude only (the phases are all in
+    'phases', as for the per-scan phases transferred to targets)."""
     cp = phases.cparam.copy()
     flag = phases.flag.copy()
     lookup = {(int(a), int(f), int(s)): r for r, (a, f, s) in
@@ -361,7 +457,7 @@ def combine_phase_gain(phases: CalSolutions, gains: CalSolutions) -> CalSolution
         if k is None:
             flag[r] = True
             continue
-        cp[r] = cp[r] * gains.cparam[k]
+        cp[r] = cp[r] * (np.abs(gains.cparam[k]) if amplitude_only else gains.cparam[k])
         flag[r] |= gains.flag[k]
     return CalSolutions(gains.kind, gains.spw, gains.freq, phases.time, phases.interval, phases.field_id,
                         phases.scan, phases.antenna, cp, flag, np.minimum(phases.snr, gains.snr.max()), gains.refant)
@@ -392,19 +488,80 @@ def gaincal(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
     require_intent(ctx, "FLUX", "gaincal")
     unit = [f for f in calibrator_ids(ctx) if str(f) not in ctx.get("models", {})]
-    _gain_solve(ctx, params, io, "gaincal", unit, qa)
+    _gain_solve(ctx, params, io, "gaincal", calibrator_ids(ctx), unit, qa)
     return qa
 
 
 @stage("timegaincal", service="calibrator")
 def timegaincal(ctx: dict, params: dict, io: StageIO) -> QA:
-    """Final time-dependent gains with every calibrator's flux known (hifa_timegaincal)."""
+    """Final time-dependent gains with every calibrator's flux known (hifa_timegaincal):
+    the bandpass, flux and phase calibrators get their own (phases per integration
+    times amplitudes per scan); targets and check sources get the phase
+    calibrators' phases per scan and amplitudes, interpolated in time, so a check
+    source measures how well phases transfer."""
     qa = QA()
-    missing = [field_name(ctx, f) for f in calibrator_ids(ctx) if str(f) not in ctx.get("models", {})]
+    phase_ids = require_intent(ctx, "PHASE", "timegaincal")
+    check_only = set(field_ids_with(ctx, "CHECK")) - set(field_ids_with(ctx, "BANDPASS")) - \
+        set(field_ids_with(ctx, "FLUX")) - set(phase_ids)
+    own = [f for f in calibrator_ids(ctx) if f not in check_only]
+    missing = [field_name(ctx, f) for f in own if str(f) not in ctx.get("models", {})]
     if missing:
         qa.lower(0.6, f"No flux model for {', '.join(missing)}: solved with 1 Jy (run fluxscale first).")
-    _gain_solve(ctx, params, io, "timegaincal", calibrator_ids(ctx), qa)
-    register(ctx, "timegaincal", "G", params.get("interp", "linear"), "nearest-calibrator")
+    _gain_solve(ctx, params, io, "timegaincal", own, own, qa, transfer_fields=phase_ids)
+    spwmap = ctx.get("spwphaseup", {}).get("spwmap", {})
+    register(ctx, "timegaincal", "G", params.get("interp", "linear"), "own", spwmap=spwmap)
+    register(ctx, "timegaincal_transfer", "G", params.get("interp", "linear"), "phase-calibrator",
+             skip_fields=own, spwmap=spwmap)
+    qa.note(f"Targets and check sources calibrated with the phases per scan of "
+            f"{', '.join(field_name(ctx, f) for f in phase_ids)}.")
+    return qa
+
+
+# ------------------------------------------------------------------ spwphaseup
+
+@stage("spwphaseup", service="calibrator")
+def spwphaseup(ctx: dict, params: dict, io: StageIO) -> QA:
+    """Which spw's phases each spw uses, and the phase offsets between spws (hifa_spwphaseup).
+
+    The phase SNR per solution interval is measured on the phase calibrators in
+    every spw; a spw below phasesnr takes the phases of the strongest spw (its
+    time-dependent phases are solved there), and a per-antenna phase offset of
+    every spw, solved over the whole observation, is applied first so the mapped
+    phases fit."""
+    qa = QA()
+    phase_ids = require_intent(ctx, "PHASE", "spwphaseup")
+    if "bandpass" not in ctx["caltables"]:
+        raise StageError("spwphaseup: no bandpass table in the context: run bandpass first")
+    ref = refant_id(ctx)
+    solint = params.get("solint", "int")
+    threshold = float(params.get("phasesnr", 32.0))
+    snr, offsets, ms_path = {}, [], None
+    for part in ctx["partitions"]:
+        ms_path, vis = read_part(io, part, fields=phase_ids)
+        model = point_model(vis, field_models(ctx, unit_for=phase_ids))
+        earlier = preapply(ctx, io, part["spw"])
+        trial = solve_term(vis, model, SolveSpec(kind="G", solint=solint, calmode="p", refant=ref, minsnr=0.0,
+                                                 preapply=earlier))
+        good = trial.snr[~trial.flag]
+        snr[part["spw"]] = float(np.median(good)) if good.size else 0.0
+        offsets.append(solve_term(vis, model, SolveSpec(kind="G", solint="inf", combine="scan", calmode="p",
+                                                        refant=ref, minsnr=params.get("minsnr", 3.0),
+                                                        preapply=earlier)))
+    best = max(snr, key=snr.get)
+    spwmap = {s: (s if v >= threshold else best) for s, v in snr.items()}
+    for s, m in spwmap.items():
+        if m != s:
+            qa.note(f"spw {s}: phase SNR {snr[s]:.1f} per {solint} is below {threshold:g}; its phases come "
+                    f"from spw {m} (SNR {snr[m]:.1f}) with the spw phase offsets applied.")
+    if snr[best] < threshold:
+        qa.lower(0.5, f"No spw reaches phase SNR {threshold:g} per {solint} on "
+                      f"{', '.join(field_name(ctx, f) for f in phase_ids)} (best: spw {best}, {snr[best]:.1f}); "
+                      f"all spws take spw {best}'s phases.")
+    ctx["spwphaseup"] = {"spwmap": {str(k): v for k, v in spwmap.items()}, "snr": {str(k): v for k, v in snr.items()},
+                         "phasesnr": threshold, "solint": solint}
+    save_table(io, ctx, "spwphaseup", offsets, ms_path)
+    register(ctx, "spwphaseup", "G", "nearest", "all", calwt=False)
+    solution_qa(qa, offsets, "spw phase offset", ctx)
     return qa
 
 

@@ -1,0 +1,89 @@
+"""Small pieces of the ALMA stages, without the stack: the bandpass phase-up
+interval, fluxcalflag's line table, online-flag commands, the reference antenna
+kept continuous where it has no solution, and the phase-only SNR."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from almapipe.calibration import solver
+from almapipe.calibration.terms import _continue_reference
+from almapipe.stages.alma import line_channels
+from almapipe.stages.base import StageError
+from almapipe.stages.calibration import phaseup_interval
+from almapipe.stages.flagging import parse_template, parse_timerange, template_mask
+from almapipe.msio.ms import Vis
+
+
+def test_phaseup_interval_grows_with_the_snr_needed_and_is_capped_by_the_scan():
+    assert phaseup_interval(60.0, 6.0, 120.0, 20.0) == (1, 60.0)
+    n, snr = phaseup_interval(10.0, 6.0, 120.0, 20.0)        # (20/10)^2 = 4 integrations
+    assert n == 4 and snr == pytest.approx(20.0)
+    n, snr = phaseup_interval(2.0, 6.0, 60.0, 20.0, min_solutions=2)   # would need 100; 5 leave 2 per scan
+    assert n == 5 and snr < 20.0
+
+
+def test_fluxcalflag_flags_lines_of_solar_system_bodies_only():
+    freq = np.linspace(229.5e9, 231.5e9, 200)
+    titan = line_channels("Titan", freq)
+    assert titan.any() and np.all(np.abs(freq[titan] / 1e9 - 230.538) <= 0.15)
+    assert not line_channels("J1924-2914", freq).any()
+    assert line_channels("Neptune", freq).sum() > titan.sum()          # Neptune's CO is broad
+    assert not line_channels("Titan", np.linspace(240e9, 242e9, 64)).any()
+
+
+def test_timerange_in_casa_syntax():
+    day0 = 61161.0 * 86400                                            # 2026-05-01
+    ((lo, hi),) = parse_timerange("2026/05/01/05:57:04.840~2026/05/01/05:58:04.840", day0)
+    assert lo == pytest.approx(day0 + 5 * 3600 + 57 * 60 + 4.84, abs=1e-3) and hi - lo == pytest.approx(60.0)
+    ((lo2, hi2),) = parse_timerange("05:57:04.84~05:58:04.84", day0 + 100.0)
+    assert lo2 == pytest.approx(lo, abs=1e-3) and hi2 == pytest.approx(hi, abs=1e-3)
+    with pytest.raises(StageError, match="timerange"):
+        parse_timerange("yesterday~today", day0)
+
+
+def test_online_flag_command_selects_an_antenna_and_a_time_range():
+    t = 61161.0 * 86400 + np.repeat(np.arange(10) * 6.0 + 3.0, 3)
+    ant1, ant2 = np.tile([0, 0, 1], 10), np.tile([1, 2, 2], 10)
+    vis = Vis(time=t, interval=np.full(30, 6.0), ant1=ant1, ant2=ant2, uvw=np.zeros((30, 3)),
+              data=np.ones((30, 4, 2), complex), flag=np.zeros((30, 4, 2), bool), weight=np.ones((30, 2)),
+              field_id=np.zeros(30, int), scan=np.ones(30, int), state_id=np.zeros(30, int),
+              freq=np.arange(4.0), corr_types=["XX", "YY"], spw=0, rows=np.arange(30))
+    (cmd,) = parse_template("antenna='A2&&*' timerange='2026/05/01/00:00:12~2026/05/01/00:00:24'")
+    ants = [{"id": i, "name": f"A{i}", "station": f"P{i}"} for i in range(3)]
+    m = template_mask(vis, cmd, ants, [], 0)[:, 0, 0]
+    # integrations centred at 15 and 21 s lie inside, those at 9 and 27 s overlap the ends
+    assert set(np.unique(vis.time[m] - vis.time[0] + 3.0)) == {9.0, 15.0, 21.0, 27.0}
+    assert np.all((vis.ant1[m] == 2) | (vis.ant2[m] == 2))
+
+
+def test_reference_antenna_kept_continuous_where_it_has_no_solution():
+    """Slot 1 has no reference antenna (0), so the solver referred it to antenna 1;
+    afterwards its phases continue those of slot 0 (the antennas drift little)."""
+    rng = np.random.default_rng(3)
+    p0 = rng.uniform(-np.pi, np.pi, 5)
+    p1 = p0 + 0.05 * rng.normal(size=5)
+    g = np.empty((2, 1, 1, 5), complex)
+    g[0, 0, 0] = np.exp(1j * (p0 - p0[0]))
+    g[1, 0, 0] = np.exp(1j * (p1 - p1[1]))
+    bad = np.zeros(g.shape, bool)
+    bad[1, 0, 0, 0] = True
+    _continue_reference(g, bad, np.array([0.0, 6.0]), 0)
+    jump = np.angle(g[1, 0, 0, 1:] * np.conj(g[0, 0, 0, 1:]))
+    assert np.abs(jump).max() < 0.2
+
+
+def test_phase_only_snr_measures_noise_not_amplitude_mismatch():
+    """Antenna amplitudes differ by 20 %; the phase-only solve's SNR must match the
+    amplitude-and-phase solve's, which fits them."""
+    rng = np.random.default_rng(1)
+    nant, nslot, sigma = 10, 4, 0.05
+    g = (1 + 0.2 * rng.normal(size=(nslot, nant))) * np.exp(1j * rng.uniform(-3, 3, (nslot, nant)))
+    X = g[:, :, None] * np.conj(g[:, None, :])
+    noise = sigma * (rng.normal(size=X.shape) + 1j * rng.normal(size=X.shape))
+    noise = (noise + np.conj(np.transpose(noise, (0, 2, 1)))) / 2
+    X = X + noise
+    W = np.ones(X.shape) - np.eye(nant)[None]
+    _, snr_ap, _ = solver.solve(X, W, "ap", 0)
+    _, snr_p, _ = solver.solve(X, W, "p", 0)
+    assert np.median(snr_p / snr_ap) == pytest.approx(1.0, rel=0.1)
