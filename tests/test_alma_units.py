@@ -87,3 +87,49 @@ def test_phase_only_snr_measures_noise_not_amplitude_mismatch():
     _, snr_ap, _ = solver.solve(X, W, "ap", 0)
     _, snr_p, _ = solver.solve(X, W, "p", 0)
     assert np.median(snr_p / snr_ap) == pytest.approx(1.0, rel=0.1)
+
+
+def test_tsysflag_finds_outlier_rough_spectra_edges_and_birdies():
+    from almapipe.stages.alma import tsys_outliers
+    rng = np.random.default_rng(0)
+    nant, nchan = 8, 64
+    ch = np.linspace(0, 1, nchan)
+    base = 100 * (1 + 1.5 * np.exp(-((ch - 0.9) / 0.1) ** 2))          # an atmospheric line: kept
+    antenna = np.repeat(np.arange(nant), 2)
+    tsys = np.repeat(base[None, :, None], 2 * nant, axis=0).repeat(2, axis=2)
+    tsys *= rng.uniform(0.9, 1.1, (2 * nant, 1, 1)) * (1 + 0.001 * rng.normal(size=tsys.shape))
+    tsys[antenna == 5] *= 4.0                                          # an outlier antenna
+    tsys[antenna == 3] *= 1 + 0.1 * (-1) ** np.arange(nchan)[None, :, None]   # rough spectrum
+    tsys[:, :3] *= 6.0                                                 # filter roll-off at the low edge
+    tsys[:, 40] *= 1.5                                                 # a birdie
+    rows, chans, found = tsys_outliers(tsys, antenna, {})
+    assert set(antenna[rows]) == {3, 5}
+    assert set(np.flatnonzero(chans)) == {0, 1, 2, 40}
+    assert {f[0] for f in found} == {"antenna", "derivative", "edges", "birdie"}
+
+
+@pytest.mark.parametrize("flux_jy, weak", [(3.0, False), (0.01, True)])
+def test_bandpass_phaseup_interval_from_the_calibrators_snr(tmp_path, flux_jy, weak):
+    """A bright bandpass calibrator is phased up per integration; a very weak one gets
+    a longer interval and a named QA warning that even that is not enough."""
+    from almapipe.calibration.terms import point_model
+    from almapipe.msio import ms as msio
+    from almapipe.simulate.simulator import SimConfig, Simulator
+    from almapipe.stages.base import QA
+    from almapipe.stages.calibration import _phaseup_solint_from_snr
+    sim = Simulator(SimConfig.preset("small", nant=6, target_scans=1, bp_flux_jy=flux_jy, dead_antenna=False))
+    res = sim.write(str(tmp_path))
+    vis = msio.read_vis(res["ms"], 0, field_ids=[0])
+    from almapipe.stages.flagging import shadow_mask
+    vis.flag |= ((vis.ant1 == vis.ant2) | shadow_mask(vis.time, vis.ant1, vis.ant2, vis.uvw, np.full(6, 12.0)))[:, None, None]
+    for spw, ch in sim.bad_channels:             # rawflagchans has flagged these before the bandpass
+        if spw == 0:
+            vis.flag[:, ch] = True
+    model = point_model(vis, {0: lambda f: np.ones_like(f)})
+    qa, ctx = QA(), {"fields": [{"id": 0, "name": "J1924-2914"}]}
+    solint = _phaseup_solint_from_snr(vis, model, 1, slice(3, 29), [], {"phaseup_snr": 20.0}, qa, ctx, 0)
+    if weak:
+        assert solint != "int" and qa.score < 1 and "too weak" in " ".join(qa.reasons)
+    else:
+        assert solint == "int" and qa.score == 1.0
+    assert ctx["bandpass_phaseup"]["0"]["solint"] == solint

@@ -9,7 +9,9 @@ divides by the model, bins, and hands the slots to :func:`solver.solve`.
 """
 from __future__ import annotations
 
+
 import re
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,6 +127,37 @@ def solve_term(vis: Vis, model: np.ndarray, spec: SolveSpec) -> CalSolutions:
         flag=np.transpose(bad, (0, 3, 1, 2)).reshape(ntb * nant, ncg, ncorr),
         snr=np.transpose(snr, (0, 3, 1, 2)).reshape(ntb * nant, ncg, ncorr).astype(np.float32),
         refant=-1 if spec.refant is None else int(spec.refant)).select(keep)
+
+
+def integration_snr(vis: Vis, model: np.ndarray, chans: slice | None = None) -> float:
+    """The median antenna SNR of one integration, from the data themselves: each
+    baseline's signal (channel mean of data / model) over its noise, the noise
+    taken from the differences of adjacent channels (thermal, and blind to the
+    smooth bandpass structure that does not close before a bandpass is applied),
+    summed in quadrature over an antenna's baselines. An a-priori-like estimate
+    for choosing solution intervals (the ALMA pipeline computes its SNR from
+    fluxes and Tsys; this needs neither)."""
+    sel = slice(None) if chans is None else chans
+    m = model[:, sel].astype(np.complex128)
+    r = np.where(np.abs(m[..., None]) > 0, vis.data[:, sel] / np.where(m[..., None] == 0, 1, m[..., None]), 0)
+    good = ~vis.flag[:, sel] & (np.abs(m[..., None]) > 0) & (vis.ant1 != vis.ant2)[:, None, None]
+    n = good.sum(axis=1)                                                     # (nrow, ncorr)
+    signal = np.abs(np.where(good, r, 0).sum(axis=1)) / np.maximum(n, 1)
+    pair = good[:, 1:] & good[:, :-1]
+    # |difference|^2 of complex Gaussian noise is exponential with mean 2 sigma^2; its
+    # median (2 sigma^2 ln 2) ignores the odd spike of a bad channel
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)          # rows without a pair of good channels
+        d2 = np.nanmedian(np.where(pair, np.abs(np.diff(r, axis=1)) ** 2, np.nan), axis=1) / np.log(2)
+    d2 = np.nan_to_num(d2)
+    var_mean = d2 / 2 / np.maximum(n, 1)                                     # of the channel mean
+    snr2 = np.where((n > 1) & (var_mean > 0), signal ** 2 / np.where(var_mean > 0, var_mean, 1), 0)
+    times, tidx = np.unique(vis.time, return_inverse=True)
+    acc = np.zeros((len(times), vis.nant, snr2.shape[1]))
+    np.add.at(acc, (tidx, vis.ant1), snr2)
+    np.add.at(acc, (tidx, vis.ant2), snr2)
+    vals = np.sqrt(acc[acc > 0])
+    return float(np.median(vals)) if vals.size else 0.0
 
 
 def _continue_reference(g: np.ndarray, bad: np.ndarray, t_sol: np.ndarray, refant: int) -> None:

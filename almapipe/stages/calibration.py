@@ -21,7 +21,7 @@ from .flagging import spike_channels  # noqa: E402
 from ..calibration import fluxmodels  # noqa: E402
 from ..calibration.applycal import GainApply, apply_tables  # noqa: E402
 from ..calibration.caltable import CalSolutions, read_caltable, write_caltable  # noqa: E402
-from ..calibration.terms import SolveSpec, point_model, solve_term  # noqa: E402
+from ..calibration.terms import SolveSpec, integration_snr, point_model, solve_term  # noqa: E402
 from ..imaging.uvcontsub import parse_channels  # noqa: E402
 from ..msio import ms as msio  # noqa: E402
 
@@ -319,11 +319,11 @@ def _phaseup_solint_from_snr(vis, model, ref, chans, earlier, params, qa, ctx, s
     """Measure the per-integration phase SNR on the bandpass calibrator and choose
     the phase-up interval from it; a calibrator too weak even over the longest
     allowed interval is named in the QA."""
-    trial = solve_term(vis, model, SolveSpec(kind="G", solint="int", calmode="p", refant=ref, chans=chans,
-                                             minsnr=0.0, preapply=earlier))
-    snr_int = float(np.median(trial.snr[~trial.flag])) if (~trial.flag).any() else 0.0
+    data, flag, _ = apply_tables(vis, earlier) if earlier else (vis.data, vis.flag, None)
+    snr_int = integration_snr(dataclasses.replace(vis, data=data, flag=flag), model, chans)
     int_s = float(np.median(vis.interval)) if len(vis.interval) else 1.0
-    scan_s = min(np.ptp(vis.time[vis.scan == s]) + int_s for s in np.unique(vis.scan))
+    used = ~vis.flag.all(axis=(1, 2))          # scans with data (not the flagged Tsys scans)
+    scan_s = min((np.ptp(vis.time[used & (vis.scan == s)]) + int_s for s in np.unique(vis.scan[used])), default=int_s)
     target = params.get("phaseup_snr", 20.0)
     n, expected = phaseup_interval(snr_int, int_s, scan_s, target, params.get("phaseup_nsolint", 2))
     solint = "int" if n == 1 else f"{n * int_s:g}s"
@@ -519,6 +519,19 @@ def timegaincal(ctx: dict, params: dict, io: StageIO) -> QA:
 
 # ------------------------------------------------------------------ spwphaseup
 
+def interval_seconds(solint: str, int_s: float) -> float:
+    """'int' or a duration ('30s', '1min') in seconds."""
+    if solint == "int":
+        return int_s
+    for unit, f in (("min", 60.0), ("s", 1.0)):
+        if solint.endswith(unit):
+            try:
+                return float(solint[: -len(unit)]) * f
+            except ValueError:
+                break
+    raise StageError(f"spwphaseup: solint {solint!r}: expected 'int' or a duration like '30s'")
+
+
 @stage("spwphaseup", service="calibrator")
 def spwphaseup(ctx: dict, params: dict, io: StageIO) -> QA:
     """Which spw's phases each spw uses, and the phase offsets between spws (hifa_spwphaseup).
@@ -540,10 +553,11 @@ def spwphaseup(ctx: dict, params: dict, io: StageIO) -> QA:
         ms_path, vis = read_part(io, part, fields=phase_ids)
         model = point_model(vis, field_models(ctx, unit_for=phase_ids))
         earlier = preapply(ctx, io, part["spw"])
-        trial = solve_term(vis, model, SolveSpec(kind="G", solint=solint, calmode="p", refant=ref, minsnr=0.0,
-                                                 preapply=earlier))
-        good = trial.snr[~trial.flag]
-        snr[part["spw"]] = float(np.median(good)) if good.size else 0.0
+        data, flag, _ = apply_tables(vis, earlier)
+        # per integration, then scaled to the interval the phases will be solved on
+        int_s = float(np.median(vis.interval)) if len(vis.interval) else 1.0
+        snr[part["spw"]] = integration_snr(dataclasses.replace(vis, data=data, flag=flag), model) * \
+            np.sqrt(max(interval_seconds(solint, int_s) / int_s, 1.0))
         offsets.append(solve_term(vis, model, SolveSpec(kind="G", solint="inf", combine="scan", calmode="p",
                                                         refant=ref, minsnr=params.get("minsnr", 3.0),
                                                         preapply=earlier)))
