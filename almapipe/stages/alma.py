@@ -68,51 +68,67 @@ def tsys_spw_map(ms: str, science_spw: int, tsys_spws: list) -> int | None:
     return best
 
 
+def tsys_solutions(ms_path: str, science_spw: int) -> tuple[CalSolutions, int] | str:
+    """Tsys spectra of the SYSCAL table, mapped to a science spw by frequency and
+    interpolated onto its channels, as a 'B TSYS' table (gain 1/sqrt(Tsys), so
+    applying it multiplies the data by sqrt(Tsys_1 Tsys_2)); each measurement is
+    labelled with the field observed at its time. Returns (table, Tsys spw), or a
+    string that says why there is none."""
+    syscal = os.path.join(ms_path, "SYSCAL")
+    if not os.path.exists(syscal):
+        return ("No SYSCAL (Tsys) table in the data: the amplitudes are not corrected for Tsys, "
+                "so fluxes transferred between calibrators at different elevations are biased.")
+    with ct.table(syscal, ack=False) as t:
+        if "TSYS_SPECTRUM" not in t.colnames() or t.nrows() == 0:
+            return "The SYSCAL table holds no Tsys spectra: Tsys not applied."
+        ant, spw, time, tsys = (t.getcol(c) for c in ("ANTENNA_ID", "SPECTRAL_WINDOW_ID", "TIME", "TSYS_SPECTRUM"))
+        interval = t.getcol("INTERVAL")
+    tspw = tsys_spw_map(ms_path, science_spw, sorted(set(spw.tolist())))
+    if tspw is None:
+        return f"No Tsys spw covers science spw {science_spw}: Tsys not applied there."
+    # the field each Tsys measurement was made on: that of the MS rows at its time
+    with ct.table(ms_path, ack=False) as mt:
+        mtime, mfield = mt.getcol("TIME"), mt.getcol("FIELD_ID")
+    order_t = np.argsort(mtime)
+    near = order_t[np.clip(np.searchsorted(mtime[order_t], time), 0, len(mtime) - 1)]
+    field = mfield[near]
+    spws = msio.spw_table(ms_path)
+    f_sci = np.array(spws[science_spw]["chan_freq_hz"])
+    f_tsys = np.array(spws[tspw]["chan_freq_hz"])
+    order = np.argsort(f_tsys)
+    rows = np.flatnonzero(spw == tspw)
+    t_on = np.stack([np.stack([np.interp(f_sci, f_tsys[order], tsys[r][order, p]) for p in range(tsys.shape[2])],
+                              axis=1) for r in rows])                          # (nrow, nchan_sci, ncorr)
+    bad = ~np.isfinite(t_on) | (t_on <= 0)
+    g = 1.0 / np.sqrt(np.where(bad, 1.0, t_on))
+    sol = CalSolutions("TSYS", science_spw, f_sci, time[rows], interval[rows], field[rows],
+                       np.zeros(len(rows), int), ant[rows], g.astype(np.complex64), bad,
+                       np.full(t_on.shape, 100.0, np.float32))
+    return sol, int(tspw)
+
+
 @stage("tsyscal", service="calibrator")
 def tsyscal(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
     sols, ms_path, summary = [], None, []
     for part in ctx["partitions"]:
         ms_path = io.fetch_dir(part["key"])
-        syscal = os.path.join(ms_path, "SYSCAL")
-        if not os.path.exists(syscal):
-            qa.lower(0.3, "No SYSCAL (Tsys) table in the data: the amplitudes are not corrected for Tsys, "
-                          "so fluxes transferred between calibrators at different elevations are biased.")
+        found = tsys_solutions(ms_path, part["spw"])
+        if isinstance(found, str):
+            qa.lower(0.3, found)
+            if found.startswith("No Tsys spw"):
+                continue
             return qa
-        with ct.table(syscal, ack=False) as t:
-            if "TSYS_SPECTRUM" not in t.colnames() or t.nrows() == 0:
-                qa.lower(0.3, "The SYSCAL table holds no Tsys spectra: Tsys not applied.")
-                return qa
-            ant, spw, time, tsys = (t.getcol(c) for c in ("ANTENNA_ID", "SPECTRAL_WINDOW_ID", "TIME", "TSYS_SPECTRUM"))
-            interval = t.getcol("INTERVAL")
-        tspw = tsys_spw_map(ms_path, part["spw"], sorted(set(spw.tolist())))
-        if tspw is None:
-            qa.lower(0.3, f"No Tsys spw covers science spw {part['spw']}: Tsys not applied there.")
-            continue
-        sel = spw == tspw
-        # the field each Tsys measurement was made on: that of the MS rows at its time
-        with ct.table(ms_path, ack=False) as mt:
-            mtime, mfield = mt.getcol("TIME"), mt.getcol("FIELD_ID")
-        order_t = np.argsort(mtime)
-        near = order_t[np.clip(np.searchsorted(mtime[order_t], time), 0, len(mtime) - 1)]
-        field = mfield[near]
-        f_sci = np.array(msio.spw_table(ms_path)[part["spw"]]["chan_freq_hz"])
-        f_tsys = np.array(msio.spw_table(ms_path)[tspw]["chan_freq_hz"])
-        order = np.argsort(f_tsys)
-        rows = np.flatnonzero(sel)
-        t_on = np.stack([np.stack([np.interp(f_sci, f_tsys[order], tsys[r][order, p]) for p in range(tsys.shape[2])],
-                                  axis=1) for r in rows])                      # (nrow, nchan_sci, ncorr)
-        bad = ~np.isfinite(t_on) | (t_on <= 0)
-        g = 1.0 / np.sqrt(np.where(bad, 1.0, t_on))
-        flag, snr = bad, np.full(t_on.shape, 100.0, np.float32)
-        sols.append(CalSolutions("TSYS", part["spw"], f_sci, time[rows], interval[rows], field[rows],
-                                 np.zeros(len(rows), int), ant[rows], g.astype(np.complex64), flag, snr))
-        med = float(np.median(t_on[~bad])) if (~bad).any() else 0.0
-        summary.append({"spw": part["spw"], "tsys_spw": int(tspw), "median_tsys_k": med})
-        qa.note(f"spw {part['spw']}: Tsys from spw {tspw}, median {med:.0f} K.")
+        sol, tsys_spw = found
+        t_on = 1 / np.abs(sol.cparam) ** 2
+        good = ~sol.flag
+        sols.append(sol)
+        med = float(np.median(t_on[good])) if good.any() else 0.0
+        summary.append({"spw": part["spw"], "tsys_spw": tsys_spw, "median_tsys_k": med})
+        qa.note(f"spw {part['spw']}: Tsys from spw {tsys_spw}, median {med:.0f} K.")
         if med > params.get("max_median_tsys_k", 1000):
             qa.lower(0.6, f"spw {part['spw']}: median Tsys {med:.0f} K is very high.")
-        _plot_tsys(io, t_on, ant[rows], f_sci, part["spw"])
+        _plot_tsys(io, t_on, sol.antenna, sol.freq, part["spw"])
     if not sols:
         return qa
     save_table(io, ctx, "tsyscal", sols, ms_path)
@@ -475,11 +491,60 @@ def lowgainflag(ctx: dict, params: dict, io: StageIO) -> QA:
     return qa
 
 
+def tsys_outliers(tsys: np.ndarray, antenna: np.ndarray, params: dict) -> tuple[np.ndarray, np.ndarray, list]:
+    """The tests of hifa_tsysflag, in brief, on the Tsys spectra (nrow, nchan, ncorr)
+    of one spw. Returns (rows to flag, channels to flag, what was found):
+
+    * antenna: an antenna whose median Tsys is far from the array's;
+    * derivative: a spectrum much rougher than the others (channel-to-channel
+      jumps, relative to its level; a bad correlator or a loose IF);
+    * edges: channels at either end rising far above the spectrum's median (the
+      roll-off of the baseband filter);
+    * birdies: one or two channels that do not survive a 5-channel median filter,
+      while an atmospheric line (smooth) does."""
+    nrow, nchan, _ = tsys.shape
+    rows, chans, found = np.zeros(nrow, bool), np.zeros(nchan, bool), []
+    med_ant = {int(a): np.median(tsys[antenna == a]) for a in np.unique(antenna)}
+    vals = np.array(list(med_ant.values()))
+    centre = np.median(vals)
+    mad = 1.4826 * np.median(np.abs(vals - centre)) or 0.05 * centre
+    for a, v in med_ant.items():
+        if abs(v - centre) > params.get("antenna_nsigma", 6.0) * mad and abs(v / centre - 1) > 0.5:
+            rows |= antenna == a
+            found.append(("antenna", a, f"median Tsys {v:.0f} K vs array {centre:.0f} K"))
+    rough = np.median(np.abs(np.diff(tsys, axis=1)), axis=1) / np.maximum(np.median(tsys, axis=1), 1e-9)
+    typical = np.median(rough)
+    limit = params.get("derivative_factor", 5.0) * typical + params.get("derivative_floor", 0.005)
+    for r, p in zip(*np.nonzero(rough > limit)):
+        if not rows[r]:
+            rows[r] = True
+            found.append(("derivative", int(antenna[r]), f"spectrum {rough[r, p]:.3f} rough vs typical {typical:.3f}"))
+    spec = np.median(tsys, axis=(0, 2))
+    level = np.median(spec)
+    factor = params.get("edge_factor", 3.0)
+    for edge in (range(nchan), range(nchan - 1, -1, -1)):
+        n = 0
+        for ch in edge:
+            if spec[ch] <= factor * level or n >= nchan // 4:
+                break
+            chans[ch] = True
+            n += 1
+        if n:
+            found.append(("edges", -1, f"{n} edge channel(s) above {factor:g} x the median Tsys"))
+    resid = spec - medfilt(spec, 5)
+    s = 1.4826 * np.median(np.abs(resid - np.median(resid))) or 1e-9
+    birdies = np.flatnonzero((np.abs(resid) > params.get("channel_nsigma", 10.0) * s) &
+                             (np.abs(resid) > params.get("birdie_fraction", 0.15) * medfilt(spec, 5)))
+    if len(birdies):
+        chans[birdies] = True
+        found.append(("birdie", -1, f"channel(s) {', '.join(map(str, birdies))}"))
+    return rows, chans, found
+
+
 @stage("tsysflag", service="calibrator")
 def tsysflag(ctx: dict, params: dict, io: StageIO) -> QA:
-    """Flag Tsys spectra of outlier antennas and channels (hifa_tsysflag, in brief):
-    an antenna whose median Tsys is far from the array's, and channels whose Tsys
-    jumps away from their neighbours (birdies)."""
+    """Flag Tsys spectra of outlier antennas, rough spectra, band edges and birdies
+    (hifa_tsysflag; see tsys_outliers)."""
     from ..calibration.caltable import read_caltable, write_caltable
     qa = QA()
     entry = ctx["caltables"].get("tsyscal")
@@ -492,25 +557,11 @@ def tsysflag(ctx: dict, params: dict, io: StageIO) -> QA:
     report = []
     for sol in sols:
         tsys = 1 / np.maximum(np.abs(sol.cparam), 1e-12) ** 2                 # (nrow, nchan, ncorr)
-        med_ant = {int(a): np.median(tsys[sol.antenna == a]) for a in np.unique(sol.antenna)}
-        vals = np.array(list(med_ant.values()))
-        centre = np.median(vals)
-        mad = 1.4826 * np.median(np.abs(vals - centre)) or 0.05 * centre
-        for a, v in med_ant.items():
-            if abs(v - centre) > params.get("antenna_nsigma", 6.0) * mad and abs(v / centre - 1) > 0.5:
-                sol.flag[sol.antenna == a] = True
-                report.append(f"spw {sol.spw}: {ants[a]['name']} median Tsys {v:.0f} K vs array {centre:.0f} K")
-        # a birdie is one or two channels wide: it does not survive a 5-channel median
-        # filter, while an atmospheric line (smooth, monotonic on each side) does
-        spec = np.median(tsys, axis=(0, 2))
-        smooth = medfilt(spec, 5)
-        resid = spec - smooth
-        s = 1.4826 * np.median(np.abs(resid - np.median(resid))) or 1e-9
-        birdies = np.flatnonzero((np.abs(resid) > params.get("channel_nsigma", 10.0) * s) &
-                                 (np.abs(resid) > params.get("birdie_fraction", 0.15) * smooth))
-        if len(birdies):
-            sol.flag[:, birdies] = True
-            report.append(f"spw {sol.spw}: Tsys birdie channel(s) {', '.join(map(str, birdies))}")
+        rows, chans, found = tsys_outliers(tsys, sol.antenna, params)
+        sol.flag[rows] = True
+        sol.flag[:, chans] = True
+        report += [f"spw {sol.spw}: {test}" + (f" {ants[a]['name']}" if a >= 0 else "") + f": {what}"
+                   for test, a, what in found]
     if report:
         ms0 = io.fetch_dir(ctx["partitions"][0]["key"])
         new_path = os.path.join(io.workdir, "flagged", os.path.basename(path))   # same name, new object
