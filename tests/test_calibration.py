@@ -1,5 +1,6 @@
 """Calibration kernels against injected truth (simulated gains, bandpasses, fluxes)."""
 import numpy as np
+import pytest
 
 from almapipe.calibration import fluxmodels
 from almapipe.calibration.applycal import GainApply, apply_tables
@@ -131,3 +132,22 @@ def test_t_gains_are_shared_by_both_correlations_and_solint_forms():
     assert time_bins(vis, "scan", "scan").max() == 0      # one scan
     with pytest.raises(ParameterError, match="solint 'often'"):
         time_bins(vis, "often", "")
+
+
+@pytest.mark.parametrize("interp", ["linear", "nearest"])
+def test_interpolating_all_channels_at_once_equals_one_by_one(interp):
+    """applycal's fast path (one set of weights for every channel) against np.interp per channel."""
+    from almapipe.calibration.applycal import _interpolate_all
+    rng = np.random.default_rng(2)
+    ts = np.sort(rng.uniform(0, 100, 9))
+    g = (1 + 0.1 * rng.normal(size=(9, 5, 2))) * np.exp(1j * np.cumsum(rng.normal(size=(9, 5, 2)), axis=0))
+    times = np.linspace(-10, 110, 57)
+    got = _interpolate_all(ts, g, times, interp)
+    for c in range(5):
+        for p in range(2):
+            if interp == "nearest":
+                want = g[np.abs(times[:, None] - ts[None, :]).argmin(axis=1), c, p]
+            else:
+                want = np.interp(times, ts, np.abs(g[:, c, p])) * \
+                    np.exp(1j * np.interp(times, ts, np.unwrap(np.angle(g[:, c, p]))))
+            np.testing.assert_allclose(got[:, c, p], want, rtol=1e-12, atol=1e-12)

@@ -41,10 +41,15 @@ def interpolate_gains(sol, times: np.ndarray, nant: int, interp: str, fields=Non
         rows = np.flatnonzero(use & (sol.antenna == a))
         if not len(rows):
             continue
-        rows = rows[np.argsort(sol.time[rows])]
+        rows = rows[np.argsort(sol.time[rows], kind="stable")]
         ts = sol.time[rows]
         g = sol.cparam[rows]
         f = sol.flag[rows]
+        if (f == f[:1]).all():
+            # the usual case: the same channels flagged at every time, so one set of
+            # interpolation weights serves every channel and correlation at once
+            out[:, a], bad[:, a] = _interpolate_all(ts, g, times, interp), f[:1]
+            continue
         for c in range(nch):
             for p in range(ncorr):
                 good = ~f[:, c, p]
@@ -61,6 +66,24 @@ def interpolate_gains(sol, times: np.ndarray, nant: int, interp: str, fields=Non
                 out[:, a, c, p] = val
                 bad[:, a, c, p] = False
     return out, bad
+
+
+def _interpolate_all(ts: np.ndarray, g: np.ndarray, times: np.ndarray, interp: str) -> np.ndarray:
+    """g (nsol, nchan, ncorr) at solution times ts (sorted) -> (ntime, nchan, ncorr) at
+    times: nearest, or linear in amplitude and (unwrapped) phase; the end solutions
+    outside their range. The same as interpolating each channel on its own."""
+    n = len(ts)
+    if n == 1:
+        return np.broadcast_to(g[:1], (len(times),) + g.shape[1:])
+    i = np.searchsorted(ts, times).clip(1, n - 1)
+    if interp == "nearest":
+        pick = np.where(np.abs(times - ts[i - 1]) <= np.abs(ts[i] - times), i - 1, i)
+        return g[pick]
+    dt = ts[i] - ts[i - 1]
+    w = np.clip(np.where(dt > 0, (times - ts[i - 1]) / np.where(dt > 0, dt, 1), 0.0), 0.0, 1.0)[:, None, None]
+    amp = np.abs(g)
+    ph = np.unwrap(np.angle(g), axis=0)
+    return (amp[i - 1] * (1 - w) + amp[i] * w) * np.exp(1j * (ph[i - 1] * (1 - w) + ph[i] * w))
 
 
 def apply_tables(vis: Vis, applies: list, data: np.ndarray | None = None):

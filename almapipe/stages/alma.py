@@ -26,8 +26,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from astropy.time import Time  # noqa: E402
-from scipy.optimize import minimize_scalar  # noqa: E402
-from scipy.signal import medfilt  # noqa: E402
 
 from .base import QA, StageError, StageIO, field_ids_with, stage  # noqa: E402
 from .calibration import calibrator_ids, field_models, preapply, read_part, refant_id, register, save_table  # noqa: E402
@@ -178,6 +176,31 @@ def source_vectors(times: np.ndarray, ra: np.ndarray, dec: np.ndarray) -> np.nda
     return np.stack([np.cos(dec) * np.cos(hg), -np.cos(dec) * np.sin(hg), np.sin(dec)], axis=1)
 
 
+def sample_times(time: np.ndarray, field: np.ndarray, scan: np.ndarray, step_s: float) -> tuple:
+    """(times, fields) at which to tabulate a slowly varying, direction-dependent
+    correction: per field and scan the first and last integration and one every
+    step_s between (linear interpolation does the rest)."""
+    group = field.astype(np.int64) * 10_000_000 + scan.astype(np.int64)
+    order = np.lexsort((time, group))                      # one sort of the rows, not one per scan
+    g, t = group[order], time[order]
+    first = np.r_[True, (g[1:] != g[:-1]) | (t[1:] != t[:-1])]
+    g, t = g[first], t[first]                              # the distinct (field, scan, time)
+    out_t, out_f = [], []
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    for start, stop in zip(starts, np.r_[starts[1:], len(g)]):
+        ts = t[start:stop]
+        keep = [ts[0]]
+        for x in ts[1:]:
+            if x - keep[-1] >= step_s:
+                keep.append(x)
+        if keep[-1] != ts[-1]:
+            keep.append(ts[-1])
+        out_t += keep
+        out_f += [int(g[start] // 10_000_000)] * len(keep)
+    order = np.argsort(out_t, kind="stable")
+    return np.asarray(out_t)[order], np.asarray(out_f)[order]
+
+
 @stage("antpos", service="calibrator")
 def antpos(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
@@ -199,15 +222,16 @@ def antpos(ctx: dict, params: dict, io: StageIO) -> QA:
     for part in ctx["partitions"]:
         ms_path = io.fetch_dir(part["key"])
         with ct.table(ms_path, ack=False) as t:
-            key = np.unique(np.stack([t.getcol("TIME"), t.getcol("FIELD_ID")], axis=1), axis=0)
-        times, fids = key[:, 0], key[:, 1].astype(int)
+            times, fids = sample_times(t.getcol("TIME"), t.getcol("FIELD_ID"), t.getcol("SCAN_NUMBER"),
+                                       params.get("sample_s", 60.0))
         ra = np.array([fields[f]["ra_rad"] for f in fids])
         dec = np.array([fields[f]["dec_rad"] for f in fids])
         s = source_vectors(times, ra, dec)                                   # (nt, 3)
         freq = np.array(msio.spw_table(ms_path)[part["spw"]]["chan_freq_hz"])
         sols.append(delay_table("ANTPOS", part["spw"], freq, times, fids, s @ delta.T))
     save_table(io, ctx, "antpos", sols, ms_path)
-    register(ctx, "antpos", "ANTPOS", "nearest", "all", calwt=False)
+    # each field its own corrections (they depend on its direction), linear in time
+    register(ctx, "antpos", "ANTPOS", "linear", "own", calwt=False)
     ctx["antpos"] = {k: list(v) for k, v in offsets.items()}
     for name, d in offsets.items():
         qa.note(f"{name}: position corrected by ({d[0] * 1e3:.1f}, {d[1] * 1e3:.1f}, {d[2] * 1e3:.1f}) mm.")
@@ -322,6 +346,7 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
     # the scale (rad per proxy unit): a least-squares start, then the value that
     # minimises the phase rms left after correction. Wrapped phases make the linear
     # fit slightly off when the atmosphere moves the phase by tens of degrees.
+    from scipy.optimize import minimize_scalar
     first = float((resid_phase[good] * resid_proxy[good]).sum() / (resid_proxy[good] ** 2).sum())
 
     def rms_after(s):
@@ -502,6 +527,7 @@ def tsys_outliers(tsys: np.ndarray, antenna: np.ndarray, params: dict) -> tuple[
       roll-off of the baseband filter);
     * birdies: one or two channels that do not survive a 5-channel median filter,
       while an atmospheric line (smooth) does."""
+    from scipy.signal import medfilt      # here: scipy.signal takes half a second to import
     nrow, nchan, _ = tsys.shape
     rows, chans, found = np.zeros(nrow, bool), np.zeros(nchan, bool), []
     med_ant = {int(a): np.median(tsys[antenna == a]) for a in np.unique(antenna)}
