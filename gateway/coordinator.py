@@ -115,15 +115,43 @@ class Coordinator:
     # ------------------------------------------------------------ dispatch
     async def dispatch(self, run: dict) -> None:
         st = run["stages"][run["current_stage"]]
-        req = pb.StageRequest(run_id=run["run_id"], stage_index=st["index"], stage=st["name"],
-                              service=st["service"], params_json=json.dumps(st["params"]),
-                              context_key=run["context_key"], input_key=run["input_key"])
-        # msg id: JetStream drops the same request published twice (gateway restart)
-        await self.js.publish(bus.work_subject(st["service"], st["name"]), req.SerializeToString(),
-                              headers={"Nats-Msg-Id": f"{run['run_id']}-{st['index']}"})
+        await self.publish_request(run, st, st["name"], st["params"], run["context_key"])
         st["status"] = "DISPATCHED"
         await self.save(run)
         await self.run_event(run, pb.STAGE_STATUS_DISPATCHED, st, f"dispatched to {st['service']}")
+
+    async def publish_request(self, run: dict, st: dict, stage: str, params: dict, context_key: str,
+                              shard: int = 0) -> None:
+        part_of = "" if stage == st["name"] else st["name"]
+        req = pb.StageRequest(run_id=run["run_id"], stage_index=st["index"], stage=stage, service=st["service"],
+                              params_json=json.dumps(params), context_key=context_key,
+                              input_key=run["input_key"], shard=shard, part_of=part_of)
+        # msg id: JetStream drops the same request published twice (gateway restart)
+        msg_id = f"{run['run_id']}-{st['index']}" + (f"-{stage}-{shard}" if part_of else "")
+        await self.js.publish(bus.work_subject(st["service"], stage), req.SerializeToString(),
+                              headers={"Nats-Msg-Id": msg_id})
+
+    async def fan_out(self, run: dict, st: dict, ev) -> None:
+        """The stage asked for pieces in parallel (ev.fanout_json): dispatch one request
+        per item; the join follows when all have succeeded (piece_done)."""
+        fan = json.loads(ev.fanout_json)
+        st["fanout"] = {"piece": fan["piece_stage"], "join": fan["join_stage"], "n": len(fan["items"]),
+                        "context_key": ev.context_key, "results": {}}
+        st["status"] = "DISPATCHED"
+        await self.save(run)
+        for i, item in enumerate(fan["items"], 1):
+            await self.publish_request(run, st, fan["piece_stage"], dict(st["params"], piece=item),
+                                       ev.context_key, shard=i)
+        await self.run_event(run, pb.STAGE_STATUS_DISPATCHED, st,
+                             f"{len(fan['items'])} pieces of {st['name']} dispatched to {st['service']}")
+
+    async def piece_done(self, run: dict, st: dict, ev) -> None:
+        fan = st["fanout"]
+        fan["results"][str(ev.shard)] = ev.context_key
+        if len(fan["results"]) == fan["n"]:
+            pieces = [fan["results"][str(i)] for i in range(1, fan["n"] + 1)]
+            await self.publish_request(run, st, fan["join"], dict(st["params"], pieces=pieces), fan["context_key"])
+        await self.save(run)
 
     async def run_event(self, run: dict, status: int, st: dict | None, message: str) -> None:
         ev = pb.StageEvent(run_id=run["run_id"], stage_index=st["index"] if st else -1,
@@ -174,6 +202,14 @@ class Coordinator:
                 return   # stale or duplicate
             st = run["stages"][ev.stage_index]
             st["attempts"] = max(st["attempts"], ev.attempt)
+            fan = st.get("fanout")
+            if fan and ev.stage == fan["piece"] and ev.status == pb.STAGE_STATUS_SUCCEEDED:
+                await self.piece_done(run, st, ev)
+                return
+            if ev.status == pb.STAGE_STATUS_SUCCEEDED and ev.fanout_json and ev.stage == st["name"] \
+                    and not run.get("finalizing"):
+                await self.fan_out(run, st, ev)
+                return
             if ev.status == pb.STAGE_STATUS_RETRYING:
                 st["status"] = "RETRYING"
                 st["error"] = ev.message
@@ -259,7 +295,8 @@ def build_summary(run: dict, ctx: dict) -> dict:
                       for r in ctx.get("fluxscale", [])],
         "images": [{k: img.get(k) for k in ("file", "field", "spw", "specmode", "peak_jy_per_beam",
                                             "rms_jy_per_beam", "theoretical_rms_jy_per_beam", "beam_arcsec",
-                                            "qa_score", "chans", "peak_channel")}
+                                            "qa_score", "chans", "peak_channel", "aggregate", "dr_correction",
+                                            "dirty_dynamic_range", "dynamic_range")}
                    for img in ctx.get("images", [])],
         "continuum": ctx.get("continuum", []),
         "refant": ctx.get("refant", {}).get("refant"),

@@ -75,10 +75,12 @@ def stack(tmp_path_factory):
     from almapipe.config import Config
     from almapipe.platform.stack import Stack
     data_dir = str(tmp_path_factory.mktemp("stack"))
-    old = {k: os.environ.get(k) for k in ("ALMAPIPE_DATA_DIR", "ALMAPIPE_PORT_BASE", "ALMAPIPE_MAX_DELIVER")}
+    old = {k: os.environ.get(k) for k in ("ALMAPIPE_DATA_DIR", "ALMAPIPE_PORT_BASE", "ALMAPIPE_MAX_DELIVER",
+                                          "ALMAPIPE_IMAGER_WORKERS")}
     os.environ["ALMAPIPE_DATA_DIR"] = data_dir
     os.environ["ALMAPIPE_PORT_BASE"] = str(_free_base())
     os.environ["ALMAPIPE_MAX_DELIVER"] = "3"
+    os.environ["ALMAPIPE_IMAGER_WORKERS"] = "2"     # cube pieces really run in parallel
     st = Stack(data_dir)
     st.up()
     try:

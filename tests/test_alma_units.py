@@ -133,3 +133,16 @@ def test_bandpass_phaseup_interval_from_the_calibrators_snr(tmp_path, flux_jy, w
     else:
         assert solint == "int" and qa.score == 1.0
     assert ctx["bandpass_phaseup"]["0"]["solint"] == solint
+
+
+def test_dynamic_range_correction_of_the_threshold():
+    from almapipe.stages.imaging import dr_correction
+    assert dr_correction(1e-3, 0.015, False, 12.0) == (pytest.approx(2e-3), 1.0)          # DR 15
+    assert dr_correction(1e-3, 0.040, False, 12.0) == (pytest.approx(3e-3), 1.5)          # DR 40
+    assert dr_correction(1e-3, 0.080, False, 12.0)[1] == 2.0
+    assert dr_correction(1e-3, 0.120, False, 12.0)[1] == 2.5
+    thr, f = dr_correction(1e-3, 0.6, False, 12.0)                                       # DR 600 > 150
+    assert thr == pytest.approx(0.6 / 150 * 2) and f == pytest.approx(4.0)
+    assert dr_correction(1e-3, 0.015, False, 7.0)[1] == 2.0                               # ACA steps
+    thr, f = dr_correction(1e-3, 3.0, True, 12.0)                                        # calibrator: peak/1000
+    assert thr == pytest.approx(6e-3) and f == pytest.approx(3.0)

@@ -50,3 +50,15 @@ def test_dirty_image_matches_tclean_orientation_and_scale(ngc5921_ms):
     img = gridding.dirty(uvw, vis.freq[[43]], data, w, 256, np.radians(15 / 3600))
     assert np.unravel_index(np.argmax(img), img.shape) == CASA_DIRTY_PEAK_PIXEL
     assert abs(img.max() / CASA_DIRTY_PEAK - 1) < 0.02
+
+
+# CASA 6.7 measures: me.measure(me.frequency('TOPO', 230 GHz), 'LSRK') at MJD 5284331824 s (UTC),
+# ITRF (2225142.18, -5440307.37, -2481029.85) m, J2000 (277.5, -21.9) deg
+CASA_LSRK_HZ = 229971361491.4943
+
+
+def test_topo_to_lsrk_agrees_with_casa_measures():
+    from almapipe.imaging.frames import topo_to_lsrk
+    got = topo_to_lsrk(np.array([230e9]), 5284331824.0, np.radians(277.5), np.radians(-21.9),
+                       (2225142.18, -5440307.37, -2481029.85))[0]
+    assert abs(got - CASA_LSRK_HZ) < 1e-9 * 230e9          # 0.3 m/s; the shift itself is 28.6 MHz

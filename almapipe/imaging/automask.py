@@ -6,7 +6,10 @@ the peak (unlike CASA: with a sparse array's sidelobes near 0.5 it would exceed
 the peak and nothing would ever be masked or cleaned); regions smaller than
 min_beam_frac of a beam are pruned; the previous mask is grown by binary
 dilation into emission above low_noise_threshold x rms; the result is the
-union of the grown and the new masks. Defaults are the ALMA 12-m values.
+union of the grown and the new masks. With negative_threshold > 0, regions of
+the residual below -max(negative_threshold x rms, the sidelobe term) (absorption)
+are masked too, as auto-multithresh does for cubes. Defaults are the ALMA 12-m
+values for continuum (cubes: negative_threshold 15).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ class AutomaskParams:
     low_noise_threshold: float = 1.5
     min_beam_frac: float = 0.3
     grow_iterations: int = 75
+    negative_threshold: float = 0.0
 
 
 def prune(mask: np.ndarray, min_pixels: float) -> np.ndarray:
@@ -44,10 +48,13 @@ def update_mask(residual: np.ndarray, previous: np.ndarray | None, sidelobe: flo
     peak = float(np.abs(residual).max())
     threshold = max(min(p.sidelobe_threshold * sidelobe, 0.5) * peak, p.noise_threshold * rms)
     new = prune(residual > threshold, p.min_beam_frac * beam_pixels)
+    if p.negative_threshold > 0:
+        below = -max(p.negative_threshold * rms, min(p.sidelobe_threshold * sidelobe, 0.5) * peak)
+        new |= prune(residual < below, p.min_beam_frac * beam_pixels)
     if previous is None or not previous.any():
         return new
     previous = previous > 0
-    low = residual > p.low_noise_threshold * rms
+    low = (np.abs(residual) if p.negative_threshold > 0 else residual) > p.low_noise_threshold * rms
     grown = ndimage.binary_dilation(previous, iterations=p.grow_iterations, mask=low | previous)
     grown = prune(grown, p.min_beam_frac * beam_pixels) | previous
     return grown | new

@@ -1,4 +1,5 @@
-"""Deconvolution: Hogbom CLEAN minor cycles inside major cycles, beam fitting, restoring.
+"""Deconvolution: Hogbom or multiscale CLEAN minor cycles inside major cycles, beam
+fitting, restoring.
 
 The minor cycle (:func:`hogbom`) is a pure image-plane kernel; the major
 cycle (:func:`clean`) recomputes the residual from the visibilities with the
@@ -23,6 +24,7 @@ class CleanResult:
     major_cycles: int
     stop_reason: str
     mask: np.ndarray | None = None       # the clean mask used (automask), if any
+    threshold: float = 0.0               # the threshold it cleaned to (before nsigma)
 
 
 def hogbom(residual: np.ndarray, psf: np.ndarray, model: np.ndarray, gain: float, threshold: float,
@@ -54,6 +56,91 @@ def hogbom(residual: np.ndarray, psf: np.ndarray, model: np.ndarray, gain: float
     return niter
 
 
+def scale_kernel(npix: int, scale_px: float) -> np.ndarray:
+    """A multiscale component of diameter scale_px pixels: a tapered paraboloid
+    (1 - (2r/scale)^2) with unit sum, centred at (npix//2, npix//2); scale 0 is a
+    single pixel."""
+    k = np.zeros((npix, npix))
+    c = npix // 2
+    if scale_px <= 0:
+        k[c, c] = 1.0
+        return k
+    yy, xx = np.mgrid[:npix, :npix]
+    r2 = ((yy - c) ** 2 + (xx - c) ** 2) / (scale_px / 2.0) ** 2
+    k = np.where(r2 < 1, 1 - r2, 0.0)
+    return k / k.sum()
+
+
+def _convolve_centred(a: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """a convolved with a kernel centred at (n//2, n//2), same shape as a."""
+    from scipy.signal import fftconvolve
+    out = fftconvolve(a, k, mode="full")
+    oy, ox = k.shape[0] // 2, k.shape[1] // 2
+    return out[oy:oy + a.shape[0], ox:ox + a.shape[1]]
+
+
+@dataclass
+class ScaleSet:
+    """The kernels of a multiscale CLEAN and the PSF as each pair of scales sees it
+    (PSF (x) K_s (x) K_t), computed once per plane."""
+    scales: list
+    kernels: list          # (npix, npix) each, unit sum
+    psf_st: list           # [s][t] (2 npix, 2 npix)
+    bias: np.ndarray
+    peak: np.ndarray       # PSF_ss at the centre, per scale
+
+    @staticmethod
+    def make(psf: np.ndarray, npix: int, scales: list, small_scale_bias: float = 0.6) -> "ScaleSet":
+        scales = sorted(float(x) for x in scales)
+        big = [scale_kernel(psf.shape[0], sc) for sc in scales]
+        psf_s = [_convolve_centred(psf, k) for k in big]
+        psf_st = [[_convolve_centred(ps, k) for k in big] for ps in psf_s]
+        smax = max(scales) if max(scales) > 0 else 1.0
+        c = psf.shape[0] // 2
+        return ScaleSet(scales, [scale_kernel(npix, sc) for sc in scales], psf_st,
+                        np.array([1 - small_scale_bias * sc / smax for sc in scales]),
+                        np.array([psf_st[i][i][c, c] for i in range(len(scales))]))
+
+
+def multiscale(residual: np.ndarray, psf: np.ndarray, model: np.ndarray, gain: float, threshold: float,
+               niter: int, scale_set: ScaleSet, mask: np.ndarray | None = None) -> int:
+    """Multiscale CLEAN minor cycle (Cornwell 2008), in place: the residual is
+    smoothed with each scale's kernel; each iteration takes the scale and position
+    with the largest biased |smoothed residual|, adds gain x that component (the
+    kernel times the amplitude that zeroes it) to the model and subtracts its
+    response, through the PSF smoothed by both kernels, from every smoothed
+    residual. psf is twice the image size with its peak at the centre; larger
+    scales are biased down (ScaleSet.bias). Stops after niter components or when
+    no smoothed residual exceeds threshold. Returns the number of components."""
+    ny, nx = residual.shape
+    py, px = np.unravel_index(np.argmax(psf), psf.shape)
+    ss = scale_set
+    res_s = [_convolve_centred(residual, k) for k in ss.kernels]
+    m = np.ones((ny, nx)) if mask is None else mask
+    cy, cx = ny // 2, nx // 2
+    for it in range(niter):
+        peaks = [np.abs(r) * m for r in res_s]
+        best = [int(np.argmax(pk)) for pk in peaks]
+        vals = np.array([pk.flat[b] for pk, b in zip(peaks, best)])
+        if vals.max() < threshold:
+            return it
+        # the scale whose component removes most residual power: |R_s| / sqrt(PSF_ss peak)
+        # (a matched filter), biased towards small scales
+        i = int(np.argmax(vals * ss.bias / np.sqrt(ss.peak)))
+        y, x = divmod(best[i], nx)
+        amp = gain * res_s[i][y, x] / ss.peak[i]
+        # the component in the model (Jy/pixel): amp x the scale kernel centred at (y, x)
+        ys, xs = max(0, y - cy), max(0, x - cx)
+        ye, xe = min(ny, y - cy + ny), min(nx, x - cx + nx)
+        model[ys:ye, xs:xe] += amp * ss.kernels[i][ys - (y - cy):ye - (y - cy), xs - (x - cx):xe - (x - cx)]
+        y0, x0 = py - y, px - x
+        ys, xs = max(0, -y0), max(0, -x0)
+        ye, xe = min(ny, psf.shape[0] - y0), min(nx, psf.shape[1] - x0)
+        for j, psf_ij in enumerate(ss.psf_st[i]):
+            res_s[j][ys:ye, xs:xe] -= amp * psf_ij[ys + y0:ye + y0, xs + x0:xe + x0]
+    return niter
+
+
 def robust_rms(img: np.ndarray) -> float:
     v = img[np.isfinite(img)]
     return float(1.4826 * np.median(np.abs(v - np.median(v)))) if v.size else 0.0
@@ -62,12 +149,14 @@ def robust_rms(img: np.ndarray) -> float:
 def clean(uvw, freq, vis, wgt, npix: int, cell_rad: float, niter: int, threshold: float,
           gain: float = 0.1, cyclefactor: float = 1.5, max_major: int = 20,
           mask: np.ndarray | None = None, wgridding: bool = True, nsigma: float = 0.0,
-          automask: bool = False) -> CleanResult:
+          automask: bool = False, threshold_from_dirty=None, automask_params=None,
+          scales: list | None = None) -> CleanResult:
     """Major/minor-cycle CLEAN of one plane (mfs, or one cube channel).
 
     Stops at max(threshold, nsigma x robust rms of the residual); the rms is
     measured again after every major cycle, because in the dirty image the
-    sidelobes of bright sources inflate it."""
+    sidelobes of bright sources inflate it. threshold_from_dirty, if given, maps
+    the dirty image's peak to the threshold (a dynamic-range correction)."""
     big_psf = gridding.psf(uvw, freq, wgt, 2 * npix, cell_rad, wgridding)
     peak = big_psf.max()
     if peak <= 0:
@@ -81,13 +170,17 @@ def clean(uvw, freq, vis, wgt, npix: int, cell_rad: float, niter: int, threshold
     # would include a sparse array's sidelobes)
     bmaj, bmin, _ = fit_beam(psf_img, cell_rad) if automask else (0.0, 0.0, 0.0)
     beam_pixels = np.pi / (4 * np.log(2)) * bmaj * bmin / (cell_rad * 206264.806) ** 2
+    scale_set = ScaleSet.make(big_psf, npix, scales) if scales and max(scales) > 0 else None
     model = np.zeros((npix, npix))
     residual = gridding.dirty(uvw, freq, vis, wgt, npix, cell_rad, wgridding)
+    if threshold_from_dirty is not None:
+        threshold = float(threshold_from_dirty(float(np.abs(residual).max())))
     done, major, reason = 0, 0, "niter reached"
     while done < niter and major < max_major:
         if automask:
-            from .automask import update_mask
-            mask = update_mask(residual, mask, sidelobe, beam_pixels).astype(float)
+            from .automask import AutomaskParams, update_mask
+            mask = update_mask(residual, mask, sidelobe, beam_pixels,
+                               automask_params or AutomaskParams()).astype(float)
             if not mask.any():
                 reason = "automask found no emission"
                 break
@@ -97,7 +190,10 @@ def clean(uvw, freq, vis, wgt, npix: int, cell_rad: float, niter: int, threshold
             reason = "threshold reached"
             break
         cycle_threshold = max(threshold_now, min(0.95, cyclefactor * sidelobe) * rmax)
-        n = hogbom(residual, big_psf, model, gain, cycle_threshold, niter - done, mask)
+        if scale_set is not None:
+            n = multiscale(residual, big_psf, model, gain, cycle_threshold, niter - done, scale_set, mask)
+        else:
+            n = hogbom(residual, big_psf, model, gain, cycle_threshold, niter - done, mask)
         done += n
         major += 1
         model_vis = gridding.predict(uvw, freq, model, cell_rad, wgridding)
@@ -108,7 +204,7 @@ def clean(uvw, freq, vis, wgt, npix: int, cell_rad: float, niter: int, threshold
     else:
         if major >= max_major:
             reason = "major cycle limit"
-    return CleanResult(model, residual, psf_img, done, major, reason, mask)
+    return CleanResult(model, residual, psf_img, done, major, reason, mask, threshold)
 
 
 def _max_sidelobe(psf: np.ndarray) -> float:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import deconvolve, gridding
+from .automask import AutomaskParams
 from .products import primary_beam
 from ..msio.ms import Vis
 
@@ -32,6 +33,11 @@ class ImageSpec:
     gain: float = 0.1
     pb_limit: float = 0.2
     automask: bool = False              # auto-multithresh-style masks (imaging/automask.py)
+    negative_threshold: float = 0.0     # automask: mask absorption below -this x rms too
+    scales: list | None = None          # multiscale CLEAN scales in pixels ([0, 5, 15]); None: Hogbom
+    # the cleaning threshold as a function of the plane's dirty peak (the ALMA
+    # pipeline's dynamic-range correction); it replaces threshold_jy when given
+    threshold_from_dirty: object = None
 
 
 @dataclass
@@ -62,7 +68,60 @@ def _stokes_i_samples(vis: Vis, chan_idx: np.ndarray):
     return uvw, data, w
 
 
-def make_image(vis: Vis, spec: ImageSpec, dish_m: float, telescope: str) -> ImageResult:
+def aggregate_continuum(parts: list, width: int = 8) -> Vis:
+    """One single-channel Vis from the continuum channels of several spws, so that one
+    mfs image covers them all (the ALMA pipeline's aggregate 'cont' image).
+
+    parts: [(Vis, channel mask)], the same rows' layout not required. The selected
+    channels of each spw are averaged in bins of `width` (weighted, flags honoured;
+    at 1e-3 fractional bandwidth per bin the smearing is negligible inside the
+    primary beam), and each (row, bin) becomes a sample at the reference frequency
+    with its uvw scaled by f_bin / f_ref: exact, because the gridder only ever
+    uses uvw f / c."""
+    bins = []
+    for vis, mask in parts:
+        chans = np.flatnonzero(mask)
+        for k in range(0, len(chans), max(int(width), 1)):
+            group = chans[k:k + width]
+            w = np.where(vis.flag[:, group], 0.0, vis.weight[:, None, :])          # (nrow, nch, ncorr)
+            wsum = w.sum(axis=1)
+            data = (w * vis.data[:, group]).sum(axis=1) / np.maximum(wsum, 1e-30)
+            bins.append((vis, float(vis.freq[group].mean()), data, wsum, wsum <= 0))
+    if not bins:
+        raise ValueError("aggregate_continuum: no channels selected")
+    total_w = np.array([b[3].sum() for b in bins])
+    fref = float(np.average([b[1] for b in bins], weights=np.maximum(total_w, 1e-30)))
+
+    def stack(get):
+        return np.concatenate([get(b) for b in bins])
+    first = bins[0][0]
+    return Vis(time=stack(lambda b: b[0].time), interval=stack(lambda b: b[0].interval),
+               ant1=stack(lambda b: b[0].ant1), ant2=stack(lambda b: b[0].ant2),
+               field_id=stack(lambda b: b[0].field_id), scan=stack(lambda b: b[0].scan),
+               uvw=stack(lambda b: b[0].uvw * (b[1] / fref)),
+               data=stack(lambda b: b[2][:, None, :]).astype(np.complex64),
+               flag=stack(lambda b: b[4][:, None, :]),
+               weight=stack(lambda b: b[3]).astype(np.float32), freq=np.array([fref]),
+               corr_types=list(first.corr_types), spw=first.spw)
+
+
+@dataclass
+class Planes:
+    """Cleaned but not yet restored planes of an image (a cube may be made of
+    several, cleaned on different workers, and joined: join_planes)."""
+    models: list
+    residuals: list
+    psfs: list
+    beams: list            # fitted per plane
+    freqs: np.ndarray
+    reasons: list
+    iterations: int
+    masks: list            # clean masks (automask) or zeros
+
+
+def clean_planes(vis: Vis, spec: ImageSpec) -> Planes:
+    """Weight and clean every plane of the image: the whole band for mfs, each
+    channel for a cube (with its own Briggs density)."""
     npix = spec.npix
     cell = np.radians(spec.cell_arcsec / 3600.0)
     nchan = len(vis.freq)
@@ -70,34 +129,50 @@ def make_image(vis: Vis, spec: ImageSpec, dish_m: float, telescope: str) -> Imag
     planes = [chans] if spec.specmode == "mfs" else [np.array([c]) for c in chans]
     uvw, data, w_nat = _stokes_i_samples(vis, chans)
     col = {c: i for i, c in enumerate(chans)}
-    images, residuals, models, psfs, beams, reasons, iters, masks = [], [], [], [], [], [], 0, []
+    out = Planes([], [], [], [], np.array([vis.freq[pl].mean() for pl in planes]), [], 0, [])
     for pl in planes:
         ci = [col[c] for c in pl]
         f = vis.freq[pl]
         w = gridding.briggs_weights(uvw, f, w_nat[:, ci], npix, cell, spec.robust).astype(np.float32)
-        v = data[:, ci]
-        res = deconvolve.clean(uvw, f, v, w, npix, cell, spec.niter, spec.threshold_jy, gain=spec.gain,
-                               nsigma=spec.nsigma, automask=spec.automask)
-        masks.append(res.mask if res.mask is not None else np.zeros((npix, npix)))
-        beam = deconvolve.fit_beam(res.psf, cell) if res.psf.max() > 0 else (0.0, 0.0, 0.0)
-        residuals.append(res.residual)
-        models.append(res.model)
-        psfs.append(res.psf)
-        beams.append(beam)
-        reasons.append(res.stop_reason)
-        iters += res.iterations
-    # a common restoring beam for a cube: the largest of the planes' beams
-    good = [b for b in beams if b[0] > 0]
+        res = deconvolve.clean(uvw, f, data[:, ci], w, npix, cell, spec.niter, spec.threshold_jy, gain=spec.gain,
+                               nsigma=spec.nsigma, automask=spec.automask,
+                               threshold_from_dirty=spec.threshold_from_dirty,
+                               automask_params=AutomaskParams(negative_threshold=spec.negative_threshold),
+                               scales=spec.scales)
+        out.masks.append(res.mask if res.mask is not None else np.zeros((npix, npix)))
+        out.beams.append(deconvolve.fit_beam(res.psf, cell) if res.psf.max() > 0 else (0.0, 0.0, 0.0))
+        out.residuals.append(res.residual)
+        out.models.append(res.model)
+        out.psfs.append(res.psf)
+        out.reasons.append(res.stop_reason)
+        out.iterations += res.iterations
+    return out
+
+
+def join_planes(parts: list) -> Planes:
+    """Planes cleaned in pieces (channel ranges of a cube), in channel order."""
+    return Planes(*(sum((getattr(p, k) for p in parts), []) for k in ("models", "residuals", "psfs", "beams")),
+                  np.concatenate([p.freqs for p in parts]), sum((p.reasons for p in parts), []),
+                  sum(p.iterations for p in parts), sum((p.masks for p in parts), []))
+
+
+def restore_planes(pl: Planes, spec: ImageSpec, dish_m: float, telescope: str) -> ImageResult:
+    """Restore every plane with one beam (a cube's common beam: the largest of its
+    planes'), and add the primary beam and the pb-corrected image."""
+    npix = spec.npix
+    cell = np.radians(spec.cell_arcsec / 3600.0)
+    good = [b for b in pl.beams if b[0] > 0]
     common = max(good, key=lambda b: b[0] * b[1]) if good else (0.0, 0.0, 0.0)
-    for m, r in zip(models, residuals):
-        images.append(deconvolve.restore(m, r, cell, common) if common[0] > 0 else r)
-    fref = float(np.mean(vis.freq[chans]))
-    pb = primary_beam(npix, cell, fref, dish_m, telescope)
-    image = np.array(images)
+    image = np.array([deconvolve.restore(m, r, cell, common) if common[0] > 0 else r
+                      for m, r in zip(pl.models, pl.residuals)])
+    pb = primary_beam(npix, cell, float(np.mean(pl.freqs)), dish_m, telescope)
     mask = pb >= spec.pb_limit
     pbcor = np.where(mask[None], image / np.maximum(pb, 1e-6)[None], np.nan)
-    freqs = np.array([vis.freq[pl].mean() for pl in planes])
-    return ImageResult(image, np.array(residuals), np.array(models), np.array(psfs), pb, pbcor,
-                       mask, freqs, common, beams, iters, reasons,
-                       np.array(masks) > 0 if spec.automask else None)
+    return ImageResult(image, np.array(pl.residuals), np.array(pl.models), np.array(pl.psfs), pb, pbcor,
+                       mask, pl.freqs, common, list(pl.beams), pl.iterations, list(pl.reasons),
+                       np.array(pl.masks) > 0 if spec.automask else None)
 
+
+def make_image(vis: Vis, spec: ImageSpec, dish_m: float, telescope: str) -> ImageResult:
+    """Clean and restore an image in one go."""
+    return restore_planes(clean_planes(vis, spec), spec, dish_m, telescope)

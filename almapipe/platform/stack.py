@@ -172,9 +172,18 @@ class Stack:
             workers[s] = self._start(f"worker-{s}", [py, "-m", f"services.{s}"],
                                      dict(env, ALMAPIPE_METRICS_PORT=str(port(f"metrics_{s}"))))
         _wait(lambda: gateway_healthy(cfg.gateway_addr), "gateway", timeout, g, self.procs["gateway"]["log"])
+        # more imager workers (ALMAPIPE_IMAGER_WORKERS): they share the imager's work
+        # queue, so the pieces of a cube are cleaned in parallel; only the first serves metrics
+        extra = []
+        for i in range(2, int(os.environ.get("ALMAPIPE_IMAGER_WORKERS", "1")) + 1):
+            extra.append(self._start(f"worker-imager-{i}", [py, "-m", "services.imager"],
+                                     dict(env, ALMAPIPE_METRICS_PORT="0")))
         for s, p in workers.items():
             _wait(lambda s=s: _http_ok(f"http://127.0.0.1:{port(f'metrics_{s}')}/metrics"), f"{s} worker",
                   timeout, p, self.procs[f"worker-{s}"]["log"])
+        for p in extra:
+            if p.poll() is not None:
+                raise RuntimeError(f"an extra imager worker exited at start (code {p.returncode})")
 
     def restart(self, name: str, timeout: float = 60.0) -> None:
         """Kill one process (SIGKILL, as a crash would) and start it again."""

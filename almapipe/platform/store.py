@@ -147,10 +147,17 @@ class CachedFetcher:
         """A private, writable copy of the directory archived at key, inside workdir."""
         slot = self._slot(key)
         if not os.path.isdir(slot):
-            tmp = slot + ".part"
+            # several workers of a service may share the cache: each downloads into
+            # its own temporary directory, and the first to finish fills the slot
+            tmp = f"{slot}.part-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             self.store.get_dir(key, tmp)
-            os.replace(tmp, slot)
+            try:
+                os.replace(tmp, slot)
+            except OSError:
+                if not os.path.isdir(slot):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
         (name,) = os.listdir(slot)
         dest = os.path.join(workdir, name)
         if os.path.exists(dest):

@@ -37,27 +37,50 @@ HEARTBEAT_S = 10.0
 
 
 def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, workroot: str) -> tuple:
-    """Run one stage request; returns (new context key, QA, outputs, duration). Raises on failure."""
+    """Run one stage request; returns (new context key, QA, outputs, duration, fan-out
+    or None). Raises on failure.
+
+    A stage may ask to fan out by leaving ctx["fanout"] ({piece_stage, join_stage,
+    items}); the gateway then runs one piece per item and the join. A piece
+    (shard >= 1) does not advance the context: it leaves ctx["piece"], written as
+    its result for the join. A join folds its QA, outputs and log into the stage
+    it belongs to."""
     service, fn = REGISTRY[req.stage]
     ctx = store.get_json(req.context_key)
     params = json.loads(req.params_json or "{}")
     workdir = tempfile.mkdtemp(prefix=f"{req.stage}-", dir=workroot)
-    io = StageIO(store, fetcher, req.run_id, req.stage_index, req.stage, workdir)
+    label = req.stage if req.shard == 0 else f"{req.stage}_{req.shard}"
+    io = StageIO(store, fetcher, req.run_id, req.stage_index, label, workdir)
     t0 = time.time()
     try:
         qa = fn(ctx, params, io)
         duration = time.time() - t0
+        metrics.VISIBILITIES.labels(service, req.stage).inc(io.visibilities)
+        if req.shard > 0:
+            key = f"runs/{req.run_id}/pieces/{req.stage_index:02d}_{req.stage}_{req.shard}.json"
+            store.put_json(key, {"piece": ctx.get("piece"), "outputs": io.outputs, "log": io.log_lines,
+                                 "qa_score": qa.score, "qa_reasons": qa.reasons})
+            return key, qa, io.outputs, duration, None
+        fanout = ctx.pop("fanout", None)
         log_key = store.put_bytes(io.key("stage.log"), "\n".join(io.log_lines).encode(), "text/plain")["key"]
-        result = {"index": req.stage_index, "name": req.stage, "service": service, "qa_score": round(qa.score, 4),
+        name = req.part_of or req.stage
+        result = {"index": req.stage_index, "name": name, "service": service, "qa_score": round(qa.score, 4),
                   "qa_reasons": qa.reasons, "duration_s": round(duration, 3), "params": params,
                   "outputs": io.outputs, "log": io.log_lines, "log_key": log_key, "attempt": req.attempt}
+        before = next((r for r in ctx["stage_results"] if r["index"] == req.stage_index), None)
+        if req.part_of and before is not None:      # a join: one stage, one result
+            qa.score = min(qa.score, before["qa_score"])
+            qa.reasons = before["qa_reasons"] + qa.reasons
+            result.update(qa_score=round(qa.score, 4), qa_reasons=qa.reasons, params=before["params"],
+                          outputs=before["outputs"] + io.outputs, log=before["log"] + io.log_lines,
+                          duration_s=round(before["duration_s"] + duration, 3))
         ctx["stage_results"] = [r for r in ctx["stage_results"] if r["index"] != req.stage_index] + [result]
-        ctx["qa"][req.stage] = {"score": qa.score, "reasons": qa.reasons}
-        ctx["manifest"] = [m for m in ctx["manifest"] if m.get("stage") != req.stage] + io.outputs
+        ctx["qa"][name] = {"score": qa.score, "reasons": qa.reasons}
+        keep = {name, req.stage} if not req.part_of else {req.stage}
+        ctx["manifest"] = [m for m in ctx["manifest"] if m.get("stage") not in keep] + io.outputs
         new_key = f"runs/{req.run_id}/context/{req.stage_index:02d}_{req.stage}.json"
         store.put_json(new_key, ctx)
-        metrics.VISIBILITIES.labels(service, req.stage).inc(io.visibilities)
-        return new_key, qa, io.outputs, duration
+        return new_key, qa, io.outputs, duration, fanout
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -94,7 +117,7 @@ class Worker:
 
     async def publish(self, req: pb.StageRequest, status: int, **kw) -> None:
         ev = pb.StageEvent(run_id=req.run_id, stage_index=req.stage_index, stage=req.stage, status=status,
-                           attempt=req.attempt, time_unix=time.time(), worker=self.name, **kw)
+                           attempt=req.attempt, time_unix=time.time(), worker=self.name, shard=req.shard, **kw)
         name = pb.StageStatus.Name(status).replace("STAGE_STATUS_", "").lower()
         await self.js.publish(bus.event_subject(req.run_id, req.stage, name), ev.SerializeToString())
 
@@ -116,7 +139,8 @@ class Worker:
         heartbeat = asyncio.create_task(self._heartbeat(msg))
         t0 = time.time()
         try:
-            key, qa, outputs, duration = await asyncio.to_thread(execute, self.store, self.fetcher, req, self.workroot)
+            key, qa, outputs, duration, fanout = await asyncio.to_thread(execute, self.store, self.fetcher, req,
+                                                                         self.workroot)
         except Exception as exc:
             heartbeat.cancel()
             wrong_request = isinstance(exc, (StageError, ParameterError))   # retrying cannot help
@@ -143,7 +167,7 @@ class Worker:
         heartbeat.cancel()
         metrics.STAGE_DURATION.labels(self.service, req.stage, "succeeded").observe(duration)
         await self.publish(req, pb.STAGE_STATUS_SUCCEEDED, context_key=key, qa_score=qa.score,
-                           qa_reasons=qa.reasons, duration_s=duration,
+                           qa_reasons=qa.reasons, duration_s=duration, fanout_json=json.dumps(fanout) if fanout else "",
                            outputs=[pb.Output(name=o["name"], key=o["key"], sha256=o["sha256"], size=o["size"])
                                     for o in outputs])
         await msg.ack()

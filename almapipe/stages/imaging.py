@@ -1,6 +1,7 @@
 """Imaging stages (imager service): split, uvcontsub (with findcont), makeimages."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import casacore.tables as ct
@@ -13,7 +14,9 @@ from .base import QA, StageError, StageIO, field_ids_with, field_name, require_i
 from .calibration import calibrator_ids, read_part  # noqa: E402
 from ..imaging import gridding  # noqa: E402
 from ..imaging.deconvolve import robust_rms  # noqa: E402
-from ..imaging.imager import ImageSpec, make_image  # noqa: E402
+from ..imaging.frames import lsrk_factor  # noqa: E402
+from ..imaging.imager import (ImageSpec, Planes, aggregate_continuum, clean_planes, join_planes,  # noqa: E402
+                              restore_planes)
 from ..imaging.products import image_header, write_fits  # noqa: E402
 from ..imaging.uvcontsub import format_channels, parse_channels, subtract_continuum  # noqa: E402
 from ..msio import ms as msio  # noqa: E402
@@ -136,6 +139,17 @@ def parse_cont_dat(text: str) -> dict:
     return out
 
 
+def lsrk_labels(ctx: dict, spw: int, fid: int, times: np.ndarray) -> tuple[float, str]:
+    """(f_LSRK / f_data, frame) for relabelling a spw's channels of field fid in LSRK,
+    as cubes and cont.dat are written (data already in LSRK: (1, 'LSRK'))."""
+    obs = ctx["observation"]
+    frame = next(s["frame"] for s in obs["spws"] if s["id"] == spw)
+    fld = next(f for f in obs["fields"] if f["id"] == fid)
+    site = np.mean([a["position"] for a in obs["antennas"] if a.get("has_data", True)], axis=0)
+    factor = lsrk_factor(frame, float(np.mean(times)), fld["ra_rad"], fld["dec_rad"], site) if len(times) else 1.0
+    return factor, ("LSRK" if frame in ("TOPO", "LSRK") else frame)
+
+
 def _ranges_ghz(freq: np.ndarray, mask: np.ndarray) -> list:
     idx = np.flatnonzero(mask)
     runs = np.split(idx, np.flatnonzero(np.diff(idx) > 1) + 1) if len(idx) else []
@@ -149,17 +163,20 @@ def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
     if not ctx.get("target_partitions"):
         raise StageError("uvcontsub: no target MS; run split first")
     user = parse_cont_dat(ctx["user"]["cont_dat"]) if ctx["user"].get("cont_dat") else {}
-    spws = {s["id"]: s for s in ctx["observation"]["spws"]}
     entries, out = [], []
-    target_name = field_name(ctx, field_ids_with(ctx, "TARGET")[0])
+    target_id = field_ids_with(ctx, "TARGET")[0]
+    target_name = field_name(ctx, target_id)
     for part in ctx["target_partitions"]:
         ms, vis = read_part(io, part)
         nchan = len(vis.freq)
         key = (target_name, part["spw"])
+        # cont.dat is in LSRK, the data may be TOPO (ALMA's are)
+        factor, frame = lsrk_labels(ctx, part["spw"], target_id, vis.time[vis.field_id == target_id])
+        f_ghz = vis.freq * factor / 1e9
         if key in user:
             mask = np.zeros(nchan, bool)
             for lo, hi in user[key]:
-                mask |= (vis.freq / 1e9 >= lo - 1e-9) & (vis.freq / 1e9 <= hi + 1e-9)
+                mask |= (f_ghz >= lo - 1e-9) & (f_ghz <= hi + 1e-9)
             origin = "user cont.dat"
         elif params.get("fitspw"):
             mask = parse_channels(params["fitspw"], nchan)
@@ -177,8 +194,8 @@ def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
         entry = io.put_dir(dest, name)
         out.append(dict(part, key=entry["key"], sha256=entry["sha256"], name=name,
                         cont_chans=format_channels(mask)))
-        entries.append({"field": target_name, "spw": part["spw"], "frame": spws[part["spw"]]["frame"],
-                        "ranges_ghz": _ranges_ghz(vis.freq, mask), "channels": format_channels(mask),
+        entries.append({"field": target_name, "spw": part["spw"], "frame": frame,
+                        "ranges_ghz": _ranges_ghz(f_ghz * 1e9, mask), "channels": format_channels(mask),
                         "origin": origin})
         qa.note(f"spw {part['spw']}: continuum channels {format_channels(mask)} ({origin}), fit order "
                 f"{params.get('fitorder', 0)}.")
@@ -221,6 +238,33 @@ def image_heuristics(vis: msio.Vis, dish_m: float, telescope: str, chans: np.nda
     return cell, npix
 
 
+def dr_correction(theoretical_rms: float, dirty_peak: float, calibrator: bool, dish_m: float,
+                  tlimit: float = 2.0) -> tuple[float, float]:
+    """The cleaning threshold from the theoretical noise, raised for dynamic range
+    as the ALMA pipeline does (hif_makeimages' DR heuristic). Returns (threshold in
+    Jy/beam, correction factor).
+
+    The dirty dynamic range is dirty peak / theoretical rms. Targets (12 m): up to
+    20 the threshold is tlimit x rms; above, x1.5 (20-50), x2 (50-100), x2.5 (100-150);
+    beyond 150 at least the dirty peak / 150 (times tlimit). For 7 m dishes the steps
+    are 4, 10, 20 and the limit 30. Calibrators are dynamic-range limited: at least
+    dirty peak / 1000 (200 for 7 m), times tlimit."""
+    base = tlimit * theoretical_rms
+    if base <= 0:
+        return 0.0, 1.0
+    dr = dirty_peak / theoretical_rms
+    aca = dish_m < 10.0
+    if calibrator:
+        new = max(base, dirty_peak / (200.0 if aca else 1000.0) * tlimit)
+    else:
+        steps, max_edr = ((4.0, 10.0, 20.0), 30.0) if aca else ((20.0, 50.0, 100.0), 150.0)
+        if dr > max_edr:
+            new = max(2.5 * base, dirty_peak / max_edr * tlimit)
+        else:
+            new = base * (1.0 if dr <= steps[0] else 1.5 if dr <= steps[1] else 2.0 if dr <= steps[2] else 2.5)
+    return new, new / base
+
+
 def _stats(res, spec: ImageSpec, cont_mask: np.ndarray | None, specmode: str) -> dict:
     inside = res.mask
     if specmode == "cube" and cont_mask is not None and cont_mask.any():
@@ -232,31 +276,34 @@ def _stats(res, spec: ImageSpec, cont_mask: np.ndarray | None, specmode: str) ->
     return {"rms": rms, "peak": peak}
 
 
-def _theoretical_rms(vis: msio.Vis, spec: ImageSpec, line_free: np.ndarray | None) -> float | None:
+def _theoretical_rms(vis: msio.Vis, spec: ImageSpec, chans: np.ndarray | None, mfs: bool) -> float | None:
     """Image noise predicted from the visibility scatter and the imaging weights:
-    sigma_vis * sqrt(sum w_im^2 / w_nat) / sum w_im, from line-free data, for one
-    plane (the first line-free channel's Briggs weights)."""
+    sigma_vis * sqrt(sum w_im^2 / w_nat) / sum w_im, for one plane: a cube's (the
+    first of the given channels, with its own Briggs weights) or an mfs image's (all
+    of them). The scatter comes from differences of adjacent channels, which
+    neither continuum nor a smooth line contributes to."""
     from ..imaging.imager import _stokes_i_samples
-    if line_free is None or not line_free.any():
+    if chans is None or chans.sum() < 2:
         return None
+    idx = np.flatnonzero(chans)
     cross = vis.ant1 != vis.ant2
-    d = vis.data[cross][:, line_free]
-    ok = ~vis.flag[cross][:, line_free]
-    w = np.broadcast_to(vis.weight[cross][:, None, :], d.shape)
-    resid = d[ok].real * np.sqrt(w[ok])
-    if resid.size < 10:
+    d = vis.data[cross][:, idx]
+    ok = ~vis.flag[cross][:, idx]
+    pair = ok[:, 1:] & ok[:, :-1] & (np.diff(idx) == 1)[None, :, None]
+    w = np.broadcast_to(np.sqrt(vis.weight[cross])[:, None, :], pair.shape)
+    diff = ((d[:, 1:] - d[:, :-1]).real * w)[pair]
+    if diff.size < 10:
         return None
-    sigma_unit = 1.4826 * np.median(np.abs(resid - np.median(resid)))   # sigma for weight 1
-    c0 = np.flatnonzero(line_free)[:1]
-    uvw, _, wnat = _stokes_i_samples(vis, c0)          # auto-correlations get weight 0
-    wim = gridding.briggs_weights(uvw, vis.freq[c0], wnat, spec.npix, np.radians(spec.cell_arcsec / 3600),
+    sigma_unit = 1.4826 * np.median(np.abs(diff)) / np.sqrt(2)         # real part, weight 1
+    plane = idx if mfs else idx[:1]
+    uvw, _, wnat = _stokes_i_samples(vis, plane)          # auto-correlations get weight 0
+    wim = gridding.briggs_weights(uvw, vis.freq[plane], wnat, spec.npix, np.radians(spec.cell_arcsec / 3600),
                                   spec.robust)
-    wv, wi = wnat[:, 0], wim[:, 0]
-    sel = wv > 0
+    sel = wnat > 0
     if not sel.any():
         return None
     # var(V_i) = sigma_unit^2 / w_i (natural weights are inverse variances up to a scale)
-    return float(sigma_unit * np.sqrt((wi[sel] ** 2 / wv[sel]).sum()) / wi[sel].sum())
+    return float(sigma_unit * np.sqrt((wim[sel] ** 2 / wnat[sel]).sum()) / wim[sel].sum())
 
 
 def _product_name(ctx: dict, field: str, intents: list, spw: int, specmode: str) -> str:
@@ -265,107 +312,268 @@ def _product_name(ctx: dict, field: str, intents: list, spw: int, specmode: str)
     return f"{ctx.get('ms_name', 'oussid')}.{safe}_{intent}.spw{spw}.{specmode}.I"
 
 
-@stage("makeimages", service="imager")
-def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
-    """Per-spw mfs images of the calibrators and the cube of the target (hif_makeimages)."""
-    qa = QA()
-    obs = ctx["observation"]
-    telescope = obs["telescope"]
-    dish = float(np.median([a["diameter_m"] for a in obs["antennas"] if a["has_data"]]))
-    fields = {f["id"]: f for f in obs["fields"]}
-    images = []
+def _image_jobs(ctx: dict, params: dict) -> list:
+    """What makeimages images: (specmode, field id, partition or [partitions] for the
+    aggregate, column, imaging parameters), in order."""
     jobs = []
     if params.get("calibrators", True):
         for fid in calibrator_ids(ctx):
             for part in ctx["partitions"]:
                 jobs.append(("mfs", fid, part, "CORRECTED_DATA", params.get("calibrator", {})))
+    chans_of = {e["spw"]: e["channels"] for e in ctx.get("continuum", [])}
     if params.get("target_cont", False) and ctx.get("target_partitions") and ctx.get("continuum"):
         # specmode 'cont': the target's continuum from its line-free channels (cont.dat)
-        chans_of = {e["spw"]: e["channels"] for e in ctx["continuum"]}
         for fid in field_ids_with(ctx, "TARGET"):
             for part in ctx["target_partitions"]:
                 jobs.append(("cont", fid, part, "DATA", dict(params.get("cont", {}),
                                                               chans=chans_of.get(part["spw"], ""))))
+    if params.get("target_aggregate", False) and ctx.get("target_partitions") and ctx.get("continuum"):
+        # the aggregate continuum: the line-free channels of every spw in one mfs image
+        parts = [dict(p, chans=chans_of.get(p["spw"], "")) for p in ctx["target_partitions"]]
+        if len(parts) > 1:
+            for fid in field_ids_with(ctx, "TARGET"):
+                jobs.append(("cont", fid, parts, "DATA", dict(params.get("cont", {}), aggregate=True)))
     if params.get("target_cube", True) and ctx.get("contsub_partitions"):
         for fid in field_ids_with(ctx, "TARGET"):
             for part in ctx["contsub_partitions"]:
                 jobs.append(("cube", fid, part, "DATA", params.get("cube", {})))
-    if not jobs:
-        raise StageError("makeimages: nothing to image (no calibrators, no continuum-subtracted target)")
-    for specmode, fid, part, column, p in jobs:
-        _, vis = read_part(io, part, fields=[fid], column=column)
-        if not len(vis.time):
-            continue
+    return jobs
+
+
+class ImageJob:
+    """One image of makeimages: its data, parameters and heuristics, then its
+    products. A cube may be cleaned in channel ranges on several workers
+    (imagecube_chunk) and restored in one piece (joincube)."""
+
+    def __init__(self, ctx: dict, io: StageIO, job: tuple, theoretical: dict):
+        self.ctx, self.io = ctx, io
+        self.specmode, self.fid, part, column, self.p = job
+        obs = ctx["observation"]
+        self.telescope = obs["telescope"]
+        self.dish = float(np.median([a["diameter_m"] for a in obs["antennas"] if a["has_data"]]))
+        self.field = next(f for f in obs["fields"] if f["id"] == self.fid)
+        self.fctx = next(f for f in ctx["fields"] if f["id"] == self.fid)
+        if isinstance(part, list):      # aggregate: several spws in one single-channel Vis
+            pieces = []
+            for piece in part:
+                _, v = read_part(io, piece, fields=[self.fid], column=column)
+                if len(v.time):
+                    pieces.append((v, parse_channels(piece["chans"], len(v.freq)) if piece.get("chans")
+                                   else np.ones(len(v.freq), bool)))
+            self.vis = aggregate_continuum(pieces, int(self.p.get("width", 8))) if pieces else None
+            self.part = {"spw": "_".join(str(piece["spw"]) for piece in part), "frame_spw": part[0]["spw"]}
+        else:
+            _, self.vis = read_part(io, part, fields=[self.fid], column=column)
+            self.part = part
+        self.theoretical = theoretical
+        self.dr_seen = {}
+
+    def label(self) -> str:
+        return f"{self.field['name']} spw {self.part['spw']} ({self.specmode})"
+
+    def prepare(self) -> str | None:
+        """Heuristics, theoretical noise and threshold; a reason when there is nothing to image."""
+        vis, p = self.vis, self.p
+        if vis is None or not len(vis.time):
+            return "no data"
         nchan = len(vis.freq)
-        chans = parse_channels(p["chans"], nchan) if p.get("chans") else np.ones(nchan, bool)
-        if vis.flag[:, chans].all():
-            qa.lower(0.5, f"{fields[fid]['name']} spw {part['spw']} ({specmode}): all data flagged; not imaged.")
-            continue
-        cell, npix = image_heuristics(vis, dish, telescope, chans)
-        cell = float(p.get("cell_arcsec", cell))
-        npix = int(p.get("imsize", npix))
-        spec = ImageSpec(field=fields[fid]["name"], specmode="mfs" if specmode == "cont" else specmode,
-                         npix=npix, cell_arcsec=cell,
-                         robust=p.get("robust", 0.5), niter=int(p.get("niter", 1000)),
-                         nsigma=float(p.get("nsigma", 3.0)), chans=chans, automask=bool(p.get("automask", False)))
-        res = make_image(vis, spec, dish, telescope)
-        io.visibilities += vis.data.size
-        fctx = next(f for f in ctx["fields"] if f["id"] == fid)
-        base = _product_name(ctx, spec.field, fctx["intents"], part["spw"], specmode)
+        self.chans = parse_channels(p["chans"], nchan) if p.get("chans") else np.ones(nchan, bool)
+        if vis.flag[:, self.chans].all():
+            return "all data flagged"
+        cell, npix = image_heuristics(vis, self.dish, self.telescope, self.chans)
+        self.spec = ImageSpec(
+            field=self.field["name"], specmode="mfs" if self.specmode == "cont" else self.specmode,
+            npix=int(p.get("imsize", npix)), cell_arcsec=float(p.get("cell_arcsec", cell)),
+            robust=p.get("robust", 0.5), niter=int(p.get("niter", 1000)), nsigma=float(p.get("nsigma", 3.0)),
+            chans=self.chans, automask=bool(p.get("automask", False)),
+            negative_threshold=float(p.get("negative_threshold", 15.0 if self.specmode == "cube" else 0.0)),
+            # multiscale: scales of 0, 1 and 3 beams (the cell is a fifth of a beam)
+            scales=p.get("scales") or ([0, 5, 15] if p.get("deconvolver") == "multiscale" else None))
+        if self.specmode == "cube":
+            cont = self.part.get("cont_chans")
+            self.theo = _theoretical_rms(vis, self.spec, parse_channels(cont, nchan) & self.chans if cont else None,
+                                         mfs=False)
+        elif p.get("aggregate"):
+            # the spws' continuum images combine as independent measurements
+            per_spw = [self.theoretical[(self.fid, int(s_))] for s_ in str(self.part["spw"]).split("_")
+                       if self.theoretical.get((self.fid, int(s_)))]
+            self.theo = float(np.sum(np.asarray(per_spw) ** -2.0) ** -0.5) if per_spw else None
+        else:
+            self.theo = _theoretical_rms(vis, self.spec, self.chans, mfs=True)
+            self.theoretical[(self.fid, self.part["spw"])] = self.theo
+        # the threshold from the theoretical noise and the dirty dynamic range
+        if self.theo and p.get("dr_threshold", True):
+            is_cal = "TARGET" not in self.fctx["intents"] and "CHECK" not in self.fctx["intents"]
+
+            def threshold(dirty_peak, theo=self.theo, seen=self.dr_seen):
+                thr, factor = dr_correction(theo, dirty_peak, is_cal, self.dish, float(p.get("tlimit", 2.0)))
+                if factor >= seen.get("factor", 0.0):
+                    seen.update(factor=factor, threshold=thr, dirty_dynamic_range=dirty_peak / theo)
+                return thr
+            self.spec.threshold_from_dirty = threshold
+        return None
+
+    def clean(self, chans: np.ndarray | None = None):
+        """Clean all planes, or (a piece of a cube) the given channels only."""
+        spec = self.spec if chans is None else dataclasses.replace(self.spec, chans=self.chans & chans)
+        self.io.visibilities += self.vis.data.size
+        return clean_planes(self.vis, spec)
+
+    def products(self, planes, qa: QA) -> dict:
+        """Restore, write the FITS products, measure and score: the image's record."""
+        ctx, io, spec, p, part, fid = self.ctx, self.io, self.spec, self.p, self.part, self.fid
+        res = restore_planes(planes, spec, self.dish, self.telescope)
+        nchan = len(self.vis.freq)
+        base = _product_name(ctx, spec.field, self.fctx["intents"], part["spw"], self.specmode)
         cont_mask = None
-        if specmode == "cube" and part.get("cont_chans"):
-            cont_mask = parse_channels(part["cont_chans"], nchan)[chans]
-        stats = _stats(res, spec, cont_mask, specmode)
-        line_free = parse_channels(part["cont_chans"], nchan) & chans if part.get("cont_chans") else None
-        theo = _theoretical_rms(vis, spec, line_free) if specmode == "cube" else None
-        frame = next(s["frame"] for s in obs["spws"] if s["id"] == part["spw"])
-        fld = fields[fid]
+        if self.specmode == "cube" and part.get("cont_chans"):
+            cont_mask = parse_channels(part["cont_chans"], nchan)[self.chans]
+        stats = _stats(res, spec, cont_mask, self.specmode)
+        # images are labelled in LSRK, as the ALMA pipeline makes them
+        factor, frame = lsrk_labels(ctx, part.get("frame_spw", part["spw"]), fid, self.vis.time)
+        fld = self.field
         files = {}
-        for suffix, planes, unit in (("image", res.image, "Jy/beam"), ("pbcor", res.pbcor, "Jy/beam"),
-                                     ("pb", np.repeat(res.pb[None], len(res.freqs), 0), ""),
-                                     ("mask", res.clean_mask.astype(np.float32) if res.clean_mask is not None
-                                      else np.repeat(res.mask[None].astype(np.float32), len(res.freqs), 0), ""),
-                                     ("residual", res.residual, "Jy/beam")):
-            hdr = image_header(fld["ra_rad"], fld["dec_rad"], npix, np.radians(cell / 3600), res.freqs, frame,
-                               unit, res.beam, spec.field, telescope,
-                               restfreq=1.420405752e9 if telescope.upper() in ("VLA", "EVLA") else None)
+        for suffix, planes_, unit in (("image", res.image, "Jy/beam"), ("pbcor", res.pbcor, "Jy/beam"),
+                                      ("pb", np.repeat(res.pb[None], len(res.freqs), 0), ""),
+                                      ("mask", res.clean_mask.astype(np.float32) if res.clean_mask is not None
+                                       else np.repeat(res.mask[None].astype(np.float32), len(res.freqs), 0), ""),
+                                      ("residual", res.residual, "Jy/beam")):
+            hdr = image_header(fld["ra_rad"], fld["dec_rad"], spec.npix, np.radians(spec.cell_arcsec / 3600),
+                               res.freqs * factor, frame, unit, res.beam, spec.field, self.telescope,
+                               restfreq=1.420405752e9 if self.telescope.upper() in ("VLA", "EVLA") else None)
             path = os.path.join(io.workdir, f"{base}.{suffix}.fits")
-            write_fits(path, planes, hdr)
+            write_fits(path, planes_, hdr)
             files[suffix] = io.put_file(path)["key"]
-        thumb = _thumbnail(io, res, base, specmode)
+        theo = self.theo
         rec = {"file": f"{base}.pbcor.fits", "files": files, "field": spec.field, "spw": part["spw"],
-               "specmode": specmode, "intents": fctx["intents"], "imsize": npix, "cell_arcsec": cell,
-               "robust": spec.robust, "nchan": int(len(res.freqs)), "niter_done": res.iterations,
-               "peak_jy_per_beam": stats["peak"], "rms_jy_per_beam": stats["rms"],
+               "specmode": self.specmode, "intents": self.fctx["intents"], "imsize": spec.npix,
+               "cell_arcsec": spec.cell_arcsec, "robust": spec.robust, "nchan": int(len(res.freqs)),
+               "niter_done": res.iterations, "peak_jy_per_beam": stats["peak"], "rms_jy_per_beam": stats["rms"],
                "theoretical_rms_jy_per_beam": theo,
                "dynamic_range": stats["peak"] / stats["rms"] if stats["rms"] > 0 else None,
                "beam_arcsec": [round(res.beam[0], 3), round(res.beam[1], 3), round(res.beam[2], 2)],
-               "stop_reasons": sorted(set(res.stop_reasons)), "thumbnail": thumb}
-        if specmode == "cube":
+               "stop_reasons": sorted(set(res.stop_reasons)), "thumbnail": _thumbnail(io, res, base, self.specmode),
+               "aggregate": bool(p.get("aggregate", False)),
+               "dr_correction": self.dr_seen.get("factor", 1.0), "threshold_jy": self.dr_seen.get("threshold"),
+               "dirty_dynamic_range": self.dr_seen.get("dirty_dynamic_range")}
+        if self.specmode == "cube":
             rec["chans"] = p.get("chans", "")
-            rec["peak_channel"] = int(np.flatnonzero(chans)[int(np.nanargmax(np.nanmax(res.image, axis=(1, 2))))])
-            rec["spectrum_png"] = _cube_spectrum(io, res, base, np.flatnonzero(chans))
-        images.append(rec)
-        qa_score = _image_qa(rec)
-        rec["qa_score"] = qa_score
-        if qa_score < 0.9:
-            qa.lower(qa_score, f"{rec['file']}: rms {stats['rms'] * 1e3:.2f} mJy/beam"
+            rec["peak_channel"] = int(np.flatnonzero(self.chans)[int(np.nanargmax(np.nanmax(res.image, axis=(1, 2))))])
+            rec["spectrum_png"] = _cube_spectrum(io, res, base, np.flatnonzero(self.chans))
+        rec["qa_score"] = _image_qa(rec)
+        if rec["qa_score"] < 0.9:
+            qa.lower(rec["qa_score"], f"{rec['file']}: rms {stats['rms'] * 1e3:.2f} mJy/beam"
                      + (f" vs theoretical {theo * 1e3:.2f}" if theo else "") + ".")
         io.log("%s: peak %.4f Jy/beam, rms %.5f Jy/beam, beam %s", rec["file"], stats["peak"], stats["rms"],
                rec["beam_arcsec"])
-    if not images:
+        return rec
+
+
+def chunk_masks(chans: np.ndarray, n: int) -> list:
+    """n channel masks splitting the selected channels into contiguous, nearly equal ranges."""
+    idx = np.flatnonzero(chans)
+    out = []
+    for part in np.array_split(idx, max(1, min(n, len(idx)))):
+        m = np.zeros(len(chans), bool)
+        m[part] = True
+        out.append(m)
+    return out
+
+
+@stage("makeimages", service="imager")
+def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
+    """Per-spw mfs images of the calibrators, the target's continuum (per spw and
+    aggregate) and its cubes (hif_makeimages). With cube_chunks > 1 each cube is
+    cleaned in that many channel ranges by the imager workers in parallel
+    (imagecube_chunk) and joined into one FITS cube (joincube)."""
+    qa = QA()
+    jobs = _image_jobs(ctx, params)
+    if not jobs:
+        raise StageError("makeimages: nothing to image (no calibrators, no continuum-subtracted target)")
+    chunks = int(params.get("cube_chunks", 1))
+    theoretical = {}          # (field, spw) -> theoretical rms of its mfs image, for the aggregate
+    images, pieces = [], []
+    for j, job in enumerate(jobs):
+        if job[0] == "cube" and chunks > 1:
+            pieces += [{"job": j, "chunk": k, "nchunks": chunks} for k in range(chunks)]
+            continue
+        im = ImageJob(ctx, io, job, theoretical)
+        why = im.prepare()
+        if why:
+            if why != "no data":
+                qa.lower(0.5, f"{im.label()}: {why}; not imaged.")
+            continue
+        images.append(im.products(im.clean(), qa))
+    if pieces:
+        ctx["fanout"] = {"piece_stage": "imagecube_chunk", "join_stage": "joincube", "items": pieces}
+        qa.note(f"{len(pieces) // chunks} cube(s) cleaned in {chunks} channel ranges by the imager workers.")
+    elif not images:
         raise StageError("makeimages: no image could be made: all data of the fields to image are flagged")
     ctx["images"] = images
-    qa.note(f"Made {len(images)} image(s).")
+    qa.note(f"Made {len(images)} image(s)" + (", cubes to follow." if pieces else "."))
+    return qa
+
+
+@stage("imagecube_chunk", service="imager")
+def imagecube_chunk(ctx: dict, params: dict, io: StageIO) -> QA:
+    """One channel range of one cube of makeimages: cleaned planes, not yet restored
+    (the join restores the whole cube with its common beam)."""
+    qa = QA()
+    item = params["piece"]
+    im = ImageJob(ctx, io, _image_jobs(ctx, params)[item["job"]], {})
+    why = im.prepare()
+    if why:
+        ctx["piece"] = dict(item, skipped=why)
+        return qa
+    mask = chunk_masks(im.chans, item["nchunks"])[item["chunk"]]
+    io.log("%s: cleaning channels %s", im.label(), format_channels(mask))
+    planes = im.clean(mask)
+    path = os.path.join(io.workdir, f"planes_{item['job']}_{item['chunk']}.npz")
+    np.savez_compressed(path, models=np.array(planes.models), residuals=np.array(planes.residuals),
+                        psfs=np.array(planes.psfs), beams=np.array(planes.beams), freqs=planes.freqs,
+                        masks=np.array(planes.masks), iterations=planes.iterations,
+                        reasons=np.array(planes.reasons))
+    ctx["piece"] = dict(item, key=io.put_file(path)["key"], dr=im.dr_seen)
+    qa.note(f"{im.label()}: channels {format_channels(mask)} cleaned ({planes.iterations} components).")
+    return qa
+
+
+@stage("joincube", service="imager")
+def joincube(ctx: dict, params: dict, io: StageIO) -> QA:
+    """Join the channel ranges of each cube into one image and write its products."""
+    qa = QA()
+    pieces = [io.store.get_json(k)["piece"] for k in params["pieces"]]
+    jobs = _image_jobs(ctx, params)
+    for j in sorted({p["job"] for p in pieces}):
+        mine = sorted((p for p in pieces if p["job"] == j and "key" in p), key=lambda p: p["chunk"])
+        if not mine:
+            continue
+        im = ImageJob(ctx, io, jobs[j], {})
+        if im.prepare():
+            continue
+        parts = []
+        for p in mine:
+            z = np.load(io.fetch_file(p["key"]))
+            parts.append(Planes(list(z["models"]), list(z["residuals"]), list(z["psfs"]),
+                                [tuple(b) for b in z["beams"]], z["freqs"], [str(r) for r in z["reasons"]],
+                                int(z["iterations"]), list(z["masks"])))
+            dr = p.get("dr") or {}
+            if dr.get("factor", 0) >= im.dr_seen.get("factor", 0):
+                im.dr_seen.update(dr)
+        ctx["images"].append(im.products(join_planes(parts), qa))
+    qa.note(f"Joined {len(pieces)} channel ranges into {len({p['job'] for p in pieces})} cube(s).")
     return qa
 
 
 def _image_qa(rec: dict) -> float:
-    """ALMA-style: the ratio of measured to theoretical rms decides the score;
-    without a theoretical value (calibrators) the dynamic range does."""
+    """ALMA-style: for targets and check sources the ratio of measured rms to the
+    theoretical rms times the dynamic-range correction decides the score; bright
+    calibrators are limited by dynamic range, not noise, so their dynamic range does."""
     theo = rec.get("theoretical_rms_jy_per_beam")
-    if theo:
-        ratio = rec["rms_jy_per_beam"] / theo
+    science = {"TARGET", "CHECK"} & set(rec.get("intents", []))
+    if theo and science:
+        # against the noise expected once dynamic range limits it, as the ALMA pipeline scores
+        ratio = rec["rms_jy_per_beam"] / (theo * rec.get("dr_correction", 1.0))
         return float(np.clip(1.0 - max(ratio - 1.2, 0) * 0.5, 0.0, 1.0))
     dr = rec.get("dynamic_range") or 0
     return 1.0 if dr > 100 else 0.8 if dr > 20 else 0.5

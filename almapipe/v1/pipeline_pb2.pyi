@@ -189,7 +189,7 @@ class ProductChunk(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class StageRequest(_message.Message):
-    __slots__ = ("run_id", "stage_index", "stage", "service", "params_json", "context_key", "input_key", "attempt")
+    __slots__ = ("run_id", "stage_index", "stage", "service", "params_json", "context_key", "input_key", "attempt", "shard", "part_of")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +198,8 @@ class StageRequest(_message.Message):
     CONTEXT_KEY_FIELD_NUMBER: _ClassVar[int]
     INPUT_KEY_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    PART_OF_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     stage_index: int
     stage: str
@@ -206,7 +208,9 @@ class StageRequest(_message.Message):
     context_key: str
     input_key: str
     attempt: int
-    def __init__(self, run_id: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage: _Optional[str] = ..., service: _Optional[str] = ..., params_json: _Optional[str] = ..., context_key: _Optional[str] = ..., input_key: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+    shard: int
+    part_of: str
+    def __init__(self, run_id: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage: _Optional[str] = ..., service: _Optional[str] = ..., params_json: _Optional[str] = ..., context_key: _Optional[str] = ..., input_key: _Optional[str] = ..., attempt: _Optional[int] = ..., shard: _Optional[int] = ..., part_of: _Optional[str] = ...) -> None: ...
 
 class Output(_message.Message):
     __slots__ = ("name", "key", "sha256", "size")
@@ -221,7 +225,7 @@ class Output(_message.Message):
     def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class StageEvent(_message.Message):
-    __slots__ = ("run_id", "stage_index", "stage", "status", "message", "qa_score", "qa_reasons", "context_key", "outputs", "duration_s", "attempt", "time_unix", "worker", "run_status")
+    __slots__ = ("run_id", "stage_index", "stage", "status", "message", "qa_score", "qa_reasons", "context_key", "outputs", "duration_s", "attempt", "time_unix", "worker", "run_status", "shard", "fanout_json")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +240,8 @@ class StageEvent(_message.Message):
     TIME_UNIX_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     RUN_STATUS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    FANOUT_JSON_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     stage_index: int
     stage: str
@@ -250,4 +256,6 @@ class StageEvent(_message.Message):
     time_unix: float
     worker: str
     run_status: RunStatus
-    def __init__(self, run_id: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage: _Optional[str] = ..., status: _Optional[_Union[StageStatus, str]] = ..., message: _Optional[str] = ..., qa_score: _Optional[float] = ..., qa_reasons: _Optional[_Iterable[str]] = ..., context_key: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[Output, _Mapping]]] = ..., duration_s: _Optional[float] = ..., attempt: _Optional[int] = ..., time_unix: _Optional[float] = ..., worker: _Optional[str] = ..., run_status: _Optional[_Union[RunStatus, str]] = ...) -> None: ...
+    shard: int
+    fanout_json: str
+    def __init__(self, run_id: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage: _Optional[str] = ..., status: _Optional[_Union[StageStatus, str]] = ..., message: _Optional[str] = ..., qa_score: _Optional[float] = ..., qa_reasons: _Optional[_Iterable[str]] = ..., context_key: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[Output, _Mapping]]] = ..., duration_s: _Optional[float] = ..., attempt: _Optional[int] = ..., time_unix: _Optional[float] = ..., worker: _Optional[str] = ..., run_status: _Optional[_Union[RunStatus, str]] = ..., shard: _Optional[int] = ..., fanout_json: _Optional[str] = ...) -> None: ...
