@@ -1,0 +1,163 @@
+"""Imaging on a simulated ALMA EB: almapipe's imager against CASA's tclean, and a cube's
+time with 1, 2 and 4 imager workers.
+
+    .venv/bin/python bench/imaging_vs_tclean.py --ms EB/sim.ms [--casa-python PATH]
+        [--field 3] [--niter 1000] [--cube-niter 10] [--workers 1,2,4]
+
+Steps, each a whole process, the same on both sides (image size and cell from the
+pipeline's heuristics, Briggs 0.5, Hogbom, the given niter, no threshold):
+
+  mfs    all spws of the target in one continuum image (ours: the aggregate of every
+         channel, averaged in bins of 8; tclean: specmode 'mfs' over all spws)
+  cube   every channel of spw 0 (ours: niter per channel; tclean: niter x nchan in
+         total with cycleniter niter, so both clean each channel about as much)
+
+The worker figures run the cube as makeimages does with cube_chunks = N: N processes,
+each cleaning a contiguous channel range, then one joining and restoring the planes
+(whole wall time, including the join). On this 2-core machine more than two workers
+cannot run at once; the point is how the time falls where cores allow.
+
+CASA runs only where --casa-python names an interpreter with casatasks (never a
+dependency of almapipe).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def heuristics(ms: str, field: int) -> tuple:
+    import numpy as np
+    from almapipe.msio.ms import read_vis
+    from almapipe.stages.imaging import image_heuristics
+    vis = read_vis(ms, 0, field_ids=[field])
+    return image_heuristics(vis, 12.0, "ALMA", np.ones(len(vis.freq), bool))
+
+
+def ours(step: str, ms: str, field: int, npix: int, cell: float, niter: int, chunk: str, out: str) -> None:
+    import numpy as np
+    from almapipe.imaging.imager import (ImageSpec, Planes, aggregate_continuum, clean_planes, join_planes,
+                                         make_image, restore_planes)
+    from almapipe.msio.ms import read_vis, spw_of_ddid
+    if step == "mfs":
+        parts = [(v, np.ones(len(v.freq), bool)) for v in
+                 (read_vis(ms, s, field_ids=[field]) for s in sorted(set(spw_of_ddid(ms).values())))]
+        vis = aggregate_continuum(parts, 8)
+        make_image(vis, ImageSpec(field="t", npix=npix, cell_arcsec=cell, niter=niter, nsigma=0.0), 12.0, "ALMA")
+        return
+    vis = read_vis(ms, 0, field_ids=[field])
+    spec = ImageSpec(field="t", specmode="cube", npix=npix, cell_arcsec=cell, niter=niter, nsigma=0.0)
+    if step == "cube":
+        make_image(vis, spec, 12.0, "ALMA")
+    elif step == "piece":                      # one worker's channel range
+        lo, hi = map(int, chunk.split("~"))
+        mask = np.zeros(len(vis.freq), bool)
+        mask[lo:hi + 1] = True
+        pl = clean_planes(vis, ImageSpec(**{**spec.__dict__, "chans": mask}))
+        np.savez(out, models=pl.models, residuals=pl.residuals, psfs=pl.psfs, beams=pl.beams, freqs=pl.freqs,
+                 iterations=pl.iterations)
+    elif step == "join":
+        pieces = []
+        for path in chunk.split(","):
+            z = np.load(path)
+            pieces.append(Planes(list(z["models"]), list(z["residuals"]), list(z["psfs"]),
+                                 [tuple(b) for b in z["beams"]], z["freqs"], [], int(z["iterations"]),
+                                 [np.zeros((npix, npix))] * len(z["freqs"])))
+        restore_planes(join_planes(pieces), spec, 12.0, "ALMA")
+
+
+def casa(step: str, ms: str, field: int, npix: int, cell: float, niter: int, out: str) -> None:
+    from casatasks import tclean
+    common = dict(vis=ms, field=str(field), imsize=[npix, npix], cell=f"{cell}arcsec", weighting="briggs",
+                  robust=0.5, deconvolver="hogbom", gridder="standard", threshold="0Jy", pbcor=True,
+                  imagename=out)
+    if step == "mfs":
+        tclean(specmode="mfs", spw="", niter=niter, **common)
+    else:
+        from casatools import table
+        tb = table()
+        tb.open(f"{ms}/SPECTRAL_WINDOW")
+        nchan = int(tb.getcell("NUM_CHAN", 0))
+        tb.close()
+        tclean(specmode="cube", spw="0", niter=niter * nchan, cycleniter=niter, **common)
+
+
+def timed(cmd: list, cwd: str) -> float:
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd[:6])} failed:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ms", required=True)
+    ap.add_argument("--casa-python", default="")
+    ap.add_argument("--field", type=int, default=3)
+    ap.add_argument("--niter", type=int, default=1000)
+    ap.add_argument("--cube-niter", type=int, default=10)
+    ap.add_argument("--workers", default="1,2,4")
+    ap.add_argument("--child", choices=("ours", "casa"))
+    ap.add_argument("--step")
+    ap.add_argument("--npix", type=int)
+    ap.add_argument("--cell", type=float)
+    ap.add_argument("--chunk", default="")
+    ap.add_argument("--out", default="")
+    args = ap.parse_args()
+    if args.child == "ours":
+        return ours(args.step, args.ms, args.field, args.npix, args.cell, args.niter, args.chunk, args.out)
+    if args.child == "casa":
+        return casa(args.step, args.ms, args.field, args.npix, args.cell, args.niter, args.out)
+    cell, npix = heuristics(args.ms, args.field)
+    work = tempfile.mkdtemp(prefix="imgbench-")
+    me = [sys.executable, os.path.abspath(__file__), "--ms", os.path.abspath(args.ms), "--field", str(args.field),
+          "--npix", str(npix), "--cell", str(cell)]
+    rows = []
+    for step, niter in (("mfs", args.niter), ("cube", args.cube_niter)):
+        a = timed(me + ["--child", "ours", "--step", step, "--niter", str(niter)], work)
+        b = None
+        if args.casa_python:
+            cmd = [args.casa_python] + me[1:] + ["--child", "casa", "--step", step, "--niter", str(niter),
+                                                 "--out", os.path.join(work, f"casa_{step}")]
+            b = timed(cmd, work)
+        rows.append({"step": step, "almapipe_s": a, "casa_s": b})
+    # the cube with N workers: N piece processes at once, then the join
+    from almapipe.msio.ms import read_vis
+    nchan = len(read_vis(args.ms, 0, field_ids=[args.field]).freq)
+    scaling = []
+    for n in map(int, args.workers.split(",")):
+        edges = [round(k * nchan / n) for k in range(n + 1)]
+        outs = [os.path.join(work, f"piece{n}_{k}.npz") for k in range(n)]
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                   ALMAPIPE_THREADS=str(max(1, (os.cpu_count() or 1) // n)))
+        t0 = time.perf_counter()
+        procs = [subprocess.Popen(me + ["--child", "ours", "--step", "piece", "--niter", str(args.cube_niter),
+                                        "--chunk", f"{edges[k]}~{edges[k + 1] - 1}", "--out", outs[k]],
+                                  env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for k in range(n)]
+        if any(p.wait() for p in procs):
+            raise SystemExit(f"a piece of the {n}-worker cube failed")
+        timed(me + ["--child", "ours", "--step", "join", "--niter", str(args.cube_niter),
+                    "--chunk", ",".join(outs)], work)
+        scaling.append({"workers": n, "cube_s": time.perf_counter() - t0})
+    print(f"image {npix} x {npix}, cell {cell:.3f} arcsec, {nchan} channels in the cube")
+    print(f"{'step':8s} {'almapipe (s)':>13s} {'tclean (s)':>11s} {'ratio':>7s}")
+    for r in rows:
+        ratio = r["almapipe_s"] / r["casa_s"] if r["casa_s"] else float("nan")
+        print(f"{r['step']:8s} {r['almapipe_s']:13.1f} {r['casa_s'] or float('nan'):11.1f} {ratio:7.2f}")
+    for s in scaling:
+        print(f"cube with {s['workers']} worker(s): {s['cube_s']:.1f} s")
+    print(json.dumps({"rows": rows, "scaling": scaling, "npix": npix, "cell_arcsec": cell}))
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
