@@ -10,6 +10,9 @@ so one data directory and one port base describe a whole local stack:
                        data directory's credentials.json, written by `almapipe up`
   ALMAPIPE_METRICS_PORT   this process's Prometheus port (0: none)
   ALMAPIPE_MAX_DELIVER, ALMAPIPE_ACK_WAIT_S   work-queue redelivery bounds
+  ALMAPIPE_IMAGER_WORKERS  imager workers the local stack starts (default 1); they share
+                       the imager's work queue, so a cube's pieces run in parallel
+  ALMAPIPE_THREADS     threads of the gridder (default: all cores)
 Credentials are never logged.
 """
 from __future__ import annotations

@@ -48,17 +48,25 @@ def _result_tables(ctx: dict, name: str) -> list:
         return [{"title": "Flagged fraction", "header": ["Reason", "Fraction"],
                  "rows": [[k, f"{v:.4f}"] for k, v in fr.items()]}]
     if name == "uvcontsub" and ctx.get("continuum"):
-        return [{"title": "Continuum ranges (cont.dat)", "header": ["Field", "spw", "Channels", "Ranges (GHz)", "From"],
+        return [{"title": "Continuum ranges (cont.dat)", "header": ["Field", "spw", "Channels", "Ranges (GHz)",
+                                                                   "Frame", "From"],
                  "rows": [[e["field"], e["spw"], e["channels"],
-                           "; ".join(f"{a:.6f}~{b:.6f}" for a, b in e["ranges_ghz"]), e["origin"]]
+                           "; ".join(f"{a:.6f}~{b:.6f}" for a, b in e["ranges_ghz"]), e.get("frame", ""), e["origin"]]
                           for e in ctx["continuum"]]}]
+    if name == "spwphaseup" and ctx.get("spwphaseup"):
+        up = ctx["spwphaseup"]
+        return [{"title": f"Phase SNR per {up['solint']} on the phase calibrator (threshold {up['phasesnr']:g})",
+                 "header": ["spw", "SNR", "Phases from spw"],
+                 "rows": [[s, f"{v:.1f}", up["spwmap"][s]] for s, v in up["snr"].items()]}]
     if name == "makeimages" and ctx.get("images"):
         return [{"title": "Images", "header": ["File", "Mode", "Beam (\")", "Peak (mJy/beam)", "rms (mJy/beam)",
-                                               "Theoretical rms", "QA"],
-                 "rows": [[i["file"], i["specmode"], "{:.1f} x {:.1f} @ {:.0f}".format(*i["beam_arcsec"]),
+                                               "Theoretical rms", "Dirty DR", "DR correction", "QA"],
+                 "rows": [[i["file"], i["specmode"] + (" (aggregate)" if i.get("aggregate") else ""),
+                           "{:.1f} x {:.1f} @ {:.0f}".format(*i["beam_arcsec"]),
                            f"{i['peak_jy_per_beam'] * 1e3:.2f}", f"{i['rms_jy_per_beam'] * 1e3:.3f}",
                            f"{i['theoretical_rms_jy_per_beam'] * 1e3:.3f}" if i.get("theoretical_rms_jy_per_beam") else "",
-                           f"{i['qa_score']:.2f}"] for i in ctx["images"]]}]
+                           f"{i['dirty_dynamic_range']:.0f}" if i.get("dirty_dynamic_range") else "",
+                           f"{i.get('dr_correction', 1.0):.2f}", f"{i['qa_score']:.2f}"] for i in ctx["images"]]}]
     return []
 
 
