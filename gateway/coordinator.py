@@ -135,8 +135,12 @@ class Coordinator:
         """The stage asked for pieces in parallel (ev.fanout_json): dispatch one request
         per item; the join follows when all have succeeded (piece_done)."""
         fan = json.loads(ev.fanout_json)
+        old = st.get("fanout") or {}
+        # the same event again (redelivered after a gateway restart): keep the pieces done;
+        # requests already published are dropped by their Nats-Msg-Id
+        results = old.get("results", {}) if old.get("context_key") == ev.context_key else {}
         st["fanout"] = {"piece": fan["piece_stage"], "join": fan["join_stage"], "n": len(fan["items"]),
-                        "context_key": ev.context_key, "results": {}}
+                        "context_key": ev.context_key, "results": results}
         st["status"] = "DISPATCHED"
         await self.save(run)
         for i, item in enumerate(fan["items"], 1):
