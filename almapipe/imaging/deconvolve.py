@@ -148,7 +148,7 @@ def robust_rms(img: np.ndarray) -> float:
 
 def clean(uvw, freq, vis, wgt, npix: int, cell_rad: float, niter: int, threshold: float,
           gain: float = 0.1, cyclefactor: float = 1.5, max_major: int = 20,
-          mask: np.ndarray | None = None, wgridding: bool = True, nsigma: float = 0.0,
+          mask: np.ndarray | None = None, wgridding: bool | None = None, nsigma: float = 0.0,
           automask: bool = False, threshold_from_dirty=None, automask_params=None,
           scales: list | None = None) -> CleanResult:
     """Major/minor-cycle CLEAN of one plane (mfs, or one cube channel).
@@ -157,6 +157,8 @@ def clean(uvw, freq, vis, wgt, npix: int, cell_rad: float, niter: int, threshold
     measured again after every major cycle, because in the dirty image the
     sidelobes of bright sources inflate it. threshold_from_dirty, if given, maps
     the dirty image's peak to the threshold (a dynamic-range correction)."""
+    if wgridding is None:        # only where the w-term matters (gridding.needs_wgridding)
+        wgridding = gridding.needs_wgridding(uvw, freq, 2 * npix, cell_rad)
     big_psf = gridding.psf(uvw, freq, wgt, 2 * npix, cell_rad, wgridding)
     peak = big_psf.max()
     if peak <= 0:

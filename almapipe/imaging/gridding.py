@@ -79,6 +79,18 @@ def predict(uvw, freq, model: np.ndarray, cell_rad: float, wgridding: bool = Tru
         epsilon=EPSILON, do_wgridding=wgridding, nthreads=nthreads(), **FLIPS)
 
 
+def needs_wgridding(uvw: np.ndarray, freq: np.ndarray, npix: int, cell_rad: float, tol_rad: float = 0.02) -> bool:
+    """Whether the w-term matters: its phase at the image corner, pi w (l^2 + m^2) for
+    the largest |w| in wavelengths, above tol_rad. A compact ALMA array at 230 GHz
+    imaging its primary beam does not need it (milliradians); the VLA at 1.4 GHz
+    imaging its primary beam does (radians). Without it the gridder is faster."""
+    if not len(uvw):
+        return False
+    w_max = float(np.abs(uvw[:, 2]).max()) * float(np.max(freq)) / 299792458.0
+    corner2 = 2 * (npix / 2 * cell_rad) ** 2
+    return bool(np.pi * w_max * corner2 > tol_rad)
+
+
 def good_size(n: int) -> int:
     """The next size >= n that is even and fast for FFTs."""
     m = int(ducc0.fft.good_size(int(n), True))
