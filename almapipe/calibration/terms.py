@@ -9,7 +9,6 @@ divides by the model, bins, and hands the slots to :func:`solver.solve`.
 """
 from __future__ import annotations
 
-
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -39,6 +38,15 @@ class SolveSpec:
     preapply: list = field(default_factory=list)  # CalSolutions applied first
 
 
+def solint_seconds(solint: str) -> float:
+    """A duration solint ('30s', '30sec', '1min') in seconds."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*(s|sec|min)?\s*", str(solint))
+    secs = float(m.group(1)) * (60 if m.group(2) == "min" else 1) if m else 0.0
+    if secs <= 0:
+        raise ParameterError(f"solint {solint!r}: expected 'int', 'scan', 'inf' or a duration like '30s'")
+    return secs
+
+
 def time_bins(vis: Vis, solint: str, combine: str) -> np.ndarray:
     """Solution-interval index per row.
 
@@ -56,10 +64,7 @@ def time_bins(vis: Vis, solint: str, combine: str) -> np.ndarray:
             key_scan = vis.scan
         sub = np.zeros(len(vis.time), int)
     else:
-        m = re.fullmatch(r"\s*([0-9.]+)\s*(s|sec|min)?\s*", str(solint))
-        secs = float(m.group(1)) * (60 if m.group(2) == "min" else 1) if m else 0.0
-        if secs <= 0:
-            raise ParameterError(f"solint {solint!r}: expected 'int', 'scan', 'inf' or a duration like '30s'")
+        secs = solint_seconds(solint)
         # bins of secs within each scan, counted from the scan's first time
         t0 = {s: vis.time[vis.scan == s].min() for s in np.unique(vis.scan)}
         start = np.array([t0[s] for s in vis.scan])

@@ -202,7 +202,7 @@ def spw_table(ms: str) -> list[dict]:
 
 def online_flag_commands(ms: str) -> list[dict]:
     """The FLAG_CMD table's commands not yet applied: [{'command', 'reason', 'type'}]
-    (ALMA's online flags as importasdm writes them). None when there is no table."""
+    (ALMA's online flags as importasdm writes them); empty when there is no table."""
     if not os.path.exists(os.path.join(ms, "FLAG_CMD")):
         return []
     with subtable(ms, "FLAG_CMD") as t:

@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from astropy.time import Time  # noqa: E402
 
-from .base import QA, StageError, StageIO, field_ids_with, stage  # noqa: E402
+from .base import QA, StageError, StageIO, field_ids_with, field_name, require_intent, spw_info, stage  # noqa: E402
 from .calibration import calibrator_ids, field_models, preapply, read_part, refant_id, register, save_table  # noqa: E402
 from ..calibration.caltable import CalSolutions  # noqa: E402
 from ..calibration.terms import SolveSpec, point_model, solve_term  # noqa: E402
@@ -66,24 +66,28 @@ def tsys_spw_map(ms: str, science_spw: int, tsys_spws: list) -> int | None:
     return best
 
 
-def tsys_solutions(ms_path: str, science_spw: int) -> tuple[CalSolutions, int] | str:
+class NoTsys(Exception):
+    """The EB has no usable Tsys measurements at all (the message says why)."""
+
+
+def tsys_solutions(ms_path: str, science_spw: int) -> tuple[CalSolutions, int] | None:
     """Tsys spectra of the SYSCAL table, mapped to a science spw by frequency and
     interpolated onto its channels, as a 'B TSYS' table (gain 1/sqrt(Tsys), so
     applying it multiplies the data by sqrt(Tsys_1 Tsys_2)); each measurement is
-    labelled with the field observed at its time. Returns (table, Tsys spw), or a
-    string that says why there is none."""
+    labelled with the field observed at its time. Returns (table, Tsys spw), None
+    when no Tsys spw covers this spw; raises NoTsys when the EB has none."""
     syscal = os.path.join(ms_path, "SYSCAL")
     if not os.path.exists(syscal):
-        return ("No SYSCAL (Tsys) table in the data: the amplitudes are not corrected for Tsys, "
-                "so fluxes transferred between calibrators at different elevations are biased.")
+        raise NoTsys("No SYSCAL (Tsys) table in the data: the amplitudes are not corrected for Tsys, "
+                     "so fluxes transferred between calibrators at different elevations are biased.")
     with ct.table(syscal, ack=False) as t:
         if "TSYS_SPECTRUM" not in t.colnames() or t.nrows() == 0:
-            return "The SYSCAL table holds no Tsys spectra: Tsys not applied."
+            raise NoTsys("The SYSCAL table holds no Tsys spectra: Tsys not applied.")
         ant, spw, time, tsys = (t.getcol(c) for c in ("ANTENNA_ID", "SPECTRAL_WINDOW_ID", "TIME", "TSYS_SPECTRUM"))
         interval = t.getcol("INTERVAL")
     tspw = tsys_spw_map(ms_path, science_spw, sorted(set(spw.tolist())))
     if tspw is None:
-        return f"No Tsys spw covers science spw {science_spw}: Tsys not applied there."
+        return None
     # the field each Tsys measurement was made on: that of the MS rows at its time
     with ct.table(ms_path, ack=False) as mt:
         mtime, mfield = mt.getcol("TIME"), mt.getcol("FIELD_ID")
@@ -111,12 +115,14 @@ def tsyscal(ctx: dict, params: dict, io: StageIO) -> QA:
     sols, ms_path, summary = [], None, []
     for part in ctx["partitions"]:
         ms_path = io.fetch_dir(part["key"])
-        found = tsys_solutions(ms_path, part["spw"])
-        if isinstance(found, str):
-            qa.lower(0.3, found)
-            if found.startswith("No Tsys spw"):
-                continue
+        try:
+            found = tsys_solutions(ms_path, part["spw"])
+        except NoTsys as exc:
+            qa.lower(0.3, str(exc))
             return qa
+        if found is None:
+            qa.lower(0.3, f"No Tsys spw covers science spw {part['spw']}: Tsys not applied there.")
+            continue
         sol, tsys_spw = found
         t_on = 1 / np.abs(sol.cparam) ** 2
         good = ~sol.flag
@@ -429,7 +435,6 @@ def fluxcalflag(ctx: dict, params: dict, io: StageIO) -> QA:
     """Flag the channels of solar system flux calibrators that lie on their
     atmospheric lines (hifa_fluxcalflag), so the continuum model of setjy holds on
     what is left; a spw left with too few channels is named."""
-    from .base import field_name, require_intent
     qa = QA()
     flux_ids = require_intent(ctx, "FLUX", "fluxcalflag")
     table = params.get("lines")
@@ -437,7 +442,7 @@ def fluxcalflag(ctx: dict, params: dict, io: StageIO) -> QA:
         table = {k.lower(): [tuple(x) for x in v] for k, v in table.items()}
     found, new_parts = {}, []
     for part in ctx["partitions"]:
-        freq = np.array(next(s["chan_freq_hz"] for s in ctx["observation"]["spws"] if s["id"] == part["spw"]))
+        freq = np.array(spw_info(ctx, part["spw"])["chan_freq_hz"])
         bad = {f: line_channels(field_name(ctx, f), freq, table) for f in flux_ids}
         bad = {f: m for f, m in bad.items() if m.any()}
         if bad:
@@ -484,7 +489,6 @@ def _flag_antennas_in_data(io: StageIO, ctx: dict, ant_ids: list) -> None:
 def lowgainflag(ctx: dict, params: dict, io: StageIO) -> QA:
     """Flag antennas whose gain amplitude on the bandpass calibrator is far below the
     array's (hif_lowgainflag): a dead or badly pointed antenna."""
-    from .base import require_intent
     qa = QA()
     bp_ids = require_intent(ctx, "BANDPASS", "lowgainflag")
     ants = ctx["observation"]["antennas"]
@@ -557,10 +561,11 @@ def tsys_outliers(tsys: np.ndarray, antenna: np.ndarray, params: dict) -> tuple[
             n += 1
         if n:
             found.append(("edges", -1, f"{n} edge channel(s) above {factor:g} x the median Tsys"))
-    resid = spec - medfilt(spec, 5)
+    smooth = medfilt(spec, 5)
+    resid = spec - smooth
     s = 1.4826 * np.median(np.abs(resid - np.median(resid))) or 1e-9
     birdies = np.flatnonzero((np.abs(resid) > params.get("channel_nsigma", 10.0) * s) &
-                             (np.abs(resid) > params.get("birdie_fraction", 0.15) * medfilt(spec, 5)))
+                             (np.abs(resid) > params.get("birdie_fraction", 0.15) * smooth))
     if len(birdies):
         chans[birdies] = True
         found.append(("birdie", -1, f"channel(s) {', '.join(map(str, birdies))}"))

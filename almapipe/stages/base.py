@@ -159,5 +159,10 @@ def require_intent(ctx: dict, intent: str, stage_name: str) -> list:
     return ids
 
 
+def spw_info(ctx: dict, spw: int) -> dict:
+    """The observation summary's entry of a spectral window (frequencies, frame, ...)."""
+    return next(s for s in ctx["observation"]["spws"] if s["id"] == spw)
+
+
 def field_name(ctx: dict, fid: int) -> str:
     return next((f["name"] for f in ctx["fields"] if f["id"] == fid), str(fid))

@@ -16,12 +16,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .base import QA, StageError, StageIO, field_ids_with, field_name, require_intent, stage  # noqa: E402
+from .base import QA, StageError, StageIO, field_ids_with, field_name, require_intent, spw_info, stage  # noqa: E402
 from .flagging import spike_channels  # noqa: E402
 from ..calibration import fluxmodels  # noqa: E402
 from ..calibration.applycal import GainApply, apply_tables  # noqa: E402
 from ..calibration.caltable import CalSolutions, read_caltable, write_caltable  # noqa: E402
-from ..calibration.terms import SolveSpec, integration_snr, point_model, solve_term  # noqa: E402
+from ..calibration.terms import SolveSpec, integration_snr, point_model, solint_seconds, solve_term  # noqa: E402
 from ..imaging.uvcontsub import parse_channels  # noqa: E402
 from ..msio import ms as msio  # noqa: E402
 
@@ -382,29 +382,34 @@ class PhaseSolver:
         src = self.spwmap.get(spw, spw)
         return src if src in self.parts else spw
 
-    def __call__(self, spw: int, solint: str, fields: list) -> CalSolutions:
+    def __call__(self, spw: int, solint: str, fields: list, own: tuple | None = None) -> CalSolutions:
+        """own: (vis, model, preapply) the caller already has for this spw, covering
+        at least these fields; used when the spw takes its own phases."""
         src = self.source(spw)
         key = (src, solint, tuple(fields))
         if key not in self.cache:
-            _, vis = read_part(self.io, self.parts[src], fields=fields)
+            if src == spw and own is not None:
+                vis, model, earlier = own
+                rows = np.isin(vis.field_id, fields)
+                vis, model = vis.select(rows), model[rows]
+            else:
+                _, vis = read_part(self.io, self.parts[src], fields=fields)
+                model = point_model(vis, field_models(self.ctx, unit_for=self.unit_fields))
+                earlier = preapply(self.ctx, self.io, src)
             idx = np.flatnonzero(chan_selection(self.params.get("spw", ""), len(vis.freq)))
-            model = point_model(vis, field_models(self.ctx, unit_for=self.unit_fields))
             self.cache[key] = solve_term(vis, model, SolveSpec(
                 kind="G", solint=solint, calmode="p", refant=refant_id(self.ctx),
                 minsnr=self.params.get("phaseup_minsnr", 2.0), chans=slice(idx[0], idx[-1] + 1),
-                preapply=preapply(self.ctx, self.io, src)))
+                preapply=earlier))
         sol = self.cache[key]
         if src == spw:
             return sol
-        freq = np.array([np.mean(self.ctx_spw_freqs(spw))])
+        freq = np.array([np.mean(spw_info(self.ctx, spw)["chan_freq_hz"])])
         return dataclasses.replace(sol, spw=spw, freq=freq)
-
-    def ctx_spw_freqs(self, spw: int) -> list:
-        return next(s["chan_freq_hz"] for s in self.ctx["observation"]["spws"] if s["id"] == spw)
 
 
 def _gain_solve(ctx, params, io, name: str, fields: list, unit_fields: list, qa: QA,
-                transfer_fields: list | None = None) -> tuple[list, list]:
+                transfer_fields: list | None = None) -> None:
     """Gains on the given calibrator fields, bandpass applied: phases on a short
     interval (phaseup_solint) first, so the amplitudes of the longer interval are
     not lowered by decorrelation, then amplitude and phase per solint. The table
@@ -423,7 +428,9 @@ def _gain_solve(ctx, params, io, name: str, fields: list, unit_fields: list, qa:
         idx = np.flatnonzero(chan_selection(params.get("spw", ""), len(vis.freq)))
         earlier = preapply(ctx, io, part["spw"])
         model = point_model(vis, field_models(ctx, unit_for=unit_fields))
-        phases = phases_of(part["spw"], params["phaseup_solint"], fields) if params.get("phaseup_solint") else None
+        own = (vis, model, earlier)
+        phases = phases_of(part["spw"], params["phaseup_solint"], fields, own) if params.get("phaseup_solint") \
+            else None
         if phases is not None:
             earlier = earlier + [GainApply(phases, interp="linear", calwt=False)]
         g = solve_term(vis, model, SolveSpec(kind=params.get("gaintype", "G"), solint=params.get("solint", "inf"),
@@ -434,13 +441,12 @@ def _gain_solve(ctx, params, io, name: str, fields: list, unit_fields: list, qa:
         sols.append(g if phases is None else combine_phase_gain(phases, g))
         _plot_gains(io, sols[-1], ctx, part["spw"], name)
         if transfer_fields is not None:
-            scan_phases = phases_of(part["spw"], params.get("transfer_solint", "inf"), transfer_fields)
+            scan_phases = phases_of(part["spw"], params.get("transfer_solint", "inf"), transfer_fields, own)
             transfer.append(combine_phase_gain(scan_phases, g, amplitude_only=True))
     save_table(io, ctx, name, sols, ms_path)
     solution_qa(qa, sols, name, ctx)
     if transfer_fields is not None:
         save_table(io, ctx, f"{name}_transfer", transfer, ms_path)
-    return sols, transfer
 
 
 def combine_phase_gain(phases: CalSolutions, gains: CalSolutions, amplitude_only: bool = False) -> CalSolutions:
@@ -519,19 +525,6 @@ def timegaincal(ctx: dict, params: dict, io: StageIO) -> QA:
 
 # ------------------------------------------------------------------ spwphaseup
 
-def interval_seconds(solint: str, int_s: float) -> float:
-    """'int' or a duration ('30s', '1min') in seconds."""
-    if solint == "int":
-        return int_s
-    for unit, f in (("min", 60.0), ("s", 1.0)):
-        if solint.endswith(unit):
-            try:
-                return float(solint[: -len(unit)]) * f
-            except ValueError:
-                break
-    raise StageError(f"spwphaseup: solint {solint!r}: expected 'int' or a duration like '30s'")
-
-
 @stage("spwphaseup", service="calibrator")
 def spwphaseup(ctx: dict, params: dict, io: StageIO) -> QA:
     """Which spw's phases each spw uses, and the phase offsets between spws (hifa_spwphaseup).
@@ -554,13 +547,13 @@ def spwphaseup(ctx: dict, params: dict, io: StageIO) -> QA:
         model = point_model(vis, field_models(ctx, unit_for=phase_ids))
         earlier = preapply(ctx, io, part["spw"])
         data, flag, _ = apply_tables(vis, earlier)
+        corrected = dataclasses.replace(vis, data=data, flag=flag)     # applied once, for both uses
         # per integration, then scaled to the interval the phases will be solved on
         int_s = float(np.median(vis.interval)) if len(vis.interval) else 1.0
-        snr[part["spw"]] = integration_snr(dataclasses.replace(vis, data=data, flag=flag), model) * \
-            np.sqrt(max(interval_seconds(solint, int_s) / int_s, 1.0))
-        offsets.append(solve_term(vis, model, SolveSpec(kind="G", solint="inf", combine="scan", calmode="p",
-                                                        refant=ref, minsnr=params.get("minsnr", 3.0),
-                                                        preapply=earlier)))
+        secs = int_s if solint == "int" else solint_seconds(solint)
+        snr[part["spw"]] = integration_snr(corrected, model) * np.sqrt(max(secs / int_s, 1.0))
+        offsets.append(solve_term(corrected, model, SolveSpec(kind="G", solint="inf", combine="scan", calmode="p",
+                                                              refant=ref, minsnr=params.get("minsnr", 3.0))))
     best = max(snr, key=snr.get)
     spwmap = {s: (s if v >= threshold else best) for s, v in snr.items()}
     for s, m in spwmap.items():

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .base import QA, StageError, StageIO, field_ids_with, field_name, require_intent, stage  # noqa: E402
+from .base import QA, StageError, StageIO, field_ids_with, field_name, require_intent, spw_info, stage  # noqa: E402
 from .calibration import calibrator_ids, read_part  # noqa: E402
 from ..imaging import gridding  # noqa: E402
 from ..imaging.deconvolve import robust_rms  # noqa: E402
@@ -143,7 +143,7 @@ def lsrk_labels(ctx: dict, spw: int, fid: int, times: np.ndarray) -> tuple[float
     """(f_LSRK / f_data, frame) for relabelling a spw's channels of field fid in LSRK,
     as cubes and cont.dat are written (data already in LSRK: (1, 'LSRK'))."""
     obs = ctx["observation"]
-    frame = next(s["frame"] for s in obs["spws"] if s["id"] == spw)
+    frame = spw_info(ctx, spw)["frame"]
     fld = next(f for f in obs["fields"] if f["id"] == fid)
     site = np.mean([a["position"] for a in obs["antennas"] if a.get("has_data", True)], axis=0)
     factor = lsrk_factor(frame, float(np.mean(times)), fld["ra_rad"], fld["dec_rad"], site) if len(times) else 1.0
@@ -529,10 +529,7 @@ def imagecube_chunk(ctx: dict, params: dict, io: StageIO) -> QA:
     io.log("%s: cleaning channels %s", im.label(), format_channels(mask))
     planes = im.clean(mask)
     path = os.path.join(io.workdir, f"planes_{item['job']}_{item['chunk']}.npz")
-    np.savez_compressed(path, models=np.array(planes.models), residuals=np.array(planes.residuals),
-                        psfs=np.array(planes.psfs), beams=np.array(planes.beams), freqs=planes.freqs,
-                        masks=np.array(planes.masks), iterations=planes.iterations,
-                        reasons=np.array(planes.reasons))
+    planes.save(path)
     ctx["piece"] = dict(item, key=io.put_file(path)["key"], dr=im.dr_seen)
     qa.note(f"{im.label()}: channels {format_channels(mask)} cleaned ({planes.iterations} components).")
     return qa
@@ -553,10 +550,7 @@ def joincube(ctx: dict, params: dict, io: StageIO) -> QA:
             continue
         parts = []
         for p in mine:
-            z = np.load(io.fetch_file(p["key"]))
-            parts.append(Planes(list(z["models"]), list(z["residuals"]), list(z["psfs"]),
-                                [tuple(b) for b in z["beams"]], z["freqs"], [str(r) for r in z["reasons"]],
-                                int(z["iterations"]), list(z["masks"])))
+            parts.append(Planes.load(io.fetch_file(p["key"])))
             dr = p.get("dr") or {}
             if dr.get("factor", 0) >= im.dr_seen.get("factor", 0):
                 im.dr_seen.update(dr)
