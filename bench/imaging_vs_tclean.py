@@ -59,16 +59,9 @@ def ours(step: str, ms: str, field: int, npix: int, cell: float, niter: int, chu
         lo, hi = map(int, chunk.split("~"))
         mask = np.zeros(len(vis.freq), bool)
         mask[lo:hi + 1] = True
-        pl = clean_planes(vis, ImageSpec(**{**spec.__dict__, "chans": mask}))
-        np.savez(out, models=pl.models, residuals=pl.residuals, psfs=pl.psfs, beams=pl.beams, freqs=pl.freqs,
-                 iterations=pl.iterations)
+        clean_planes(vis, ImageSpec(**{**spec.__dict__, "chans": mask})).save(out)
     elif step == "join":
-        pieces = []
-        for path in chunk.split(","):
-            z = np.load(path)
-            pieces.append(Planes(list(z["models"]), list(z["residuals"]), list(z["psfs"]),
-                                 [tuple(b) for b in z["beams"]], z["freqs"], [], int(z["iterations"]),
-                                 [np.zeros((npix, npix))] * len(z["freqs"])))
+        pieces = [Planes.load(path) for path in chunk.split(",")]
         restore_planes(join_planes(pieces), spec, 12.0, "ALMA")
 
 

@@ -24,7 +24,6 @@ class CleanResult:
     major_cycles: int
     stop_reason: str
     mask: np.ndarray | None = None       # the clean mask used (automask), if any
-    threshold: float = 0.0               # the threshold it cleaned to (before nsigma)
 
 
 def hogbom(residual: np.ndarray, psf: np.ndarray, model: np.ndarray, gain: float, threshold: float,
@@ -206,7 +205,7 @@ def clean(uvw, freq, vis, wgt, npix: int, cell_rad: float, niter: int, threshold
     else:
         if major >= max_major:
             reason = "major cycle limit"
-    return CleanResult(model, residual, psf_img, done, major, reason, mask, threshold)
+    return CleanResult(model, residual, psf_img, done, major, reason, mask)
 
 
 def _max_sidelobe(psf: np.ndarray) -> float:

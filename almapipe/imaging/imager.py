@@ -118,6 +118,19 @@ class Planes:
     iterations: int
     masks: list            # clean masks (automask) or zeros
 
+    def save(self, path: str) -> None:
+        """To an .npz file (a piece of a cube, handed from one worker to the join)."""
+        np.savez_compressed(path, models=np.array(self.models), residuals=np.array(self.residuals),
+                            psfs=np.array(self.psfs), beams=np.array(self.beams), freqs=self.freqs,
+                            masks=np.array(self.masks), iterations=self.iterations,
+                            reasons=np.array(self.reasons))
+
+    @staticmethod
+    def load(path: str) -> "Planes":
+        z = np.load(path)
+        return Planes(list(z["models"]), list(z["residuals"]), list(z["psfs"]), [tuple(b) for b in z["beams"]],
+                      z["freqs"], [str(r) for r in z["reasons"]], int(z["iterations"]), list(z["masks"]))
+
 
 def clean_planes(vis: Vis, spec: ImageSpec) -> Planes:
     """Weight and clean every plane of the image: the whole band for mfs, each

@@ -76,8 +76,7 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
                           duration_s=round(before["duration_s"] + duration, 3))
         ctx["stage_results"] = [r for r in ctx["stage_results"] if r["index"] != req.stage_index] + [result]
         ctx["qa"][name] = {"score": qa.score, "reasons": qa.reasons}
-        keep = {name, req.stage} if not req.part_of else {req.stage}
-        ctx["manifest"] = [m for m in ctx["manifest"] if m.get("stage") not in keep] + io.outputs
+        ctx["manifest"] = [m for m in ctx["manifest"] if m.get("stage") != req.stage] + io.outputs
         new_key = f"runs/{req.run_id}/context/{req.stage_index:02d}_{req.stage}.json"
         store.put_json(new_key, ctx)
         return new_key, qa, io.outputs, duration, fanout

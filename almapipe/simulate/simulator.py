@@ -252,7 +252,6 @@ class Simulator:
         self.spw_phase = np.radians(c.spw_phase_offset_deg) * extra.normal(size=(c.nspw, n, 2))
         self.spw_phase[0] = 0.0
         self.online = []        # (antenna, t_start, t_end) filled in write()
-        self.online_rng = extra
 
     # ------------------------------------------------------------ truth models
     def path_mm(self, t_s: np.ndarray, untracked: bool = False) -> np.ndarray:
