@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import optimize
 
-from . import gridding
 
 
 @dataclass
@@ -145,25 +144,21 @@ def robust_rms(img: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(v - np.median(v)))) if v.size else 0.0
 
 
-def clean(uvw, freq, vis, wgt, npix: int, cell_rad: float, niter: int, threshold: float,
-          gain: float = 0.1, cyclefactor: float = 1.5, max_major: int = 20,
-          mask: np.ndarray | None = None, wgridding: bool | None = None, nsigma: float = 0.0,
-          automask: bool = False, threshold_from_dirty=None, automask_params=None,
-          scales: list | None = None) -> CleanResult:
-    """Major/minor-cycle CLEAN of one plane (mfs, or one cube channel).
+def clean(op, niter: int, threshold: float, gain: float = 0.1, cyclefactor: float = 1.5, max_major: int = 20,
+          mask: np.ndarray | None = None, nsigma: float = 0.0, automask: bool = False,
+          threshold_from_dirty=None, automask_params=None, scales: list | None = None) -> CleanResult:
+    """Major/minor-cycle CLEAN of one plane (mfs, or one cube channel) of op, the
+    plane's measurement (measurement.OnePointing or JointMosaic).
 
     Stops at max(threshold, nsigma x robust rms of the residual); the rms is
     measured again after every major cycle, because in the dirty image the
     sidelobes of bright sources inflate it. threshold_from_dirty, if given, maps
     the dirty image's peak to the threshold (a dynamic-range correction)."""
-    if wgridding is None:        # only where the w-term matters (gridding.needs_wgridding)
-        wgridding = gridding.needs_wgridding(uvw, freq, 2 * npix, cell_rad)
-    big_psf = gridding.psf(uvw, freq, wgt, 2 * npix, cell_rad, wgridding)
-    peak = big_psf.max()
-    if peak <= 0:
+    npix, cell_rad = op.npix, op.cell
+    big_psf = op.psf(2 * npix)
+    if big_psf.max() <= 0:
         z = np.zeros((npix, npix))
         return CleanResult(z, z.copy(), z.copy(), 0, 0, "no data", None)
-    big_psf /= peak
     c = npix
     psf_img = big_psf[c - npix // 2:c + npix // 2, c - npix // 2:c + npix // 2]
     sidelobe = _max_sidelobe(psf_img)
@@ -173,7 +168,7 @@ def clean(uvw, freq, vis, wgt, npix: int, cell_rad: float, niter: int, threshold
     beam_pixels = np.pi / (4 * np.log(2)) * bmaj * bmin / (cell_rad * 206264.806) ** 2
     scale_set = ScaleSet.make(big_psf, npix, scales) if scales and max(scales) > 0 else None
     model = np.zeros((npix, npix))
-    residual = gridding.dirty(uvw, freq, vis, wgt, npix, cell_rad, wgridding)
+    residual = op.dirty()
     if threshold_from_dirty is not None:
         threshold = float(threshold_from_dirty(float(np.abs(residual).max())))
     done, major, reason = 0, 0, "niter reached"
@@ -185,20 +180,20 @@ def clean(uvw, freq, vis, wgt, npix: int, cell_rad: float, niter: int, threshold
             if not mask.any():
                 reason = "automask found no emission"
                 break
+        search = mask if op.search is None else op.search * (1.0 if mask is None else mask)
         threshold_now = max(threshold, nsigma * robust_rms(residual))
-        rmax = np.abs(residual if mask is None else residual * mask).max()
+        rmax = np.abs(residual if search is None else residual * search).max()
         if rmax < threshold_now:
             reason = "threshold reached"
             break
         cycle_threshold = max(threshold_now, min(0.95, cyclefactor * sidelobe) * rmax)
         if scale_set is not None:
-            n = multiscale(residual, big_psf, model, gain, cycle_threshold, niter - done, scale_set, mask)
+            n = multiscale(residual, big_psf, model, gain, cycle_threshold, niter - done, scale_set, search)
         else:
-            n = hogbom(residual, big_psf, model, gain, cycle_threshold, niter - done, mask)
+            n = hogbom(residual, big_psf, model, gain, cycle_threshold, niter - done, search)
         done += n
         major += 1
-        model_vis = gridding.predict(uvw, freq, model, cell_rad, wgridding)
-        residual = gridding.dirty(uvw, freq, vis - model_vis, wgt, npix, cell_rad, wgridding)
+        residual = op.residual(model)
         if n == 0:
             reason = "threshold reached"
             break

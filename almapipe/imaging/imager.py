@@ -5,7 +5,8 @@ of I. Each plane (the whole band for mfs, a channel for a cube) is weighted
 (Briggs, per-plane density), cleaned with major/minor cycles down to a
 threshold of nsigma times the plane's robust rms, restored with the beam
 fitted to the PSF (a common beam for a cube: the largest), and divided by
-the primary beam.
+the primary beam. A mosaic (several pointings of one source) is cleaned jointly
+on one grid with its pointings' primary beams (measurement.JointMosaic).
 """
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import numpy as np
 
 from . import deconvolve, gridding
 from .automask import AutomaskParams
-from .products import primary_beam
+from .measurement import JointMosaic, OnePointing
+from .mosaic import Mosaic
+from .products import mosaic_beam, primary_beam
 from ..msio.ms import Vis
 
 
@@ -38,6 +41,7 @@ class ImageSpec:
     # the cleaning threshold as a function of the plane's dirty peak (the ALMA
     # pipeline's dynamic-range correction); it replaces threshold_jy when given
     threshold_from_dirty: object = None
+    mosaic: Mosaic | None = None        # several pointings imaged jointly; None: one field
 
 
 @dataclass
@@ -132,6 +136,39 @@ class Planes:
                       z["freqs"], [str(r) for r in z["reasons"]], int(z["iterations"]), list(z["masks"]))
 
 
+def _pointing_samples(vis: Vis, mosaic: Mosaic, uvw, data, w_nat) -> list:
+    """Per pointing of a mosaic: (uvw, data, natural weights, the path in metres
+    whose phase moves its phase centre to the image centre). Each pointing keeps
+    its own uvw: the error is second order in the pointing offsets (a few
+    arcminutes cost ~1e-7 of a turn per wavelength of baseline)."""
+    field = np.tile(vis.field_id, len(uvw) // max(len(vis.field_id), 1))
+    out = []
+    for p in mosaic.pointings:
+        sel = field == p.field_id
+        l0, m0 = p.centre_lm
+        lmn = np.array([l0, m0, np.sqrt(1 - l0 * l0 - m0 * m0) - 1])
+        # the delay towards the image centre (m); per channel the phase is 2 pi delay f / c
+        out.append((uvw[sel], data[sel], w_nat[sel], uvw[sel] @ lmn))
+    return out
+
+
+def _plane_measurement(spec: ImageSpec, samples, f, ci, npix: int, cell: float):
+    """The measurement of one plane: one pointing, or the joint mosaic of several."""
+    if spec.mosaic is None:
+        uvw, data, w_nat = samples
+        w = gridding.briggs_weights(uvw, f, w_nat[:, ci], npix, cell, spec.robust).astype(np.float32)
+        return OnePointing(uvw, f, data[:, ci], w, npix, cell)
+    ops, beams = [], []
+    for p, (uvw, data, w_nat, path_m) in zip(spec.mosaic.pointings, samples):
+        # Briggs density per pointing, as the ALMA pipeline weights mosaics (mosweight)
+        w = gridding.briggs_weights(uvw, f, w_nat[:, ci], npix, cell, spec.robust).astype(np.float32)
+        rot = np.exp(-2j * np.pi * path_m[:, None] * (f / 299792458.0)[None, :]).astype(np.complex64)
+        ops.append(OnePointing(uvw, f, data[:, ci] * rot, w, npix, cell))
+        beams.append(primary_beam(npix, cell, float(f.mean()), spec.mosaic.dish_m, spec.mosaic.telescope,
+                                  p.offset_lm))
+    return JointMosaic(ops, beams, [p.fraction for p in spec.mosaic.pointings], spec.pb_limit)
+
+
 def clean_planes(vis: Vis, spec: ImageSpec) -> Planes:
     """Weight and clean every plane of the image: the whole band for mfs, each
     channel for a cube (with its own Briggs density)."""
@@ -141,13 +178,12 @@ def clean_planes(vis: Vis, spec: ImageSpec) -> Planes:
     chans = np.flatnonzero(spec.chans if spec.chans is not None else np.ones(nchan, bool))
     planes = [chans] if spec.specmode == "mfs" else [np.array([c]) for c in chans]
     uvw, data, w_nat = _stokes_i_samples(vis, chans)
+    samples = (uvw, data, w_nat) if spec.mosaic is None else _pointing_samples(vis, spec.mosaic, uvw, data, w_nat)
     col = {c: i for i, c in enumerate(chans)}
     out = Planes([], [], [], [], np.array([vis.freq[pl].mean() for pl in planes]), [], 0, [])
     for pl in planes:
-        ci = [col[c] for c in pl]
-        f = vis.freq[pl]
-        w = gridding.briggs_weights(uvw, f, w_nat[:, ci], npix, cell, spec.robust).astype(np.float32)
-        res = deconvolve.clean(uvw, f, data[:, ci], w, npix, cell, spec.niter, spec.threshold_jy, gain=spec.gain,
+        op = _plane_measurement(spec, samples, vis.freq[pl], [col[c] for c in pl], npix, cell)
+        res = deconvolve.clean(op, spec.niter, spec.threshold_jy, gain=spec.gain,
                                nsigma=spec.nsigma, automask=spec.automask,
                                threshold_from_dirty=spec.threshold_from_dirty,
                                automask_params=AutomaskParams(negative_threshold=spec.negative_threshold),
@@ -178,7 +214,11 @@ def restore_planes(pl: Planes, spec: ImageSpec, dish_m: float, telescope: str) -
     common = max(good, key=lambda b: b[0] * b[1]) if good else (0.0, 0.0, 0.0)
     image = np.array([deconvolve.restore(m, r, cell, common) if common[0] > 0 else r
                       for m, r in zip(pl.models, pl.residuals)])
-    pb = primary_beam(npix, cell, float(np.mean(pl.freqs)), dish_m, telescope)
+    freq = float(np.mean(pl.freqs))
+    m = spec.mosaic
+    pb = primary_beam(npix, cell, freq, dish_m, telescope) if m is None else \
+        mosaic_beam(npix, cell, freq, dish_m, telescope, [p.offset_lm for p in m.pointings],
+                    [p.fraction for p in m.pointings])
     mask = pb >= spec.pb_limit
     pbcor = np.where(mask[None], image / np.maximum(pb, 1e-6)[None], np.nan)
     return ImageResult(image, np.array(pl.residuals), np.array(pl.models), np.array(pl.psfs), pb, pbcor,

@@ -14,12 +14,31 @@ from astropy.io import fits
 PB_FWHM_FACTOR = {"ALMA": 1.13, "VLA": 1.02, "EVLA": 1.02}
 
 
-def primary_beam(npix: int, cell_rad: float, freq_hz: float, dish_m: float, telescope: str) -> np.ndarray:
-    """Gaussian primary-beam response (peak 1) on the image grid."""
+def primary_beam(npix: int, cell_rad: float, freq_hz: float, dish_m: float, telescope: str,
+                 offset_lm: tuple = (0.0, 0.0)) -> np.ndarray:
+    """Gaussian primary-beam response (peak 1) on the image grid, centred on the
+    image or, for a mosaic's pointing, at offset_lm = (l east, m north) in radians
+    from the image centre (x runs west: l = -(x - npix//2) cell)."""
     factor = PB_FWHM_FACTOR.get(telescope.upper(), 1.13)
     fwhm = factor * 299792458.0 / freq_hz / dish_m
     yy, xx = (np.mgrid[:npix, :npix] - npix // 2) * cell_rad
-    return np.exp(-4 * np.log(2) * (xx ** 2 + yy ** 2) / fwhm ** 2)
+    return np.exp(-4 * np.log(2) * ((-xx - offset_lm[0]) ** 2 + (yy - offset_lm[1]) ** 2) / fwhm ** 2)
+
+
+def mosaic_coverage(npix: int, cell_rad: float, freq_hz: float, dish_m: float, telescope: str,
+                    offsets_lm: list, fractions) -> np.ndarray:
+    """A = sum_p f_p PB_p^2 of a joint mosaic's pointings (fractions summing to 1)."""
+    total = float(np.sum(fractions)) or 1.0
+    return sum(f / total * primary_beam(npix, cell_rad, freq_hz, dish_m, telescope, o) ** 2
+               for o, f in zip(offsets_lm, fractions))
+
+
+def mosaic_beam(npix: int, cell_rad: float, freq_hz: float, dish_m: float, telescope: str,
+                offsets_lm: list, fractions) -> np.ndarray:
+    """The primary beam of a joint mosaic, sqrt(A / max A) with A = sum_p f_p PB_p^2
+    (measurement.JointMosaic): the sensitivity pattern its images carry."""
+    a = mosaic_coverage(npix, cell_rad, freq_hz, dish_m, telescope, offsets_lm, fractions)
+    return np.sqrt(a / a.max())
 
 
 def image_header(ra_rad: float, dec_rad: float, npix: int, cell_rad: float, freqs: np.ndarray,
