@@ -299,7 +299,7 @@ def build_summary(run: dict, ctx: dict) -> dict:
                       for r in ctx.get("fluxscale", [])],
         "images": [{k: img.get(k) for k in ("file", "field", "spw", "specmode", "peak_jy_per_beam",
                                             "rms_jy_per_beam", "theoretical_rms_jy_per_beam", "beam_arcsec",
-                                            "qa_score", "chans", "peak_channel", "aggregate", "dr_correction",
+                                            "qa_score", "chans", "peak_channel", "aggregate", "pointings", "dr_correction",
                                             "dirty_dynamic_range", "dynamic_range")}
                    for img in ctx.get("images", [])],
         "continuum": ctx.get("continuum", []),

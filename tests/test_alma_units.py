@@ -10,7 +10,7 @@ from almapipe.calibration import solver
 from almapipe.calibration.terms import _continue_reference
 from almapipe.stages.alma import line_channels
 from almapipe.stages.base import StageError
-from almapipe.stages.calibration import phaseup_interval
+from almapipe.stages.calibration import field_map, phaseup_interval
 from almapipe.stages.flagging import parse_template, parse_timerange, template_mask
 from almapipe.msio.ms import Vis
 
@@ -146,3 +146,14 @@ def test_dynamic_range_correction_of_the_threshold():
     assert dr_correction(1e-3, 0.015, False, 7.0)[1] == 2.0                               # ACA steps
     thr, f = dr_correction(1e-3, 3.0, True, 12.0)                                        # calibrator: peak/1000
     assert thr == pytest.approx(6e-3) and f == pytest.approx(3.0)
+
+
+def test_mosaic_pointings_share_the_tsys_measured_on_one_of_them():
+    """Tsys ('nearest-calibrator'): a field with its own measurement uses it; a mosaic's
+    other pointings (same name) use their source's; other fields the phase calibrator's."""
+    ctx = {"fields": [{"id": 0, "name": "J1924", "intents": ["BANDPASS"]},
+                      {"id": 1, "name": "J1832", "intents": ["PHASE"]},
+                      {"id": 2, "name": "J1820", "intents": ["CHECK"]}] +
+                     [{"id": i, "name": "Target", "intents": ["TARGET"]} for i in (3, 4, 5)]}
+    got = field_map(ctx, "nearest-calibrator", {0, 1, 3})
+    assert got == {0: [0], 1: [1], 2: [1], 3: [3], 4: [3], 5: [3]}

@@ -42,6 +42,8 @@ from astropy.coordinates import EarthLocation
 from astropy.time import Time
 
 from .alma_pads import ALMA_C1_PADS, ALMA_SITE
+from ..imaging.mosaic import direction_of, hexagonal_offsets, sin_offset
+from ..imaging.products import PB_FWHM_FACTOR
 from ..msio.ms import CORR_CODES, FREQ_FRAMES, fill_table, new_ms
 from ..stages.flagging import shadow_mask
 
@@ -95,6 +97,12 @@ class SimConfig:
     target_cont_jy: float = 0.05
     target_line_jy: float = 0.2
     target_offset_arcsec: tuple = (0.6, -0.4)
+    # a mosaic target: this many pointings on a hexagonal grid (spacing in primary-beam
+    # FWHMs, ALMA's Nyquist 0.511), each target scan visiting every pointing in turn, and
+    # one more continuum source (flux, arcsec east, arcsec north of the centre) between them
+    mosaic_pointings: int = 1
+    mosaic_spacing_fwhm: float = 0.511
+    mosaic_source: tuple = (0.1, 14.0, 9.0)
 
     @staticmethod
     def preset(name: str, **overrides) -> "SimConfig":
@@ -102,6 +110,8 @@ class SimConfig:
             "small": {},
             "realistic": {"nant": 43, "nspw": 4, "nchan": 128, "target_scans": 8, "target_scan_s": 360.0,
                           "phase_scan_s": 30.0, "bandpass_scan_s": 300.0, "check_scan_s": 120.0},
+            # the target a 7-pointing mosaic (a hexagon around the centre)
+            "mosaic": {"mosaic_pointings": 7},
             # a narrow (FDM-like) spw beside two wide ones: too little SNR per integration
             # for its own phases on the phase calibrator, so spwphaseup maps it to a wide one
             "mixed": {"nspw": 3, "spw_widths_hz": (1.875e9, 1.875e9, 0.1171875e9)},
@@ -184,6 +194,7 @@ class Simulator:
         # start when the bandpass calibrator rises through start_elevation_deg
         lat = np.radians(ALMA_SITE[1])
         ra0, dec0 = np.radians(FIELDS[0][1]), np.radians(FIELDS[0][2])
+        self.fields = self._fields()
 
         def hour_angle(el_deg):
             cos_h = (np.sin(np.radians(el_deg)) - np.sin(lat) * np.sin(dec0)) / (np.cos(lat) * np.cos(dec0))
@@ -253,6 +264,33 @@ class Simulator:
         self.spw_phase[0] = 0.0
         self.online = []        # (antenna, t_start, t_end) filled in write()
 
+    def _fields(self) -> list:
+        """(name, ra deg, dec deg, role) per field: the calibrators, then the target's
+        pointing(s); a mosaic's pointings share the target's name, as ALMA's do."""
+        c = self.cfg
+        name, ra, dec, role = FIELDS[3]
+        if c.mosaic_pointings <= 1:
+            return list(FIELDS)
+        fwhm = PB_FWHM_FACTOR["ALMA"] * C / c.band_centre_hz / 12.0
+        out = list(FIELDS[:3])
+        for l, m in hexagonal_offsets(c.mosaic_pointings, c.mosaic_spacing_fwhm * fwhm):
+            ra_p, dec_p = direction_of(l, m, np.radians(ra), np.radians(dec))
+            out.append((name, float(np.degrees(ra_p)), float(np.degrees(dec_p)), role))
+        return out
+
+    def target_sources(self, freq: np.ndarray) -> list:
+        """[(flux (nchan,), ra, dec)] of the target: a continuum source at its centre,
+        a line source beside it and (mosaics) another continuum source between pointings."""
+        c = self.cfg
+        ra0, dec0 = np.radians(FIELDS[3][1]), np.radians(FIELDS[3][2])
+        line_centre = self.spw_centres[0]
+        line = c.target_line_jy * np.exp(-0.5 * ((freq - line_centre) / (0.06 * self.spw_widths[0])) ** 2)
+        out = [(np.full(len(freq), c.target_cont_jy), 0.0, 0.0), (line, *c.target_offset_arcsec)]
+        if c.mosaic_pointings > 1:
+            out.append((np.full(len(freq), c.mosaic_source[0]), *c.mosaic_source[1:]))
+        arcsec = np.pi / 180 / 3600
+        return [(flux, *direction_of(e * arcsec, n * arcsec, ra0, dec0)) for flux, e, n in out]
+
     # ------------------------------------------------------------ truth models
     def path_mm(self, t_s: np.ndarray, untracked: bool = False) -> np.ndarray:
         """Excess atmospheric path (ntime, nant) in mm: the water-vapour path the
@@ -288,26 +326,33 @@ class Simulator:
         """[(flux (nchan,), l, m)] for a field."""
         c = self.cfg
         nu0 = c.band_centre_hz
-        role = FIELDS[field][3]
+        role = self.fields[field][3]
         if role == "BANDPASS":
             return [(c.bp_flux_jy * (freq / nu0) ** c.bp_spix, 0.0, 0.0)]
         if role == "PHASE":
             return [(c.phase_flux_jy * (freq / nu0) ** c.phase_spix, 0.0, 0.0)]
         if role == "CHECK":
             return [(np.full(len(freq), c.check_flux_jy), 0.0, 0.0)]
-        l, m = (np.radians(a / 3600) for a in c.target_offset_arcsec)
-        line_centre = self.spw_centres[0]
-        line = c.target_line_jy * np.exp(-0.5 * ((freq - line_centre) / (0.06 * self.spw_widths[0])) ** 2)
-        return [(np.full(len(freq), c.target_cont_jy), 0.0, 0.0), (line, l, m)]
+        # the target's sources as this pointing sees them: offset from its direction
+        # and attenuated by its primary beam
+        ra_p, dec_p = np.radians(self.fields[field][1]), np.radians(self.fields[field][2])
+        fwhm = PB_FWHM_FACTOR["ALMA"] * C / freq / 12.0
+        out = []
+        for flux, ra, dec in self.target_sources(freq):
+            l, m = sin_offset(ra, dec, ra_p, dec_p)
+            out.append((flux * np.exp(-4 * np.log(2) * (l * l + m * m) / fwhm ** 2), l, m))
+        return out
 
     # ------------------------------------------------------------ scan plan
     def scan_plan(self) -> list:
         c = self.cfg
         plan = [("ATMOSPHERE", 0, c.atm_scan_s), ("BANDPASS", 0, c.bandpass_scan_s), ("ATMOSPHERE", 1, c.atm_scan_s)]
+        npt = max(c.mosaic_pointings, 1)
         for k in range(c.target_scans):
             if k == 0:
                 plan += [("ATMOSPHERE", 3, c.atm_scan_s)]          # Tsys on the target itself
-            plan += [("PHASE", 1, c.phase_scan_s), ("TARGET", 3, c.target_scan_s)]
+            # a mosaic's pointings one after the other, sharing the target scan's time
+            plan += [("PHASE", 1, c.phase_scan_s)] + [("TARGET", 3 + j, c.target_scan_s / npt) for j in range(npt)]
             if k == c.target_scans // 2:
                 plan += [("ATMOSPHERE", 1, c.atm_scan_s), ("ATMOSPHERE", 2, c.atm_scan_s),
                          ("CHECK", 2, c.check_scan_s)]
@@ -342,9 +387,9 @@ class Simulator:
                                      "STATION": self.pads, "POSITION": self.xyz, "OFFSET": np.zeros((n, 3)),
                                      "DISH_DIAMETER": diam, "TYPE": ["GROUND-BASED"] * n, "MOUNT": ["ALT-AZ"] * n,
                                      "FLAG_ROW": np.zeros(n, bool)})
-        nf = len(FIELDS)
-        dirs = np.radians(np.array([[f[1], f[2]] for f in FIELDS]))[:, None, :]
-        fill_table(f"{ms}/FIELD", {"NAME": [f[0] for f in FIELDS], "CODE": ["none"] * nf, "TIME": np.full(nf, t0),
+        nf = len(self.fields)
+        dirs = np.radians(np.array([[f[1], f[2]] for f in self.fields]))[:, None, :]
+        fill_table(f"{ms}/FIELD", {"NAME": [f[0] for f in self.fields], "CODE": ["none"] * nf, "TIME": np.full(nf, t0),
                                    "NUM_POLY": np.zeros(nf, int), "PHASE_DIR": dirs, "DELAY_DIR": dirs,
                                    "REFERENCE_DIR": dirs, "SOURCE_ID": np.arange(nf), "FLAG_ROW": np.zeros(nf, bool)})
         spw_names = [f"X0000000000#ALMA_RB_06#BB_{s + 1}#SW-01#FULL_RES" for s in range(c.nspw)] + \
@@ -385,7 +430,7 @@ class Simulator:
                 nint = max(int(round(dur / c.integration_s)), 1)
                 times = t + (np.arange(nint) + 0.5) * c.integration_s
                 t_frac = (times - t0) / (t_end_est - t0)
-                ra, dec = np.radians(FIELDS[fid][1]), np.radians(FIELDS[fid][2])
+                ra, dec = np.radians(self.fields[fid][1]), np.radians(self.fields[fid][2])
                 gast = Time(times / 86400, format="mjd", scale="utc").sidereal_time("apparent", "greenwich").rad
                 el = elevation(gast, ra, dec)
                 auvw = antenna_uvw(self.xyz, gast, ra, dec)                   # (nt, nant, 3)
@@ -410,7 +455,7 @@ class Simulator:
                     t = times[-1] + c.integration_s / 2 + 10.0
                     continue
                 truth_rows.setdefault("scans", []).append(
-                    {"scan": scan_no, "field": FIELDS[fid][0], "kind": kind,
+                    {"scan": scan_no, "field": self.fields[fid][0], "field_id": fid, "kind": kind,
                      "start_mjd_s": float(times[0] - c.integration_s / 2), "end_mjd_s": float(times[-1] + c.integration_s / 2)})
                 if scan_no - 1 in online_scans:
                     self.online.append((online_ant, float(t), float(t + c.online_flag_s)))
@@ -491,7 +536,7 @@ class Simulator:
     def true_tsys(self, spw: int, time: float, field: int) -> np.ndarray:
         """The model Tsys (nant, nchan) at a time, looking at a field (for tests)."""
         t_frac = np.array([(time - self.t0) / (self.t_end_est - self.t0)])
-        ra, dec = np.radians(FIELDS[field][1]), np.radians(FIELDS[field][2])
+        ra, dec = np.radians(self.fields[field][1]), np.radians(self.fields[field][2])
         gast = Time(np.array([time]) / 86400, format="mjd", scale="utc").sidereal_time("apparent", "greenwich").rad
         return self.tsys(spw, t_frac, elevation(gast, ra, dec))[0]
 
@@ -600,6 +645,11 @@ class Simulator:
                                     "l_arcsec": float(np.degrees(l) * 3600), "m_arcsec": float(np.degrees(m) * 3600)}
                                    for fl, l, m in self.sky(f, np.array([c.band_centre_hz] * 3))]
                     for f in range(len(FIELDS))},
+            # the target's sources on the sky (each pointing sees them through its primary beam)
+            "target_sources": [{"flux_jy": float(fl[0]), "ra_deg": float(np.degrees(ra)), "dec_deg": float(np.degrees(dec))}
+                               for fl, ra, dec in self.target_sources(np.array([c.band_centre_hz]))],
+            "pointings": [{"field_id": i, "ra_deg": f[1], "dec_deg": f[2]} for i, f in enumerate(self.fields)
+                          if f[3] == "TARGET"],
             "spectral_index": {FIELDS[0][0]: c.bp_spix, FIELDS[1][0]: c.phase_spix, FIELDS[2][0]: 0.0},
             "line": {"field": "Target", "spw": 0, "centre_hz": float(self.spw_centres[0]),
                      "sigma_hz": 0.06 * float(self.spw_widths[0]), "peak_jy": c.target_line_jy},

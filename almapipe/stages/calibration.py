@@ -117,8 +117,9 @@ def field_map(ctx: dict, rule: str, solved: set, skip: tuple = ()) -> dict | Non
 
     'all'                -> None: any field's solutions (bandpass, WVR, spw offsets);
     'nearest-calibrator' -> a field with solutions of its own uses them (a calibrator
-                            its gains, a target its Tsys), every other field those of
-                            the phase calibrators;
+                            its gains, a target its Tsys), else those of fields of
+                            its name (a mosaic's pointings share the Tsys measured on
+                            one of them), else those of the phase calibrators;
     'own'                -> only fields with solutions of their own, each its own;
     'phase-calibrator'   -> every field except those in skip, the phase calibrators'.
     An empty list means the entry does not apply to that field."""
@@ -131,7 +132,9 @@ def field_map(ctx: dict, rule: str, solved: set, skip: tuple = ()) -> dict | Non
     if rule == "phase-calibrator":
         return {f: ([] if f in skip else phase) for f in ids}
     if rule == "nearest-calibrator":
-        return {f: ([f] if f in solved else phase) for f in ids}
+        names = {f["id"]: f["name"] for f in ctx["fields"]}
+        same_name = {f: [g for g in sorted(solved) if names.get(g) == names[f]] for f in ids}
+        return {f: ([f] if f in solved else same_name[f] or phase) for f in ids}
     raise StageError(f"calibration library: unknown gainfield rule {rule!r}")
 
 

@@ -17,7 +17,8 @@ from ..imaging.deconvolve import robust_rms  # noqa: E402
 from ..imaging.frames import lsrk_factor  # noqa: E402
 from ..imaging.imager import (ImageSpec, Planes, aggregate_continuum, clean_planes, join_planes,  # noqa: E402
                               restore_planes)
-from ..imaging.products import image_header, write_fits  # noqa: E402
+from ..imaging.mosaic import make_mosaic  # noqa: E402
+from ..imaging.products import PB_FWHM_FACTOR, image_header, mosaic_coverage, write_fits  # noqa: E402
 from ..imaging.uvcontsub import format_channels, parse_channels, subtract_continuum  # noqa: E402
 from ..msio import ms as msio  # noqa: E402
 
@@ -89,9 +90,14 @@ def find_continuum(vis: msio.Vis, edge_frac: float = 0.05, nsigma: float = 5.0,
     """Line-free channels: those whose continuum-free dirty-cube peak SNR (line_spectrum)
     is neither nsigma above the quiet channels' level nor above min_peak_snr (noise
     peaks in the coarse cube reach ~4), with line channels grown by two; the band
-    edges and flagged channels are left out."""
+    edges and flagged channels are left out. A mosaic's pointings are looked at one
+    by one (each is phased to its own centre), a channel's SNR the highest of them."""
     nchan = len(vis.freq)
-    spec, has_data = line_spectrum(vis)
+    fields = np.unique(vis.field_id)
+    spectra = [line_spectrum(vis)] if len(fields) < 2 else \
+        [line_spectrum(vis.select(vis.field_id == f)) for f in fields]
+    spec = np.max([sp for sp, _ in spectra], axis=0)
+    has_data = np.any([h for _, h in spectra], axis=0)
     edge = max(1, int(round(edge_frac * nchan)))
     inner = has_data.copy()
     inner[:edge] = inner[nchan - edge:] = False
@@ -223,10 +229,12 @@ def _plot_spectrum(io, vis, mask, spw):
 
 # ------------------------------------------------------------------ makeimages
 
-def image_heuristics(vis: msio.Vis, dish_m: float, telescope: str, chans: np.ndarray) -> tuple[float, int]:
+def image_heuristics(vis: msio.Vis, dish_m: float, telescope: str, chans: np.ndarray,
+                     extent_rad: float = 0.0) -> tuple[float, int]:
     """(cell arcsec, npix): 5 pixels across the beam, image covering the primary
-    beam down to 0.2 of its peak, rounded up to a fast FFT size (hif_makeimlist)."""
-    from ..imaging.products import PB_FWHM_FACTOR
+    beam down to 0.2 of its peak, rounded up to a fast FFT size (hif_makeimlist).
+    A mosaic's image covers every pointing's beam to 0.2: extent_rad is its
+    pointings' largest distance from the image centre."""
     cross = (vis.ant1 != vis.ant2) & ~vis.flag[:, chans].all(axis=(1, 2))
     fmax = vis.freq[chans].max()
     uvmax = np.percentile(np.hypot(vis.uvw[cross, 0], vis.uvw[cross, 1]), 95) * fmax / 299792458.0
@@ -234,7 +242,7 @@ def image_heuristics(vis: msio.Vis, dish_m: float, telescope: str, chans: np.nda
     cell = float(np.round(beam_arcsec / 5.0, 3 if beam_arcsec < 1 else 2))
     fwhm = PB_FWHM_FACTOR.get(telescope.upper(), 1.13) * 299792458.0 / vis.freq[chans].min() / dish_m
     radius = fwhm * np.sqrt(np.log(5.0) / (4 * np.log(2)))   # where a Gaussian beam falls to 0.2
-    npix = gridding.good_size(int(np.ceil(2 * np.degrees(radius) * 3600 / cell)))
+    npix = gridding.good_size(int(np.ceil(2 * np.degrees(radius + extent_rad) * 3600 / cell)))
     return cell, npix
 
 
@@ -312,31 +320,40 @@ def _product_name(ctx: dict, field: str, intents: list, spw: int, specmode: str)
     return f"{ctx.get('ms_name', 'oussid')}.{safe}_{intent}.spw{spw}.{specmode}.I"
 
 
+def target_groups(ctx: dict) -> list:
+    """The targets to image, each a list of field ids: TARGET fields grouped by name,
+    so that a mosaic's pointings (which share their source's name) make one image."""
+    groups = {}
+    for fid in field_ids_with(ctx, "TARGET"):
+        groups.setdefault(field_name(ctx, fid), []).append(fid)
+    return list(groups.values())
+
+
 def _image_jobs(ctx: dict, params: dict) -> list:
-    """What makeimages images: (specmode, field id, partition or [partitions] for the
-    aggregate, column, imaging parameters), in order."""
+    """What makeimages images: (specmode, field ids, partition or [partitions] for the
+    aggregate, column, imaging parameters), in order. Several field ids: a mosaic."""
     jobs = []
     if params.get("calibrators", True):
         for fid in calibrator_ids(ctx):
             for part in ctx["partitions"]:
-                jobs.append(("mfs", fid, part, "CORRECTED_DATA", params.get("calibrator", {})))
+                jobs.append(("mfs", [fid], part, "CORRECTED_DATA", params.get("calibrator", {})))
     chans_of = {e["spw"]: e["channels"] for e in ctx.get("continuum", [])}
     if params.get("target_cont", False) and ctx.get("target_partitions") and ctx.get("continuum"):
         # specmode 'cont': the target's continuum from its line-free channels (cont.dat)
-        for fid in field_ids_with(ctx, "TARGET"):
+        for fids in target_groups(ctx):
             for part in ctx["target_partitions"]:
-                jobs.append(("cont", fid, part, "DATA", dict(params.get("cont", {}),
+                jobs.append(("cont", fids, part, "DATA", dict(params.get("cont", {}),
                                                               chans=chans_of.get(part["spw"], ""))))
     if params.get("target_aggregate", False) and ctx.get("target_partitions") and ctx.get("continuum"):
         # the aggregate continuum: the line-free channels of every spw in one mfs image
         parts = [dict(p, chans=chans_of.get(p["spw"], "")) for p in ctx["target_partitions"]]
         if len(parts) > 1:
-            for fid in field_ids_with(ctx, "TARGET"):
-                jobs.append(("cont", fid, parts, "DATA", dict(params.get("cont", {}), aggregate=True)))
+            for fids in target_groups(ctx):
+                jobs.append(("cont", fids, parts, "DATA", dict(params.get("cont", {}), aggregate=True)))
     if params.get("target_cube", True) and ctx.get("contsub_partitions"):
-        for fid in field_ids_with(ctx, "TARGET"):
+        for fids in target_groups(ctx):
             for part in ctx["contsub_partitions"]:
-                jobs.append(("cube", fid, part, "DATA", params.get("cube", {})))
+                jobs.append(("cube", fids, part, "DATA", params.get("cube", {})))
     return jobs
 
 
@@ -347,7 +364,8 @@ class ImageJob:
 
     def __init__(self, ctx: dict, io: StageIO, job: tuple, theoretical: dict):
         self.ctx, self.io = ctx, io
-        self.specmode, self.fid, part, column, self.p = job
+        self.specmode, self.fids, part, column, self.p = job
+        self.fid = self.fids[0]          # a mosaic's first pointing names it
         obs = ctx["observation"]
         self.telescope = obs["telescope"]
         self.dish = float(np.median([a["diameter_m"] for a in obs["antennas"] if a["has_data"]]))
@@ -356,14 +374,14 @@ class ImageJob:
         if isinstance(part, list):      # aggregate: several spws in one single-channel Vis
             pieces = []
             for piece in part:
-                _, v = read_part(io, piece, fields=[self.fid], column=column)
+                _, v = read_part(io, piece, fields=self.fids, column=column)
                 if len(v.time):
                     pieces.append((v, parse_channels(piece["chans"], len(v.freq)) if piece.get("chans")
                                    else np.ones(len(v.freq), bool)))
             self.vis = aggregate_continuum(pieces, int(self.p.get("width", 8))) if pieces else None
             self.part = {"spw": "_".join(str(piece["spw"]) for piece in part), "frame_spw": part[0]["spw"]}
         else:
-            _, self.vis = read_part(io, part, fields=[self.fid], column=column)
+            _, self.vis = read_part(io, part, fields=self.fids, column=column)
             self.part = part
         self.theoretical = theoretical
         self.dr_seen = {}
@@ -380,7 +398,9 @@ class ImageJob:
         self.chans = parse_channels(p["chans"], nchan) if p.get("chans") else np.ones(nchan, bool)
         if vis.flag[:, self.chans].all():
             return "all data flagged"
-        cell, npix = image_heuristics(vis, self.dish, self.telescope, self.chans)
+        mosaic = self.mosaic() if len(self.fids) > 1 else None
+        cell, npix = image_heuristics(vis, self.dish, self.telescope, self.chans,
+                                      mosaic.extent_rad() if mosaic else 0.0)
         self.spec = ImageSpec(
             field=self.field["name"], specmode="mfs" if self.specmode == "cont" else self.specmode,
             npix=int(p.get("imsize", npix)), cell_arcsec=float(p.get("cell_arcsec", cell)),
@@ -388,7 +408,8 @@ class ImageJob:
             chans=self.chans, automask=bool(p.get("automask", False)),
             negative_threshold=float(p.get("negative_threshold", 15.0 if self.specmode == "cube" else 0.0)),
             # multiscale: scales of 0, 1 and 3 beams (the cell is a fifth of a beam)
-            scales=p.get("scales") or ([0, 5, 15] if p.get("deconvolver") == "multiscale" else None))
+            scales=p.get("scales") or ([0, 5, 15] if p.get("deconvolver") == "multiscale" else None),
+            mosaic=mosaic)
         if self.specmode == "cube":
             cont = self.part.get("cont_chans")
             self.theo = _theoretical_rms(vis, self.spec, parse_channels(cont, nchan) & self.chans if cont else None,
@@ -401,6 +422,8 @@ class ImageJob:
         else:
             self.theo = _theoretical_rms(vis, self.spec, self.chans, mfs=True)
             self.theoretical[(self.fid, self.part["spw"])] = self.theo
+        if self.theo and mosaic is not None:
+            self.theo *= self.mosaic_noise_factor()
         # the threshold from the theoretical noise and the dirty dynamic range
         if self.theo and p.get("dr_threshold", True):
             is_cal = "TARGET" not in self.fctx["intents"] and "CHECK" not in self.fctx["intents"]
@@ -412,6 +435,25 @@ class ImageJob:
                 return thr
             self.spec.threshold_from_dirty = threshold
         return None
+
+    def mosaic(self):
+        """The mosaic of this job's fields: where each pointing lies and its share of
+        the (unflagged) weight."""
+        vis, fields = self.vis, {f["id"]: f for f in self.ctx["observation"]["fields"]}
+        w = np.where(vis.flag[:, self.chans], 0.0, vis.weight[:, None, :]).sum(axis=(1, 2))
+        have = [f for f in self.fids if w[vis.field_id == f].sum() > 0]
+        return make_mosaic([(f, fields[f]["ra_rad"], fields[f]["dec_rad"]) for f in have],
+                           [w[vis.field_id == f].sum() for f in have], self.dish, self.telescope)
+
+    def mosaic_noise_factor(self) -> float:
+        """How much noisier a joint mosaic is than all its data at one pointing: its
+        flat noise is that over the square root of the peak of sum_p f_p PB_p^2
+        (measurement.JointMosaic)."""
+        m, spec = self.spec.mosaic, self.spec
+        cover = mosaic_coverage(spec.npix, np.radians(spec.cell_arcsec / 3600), float(self.vis.freq[self.chans].mean()),
+                                m.dish_m, m.telescope, [p.offset_lm for p in m.pointings],
+                                [p.fraction for p in m.pointings])
+        return float(1.0 / np.sqrt(cover.max()))
 
     def clean(self, chans: np.ndarray | None = None):
         """Clean all planes, or (a piece of a cube) the given channels only."""
@@ -431,14 +473,14 @@ class ImageJob:
         stats = _stats(res, spec, cont_mask, self.specmode)
         # images are labelled in LSRK, as the ALMA pipeline makes them
         factor, frame = lsrk_labels(ctx, part.get("frame_spw", part["spw"]), fid, self.vis.time)
-        fld = self.field
+        ra, dec = spec.mosaic.centre if spec.mosaic else (self.field["ra_rad"], self.field["dec_rad"])
         files = {}
         for suffix, planes_, unit in (("image", res.image, "Jy/beam"), ("pbcor", res.pbcor, "Jy/beam"),
                                       ("pb", np.repeat(res.pb[None], len(res.freqs), 0), ""),
                                       ("mask", res.clean_mask.astype(np.float32) if res.clean_mask is not None
                                        else np.repeat(res.mask[None].astype(np.float32), len(res.freqs), 0), ""),
                                       ("residual", res.residual, "Jy/beam")):
-            hdr = image_header(fld["ra_rad"], fld["dec_rad"], spec.npix, np.radians(spec.cell_arcsec / 3600),
+            hdr = image_header(ra, dec, spec.npix, np.radians(spec.cell_arcsec / 3600),
                                res.freqs * factor, frame, unit, res.beam, spec.field, self.telescope,
                                restfreq=1.420405752e9 if self.telescope.upper() in ("VLA", "EVLA") else None)
             path = os.path.join(io.workdir, f"{base}.{suffix}.fits")
@@ -454,6 +496,7 @@ class ImageJob:
                "beam_arcsec": [round(res.beam[0], 3), round(res.beam[1], 3), round(res.beam[2], 2)],
                "stop_reasons": sorted(set(res.stop_reasons)), "thumbnail": _thumbnail(io, res, base, self.specmode),
                "aggregate": bool(p.get("aggregate", False)),
+               "pointings": len(spec.mosaic.pointings) if spec.mosaic else 1,
                "dr_correction": self.dr_seen.get("factor", 1.0), "threshold_jy": self.dr_seen.get("threshold"),
                "dirty_dynamic_range": self.dr_seen.get("dirty_dynamic_range")}
         if self.specmode == "cube":
