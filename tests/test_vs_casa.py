@@ -12,7 +12,7 @@ from almapipe.calibration.applycal import GainApply
 from almapipe.calibration.fluxmodels import perley_butler_2017
 from almapipe.calibration.terms import SolveSpec, point_model, solve_term
 from almapipe.imaging import gridding
-from almapipe.imaging.imager import _stokes_i_samples
+from almapipe.imaging.imager import stokes_i
 from almapipe.msio.ms import read_vis
 
 # CASA bandpass, correlation RR, channels 8, 16, ..., 48: phase (deg) and amplitude
@@ -46,8 +46,8 @@ def test_bandpass_agrees_with_casa(ngc5921_ms):
 
 def test_dirty_image_matches_tclean_orientation_and_scale(ngc5921_ms):
     vis = read_vis(ngc5921_ms, field_ids=[2])
-    uvw, data, w = _stokes_i_samples(vis, np.array([43]))
-    img = gridding.dirty(uvw, vis.freq[[43]], data, w, 256, np.radians(15 / 3600))
+    si = stokes_i(vis, np.array([43]))
+    img = gridding.dirty(si.uvw, vis.freq[[43]], si.data, si.weight, 256, np.radians(15 / 3600))
     assert np.unravel_index(np.argmax(img), img.shape) == CASA_DIRTY_PEAK_PIXEL
     assert abs(img.max() / CASA_DIRTY_PEAK - 1) < 0.02
 

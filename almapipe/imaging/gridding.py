@@ -15,6 +15,8 @@ import os
 import numpy as np
 import ducc0
 
+from . import kernels
+
 EPSILON = 1e-5
 FLIPS = {"flip_u": False, "flip_v": True, "flip_w": True}
 
@@ -33,24 +35,9 @@ def briggs_weights(uvw: np.ndarray, freq: np.ndarray, weight: np.ndarray, npix: 
     """
     if robust is None:
         return weight
-    du = 1.0 / (npix * cell_rad)     # uv cell size in wavelengths
-    lam_inv = freq / 299792458.0
-    u = uvw[:, 0:1] * lam_inv[None, :] / du
-    v = uvw[:, 1:2] * lam_inv[None, :] / du
-    iu = np.floor(u + npix / 2).astype(np.int64)
-    iv = np.floor(v + npix / 2).astype(np.int64)
-    ju = np.floor(-u + npix / 2).astype(np.int64)
-    jv = np.floor(-v + npix / 2).astype(np.int64)
-    inside = (iu >= 0) & (iu < npix) & (iv >= 0) & (iv < npix) & (ju >= 0) & (ju < npix) & (jv >= 0) & (jv < npix)
-    w = np.where(inside, weight, 0)
-    cell = np.where(inside, iu * npix + iv, 0)
-    cell_c = np.where(inside, ju * npix + jv, 0)
-    density = np.bincount(cell.ravel(), w.ravel(), npix * npix) + np.bincount(cell_c.ravel(), w.ravel(), npix * npix)
-    sum_w = 2 * w.sum()
-    if sum_w <= 0:
-        return w
-    f2 = (5.0 * 10 ** (-robust)) ** 2 / ((density ** 2).sum() / sum_w)
-    return np.where(inside, w / (1.0 + density[cell] * f2), 0)
+    return kernels.briggs(np.ascontiguousarray(uvw[:, 0], np.float64), np.ascontiguousarray(uvw[:, 1], np.float64),
+                          np.asarray(freq, np.float64) / 299792458.0, np.ascontiguousarray(weight), int(npix),
+                          float(cell_rad), float(robust))
 
 
 def dirty(uvw, freq, vis, wgt, npix: int, cell_rad: float, wgridding: bool = True) -> np.ndarray:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import deconvolve, gridding
+from . import deconvolve, gridding, kernels
 from .automask import AutomaskParams
 from .measurement import JointMosaic, OnePointing
 from .mosaic import Mosaic
@@ -61,15 +61,27 @@ class ImageResult:
     clean_mask: np.ndarray | None = None   # (nplane, ny, nx) when automasking
 
 
-def _stokes_i_samples(vis: Vis, chan_idx: np.ndarray):
-    """uvw, vis (nsample, nchan), weights for the parallel hands as samples of I."""
+@dataclass
+class StokesI:
+    """The samples of Stokes I that an image grids: one per cross-correlation row
+    with any unflagged data in the channels taken (the parallel hands' weighted
+    mean; auto-correlations and fully flagged rows left out)."""
+    uvw: np.ndarray        # (nrow, 3) m
+    data: np.ndarray       # (nrow, nchan) complex64
+    weight: np.ndarray     # (nrow, nchan) float32 natural weights, 0 where flagged
+    rows: np.ndarray       # (nrow,) the rows of the Vis they come from
+
+
+def stokes_i(vis: Vis, chan_idx: np.ndarray) -> StokesI:
+    """Stokes I samples of the given channels (kernels.stokes_i)."""
     par = [i for i, c in enumerate(vis.corr_types) if c in ("RR", "LL", "XX", "YY", "I")] or [0]
-    uvw = np.concatenate([vis.uvw] * len(par))
-    data = np.concatenate([vis.data[:, chan_idx, p] for p in par])
-    w = np.concatenate([np.where(vis.flag[:, chan_idx, p], 0, vis.weight[:, p:p + 1]) for p in par]).astype(np.float32)
-    cross = np.concatenate([vis.ant1 != vis.ant2] * len(par))
-    w[~cross] = 0
-    return uvw, data, w
+    rows = np.flatnonzero(vis.ant1 != vis.ant2)
+    chan_idx = np.asarray(chan_idx, np.int64)
+    data, w = kernels.stokes_i(vis.data, vis.flag, vis.weight, rows, chan_idx, np.array(par, np.int64))
+    keep = w.any(axis=1)
+    if not keep.all():
+        rows, data, w = rows[keep], data[keep], w[keep]
+    return StokesI(vis.uvw[rows], data, w, rows)
 
 
 def aggregate_continuum(parts: list, width: int = 8) -> Vis:
@@ -136,19 +148,19 @@ class Planes:
                       z["freqs"], [str(r) for r in z["reasons"]], int(z["iterations"]), list(z["masks"]))
 
 
-def _pointing_samples(vis: Vis, mosaic: Mosaic, uvw, data, w_nat) -> list:
+def _pointing_samples(vis: Vis, mosaic: Mosaic, samples: StokesI) -> list:
     """Per pointing of a mosaic: (uvw, data, natural weights, the path in metres
     whose phase moves its phase centre to the image centre). Each pointing keeps
     its own uvw: the error is second order in the pointing offsets (a few
     arcminutes cost ~1e-7 of a turn per wavelength of baseline)."""
-    field = np.tile(vis.field_id, len(uvw) // max(len(vis.field_id), 1))
+    field = vis.field_id[samples.rows]
     out = []
     for p in mosaic.pointings:
         sel = field == p.field_id
         l0, m0 = p.centre_lm
         lmn = np.array([l0, m0, np.sqrt(1 - l0 * l0 - m0 * m0) - 1])
         # the delay towards the image centre (m); per channel the phase is 2 pi delay f / c
-        out.append((uvw[sel], data[sel], w_nat[sel], uvw[sel] @ lmn))
+        out.append((samples.uvw[sel], samples.data[sel], samples.weight[sel], samples.uvw[sel] @ lmn))
     return out
 
 
@@ -177,8 +189,8 @@ def clean_planes(vis: Vis, spec: ImageSpec) -> Planes:
     nchan = len(vis.freq)
     chans = np.flatnonzero(spec.chans if spec.chans is not None else np.ones(nchan, bool))
     planes = [chans] if spec.specmode == "mfs" else [np.array([c]) for c in chans]
-    uvw, data, w_nat = _stokes_i_samples(vis, chans)
-    samples = (uvw, data, w_nat) if spec.mosaic is None else _pointing_samples(vis, spec.mosaic, uvw, data, w_nat)
+    si = stokes_i(vis, chans)
+    samples = (si.uvw, si.data, si.weight) if spec.mosaic is None else _pointing_samples(vis, spec.mosaic, si)
     col = {c: i for i, c in enumerate(chans)}
     out = Planes([], [], [], [], np.array([vis.freq[pl].mean() for pl in planes]), [], 0, [])
     for pl in planes:

@@ -16,7 +16,7 @@ from ..imaging import gridding  # noqa: E402
 from ..imaging.deconvolve import robust_rms  # noqa: E402
 from ..imaging.frames import lsrk_factor  # noqa: E402
 from ..imaging.imager import (ImageSpec, Planes, aggregate_continuum, clean_planes, join_planes,  # noqa: E402
-                              restore_planes)
+                              restore_planes, stokes_i)
 from ..imaging.mosaic import make_mosaic  # noqa: E402
 from ..imaging.products import PB_FWHM_FACTOR, image_header, mosaic_coverage, write_fits  # noqa: E402
 from ..imaging.uvcontsub import format_channels, parse_channels, subtract_continuum  # noqa: E402
@@ -66,12 +66,12 @@ def line_spectrum(vis: msio.Vis, npix: int = 64) -> tuple[np.ndarray, np.ndarray
     the peak of what is left in each channel is the spectrum in which line
     emission stands out wherever in the field it is (as ALMA's findcont works on
     the dirty cube rather than on visibilities)."""
-    from ..imaging.imager import _stokes_i_samples
     nchan = len(vis.freq)
     cross = vis.ant1 != vis.ant2
     uvmax = np.percentile(np.hypot(vis.uvw[cross, 0], vis.uvw[cross, 1]), 95) * vis.freq.max() / 299792458.0
     cell = 1.0 / max(uvmax, 1e-9) / 3.0                      # radians: ~3 pixels per beam
-    uvw, data, w = _stokes_i_samples(vis, np.arange(nchan))
+    si = stokes_i(vis, np.arange(nchan))
+    uvw, data, w = si.uvw, si.data, si.weight
     has_data = w.sum(axis=0) > 0
     cube = np.zeros((nchan, npix, npix))
     for c in np.flatnonzero(has_data):
@@ -290,7 +290,6 @@ def _theoretical_rms(vis: msio.Vis, spec: ImageSpec, chans: np.ndarray | None, m
     first of the given channels, with its own Briggs weights) or an mfs image's (all
     of them). The scatter comes from differences of adjacent channels, which
     neither continuum nor a smooth line contributes to."""
-    from ..imaging.imager import _stokes_i_samples
     if chans is None or chans.sum() < 2:
         return None
     idx = np.flatnonzero(chans)
@@ -304,7 +303,8 @@ def _theoretical_rms(vis: msio.Vis, spec: ImageSpec, chans: np.ndarray | None, m
         return None
     sigma_unit = 1.4826 * np.median(np.abs(diff)) / np.sqrt(2)         # real part, weight 1
     plane = idx if mfs else idx[:1]
-    uvw, _, wnat = _stokes_i_samples(vis, plane)          # auto-correlations get weight 0
+    si = stokes_i(vis, plane)
+    uvw, wnat = si.uvw, si.weight
     wim = gridding.briggs_weights(uvw, vis.freq[plane], wnat, spec.npix, np.radians(spec.cell_arcsec / 3600),
                                   spec.robust)
     sel = wnat > 0

@@ -1,0 +1,75 @@
+"""Compiled inner loops of imaging (numba): one pass over the visibilities each."""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+@numba.njit(parallel=True, cache=True)
+def stokes_i(data, flag, weight, rows, chans, pols):
+    """Stokes I samples: for each of the given rows and channels the weighted mean of
+    the given (parallel-hand) correlations and the sum of their weights (0 where all
+    are flagged). Gridding one such sample is the same as gridding each correlation
+    as a sample of I with its own weight, at half the work.
+
+    data (nrow, nchan, ncorr) complex64, flag (nrow, nchan, ncorr), weight (nrow, ncorr).
+    Returns (vis (len(rows), len(chans)) complex64, wgt float32)."""
+    nr, nc, npol = len(rows), len(chans), len(pols)
+    vis = np.zeros((nr, nc), np.complex64)
+    wgt = np.zeros((nr, nc), np.float32)
+    for k in numba.prange(nr):
+        r = rows[k]
+        for j in range(nc):
+            c = chans[j]
+            ws = np.float32(0.0)
+            acc = np.complex64(0.0)
+            for q in range(npol):
+                p = pols[q]
+                if not flag[r, c, p]:
+                    w = weight[r, p]
+                    ws += w
+                    acc += w * data[r, c, p]
+            if ws > 0:
+                vis[k, j] = acc / ws
+                wgt[k, j] = ws
+    return vis, wgt
+
+
+@numba.njit(cache=True)
+def briggs(u_m, v_m, lam_inv, weight, npix, cell_rad, robust):
+    """Briggs imaging weights (nrow, nchan) from natural weights, CASA's formula, with
+    the weight density of this plane's samples on the image's uv grid (cells of
+    1 / (npix cell) wavelengths; a sample and its conjugate both count; samples whose
+    cell or conjugate cell falls off the grid get weight 0).
+
+    u_m, v_m (nrow,) metres; lam_inv (nchan,) 1/m; weight (nrow, nchan)."""
+    nrow, nchan = weight.shape
+    du = 1.0 / (npix * cell_rad)
+    half = npix / 2
+    cell = np.full((nrow, nchan), -1, np.int64)
+    dens = np.zeros(npix * npix)
+    dens_c = np.zeros(npix * npix)
+    sum_w = 0.0
+    for r in range(nrow):
+        for c in range(nchan):
+            u = u_m[r] * lam_inv[c] / du
+            v = v_m[r] * lam_inv[c] / du
+            iu, iv = int(np.floor(u + half)), int(np.floor(v + half))
+            ju, jv = int(np.floor(-u + half)), int(np.floor(-v + half))
+            if 0 <= iu < npix and 0 <= iv < npix and 0 <= ju < npix and 0 <= jv < npix:
+                w = np.float64(weight[r, c])
+                cell[r, c] = iu * npix + iv
+                dens[iu * npix + iv] += w
+                dens_c[ju * npix + jv] += w
+                sum_w += 2 * w
+    out = np.zeros((nrow, nchan))
+    if sum_w <= 0:
+        return out
+    dens += dens_c
+    f2 = (5.0 * 10 ** (-robust)) ** 2 / ((dens ** 2).sum() / sum_w)
+    for r in range(nrow):
+        for c in range(nchan):
+            k = cell[r, c]
+            if k >= 0:
+                out[r, c] = weight[r, c] / (1.0 + dens[k] * f2)
+    return out
