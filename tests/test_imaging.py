@@ -230,3 +230,31 @@ def test_mosaic_recovers_sources_across_its_pointings():
     assert res.pb.max() == pytest.approx(1.0)
     x3, y3 = c - 38, c - 25
     assert res.pb[y3, x3] > 0.5 and np.isfinite(res.pbcor[0, y3, x3])
+
+
+def test_noise_of_a_source_free_field_is_the_theoretical_noise():
+    """No source: the image's rms is the theoretical noise from the visibilities'
+    scatter and the imaging weights (within 20 %), for one pointing and for a joint
+    mosaic (whose noise is flat, that of all its data over sqrt(max sum f PB^2))."""
+    from almapipe.imaging.mosaic import hexagonal_offsets, make_mosaic
+    from almapipe.imaging.products import mosaic_noise_factor
+    from almapipe.stages.imaging import _theoretical_rms
+    vis = simulate(nant=12, ntime=40, nchan=8, noise=0.05, flux=0.0, baseline_m=300.0)
+    spec = ImageSpec(field="s", npix=128, cell_arcsec=8.0, niter=0)
+    theo = _theoretical_rms(vis, spec, np.ones(8, bool), mfs=True)
+    rms = float(np.std(make_image(vis, spec, 12.0, "ALMA").residual[0]))
+    assert abs(rms / theo - 1) < 0.2, (rms, theo)
+
+    centre = (np.radians(277.5), np.radians(-21.9))
+    fwhm = 1.13 * 299792458.0 / 100e9 / 12.0
+    vis, fields = simulate_mosaic(centre, hexagonal_offsets(7, 0.5 * fwhm), [], noise=0.05)
+    mosaic = make_mosaic(fields, [vis.weight[vis.field_id == f[0]].sum() for f in fields], 12.0, "ALMA")
+    spec = ImageSpec(field="m", npix=160, cell_arcsec=1.0, niter=0, mosaic=mosaic)
+    theo = _theoretical_rms(vis, spec, np.ones(2, bool), mfs=True) * mosaic_noise_factor(
+        160, ARCSEC, float(vis.freq.mean()), 12.0, "ALMA", [p.offset_lm for p in mosaic.pointings],
+        [p.fraction for p in mosaic.pointings])
+    res = make_image(vis, spec, 12.0, "ALMA")
+    inner = res.residual[0][res.pb > 0.5]
+    outer = res.residual[0][(res.pb > 0.2) & (res.pb < 0.5)]
+    assert abs(np.std(inner) / theo - 1) < 0.2, (np.std(inner), theo)
+    assert abs(np.std(outer) / np.std(inner) - 1) < 0.2            # flat across the mosaic

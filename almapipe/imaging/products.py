@@ -33,6 +33,14 @@ def mosaic_coverage(npix: int, cell_rad: float, freq_hz: float, dish_m: float, t
                for o, f in zip(offsets_lm, fractions))
 
 
+def mosaic_noise_factor(npix: int, cell_rad: float, freq_hz: float, dish_m: float, telescope: str,
+                        offsets_lm: list, fractions) -> float:
+    """How much noisier a joint mosaic is than all its data at one pointing: its flat
+    noise is that over sqrt(max A) (measurement.JointMosaic)."""
+    a = mosaic_coverage(npix, cell_rad, freq_hz, dish_m, telescope, offsets_lm, fractions)
+    return float(1.0 / np.sqrt(a.max()))
+
+
 def mosaic_beam(npix: int, cell_rad: float, freq_hz: float, dish_m: float, telescope: str,
                 offsets_lm: list, fractions) -> np.ndarray:
     """The primary beam of a joint mosaic, sqrt(A / max A) with A = sum_p f_p PB_p^2

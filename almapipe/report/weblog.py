@@ -61,7 +61,8 @@ def _result_tables(ctx: dict, name: str) -> list:
     if name == "makeimages" and ctx.get("images"):
         return [{"title": "Images", "header": ["File", "Mode", "Beam (\")", "Peak (mJy/beam)", "rms (mJy/beam)",
                                                "Theoretical rms", "Dirty DR", "DR correction", "QA"],
-                 "rows": [[i["file"], i["specmode"] + (" (aggregate)" if i.get("aggregate") else ""),
+                 "rows": [[i["file"], i["specmode"] + (" (aggregate)" if i.get("aggregate") else "")
+                           + (f", mosaic of {i['pointings']} pointings" if i.get("pointings", 1) > 1 else ""),
                            "{:.1f} x {:.1f} @ {:.0f}".format(*i["beam_arcsec"]),
                            f"{i['peak_jy_per_beam'] * 1e3:.2f}", f"{i['rms_jy_per_beam'] * 1e3:.3f}",
                            f"{i['theoretical_rms_jy_per_beam'] * 1e3:.3f}" if i.get("theoretical_rms_jy_per_beam") else "",

@@ -18,7 +18,7 @@ from ..imaging.frames import lsrk_factor  # noqa: E402
 from ..imaging.imager import (ImageSpec, Planes, aggregate_continuum, clean_planes, join_planes,  # noqa: E402
                               restore_planes, stokes_i)
 from ..imaging.mosaic import make_mosaic  # noqa: E402
-from ..imaging.products import PB_FWHM_FACTOR, image_header, mosaic_coverage, write_fits  # noqa: E402
+from ..imaging.products import PB_FWHM_FACTOR, image_header, mosaic_noise_factor, write_fits  # noqa: E402
 from ..imaging.uvcontsub import format_channels, parse_channels, subtract_continuum  # noqa: E402
 from ..msio import ms as msio  # noqa: E402
 
@@ -65,7 +65,11 @@ def line_spectrum(vis: msio.Vis, npix: int = 64) -> tuple[np.ndarray, np.ndarray
     is made; each pixel's median over channels (its continuum) is subtracted, and
     the peak of what is left in each channel is the spectrum in which line
     emission stands out wherever in the field it is (as ALMA's findcont works on
-    the dirty cube rather than on visibilities)."""
+    the dirty cube rather than on visibilities). Every channel is gridded at one
+    reference frequency, so all have the same PSF: with each channel's own, a bright
+    source's sidelobes move across the band and what the median leaves looks like
+    line emission. (Positions scale by f / f_ref instead, a small fraction of a
+    coarse pixel near the centre of a spw a few percent wide.)"""
     nchan = len(vis.freq)
     cross = vis.ant1 != vis.ant2
     uvmax = np.percentile(np.hypot(vis.uvw[cross, 0], vis.uvw[cross, 1]), 95) * vis.freq.max() / 299792458.0
@@ -73,9 +77,10 @@ def line_spectrum(vis: msio.Vis, npix: int = 64) -> tuple[np.ndarray, np.ndarray
     si = stokes_i(vis, np.arange(nchan))
     uvw, data, w = si.uvw, si.data, si.weight
     has_data = w.sum(axis=0) > 0
+    f_ref = np.array([vis.freq[has_data].mean() if has_data.any() else vis.freq.mean()])
     cube = np.zeros((nchan, npix, npix))
     for c in np.flatnonzero(has_data):
-        cube[c] = gridding.dirty(uvw, vis.freq[c:c + 1], data[:, c:c + 1], w[:, c:c + 1], npix, cell)
+        cube[c] = gridding.dirty(uvw, f_ref, data[:, c:c + 1], w[:, c:c + 1], npix, cell)
     cont = np.median(cube[has_data], axis=0)
     resid = (cube - cont[None]).reshape(nchan, -1)
     # peak signal-to-noise per channel: channels are noisier where the bandpass rolls off
@@ -162,50 +167,62 @@ def _ranges_ghz(freq: np.ndarray, mask: np.ndarray) -> list:
     return [(float(freq[r].min() / 1e9), float(freq[r].max() / 1e9)) for r in runs]
 
 
+def continuum_channels(ctx: dict, params: dict, user: dict, vis: msio.Vis, spw: int, fids: list) -> tuple:
+    """The continuum channels of one target (its fields fids; several: a mosaic) in one
+    spw, and where they come from: a user's cont.dat (read in LSRK), the recipe's
+    fitspw, or findcont. Returns (mask, frame, channel frequencies in the frame, origin)."""
+    nchan = len(vis.freq)
+    # cont.dat is in LSRK, the data may be TOPO (ALMA's are)
+    factor, frame = lsrk_labels(ctx, spw, fids[0], vis.time)
+    freq = vis.freq * factor
+    key = (field_name(ctx, fids[0]), spw)
+    if key in user:
+        mask = np.zeros(nchan, bool)
+        for lo, hi in user[key]:
+            mask |= (freq / 1e9 >= lo - 1e-9) & (freq / 1e9 <= hi + 1e-9)
+        return mask, frame, freq, "user cont.dat"
+    if params.get("fitspw"):
+        return parse_channels(params["fitspw"], nchan), frame, freq, "recipe fitspw"
+    return find_continuum(vis), frame, freq, "findcont"
+
+
 @stage("uvcontsub", service="imager")
 def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
-    """Fit and subtract the continuum per baseline and time over the line-free channels."""
+    """Fit and subtract the continuum per baseline and time over the line-free channels
+    of each target (its own ranges per spw, as cont.dat lists them per field)."""
     qa = QA()
     if not ctx.get("target_partitions"):
         raise StageError("uvcontsub: no target MS; run split first")
     user = parse_cont_dat(ctx["user"]["cont_dat"]) if ctx["user"].get("cont_dat") else {}
+    order = params.get("fitorder", 0)
     entries, out = [], []
-    target_id = field_ids_with(ctx, "TARGET")[0]
-    target_name = field_name(ctx, target_id)
     for part in ctx["target_partitions"]:
         ms, vis = read_part(io, part)
-        nchan = len(vis.freq)
-        key = (target_name, part["spw"])
-        # cont.dat is in LSRK, the data may be TOPO (ALMA's are)
-        factor, frame = lsrk_labels(ctx, part["spw"], target_id, vis.time[vis.field_id == target_id])
-        f_ghz = vis.freq * factor / 1e9
-        if key in user:
-            mask = np.zeros(nchan, bool)
-            for lo, hi in user[key]:
-                mask |= (f_ghz >= lo - 1e-9) & (f_ghz <= hi + 1e-9)
-            origin = "user cont.dat"
-        elif params.get("fitspw"):
-            mask = parse_channels(params["fitspw"], nchan)
-            origin = "recipe fitspw"
-        else:
-            mask = find_continuum(vis)
-            origin = "findcont"
-        if mask.sum() < params.get("fitorder", 0) + 2:
-            raise StageError(f"uvcontsub: only {mask.sum()} continuum channels in spw {part['spw']}")
-        line, model = subtract_continuum(vis.data, vis.flag, mask, params.get("fitorder", 0))
-        msio.write_column(ms, vis.rows, "DATA", line)
+        spw = part["spw"]
+        cont_chans = {}
+        for fids in target_groups(ctx):
+            rows = np.isin(vis.field_id, fids)
+            if not rows.any():
+                continue
+            name = field_name(ctx, fids[0])
+            target = vis if rows.all() else vis.select(rows)
+            mask, frame, freq, origin = continuum_channels(ctx, params, user, target, spw, fids)
+            if mask.sum() < order + 2:
+                raise StageError(f"uvcontsub: only {mask.sum()} continuum channels for {name} in spw {spw}")
+            line, _ = subtract_continuum(target.data, target.flag, mask, order)
+            vis.data[rows] = line
+            chans = format_channels(mask)
+            cont_chans[name] = chans
+            entries.append({"field": name, "spw": spw, "frame": frame, "ranges_ghz": _ranges_ghz(freq, mask),
+                            "channels": chans, "origin": origin})
+            qa.note(f"{name} spw {spw}: continuum channels {chans} ({origin}), fit order {order}.")
+            _plot_spectrum(io, target, mask, spw, name)
+        msio.write_column(ms, vis.rows, "DATA", vis.data)
         name = part["name"].replace(".ms", ".contsub.ms")
         dest = os.path.join(io.workdir, name)
         os.rename(ms, dest)
         entry = io.put_dir(dest, name)
-        out.append(dict(part, key=entry["key"], sha256=entry["sha256"], name=name,
-                        cont_chans=format_channels(mask)))
-        entries.append({"field": target_name, "spw": part["spw"], "frame": frame,
-                        "ranges_ghz": _ranges_ghz(f_ghz * 1e9, mask), "channels": format_channels(mask),
-                        "origin": origin})
-        qa.note(f"spw {part['spw']}: continuum channels {format_channels(mask)} ({origin}), fit order "
-                f"{params.get('fitorder', 0)}.")
-        _plot_spectrum(io, vis, mask, part["spw"])
+        out.append(dict(part, key=entry["key"], sha256=entry["sha256"], name=name, cont_chans=cont_chans))
     text = cont_dat_text(entries)
     ctx["cont_dat_key"] = io.put_bytes(text.encode(), "cont.dat", "text/plain")["key"]
     ctx["continuum"] = entries
@@ -213,7 +230,7 @@ def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
     return qa
 
 
-def _plot_spectrum(io, vis, mask, spw):
+def _plot_spectrum(io, vis, mask, spw, field):
     w = np.where(vis.flag, 0, vis.weight[:, None, :])
     spec = np.abs((w * vis.data).sum(axis=(0, 2)) / np.maximum(w.sum(axis=(0, 2)), 1e-30))
     fig, ax = plt.subplots(figsize=(8, 3.5))
@@ -222,9 +239,9 @@ def _plot_spectrum(io, vis, mask, spw):
     ax.fill_between(ch, 0, spec.max() * 1.05, where=mask, color="tab:green", alpha=0.2, label="continuum")
     ax.set_xlabel("channel")
     ax.set_ylabel("|vector average| (Jy)")
-    ax.set_title(f"Target spectrum and continuum ranges, spw {spw}")
+    ax.set_title(f"{field}: spectrum and continuum ranges, spw {spw}")
     ax.legend()
-    io.plot(fig, f"findcont_spw{spw}.png")
+    io.plot(fig, f"findcont_{field.replace(' ', '_')}_spw{spw}.png")
 
 
 # ------------------------------------------------------------------ makeimages
@@ -337,18 +354,19 @@ def _image_jobs(ctx: dict, params: dict) -> list:
         for fid in calibrator_ids(ctx):
             for part in ctx["partitions"]:
                 jobs.append(("mfs", [fid], part, "CORRECTED_DATA", params.get("calibrator", {})))
-    chans_of = {e["spw"]: e["channels"] for e in ctx.get("continuum", [])}
+    chans_of = {(e["field"], e["spw"]): e["channels"] for e in ctx.get("continuum", [])}
     if params.get("target_cont", False) and ctx.get("target_partitions") and ctx.get("continuum"):
         # specmode 'cont': the target's continuum from its line-free channels (cont.dat)
         for fids in target_groups(ctx):
             for part in ctx["target_partitions"]:
-                jobs.append(("cont", fids, part, "DATA", dict(params.get("cont", {}),
-                                                              chans=chans_of.get(part["spw"], ""))))
+                chans = chans_of.get((field_name(ctx, fids[0]), part["spw"]), "")
+                jobs.append(("cont", fids, part, "DATA", dict(params.get("cont", {}), chans=chans)))
     if params.get("target_aggregate", False) and ctx.get("target_partitions") and ctx.get("continuum"):
         # the aggregate continuum: the line-free channels of every spw in one mfs image
-        parts = [dict(p, chans=chans_of.get(p["spw"], "")) for p in ctx["target_partitions"]]
-        if len(parts) > 1:
+        if len(ctx["target_partitions"]) > 1:
             for fids in target_groups(ctx):
+                parts = [dict(p, chans=chans_of.get((field_name(ctx, fids[0]), p["spw"]), ""))
+                         for p in ctx["target_partitions"]]
                 jobs.append(("cont", fids, parts, "DATA", dict(params.get("cont", {}), aggregate=True)))
     if params.get("target_cube", True) and ctx.get("contsub_partitions"):
         for fids in target_groups(ctx):
@@ -411,7 +429,7 @@ class ImageJob:
             scales=p.get("scales") or ([0, 5, 15] if p.get("deconvolver") == "multiscale" else None),
             mosaic=mosaic)
         if self.specmode == "cube":
-            cont = self.part.get("cont_chans")
+            cont = self.part.get("cont_chans", {}).get(self.field["name"])
             self.theo = _theoretical_rms(vis, self.spec, parse_channels(cont, nchan) & self.chans if cont else None,
                                          mfs=False)
         elif p.get("aggregate"):
@@ -423,7 +441,10 @@ class ImageJob:
             self.theo = _theoretical_rms(vis, self.spec, self.chans, mfs=True)
             self.theoretical[(self.fid, self.part["spw"])] = self.theo
         if self.theo and mosaic is not None:
-            self.theo *= self.mosaic_noise_factor()
+            self.theo *= mosaic_noise_factor(self.spec.npix, np.radians(self.spec.cell_arcsec / 3600),
+                                             float(vis.freq[self.chans].mean()), mosaic.dish_m, mosaic.telescope,
+                                             [q.offset_lm for q in mosaic.pointings],
+                                             [q.fraction for q in mosaic.pointings])
         # the threshold from the theoretical noise and the dirty dynamic range
         if self.theo and p.get("dr_threshold", True):
             is_cal = "TARGET" not in self.fctx["intents"] and "CHECK" not in self.fctx["intents"]
@@ -445,16 +466,6 @@ class ImageJob:
         return make_mosaic([(f, fields[f]["ra_rad"], fields[f]["dec_rad"]) for f in have],
                            [w[vis.field_id == f].sum() for f in have], self.dish, self.telescope)
 
-    def mosaic_noise_factor(self) -> float:
-        """How much noisier a joint mosaic is than all its data at one pointing: its
-        flat noise is that over the square root of the peak of sum_p f_p PB_p^2
-        (measurement.JointMosaic)."""
-        m, spec = self.spec.mosaic, self.spec
-        cover = mosaic_coverage(spec.npix, np.radians(spec.cell_arcsec / 3600), float(self.vis.freq[self.chans].mean()),
-                                m.dish_m, m.telescope, [p.offset_lm for p in m.pointings],
-                                [p.fraction for p in m.pointings])
-        return float(1.0 / np.sqrt(cover.max()))
-
     def clean(self, chans: np.ndarray | None = None):
         """Clean all planes, or (a piece of a cube) the given channels only."""
         spec = self.spec if chans is None else dataclasses.replace(self.spec, chans=self.chans & chans)
@@ -468,8 +479,9 @@ class ImageJob:
         nchan = len(self.vis.freq)
         base = _product_name(ctx, spec.field, self.fctx["intents"], part["spw"], self.specmode)
         cont_mask = None
-        if self.specmode == "cube" and part.get("cont_chans"):
-            cont_mask = parse_channels(part["cont_chans"], nchan)[self.chans]
+        cont = part.get("cont_chans", {}).get(self.field["name"]) if self.specmode == "cube" else None
+        if cont:
+            cont_mask = parse_channels(cont, nchan)[self.chans]
         stats = _stats(res, spec, cont_mask, self.specmode)
         # images are labelled in LSRK, as the ALMA pipeline makes them
         factor, frame = lsrk_labels(ctx, part.get("frame_spw", part["spw"]), fid, self.vis.time)
