@@ -2,7 +2,7 @@
 time with 1, 2 and 4 imager workers.
 
     .venv/bin/python bench/imaging_vs_tclean.py --ms EB/sim.ms [--casa-python PATH]
-        [--field 3] [--niter 1000] [--cube-niter 10] [--workers 1,2,4]
+        [--field 3] [--niter 1000] [--cube-niter 10] [--workers 1,2,4] [--steps mfs,cube]
 
 Steps, each a whole process, the same on both sides (image size and cell from the
 pipeline's heuristics, Briggs 0.5, Hogbom, the given niter, no threshold):
@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--niter", type=int, default=1000)
     ap.add_argument("--cube-niter", type=int, default=10)
     ap.add_argument("--workers", default="1,2,4")
+    ap.add_argument("--steps", default="mfs,cube", help="which of mfs, cube to time against tclean")
     ap.add_argument("--child", choices=("ours", "casa"))
     ap.add_argument("--step")
     ap.add_argument("--npix", type=int)
@@ -115,6 +116,8 @@ def main() -> None:
           "--npix", str(npix), "--cell", str(cell)]
     rows = []
     for step, niter in (("mfs", args.niter), ("cube", args.cube_niter)):
+        if step not in args.steps.split(","):
+            continue
         a = timed(me + ["--child", "ours", "--step", step, "--niter", str(niter)], work)
         b = None
         if args.casa_python:
