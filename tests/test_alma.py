@@ -50,9 +50,10 @@ def mixed_run(stack, stub, tmp_path_factory):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def mosaic_run(stack, stub, tmp_path_factory):  # noqa: F811
-    """The target a 7-pointing mosaic (preset 'mosaic'); the target's images only."""
+    """The target a 7-pointing mosaic (preset 'mosaic'); the calibrators' images are
+    limited to 32 pixels, so that they are named and not made."""
     return run_simulated_eb(stack, stub, tmp_path_factory.mktemp("mosaic"), "mosaic",
-                            {"makeimages.calibrators": "false"})
+                            {"makeimages.calibrator": json.dumps({"max_imsize": 32})})
 
 
 def extract_table(out, name: str) -> list:
@@ -504,3 +505,15 @@ def test_uvcontsub_finds_each_targets_own_continuum(stack, tmp_path):  # noqa: F
     rows, ch = sub.field_id == 3, int(np.argmax(line))
     back = np.exp(-2j * np.pi * (sub.uvw[rows, 0] * l + sub.uvw[rows, 1] * m) * f[ch] / 299792458.0)
     assert abs((sub.data[rows][:, ch, 0] * back).mean().real / line[ch] - 1) < 0.05
+
+
+def test_an_image_larger_than_max_imsize_is_named_not_made(mosaic_run):
+    """An image whose heuristics exceed max_imsize (a wide mosaic, long baselines) is
+    not made; the makeimages QA says which and why, and the run goes on."""
+    _, _, run, summary, _ = mosaic_run
+    assert run.status == pb.RUN_STATUS_SUCCEEDED, run.error
+    stage = next(s for s in summary["stages"] if s["name"] == "makeimages")
+    skipped = [r for r in stage["qa_reasons"] if "max_imsize 32" in r and "not imaged" in r]
+    assert len(skipped) == 3 * 2, stage["qa_reasons"]          # 3 calibrators x 2 spws
+    assert stage["qa_score"] <= 0.5
+    assert {i["field"] for i in summary["images"]} == {"Target"}

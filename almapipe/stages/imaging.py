@@ -22,6 +22,8 @@ from ..imaging.products import PB_FWHM_FACTOR, image_header, mosaic_noise_factor
 from ..imaging.uvcontsub import format_channels, parse_channels, subtract_continuum  # noqa: E402
 from ..msio import ms as msio  # noqa: E402
 
+# the largest image makeimages makes from its heuristics (per image kind: max_imsize)
+MAX_IMSIZE = 4096
 INTENT_SUFFIX = {"BANDPASS": "bp", "FLUX": "flux", "PHASE": "ph", "CHECK": "check", "TARGET": "sci"}
 
 
@@ -419,9 +421,16 @@ class ImageJob:
         mosaic = self.mosaic() if len(self.fids) > 1 else None
         cell, npix = image_heuristics(vis, self.dish, self.telescope, self.chans,
                                       mosaic.extent_rad() if mosaic else 0.0)
+        npix = int(p.get("imsize", npix))
+        if npix > int(p.get("max_imsize", MAX_IMSIZE)):
+            # a wide mosaic or long baselines: say so rather than run out of memory
+            return (f"the image would be {npix} x {npix} pixels of {float(p.get('cell_arcsec', cell))}\" "
+                    + (f"for a mosaic of {len(mosaic.pointings)} pointings " if mosaic else "")
+                    + f"(max_imsize {int(p.get('max_imsize', MAX_IMSIZE))}); give imsize and cell_arcsec, "
+                      "or a larger max_imsize")
         self.spec = ImageSpec(
             field=self.field["name"], specmode="mfs" if self.specmode == "cont" else self.specmode,
-            npix=int(p.get("imsize", npix)), cell_arcsec=float(p.get("cell_arcsec", cell)),
+            npix=npix, cell_arcsec=float(p.get("cell_arcsec", cell)),
             robust=p.get("robust", 0.5), niter=int(p.get("niter", 1000)), nsigma=float(p.get("nsigma", 3.0)),
             chans=self.chans, automask=bool(p.get("automask", False)),
             negative_threshold=float(p.get("negative_threshold", 15.0 if self.specmode == "cube" else 0.0)),
