@@ -258,3 +258,33 @@ def test_noise_of_a_source_free_field_is_the_theoretical_noise():
     outer = res.residual[0][(res.pb > 0.2) & (res.pb < 0.5)]
     assert abs(np.std(inner) / theo - 1) < 0.2, (np.std(inner), theo)
     assert abs(np.std(outer) / np.std(inner) - 1) < 0.2            # flat across the mosaic
+
+
+def test_cube_rows_moved_onto_the_lsrk_grid_keep_a_line_in_its_channel():
+    """Four hours of TOPO data of a line at one LSRK frequency, in 30 kHz channels at
+    230 GHz: the Earth's rotation moves it by ~11 channels in TOPO. Moved onto the LSRK
+    grid the cube's axis is labelled with, every row has it in the same channel, at
+    its LSRK frequency and at (nearly) full height."""
+    from almapipe.imaging.frames import lsrk_factors
+    from almapipe.stages.imaging import lsrk_labels, onto_lsrk_grid
+    nchan, df, f0 = 96, 30e3, 230e9
+    site, ra, dec = (2225142.18, -5440307.37, -2481029.85), np.radians(277.5), np.radians(-21.9)
+    vis = simulate(nant=6, ntime=25, nchan=nchan, noise=0.0, flux=0.0, freq0=f0 - nchan / 2 * df, dfreq=df)
+    vis.time = 5284331824.0 + np.repeat(np.arange(25) * 600.0, 15)
+    ctx = {"observation": {"spws": [{"id": 0, "frame": "TOPO"}], "fields": [{"id": 0, "ra_rad": ra, "dec_rad": dec}],
+                           "antennas": [{"position": site, "has_data": True}]}}
+    k_ref = lsrk_labels(ctx, 0, 0, vis.time)[0]
+    j0 = nchan // 2
+    line_lsrk = k_ref * vis.freq[j0]                        # on a labelled channel of the cube
+    k = lsrk_factors("TOPO", vis.time, ra, dec, site)
+    # each row sees, at TOPO channel frequency f, the LSRK frequency k f
+    spectrum = np.exp(-0.5 * ((k[:, None] * vis.freq[None, :] - line_lsrk) / (2 * df)) ** 2)
+    vis.data[:] = spectrum[:, :, None].astype(np.complex64)
+    before = vis.data[..., 0].real.mean(axis=0)
+    moved = onto_lsrk_grid(ctx, 0, 0, vis)
+    after = np.where(vis.flag[..., 0], np.nan, vis.data[..., 0].real)
+    assert moved > 4                                          # channels: the drift is real
+    assert before.max() < 0.6                                 # smeared over the channels it crossed
+    assert int(np.nanargmax(np.nanmean(after, axis=0))) == j0
+    assert np.nanmin(after[:, j0]) > 0.95                     # every row, at its peak (interpolation: < 3 %)
+    assert not vis.flag[:, 10:-10].any()                      # only edge channels can fall off the band

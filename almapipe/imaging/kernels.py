@@ -73,3 +73,34 @@ def briggs(u_m, v_m, lam_inv, weight, npix, cell_rad, robust):
             if k >= 0:
                 out[r, c] = weight[r, c] / (1.0 + dens[k] * f2)
     return out
+
+
+@numba.njit(parallel=True, cache=True)
+def shift_spectra(data, flag, shift):
+    """Each row's spectrum moved onto another channel grid: output channel j takes
+    the row's value at channel position j + shift[row], linearly interpolated
+    between its two neighbours; flagged where a neighbour it needs is flagged or off
+    the band. data (nrow, nchan, ncorr) complex64, flag the same shape, shift (nrow,).
+    Returns (data, flag)."""
+    nrow, nchan, ncorr = data.shape
+    out = np.zeros_like(data)
+    oflag = np.ones(flag.shape, np.bool_)
+    for r in numba.prange(nrow):
+        for j in range(nchan):
+            x = j + shift[r]
+            i0 = int(np.floor(x))
+            a = x - i0
+            if a < 1e-6:            # on a channel: nothing to interpolate
+                a = 0.0
+            elif a > 1 - 1e-6:
+                i0 += 1
+                a = 0.0
+            i1 = i0 + 1 if a > 0 else i0
+            if i0 < 0 or i1 > nchan - 1:
+                continue
+            for p in range(ncorr):
+                if flag[r, i0, p] or flag[r, i1, p]:
+                    continue
+                out[r, j, p] = (1 - a) * data[r, i0, p] + a * data[r, i1, p]
+                oflag[r, j, p] = False
+    return out, oflag

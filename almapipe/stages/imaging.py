@@ -14,9 +14,10 @@ from .base import QA, StageError, StageIO, field_ids_with, field_name, require_i
 from .calibration import calibrator_ids, read_part  # noqa: E402
 from ..imaging import gridding  # noqa: E402
 from ..imaging.deconvolve import robust_rms  # noqa: E402
-from ..imaging.frames import lsrk_factor  # noqa: E402
+from ..imaging.frames import channel_shifts, lsrk_factor, lsrk_factors, max_drift_channels  # noqa: E402
 from ..imaging.imager import (ImageSpec, Planes, aggregate_continuum, clean_planes, join_planes,  # noqa: E402
                               restore_planes, stokes_i)
+from ..imaging.kernels import shift_spectra  # noqa: E402
 from ..imaging.mosaic import make_mosaic  # noqa: E402
 from ..imaging.products import PB_FWHM_FACTOR, image_header, mosaic_noise_factor, write_fits  # noqa: E402
 from ..imaging.uvcontsub import format_channels, parse_channels, subtract_continuum  # noqa: E402
@@ -152,15 +153,38 @@ def parse_cont_dat(text: str) -> dict:
     return out
 
 
+def _frame_geometry(ctx: dict, spw: int, fid: int) -> tuple:
+    """(frame of the spw's data, field ra, dec, observatory ITRF): what a frame
+    conversion needs."""
+    obs = ctx["observation"]
+    fld = next(f for f in obs["fields"] if f["id"] == fid)
+    site = np.mean([a["position"] for a in obs["antennas"] if a.get("has_data", True)], axis=0)
+    return spw_info(ctx, spw)["frame"], fld["ra_rad"], fld["dec_rad"], site
+
+
 def lsrk_labels(ctx: dict, spw: int, fid: int, times: np.ndarray) -> tuple[float, str]:
     """(f_LSRK / f_data, frame) for relabelling a spw's channels of field fid in LSRK,
     as cubes and cont.dat are written (data already in LSRK: (1, 'LSRK'))."""
-    obs = ctx["observation"]
-    frame = spw_info(ctx, spw)["frame"]
-    fld = next(f for f in obs["fields"] if f["id"] == fid)
-    site = np.mean([a["position"] for a in obs["antennas"] if a.get("has_data", True)], axis=0)
-    factor = lsrk_factor(frame, float(np.mean(times)), fld["ra_rad"], fld["dec_rad"], site) if len(times) else 1.0
+    frame, ra, dec, site = _frame_geometry(ctx, spw, fid)
+    factor = lsrk_factor(frame, float(np.mean(times)), ra, dec, site) if len(times) else 1.0
     return factor, ("LSRK" if frame in ("TOPO", "LSRK") else frame)
+
+
+def onto_lsrk_grid(ctx: dict, spw: int, fid: int, vis: msio.Vis, min_shift: float = 0.02) -> float:
+    """Move every row of a cube's TOPO data onto the LSRK channel grid its axis is
+    labelled with (lsrk_labels: the shift at the mean time), in place, so that a line
+    stays in its channels while the Earth turns. Returns the largest move in
+    channels; below min_shift channels (TDM channels, short blocks) nothing is moved."""
+    frame, ra, dec, site = _frame_geometry(ctx, spw, fid)
+    if frame.upper() != "TOPO" or not len(vis.time) or \
+            max_drift_channels(vis.freq, float(np.ptp(vis.time))) < min_shift:
+        return 0.0
+    shift = channel_shifts(vis.freq, lsrk_factors(frame, vis.time, ra, dec, site),
+                           lsrk_labels(ctx, spw, fid, vis.time)[0])
+    largest = float(np.abs(shift).max())
+    if largest >= min_shift:
+        vis.data, vis.flag = shift_spectra(vis.data, vis.flag, shift)
+    return largest
 
 
 def _ranges_ghz(freq: np.ndarray, mask: np.ndarray) -> list:
@@ -405,6 +429,7 @@ class ImageJob:
             self.part = part
         self.theoretical = theoretical
         self.dr_seen = {}
+        self.lsrk_shift = 0.0           # the largest move of a cube's rows onto the LSRK grid, channels
 
     def label(self) -> str:
         return f"{self.field['name']} spw {self.part['spw']} ({self.specmode})"
@@ -441,6 +466,8 @@ class ImageJob:
             cont = self.part.get("cont_chans", {}).get(self.field["name"])
             self.theo = _theoretical_rms(vis, self.spec, parse_channels(cont, nchan) & self.chans if cont else None,
                                          mfs=False)
+            # (the noise from the data as observed: moving rows between channels mixes neighbours)
+            self.lsrk_shift = onto_lsrk_grid(self.ctx, self.part["spw"], self.fid, vis)
         elif p.get("aggregate"):
             # the spws' continuum images combine as independent measurements
             per_spw = [self.theoretical[(self.fid, int(s_))] for s_ in str(self.part["spw"]).split("_")
@@ -521,6 +548,10 @@ class ImageJob:
                "dr_correction": self.dr_seen.get("factor", 1.0), "threshold_jy": self.dr_seen.get("threshold"),
                "dirty_dynamic_range": self.dr_seen.get("dirty_dynamic_range")}
         if self.specmode == "cube":
+            rec["lsrk_shift_channels"] = round(self.lsrk_shift, 3)
+            if self.lsrk_shift >= 0.02:
+                qa.note(f"{rec['file']}: rows moved onto the LSRK channel grid by up to {self.lsrk_shift:.2f} "
+                        "channels.")
             rec["chans"] = p.get("chans", "")
             rec["peak_channel"] = int(np.flatnonzero(self.chans)[int(np.nanargmax(np.nanmax(res.image, axis=(1, 2))))])
             rec["spectrum_png"] = _cube_spectrum(io, res, base, np.flatnonzero(self.chans))
