@@ -108,7 +108,6 @@ class Coordinator:
             if run["status"] not in TERMINAL:
                 run["status"] = "CANCELLED"
                 run["error"] = "cancelled by request"
-                await self.save(run)
                 await self.finish(run)
         return run
 
@@ -224,7 +223,6 @@ class Coordinator:
                 if run.get("finalizing"):   # the failure WebLog itself failed
                     run["status"] = "FAILED"
                     run["error"] += f"; the WebLog could not be made: {ev.message}"
-                    await self.save(run)
                     await self.finish(run)
                     return
                 run["error"] = f"stage {st['index']} ({st['name']}) failed: {ev.message}"
@@ -232,7 +230,6 @@ class Coordinator:
                     later["status"] = "SKIPPED"
                 if not await self.finalize_with_weblog(run, st):
                     run["status"] = "FAILED"
-                    await self.save(run)
                     await self.finish(run)
             elif ev.status == pb.STAGE_STATUS_SUCCEEDED:
                 st.update(status="SUCCEEDED", qa_score=ev.qa_score, qa_reasons=list(ev.qa_reasons),
@@ -240,7 +237,6 @@ class Coordinator:
                 run["context_key"] = ev.context_key
                 if run.get("finalizing"):    # the WebLog of a failed run is done
                     run["status"] = "FAILED"
-                    await self.save(run)
                     await self.finish(run)
                 elif run["current_stage"] + 1 < len(run["stages"]):
                     run["current_stage"] += 1
@@ -248,7 +244,6 @@ class Coordinator:
                     await self.dispatch(run)
                 else:
                     run["status"] = "SUCCEEDED"
-                    await self.save(run)
                     await self.finish(run)
 
     async def finalize_with_weblog(self, run: dict, failed: dict) -> bool:
@@ -268,13 +263,16 @@ class Coordinator:
         return True
 
     async def finish(self, run: dict) -> None:
-        """Write summary.json and the products manifest; announce the run's end."""
+        """Write summary.json and the products manifest, then record the run's end
+        (run["status"] already says which) and announce it. In that order: a client that
+        sees the run ended can fetch its products at once. A gateway that dies in
+        between leaves the run RUNNING; the redelivered event finishes it again."""
         try:
             await asyncio.to_thread(self.write_products, run)
         except Exception as exc:
             log.exception("writing products of %s failed", run["run_id"])
             run["error"] = (run["error"] + "; " if run["error"] else "") + f"products: {exc}"
-            await self.save(run)
+        await self.save(run)
         metrics.RUNS.labels(run["status"].lower()).inc()
         metrics.RUNS_ACTIVE.dec()
         await self.run_event(run, pb.STAGE_STATUS_UNSPECIFIED, None, run["error"] or run["status"].lower())
