@@ -13,7 +13,6 @@ import numpy as np
 from scipy import optimize
 
 
-
 @dataclass
 class CleanResult:
     model: np.ndarray      # Jy/pixel

@@ -446,13 +446,12 @@ class ImageJob:
         mosaic = self.mosaic() if len(self.fids) > 1 else None
         cell, npix = image_heuristics(vis, self.dish, self.telescope, self.chans,
                                       mosaic.extent_rad() if mosaic else 0.0)
-        npix = int(p.get("imsize", npix))
-        if npix > int(p.get("max_imsize", MAX_IMSIZE)):
+        npix, max_imsize = int(p.get("imsize", npix)), int(p.get("max_imsize", MAX_IMSIZE))
+        if npix > max_imsize:
             # a wide mosaic or long baselines: say so rather than run out of memory
             return (f"the image would be {npix} x {npix} pixels of {float(p.get('cell_arcsec', cell))}\" "
                     + (f"for a mosaic of {len(mosaic.pointings)} pointings " if mosaic else "")
-                    + f"(max_imsize {int(p.get('max_imsize', MAX_IMSIZE))}); give imsize and cell_arcsec, "
-                      "or a larger max_imsize")
+                    + f"(max_imsize {max_imsize}); give imsize and cell_arcsec, or a larger max_imsize")
         self.spec = ImageSpec(
             field=self.field["name"], specmode="mfs" if self.specmode == "cont" else self.specmode,
             npix=npix, cell_arcsec=float(p.get("cell_arcsec", cell)),
@@ -466,8 +465,6 @@ class ImageJob:
             cont = self.part.get("cont_chans", {}).get(self.field["name"])
             self.theo = _theoretical_rms(vis, self.spec, parse_channels(cont, nchan) & self.chans if cont else None,
                                          mfs=False)
-            # (the noise from the data as observed: moving rows between channels mixes neighbours)
-            self.lsrk_shift = onto_lsrk_grid(self.ctx, self.part["spw"], self.fid, vis)
         elif p.get("aggregate"):
             # the spws' continuum images combine as independent measurements
             per_spw = [self.theoretical[(self.fid, int(s_))] for s_ in str(self.part["spw"]).split("_")
@@ -505,6 +502,11 @@ class ImageJob:
     def clean(self, chans: np.ndarray | None = None):
         """Clean all planes, or (a piece of a cube) the given channels only."""
         spec = self.spec if chans is None else dataclasses.replace(self.spec, chans=self.chans & chans)
+        if self.specmode == "cube":
+            # here, where the planes are made (a cube's join needs none of it), and after
+            # prepare() took the theoretical noise from the data as observed: moving rows
+            # between channels mixes neighbours
+            self.lsrk_shift = onto_lsrk_grid(self.ctx, self.part["spw"], self.fid, self.vis)
         self.io.visibilities += self.vis.data.size
         return clean_planes(self.vis, spec)
 
@@ -625,7 +627,7 @@ def imagecube_chunk(ctx: dict, params: dict, io: StageIO) -> QA:
     planes = im.clean(mask)
     path = os.path.join(io.workdir, f"planes_{item['job']}_{item['chunk']}.npz")
     planes.save(path)
-    ctx["piece"] = dict(item, key=io.put_file(path)["key"], dr=im.dr_seen)
+    ctx["piece"] = dict(item, key=io.put_file(path)["key"], dr=im.dr_seen, lsrk_shift=im.lsrk_shift)
     qa.note(f"{im.label()}: channels {format_channels(mask)} cleaned ({planes.iterations} components).")
     return qa
 
@@ -649,6 +651,7 @@ def joincube(ctx: dict, params: dict, io: StageIO) -> QA:
             dr = p.get("dr") or {}
             if dr.get("factor", 0) >= im.dr_seen.get("factor", 0):
                 im.dr_seen.update(dr)
+            im.lsrk_shift = max(im.lsrk_shift, p.get("lsrk_shift", 0.0))
         ctx["images"].append(im.products(join_planes(parts), qa))
     qa.note(f"Joined {len(pieces)} channel ranges into {len({p['job'] for p in pieces})} cube(s).")
     return qa
