@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import gridding
+from .products import joint_coverage
 
 
 class OnePointing:
@@ -60,7 +61,7 @@ class JointMosaic:
         self.pointings, self.beams = pointings, beams
         self.fractions = np.asarray(fractions, float) / max(float(np.sum(fractions)), 1e-30)
         self.npix, self.cell = pointings[0].npix, pointings[0].cell
-        a = sum(f * b ** 2 for f, b in zip(self.fractions, beams))
+        a = joint_coverage(beams, self.fractions)
         self.norm = np.sqrt(np.maximum(a * a.max(), 1e-30))
         self.pb = np.sqrt(a / a.max())
         # components only where the mosaic's beam is not too small to divide by

@@ -14,23 +14,38 @@ from astropy.io import fits
 PB_FWHM_FACTOR = {"ALMA": 1.13, "VLA": 1.02, "EVLA": 1.02}
 
 
+def pb_fwhm(freq_hz, dish_m: float, telescope: str):
+    """The primary beam's FWHM in radians (freq_hz a number or an array)."""
+    return PB_FWHM_FACTOR.get(telescope.upper(), 1.13) * 299792458.0 / freq_hz / dish_m
+
+
+def pb_response(r2_rad2, fwhm_rad):
+    """The Gaussian primary beam (peak 1) at squared distances r2 from its centre."""
+    return np.exp(-4 * np.log(2) * r2_rad2 / fwhm_rad ** 2)
+
+
 def primary_beam(npix: int, cell_rad: float, freq_hz: float, dish_m: float, telescope: str,
                  offset_lm: tuple = (0.0, 0.0)) -> np.ndarray:
     """Gaussian primary-beam response (peak 1) on the image grid, centred on the
     image or, for a mosaic's pointing, at offset_lm = (l east, m north) in radians
     from the image centre (x runs west: l = -(x - npix//2) cell)."""
-    factor = PB_FWHM_FACTOR.get(telescope.upper(), 1.13)
-    fwhm = factor * 299792458.0 / freq_hz / dish_m
     yy, xx = (np.mgrid[:npix, :npix] - npix // 2) * cell_rad
-    return np.exp(-4 * np.log(2) * ((-xx - offset_lm[0]) ** 2 + (yy - offset_lm[1]) ** 2) / fwhm ** 2)
+    return pb_response((-xx - offset_lm[0]) ** 2 + (yy - offset_lm[1]) ** 2, pb_fwhm(freq_hz, dish_m, telescope))
+
+
+def joint_coverage(beams: list, fractions) -> np.ndarray:
+    """A = sum_p f_p PB_p^2 of a joint mosaic's pointings' beams, the fractions taken
+    to sum to 1: what the mosaic's images are normalised by (measurement.JointMosaic)
+    and its primary beam and noise follow from."""
+    total = float(np.sum(fractions)) or 1.0
+    return sum(f / total * b ** 2 for b, f in zip(beams, fractions))
 
 
 def mosaic_coverage(npix: int, cell_rad: float, freq_hz: float, dish_m: float, telescope: str,
                     offsets_lm: list, fractions) -> np.ndarray:
-    """A = sum_p f_p PB_p^2 of a joint mosaic's pointings (fractions summing to 1)."""
-    total = float(np.sum(fractions)) or 1.0
-    return sum(f / total * primary_beam(npix, cell_rad, freq_hz, dish_m, telescope, o) ** 2
-               for o, f in zip(offsets_lm, fractions))
+    """joint_coverage of pointings at offsets_lm on the image grid."""
+    return joint_coverage([primary_beam(npix, cell_rad, freq_hz, dish_m, telescope, o) for o in offsets_lm],
+                          fractions)
 
 
 def mosaic_noise_factor(npix: int, cell_rad: float, freq_hz: float, dish_m: float, telescope: str,

@@ -43,7 +43,7 @@ from astropy.time import Time
 
 from .alma_pads import ALMA_C1_PADS, ALMA_SITE
 from ..imaging.mosaic import direction_of, hexagonal_offsets, sin_offset
-from ..imaging.products import PB_FWHM_FACTOR
+from ..imaging.products import pb_fwhm, pb_response
 from ..msio.ms import CORR_CODES, FREQ_FRAMES, fill_table, new_ms
 from ..stages.flagging import shadow_mask
 
@@ -271,7 +271,7 @@ class Simulator:
         name, ra, dec, role = FIELDS[3]
         if c.mosaic_pointings <= 1:
             return list(FIELDS)
-        fwhm = PB_FWHM_FACTOR["ALMA"] * C / c.band_centre_hz / 12.0
+        fwhm = pb_fwhm(c.band_centre_hz, 12.0, "ALMA")
         out = list(FIELDS[:3])
         for l, m in hexagonal_offsets(c.mosaic_pointings, c.mosaic_spacing_fwhm * fwhm):
             ra_p, dec_p = direction_of(l, m, np.radians(ra), np.radians(dec))
@@ -336,11 +336,11 @@ class Simulator:
         # the target's sources as this pointing sees them: offset from its direction
         # and attenuated by its primary beam
         ra_p, dec_p = np.radians(self.fields[field][1]), np.radians(self.fields[field][2])
-        fwhm = PB_FWHM_FACTOR["ALMA"] * C / freq / 12.0
+        fwhm = pb_fwhm(freq, 12.0, "ALMA")
         out = []
         for flux, ra, dec in self.target_sources(freq):
             l, m = sin_offset(ra, dec, ra_p, dec_p)
-            out.append((flux * np.exp(-4 * np.log(2) * (l * l + m * m) / fwhm ** 2), l, m))
+            out.append((flux * pb_response(l * l + m * m, fwhm), l, m))
         return out
 
     # ------------------------------------------------------------ scan plan

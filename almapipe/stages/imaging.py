@@ -19,7 +19,7 @@ from ..imaging.imager import (ImageSpec, Planes, aggregate_continuum, clean_plan
                               restore_planes, stokes_i)
 from ..imaging.kernels import shift_spectra  # noqa: E402
 from ..imaging.mosaic import make_mosaic  # noqa: E402
-from ..imaging.products import PB_FWHM_FACTOR, image_header, mosaic_noise_factor, write_fits  # noqa: E402
+from ..imaging.products import image_header, mosaic_noise_factor, pb_fwhm, write_fits  # noqa: E402
 from ..imaging.uvcontsub import format_channels, parse_channels, subtract_continuum  # noqa: E402
 from ..msio import ms as msio  # noqa: E402
 
@@ -283,7 +283,7 @@ def image_heuristics(vis: msio.Vis, dish_m: float, telescope: str, chans: np.nda
     uvmax = np.percentile(np.hypot(vis.uvw[cross, 0], vis.uvw[cross, 1]), 95) * fmax / 299792458.0
     beam_arcsec = np.degrees(1.0 / max(uvmax, 1e-9)) * 3600 * 1.0
     cell = float(np.round(beam_arcsec / 5.0, 3 if beam_arcsec < 1 else 2))
-    fwhm = PB_FWHM_FACTOR.get(telescope.upper(), 1.13) * 299792458.0 / vis.freq[chans].min() / dish_m
+    fwhm = pb_fwhm(vis.freq[chans].min(), dish_m, telescope)
     radius = fwhm * np.sqrt(np.log(5.0) / (4 * np.log(2)))   # where a Gaussian beam falls to 0.2
     npix = gridding.good_size(int(np.ceil(2 * np.degrees(radius + extent_rad) * 3600 / cell)))
     return cell, npix
