@@ -18,8 +18,9 @@ ratio ours/CASA compares like with like. The steps, the same on both sides:
   applycal  Tsys, positions, bandpass and gains applied to every field, CORRECTED_DATA
             written
 
-wvrgcal has no counterpart here: CASA's wvrgcal reads the WVR spw of an ASDM-derived
-MS, and the simulator keeps its radiometer data in a table of its own (WVR_DATA).
+wvrgcal is not compared here (CASA's wvrgcal wants more of an ASDM-derived MS than the
+WVR spw the simulator writes). Both sides work on the science spws only (the EB also has
+the WVR spw, Tsys spws and channel averages, as importasdm writes them).
 
 CASA runs only where --casa-python names an interpreter with casatasks (it is never a
 dependency of almapipe). Make the EB with `almapipe simulate --preset realistic`.
@@ -46,12 +47,14 @@ def ours(step: str, ms: str, work: str) -> None:
     from almapipe.calibration.applycal import GainApply, apply_tables
     from almapipe.calibration.caltable import read_caltable, write_caltable
     from almapipe.calibration.terms import SolveSpec, point_model, solve_term
-    from almapipe.msio.ms import read_vis, spw_of_ddid, spw_table, write_column, write_flags
+    from almapipe.msio.ms import read_vis, spw_table, write_column, write_flags
     from almapipe.stages.alma import delay_table, parse_antennapos, sample_times, source_vectors, tsys_solutions
     from almapipe.stages.calibration import derive_flux
     from almapipe.stages.flagging import shadow_mask
     import casacore.tables as ct
-    spws = sorted(set(spw_of_ddid(ms).values()))
+    from almapipe.msio.listobs import summary
+    obs = summary(ms)
+    spws = obs["science_spws"]
     unit = lambda f: np.ones_like(f)  # noqa: E731
     for spw in spws:
         if step == "flagdata":
@@ -63,7 +66,7 @@ def ours(step: str, ms: str, work: str) -> None:
             flag[:, :EDGE] = flag[:, -EDGE:] = True
             write_flags(ms, vis.rows, flag)
         elif step == "tsyscal":
-            sol, _ = tsys_solutions(ms, spw)
+            sol, _ = tsys_solutions(ms, spw, obs["scans"])
             write_caltable(sol, f"{work}/T.spw{spw}", ms)
         elif step == "antpos":
             offsets = parse_antennapos(open(os.path.join(os.path.dirname(ms), "antennapos.csv")).read())
@@ -115,16 +118,20 @@ def ours(step: str, ms: str, work: str) -> None:
 
 def casa(step: str, ms: str, work: str) -> None:
     from casatasks import applycal, bandpass, flagdata, fluxscale, gaincal, gencal
+    from casatools import table
     fields = ",".join(map(str, CAL_FIELDS))
+    with open(os.path.join(os.path.dirname(ms), "truth.json")) as f:
+        truth = json.load(f)
+    science = truth["science_spws"]
+    spw = ",".join(map(str, science))
     if step == "flagdata":
-        from casatools import table
         tb = table()
         tb.open(f"{ms}/SPECTRAL_WINDOW")
-        nchan = int(tb.getcell("NUM_CHAN", 0))
+        nchan = int(tb.getcell("NUM_CHAN", science[0]))
         tb.close()
         flagdata(vis=ms, mode="list", flagbackup=False,
-                 inpfile=["mode='manual' autocorr=True", "mode='shadow'",
-                          f"mode='manual' spw='*:0~{EDGE - 1};{nchan - EDGE}~{nchan - 1}'"])
+                 inpfile=[f"mode='manual' spw='{spw}' autocorr=True", f"mode='shadow' spw='{spw}'",
+                          f"mode='manual' spw='{spw}:0~{EDGE - 1};{nchan - EDGE}~{nchan - 1}'"])
     elif step == "tsyscal":
         gencal(vis=ms, caltable=f"{work}/casa.T", caltype="tsys")
     elif step == "antpos":
@@ -136,25 +143,23 @@ def casa(step: str, ms: str, work: str) -> None:
         fluxscale(vis=ms, caltable=f"{work}/casa.G", fluxtable=f"{work}/casa.F", reference=str(BP_FIELD),
                   transfer=",".join(map(str, CAL_FIELDS[1:])))
     elif step == "bandpass":
-        gaincal(vis=ms, caltable=f"{work}/casa.P0", field=str(BP_FIELD), solint="int", calmode="p",
+        gaincal(vis=ms, caltable=f"{work}/casa.P0", field=str(BP_FIELD), spw=spw, solint="int", calmode="p",
                 refant=str(REFANT))
-        bandpass(vis=ms, caltable=f"{work}/casa.B", field=str(BP_FIELD), solint="inf", combine="scan",
+        bandpass(vis=ms, caltable=f"{work}/casa.B", field=str(BP_FIELD), spw=spw, solint="inf", combine="scan",
                  refant=str(REFANT), solnorm=True, gaintable=[f"{work}/casa.P0"])
     elif step == "gaincal":
-        gaincal(vis=ms, caltable=f"{work}/casa.P", field=fields, solint="int", calmode="p", refant=str(REFANT),
-                gaintable=[f"{work}/casa.B"])
-        gaincal(vis=ms, caltable=f"{work}/casa.G", field=fields, solint="inf", calmode="ap", refant=str(REFANT),
-                gaintable=[f"{work}/casa.B", f"{work}/casa.P"])
+        gaincal(vis=ms, caltable=f"{work}/casa.P", field=fields, spw=spw, solint="int", calmode="p",
+                refant=str(REFANT), gaintable=[f"{work}/casa.B"])
+        gaincal(vis=ms, caltable=f"{work}/casa.G", field=fields, spw=spw, solint="inf", calmode="ap",
+                refant=str(REFANT), gaintable=[f"{work}/casa.B", f"{work}/casa.P"])
     elif step == "applycal":
-        # the Tsys table's solutions are in the Tsys spws (nspw..2nspw-1): map the science spws to them
-        from casatools import table
-        tb = table()
-        tb.open(f"{ms}/DATA_DESCRIPTION")
-        nspw = tb.nrows()
-        tb.close()
-        applycal(vis=ms, gaintable=[f"{work}/casa.T", f"{work}/casa.A", f"{work}/casa.B", f"{work}/casa.G"],
+        # the Tsys table's solutions are in the Tsys spws: map each science spw to its own
+        tsys_map = list(range(max(science) + 1))
+        for tsys_spw, sci in truth["tsys_spw_map"].items():
+            tsys_map[sci] = int(tsys_spw)
+        applycal(vis=ms, spw=spw, gaintable=[f"{work}/casa.T", f"{work}/casa.A", f"{work}/casa.B", f"{work}/casa.G"],
                  interp=["linear", "", "nearest", "linear"], calwt=[True, False, True, True],
-                 spwmap=[[nspw + i for i in range(nspw)], [], [], []])
+                 spwmap=[tsys_map, [], [], []])
 
 
 def run_one(python: str, side: str, step: str, ms: str, work: str) -> float:
@@ -163,9 +168,10 @@ def run_one(python: str, side: str, step: str, ms: str, work: str) -> float:
     shutil.rmtree(copy, ignore_errors=True)
     os.makedirs(os.path.dirname(copy), exist_ok=True)
     shutil.copytree(ms, copy)
-    csv_path = os.path.join(os.path.dirname(ms), "antennapos.csv")
-    if os.path.exists(csv_path):
-        shutil.copy(csv_path, os.path.dirname(copy))
+    for side_file in ("antennapos.csv", "truth.json"):
+        path = os.path.join(os.path.dirname(ms), side_file)
+        if os.path.exists(path):
+            shutil.copy(path, os.path.dirname(copy))
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     t0 = time.perf_counter()
     proc = subprocess.run([python, os.path.abspath(__file__), "--child", side, "--step", step, "--ms", copy,

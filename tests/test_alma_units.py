@@ -119,7 +119,7 @@ def test_bandpass_phaseup_interval_from_the_calibrators_snr(tmp_path, flux_jy, w
     from almapipe.stages.calibration import _phaseup_solint_from_snr
     sim = Simulator(SimConfig.preset("small", nant=6, target_scans=1, bp_flux_jy=flux_jy, dead_antenna=False))
     res = sim.write(str(tmp_path))
-    vis = msio.read_vis(res["ms"], 0, field_ids=[0])
+    vis = msio.read_vis(res["ms"], sim.science_spw_ids[0], field_ids=[0])
     from almapipe.stages.flagging import shadow_mask
     vis.flag |= ((vis.ant1 == vis.ant2) | shadow_mask(vis.time, vis.ant1, vis.ant2, vis.uvw, np.full(6, 12.0)))[:, None, None]
     for spw, ch in sim.bad_channels:             # rawflagchans has flagged these before the bandpass

@@ -288,3 +288,35 @@ def test_cube_rows_moved_onto_the_lsrk_grid_keep_a_line_in_its_channel():
     assert int(np.nanargmax(np.nanmean(after, axis=0))) == j0
     assert np.nanmin(after[:, j0]) > 0.95                     # every row, at its peak (interpolation: < 3 %)
     assert not vis.flag[:, 10:-10].any()                      # only edge channels can fall off the band
+
+
+def test_descending_channels_grid_as_their_ascending_twins():
+    """A lower-sideband spw stores its channels descending in frequency (about half of
+    ALMA's): the dirty image, PSF and predicted visibilities are those of the same
+    channels in ascending order, channel for channel, and a cube's planes keep the
+    data's order (the line in the plane of its channel)."""
+    vis = simulate(nant=8, ntime=10, nchan=6, noise=0.001, flux=1.0, offsets=[(0.5, 60 * ARCSEC, 0.0)],
+                   freq0=230e9, dfreq=50e6, baseline_m=200.0)
+    cell, npix = 0.3 * ARCSEC, 64
+    w = np.ones(vis.data.shape[:2], np.float32)
+    d = vis.data[:, :, 0]
+    up = gridding.dirty(vis.uvw, vis.freq, d, w, npix, cell)
+    down = gridding.dirty(vis.uvw, vis.freq[::-1], d[:, ::-1], w, npix, cell)
+    np.testing.assert_allclose(down, up, atol=1e-5)
+    shuffled = np.array([2, 0, 5, 1, 4, 3])
+    np.testing.assert_allclose(gridding.dirty(vis.uvw, vis.freq[shuffled], d[:, shuffled], w, npix, cell), up,
+                               atol=1e-5)
+    model = np.zeros((npix, npix))
+    model[40, 20] = 1.0
+    fwd = gridding.predict(vis.uvw, vis.freq, model, cell)
+    np.testing.assert_allclose(gridding.predict(vis.uvw, vis.freq[::-1], model, cell), fwd[:, ::-1], rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(gridding.predict(vis.uvw, vis.freq[shuffled], model, cell), fwd[:, shuffled],
+                               rtol=1e-5, atol=1e-6)
+    # a cube of the reversed spw: plane k is channel k, with a line in one channel
+    rev = simulate(nant=8, ntime=10, nchan=6, noise=0.001, flux=[0, 0, 0, 0, 2.0, 0],
+                   freq0=230e9, dfreq=50e6, baseline_m=200.0)
+    rev.freq = rev.freq[::-1].copy()
+    res = make_image(rev, ImageSpec(field="sim", specmode="cube", npix=npix, cell_arcsec=0.3, niter=50),
+                     dish_m=12.0, telescope="ALMA")
+    assert int(np.argmax(res.image.max(axis=(1, 2)))) == 4 and np.all(np.diff(res.freqs) < 0)

@@ -117,7 +117,7 @@ def test_partitions_one_ms_per_spw(ngc5921_ms, tmp_path):
         dd = (t.getcol("SCAN_NUMBER") % 2).astype(np.int32)   # odd scans in spw 0, even in spw 1
         t.putcol("DATA_DESC_ID", 1 - dd)
         n_spw1 = int((1 - dd).sum())
-    parts = _partition(ms, str(tmp_path), "two")
+    parts = _partition(ms, str(tmp_path), "two", [0, 1])
     assert [p[0] for p in parts] == [0, 1]
     for spw, path in parts:
         msio.check_ms(path)

@@ -34,30 +34,56 @@ def test_eb_is_an_ms_with_alma_intents_and_scan_sequence(eb):
     assert sum(1 for s in seq if s == ("Target", "TARGET")) == 3 and seq[-1] == ("J1832-2039", "ATMOSPHERE")
 
 
+def test_spectral_windows_as_importasdm_writes_them(eb):
+    """The WVR spw first (4 channels, one correlation, auto-correlations), then per
+    baseband a Tsys spw and its channel average, then the science spws and theirs; the
+    lower-sideband science spw runs down in frequency; ATMOSPHERE scans have data in the
+    Tsys spws only. The pipeline's classification finds each kind."""
+    sim, res, truth, _ = eb
+    obs = listobs.summary(res["ms"])
+    kinds = {s["id"]: s["kind"] for s in obs["spws"]}
+    assert kinds == {0: "wvr", 1: "tsys", 2: "chavg", 3: "tsys", 4: "chavg", 5: "science", 6: "chavg",
+                     7: "science", 8: "chavg"}
+    assert obs["science_spws"] == truth["science_spws"] == [5, 7]
+    lsb = msio.spw_table(res["ms"])[5]
+    assert truth["lsb_spws"] == [5] and lsb["chan_width_hz"] < 0 and np.all(np.diff(lsb["chan_freq_hz"]) < 0)
+    assert lsb["name"].endswith("#BB_1#SW-01#FULL_RES") and lsb["baseband"] == 1
+    assert msio.corr_types_of_spw(res["ms"], 0) == ["XX"] and msio.corr_types_of_spw(res["ms"], 5) == ["XX", "YY"]
+    for sc in obs["scans"]:
+        if sc["intents"] == ["ATMOSPHERE", "WVR"]:
+            assert set(sc["spws"]) == {1, 2, 3, 4}
+        else:
+            assert set(sc["spws"]) == {0, 5, 6, 7, 8}
+    with ct.table(res["ms"], ack=False) as t:
+        wvr = t.query("DATA_DESC_ID == 0")
+        assert (wvr.getcol("ANTENNA1") == wvr.getcol("ANTENNA2")).all() and wvr.getcol("DATA").shape[1:] == (4, 1)
+
+
 def test_syscal_tsys_spectra_and_spw_map(eb):
     sim, res, truth, _ = eb
     with ct.table(os.path.join(res["ms"], "SYSCAL"), ack=False) as t:
         tsys = t.getcol("TSYS_SPECTRUM")
         spw = t.getcol("SPECTRAL_WINDOW_ID")
-    assert tsys.shape[1:] == (32, 2) and set(spw) == {2, 3}
+    assert tsys.shape[1:] == (128, 2) and set(spw) == {1, 3}
     assert 50 < np.median(tsys) < 250
-    last = tsys[spw == 3].mean(axis=(0, 2))
-    assert last[-3:].mean() > 1.5 * last[:10].mean()      # the atmospheric line in the last spw
-    assert truth["tsys_spw_map"] == {"2": 0, "3": 1}
-    spws = msio.spw_table(res["ms"])
-    assert spws[2]["chan_freq_hz"] == spws[0]["chan_freq_hz"]   # Tsys spw covers its science spw
+    last = tsys[spw == 3].mean(axis=(0, 2))                  # upper sideband: ascending
+    assert last[-10:].mean() > 1.5 * last[:10].mean()      # the atmospheric line near the top of the last spw
+    assert truth["tsys_spw_map"] == {"1": 5, "3": 7}
+    from almapipe.stages.alma import tsys_spw_map
+    assert tsys_spw_map(res["ms"], 5, [1, 3]) == 1 and tsys_spw_map(res["ms"], 7, [1, 3]) == 3
 
 
 def test_wvr_brightness_tracks_the_injected_path(eb):
+    """The WVR spw's auto-correlations, read as wvrgcal reads them, follow the path."""
+    from almapipe.stages.alma import read_wvr
     sim, res, truth, arrays = eb
-    with ct.table(os.path.join(res["ms"], "WVR_DATA"), ack=False) as t:
-        tb = t.getcol("TB")
-        ant = t.getcol("ANTENNA_ID")
-    path = arrays["path_mm"].ravel()
+    times, _, tb = read_wvr(res["ms"], truth["wvr_spw"])
+    np.testing.assert_allclose(times, arrays["wvr_times"])
+    path = arrays["path_mm"]
     dead = truth["antennas"].index(truth["dead_antenna"])
-    good = ant != dead
-    est = (tb[good, 0] - tb[good, 0].mean()) / truth["wvr_dTdL_K_per_mm"][0]
-    assert np.corrcoef(est, path[good] - path[good].mean())[0, 1] > 0.99
+    good = np.arange(tb.shape[1]) != dead
+    est = (tb[:, good, 0] - tb[:, good, 0].mean()) / truth["wvr_dTdL_K_per_mm"][0]
+    assert np.corrcoef(est.ravel(), (path[:, good] - path[:, good].mean()).ravel())[0, 1] > 0.99
 
 
 def test_antennapos_csv_lists_the_position_errors(eb):
@@ -72,7 +98,7 @@ def test_antennapos_csv_lists_the_position_errors(eb):
 def test_noise_follows_the_radiometer_equation(eb):
     """Baselines to the dead antenna carry noise only: sigma = 1/sqrt(2 dnu tau) per component."""
     sim, res, truth, _ = eb
-    vis = msio.read_vis(res["ms"], 0)
+    vis = msio.read_vis(res["ms"], 5)
     dead = truth["antennas"].index(truth["dead_antenna"])
     rows = ((vis.ant1 == dead) | (vis.ant2 == dead)) & (vis.ant1 != vis.ant2)
     d = vis.data[rows]
@@ -84,7 +110,7 @@ def test_noise_follows_the_radiometer_equation(eb):
 def test_shadowing_is_present_and_found_by_flagdata(eb):
     sim, res, truth, _ = eb
     assert 0 < truth["shadowed_rows_per_spw"] * sim.cfg.nspw < 0.05 * truth["rows"]
-    vis = msio.read_vis(res["ms"], 0)
+    vis = msio.read_vis(res["ms"], 5)
     mask = shadow_mask(vis.time, vis.ant1, vis.ant2, vis.uvw, np.full(sim.cfg.nant, 12.0))
     assert mask.sum() == truth["shadowed_rows_per_spw"]
 
@@ -110,7 +136,7 @@ def test_online_flags_in_flag_cmd_name_the_off_source_antenna(eb):
     assert cmd["antenna"].startswith(online["antenna"])
     ((lo, hi),) = parse_timerange(cmd["timerange"], online["start_mjd_s"])
     assert abs(lo - online["start_mjd_s"]) < 1e-3 and abs(hi - online["end_mjd_s"]) < 1e-3
-    vis = msio.read_vis(res["ms"], 0, field_ids=[1])
+    vis = msio.read_vis(res["ms"], 5, field_ids=[1])
     a = truth["antennas"].index(online["antenna"])
     inside = (vis.time >= lo) & (vis.time <= hi) & (vis.ant1 != vis.ant2)
     mine = inside & ((vis.ant1 == a) | (vis.ant2 == a))
@@ -122,7 +148,7 @@ def test_mixed_preset_has_a_narrow_spw_with_its_own_phase_offsets(tmp_path):
     sim = Simulator(SimConfig.preset("mixed", target_scans=1, nant=4))
     res = sim.write(str(tmp_path))
     spws = msio.spw_table(res["ms"])
-    widths = [s["chan_width_hz"] * s["nchan"] for s in spws[:3]]
+    widths = [abs(spws[i]["chan_width_hz"]) * spws[i]["nchan"] for i in sim.science_spw_ids]
     assert widths == pytest.approx([1.875e9, 1.875e9, 0.1171875e9])
     t = np.load(tmp_path / "truth.npz")
     assert np.all(t["spw_phase_rad"][0] == 0) and np.std(t["spw_phase_rad"][1:]) > 0.3

@@ -40,11 +40,25 @@ def briggs_weights(uvw: np.ndarray, freq: np.ndarray, weight: np.ndarray, npix: 
                           float(cell_rad), float(robust))
 
 
+def _ascending(freq) -> np.ndarray:
+    """Channel order that makes freq ascending, as ducc0 requires. About half of ALMA's
+    spws are lower sideband, stored with frequencies descending: reversed, not sorted,
+    when they are monotonic (no copy of the order array for the common cases)."""
+    freq = np.asarray(freq, np.float64)
+    if len(freq) < 2 or np.all(np.diff(freq) > 0):
+        return slice(None)
+    if np.all(np.diff(freq) < 0):
+        return slice(None, None, -1)
+    return np.argsort(freq, kind="stable")
+
+
 def dirty(uvw, freq, vis, wgt, npix: int, cell_rad: float, wgridding: bool = True) -> np.ndarray:
     """Weighted dirty image (ny, nx), normalised by the sum of weights (Jy/beam)."""
     sw = float(wgt.sum())
     if sw <= 0:
         return np.zeros((npix, npix))
+    order = _ascending(freq)
+    freq, vis, wgt = np.asarray(freq)[order], vis[:, order], wgt[:, order]
     img = ducc0.wgridder.experimental.vis2dirty(
         uvw=np.ascontiguousarray(uvw, np.float64), freq=np.ascontiguousarray(freq, np.float64),
         vis=np.ascontiguousarray(vis, np.complex64), wgt=np.ascontiguousarray(wgt, np.float32),
@@ -59,11 +73,18 @@ def psf(uvw, freq, wgt, npix: int, cell_rad: float, wgridding: bool = True) -> n
 
 
 def predict(uvw, freq, model: np.ndarray, cell_rad: float, wgridding: bool = True) -> np.ndarray:
-    """Model visibilities (nrow, nchan) of a model image in Jy/pixel, (ny, nx)."""
-    return ducc0.wgridder.experimental.dirty2vis(
-        uvw=np.ascontiguousarray(uvw, np.float64), freq=np.ascontiguousarray(freq, np.float64),
+    """Model visibilities (nrow, nchan) of a model image in Jy/pixel, (ny, nx), in the
+    channel order of freq."""
+    order = _ascending(freq)
+    vis = ducc0.wgridder.experimental.dirty2vis(
+        uvw=np.ascontiguousarray(uvw, np.float64), freq=np.ascontiguousarray(np.asarray(freq)[order], np.float64),
         dirty=np.ascontiguousarray(model.T, np.float32), pixsize_x=cell_rad, pixsize_y=cell_rad,
         epsilon=EPSILON, do_wgridding=wgridding, nthreads=nthreads(), **FLIPS)
+    if isinstance(order, slice):
+        return vis[:, order] if order.step == -1 else vis
+    out = np.empty_like(vis)
+    out[:, order] = vis
+    return out
 
 
 def needs_wgridding(uvw: np.ndarray, freq: np.ndarray, npix: int, cell_rad: float, tol_rad: float = 0.02) -> bool:

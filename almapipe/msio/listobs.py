@@ -38,8 +38,9 @@ def summary(ms: str) -> dict:
     for s in np.unique(scan):
         r = scan == s
         st = {modes[i] for i in np.unique(state[r]) if 0 <= i < len(modes)}
+        t0_, t1_ = float(time[r].min() - interval[r][0] / 2), float(time[r].max() + interval[r][0] / 2)
         scans.append({"scan": int(s), "field_id": int(fid[r][0]), "field": fields[int(fid[r][0])]["name"],
-                      "start": _iso(time[r].min() - interval[r][0] / 2), "end": _iso(time[r].max() + interval[r][0] / 2),
+                      "start": _iso(t0_), "end": _iso(t1_), "start_mjd_s": t0_, "end_mjd_s": t1_,
                       "duration_s": float(time[r].max() - time[r].min() + interval[r][0]),
                       "nrows": int(r.sum()), "spws": sorted({spw_of[int(d)] for d in np.unique(ddid[r])}),
                       "intents": sorted(intents_of_modes(st)),
@@ -55,13 +56,56 @@ def summary(ms: str) -> dict:
         r = fid == f["id"]
         f["nrows"] = int(r.sum())
         f["time_on_source_s"] = float(sum(sc["duration_s"] for sc in scans if sc["field_id"] == f["id"]))
+    spws = classify_spws(msio.spw_table(ms), scans)
+    science = [s["id"] for s in spws if s["kind"] == "science"]
     return {"telescope": telescope, "observer": observer, "start": _iso(time.min()), "end": _iso(time.max()),
             "duration_s": float(time.max() - time.min()), "nrows": int(len(time)),
-            "scans": scans, "fields": fields, "spws": msio.spw_table(ms),
+            "scans": scans, "fields": fields, "spws": spws, "science_spws": science,
             "antennas": [dict(a, has_data=a["id"] in with_data) for a in ants],
             "baselines_m": {"min": float(bl.min()), "max": float(bl.max()), "median": float(np.median(bl))},
-            "corr_types": [msio.CORR_NAMES.get(int(c), str(c)) for c in
-                           ct.table(f"{ms}/POLARIZATION", ack=False).getcell("CORR_TYPE", 0)]}
+            "corr_types": msio.corr_types_of_spw(ms, science[0] if science else 0)}
+
+
+# Intents of scans that calibrate the instrument without science data in their spws
+# (Tsys, WVR, pointing, sideband ratio): a spw seen only in these is not a science spw.
+INSTRUMENT_INTENTS = {"ATMOSPHERE", "WVR", "POINTING", "SIDEBAND"}
+
+
+def classify_spws(spws: list, scans: list) -> list:
+    """Each spw's kind, as the ALMA pipeline tells them apart:
+
+    * ``wvr``: the water-vapour radiometers' spw (named WVR, or 4 channels near 183 GHz);
+    * ``chavg``: channel averages and square-law detector totals of another spw
+      (ALMA names them ``...#CH_AVG`` and ``...#SQLD``);
+    * ``tsys``: spws observed only in ATMOSPHERE (and other instrument) scans: the
+      TDM spws whose spectra are the SYSCAL table's;
+    * ``science``: the rest that have data; ``nodata``: no rows at all.
+    Also records each spw's scan intents and sideband (by the sign of the channel width).
+    """
+    intents = {s["id"]: set() for s in spws}
+    observed = set()
+    for sc in scans:
+        for sid in sc["spws"]:
+            observed.add(sid)
+            intents.setdefault(sid, set()).update(sc["intents"])
+    out = []
+    for s in spws:
+        name = s["name"].upper()
+        f = np.asarray(s["chan_freq_hz"], float)
+        mine = intents.get(s["id"], set())
+        if "WVR" in name or (s["nchan"] == 4 and 170e9 < f.mean() < 200e9):
+            kind = "wvr"
+        elif "CH_AVG" in name or "SQLD" in name:
+            kind = "chavg"
+        elif s["id"] not in observed:
+            kind = "nodata"
+        elif mine and mine <= INSTRUMENT_INTENTS:
+            kind = "tsys" if "ATMOSPHERE" in mine else "instrument"
+        else:
+            kind = "science"
+        out.append(dict(s, kind=kind, intents=sorted(mine),
+                        sideband="LSB" if s["chan_width_hz"] < 0 else "USB"))
+    return out
 
 
 def intents_of_modes(modes) -> set:

@@ -89,6 +89,17 @@ def spw_of_ddid(ms: str) -> dict:
         return {i: int(s) for i, s in enumerate(t.getcol("SPECTRAL_WINDOW_ID"))}
 
 
+def corr_types_of_spw(ms: str, spw: int) -> list:
+    """The correlation names of a spw's data (its data description's POLARIZATION row:
+    an ALMA EB's WVR spw has one correlation, its other spws two)."""
+    with subtable(ms, "DATA_DESCRIPTION") as t:
+        dd_spw, dd_pol = t.getcol("SPECTRAL_WINDOW_ID"), t.getcol("POLARIZATION_ID")
+    pols = [int(p) for s_, p in zip(dd_spw, dd_pol) if int(s_) == spw]
+    with subtable(ms, "POLARIZATION") as t:
+        codes = t.getcell("CORR_TYPE", pols[0] if pols else 0)
+    return [CORR_NAMES.get(int(c), str(c)) for c in codes]
+
+
 def read_vis(ms: str, spw: int = 0, column: str = "DATA", field_ids=None,
              chan: slice | None = None) -> Vis:
     """Read one spectral window of an MS into a :class:`Vis`."""
@@ -121,8 +132,7 @@ def read_vis(ms: str, spw: int = 0, column: str = "DATA", field_ids=None,
     with subtable(ms, "SPECTRAL_WINDOW") as t:
         f = t.getcell("CHAN_FREQ", spw)
     vis.freq = f[chan] if chan is not None else f
-    with subtable(ms, "POLARIZATION") as t:
-        vis.corr_types = [CORR_NAMES.get(int(c), str(c)) for c in t.getcell("CORR_TYPE", 0)]
+    vis.corr_types = corr_types_of_spw(ms, spw)
     return vis
 
 
@@ -150,9 +160,12 @@ def write_flags(ms: str, rows: np.ndarray, flags: np.ndarray) -> None:
         _put_rows(t, "FLAG", rows, flags)
 
 
-def new_ms(path: str, nchan: int, ncorr: int) -> None:
-    """Create an empty MS with a DATA column of fixed shape (nchan, ncorr)."""
-    desc = ct.makearrcoldesc("DATA", 0j, ndim=2, shape=[nchan, ncorr], valuetype="complex",
+def new_ms(path: str, nchan: int | None, ncorr: int | None) -> None:
+    """Create an empty MS with a DATA column of fixed shape (nchan, ncorr), or of a
+    shape set per row when nchan is None (spws of different shapes in one table, as
+    ALMA's EBs hold them: tiles per shape, TiledShapeStMan's purpose)."""
+    shape = [] if nchan is None else [nchan, ncorr]
+    desc = ct.makearrcoldesc("DATA", 0j, ndim=2, shape=shape, valuetype="complex",
                              datamanagertype="TiledShapeStMan", datamanagergroup="TiledData",
                              comment="The data column")
     t = ct.default_ms(path, ct.maketabdesc([desc]))
@@ -187,12 +200,23 @@ def antenna_table(ms: str) -> list[dict]:
                                                       t.getcol("POSITION"), t.getcol("DISH_DIAMETER")))]
 
 
+def baseband_of(name: str) -> int | None:
+    """The baseband number in an ALMA spw name ('...#BB_2#SW-01#FULL_RES' -> 2)."""
+    for part in name.split("#"):
+        if part.startswith("BB_") and part[3:].isdigit():
+            return int(part[3:])
+    return None
+
+
 def spw_table(ms: str) -> list[dict]:
+    """Every spectral window: channel frequencies as stored (descending in a lower
+    sideband), the signed channel width, the baseband where the name gives it."""
     with subtable(ms, "SPECTRAL_WINDOW") as t:
         out = []
         for i in range(t.nrows()):
             f = t.getcell("CHAN_FREQ", i)
-            out.append({"id": i, "name": str(t.getcell("NAME", i)), "nchan": int(len(f)),
+            name = str(t.getcell("NAME", i))
+            out.append({"id": i, "name": name, "nchan": int(len(f)), "baseband": baseband_of(name),
                         "chan_freq_hz": [float(x) for x in f],
                         "chan_width_hz": float(t.getcell("CHAN_WIDTH", i)[0]),
                         "ref_freq_hz": float(t.getcell("REF_FREQUENCY", i)),

@@ -5,11 +5,17 @@ What is in it (each corruption recorded in the truth files next to the MS):
 * intents in the STATE table and an ALMA scan sequence: Tsys (ATMOSPHERE) and
   bandpass/flux calibrator first, then the phase calibrator around target
   scans, a check source, Tsys scans on the phase calibrator;
-* a SYSCAL table with Tsys spectra per antenna, Tsys spw and time, rising
-  towards an atmospheric line in the last spw; Tsys spws are mapped to the
-  science spws by frequency; thermal noise follows the radiometer equation;
-* a WVR spw (4 channels near 183 GHz, auto-correlations) whose brightness
-  temperatures follow the same path fluctuations that corrupt the phases;
+* spectral windows as importasdm writes them: the WVR spw (id 0: 4 channels
+  near 183 GHz, one correlation, auto-correlations of every integration whose
+  brightness temperatures follow the path fluctuations that corrupt the phases),
+  per baseband a Tsys (TDM, 128 channels) spw and its channel average, then per
+  baseband a science spw and its channel average (``CH_AVG``), with ALMA's spw
+  names; spws below the LO are lower sideband, their channels descending in
+  frequency (negative CHAN_WIDTH);
+* a SYSCAL table with Tsys spectra per antenna, Tsys spw and ATMOSPHERE scan,
+  rising towards an atmospheric line near the top of the last science spw; the
+  ATMOSPHERE scans hold data in the Tsys spws only; thermal noise follows the
+  radiometer equation;
 * antenna position errors for a few antennas, with the corrections in
   antennapos.csv;
 * online flags in the FLAG_CMD table (an antenna off source for a while; its
@@ -84,6 +90,8 @@ class SimConfig:
     dead_antenna: bool = True
     bad_channels: int = 2
     tsys_k: float = 90.0
+    tsys_nchan: int = 128             # TDM Tsys spws: 128 channels over the 2 GHz baseband
+    tsys_width_hz: float = 2.0e9
     jy_per_k: float = 40.0
     # elevation of the bandpass calibrator at the start; None: just below the elevation at
     # which the close pair stops shadowing, so the first minutes are shadowed
@@ -190,6 +198,7 @@ class Simulator:
     def __init__(self, cfg: SimConfig):
         self.cfg = cfg
         self.rng = np.random.default_rng(cfg.seed)
+        self.wvr_rng = np.random.default_rng(cfg.seed + 104729)
         c = cfg
         # start when the bandpass calibrator rises through start_elevation_deg
         lat = np.radians(ALMA_SITE[1])
@@ -224,9 +233,21 @@ class Simulator:
             raise ValueError(f"spw_widths_hz has {len(self.spw_widths)} entries for {c.nspw} spws")
         offs = (np.arange(c.nspw) - (c.nspw - 1) / 2) * (self.spw_widths.max() * 1.07)
         self.spw_centres = c.band_centre_hz + offs
-        self.chan_widths = self.spw_widths / c.nchan
-        self.freqs = [fc - w / 2 + (np.arange(c.nchan) + 0.5) * w / c.nchan
-                      for fc, w in zip(self.spw_centres, self.spw_widths)]
+        self.chan_widths = self.spw_widths / c.nchan          # magnitudes (LSB widths are negative)
+        # spws below the first LO (the band centre) are lower sideband: their channels run
+        # down in frequency (CHAN_WIDTH < 0), as about half of ALMA's spws do
+        self.lsb = [bool(fc < c.band_centre_hz - 1.0) for fc in self.spw_centres]
+        self.freqs = [self._channels(fc, w, c.nchan, lsb)
+                      for fc, w, lsb in zip(self.spw_centres, self.spw_widths, self.lsb)]
+        # Tsys (TDM) spws covering each science spw's baseband, in the same sideband
+        self.tsys_freqs = [self._channels(fc, c.tsys_width_hz, c.tsys_nchan, lsb)
+                           for fc, lsb in zip(self.spw_centres, self.lsb)]
+        # spectral window ids as importasdm numbers them: the WVR spw first, then per
+        # baseband the Tsys spw and its channel average, then per baseband the science spw
+        # and its channel average. Science spws are not 0..n-1 in real EBs either.
+        self.wvr_spw = 0
+        self.tsys_spw_ids = [1 + 2 * s for s in range(c.nspw)]
+        self.science_spw_ids = [1 + 2 * c.nspw + 2 * s for s in range(c.nspw)]
         # truth: bandpasses (ripple, phase slope, TDM edge roll-off)
         ch = np.arange(c.nchan)
         edge = np.clip(np.minimum(ch + 1, c.nchan - ch) / max(c.nchan * 0.06, 1), 0, 1) ** 0.5
@@ -263,6 +284,16 @@ class Simulator:
         self.spw_phase = np.radians(c.spw_phase_offset_deg) * extra.normal(size=(c.nspw, n, 2))
         self.spw_phase[0] = 0.0
         self.online = []        # (antenna, t_start, t_end) filled in write()
+
+    @staticmethod
+    def _channels(centre: float, width: float, nchan: int, lsb: bool) -> np.ndarray:
+        """Channel centre frequencies, descending in a lower sideband."""
+        f = centre - width / 2 + (np.arange(nchan) + 0.5) * width / nchan
+        return f[::-1].copy() if lsb else f
+
+    def science_index(self, spw_id: int) -> int:
+        """The position (0..nspw-1) of a science spw given its id in the MS."""
+        return self.science_spw_ids.index(int(spw_id))
 
     def _fields(self) -> list:
         """(name, ra deg, dec deg, role) per field: the calibrators, then the target's
@@ -303,11 +334,16 @@ class Simulator:
         return rms * scr / max(np.std(scr), 1e-9) if scr.size > 1 else scr
 
     def tsys(self, spw: int, t_frac: np.ndarray, el: np.ndarray) -> np.ndarray:
-        """Tsys (ntime, nant, nchan) in K: airmass, a slow drift, and a line in the last spw's upper edge."""
+        """Tsys (ntime, nant, nchan) in K on the channels of science spw index spw."""
+        return self.tsys_at(self.freqs[spw], t_frac, el)
+
+    def tsys_at(self, freq: np.ndarray, t_frac: np.ndarray, el: np.ndarray) -> np.ndarray:
+        """Tsys (ntime, nant, nfreq) in K at any frequencies: airmass, a slow drift, and a
+        pressure-broadened atmospheric line near the top of the last science spw."""
         c = self.cfg
-        ch = np.linspace(0, 1, c.nchan)
-        # a pressure-broadened atmospheric line near the top of the last spw (sigma ~225 MHz)
-        line = 1.0 + (1.5 * np.exp(-((ch - 0.92) / 0.12) ** 2) if spw == c.nspw - 1 else np.zeros_like(ch))
+        top = self.freqs[-1]
+        lo, span = float(top.min()), float(np.ptp(top)) or float(self.spw_widths[-1])
+        line = 1.0 + 1.5 * np.exp(-((np.asarray(freq) - (lo + 0.92 * span)) / (0.12 * span)) ** 2)
         airmass = 1 / np.sin(np.clip(el, np.radians(10), None))
         base = c.tsys_k * (0.6 + 0.4 * airmass)[:, None, None] * self.tsys_scale[None, :, None]
         # and a slow drift (2 % over the EB: precipitable water vapour changing)
@@ -372,11 +408,9 @@ class Simulator:
         plan = self.scan_plan()
         total_s = sum(p[2] for p in plan) + 10 * len(plan)
         t0 = self.t0
-        # spectral windows: science (0..nspw-1), Tsys (nspw..2nspw-1, same frequencies), WVR (last)
-        new_ms(ms, c.nchan, 2)
-        # WVR data have 4 channels and one correlation: a second DATA shape needs its own
-        # data manager, which default_ms provides through variable-shape columns; we keep WVR
-        # brightness temperatures in a separate small table instead (see wvr below).
+        # spws of different shapes share the main table (WVR: 4 channels x 1 correlation,
+        # channel averages: 1 x 2, Tsys: tsys_nchan x 2): DATA has no fixed shape
+        new_ms(ms, None, None)
         states = list(OBS_MODES)
         fill_table(f"{ms}/STATE", {"OBS_MODE": [OBS_MODES[s] for s in states], "SIG": [True] * len(states),
                                    "REF": [False] * len(states), "CAL": [0.0] * len(states),
@@ -392,21 +426,7 @@ class Simulator:
         fill_table(f"{ms}/FIELD", {"NAME": [f[0] for f in self.fields], "CODE": ["none"] * nf, "TIME": np.full(nf, t0),
                                    "NUM_POLY": np.zeros(nf, int), "PHASE_DIR": dirs, "DELAY_DIR": dirs,
                                    "REFERENCE_DIR": dirs, "SOURCE_ID": np.arange(nf), "FLAG_ROW": np.zeros(nf, bool)})
-        spw_names = [f"X0000000000#ALMA_RB_06#BB_{s + 1}#SW-01#FULL_RES" for s in range(c.nspw)] + \
-                    [f"X0000000000#ALMA_RB_06#BB_{s + 1}#SW-01#TDM_TSYS" for s in range(c.nspw)]
-        freqs = self.freqs + self.freqs
-        nsw = len(freqs)
-        chan_w = np.repeat(np.tile(self.chan_widths, 2)[:, None], c.nchan, axis=1)
-        fill_table(f"{ms}/SPECTRAL_WINDOW", {
-            "NAME": spw_names, "NUM_CHAN": [c.nchan] * nsw, "CHAN_FREQ": np.array(freqs),
-            "CHAN_WIDTH": chan_w, "EFFECTIVE_BW": chan_w, "RESOLUTION": chan_w,
-            "REF_FREQUENCY": [float(f[0]) for f in freqs], "TOTAL_BANDWIDTH": list(self.spw_widths) * 2, "MEAS_FREQ_REF": [FREQ_FRAMES["TOPO"]] * nsw,
-            "NET_SIDEBAND": [1] * nsw, "FREQ_GROUP": [0] * nsw, "FREQ_GROUP_NAME": ["none"] * nsw,
-            "IF_CONV_CHAIN": [0] * nsw, "FLAG_ROW": [False] * nsw})
-        fill_table(f"{ms}/POLARIZATION", {"NUM_CORR": [2], "CORR_TYPE": np.array([[CORR_CODES["XX"], CORR_CODES["YY"]]]),
-                                          "CORR_PRODUCT": np.array([[[0, 0], [1, 1]]]), "FLAG_ROW": [False]})
-        fill_table(f"{ms}/DATA_DESCRIPTION", {"SPECTRAL_WINDOW_ID": list(range(c.nspw)),
-                                              "POLARIZATION_ID": [0] * c.nspw, "FLAG_ROW": [False] * c.nspw})
+        self._write_spectral_setup(ms)
         fill_table(f"{ms}/FEED", {
             "ANTENNA_ID": np.arange(n), "FEED_ID": np.zeros(n, int), "SPECTRAL_WINDOW_ID": np.full(n, -1),
             "TIME": np.full(n, t0), "INTERVAL": np.zeros(n), "NUM_RECEPTORS": np.full(n, 2), "BEAM_ID": np.full(n, -1),
@@ -437,23 +457,26 @@ class Simulator:
                 uvw = (auvw[:, a1] - auvw[:, a2]).reshape(-1, 3)
                 ti = np.repeat(np.arange(nint), nbl)
                 b1, b2 = np.tile(a1, nint), np.tile(a2, nint)
-                # Tsys for every scan (SYSCAL rows only for ATMOSPHERE scans, as ALMA measures it)
-                tsys_all = [self.tsys(s, t_frac, el) for s in range(c.nspw)]
+                auto_t = np.repeat(times, n)
+                ants = np.tile(np.arange(n), nint)
+                autos = {"TIME": auto_t, "ANTENNA1": ants, "ANTENNA2": ants, "UVW": np.zeros((len(auto_t), 3))}
                 if kind == "ATMOSPHERE":
+                    # Tsys is measured on the Tsys (TDM) spws only: SYSCAL rows keyed to them,
+                    # and the scan's own data in those spws (auto-correlations: its
+                    # cross-correlations carry no calibration); no science spw data
                     for s in range(c.nspw):
-                        mean_tsys = tsys_all[s].mean(axis=0)
+                        mean_tsys = self.tsys_at(self.tsys_freqs[s], t_frac, el).mean(axis=0)
                         for a in range(n):
-                            syscal_rows.append((a, c.nspw + s, float(times.mean()), float(nint * c.integration_s),
-                                                np.stack([mean_tsys[a], mean_tsys[a]], axis=1)))
-                        # the scan itself: auto-correlations only (its cross-correlations carry no calibration)
-                        auto_t = np.repeat(times, n)
-                        ants = np.tile(np.arange(n), nint)
-                        self._put(main, {"TIME": auto_t, "ANTENNA1": ants, "ANTENNA2": ants,
-                                         "UVW": np.zeros((len(auto_t), 3)),
-                                         "DATA": np.ones((len(auto_t), c.nchan, 2), np.complex64)},
-                                  fid, scan_no, s, states.index(kind))
+                            syscal_rows.append((a, self.tsys_spw_ids[s], float(times.mean()),
+                                                float(nint * c.integration_s), np.stack([mean_tsys[a], mean_tsys[a]], axis=1)))
+                        width = c.tsys_width_hz / c.tsys_nchan
+                        self._put(main, dict(autos, DATA=np.ones((len(auto_t), c.tsys_nchan, 2), np.complex64)),
+                                  fid, scan_no, self.tsys_spw_ids[s], states.index(kind), width)
+                        self._put(main, dict(autos, DATA=np.ones((len(auto_t), 1, 2), np.complex64)),
+                                  fid, scan_no, self.tsys_spw_ids[s] + 1, states.index(kind), width * c.tsys_nchan)
                     t = times[-1] + c.integration_s / 2 + 10.0
                     continue
+                tsys_all = [self.tsys(s, t_frac, el) for s in range(c.nspw)]
                 truth_rows.setdefault("scans", []).append(
                     {"scan": scan_no, "field": self.fields[fid][0], "field_id": fid, "kind": kind,
                      "start_mjd_s": float(times[0] - c.integration_s / 2), "end_mjd_s": float(times[-1] + c.integration_s / 2)})
@@ -462,6 +485,10 @@ class Simulator:
                 path = self.path_mm(times - t0)                                    # (nt, nant)
                 untracked = self.path_mm(times - t0, untracked=True)
                 wvr_rows.append((times, path))
+                # the radiometers: 4-channel brightness temperatures as auto-correlations
+                # of the WVR spw (one correlation), as importasdm writes them
+                self._put(main, dict(autos, DATA=self.wvr_brightness(path).reshape(-1, 4, 1).astype(np.complex64)),
+                          fid, scan_no, self.wvr_spw, states.index(kind), 1e9)
                 untracked_rows.append(untracked)
                 off_source = np.zeros(len(uvw), bool)                             # rows of an antenna off source
                 for ant, ta, tb_ in self.online:
@@ -504,19 +531,25 @@ class Simulator:
                     for sp, chn in self.bad_channels:
                         if sp == s:
                             vis[:, chn] += 20 * sigma * (1 + 1j)
-                    self._put(main, {"TIME": np.repeat(times, nbl), "ANTENNA1": b1, "ANTENNA2": b2, "UVW": uvw,
-                                     "DATA": vis.astype(np.complex64)}, fid, scan_no, s, state)
+                    rows = {"TIME": np.repeat(times, nbl), "ANTENNA1": b1, "ANTENNA2": b2, "UVW": uvw}
+                    self._put(main, dict(rows, DATA=vis.astype(np.complex64)), fid, scan_no,
+                              self.science_spw_ids[s], state, self.chan_widths[s])
+                    # its channel average (ALMA's CH_AVG spw: the inner 15/16 of the band)
+                    edge = max(c.nchan // 32, 0)
+                    avg = vis[:, edge:c.nchan - edge].mean(axis=1, keepdims=True)
+                    self._put(main, dict(rows, DATA=avg.astype(np.complex64)), fid, scan_no,
+                              self.science_spw_ids[s] + 1, state, self.spw_widths[s])
                     truth_rows["rows"] += len(uvw)
                     truth_rows["online_rows"] += int((off_source & (b1 != b2)).sum())
                 t = times[-1] + c.integration_s / 2 + 10.0
         fill_table(f"{ms}/OBSERVATION", {"TELESCOPE_NAME": ["ALMA"], "OBSERVER": ["almapipe simulate"],
                                          "PROJECT": ["uid://S000/X00/X00"], "TIME_RANGE": np.array([[t0, t]]),
                                          "RELEASE_DATE": [0.0], "SCHEDULE_TYPE": [""], "FLAG_ROW": [False]})
-        with ct.table(ms, ack=False) as main:
-            truth_rows["all_rows"] = main.nrows()           # ATM scans' auto-correlations included
+        with ct.table(ms, ack=False) as main:               # the rows of the science spws
+            truth_rows["all_rows"] = int(np.isin(main.getcol("DATA_DESC_ID"), self.science_spw_ids).sum())
         self._write_syscal(ms, syscal_rows)
         self._write_flag_cmd(ms)
-        wvr = self._write_wvr(ms, wvr_rows)
+        wvr = {"times": np.concatenate([r[0] for r in wvr_rows]), "path_mm": np.concatenate([r[1] for r in wvr_rows])}
         wvr["untracked_mm"] = np.concatenate(untracked_rows)
         antpos = os.path.join(out_dir, "antennapos.csv")
         with open(antpos, "w", newline="") as f:
@@ -533,23 +566,80 @@ class Simulator:
         truth = self._truth(out_dir, names, truth_rows, wvr)
         return {"ms": ms, "antennapos": antpos, "flux_csv": flux_csv, "truth": truth}
 
+    def spectral_windows(self) -> list:
+        """(id, name, channel frequencies, signed channel width, baseband) of every spw,
+        in the order and with the names importasdm gives them."""
+        c = self.cfg
+        wvr = 183.31e9 + np.array(WVR_OFFSETS_GHZ) * 1e9
+        out = [(self.wvr_spw, "WVR#NOMINAL", wvr, np.array([0.16e9, 0.75e9, 1.25e9, 1.5e9]), 0)]
+        for s in range(c.nspw):
+            sign = -1.0 if self.lsb[s] else 1.0
+            bb = f"ALMA_RB_06#BB_{s + 1}#SW-01"
+            out.append((self.tsys_spw_ids[s], f"X0000000001#{bb}#FULL_RES", self.tsys_freqs[s],
+                        np.full(c.tsys_nchan, sign * c.tsys_width_hz / c.tsys_nchan), s + 1))
+            out.append((self.tsys_spw_ids[s] + 1, f"X0000000001#{bb}#CH_AVG", np.array([self.spw_centres[s]]),
+                        np.array([sign * c.tsys_width_hz * 0.9375]), s + 1))
+        for s in range(c.nspw):
+            sign = -1.0 if self.lsb[s] else 1.0
+            bb = f"ALMA_RB_06#BB_{s + 1}#SW-01"
+            out.append((self.science_spw_ids[s], f"X0000000002#{bb}#FULL_RES", self.freqs[s],
+                        np.full(c.nchan, sign * self.chan_widths[s]), s + 1))
+            out.append((self.science_spw_ids[s] + 1, f"X0000000002#{bb}#CH_AVG", np.array([self.spw_centres[s]]),
+                        np.array([sign * self.spw_widths[s] * 0.9375]), s + 1))
+        return sorted(out, key=lambda x: x[0])
+
+    def _write_spectral_setup(self, ms: str) -> None:
+        """SPECTRAL_WINDOW (channel counts differ per row), POLARIZATION (the WVR's one
+        correlation first, as in ALMA's EBs, then XX, YY) and one DATA_DESCRIPTION per spw.
+        NET_SIDEBAND as importasdm writes ALMA's enumeration: 1 lower, 2 upper sideband."""
+        spws = self.spectral_windows()
+        with ct.table(f"{ms}/SPECTRAL_WINDOW", readonly=False, ack=False) as t:
+            t.addrows(len(spws))
+            for i, (sid, name, freq, width, bb) in enumerate(spws):
+                assert i == sid
+                t.putcell("NAME", i, name)
+                t.putcell("NUM_CHAN", i, len(freq))
+                t.putcell("CHAN_FREQ", i, np.asarray(freq, float))
+                for col in ("CHAN_WIDTH", "EFFECTIVE_BW", "RESOLUTION"):
+                    t.putcell(col, i, np.abs(width) if col != "CHAN_WIDTH" else np.asarray(width, float))
+                t.putcell("REF_FREQUENCY", i, float(freq[0]))
+                t.putcell("TOTAL_BANDWIDTH", i, float(np.abs(width).sum()))
+                t.putcell("MEAS_FREQ_REF", i, FREQ_FRAMES["TOPO"])
+                t.putcell("NET_SIDEBAND", i, 1 if width[0] < 0 else 2)
+                t.putcell("FREQ_GROUP", i, 0)
+                t.putcell("FREQ_GROUP_NAME", i, "none")
+                t.putcell("IF_CONV_CHAIN", i, 0)
+                t.putcell("FLAG_ROW", i, False)
+                if "BBC_NO" in t.colnames():
+                    t.putcell("BBC_NO", i, bb)
+        fill_table(f"{ms}/POLARIZATION", {"NUM_CORR": [1], "CORR_TYPE": np.array([[CORR_CODES["XX"]]]),
+                                          "CORR_PRODUCT": np.array([[[0, 0]]]), "FLAG_ROW": [False]})
+        fill_table(f"{ms}/POLARIZATION", {"NUM_CORR": [2], "CORR_TYPE": np.array([[CORR_CODES["XX"], CORR_CODES["YY"]]]),
+                                          "CORR_PRODUCT": np.array([[[0, 0], [1, 1]]]), "FLAG_ROW": [False]})
+        n = len(spws)
+        fill_table(f"{ms}/DATA_DESCRIPTION", {"SPECTRAL_WINDOW_ID": list(range(n)),
+                                              "POLARIZATION_ID": [0 if i == self.wvr_spw else 1 for i in range(n)],
+                                              "FLAG_ROW": [False] * n})
+
     def true_tsys(self, spw: int, time: float, field: int) -> np.ndarray:
-        """The model Tsys (nant, nchan) at a time, looking at a field (for tests)."""
+        """The model Tsys (nant, nchan) on the channels of science spw `spw` (its id in
+        the MS) at a time, looking at a field (for tests)."""
         t_frac = np.array([(time - self.t0) / (self.t_end_est - self.t0)])
         ra, dec = np.radians(self.fields[field][1]), np.radians(self.fields[field][2])
         gast = Time(np.array([time]) / 86400, format="mjd", scale="utc").sidereal_time("apparent", "greenwich").rad
-        return self.tsys(spw, t_frac, elevation(gast, ra, dec))[0]
+        return self.tsys(self.science_index(spw), t_frac, elevation(gast, ra, dec))[0]
 
-    def _put(self, main, cols: dict, fid: int, scan: int, spw: int, state: int) -> None:
-        """Append rows to the main table; cols has TIME, ANTENNA1/2, UVW, DATA."""
+    def _put(self, main, cols: dict, fid: int, scan: int, spw: int, state: int, chan_width_hz: float = 1e6) -> None:
+        """Append rows of spw (= data description) `spw` to the main table; cols has TIME,
+        ANTENNA1/2, UVW, DATA (nrow, nchan, ncorr)."""
         c = self.cfg
         nrow = len(cols["TIME"])
-        nchan = cols["DATA"].shape[1]
+        _, nchan, ncorr = cols["DATA"].shape
         full = dict(cols, TIME_CENTROID=cols["TIME"], INTERVAL=np.full(nrow, c.integration_s),
                     EXPOSURE=np.full(nrow, c.integration_s), FIELD_ID=np.full(nrow, fid),
-                    SCAN_NUMBER=np.full(nrow, scan), FLAG=np.zeros((nrow, nchan, 2), bool),
-                    WEIGHT=np.full((nrow, 2), 2 * self.chan_widths[spw] * c.integration_s / 1e6, np.float32),
-                    SIGMA=np.ones((nrow, 2), np.float32), DATA_DESC_ID=np.full(nrow, spw),
+                    SCAN_NUMBER=np.full(nrow, scan), FLAG=np.zeros((nrow, nchan, ncorr), bool),
+                    WEIGHT=np.full((nrow, ncorr), 2 * abs(chan_width_hz) * c.integration_s / 1e6, np.float32),
+                    SIGMA=np.ones((nrow, ncorr), np.float32), DATA_DESC_ID=np.full(nrow, spw),
                     ARRAY_ID=np.zeros(nrow, int), OBSERVATION_ID=np.zeros(nrow, int),
                     PROCESSOR_ID=np.zeros(nrow, int), STATE_ID=np.full(nrow, state), FEED1=np.zeros(nrow, int),
                     FEED2=np.zeros(nrow, int), FLAG_ROW=np.zeros(nrow, bool))
@@ -596,28 +686,16 @@ class Simulator:
     def antenna_names(self) -> list:
         return [f"DA{41 + i}" if i % 2 else f"DV{i + 1:02d}" for i in range(self.cfg.nant)]
 
-    def _write_wvr(self, ms: str, rows: list) -> dict:
-        """WVR brightness temperatures (K) per antenna, time and channel, in the
-        table WVR_DATA of the MS (ALMA's 4-channel WVR spw, one correlation)."""
-        times = np.concatenate([r[0] for r in rows])
-        path = np.concatenate([r[1] for r in rows])          # (nt, nant) mm
+    def wvr_brightness(self, path_mm: np.ndarray) -> np.ndarray:
+        """WVR brightness temperatures (nt, nant, 4) in K for a path (nt, nant) in mm; the
+        dead antenna's radiometer gives noise. Its own random stream, so the visibilities
+        do not depend on how the WVR data are drawn."""
         t_sky = np.array([250.0, 200.0, 140.0, 90.0])
-        dtdl = np.array(WVR_DTDL)
-        tb = t_sky[None, None, :] + path[:, :, None] * dtdl[None, None, :]
-        tb = tb + self.rng.normal(size=tb.shape) * 0.01
+        tb = t_sky[None, None, :] + path_mm[:, :, None] * np.array(WVR_DTDL)[None, None, :]
+        tb = tb + self.wvr_rng.normal(size=tb.shape) * 0.01
         if self.dead >= 0:
-            tb[:, self.dead] = self.rng.normal(size=tb[:, self.dead].shape) * 5 + 200
-        cols = [ct.makescacoldesc("TIME", 0.0), ct.makescacoldesc("ANTENNA_ID", 0),
-                ct.makearrcoldesc("TB", 0.0, ndim=1, shape=[4], valuetype="float")]
-        nt, n = path.shape
-        with ct.table(f"{ms}/WVR_DATA", ct.maketabdesc(cols), nrow=nt * n, ack=False) as t:
-            t.putcol("TIME", np.repeat(times, n))
-            t.putcol("ANTENNA_ID", np.tile(np.arange(n), nt))
-            t.putcol("TB", tb.reshape(-1, 4).astype(np.float32))
-            t.putkeyword("CHAN_FREQ", [183.31e9 + o * 1e9 for o in WVR_OFFSETS_GHZ])
-        with ct.table(ms, readonly=False, ack=False) as main:
-            main.putkeyword("WVR_DATA", "Table: " + os.path.abspath(f"{ms}/WVR_DATA"))
-        return {"times": times, "path_mm": path}
+            tb[:, self.dead] = self.wvr_rng.normal(size=tb[:, self.dead].shape) * 5 + 200
+        return tb
 
     def _truth(self, out_dir: str, names: list, rows: dict, wvr: dict) -> str:
         c = self.cfg
@@ -633,14 +711,20 @@ class Simulator:
         truth = {
             "config": asdict(c), "antennas": names, "pads": self.pads,
             "dead_antenna": names[self.dead] if self.dead >= 0 else None,
-            "bad_channels": [{"spw": s, "chan": ch} for s, ch in self.bad_channels],
+            "bad_channels": [{"spw": self.science_spw_ids[s], "chan": ch} for s, ch in self.bad_channels],
+            # spectral windows by id: science (lower sideband ones descend in frequency),
+            # Tsys, channel averages and the WVR spw, as importasdm numbers them
+            "science_spws": list(self.science_spw_ids), "wvr_spw": self.wvr_spw,
+            "lsb_spws": [self.science_spw_ids[s] for s in range(c.nspw) if self.lsb[s]],
+            "spws": [{"id": i, "name": nm, "nchan": len(f), "chan_width_hz": float(w[0])}
+                     for i, nm, f, w, _ in self.spectral_windows()],
             "position_errors_m": {names[a]: self.pos_err[a].tolist() for a in np.flatnonzero(np.abs(self.pos_err).sum(1))},
             "wvr_dTdL_K_per_mm": list(WVR_DTDL), "jy_per_k": c.jy_per_k,
             "wvr_injected_improvement": injected,
             "online_flags": [{"antenna": names[a], "start_mjd_s": t0, "end_mjd_s": t1} for a, t0, t1 in self.online],
             "online_rows": rows["online_rows"], "all_rows": rows["all_rows"], "scans": rows.get("scans", []),
             "spw_widths_hz": self.spw_widths.tolist(),
-            "tsys_spw_map": {str(c.nspw + s): s for s in range(c.nspw)},
+            "tsys_spw_map": {str(self.tsys_spw_ids[s]): self.science_spw_ids[s] for s in range(c.nspw)},
             "sky": {FIELDS[f][0]: [{"flux_jy_at_band_centre": float(fl[len(fl) // 2]) if hasattr(fl, "__len__") else fl,
                                     "l_arcsec": float(np.degrees(l) * 3600), "m_arcsec": float(np.degrees(m) * 3600)}
                                    for fl, l, m in self.sky(f, np.array([c.band_centre_hz] * 3))]
@@ -651,7 +735,7 @@ class Simulator:
             "pointings": [{"field_id": i, "ra_deg": f[1], "dec_deg": f[2]} for i, f in enumerate(self.fields)
                           if f[3] == "TARGET"],
             "spectral_index": {FIELDS[0][0]: c.bp_spix, FIELDS[1][0]: c.phase_spix, FIELDS[2][0]: 0.0},
-            "line": {"field": "Target", "spw": 0, "centre_hz": float(self.spw_centres[0]),
+            "line": {"field": "Target", "spw": self.science_spw_ids[0], "centre_hz": float(self.spw_centres[0]),
                      "sigma_hz": 0.06 * float(self.spw_widths[0]), "peak_jy": c.target_line_jy},
             "shadowed_rows_per_spw": rows["shadowed_rows"], "rows": rows["rows"],
             "start_elevation_deg": self.start_elevation_deg,

@@ -53,12 +53,15 @@ def delay_table(kind: str, spw: int, freq: np.ndarray, times: np.ndarray, fields
 # ------------------------------------------------------------------ tsyscal
 
 def tsys_spw_map(ms: str, science_spw: int, tsys_spws: list) -> int | None:
-    """The Tsys spw whose frequency range overlaps the science spw most (tsysspwmap)."""
+    """The Tsys spw for a science spw (tsysspwmap): among those of its baseband when the
+    spw names give basebands (ALMA's), the one whose frequency range overlaps it most."""
     spws = msio.spw_table(ms)
     f = np.array(spws[science_spw]["chan_freq_hz"])
     lo, hi = f.min(), f.max()
+    bb = spws[science_spw].get("baseband")
+    same_bb = [t for t in tsys_spws if bb is not None and spws[t].get("baseband") == bb]
     best, best_overlap = None, 0.0
-    for t in tsys_spws:
+    for t in same_bb or tsys_spws:
         ft = np.array(spws[t]["chan_freq_hz"])
         overlap = max(0.0, min(hi, ft.max()) - max(lo, ft.min()))
         if overlap > best_overlap:
@@ -66,11 +69,23 @@ def tsys_spw_map(ms: str, science_spw: int, tsys_spws: list) -> int | None:
     return best
 
 
+def fields_at(times: np.ndarray, scans: list) -> np.ndarray:
+    """The field observed at each time, from the observation's scan list (the scan
+    that contains it, else the nearest): a Tsys measurement's scan has data in the Tsys
+    spws only, so a science spw's own rows cannot say where it was made."""
+    start = np.array([sc["start_mjd_s"] for sc in scans])
+    end = np.array([sc["end_mjd_s"] for sc in scans])
+    fid = np.array([sc["field_id"] for sc in scans])
+    t = np.asarray(times, float)[:, None]
+    dist = np.where((t >= start) & (t <= end), 0.0, np.minimum(np.abs(t - start), np.abs(t - end)))
+    return fid[np.argmin(dist, axis=1)]
+
+
 class NoTsys(Exception):
     """The EB has no usable Tsys measurements at all (the message says why)."""
 
 
-def tsys_solutions(ms_path: str, science_spw: int) -> tuple[CalSolutions, int] | None:
+def tsys_solutions(ms_path: str, science_spw: int, scans: list) -> tuple[CalSolutions, int] | None:
     """Tsys spectra of the SYSCAL table, mapped to a science spw by frequency and
     interpolated onto its channels, as a 'B TSYS' table (gain 1/sqrt(Tsys), so
     applying it multiplies the data by sqrt(Tsys_1 Tsys_2)); each measurement is
@@ -88,12 +103,7 @@ def tsys_solutions(ms_path: str, science_spw: int) -> tuple[CalSolutions, int] |
     tspw = tsys_spw_map(ms_path, science_spw, sorted(set(spw.tolist())))
     if tspw is None:
         return None
-    # the field each Tsys measurement was made on: that of the MS rows at its time
-    with ct.table(ms_path, ack=False) as mt:
-        mtime, mfield = mt.getcol("TIME"), mt.getcol("FIELD_ID")
-    order_t = np.argsort(mtime)
-    near = order_t[np.clip(np.searchsorted(mtime[order_t], time), 0, len(mtime) - 1)]
-    field = mfield[near]
+    field = fields_at(time, scans)             # the field each Tsys measurement was made on
     spws = msio.spw_table(ms_path)
     f_sci = np.array(spws[science_spw]["chan_freq_hz"])
     f_tsys = np.array(spws[tspw]["chan_freq_hz"])
@@ -116,7 +126,7 @@ def tsyscal(ctx: dict, params: dict, io: StageIO) -> QA:
     for part in ctx["partitions"]:
         ms_path = io.fetch_dir(part["key"])
         try:
-            found = tsys_solutions(ms_path, part["spw"])
+            found = tsys_solutions(ms_path, part["spw"], ctx["observation"]["scans"])
         except NoTsys as exc:
             qa.lower(0.3, str(exc))
             return qa
@@ -246,13 +256,19 @@ def antpos(ctx: dict, params: dict, io: StageIO) -> QA:
 
 # ------------------------------------------------------------------ wvrgcal
 
-def read_wvr(ms: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(times (nt,), antenna ids, brightness temperatures (nt, nant, 4)) of the WVR data."""
-    path = os.path.join(ms, "WVR_DATA")
-    if not os.path.exists(path):
-        raise FileNotFoundError(path)
-    with ct.table(path, ack=False) as t:
-        time, ant, tb = t.getcol("TIME"), t.getcol("ANTENNA_ID"), t.getcol("TB")
+def read_wvr(ms: str, spw: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(times (nt,), antenna ids, brightness temperatures (nt, nant, 4)) of the WVR spw:
+    auto-correlation rows whose (real) DATA are the four channels' temperatures in K,
+    as importasdm writes ALMA's radiometer data. A sample with a flag is NaN."""
+    with ct.table(ms, ack=False) as t:
+        dd = [d for d, s in msio.spw_of_ddid(ms).items() if s == spw]
+        sel = t.query(f"DATA_DESC_ID IN {dd} AND ANTENNA1 == ANTENNA2")
+        time, ant = sel.getcol("TIME"), sel.getcol("ANTENNA1")
+        data, flag = sel.getcol("DATA"), sel.getcol("FLAG")
+        sel.close()
+    if not len(time):
+        raise FileNotFoundError(f"{ms}: no WVR auto-correlations in spw {spw}")
+    tb = np.where(flag[:, :, 0], np.nan, data[:, :, 0].real)                  # (nrow, 4)
     times = np.unique(time)
     nant = int(ant.max()) + 1
     cube = np.full((len(times), nant, tb.shape[1]), np.nan)
@@ -304,11 +320,14 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
     # calibrators, as hifa_wvrgcalflag does: bright, and often observed
     cal_ids = sorted(set(field_ids_with(ctx, "BANDPASS")) | set(field_ids_with(ctx, "PHASE"))) or calibrator_ids(ctx)
     part0 = ctx["partitions"][0]
-    ms0 = io.fetch_dir(part0["key"])
+    wvr_part = ctx.get("aux_partitions", {}).get("wvr")
+    if wvr_part is None:
+        qa.lower(0.5, "No WVR spw in the EB: no WVR correction; phases keep the atmospheric fluctuations.")
+        return qa
     try:
-        wtimes, _, tb = read_wvr(ms0)
-    except FileNotFoundError:
-        qa.lower(0.5, "No WVR data in the EB: no WVR correction; phases keep the atmospheric fluctuations.")
+        wtimes, _, tb = read_wvr(io.fetch_dir(wvr_part["key"]), wvr_part["spw"])
+    except FileNotFoundError as exc:
+        qa.lower(0.5, f"{exc}: no WVR correction; phases keep the atmospheric fluctuations.")
         return qa
     proxy = wvr_proxy(tb)                                                     # (nt, nant)
     # Fit the path scale on the calibrators: per-integration antenna phases

@@ -240,7 +240,7 @@ def setjy(ctx: dict, params: dict, io: StageIO) -> QA:
     manual = dict(catalogue_fluxes(ctx["user"].get("flux_csv", "")))
     manual.update(params.get("manual") or {})
     models = {}
-    spw_freqs = {s["id"]: np.mean(s["chan_freq_hz"]) for s in ctx["observation"]["spws"]}
+    spw_freqs = {p["spw"]: float(np.mean(spw_info(ctx, p["spw"])["chan_freq_hz"])) for p in ctx["partitions"]}
     for fid in require_intent(ctx, "FLUX", "setjy"):
         name = field_name(ctx, fid)
         if name in manual:

@@ -54,11 +54,11 @@ def _unpack_input(path: str, workdir: str) -> tuple[str, str]:
                      f"nor a UVFITS file (first bytes {head[:16]!r})")
 
 
-def _partition(ms_path: str, workdir: str, basename: str) -> list:
-    """One MS per spectral window (the unit of fan-out for later stages)."""
+def _partition(ms_path: str, workdir: str, basename: str, spws: list) -> list:
+    """One MS per spectral window of `spws` (the unit of fan-out for later stages);
+    the subtables (SYSCAL, FLAG_CMD...) go with each."""
     spw_of = msio.spw_of_ddid(ms_path)
-    spws = sorted(set(spw_of.values()))
-    if len(spws) == 1:
+    if set(spw_of.values()) == set(spws) and len(spws) == 1:
         dest = os.path.join(workdir, f"{basename}.spw{spws[0]}.ms")
         shutil.move(ms_path, dest)
         return [(spws[0], dest)]
@@ -92,15 +92,31 @@ def importdata(ctx: dict, params: dict, io: StageIO) -> QA:
     except ValueError as exc:
         raise StageError(f"importdata: {exc}") from exc
     basename = params.get("name") or os.path.basename(ctx["input_key"]).split(".")[0]
-    parts = []
-    for spw, path in _partition(ms_path, io.workdir, basename):
+    science = obs["science_spws"]
+    if not science:
+        kinds = ", ".join(f"{s['id']} ({s['kind']})" for s in obs["spws"])
+        raise StageError(f"importdata: no science spectral window in the data (spws: {kinds})")
+    wvr = [s["id"] for s in obs["spws"] if s["kind"] == "wvr" and s["id"] in
+           {sid for sc in obs["scans"] for sid in sc["spws"]}]
+    parts, aux = [], {}
+    for spw, path in _partition(ms_path, io.workdir, basename, science + wvr[:1]):
         with ct.table(path, ack=False) as t:
             nvis = int(t.nrows())
         entry = io.put_dir(path, os.path.basename(path))
-        parts.append({"spw": int(spw), "key": entry["key"], "sha256": entry["sha256"], "name": os.path.basename(path),
-                      "nrows": nvis})
+        part = {"spw": int(spw), "key": entry["key"], "sha256": entry["sha256"], "name": os.path.basename(path),
+                "nrows": nvis}
+        if spw in science:
+            parts.append(part)
+        else:
+            aux["wvr"] = part
         io.visibilities += nvis
     ctx.update(partitions=parts, observation=obs, fields=fields, ms_name=basename, input_format=fmt)
+    if aux:
+        ctx["aux_partitions"] = aux
+    others = [s for s in obs["spws"] if s["kind"] != "science"]
+    if others:
+        qa.note("Science spws " + ", ".join(map(str, science)) + "; not science data: " +
+                ", ".join(f"{s['id']} ({s['kind']})" for s in others) + ".")
     roles_from = fields[0]["roles_from"] if fields else ""
     for f in fields:
         io.log("field %s: %s", f["name"], ",".join(f["intents"]) or "no intent")
