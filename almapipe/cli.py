@@ -87,11 +87,15 @@ def cmd_run(args) -> int:
     import grpc
     from .platform.stack import Stack, StackError, gateway_healthy
     from .v1 import pipeline_pb2 as pb, pipeline_pb2_grpc as pb_grpc
-    input_path = args.input or DEFAULT_INPUT
-    if not os.path.exists(input_path):
-        print(f"almapipe run: input {input_path} does not exist", file=sys.stderr)
-        return 2
-    recipe_name = args.recipe or (DEFAULT_RECIPE if args.input is None else None)
+    inputs = args.input or [DEFAULT_INPUT]
+    for input_path in inputs:
+        if not os.path.exists(input_path):
+            print(f"almapipe run: input {input_path} does not exist", file=sys.stderr)
+            return 2
+    input_path = inputs[0]
+    # no recipe: the built-in data's own, else the one for the telescope that observed
+    # the data, chosen by the pipeline once it has read them
+    recipe_name = args.recipe or (DEFAULT_RECIPE if not args.input else None)
     cfg = Config.from_env()
     started = None
     if not gateway_healthy(cfg.gateway_addr):
@@ -104,7 +108,7 @@ def cmd_run(args) -> int:
             return 1
         cfg = Config.from_env()
     try:
-        key = upload_input(cfg, input_path)
+        keys = [upload_input(cfg, path) for path in inputs]
         params = {}
         for p in args.param or []:
             k, eq, v = p.partition("=")
@@ -112,9 +116,11 @@ def cmd_run(args) -> int:
                 print(f"almapipe run: --param {p!r}: expected stage.param=value", file=sys.stderr)
                 return 2
             params[k] = v
-        req = pb.SubmitRunRequest(input_key=key, recipe=recipe_name or "", parameters=params,
+        mous = len(keys) > 1 or bool(args.mous)
+        req = pb.SubmitRunRequest(input_key="" if mous else keys[0], input_keys=keys if mous else [],
+                                  mous_id=args.mous or "", recipe=recipe_name or "", parameters=params,
                                   flag_template=_read(args.flag_template), cont_dat=_read(args.cont_dat),
-                                  label=os.path.basename(input_path))
+                                  label=args.mous or os.path.basename(input_path))
         metadata = []
         if args.recipe_file:
             metadata.append(("x-almapipe-recipe", json.dumps(json.load(open(args.recipe_file)))))
@@ -197,7 +203,9 @@ def main(argv=None) -> int:
     sub.add_parser("status", help="show the local stack's processes").set_defaults(fn=cmd_status)
     sub.add_parser("recipes", help="list recipes").set_defaults(fn=cmd_recipes)
     r = sub.add_parser("run", help="run a recipe on an MS (directory or tar) or UVFITS file")
-    r.add_argument("input", nargs="?", help="input data (default: the built-in NGC 5921 VLA data)")
+    r.add_argument("input", nargs="*", help="input data (default: the built-in NGC 5921 VLA data); several "
+                                             "execution blocks of an MOUS are calibrated one by one and imaged together")
+    r.add_argument("--mous", help="the MOUS's identifier (uid://A001/X1/X2): names the products")
     r.add_argument("--out", default="almapipe-products", help="directory for the products package")
     r.add_argument("--recipe", help="recipe name (see `almapipe recipes`)")
     r.add_argument("--recipe-file", help="a recipe JSON file (e.g. script/recipe.json of an earlier run)")

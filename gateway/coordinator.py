@@ -73,34 +73,88 @@ class Coordinator:
 
     # ------------------------------------------------------------ API actions
     async def submit(self, req: pb.SubmitRunRequest, recipe_doc: dict | None = None) -> dict:
-        if not req.input_key:
-            raise RequestError("input_key is required: upload the input to the raw bucket first")
-        if not self.store.exists(req.input_key, bucket=self.store.raw_bucket):
-            raise RequestError(f"input {req.input_key!r} not found in bucket {self.store.raw_bucket}",
-                               not_found=True)
+        inputs = list(req.input_keys) or ([req.input_key] if req.input_key else [])
+        if req.input_key and req.input_keys and req.input_key not in req.input_keys:
+            raise RequestError("give the inputs either as input_key or as input_keys, not both")
+        if not inputs:
+            raise RequestError("input_key (or input_keys, for an MOUS) is required: upload the input to the "
+                               "raw bucket first")
+        if len(set(inputs)) != len(inputs):
+            raise RequestError("input_keys: the same execution block is given twice")
+        for key in inputs:
+            if not self.store.exists(key, bucket=self.store.raw_bucket):
+                raise RequestError(f"input {key!r} not found in bucket {self.store.raw_bucket}", not_found=True)
+        mous = len(inputs) > 1 or bool(req.mous_id)
+        auto = not recipe_doc and not req.recipe and not mous
         try:
-            recipe = recipes.validate(recipe_doc) if recipe_doc else recipes.load(req.recipe or None)
-            recipe = recipes.apply_overrides(recipe, dict(req.parameters))
+            if auto:     # chosen from the data's telescope once importdata has read it
+                recipes.check_overrides_somewhere(dict(req.parameters), sorted(set(recipes.BY_TELESCOPE.values()))
+                                                  + [recipes.DEFAULT])
+                first = {k: v for k, v in req.parameters.items() if k.split(".")[0] in ("importdata", "0")}
+                recipe = recipes.apply_overrides(recipes.auto(), first)
+            else:        # an MOUS is ALMA's: its default recipe is ALMA's
+                recipe = recipes.validate(recipe_doc) if recipe_doc else \
+                    recipes.load(req.recipe or ("alma_calimage" if mous else None))
+                recipe = recipes.apply_overrides(recipe, dict(req.parameters))
         except recipes.RecipeError as exc:
             raise RequestError(str(exc)) from exc
-        run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
-        ctx = new_context(run_id, recipe, req.input_key,
-                          {"flag_template": req.flag_template, "cont_dat": req.cont_dat})
+        extras = {"flag_template": req.flag_template, "cont_dat": req.cont_dat, "mous_id": req.mous_id}
+        if not mous:
+            run = self.new_run(recipe, inputs[0], extras, req.label)
+            if auto:
+                run["auto_overrides"] = dict(req.parameters)
+            async with self.lock:
+                await self.save(run)
+                await self.dispatch(run)
+            metrics.RUNS_ACTIVE.inc()
+            log.info("run %s submitted: recipe %s on %s", run["run_id"], recipe["name"], inputs[0])
+            return run
+        return await self.submit_mous(req, recipe, inputs, extras)
+
+    def new_run(self, recipe: dict, input_key: str, extras: dict, label: str, run_id: str | None = None,
+                context: dict | None = None) -> dict:
+        """A run record (not yet saved) with its first context written to S3."""
+        run_id = run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+        ctx = context or new_context(run_id, recipe, input_key, extras)
         ctx_key = f"runs/{run_id}/context/init.json"
         self.store.put_json(ctx_key, ctx)
         self.store.put_json(f"runs/{run_id}/recipe.json", recipe)
-        run = {"run_id": run_id, "status": "RUNNING", "recipe": recipe["name"], "input_key": req.input_key,
-               "label": req.label, "created": time.time(), "updated": time.time(), "current_stage": 0,
-               "context_key": ctx_key, "error": "",
-               "stages": [{"index": i, "name": s["stage"], "service": s["service"], "status": "PENDING",
-                           "qa_score": -1.0, "qa_reasons": [], "duration_s": 0.0, "attempts": 0, "error": "",
-                           "params": s["params"]} for i, s in enumerate(recipe["stages"])]}
+        return {"run_id": run_id, "status": "RUNNING", "recipe": recipe["name"], "input_key": input_key,
+                "label": label, "created": time.time(), "updated": time.time(), "current_stage": 0,
+                "context_key": ctx_key, "error": "",
+                "stages": [{"index": i, "name": s["stage"], "service": s["service"], "status": "PENDING",
+                            "qa_score": -1.0, "qa_reasons": [], "duration_s": 0.0, "attempts": 0, "error": "",
+                            "params": s["params"]} for i, s in enumerate(recipe["stages"])]}
+
+    async def submit_mous(self, req, recipe: dict, inputs: list, extras: dict) -> dict:
+        """An MOUS: one run per EB for the stages up to split (calibration, each EB on its
+        own and in parallel across the workers), and the MOUS run, whose own stages (from
+        the one after split: imaging, export, WebLog) start from the EBs' merged contexts
+        when every EB's run has succeeded (eb_done)."""
+        try:
+            per_eb, mous_part = recipes.split_for_mous(recipe)
+        except recipes.RecipeError as exc:
+            raise RequestError(str(exc)) from exc
+        mous_id = req.mous_id or "mous"
+        parent_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+        children = []
+        for i, key in enumerate(inputs):
+            child = self.new_run(per_eb, key, extras, f"{mous_id} EB {i + 1}/{len(inputs)}",
+                                 run_id=f"{parent_id}-eb{i + 1}")
+            child["parent_run_id"] = parent_id
+            children.append(child)
+        parent = self.new_run(mous_part, inputs[0], extras, req.label, run_id=parent_id,
+                              context=new_context(parent_id, mous_part, inputs[0], extras))
+        parent.update(mous_id=mous_id, eb_run_ids=[c["run_id"] for c in children], input_keys=inputs,
+                      waiting_for_ebs=True)
         async with self.lock:
-            await self.save(run)
-            await self.dispatch(run)
-        metrics.RUNS_ACTIVE.inc()
-        log.info("run %s submitted: recipe %s on %s", run_id, recipe["name"], req.input_key)
-        return run
+            await self.save(parent)
+            for child in children:
+                await self.save(child)
+                await self.dispatch(child)
+        metrics.RUNS_ACTIVE.inc(len(children) + 1)
+        log.info("MOUS run %s submitted: %d EBs, recipe %s", parent_id, len(inputs), recipe["name"])
+        return parent
 
     async def cancel(self, run_id: str) -> dict:
         async with self.lock:
@@ -109,10 +163,53 @@ class Coordinator:
                 run["status"] = "CANCELLED"
                 run["error"] = "cancelled by request"
                 await self.finish(run)
+                for child_id in run.get("eb_run_ids", []):     # an MOUS: its EBs' runs too
+                    child = await self.load(child_id)
+                    if child["status"] not in TERMINAL:
+                        child.update(status="CANCELLED", error=f"the MOUS run {run_id} was cancelled")
+                        await self.finish(child)
         return run
+
+    async def eb_done(self, child: dict) -> None:
+        """An EB's run of an MOUS has ended (called with the lock held). When all have
+        succeeded, the MOUS run starts from their merged contexts; when one failed, the
+        MOUS run fails naming it, and the EBs still running are cancelled."""
+        try:
+            parent = await self.load(child["parent_run_id"])
+        except RequestError:
+            return
+        if parent["status"] in TERMINAL or not parent.get("waiting_for_ebs"):
+            return
+        kids = [child if cid == child["run_id"] else await self.load(cid) for cid in parent["eb_run_ids"]]
+        failed = [k for k in kids if k["status"] in ("FAILED", "CANCELLED")]
+        if failed:
+            k = failed[0]
+            parent["status"] = "FAILED"
+            parent["waiting_for_ebs"] = False
+            parent["error"] = f"EB {k['label']} (run {k['run_id']}, {k['input_key']}) {k['status'].lower()}: {k['error']}"
+            for later in parent["stages"]:
+                later["status"] = "SKIPPED"
+            await self.finish(parent)
+            for other in kids:
+                if other["status"] not in TERMINAL:
+                    other.update(status="CANCELLED", error=f"another EB of MOUS run {parent['run_id']} failed")
+                    await self.finish(other)
+            return
+        if any(k["status"] != "SUCCEEDED" for k in kids):
+            return
+        contexts = [await asyncio.to_thread(self.store.get_json, k["context_key"]) for k in kids]
+        init = await asyncio.to_thread(self.store.get_json, f"runs/{parent['run_id']}/context/init.json")
+        merged = merge_eb_contexts(init, parent, kids, contexts)
+        key = f"runs/{parent['run_id']}/context/ebs.json"
+        await asyncio.to_thread(self.store.put_json, key, merged)
+        parent.update(context_key=key, waiting_for_ebs=False)
+        await self.save(parent)
+        await self.dispatch(parent)
 
     # ------------------------------------------------------------ dispatch
     async def dispatch(self, run: dict) -> None:
+        if run.get("waiting_for_ebs"):
+            return           # an MOUS run starts when its EBs' runs have succeeded
         st = run["stages"][run["current_stage"]]
         await self.publish_request(run, st, st["name"], st["params"], run["context_key"])
         st["status"] = "DISPATCHED"
@@ -164,8 +261,13 @@ class Coordinator:
         await self.js.publish(subject, ev.SerializeToString())
 
     async def resume(self) -> None:
-        """After a restart: re-dispatch runs whose current stage was never dispatched."""
+        """After a restart: re-dispatch runs whose current stage was never dispatched, and
+        look again at MOUS runs waiting for EBs (the last EB may have ended just before)."""
         for run in await self.list_runs(0):
+            if run["status"] == "RUNNING" and run.get("waiting_for_ebs"):
+                async with self.lock:
+                    await self.eb_done(await self.load(run["eb_run_ids"][-1]))
+                continue
             if run["status"] == "RUNNING" and run["stages"][run["current_stage"]]["status"] == "PENDING":
                 log.info("resuming run %s at stage %s", run["run_id"], run["stages"][run["current_stage"]]["name"])
                 await self.dispatch(run)
@@ -235,6 +337,9 @@ class Coordinator:
                 st.update(status="SUCCEEDED", qa_score=ev.qa_score, qa_reasons=list(ev.qa_reasons),
                           duration_s=ev.duration_s, error="")
                 run["context_key"] = ev.context_key
+                if run["recipe"] == recipes.AUTO and not run.get("finalizing"):
+                    if not await self.resolve_recipe(run):
+                        return
                 if run.get("finalizing"):    # the WebLog of a failed run is done
                     run["status"] = "FAILED"
                     await self.finish(run)
@@ -245,6 +350,36 @@ class Coordinator:
                 else:
                     run["status"] = "SUCCEEDED"
                     await self.finish(run)
+
+    async def resolve_recipe(self, run: dict) -> bool:
+        """A run submitted without a recipe has imported its data: append the stages of
+        the recipe for its telescope (with the run's overrides) and record the choice in
+        the context. A bad override fails the run, naming it. Returns whether to go on."""
+        ctx = await asyncio.to_thread(self.store.get_json, run["context_key"])
+        telescope = ctx.get("observation", {}).get("telescope", "")
+        name = recipes.for_telescope(telescope)
+        try:
+            recipe = recipes.apply_overrides(recipes.load(name), run.get("auto_overrides", {}))
+        except recipes.RecipeError as exc:
+            run["status"] = "FAILED"
+            run["error"] = f"recipe {name} (chosen for telescope {telescope}): {exc}"
+            await self.finish(run)
+            return False
+        first = run["stages"][0]
+        first["params"] = recipe["stages"][0]["params"] | first["params"]
+        run["stages"] = [first] + [{"index": i, "name": s["stage"], "service": s["service"], "status": "PENDING",
+                                    "qa_score": -1.0, "qa_reasons": [], "duration_s": 0.0, "attempts": 0,
+                                    "error": "", "params": s["params"]}
+                                   for i, s in enumerate(recipe["stages"]) if i > 0]
+        run["recipe"] = name
+        first["qa_reasons"] = list(first["qa_reasons"]) + [f"Recipe {name}, chosen for telescope {telescope}."]
+        ctx["recipe"] = recipe
+        key = run["context_key"].replace(".json", f".{name}.json")
+        await asyncio.to_thread(self.store.put_json, key, ctx)
+        await asyncio.to_thread(self.store.put_json, f"runs/{run['run_id']}/recipe.json", recipe)
+        run["context_key"] = key
+        log.info("run %s: recipe %s chosen for telescope %s", run["run_id"], name, telescope)
+        return True
 
     async def finalize_with_weblog(self, run: dict, failed: dict) -> bool:
         """After a failure, still render the WebLog (and package what exists), as
@@ -277,6 +412,8 @@ class Coordinator:
         metrics.RUNS_ACTIVE.dec()
         await self.run_event(run, pb.STAGE_STATUS_UNSPECIFIED, None, run["error"] or run["status"].lower())
         log.info("run %s %s %s", run["run_id"], run["status"], run["error"])
+        if run.get("parent_run_id"):
+            await self.eb_done(run)
 
     def write_products(self, run: dict) -> None:
         ctx = self.store.get_json(run["context_key"])
@@ -286,14 +423,59 @@ class Coordinator:
         self.store.put_json(f"runs/{run['run_id']}/products/manifest.json", pkg)
 
 
+def merge_eb_contexts(init: dict, parent: dict, kids: list, contexts: list) -> dict:
+    """The MOUS run's starting context from its EBs' (each after split): the first EB's
+    observation summary and field list (fields matched by name across EBs), every EB's
+    calibrated partitions and target partitions (tagged with their EB, field ids mapped
+    onto the first EB's), and per EB what the WebLog and the flux-consistency check
+    report: its fluxscale results, flags, stage scores."""
+    first = contexts[0]
+    ctx = dict(first)
+    ctx.update(run_id=parent["run_id"], recipe=init["recipe"], user=dict(first.get("user", {}), **init["user"]),
+               stage_results=[], qa={}, images=[], manifest=[], mous_id=parent.get("mous_id", ""))
+    ref = {(f["name"], round(f["ra_rad"], 6), round(f["dec_rad"], 6)): f["id"] for f in first["observation"]["fields"]}
+    by_name = {}
+    for f in first["observation"]["fields"]:
+        by_name.setdefault(f["name"], f["id"])
+    ebs, parts, targets, names, caltables = [], [], [], set(), {}
+    for i, (kid, c) in enumerate(zip(kids, contexts)):
+        ms_name = c.get("ms_name", f"eb{i + 1}")
+        if ms_name in names:                  # EBs whose files share a name
+            ms_name = f"{ms_name}_eb{i + 1}"
+        names.add(ms_name)
+        fmap = {}
+        for f in c["observation"]["fields"]:
+            key = (f["name"], round(f["ra_rad"], 6), round(f["dec_rad"], 6))
+            fmap[str(f["id"])] = ref.get(key, by_name.get(f["name"], -1))
+        tag = {"eb": i, "ms_name": ms_name, "field_map": fmap}
+        parts += [dict(p, **tag) for p in c.get("partitions", [])]
+        targets += [dict(p, **tag) for p in c.get("target_partitions", [])]
+        ebs.append({"index": i, "ms_name": tag["ms_name"], "run_id": kid["run_id"], "input_key": kid["input_key"],
+                    "start": c["observation"].get("start"), "end": c["observation"].get("end"),
+                    "fluxscale": c.get("fluxscale", []), "flags": c.get("flags", {}),
+                    "refant": c.get("refant", {}).get("refant"), "wvr": c.get("wvr"),
+                    "stages": [{"name": s["name"], "qa_score": s["qa_score"], "qa_reasons": s["qa_reasons"]}
+                               for s in kid["stages"]],
+                    "logs": [(r["index"], r["name"], r["log_key"]) for r in c.get("stage_results", [])
+                             if r.get("log_key")]})
+        for name, entry in c.get("caltables", {}).items():
+            caltables[f"{ms_name}:{name}"] = entry
+    ctx.update(partitions=parts, target_partitions=targets, ebs=ebs, caltables=caltables,
+               fluxscale=[dict(r, eb=e["ms_name"]) for e in ebs for r in e["fluxscale"]])
+    return ctx
+
+
 def build_summary(run: dict, ctx: dict) -> dict:
     return {
         "run_id": run["run_id"], "status": run["status"], "error": run["error"], "recipe": run["recipe"],
-        "input": run["input_key"],
+        "input": run["input_key"], "mous_id": run.get("mous_id", ""), "eb_run_ids": run.get("eb_run_ids", []),
+        "ebs": [{k: e.get(k) for k in ("ms_name", "run_id", "input_key", "start", "end", "fluxscale", "refant")}
+                for e in ctx.get("ebs", [])],
+        "flux_consistency": ctx.get("flux_consistency"),
         "stages": [{"name": s["name"], "status": s["status"], "qa_score": s["qa_score"],
                     "qa_reasons": s["qa_reasons"], "duration_s": s["duration_s"], "attempts": s["attempts"]}
                    for s in run["stages"]],
-        "fluxscale": [{k: r[k] for k in ("field", "spw", "flux_jy", "flux_err_jy", "n")}
+        "fluxscale": [{k: r.get(k) for k in ("field", "spw", "flux_jy", "flux_err_jy", "n", "eb") if k in r}
                       for r in ctx.get("fluxscale", [])],
         "images": [{k: img.get(k) for k in ("file", "field", "spw", "specmode", "peak_jy_per_beam",
                                             "rms_jy_per_beam", "theoretical_rms_jy_per_beam", "beam_arcsec",

@@ -18,7 +18,8 @@ from almapipe.v1 import pipeline_pb2 as pb
 from test_system import stub, wait_run  # noqa: F401  (the gRPC stub fixture)
 
 
-def run_simulated_eb(stack, stub, d, preset: str, parameters: dict | None = None):  # noqa: F811
+def run_simulated_eb(stack, stub, d, preset: str, parameters: dict | None = None,  # noqa: F811
+                     recipe: str = "alma_calimage"):
     _, cfg = stack
     sim = Simulator(SimConfig.preset(preset))
     res = sim.write(str(d / "eb"))
@@ -26,7 +27,7 @@ def run_simulated_eb(stack, stub, d, preset: str, parameters: dict | None = None
     with tarfile.open(tar, "w") as t:       # the MS with antennapos.csv and flux.csv beside it
         for path in (res["ms"], res["antennapos"], res["flux_csv"]):
             t.add(path, arcname=os.path.basename(path))
-    run = stub.SubmitRun(pb.SubmitRunRequest(input_key=upload_input(cfg, tar), recipe="alma_calimage",
+    run = stub.SubmitRun(pb.SubmitRunRequest(input_key=upload_input(cfg, tar), recipe=recipe,
                                              parameters=parameters or {}))
     run = wait_run(stub, run.run_id, 500)
     out = d / "products"
@@ -36,7 +37,9 @@ def run_simulated_eb(stack, stub, d, preset: str, parameters: dict | None = None
 
 @pytest.fixture(scope="module")
 def alma_run(stack, stub, tmp_path_factory):  # noqa: F811
-    return run_simulated_eb(stack, stub, tmp_path_factory.mktemp("alma"), "small")
+    """The small EB with its flux.csv in ALMA's columns and no recipe named: the pipeline
+    takes the ALMA recipe for data whose telescope is ALMA."""
+    return run_simulated_eb(stack, stub, tmp_path_factory.mktemp("alma"), "small", recipe="")
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +68,10 @@ def extract_table(out, name: str) -> list:
 def test_alma_recipe_runs_every_stage(alma_run):
     _, _, run, summary, out = alma_run
     assert run.status == pb.RUN_STATUS_SUCCEEDED, run.error
+    assert run.recipe == "alma_calimage" and summary["recipe"] == "alma_calimage"
+    assert any("chosen for telescope ALMA" in r for r in summary["stages"][0]["qa_reasons"])
+    assert (out.parent / "eb" / "flux.csv").read_text().startswith("ms,field,spw,I,Q,U,V,spix,uvmin,uvmax,comment")
+    assert (out / "product" / "flux.csv").read_text().startswith("ms,field,spw,I,Q,U,V,spix,uvmin,uvmax,comment")
     names = [s["name"] for s in summary["stages"]]
     for stage in ("flagdata", "fluxcalflag", "rawflagchans", "refant", "tsyscal", "tsysflag", "antpos", "wvrgcal",
                   "lowgainflag", "setjy", "bandpass", "spwphaseup", "gaincal", "fluxscale", "timegaincal", "applycal"):

@@ -61,6 +61,28 @@ class Vis:
         return Vis(**out)
 
 
+def concat_vis(parts: list) -> Vis:
+    """One Vis from several of the same spectral setup (execution blocks of an MOUS),
+    rows in the order given. Channel frequencies must agree to a small fraction of a
+    channel (the EBs of one SB are tuned alike; Doppler tracking differences are what the
+    LSRK regridding of cubes handles); rows keep their own MS row numbers, so a caller that
+    writes back does so per part."""
+    if len(parts) == 1:
+        return parts[0]
+    f0 = parts[0].freq
+    for p in parts[1:]:
+        if len(p.freq) != len(f0) or np.max(np.abs(p.freq - f0)) > 0.5 * abs(f0[1] - f0[0] if len(f0) > 1 else 1.0):
+            raise MSError(f"spw {parts[0].spw}: the execution blocks' channels differ "
+                          f"({len(f0)} from {f0[0] / 1e9:.6f} GHz vs {len(p.freq)} from {p.freq[0] / 1e9:.6f} GHz)")
+    out = {}
+    for k, v in parts[0].__dict__.items():
+        if isinstance(v, np.ndarray) and k != "freq" and v.shape[:1] == parts[0].time.shape:
+            out[k] = np.concatenate([getattr(p, k) for p in parts])
+        else:
+            out[k] = v
+    return Vis(**out)
+
+
 def check_ms(path: str) -> None:
     """Raise MSError naming the problem if path is not a readable MS."""
     if not os.path.isdir(path):

@@ -20,6 +20,41 @@ class RecipeError(ParameterError):
     """The recipe or a parameter override is invalid."""
 
 
+# A run without a recipe imports its data first and then takes the recipe for the
+# telescope that observed it (for_telescope): ALMA's EBs the ALMA procedure.
+AUTO = "auto"
+BY_TELESCOPE = {"ALMA": "alma_calimage", "ACA": "alma_calimage", "OSF": "alma_calimage"}
+
+
+def for_telescope(telescope: str) -> str:
+    """The recipe for data of a telescope (OBSERVATION.TELESCOPE_NAME)."""
+    return BY_TELESCOPE.get(str(telescope).strip().upper(), DEFAULT)
+
+
+def auto() -> dict:
+    """The provisional recipe of a run whose recipe is chosen from its data: importdata,
+    and the WebLog that reports a failure to import; once the data are imported, the
+    coordinator puts the chosen recipe's other stages after importdata."""
+    return validate({"name": AUTO, "version": 1, "stages": [{"stage": "importdata", "params": {}},
+                                                            {"stage": "weblog", "params": {}}],
+                     "description": "importdata, then the recipe for the data's telescope"})
+
+
+def check_overrides_somewhere(overrides: dict, candidates: list) -> None:
+    """Overrides of a run whose recipe is not chosen yet: each must be valid in at least
+    one candidate recipe (so a misspelt stage is refused at submit)."""
+    for key, value in overrides.items():
+        errors = []
+        for name in candidates:
+            try:
+                apply_overrides(load(name), {key: value})
+                break
+            except RecipeError as exc:
+                errors.append(str(exc))
+        else:
+            raise RecipeError(errors[0])
+
+
 def available() -> list:
     return sorted(f[:-5] for f in os.listdir(DIR) if f.endswith(".json"))
 
@@ -77,3 +112,21 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
             value = raw
         stages[idx[0]]["params"][param] = value
     return out
+
+
+# The last stage an MOUS runs per execution block: everything up to it calibrates one EB
+# (in a run of its own); the stages after it image and report the MOUS as a whole.
+LAST_PER_EB_STAGE = "split"
+
+
+def split_for_mous(recipe: dict) -> tuple[dict, dict]:
+    """(the per-EB recipe, the MOUS recipe) of a recipe for several EBs."""
+    names = [s["stage"] for s in recipe["stages"]]
+    if LAST_PER_EB_STAGE not in names or names.index(LAST_PER_EB_STAGE) == len(names) - 1:
+        raise RecipeError(f"recipe {recipe['name']} cannot process several EBs: it needs a "
+                          f"{LAST_PER_EB_STAGE!r} stage followed by the stages that combine them")
+    cut = names.index(LAST_PER_EB_STAGE) + 1
+    per_eb = dict(copy.deepcopy(recipe), stages=copy.deepcopy(recipe["stages"][:cut]))
+    per_eb["name"] = recipe["name"] + ":eb"
+    mous = dict(copy.deepcopy(recipe), stages=copy.deepcopy(recipe["stages"][cut:]))
+    return per_eb, mous

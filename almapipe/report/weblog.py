@@ -15,9 +15,9 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from ..stages.base import qa_colour
 
 TOPICS = [("Data set", {"importdata"}),
-          ("Flagging", {"flagdata", "rawflagchans", "tsysflag", "lowgainflag"}),
-          ("Calibration", {"refant", "tsyscal", "antpos", "wvrgcal", "setjy", "bandpass", "gaincal", "fluxscale",
-                           "timegaincal", "applycal"}),
+          ("Flagging", {"flagdata", "fluxcalflag", "rawflagchans", "tsysflag", "lowgainflag"}),
+          ("Calibration", {"refant", "tsyscal", "antpos", "wvrgcal", "setjy", "bandpass", "spwphaseup", "gaincal",
+                           "fluxscale", "timegaincal", "applycal", "fluxconsistency"}),
           ("Line finding and imaging", {"split", "uvcontsub", "makeimages"}),
           ("Products", {"exportdata", "weblog"})]
 
@@ -34,6 +34,17 @@ def _result_tables(ctx: dict, name: str) -> list:
         return [{"title": "Derived flux densities", "header": ["Field", "spw", "Flux (Jy)", "Error (Jy)", "N"],
                  "rows": [[r["field"], r["spw"], f"{r['flux_jy']:.4f}", f"{r['flux_err_jy']:.4f}", r["n"]]
                           for r in ctx["fluxscale"]]}]
+    if name == "fluxconsistency" and (ctx.get("flux_consistency") or {}).get("ebs"):
+        fc = ctx["flux_consistency"]
+        return [{"title": "Flux scale of each EB (phase calibrators against the MOUS's weighted mean)",
+                 "header": ["EB", "Ratio", "Error", "Factor applied", "Disagrees"],
+                 "rows": [[eb, f"{s['ratio']:.4f}", f"{s['ratio_err']:.4f}",
+                           f"{s['factor']:.4f}" if fc.get("equalized") else "-", "yes" if eb in fc["outliers"] else ""]
+                          for eb, s in fc["ebs"].items()]},
+                {"title": "Per field and spw", "header": ["EB", "Field", "spw", "Flux (Jy)", "Error (Jy)",
+                                                          "Mean (Jy)", "Ratio"],
+                 "rows": [[r["eb"], r["field"], r["spw"], f"{r['flux_jy']:.4f}", f"{r['flux_err_jy']:.4f}",
+                           f"{r['mean_jy']:.4f}", f"{r['ratio']:.4f}"] for r in fc["table"]]}]
     if name == "setjy" and ctx.get("setjy"):
         return [{"title": "Flux density models", "header": ["Field", "spw", "Frequency (GHz)", "Flux (Jy)", "Model"],
                  "rows": [[r["field"], r["spw"], f"{r['freq_hz'] / 1e9:.6f}", f"{r['flux_jy']:.4f}", r["model"]]
@@ -71,6 +82,24 @@ def _result_tables(ctx: dict, name: str) -> list:
     return []
 
 
+def _eb_rows(ctx: dict) -> list:
+    """An MOUS's execution blocks for Home: each one's run, time, reference antenna, its
+    lowest stage score and its flux scale against the others'."""
+    scales = (ctx.get("flux_consistency") or {}).get("ebs", {})
+    outliers = (ctx.get("flux_consistency") or {}).get("outliers", [])
+    rows = []
+    for e in ctx.get("ebs", []):
+        scored = [s for s in e.get("stages", []) if s["qa_score"] >= 0]
+        worst = min(scored, key=lambda s: s["qa_score"]) if scored else None
+        sc = scales.get(e["ms_name"])
+        rows.append({"name": e["ms_name"], "run_id": e["run_id"], "start": e.get("start"), "end": e.get("end"),
+                     "refant": e.get("refant"), "min_qa": worst["qa_score"] if worst else -1,
+                     "min_qa_stage": worst["name"] if worst else "",
+                     "flux_ratio": f"{sc['ratio']:.3f} ± {sc['ratio_err']:.3f}" if sc else "",
+                     "outlier": e["ms_name"] in outliers})
+    return rows
+
+
 def render(ctx: dict, out_dir: str, plot_files: dict) -> list:
     """Write the WebLog into out_dir; plot_files maps stage index -> [png file names
     already in out_dir]. Returns the list of files written."""
@@ -101,6 +130,7 @@ def render(ctx: dict, out_dir: str, plot_files: dict) -> list:
             failed=[s["name"] for s in stages if s.get("failed")], fluxscale=ctx.get("fluxscale", []),
             fields=fields, roles_from=(ctx.get("fields") or [{}])[0].get("roles_from", ""),
             field_intents={f["id"]: f["intents"] for f in ctx.get("fields", [])}, failure=ctx.get("failure"),
+            ebs=_eb_rows(ctx), mous_id=ctx.get("mous_id") or ctx.get("user", {}).get("mous_id", ""),
             **common),
         "by_task.html": env.get_template("by_task.html").render(title="By Task", **common),
         "by_topic.html": env.get_template("by_topic.html").render(

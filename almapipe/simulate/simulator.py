@@ -96,6 +96,10 @@ class SimConfig:
     # elevation of the bandpass calibrator at the start; None: just below the elevation at
     # which the close pair stops shadowing, so the first minutes are shadowed
     start_elevation_deg: float | None = None
+    date: str = "2026-05-01"          # the day observed (EBs of an MOUS: different days)
+    # the flux calibrator's flux that flux.csv gives, as a fraction off the truth (a
+    # catalogue error: that EB's whole flux scale is off by it)
+    catalogue_flux_error: float = 0.0
     # sky
     bp_flux_jy: float = 3.0
     bp_spix: float = -0.6
@@ -220,7 +224,7 @@ class Simulator:
             el_start = np.degrees(np.arcsin(min(12.0 / np.linalg.norm(a - b), 1.0))) - 0.4
             pads = choose_pads(c.nant, azimuth(hour_angle(el_start)))
         h0 = hour_angle(el_start)
-        t_ref = Time("2026-05-01T00:00:00", scale="utc")
+        t_ref = Time(f"{c.date}T00:00:00", scale="utc")
         lst_ref = t_ref.sidereal_time("apparent", longitude=ALMA_SITE[0] * u.deg).rad
         self.t0 = t_ref.mjd * 86400 + ((ra0 + h0 - lst_ref) % (2 * np.pi)) / (2 * np.pi) * 86164.0905
         self.start_elevation_deg = float(el_start)
@@ -560,9 +564,14 @@ class Simulator:
                 w.writerow([names[a], *(f"{x:.6f}" for x in self.pos_err[a]), "position correction"])
         # the flux calibrator's catalogue flux, as ALMA's pipeline receives it in flux.csv
         flux_csv = os.path.join(out_dir, "flux.csv")
+        # in ALMA's columns: per MS, field and science spw, Stokes I at the spw's centre
         with open(flux_csv, "w") as f:
-            f.write("field,freq_hz,flux_jy,spix,comment\n")
-            f.write(f"{FIELDS[0][0]},{c.band_centre_hz:.1f},{c.bp_flux_jy},{c.bp_spix},calibrator catalogue\n")
+            f.write("ms,field,spw,I,Q,U,V,spix,uvmin,uvmax,comment\n")
+            for s, sid in enumerate(self.science_spw_ids):
+                nu = float(np.mean(self.freqs[s]))
+                flux = c.bp_flux_jy * (nu / c.band_centre_hz) ** c.bp_spix * (1 + c.catalogue_flux_error)
+                f.write(f"{name}.ms,{FIELDS[0][0]},{sid},{flux:.6f},0.0,0.0,0.0,{c.bp_spix},0.0,0.0,"
+                        f"\"calibrator catalogue, {nu / 1e9:.3f} GHz\"\n")
         truth = self._truth(out_dir, names, truth_rows, wvr)
         return {"ms": ms, "antennapos": antpos, "flux_csv": flux_csv, "truth": truth}
 

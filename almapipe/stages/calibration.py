@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 
 from .base import QA, StageError, StageIO, field_ids_with, field_name, require_intent, spw_info, stage  # noqa: E402
 from .flagging import spike_channels  # noqa: E402
-from ..calibration import fluxmodels  # noqa: E402
+from ..calibration import fluxcsv, fluxmodels  # noqa: E402
 from ..calibration.applycal import GainApply, apply_tables  # noqa: E402
 from ..calibration.caltable import CalSolutions, read_caltable, write_caltable  # noqa: E402
 from ..calibration.terms import SolveSpec, integration_snr, point_model, solint_seconds, solve_term  # noqa: E402
@@ -38,6 +38,8 @@ def flux_function(model: dict):
     """A setjy model entry -> callable(freq_hz) -> Jy."""
     if model["kind"] == "pb2017":
         return lambda f, s=model["standard_name"]: fluxmodels.perley_butler_2017(s, f)
+    if model.get("spw_fluxes"):
+        return lambda f, m=model: fluxcsv.model_flux(m, f)
     return lambda f, m=model: fluxmodels.manual_model(m["flux_jy"], m["ref_freq_hz"], m.get("spix", 0.0), f)
 
 
@@ -219,25 +221,21 @@ def refant(ctx: dict, params: dict, io: StageIO) -> QA:
 
 # ------------------------------------------------------------------ setjy
 
-def catalogue_fluxes(text: str) -> dict:
-    """flux.csv (field, flux_jy, spix, freq_hz; other columns ignored) -> setjy manual models."""
-    import csv
-    import io as _io
-    out = {}
-    for row in csv.DictReader(_io.StringIO(text)) if text.strip() else []:
-        try:
-            out[row["field"].strip()] = {"flux_jy": float(row["flux_jy"]), "spix": float(row.get("spix") or 0.0),
-                                         "ref_freq_hz": float(row["freq_hz"])}
-        except (KeyError, ValueError) as exc:
-            raise StageError(f"setjy: flux.csv row {row}: {exc}") from None
-    return out
+def catalogue_fluxes(ctx: dict) -> dict:
+    """The flux.csv beside the EB (ALMA's columns, or almapipe's earlier form) as setjy
+    manual models for this EB's science spws."""
+    freqs = {p["spw"]: float(np.mean(spw_info(ctx, p["spw"])["chan_freq_hz"])) for p in ctx["partitions"]}
+    try:
+        return fluxcsv.parse(ctx["user"].get("flux_csv", "") or "", freqs, ctx.get("ms_name"))
+    except fluxcsv.FluxCsvError as exc:
+        raise StageError(f"setjy: {exc}") from None
 
 
 @stage("setjy", service="calibrator")
 def setjy(ctx: dict, params: dict, io: StageIO) -> QA:
     """Flux density models of the flux calibrators (Perley-Butler 2017 or manual)."""
     qa = QA()
-    manual = dict(catalogue_fluxes(ctx["user"].get("flux_csv", "")))
+    manual = dict(catalogue_fluxes(ctx))
     manual.update(params.get("manual") or {})
     models = {}
     spw_freqs = {p["spw"]: float(np.mean(spw_info(ctx, p["spw"])["chan_freq_hz"])) for p in ctx["partitions"]}
@@ -247,7 +245,7 @@ def setjy(ctx: dict, params: dict, io: StageIO) -> QA:
             m = manual[name]
             models[str(fid)] = {"kind": "manual", "flux_jy": float(m["flux_jy"]),
                                 "ref_freq_hz": float(m.get("ref_freq_hz", next(iter(spw_freqs.values())))),
-                                "spix": float(m.get("spix", 0.0)),
+                                "spix": float(m.get("spix", 0.0)), "spw_fluxes": m.get("spw_fluxes"),
                                 "origin": "setjy manual" if name in (params.get("manual") or {}) else "flux.csv"}
             continue
         std = fluxmodels.standard_calibrator(name)
@@ -644,10 +642,13 @@ def fluxscale(ctx: dict, params: dict, io: StageIO) -> QA:
                                    "ref_freq_hz": float(np.exp(np.mean(np.log(f)))), "spix": spix,
                                    "origin": "fluxscale"}
     save_table(io, ctx, "fluxscale", scaled, ms_path)
-    csv = "field,spw,freq_hz,flux_jy,flux_err_jy,n\n" + "".join(
-        f"{r['field']},{r['spw']},{r['freq_hz']:.1f},{r['flux_jy']:.6f},{r['flux_err_jy']:.6f},{r['n']}\n"
-        for r in results)
-    entry = io.put_bytes(csv.encode(), "flux.csv", "text/csv")
+    # flux.csv in ALMA's columns: the flux calibrators' models and the derived fluxes
+    rows = [{"field": r["field"], "spw": r["spw"], "flux_jy": r["flux_jy"], "spix": 0.0,
+             "comment": f"setjy model ({r['model']})"} for r in ctx.get("setjy", [])]
+    rows += [{"field": r["field"], "spw": r["spw"], "flux_jy": r["flux_jy"],
+              "spix": ctx["models"][str(r["field_id"])]["spix"],
+              "comment": f"fluxscale {r['flux_err_jy']:.6f} Jy error, {r['n']} antennas"} for r in results]
+    entry = io.put_bytes(fluxcsv.write(rows, ctx.get("ms_name", "ms")).encode(), "flux.csv", "text/csv")
     ctx["flux_csv_key"] = entry["key"]
     return qa
 

@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .base import QA, StageError, StageIO, field_ids_with, field_name, require_intent, spw_info, stage  # noqa: E402
-from .calibration import calibrator_ids, read_part  # noqa: E402
+from .calibration import calibrator_ids  # noqa: E402
+from .ebs import as_group, read_group, read_member, spw_groups  # noqa: E402
 from ..imaging import gridding  # noqa: E402
 from ..imaging.deconvolve import robust_rms  # noqa: E402
 from ..imaging.frames import channel_shifts, lsrk_factor, lsrk_factors, max_drift_channels  # noqa: E402
@@ -222,10 +223,13 @@ def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
     user = parse_cont_dat(ctx["user"]["cont_dat"]) if ctx["user"].get("cont_dat") else {}
     order = params.get("fitorder", 0)
     entries, out = [], []
-    for part in ctx["target_partitions"]:
-        ms, vis = read_part(io, part)
-        spw = part["spw"]
-        cont_chans = {}
+    # the EBs of an MOUS together: one set of continuum ranges per target and spw, found
+    # in all their data, and subtracted from each EB's own partition
+    for group in spw_groups(ctx["target_partitions"]):
+        members = [read_member(io, part) for part in group]
+        vis = msio.concat_vis([v for _, v in members]) if len(members) > 1 else members[0][1]
+        spw = group[0]["spw"]
+        cont_chans, masks = {}, {}
         for fids in target_groups(ctx):
             rows = np.isin(vis.field_id, fids)
             if not rows.any():
@@ -235,20 +239,27 @@ def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
             mask, frame, freq, origin = continuum_channels(ctx, params, user, target, spw, fids)
             if mask.sum() < order + 2:
                 raise StageError(f"uvcontsub: only {mask.sum()} continuum channels for {name} in spw {spw}")
-            line, _ = subtract_continuum(target.data, target.flag, mask, order)
-            vis.data[rows] = line
+            masks[name] = (fids, mask)
             chans = format_channels(mask)
             cont_chans[name] = chans
             entries.append({"field": name, "spw": spw, "frame": frame, "ranges_ghz": _ranges_ghz(freq, mask),
                             "channels": chans, "origin": origin})
-            qa.note(f"{name} spw {spw}: continuum channels {chans} ({origin}), fit order {order}.")
+            qa.note(f"{name} spw {spw}: continuum channels {chans} ({origin}), fit order {order}"
+                    + (f", from {len(group)} EBs." if len(group) > 1 else "."))
             _plot_spectrum(io, target, mask, spw, name)
-        msio.write_column(ms, vis.rows, "DATA", vis.data)
-        name = part["name"].replace(".ms", ".contsub.ms")
-        dest = os.path.join(io.workdir, name)
-        os.rename(ms, dest)
-        entry = io.put_dir(dest, name)
-        out.append(dict(part, key=entry["key"], sha256=entry["sha256"], name=name, cont_chans=cont_chans))
+        for part, (ms, mvis) in zip(group, members):
+            for fids, mask in masks.values():
+                rows = np.isin(mvis.field_id, fids)
+                if rows.any():
+                    mvis.data[rows], _ = subtract_continuum(mvis.data[rows], mvis.flag[rows], mask, order)
+            msio.write_column(ms, mvis.rows, "DATA", mvis.data)
+            name = part["name"].replace(".ms", ".contsub.ms")
+            if "eb" in part:
+                name = f"{part['ms_name']}.{name}" if not name.startswith(part["ms_name"]) else name
+            dest = os.path.join(io.workdir, name)
+            os.rename(ms, dest)
+            entry = io.put_dir(dest, name)
+            out.append(dict(part, key=entry["key"], sha256=entry["sha256"], name=name, cont_chans=cont_chans))
     text = cont_dat_text(entries)
     ctx["cont_dat_key"] = io.put_bytes(text.encode(), "cont.dat", "text/plain")["key"]
     ctx["continuum"] = entries
@@ -375,28 +386,31 @@ def target_groups(ctx: dict) -> list:
 def _image_jobs(ctx: dict, params: dict) -> list:
     """What makeimages images: (specmode, field ids, partition or [partitions] for the
     aggregate, column, imaging parameters), in order. Several field ids: a mosaic."""
+    # every image of an MOUS combines its EBs: a spw's partitions from all EBs in one group
+    partitions = [as_group(g) for g in spw_groups(ctx["partitions"])]
+    targets = [as_group(g) for g in spw_groups(ctx.get("target_partitions", []))]
+    contsub = [as_group(g) for g in spw_groups(ctx.get("contsub_partitions", []))]
     jobs = []
     if params.get("calibrators", True):
         for fid in calibrator_ids(ctx):
-            for part in ctx["partitions"]:
+            for part in partitions:
                 jobs.append(("mfs", [fid], part, "CORRECTED_DATA", params.get("calibrator", {})))
     chans_of = {(e["field"], e["spw"]): e["channels"] for e in ctx.get("continuum", [])}
-    if params.get("target_cont", False) and ctx.get("target_partitions") and ctx.get("continuum"):
+    if params.get("target_cont", False) and targets and ctx.get("continuum"):
         # specmode 'cont': the target's continuum from its line-free channels (cont.dat)
         for fids in target_groups(ctx):
-            for part in ctx["target_partitions"]:
+            for part in targets:
                 chans = chans_of.get((field_name(ctx, fids[0]), part["spw"]), "")
                 jobs.append(("cont", fids, part, "DATA", dict(params.get("cont", {}), chans=chans)))
-    if params.get("target_aggregate", False) and ctx.get("target_partitions") and ctx.get("continuum"):
+    if params.get("target_aggregate", False) and targets and ctx.get("continuum"):
         # the aggregate continuum: the line-free channels of every spw in one mfs image
-        if len(ctx["target_partitions"]) > 1:
+        if len(targets) > 1:
             for fids in target_groups(ctx):
-                parts = [dict(p, chans=chans_of.get((field_name(ctx, fids[0]), p["spw"]), ""))
-                         for p in ctx["target_partitions"]]
+                parts = [dict(p, chans=chans_of.get((field_name(ctx, fids[0]), p["spw"]), "")) for p in targets]
                 jobs.append(("cont", fids, parts, "DATA", dict(params.get("cont", {}), aggregate=True)))
-    if params.get("target_cube", True) and ctx.get("contsub_partitions"):
+    if params.get("target_cube", True) and contsub:
         for fids in target_groups(ctx):
-            for part in ctx["contsub_partitions"]:
+            for part in contsub:
                 jobs.append(("cube", fids, part, "DATA", params.get("cube", {})))
     return jobs
 
@@ -418,14 +432,14 @@ class ImageJob:
         if isinstance(part, list):      # aggregate: several spws in one single-channel Vis
             pieces = []
             for piece in part:
-                _, v = read_part(io, piece, fields=self.fids, column=column)
+                v = read_group(io, piece, fields=self.fids, column=column)
                 if len(v.time):
                     pieces.append((v, parse_channels(piece["chans"], len(v.freq)) if piece.get("chans")
                                    else np.ones(len(v.freq), bool)))
             self.vis = aggregate_continuum(pieces, int(self.p.get("width", 8))) if pieces else None
             self.part = {"spw": "_".join(str(piece["spw"]) for piece in part), "frame_spw": part[0]["spw"]}
         else:
-            _, self.vis = read_part(io, part, fields=self.fids, column=column)
+            self.vis = read_group(io, part, fields=self.fids, column=column)
             self.part = part
         self.theoretical = theoretical
         self.dr_seen = {}

@@ -55,6 +55,11 @@ def exportdata(ctx: dict, params: dict, io: StageIO) -> QA:
     for r in ctx["stage_results"]:
         if r.get("log_key"):
             pkg[f"log/{r['index']:02d}_{r['name']}.log"] = r["log_key"]
+    for eb in ctx.get("ebs", []):            # an MOUS: each EB's calibration, logged in its own run
+        for index, name, key in eb.get("logs", []):
+            pkg[f"log/{eb['ms_name']}/{index:02d}_{name}.log"] = key
+    if (ctx.get("flux_consistency") or {}).get("factors_key"):
+        pkg["calibration/flux_equalization.csv"] = ctx["flux_consistency"]["factors_key"]
     recipe = ctx["recipe"]
     pkg["script/recipe.json"] = io.put_bytes(json.dumps(recipe, indent=2).encode(), "recipe.json",
                                              "application/json")["key"]

@@ -40,7 +40,7 @@ STAGE_STATUS_RETRYING: StageStatus
 STAGE_STATUS_SKIPPED: StageStatus
 
 class SubmitRunRequest(_message.Message):
-    __slots__ = ("input_key", "recipe", "parameters", "flag_template", "cont_dat", "label")
+    __slots__ = ("input_key", "recipe", "parameters", "flag_template", "cont_dat", "label", "input_keys", "mous_id")
     class ParametersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,13 +54,17 @@ class SubmitRunRequest(_message.Message):
     FLAG_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     CONT_DAT_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    INPUT_KEYS_FIELD_NUMBER: _ClassVar[int]
+    MOUS_ID_FIELD_NUMBER: _ClassVar[int]
     input_key: str
     recipe: str
     parameters: _containers.ScalarMap[str, str]
     flag_template: str
     cont_dat: str
     label: str
-    def __init__(self, input_key: _Optional[str] = ..., recipe: _Optional[str] = ..., parameters: _Optional[_Mapping[str, str]] = ..., flag_template: _Optional[str] = ..., cont_dat: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
+    input_keys: _containers.RepeatedScalarFieldContainer[str]
+    mous_id: str
+    def __init__(self, input_key: _Optional[str] = ..., recipe: _Optional[str] = ..., parameters: _Optional[_Mapping[str, str]] = ..., flag_template: _Optional[str] = ..., cont_dat: _Optional[str] = ..., label: _Optional[str] = ..., input_keys: _Optional[_Iterable[str]] = ..., mous_id: _Optional[str] = ...) -> None: ...
 
 class StageState(_message.Message):
     __slots__ = ("index", "name", "service", "status", "qa_score", "qa_reasons", "duration_s", "attempts", "error", "params_json")
@@ -87,7 +91,7 @@ class StageState(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., service: _Optional[str] = ..., status: _Optional[_Union[StageStatus, str]] = ..., qa_score: _Optional[float] = ..., qa_reasons: _Optional[_Iterable[str]] = ..., duration_s: _Optional[float] = ..., attempts: _Optional[int] = ..., error: _Optional[str] = ..., params_json: _Optional[str] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("run_id", "status", "recipe", "input_key", "stages", "current_stage", "error", "context_key", "created_unix", "updated_unix", "label")
+    __slots__ = ("run_id", "status", "recipe", "input_key", "stages", "current_stage", "error", "context_key", "created_unix", "updated_unix", "label", "mous_id", "eb_run_ids", "parent_run_id")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +103,9 @@ class Run(_message.Message):
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     UPDATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    MOUS_ID_FIELD_NUMBER: _ClassVar[int]
+    EB_RUN_IDS_FIELD_NUMBER: _ClassVar[int]
+    PARENT_RUN_ID_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     status: RunStatus
     recipe: str
@@ -110,7 +117,10 @@ class Run(_message.Message):
     created_unix: float
     updated_unix: float
     label: str
-    def __init__(self, run_id: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., recipe: _Optional[str] = ..., input_key: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageState, _Mapping]]] = ..., current_stage: _Optional[int] = ..., error: _Optional[str] = ..., context_key: _Optional[str] = ..., created_unix: _Optional[float] = ..., updated_unix: _Optional[float] = ..., label: _Optional[str] = ...) -> None: ...
+    mous_id: str
+    eb_run_ids: _containers.RepeatedScalarFieldContainer[str]
+    parent_run_id: str
+    def __init__(self, run_id: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., recipe: _Optional[str] = ..., input_key: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageState, _Mapping]]] = ..., current_stage: _Optional[int] = ..., error: _Optional[str] = ..., context_key: _Optional[str] = ..., created_unix: _Optional[float] = ..., updated_unix: _Optional[float] = ..., label: _Optional[str] = ..., mous_id: _Optional[str] = ..., eb_run_ids: _Optional[_Iterable[str]] = ..., parent_run_id: _Optional[str] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
     __slots__ = ("run_id",)
