@@ -3,6 +3,7 @@
   almapipe up | down | status          the local stack
   almapipe run [INPUT] --out DIR       submit through the gateway, follow, download the products
   almapipe recipes                     list the recipes
+  almapipe token add NAME --role R     a gateway token for a new identity
   almapipe simulate --preset small     an ALMA-like EB with known truth
 """
 from __future__ import annotations
@@ -53,6 +54,20 @@ def cmd_status(args) -> int:
     return 0 if all(s["alive"] for s in st.values()) else 1
 
 
+def cmd_token(args) -> int:
+    """Add an identity to the gateway's token table and print its token (once: the
+    table keeps only its hash). The gateway picks the change up at its next call."""
+    from .platform.auth import add_token
+    cfg = Config.from_env()
+    try:
+        token = add_token(cfg.tokens_file, args.identity, args.role)
+    except ValueError as exc:
+        print(f"almapipe token: {exc}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
+
+
 def cmd_recipes(args) -> int:
     from . import recipes
     for name in recipes.available():
@@ -83,6 +98,30 @@ def upload_input(cfg: Config, path: str) -> str:
     return key
 
 
+def upload_via_gateway(stub, pb, path: str) -> str:
+    """Stream an input to the gateway's Upload RPC (no S3 credentials needed); an MS
+    directory travels as a tar of itself. Returns the input key for SubmitRun."""
+    import tarfile
+    import tempfile
+    from .platform.store import sha256_file
+    with tempfile.TemporaryDirectory() as tmp:
+        if os.path.isdir(path):
+            name = os.path.basename(os.path.normpath(path))
+            local = os.path.join(tmp, name + ".tar")
+            with tarfile.open(local, "w") as t:
+                t.add(path, arcname=name)
+        else:
+            local = path
+        size, digest = os.path.getsize(local), sha256_file(local)
+
+        def chunks():
+            yield pb.UploadChunk(name=os.path.basename(local), size=size, sha256=digest)
+            with open(local, "rb") as f:
+                for data in iter(lambda: f.read(1 << 20), b""):
+                    yield pb.UploadChunk(data=data)
+        return stub.Upload(chunks(), timeout=3600).key
+
+
 def cmd_run(args) -> int:
     import grpc
     from .platform.stack import Stack, StackError, gateway_healthy
@@ -94,7 +133,7 @@ def cmd_run(args) -> int:
     recipe_name = args.recipe or (DEFAULT_RECIPE if args.input is None else None)
     cfg = Config.from_env()
     started = None
-    if not gateway_healthy(cfg.gateway_addr):
+    if not gateway_healthy(cfg):
         print(f"no gateway at {cfg.gateway_addr}: starting the local stack in {cfg.data_dir} ...", flush=True)
         started = Stack()
         try:
@@ -104,7 +143,6 @@ def cmd_run(args) -> int:
             return 1
         cfg = Config.from_env()
     try:
-        key = upload_input(cfg, input_path)
         params = {}
         for p in args.param or []:
             k, eq, v = p.partition("=")
@@ -112,15 +150,21 @@ def cmd_run(args) -> int:
                 print(f"almapipe run: --param {p!r}: expected stage.param=value", file=sys.stderr)
                 return 2
             params[k] = v
-        req = pb.SubmitRunRequest(input_key=key, recipe=recipe_name or "", parameters=params,
+        req = pb.SubmitRunRequest(recipe=recipe_name or "", parameters=params,
                                   flag_template=_read(args.flag_template), cont_dat=_read(args.cont_dat),
                                   label=os.path.basename(input_path))
         metadata = []
         if args.recipe_file:
             metadata.append(("x-almapipe-recipe", json.dumps(json.load(open(args.recipe_file)))))
-        with grpc.insecure_channel(cfg.gateway_addr, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+        from .platform.auth import channel
+        if not cfg.token:
+            print("almapipe run: no token: set ALMAPIPE_TOKEN (or use the local stack's credentials.json)",
+                  file=sys.stderr)
+            return 2
+        with channel(cfg) as ch:
             stub = pb_grpc.PipelineServiceStub(ch)
             try:
+                req.input_key = upload_via_gateway(stub, pb, input_path)
                 run = stub.SubmitRun(req, metadata=metadata, timeout=60)
             except grpc.RpcError as exc:
                 print(f"almapipe run: submit refused: {exc.details()}", file=sys.stderr)
@@ -196,6 +240,11 @@ def main(argv=None) -> int:
     sub.add_parser("down", help="stop the local stack").set_defaults(fn=cmd_down)
     sub.add_parser("status", help="show the local stack's processes").set_defaults(fn=cmd_status)
     sub.add_parser("recipes", help="list recipes").set_defaults(fn=cmd_recipes)
+    tk = sub.add_parser("token", help="gateway tokens: `almapipe token add NAME --role reader`")
+    tk.add_argument("action", choices=["add"])
+    tk.add_argument("identity")
+    tk.add_argument("--role", default="reader", help="reader, submitter or operator")
+    tk.set_defaults(fn=cmd_token)
     r = sub.add_parser("run", help="run a recipe on an MS (directory or tar) or UVFITS file")
     r.add_argument("input", nargs="?", help="input data (default: the built-in NGC 5921 VLA data)")
     r.add_argument("--out", default="almapipe-products", help="directory for the products package")

@@ -72,7 +72,7 @@ class Coordinator:
         return runs[:limit or len(runs)]
 
     # ------------------------------------------------------------ API actions
-    async def submit(self, req: pb.SubmitRunRequest, recipe_doc: dict | None = None) -> dict:
+    async def submit(self, req: pb.SubmitRunRequest, recipe_doc: dict | None = None, owner: str = "") -> dict:
         if not req.input_key:
             raise RequestError("input_key is required: upload the input to the raw bucket first")
         if not self.store.exists(req.input_key, bucket=self.store.raw_bucket):
@@ -90,7 +90,7 @@ class Coordinator:
         self.store.put_json(ctx_key, ctx)
         self.store.put_json(f"runs/{run_id}/recipe.json", recipe)
         run = {"run_id": run_id, "status": "RUNNING", "recipe": recipe["name"], "input_key": req.input_key,
-               "label": req.label, "created": time.time(), "updated": time.time(), "current_stage": 0,
+               "label": req.label, "owner": owner, "created": time.time(), "updated": time.time(), "current_stage": 0,
                "context_key": ctx_key, "error": "",
                "stages": [{"index": i, "name": s["stage"], "service": s["service"], "status": "PENDING",
                            "qa_score": -1.0, "qa_reasons": [], "duration_s": 0.0, "attempts": 0, "error": "",
@@ -102,12 +102,12 @@ class Coordinator:
         log.info("run %s submitted: recipe %s on %s", run_id, recipe["name"], req.input_key)
         return run
 
-    async def cancel(self, run_id: str) -> dict:
+    async def cancel(self, run_id: str, by: str = "") -> dict:
         async with self.lock:
             run = await self.load(run_id)
             if run["status"] not in TERMINAL:
                 run["status"] = "CANCELLED"
-                run["error"] = "cancelled by request"
+                run["error"] = f"cancelled by {by}" if by else "cancelled by request"
                 await self.finish(run)
         return run
 

@@ -45,12 +45,14 @@ async def connect(cfg: Config, name: str):
 
     The first connection is tried a few times and then fails with BusError;
     once connected, the client reconnects for as long as it takes."""
+    # each service has its own NATS user (the local stack's nats.conf); no user, no connection
+    auth = {"user": cfg.nats_user, "password": cfg.nats_password} if cfg.nats_password else {}
     try:
         probe = await nats.connect(cfg.nats_url, connect_timeout=3, max_reconnect_attempts=3,
-                                   reconnect_time_wait=0.5, error_cb=_log_error)
+                                   reconnect_time_wait=0.5, error_cb=_log_error, **auth)
         await probe.close()
         nc = await nats.connect(cfg.nats_url, name=name, connect_timeout=3, max_reconnect_attempts=-1,
-                                reconnect_time_wait=1, allow_reconnect=True, error_cb=_log_error)
+                                reconnect_time_wait=1, allow_reconnect=True, error_cb=_log_error, **auth)
     except Exception as exc:
         raise BusError(f"NATS at {cfg.nats_url} unavailable: {exc or type(exc).__name__}") from exc
     js = nc.jetstream()
