@@ -108,11 +108,8 @@ class Config:
     tls_key: str = ""
     tls_ca: str = ""           # client: trust this CA and speak TLS
     # server-side caps a request cannot lift (decision 0009)
+    # (the unpacking and imaging caps are read where they apply: almapipe/limits.py)
     max_upload_bytes: int = 20000 << 20
-    max_unpacked_bytes: int = 200000 << 20
-    max_unpack_ratio: float = 200.0
-    max_imsize: int = 8192
-    max_image_channels: int = 8192
 
     @staticmethod
     def from_env() -> "Config":
@@ -138,8 +135,4 @@ class Config:
             tls_cert=_env("ALMAPIPE_TLS_CERT", ""), tls_key=_env("ALMAPIPE_TLS_KEY", ""),
             tls_ca=_env("ALMAPIPE_TLS_CA", ""),
             max_upload_bytes=int(float(_env("ALMAPIPE_MAX_UPLOAD_MB", "20000")) * (1 << 20)),
-            max_unpacked_bytes=int(float(_env("ALMAPIPE_MAX_UNPACKED_MB", "200000")) * (1 << 20)),
-            max_unpack_ratio=float(_env("ALMAPIPE_MAX_UNPACK_RATIO", "200")),
-            max_imsize=int(_env("ALMAPIPE_MAX_IMSIZE", "8192")),
-            max_image_channels=int(_env("ALMAPIPE_MAX_IMAGE_CHANNELS", "8192")),
         )

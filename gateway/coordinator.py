@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 
-from almapipe import recipes
+from almapipe import limits, recipes
+from almapipe.errors import ParameterError
 from almapipe.platform import bus, metrics
 from almapipe.platform.store import ObjectStore
 from almapipe.stages.base import new_context
@@ -33,25 +35,70 @@ class RequestError(ValueError):
         self.not_found = not_found
 
 
+# bounds on a request's fields: what is stored in a run record (KV values are small)
+# or in its context stays small, and nothing is echoed back at length
+FIELD_MAX = {"input_key": 1024, "recipe": 64, "label": 200, "flag_template": 256 << 10, "cont_dat": 256 << 10}
+RECIPE_NAME = re.compile(r"^[a-z0-9_]+$")
+RUN_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+MAX_PARAMETERS, MAX_PARAMETER_BYTES = 200, 64 << 10
+DEFAULT_PAGE, MAX_PAGE = 50, 1000
+
+
+def check_submit(req) -> None:
+    """Refuse a malformed SubmitRunRequest, naming the field (INVALID_ARGUMENT)."""
+    if not req.input_key:
+        raise RequestError("input_key is required: upload the input to the raw bucket first (Upload)")
+    for field, cap in FIELD_MAX.items():
+        if len(getattr(req, field)) > cap:
+            raise RequestError(f"{field}: {len(getattr(req, field))} characters, at most {cap}")
+    if ".." in req.input_key.split("/") or req.input_key.startswith("/"):
+        raise RequestError(f"input_key: {req.input_key[:100]!r} is not an object key")
+    # a recipe is named, never a path: only the built-in recipes' names
+    if req.recipe and (not RECIPE_NAME.match(req.recipe) or req.recipe not in recipes.available()):
+        raise RequestError(f"recipe: unknown recipe {req.recipe[:64]!r} (a recipe name is lowercase letters, "
+                           f"digits and _); available: {', '.join(recipes.available())}")
+    if len(req.parameters) > MAX_PARAMETERS:
+        raise RequestError(f"parameters: {len(req.parameters)} overrides, at most {MAX_PARAMETERS}")
+    for k, v in req.parameters.items():
+        if len(k) > 200 or len(v) > MAX_PARAMETER_BYTES:
+            raise RequestError(f"parameters: override {k[:60]!r} is too long (key 200, value {MAX_PARAMETER_BYTES})")
+
+
+def check_run_id(run_id: str) -> None:
+    if not RUN_ID.match(run_id or ""):
+        raise RequestError(f"run_id: {run_id[:80]!r} is not a run id" if run_id else "run_id is required")
+
+
 class Coordinator:
     def __init__(self, cfg, store: ObjectStore):
         self.cfg = cfg
         self.store = store
         self.lock = asyncio.Lock()
+        self.active: set = set()     # ids of runs not yet ended
 
     async def start(self) -> None:
         self.nc, self.js = await bus.connect(self.cfg, "gateway")
         self.kv = await bus.runs_kv(self.js)
+        await bus.run_index(self.js)
         self.events = await bus.gateway_event_consumer(self.js)
         await self.resume()
         self.task = asyncio.create_task(self._event_loop())
+        self.poll_task = asyncio.create_task(self._poll_queues())
 
     async def stop(self) -> None:
         self.task.cancel()
+        self.poll_task.cancel()
         await self.nc.drain()
+
+    def _active(self, run_id: str, active: bool) -> None:
+        """almapipe_runs_active is the size of a set, so a run finished twice (an event
+        redelivered after a gateway restart) is not subtracted twice."""
+        (self.active.add if active else self.active.discard)(run_id)
+        metrics.RUNS_ACTIVE.set(len(self.active))
 
     # ------------------------------------------------------------ run state
     async def load(self, run_id: str) -> dict:
+        check_run_id(run_id)
         try:
             entry = await self.kv.get(run_id)
         except Exception:
@@ -62,26 +109,63 @@ class Coordinator:
         run["updated"] = time.time()
         await self.kv.put(run["run_id"], json.dumps(run).encode())
 
-    async def list_runs(self, limit: int) -> list:
+    async def all_runs(self) -> list:
+        """Every run record, in one pass over the KV bucket (a watcher delivers each key's
+        latest value): for start-up only, never per request."""
+        runs = []
+        watcher = await self.kv.watchall(ignore_deletes=True)
         try:
-            keys = await self.kv.keys()
-        except Exception:   # no keys yet
-            return []
-        runs = [await self.load(k) for k in keys]
-        runs.sort(key=lambda r: r["created"], reverse=True)
-        return runs[:limit or len(runs)]
+            while True:
+                entry = await watcher.updates(timeout=10)
+                if entry is None:     # the initial values are all delivered
+                    break
+                if entry.value:
+                    runs.append(json.loads(entry.value))
+        finally:
+            await watcher.stop()
+        return runs
+
+    async def list_runs(self, limit: int, page_token: str = "") -> tuple[list, str]:
+        """A page of runs, newest first, and the token of the next page ("" at the end).
+
+        The run index stream holds one message per run in creation order; a page
+        reads limit sequence numbers downwards from the token's (get by sequence),
+        and the records they name: O(page), whatever the number of runs. A run made
+        while a client pages lands above the first page, so no run is seen twice or
+        skipped."""
+        limit = limit or DEFAULT_PAGE
+        if not 0 < limit <= MAX_PAGE:
+            raise RequestError(f"limit: {limit}; 1 to {MAX_PAGE} (0: {DEFAULT_PAGE})")
+        if page_token:
+            if not re.fullmatch(r"s[0-9]{1,19}", page_token):
+                raise RequestError(f"page_token: {page_token[:40]!r} is not a token from ListRuns")
+            seq = int(page_token[1:])
+        else:
+            seq = (await self.js.stream_info(bus.RUN_INDEX_STREAM)).state.last_seq
+        runs = []
+        while seq > 0 and len(runs) < limit:
+            try:
+                msg = await self.js.get_msg(bus.RUN_INDEX_STREAM, seq=seq)
+                runs.append(await self.load(msg.data.decode()))
+            except RequestError:
+                pass          # a run whose record was removed
+            except Exception as exc:
+                if "not found" not in str(exc).lower() and "no message" not in str(exc).lower():
+                    raise
+            seq -= 1
+        return runs, (f"s{seq}" if seq > 0 else "")
 
     # ------------------------------------------------------------ API actions
     async def submit(self, req: pb.SubmitRunRequest, recipe_doc: dict | None = None, owner: str = "") -> dict:
-        if not req.input_key:
-            raise RequestError("input_key is required: upload the input to the raw bucket first")
+        check_submit(req)
         if not self.store.exists(req.input_key, bucket=self.store.raw_bucket):
-            raise RequestError(f"input {req.input_key!r} not found in bucket {self.store.raw_bucket}",
+            raise RequestError(f"input_key: {req.input_key!r} not found in bucket {self.store.raw_bucket}",
                                not_found=True)
         try:
             recipe = recipes.validate(recipe_doc) if recipe_doc else recipes.load(req.recipe or None)
             recipe = recipes.apply_overrides(recipe, dict(req.parameters))
-        except recipes.RecipeError as exc:
+            limits.imaging_caps(recipe)    # caps no recipe or override can lift
+        except ParameterError as exc:
             raise RequestError(str(exc)) from exc
         run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
         ctx = new_context(run_id, recipe, req.input_key,
@@ -97,8 +181,10 @@ class Coordinator:
                            "params": s["params"]} for i, s in enumerate(recipe["stages"])]}
         async with self.lock:
             await self.save(run)
+            await bus.publish_retrying(self.js, bus.RUN_INDEX_SUBJECT, run_id.encode(), f"index-{run_id}",
+                                       f"index entry of {run_id}", give_up_s=30)
             await self.dispatch(run)
-        metrics.RUNS_ACTIVE.inc()
+        self._active(run_id, True)
         log.info("run %s submitted: recipe %s on %s", run_id, recipe["name"], req.input_key)
         return run
 
@@ -127,8 +213,9 @@ class Coordinator:
                               input_key=run["input_key"], shard=shard, part_of=part_of)
         # msg id: JetStream drops the same request published twice (gateway restart)
         msg_id = f"{run['run_id']}-{st['index']}" + (f"-{stage}-{shard}" if part_of else "")
-        await self.js.publish(bus.work_subject(st["service"], stage), req.SerializeToString(),
-                              headers={"Nats-Msg-Id": msg_id})
+        # through a NATS restart: retried until stored (a stage recorded DISPATCHED is never lost)
+        await bus.publish_retrying(self.js, bus.work_subject(st["service"], stage), req.SerializeToString(),
+                                   msg_id, f"stage request {msg_id}", give_up_s=600)
 
     async def fan_out(self, run: dict, st: dict, ev) -> None:
         """The stage asked for pieces in parallel (ev.fanout_json): dispatch one request
@@ -161,14 +248,40 @@ class Coordinator:
                            stage=st["name"] if st else bus.RUN_EVENT_STAGE, status=status, message=message,
                            time_unix=time.time(), run_status=getattr(pb, "RUN_STATUS_" + run["status"]))
         subject = bus.event_subject(run["run_id"], bus.RUN_EVENT_STAGE, run["status"].lower())
-        await self.js.publish(subject, ev.SerializeToString())
+        await bus.publish_retrying(self.js, subject, ev.SerializeToString(), uuid.uuid4().hex,
+                                   f"run event of {run['run_id']}", give_up_s=120)
 
     async def resume(self) -> None:
-        """After a restart: re-dispatch runs whose current stage was never dispatched."""
-        for run in await self.list_runs(0):
+        """After a restart: count the active runs (almapipe_runs_active starts from the
+        truth, not from 0), index runs made before the run index existed, and
+        re-dispatch runs whose current stage was never dispatched."""
+        runs = await self.all_runs()
+        self.active = {r["run_id"] for r in runs if r["status"] not in TERMINAL}
+        metrics.RUNS_ACTIVE.set(len(self.active))
+        if runs and (await self.js.stream_info(bus.RUN_INDEX_STREAM)).state.last_seq == 0:
+            for run in sorted(runs, key=lambda r: r["created"]):
+                await bus.publish_retrying(self.js, bus.RUN_INDEX_SUBJECT, run["run_id"].encode(),
+                                           f"index-{run['run_id']}", "run index", give_up_s=30)
+        for run in runs:
             if run["status"] == "RUNNING" and run["stages"][run["current_stage"]]["status"] == "PENDING":
                 log.info("resuming run %s at stage %s", run["run_id"], run["stages"][run["current_stage"]]["name"])
                 await self.dispatch(run)
+
+    async def _poll_queues(self, every_s: float = 5.0) -> None:
+        """almapipe_queue_pending{service}: stage requests not yet taken by a worker,
+        from each service's durable consumer (num_pending)."""
+        from almapipe.stages import REGISTRY
+        services = sorted({svc for svc, _ in REGISTRY.values()})
+        while True:
+            for svc in services:
+                try:
+                    info = await self.js.consumer_info(bus.WORK_STREAM, f"worker-{svc}")
+                    metrics.QUEUE_LAG.labels(svc).set(info.num_pending)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    pass    # no worker has made its consumer yet, or NATS is away
+            await asyncio.sleep(every_s)
 
     # ------------------------------------------------------------ events
     async def _event_loop(self) -> None:
@@ -189,7 +302,10 @@ class Coordinator:
                     await msg.ack()
                 except Exception:
                     log.exception("handling event %s failed; will be redelivered", msg.subject)
-                    await msg.nak(delay=2)
+                    try:
+                        await msg.nak(delay=2)
+                    except Exception as exc:   # NATS away: the ack wait redelivers it
+                        log.warning("nak of %s failed: %s", msg.subject, exc)
 
     async def handle_event(self, data: bytes) -> None:
         ev = pb.StageEvent()
@@ -274,7 +390,7 @@ class Coordinator:
             run["error"] = (run["error"] + "; " if run["error"] else "") + f"products: {exc}"
         await self.save(run)
         metrics.RUNS.labels(run["status"].lower()).inc()
-        metrics.RUNS_ACTIVE.dec()
+        self._active(run["run_id"], False)
         await self.run_event(run, pb.STAGE_STATUS_UNSPECIFIED, None, run["error"] or run["status"].lower())
         log.info("run %s %s %s", run["run_id"], run["status"], run["error"])
 

@@ -26,7 +26,14 @@ from .coordinator import Coordinator, RequestError, TERMINAL
 log = logging.getLogger("almapipe.gateway")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PipelineService"].full_name
 CHUNK = 1 << 20
+MAX_MESSAGE = 500
+MAX_RECIPE_DOC = 256 << 10
 UPLOAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def short(msg: str, limit: int = MAX_MESSAGE) -> str:
+    """An error message cut to a few hundred characters: a request is never echoed at length."""
+    return msg if len(msg) <= limit else msg[:limit - 20] + f"... ({len(msg)} chars)"
 
 
 def run_message(run: dict) -> pb.Run:
@@ -57,23 +64,39 @@ class PipelineService(pb_grpc.PipelineServiceServicer):
                                 else grpc.StatusCode.UNAUTHENTICATED, str(exc))
 
     async def _guard(self, context, coro):
+        """Await coro; its errors become status codes with short messages: a request's
+        fault INVALID_ARGUMENT or NOT_FOUND, a server's UNAVAILABLE, anything else
+        INTERNAL (logged in full here, never UNKNOWN with a traceback's text)."""
         try:
             return await coro
         except RequestError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND if exc.not_found else grpc.StatusCode.INVALID_ARGUMENT,
-                                str(exc))
+                                short(str(exc)))
         except (StoreError, BusError) as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, short(str(exc)))
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AbortError:   # context.abort inside coro
+            raise
+        except Exception as exc:
+            log.exception("request failed")
+            await context.abort(grpc.StatusCode.INTERNAL, short(f"{type(exc).__name__}: {exc}"))
 
     async def SubmitRun(self, request, context):
         who = await self._auth(context, "SubmitRun")
         recipe_doc = None
         md = dict(context.invocation_metadata() or ())
         if "x-almapipe-recipe" in md:   # a full recipe document (almapipe run --recipe-file)
+            if len(md["x-almapipe-recipe"]) > MAX_RECIPE_DOC:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"x-almapipe-recipe: more than {MAX_RECIPE_DOC} bytes")
             try:
                 recipe_doc = json.loads(md["x-almapipe-recipe"])
-            except json.JSONDecodeError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"recipe document is not JSON: {exc}")
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    short(f"x-almapipe-recipe: recipe document is not JSON: {exc}"))
+            if not isinstance(recipe_doc, dict):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "x-almapipe-recipe: not a JSON object")
         return run_message(await self._guard(context, self.coord.submit(request, recipe_doc, owner=who.name)))
 
     async def GetRun(self, request, context):
@@ -82,8 +105,8 @@ class PipelineService(pb_grpc.PipelineServiceServicer):
 
     async def ListRuns(self, request, context):
         await self._auth(context, "ListRuns")
-        runs = await self._guard(context, self.coord.list_runs(request.limit))
-        return pb.ListRunsResponse(runs=[run_message(r) for r in runs])
+        runs, token = await self._guard(context, self.coord.list_runs(request.limit, request.page_token))
+        return pb.ListRunsResponse(runs=[run_message(r) for r in runs], next_page_token=token)
 
     async def CancelRun(self, request, context):
         who = await self._auth(context, "CancelRun")
@@ -133,6 +156,8 @@ class PipelineService(pb_grpc.PipelineServiceServicer):
 
     async def ListProducts(self, request, context):
         await self._auth(context, "ListProducts")
+        if not 0 <= request.url_expiry_s <= 7 * 24 * 3600:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "url_expiry_s: 0 (one hour) to 604800 (7 days)")
         manifest = await self._manifest(request.run_id, context)
         expiry = request.url_expiry_s or 3600
         out = []

@@ -40,7 +40,8 @@ KV_STREAM = "KV_ALMAPIPE_RUNS"
 WORKER_DENY = ["$KV.>", f"$JS.API.DIRECT.GET.{KV_STREAM}.>", f"$JS.API.STREAM.MSG.GET.{KV_STREAM}",
                f"$JS.API.CONSUMER.*.{KV_STREAM}", f"$JS.API.CONSUMER.*.{KV_STREAM}.>",
                f"$JS.API.CONSUMER.DURABLE.CREATE.{KV_STREAM}.>", "$JS.API.STREAM.DELETE.>",
-               "$JS.API.STREAM.PURGE.>", "$JS.API.STREAM.MSG.DELETE.>", "work.>", "events.run.*._run.>"]
+               "$JS.API.STREAM.PURGE.>", "$JS.API.STREAM.MSG.DELETE.>", "work.>", "events.run.*._run.>",
+               "almapipe.>"]
 
 
 class StackError(RuntimeError):
