@@ -102,12 +102,24 @@ class Worker:
     async def run(self) -> None:
         metrics.serve(self.cfg.metrics_port)
         self.store = ObjectStore(self.cfg)
-        self.store.ensure_buckets()
         self.fetcher = CachedFetcher(self.store, os.path.join(self.cfg.cache_dir, self.service))
         self.workroot = os.path.join(self.cfg.data_dir, "work", self.service)
         os.makedirs(self.workroot, exist_ok=True)
-        self.nc, self.js = await bus.connect(self.cfg, self.name)
-        sub = await bus.work_consumer(self.js, self.service, self.cfg)
+        # a worker that starts while S3 or NATS is away waits for them (a supervisor
+        # restarting it in a loop would do the same, noisier)
+        wait = 1.0
+        while not self.stopping:
+            try:
+                await asyncio.to_thread(self.store.ensure_buckets)
+                self.nc, self.js = await bus.connect(self.cfg, self.name)
+                sub = await bus.work_consumer(self.js, self.service, self.cfg)
+                break
+            except Exception as exc:
+                log.warning("%s: cannot start yet (%s); trying again in %.0f s", self.name, str(exc)[:300], wait)
+                await asyncio.sleep(wait)
+                wait = min(2 * wait, 15.0)
+        else:
+            return
         log.info("%s ready", self.name)
         while not self.stopping:
             try:
