@@ -45,13 +45,51 @@ def cmd_down(args) -> int:
 
 
 def cmd_status(args) -> int:
+    """The stack's processes, its endpoints and whether each answers, and the active runs."""
+    import urllib.request
+    from .platform.stack import gateway_healthy
+    cfg = Config.from_env()
     st = _stack().status()
     if not st:
-        print("no stack recorded in", Config.from_env().data_dir)
-        return 1
+        print("no stack recorded in", cfg.data_dir)
     for name, s in st.items():
-        print(f"{name:18s} pid {s['pid']:>7d}  {'up' if s['alive'] else 'DOWN'}  {s['log']}")
-    return 0 if all(s["alive"] for s in st.values()) else 1
+        restarts = f"  restarted {s['restarts']}x" if s.get("restarts") else ""
+        print(f"{name:18s} pid {s['pid']:>7d}  {'up' if s['alive'] else 'DOWN'}{restarts}  {s['log']}")
+    from .config import port
+
+    def nats_ok():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port('nats_monitor')}/healthz", timeout=2) as r:
+            return r.status == 200
+
+    def s3_ok():
+        from .platform.store import ObjectStore
+        return ObjectStore(cfg).ping()
+    checks = {f"gateway  {cfg.gateway_addr}": lambda: gateway_healthy(cfg), f"NATS     {cfg.nats_url}": nats_ok,
+              f"S3       {cfg.s3_endpoint}": s3_ok}
+    healthy = True
+    for what, check in checks.items():
+        try:
+            ok = check()
+        except Exception:
+            ok = False
+        healthy &= ok
+        print(f"{what:40s} {'healthy' if ok else 'NOT ANSWERING'}")
+    if healthy and cfg.token:
+        from .platform.auth import channel
+        from .v1 import pipeline_pb2 as pb, pipeline_pb2_grpc as pb_grpc
+        import grpc
+        try:
+            with channel(cfg) as ch:
+                runs = pb_grpc.PipelineServiceStub(ch).ListRuns(pb.ListRunsRequest(limit=200), timeout=10).runs
+            active = [r for r in runs if r.status in (pb.RUN_STATUS_QUEUED, pb.RUN_STATUS_RUNNING)]
+            print(f"active runs: {len(active)} (of the last {len(runs)})")
+            for r in active:
+                stage = r.stages[r.current_stage] if r.stages else None
+                print(f"  {r.run_id}  {r.recipe:14s} {r.owner:10s} stage {r.current_stage} "
+                      f"{stage.name if stage else ''} {pb.StageStatus.Name(stage.status)[13:].lower() if stage else ''}")
+        except grpc.RpcError as exc:
+            print(f"runs: {exc.code().name}: {exc.details()}")
+    return 0 if st and healthy and all(s["alive"] for s in st.values()) else 1
 
 
 def cmd_token(args) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import time
 import uuid
@@ -42,6 +43,8 @@ RECIPE_NAME = re.compile(r"^[a-z0-9_]+$")
 RUN_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
 MAX_PARAMETERS, MAX_PARAMETER_BYTES = 200, 64 << 10
 DEFAULT_PAGE, MAX_PAGE = 50, 1000
+# a stage's worker sends a heartbeat every 10 s; three missed: it is presumed dead
+HEARTBEAT_TIMEOUT_S = float(os.environ.get("ALMAPIPE_HEARTBEAT_TIMEOUT_S", "30"))
 
 
 def check_submit(req) -> None:
@@ -84,10 +87,14 @@ class Coordinator:
         await self.resume()
         self.task = asyncio.create_task(self._event_loop())
         self.poll_task = asyncio.create_task(self._poll_queues())
+        self.beats: dict = {}
+        await self.nc.subscribe("heartbeat.>", cb=self._on_heartbeat)
+        self.beat_task = asyncio.create_task(self._watch_heartbeats())
 
     async def stop(self) -> None:
         self.task.cancel()
         self.poll_task.cancel()
+        self.beat_task.cancel()
         await self.nc.drain()
 
     def _active(self, run_id: str, active: bool) -> None:
@@ -206,13 +213,14 @@ class Coordinator:
         await self.run_event(run, pb.STAGE_STATUS_DISPATCHED, st, f"dispatched to {st['service']}")
 
     async def publish_request(self, run: dict, st: dict, stage: str, params: dict, context_key: str,
-                              shard: int = 0) -> None:
+                              shard: int = 0, again: int = 0) -> None:
         part_of = "" if stage == st["name"] else st["name"]
         req = pb.StageRequest(run_id=run["run_id"], stage_index=st["index"], stage=stage, service=st["service"],
                               params_json=json.dumps(params), context_key=context_key,
                               input_key=run["input_key"], shard=shard, part_of=part_of)
         # msg id: JetStream drops the same request published twice (gateway restart)
-        msg_id = f"{run['run_id']}-{st['index']}" + (f"-{stage}-{shard}" if part_of else "")
+        msg_id = f"{run['run_id']}-{st['index']}" + (f"-{stage}-{shard}" if part_of else "") + \
+            (f"-again{again}" if again else "")
         # through a NATS restart: retried until stored (a stage recorded DISPATCHED is never lost)
         await bus.publish_retrying(self.js, bus.work_subject(st["service"], stage), req.SerializeToString(),
                                    msg_id, f"stage request {msg_id}", give_up_s=600)
@@ -266,6 +274,54 @@ class Coordinator:
             if run["status"] == "RUNNING" and run["stages"][run["current_stage"]]["status"] == "PENDING":
                 log.info("resuming run %s at stage %s", run["run_id"], run["stages"][run["current_stage"]]["name"])
                 await self.dispatch(run)
+
+    # ------------------------------------------------------------ heartbeats
+    async def _on_heartbeat(self, msg) -> None:
+        try:
+            b = json.loads(msg.data)
+            self.beats[(b["run_id"], int(b["stage_index"]), b["stage"], int(b["shard"]))] = \
+                (time.monotonic(), b.get("worker", "?"), b.get("part_of", ""))
+        except Exception:
+            log.warning("undecodable heartbeat on %s", msg.subject)
+
+    async def _watch_heartbeats(self, every_s: float = 5.0) -> None:
+        """A stage whose worker stopped sending heartbeats (killed mid-stage) is dispatched
+        again, so any live worker of the service takes it now rather than when JetStream's
+        ack wait runs out. A piece or join of a fan-out is left to that redelivery."""
+        reconnects = self.nc.stats.get("reconnects", 0)
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                now = time.monotonic()
+                if self.nc.stats.get("reconnects", 0) != reconnects:   # we were away: nothing is late
+                    reconnects = self.nc.stats.get("reconnects", 0)
+                    self.beats = {k: (now, w, p) for k, (_, w, p) in self.beats.items()}
+                    continue
+                for key, (t, worker, part_of) in list(self.beats.items()):
+                    if now - t > HEARTBEAT_TIMEOUT_S:
+                        del self.beats[key]
+                        if key[3] == 0 and not part_of:
+                            await self.redispatch(key[0], key[1], key[2], worker, now - t)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("heartbeat watch")
+
+    async def redispatch(self, run_id: str, index: int, stage: str, worker: str, age: float) -> None:
+        async with self.lock:
+            run = await self.load(run_id)
+            st = run["stages"][index]
+            if run["status"] != "RUNNING" or run["current_stage"] != index or st["name"] != stage \
+                    or st["status"] not in ("DISPATCHED", "RETRYING") or st.get("fanout"):
+                return    # it ended meanwhile
+            st["redispatched"] = st.get("redispatched", 0) + 1
+            message = f"no heartbeat from {worker} for {age:.0f} s: dispatched again"
+            log.warning("run %s stage %s: %s", run_id, stage, message)
+            await self.publish_request(run, st, st["name"], st["params"], run["context_key"],
+                                       again=st["redispatched"])
+            st["error"] = message
+            await self.save(run)
+            await self.run_event(run, pb.STAGE_STATUS_DISPATCHED, st, message)
 
     async def _poll_queues(self, every_s: float = 5.0) -> None:
         """almapipe_queue_pending{service}: stage requests not yet taken by a worker,

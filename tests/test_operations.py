@@ -242,3 +242,39 @@ def test_an_s3_outage_mid_stage_is_not_a_stage_failure(stub, stack):
     assert done.status == pb.RUN_STATUS_SUCCEEDED, done.error
     assert done.stages[0].attempts == 1
     _all_alive(st)
+
+
+def test_a_worker_killed_mid_stage_is_restarted_and_its_stage_dispatched_again(stub, stack):
+    """kill -9 of the importer while it works: the stack's supervisor starts it again,
+    the gateway notices the stage's heartbeats stopped and dispatches it again, and
+    the run succeeds."""
+    import os
+    import signal
+    st, cfg = stack
+    key = upload_input(cfg, NGC5921)
+    run = stub.SubmitRun(pb.SubmitRunRequest(input_key=key), metadata=IMPORT_FLAG, timeout=30)
+    _wait_stage_running(stub, run.run_id)
+    time.sleep(2.0)      # the worker has taken it and sent its first heartbeat
+    old_pid = st.load()["procs"]["worker-importer"]["pid"]
+    os.kill(old_pid, signal.SIGKILL)
+    events = list(stub.WatchRun(pb.WatchRunRequest(run_id=run.run_id), timeout=400))
+    done = stub.GetRun(pb.GetRunRequest(run_id=run.run_id), timeout=10)
+    assert done.status == pb.RUN_STATUS_SUCCEEDED, done.error
+    assert any("no heartbeat" in e.message for e in events), [e.message for e in events]
+    now = st.status()["worker-importer"]
+    assert now["alive"] and now["pid"] != old_pid and now["restarts"] >= 1
+
+
+def test_status_shows_endpoints_health_and_active_runs(stub, stack):
+    import os
+    import subprocess
+    import sys
+    st, cfg = stack
+    key = upload_input(cfg, NGC5921)
+    run = stub.SubmitRun(pb.SubmitRunRequest(input_key=key), metadata=IMPORT_FLAG, timeout=30)
+    out = subprocess.run([sys.executable, "-m", "almapipe.cli", "status"], capture_output=True, text=True,
+                         timeout=60, env=dict(os.environ)).stdout
+    assert f"gateway  {cfg.gateway_addr}" in out and "NATS" in out and "S3" in out, out
+    assert out.count("healthy") >= 3 and "NOT ANSWERING" not in out, out
+    assert run.run_id in out and "supervisor" in out, out
+    wait_run(stub, run.run_id)

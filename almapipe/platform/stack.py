@@ -18,6 +18,7 @@ port it opens is on loopback and derived from ALMAPIPE_PORT_BASE.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -163,6 +164,7 @@ class Stack:
             self._start_nats(env, timeout)
             self._start_s3(env, timeout)
             self._start_services(env, cfg, timeout)
+            self._start_supervisor(env)
         except BaseException:
             self.save()
             self.down()
@@ -275,9 +277,41 @@ class Stack:
             if p.poll() is not None:
                 raise RuntimeError(f"an extra imager worker exited at start (code {p.returncode})")
 
+    def _start_supervisor(self, env) -> None:
+        if os.environ.get("ALMAPIPE_SUPERVISE", "1") != "0":
+            self.save()     # the supervisor runs while the state file exists
+            self._start("supervisor", [sys.executable, "-m", "almapipe.platform.stack", "supervise",
+                                       self.data_dir], env)
+            self._update("supervisor", **self.procs["supervisor"])
+
+    # ------------------------------------------------------------ the state file
+    # stack.json is shared by `almapipe up`, tests that stop and start processes and the
+    # supervisor that restarts dead ones: every change is a locked read-modify-write
+    def _locked(self):
+        import fcntl
+
+        class _Lock:
+            def __enter__(s):
+                s.f = open(self.state_path + ".lock", "w")
+                fcntl.flock(s.f, fcntl.LOCK_EX)
+
+            def __exit__(s, *exc):
+                fcntl.flock(s.f, fcntl.LOCK_UN)
+                s.f.close()
+        return _Lock()
+
+    def _update(self, name: str, **fields) -> None:
+        with self._locked():
+            state = self.load()
+            procs = state.get("procs", {}) or self.procs
+            procs.setdefault(name, {}).update(fields)
+            self.procs = procs
+            self.save()
+
     def stop(self, name: str, sig=signal.SIGKILL) -> None:
-        """Stop one process of the stack (SIGKILL: as a crash would) and wait until it is gone."""
-        self.procs = dict(self.load().get("procs", {}) or self.procs)
+        """Stop one process of the stack (SIGKILL: as a crash would) and wait until it is
+        gone. It is marked held, so the supervisor leaves it down until start()."""
+        self._update(name, held=True)
         pid = self.procs[name]["pid"]
         _signal(pid, sig)
         t_end = time.time() + 20
@@ -288,21 +322,51 @@ class Stack:
 
     def start(self, name: str, timeout: float = 60.0) -> None:
         """Start a stopped process again, as it was started, and wait until it is ready."""
-        self.procs = dict(self.load().get("procs", {}) or self.procs)
-        old = self.procs[name]
+        old = dict(self.load().get("procs", {}).get(name) or self.procs[name])
         proc = self._start(name, old["args"], self.env(), old.get("env"))
+        self._update(name, pid=proc.pid, held=False)
         self._wait_ready(name, proc, timeout)
-        self.save()
 
     def restart(self, name: str, timeout: float = 60.0) -> None:
         """Kill one process (SIGKILL, as a crash would) and start it again."""
         self.stop(name)
         self.start(name, timeout)
 
+    def supervise(self, every_s: float = 1.0) -> None:
+        """Restart any process of the stack that died (not one stopped on purpose), with
+        back-off for one that keeps dying (2 s doubling to 60 s; reset after a minute up).
+        Runs as the stack's `supervisor` process until `almapipe down` removes the state."""
+        log = logging.getLogger("almapipe.supervisor")
+        delay, not_before, started = {}, {}, {}
+        while os.path.exists(self.state_path):
+            with self._locked():
+                procs = self.load().get("procs", {})
+                changed = False
+                for name, p in procs.items():
+                    if name == "supervisor" or p.get("held") or _alive(p["pid"]):
+                        if name in started and time.time() - started[name] > 60:
+                            delay.pop(name, None)
+                        continue
+                    if time.time() < not_before.get(name, 0):
+                        continue
+                    log.warning("%s (pid %d) is dead: starting it again", name, p["pid"])
+                    proc = self._start(name, p["args"], self.env(), p.get("env"))
+                    procs[name] = dict(p, pid=proc.pid, restarts=p.get("restarts", 0) + 1)
+                    delay[name] = min(2 * delay.get(name, 1.0), 60.0)
+                    not_before[name] = time.time() + delay[name]
+                    started[name] = time.time()
+                    changed = True
+                if changed and os.path.exists(self.state_path):
+                    self.procs = procs
+                    self.save()
+            time.sleep(every_s)
+
     def save(self) -> None:
-        with open(self.state_path, "w") as f:
+        tmp = self.state_path + ".tmp"
+        with open(tmp, "w") as f:
             json.dump({"procs": self.procs, "port_base": int(os.environ.get("ALMAPIPE_PORT_BASE", "14200"))}, f,
                       indent=1)
+        os.replace(tmp, self.state_path)
 
     def load(self) -> dict:
         if not os.path.exists(self.state_path):
@@ -315,13 +379,20 @@ class Stack:
         return any(_alive(p["pid"]) for p in procs.values())
 
     def status(self) -> dict:
-        return {n: {"pid": p["pid"], "alive": _alive(p["pid"]), "log": p["log"]}
+        return {n: {"pid": p["pid"], "alive": _alive(p["pid"]), "log": p["log"], "restarts": p.get("restarts", 0)}
                 for n, p in self.load().get("procs", {}).items()}
 
     def down(self, timeout: float = 10.0) -> None:
         procs = self.load().get("procs", {}) or self.procs
-        # services first, servers last, so workers do not spin on a dead bus
-        order = sorted(procs, key=lambda n: (n in ("nats", "s3"), n))
+        # the supervisor first (it would restart the others), then services, servers last,
+        # so workers do not spin on a dead bus
+        sup = procs.get("supervisor")
+        if sup:
+            _signal(sup["pid"], signal.SIGKILL)
+            while _alive(sup["pid"]):
+                time.sleep(0.05)
+            procs = self.load().get("procs", {}) or procs    # pids it may have changed
+        order = sorted((n for n in procs if n != "supervisor"), key=lambda n: (n in ("nats", "s3"), n))
         for name in order:
             _signal(procs[name]["pid"], signal.SIGTERM)
         t_end = time.time() + timeout
@@ -351,11 +422,26 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except OSError:
         return False
+    try:   # a zombie (of any parent) counts as dead
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                os.waitpid(pid, os.WNOHANG) if _is_child(pid) else None
+                return False
+    except (OSError, IndexError, ChildProcessError):
+        pass
     try:   # a zombie child of ours counts as dead
         done, _ = os.waitpid(pid, os.WNOHANG)
         return done == 0
     except ChildProcessError:
         return True
+
+
+def _is_child(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid()
+    except (OSError, IndexError, ValueError):
+        return False
 
 
 def _signal(pid: int, sig) -> None:
@@ -380,3 +466,11 @@ def gateway_healthy(cfg, timeout: float = 2.0) -> bool:
             return resp.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:
         return False
+
+
+if __name__ == "__main__":   # python -m almapipe.platform.stack supervise DATA_DIR
+    if len(sys.argv) == 3 and sys.argv[1] == "supervise":
+        logging.basicConfig(level="INFO", format="%(asctime)s supervisor %(levelname)s: %(message)s")
+        Stack(sys.argv[2]).supervise()
+    else:
+        sys.exit("usage: python -m almapipe.platform.stack supervise DATA_DIR")

@@ -189,12 +189,11 @@ class Worker:
             await self._settle(msg, "term")
             return
         metrics.STAGES_STARTED.labels(self.service, req.stage).inc()
-        heartbeat = asyncio.create_task(self._heartbeat(msg))
+        heartbeat = asyncio.create_task(self._heartbeat(msg, req))
         t0 = time.time()
         try:
             key, qa, outputs, duration, fanout = await self._execute(req)
         except Exception as exc:
-            heartbeat.cancel()
             wrong_request = isinstance(exc, (StageError, ParameterError))   # retrying cannot help
             final = wrong_request or delivered >= self.cfg.max_deliver
             if isinstance(exc, ParameterError):
@@ -209,25 +208,39 @@ class Worker:
                 log.warning(traceback.format_exc())
             metrics.STAGE_FAILURES.labels(self.service, req.stage, str(final).lower()).inc()
             metrics.STAGE_DURATION.labels(self.service, req.stage, "failed").observe(time.time() - t0)
-            if final:
-                await self.publish(req, pb.STAGE_STATUS_FAILED, message=reason, duration_s=time.time() - t0)
-                await self._settle(msg, "term")
-            else:
-                await self.publish(req, pb.STAGE_STATUS_RETRYING, message=reason)
-                await self._settle(msg, "nak", delay=min(2.0 * delivered, 10.0))
+            try:    # the heartbeat goes on while the event waits for NATS
+                if final:
+                    await self.publish(req, pb.STAGE_STATUS_FAILED, message=reason, duration_s=time.time() - t0)
+                    await self._settle(msg, "term")
+                else:
+                    await self.publish(req, pb.STAGE_STATUS_RETRYING, message=reason)
+                    await self._settle(msg, "nak", delay=min(2.0 * delivered, 10.0))
+            finally:
+                heartbeat.cancel()
             return
-        heartbeat.cancel()
         metrics.STAGE_DURATION.labels(self.service, req.stage, "succeeded").observe(duration)
-        await self.publish(req, pb.STAGE_STATUS_SUCCEEDED, context_key=key, qa_score=qa.score,
-                           qa_reasons=qa.reasons, duration_s=duration, fanout_json=json.dumps(fanout) if fanout else "",
-                           outputs=[pb.Output(name=o["name"], key=o["key"], sha256=o["sha256"], size=o["size"])
-                                    for o in outputs])
-        await self._settle(msg, "ack")
+        try:
+            await self.publish(req, pb.STAGE_STATUS_SUCCEEDED, context_key=key, qa_score=qa.score,
+                               qa_reasons=qa.reasons, duration_s=duration,
+                               fanout_json=json.dumps(fanout) if fanout else "",
+                               outputs=[pb.Output(name=o["name"], key=o["key"], sha256=o["sha256"], size=o["size"])
+                                        for o in outputs])
+            await self._settle(msg, "ack")
+        finally:
+            heartbeat.cancel()
 
-    async def _heartbeat(self, msg) -> None:
-        """Tell JetStream the request is still being worked on; through a NATS outage
-        keep trying (a heartbeat that stopped would let the request go to another worker)."""
+    async def _heartbeat(self, msg, req: pb.StageRequest) -> None:
+        """Every HEARTBEAT_S (and at once): tell JetStream the request is still being worked
+        on, and the gateway who works on it (core NATS, heartbeat.<service>), so a worker
+        that dies mid-stage is noticed by the gateway. Through a NATS outage keep trying: a
+        heartbeat that stopped would let the request go to another worker."""
+        beat = json.dumps({"run_id": req.run_id, "stage_index": req.stage_index, "stage": req.stage,
+                           "shard": req.shard, "part_of": req.part_of, "worker": self.name}).encode()
         while True:
+            try:
+                await self.nc.publish(f"heartbeat.{self.service}", beat)
+            except Exception as exc:
+                log.debug("heartbeat: %s", exc)
             await asyncio.sleep(HEARTBEAT_S)
             try:
                 await msg.in_progress()
