@@ -69,6 +69,7 @@ def add_token(tokens_file: str, identity: str, role: str, token: str | None = No
     if role not in ROLES:
         raise ValueError(f"role {role!r}: one of {', '.join(ROLES)}")
     token = token or new_token()
+    os.makedirs(os.path.dirname(os.path.abspath(tokens_file)), mode=0o700, exist_ok=True)
     table = {}
     if os.path.exists(tokens_file):
         with open(tokens_file) as f:
