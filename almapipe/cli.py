@@ -84,9 +84,9 @@ def cmd_status(args) -> int:
             active = [r for r in runs if r.status in (pb.RUN_STATUS_QUEUED, pb.RUN_STATUS_RUNNING)]
             print(f"active runs: {len(active)} (of the last {len(runs)})")
             for r in active:
-                stage = r.stages[r.current_stage] if r.stages else None
-                print(f"  {r.run_id}  {r.recipe:14s} {r.owner:10s} stage {r.current_stage} "
-                      f"{stage.name if stage else ''} {pb.StageStatus.Name(stage.status)[13:].lower() if stage else ''}")
+                st_ = r.stages[r.current_stage] if r.stages else None
+                where = f"{st_.name} {pb.StageStatus.Name(st_.status)[13:].lower()}" if st_ else ""
+                print(f"  {r.run_id}  {r.recipe:14s} {r.owner:10s} stage {r.current_stage} {where}")
         except grpc.RpcError as exc:
             print(f"runs: {exc.code().name}: {exc.details()}")
     return 0 if st and healthy and all(s["alive"] for s in st.values()) else 1

@@ -16,7 +16,6 @@ import stat
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 
 import grpc
