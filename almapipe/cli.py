@@ -3,6 +3,7 @@
   almapipe up | down | status          the local stack
   almapipe run [INPUT] --out DIR       submit through the gateway, follow, download the products
   almapipe recipes                     list the recipes
+  almapipe token add NAME --role R     a gateway token for a new identity
   almapipe simulate --preset small     an ALMA-like EB with known truth
 """
 from __future__ import annotations
@@ -44,13 +45,65 @@ def cmd_down(args) -> int:
 
 
 def cmd_status(args) -> int:
+    """The stack's processes, its endpoints and whether each answers, and the active runs."""
+    import urllib.request
+    from .platform.stack import gateway_healthy
+    cfg = Config.from_env()
     st = _stack().status()
     if not st:
-        print("no stack recorded in", Config.from_env().data_dir)
-        return 1
+        print("no stack recorded in", cfg.data_dir)
     for name, s in st.items():
-        print(f"{name:18s} pid {s['pid']:>7d}  {'up' if s['alive'] else 'DOWN'}  {s['log']}")
-    return 0 if all(s["alive"] for s in st.values()) else 1
+        restarts = f"  restarted {s['restarts']}x" if s.get("restarts") else ""
+        print(f"{name:18s} pid {s['pid']:>7d}  {'up' if s['alive'] else 'DOWN'}{restarts}  {s['log']}")
+    from .config import port
+
+    def nats_ok():
+        with urllib.request.urlopen(f"http://127.0.0.1:{port('nats_monitor')}/healthz", timeout=2) as r:
+            return r.status == 200
+
+    def s3_ok():
+        from .platform.store import ObjectStore
+        return ObjectStore(cfg).ping()
+    checks = {f"gateway  {cfg.gateway_addr}": lambda: gateway_healthy(cfg), f"NATS     {cfg.nats_url}": nats_ok,
+              f"S3       {cfg.s3_endpoint}": s3_ok}
+    healthy = True
+    for what, check in checks.items():
+        try:
+            ok = check()
+        except Exception:
+            ok = False
+        healthy &= ok
+        print(f"{what:40s} {'healthy' if ok else 'NOT ANSWERING'}")
+    if healthy and cfg.token:
+        from .platform.auth import channel
+        from .v1 import pipeline_pb2 as pb, pipeline_pb2_grpc as pb_grpc
+        import grpc
+        try:
+            with channel(cfg) as ch:
+                runs = pb_grpc.PipelineServiceStub(ch).ListRuns(pb.ListRunsRequest(limit=200), timeout=10).runs
+            active = [r for r in runs if r.status in (pb.RUN_STATUS_QUEUED, pb.RUN_STATUS_RUNNING)]
+            print(f"active runs: {len(active)} (of the last {len(runs)})")
+            for r in active:
+                st_ = r.stages[r.current_stage] if r.stages else None
+                where = f"{st_.name} {pb.StageStatus.Name(st_.status)[13:].lower()}" if st_ else ""
+                print(f"  {r.run_id}  {r.recipe:14s} {r.owner:10s} stage {r.current_stage} {where}")
+        except grpc.RpcError as exc:
+            print(f"runs: {exc.code().name}: {exc.details()}")
+    return 0 if st and healthy and all(s["alive"] for s in st.values()) else 1
+
+
+def cmd_token(args) -> int:
+    """Add an identity to the gateway's token table and print its token (once: the
+    table keeps only its hash). The gateway picks the change up at its next call."""
+    from .platform.auth import add_token
+    cfg = Config.from_env()
+    try:
+        token = add_token(cfg.tokens_file, args.identity, args.role)
+    except ValueError as exc:
+        print(f"almapipe token: {exc}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
 
 
 def cmd_recipes(args) -> int:
@@ -83,6 +136,30 @@ def upload_input(cfg: Config, path: str) -> str:
     return key
 
 
+def upload_via_gateway(stub, pb, path: str) -> str:
+    """Stream an input to the gateway's Upload RPC (no S3 credentials needed); an MS
+    directory travels as a tar of itself. Returns the input key for SubmitRun."""
+    import tarfile
+    import tempfile
+    from .platform.store import sha256_file
+    with tempfile.TemporaryDirectory() as tmp:
+        if os.path.isdir(path):
+            name = os.path.basename(os.path.normpath(path))
+            local = os.path.join(tmp, name + ".tar")
+            with tarfile.open(local, "w") as t:
+                t.add(path, arcname=name)
+        else:
+            local = path
+        size, digest = os.path.getsize(local), sha256_file(local)
+
+        def chunks():
+            yield pb.UploadChunk(name=os.path.basename(local), size=size, sha256=digest)
+            with open(local, "rb") as f:
+                for data in iter(lambda: f.read(1 << 20), b""):
+                    yield pb.UploadChunk(data=data)
+        return stub.Upload(chunks(), timeout=3600).key
+
+
 def cmd_run(args) -> int:
     import grpc
     from .platform.stack import Stack, StackError, gateway_healthy
@@ -98,7 +175,7 @@ def cmd_run(args) -> int:
     recipe_name = args.recipe or (DEFAULT_RECIPE if not args.input else None)
     cfg = Config.from_env()
     started = None
-    if not gateway_healthy(cfg.gateway_addr):
+    if not gateway_healthy(cfg):
         print(f"no gateway at {cfg.gateway_addr}: starting the local stack in {cfg.data_dir} ...", flush=True)
         started = Stack()
         try:
@@ -108,7 +185,6 @@ def cmd_run(args) -> int:
             return 1
         cfg = Config.from_env()
     try:
-        keys = [upload_input(cfg, path) for path in inputs]
         params = {}
         for p in args.param or []:
             k, eq, v = p.partition("=")
@@ -116,17 +192,26 @@ def cmd_run(args) -> int:
                 print(f"almapipe run: --param {p!r}: expected stage.param=value", file=sys.stderr)
                 return 2
             params[k] = v
-        mous = len(keys) > 1 or bool(args.mous)
-        req = pb.SubmitRunRequest(input_key="" if mous else keys[0], input_keys=keys if mous else [],
-                                  mous_id=args.mous or "", recipe=recipe_name or "", parameters=params,
+        mous = len(inputs) > 1 or bool(args.mous)
+        req = pb.SubmitRunRequest(mous_id=args.mous or "", recipe=recipe_name or "", parameters=params,
                                   flag_template=_read(args.flag_template), cont_dat=_read(args.cont_dat),
                                   label=args.mous or os.path.basename(input_path))
         metadata = []
         if args.recipe_file:
             metadata.append(("x-almapipe-recipe", json.dumps(json.load(open(args.recipe_file)))))
-        with grpc.insecure_channel(cfg.gateway_addr, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+        from .platform.auth import channel
+        if not cfg.token:
+            print("almapipe run: no token: set ALMAPIPE_TOKEN (or use the local stack's credentials.json)",
+                  file=sys.stderr)
+            return 2
+        with channel(cfg) as ch:
             stub = pb_grpc.PipelineServiceStub(ch)
             try:
+                keys = [upload_via_gateway(stub, pb, path) for path in inputs]
+                if mous:
+                    req.input_keys.extend(keys)
+                else:
+                    req.input_key = keys[0]
                 run = stub.SubmitRun(req, metadata=metadata, timeout=60)
             except grpc.RpcError as exc:
                 print(f"almapipe run: submit refused: {exc.details()}", file=sys.stderr)
@@ -202,6 +287,11 @@ def main(argv=None) -> int:
     sub.add_parser("down", help="stop the local stack").set_defaults(fn=cmd_down)
     sub.add_parser("status", help="show the local stack's processes").set_defaults(fn=cmd_status)
     sub.add_parser("recipes", help="list recipes").set_defaults(fn=cmd_recipes)
+    tk = sub.add_parser("token", help="gateway tokens: `almapipe token add NAME --role reader`")
+    tk.add_argument("action", choices=["add"])
+    tk.add_argument("identity")
+    tk.add_argument("--role", default="reader", help="reader, submitter or operator")
+    tk.set_defaults(fn=cmd_token)
     r = sub.add_parser("run", help="run a recipe on an MS (directory or tar) or UVFITS file")
     r.add_argument("input", nargs="*", help="input data (default: the built-in NGC 5921 VLA data); several "
                                              "execution blocks of an MOUS are calibrated one by one and imaged together")

@@ -8,6 +8,19 @@ so one data directory and one port base describe a whole local stack:
   ALMAPIPE_NATS_URL, ALMAPIPE_S3_ENDPOINT, ALMAPIPE_GATEWAY   to point at other servers
   ALMAPIPE_S3_ACCESS_KEY, ALMAPIPE_S3_SECRET_KEY              credentials; else the
                        data directory's credentials.json, written by `almapipe up`
+  ALMAPIPE_NATS_USER, ALMAPIPE_NATS_PASSWORD   this process's NATS user (default: admin)
+                       and password (default: that user's in credentials.json)
+  ALMAPIPE_TOKEN       the bearer token a client sends to the gateway (default: the
+                       operator token in credentials.json)
+  ALMAPIPE_TOKENS_FILE the gateway's token table (sha256 of each token, identity, role;
+                       default <data_dir>/gateway-tokens.json)
+  ALMAPIPE_TLS_CERT, ALMAPIPE_TLS_KEY   PEM files: the gateway serves TLS when both are set
+  ALMAPIPE_TLS_CA      PEM file of the CA a client trusts (set: the client speaks TLS)
+  ALMAPIPE_MAX_UPLOAD_MB        largest input the gateway's Upload accepts (default 20000)
+  ALMAPIPE_MAX_UNPACKED_MB      most bytes an input may unpack to (gzip, tar; default 200000)
+  ALMAPIPE_MAX_UNPACK_RATIO     most an input may grow when unpacked (default 200)
+  ALMAPIPE_MAX_IMSIZE           largest image side in pixels a run may ask for (default 8192)
+  ALMAPIPE_MAX_IMAGE_CHANNELS   most channels of a cube a run may ask for (default 8192)
   ALMAPIPE_METRICS_PORT   this process's Prometheus port (0: none)
   ALMAPIPE_MAX_DELIVER, ALMAPIPE_ACK_WAIT_S   work-queue redelivery bounds
   ALMAPIPE_IMAGER_WORKERS  imager workers the local stack starts (default 1); they share
@@ -39,15 +52,37 @@ def default_data_dir() -> str:
     return _env("ALMAPIPE_DATA_DIR", os.path.expanduser("~/.almapipe"))
 
 
+def credentials_doc(data_dir: str) -> dict:
+    """The data directory's credentials.json (written by `almapipe up`), or {}."""
+    path = os.path.join(data_dir, "credentials.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def credentials(data_dir: str) -> tuple[str, str]:
     if os.environ.get("ALMAPIPE_S3_SECRET_KEY"):
         return _env("ALMAPIPE_S3_ACCESS_KEY", "almapipe"), os.environ["ALMAPIPE_S3_SECRET_KEY"]
-    path = os.path.join(data_dir, "credentials.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            c = json.load(f)
+    c = credentials_doc(data_dir)
+    if c.get("secret_key"):
         return c["access_key"], c["secret_key"]
     return _env("ALMAPIPE_S3_ACCESS_KEY", "almapipe"), ""
+
+
+def nats_credentials(data_dir: str) -> tuple[str, str]:
+    """(user, password) of this process on NATS. Each service of a stack has its own user
+    (the launcher sets ALMAPIPE_NATS_USER); a CLI or a test connects as admin."""
+    user = _env("ALMAPIPE_NATS_USER", "admin")
+    if os.environ.get("ALMAPIPE_NATS_PASSWORD"):
+        return user, os.environ["ALMAPIPE_NATS_PASSWORD"]
+    return user, credentials_doc(data_dir).get("nats", {}).get(user, "")
+
+
+def client_token(data_dir: str) -> str:
+    if os.environ.get("ALMAPIPE_TOKEN"):
+        return os.environ["ALMAPIPE_TOKEN"]
+    return credentials_doc(data_dir).get("tokens", {}).get("operator", {}).get("token", "")
 
 
 @dataclass(frozen=True)
@@ -65,11 +100,22 @@ class Config:
     max_deliver: int           # deliveries of a stage request before it fails
     ack_wait_s: float
     cache_dir: str
+    nats_user: str = ""
+    nats_password: str = ""
+    token: str = ""            # a client's bearer token for the gateway
+    tokens_file: str = ""      # the gateway's token table
+    tls_cert: str = ""         # gateway: serve TLS with this certificate and key
+    tls_key: str = ""
+    tls_ca: str = ""           # client: trust this CA and speak TLS
+    # server-side caps a request cannot lift (decision 0009)
+    # (the unpacking and imaging caps are read where they apply: almapipe/limits.py)
+    max_upload_bytes: int = 20000 << 20
 
     @staticmethod
     def from_env() -> "Config":
         data_dir = default_data_dir()
         access, secret = credentials(data_dir)
+        nats_user, nats_password = nats_credentials(data_dir)
         return Config(
             nats_url=_env("ALMAPIPE_NATS_URL", f"nats://127.0.0.1:{port('nats')}"),
             s3_endpoint=_env("ALMAPIPE_S3_ENDPOINT", f"127.0.0.1:{port('s3')}"),
@@ -83,4 +129,10 @@ class Config:
             max_deliver=int(_env("ALMAPIPE_MAX_DELIVER", "3")),
             ack_wait_s=float(_env("ALMAPIPE_ACK_WAIT_S", "60")),
             cache_dir=_env("ALMAPIPE_CACHE_DIR", os.path.join(data_dir, "cache")),
+            nats_user=nats_user, nats_password=nats_password,
+            token=client_token(data_dir),
+            tokens_file=_env("ALMAPIPE_TOKENS_FILE", os.path.join(data_dir, "gateway-tokens.json")),
+            tls_cert=_env("ALMAPIPE_TLS_CERT", ""), tls_key=_env("ALMAPIPE_TLS_KEY", ""),
+            tls_ca=_env("ALMAPIPE_TLS_CA", ""),
+            max_upload_bytes=int(float(_env("ALMAPIPE_MAX_UPLOAD_MB", "20000")) * (1 << 20)),
         )

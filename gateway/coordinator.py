@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import re
 import time
 import uuid
 
-from almapipe import recipes
+from almapipe import limits, recipes
+from almapipe.errors import ParameterError
 from almapipe.platform import bus, metrics
 from almapipe.platform.store import ObjectStore
 from almapipe.stages.base import new_context
@@ -33,25 +36,86 @@ class RequestError(ValueError):
         self.not_found = not_found
 
 
+# bounds on a request's fields: what is stored in a run record (KV values are small)
+# or in its context stays small, and nothing is echoed back at length
+FIELD_MAX = {"input_key": 1024, "recipe": 64, "label": 200, "flag_template": 256 << 10, "cont_dat": 256 << 10,
+             "mous_id": 200}
+MAX_EBS = 50
+RECIPE_NAME = re.compile(r"^[a-z0-9_]+$")
+RUN_ID = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+MAX_PARAMETERS, MAX_PARAMETER_BYTES = 200, 64 << 10
+DEFAULT_PAGE, MAX_PAGE = 50, 1000
+# a stage's worker sends a heartbeat every 10 s; three missed: it is presumed dead
+HEARTBEAT_TIMEOUT_S = float(os.environ.get("ALMAPIPE_HEARTBEAT_TIMEOUT_S", "30"))
+
+
+def check_submit(req) -> None:
+    """Refuse a malformed SubmitRunRequest, naming the field (INVALID_ARGUMENT)."""
+    if not req.input_key and not req.input_keys:
+        raise RequestError("input_key (or input_keys, the EBs of an MOUS) is required: upload the input to the "
+                           "raw bucket first (Upload)")
+    if req.input_key and req.input_keys:
+        raise RequestError("input_key and input_keys: give one EB as input_key, or an MOUS's EBs as input_keys")
+    for field, cap in FIELD_MAX.items():
+        if len(getattr(req, field)) > cap:
+            raise RequestError(f"{field}: {len(getattr(req, field))} characters, at most {cap}")
+    if len(req.input_keys) > MAX_EBS:
+        raise RequestError(f"input_keys: {len(req.input_keys)} EBs, at most {MAX_EBS}")
+    if len(set(req.input_keys)) != len(req.input_keys):
+        raise RequestError("input_keys: the same execution block is given twice")
+    for key in list(req.input_keys) or [req.input_key]:
+        if len(key) > FIELD_MAX["input_key"] or ".." in key.split("/") or key.startswith("/"):
+            raise RequestError(f"input_key: {key[:100]!r} is not an object key")
+    # a recipe is named, never a path: only the built-in recipes' names
+    if req.recipe and (not RECIPE_NAME.match(req.recipe) or req.recipe not in recipes.available()):
+        raise RequestError(f"recipe: unknown recipe {req.recipe[:64]!r} (a recipe name is lowercase letters, "
+                           f"digits and _); available: {', '.join(recipes.available())}")
+    if len(req.parameters) > MAX_PARAMETERS:
+        raise RequestError(f"parameters: {len(req.parameters)} overrides, at most {MAX_PARAMETERS}")
+    for k, v in req.parameters.items():
+        if len(k) > 200 or len(v) > MAX_PARAMETER_BYTES:
+            raise RequestError(f"parameters: override {k[:60]!r} is too long (key 200, value {MAX_PARAMETER_BYTES})")
+
+
+def check_run_id(run_id: str) -> None:
+    if not RUN_ID.match(run_id or ""):
+        raise RequestError(f"run_id: {run_id[:80]!r} is not a run id" if run_id else "run_id is required")
+
+
 class Coordinator:
     def __init__(self, cfg, store: ObjectStore):
         self.cfg = cfg
         self.store = store
         self.lock = asyncio.Lock()
+        self.active: set = set()     # ids of runs not yet ended
 
     async def start(self) -> None:
         self.nc, self.js = await bus.connect(self.cfg, "gateway")
         self.kv = await bus.runs_kv(self.js)
+        await bus.run_index(self.js)
         self.events = await bus.gateway_event_consumer(self.js)
         await self.resume()
         self.task = asyncio.create_task(self._event_loop())
+        self.poll_task = asyncio.create_task(self._poll_queues())
+        self.beats: dict = {}
+        await self.nc.subscribe("heartbeat.>", cb=self._on_heartbeat)
+        self.beat_task = asyncio.create_task(self._watch_heartbeats())
 
     async def stop(self) -> None:
         self.task.cancel()
+        self.poll_task.cancel()
+        self.beat_task.cancel()
         await self.nc.drain()
+
+    def _active(self, run_id: str, active: bool) -> None:
+        """almapipe_runs_active is the size of a set, so a run finished twice (an event
+        redelivered after a gateway restart) is not subtracted twice."""
+        (self.active.add if active else self.active.discard)(run_id)
+        metrics.RUNS_ACTIVE.set(len(self.active))
 
     # ------------------------------------------------------------ run state
     async def load(self, run_id: str) -> dict:
+        check_run_id(run_id)
         try:
             entry = await self.kv.get(run_id)
         except Exception:
@@ -62,28 +126,59 @@ class Coordinator:
         run["updated"] = time.time()
         await self.kv.put(run["run_id"], json.dumps(run).encode())
 
-    async def list_runs(self, limit: int) -> list:
+    async def all_runs(self) -> list:
+        """Every run record, in one pass over the KV bucket (a watcher delivers each key's
+        latest value): for start-up only, never per request."""
+        runs = []
+        watcher = await self.kv.watchall(ignore_deletes=True)
         try:
-            keys = await self.kv.keys()
-        except Exception:   # no keys yet
-            return []
-        runs = [await self.load(k) for k in keys]
-        runs.sort(key=lambda r: r["created"], reverse=True)
-        return runs[:limit or len(runs)]
+            while True:
+                entry = await watcher.updates(timeout=10)
+                if entry is None:     # the initial values are all delivered
+                    break
+                if entry.value:
+                    runs.append(json.loads(entry.value))
+        finally:
+            await watcher.stop()
+        return runs
+
+    async def list_runs(self, limit: int, page_token: str = "") -> tuple[list, str]:
+        """A page of runs, newest first, and the token of the next page ("" at the end).
+
+        The run index stream holds one message per run in creation order; a page
+        reads limit sequence numbers downwards from the token's (get by sequence),
+        and the records they name: O(page), whatever the number of runs. A run made
+        while a client pages lands above the first page, so no run is seen twice or
+        skipped."""
+        limit = limit or DEFAULT_PAGE
+        if not 0 < limit <= MAX_PAGE:
+            raise RequestError(f"limit: {limit}; 1 to {MAX_PAGE} (0: {DEFAULT_PAGE})")
+        if page_token:
+            if not re.fullmatch(r"s[0-9]{1,19}", page_token):
+                raise RequestError(f"page_token: {page_token[:40]!r} is not a token from ListRuns")
+            seq = int(page_token[1:])
+        else:
+            seq = (await self.js.stream_info(bus.RUN_INDEX_STREAM)).state.last_seq
+        runs = []
+        while seq > 0 and len(runs) < limit:
+            try:
+                msg = await self.js.get_msg(bus.RUN_INDEX_STREAM, seq=seq)
+                runs.append(await self.load(msg.data.decode()))
+            except RequestError:
+                pass          # a run whose record was removed
+            except Exception as exc:
+                if "not found" not in str(exc).lower() and "no message" not in str(exc).lower():
+                    raise
+            seq -= 1
+        return runs, (f"s{seq}" if seq > 0 else "")
 
     # ------------------------------------------------------------ API actions
-    async def submit(self, req: pb.SubmitRunRequest, recipe_doc: dict | None = None) -> dict:
-        inputs = list(req.input_keys) or ([req.input_key] if req.input_key else [])
-        if req.input_key and req.input_keys and req.input_key not in req.input_keys:
-            raise RequestError("give the inputs either as input_key or as input_keys, not both")
-        if not inputs:
-            raise RequestError("input_key (or input_keys, for an MOUS) is required: upload the input to the "
-                               "raw bucket first")
-        if len(set(inputs)) != len(inputs):
-            raise RequestError("input_keys: the same execution block is given twice")
+    async def submit(self, req: pb.SubmitRunRequest, recipe_doc: dict | None = None, owner: str = "") -> dict:
+        check_submit(req)
+        inputs = list(req.input_keys) or [req.input_key]
         for key in inputs:
             if not self.store.exists(key, bucket=self.store.raw_bucket):
-                raise RequestError(f"input {key!r} not found in bucket {self.store.raw_bucket}", not_found=True)
+                raise RequestError(f"input_key: {key!r} not found in bucket {self.store.raw_bucket}", not_found=True)
         mous = len(inputs) > 1 or bool(req.mous_id)
         auto = not recipe_doc and not req.recipe and not mous
         try:
@@ -92,27 +187,31 @@ class Coordinator:
                                                   + [recipes.DEFAULT])
                 first = {k: v for k, v in req.parameters.items() if k.split(".")[0] in ("importdata", "0")}
                 recipe = recipes.apply_overrides(recipes.auto(), first)
+                for name in set(recipes.BY_TELESCOPE.values()) | {recipes.DEFAULT}:
+                    limits.imaging_caps(recipes.apply_overrides(recipes.load(name), {
+                        k: v for k, v in req.parameters.items() if k.split(".")[0] in
+                        {st["stage"] for st in recipes.load(name)["stages"]}}))
             else:        # an MOUS is ALMA's: its default recipe is ALMA's
                 recipe = recipes.validate(recipe_doc) if recipe_doc else \
                     recipes.load(req.recipe or ("alma_calimage" if mous else None))
                 recipe = recipes.apply_overrides(recipe, dict(req.parameters))
-        except recipes.RecipeError as exc:
+                limits.imaging_caps(recipe)    # caps no recipe or override can lift
+        except ParameterError as exc:
             raise RequestError(str(exc)) from exc
         extras = {"flag_template": req.flag_template, "cont_dat": req.cont_dat, "mous_id": req.mous_id}
         if not mous:
-            run = self.new_run(recipe, inputs[0], extras, req.label)
+            run = self.new_run(recipe, inputs[0], extras, req.label, owner)
             if auto:
                 run["auto_overrides"] = dict(req.parameters)
             async with self.lock:
-                await self.save(run)
+                await self.register(run)
                 await self.dispatch(run)
-            metrics.RUNS_ACTIVE.inc()
             log.info("run %s submitted: recipe %s on %s", run["run_id"], recipe["name"], inputs[0])
             return run
-        return await self.submit_mous(req, recipe, inputs, extras)
+        return await self.submit_mous(req, recipe, inputs, extras, owner)
 
-    def new_run(self, recipe: dict, input_key: str, extras: dict, label: str, run_id: str | None = None,
-                context: dict | None = None) -> dict:
+    def new_run(self, recipe: dict, input_key: str, extras: dict, label: str, owner: str = "",
+                run_id: str | None = None, context: dict | None = None) -> dict:
         """A run record (not yet saved) with its first context written to S3."""
         run_id = run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
         ctx = context or new_context(run_id, recipe, input_key, extras)
@@ -120,13 +219,20 @@ class Coordinator:
         self.store.put_json(ctx_key, ctx)
         self.store.put_json(f"runs/{run_id}/recipe.json", recipe)
         return {"run_id": run_id, "status": "RUNNING", "recipe": recipe["name"], "input_key": input_key,
-                "label": label, "created": time.time(), "updated": time.time(), "current_stage": 0,
+                "label": label, "owner": owner, "created": time.time(), "updated": time.time(), "current_stage": 0,
                 "context_key": ctx_key, "error": "",
                 "stages": [{"index": i, "name": s["stage"], "service": s["service"], "status": "PENDING",
                             "qa_score": -1.0, "qa_reasons": [], "duration_s": 0.0, "attempts": 0, "error": "",
                             "params": s["params"]} for i, s in enumerate(recipe["stages"])]}
 
-    async def submit_mous(self, req, recipe: dict, inputs: list, extras: dict) -> dict:
+    async def register(self, run: dict) -> None:
+        """Save a new run, put it in the run index (ListRuns) and count it active."""
+        await self.save(run)
+        await bus.publish_retrying(self.js, bus.RUN_INDEX_SUBJECT, run["run_id"].encode(), f"index-{run['run_id']}",
+                                   f"index entry of {run['run_id']}", give_up_s=30)
+        self._active(run["run_id"], True)
+
+    async def submit_mous(self, req, recipe: dict, inputs: list, extras: dict, owner: str) -> dict:
         """An MOUS: one run per EB for the stages up to split (calibration, each EB on its
         own and in parallel across the workers), and the MOUS run, whose own stages (from
         the one after split: imaging, export, WebLog) start from the EBs' merged contexts
@@ -139,29 +245,28 @@ class Coordinator:
         parent_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
         children = []
         for i, key in enumerate(inputs):
-            child = self.new_run(per_eb, key, extras, f"{mous_id} EB {i + 1}/{len(inputs)}",
+            child = self.new_run(per_eb, key, extras, f"{mous_id} EB {i + 1}/{len(inputs)}", owner,
                                  run_id=f"{parent_id}-eb{i + 1}")
             child["parent_run_id"] = parent_id
             children.append(child)
-        parent = self.new_run(mous_part, inputs[0], extras, req.label, run_id=parent_id,
+        parent = self.new_run(mous_part, inputs[0], extras, req.label, owner, run_id=parent_id,
                               context=new_context(parent_id, mous_part, inputs[0], extras))
         parent.update(mous_id=mous_id, eb_run_ids=[c["run_id"] for c in children], input_keys=inputs,
                       waiting_for_ebs=True)
         async with self.lock:
-            await self.save(parent)
+            await self.register(parent)
             for child in children:
-                await self.save(child)
+                await self.register(child)
                 await self.dispatch(child)
-        metrics.RUNS_ACTIVE.inc(len(children) + 1)
         log.info("MOUS run %s submitted: %d EBs, recipe %s", parent_id, len(inputs), recipe["name"])
         return parent
 
-    async def cancel(self, run_id: str) -> dict:
+    async def cancel(self, run_id: str, by: str = "") -> dict:
         async with self.lock:
             run = await self.load(run_id)
             if run["status"] not in TERMINAL:
                 run["status"] = "CANCELLED"
-                run["error"] = "cancelled by request"
+                run["error"] = f"cancelled by {by}" if by else "cancelled by request"
                 await self.finish(run)
                 for child_id in run.get("eb_run_ids", []):     # an MOUS: its EBs' runs too
                     child = await self.load(child_id)
@@ -217,15 +322,17 @@ class Coordinator:
         await self.run_event(run, pb.STAGE_STATUS_DISPATCHED, st, f"dispatched to {st['service']}")
 
     async def publish_request(self, run: dict, st: dict, stage: str, params: dict, context_key: str,
-                              shard: int = 0) -> None:
+                              shard: int = 0, again: int = 0) -> None:
         part_of = "" if stage == st["name"] else st["name"]
         req = pb.StageRequest(run_id=run["run_id"], stage_index=st["index"], stage=stage, service=st["service"],
                               params_json=json.dumps(params), context_key=context_key,
                               input_key=run["input_key"], shard=shard, part_of=part_of)
         # msg id: JetStream drops the same request published twice (gateway restart)
-        msg_id = f"{run['run_id']}-{st['index']}" + (f"-{stage}-{shard}" if part_of else "")
-        await self.js.publish(bus.work_subject(st["service"], stage), req.SerializeToString(),
-                              headers={"Nats-Msg-Id": msg_id})
+        msg_id = f"{run['run_id']}-{st['index']}" + (f"-{stage}-{shard}" if part_of else "") + \
+            (f"-again{again}" if again else "")
+        # through a NATS restart: retried until stored (a stage recorded DISPATCHED is never lost)
+        await bus.publish_retrying(self.js, bus.work_subject(st["service"], stage), req.SerializeToString(),
+                                   msg_id, f"stage request {msg_id}", give_up_s=600)
 
     async def fan_out(self, run: dict, st: dict, ev) -> None:
         """The stage asked for pieces in parallel (ev.fanout_json): dispatch one request
@@ -258,12 +365,22 @@ class Coordinator:
                            stage=st["name"] if st else bus.RUN_EVENT_STAGE, status=status, message=message,
                            time_unix=time.time(), run_status=getattr(pb, "RUN_STATUS_" + run["status"]))
         subject = bus.event_subject(run["run_id"], bus.RUN_EVENT_STAGE, run["status"].lower())
-        await self.js.publish(subject, ev.SerializeToString())
+        await bus.publish_retrying(self.js, subject, ev.SerializeToString(), uuid.uuid4().hex,
+                                   f"run event of {run['run_id']}", give_up_s=120)
 
     async def resume(self) -> None:
-        """After a restart: re-dispatch runs whose current stage was never dispatched, and
-        look again at MOUS runs waiting for EBs (the last EB may have ended just before)."""
-        for run in await self.list_runs(0):
+        """After a restart: count the active runs (almapipe_runs_active starts from the
+        truth, not from 0), index runs made before the run index existed, re-dispatch runs
+        whose current stage was never dispatched, and look again at MOUS runs waiting for
+        their EBs (the last EB may have ended just before)."""
+        runs = await self.all_runs()
+        self.active = {r["run_id"] for r in runs if r["status"] not in TERMINAL}
+        metrics.RUNS_ACTIVE.set(len(self.active))
+        if runs and (await self.js.stream_info(bus.RUN_INDEX_STREAM)).state.last_seq == 0:
+            for run in sorted(runs, key=lambda r: r["created"]):
+                await bus.publish_retrying(self.js, bus.RUN_INDEX_SUBJECT, run["run_id"].encode(),
+                                           f"index-{run['run_id']}", "run index", give_up_s=30)
+        for run in runs:
             if run["status"] == "RUNNING" and run.get("waiting_for_ebs"):
                 async with self.lock:
                     await self.eb_done(await self.load(run["eb_run_ids"][-1]))
@@ -271,6 +388,70 @@ class Coordinator:
             if run["status"] == "RUNNING" and run["stages"][run["current_stage"]]["status"] == "PENDING":
                 log.info("resuming run %s at stage %s", run["run_id"], run["stages"][run["current_stage"]]["name"])
                 await self.dispatch(run)
+
+    # ------------------------------------------------------------ heartbeats
+    async def _on_heartbeat(self, msg) -> None:
+        try:
+            b = json.loads(msg.data)
+            self.beats[(b["run_id"], int(b["stage_index"]), b["stage"], int(b["shard"]))] = \
+                (time.monotonic(), b.get("worker", "?"), b.get("part_of", ""))
+        except Exception:
+            log.warning("undecodable heartbeat on %s", msg.subject)
+
+    async def _watch_heartbeats(self, every_s: float = 5.0) -> None:
+        """A stage whose worker stopped sending heartbeats (killed mid-stage) is dispatched
+        again, so any live worker of the service takes it now rather than when JetStream's
+        ack wait runs out. A piece or join of a fan-out is left to that redelivery."""
+        reconnects = self.nc.stats.get("reconnects", 0)
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                now = time.monotonic()
+                if self.nc.stats.get("reconnects", 0) != reconnects:   # we were away: nothing is late
+                    reconnects = self.nc.stats.get("reconnects", 0)
+                    self.beats = {k: (now, w, p) for k, (_, w, p) in self.beats.items()}
+                    continue
+                for key, (t, worker, part_of) in list(self.beats.items()):
+                    if now - t > HEARTBEAT_TIMEOUT_S:
+                        del self.beats[key]
+                        if key[3] == 0 and not part_of:
+                            await self.redispatch(key[0], key[1], key[2], worker, now - t)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("heartbeat watch")
+
+    async def redispatch(self, run_id: str, index: int, stage: str, worker: str, age: float) -> None:
+        async with self.lock:
+            run = await self.load(run_id)
+            st = run["stages"][index]
+            if run["status"] != "RUNNING" or run["current_stage"] != index or st["name"] != stage \
+                    or st["status"] not in ("DISPATCHED", "RETRYING") or st.get("fanout"):
+                return    # it ended meanwhile
+            st["redispatched"] = st.get("redispatched", 0) + 1
+            message = f"no heartbeat from {worker} for {age:.0f} s: dispatched again"
+            log.warning("run %s stage %s: %s", run_id, stage, message)
+            await self.publish_request(run, st, st["name"], st["params"], run["context_key"],
+                                       again=st["redispatched"])
+            st["error"] = message
+            await self.save(run)
+            await self.run_event(run, pb.STAGE_STATUS_DISPATCHED, st, message)
+
+    async def _poll_queues(self, every_s: float = 5.0) -> None:
+        """almapipe_queue_pending{service}: stage requests not yet taken by a worker,
+        from each service's durable consumer (num_pending)."""
+        from almapipe.stages import REGISTRY
+        services = sorted({svc for svc, _ in REGISTRY.values()})
+        while True:
+            for svc in services:
+                try:
+                    info = await self.js.consumer_info(bus.WORK_STREAM, f"worker-{svc}")
+                    metrics.QUEUE_LAG.labels(svc).set(info.num_pending)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    pass    # no worker has made its consumer yet, or NATS is away
+            await asyncio.sleep(every_s)
 
     # ------------------------------------------------------------ events
     async def _event_loop(self) -> None:
@@ -291,7 +472,10 @@ class Coordinator:
                     await msg.ack()
                 except Exception:
                     log.exception("handling event %s failed; will be redelivered", msg.subject)
-                    await msg.nak(delay=2)
+                    try:
+                        await msg.nak(delay=2)
+                    except Exception as exc:   # NATS away: the ack wait redelivers it
+                        log.warning("nak of %s failed: %s", msg.subject, exc)
 
     async def handle_event(self, data: bytes) -> None:
         ev = pb.StageEvent()
@@ -360,7 +544,8 @@ class Coordinator:
         name = recipes.for_telescope(telescope)
         try:
             recipe = recipes.apply_overrides(recipes.load(name), run.get("auto_overrides", {}))
-        except recipes.RecipeError as exc:
+            limits.imaging_caps(recipe)
+        except ParameterError as exc:
             run["status"] = "FAILED"
             run["error"] = f"recipe {name} (chosen for telescope {telescope}): {exc}"
             await self.finish(run)
@@ -409,7 +594,7 @@ class Coordinator:
             run["error"] = (run["error"] + "; " if run["error"] else "") + f"products: {exc}"
         await self.save(run)
         metrics.RUNS.labels(run["status"].lower()).inc()
-        metrics.RUNS_ACTIVE.dec()
+        self._active(run["run_id"], False)
         await self.run_event(run, pb.STAGE_STATUS_UNSPECIFIED, None, run["error"] or run["status"].lower())
         log.info("run %s %s %s", run["run_id"], run["status"], run["error"])
         if run.get("parent_run_id"):

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
+import re
 import signal
+import tempfile
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -13,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from almapipe.config import Config
 from almapipe.platform import metrics
+from almapipe.platform.auth import AuthError, TokenTable
 from almapipe.platform.bus import BusError
 from almapipe.platform.store import ObjectStore, StoreError
 from almapipe.v1 import pipeline_pb2 as pb, pipeline_pb2_grpc as pb_grpc
@@ -22,6 +26,14 @@ from .coordinator import Coordinator, RequestError, TERMINAL
 log = logging.getLogger("almapipe.gateway")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PipelineService"].full_name
 CHUNK = 1 << 20
+MAX_MESSAGE = 500
+MAX_RECIPE_DOC = 256 << 10
+UPLOAD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def short(msg: str, limit: int = MAX_MESSAGE) -> str:
+    """An error message cut to a few hundred characters: a request is never echoed at length."""
+    return msg if len(msg) <= limit else msg[:limit - 20] + f"... ({len(msg)} chars)"
 
 
 def run_message(run: dict) -> pb.Run:
@@ -29,8 +41,8 @@ def run_message(run: dict) -> pb.Run:
         run_id=run["run_id"], status=getattr(pb, "RUN_STATUS_" + run["status"]), recipe=run["recipe"],
         input_key=run["input_key"], current_stage=run["current_stage"], error=run["error"],
         context_key=run["context_key"], created_unix=run["created"], updated_unix=run["updated"],
-        label=run.get("label", ""), mous_id=run.get("mous_id", ""), eb_run_ids=run.get("eb_run_ids", []),
-        parent_run_id=run.get("parent_run_id", ""),
+        label=run.get("label", ""), owner=run.get("owner", ""), mous_id=run.get("mous_id", ""),
+        eb_run_ids=run.get("eb_run_ids", []), parent_run_id=run.get("parent_run_id", ""),
         stages=[pb.StageState(index=s["index"], name=s["name"], service=s["service"],
                               status=getattr(pb, "STAGE_STATUS_" + s["status"]), qa_score=s["qa_score"],
                               qa_reasons=s["qa_reasons"], duration_s=s["duration_s"], attempts=s["attempts"],
@@ -39,40 +51,76 @@ def run_message(run: dict) -> pb.Run:
 
 
 class PipelineService(pb_grpc.PipelineServiceServicer):
-    def __init__(self, coord: Coordinator, store: ObjectStore):
+    def __init__(self, coord: Coordinator, store: ObjectStore, tokens: TokenTable):
         self.coord = coord
         self.store = store
+        self.tokens = tokens
+
+    async def _auth(self, context, method: str):
+        """The caller's identity, if its token allows `method`; aborts otherwise."""
+        try:
+            return self.tokens.authorize(context.invocation_metadata(), method)
+        except AuthError as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED if exc.denied
+                                else grpc.StatusCode.UNAUTHENTICATED, str(exc))
 
     async def _guard(self, context, coro):
+        """Await coro; its errors become status codes with short messages: a request's
+        fault INVALID_ARGUMENT or NOT_FOUND, a server's UNAVAILABLE, anything else
+        INTERNAL (logged in full here, never UNKNOWN with a traceback's text)."""
         try:
             return await coro
         except RequestError as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND if exc.not_found else grpc.StatusCode.INVALID_ARGUMENT,
-                                str(exc))
+                                short(str(exc)))
         except (StoreError, BusError) as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, short(str(exc)))
+        except asyncio.CancelledError:
+            raise
+        except grpc.aio.AbortError:   # context.abort inside coro
+            raise
+        except Exception as exc:
+            log.exception("request failed")
+            await context.abort(grpc.StatusCode.INTERNAL, short(f"{type(exc).__name__}: {exc}"))
 
     async def SubmitRun(self, request, context):
+        who = await self._auth(context, "SubmitRun")
         recipe_doc = None
         md = dict(context.invocation_metadata() or ())
         if "x-almapipe-recipe" in md:   # a full recipe document (almapipe run --recipe-file)
+            if len(md["x-almapipe-recipe"]) > MAX_RECIPE_DOC:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"x-almapipe-recipe: more than {MAX_RECIPE_DOC} bytes")
             try:
                 recipe_doc = json.loads(md["x-almapipe-recipe"])
-            except json.JSONDecodeError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"recipe document is not JSON: {exc}")
-        return run_message(await self._guard(context, self.coord.submit(request, recipe_doc)))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    short(f"x-almapipe-recipe: recipe document is not JSON: {exc}"))
+            if not isinstance(recipe_doc, dict):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "x-almapipe-recipe: not a JSON object")
+        return run_message(await self._guard(context, self.coord.submit(request, recipe_doc, owner=who.name)))
 
     async def GetRun(self, request, context):
+        await self._auth(context, "GetRun")
         return run_message(await self._guard(context, self.coord.load(request.run_id)))
 
     async def ListRuns(self, request, context):
-        runs = await self._guard(context, self.coord.list_runs(request.limit))
-        return pb.ListRunsResponse(runs=[run_message(r) for r in runs])
+        await self._auth(context, "ListRuns")
+        runs, token = await self._guard(context, self.coord.list_runs(request.limit, request.page_token))
+        return pb.ListRunsResponse(runs=[run_message(r) for r in runs], next_page_token=token)
 
     async def CancelRun(self, request, context):
-        return run_message(await self._guard(context, self.coord.cancel(request.run_id)))
+        who = await self._auth(context, "CancelRun")
+        run = await self._guard(context, self.coord.load(request.run_id))
+        # a run is its submitter's: another submitter may not cancel it, an operator may
+        if run.get("owner", "") != who.name and not who.may("operator"):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"run {request.run_id} belongs to {run.get('owner') or 'nobody'}; "
+                                f"only its submitter or an operator may cancel it")
+        return run_message(await self._guard(context, self.coord.cancel(request.run_id, by=who.name)))
 
     async def WatchRun(self, request, context):
+        await self._auth(context, "WatchRun")
         run = await self._guard(context, self.coord.load(request.run_id))
         from nats.js.api import DeliverPolicy
         sub = await self.coord.js.subscribe(f"events.run.{run['run_id']}.>", ordered_consumer=True,
@@ -108,6 +156,9 @@ class PipelineService(pb_grpc.PipelineServiceServicer):
         return await self._guard(context, asyncio.to_thread(self._read_manifest, run_id))
 
     async def ListProducts(self, request, context):
+        await self._auth(context, "ListProducts")
+        if not 0 <= request.url_expiry_s <= 7 * 24 * 3600:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "url_expiry_s: 0 (one hour) to 604800 (7 days)")
         manifest = await self._manifest(request.run_id, context)
         expiry = request.url_expiry_s or 3600
         out = []
@@ -118,12 +169,57 @@ class PipelineService(pb_grpc.PipelineServiceServicer):
         return pb.ListProductsResponse(products=out, bucket=self.store.bucket)
 
     async def FetchProduct(self, request, context):
+        await self._auth(context, "FetchProduct")
         manifest = await self._manifest(request.run_id, context)
         if request.path not in manifest:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no product {request.path!r} in run {request.run_id}")
         data = await asyncio.to_thread(self.store.get_bytes, manifest[request.path])
         for off in range(0, max(len(data), 1), CHUNK):
             yield pb.ProductChunk(data=data[off:off + CHUNK], offset=off)
+
+    async def Upload(self, request_iterator, context):
+        """Stream an input into the raw bucket under inputs/<sha256[:16]>/<name> (the key
+        `almapipe run` has always used), refusing more than max_upload_bytes and a
+        sha256 that does not match what arrived."""
+        await self._auth(context, "Upload")
+        cap = self.coord.cfg.max_upload_bytes
+        h = hashlib.sha256()
+        name, declared, expect, size = None, 0, "", 0
+        with tempfile.TemporaryDirectory(prefix="upload-") as tmp:
+            local = os.path.join(tmp, "data")
+            with open(local, "wb") as f:
+                async for chunk in request_iterator:
+                    if name is None:
+                        name, declared, expect = chunk.name, chunk.size, chunk.sha256.lower()
+                        if not UPLOAD_NAME.match(name):
+                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                                f"name: {name[:80]!r} is not a file name (letters, digits, . _ -; "
+                                                f"at most 128)")
+                        if declared <= 0 or declared > cap:
+                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                                f"size: {declared} bytes; must be 1 to {cap} (max_upload_bytes)")
+                        if expect and not re.fullmatch(r"[0-9a-f]{64}", expect):
+                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sha256: not 64 hex digits")
+                    size += len(chunk.data)
+                    if size > declared:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                            f"size: more than the declared {declared} bytes arrived")
+                    h.update(chunk.data)
+                    f.write(chunk.data)
+            if name is None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name: no chunk arrived")
+            if size != declared:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"size: {size} bytes arrived, {declared} declared")
+            digest = h.hexdigest()
+            if expect and digest != expect:
+                await context.abort(grpc.StatusCode.DATA_LOSS,
+                                    f"sha256: {digest} arrived, {expect} declared")
+            key = f"inputs/{digest[:16]}/{name}"
+            if not await asyncio.to_thread(self.store.exists, key, self.store.raw_bucket):
+                await self._guard(context, asyncio.to_thread(self.store.put_file, local, key, self.store.raw_bucket))
+        log.info("upload %s (%d bytes)", key, size)
+        return pb.UploadResponse(key=key, size=size, sha256=digest)
 
 
 async def serve(cfg: Config) -> None:
@@ -133,17 +229,27 @@ async def serve(cfg: Config) -> None:
     coord = Coordinator(cfg, store)
     await coord.start()
     server = grpc.aio.server()
-    pb_grpc.add_PipelineServiceServicer_to_server(PipelineService(coord, store), server)
+    tokens = TokenTable(cfg.tokens_file)
+    if not tokens._current():
+        log.warning("the token table %s is empty or missing: every PipelineService call will be refused "
+                    "(almapipe token add NAME --role ROLE)", cfg.tokens_file)
+    pb_grpc.add_PipelineServiceServicer_to_server(PipelineService(coord, store, tokens), server)
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    server.add_insecure_port(cfg.gateway_addr)
+    if cfg.tls_cert or cfg.tls_key:
+        if not (cfg.tls_cert and cfg.tls_key):
+            raise SystemExit("ALMAPIPE_TLS_CERT and ALMAPIPE_TLS_KEY go together: set both or neither")
+        with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
+            server.add_secure_port(cfg.gateway_addr, grpc.ssl_server_credentials([(k.read(), c.read())]))
+    else:
+        server.add_insecure_port(cfg.gateway_addr)
     await server.start()
     for name in ("", SERVICE_NAME):
         r = health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         if asyncio.iscoroutine(r):
             await r
-    log.info("gateway serving on %s", cfg.gateway_addr)
+    log.info("gateway serving on %s (%s)", cfg.gateway_addr, "TLS" if cfg.tls_cert else "plain text")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -59,12 +59,10 @@ def simulate(nant=8, ntime=20, nchan=16, ncorr=2, flux=None, gains=None, bandpas
 
 
 def _free_base() -> int:
-    from almapipe.config import PORTS
-    from almapipe.platform.stack import port_free
+    from almapipe.platform.stack import port_free, stack_ports
     for _ in range(50):
         base = random.randrange(20000, 40000, 100)
-        offs = list(PORTS.values()) + [PORTS[n] + 10000 for n in ("weed_master", "weed_volume", "weed_filer")]
-        if all(port_free(base + o) for o in offs):
+        if all(port_free(p) for p in stack_ports(base).values()):
             return base
     raise RuntimeError("no free port range")
 

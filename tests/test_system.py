@@ -24,6 +24,7 @@ from astropy.wcs import WCS
 
 from almapipe.cli import download_products, upload_input
 from almapipe.platform import bus
+from almapipe.platform.auth import channel
 from almapipe.platform.stack import Stack, StackError
 from almapipe.v1 import pipeline_pb2 as pb, pipeline_pb2_grpc as pb_grpc
 from conftest import NGC5921
@@ -36,7 +37,7 @@ CASA_CUBE_PEAK = 56e-3
 @pytest.fixture(scope="module")
 def stub(stack):
     _, cfg = stack
-    with grpc.insecure_channel(cfg.gateway_addr) as ch:
+    with channel(cfg) as ch:     # the operator token of the stack's credentials.json
         yield pb_grpc.PipelineServiceStub(ch)
 
 
@@ -256,7 +257,7 @@ def test_gateway_restart_resumes_the_run(stub, stack):
     while stub.GetRun(pb.GetRunRequest(run_id=run.run_id)).current_stage < 3 and time.time() < t_end:
         time.sleep(0.2)
     st.restart("gateway")     # SIGKILL, then a fresh gateway process
-    with grpc.insecure_channel(cfg.gateway_addr) as ch:
+    with channel(cfg) as ch:
         fresh = pb_grpc.PipelineServiceStub(ch)
         done = wait_run(fresh, run.run_id, 300)
     assert done.status == pb.RUN_STATUS_SUCCEEDED, done.error

@@ -15,6 +15,7 @@ import tempfile
 import numpy as np
 from astropy.io import fits
 
+from .. import limits
 from .ms import C_LIGHT, CORR_CODES, FREQ_FRAMES, MSError, fill_table, new_ms
 
 # AIPS Stokes codes in the STOKES axis of a UVFITS file.
@@ -39,9 +40,17 @@ def uvfits_to_ms(uvfits_path: str, ms_path: str) -> dict:
         raise MSError(f"{uvfits_path}: not a UVFITS file (no random-groups primary header)")
     tmp = None
     if uvfits_path.endswith(".gz"):
-        tmp = tempfile.NamedTemporaryFile(suffix=".uvfits", delete=False)
-        with gzip.open(uvfits_path, "rb") as src:
-            shutil.copyfileobj(src, tmp)
+        # next to the MS (the worker's workdir), not in /tmp, and bounded: a gzip bomb
+        # stops with limits.UnpackLimit naming the limit
+        tmp = tempfile.NamedTemporaryFile(suffix=".uvfits", delete=False,
+                                          dir=os.path.dirname(os.path.abspath(ms_path)))
+        try:
+            with gzip.open(uvfits_path, "rb") as src:
+                limits.copy_bounded(src, tmp, os.path.getsize(uvfits_path), os.path.basename(uvfits_path))
+        except limits.UnpackLimit:
+            tmp.close()
+            os.unlink(tmp.name)
+            raise
         tmp.close()
         uvfits_path = tmp.name
     try:

@@ -6,10 +6,15 @@
   client watching a run replays it from the start and a restarted gateway
   finds the results it had not yet handled.
 * KV bucket RUNS: one entry per run, the gateway's run state.
+* RUN_INDEX (almapipe.runindex): one message per run, its id, in the order runs
+  were created; its sequence numbers let ListRuns page newest-first reading
+  only a page (get by sequence), not every run record.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 import nats
 from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig, AckPolicy
@@ -20,6 +25,8 @@ from ..config import Config
 WORK_STREAM = "ALMAPIPE_WORK"
 EVENTS_STREAM = "ALMAPIPE_EVENTS"
 RUNS_KV = "ALMAPIPE_RUNS"
+RUN_INDEX_STREAM = "ALMAPIPE_RUN_INDEX"
+RUN_INDEX_SUBJECT = "almapipe.runindex"
 RUN_EVENT_STAGE = "_run"   # stage name used for run-level events
 log = logging.getLogger("almapipe.bus")
 
@@ -45,12 +52,14 @@ async def connect(cfg: Config, name: str):
 
     The first connection is tried a few times and then fails with BusError;
     once connected, the client reconnects for as long as it takes."""
+    # each service has its own NATS user (the local stack's nats.conf); no user, no connection
+    auth = {"user": cfg.nats_user, "password": cfg.nats_password} if cfg.nats_password else {}
     try:
         probe = await nats.connect(cfg.nats_url, connect_timeout=3, max_reconnect_attempts=3,
-                                   reconnect_time_wait=0.5, error_cb=_log_error)
+                                   reconnect_time_wait=0.5, error_cb=_log_error, **auth)
         await probe.close()
         nc = await nats.connect(cfg.nats_url, name=name, connect_timeout=3, max_reconnect_attempts=-1,
-                                reconnect_time_wait=1, allow_reconnect=True, error_cb=_log_error)
+                                reconnect_time_wait=1, allow_reconnect=True, error_cb=_log_error, **auth)
     except Exception as exc:
         raise BusError(f"NATS at {cfg.nats_url} unavailable: {exc or type(exc).__name__}") from exc
     js = nc.jetstream()
@@ -78,6 +87,10 @@ async def runs_kv(js):
         return await js.create_key_value(bucket=RUNS_KV, history=5)
 
 
+async def run_index(js) -> None:
+    await _ensure_stream(js, StreamConfig(name=RUN_INDEX_STREAM, subjects=[RUN_INDEX_SUBJECT]))
+
+
 async def work_consumer(js, service: str, cfg: Config):
     """The durable pull subscription of a service's workers."""
     return await js.pull_subscribe(
@@ -91,3 +104,48 @@ async def gateway_event_consumer(js):
         "events.run.>", durable="gateway", stream=EVENTS_STREAM,
         config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
                               ack_wait=30, max_deliver=20))
+
+
+def is_infrastructure_error(exc: BaseException) -> bool:
+    """True for an error of the servers, not of the stage: S3 refusing connections or
+    answering 5xx, NATS away or timing out. Those are retried without counting as a
+    failed attempt of the stage (an outage of minutes must not fail a run); a missing
+    object (NoSuchKey) or a stage's own exception is not one of them."""
+    import urllib3.exceptions as u3
+    from minio.error import S3Error, ServerError
+    from nats import errors as nerr
+    from nats.js.errors import ServiceUnavailableError
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ConnectionError, TimeoutError, asyncio.TimeoutError, u3.MaxRetryError,
+                            u3.NewConnectionError, u3.ProtocolError, u3.ReadTimeoutError, ServerError,
+                            nerr.TimeoutError, nerr.ConnectionClosedError, nerr.NoServersError,
+                            nerr.NoRespondersError, nerr.OutboundBufferLimitError, nerr.ConnectionReconnectingError,
+                            nerr.StaleConnectionError, nerr.FlushTimeoutError, ServiceUnavailableError)):
+            return True
+        if isinstance(exc, S3Error) and exc.code in ("InternalError", "ServiceUnavailable", "SlowDown",
+                                                     "RequestTimeout", "XMinioServerNotInitialized"):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+async def publish_retrying(js, subject: str, data: bytes, msg_id: str, what: str,
+                           give_up_s: float | None = None, stopping=lambda: False) -> None:
+    """Publish to a stream until JetStream acknowledges it, with back-off (0.5 s doubling
+    to 15 s): through a NATS restart the message is not lost. msg_id makes a publish
+    that landed but whose ack was lost harmless (JetStream drops the duplicate).
+    give_up_s: re-raise after that long (None: never)."""
+    t0, wait = time.monotonic(), 0.5
+    while True:
+        try:
+            await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
+            return
+        except Exception as exc:
+            if not is_infrastructure_error(exc) or stopping() or \
+                    (give_up_s is not None and time.monotonic() - t0 > give_up_s):
+                raise
+            log.warning("publishing %s failed (%s); retrying in %.1f s", what, type(exc).__name__, wait)
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 15.0)

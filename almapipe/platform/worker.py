@@ -10,6 +10,13 @@
 A StageError (bad input, missing intent) or ParameterError fails the stage at once; any other
 exception is retried until the delivery limit, then fails the stage with
 the reason.
+
+Outages of the servers are not failures of the stage (bus.is_infrastructure_error:
+S3 refusing connections or answering 5xx, NATS away): the stage is run again here
+with back-off for up to ALMAPIPE_INFRA_RETRY_S (default 600 s) without using up a
+delivery, and the worker keeps its claim on the request meanwhile. The event of a
+finished stage is published until NATS takes it (its result is already in S3), and
+nothing a server does makes the worker process exit.
 """
 from __future__ import annotations
 
@@ -34,6 +41,7 @@ from ..v1 import pipeline_pb2 as pb
 
 log = logging.getLogger("almapipe.worker")
 HEARTBEAT_S = 10.0
+INFRA_RETRY_S = float(os.environ.get("ALMAPIPE_INFRA_RETRY_S", "600"))
 
 
 def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, workroot: str) -> tuple:
@@ -94,12 +102,24 @@ class Worker:
     async def run(self) -> None:
         metrics.serve(self.cfg.metrics_port)
         self.store = ObjectStore(self.cfg)
-        self.store.ensure_buckets()
         self.fetcher = CachedFetcher(self.store, os.path.join(self.cfg.cache_dir, self.service))
         self.workroot = os.path.join(self.cfg.data_dir, "work", self.service)
         os.makedirs(self.workroot, exist_ok=True)
-        self.nc, self.js = await bus.connect(self.cfg, self.name)
-        sub = await bus.work_consumer(self.js, self.service, self.cfg)
+        # a worker that starts while S3 or NATS is away waits for them (a supervisor
+        # restarting it in a loop would do the same, noisier)
+        wait = 1.0
+        while not self.stopping:
+            try:
+                await asyncio.to_thread(self.store.ensure_buckets)
+                self.nc, self.js = await bus.connect(self.cfg, self.name)
+                sub = await bus.work_consumer(self.js, self.service, self.cfg)
+                break
+            except Exception as exc:
+                log.warning("%s: cannot start yet (%s); trying again in %.0f s", self.name, str(exc)[:300], wait)
+                await asyncio.sleep(wait)
+                wait = min(2 * wait, 15.0)
+        else:
+            return
         log.info("%s ready", self.name)
         while not self.stopping:
             try:
@@ -111,14 +131,48 @@ class Worker:
                 await asyncio.sleep(1)
                 continue
             for msg in msgs:
-                await self.handle(msg)
-        await self.nc.drain()
+                try:
+                    await self.handle(msg)
+                except Exception:   # never let one request end the process; it is redelivered
+                    log.exception("%s: handling %s failed", self.name, msg.subject)
+        try:
+            await self.nc.drain()
+        except Exception as exc:
+            log.warning("drain: %s", exc)
 
     async def publish(self, req: pb.StageRequest, status: int, **kw) -> None:
+        """Publish a StageEvent, retrying through a NATS outage until it is stored."""
         ev = pb.StageEvent(run_id=req.run_id, stage_index=req.stage_index, stage=req.stage, status=status,
                            attempt=req.attempt, time_unix=time.time(), worker=self.name, shard=req.shard, **kw)
         name = pb.StageStatus.Name(status).replace("STAGE_STATUS_", "").lower()
-        await self.js.publish(bus.event_subject(req.run_id, req.stage, name), ev.SerializeToString())
+        msg_id = f"{req.run_id}-{req.stage_index}-{req.stage}-{req.shard}-{req.attempt}-{name}"
+        await bus.publish_retrying(self.js, bus.event_subject(req.run_id, req.stage, name), ev.SerializeToString(),
+                                   msg_id, f"{name} event of {req.run_id}/{req.stage}")
+
+    async def _settle(self, msg, how: str, **kw) -> None:
+        """ack / nak / term; a lost one only means the request comes back (a rerun
+        rewrites the same keys, the gateway ignores the duplicate event)."""
+        try:
+            await getattr(msg, how)(**kw)
+        except Exception as exc:
+            log.warning("%s of %s failed (%s): it will be redelivered", how, msg.subject, exc)
+
+    async def _execute(self, req: pb.StageRequest):
+        """execute() in a thread; an infrastructure error is retried with back-off for up
+        to INFRA_RETRY_S (not counted against the delivery limit), then raised."""
+        t0, wait = time.monotonic(), 1.0
+        while True:
+            try:
+                return await asyncio.to_thread(execute, self.store, self.fetcher, req, self.workroot)
+            except Exception as exc:
+                if not bus.is_infrastructure_error(exc) or self.stopping or time.monotonic() - t0 > INFRA_RETRY_S:
+                    raise
+                metrics.INFRA_RETRIES.labels(self.service).inc()
+                log.warning("%s stage %s of run %s: infrastructure error (%s: %s); running it again in %.0f s, "
+                            "not counted as a failure", self.name, req.stage, req.run_id, type(exc).__name__,
+                            str(exc)[:200], wait)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 30.0)
 
     async def handle(self, msg) -> None:
         req = pb.StageRequest()
@@ -126,22 +180,20 @@ class Worker:
             req.ParseFromString(msg.data)
         except Exception:
             log.error("undecodable stage request on %s; terminated", msg.subject)
-            await msg.term()
+            await self._settle(msg, "term")
             return
         delivered = msg.metadata.num_delivered
         req.attempt = delivered
         if req.stage not in REGISTRY:
-            await self.publish(req, pb.STAGE_STATUS_FAILED, message=f"unknown stage {req.stage!r}")
-            await msg.term()
+            await self.publish(req, pb.STAGE_STATUS_FAILED, message=f"unknown stage {req.stage[:60]!r}")
+            await self._settle(msg, "term")
             return
         metrics.STAGES_STARTED.labels(self.service, req.stage).inc()
-        heartbeat = asyncio.create_task(self._heartbeat(msg))
+        heartbeat = asyncio.create_task(self._heartbeat(msg, req))
         t0 = time.time()
         try:
-            key, qa, outputs, duration, fanout = await asyncio.to_thread(execute, self.store, self.fetcher, req,
-                                                                         self.workroot)
+            key, qa, outputs, duration, fanout = await self._execute(req)
         except Exception as exc:
-            heartbeat.cancel()
             wrong_request = isinstance(exc, (StageError, ParameterError))   # retrying cannot help
             final = wrong_request or delivered >= self.cfg.max_deliver
             if isinstance(exc, ParameterError):
@@ -156,28 +208,44 @@ class Worker:
                 log.warning(traceback.format_exc())
             metrics.STAGE_FAILURES.labels(self.service, req.stage, str(final).lower()).inc()
             metrics.STAGE_DURATION.labels(self.service, req.stage, "failed").observe(time.time() - t0)
-            if final:
-                await self.publish(req, pb.STAGE_STATUS_FAILED, message=reason, duration_s=time.time() - t0)
-                await msg.term()
-            else:
-                await self.publish(req, pb.STAGE_STATUS_RETRYING, message=reason)
-                await msg.nak(delay=min(2.0 * delivered, 10.0))
+            try:    # the heartbeat goes on while the event waits for NATS
+                if final:
+                    await self.publish(req, pb.STAGE_STATUS_FAILED, message=reason, duration_s=time.time() - t0)
+                    await self._settle(msg, "term")
+                else:
+                    await self.publish(req, pb.STAGE_STATUS_RETRYING, message=reason)
+                    await self._settle(msg, "nak", delay=min(2.0 * delivered, 10.0))
+            finally:
+                heartbeat.cancel()
             return
-        heartbeat.cancel()
         metrics.STAGE_DURATION.labels(self.service, req.stage, "succeeded").observe(duration)
-        await self.publish(req, pb.STAGE_STATUS_SUCCEEDED, context_key=key, qa_score=qa.score,
-                           qa_reasons=qa.reasons, duration_s=duration, fanout_json=json.dumps(fanout) if fanout else "",
-                           outputs=[pb.Output(name=o["name"], key=o["key"], sha256=o["sha256"], size=o["size"])
-                                    for o in outputs])
-        await msg.ack()
+        try:
+            await self.publish(req, pb.STAGE_STATUS_SUCCEEDED, context_key=key, qa_score=qa.score,
+                               qa_reasons=qa.reasons, duration_s=duration,
+                               fanout_json=json.dumps(fanout) if fanout else "",
+                               outputs=[pb.Output(name=o["name"], key=o["key"], sha256=o["sha256"], size=o["size"])
+                                        for o in outputs])
+            await self._settle(msg, "ack")
+        finally:
+            heartbeat.cancel()
 
-    async def _heartbeat(self, msg) -> None:
+    async def _heartbeat(self, msg, req: pb.StageRequest) -> None:
+        """Every HEARTBEAT_S (and at once): tell JetStream the request is still being worked
+        on, and the gateway who works on it (core NATS, heartbeat.<service>), so a worker
+        that dies mid-stage is noticed by the gateway. Through a NATS outage keep trying: a
+        heartbeat that stopped would let the request go to another worker."""
+        beat = json.dumps({"run_id": req.run_id, "stage_index": req.stage_index, "stage": req.stage,
+                           "shard": req.shard, "part_of": req.part_of, "worker": self.name}).encode()
         while True:
+            try:
+                await self.nc.publish(f"heartbeat.{self.service}", beat)
+            except Exception as exc:
+                log.debug("heartbeat: %s", exc)
             await asyncio.sleep(HEARTBEAT_S)
             try:
                 await msg.in_progress()
-            except Exception:
-                return
+            except Exception as exc:
+                log.debug("heartbeat: %s", exc)
 
 
 def main(service: str) -> None:

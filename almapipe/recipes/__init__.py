@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 
 from ..errors import ParameterError
 from ..stages import REGISTRY
@@ -61,6 +62,9 @@ def available() -> list:
 
 def load(name: str | None) -> dict:
     name = name or DEFAULT
+    # a name, never a path: only the recipe files here
+    if not re.fullmatch(r"[a-z0-9_]+", name) or name not in available():
+        raise RecipeError(f"unknown recipe {name[:64]!r}; available: {', '.join(available())}")
     path = os.path.join(DIR, f"{name}.json")
     if not os.path.exists(path):
         raise RecipeError(f"unknown recipe {name!r}; available: {', '.join(available())}")

@@ -1,7 +1,6 @@
 """importdata (importer service): ingest, partition by spw, summarise, assign roles."""
 from __future__ import annotations
 
-import gzip
 import os
 import shutil
 import tarfile
@@ -9,6 +8,7 @@ import tarfile
 import casacore.tables as ct
 
 from .base import QA, StageError, StageIO, stage
+from .. import limits
 from ..msio import listobs, ms as msio, uvfits
 
 
@@ -18,19 +18,27 @@ SIDECARS = {"antennapos.csv": "antennapos", "flagtemplate.txt": "flag_template",
             "flux.csv": "flux_csv"}
 
 
-def _unpack_input(path: str, workdir: str) -> tuple[str, str]:
-    """Return (ms_path, input_format) for an MS tar or a UVFITS file."""
+def _unpack_input(path: str, workdir: str, packed_size: int = 0) -> tuple[str, str]:
+    """Return (ms_path, input_format) for an MS tar or a UVFITS file. Unpacking stops at
+    the limits of almapipe/limits.py (decompression bombs), with an error naming them."""
     name = os.path.basename(path)
     if uvfits.is_uvfits(path):
         ms_path = os.path.join(workdir, "input.ms")
         try:
             uvfits.uvfits_to_ms(path, ms_path)
+        except limits.UnpackLimit as exc:
+            raise StageError(f"importdata: {name}: {exc}") from None
         except msio.MSError as exc:
             raise StageError(f"importdata: {name}: {exc}") from exc
         return ms_path, "UVFITS"
     if tarfile.is_tarfile(path):
         dest = os.path.join(workdir, "untar")
+        os.makedirs(dest, exist_ok=True)    # an empty tar extracts nothing: say so below
         with tarfile.open(path) as tar:
+            try:   # the members' sizes, before anything lands on disk
+                limits.check_tar(tar, packed_size or os.path.getsize(path), f"importdata: {name}")
+            except limits.UnpackLimit as exc:
+                raise StageError(str(exc)) from None
             tar.extractall(dest, filter="data")
         tops = [d for d in os.listdir(dest) if os.path.isdir(os.path.join(dest, d))]
         if len(tops) != 1:
@@ -46,10 +54,14 @@ def _unpack_input(path: str, workdir: str) -> tuple[str, str]:
         head = f.read(64)
     if head[:2] == b"\x1f\x8b":   # a gzip of something that is not UVFITS: maybe a .tar.gz
         raw = path + ".raw"
-        with gzip.open(path) as src, open(raw, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        try:
+            limits.gunzip_bounded(path, raw, f"importdata: {name}")
+        except limits.UnpackLimit as exc:
+            os.unlink(raw)
+            raise StageError(str(exc)) from None
         if tarfile.is_tarfile(raw):
-            return _unpack_input(raw, workdir)
+            # the tar's ratio counts from the gzip that arrived, not from the gunzipped tar
+            return _unpack_input(raw, workdir, packed_size=os.path.getsize(path))
     raise StageError(f"importdata: {name} is neither a MeasurementSet (as a tar of its directory) "
                      f"nor a UVFITS file (first bytes {head[:16]!r})")
 

@@ -71,6 +71,11 @@ class PipelineServiceStub:
                 request_serializer=almapipe_dot_v1_dot_pipeline__pb2.FetchProductRequest.SerializeToString,
                 response_deserializer=almapipe_dot_v1_dot_pipeline__pb2.ProductChunk.FromString,
                 _registered_method=True)
+        self.Upload = channel.stream_unary(
+                '/almapipe.v1.PipelineService/Upload',
+                request_serializer=almapipe_dot_v1_dot_pipeline__pb2.UploadChunk.SerializeToString,
+                response_deserializer=almapipe_dot_v1_dot_pipeline__pb2.UploadResponse.FromString,
+                _registered_method=True)
 
 
 class PipelineServiceServicer:
@@ -124,6 +129,14 @@ class PipelineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Upload(self, request_iterator, context):
+        """An input, streamed in chunks, into the raw bucket (for clients without S3
+        credentials); the answer's key is a SubmitRun input_key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PipelineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +174,11 @@ def add_PipelineServiceServicer_to_server(servicer, server):
                     servicer.FetchProduct,
                     request_deserializer=almapipe_dot_v1_dot_pipeline__pb2.FetchProductRequest.FromString,
                     response_serializer=almapipe_dot_v1_dot_pipeline__pb2.ProductChunk.SerializeToString,
+            ),
+            'Upload': grpc.stream_unary_rpc_method_handler(
+                    servicer.Upload,
+                    request_deserializer=almapipe_dot_v1_dot_pipeline__pb2.UploadChunk.FromString,
+                    response_serializer=almapipe_dot_v1_dot_pipeline__pb2.UploadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +372,33 @@ class PipelineService:
             '/almapipe.v1.PipelineService/FetchProduct',
             almapipe_dot_v1_dot_pipeline__pb2.FetchProductRequest.SerializeToString,
             almapipe_dot_v1_dot_pipeline__pb2.ProductChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Upload(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/almapipe.v1.PipelineService/Upload',
+            almapipe_dot_v1_dot_pipeline__pb2.UploadChunk.SerializeToString,
+            almapipe_dot_v1_dot_pipeline__pb2.UploadResponse.FromString,
             options,
             channel_credentials,
             insecure,
