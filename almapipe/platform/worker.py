@@ -172,7 +172,7 @@ class Worker:
                             "not counted as a failure", self.name, req.stage, req.run_id, type(exc).__name__,
                             str(exc)[:200], wait)
                 await asyncio.sleep(wait)
-                wait = min(wait * 2, 30.0)
+                wait = min(wait * 2, 15.0)   # an outage over, the stage resumes within 15 s
 
     async def handle(self, msg) -> None:
         req = pb.StageRequest()
