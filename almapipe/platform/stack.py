@@ -155,7 +155,10 @@ class Stack:
                                    f"-s3.config={ident}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                                    f"-master.port={port('weed_master')}", f"-volume.port={port('weed_volume')}",
                                    f"-filer.port={port('weed_filer')}", "-volume.max=0",
-                                   "-master.volumeSizeLimitMB=256"], env)
+                                   "-master.volumeSizeLimitMB=256",
+                                   # seaweedfs 4.x also serves Iceberg and Lance catalogs on fixed
+                                   # ports (8181, 9101), which a second stack on the host cannot bind
+                                   "-s3.port.iceberg=0", "-s3.port.lance=0"], env)
         store = ObjectStore(cfg)
 
         def ready():
