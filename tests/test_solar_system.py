@@ -13,6 +13,7 @@ from almapipe.calibration.terms import SolveSpec, point_model, solve_term
 from almapipe.stages.alma import line_channels
 from almapipe.stages.calibration import flux_function
 from conftest import simulate
+from test_system import stub  # noqa: F401  (the gRPC stub fixture, for the run through the stack)
 
 H, K, C = 6.62607015e-34, 1.380649e-23, 299792458.0
 
@@ -127,7 +128,7 @@ def test_ephemeris_table_of_the_simulated_eb(tmp_path):
 
 @pytest.fixture(scope="module")
 def sso_run(stack, stub, tmp_path_factory):  # noqa: F811
-    from test_alma import run_simulated_eb
+    from test_alma import run_simulated_eb   # the same run as test_alma's, on the 'sso' preset
     return run_simulated_eb(stack, stub, tmp_path_factory.mktemp("sso"), "sso")
 
 
@@ -144,4 +145,6 @@ def test_sso_flux_calibrator_phase_calibrator_flux_within_2pct(sso_run):
     for f in phase:
         nu = float(np.mean(sim.freqs[f["spw"]]))
         true = c.phase_flux_jy * (nu / c.band_centre_hz) ** c.phase_spix
+        print(f"J1832-2039 spw {f['spw']}: {f['flux_jy']:.4f} +- {f['flux_err_jy']:.4f} Jy, truth {true:.4f} Jy, "
+              f"ratio {f['flux_jy'] / true:.4f}")
         assert abs(f["flux_jy"] / true - 1) < 0.02, (f, true)
