@@ -123,6 +123,9 @@ class SimConfig:
             # Ganymede as the flux calibrator: a 1.3 arcsec disk at 5.5 AU, its visibility
             # 0.4-0.5 of its flux on the longest baselines at 230 GHz (partially resolved)
             "sso": {"sso_body": "Ganymede"},
+            # Uranus: a 3.4 arcsec disk, resolved out (visibility < 10 % of its flux) beyond
+            # ~80 m at 230 GHz, about half the small array's baselines
+            "sso-uranus": {"sso_body": "Uranus"},
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; presets: {', '.join(presets)}")
