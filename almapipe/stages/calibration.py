@@ -340,6 +340,17 @@ def _note_resolved(qa: QA, ctx: dict, name: str, m: dict, fn, spw_freqs: dict) -
         if shortest > b_max:
             qa.lower(0.3, f"{name} spw {spw}: resolved out on every baseline (shortest {shortest:.0f} m, disk "
                           f"visibility below {m['min_vis_fraction']:.0%} beyond {b_max:.0f} m): no flux scale.")
+    # antennas with too few baselines inside the cut get no gains on the body, so no
+    # flux scale of their own (baseline lengths, not projections: an upper bound)
+    b_max = q_max * 299792458.0 / max(spw_freqs.values())
+    ants = [a for a in ctx["observation"].get("antennas", []) if a.get("has_data")]
+    if ants and longest > b_max:
+        pos = np.array([a["position"] for a in ants])
+        short = (np.linalg.norm(pos[:, None] - pos[None], axis=2) <= b_max).sum(axis=1) - 1
+        few = [a["name"] for a, n in zip(ants, short) if n < 4]
+        if few:
+            qa.note(f"{name}: antenna(s) {', '.join(few)} have fewer than 4 baselines shorter than {b_max:.0f} m: "
+                    f"they may get no gain solutions on {name} (fluxscale then rests on the others).")
 
 
 # ------------------------------------------------------------------ bandpass
