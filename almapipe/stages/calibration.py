@@ -317,6 +317,7 @@ def setjy(ctx: dict, params: dict, io: StageIO) -> QA:
             if m["kind"] == "ssbody":
                 row.update(tb_k=float(solar_system.brightness_temperature(m["body"], f)),
                            diameter_arcsec=m["diameter_arcsec"], uv_max_lambda=fn.uv_max_lambda)
+                m.setdefault("tb_k", {})[str(spw)] = row["tb_k"]
             ctx["setjy"].append(row)
             io.log("setjy %s spw %d: %.4f Jy at %.6f GHz (%s)", fname, spw, flux, f / 1e9, m["origin"])
             qa.note(f"{fname} spw {spw}: {flux:.3f} Jy ({m['origin']}).")
