@@ -197,14 +197,24 @@ def _normalise_bandpass(g: np.ndarray, bad: np.ndarray) -> np.ndarray:
 
 
 def point_model(vis: Vis, flux_of_field: dict) -> np.ndarray:
-    """Model visibilities (nrow, nchan) of point sources at the phase centres.
+    """Model visibilities (nrow, nchan) of the calibrators at the phase centres.
 
-    flux_of_field maps field id -> callable(freq_hz) -> flux density in Jy.
+    flux_of_field maps field id -> callable(freq_hz) -> flux density in Jy: a
+    point source, the same on every baseline. A resolved source (a solar system
+    body, calibration.solar_system.DiskModel) also has visibility(freq_hz,
+    q_lambda) -> (nrow, nchan) Jy, q the uv distance in wavelengths; it is zero
+    where the source is resolved out, which leaves those baselines out of a solve.
     Fields without a model get zero (their rows are not used in a solve).
     """
     model = np.zeros((len(vis.time), len(vis.freq)), np.float64)
     for fid, fn in flux_of_field.items():
         rows = vis.field_id == fid
-        if rows.any():
+        if not rows.any():
+            continue
+        if hasattr(fn, "visibility"):
+            uvdist_m = np.hypot(vis.uvw[rows, 0], vis.uvw[rows, 1])
+            q = uvdist_m[:, None] * np.asarray(vis.freq, float)[None, :] / 299792458.0
+            model[rows] = fn.visibility(vis.freq, q)
+        else:
             model[rows] = np.asarray(fn(vis.freq), float)[None, :]
     return model

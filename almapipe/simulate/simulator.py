@@ -115,6 +115,11 @@ class SimConfig:
     mosaic_pointings: int = 1
     mosaic_spacing_fwhm: float = 0.511
     mosaic_source: tuple = (0.1, 14.0, 9.0)
+    # a solar system body as the flux calibrator (preset 'sso'): its own field and scan
+    # (after the bandpass scan; J1924-2914 is then the bandpass calibrator only), a
+    # disk of the Butler-model brightness at its distance, with an ephemeris table
+    sso_body: str | None = None
+    sso_scan_s: float = 120.0
 
     @staticmethod
     def preset(name: str, **overrides) -> "SimConfig":
@@ -127,6 +132,12 @@ class SimConfig:
             # a narrow (FDM-like) spw beside two wide ones: too little SNR per integration
             # for its own phases on the phase calibrator, so spwphaseup maps it to a wide one
             "mixed": {"nspw": 3, "spw_widths_hz": (1.875e9, 1.875e9, 0.1171875e9)},
+            # Ganymede as the flux calibrator: a 1.3 arcsec disk at 5.5 AU, its visibility
+            # 0.4-0.5 of its flux on the longest baselines at 230 GHz (partially resolved)
+            "sso": {"sso_body": "Ganymede"},
+            # Uranus: a 3.4 arcsec disk, resolved out (visibility < 10 % of its flux) beyond
+            # ~80 m at 230 GHz, about half the small array's baselines
+            "sso-uranus": {"sso_body": "Uranus"},
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; presets: {', '.join(presets)}")
@@ -146,6 +157,15 @@ OBS_MODES = {
     "CHECK": "OBSERVE_CHECK_SOURCE#ON_SOURCE,CALIBRATE_WVR#ON_SOURCE",
     "TARGET": "OBSERVE_TARGET#ON_SOURCE",
 }
+# a solar system flux calibrator: where the simulator puts it on the sky (its true
+# position need not be up during the simulated EB; it stands still there, and its
+# ephemeris table says so) and the planet whose distance it takes (a moon's distance
+# differs from its planet's by < 0.2 %, which the ephemeris table makes the truth)
+SSO_POSITION_DEG = (284.5, -23.5)
+SSO_DISTANCE_OF = {"io": "jupiter", "europa": "jupiter", "ganymede": "jupiter", "callisto": "jupiter",
+                   "titan": "saturn", "mars": "mars", "uranus": "uranus", "neptune": "neptune"}
+SSO_MODES = {"BANDPASS": "CALIBRATE_BANDPASS#ON_SOURCE,CALIBRATE_WVR#ON_SOURCE",
+             "FLUX": "CALIBRATE_FLUX#ON_SOURCE,CALIBRATE_WVR#ON_SOURCE"}
 
 
 def choose_pads(nant: int, azimuth_rad: float = 0.0) -> list:
@@ -304,14 +324,15 @@ class Simulator:
         pointing(s); a mosaic's pointings share the target's name, as ALMA's do."""
         c = self.cfg
         name, ra, dec, role = FIELDS[3]
+        sso = [(c.sso_body, *SSO_POSITION_DEG, "FLUX")] if c.sso_body else []
         if c.mosaic_pointings <= 1:
-            return list(FIELDS)
+            return list(FIELDS) + sso
         fwhm = pb_fwhm(c.band_centre_hz, 12.0, "ALMA")
         out = list(FIELDS[:3])
         for l, m in hexagonal_offsets(c.mosaic_pointings, c.mosaic_spacing_fwhm * fwhm):
             ra_p, dec_p = direction_of(l, m, np.radians(ra), np.radians(dec))
             out.append((name, float(np.degrees(ra_p)), float(np.degrees(dec_p)), role))
-        return out
+        return out + sso
 
     def target_sources(self, freq: np.ndarray) -> list:
         """[(flux (nchan,), ra, dec)] of the target: a continuum source at its centre,
@@ -373,6 +394,9 @@ class Simulator:
             return [(c.phase_flux_jy * (freq / nu0) ** c.phase_spix, 0.0, 0.0)]
         if role == "CHECK":
             return [(np.full(len(freq), c.check_flux_jy), 0.0, 0.0)]
+        if role == "FLUX":       # a solar system body: (flux, l, m, disk diameter in arcsec)
+            disk = self.sso_disk()
+            return [(disk(freq), 0.0, 0.0, disk.diameter_arcsec)]
         # the target's sources as this pointing sees them: offset from its direction
         # and attenuated by its primary beam
         ra_p, dec_p = np.radians(self.fields[field][1]), np.radians(self.fields[field][2])
@@ -383,10 +407,65 @@ class Simulator:
             out.append((flux * pb_response(l * l + m * m, fwhm), l, m))
         return out
 
+    def sso_ephemeris(self, mjd: np.ndarray) -> dict:
+        """The body's ephemeris at times mjd (d): where it stands (SSO_POSITION_DEG) and
+        its geocentric distance (AU), that of its planet from astropy."""
+        from astropy.coordinates import get_body
+        body = self.cfg.sso_body.lower()
+        if body not in SSO_DISTANCE_OF:
+            raise ValueError(f"simulator: no distance for solar system body {self.cfg.sso_body!r}; "
+                             f"bodies: {', '.join(SSO_DISTANCE_OF)}")
+        rho = get_body(SSO_DISTANCE_OF[body], Time(mjd, format="mjd", scale="utc")).distance.to_value(u.AU)
+        return {"mjd": np.asarray(mjd, float), "ra_deg": np.full(len(mjd), SSO_POSITION_DEG[0]),
+                "dec_deg": np.full(len(mjd), SSO_POSITION_DEG[1]), "rho_au": np.atleast_1d(rho)}
+
+    def sso_disk(self):
+        """The body's disk (solar_system.DiskModel) at the simulated EB's start."""
+        from ..calibration import solar_system as ss
+        body = ss.body_name(self.cfg.sso_body)
+        rho = float(self.sso_ephemeris(np.array([self.t0 / 86400]))["rho_au"][0])
+        radius = ss.mean_radius_km(ss.BODIES[body]["radii_km"])
+        return ss.DiskModel(body, ss.angular_diameter_arcsec(radius, rho), ss.BODIES[body]["ld_n"])
+
+    def _write_ephemeris(self, ms: str, t_start: float, t_end: float) -> None:
+        """The body's ephemeris table in CASA's format, attached to its FIELD row
+        (FIELD column EPHEMERIS_ID, table FIELD/EPHEM<id>_<name>_<MJD0>.tab): rows every
+        10 minutes from an hour before to an hour after the EB."""
+        from ..calibration import solar_system as ss
+        fid = len(self.fields) - 1
+        body = ss.body_name(self.cfg.sso_body)
+        mjd = np.arange(t_start / 86400 - 1 / 24, t_end / 86400 + 1 / 24, 1 / 144)
+        eph = self.sso_ephemeris(mjd)
+        with ct.table(f"{ms}/FIELD", readonly=False, ack=False) as t:
+            if "EPHEMERIS_ID" not in t.colnames():
+                t.addcols(ct.makescacoldesc("EPHEMERIS_ID", -1, comment="Ephemeris id, pointer to EPHEM table(s)"))
+            ids = np.full(t.nrows(), -1)
+            ids[fid] = 0
+            t.putcol("EPHEMERIS_ID", ids)
+        cols = [ct.makescacoldesc(n, 0.0) for n in ("MJD", "RA", "DEC", "Rho", "RadVel", "DiskLong", "DiskLat")]
+        path = f"{ms}/FIELD/EPHEM0_{self.cfg.sso_body}_{mjd[0]:.1f}.tab"
+        with ct.table(path, ct.maketabdesc(cols), nrow=len(mjd), ack=False) as t:
+            for col, key in (("MJD", "mjd"), ("RA", "ra_deg"), ("DEC", "dec_deg"), ("Rho", "rho_au")):
+                t.putcol(col, eph[key])
+            rate = np.gradient(eph["rho_au"], mjd)
+            t.putcol("RadVel", rate)
+            t.putcol("DiskLong", np.zeros(len(mjd)))
+            t.putcol("DiskLat", np.zeros(len(mjd)))
+            t.putkeywords({"NAME": self.cfg.sso_body, "MJD0": float(mjd[0]), "dMJD": 1 / 144,
+                           "GeoDist": 0.0, "GeoLat": 0.0, "GeoLong": 0.0, "obsloc": "GEOCENTRIC",
+                           "radii": {"value": np.array(ss.BODIES[body]["radii_km"]), "unit": "km"},
+                           "meanrad": {"value": ss.mean_radius_km(ss.BODIES[body]["radii_km"]), "unit": "km"}})
+            for col, unit in (("MJD", "d"), ("RA", "deg"), ("DEC", "deg"), ("Rho", "AU"), ("RadVel", "AU/d"),
+                              ("DiskLong", "deg"), ("DiskLat", "deg")):
+                t.putcolkeyword(col, "UNIT", unit)
+
     # ------------------------------------------------------------ scan plan
     def scan_plan(self) -> list:
         c = self.cfg
         plan = [("ATMOSPHERE", 0, c.atm_scan_s), ("BANDPASS", 0, c.bandpass_scan_s), ("ATMOSPHERE", 1, c.atm_scan_s)]
+        if c.sso_body:          # Tsys on the body, then the body (the flux calibrator)
+            sso = len(self.fields) - 1
+            plan[2:2] = [("ATMOSPHERE", sso, c.atm_scan_s), ("FLUX", sso, c.sso_scan_s)]
         npt = max(c.mosaic_pointings, 1)
         for k in range(c.target_scans):
             if k == 0:
@@ -415,8 +494,9 @@ class Simulator:
         # spws of different shapes share the main table (WVR: 4 channels x 1 correlation,
         # channel averages: 1 x 2, Tsys: tsys_nchan x 2): DATA has no fixed shape
         new_ms(ms, None, None)
-        states = list(OBS_MODES)
-        fill_table(f"{ms}/STATE", {"OBS_MODE": [OBS_MODES[s] for s in states], "SIG": [True] * len(states),
+        modes = {**OBS_MODES, **SSO_MODES} if c.sso_body else OBS_MODES
+        states = list(modes)
+        fill_table(f"{ms}/STATE", {"OBS_MODE": [modes[s] for s in states], "SIG": [True] * len(states),
                                    "REF": [False] * len(states), "CAL": [0.0] * len(states),
                                    "LOAD": [0.0] * len(states), "SUB_SCAN": [1] * len(states),
                                    "FLAG_ROW": [False] * len(states)})
@@ -430,6 +510,8 @@ class Simulator:
         fill_table(f"{ms}/FIELD", {"NAME": [f[0] for f in self.fields], "CODE": ["none"] * nf, "TIME": np.full(nf, t0),
                                    "NUM_POLY": np.zeros(nf, int), "PHASE_DIR": dirs, "DELAY_DIR": dirs,
                                    "REFERENCE_DIR": dirs, "SOURCE_ID": np.arange(nf), "FLAG_ROW": np.zeros(nf, bool)})
+        if c.sso_body:
+            self._write_ephemeris(ms, t0, t0 + total_s)
         self._write_spectral_setup(ms)
         fill_table(f"{ms}/FEED", {
             "ANTENNA_ID": np.arange(n), "FEED_ID": np.zeros(n, int), "SPECTRAL_WINDOW_ID": np.full(n, -1),
@@ -512,10 +594,10 @@ class Simulator:
                     freq = self.freqs[s]
                     lam_inv = freq / C
                     vsky = np.zeros((len(uvw), c.nchan), complex)
-                    for flux, l, m in self.sky(fid, freq):
+                    for flux, l, m, *disk in self.sky(fid, freq):
                         nn = np.sqrt(1 - l * l - m * m) - 1
                         ph = 2j * np.pi * (uvw[:, 0:1] * l + uvw[:, 1:2] * m + uvw[:, 2:3] * nn) * lam_inv[None]
-                        vsky += flux[None, :] * np.exp(ph)
+                        vsky += flux[None, :] * np.exp(ph) * (self._disk_factor(uvw, lam_inv, disk[0]) if disk else 1)
                     # antenna-based corruptions: atmosphere + position errors (+ electronics, bandpass)
                     phi = 2 * np.pi * (((path + untracked) / 1e3)[:, :, None] + pos_delay[:, :, None]) * \
                         lam_inv[None, None, :]
@@ -638,6 +720,12 @@ class Simulator:
         gast = Time(np.array([time]) / 86400, format="mjd", scale="utc").sidereal_time("apparent", "greenwich").rad
         return self.tsys(self.science_index(spw), t_frac, elevation(gast, ra, dec))[0]
 
+    def _disk_factor(self, uvw: np.ndarray, lam_inv: np.ndarray, diameter_arcsec: float) -> np.ndarray:
+        """(nrow, nchan) visibility of a disk of unit flux (the solar system body)."""
+        from ..calibration.solar_system import disk_visibility, body_name, BODIES
+        q = np.hypot(uvw[:, 0], uvw[:, 1])[:, None] * lam_inv[None, :]
+        return disk_visibility(q, diameter_arcsec, BODIES[body_name(self.cfg.sso_body)]["ld_n"])
+
     def _put(self, main, cols: dict, fid: int, scan: int, spw: int, state: int, chan_width_hz: float = 1e6) -> None:
         """Append rows of spw (= data description) `spw` to the main table; cols has TIME,
         ANTENNA1/2, UVW, DATA (nrow, nchan, ncorr)."""
@@ -706,6 +794,15 @@ class Simulator:
             tb[:, self.dead] = self.wvr_rng.normal(size=tb[:, self.dead].shape) * 5 + 200
         return tb
 
+    def _sso_truth(self) -> dict:
+        """The solar system flux calibrator as injected: body, disk, flux per spw."""
+        disk = self.sso_disk()
+        rho = float(self.sso_ephemeris(np.array([self.t0 / 86400]))["rho_au"][0])
+        return {"body": self.cfg.sso_body, "field_id": len(self.fields) - 1, "diameter_arcsec": disk.diameter_arcsec,
+                "distance_au": rho, "ld_n": disk.ld_n,
+                "flux_jy_per_spw": {str(self.science_spw_ids[s]): float(disk(np.array([fc]))[0])
+                                    for s, fc in enumerate(self.spw_centres)}}
+
     def _truth(self, out_dir: str, names: list, rows: dict, wvr: dict) -> str:
         c = self.cfg
         np.savez_compressed(os.path.join(out_dir, "truth.npz"), bandpass=self.bandpass,
@@ -747,6 +844,7 @@ class Simulator:
             "line": {"field": "Target", "spw": self.science_spw_ids[0], "centre_hz": float(self.spw_centres[0]),
                      "sigma_hz": 0.06 * float(self.spw_widths[0]), "peak_jy": c.target_line_jy},
             "shadowed_rows_per_spw": rows["shadowed_rows"], "rows": rows["rows"],
+            "flux_calibrator": self._sso_truth() if c.sso_body else None,
             "start_elevation_deg": self.start_elevation_deg,
             "conventions": "V_12 = g_1 conj(g_2) V_sky; uvw = x1 - x2 projected; raw = Jy / (JyperK sqrt(Tsys1 Tsys2))",
         }

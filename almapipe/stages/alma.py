@@ -30,6 +30,7 @@ from astropy.time import Time  # noqa: E402
 from .base import QA, StageError, StageIO, field_ids_with, field_name, require_intent, spw_info, stage  # noqa: E402
 from .calibration import calibrator_ids, field_models, preapply, read_part, refant_id, register, save_table  # noqa: E402
 from ..calibration.caltable import CalSolutions  # noqa: E402
+from ..calibration import solar_system  # noqa: E402
 from ..calibration.terms import SolveSpec, point_model, solve_term  # noqa: E402
 from ..msio import ms as msio  # noqa: E402
 
@@ -423,7 +424,10 @@ def _plot_wvr(io, times, path_m, ants):
 # Rest frequencies (GHz) of the molecular lines that show in the spectra of solar
 # system flux calibrators, and the half-width (GHz) flagged around each for each
 # body (pressure-broadened: Neptune's CO absorption is GHz wide, Titan's lines are
-# narrower). A recipe can replace the table with fluxcalflag.lines.
+# narrower). A recipe can replace the table with fluxcalflag.lines. The other bodies
+# setjy models (calibration.solar_system.BODIES: the Galilean moons, the asteroids)
+# have no entry: they have no atmosphere with lines to flag (Io's thin SO2
+# atmosphere aside, whose weak lines are not in this table).
 LINE_FREQS_GHZ = {
     "CO": [115.271, 230.538, 345.796, 461.041, 576.268, 691.473, 806.652, 921.800],
     "HCN": [88.632, 177.261, 265.886, 354.505, 443.116, 531.716, 620.304, 708.877, 797.433, 885.971],
@@ -443,7 +447,9 @@ def line_channels(body: str, freq_hz: np.ndarray, table: dict | None = None) -> 
     body (case-insensitive name); none for any other source."""
     table = SOLAR_SYSTEM_LINES if table is None else table
     out = np.zeros(len(freq_hz), bool)
-    for molecule, half_width in table.get(body.strip().lower(), []):
+    # the body setjy models (its name as solar_system.body_name reads it: 'Titan_1' is Titan)
+    key = solar_system.body_name(body) or body.strip().lower()
+    for molecule, half_width in table.get(key, []):
         for f0 in LINE_FREQS_GHZ[molecule]:
             out |= np.abs(freq_hz / 1e9 - f0) <= half_width
     return out

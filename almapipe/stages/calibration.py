@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 
 from .base import QA, StageError, StageIO, field_ids_with, field_name, require_intent, spw_info, stage  # noqa: E402
 from .flagging import spike_channels  # noqa: E402
-from ..calibration import fluxcsv, fluxmodels  # noqa: E402
+from ..calibration import fluxcsv, fluxmodels, solar_system  # noqa: E402
 from ..calibration.applycal import GainApply, apply_tables  # noqa: E402
 from ..calibration.caltable import CalSolutions, read_caltable, write_caltable  # noqa: E402
 from ..calibration.terms import SolveSpec, integration_snr, point_model, solint_seconds, solve_term  # noqa: E402
@@ -35,7 +35,11 @@ def calibrator_ids(ctx: dict) -> list:
 
 
 def flux_function(model: dict):
-    """A setjy model entry -> callable(freq_hz) -> Jy."""
+    """A setjy model entry -> callable(freq_hz) -> Jy; for a solar system body a
+    DiskModel, which also gives its visibilities per uv distance."""
+    if model["kind"] == "ssbody":
+        return solar_system.DiskModel(model["body"], model["diameter_arcsec"], model.get("ld_n", 0.0),
+                                      model.get("min_vis_fraction", solar_system.MIN_VIS_FRACTION))
     if model["kind"] == "pb2017":
         return lambda f, s=model["standard_name"]: fluxmodels.perley_butler_2017(s, f)
     if model.get("spw_fluxes"):
@@ -231,16 +235,59 @@ def catalogue_fluxes(ctx: dict) -> dict:
         raise StageError(f"setjy: {exc}") from None
 
 
+def _flux_scan_mjd(ctx: dict, fid: int) -> float:
+    """The middle of the field's scans (MJD), where a moving body's geometry is taken."""
+    from astropy.time import Time
+    scans = [s for s in ctx["observation"].get("scans", []) if s["field_id"] == fid] or \
+        ctx["observation"].get("scans", [])
+    if not scans:
+        raise StageError("setjy: no scans in the observation summary to time the solar system body's geometry")
+    t0 = Time(min(s["start"] for s in scans), format="isot", scale="utc").mjd
+    t1 = Time(max(s["end"] for s in scans), format="isot", scale="utc").mjd
+    return (t0 + t1) / 2
+
+
+def solar_system_model(ctx: dict, io: StageIO, fid: int, body: str, params: dict) -> dict:
+    """setjy's model entry of a solar system body (Butler-JPL-Horizons 2012, see
+    calibration.solar_system): its geometry at the middle of its scans from the
+    ephemeris table attached to its FIELD row, else (planets) from astropy."""
+    mjd = _flux_scan_mjd(ctx, fid)
+    ms = io.fetch_dir(ctx["partitions"][0]["key"])
+    try:
+        eph = solar_system.field_ephemeris(ms, fid)
+        geo = solar_system.body_geometry(body, mjd, eph)
+    except ValueError as exc:
+        raise StageError(f"setjy: flux calibrator {field_name(ctx, fid)}: {exc}") from None
+    return {"kind": "ssbody", "body": body, "origin": "Butler-JPL-Horizons 2012 (disk)", "mjd": mjd,
+            "diameter_arcsec": geo["diameter_arcsec"], "distance_au": geo["distance_au"],
+            "radius_km": geo["radius_km"], "sub_obs_lat_deg": geo["sub_obs_lat_deg"], "ephemeris": geo["ephemeris"],
+            "ld_n": solar_system.BODIES[body]["ld_n"],
+            "min_vis_fraction": float(params.get("min_vis_fraction", solar_system.MIN_VIS_FRACTION))}
+
+
 @stage("setjy", service="calibrator")
 def setjy(ctx: dict, params: dict, io: StageIO) -> QA:
-    """Flux density models of the flux calibrators (Perley-Butler 2017 or manual)."""
+    """Flux density models of the flux calibrators: Perley-Butler 2017, manual, or,
+    for a solar system body, a disk of the Butler-JPL-Horizons 2012 brightness
+    temperature at its distance (resolved: the solvers use its visibilities per
+    uv distance, on the baselines that do not resolve it out)."""
     qa = QA()
-    manual = dict(catalogue_fluxes(ctx))
+    catalogue = catalogue_fluxes(ctx)
+    manual = dict(catalogue)
     manual.update(params.get("manual") or {})
     models = {}
     spw_freqs = {p["spw"]: float(np.mean(spw_info(ctx, p["spw"])["chan_freq_hz"])) for p in ctx["partitions"]}
     for fid in require_intent(ctx, "FLUX", "setjy"):
         name = field_name(ctx, fid)
+        body = solar_system.body_name(name)
+        # a body's disk model wins over a flux.csv entry (a point flux would ignore
+        # its resolution); an explicit setjy.manual entry still wins over both
+        if body is not None and name not in (params.get("manual") or {}):
+            if name in catalogue:
+                qa.note(f"{name}: flux.csv gives {catalogue[name]['flux_jy']:.3f} Jy; the Butler-JPL-Horizons "
+                        f"2012 disk model is used instead (a solar system body is resolved).")
+            models[str(fid)] = solar_system_model(ctx, io, fid, body, params)
+            continue
         if name in manual:
             m = manual[name]
             models[str(fid)] = {"kind": "manual", "flux_jy": float(m["flux_jy"]),
@@ -251,19 +298,58 @@ def setjy(ctx: dict, params: dict, io: StageIO) -> QA:
         std = fluxmodels.standard_calibrator(name)
         if std is None:
             raise StageError(f"setjy: flux calibrator {name!r} is not a standard calibrator "
-                             f"({', '.join(fluxmodels.ALIASES)}); give setjy.manual for it")
+                             f"({', '.join(fluxmodels.ALIASES)}) nor a solar system body "
+                             f"({', '.join(b.capitalize() for b in solar_system.BODIES)}); give setjy.manual for it")
         models[str(fid)] = {"kind": "pb2017", "standard_name": std, "origin": "Perley-Butler 2017"}
     ctx["models"] = models
     ctx["setjy"] = []
     for fid, m in models.items():
         fn = flux_function(m)
+        fname = field_name(ctx, int(fid))
         for spw, f in spw_freqs.items():
-            flux = float(fn(np.array([f]))[0])
-            ctx["setjy"].append({"field": field_name(ctx, int(fid)), "spw": spw, "freq_hz": f, "flux_jy": flux,
-                                 "model": m["origin"]})
-            io.log("setjy %s spw %d: %.4f Jy at %.6f GHz (%s)", field_name(ctx, int(fid)), spw, flux, f / 1e9, m["origin"])
-            qa.note(f"{field_name(ctx, int(fid))} spw {spw}: {flux:.3f} Jy ({m['origin']}).")
+            try:
+                flux = float(fn(np.array([f]))[0])
+            except ValueError as exc:          # a body's Tb model does not cover the frequency
+                raise StageError(f"setjy: {fname} spw {spw}: {exc}") from None
+            row = {"field": fname, "spw": spw, "freq_hz": f, "flux_jy": flux, "model": m["origin"]}
+            if m["kind"] == "ssbody":
+                row.update(tb_k=float(solar_system.brightness_temperature(m["body"], f)),
+                           diameter_arcsec=m["diameter_arcsec"], uv_max_lambda=fn.uv_max_lambda)
+                m.setdefault("tb_k", {})[str(spw)] = row["tb_k"]
+            ctx["setjy"].append(row)
+            io.log("setjy %s spw %d: %.4f Jy at %.6f GHz (%s)", fname, spw, flux, f / 1e9, m["origin"])
+            qa.note(f"{fname} spw {spw}: {flux:.3f} Jy ({m['origin']}).")
+        if m["kind"] == "ssbody":
+            _note_resolved(qa, ctx, fname, m, fn, spw_freqs)
     return qa
+
+
+def _note_resolved(qa: QA, ctx: dict, name: str, m: dict, fn, spw_freqs: dict) -> None:
+    """The disk's size and where the solvers stop using it (the uv cut), in the QA."""
+    q_max = fn.uv_max_lambda
+    m["uv_max_lambda"] = q_max
+    qa.note(f"{name}: disk {m['diameter_arcsec']:.3f} arcsec at {m['distance_au']:.4f} AU ({m['ephemeris']}).")
+    longest = ctx["observation"].get("baselines_m", {}).get("max", 0.0)
+    shortest = ctx["observation"].get("baselines_m", {}).get("min", 0.0)
+    for spw, f in spw_freqs.items():
+        b_max = q_max * 299792458.0 / f
+        if longest > b_max:
+            qa.note(f"{name} spw {spw}: baselines longer than {b_max:.0f} m ({q_max / 1e3:.0f} klambda) not used "
+                    f"in the solves: the disk's visibility is below {m['min_vis_fraction']:.0%} of its flux there.")
+        if shortest > b_max:
+            qa.lower(0.3, f"{name} spw {spw}: resolved out on every baseline (shortest {shortest:.0f} m, disk "
+                          f"visibility below {m['min_vis_fraction']:.0%} beyond {b_max:.0f} m): no flux scale.")
+    # antennas with too few baselines inside the cut get no gains on the body, so no
+    # flux scale of their own (baseline lengths, not projections: an upper bound)
+    b_max = q_max * 299792458.0 / max(spw_freqs.values())
+    ants = [a for a in ctx["observation"].get("antennas", []) if a.get("has_data")]
+    if ants and longest > b_max:
+        pos = np.array([a["position"] for a in ants])
+        short = (np.linalg.norm(pos[:, None] - pos[None], axis=2) <= b_max).sum(axis=1) - 1
+        few = [a["name"] for a, n in zip(ants, short) if n < 4]
+        if few:
+            qa.note(f"{name}: antenna(s) {', '.join(few)} have fewer than 4 baselines shorter than {b_max:.0f} m: "
+                    f"they may get no gain solutions on {name} (fluxscale then rests on the others).")
 
 
 # ------------------------------------------------------------------ bandpass

@@ -1,0 +1,155 @@
+"""Solar system flux calibrators: the disk model against hand-computed values, the
+ephemeris table, the solvers with a resolved model, and an EB whose flux calibrator
+is Ganymede (preset 'sso') through the stack: the phase calibrator's flux from
+fluxscale within 2 % of the injected truth."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.special import j1
+
+from almapipe.calibration import solar_system as ss
+from almapipe.calibration.terms import SolveSpec, point_model, solve_term
+from almapipe.stages.alma import line_channels
+from almapipe.stages.calibration import flux_function
+from conftest import simulate
+from test_system import stub  # noqa: F401  (the gRPC stub fixture, for the run through the stack)
+
+H, K, C = 6.62607015e-34, 1.380649e-23, 299792458.0
+
+
+def test_flux_density_is_planck_brightness_less_the_background_times_the_disk():
+    tb, nu, theta = 100.0, 230e9, 1.0                        # K, Hz, arcsec
+    omega = np.pi * (theta / 206264.80624709636 / 2) ** 2
+    bright = 2 * H * nu ** 3 / C ** 2 * (1 / np.expm1(H * nu / (K * tb)) - 1 / np.expm1(H * nu / (K * 2.725)))
+    assert ss.disk_flux(tb, nu, theta) == pytest.approx(bright * omega * 1e26, rel=1e-7)
+    # 3 % below Rayleigh-Jeans 2 k (Tb - T_cmb) nu^2 / c^2 at 230 GHz: Tb less h nu / 2k
+    # (5.5 K), the background's Planck brightness far below its 2.7 K
+    rj = 2 * K * (tb - 2.725) * nu ** 2 / C ** 2 * omega * 1e26
+    assert 0.96 < ss.disk_flux(tb, nu, theta) / rj < 0.98
+    # a body: Titan's flux from its Tb and radius at 9.5 AU
+    d = ss.angular_diameter_arcsec(2575.5, 9.5)
+    assert d == pytest.approx(2 * 2575.5e3 / (9.5 * 1.495978707e11) * 206264.80624709636, rel=1e-6)
+    m = ss.DiskModel("titan", d)
+    assert m(np.array([230e9]))[0] == pytest.approx(ss.disk_flux(76.6, 230e9, d), rel=1e-9)
+
+
+def test_disk_visibility_uniform_and_limb_darkened():
+    theta = 1.5                                             # arcsec
+    rad = theta / 206264.80624709636
+    q = 2.0 / (np.pi * rad)                                 # x = pi theta q = 2
+    assert ss.disk_visibility(q, theta) == pytest.approx(2 * j1(2.0) / 2.0, rel=1e-9)        # 0.5767
+    assert ss.disk_visibility(0.0, theta) == 1.0
+    assert abs(ss.disk_visibility(3.831706 / (np.pi * rad), theta)) < 1e-6                    # first null
+    # n = 2: I ~ 1 - r^2/R^2, V = Gamma(3) (2/x)^2 J2(x) = 2 J2(2) at x = 2
+    assert ss.disk_visibility(q, theta, 2.0) == pytest.approx(0.7056681, rel=1e-6)
+    q_cut = ss.uv_limit(theta)
+    assert ss.disk_visibility(q_cut, theta) == pytest.approx(0.1, abs=2e-3)
+    assert q_cut < 3.831706 / (np.pi * rad)
+
+
+def test_body_names_models_and_geometry():
+    assert ss.body_name("TITAN") == "titan" and ss.body_name("Titan_1") == "titan"
+    assert ss.body_name("J1924-2914") is None and ss.body_name("Iota") is None
+    assert ss.mean_radius_km((25559.0, 25559.0, 24973.0), 90.0) == pytest.approx(25559.0)   # pole-on
+    assert ss.mean_radius_km((25559.0, 25559.0, 24973.0), 0.0) == pytest.approx(np.sqrt(25559.0 * 24973.0))
+    with pytest.raises(ValueError, match="covers"):
+        ss.brightness_temperature("uranus", np.array([40e9]))   # Griffin & Orton from 90 GHz only
+    # planets from astropy; a moon without an ephemeris table is an error saying what is needed
+    assert 19 < ss.astropy_distance_au("uranus", 61161.0) < 22
+    with pytest.raises(ValueError, match="Ganymede.*ephemeris table"):
+        ss.body_geometry("ganymede", 61161.0, None)
+
+
+def test_fluxcalflag_table_covers_the_bodies_with_lines():
+    freq = np.linspace(229.5e9, 231.5e9, 200)
+    assert line_channels("Titan_1", freq).any() and line_channels("URANUS", freq).any()
+    assert not line_channels("Ganymede", freq).any()
+
+
+def _disk_vis(diameter, body="ganymede", seed=3, baseline_m=150.0):
+    """Visibilities of a disk through known gains at 229 GHz (baselines up to ~3 baseline_m)."""
+    rng = np.random.default_rng(seed)
+    nant = 8
+    g = (1 + 0.2 * rng.normal(size=(1, nant, 2))) * np.exp(1j * rng.normal(size=(10, nant, 2)))
+    g[:, 0] = np.abs(g[:, 0])
+    model = ss.DiskModel(body, diameter)
+    vis = simulate(nant=nant, ntime=10, nchan=8, gains=g, noise=0.002, freq0=229e9, dfreq=50e6,
+                   baseline_m=baseline_m)
+    q = np.hypot(vis.uvw[:, 0], vis.uvw[:, 1])[:, None] * vis.freq[None, :] / C
+    vis.data = (vis.data * (model(vis.freq)[None, :] * ss.disk_visibility(q, diameter))[:, :, None]).astype(np.complex64)
+    return vis, g, model, q
+
+
+def test_gains_solved_with_the_disk_model_and_not_with_a_point():
+    vis, g, model, q = _disk_vis(1.3)
+    assert q.max() > 0.3 * model.uv_max_lambda                 # the disk is partly resolved
+    sol = solve_term(vis, point_model(vis, {0: model}), SolveSpec(kind="G", solint="int", refant=0))
+    amp = np.abs(sol.cparam[:, 0, :]).reshape(g.shape)
+    assert np.abs(amp / np.abs(g) - 1).max() < 0.01
+    point = solve_term(vis, point_model(vis, {0: lambda f: model(f)}), SolveSpec(kind="G", solint="int", refant=0))
+    assert np.median(np.abs(point.cparam[:, 0, :]).reshape(g.shape) / np.abs(g)) < 0.95   # the point is wrong
+
+
+def test_baselines_that_resolve_the_disk_out_are_left_out():
+    vis, g, model, q = _disk_vis(3.5, body="uranus", baseline_m=50.0)
+    m = point_model(vis, {0: model})
+    beyond = q > model.uv_max_lambda
+    assert beyond.any() and (~beyond).any()
+    assert np.all(m[beyond] == 0) and np.all(m[~beyond] > 0.1 * model(vis.freq)[None, :].repeat(len(q), 0)[~beyond])
+    sol = solve_term(vis, m, SolveSpec(kind="G", solint="int", refant=0, minblperant=2))
+    ok = ~sol.flag[:, 0, :].reshape(g.shape)
+    amp = np.abs(sol.cparam[:, 0, :]).reshape(g.shape)
+    assert ok.mean() > 0.5 and np.abs(amp[ok] / np.abs(g)[ok] - 1).max() < 0.02
+
+
+def test_ephemeris_table_of_the_simulated_eb(tmp_path):
+    from almapipe.simulate.simulator import SimConfig, Simulator
+    sim = Simulator(SimConfig.preset("sso", nchan=8))
+    res = sim.write(str(tmp_path / "eb"))
+    import json
+    truth = json.load(open(res["truth"]))["flux_calibrator"]
+    fid = truth["field_id"]
+    eph = ss.field_ephemeris(res["ms"], fid)
+    assert eph is not None and eph.name == "Ganymede" and eph.radii_km == (2631.2, 2631.2, 2631.2)
+    assert ss.field_ephemeris(res["ms"], 0) is None
+    geo = ss.body_geometry("ganymede", sim.t0 / 86400, eph)
+    assert geo["distance_au"] == pytest.approx(truth["distance_au"], rel=1e-6)
+    assert geo["diameter_arcsec"] == pytest.approx(truth["diameter_arcsec"], rel=1e-6)
+    with pytest.raises(ValueError, match="outside"):
+        eph.at(eph.mjd[0] - 1)
+    # setjy's model entry gives back the injected flux per spw
+    fn = flux_function({"kind": "ssbody", "body": "ganymede", "diameter_arcsec": geo["diameter_arcsec"]})
+    for spw, flux in truth["flux_jy_per_spw"].items():
+        assert fn(np.array([sim.spw_centres[sim.science_index(int(spw))]]))[0] == pytest.approx(flux, rel=1e-6)
+
+
+# ------------------------------------------------------------------ through the stack
+
+@pytest.fixture(scope="module", params=["sso", "sso-uranus"])
+def sso_run(request, stack, stub, tmp_path_factory):  # noqa: F811
+    """The same run as test_alma's, with Ganymede (partly resolved) or Uranus (resolved
+    out on half the baselines, which the solves leave out) as the flux calibrator."""
+    from test_alma import run_simulated_eb
+    return run_simulated_eb(stack, stub, tmp_path_factory.mktemp(request.param), request.param)
+
+
+def test_sso_flux_calibrator_phase_calibrator_flux_within_2pct(sso_run):
+    from almapipe.v1 import pipeline_pb2 as pb
+    sim, truth, run, summary, _ = sso_run
+    assert run.status == pb.RUN_STATUS_SUCCEEDED, run.error
+    (setjy,) = [s for s in summary["stages"] if s["name"] == "setjy"]
+    body = truth["flux_calibrator"]["body"]
+    assert any("Butler-JPL-Horizons 2012" in r for r in setjy["qa_reasons"]), setjy
+    assert any(f"EPHEM0_{body}" in r for r in setjy["qa_reasons"]), setjy
+    cut = [r for r in setjy["qa_reasons"] if "not used in the solves" in r]
+    assert bool(cut) == (body == "Uranus"), setjy       # Ganymede is not resolved out anywhere
+    c = sim.cfg
+    phase = [f for f in summary["fluxscale"] if f["field"] == "J1832-2039"]
+    assert len(phase) == c.nspw
+    for f in phase:
+        nu = float(np.mean(sim.freqs[sim.science_index(f["spw"])]))
+        true = c.phase_flux_jy * (nu / c.band_centre_hz) ** c.phase_spix
+        print(f"{body}: J1832-2039 spw {f['spw']}: {f['flux_jy']:.4f} +- {f['flux_err_jy']:.4f} Jy, truth {true:.4f} Jy, "
+              f"ratio {f['flux_jy'] / true:.4f}")
+        assert abs(f["flux_jy"] / true - 1) < 0.02, (f, true)
