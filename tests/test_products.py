@@ -210,3 +210,12 @@ def test_cube_peak_never_from_a_flagged_or_edge_plane():
     # an mfs image has one plane, always taken
     job.specmode = "mfs"
     assert list(job.peak_planes()) == [True]
+
+
+def test_vla_recipes_flag_band_edges():
+    """The generic VLA recipe (what NGC 5921 gets with an explicit path) and the NGC 5921
+    one flag the band edges, so a cube's noisy channel 0 is flagged."""
+    from almapipe import recipes
+    for name in ("vla_calimage", "ngc5921"):
+        flag = next(s for s in recipes.load(name)["stages"] if s["stage"] == "flagdata")
+        assert flag["params"]["edge_fraction"] >= 1 / 63, name

@@ -110,16 +110,19 @@ def qa2_section(images: list, goals: dict) -> str:
         lines += ["no target images", ""]
         return "\n".join(lines)
     lines.append("")
-    lines.append(f"{'image':58s} {'beam (arcsec)':>20s} {'rms mJy/bm':>10s}  state")
+    names = [img["file"].replace(".pbcor.fits", "") for img in targets]
+    width = max(len(n) for n in names + ["image"])
+    lines.append(f"{'image':{width}s}  {'beam (arcsec, deg)':22s}  {'rms mJy/beam':>12s}  state")
     per_kind = {}
-    for img in targets:
+    for img, name in zip(targets, names):
         state, reasons = qa2_verdict(img.get("rms_jy_per_beam"), img.get("beam_arcsec"), rms_goal, beam_goal)
         kind = "cube" if img.get("specmode") == "cube" else "cont"
         per_kind.setdefault(kind, []).append(state)
         b = img.get("beam_arcsec") or [0, 0, 0]
         rms = img.get("rms_jy_per_beam") or 0.0
-        lines.append(f"{img['file'].replace('.pbcor.fits', ''):58s} {b[0]:6.3g} x {b[1]:<6.3g} {b[2]:6.1f}  "
-                     f"{rms * 1e3:10.3g}  {state or '-'}" + (f"  ({'; '.join(reasons)})" if state else ""))
+        beam = f"{b[0]:.3g} x {b[1]:.3g}, {b[2]:.1f}"
+        lines.append(f"{name:{width}s}  {beam:22s}  {rms * 1e3:12.3g}  {state or '-'}"
+                     + (f"  ({'; '.join(reasons)})" if state else ""))
     kind = goals.get("requested_specmode") or ("cube" if "cube" in per_kind else "cont")
     states = [s for s in per_kind.get(kind, []) if s]
     proposal = max(states, key=STATES.index) if states else "none (no goal to compare with)"
