@@ -219,3 +219,16 @@ def test_vla_recipes_flag_band_edges():
     for name in ("vla_calimage", "ngc5921"):
         flag = next(s for s in recipes.load(name)["stages"] if s["stage"] == "flagdata")
         assert flag["params"]["edge_fraction"] >= 1 / 63, name
+
+
+def test_observation_summary_carries_frame_and_rest_frequencies(ngc5921_ms):
+    """From NGC 5921's UVFITS: J2000 directions (FIELD.PHASE_DIR's MEASINFO) and the HI
+    line of every source (AIPS SU RESTFREQ, written to the SOURCE table), which the
+    cube's RESTFRQ takes; the start and observer the header takes."""
+    from almapipe.msio.listobs import summary
+    obs = summary(ngc5921_ms)
+    assert obs["direction_frame"] == "J2000"
+    assert [f["rest_freq_hz"] for f in obs["fields"]] == [1420405752.0] * 3
+    assert obs["start"].startswith("1995-04-13T09:19") and obs["observer"] == "TEST"
+    h = header([1.413e9], bandwidth=24414.0625 * 63, obs=obs, restfreq=obs["fields"][2]["rest_freq_hz"])
+    assert h["RADESYS"] == "FK5" and h["RESTFRQ"] == 1420405752.0 and h["INSTRUME"] == "VLA"

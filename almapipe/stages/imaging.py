@@ -598,7 +598,8 @@ class ImageJob:
         obs = obs_info(ctx["observation"], history=(
             f"almapipe {pipeline_version()}",
             f"recipe {recipe.get('name', 'custom')} version {recipe.get('version', 1)}",
-            f"stage {io.stage_index + 1} makeimages ({io.stage}): {self.label()}"))
+            f"stage {io.stage_index + 1} makeimages" + (f" ({io.stage})" if io.stage != "makeimages" else "")
+            + f": {self.label()}"))
         files = {}
         for suffix, planes_, unit in (("image", res.image, "Jy/beam"), ("pbcor", res.pbcor, "Jy/beam"),
                                       ("pb", np.repeat(res.pb[None], len(res.freqs), 0), ""),
