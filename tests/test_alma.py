@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tarfile
 
 import numpy as np
@@ -38,8 +39,11 @@ def run_simulated_eb(stack, stub, d, preset: str, parameters: dict | None = None
 @pytest.fixture(scope="module")
 def alma_run(stack, stub, tmp_path_factory):  # noqa: F811
     """The small EB with its flux.csv in ALMA's columns and no recipe named: the pipeline
-    takes the ALMA recipe for data whose telescope is ALMA."""
-    return run_simulated_eb(stack, stub, tmp_path_factory.mktemp("alma"), "small", recipe="")
+    takes the ALMA recipe for data whose telescope is ALMA. The QA2 goals given as
+    exportdata's parameters."""
+    return run_simulated_eb(stack, stub, tmp_path_factory.mktemp("alma"), "small",
+                            {"exportdata.requested_rms_jy": "0.001", "exportdata.requested_beam_arcsec": "[0.1, 10]"},
+                            recipe="")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +75,7 @@ def test_alma_recipe_runs_every_stage(alma_run):
     assert run.recipe == "alma_calimage" and summary["recipe"] == "alma_calimage"
     assert any("chosen for telescope ALMA" in r for r in summary["stages"][0]["qa_reasons"])
     assert (out.parent / "eb" / "flux.csv").read_text().startswith("ms,field,spw,I,Q,U,V,spix,uvmin,uvmax,comment")
-    assert (out / "product" / "flux.csv").read_text().startswith("ms,field,spw,I,Q,U,V,spix,uvmin,uvmax,comment")
+    assert (out / "calibration" / "flux.csv").read_text().startswith("ms,field,spw,I,Q,U,V,spix,uvmin,uvmax,comment")
     names = [s["name"] for s in summary["stages"]]
     for stage in ("flagdata", "fluxcalflag", "rawflagchans", "refant", "tsyscal", "tsysflag", "antpos", "wvrgcal",
                   "lowgainflag", "setjy", "bandpass", "spwphaseup", "gaincal", "fluxscale", "timegaincal", "applycal"):
@@ -98,6 +102,8 @@ def test_target_flux_within_5pct_of_truth(alma_run):
     assert len(cont) == c.nspw
     for img in cont:
         assert abs(img["peak_jy_per_beam"] / c.target_cont_jy - 1) < 0.05, img
+        # a target's per-spw continuum is named 'mfs' as ALMA names it
+        assert re.fullmatch(rf"eb\.s\d+_0\.Target_sci\.spw{img['spw']}\.mfs\.I\.pbcor\.fits", img["file"]), img["file"]
     # the line is in spw 0 of the simulator, a lower-sideband spw (channels descending in
     # frequency) with id 5 in the MS, as importasdm numbers them
     sid = sim.science_spw_ids[0]
@@ -111,7 +117,8 @@ def test_target_flux_within_5pct_of_truth(alma_run):
     from astropy.io import fits
     from astropy.wcs import WCS
     from almapipe.imaging.frames import topo_to_lsrk
-    with fits.open(out / "product" / f"eb.Target_sci.spw{sid}.cube.I.pbcor.fits") as h:
+    assert re.fullmatch(rf"eb\.s\d+_0\.Target_sci\.spw{sid}\.cube\.I\.pbcor\.fits", cube["file"]), cube["file"]
+    with fits.open(out / "product" / cube["file"]) as h:
         planes, wcs, hdr = h[0].data[0], WCS(h[0].header).celestial, h[0].header
     # the cube's axis runs down in frequency as the spw's channels do (CASA's negative
     # CDELT3), and the plane at the line's LSRK frequency is the one with the line
@@ -340,6 +347,7 @@ def test_aggregate_continuum_and_dynamic_range_threshold(alma_run):
     cont = [i for i in summary["images"] if i["field"] == "Target" and i["specmode"] == "cont"]
     (agg,) = [i for i in cont if i["aggregate"]]
     assert agg["spw"] == "_".join(str(s) for s in sim.science_spw_ids)
+    assert agg["file"].endswith(f"_sci.spw{agg['spw']}.cont.I.pbcor.fits"), agg["file"]
     assert abs(agg["peak_jy_per_beam"] / sim.cfg.target_cont_jy - 1) < 0.05, agg
     per_spw = [i for i in cont if not i["aggregate"]]
     assert agg["theoretical_rms_jy_per_beam"] < 0.8 * min(i["theoretical_rms_jy_per_beam"] for i in per_spw)
@@ -369,8 +377,61 @@ def test_cubes_and_cont_dat_are_labelled_in_lsrk(alma_run):
     expected_first = expected * sim.freqs[0][chans[0]] / sim.freqs[0][0]
     assert abs(first - expected_first) < 0.02 * abs(hdr["CDELT3"])
     assert abs(first - sim.freqs[0][chans[0]]) > 0.3 * abs(hdr["CDELT3"])     # 28 MHz here
-    text = (out / "product" / "cont.dat").read_text()
+    text = (out / "calibration" / "eb.cont.dat").read_text()
     assert "LSRK" in text and "TOPO" not in text
+
+
+def test_fits_headers_as_exportfits_writes_them(alma_run):
+    """Every key exportfits writes, against values computed independently from the
+    simulated EB: its start, the array centre, the target's direction, ICRS; the cube's
+    RESTFRQ (a velocity axis) and an mfs image's centre and bandwidth (not 1 Hz); the
+    cube's common beam encloses every plane's; the package holds cont.dat, flux.csv,
+    antennapos.csv in calibration/ and a README proposing a QA2 state."""
+    from astropy.coordinates import EarthLocation
+    from astropy.io import fits
+    from astropy.time import Time
+    from astropy.wcs import WCS
+    from almapipe.imaging.uvcontsub import parse_channels
+    sim, truth, _, summary, out = alma_run
+    sid = sim.science_spw_ids[0]
+    by = {(i["field"], i["spw"], i["specmode"]): i for i in summary["images"] if not i["aggregate"]}
+    cube = fits.getheader(out / "product" / by[("Target", sid, "cube")]["file"])
+    mfs = fits.getheader(out / "product" / by[("Target", sid, "cont")]["file"])
+    start = min(s["start_mjd_s"] for s in truth["scans"])
+    centre = EarthLocation.from_geocentric(*sim.xyz.mean(axis=0), unit="m")
+    for hdr in (cube, mfs):
+        assert hdr["TELESCOP"] == hdr["INSTRUME"] == "ALMA" and hdr["OBSERVER"] == "almapipe simulate"
+        assert hdr["TIMESYS"] == "UTC" and hdr["BTYPE"] == "Intensity" and hdr["RADESYS"] == "ICRS"
+        # the observation's start: its first integration (within a minute of the first scan's start)
+        assert abs(hdr["MJD-OBS"] * 86400 - start) <= 60.0
+        assert abs(Time(hdr["DATE-OBS"], scale="utc").mjd - hdr["MJD-OBS"]) < 1e-9
+        # the array's centre (the antennas with data): on the ALMA site, near the mean pad
+        geo = EarthLocation.from_geocentric(hdr["OBSGEO-X"], hdr["OBSGEO-Y"], hdr["OBSGEO-Z"], unit="m")
+        assert np.linalg.norm(np.subtract(geo.value.tolist(), centre.value.tolist())) < 100.0
+        assert abs(geo.lat.deg + 23.02) < 0.05 and abs(geo.lon.deg + 67.75) < 0.05
+        assert abs(hdr["OBSRA"] - 277.5) < 1e-6 and abs(hdr["OBSDEC"] + 21.9) < 1e-6
+        assert any("makeimages" in str(h) for h in hdr["HISTORY"])
+        assert WCS(hdr).wcs.radesys == "ICRS"
+    # the cube: a rest frequency at its band's centre (no SOURCE line), so a velocity axis
+    f = sim.freqs[0]
+    n = cube["NAXIS3"]
+    axis = cube["CRVAL3"] + (np.arange(n) + 1 - cube["CRPIX3"]) * cube["CDELT3"]
+    assert abs(cube["RESTFRQ"] / (0.5 * (f.min() + f.max())) - 1) < 3e-4      # LSRK vs TOPO: ~1e-4
+    assert abs(cube["RESTFRQ"] - 0.5 * (axis.min() + axis.max())) < abs(cube["CDELT3"]) * (1 + len(f) - n)
+    assert WCS(cube).wcs.restfrq == cube["RESTFRQ"]
+    # the mfs image: centre and width of the continuum channels taken (in LSRK)
+    (cont,) = [e for e in summary["continuum"] if e["spw"] == sid and e["field"] == "Target"]
+    sel = f[parse_channels(cont["channels"], len(f))]
+    w = abs(f[1] - f[0])
+    assert abs(mfs["CDELT3"] / (sel.max() - sel.min() + w) - 1) < 1e-3
+    assert abs(mfs["CRVAL3"] / (0.5 * (sel.max() + sel.min())) - 1) < 3e-4
+    # the calibration's text files where ALMA puts them, and the README's QA2 proposal
+    for name in ("eb.cont.dat", "flux.csv", "antennapos.csv"):
+        assert (out / "calibration" / name).exists(), name
+    assert not (out / "product" / "cont.dat").exists()
+    readme = (out / "README").read_text()
+    assert "sensitivity 1 mJy/beam, resolution 0.1-10\"" in readme
+    assert re.search(r"proposed QA2 state: (Pass|SemiPass|Fail) \(from the cube images\)", readme), readme
 
 
 def test_cube_cleaned_in_pieces_by_several_workers_is_one_cube(mixed_run, stack):  # noqa: F811
@@ -438,7 +499,8 @@ def test_mosaic_sources_come_back_at_their_positions_with_their_fluxes(mosaic_ru
     a, b = sim.science_spw_ids
     assert sorted((str(i["spw"]), i["specmode"]) for i in target) == \
         [(f"{a}", "cont"), (f"{a}", "cube"), (f"{a}_{b}", "cont"), (f"{b}", "cont"), (f"{b}", "cube")]
-    base = out / "product" / f"eb.Target_sci.spw{a}_{b}.cont.I"
+    (agg,) = [i for i in target if i["spw"] == f"{a}_{b}"]
+    base = out / "product" / agg["file"].replace(".pbcor.fits", "")
     with fits.open(f"{base}.pbcor.fits") as h, fits.open(f"{base}.pb.fits") as hp:
         img, pbimg, wcs = h[0].data[0, 0], hp[0].data[0, 0], WCS(h[0].header).celestial
         beam_px = np.sqrt(h[0].header["BMAJ"] * h[0].header["BMIN"]) / abs(h[0].header["CDELT1"])
@@ -460,7 +522,8 @@ def test_mosaic_sources_come_back_at_their_positions_with_their_fluxes(mosaic_ru
     line = c.target_line_jy * np.exp(-0.5 * ((f - sim.spw_centres[0]) / (0.06 * c.spw_width_hz)) ** 2)
     (spw0,) = [e for e in summary["continuum"] if e["spw"] == a]
     assert not (parse_channels(spw0["channels"], c.nchan) & (line > 0.1 * line.max())).any()
-    with fits.open(out / "product" / f"eb.Target_sci.spw{a}.cube.I.pbcor.fits") as h:
+    (cube_rec,) = [i for i in target if i["spw"] == a and i["specmode"] == "cube"]
+    with fits.open(out / "product" / cube_rec["file"]) as h:
         cube, wcs = h[0].data[0], WCS(h[0].header).celestial
     ra, dec = truth["target_sources"][1]["ra_deg"], truth["target_sources"][1]["dec_deg"]
     x, y = wcs.wcs_world2pix([[ra, dec]], 0)[0]

@@ -30,7 +30,7 @@ def test_point_sources_land_where_injected_with_their_flux(tmp_path):
     assert abs(win.max() - 0.5) < 0.03
     # and its position in the FITS WCS is the injected one
     hdr = image_header(np.radians(150.0), np.radians(20.0), 128, 8 * ARCSEC, np.array([1.4e9]), "LSRK",
-                       "Jy/beam", res.beam, "sim", "ALMA")
+                       "Jy/beam", res.beam, "sim", "ALMA", bandwidth_hz=4e6)
     path = tmp_path / "x.fits"
     write_fits(str(path), res.image, hdr)
     with fits.open(path) as h:

@@ -25,6 +25,8 @@ def test_eb_is_an_ms_with_alma_intents_and_scan_sequence(eb):
     msio.check_ms(res["ms"])
     obs = listobs.summary(res["ms"])
     assert obs["telescope"] == "ALMA" and obs["corr_types"] == ["XX", "YY"]
+    # directions in ICRS, as importasdm labels ALMA's; no SOURCE lines (images: band centre)
+    assert obs["direction_frame"] == "ICRS" and all(f["rest_freq_hz"] is None for f in obs["fields"])
     roles = {f["name"]: f["intents"] for f in listobs.assign_roles(obs, None)}
     assert roles["J1924-2914"] == ["ATMOSPHERE", "BANDPASS", "FLUX", "WVR"] and roles["Target"] == ["ATMOSPHERE", "TARGET", "WVR"]
     assert "CHECK" in roles["J1820-2528"] and "PHASE" in roles["J1832-2039"]

@@ -83,7 +83,10 @@ def test_e2e_products_package_layout(ngc_run):
     assert os.path.exists(os.path.join(out, "README"))
     assert os.path.exists(os.path.join(out, "qa", "weblog", "index.html"))
     assert os.path.exists(os.path.join(out, "qa", "weblog.tar.gz"))
-    assert os.path.exists(os.path.join(out, "product", "cont.dat"))
+    assert os.path.exists(os.path.join(out, "calibration", "ngc5921.cont.dat"))
+    assert not os.path.exists(os.path.join(out, "product", "cont.dat"))
+    readme = open(os.path.join(out, "README")).read()
+    assert "QA2" in readme and "ngc5921" in readme
     recipe = json.load(open(os.path.join(out, "script", "recipe.json")))
     assert recipe["name"] == "ngc5921"
     html = open(os.path.join(out, "qa", "weblog", "by_task.html")).read()
@@ -102,7 +105,7 @@ def test_e2e_fluxscale_agrees_with_casa(ngc_run):
     (fs,) = [f for f in summary["fluxscale"] if f["field"].startswith("1445")]
     assert abs(fs["flux_jy"] / CASA_FLUX_1445 - 1) < 0.01, fs
     assert 0 < fs["flux_err_jy"] < 0.01
-    assert "1445+09900002_0" in open(os.path.join(out, "product", "flux.csv")).read()
+    assert "1445+09900002_0" in open(os.path.join(out, "calibration", "flux.csv")).read()
 
 
 def test_e2e_cube_agrees_with_casa_and_shows_the_hi_line(ngc_run):
@@ -120,6 +123,13 @@ def test_e2e_cube_agrees_with_casa_and_shows_the_hi_line(ngc_run):
         assert w.has_celestial and w.wcs.spec >= 0 and hdr["SPECSYS"] == "LSRK"
         assert hdr["BMAJ"] > 0 and hdr["BUNIT"] == "Jy/beam"
         assert data.shape[-3:] == (46, 256, 256)
+        # as exportfits writes it: the HI line's rest frequency (from the UVFITS SU table), so
+        # a velocity axis; J2000 directions are FK5; the observation's start and observer
+        assert hdr["RESTFRQ"] == 1420405752.0 and w.wcs.restfrq == 1420405752.0
+        assert hdr["RADESYS"] == "FK5" and hdr["EQUINOX"] == 2000.0
+        assert hdr["DATE-OBS"].startswith("1995-04-13T09:19") and hdr["TIMESYS"] == "UTC"
+        assert hdr["INSTRUME"] == "VLA" and hdr["OBSERVER"] == "TEST" and hdr["BTYPE"] == "Intensity"
+        assert os.path.basename(path).startswith("ngc5921.s") and ".N5921_2_sci.spw0.cube.I." in path
     # in the flat-noise image (not divided by the primary beam) the line channels
     # stand far above the noise; the line-free channels 5, 6 and 50 do not
     with fits.open(path.replace(".pbcor.fits", ".image.fits")) as h:

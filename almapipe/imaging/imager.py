@@ -4,8 +4,8 @@ Stokes I is imaged by gridding both parallel-hand correlations as samples
 of I. Each plane (the whole band for mfs, a channel for a cube) is weighted
 (Briggs, per-plane density), cleaned with major/minor cycles down to a
 threshold of nsigma times the plane's robust rms, restored with the beam
-fitted to the PSF (a common beam for a cube: the largest), and divided by
-the primary beam. A mosaic (several pointings of one source) is cleaned jointly
+fitted to the PSF (a cube's common beam: the smallest enclosing every plane's),
+and divided by the primary beam. A mosaic (several pointings of one source) is cleaned jointly
 on one grid with its pointings' primary beams (measurement.JointMosaic).
 """
 from __future__ import annotations
@@ -217,13 +217,75 @@ def join_planes(parts: list) -> Planes:
                   sum(p.iterations for p in parts), sum((p.masks for p in parts), []))
 
 
+def _beam_axes(beam: tuple) -> tuple:
+    """Unit vectors (east, north) along a beam's major and minor axes; the position
+    angle runs from north through east."""
+    pa = np.radians(beam[2])
+    return np.array([np.sin(pa), np.cos(pa)]), np.array([np.cos(pa), -np.sin(pa)])
+
+
+def beam_outline(beam: tuple, n: int = 360) -> np.ndarray:
+    """n points (east, north) on the half-power ellipse of a beam (bmaj, bmin, bpa)."""
+    t = np.linspace(0.0, 2 * np.pi, n, endpoint=False)
+    u, v = _beam_axes(beam)
+    return np.outer(0.5 * beam[0] * np.cos(t), u) + np.outer(0.5 * beam[1] * np.sin(t), v)
+
+
+def beam_matrix(beam: tuple) -> np.ndarray:
+    """A with x^T A x = 1 on the beam's half-power ellipse (x east, north)."""
+    u, v = _beam_axes(beam)
+    return np.outer(u, u) / (0.5 * beam[0]) ** 2 + np.outer(v, v) / (0.5 * beam[1]) ** 2
+
+
+def _beam_of_matrix(a: np.ndarray) -> tuple:
+    w, vec = np.linalg.eigh(a)               # ascending: the first is the major axis'
+    e, n = vec[:, 0]
+    pa = float(np.degrees(np.arctan2(e, n)))
+    pa = pa - 180.0 if pa > 90.0 else pa + 180.0 if pa <= -90.0 else pa
+    return (float(2 / np.sqrt(w[0])), float(2 / np.sqrt(w[1])), pa)
+
+
+def enclosing_beam(beams: list, tol: float = 1e-7) -> tuple:
+    """The smallest beam (least area) whose half-power ellipse encloses every given
+    beam's: a cube's common restoring beam, as tclean's restoringbeam='common' makes it
+    (beams of zero size, planes without data, are ignored).
+
+    When the largest beam already encloses the rest it is the answer. Otherwise the
+    minimum-volume ellipse centred on the origin that encloses points sampled on every
+    outline, by Khachiyan's algorithm (weights u on the points; X = sum u p p^T; move
+    weight towards the point furthest outside X^-1 / d until none is), then scaled so
+    that a denser sampling of every outline lies inside too."""
+    good = [tuple(float(x) for x in b) for b in beams if b[0] > 0 and b[1] > 0]
+    if not good:
+        return (0.0, 0.0, 0.0)
+    largest = max(good, key=lambda b: b[0] * b[1])
+    a_big = beam_matrix(largest)
+    dense = np.concatenate([beam_outline(b, 3600) for b in good])
+    if np.einsum("ij,jk,ik->i", dense, a_big, dense).max() <= 1.0 + 1e-9:
+        return largest
+    p = np.concatenate([beam_outline(b, 360) for b in good])
+    d = 2
+    u = np.full(len(p), 1.0 / len(p))
+    for _ in range(20000):
+        x = (p * u[:, None]).T @ p
+        m = np.einsum("ij,jk,ik->i", p, np.linalg.inv(x), p)
+        j = int(np.argmax(m))
+        if m[j] <= d * (1 + tol):
+            break
+        step = (m[j] - d) / (d * (m[j] - 1))
+        u *= 1 - step
+        u[j] += step
+    a = np.linalg.inv(x) / d
+    a /= np.einsum("ij,jk,ik->i", dense, a, dense).max()      # every outline inside, touching
+    return _beam_of_matrix(a)
+
+
 def restore_planes(pl: Planes, spec: ImageSpec, dish_m: float, telescope: str) -> ImageResult:
-    """Restore every plane with one beam (a cube's common beam: the largest of its
-    planes'), and add the primary beam and the pb-corrected image."""
+    """Restore every plane with one beam (a cube's common beam: the smallest enclosing
+    every plane's, enclosing_beam), and add the primary beam and the pb-corrected image."""
     npix = spec.npix
     cell = np.radians(spec.cell_arcsec / 3600.0)
-    good = [b for b in pl.beams if b[0] > 0]
-    common = max(good, key=lambda b: b[0] * b[1]) if good else (0.0, 0.0, 0.0)
+    common = enclosing_beam(pl.beams)
     image = np.array([deconvolve.restore(m, r, cell, common) if common[0] > 0 else r
                       for m, r in zip(pl.models, pl.residuals)])
     freq = float(np.mean(pl.freqs))

@@ -2,12 +2,18 @@
 
 FITS images carry RA---SIN/DEC--SIN celestial axes, a FREQ axis in the
 frame of the data (SPECSYS), a STOKES axis, BUNIT, and BMAJ/BMIN/BPA, so
-astropy, CARTA, DS9 and CASA's importfits read them.
+astropy, CARTA, DS9 and CASA's importfits read them; and the keys CASA's
+exportfits writes from the MS (DATE-OBS, MJD-OBS, TIMESYS, OBSGEO-X/Y/Z,
+OBSRA/OBSDEC, INSTRUME, OBSERVER, RESTFRQ, RADESYS of the data's frame, BTYPE,
+HISTORY).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from astropy.io import fits
+from astropy.time import Time
 
 # FWHM of the primary beam in units of lambda/D, per telescope: ALMA's
 # heuristics use 1.13; the VLA's measured beam is 42'/nu_GHz for 25 m, 1.02.
@@ -64,26 +70,91 @@ def mosaic_beam(npix: int, cell_rad: float, freq_hz: float, dish_m: float, teles
     return np.sqrt(a / a.max())
 
 
+# FITS RADESYS/EQUINOX of the MS's direction frames, as CASA's exportfits writes them
+RADESYS = {"ICRS": ("ICRS", 2000.0), "J2000": ("FK5", 2000.0), "B1950": ("FK4", 1950.0),
+           "B1950_VLA": ("FK4", 1979.9)}
+
+
+def pipeline_version() -> str:
+    """almapipe's version from the installed package's metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("almapipe")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class ObsInfo:
+    """What an image's header says about the observation it comes from (exportfits
+    writes these from the MS): its start, observer, where the array is and the frame
+    of its directions."""
+    date_obs: str = ""                   # ISO UTC, the observation's start
+    observer: str = ""
+    obsgeo_m: tuple | None = None        # the array centre, ITRF x, y, z in metres
+    direction_frame: str = "J2000"       # FIELD.PHASE_DIR's MEASINFO reference
+    history: tuple = ()                  # HISTORY lines (pipeline version, recipe, stage)
+
+
+def obs_info(observation: dict, history: tuple = ()) -> ObsInfo:
+    """ObsInfo from the observation summary (msio.listobs.summary): OBSGEO is the mean
+    position of the antennas with data."""
+    pos = [a["position"] for a in observation.get("antennas", []) if a.get("has_data", True)]
+    return ObsInfo(date_obs=observation.get("start", ""), observer=observation.get("observer", ""),
+                   obsgeo_m=tuple(float(x) for x in np.mean(pos, axis=0)) if pos else None,
+                   direction_frame=observation.get("direction_frame", "J2000"), history=tuple(history))
+
+
 def image_header(ra_rad: float, dec_rad: float, npix: int, cell_rad: float, freqs: np.ndarray,
                  frame: str, bunit: str, beam: tuple | None, field: str, telescope: str,
-                 restfreq: float | None = None) -> fits.Header:
+                 restfreq: float | None = None, *, bandwidth_hz: float | None = None,
+                 obs: ObsInfo | None = None, obs_radec: tuple | None = None) -> fits.Header:
+    """The header of an image as CASA's exportfits writes it. freqs: the planes'
+    frequencies (a cube's channels, in their order: CDELT3 < 0 where they descend) or,
+    for an mfs image, its one centre frequency with bandwidth_hz the width of the
+    selected band (CDELT3). A one-plane cube gives its channel width as bandwidth_hz.
+    restfreq: the line's rest frequency (RESTFRQ; needed for a velocity axis).
+    obs: the observation's facts (DATE-OBS, MJD-OBS, OBSGEO-X/Y/Z, OBSERVER, RADESYS,
+    HISTORY); obs_radec: the field's direction in radians (OBSRA/OBSDEC; default the
+    image centre)."""
+    obs = obs or ObsInfo()
     h = fits.Header()
+    if bunit.startswith("Jy"):           # an image of the sky (not its pb or mask)
+        h["BTYPE"] = "Intensity"
+    h["OBJECT"] = field
     h["BUNIT"] = bunit
     h["CTYPE1"], h["CRVAL1"], h["CDELT1"], h["CRPIX1"], h["CUNIT1"] = \
         "RA---SIN", float(np.degrees(ra_rad)), -float(np.degrees(cell_rad)), npix // 2 + 1.0, "deg"
     h["CTYPE2"], h["CRVAL2"], h["CDELT2"], h["CRPIX2"], h["CUNIT2"] = \
         "DEC--SIN", float(np.degrees(dec_rad)), float(np.degrees(cell_rad)), npix // 2 + 1.0, "deg"
-    width = float(freqs[1] - freqs[0]) if len(freqs) > 1 else 0.0
-    h["CTYPE3"], h["CRVAL3"], h["CDELT3"], h["CRPIX3"], h["CUNIT3"] = \
-        "FREQ", float(freqs[0]), width if width else 1.0, 1.0, "Hz"
+    freqs = np.atleast_1d(np.asarray(freqs, float))
+    width = float(freqs[1] - freqs[0]) if len(freqs) > 1 else float(bandwidth_hz or 0.0)
+    if not width:
+        raise ValueError("image_header: one plane needs its bandwidth (bandwidth_hz)")
+    h["CTYPE3"], h["CRVAL3"], h["CDELT3"], h["CRPIX3"], h["CUNIT3"] = "FREQ", float(freqs[0]), width, 1.0, "Hz"
     h["CTYPE4"], h["CRVAL4"], h["CDELT4"], h["CRPIX4"], h["CUNIT4"] = "STOKES", 1.0, 1.0, 1.0, ""
-    h["RADESYS"], h["EQUINOX"] = "FK5", 2000.0
-    h["SPECSYS"] = frame
     if restfreq:
-        h["RESTFRQ"] = float(restfreq)
+        h["RESTFRQ"] = (float(restfreq), "Rest Frequency (Hz)")
+    h["SPECSYS"] = (frame, "Spectral reference frame")
+    radesys, equinox = RADESYS.get(obs.direction_frame.upper(), ("FK5", 2000.0))
+    h["RADESYS"], h["EQUINOX"] = radesys, equinox
     if beam is not None:
         h["BMAJ"], h["BMIN"], h["BPA"] = beam[0] / 3600.0, beam[1] / 3600.0, float(beam[2])
-    h["OBJECT"], h["TELESCOP"], h["ORIGIN"] = field, telescope, "almapipe"
+    h["TELESCOP"], h["INSTRUME"] = telescope, telescope
+    h["OBSERVER"] = obs.observer
+    if obs.date_obs:
+        t = Time(obs.date_obs, scale="utc")
+        h["DATE-OBS"] = (t.isot, "Observation start (UTC)")
+        h["MJD-OBS"] = (float(t.mjd), "Observation start (MJD, UTC)")
+        h["TIMESYS"] = "UTC"
+    ora, odec = obs_radec if obs_radec is not None else (ra_rad, dec_rad)
+    h["OBSRA"], h["OBSDEC"] = float(np.degrees(ora) % 360.0), float(np.degrees(odec))
+    if obs.obsgeo_m is not None:
+        h["OBSGEO-X"], h["OBSGEO-Y"], h["OBSGEO-Z"] = (float(x) for x in obs.obsgeo_m)
+    h["DATE"] = (Time.now().isot, "Date FITS file was written")
+    h["ORIGIN"] = f"almapipe {pipeline_version()}"
+    for line in obs.history:
+        h.add_history(line)
     return h
 
 

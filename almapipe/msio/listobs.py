@@ -1,6 +1,8 @@
 """The observation summary (CASA listobs content) and field roles (intents)."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import casacore.tables as ct
 from astropy.time import Time
@@ -58,12 +60,35 @@ def summary(ms: str) -> dict:
         f["time_on_source_s"] = float(sum(sc["duration_s"] for sc in scans if sc["field_id"] == f["id"]))
     spws = classify_spws(msio.spw_table(ms), scans)
     science = [s["id"] for s in spws if s["kind"] == "science"]
+    frame, rest = _directions_and_lines(ms, fields)
     return {"telescope": telescope, "observer": observer, "start": _iso(time.min()), "end": _iso(time.max()),
+            "start_mjd_s": float(time.min()), "direction_frame": frame,
             "duration_s": float(time.max() - time.min()), "nrows": int(len(time)),
             "scans": scans, "fields": fields, "spws": spws, "science_spws": science,
             "antennas": [dict(a, has_data=a["id"] in with_data) for a in ants],
             "baselines_m": {"min": float(bl.min()), "max": float(bl.max()), "median": float(np.median(bl))},
             "corr_types": msio.corr_types_of_spw(ms, science[0] if science else 0)}
+
+
+def _directions_and_lines(ms: str, fields: list) -> tuple:
+    """The frame of the fields' directions (the MEASINFO reference of FIELD.PHASE_DIR:
+    'J2000' for the VLA, 'ICRS' in ALMA's EBs) and, on each field, the rest frequency
+    of its source's first line (SOURCE.REST_FREQUENCY; None when the MS has none)."""
+    with ct.table(f"{ms}/FIELD", ack=False) as t:
+        ref = t.getcolkeywords("PHASE_DIR").get("MEASINFO", {}).get("Ref", "J2000")
+        source_ids = t.getcol("SOURCE_ID") if "SOURCE_ID" in t.colnames() else np.arange(t.nrows())
+    rest = {}
+    if os.path.isdir(f"{ms}/SOURCE"):
+        with ct.table(f"{ms}/SOURCE", ack=False) as t:
+            if "REST_FREQUENCY" in t.colnames():
+                for i in range(t.nrows()):
+                    if t.iscelldefined("REST_FREQUENCY", i):
+                        lines = np.ravel(t.getcell("REST_FREQUENCY", i))
+                        if len(lines) and lines[0] > 0:
+                            rest.setdefault(int(t.getcell("SOURCE_ID", i)), float(lines[0]))
+    for f, sid in zip(fields, source_ids):
+        f["rest_freq_hz"] = rest.get(int(sid))
+    return str(ref), rest
 
 
 # Intents of scans that calibrate the instrument without science data in their spws

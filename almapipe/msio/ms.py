@@ -266,3 +266,37 @@ def state_intents(ms: str) -> list[str]:
     """OBS_MODE strings of the STATE table (empty when the MS records no intents)."""
     with subtable(ms, "STATE") as t:
         return [str(m) for m in t.getcol("OBS_MODE")] if t.nrows() else []
+
+
+def set_direction_frame(ms: str, frame: str) -> None:
+    """Label the FIELD table's directions with a frame ('ICRS' in ALMA's EBs; the
+    default MS says 'J2000'): the MEASINFO reference that images take RADESYS from."""
+    with ct.table(f"{ms}/FIELD", readonly=False, ack=False) as t:
+        for col in ("PHASE_DIR", "DELAY_DIR", "REFERENCE_DIR"):
+            kw = t.getcolkeywords(col)
+            kw.setdefault("MEASINFO", {"type": "direction"})["Ref"] = frame
+            t.putcolkeywords(col, kw)
+
+
+def write_source_table(ms: str, names: list, rest_freq_hz: list, t0: float) -> None:
+    """A SOURCE table of one row per source (SOURCE_ID i = FIELD i) with its line's rest
+    frequency (REST_FREQUENCY, NUM_LINES 1; none where the frequency is 0), as importuvfits
+    writes the AIPS SU table's RESTFREQ: where images take RESTFRQ from."""
+    path = f"{ms}/SOURCE"
+    t = ct.default_ms_subtable("SOURCE", path)
+    t.addcols(ct.maketabdesc(ct.makearrcoldesc("REST_FREQUENCY", 0.0, ndim=1,
+                                               keywords={"QuantumUnits": ["Hz"],
+                                                         "MEASINFO": {"type": "frequency", "Ref": "LSRK"}})))
+    n = len(names)
+    t.addrows(n)
+    t.putcol("SOURCE_ID", np.arange(n))
+    t.putcol("NAME", [str(x) for x in names])
+    t.putcol("SPECTRAL_WINDOW_ID", np.full(n, -1))
+    t.putcol("TIME", np.full(n, t0))
+    for i, f in enumerate(rest_freq_hz):
+        t.putcell("NUM_LINES", i, 1 if f > 0 else 0)
+        if f > 0:
+            t.putcell("REST_FREQUENCY", i, np.array([float(f)]))
+    t.close()
+    with ct.table(ms, readonly=False, ack=False) as m:
+        m.putkeyword("SOURCE", "Table: " + os.path.abspath(path))

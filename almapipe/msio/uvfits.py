@@ -16,7 +16,7 @@ import numpy as np
 from astropy.io import fits
 
 from .. import limits
-from .ms import C_LIGHT, CORR_CODES, FREQ_FRAMES, MSError, fill_table, new_ms
+from .ms import C_LIGHT, CORR_CODES, FREQ_FRAMES, MSError, fill_table, new_ms, write_source_table
 
 # AIPS Stokes codes in the STOKES axis of a UVFITS file.
 AIPS_STOKES = {1: "I", 2: "Q", 3: "U", 4: "V", -1: "RR", -2: "LL", -3: "RL", -4: "LR",
@@ -123,12 +123,14 @@ def _convert(hdul, ms_path: str) -> dict:
         ra = np.deg2rad(np.mod(su["RAEPO"], 360.0))
         dec = np.deg2rad(su["DECEPO"])
         calcodes = [str(c).strip() for c in su["CALCODE"]]
+        rest = [float(x) for x in np.ravel(su["RESTFREQ"])[:len(su_ids)]] if "RESTFREQ" in su.names else []
     else:
         su_ids = [1]
         field_names = [h.get("OBJECT", "UNKNOWN").strip()]
         ra = np.deg2rad([h.get("OBSRA", 0.0)])
         dec = np.deg2rad([h.get("OBSDEC", 0.0)])
         calcodes = [""]
+        rest = []
     field_of_src = {sid: i for i, sid in enumerate(su_ids)}
     field_id = np.array([field_of_src.get(s, 0) for s in src])
 
@@ -186,6 +188,8 @@ def _convert(hdul, ms_path: str) -> dict:
         "NAME": field_names, "CODE": [c or "NONE" for c in calcodes], "TIME": np.full(nf, t0),
         "NUM_POLY": np.zeros(nf, int), "PHASE_DIR": dirs, "DELAY_DIR": dirs, "REFERENCE_DIR": dirs,
         "SOURCE_ID": np.arange(nf), "FLAG_ROW": np.zeros(nf, bool)})
+    if any(f > 0 for f in rest):    # the sources' lines (AIPS SU RESTFREQ): the images' RESTFRQ
+        write_source_table(ms_path, field_names, rest, t0)
     fill_table(f"{ms_path}/SPECTRAL_WINDOW", {
         "NAME": ["spw0"], "NUM_CHAN": [nchan], "CHAN_FREQ": freq[None, :],
         "CHAN_WIDTH": np.full((1, nchan), chan_width), "EFFECTIVE_BW": np.full((1, nchan), abs(chan_width)),

@@ -50,7 +50,7 @@ from astropy.time import Time
 from .alma_pads import ALMA_C1_PADS, ALMA_SITE
 from ..imaging.mosaic import direction_of, hexagonal_offsets, sin_offset
 from ..imaging.products import pb_fwhm, pb_response
-from ..msio.ms import CORR_CODES, FREQ_FRAMES, fill_table, new_ms
+from ..msio.ms import CORR_CODES, FREQ_FRAMES, fill_table, new_ms, set_direction_frame
 from ..stages.flagging import shadow_mask
 
 C = 299792458.0
@@ -512,6 +512,7 @@ class Simulator:
                                    "REFERENCE_DIR": dirs, "SOURCE_ID": np.arange(nf), "FLAG_ROW": np.zeros(nf, bool)})
         if c.sso_body:
             self._write_ephemeris(ms, t0, t0 + total_s)
+        set_direction_frame(ms, "ICRS")      # as importasdm labels ALMA's directions
         self._write_spectral_setup(ms)
         fill_table(f"{ms}/FEED", {
             "ANTENNA_ID": np.arange(n), "FEED_ID": np.zeros(n, int), "SPECTRAL_WINDOW_ID": np.full(n, -1),

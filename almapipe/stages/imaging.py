@@ -20,13 +20,18 @@ from ..imaging.imager import (ImageSpec, Planes, aggregate_continuum, clean_plan
                               restore_planes, stokes_i)
 from ..imaging.kernels import shift_spectra  # noqa: E402
 from ..imaging.mosaic import make_mosaic  # noqa: E402
-from ..imaging.products import image_header, mosaic_noise_factor, pb_fwhm, write_fits  # noqa: E402
+from ..imaging.products import (image_header, mosaic_noise_factor, obs_info, pb_fwhm,  # noqa: E402
+                                pipeline_version, write_fits)
 from ..imaging.uvcontsub import format_channels, parse_channels, subtract_continuum  # noqa: E402
 from ..msio import ms as msio  # noqa: E402
 
 # the largest image makeimages makes from its heuristics (per image kind: max_imsize)
 MAX_IMSIZE = 4096
-INTENT_SUFFIX = {"BANDPASS": "bp", "FLUX": "flux", "PHASE": "ph", "CHECK": "check", "TARGET": "sci"}
+# channels at each end of a spw that a cube's reported peak never comes from (the
+# bandpass rolls off there; an unflagged edge channel is the noisiest of the cube)
+EDGE_CHANNELS = 1
+# the intent part of ALMA's product names (<field>_<intent>), by priority
+INTENT_SUFFIX = {"TARGET": "sci", "BANDPASS": "bp", "FLUX": "flux", "PHASE": "ph", "CHECK": "ch"}
 
 
 # ------------------------------------------------------------------ split
@@ -327,15 +332,23 @@ def dr_correction(theoretical_rms: float, dirty_peak: float, calibrator: bool, d
     return new, new / base
 
 
-def _stats(res, spec: ImageSpec, cont_mask: np.ndarray | None, specmode: str) -> dict:
+def _stats(res, spec: ImageSpec, cont_mask: np.ndarray | None, specmode: str,
+           peak_ok: np.ndarray | None = None) -> dict:
+    """Peak and rms of an image inside its pb limit: the peak from the planes peak_ok
+    allows (a cube's: ImageJob.peak_planes), the rms from a cube's line-free planes
+    among those (else the residual)."""
     inside = res.mask
-    if specmode == "cube" and cont_mask is not None and cont_mask.any():
-        noise_planes = res.image[cont_mask]
+    ok = np.ones(len(res.image), bool) if peak_ok is None or len(peak_ok) != len(res.image) else peak_ok
+    if specmode == "cube" and cont_mask is not None and (cont_mask & ok).any():
+        noise_planes = res.image[cont_mask & ok]
     else:
         noise_planes = res.residual
     rms = robust_rms(noise_planes[:, inside])
-    peak = float(np.nanmax(res.image[:, inside])) if inside.any() else 0.0
-    return {"rms": rms, "peak": peak}
+    if not inside.any():
+        return {"rms": rms, "peak": 0.0, "peak_plane": 0}
+    per_plane = np.where(ok, np.nanmax(np.where(inside[None], res.image, -np.inf), axis=(1, 2)), -np.inf)
+    plane = int(np.argmax(per_plane))
+    return {"rms": rms, "peak": float(per_plane[plane]), "peak_plane": plane}
 
 
 def _theoretical_rms(vis: msio.Vis, spec: ImageSpec, chans: np.ndarray | None, mfs: bool) -> float | None:
@@ -368,10 +381,28 @@ def _theoretical_rms(vis: msio.Vis, spec: ImageSpec, chans: np.ndarray | None, m
     return float(sigma_unit * np.sqrt((wim[sel] ** 2 / wnat[sel]).sum()) / wim[sel].sum())
 
 
-def _product_name(ctx: dict, field: str, intents: list, spw: int, specmode: str) -> str:
-    intent = next((INTENT_SUFFIX[i] for i in ("TARGET", "BANDPASS", "FLUX", "PHASE", "CHECK") if i in intents), "sci")
+def ous_name(ctx: dict) -> str:
+    """The OUS id products are named by, as the ALMA pipeline writes it ('uid://A001/X1/X2'
+    -> 'uid___A001_X1_X2'): the run's MOUS id (a parameter, or the trigger's), else the
+    MS's name."""
+    raw = ctx.get("mous_id") or ctx.get("user", {}).get("mous_id") or ctx.get("ms_name") or "oussid"
+    return str(raw).replace(":", "_").replace("/", "_")
+
+
+def product_name(ous: str, stage_no: int, field: str, intents: list, spw, mode: str) -> str:
+    """ALMA's image product name without its extension:
+    <ous>.s<stage>_0.<field>_<intent>.spw<N>.<mode>.I, mode 'mfs' (a calibrator, or a
+    target's continuum in one spw), 'cont' (the aggregate continuum of several spws,
+    spw '5_7') or 'cube'."""
+    intent = next((INTENT_SUFFIX[i] for i in INTENT_SUFFIX if i in intents), "sci")
     safe = field.replace(" ", "_")
-    return f"{ctx.get('ms_name', 'oussid')}.{safe}_{intent}.spw{spw}.{specmode}.I"
+    return f"{ous}.s{stage_no}_0.{safe}_{intent}.spw{spw}.{mode}.I"
+
+
+def _product_name(ctx: dict, io: StageIO, field: str, intents: list, spw, specmode: str, aggregate: bool) -> str:
+    """product_name of an image of makeimages (stage numbers count from 1, as ALMA's do)."""
+    mode = "cube" if specmode == "cube" else "cont" if aggregate else "mfs"
+    return product_name(ous_name(ctx), io.stage_index + 1, field, intents, spw, mode)
 
 
 def target_groups(ctx: dict) -> list:
@@ -442,6 +473,11 @@ class ImageJob:
             self.vis = read_group(io, part, fields=self.fids, column=column)
             self.part = part
         self.theoretical = theoretical
+        self.bands = []
+        if isinstance(part, list):      # the aggregate's band: its spws' selected channels, edges included
+            for v, m in (pc for pc in pieces if pc[1].any()):
+                w = float(np.median(np.abs(np.diff(v.freq)))) if len(v.freq) > 1 else 0.0
+                self.bands.append((float(v.freq[m].min() - w / 2), float(v.freq[m].max() + w / 2), w))
         self.dr_seen = {}
         self.lsrk_shift = 0.0           # the largest move of a cube's rows onto the LSRK grid, channels
 
@@ -524,29 +560,69 @@ class ImageJob:
         self.io.visibilities += self.vis.data.size
         return clean_planes(self.vis, spec)
 
+    def band(self) -> tuple:
+        """(lowest, highest frequency, channel width) of the channels imaged, edges of the
+        channels included, in the data's frame: an mfs image's centre and bandwidth."""
+        if self.bands:                  # the aggregate: the spws' continuum channels together
+            return min(b[0] for b in self.bands), max(b[1] for b in self.bands), self.bands[0][2]
+        f = self.vis.freq
+        width = float(np.median(np.diff(f))) if len(f) > 1 else \
+            float(spw_info(self.ctx, self.part["spw"]).get("chan_width_hz", 0.0))
+        sel = f[self.chans]
+        return float(sel.min() - abs(width) / 2), float(sel.max() + abs(width) / 2), width
+
+    def peak_planes(self) -> np.ndarray:
+        """The planes a cube's peak may be reported from: not the spw's edge channels
+        (EDGE_CHANNELS at each end, where the bandpass rolls off and the noise is
+        highest) and not planes without unflagged data. All planes of an mfs image."""
+        idx = np.flatnonzero(self.chans)
+        if self.specmode != "cube":
+            return np.ones(1, bool)
+        nchan = len(self.vis.freq)
+        cross = self.vis.ant1 != self.vis.ant2
+        has_data = ~self.vis.flag[cross][:, idx].all(axis=(0, 2)) if cross.any() else np.zeros(len(idx), bool)
+        inner = (idx >= EDGE_CHANNELS) & (idx < nchan - EDGE_CHANNELS)
+        ok = has_data & inner
+        return ok if ok.any() else has_data if has_data.any() else np.ones(len(idx), bool)
+
     def products(self, planes, qa: QA) -> dict:
         """Restore, write the FITS products, measure and score: the image's record."""
         ctx, io, spec, p, part, fid = self.ctx, self.io, self.spec, self.p, self.part, self.fid
         res = restore_planes(planes, spec, self.dish, self.telescope)
         nchan = len(self.vis.freq)
-        base = _product_name(ctx, spec.field, self.fctx["intents"], part["spw"], self.specmode)
+        base = _product_name(ctx, io, spec.field, self.fctx["intents"], part["spw"], self.specmode,
+                             bool(p.get("aggregate", False)))
         cont_mask = None
         cont = part.get("cont_chans", {}).get(self.field["name"]) if self.specmode == "cube" else None
         if cont:
             cont_mask = parse_channels(cont, nchan)[self.chans]
-        stats = _stats(res, spec, cont_mask, self.specmode)
+        peak_ok = self.peak_planes()
+        stats = _stats(res, spec, cont_mask, self.specmode, peak_ok)
         # images are labelled in LSRK, as the ALMA pipeline makes them
         factor, frame = lsrk_labels(ctx, part.get("frame_spw", part["spw"]), fid, self.vis.time)
         ra, dec = spec.mosaic.centre if spec.mosaic else (self.field["ra_rad"], self.field["dec_rad"])
+        lo, hi, width = self.band()
+        if self.specmode == "cube":     # the planes' frequencies; a one-plane cube's width is its channel's
+            freqs, bandwidth = res.freqs * factor, width * factor
+        else:                           # the centre and the width of the band taken, as tclean's mfs
+            freqs, bandwidth = np.array([0.5 * (lo + hi) * factor]), (hi - lo) * factor
+        # the line's rest frequency from the SOURCE table, else the centre of the band (tclean's default)
+        restfreq = self.field.get("rest_freq_hz") or 0.5 * (lo + hi) * factor
+        recipe = ctx.get("recipe", {})
+        obs = obs_info(ctx["observation"], history=(
+            f"almapipe {pipeline_version()}",
+            f"recipe {recipe.get('name', 'custom')} version {recipe.get('version', 1)}",
+            f"stage {io.stage_index + 1} makeimages" + (f" ({io.stage})" if io.stage != "makeimages" else "")
+            + f": {self.label()}"))
         files = {}
         for suffix, planes_, unit in (("image", res.image, "Jy/beam"), ("pbcor", res.pbcor, "Jy/beam"),
                                       ("pb", np.repeat(res.pb[None], len(res.freqs), 0), ""),
                                       ("mask", res.clean_mask.astype(np.float32) if res.clean_mask is not None
                                        else np.repeat(res.mask[None].astype(np.float32), len(res.freqs), 0), ""),
                                       ("residual", res.residual, "Jy/beam")):
-            hdr = image_header(ra, dec, spec.npix, np.radians(spec.cell_arcsec / 3600),
-                               res.freqs * factor, frame, unit, res.beam, spec.field, self.telescope,
-                               restfreq=1.420405752e9 if self.telescope.upper() in ("VLA", "EVLA") else None)
+            hdr = image_header(ra, dec, spec.npix, np.radians(spec.cell_arcsec / 3600), freqs, frame, unit,
+                               res.beam, spec.field, self.telescope, restfreq=restfreq, bandwidth_hz=bandwidth,
+                               obs=obs, obs_radec=(self.field["ra_rad"], self.field["dec_rad"]))
             path = os.path.join(io.workdir, f"{base}.{suffix}.fits")
             write_fits(path, planes_, hdr)
             files[suffix] = io.put_file(path)["key"]
@@ -558,7 +634,8 @@ class ImageJob:
                "theoretical_rms_jy_per_beam": theo,
                "dynamic_range": stats["peak"] / stats["rms"] if stats["rms"] > 0 else None,
                "beam_arcsec": [round(res.beam[0], 3), round(res.beam[1], 3), round(res.beam[2], 2)],
-               "stop_reasons": sorted(set(res.stop_reasons)), "thumbnail": _thumbnail(io, res, base, self.specmode),
+               "stop_reasons": sorted(set(res.stop_reasons)),
+               "thumbnail": _thumbnail(io, res, base, self.specmode, stats["peak_plane"]),
                "aggregate": bool(p.get("aggregate", False)),
                "pointings": len(spec.mosaic.pointings) if spec.mosaic else 1,
                "dr_correction": self.dr_seen.get("factor", 1.0), "threshold_jy": self.dr_seen.get("threshold"),
@@ -569,8 +646,8 @@ class ImageJob:
                 qa.note(f"{rec['file']}: rows moved onto the LSRK channel grid by up to {self.lsrk_shift:.2f} "
                         "channels.")
             rec["chans"] = p.get("chans", "")
-            rec["peak_channel"] = int(np.flatnonzero(self.chans)[int(np.nanargmax(np.nanmax(res.image, axis=(1, 2))))])
-            rec["spectrum_png"] = _cube_spectrum(io, res, base, np.flatnonzero(self.chans))
+            rec["peak_channel"] = int(np.flatnonzero(self.chans)[stats["peak_plane"]])
+            rec["spectrum_png"] = _cube_spectrum(io, res, base, np.flatnonzero(self.chans), peak_ok)
         rec["qa_score"] = _image_qa(rec)
         if rec["qa_score"] < 0.9:
             qa.lower(rec["qa_score"], f"{rec['file']}: rms {stats['rms'] * 1e3:.2f} mJy/beam"
@@ -685,8 +762,8 @@ def _image_qa(rec: dict) -> float:
     return 1.0 if dr > 100 else 0.8 if dr > 20 else 0.5
 
 
-def _thumbnail(io, res, base, specmode) -> str:
-    plane = res.image[0] if specmode == "mfs" else res.image[int(np.nanargmax(np.nanmax(res.image, axis=(1, 2))))]
+def _thumbnail(io, res, base, specmode, peak_plane: int = 0) -> str:
+    plane = res.image[0] if specmode == "mfs" else res.image[peak_plane]
     fig, ax = plt.subplots(figsize=(4.5, 4))
     im = ax.imshow(plane, origin="lower", cmap="inferno")
     ax.contour(res.pb, levels=[0.2, 0.5], colors="w", linewidths=0.5)
@@ -697,10 +774,13 @@ def _thumbnail(io, res, base, specmode) -> str:
     return io.plot(fig, f"{base}.png")["key"]
 
 
-def _cube_spectrum(io, res, base, chan_numbers) -> str:
+def _cube_spectrum(io, res, base, chan_numbers, peak_ok) -> str:
     fig, ax = plt.subplots(figsize=(7, 3))
     peak = np.nanmax(res.image, axis=(1, 2))
     ax.plot(chan_numbers, peak * 1e3, "k.-", ms=3)
+    if not peak_ok.all():              # edge and flagged planes, which the peak is not taken from
+        ax.plot(chan_numbers[~peak_ok], peak[~peak_ok] * 1e3, "x", color="tab:red", label="edge / flagged")
+        ax.legend()
     ax.set_xlabel("channel")
     ax.set_ylabel("peak (mJy/beam)")
     ax.set_title("Peak flux density per channel")

@@ -11,17 +11,25 @@ import os
 import tarfile
 
 from .base import QA, StageIO, stage
+from .imaging import ous_name
+from ..report.qa2 import qa2_section, requested_goals
 from ..report import weblog as weblog_render
 
 README = """almapipe products package
 =========================
 
 run id      : {run_id}
+OUS         : {ous}
 recipe      : {recipe} (version {version})
 input       : {input_key}
 
-product/      FITS images (image, pbcor, pb, mask, residual), cont.dat, flux.csv
-calibration/  CASA calibration tables (tar archives of the table directories)
+product/      FITS images named as the ALMA pipeline names them,
+              <OUS>.s<stage>_0.<field>_<intent>.spw<N>.<mode>.I.<kind>.fits:
+              intent sci (target), bp, ph, flux, ch (check source); mode mfs (one spw),
+              cont (the aggregate continuum of spws N = 5_7), cube; kind pbcor, pb,
+              mask, and image and residual (not primary-beam corrected)
+calibration/  CASA calibration tables (tar archives of the table directories),
+              <OUS>.cont.dat, flux.csv, and the antennapos.csv and flag template given
 qa/           the WebLog (weblog.tar.gz, open weblog/index.html) and qa_scores.json
 log/          the log of every stage
 script/       recipe.json: the exact recipe this run executed;
@@ -46,10 +54,19 @@ def exportdata(ctx: dict, params: dict, io: StageIO) -> QA:
     for img in ctx.get("images", []):
         for suffix, key in img["files"].items():
             pkg[f"product/{os.path.basename(key)}"] = key
+    ous = ous_name(ctx)
+    # the calibration's text inputs and outputs, where the ALMA pipeline puts them
     if ctx.get("cont_dat_key"):
-        pkg["product/cont.dat"] = ctx["cont_dat_key"]
+        pkg[f"calibration/{ous}.cont.dat"] = ctx["cont_dat_key"]
     if ctx.get("flux_csv_key"):
-        pkg["product/flux.csv"] = ctx["flux_csv_key"]
+        pkg["calibration/flux.csv"] = ctx["flux_csv_key"]
+    user = ctx.get("user") or {}
+    if user.get("antennapos"):
+        pkg["calibration/antennapos.csv"] = io.put_bytes(user["antennapos"].encode(), "antennapos.csv",
+                                                         "text/csv")["key"]
+    if user.get("flag_template"):
+        name = f"{ctx.get('ms_name', ous)}_flagtemplate.txt"
+        pkg[f"calibration/{name}"] = io.put_bytes(user["flag_template"].encode(), name, "text/plain")["key"]
     for name, entry in ctx.get("caltables", {}).items():
         pkg[f"calibration/{entry['name']}.tar"] = entry["key"]
     for r in ctx["stage_results"]:
@@ -66,9 +83,10 @@ def exportdata(ctx: dict, params: dict, io: StageIO) -> QA:
     pkg["script/rerun.sh"] = io.put_bytes(RERUN.format().encode(), "rerun.sh", "text/x-shellscript")["key"]
     qa_scores = {r["name"]: {"score": r["qa_score"], "reasons": r["qa_reasons"]} for r in ctx["stage_results"]}
     pkg["qa/qa_scores.json"] = io.put_json(qa_scores, "qa_scores.json")["key"]
-    pkg["README"] = io.put_bytes(README.format(run_id=ctx["run_id"], recipe=recipe.get("name"),
-                                               version=recipe.get("version"), input_key=ctx["input_key"]).encode(),
-                                 "README", "text/plain")["key"]
+    readme = README.format(run_id=ctx["run_id"], ous=ous, recipe=recipe.get("name"),
+                           version=recipe.get("version"), input_key=ctx["input_key"])
+    readme += "\n" + qa2_section(ctx.get("images", []), requested_goals(ctx, params))
+    pkg["README"] = io.put_bytes(readme.encode(), "README", "text/plain")["key"]
     ctx["package"] = pkg
     n_fits = sum(1 for p in pkg if p.endswith(".fits"))
     if not n_fits:
