@@ -67,7 +67,8 @@ def test_alma_recipe_runs_every_stage(alma_run):
     assert run.status == pb.RUN_STATUS_SUCCEEDED, run.error
     names = [s["name"] for s in summary["stages"]]
     for stage in ("flagdata", "fluxcalflag", "rawflagchans", "refant", "tsyscal", "tsysflag", "antpos", "wvrgcal",
-                  "lowgainflag", "setjy", "bandpass", "spwphaseup", "gaincal", "fluxscale", "timegaincal", "applycal"):
+                  "lowgainflag", "setjy", "bandpass", "spwphaseup", "gainflag", "gaincal", "fluxscale", "timegaincal",
+                  "applycal", "flagtargets"):
         assert stage in names
     assert (out / "qa" / "weblog" / "index.html").exists()
 
@@ -232,6 +233,44 @@ def test_lowgainflag_flags_the_dead_antenna_only(alma_run):
     _, truth, _, summary, _ = alma_run
     assert summary["calibration"]["flags"]["lowgainflag"] == [truth["dead_antenna"]]
     assert summary["calibration"]["flags"]["tsysflag"] == []        # no outlier Tsys was injected
+    # nor outlier gains (beyond the dead antenna, flagged before), nor bad target data
+    assert summary["calibration"]["flags"]["gainflag"] == {}
+    assert summary["calibration"]["flags"]["flagtargets"]["outlier_fraction"] < 1e-3
+
+
+def test_restore_rebuilds_the_calibrated_data_from_the_package(alma_run, stack, tmp_path):
+    """`almapipe restore` on the raw EB and the downloaded package writes the CORRECTED_DATA,
+    flags and weights the pipeline's applycal (and flagtargets) left, to float precision;
+    calapply.txt holds the applycal calls, and the CASA script is in script/."""
+    import glob
+    from almapipe.cli import main
+    from almapipe.msio.ms import read_vis
+    from almapipe.platform.store import ObjectStore
+    sim, truth, run, summary, out = alma_run
+    assert (out / "calibration" / "eb.calapply.txt").exists() and (out / "script" / "casa_restore.py").exists()
+    calapply = (out / "calibration" / "eb.calapply.txt").read_text()
+    assert calapply.count("applycal(") >= 2 and "eb.timegaincal_transfer.tbl" in calapply
+    (eb,) = glob.glob(str(out.parent / "eb" / "*.ms"))
+    assert main(["restore", str(out), eb, "--out", str(tmp_path / "restored")]) == 0
+    restored = str(tmp_path / "restored" / os.path.basename(eb))
+    # what the pipeline wrote: the final context's partitions (all fields, after applycal
+    # and flagtargets) and the split target
+    _, cfg = stack
+    store = ObjectStore(cfg)
+    ctx = store.get_json(sorted(o.object_name for o in store.list(f"runs/{run.run_id}/context/"))[-1])
+    targets = [f["id"] for f in ctx["fields"] if "TARGET" in f["intents"]]
+    for part, tpart in zip(ctx["partitions"], ctx["target_partitions"]):
+        spw = part["spw"]
+        mine = read_vis(restored, spw, column="CORRECTED_DATA")
+        theirs = read_vis(store.get_dir(part["key"], str(tmp_path / "p")), spw, column="CORRECTED_DATA")
+        assert np.array_equal(mine.flag, theirs.flag)
+        assert np.allclose(mine.weight, theirs.weight, rtol=1e-6, atol=0)
+        assert np.allclose(mine.data, theirs.data, rtol=1e-6, atol=1e-7)
+        tgt = read_vis(store.get_dir(tpart["key"], str(tmp_path / "t")), spw)
+        mine_t = read_vis(restored, spw, column="CORRECTED_DATA", field_ids=targets)
+        ok = ~tgt.flag
+        assert np.array_equal(mine_t.flag, tgt.flag)
+        assert np.allclose(mine_t.data[ok], tgt.data[ok], rtol=1e-6, atol=1e-7)
 
 
 def test_bandpass_within_1pct_and_1deg_of_truth(alma_run):

@@ -11,6 +11,7 @@ import os
 import tarfile
 
 from .base import QA, StageIO, stage
+from .calpackage import calibration_package
 from ..report import weblog as weblog_render
 
 README = """almapipe products package
@@ -21,7 +22,11 @@ recipe      : {recipe} (version {version})
 input       : {input_key}
 
 product/      FITS images (image, pbcor, pb, mask, residual), cont.dat, flux.csv
-calibration/  CASA calibration tables (tar archives of the table directories)
+calibration/  CASA calibration tables (tar archives of the table directories);
+              <ms>.calapply.txt (how they were applied, as CASA applycal calls),
+              <ms>.flags.npz (the final flags), <ms>.callibrary.json: rebuild the
+              calibrated MS with `almapipe restore . EB.ms --out DIR` or with
+              script/casa_restore.py in CASA
 qa/           the WebLog (weblog.tar.gz, open weblog/index.html) and qa_scores.json
 log/          the log of every stage
 script/       recipe.json: the exact recipe this run executed;
@@ -55,6 +60,7 @@ def exportdata(ctx: dict, params: dict, io: StageIO) -> QA:
     for r in ctx["stage_results"]:
         if r.get("log_key"):
             pkg[f"log/{r['index']:02d}_{r['name']}.log"] = r["log_key"]
+    pkg.update(calibration_package(ctx, io))      # calapply, flags, CASA restore script
     recipe = ctx["recipe"]
     pkg["script/recipe.json"] = io.put_bytes(json.dumps(recipe, indent=2).encode(), "recipe.json",
                                              "application/json")["key"]
