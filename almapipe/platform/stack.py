@@ -29,6 +29,20 @@ class StackError(RuntimeError):
     """The stack could not start; the message says which part and why."""
 
 
+def _weed_side_servers_off(exe: str) -> list:
+    """Newer SeaweedFS starts an Iceberg catalog and a Lance server on fixed ports
+    (8181, 9101) with its S3 server; two stacks on one machine then collide and the
+    second S3 server dies. Turn them off where this weed has them (older ones refuse
+    the flags)."""
+    import subprocess
+    try:
+        out = subprocess.run([exe, "server", "-h"], capture_output=True, text=True, timeout=30)
+        text = out.stdout + out.stderr
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [f"-s3.port.{name}=0" for name in ("iceberg", "lance") if f"-s3.port.{name}" in text]
+
+
 def _bin(name: str) -> str | None:
     local = os.path.join(os.path.dirname(sys.executable), name)
     return local if os.path.exists(local) else shutil.which(name)
@@ -155,7 +169,7 @@ class Stack:
                                    f"-s3.config={ident}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                                    f"-master.port={port('weed_master')}", f"-volume.port={port('weed_volume')}",
                                    f"-filer.port={port('weed_filer')}", "-volume.max=0",
-                                   "-master.volumeSizeLimitMB=256"], env)
+                                   "-master.volumeSizeLimitMB=256"] + _weed_side_servers_off(exe), env)
         store = ObjectStore(cfg)
 
         def ready():
