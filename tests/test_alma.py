@@ -71,6 +71,9 @@ def test_alma_recipe_runs_every_stage(alma_run):
                   "applycal", "flagtargets"):
         assert stage in names
     assert (out / "qa" / "weblog" / "index.html").exists()
+    # every stage's log says at least what it did (parameters, outputs, QA)
+    logs = sorted((out / "log").iterdir())
+    assert len(logs) >= len(names) - 2 and all(p.read_text().strip() for p in logs)   # all but exportdata, weblog
 
 
 def test_derived_fluxes_within_2pct_of_truth(alma_run):
@@ -257,7 +260,8 @@ def test_restore_rebuilds_the_calibrated_data_from_the_package(alma_run, stack, 
     # and flagtargets) and the split target
     _, cfg = stack
     store = ObjectStore(cfg)
-    ctx = store.get_json(sorted(o.object_name for o in store.list(f"runs/{run.run_id}/context/"))[-1])
+    keys = [o.object_name for o in store.list(f"runs/{run.run_id}/context/")]
+    ctx = store.get_json(sorted(k for k in keys if os.path.basename(k)[0].isdigit())[-1])   # not init.json
     targets = [f["id"] for f in ctx["fields"] if "TARGET" in f["intents"]]
     for part, tpart in zip(ctx["partitions"], ctx["target_partitions"]):
         spw = part["spw"]
