@@ -56,6 +56,15 @@ def mosaic_run(stack, stub, tmp_path_factory):  # noqa: F811
                             {"makeimages.calibrator": json.dumps({"max_imsize": 32})})
 
 
+@pytest.fixture(scope="module")
+def outliers_run(stack, stub, tmp_path_factory):  # noqa: F811
+    """Preset 'outliers': one antenna at 0.4 of its gain in one spw, a burst of bad data on
+    one target baseline; imaging cut to the target's continuum."""
+    return run_simulated_eb(stack, stub, tmp_path_factory.mktemp("outliers"), "outliers",
+                            {"makeimages.calibrators": "false", "makeimages.target_cube": "false",
+                             "makeimages.target_aggregate": "false"})
+
+
 def extract_table(out, name: str) -> list:
     with tarfile.open(out / "calibration" / f"eb.{name}.tbl.tar") as t:
         t.extractall(out / "cal", filter="data")
@@ -581,3 +590,32 @@ def test_an_image_larger_than_max_imsize_is_named_not_made(mosaic_run):
     assert len(skipped) == 3 * 2, stage["qa_reasons"]          # 3 calibrators x 2 spws
     assert stage["qa_score"] <= 0.5
     assert {i["field"] for i in summary["images"]} == {"Target"}
+
+
+def test_gainflag_and_flagtargets_flag_the_injected_bad_data(outliers_run):
+    """gainflag flags the antenna whose gain is at 0.4 in one spw, in that spw only (the
+    dead antenna is lowgainflag's); flagtargets flags the burst on the target baseline in
+    every spw and hardly anything else."""
+    from almapipe.calibration.restore import read_flags
+    sim, truth, run, summary, out = outliers_run
+    assert run.status == pb.RUN_STATUS_SUCCEEDED, run.error
+    flags = summary["calibration"]["flags"]
+    bad = truth["bad_gain"]
+    assert flags["gainflag"] == {str(bad["spw"]): [bad["antenna"]]}
+    assert flags["lowgainflag"] == [truth["dead_antenna"]]
+    burst = truth["target_burst"]
+    a, b = sorted(truth["antennas"].index(n) for n in burst["antennas"])
+    final = read_flags(str(out / "calibration" / "eb.flags.npz"))
+    nburst = 0
+    for spw, (flag, time, ant1, ant2) in final.items():
+        rows = (ant1 == a) & (ant2 == b) & (time > burst["start_mjd_s"]) & (time < burst["end_mjd_s"])
+        assert rows.sum() == burst["rows_per_spw"] and flag[rows].all(), spw
+        nburst += int(rows.sum()) * flag.shape[1] * flag.shape[2]
+        if spw != bad["spw"]:                 # the antenna with the low gain is flagged only where it is low
+            k = truth["antennas"].index(bad["antenna"])
+            mine = (ant1 == k) | (ant2 == k)
+            assert not flag[mine].all()
+    # newly flagged target samples: the burst's (less its band edges, flagged before), little else
+    n = summary["calibration"]["flags"]["flagtargets"]["outliers_per_field"]["Target"]
+    assert 0.75 * nburst <= n <= 1.05 * nburst, (n, nburst)
+

@@ -97,7 +97,8 @@ def gainflag(ctx: dict, params: dict, io: StageIO) -> QA:
                                              preapply=preapply(ctx, io, part["spw"])))
         bad = gain_outliers(g, params.get("nsigma", 4.0), params.get("min_factor", 2.0),
                             params.get("rms_factor", 3.0), params.get("nsigma_rms", 6.0))
-        io.log("spw %d: %d antennas with gains, outliers: %s", part["spw"], len(np.unique(g.antenna)),
+        solved = np.unique(g.antenna[~g.flag.all(axis=(1, 2))])
+        io.log("spw %d: gains of %d antennas, outliers: %s", part["spw"], len(solved),
                ", ".join(f"{ants[a]['name']} ({why})" for a, why in sorted(bad.items())) or "none")
         if bad:
             full = msio.read_vis(ms, part["spw"])
