@@ -59,10 +59,12 @@ def mosaic_run(stack, stub, tmp_path_factory):  # noqa: F811
 @pytest.fixture(scope="module")
 def outliers_run(stack, stub, tmp_path_factory):  # noqa: F811
     """Preset 'outliers': one antenna at 0.4 of its gain in one spw, a burst of bad data on
-    one target baseline; imaging cut to the target's continuum."""
+    one target baseline; a target flag template for baseline 5-6 in spw 5; imaging cut to
+    the target's continuum."""
     return run_simulated_eb(stack, stub, tmp_path_factory.mktemp("outliers"), "outliers",
                             {"makeimages.calibrators": "false", "makeimages.target_cube": "false",
-                             "makeimages.target_aggregate": "false"})
+                             "makeimages.target_aggregate": "false",
+                             "flagtargets.template": "antenna='5&6' spw='5'"})
 
 
 def extract_table(out, name: str) -> list:
@@ -279,6 +281,8 @@ def test_restore_rebuilds_the_calibrated_data_from_the_package(alma_run, stack, 
         assert np.array_equal(mine.flag, theirs.flag)
         assert np.allclose(mine.weight, theirs.weight, rtol=1e-6, atol=0)
         assert np.allclose(mine.data, theirs.data, rtol=1e-6, atol=1e-7)
+        print(f"restore spw {spw}: CORRECTED_DATA identical: {np.array_equal(mine.data, theirs.data)}, "
+              f"max |diff| {np.abs(mine.data - theirs.data).max():.3g}")
         tgt = read_vis(store.get_dir(tpart["key"], str(tmp_path / "t")), spw)
         mine_t = read_vis(restored, spw, column="CORRECTED_DATA", field_ids=targets)
         ok = ~tgt.flag
@@ -615,6 +619,13 @@ def test_gainflag_and_flagtargets_flag_the_injected_bad_data(outliers_run):
             k = truth["antennas"].index(bad["antenna"])
             mine = (ant1 == k) | (ant2 == k)
             assert not flag[mine].all()
+    # the template: baseline 5-6 on the target in spw 5, not in spw 7
+    on_target = lambda t: np.any([(t > sc["start_mjd_s"]) & (t < sc["end_mjd_s"])  # noqa: E731
+                                  for sc in truth["scans"] if sc["kind"] == "TARGET"], axis=0)
+    for spw, (flag, time, ant1, ant2) in final.items():
+        rows = (ant1 == 5) & (ant2 == 6) & on_target(time)
+        assert rows.any() and flag[rows].all() == (spw == sim.science_spw_ids[0]), spw
+    assert summary["calibration"]["flags"]["flagtargets"]["template_fraction"] > 0
     # newly flagged target samples: the burst's (less its band edges, flagged before), little else
     n = summary["calibration"]["flags"]["flagtargets"]["outliers_per_field"]["Target"]
     assert 0.75 * nburst <= n <= 1.05 * nburst, (n, nburst)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import QA, StageIO, field_name, require_intent, stage
+from .base import QA, StageError, StageIO, field_name, require_intent, stage
 from .calibration import calibrator_ids, field_models, preapply, read_part, refant_id
 from .flagging import parse_template, template_mask
 from ..calibration.caltable import CalSolutions
@@ -175,6 +175,8 @@ def flagtargets(ctx: dict, params: dict, io: StageIO) -> QA:
     outliers of the calibrated target amplitudes against uv distance (uv_outliers)."""
     qa = QA()
     targets = require_intent(ctx, "TARGET", "flagtargets")
+    if not all(p.get("calibrated") for p in ctx["partitions"]):
+        raise StageError("flagtargets: the data are not calibrated (no CORRECTED_DATA); run applycal first")
     text = params.get("template") or ctx["user"].get("flagtargets_template") or ""
     commands = parse_template(text) if text else []
     ants = ctx["observation"]["antennas"]
