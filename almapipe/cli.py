@@ -5,6 +5,7 @@
   almapipe recipes                     list the recipes
   almapipe token add NAME --role R     a gateway token for a new identity
   almapipe simulate --preset small     an ALMA-like EB with known truth
+  almapipe restore PACKAGE EB.ms --out DIR   the calibrated MS again, from the package
 """
 from __future__ import annotations
 
@@ -280,6 +281,34 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def cmd_restore(args) -> int:
+    """Rebuild each EB's calibrated MS from the raw EB and the package's calibration/
+    (tables, calapply record, flags): no heuristic runs (decision 11)."""
+    from .calibration.restore import RestoreError, restore_ms
+    if not os.path.isdir(os.path.join(args.package, "calibration")):
+        print(f"almapipe restore: {args.package} has no calibration/: not a products package", file=sys.stderr)
+        return 2
+    for eb in args.eb:
+        if not os.path.exists(eb):
+            print(f"almapipe restore: EB {eb} does not exist", file=sys.stderr)
+            return 2
+        try:
+            out = restore_ms(args.package, eb, args.out, n_ebs=len(args.eb))
+        except RestoreError as exc:
+            print(f"almapipe restore: {exc}", file=sys.stderr)
+            return 1
+        print(f"wrote {out}")
+    return 0
+
+
+def add_restore_parser(sub) -> None:
+    rs = sub.add_parser("restore", help="rebuild calibrated MSs from raw EBs and a products package")
+    rs.add_argument("package", help="a products package (the --out directory of `almapipe run`)")
+    rs.add_argument("eb", nargs="+", help="the raw EB(s) the run calibrated (MS directory or tar)")
+    rs.add_argument("--out", default="restored", help="directory for the calibrated MS(s)")
+    rs.set_defaults(fn=cmd_restore)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="almapipe", description="ALMA/VLA calibration and imaging pipeline")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -311,6 +340,7 @@ def main(argv=None) -> int:
     for opt in ("nant", "nspw", "nchan", "target-scans", "seed"):
         sm.add_argument(f"--{opt}", type=int)
     sm.set_defaults(fn=cmd_simulate)
+    add_restore_parser(sub)
     args = ap.parse_args(argv)
     return args.fn(args)
 

@@ -636,6 +636,7 @@ def merge_eb_contexts(init: dict, parent: dict, kids: list, contexts: list) -> d
         parts += [dict(p, **tag) for p in c.get("partitions", [])]
         targets += [dict(p, **tag) for p in c.get("target_partitions", [])]
         ebs.append({"index": i, "ms_name": tag["ms_name"], "run_id": kid["run_id"], "input_key": kid["input_key"],
+                    "context_key": kid["context_key"],
                     "start": c["observation"].get("start"), "end": c["observation"].get("end"),
                     "fluxscale": c.get("fluxscale", []), "flags": c.get("flags", {}),
                     "refant": c.get("refant", {}).get("refant"), "wvr": c.get("wvr"),

@@ -63,6 +63,17 @@ def mosaic_run(stack, stub, tmp_path_factory):  # noqa: F811
                             {"makeimages.calibrator": json.dumps({"max_imsize": 32})})
 
 
+@pytest.fixture(scope="module")
+def outliers_run(stack, stub, tmp_path_factory):  # noqa: F811
+    """Preset 'outliers': one antenna at 0.4 of its gain in one spw, a burst of bad data on
+    one target baseline; a target flag template for baseline 5-6 in spw 5; imaging cut to
+    the target's continuum."""
+    return run_simulated_eb(stack, stub, tmp_path_factory.mktemp("outliers"), "outliers",
+                            {"makeimages.calibrators": "false", "makeimages.target_cube": "false",
+                             "makeimages.target_aggregate": "false",
+                             "flagtargets.template": "antenna='5&6' spw='5'"})
+
+
 def extract_table(out, name: str) -> list:
     with tarfile.open(out / "calibration" / f"eb.{name}.tbl.tar") as t:
         t.extractall(out / "cal", filter="data")
@@ -78,9 +89,13 @@ def test_alma_recipe_runs_every_stage(alma_run):
     assert (out / "calibration" / "flux.csv").read_text().startswith("ms,field,spw,I,Q,U,V,spix,uvmin,uvmax,comment")
     names = [s["name"] for s in summary["stages"]]
     for stage in ("flagdata", "fluxcalflag", "rawflagchans", "refant", "tsyscal", "tsysflag", "antpos", "wvrgcal",
-                  "lowgainflag", "setjy", "bandpass", "spwphaseup", "gaincal", "fluxscale", "timegaincal", "applycal"):
+                  "lowgainflag", "setjy", "bandpass", "spwphaseup", "gainflag", "gaincal", "fluxscale", "timegaincal",
+                  "applycal", "flagtargets"):
         assert stage in names
     assert (out / "qa" / "weblog" / "index.html").exists()
+    # every stage's log says at least what it did (parameters, outputs, QA)
+    logs = sorted((out / "log").iterdir())
+    assert len(logs) >= len(names) - 2 and all(p.read_text().strip() for p in logs)   # all but exportdata, weblog
 
 
 def test_derived_fluxes_within_2pct_of_truth(alma_run):
@@ -246,6 +261,45 @@ def test_lowgainflag_flags_the_dead_antenna_only(alma_run):
     _, truth, _, summary, _ = alma_run
     assert summary["calibration"]["flags"]["lowgainflag"] == [truth["dead_antenna"]]
     assert summary["calibration"]["flags"]["tsysflag"] == []        # no outlier Tsys was injected
+    # nor outlier gains (beyond the dead antenna, flagged before), nor bad target data
+    assert summary["calibration"]["flags"]["gainflag"] == {}
+    assert summary["calibration"]["flags"]["flagtargets"]["outlier_fraction"] < 1e-3
+
+
+def test_restore_rebuilds_the_calibrated_data_from_the_package(alma_run, stack, tmp_path):
+    """`almapipe restore` on the raw EB and the downloaded package writes the CORRECTED_DATA,
+    flags and weights the pipeline's applycal (and flagtargets) left, to float precision;
+    calapply.txt holds the applycal calls, and the CASA script is in script/."""
+    import glob
+    from almapipe.cli import main
+    from almapipe.msio.ms import read_vis
+    from almapipe.platform.store import ObjectStore
+    sim, truth, run, summary, out = alma_run
+    assert (out / "calibration" / "eb.calapply.txt").exists() and (out / "script" / "casa_restore.py").exists()
+    calapply = (out / "calibration" / "eb.calapply.txt").read_text()
+    assert calapply.count("applycal(") >= 2 and "eb.timegaincal_transfer.tbl" in calapply
+    (eb,) = glob.glob(str(out.parent / "eb" / "*.ms"))
+    assert main(["restore", str(out), eb, "--out", str(tmp_path / "restored")]) == 0
+    restored = str(tmp_path / "restored" / os.path.basename(eb))
+    # what the pipeline wrote: the final context's partitions (all fields, after applycal
+    # and flagtargets) and the split target
+    _, cfg = stack
+    store = ObjectStore(cfg)
+    keys = [o.object_name for o in store.list(f"runs/{run.run_id}/context/")]
+    ctx = store.get_json(sorted(k for k in keys if os.path.basename(k)[0].isdigit())[-1])   # not init.json
+    targets = [f["id"] for f in ctx["fields"] if "TARGET" in f["intents"]]
+    for part, tpart in zip(ctx["partitions"], ctx["target_partitions"]):
+        spw = part["spw"]
+        mine = read_vis(restored, spw, column="CORRECTED_DATA")
+        theirs = read_vis(store.get_dir(part["key"], str(tmp_path / "p")), spw, column="CORRECTED_DATA")
+        assert np.array_equal(mine.flag, theirs.flag)
+        assert np.allclose(mine.weight, theirs.weight, rtol=1e-6, atol=0)
+        assert np.array_equal(mine.data, theirs.data)         # the same kernels on the same inputs
+        tgt = read_vis(store.get_dir(tpart["key"], str(tmp_path / "t")), spw)
+        mine_t = read_vis(restored, spw, column="CORRECTED_DATA", field_ids=targets)
+        ok = ~tgt.flag
+        assert np.array_equal(mine_t.flag, tgt.flag)
+        assert np.allclose(mine_t.data[ok], tgt.data[ok], rtol=1e-6, atol=1e-7)
 
 
 def test_bandpass_within_1pct_and_1deg_of_truth(alma_run):
@@ -608,3 +662,39 @@ def test_an_image_larger_than_max_imsize_is_named_not_made(mosaic_run):
     assert len(skipped) == 3 * 2, stage["qa_reasons"]          # 3 calibrators x 2 spws
     assert stage["qa_score"] <= 0.5
     assert {i["field"] for i in summary["images"]} == {"Target"}
+
+
+def test_gainflag_and_flagtargets_flag_the_injected_bad_data(outliers_run):
+    """gainflag flags the antenna whose gain is at 0.4 in one spw, in that spw only (the
+    dead antenna is lowgainflag's); flagtargets flags the burst on the target baseline in
+    every spw and hardly anything else."""
+    from almapipe.calibration.restore import read_flags
+    sim, truth, run, summary, out = outliers_run
+    assert run.status == pb.RUN_STATUS_SUCCEEDED, run.error
+    flags = summary["calibration"]["flags"]
+    bad = truth["bad_gain"]
+    assert flags["gainflag"] == {str(bad["spw"]): [bad["antenna"]]}
+    assert flags["lowgainflag"] == [truth["dead_antenna"]]
+    burst = truth["target_burst"]
+    a, b = sorted(truth["antennas"].index(n) for n in burst["antennas"])
+    final = read_flags(str(out / "calibration" / "eb.flags.npz"))
+    nburst = 0
+    for spw, (flag, time, ant1, ant2) in final.items():
+        rows = (ant1 == a) & (ant2 == b) & (time > burst["start_mjd_s"]) & (time < burst["end_mjd_s"])
+        assert rows.sum() == burst["rows_per_spw"] and flag[rows].all(), spw
+        nburst += int(rows.sum()) * flag.shape[1] * flag.shape[2]
+        if spw != bad["spw"]:                 # the antenna with the low gain is flagged only where it is low
+            k = truth["antennas"].index(bad["antenna"])
+            mine = (ant1 == k) | (ant2 == k)
+            assert not flag[mine].all()
+    # the template: baseline 5-6 on the target in spw 5, not in spw 7
+    on_target = lambda t: np.any([(t > sc["start_mjd_s"]) & (t < sc["end_mjd_s"])  # noqa: E731
+                                  for sc in truth["scans"] if sc["kind"] == "TARGET"], axis=0)
+    for spw, (flag, time, ant1, ant2) in final.items():
+        rows = (ant1 == 5) & (ant2 == 6) & on_target(time)
+        assert rows.any() and flag[rows].all() == (spw == sim.science_spw_ids[0]), spw
+    assert summary["calibration"]["flags"]["flagtargets"]["template_fraction"] > 0
+    # newly flagged target samples: the burst's (less its band edges, flagged before), little else
+    n = summary["calibration"]["flags"]["flagtargets"]["outliers_per_field"]["Target"]
+    assert 0.75 * nburst <= n <= 1.05 * nburst, (n, nburst)
+

@@ -64,6 +64,7 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
         qa = fn(ctx, params, io)
         duration = time.time() - t0
         metrics.VISIBILITIES.labels(service, req.stage).inc(io.visibilities)
+        io.log_summary(qa, params, duration)
         if req.shard > 0:
             key = f"runs/{req.run_id}/pieces/{req.stage_index:02d}_{req.stage}_{req.shard}.json"
             store.put_json(key, {"piece": ctx.get("piece"), "outputs": io.outputs, "log": io.log_lines,

@@ -89,6 +89,12 @@ class SimConfig:
     n_pos_errors: int = 2
     dead_antenna: bool = True
     bad_channels: int = 2
+    # off unless given (preset 'outliers'), for gainflag and flagtargets: one antenna's
+    # gain scaled in one spw (antenna index, spw index, factor), and a burst of bad data
+    # on one target baseline (antenna index, antenna index, seconds from the start of
+    # the first target scan), 30 sigma in every channel of every spw
+    bad_gain: tuple | None = None
+    target_burst: tuple | None = None
     tsys_k: float = 90.0
     tsys_nchan: int = 128             # TDM Tsys spws: 128 channels over the 2 GHz baseband
     tsys_width_hz: float = 2.0e9
@@ -138,6 +144,8 @@ class SimConfig:
             # Uranus: a 3.4 arcsec disk, resolved out (visibility < 10 % of its flux) beyond
             # ~80 m at 230 GHz, about half the small array's baselines
             "sso-uranus": {"sso_body": "Uranus"},
+            # an antenna at 0.4 of its gain in the second spw, and a burst on a target baseline
+            "outliers": {"bad_gain": (3, 1, 0.4), "target_burst": (1, 4, 30.0)},
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; presets: {', '.join(presets)}")
@@ -591,6 +599,15 @@ class Simulator:
                 pos_delay = s_vec @ self.pos_err.T                                  # (nt, nant) m
                 g_el = self.gains(t_frac)                                           # (nt, nant, 2)
                 state = states.index(kind)
+                burst = None
+                if c.target_burst is not None and kind == "TARGET" and "target_burst" not in truth_rows:
+                    ba, bb, secs = c.target_burst
+                    in_time = np.repeat(times, nbl) <= times[0] - c.integration_s / 2 + secs
+                    burst = in_time & (((b1 == ba) & (b2 == bb)) | ((b1 == bb) & (b2 == ba)))
+                    truth_rows["target_burst"] = {"antennas": [int(ba), int(bb)], "scan": scan_no,
+                                                  "start_mjd_s": float(times[0] - c.integration_s / 2),
+                                                  "end_mjd_s": float(times[0] - c.integration_s / 2 + secs),
+                                                  "rows_per_spw": int(burst.sum())}
                 for s in range(c.nspw):
                     freq = self.freqs[s]
                     lam_inv = freq / C
@@ -607,12 +624,16 @@ class Simulator:
                     ga = g_el[:, :, None, :] * self.bandpass[s][None] * atm[..., None] / \
                         np.sqrt(c.jy_per_k * tsys)[..., None]                        # (nt, nant, nchan, 2)
                     ga = ga * np.exp(1j * self.spw_phase[s])[None, :, None, :]
+                    if c.bad_gain is not None and s == c.bad_gain[1]:
+                        ga[:, c.bad_gain[0]] *= c.bad_gain[2]                       # Tsys does not see it
                     vis = ga[ti, b1] * np.conj(ga[ti, b2]) * vsky[:, :, None]
                     vis[off_source] = 0.0                 # off source: noise only
                     # radiometer equation: noise of a correlation coefficient
                     sigma = 1 / np.sqrt(2 * self.chan_widths[s] * c.integration_s)
                     noise = sigma * (self.rng.normal(size=vis.shape) + 1j * self.rng.normal(size=vis.shape)) / np.sqrt(2)
                     vis = vis + noise
+                    if burst is not None:
+                        vis[burst] += 30 * sigma * (1 + 1j)
                     vis[b1 == b2] = 1.0                 # normalised auto-correlations
                     vis[shadow] *= 0.3                  # a shadowed dish collects less signal
                     for sp, chn in self.bad_channels:
@@ -846,6 +867,11 @@ class Simulator:
                      "sigma_hz": 0.06 * float(self.spw_widths[0]), "peak_jy": c.target_line_jy},
             "shadowed_rows_per_spw": rows["shadowed_rows"], "rows": rows["rows"],
             "flux_calibrator": self._sso_truth() if c.sso_body else None,
+            "bad_gain": None if c.bad_gain is None else {"antenna": names[c.bad_gain[0]],
+                                                         "spw": self.science_spw_ids[c.bad_gain[1]],
+                                                         "factor": c.bad_gain[2]},
+            "target_burst": None if "target_burst" not in rows else
+            dict(rows["target_burst"], antennas=[names[a] for a in rows["target_burst"]["antennas"]]),
             "start_elevation_deg": self.start_elevation_deg,
             "conventions": "V_12 = g_1 conj(g_2) V_sky; uvw = x1 - x2 projected; raw = Jy / (JyperK sqrt(Tsys1 Tsys2))",
         }

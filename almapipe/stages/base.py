@@ -108,6 +108,17 @@ class StageIO:
         self.log_lines.append(text)
         log.info("[%s %s] %s", self.run_id, self.stage, text)
 
+    def log_summary(self, qa: "QA", params: dict, duration_s: float) -> None:
+        """What every stage log ends with, whatever the stage logged itself: its
+        parameters, how much it read, what it wrote, and its QA with the reasons."""
+        lines = [f"parameters: {params_json(params)}"]
+        if self.visibilities:
+            lines.append(f"read {self.visibilities} visibilities")
+        lines += [f"wrote {o['name']}" for o in self.outputs]
+        lines.append(f"QA {qa.score:.2f} in {duration_s:.1f} s")
+        lines += [f"  {r}" for r in qa.reasons]
+        self.log_lines.extend(lines)
+
     def plot(self, fig, name: str) -> dict:
         """Save a matplotlib figure as PNG; the WebLog shows it on the stage's page."""
         path = os.path.join(self.workdir, name)

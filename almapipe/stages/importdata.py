@@ -15,7 +15,7 @@ from ..msio import listobs, ms as msio, uvfits
 # Files an input tar may carry beside the MS, as ALMA's pipeline finds them in
 # its working directory; each lands in the context's user inputs.
 SIDECARS = {"antennapos.csv": "antennapos", "flagtemplate.txt": "flag_template", "cont.dat": "cont_dat",
-            "flux.csv": "flux_csv"}
+            "flux.csv": "flux_csv", "flagtargetstemplate.txt": "flagtargets_template"}
 
 
 def _unpack_input(path: str, workdir: str, packed_size: int = 0) -> tuple[str, str]:

@@ -13,6 +13,7 @@ import tarfile
 from .base import QA, StageIO, stage
 from .imaging import ous_name
 from ..report.qa2 import qa2_section, requested_goals
+from .calpackage import calibration_package
 from ..report import weblog as weblog_render
 
 README = """almapipe products package
@@ -29,7 +30,11 @@ product/      FITS images named as the ALMA pipeline names them,
               cont (the aggregate continuum of spws N = 5_7), cube; kind pbcor, pb,
               mask, and image and residual (not primary-beam corrected)
 calibration/  CASA calibration tables (tar archives of the table directories),
-              <OUS>.cont.dat, flux.csv, and the antennapos.csv and flag template given
+              <OUS>.cont.dat, flux.csv, and the antennapos.csv and flag template given;
+              <ms>.calapply.txt (how they were applied, as CASA applycal calls),
+              <ms>.flags.npz (the final flags), <ms>.callibrary.json: rebuild the
+              calibrated MS with `almapipe restore . EB.ms --out DIR` or with
+              script/casa_restore.py in CASA
 qa/           the WebLog (weblog.tar.gz, open weblog/index.html) and qa_scores.json
 log/          the log of every stage
 script/       recipe.json: the exact recipe this run executed;
@@ -77,6 +82,9 @@ def exportdata(ctx: dict, params: dict, io: StageIO) -> QA:
             pkg[f"log/{eb['ms_name']}/{index:02d}_{name}.log"] = key
     if (ctx.get("flux_consistency") or {}).get("factors_key"):
         pkg["calibration/flux_equalization.csv"] = ctx["flux_consistency"]["factors_key"]
+    # calapply, flags, CASA restore script: per EB (an MOUS's EBs from their own runs' contexts)
+    for eb_ctx in ([io.store.get_json(eb["context_key"]) for eb in ctx["ebs"]] if ctx.get("ebs") else [ctx]):
+        pkg.update(calibration_package(eb_ctx, io))
     recipe = ctx["recipe"]
     pkg["script/recipe.json"] = io.put_bytes(json.dumps(recipe, indent=2).encode(), "recipe.json",
                                              "application/json")["key"]

@@ -1,0 +1,229 @@
+"""Outlier flagging after the flux scale (calibrator service): gainflag and flagtargets.
+
+* gainflag (hif_gainflag): antennas whose gain amplitudes on the calibrators stand
+  out from the array's, per spw: a median far from the others' (a mis-set
+  attenuator, a bad receiver in one band) or an amplitude scatter in time far
+  larger (a loose connection). The antenna's data in that spw are flagged.
+* flagtargets (hifa_flagtargets, with the outlier test ALMA added for Cycle 5 as
+  hif_correctedampflag on the targets): the targets' flag template, then calibrated
+  target amplitudes that are outliers in their uv-distance bins. A target is not a
+  point source, so amplitudes are compared only with those at similar uv distance;
+  the bins overlap, and a sample is an outlier only if it is one in both bins that
+  hold it, at a high threshold (+12 / -13 sigma), as ALMA's pipeline documents.
+
+The kernels (gain_outliers, uv_outliers) work on arrays; the stages only read,
+call them and write flags.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .base import QA, StageError, StageIO, field_name, require_intent, stage
+from .calibration import calibrator_ids, field_models, preapply, read_part, refant_id
+from .flagging import parse_template, template_mask
+from ..calibration.caltable import CalSolutions
+from ..calibration.terms import SolveSpec, point_model, solve_term
+from ..msio import ms as msio
+
+MAD_TO_SIGMA = 1.4826
+
+
+def _robust(x: np.ndarray, floor: float) -> tuple[float, float]:
+    centre = float(np.median(x))
+    return centre, max(MAD_TO_SIGMA * float(np.median(np.abs(x - centre))), floor)
+
+
+# ------------------------------------------------------------------ gainflag
+
+def gain_outliers(g: CalSolutions, nsigma: float = 4.0, min_factor: float = 2.0,
+                  rms_factor: float = 3.0, nsigma_rms: float = 6.0) -> dict:
+    """Antennas whose gains stand out, with the reason: antenna id -> text.
+
+    Amplitudes are first divided by the array's median at the same time, field and
+    correlation (so a field's model flux and the atmosphere drop out). Per antenna:
+    m = the median of these ratios, r = their rms about m, relative to m. An
+    antenna is an outlier when log m differs from the array's median of log m by more than
+    nsigma robust sigmas (1.4826 MAD) and by more than a factor min_factor (a small
+    array's antennas differ by 10-30 %, which calibration handles), or when r
+    exceeds the array's median r by nsigma_rms sigmas and is rms_factor times it."""
+    amp = np.where(g.flag[:, 0, :], np.nan, np.abs(g.cparam[:, 0, :]))       # (nrow, ncorr)
+    rel = np.full_like(amp, np.nan)
+    keys = np.stack([g.time, g.field_id], axis=1)
+    _, slot = np.unique(keys, axis=0, return_inverse=True)
+    slot = slot.ravel()
+    for s in np.unique(slot):
+        r = slot == s
+        with np.errstate(all="ignore"):
+            med = np.nanmedian(amp[r], axis=0)
+        if np.isfinite(med).any():
+            rel[r] = amp[r] / med
+    med_a, rms_a = {}, {}
+    for a in np.unique(g.antenna):
+        x = rel[g.antenna == a]
+        x = x[np.isfinite(x)]
+        if len(x):
+            med_a[int(a)] = float(np.median(x))
+            rms_a[int(a)] = float(np.sqrt(np.mean((x - med_a[int(a)]) ** 2)) / max(med_a[int(a)], 1e-12))
+    if len(med_a) < 4:                     # too few antennas to say which is odd
+        return {}
+    out = {}
+    # gains are factors: compared in log, a third and three times are equally odd
+    logs = {a: np.log(max(m, 1e-6)) for a, m in med_a.items()}
+    centre, sigma = _robust(np.array(list(logs.values())), 0.01)
+    for a, lm in logs.items():
+        ratio = float(np.exp(lm - centre))
+        if abs(lm - centre) > nsigma * sigma and abs(lm - centre) > np.log(min_factor):
+            out[a] = f"median gain {ratio:.2f} x the array's"
+    rc, rs = _robust(np.array(list(rms_a.values())), 0.005)
+    for a, r in rms_a.items():
+        if a not in out and r > rc + nsigma_rms * rs and r > rms_factor * rc:
+            out[a] = f"gain amplitude scatter {r:.1%} vs the array's {rc:.1%}"
+    return out
+
+
+@stage("gainflag", service="calibrator")
+def gainflag(ctx: dict, params: dict, io: StageIO) -> QA:
+    """Flag antennas whose gains on the calibrators are outliers, per spw (hif_gainflag):
+    gains solved per integration with the library so far applied (see gain_outliers)."""
+    qa = QA()
+    cal = calibrator_ids(ctx)
+    ants = ctx["observation"]["antennas"]
+    found, new_parts = {}, []
+    for part in ctx["partitions"]:
+        ms, vis = read_part(io, part, fields=cal)
+        model = point_model(vis, field_models(ctx, unit_for=cal))
+        g = solve_term(vis, model, SolveSpec(kind="G", solint=params.get("solint", "int"), calmode="ap",
+                                             refant=refant_id(ctx), minsnr=params.get("minsnr", 3.0),
+                                             preapply=preapply(ctx, io, part["spw"])))
+        bad = gain_outliers(g, params.get("nsigma", 4.0), params.get("min_factor", 2.0),
+                            params.get("rms_factor", 3.0), params.get("nsigma_rms", 6.0))
+        solved = np.unique(g.antenna[~g.flag.all(axis=(1, 2))])
+        io.log("spw %d: gains of %d antennas, outliers: %s", part["spw"], len(solved),
+               ", ".join(f"{ants[a]['name']} ({why})" for a, why in sorted(bad.items())) or "none")
+        if bad:
+            full = msio.read_vis(ms, part["spw"])
+            rows = np.isin(full.ant1, list(bad)) | np.isin(full.ant2, list(bad))
+            msio.write_flags(ms, full.rows, full.flag | rows[:, None, None])
+            entry = io.put_dir(ms, part["name"])
+            part = dict(part, key=entry["key"], sha256=entry["sha256"])
+            found[str(part["spw"])] = [ants[a]["name"] for a in sorted(bad)]
+            for a, why in sorted(bad.items()):
+                qa.note(f"spw {part['spw']}: flagged antenna {ants[a]['name']}: {why}.")
+        new_parts.append(part)
+    ctx["partitions"] = new_parts
+    ctx["flags"]["gainflag"] = found
+    n_has = max(sum(a["has_data"] for a in ants), 1)
+    worst = max((len(v) for v in found.values()), default=0)
+    if worst:
+        qa.lower(1 - worst / n_has, f"Antennas with outlier gains flagged in {len(found)} spw(s).")
+    else:
+        qa.note("No antenna with outlier gains.")
+    return qa
+
+
+# ------------------------------------------------------------------ flagtargets
+
+def _bin_outliers(amp: np.ndarray, ok: np.ndarray, bins: np.ndarray, nbin: int, nhi: float, nlo: float,
+                  min_samples: int) -> np.ndarray:
+    """Samples (nrow, nchan, ncorr) beyond the thresholds of their bin, per channel and
+    correlation: above median + nhi sigma or below median - nlo sigma."""
+    out = np.zeros(amp.shape, bool)
+    for b in range(nbin):
+        r = bins == b
+        if not r.any():
+            continue
+        a = np.where(ok[r], amp[r], np.nan)
+        n = np.sum(ok[r], axis=0)
+        with np.errstate(all="ignore"):
+            med = np.nanmedian(a, axis=0)
+            sig = MAD_TO_SIGMA * np.nanmedian(np.abs(a - med), axis=0)
+        usable = (n >= min_samples) & (sig > 0)
+        hi = a > med + nhi * sig
+        lo = a < med - nlo * sig
+        out[r] = (hi | lo) & usable[None]
+    return out
+
+
+def uv_outliers(data: np.ndarray, flag: np.ndarray, uvdist: np.ndarray, nhi: float = 12.0, nlo: float = 13.0,
+                nbin: int = 10, min_samples: int = 20, row_fraction: float = 0.5) -> np.ndarray:
+    """Outlier samples of one field's calibrated visibilities (nrow, nchan, ncorr) by
+    amplitude against uv distance (m): rows are cut into nbin bins of equal counts,
+    and again into bins shifted by half a bin, so every sample lies in two bins; it
+    is an outlier when it is one in both. A row with more than row_fraction of its
+    unflagged samples outliers is flagged whole (a burst spoils all channels)."""
+    amp = np.abs(data)
+    ok = ~flag
+    nrow = len(uvdist)
+    if nrow < 2 * min_samples:
+        return np.zeros(flag.shape, bool)
+    rank = np.empty(nrow, np.int64)
+    rank[np.argsort(uvdist, kind="stable")] = np.arange(nrow)
+    width = nrow / nbin
+    first = np.minimum((rank / width).astype(int), nbin - 1)
+    # the shifted set: half-width bins at either end join their neighbour, so no bin is thin
+    second = np.clip(((rank + width / 2) / width).astype(int), 1, nbin - 1) - 1
+    out = _bin_outliers(amp, ok, first, nbin, nhi, nlo, min_samples) & \
+        _bin_outliers(amp, ok, second, nbin - 1, nhi, nlo, min_samples)
+    frac = out.sum(axis=(1, 2)) / np.maximum(ok.sum(axis=(1, 2)), 1)
+    out[frac > row_fraction] = True
+    return out & ok
+
+
+@stage("flagtargets", service="calibrator")
+def flagtargets(ctx: dict, params: dict, io: StageIO) -> QA:
+    """The targets' flag template (flagtargetstemplate.txt, or params template), then
+    outliers of the calibrated target amplitudes against uv distance (uv_outliers)."""
+    qa = QA()
+    targets = require_intent(ctx, "TARGET", "flagtargets")
+    if not all(p.get("calibrated") for p in ctx["partitions"]):
+        raise StageError("flagtargets: the data are not calibrated (no CORRECTED_DATA); run applycal first")
+    text = params.get("template") or ctx["user"].get("flagtargets_template") or ""
+    commands = parse_template(text) if text else []
+    ants = ctx["observation"]["antennas"]
+    counts = {"template": 0, "outliers": 0, "samples": 0, "before": 0}
+    per_field: dict = {}
+    new_parts = []
+    for part in ctx["partitions"]:
+        ms = io.fetch_dir(part["key"])
+        vis = msio.read_vis(ms, part["spw"], column="CORRECTED_DATA", field_ids=targets)
+        io.visibilities += vis.data.size
+        flag = vis.flag.copy()
+        counts["before"] += int(flag.sum())
+        counts["samples"] += flag.size
+        for cmd in commands:
+            m = template_mask(vis, cmd, ants, ctx["fields"], part["spw"])
+            counts["template"] += int((m & ~flag).sum())
+            flag |= m
+        uvdist = np.hypot(vis.uvw[:, 0], vis.uvw[:, 1])
+        cross = vis.ant1 != vis.ant2
+        for fid in np.unique(vis.field_id):
+            r = np.flatnonzero((vis.field_id == fid) & cross)
+            out = uv_outliers(vis.data[r], flag[r], uvdist[r], params.get("nsigma_high", 12.0),
+                              params.get("nsigma_low", 13.0), params.get("nbins", 10))
+            n = int(out.sum())
+            if n:
+                flag[r] |= out
+                counts["outliers"] += n
+                name = field_name(ctx, int(fid))
+                per_field[name] = per_field.get(name, 0) + n
+                io.log("spw %d %s: %d outlier samples in %d rows", part["spw"], name, n, int(out.any(axis=(1, 2)).sum()))
+        if (flag != vis.flag).any():
+            msio.write_flags(ms, vis.rows, flag)
+            entry = io.put_dir(ms, part["name"])
+            part = dict(part, key=entry["key"], sha256=entry["sha256"])
+        new_parts.append(part)
+    ctx["partitions"] = new_parts
+    total = max(counts["samples"], 1)
+    newly = (counts["template"] + counts["outliers"]) / total
+    ctx["flags"]["flagtargets"] = {"template_fraction": counts["template"] / total,
+                                   "outlier_fraction": counts["outliers"] / total, "outliers_per_field": per_field,
+                                   "commands": len(commands)}
+    io.log("targets: %d template command(s) flagged %.4f, outliers %.4f of the samples", len(commands),
+           counts["template"] / total, counts["outliers"] / total)
+    # ALMA's score: 1 - the fraction newly flagged
+    if newly > 0:
+        qa.lower(1 - newly, f"{newly:.2%} of the target data newly flagged "
+                            f"({counts['outliers']} amplitude outlier samples, {counts['template']} by the template).")
+    else:
+        qa.note("No target data flagged: no template and no amplitude outliers.")
+    return qa
