@@ -232,3 +232,10 @@ def test_observation_summary_carries_frame_and_rest_frequencies(ngc5921_ms):
     assert obs["start"].startswith("1995-04-13T09:19") and obs["observer"] == "TEST"
     h = header([1.413e9], bandwidth=24414.0625 * 63, obs=obs, restfreq=obs["fields"][2]["rest_freq_hz"])
     assert h["RADESYS"] == "FK5" and h["RESTFRQ"] == 1420405752.0 and h["INSTRUME"] == "VLA"
+
+
+def test_a_needle_beam_of_a_nearly_empty_plane_does_not_set_the_common_beam():
+    from almapipe.imaging.imager import enclosing_beam, typical_beams
+    beams = [(1.9, 1.2, -69.0 + k) for k in range(10)] + [(10.5, 0.25, 20.0), (0.0, 0.0, 0.0)]
+    common = enclosing_beam(typical_beams(beams))
+    assert 1.9 <= common[0] < 2.0 and 1.2 <= common[1] < 1.3

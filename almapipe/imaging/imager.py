@@ -280,12 +280,25 @@ def enclosing_beam(beams: list, tol: float = 1e-7) -> tuple:
     return _beam_of_matrix(a)
 
 
+def typical_beams(beams: list, factor: float = 2.0) -> list:
+    """The planes' beams less those of planes with almost no data: a channel whose data are
+    nearly all flagged (band edges, a channel moved off the band by the LSRK regridding)
+    has a PSF of a few baselines, and its fitted "beam" can be a needle many times longer
+    than the others', which an enclosing beam would then have to contain. A beam whose
+    axes are more than `factor` from the median plane's is left out of the common beam."""
+    good = [b for b in beams if b[0] > 0 and b[1] > 0]
+    if len(good) < 3:
+        return good
+    major, minor = np.median([b[0] for b in good]), np.median([b[1] for b in good])
+    return [b for b in good if major / factor <= b[0] <= major * factor and minor / factor <= b[1] <= minor * factor]
+
+
 def restore_planes(pl: Planes, spec: ImageSpec, dish_m: float, telescope: str) -> ImageResult:
     """Restore every plane with one beam (a cube's common beam: the smallest enclosing
     every plane's, enclosing_beam), and add the primary beam and the pb-corrected image."""
     npix = spec.npix
     cell = np.radians(spec.cell_arcsec / 3600.0)
-    common = enclosing_beam(pl.beams)
+    common = enclosing_beam(typical_beams(pl.beams))
     image = np.array([deconvolve.restore(m, r, cell, common) if common[0] > 0 else r
                       for m, r in zip(pl.models, pl.residuals)])
     freq = float(np.mean(pl.freqs))
