@@ -155,6 +155,21 @@ def test_kustomization_lists_every_manifest():
     assert all(d["metadata"].get("namespace", "almapipe") == "almapipe" for d in DOCS)
 
 
+def test_kustomize_renders_the_manifests():
+    """Where kubectl is installed: `kubectl kustomize deploy/k8s` (offline) renders exactly
+    the objects of the files, in the namespace almapipe."""
+    import shutil
+    kubectl = shutil.which("kubectl")
+    if not kubectl:
+        pytest.skip("kubectl not installed")
+    out = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in rendered) == \
+        sorted((d["kind"], d["metadata"]["name"]) for d in DOCS)
+    assert {d["metadata"].get("namespace") for d in rendered if d["kind"] != "Namespace"} == {"almapipe"}
+
+
 # ------------------------------------------------------------------ the code's names
 
 def test_every_worker_scales_on_its_own_consumer():
