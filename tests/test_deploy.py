@@ -659,3 +659,36 @@ def test_healthcheck_command(tmp_path):
     finally:
         server.stop(0)
         httpd.shutdown()
+
+
+def _listening(port: int) -> set:
+    """Addresses listening on a TCP port (IPv4), from /proc/net/tcp."""
+    out = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        addr, p = local.split(":")
+        if state == "0A" and int(p, 16) == port:
+            out.add(".".join(str(int(addr[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("addr,expect", [(None, "127.0.0.1"), ("0.0.0.0", "0.0.0.0")])
+def test_metrics_bind_address(addr, expect):
+    """Loopback unless ALMAPIPE_METRICS_ADDR says otherwise (a pod sets 0.0.0.0)."""
+    import sys
+    port = _free_ports(1)[0]
+    env = {k: v for k, v in os.environ.items() if k != "ALMAPIPE_METRICS_ADDR"}
+    if addr:
+        env["ALMAPIPE_METRICS_ADDR"] = addr
+    proc = subprocess.Popen([sys.executable, "-c", f"from almapipe.platform import metrics; metrics.serve({port}); "
+                             "import time; time.sleep(60)"], env=env, cwd=ROOT)
+    try:
+        t_end = time.time() + 20
+        while not _listening(port):
+            assert proc.poll() is None and time.time() < t_end
+            time.sleep(0.1)
+        assert _listening(port) == {expect}
+    finally:
+        proc.kill()
+        proc.wait()
