@@ -151,3 +151,24 @@ def test_interpolating_all_channels_at_once_equals_one_by_one(interp):
                 want = np.interp(times, ts, np.abs(g[:, c, p])) * \
                     np.exp(1j * np.interp(times, ts, np.unwrap(np.angle(g[:, c, p]))))
             np.testing.assert_allclose(got[:, c, p], want, rtol=1e-12, atol=1e-12)
+
+
+def test_a_flagged_solution_flags_the_data_that_would_be_interpolated_through_it():
+    """As CASA's applycal (applymode calflagstrict, the ALMA pipeline's): an antenna's
+    solution flagged in one scan flags every time whose linear interpolation uses it (up
+    to the good solutions on either side), not the times at the good solutions; with
+    'nearest', the times nearest to it. Checked against CASA 6.7 on the small ALMA EB: its
+    restore script then gives the same flags as almapipe restore."""
+    from almapipe.calibration.applycal import interpolate_gains
+    from almapipe.calibration.caltable import CalSolutions
+    ts = np.array([0.0, 170.0, 454.0, 624.0])
+    g = np.ones((4, 1, 1), np.complex64)
+    flag = np.zeros((4, 1, 1), bool)
+    flag[1] = True
+    sol = CalSolutions("G", 0, np.array([1e11]), ts, np.zeros(4), np.zeros(4, int), np.zeros(4, int),
+                       np.zeros(4, int), g, flag, np.ones((4, 1, 1), np.float32))
+    times = np.array([-5.0, 0.0, 28.0, 170.0, 312.0, 454.0, 500.0, 700.0])
+    _, bad = interpolate_gains(sol, times, 1, "linear")
+    assert bad[:, 0, 0, 0].tolist() == [False, False, True, True, True, False, False, False]
+    _, bad = interpolate_gains(sol, times, 1, "nearest")
+    assert bad[:, 0, 0, 0].tolist() == [False, False, False, True, True, False, False, False]

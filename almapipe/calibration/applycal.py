@@ -50,6 +50,7 @@ def interpolate_gains(sol, times: np.ndarray, nant: int, interp: str, fields=Non
             # interpolation weights serves every channel and correlation at once
             out[:, a], bad[:, a] = _interpolate_all(ts, g, times, interp), f[:1]
             continue
+        stencil = _stencil_flags(ts, times, interp)
         for c in range(nch):
             for p in range(ncorr):
                 good = ~f[:, c, p]
@@ -64,8 +65,27 @@ def interpolate_gains(sol, times: np.ndarray, nant: int, interp: str, fields=Non
                     ph = np.interp(times, tg, np.unwrap(np.angle(gg)))
                     val = amp * np.exp(1j * ph)
                 out[:, a, c, p] = val
-                bad[:, a, c, p] = False
+                bad[:, a, c, p] = stencil(f[:, c, p])
     return out, bad
+
+
+def _stencil_flags(ts: np.ndarray, times: np.ndarray, interp: str):
+    """A function of the solutions' flags (nsol,) giving each time's flag as CASA's
+    applycal (applymode 'calflagstrict', the ALMA pipeline's) sets it: a time is flagged
+    when a solution its interpolation uses is flagged (linear: either neighbour that
+    carries weight; nearest, and outside the solutions' range: the nearest one), rather
+    than interpolated across. A flagged solution thus flags the data up to the next good
+    one, as in the ALMA pipeline's products."""
+    n = len(ts)
+    if n == 1:
+        return lambda f: np.broadcast_to(f[:1], (len(times),)).copy()
+    i = np.searchsorted(ts, times).clip(1, n - 1)
+    if interp == "nearest":
+        pick = np.where(np.abs(times - ts[i - 1]) <= np.abs(ts[i] - times), i - 1, i)
+        return lambda f: f[pick]
+    dt = ts[i] - ts[i - 1]
+    w = np.clip(np.where(dt > 0, (times - ts[i - 1]) / np.where(dt > 0, dt, 1), 0.0), 0.0, 1.0)
+    return lambda f: (f[i - 1] & (w < 1)) | (f[i] & (w > 0))
 
 
 def _interpolate_all(ts: np.ndarray, g: np.ndarray, times: np.ndarray, interp: str) -> np.ndarray:

@@ -99,6 +99,7 @@ from casatools import table
 
 
 def main(package, eb, out):
+    package, eb, out = (os.path.abspath(p) for p in (package, eb, out))   # the script changes directory
     cal = os.path.join(package, "calibration")
     stem = os.path.basename(os.path.normpath(eb))[:-3] if eb.rstrip("/").endswith(".ms") else \\
         os.path.basename(os.path.normpath(eb))
