@@ -85,6 +85,9 @@ def _stencil_flags(ts: np.ndarray, times: np.ndarray, interp: str):
         return lambda f: f[pick]
     dt = ts[i] - ts[i - 1]
     w = np.clip(np.where(dt > 0, (times - ts[i - 1]) / np.where(dt > 0, dt, 1), 0.0), 0.0, 1.0)
+    # a time within a thousandth of the spacing of a solution is that solution's (timestamps
+    # of data and solutions differ by microseconds in float)
+    w = np.where(w < 1e-3, 0.0, np.where(w > 1 - 1e-3, 1.0, w))
     return lambda f: (f[i - 1] & (w < 1)) | (f[i] & (w > 0))
 
 
