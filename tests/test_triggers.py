@@ -228,3 +228,29 @@ def test_bad_or_unmatched_events_start_nothing_and_say_why(env):
         time.sleep(0.3)
     else:
         raise AssertionError("no decision about a message that is not a StateChange")
+
+
+def test_a_failed_run_publishes_processing_failed_with_the_reason(env, tmp_path):
+    _, cfg, op, reviewer, _ = env
+    junk = tmp_path / "eb1.uvfits"
+    junk.write_text("these are not visibilities\n")
+    key = upload_input(cfg, str(junk))
+    mous = f"uid://A001/X{uuid.uuid4().hex[:6]}/X3"
+    ev = event(mous, key)
+    publish(cfg, state_subject(mous), ev.SerializeToString(), msg_id=ev.event_id)
+    d, = decisions_of(op, ev.event_id)
+    assert d.action == "started", d
+    run = wait_run(op, d.run_id)
+    assert run.status == pb.RUN_STATUS_FAILED
+    t_end = time.time() + 30
+    while time.time() < t_end and len(pipeline_events(cfg, mous)) < 2:
+        time.sleep(0.3)
+    started, failed = pipeline_events(cfg, mous)
+    assert (started.state, failed.state, failed.run_id) == ("PipelineProcessing", "ProcessingFailed", run.run_id)
+    assert "importdata" in failed.reason and failed.reason == run.error
+    # a failed run can only fail QA2
+    with pytest.raises(grpc.RpcError) as e:
+        reviewer.RecordQA2Verdict(pb.RecordQA2VerdictRequest(run_id=run.run_id, verdict="Pass"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "only Fail" in e.value.details()
+    assert reviewer.RecordQA2Verdict(pb.RecordQA2VerdictRequest(run_id=run.run_id, verdict="Fail"),
+                                     timeout=10).qa2_verdict == "Fail"
