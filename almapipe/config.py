@@ -26,6 +26,8 @@ so one data directory and one port base describe a whole local stack:
   ALMAPIPE_IMAGER_WORKERS  imager workers the local stack starts (default 1); they share
                        the imager's work queue, so a cube's pieces run in parallel
   ALMAPIPE_THREADS     threads of the gridder (default: all cores)
+  ALMAPIPE_TRIGGER_RULES  the state-change trigger's rules (JSON; default
+                       <data_dir>/trigger-rules.json, absent: the built-in ALMA rule)
 Credentials are never logged.
 """
 from __future__ import annotations
