@@ -55,6 +55,8 @@ VERDICTS = ("Pass", "SemiPass", "Fail")
 ARRAYS = ("12m", "7m", "TP")
 MAX_COMMENT = 4000
 DEFAULT_PAGE, MAX_PAGE = 50, 1000
+# a claim without a run younger than this may be a submit in progress (another gateway)
+CLAIM_GRACE_S = float(os.environ.get("ALMAPIPE_TRIGGER_CLAIM_GRACE_S", "30"))
 MAX_SCAN = 20000          # messages one ListTriggerDecisions call reads looking for an MOUS
 
 # Without a rules file: ALMA's interferometric MOUSs start their calibration and imaging
@@ -72,8 +74,17 @@ def state_subject(mous_id: str, pipeline: bool = False) -> str:
     return f"obs.state.{subject_token(mous_id)}" + (".pipeline" if pipeline else "")
 
 
+def claim_key_of(mous_id: str, recipe: str, version: int) -> str:
+    """The KV key of a (MOUS, recipe, version): KV keys allow few characters, MOUS ids more."""
+    return "claim_" + hashlib.sha256(f"{mous_id}\n{recipe}\n{version}".encode()).hexdigest()[:40]
+
+
 def rules_path(cfg) -> str:
     return os.environ.get("ALMAPIPE_TRIGGER_RULES", os.path.join(cfg.data_dir, "trigger-rules.json"))
+
+
+class ClaimBusy(RuntimeError):
+    """Another decision may be starting this run right now: decide again later."""
 
 
 class RulesError(ValueError):
@@ -305,23 +316,27 @@ class Triggers:
             d.reason = f"data_location holds {len(keys)} inputs, the event names {len(ev.eb_uids)} EBs"
             return await self.record(d)
         # one run per (MOUS, recipe, version): whoever creates the claim starts it
-        claim_key = "claim_" + hashlib.sha256(f"{ev.mous_id}\n{d.recipe}\n{d.recipe_version}".encode()).hexdigest()[:40]
+        claim_key = claim_key_of(ev.mous_id, d.recipe, d.recipe_version)
         claim = {"mous_id": ev.mous_id, "recipe": d.recipe, "recipe_version": d.recipe_version, "run_id": "",
                  "event_id": ev.event_id, "time": time.time()}
+        took_over = ""
         if not force:
             try:
                 await self.claims.create(claim_key, json.dumps(claim).encode())
             except KeyWrongLastSequenceError:
-                before = json.loads((await self.claims.get(claim_key)).value)
-                d.action, d.run_id = "duplicate", before.get("run_id", "")
-                d.reason = (f"run {before['run_id']} was started for MOUS {ev.mous_id}, recipe {d.recipe} "
-                            f"version {d.recipe_version}" if before.get("run_id") else
-                            f"a run for MOUS {ev.mous_id}, recipe {d.recipe} version {d.recipe_version} was "
-                            f"being started when the gateway stopped; nothing is started twice: check ListRuns "
-                            f"and replay with force if none exists")
-                return await self.record(d)
+                entry = await self.claims.get(claim_key)
+                before = json.loads(entry.value)
+                if not before.get("run_id"):     # claimed, but the gateway stopped before the run was noted
+                    before["run_id"] = await self.recover_claim(claim_key, entry, claim)
+                if before["run_id"]:
+                    d.action, d.run_id = "duplicate", before["run_id"]
+                    d.reason = (f"run {before['run_id']} was started for MOUS {ev.mous_id}, recipe {d.recipe} "
+                                f"version {d.recipe_version}")
+                    return await self.record(d)
+                took_over = f"; took over a claim of {time.strftime('%H:%M:%S', time.gmtime(before['time']))} " \
+                            f"UTC left without a run"
         try:
-            run = await self.submit(ev, rule, recipe, keys)
+            run = await self.submit(ev, rule, recipe, keys, claim_key)
         except RequestError as exc:
             if not force:
                 await self.claims.delete(claim_key)     # a corrected event may start it
@@ -337,23 +352,68 @@ class Triggers:
         d.action, d.run_id = "started", run["run_id"]
         d.forced = force
         d.reason = (f"forced replay by {by}: " if force else "") + \
-            f"{'MOUS' if run.get('eb_run_ids') else 'single'} run of {len(keys)} EB(s) with recipe {d.recipe}"
+            f"{'MOUS' if run.get('eb_run_ids') else 'single'} run of {len(keys)} EB(s) with recipe {d.recipe}" + took_over
         await self.claims.put(claim_key, json.dumps(dict(claim, run_id=run["run_id"])).encode())
         d = await self.record(d)
+        await self.publish(ev.mous_id, self.pipeline_event(run, "PipelineProcessing"), f"{run['run_id']}-started")
         async with self.coord.lock:
             current = await self.coord.load(run["run_id"])
-            current["trigger_decision_id"] = d.decision_id
+            current.update(trigger_decision_id=d.decision_id, start_announced=True)
             await self.coord.save(current)
-        await self.publish(ev.mous_id, self.pipeline_event(run, "PipelineProcessing"), f"{run['run_id']}-started")
         return d
 
-    async def submit(self, ev: pb.StateChange, rule: dict, recipe: dict, keys: list) -> dict:
+    async def recover_claim(self, claim_key: str, entry, claim: dict) -> str:
+        """A claim without a run: the gateway stopped between claiming and noting the run.
+        If a run names the claim (it was submitted), note it and return its id. If none
+        does and the claim is older than CLAIM_GRACE_S, take the claim over (an update at
+        the entry's revision, so only one decider can) and return "": the caller starts
+        the run. A younger claim may be another gateway's submit in progress: ClaimBusy,
+        decided again later."""
+        before = json.loads(entry.value)
+        run = await self.find_claimed_run(claim_key, before["time"])
+        if run:
+            try:
+                await self.claims.update(claim_key, json.dumps(dict(before, run_id=run)).encode(),
+                                         last=entry.revision)
+            except KeyWrongLastSequenceError:
+                pass
+            return run
+        if time.time() - before["time"] < CLAIM_GRACE_S:
+            raise ClaimBusy(f"a run for MOUS {before['mous_id']} is being started (claim of "
+                            f"{time.time() - before['time']:.0f} s ago); decided again shortly")
+        try:
+            await self.claims.update(claim_key, json.dumps(claim).encode(), last=entry.revision)
+        except KeyWrongLastSequenceError:
+            raise ClaimBusy(f"the claim for MOUS {before['mous_id']} changed while it was looked at") from None
+        return ""
+
+    async def find_claimed_run(self, claim_key: str, since: float) -> str:
+        """The run submitted under a claim, from the run index newest first back to the
+        claim's time: O(runs made since then)."""
+        from almapipe.platform.bus import RUN_INDEX_STREAM
+        seq = (await self.js.stream_info(RUN_INDEX_STREAM)).state.last_seq
+        while seq > 0:
+            try:
+                msg = await self.js.get_msg(RUN_INDEX_STREAM, seq=seq)
+                run = await self.coord.load(msg.data.decode())
+            except Exception:
+                seq -= 1
+                continue
+            if run.get("trigger", {}).get("claim") == claim_key:
+                return run["run_id"]
+            if run["created"] < since - 60:
+                return ""
+            seq -= 1
+        return ""
+
+    async def submit(self, ev: pb.StateChange, rule: dict, recipe: dict, keys: list, claim_key: str) -> dict:
         """Submit through the coordinator as a client's SubmitRun would: an MOUS run (one
         run per EB up to split) when the recipe can split, else one EB's plain run."""
         label = f"{ev.project_code} {ev.mous_id} (trigger {rule['name']})".strip()[:200]
         trigger = {"event_id": ev.event_id, "project_code": ev.project_code, "mous_id": ev.mous_id,
                    "eb_uids": list(ev.eb_uids), "telescope": ev.telescope, "array": ev.array,
-                   "rule": rule["name"], "recipe": recipe["name"], "recipe_version": int(recipe.get("version", 1))}
+                   "rule": rule["name"], "recipe": recipe["name"], "recipe_version": int(recipe.get("version", 1)),
+                   "claim": claim_key}
         try:
             recipes.split_for_mous(recipe)
             as_mous = True
@@ -400,6 +460,11 @@ class Triggers:
         if not run.get("trigger"):
             return
         try:
+            if not run.get("start_announced"):
+                # a run that ended before its start was noted (seconds): PipelineProcessing
+                # first; the trigger's own publish, same message id, is dropped by JetStream
+                await self.publish(run["trigger"]["mous_id"], self.pipeline_event(run, "PipelineProcessing"),
+                                   f"{run['run_id']}-started")
             if run["status"] == "SUCCEEDED":
                 kids = [await self.coord.load(k) for k in run.get("eb_run_ids", [])]
                 ev = self.pipeline_event(run, "QA2Review", qa_summary_json=json.dumps(qa_summary(run, kids)))
@@ -469,4 +534,8 @@ class Triggers:
         old = await self.load_decision(int(decision_id))
         if old is None:
             raise RequestError(f"no trigger decision {decision_id}", not_found=True)
-        return await self.decide(old.event.SerializeToString(), "replay", replay_of=decision_id, force=force, by=who)
+        try:
+            return await self.decide(old.event.SerializeToString(), "replay", replay_of=decision_id, force=force,
+                                     by=who)
+        except ClaimBusy as exc:
+            raise RequestError(f"decision_id: {exc}; try again in {CLAIM_GRACE_S:.0f} s") from None

@@ -254,3 +254,37 @@ def test_a_failed_run_publishes_processing_failed_with_the_reason(env, tmp_path)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "only Fail" in e.value.details()
     assert reviewer.RecordQA2Verdict(pb.RecordQA2VerdictRequest(run_id=run.run_id, verdict="Fail"),
                                      timeout=10).qa2_verdict == "Fail"
+
+
+def test_a_claim_left_without_a_run_is_resolved(env):
+    """The gateway killed between claiming (MOUS, recipe, version) and noting its run: the
+    redelivered event finds the run the claim made, or, when there is none, starts it."""
+    from gateway.trigger import CLAIMS_KV, claim_key_of
+    _, cfg, op, _, _ = env
+    key = upload_input(cfg, NGC5921)
+
+    def set_claim(mous, age_s):
+        async def go():
+            nc = await _nats(cfg)
+            kv = await nc.jetstream().key_value(CLAIMS_KV)
+            await kv.put(claim_key_of(mous, "trigger_import", 1), json.dumps(
+                {"mous_id": mous, "recipe": "trigger_import", "recipe_version": 1, "run_id": "",
+                 "event_id": "lost", "time": time.time() - age_s}).encode())
+            await nc.close()
+        asyncio.run(go())
+
+    # killed before the submit: no run names the claim, so the event starts one
+    lost = f"uid://A001/X{uuid.uuid4().hex[:6]}/X4"
+    set_claim(lost, 100)
+    ev = event(lost, key)
+    publish(cfg, state_subject(lost), ev.SerializeToString(), msg_id=ev.event_id)
+    d, = decisions_of(op, ev.event_id)
+    assert d.action == "started" and "took over a claim" in d.reason, d
+    # killed after the submit: the run is found by its claim, nothing more starts
+    set_claim(lost, 100)
+    again = event(lost, key)
+    publish(cfg, state_subject(lost), again.SerializeToString(), msg_id=again.event_id)
+    dup, = decisions_of(op, again.event_id)
+    assert dup.action == "duplicate" and dup.run_id == d.run_id, dup
+    assert wait_run(op, d.run_id).status == pb.RUN_STATUS_SUCCEEDED
+    assert [r.run_id for r in runs_of(op, lost)] == [d.run_id]
