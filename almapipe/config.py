@@ -28,6 +28,8 @@ so one data directory and one port base describe a whole local stack:
   ALMAPIPE_THREADS     threads of the gridder (default: all cores)
   ALMAPIPE_TRIGGER_RULES  the state-change trigger's rules (JSON; default
                        <data_dir>/trigger-rules.json, absent: the built-in ALMA rule)
+  ALMAPIPE_TRIGGER_CLAIM_GRACE_S  age (s) after which a trigger claim left without a run
+                       is taken over (default 30)
 Credentials are never logged.
 """
 from __future__ import annotations

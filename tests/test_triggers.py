@@ -22,6 +22,8 @@ from gateway.trigger import DURABLE, STATE_STREAM, state_subject
 TERMINAL = (pb.RUN_STATUS_SUCCEEDED, pb.RUN_STATUS_FAILED, pb.RUN_STATUS_CANCELLED)
 # VLA data (NGC 5921) and a one-stage recipe keep the runs to seconds; ALMA keeps the default rule
 RULES = {"rules": [
+    {"name": "vla-7m-mous", "telescope": ["VLA"], "array": ["7m"], "state": ["FullyObserved"],
+     "recipe": "alma_calimage"},
     {"name": "vla-import", "telescope": ["VLA"], "state": ["FullyObserved"],
      "recipe_doc": {"name": "trigger_import", "version": 1, "stages": [{"stage": "importdata"}]}},
     {"name": "alma-interferometry", "telescope": ["ALMA"], "array": ["12m", "7m"], "state": ["FullyObserved"],
@@ -80,9 +82,10 @@ def pipeline_events(cfg, mous: str) -> list:
     return asyncio.run(go())
 
 
-def event(mous: str, key: str, state="FullyObserved", telescope="VLA", array="", **kw) -> pb.StateChange:
+def event(mous: str, key: str, state="FullyObserved", telescope="VLA", array="", eb_uids=("uid://A002/X1/X1",),
+          **kw) -> pb.StateChange:
     return pb.StateChange(event_id=uuid.uuid4().hex, project_code="2026.1.00042.S", mous_id=mous,
-                          eb_uids=["uid://A002/X1/X1"], state=state, data_location=key, telescope=telescope,
+                          eb_uids=list(eb_uids), state=state, data_location=key, telescope=telescope,
                           array=array, time_unix=time.time(), source="observatory", **kw)
 
 
@@ -288,3 +291,31 @@ def test_a_claim_left_without_a_run_is_resolved(env):
     assert dup.action == "duplicate" and dup.run_id == d.run_id, dup
     assert wait_run(op, d.run_id).status == pb.RUN_STATUS_SUCCEEDED
     assert [r.run_id for r in runs_of(op, lost)] == [d.run_id]
+
+
+def test_an_mous_of_several_ebs_is_one_mous_run(env):
+    """EBs under a data_location prefix, a recipe that splits: an MOUS run with a run per
+    EB (decision 0012); cancelled at once, it publishes ProcessingFailed saying so."""
+    from almapipe.platform.store import ObjectStore
+    _, cfg, op, _, _ = env
+    mous = f"uid://A001/X{uuid.uuid4().hex[:6]}/X5"
+    prefix = f"mous-test/{mous.split('/')[-2]}/"
+    store = ObjectStore(cfg)
+    for name in ("eb2.uvfits.gz", "eb1.uvfits.gz"):
+        store.put_file(NGC5921, prefix + name, bucket=store.raw_bucket)
+    ev = event(mous, f"s3://{store.raw_bucket}/{prefix}", array="7m",
+               eb_uids=["uid://A002/X1/X1", "uid://A002/X1/X2"])
+    publish(cfg, state_subject(mous), ev.SerializeToString(), msg_id=ev.event_id)
+    d, = decisions_of(op, ev.event_id)
+    assert d.action == "started" and d.recipe == "alma_calimage" and "MOUS run of 2 EB(s)" in d.reason, d
+    op.CancelRun(pb.CancelRunRequest(run_id=d.run_id), timeout=10)
+    run = op.GetRun(pb.GetRunRequest(run_id=d.run_id), timeout=10)
+    assert run.mous_id == mous and len(run.eb_run_ids) == 2 and run.status == pb.RUN_STATUS_CANCELLED
+    assert [op.GetRun(pb.GetRunRequest(run_id=r)).input_key for r in run.eb_run_ids] == \
+        [prefix + "eb1.uvfits.gz", prefix + "eb2.uvfits.gz"]
+    t_end = time.time() + 30
+    while time.time() < t_end and len(pipeline_events(cfg, mous)) < 2:
+        time.sleep(0.3)
+    states = [(e.state, e.run_id) for e in pipeline_events(cfg, mous)]
+    assert states == [("PipelineProcessing", d.run_id), ("ProcessingFailed", d.run_id)], states
+    assert "cancelled by operator" in pipeline_events(cfg, mous)[-1].reason
