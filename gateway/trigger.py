@@ -115,7 +115,8 @@ def check_rules(doc) -> list:
             elif rule.get("recipe") in recipes.available():
                 recipe = recipes.load(rule["recipe"])
             else:
-                raise RulesError(f"{where}: recipe {rule.get('recipe')!r} is not one of {', '.join(recipes.available())}")
+                raise RulesError(f"{where}: recipe {rule.get('recipe')!r} is not one of "
+                                 f"{', '.join(recipes.available())}")
             recipe = recipes.apply_overrides(recipe, dict(rule.get("parameters", {})))
         except ParameterError as exc:
             raise RulesError(f"{where}: {exc}") from exc
@@ -242,7 +243,8 @@ class Triggers:
         prefix = f"s3://{self.store.raw_bucket}/"
         if location.startswith("s3://"):
             if not location.startswith(prefix):
-                raise RequestError(f"data_location: {location[:200]!r} is not in the raw bucket {self.store.raw_bucket}")
+                raise RequestError(f"data_location: {location[:200]!r} is not in the raw bucket "
+                                   f"{self.store.raw_bucket}")
             location = location[len(prefix):]
         if ".." in location.split("/") or location.startswith("/"):
             raise RequestError(f"data_location: {location[:200]!r} is not an object key or prefix")
@@ -250,7 +252,8 @@ class Triggers:
             keys = sorted(o.object_name for o in self.store.list(location, bucket=self.store.raw_bucket)
                           if not o.object_name.endswith("/"))
             if not keys:
-                raise RequestError(f"data_location: no object under {location[:200]!r} in bucket {self.store.raw_bucket}")
+                raise RequestError(f"data_location: no object under {location[:200]!r} in bucket "
+                                   f"{self.store.raw_bucket}")
             return keys
         if not self.store.exists(location, bucket=self.store.raw_bucket):
             raise RequestError(f"data_location: {location[:200]!r} not found in bucket {self.store.raw_bucket}")
@@ -352,7 +355,8 @@ class Triggers:
         d.action, d.run_id = "started", run["run_id"]
         d.forced = force
         d.reason = (f"forced replay by {by}: " if force else "") + \
-            f"{'MOUS' if run.get('eb_run_ids') else 'single'} run of {len(keys)} EB(s) with recipe {d.recipe}" + took_over
+            f"{'MOUS' if run.get('eb_run_ids') else 'single'} run of {len(keys)} EB(s) with recipe {d.recipe}" + \
+            took_over
         await self.claims.put(claim_key, json.dumps(dict(claim, run_id=run["run_id"])).encode())
         d = await self.record(d)
         await self.publish(ev.mous_id, self.pipeline_event(run, "PipelineProcessing"), f"{run['run_id']}-started")
@@ -421,7 +425,8 @@ class Triggers:
             as_mous = False
         if len(keys) > 1 and not as_mous:
             raise RequestError(f"recipe {recipe['name']} cannot process several EBs (no split stage)")
-        req = pb.SubmitRunRequest(label=label, parameters={k: json.dumps(v) for k, v in rule.get("parameters", {}).items()})
+        req = pb.SubmitRunRequest(label=label,
+                                  parameters={k: json.dumps(v) for k, v in rule.get("parameters", {}).items()})
         if as_mous:
             req.input_keys.extend(keys)
             req.mous_id = ev.mous_id
