@@ -319,7 +319,7 @@ def main(argv=None) -> int:
     tk = sub.add_parser("token", help="gateway tokens: `almapipe token add NAME --role reader`")
     tk.add_argument("action", choices=["add"])
     tk.add_argument("identity")
-    tk.add_argument("--role", default="reader", help="reader, submitter or operator")
+    tk.add_argument("--role", default="reader", help="reader, submitter, reviewer (QA2 verdicts) or operator")
     tk.set_defaults(fn=cmd_token)
     r = sub.add_parser("run", help="run a recipe on an MS (directory or tar) or UVFITS file")
     r.add_argument("input", nargs="*", help="input data (default: the built-in NGC 5921 VLA data); several "

@@ -30,6 +30,10 @@ so one data directory and one port base describe a whole local stack:
                        are created (default 1; 3 on a 3-node NATS cluster, deploy/k8s/)
   ALMAPIPE_METRICS_ADDR  address the metrics endpoint binds (default 127.0.0.1; 0.0.0.0 in
                        a container, so probes and Prometheus reach it)
+  ALMAPIPE_TRIGGER_RULES  the state-change trigger's rules (JSON; default
+                       <data_dir>/trigger-rules.json, absent: the built-in ALMA rule)
+  ALMAPIPE_TRIGGER_CLAIM_GRACE_S  age (s) after which a trigger claim left without a run
+                       is taken over (default 30)
 Credentials are never logged.
 """
 from __future__ import annotations

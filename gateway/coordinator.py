@@ -88,6 +88,7 @@ class Coordinator:
         self.store = store
         self.lock = asyncio.Lock()
         self.active: set = set()     # ids of runs not yet ended
+        self.finish_hooks: list = []  # async fn(run) called when a run ends (gateway/trigger.py)
 
     async def start(self) -> None:
         self.nc, self.js = await bus.connect(self.cfg, "gateway")
@@ -173,7 +174,9 @@ class Coordinator:
         return runs, (f"s{seq}" if seq > 0 else "")
 
     # ------------------------------------------------------------ API actions
-    async def submit(self, req: pb.SubmitRunRequest, recipe_doc: dict | None = None, owner: str = "") -> dict:
+    async def submit(self, req: pb.SubmitRunRequest, recipe_doc: dict | None = None, owner: str = "",
+                     annotations: dict | None = None) -> dict:
+        """annotations: fields added to the run record before it is saved (the trigger's)."""
         check_submit(req)
         inputs = list(req.input_keys) or [req.input_key]
         for key in inputs:
@@ -203,12 +206,13 @@ class Coordinator:
             run = self.new_run(recipe, inputs[0], extras, req.label, owner)
             if auto:
                 run["auto_overrides"] = dict(req.parameters)
+            run.update(annotations or {})
             async with self.lock:
                 await self.register(run)
                 await self.dispatch(run)
             log.info("run %s submitted: recipe %s on %s", run["run_id"], recipe["name"], inputs[0])
             return run
-        return await self.submit_mous(req, recipe, inputs, extras, owner)
+        return await self.submit_mous(req, recipe, inputs, extras, owner, annotations)
 
     def new_run(self, recipe: dict, input_key: str, extras: dict, label: str, owner: str = "",
                 run_id: str | None = None, context: dict | None = None) -> dict:
@@ -232,7 +236,8 @@ class Coordinator:
                                    f"index entry of {run['run_id']}", give_up_s=30)
         self._active(run["run_id"], True)
 
-    async def submit_mous(self, req, recipe: dict, inputs: list, extras: dict, owner: str) -> dict:
+    async def submit_mous(self, req, recipe: dict, inputs: list, extras: dict, owner: str,
+                          annotations: dict | None = None) -> dict:
         """An MOUS: one run per EB for the stages up to split (calibration, each EB on its
         own and in parallel across the workers), and the MOUS run, whose own stages (from
         the one after split: imaging, export, WebLog) start from the EBs' merged contexts
@@ -252,7 +257,7 @@ class Coordinator:
         parent = self.new_run(mous_part, inputs[0], extras, req.label, owner, run_id=parent_id,
                               context=new_context(parent_id, mous_part, inputs[0], extras))
         parent.update(mous_id=mous_id, eb_run_ids=[c["run_id"] for c in children], input_keys=inputs,
-                      waiting_for_ebs=True)
+                      waiting_for_ebs=True, **(annotations or {}))
         async with self.lock:
             await self.register(parent)
             for child in children:
@@ -597,6 +602,8 @@ class Coordinator:
         self._active(run["run_id"], False)
         await self.run_event(run, pb.STAGE_STATUS_UNSPECIFIED, None, run["error"] or run["status"].lower())
         log.info("run %s %s %s", run["run_id"], run["status"], run["error"])
+        for hook in self.finish_hooks:
+            await hook(run)
         if run.get("parent_run_id"):
             await self.eb_done(run)
 

@@ -22,6 +22,7 @@ from almapipe.platform.store import ObjectStore, StoreError
 from almapipe.v1 import pipeline_pb2 as pb, pipeline_pb2_grpc as pb_grpc
 
 from .coordinator import Coordinator, RequestError, TERMINAL
+from .trigger import Triggers
 
 log = logging.getLogger("almapipe.gateway")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PipelineService"].full_name
@@ -43,6 +44,9 @@ def run_message(run: dict) -> pb.Run:
         context_key=run["context_key"], created_unix=run["created"], updated_unix=run["updated"],
         label=run.get("label", ""), owner=run.get("owner", ""), mous_id=run.get("mous_id", ""),
         eb_run_ids=run.get("eb_run_ids", []), parent_run_id=run.get("parent_run_id", ""),
+        qa2_verdict=run.get("qa2", {}).get("verdict", ""), qa2_comment=run.get("qa2", {}).get("comment", ""),
+        qa2_reviewer=run.get("qa2", {}).get("reviewer", ""), qa2_time_unix=run.get("qa2", {}).get("time", 0.0),
+        trigger_decision_id=run.get("trigger_decision_id", ""),
         stages=[pb.StageState(index=s["index"], name=s["name"], service=s["service"],
                               status=getattr(pb, "STAGE_STATUS_" + s["status"]), qa_score=s["qa_score"],
                               qa_reasons=s["qa_reasons"], duration_s=s["duration_s"], attempts=s["attempts"],
@@ -51,10 +55,11 @@ def run_message(run: dict) -> pb.Run:
 
 
 class PipelineService(pb_grpc.PipelineServiceServicer):
-    def __init__(self, coord: Coordinator, store: ObjectStore, tokens: TokenTable):
+    def __init__(self, coord: Coordinator, store: ObjectStore, tokens: TokenTable, triggers: Triggers | None = None):
         self.coord = coord
         self.store = store
         self.tokens = tokens
+        self.triggers = triggers
 
     async def _auth(self, context, method: str):
         """The caller's identity, if its token allows `method`; aborts otherwise."""
@@ -221,6 +226,24 @@ class PipelineService(pb_grpc.PipelineServiceServicer):
         log.info("upload %s (%d bytes)", key, size)
         return pb.UploadResponse(key=key, size=size, sha256=digest)
 
+    # state-change triggers and QA2 (decision 0014)
+    async def RecordQA2Verdict(self, request, context):
+        who = await self._auth(context, "RecordQA2Verdict")
+        return run_message(await self._guard(context, self.triggers.record_verdict(
+            request.run_id, request.verdict, request.comment, who.name)))
+
+    async def ListTriggerDecisions(self, request, context):
+        await self._auth(context, "ListTriggerDecisions")
+        if len(request.mous_id) > 200:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "mous_id: at most 200 characters")
+        decisions, token = await self._guard(context, self.triggers.list_decisions(
+            request.limit, request.page_token, request.mous_id))
+        return pb.ListTriggerDecisionsResponse(decisions=decisions, next_page_token=token)
+
+    async def ReplayTrigger(self, request, context):
+        who = await self._auth(context, "ReplayTrigger")
+        return await self._guard(context, self.triggers.replay(request.decision_id, request.force, who.name))
+
 
 async def serve(cfg: Config) -> None:
     metrics.serve(cfg.metrics_port)
@@ -228,12 +251,14 @@ async def serve(cfg: Config) -> None:
     store.ensure_buckets()
     coord = Coordinator(cfg, store)
     await coord.start()
+    triggers = Triggers(cfg, coord, store)
+    await triggers.start()
     server = grpc.aio.server()
     tokens = TokenTable(cfg.tokens_file)
     if not tokens._current():
         log.warning("the token table %s is empty or missing: every PipelineService call will be refused "
                     "(almapipe token add NAME --role ROLE)", cfg.tokens_file)
-    pb_grpc.add_PipelineServiceServicer_to_server(PipelineService(coord, store, tokens), server)
+    pb_grpc.add_PipelineServiceServicer_to_server(PipelineService(coord, store, tokens, triggers), server)
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -256,6 +281,7 @@ async def serve(cfg: Config) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await server.stop(5)
+    await triggers.stop()
     await coord.stop()
 
 

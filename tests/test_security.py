@@ -69,6 +69,10 @@ CALLS = {
     "ListProducts": lambda s: s.ListProducts(pb.ListProductsRequest(run_id="x"), timeout=10),
     "FetchProduct": lambda s: list(s.FetchProduct(pb.FetchProductRequest(run_id="x", path="y"), timeout=10)),
     "Upload": lambda s: s.Upload(iter([pb.UploadChunk(name="a.uvfits", data=b"x", size=1)]), timeout=10),
+    "RecordQA2Verdict": lambda s: s.RecordQA2Verdict(pb.RecordQA2VerdictRequest(run_id="x", verdict="Pass"),
+                                                     timeout=10),
+    "ListTriggerDecisions": lambda s: s.ListTriggerDecisions(pb.ListTriggerDecisionsRequest(), timeout=10),
+    "ReplayTrigger": lambda s: s.ReplayTrigger(pb.ReplayTriggerRequest(decision_id="1"), timeout=10),
 }
 
 

@@ -5,8 +5,10 @@ keeps only the sha256 of each token (the token table, a JSON file: sha256 ->
 {identity, role}) so a leaked table does not leak tokens; it rereads the file
 when it changes, so a token added with `almapipe token add` works at once.
 
-Roles are ordered: a reader may look (get, list, watch, products), a submitter
-may also submit, upload and cancel its own runs, an operator may cancel anyone's.
+Roles are ordered: a reader may look (get, list, watch, products, trigger decisions),
+a submitter may also submit, upload and cancel its own runs, a reviewer may also
+record QA2 verdicts (decision 0014), an operator may cancel anyone's run and replay
+trigger decisions.
 Health checking and reflection are not PipelineService methods and stay open.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import secrets
 import threading
 from dataclasses import dataclass
 
-ROLES = {"reader": 0, "submitter": 1, "operator": 2}
+ROLES = {"reader": 0, "submitter": 1, "reviewer": 2, "operator": 3}
 
 # the least role each RPC of almapipe.v1.PipelineService needs (a test checks
 # that every RPC of the proto is listed: a new RPC is never open by omission)
@@ -26,6 +28,7 @@ METHOD_ROLES = {
     "SubmitRun": "submitter", "CancelRun": "submitter", "Upload": "submitter",
     "GetRun": "reader", "ListRuns": "reader", "WatchRun": "reader",
     "ListProducts": "reader", "FetchProduct": "reader",
+    "ListTriggerDecisions": "reader", "RecordQA2Verdict": "reviewer", "ReplayTrigger": "operator",
 }
 
 

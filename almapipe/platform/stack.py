@@ -33,16 +33,17 @@ from ..config import Config, PORTS, default_data_dir, port
 
 SERVICES = ("importer", "calibrator", "imager", "weblog")
 NATS_USERS = ("admin", "gateway") + SERVICES
-ROLES_MADE = ("operator", "submitter", "reader")
+ROLES_MADE = ("operator", "reviewer", "submitter", "reader")
 KV_STREAM = "KV_ALMAPIPE_RUNS"
 # what a worker's NATS user may not do: touch the gateway's run records, publish
 # work or run-level events, or delete and purge streams (a worker needs the rest of
-# the JetStream API for its pull consumer, acks and stage events)
+# the JetStream API for its pull consumer, acks and stage events), nor forge
+# observatory state changes (obs.>, decision 0014)
 WORKER_DENY = ["$KV.>", f"$JS.API.DIRECT.GET.{KV_STREAM}.>", f"$JS.API.STREAM.MSG.GET.{KV_STREAM}",
                f"$JS.API.CONSUMER.*.{KV_STREAM}", f"$JS.API.CONSUMER.*.{KV_STREAM}.>",
                f"$JS.API.CONSUMER.DURABLE.CREATE.{KV_STREAM}.>", "$JS.API.STREAM.DELETE.>",
                "$JS.API.STREAM.PURGE.>", "$JS.API.STREAM.MSG.DELETE.>", "work.>", "events.run.*._run.>",
-               "almapipe.>"]
+               "almapipe.>", "obs.>"]
 
 
 class StackError(RuntimeError):

@@ -91,7 +91,7 @@ class StageState(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., service: _Optional[str] = ..., status: _Optional[_Union[StageStatus, str]] = ..., qa_score: _Optional[float] = ..., qa_reasons: _Optional[_Iterable[str]] = ..., duration_s: _Optional[float] = ..., attempts: _Optional[int] = ..., error: _Optional[str] = ..., params_json: _Optional[str] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("run_id", "status", "recipe", "input_key", "stages", "current_stage", "error", "context_key", "created_unix", "updated_unix", "label", "owner", "mous_id", "eb_run_ids", "parent_run_id")
+    __slots__ = ("run_id", "status", "recipe", "input_key", "stages", "current_stage", "error", "context_key", "created_unix", "updated_unix", "label", "owner", "mous_id", "eb_run_ids", "parent_run_id", "qa2_verdict", "qa2_comment", "qa2_reviewer", "qa2_time_unix", "trigger_decision_id")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     RECIPE_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,11 @@ class Run(_message.Message):
     MOUS_ID_FIELD_NUMBER: _ClassVar[int]
     EB_RUN_IDS_FIELD_NUMBER: _ClassVar[int]
     PARENT_RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    QA2_VERDICT_FIELD_NUMBER: _ClassVar[int]
+    QA2_COMMENT_FIELD_NUMBER: _ClassVar[int]
+    QA2_REVIEWER_FIELD_NUMBER: _ClassVar[int]
+    QA2_TIME_UNIX_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_DECISION_ID_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     status: RunStatus
     recipe: str
@@ -122,7 +127,12 @@ class Run(_message.Message):
     mous_id: str
     eb_run_ids: _containers.RepeatedScalarFieldContainer[str]
     parent_run_id: str
-    def __init__(self, run_id: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., recipe: _Optional[str] = ..., input_key: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageState, _Mapping]]] = ..., current_stage: _Optional[int] = ..., error: _Optional[str] = ..., context_key: _Optional[str] = ..., created_unix: _Optional[float] = ..., updated_unix: _Optional[float] = ..., label: _Optional[str] = ..., owner: _Optional[str] = ..., mous_id: _Optional[str] = ..., eb_run_ids: _Optional[_Iterable[str]] = ..., parent_run_id: _Optional[str] = ...) -> None: ...
+    qa2_verdict: str
+    qa2_comment: str
+    qa2_reviewer: str
+    qa2_time_unix: float
+    trigger_decision_id: str
+    def __init__(self, run_id: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., recipe: _Optional[str] = ..., input_key: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageState, _Mapping]]] = ..., current_stage: _Optional[int] = ..., error: _Optional[str] = ..., context_key: _Optional[str] = ..., created_unix: _Optional[float] = ..., updated_unix: _Optional[float] = ..., label: _Optional[str] = ..., owner: _Optional[str] = ..., mous_id: _Optional[str] = ..., eb_run_ids: _Optional[_Iterable[str]] = ..., parent_run_id: _Optional[str] = ..., qa2_verdict: _Optional[str] = ..., qa2_comment: _Optional[str] = ..., qa2_reviewer: _Optional[str] = ..., qa2_time_unix: _Optional[float] = ..., trigger_decision_id: _Optional[str] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
     __slots__ = ("run_id",)
@@ -297,3 +307,105 @@ class StageEvent(_message.Message):
     shard: int
     fanout_json: str
     def __init__(self, run_id: _Optional[str] = ..., stage_index: _Optional[int] = ..., stage: _Optional[str] = ..., status: _Optional[_Union[StageStatus, str]] = ..., message: _Optional[str] = ..., qa_score: _Optional[float] = ..., qa_reasons: _Optional[_Iterable[str]] = ..., context_key: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[Output, _Mapping]]] = ..., duration_s: _Optional[float] = ..., attempt: _Optional[int] = ..., time_unix: _Optional[float] = ..., worker: _Optional[str] = ..., run_status: _Optional[_Union[RunStatus, str]] = ..., shard: _Optional[int] = ..., fanout_json: _Optional[str] = ...) -> None: ...
+
+class StateChange(_message.Message):
+    __slots__ = ("event_id", "project_code", "mous_id", "eb_uids", "state", "data_location", "telescope", "array", "time_unix", "source", "run_id", "recipe", "reason", "qa_summary_json", "verdict", "comment", "actor")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    PROJECT_CODE_FIELD_NUMBER: _ClassVar[int]
+    MOUS_ID_FIELD_NUMBER: _ClassVar[int]
+    EB_UIDS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DATA_LOCATION_FIELD_NUMBER: _ClassVar[int]
+    TELESCOPE_FIELD_NUMBER: _ClassVar[int]
+    ARRAY_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    QA_SUMMARY_JSON_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    COMMENT_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    project_code: str
+    mous_id: str
+    eb_uids: _containers.RepeatedScalarFieldContainer[str]
+    state: str
+    data_location: str
+    telescope: str
+    array: str
+    time_unix: float
+    source: str
+    run_id: str
+    recipe: str
+    reason: str
+    qa_summary_json: str
+    verdict: str
+    comment: str
+    actor: str
+    def __init__(self, event_id: _Optional[str] = ..., project_code: _Optional[str] = ..., mous_id: _Optional[str] = ..., eb_uids: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., data_location: _Optional[str] = ..., telescope: _Optional[str] = ..., array: _Optional[str] = ..., time_unix: _Optional[float] = ..., source: _Optional[str] = ..., run_id: _Optional[str] = ..., recipe: _Optional[str] = ..., reason: _Optional[str] = ..., qa_summary_json: _Optional[str] = ..., verdict: _Optional[str] = ..., comment: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
+
+class TriggerDecision(_message.Message):
+    __slots__ = ("decision_id", "time_unix", "event", "rule", "action", "run_id", "reason", "recipe", "recipe_version", "replay_of", "forced", "by")
+    DECISION_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_UNIX_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_FIELD_NUMBER: _ClassVar[int]
+    RECIPE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_OF_FIELD_NUMBER: _ClassVar[int]
+    FORCED_FIELD_NUMBER: _ClassVar[int]
+    BY_FIELD_NUMBER: _ClassVar[int]
+    decision_id: str
+    time_unix: float
+    event: StateChange
+    rule: str
+    action: str
+    run_id: str
+    reason: str
+    recipe: str
+    recipe_version: int
+    replay_of: str
+    forced: bool
+    by: str
+    def __init__(self, decision_id: _Optional[str] = ..., time_unix: _Optional[float] = ..., event: _Optional[_Union[StateChange, _Mapping]] = ..., rule: _Optional[str] = ..., action: _Optional[str] = ..., run_id: _Optional[str] = ..., reason: _Optional[str] = ..., recipe: _Optional[str] = ..., recipe_version: _Optional[int] = ..., replay_of: _Optional[str] = ..., forced: _Optional[bool] = ..., by: _Optional[str] = ...) -> None: ...
+
+class RecordQA2VerdictRequest(_message.Message):
+    __slots__ = ("run_id", "verdict", "comment")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    COMMENT_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    verdict: str
+    comment: str
+    def __init__(self, run_id: _Optional[str] = ..., verdict: _Optional[str] = ..., comment: _Optional[str] = ...) -> None: ...
+
+class ListTriggerDecisionsRequest(_message.Message):
+    __slots__ = ("limit", "page_token", "mous_id")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MOUS_ID_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    page_token: str
+    mous_id: str
+    def __init__(self, limit: _Optional[int] = ..., page_token: _Optional[str] = ..., mous_id: _Optional[str] = ...) -> None: ...
+
+class ListTriggerDecisionsResponse(_message.Message):
+    __slots__ = ("decisions", "next_page_token")
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    decisions: _containers.RepeatedCompositeFieldContainer[TriggerDecision]
+    next_page_token: str
+    def __init__(self, decisions: _Optional[_Iterable[_Union[TriggerDecision, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ReplayTriggerRequest(_message.Message):
+    __slots__ = ("decision_id", "force")
+    DECISION_ID_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    decision_id: str
+    force: bool
+    def __init__(self, decision_id: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...

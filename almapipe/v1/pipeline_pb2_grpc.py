@@ -76,6 +76,21 @@ class PipelineServiceStub:
                 request_serializer=almapipe_dot_v1_dot_pipeline__pb2.UploadChunk.SerializeToString,
                 response_deserializer=almapipe_dot_v1_dot_pipeline__pb2.UploadResponse.FromString,
                 _registered_method=True)
+        self.RecordQA2Verdict = channel.unary_unary(
+                '/almapipe.v1.PipelineService/RecordQA2Verdict',
+                request_serializer=almapipe_dot_v1_dot_pipeline__pb2.RecordQA2VerdictRequest.SerializeToString,
+                response_deserializer=almapipe_dot_v1_dot_pipeline__pb2.Run.FromString,
+                _registered_method=True)
+        self.ListTriggerDecisions = channel.unary_unary(
+                '/almapipe.v1.PipelineService/ListTriggerDecisions',
+                request_serializer=almapipe_dot_v1_dot_pipeline__pb2.ListTriggerDecisionsRequest.SerializeToString,
+                response_deserializer=almapipe_dot_v1_dot_pipeline__pb2.ListTriggerDecisionsResponse.FromString,
+                _registered_method=True)
+        self.ReplayTrigger = channel.unary_unary(
+                '/almapipe.v1.PipelineService/ReplayTrigger',
+                request_serializer=almapipe_dot_v1_dot_pipeline__pb2.ReplayTriggerRequest.SerializeToString,
+                response_deserializer=almapipe_dot_v1_dot_pipeline__pb2.TriggerDecision.FromString,
+                _registered_method=True)
 
 
 class PipelineServiceServicer:
@@ -137,6 +152,29 @@ class PipelineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordQA2Verdict(self, request, context):
+        """A reviewer's QA2 verdict on a finished run (Pass, SemiPass, Fail, with a comment):
+        kept with the run and published as a StateChange (decision 0014).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTriggerDecisions(self, request, context):
+        """What the state-change trigger decided about each observatory event, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplayTrigger(self, request, context):
+        """Decide again about a decision's event; starts a run only where none was started for
+        its (MOUS, recipe, version), or when forced.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PipelineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -179,6 +217,21 @@ def add_PipelineServiceServicer_to_server(servicer, server):
                     servicer.Upload,
                     request_deserializer=almapipe_dot_v1_dot_pipeline__pb2.UploadChunk.FromString,
                     response_serializer=almapipe_dot_v1_dot_pipeline__pb2.UploadResponse.SerializeToString,
+            ),
+            'RecordQA2Verdict': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordQA2Verdict,
+                    request_deserializer=almapipe_dot_v1_dot_pipeline__pb2.RecordQA2VerdictRequest.FromString,
+                    response_serializer=almapipe_dot_v1_dot_pipeline__pb2.Run.SerializeToString,
+            ),
+            'ListTriggerDecisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTriggerDecisions,
+                    request_deserializer=almapipe_dot_v1_dot_pipeline__pb2.ListTriggerDecisionsRequest.FromString,
+                    response_serializer=almapipe_dot_v1_dot_pipeline__pb2.ListTriggerDecisionsResponse.SerializeToString,
+            ),
+            'ReplayTrigger': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplayTrigger,
+                    request_deserializer=almapipe_dot_v1_dot_pipeline__pb2.ReplayTriggerRequest.FromString,
+                    response_serializer=almapipe_dot_v1_dot_pipeline__pb2.TriggerDecision.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -399,6 +452,87 @@ class PipelineService:
             '/almapipe.v1.PipelineService/Upload',
             almapipe_dot_v1_dot_pipeline__pb2.UploadChunk.SerializeToString,
             almapipe_dot_v1_dot_pipeline__pb2.UploadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordQA2Verdict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/almapipe.v1.PipelineService/RecordQA2Verdict',
+            almapipe_dot_v1_dot_pipeline__pb2.RecordQA2VerdictRequest.SerializeToString,
+            almapipe_dot_v1_dot_pipeline__pb2.Run.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTriggerDecisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/almapipe.v1.PipelineService/ListTriggerDecisions',
+            almapipe_dot_v1_dot_pipeline__pb2.ListTriggerDecisionsRequest.SerializeToString,
+            almapipe_dot_v1_dot_pipeline__pb2.ListTriggerDecisionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayTrigger(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/almapipe.v1.PipelineService/ReplayTrigger',
+            almapipe_dot_v1_dot_pipeline__pb2.ReplayTriggerRequest.SerializeToString,
+            almapipe_dot_v1_dot_pipeline__pb2.TriggerDecision.FromString,
             options,
             channel_credentials,
             insecure,
