@@ -31,7 +31,7 @@ def test_flux_density_is_planck_brightness_less_the_background_times_the_disk():
     d = ss.angular_diameter_arcsec(2575.5, 9.5)
     assert d == pytest.approx(2 * 2575.5e3 / (9.5 * 1.495978707e11) * 206264.80624709636, rel=1e-6)
     m = ss.DiskModel("titan", d)
-    assert m(np.array([230e9]))[0] == pytest.approx(ss.disk_flux(76.6, 230e9, d), rel=1e-9)
+    assert m(np.array([232.320899e9]))[0] == pytest.approx(ss.disk_flux(76.04, 232.320899e9, d), rel=1e-9)
 
 
 def test_disk_visibility_uniform_and_limb_darkened():
@@ -53,12 +53,59 @@ def test_body_names_models_and_geometry():
     assert ss.body_name("J1924-2914") is None and ss.body_name("Iota") is None
     assert ss.mean_radius_km((25559.0, 25559.0, 24973.0), 90.0) == pytest.approx(25559.0)   # pole-on
     assert ss.mean_radius_km((25559.0, 25559.0, 24973.0), 0.0) == pytest.approx(np.sqrt(25559.0 * 24973.0))
-    with pytest.raises(ValueError, match="covers"):
-        ss.brightness_temperature("uranus", np.array([40e9]))   # Griffin & Orton from 90 GHz only
+    with pytest.raises(ValueError, match="Uranus.*covers 60-1001.3 GHz"):
+        ss.brightness_temperature("uranus", np.array([40e9]))   # Butler's Uranus from 60 GHz only
     # planets from astropy; a moon without an ephemeris table is an error saying what is needed
     assert 19 < ss.astropy_distance_au("uranus", 61161.0) < 22
     with pytest.raises(ValueError, match="Ganymede.*ephemeris table"):
         ss.body_geometry("ganymede", 61161.0, None)
+
+
+# Points of Butler's 2012 tables (<Body>_Tb.dat as distributed with CASA's data), facts
+# read off the files: (frequency GHz, Tb K).
+BUTLER_POINTS = {"ganymede": [(217.04, 94.7), (237.66, 95.7)],
+                 "uranus": [(227.8, 97.18), (230.8, 97.07)],
+                 "neptune": [(230.0, 81.4974), (233.0, 89.1586)],    # in the wing of CO(2-1)
+                 "titan": [(230.537986, 253.86), (232.320899, 76.04)],   # the core of CO(2-1), continuum
+                 "ceres": [(29.22, 185.0), (1009.59, 185.0)]}
+
+
+def test_butler_2012_tables_reproduced_at_their_points_and_interpolated_between():
+    for body, pts in BUTLER_POINTS.items():
+        f = np.array([p[0] for p in pts]) * 1e9
+        assert ss.brightness_temperature(body, f) == pytest.approx([p[1] for p in pts], abs=1e-9), body
+    # linear in frequency between neighbouring points
+    (f0, t0), (f1, t1) = BUTLER_POINTS["ganymede"]
+    f = f0 + 0.3 * (f1 - f0)
+    assert ss.brightness_temperature("ganymede", f * 1e9) == pytest.approx(t0 + 0.3 * (t1 - t0), abs=1e-9)
+    assert ss.brightness_temperature("uranus", 229.3e9) == pytest.approx((97.18 + 97.07) / 2, abs=1e-9)
+    # the flux follows: Planck excess of the table's Tb times the disk
+    d = 1.3
+    assert ss.DiskModel("ganymede", d)(np.array([217.04e9]))[0] == pytest.approx(ss.disk_flux(94.7, 217.04e9, d))
+    # out of a body's table: an error naming the body and the range
+    with pytest.raises(ValueError, match="Titan.*covers 53.287-1000.74 GHz"):
+        ss.brightness_temperature("titan", np.array([40e9, 45e9]))        # Band 1: below Butler's Titan
+    with pytest.raises(ValueError, match="Ganymede.*covers 29.46-1015.51 GHz"):
+        ss.DiskModel("ganymede", 1.3)(np.array([1100e9]))
+
+
+def test_mars_brightness_temperature_varies_with_time():
+    # Mars_Tb.dat rows 2010-01-01 00 h (MJD 55197.0) and 02 h: Tb at 230 GHz 204.9 K, at 330 and
+    # 360 GHz 208.0 and 208.7 K at 02 h; its 01 h row (not kept: every 2nd row is) has 204.8 K
+    assert ss.brightness_temperature("mars", 230e9, 55197.0) == pytest.approx(204.9, abs=1e-9)
+    assert ss.brightness_temperature("mars", 345e9, 55197.08333) == pytest.approx(208.35, abs=1e-9)
+    assert ss.brightness_temperature("mars", 230e9, 55197.0 + 1 / 24) == pytest.approx(204.8, abs=0.15)
+    # the model follows the time: Tb ranges over ~178-240 K across 2010-2020
+    tb = [float(ss.brightness_temperature("mars", 230e9, m)) for m in np.arange(55197.0, 59214.0, 50.0)]
+    assert 175 < min(tb) and max(tb) < 245 and max(tb) - min(tb) > 10
+    assert ss.DiskModel("mars", 5.0, mjd=55197.0)(np.array([230e9]))[0] == \
+        pytest.approx(ss.disk_flux(204.9, 230e9, 5.0))
+    with pytest.raises(ValueError, match="Mars.*MJD of the observation is needed"):
+        ss.DiskModel("mars", 5.0)(np.array([230e9]))
+    with pytest.raises(ValueError, match="Mars.*covers MJD 55197.00-59214.96.*not MJD 61161"):
+        ss.brightness_temperature("mars", 230e9, 61161.2)
+    with pytest.raises(ValueError, match="Mars.*covers 30-1000 GHz"):
+        ss.brightness_temperature("mars", 20e9, 56000.0)
 
 
 def test_fluxcalflag_table_covers_the_bodies_with_lines():

@@ -17,9 +17,10 @@ The power-law limb-darkened disk, I(r) ~ (1 - r^2/R^2)^(n/2), has the visibility
 S * Gamma(nu + 1) (2/x)^nu J_nu(x), nu = n/2 + 1 (n = 0 is the uniform disk); the
 Butler models use n = 0 for every body, kept here as each body's ld_n.
 
-The brightness temperatures are in almapipe/data/solar_system_tb.csv: NOT the
-Butler 2012 tables themselves (see that file and docs/decisions/0007), but
-published representative values over 30-950 GHz.
+The brightness temperatures are Butler's 2012 tables (as distributed with CASA's
+data), kept over 30-1000 GHz in almapipe/data/butler2012_tb.csv.gz (Tb vs
+frequency per body) and almapipe/data/butler2012_mars_tb.csv.gz (Mars: Tb vs time
+and frequency, 2010-2020); see docs/decisions/0007.
 
 Only kernels here: no stage code. setjy (almapipe.stages.calibration) builds a
 :class:`DiskModel` per flux calibrator; the solvers call its visibility().
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import gzip
 import os
 from dataclasses import dataclass
 
@@ -67,6 +69,8 @@ BODIES = {
 MIN_VIS_FRACTION = 0.1
 
 _TB_TABLE: dict | None = None
+_MARS_TABLE: tuple | None = None
+DATA_DIR = os.path.join(os.path.dirname(__file__), "..", "data")
 
 
 def body_name(field_name: str) -> str | None:
@@ -79,28 +83,70 @@ def body_name(field_name: str) -> str | None:
     return None
 
 
+def _data_lines(name: str):
+    """The lines of a gzipped CSV in almapipe/data, less its '#' comment header."""
+    with gzip.open(os.path.join(DATA_DIR, name), "rt") as f:
+        return [line for line in f if not line.startswith("#")]
+
+
 def tb_table() -> dict:
-    """body -> (freq_hz (n,), tb_k (n,)) from almapipe/data/solar_system_tb.csv."""
+    """body -> (freq_hz (n,), tb_k (n,)): Butler 2012's Tb vs frequency of each body
+    but Mars (almapipe/data/butler2012_tb.csv.gz)."""
     global _TB_TABLE
     if _TB_TABLE is None:
-        path = os.path.join(os.path.dirname(__file__), "..", "data", "solar_system_tb.csv")
         rows: dict = {}
-        with open(path) as f:
-            for row in csv.DictReader(line for line in f if not line.startswith("#")):
-                rows.setdefault(row["body"].lower(), []).append((float(row["freq_ghz"]) * 1e9, float(row["tb_k"])))
+        for row in csv.DictReader(_data_lines("butler2012_tb.csv.gz")):
+            rows.setdefault(row["body"].lower(), []).append((float(row["freq_ghz"]) * 1e9, float(row["tb_k"])))
         _TB_TABLE = {b: tuple(np.array(x) for x in zip(*sorted(v))) for b, v in rows.items()}
     return _TB_TABLE
 
 
-def brightness_temperature(body: str, freq_hz) -> np.ndarray:
-    """Disk-averaged Tb (K) of a body, interpolated linearly in frequency; a
-    frequency outside the tabulated range is an error naming the range."""
-    f_tab, t_tab = tb_table()[body]
+def mars_tb_table() -> tuple:
+    """(mjd (nt,), freq_hz (nf,), tb_k (nt, nf)): Butler 2012's Mars, Tb vs time (every
+    2 h, 2010-2020) and frequency (almapipe/data/butler2012_mars_tb.csv.gz)."""
+    global _MARS_TABLE
+    if _MARS_TABLE is None:
+        lines = _data_lines("butler2012_mars_tb.csv.gz")
+        freq_hz = np.array([float(x) for x in lines[0].strip().split(",")[1:]]) * 1e9
+        a = np.loadtxt(lines[1:], delimiter=",", ndmin=2)
+        _MARS_TABLE = (a[:, 0], freq_hz, a[:, 1:])
+    return _MARS_TABLE
+
+
+def _check_range(body: str, f: np.ndarray, lo: float, hi: float) -> None:
+    if f.size and (f.min() < lo * (1 - 1e-9) or f.max() > hi * (1 + 1e-9)):
+        raise ValueError(f"{body.capitalize()}: the Butler 2012 brightness temperature table covers "
+                         f"{lo / 1e9:g}-{hi / 1e9:g} GHz, not {f.min() / 1e9:.3f}-{f.max() / 1e9:.3f} GHz")
+
+
+def brightness_temperature(body: str, freq_hz, mjd: float | None = None) -> np.ndarray:
+    """Disk-averaged Tb (K) of a body from its Butler 2012 table, interpolated linearly
+    in frequency (and, for Mars, in time: mjd, UTC, is then needed). Linear, not
+    log-log: it reproduces every tabulated point, cannot overshoot between them, and on
+    these grids (1-10 % steps, finer in Titan's lines) it differs from log-log
+    interpolation by < 0.1 % (0.11 K). A frequency or time outside the table is an
+    error naming its range."""
     f = np.asarray(freq_hz, float)
-    if f.size and (f.min() < f_tab[0] * (1 - 1e-9) or f.max() > f_tab[-1] * (1 + 1e-9)):
-        raise ValueError(f"{body.capitalize()}: brightness temperature model covers "
-                         f"{f_tab[0] / 1e9:g}-{f_tab[-1] / 1e9:g} GHz, not {f.min() / 1e9:.3f}-{f.max() / 1e9:.3f} GHz")
+    if body == "mars":
+        return _mars_tb(f, mjd)
+    f_tab, t_tab = tb_table()[body]
+    _check_range(body, f, f_tab[0], f_tab[-1])
     return np.interp(f, f_tab, t_tab)
+
+
+def _mars_tb(f: np.ndarray, mjd: float | None) -> np.ndarray:
+    """Mars: the table's Tb at each of its frequencies at mjd (linear in time), then
+    linear in frequency."""
+    t_mjd, f_tab, tb = mars_tb_table()
+    if mjd is None:
+        raise ValueError("Mars: its Butler 2012 brightness temperature varies with time; the MJD of the "
+                         "observation is needed")
+    if not t_mjd[0] - 1e-6 <= mjd <= t_mjd[-1] + 1e-6:
+        raise ValueError(f"Mars: the Butler 2012 brightness temperature table covers MJD {t_mjd[0]:.2f}-"
+                         f"{t_mjd[-1]:.2f} (2010-01-01 to 2020-12-31), not MJD {mjd:.2f}; give setjy.manual for it")
+    _check_range("mars", f, f_tab[0], f_tab[-1])
+    at_t = np.array([np.interp(mjd, t_mjd, tb[:, k]) for k in range(len(f_tab))])
+    return np.interp(f, f_tab, at_t)
 
 
 def planck_excess(tb_k, freq_hz) -> np.ndarray:
@@ -237,15 +283,20 @@ def astropy_distance_au(body: str, mjd: float) -> float:
 class DiskModel:
     """A resolved flux calibrator: callable(freq_hz) -> total flux (Jy), as a point
     model is, and visibility(freq_hz, q_lambda) -> model visibilities (Jy), zero
-    beyond uv_max_lambda (those baselines are left out of the solves)."""
+    beyond uv_max_lambda (those baselines are left out of the solves). mjd: the time
+    of the observation, needed for Mars only."""
     body: str
     diameter_arcsec: float
     ld_n: float = 0.0
     min_fraction: float = MIN_VIS_FRACTION
+    mjd: float | None = None        # of the observation (UTC): Mars's Tb varies with time
+
+    def tb_k(self, freq_hz) -> np.ndarray:
+        return brightness_temperature(self.body, freq_hz, self.mjd)
 
     def __call__(self, freq_hz) -> np.ndarray:
         f = np.asarray(freq_hz, float)
-        return disk_flux(brightness_temperature(self.body, f), f, self.diameter_arcsec)
+        return disk_flux(self.tb_k(f), f, self.diameter_arcsec)
 
     @property
     def uv_max_lambda(self) -> float:

@@ -433,7 +433,8 @@ class Simulator:
         body = ss.body_name(self.cfg.sso_body)
         rho = float(self.sso_ephemeris(np.array([self.t0 / 86400]))["rho_au"][0])
         radius = ss.mean_radius_km(ss.BODIES[body]["radii_km"])
-        return ss.DiskModel(body, ss.angular_diameter_arcsec(radius, rho), ss.BODIES[body]["ld_n"])
+        return ss.DiskModel(body, ss.angular_diameter_arcsec(radius, rho), ss.BODIES[body]["ld_n"],
+                            mjd=self.t0 / 86400)
 
     def _write_ephemeris(self, ms: str, t_start: float, t_end: float) -> None:
         """The body's ephemeris table in CASA's format, attached to its FIELD row

@@ -39,7 +39,8 @@ def flux_function(model: dict):
     DiskModel, which also gives its visibilities per uv distance."""
     if model["kind"] == "ssbody":
         return solar_system.DiskModel(model["body"], model["diameter_arcsec"], model.get("ld_n", 0.0),
-                                      model.get("min_vis_fraction", solar_system.MIN_VIS_FRACTION))
+                                      model.get("min_vis_fraction", solar_system.MIN_VIS_FRACTION),
+                                      mjd=model.get("mjd"))      # Mars's Tb varies with time
     if model["kind"] == "pb2017":
         return lambda f, s=model["standard_name"]: fluxmodels.perley_butler_2017(s, f)
     if model.get("spw_fluxes"):
@@ -313,7 +314,7 @@ def setjy(ctx: dict, params: dict, io: StageIO) -> QA:
                 raise StageError(f"setjy: {fname} spw {spw}: {exc}") from None
             row = {"field": fname, "spw": spw, "freq_hz": f, "flux_jy": flux, "model": m["origin"]}
             if m["kind"] == "ssbody":
-                row.update(tb_k=float(solar_system.brightness_temperature(m["body"], f)),
+                row.update(tb_k=float(fn.tb_k(f)),
                            diameter_arcsec=m["diameter_arcsec"], uv_max_lambda=fn.uv_max_lambda)
                 m.setdefault("tb_k", {})[str(spw)] = row["tb_k"]
             ctx["setjy"].append(row)
