@@ -248,14 +248,15 @@ class Coordinator:
             raise RequestError(str(exc)) from exc
         mous_id = req.mous_id or "mous"
         parent_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+        # the MOUS run first, then its EBs': records made in the order they are indexed
+        parent = self.new_run(mous_part, inputs[0], extras, req.label, owner, run_id=parent_id,
+                              context=new_context(parent_id, mous_part, inputs[0], extras))
         children = []
         for i, key in enumerate(inputs):
             child = self.new_run(per_eb, key, extras, f"{mous_id} EB {i + 1}/{len(inputs)}", owner,
                                  run_id=f"{parent_id}-eb{i + 1}")
             child["parent_run_id"] = parent_id
             children.append(child)
-        parent = self.new_run(mous_part, inputs[0], extras, req.label, owner, run_id=parent_id,
-                              context=new_context(parent_id, mous_part, inputs[0], extras))
         parent.update(mous_id=mous_id, eb_run_ids=[c["run_id"] for c in children], input_keys=inputs,
                       waiting_for_ebs=True, **(annotations or {}))
         async with self.lock:

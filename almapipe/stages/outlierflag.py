@@ -45,7 +45,9 @@ def gain_outliers(g: CalSolutions, nsigma: float = 4.0, min_factor: float = 2.0,
     antenna is an outlier when log m differs from the array's median of log m by more than
     nsigma robust sigmas (1.4826 MAD) and by more than a factor min_factor (a small
     array's antennas differ by 10-30 %, which calibration handles), or when r
-    exceeds the array's median r by nsigma_rms sigmas and is rms_factor times it."""
+    exceeds the array's median r by nsigma_rms sigmas and is rms_factor times it, and is
+    rms_factor times the scatter the solutions' SNR explains (an antenna seeing a weak
+    calibrator at low SNR scatters, and is not broken)."""
     amp = np.where(g.flag[:, 0, :], np.nan, np.abs(g.cparam[:, 0, :]))       # (nrow, ncorr)
     rel = np.full_like(amp, np.nan)
     keys = np.stack([g.time, g.field_id], axis=1)
@@ -57,13 +59,18 @@ def gain_outliers(g: CalSolutions, nsigma: float = 4.0, min_factor: float = 2.0,
             med = np.nanmedian(amp[r], axis=0)
         if np.isfinite(med).any():
             rel[r] = amp[r] / med
-    med_a, rms_a = {}, {}
+    snr = np.where(g.flag[:, 0, :], np.nan, g.snr[:, 0, :])
+    med_a, rms_a, chi_a = {}, {}, {}
     for a in np.unique(g.antenna):
-        x = rel[g.antenna == a]
-        x = x[np.isfinite(x)]
+        mine = g.antenna == a
+        ok = np.isfinite(rel[mine]) & np.isfinite(snr[mine]) & (snr[mine] > 0)
+        x, s = rel[mine][ok], snr[mine][ok]
         if len(x):
             med_a[int(a)] = float(np.median(x))
             rms_a[int(a)] = float(np.sqrt(np.mean((x - med_a[int(a)]) ** 2)) / max(med_a[int(a)], 1e-12))
+            # the scatter the solutions' own noise explains: an amplitude of SNR s scatters
+            # by about 1/s; on a weak calibrator that is ten per cent and more per integration
+            chi_a[int(a)] = float(np.sqrt(np.mean(((x - med_a[int(a)]) / max(med_a[int(a)], 1e-12) * s) ** 2)))
     if len(med_a) < 4:                     # too few antennas to say which is odd
         return {}
     out = {}
@@ -76,7 +83,7 @@ def gain_outliers(g: CalSolutions, nsigma: float = 4.0, min_factor: float = 2.0,
             out[a] = f"median gain {ratio:.2f} x the array's"
     rc, rs = _robust(np.array(list(rms_a.values())), 0.005)
     for a, r in rms_a.items():
-        if a not in out and r > rc + nsigma_rms * rs and r > rms_factor * rc:
+        if a not in out and r > rc + nsigma_rms * rs and r > rms_factor * rc and chi_a[a] > rms_factor:
             out[a] = f"gain amplitude scatter {r:.1%} vs the array's {rc:.1%}"
     return out
 
