@@ -288,3 +288,96 @@ def test_cube_rows_moved_onto_the_lsrk_grid_keep_a_line_in_its_channel():
     assert int(np.nanargmax(np.nanmean(after, axis=0))) == j0
     assert np.nanmin(after[:, j0]) > 0.95                     # every row, at its peak (interpolation: < 3 %)
     assert not vis.flag[:, 10:-10].any()                      # only edge channels can fall off the band
+
+
+def _reference_hogbom(residual, psf, gain, threshold, niter, mask):
+    """Hogbom CLEAN as the textbook states it (and as almapipe did before its compiled
+    minor cycle): the peak of |residual| x mask over the whole image, the whole PSF
+    subtracted there, until niter or the peak is below threshold."""
+    residual, model = residual.copy(), np.zeros(residual.shape)
+    n = residual.shape[0]
+    py, px = np.unravel_index(np.argmax(psf), psf.shape)
+    for i in range(niter):
+        y, x = np.unravel_index(np.argmax(np.abs(residual) * mask), residual.shape)
+        if abs(residual[y, x]) * mask[y, x] < threshold:
+            return i, model, residual
+        comp = gain * residual[y, x]
+        model[y, x] += comp
+        residual -= comp * psf[py - y:py - y + n, px - x:px - x + n]
+    return niter, model, residual
+
+
+def _plane(extended: bool):
+    """A 128-pixel plane with three point sources (or a 3-beam Gaussian): its
+    measurement, dirty image and PSF of twice its size."""
+    from almapipe.imaging.imager import stokes_i
+    from almapipe.imaging.measurement import OnePointing
+    vis = simulate(nant=12, ntime=40, nchan=2, noise=0.02, flux=0.0 if extended else 1.0,
+                   offsets=[] if extended else [(0.5, 160 * ARCSEC, 80 * ARCSEC), (-0.3, -200 * ARCSEC, 40 * ARCSEC)],
+                   baseline_m=500.0)
+    if extended:
+        uv = np.hypot(vis.uvw[:, 0:1], vis.uvw[:, 1:2]) * vis.freq[None, :] / 299792458.0
+        vis.data += (2.0 * np.exp(-(np.pi * 150 * ARCSEC * uv) ** 2 / (4 * np.log(2))))[:, :, None].astype(
+            np.complex64)
+    si = stokes_i(vis, np.arange(2))
+    w = gridding.briggs_weights(si.uvw, vis.freq, si.weight, 128, 8 * ARCSEC, 0.5).astype(np.float32)
+    op = OnePointing(si.uvw, vis.freq, si.data, w, 128, 8 * ARCSEC)
+    return op.dirty(), op.psf(256)
+
+
+@pytest.mark.parametrize("extended", [False, True])
+def test_compiled_hogbom_finds_the_components_of_a_whole_image_search(extended):
+    """The sub-minor loop over candidate pixels (and the FFT update of the rest of
+    the image, which the extended source's many components take) gives the
+    components of the whole-image search: the same model and residual to float
+    precision, with and without a mask, down to a threshold that leaves much of the
+    image above it."""
+    dirty, psf = _plane(extended)
+    rng = np.random.default_rng(3)
+    for mask in (None, (rng.random(dirty.shape) > 0.2).astype(float)):
+        m = np.ones(dirty.shape) if mask is None else mask
+        thr = 3e-4 * np.abs(dirty).max()
+        n_ref, model_ref, res_ref = _reference_hogbom(dirty, psf, 0.1, thr, 1500, m)
+        model, res = np.zeros(dirty.shape), dirty.copy()
+        n = deconvolve.hogbom(res, psf, model, 0.1, thr, 1500, mask)
+        assert n == n_ref and n > 200
+        scale = np.abs(dirty).max()
+        assert np.abs(model - model_ref).max() < 1e-5 * scale
+        assert np.abs(res - res_ref).max() < 1e-5 * scale
+
+
+def test_compiled_multiscale_finds_the_components_of_a_whole_image_search():
+    """Multiscale over candidates against the whole-image search (the minor cycle of
+    the previous implementation, restated here): the same components while no pixel
+    outside a sub-minor loop's candidates rises to be the peak (here the first 100;
+    the 109th is such a pixel, at the image's edge, taken later instead), and the
+    same flux in the model after 400 to a few per cent (2 Jy injected; measured
+    1.98 against the whole-image search's 1.94)."""
+    from almapipe.imaging.deconvolve import ScaleSet, _convolve_centred
+    dirty, psf = _plane(True)
+    ss = ScaleSet.make(psf, 128, [0, 6, 18])
+    factor = ss.bias / np.sqrt(ss.peak)
+    thr, c = 0.05 * np.abs(dirty).max(), 128
+    for niter in (100, 400):
+        res_s = [_convolve_centred(dirty, k) for k in ss.kernels]
+        model_ref = np.zeros((384, 384))               # the image in the middle: kernels cut at its edges
+        n_ref = 0
+        for _ in range(niter):
+            best = [np.unravel_index(np.argmax(np.abs(r)), r.shape) for r in res_s]
+            vals = np.array([abs(r[b]) for r, b in zip(res_s, best)])
+            if vals.max() < thr:
+                break
+            i = int(np.argmax(vals * factor))
+            (y, x), amp = best[i], 0.1 * res_s[i][best[i]] / ss.peak[i]
+            model_ref[128 + y - 64:128 + y + 64, 128 + x - 64:128 + x + 64] += amp * ss.kernels[i]
+            for j in range(len(res_s)):
+                res_s[j] -= amp * ss.psf_st[i][j][c - y:c - y + 128, c - x:c - x + 128]
+            n_ref += 1
+        model_ref = model_ref[128:256, 128:256]
+        model = np.zeros(dirty.shape)
+        n = deconvolve.multiscale(dirty.copy(), psf, model, 0.1, thr, niter, ss)
+        assert n == n_ref == niter
+        if niter == 100:
+            assert np.abs(model - model_ref).max() < 1e-5 * np.abs(model_ref).max()
+        else:
+            assert abs(model.sum() / model_ref.sum() - 1) < 0.05
