@@ -10,17 +10,20 @@ brought up to date once per sub-minor loop by the orchestration
 (deconvolve.PsfConvolver: the PSF shifted onto a few components, or one FFT
 convolution of many).
 
-The candidates are kept as runs of consecutive pixels along rows (their values
-contiguous, in row-major order), so that where they are dense (a noise-like
-residual late in the cleaning can put half the image above the threshold) the
-subtraction is a contiguous, vectorised pass as over the whole image, and where
-they are sparse only the few runs are visited. Each pass is split in chunks of
-runs over the threads (numba prange): every chunk subtracts the last component
-from its runs and finds its own largest value, and the chunks' maxima are combined
-in order, so ties resolve to the first candidate in row-major order, as np.argmax
-over the image does.
+The candidates are kept as spans of consecutive pixels along rows (their values
+contiguous, in row-major order; candidates a few pixels apart share a span), so
+that where they are dense (a noise-like residual late in the cleaning can put half
+the image above the threshold) the subtraction is a contiguous, vectorised pass as
+over the whole image, and where they are sparse only the few spans are visited.
+A long list's pass is split in chunks of spans over the threads (numba prange;
+threads_for): every chunk subtracts the last component from its spans and finds
+its own largest value, and the chunks' maxima are combined in order, so ties
+resolve to the first candidate in row-major order, as np.argmax over the image
+does.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import numba
 import numpy as np
@@ -36,9 +39,10 @@ FAST = {"nnan", "ninf", "nsz", "reassoc"}
 def spans(values, weight, threshold, gap):
     """The candidates of a sub-minor loop: the pixels where |values| x weight >=
     threshold, as spans along rows. Candidates of a row closer than gap pixels share
-    a span, and the pixels between them ride along with weight 0 (updated, never
-    picked): a contiguous pass over a few more pixels costs less than starting
-    another span. Returns (span_y, span_x0, span_start, vals, w): span r covers
+    a span, and the pixels between them ride along (kept up to date, and picked
+    if they rise to be the peak: every pixel of a span is a candidate): a
+    contiguous pass over a few more pixels costs less than starting another span,
+    and fewer pixels are left outside to rise above the threshold unseen. Returns (span_y, span_x0, span_start, vals, w): span r covers
     pixels span_x0[r] + 0, 1, ... of row span_y[r], whose values (copied) and
     weights are vals and w [span_start[r]:span_start[r + 1]]."""
     ny, nx = values.shape
@@ -68,8 +72,9 @@ def spans(values, weight, threshold, gap):
                     r += 1
                     span_y[r], span_x0[r], span_start[r] = y, x, j
                 else:
-                    for g in range(last + 1, x):       # the gap's pixels, weight 0
+                    for g in range(last + 1, x):       # the gap's pixels
                         vals[j] = values[y, g]
+                        w[j] = weight[y, g]
                         j += 1
                 vals[j] = values[y, x]
                 w[j] = weight[y, x]
@@ -91,83 +96,86 @@ def positions(span_y, span_x0, span_start, ks):
     return ys, xs
 
 
+# a sub-minor loop's pass over fewer entries runs on one thread: the threads meet
+# at every iteration, and on a shared machine one of them is often descheduled,
+# so that a pass of a fraction of a millisecond waits for milliseconds (measured on
+# the 2-core development machine under load: 2 threads 5-10x slower than one for
+# 260k entries; unloaded, 1.6x faster from ~1M)
+PARALLEL_MIN = 1 << 20
+
+
+@contextmanager
+def threads_for(n_entries: int, max_threads: int):
+    """numba's threads for a sub-minor loop over n_entries (up to max_threads from
+    PARALLEL_MIN, else one); yields the number."""
+    before = numba.get_num_threads()
+    nthreads = max(1, min(before, max_threads)) if n_entries >= PARALLEL_MIN else 1
+    numba.set_num_threads(nthreads)
+    try:
+        yield nthreads
+    finally:
+        numba.set_num_threads(before)
+
+
 def chunks(run_start: np.ndarray, nthreads: int) -> np.ndarray:
-    """Boundaries (in runs) of chunks of about equal numbers of candidates: a few
-    per thread so that uneven runs still share out, none below ~4096 candidates
-    (a thread's start-up is worth that much work)."""
+    """Boundaries (in spans) of chunks of about equal numbers of entries, a few per
+    thread so that uneven spans still share out (one on one thread)."""
     n = int(run_start[-1])
-    nchunk = int(min(max(n // 4096, 1), 4 * nthreads, max(len(run_start) - 1, 1)))
+    nchunk = 1 if nthreads == 1 else int(min(max(n // 4096, 1), 4 * nthreads, max(len(run_start) - 1, 1)))
     edges = np.searchsorted(run_start, np.arange(nchunk + 1) * n // nchunk)
     edges[-1] = len(run_start) - 1
     return np.unique(edges)
 
 
-@numba.njit(inline="always", fastmath=FAST)
-def _run_max(vals, w, lo, hi):
-    m = -1.0
-    for t in range(lo, hi):
-        m = max(m, abs(vals[t]) * w[t])
-    return m
-
-
-@numba.njit(inline="always", fastmath=FAST)
-def _update_run(vals, w, off, length, row, ix0, a, subtract):
-    """Subtract a x row[ix0:ix0 + length] from vals[off:off + length] (the part
-    inside row; nothing if not subtract) and return the run's largest |vals| x w
-    and the first entry that has it. One vectorised pass, and a second only
-    to locate the maximum, run by the caller's test only when it matters."""
-    m = -1.0
-    t0, t1 = 0, 0
-    if subtract:
-        t0, t1 = max(0, -ix0), min(length, len(row) - ix0)
-        for t in range(t0, t1):
-            v = vals[off + t] - a * row[ix0 + t]
-            vals[off + t] = v
-            m = max(m, abs(v) * w[off + t])
-    m = max(m, _run_max(vals, w, off, off + t0))
-    m = max(m, _run_max(vals, w, off + max(t1, t0), off + length))
-    return m
-
-
-@numba.njit(inline="always")
-def _first_at(vals, w, off, length, m):
-    for t in range(length):
-        if abs(vals[off + t]) * w[off + t] == m:
-            return off + t
-    return -1
-
-
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, fastmath=FAST)
 def hogbom_subminor(vals, w, run_y, run_x0, run_start, chunk, psf, py, px, gain, threshold, niter,
                     comp_k, comp_amp):
     """Hogbom CLEAN over candidate pixels, in place.
 
     vals (n,): the residual at the candidates (updated); w (n,): their search
-    weights (the clean mask), the same dtype; runs (run_y, run_x0, run_start) and
+    weights (the clean mask), the same dtype; spans (run_y, run_x0, run_start) and
     chunk boundaries (chunks()); psf with its peak at (py, px), zero outside its
     array. Each iteration takes the candidate with the largest |vals| x w, stops if
     that is below threshold, records the component (its candidate index in comp_k,
     gain x value in comp_amp) and subtracts gain x value x the PSF centred on it
-    from every candidate. Returns the number of components."""
+    from every candidate. Returns the number of components.
+
+    The loops index the arrays directly (no row views, no helper functions taking
+    arrays): a view per span costs reference counting that the threads contend
+    for, 10x the time of the arithmetic."""
     nchunk = len(chunk) - 1
-    pny = psf.shape[0]
+    pny, pnx = psf.shape
     best_v = np.empty(nchunk)
     best_k = np.empty(nchunk, np.int64)
     # the gain and the component in the residual's precision, as numpy computes them
     amp = np.zeros(1, vals.dtype)
     g = np.full(1, gain, vals.dtype)
+    none = abs(vals[0]) * w[0] * 0 - 1    # -1 in the precision of |vals| x w
     yk, xk = 0, 0
     for it in range(niter + 1):
         a = amp[0]
         for ch in numba.prange(nchunk):
-            bv, bk = -1.0, -1
+            bv, bk = none, -1
             for r in range(chunk[ch], chunk[ch + 1]):
-                off, length = run_start[r], run_start[r + 1] - run_start[r]
+                off = run_start[r]
+                length = run_start[r + 1] - off
                 iy = py + run_y[r] - yk
-                inside = it > 0 and 0 <= iy < pny
-                m = _update_run(vals, w, off, length, psf[iy if inside else 0], px + run_x0[r] - xk, a, inside)
-                if m > bv:
-                    bv, bk = m, _first_at(vals, w, off, length, m)
+                ix0 = px + run_x0[r] - xk
+                if it > 0 and 0 <= iy < pny:
+                    # the span's entries that the PSF's row covers: [t0, t1), possibly none
+                    t0 = min(max(0, -ix0), length)
+                    t1 = max(min(length, pnx - ix0), t0)
+                    for t in range(t0, t1):
+                        vals[off + t] -= a * psf[iy, ix0 + t]
+                m = none
+                for t in range(length):
+                    m = max(m, abs(vals[off + t]) * w[off + t])
+                if m > bv:                    # only then: which entry it is
+                    bv = m
+                    for t in range(length):
+                        if abs(vals[off + t]) * w[off + t] == m:
+                            bk = off + t
+                            break
             best_v[ch] = bv
             best_k[ch] = bk
         k, v = -1, -1.0
@@ -184,12 +192,12 @@ def hogbom_subminor(vals, w, run_y, run_x0, run_start, chunk, psf, py, px, gain,
     return niter
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, fastmath=FAST)
 def multiscale_subminor(vals, w, run_y, run_x0, run_start, run_scale, chunk, psf_st, py, px, gain, threshold,
                         factor, peak, niter, comp_k, comp_amp):
     """Multiscale CLEAN (Cornwell 2008) over candidate pixels of every scale, in place.
 
-    vals (n,): each candidate's smoothed residual of its scale; runs as in
+    vals (n,): each candidate's smoothed residual of its scale; spans as in
     hogbom_subminor, each of one scale (run_scale); psf_st (ns, ns, m, m): the
     PSF smoothed by scales s and t, peak at (py, px); factor (ns,): bias /
     sqrt(PSF_ss peak), the matched-filter weight that picks the scale; peak (ns,):
@@ -200,27 +208,37 @@ def multiscale_subminor(vals, w, run_y, run_x0, run_start, run_scale, chunk, psf
     scale t. Returns the number of components."""
     nchunk = len(chunk) - 1
     ns = psf_st.shape[0]
-    pny = psf_st.shape[2]
+    pny, pnx = psf_st.shape[2], psf_st.shape[3]
     best_v = np.empty((nchunk, ns))
     best_k = np.empty((nchunk, ns), np.int64)
-    amp = np.zeros(1, vals.dtype)
+    none = abs(vals[0]) * w[0] * 0 - 1
+    a = 0.0
     yk, xk, sk = 0, 0, 0
     for it in range(niter + 1):
-        a = amp[0]
         for ch in numba.prange(nchunk):
             for s in range(ns):
                 best_v[ch, s] = -1.0
                 best_k[ch, s] = -1
             for r in range(chunk[ch], chunk[ch + 1]):
                 s = run_scale[r]
-                off, length = run_start[r], run_start[r + 1] - run_start[r]
+                off = run_start[r]
+                length = run_start[r + 1] - off
                 iy = py + run_y[r] - yk
-                inside = it > 0 and 0 <= iy < pny
-                m = _update_run(vals, w, off, length, psf_st[sk, s, iy if inside else 0], px + run_x0[r] - xk, a,
-                                inside)
+                ix0 = px + run_x0[r] - xk
+                if it > 0 and 0 <= iy < pny:
+                    t0 = min(max(0, -ix0), length)
+                    t1 = max(min(length, pnx - ix0), t0)
+                    for t in range(t0, t1):
+                        vals[off + t] -= a * psf_st[sk, s, iy, ix0 + t]
+                m = none
+                for t in range(length):
+                    m = max(m, abs(vals[off + t]) * w[off + t])
                 if m > best_v[ch, s]:
                     best_v[ch, s] = m
-                    best_k[ch, s] = _first_at(vals, w, off, length, m)
+                    for t in range(length):
+                        if abs(vals[off + t]) * w[off + t] == m:
+                            best_k[ch, s] = off + t
+                            break
         vmax = -1.0
         pick, pick_score = -1, -1.0
         for s in range(ns):
@@ -237,8 +255,8 @@ def multiscale_subminor(vals, w, run_y, run_x0, run_start, run_scale, chunk, psf
             return it
         r = np.searchsorted(run_start, pick, side="right") - 1
         sk = run_scale[r]
-        comp_amp[it] = gain * vals[pick] / peak[sk]
-        amp[0] = comp_amp[it]
+        a = gain * vals[pick] / peak[sk]
+        comp_amp[it] = a
         comp_k[it] = pick
         yk, xk = run_y[r], run_x0[r] + pick - run_start[r]
     return niter

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 from scipy import optimize
 
@@ -103,6 +102,7 @@ def hogbom(residual: np.ndarray, psf: np.ndarray, model: np.ndarray, gain: float
     are those of a search over the whole image unless such a pixel would have
     become the peak before the list ran out (it is then taken a little later).
     """
+    out, residual, psf = residual, np.ascontiguousarray(residual), np.ascontiguousarray(psf)
     w = _weights(mask, residual.shape).astype(residual.dtype)
     convolver = convolver or PsfConvolver(psf, residual.shape)
     py, px = convolver.py, convolver.px
@@ -113,9 +113,10 @@ def hogbom(residual: np.ndarray, psf: np.ndarray, model: np.ndarray, gain: float
             break
         comp_k = np.zeros(niter - done, np.int64)
         comp_amp = np.zeros(niter - done)
-        n = clean_kernels.hogbom_subminor(vals, wv, run_y, run_x0, run_start,
-                                          clean_kernels.chunks(run_start, numba.get_num_threads()), psf, py, px,
-                                          float(gain), float(threshold), niter - done, comp_k, comp_amp)
+        with clean_kernels.threads_for(len(vals), gridding.nthreads()) as nthreads:
+            n = clean_kernels.hogbom_subminor(vals, wv, run_y, run_x0, run_start,
+                                              clean_kernels.chunks(run_start, nthreads), psf, py, px,
+                                              float(gain), float(threshold), niter - done, comp_k, comp_amp)
         ys, xs = clean_kernels.positions(run_y, run_x0, run_start, comp_k[:n])
         amps = comp_amp[:n]
         np.add.at(model, (ys, xs), amps)
@@ -123,6 +124,8 @@ def hogbom(residual: np.ndarray, psf: np.ndarray, model: np.ndarray, gain: float
         done += n
         if n == 0:
             break
+    if out is not residual:           # the caller's array was not row-major: a copy was cleaned
+        out[...] = residual
     return done
 
 
@@ -198,6 +201,7 @@ def multiscale(residual: np.ndarray, psf: np.ndarray, model: np.ndarray, gain: f
     smoothed residual is the smoothed residual) and smoothed again for the next."""
     ny, nx = residual.shape
     ss = scale_set
+    out, residual, psf = residual, np.ascontiguousarray(residual), np.ascontiguousarray(psf)
     convolver = convolver or PsfConvolver(psf, residual.shape)
     py, px = convolver.py, convolver.px
     w = _weights(mask, residual.shape)
@@ -222,10 +226,11 @@ def multiscale(residual: np.ndarray, psf: np.ndarray, model: np.ndarray, gain: f
         run_start = np.append(run_start, n_before)
         comp_k = np.zeros(niter - done, np.int64)
         comp_amp = np.zeros(niter - done)
-        n = clean_kernels.multiscale_subminor(vals, wv, run_y, run_x0, run_start, run_scale,
-                                              clean_kernels.chunks(run_start, numba.get_num_threads()), ss.psf_st,
-                                              py, px, float(gain), float(threshold), factor, ss.peak, niter - done,
-                                              comp_k, comp_amp)
+        with clean_kernels.threads_for(len(vals), gridding.nthreads()) as nthreads:
+            n = clean_kernels.multiscale_subminor(vals, wv, run_y, run_x0, run_start, run_scale,
+                                                  clean_kernels.chunks(run_start, nthreads), ss.psf_st, py, px,
+                                                  float(gain), float(threshold), factor, ss.peak, niter - done,
+                                                  comp_k, comp_amp)
         if n == 0:
             break
         done += n
@@ -245,6 +250,8 @@ def multiscale(residual: np.ndarray, psf: np.ndarray, model: np.ndarray, gain: f
         if done < niter:
             dy, dx = np.nonzero(delta)
             convolver.subtract(residual, dy, dx, delta[dy, dx])
+    if out is not residual:
+        out[...] = residual
     return done
 
 
@@ -264,7 +271,8 @@ def clean(op, niter: int, threshold: float, gain: float = 0.1, cyclefactor: floa
     sidelobes of bright sources inflate it. threshold_from_dirty, if given, maps
     the dirty image's peak to the threshold (a dynamic-range correction)."""
     npix, cell_rad = op.npix, op.cell
-    big_psf = op.psf(2 * npix)
+    # row-major, as the compiled minor cycle walks them (the gridder's images are transposed views)
+    big_psf = np.ascontiguousarray(op.psf(2 * npix))
     if big_psf.max() <= 0:
         z = np.zeros((npix, npix))
         return CleanResult(z, z.copy(), z.copy(), 0, 0, "no data", None)
@@ -278,7 +286,7 @@ def clean(op, niter: int, threshold: float, gain: float = 0.1, cyclefactor: floa
     scale_set = ScaleSet.make(big_psf, npix, scales) if scales and max(scales) > 0 else None
     convolver = PsfConvolver(big_psf, (npix, npix))
     model = np.zeros((npix, npix))
-    residual = op.dirty()
+    residual = np.ascontiguousarray(op.dirty())
     if threshold_from_dirty is not None:
         threshold = float(threshold_from_dirty(float(np.abs(residual).max())))
     done, major, reason = 0, 0, "niter reached"
@@ -304,7 +312,7 @@ def clean(op, niter: int, threshold: float, gain: float = 0.1, cyclefactor: floa
             n = hogbom(residual, big_psf, model, gain, cycle_threshold, niter - done, search, convolver)
         done += n
         major += 1
-        residual = op.residual(model)
+        residual = np.ascontiguousarray(op.residual(model))
         if n == 0:
             reason = "threshold reached"
             break
