@@ -348,11 +348,9 @@ def test_compiled_hogbom_finds_the_components_of_a_whole_image_search(extended):
 
 def test_compiled_multiscale_finds_the_components_of_a_whole_image_search():
     """Multiscale over candidates against the whole-image search (the minor cycle of
-    the previous implementation, restated here): the same components while no pixel
-    outside a sub-minor loop's candidates rises to be the peak (here the first 100;
-    the 109th is such a pixel, at the image's edge, taken later instead), and the
-    same flux in the model after 400 to a few per cent (2 Jy injected; measured
-    1.98 against the whole-image search's 1.94)."""
+    the previous implementation, restated here): the same components, the same model
+    to float precision, after 100 and 400 components (with the list at exactly the
+    threshold the 109th was a pixel outside it that had risen to be the peak)."""
     from almapipe.imaging.deconvolve import ScaleSet, _convolve_centred
     dirty, psf = _plane(True)
     ss = ScaleSet.make(psf, 128, [0, 6, 18])
@@ -377,10 +375,7 @@ def test_compiled_multiscale_finds_the_components_of_a_whole_image_search():
         model = np.zeros(dirty.shape)
         n = deconvolve.multiscale(dirty.copy(), psf, model, 0.1, thr, niter, ss)
         assert n == n_ref == niter
-        if niter == 100:
-            assert np.abs(model - model_ref).max() < 1e-5 * np.abs(model_ref).max()
-        else:
-            assert abs(model.sum() / model_ref.sum() - 1) < 0.05
+        assert np.abs(model - model_ref).max() < 1e-5 * np.abs(model_ref).max()
 
 
 _MFS_CHILD = """

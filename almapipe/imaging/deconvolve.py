@@ -211,7 +211,8 @@ def multiscale(residual: np.ndarray, psf: np.ndarray, model: np.ndarray, gain: f
     (clean_kernels.multiscale_subminor): of each scale, the pixels that could be
     picked at all. A scale s wins with a value v_s only if v_s f_s >= v_t f_t for
     a value v_t >= threshold of some scale t (f = bias / sqrt(PSF_ss peak)), so
-    its candidates are the pixels above threshold x min(f) / f_s. After each loop
+    its candidates are the pixels above threshold x min(f) / f_s (and, as hogbom's,
+    down to SPAN_MARGIN of that, or the whole image). After each loop
     the residual is updated with the loop's model (PSF_st = K_s K_t PSF, so every
     smoothed residual is the smoothed residual) and smoothed again for the next."""
     ny, nx = residual.shape
@@ -228,10 +229,14 @@ def multiscale(residual: np.ndarray, psf: np.ndarray, model: np.ndarray, gain: f
     while done < niter:
         parts = []
         n_before = 0
-        for s, k in enumerate(ss.kernels):
-            res_s = _convolve_centred(residual, k)
-            run_y, run_x0, run_start, vals, wv = clean_kernels.spans(res_s, w, threshold * factor.min() / factor[s],
-                                                                     SPAN_GAP)
+        smoothed = [_convolve_centred(residual, k) for k in ss.kernels]
+        floor = [SPAN_MARGIN * threshold * factor.min() / f for f in factor]
+        # as hogbom: lists that are most of the image become all of it
+        n_list = sum(int(np.count_nonzero(np.abs(r) * w >= fl)) for r, fl in zip(smoothed, floor))
+        if n_list > DENSE_FRACTION * residual.size * len(ss.kernels):
+            floor = [0.0] * len(ss.kernels)
+        for s, res_s in enumerate(smoothed):
+            run_y, run_x0, run_start, vals, wv = clean_kernels.spans(res_s, w, floor[s], SPAN_GAP)
             # each scale's own spans (one never spans two scales), one after the other
             parts.append((run_y, run_x0, run_start[:-1] + n_before, np.full(len(run_y), s, np.int64), vals, wv))
             n_before += len(vals)
