@@ -104,3 +104,36 @@ def shift_spectra(data, flag, shift):
                 out[r, j, p] = (1 - a) * data[r, i0, p] + a * data[r, i1, p]
                 oflag[r, j, p] = False
     return out, oflag
+
+
+@numba.njit(parallel=True, cache=True)
+def stokes_i_bins(data, flag, weight, chan_bin, pols, vis_out, wgt_out, row0):
+    """Stokes I samples averaged over channel bins, in one pass over a chunk of rows:
+    for row r of the chunk and each bin b, the weighted mean of the given
+    (parallel-hand) correlations of the bin's unflagged channels goes to
+    vis_out[row0 + r, b] and the sum of their weights to wgt_out[row0 + r, b]
+    (0 where all are flagged). Gridding such a sample at the bin's frequency is
+    gridding each of its channels at its own to within the bin's width.
+
+    data (nrow, nchan, ncorr) complex64, flag the same shape, weight (nrow, ncorr);
+    chan_bin (nchan,) each channel's bin, -1 for channels not taken."""
+    nrow, nchan = data.shape[0], data.shape[1]
+    nbin = vis_out.shape[1]
+    for r in numba.prange(nrow):
+        o = row0 + r
+        for b in range(nbin):
+            vis_out[o, b] = 0
+            wgt_out[o, b] = 0
+        for c in range(nchan):
+            b = chan_bin[c]
+            if b < 0:
+                continue
+            for q in range(len(pols)):
+                p = pols[q]
+                if not flag[r, c, p]:
+                    w = weight[r, p]
+                    wgt_out[o, b] += w
+                    vis_out[o, b] += w * data[r, c, p]
+        for b in range(nbin):
+            if wgt_out[o, b] > 0:
+                vis_out[o, b] /= wgt_out[o, b]

@@ -1,0 +1,126 @@
+"""CLEAN at growing image sizes on NGC 5921: almapipe (this tree, and optionally an older
+checkout) against WSClean, whole processes, wall time and peak memory.
+
+    .venv/bin/python bench/imaging_sizes.py [--sizes 512,2048,4096] [--cell 1.0]
+        [--niter 1000] [--base-src DIR] [--wsclean wsclean] [--work DIR]
+
+Every run images the same data the same way: field 2 (N5921_2) of the built-in
+NGC 5921 UVFITS (written to an MS once, raw DATA: the imaging work does not depend
+on calibration), channels 5~57 in one mfs plane, Stokes I, Briggs 0.5, Hogbom,
+gain 0.1, niter components, no threshold.
+
+  ours     this tree's make_image (major cycles at cyclefactor 1.5 x the PSF's
+           largest sidelobe, as makeimages runs it)
+  base     the same child run against another checkout of almapipe (--base-src: a
+           directory holding its almapipe/ package, e.g. `git archive <commit> |
+           tar -x -C DIR`), to compare before and after a change
+  wsclean  WSClean on the same MS (-mgain 0.8: major cycles, as ours; -j 2), if the
+           program is installed (Debian: apt-get install wsclean)
+
+Each run is one process started cold; its peak resident memory is the child's
+ru_maxrss (os.wait4). Numba's compiled kernels are cached on disk by a first
+(unrecorded) 256-pixel run of ours, so compile time is not counted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIELD, CHANS = 2, (5, 57)
+
+
+def child(ms: str, npix: int, cell: float, niter: int) -> None:
+    """One image with the almapipe found on sys.path (this tree or --base-src)."""
+    import numpy as np
+    from almapipe.imaging.imager import ImageSpec, make_image
+    from almapipe.msio.ms import read_vis
+    vis = read_vis(ms, field_ids=[FIELD])
+    chans = np.zeros(len(vis.freq), bool)
+    chans[CHANS[0]:CHANS[1] + 1] = True
+    res = make_image(vis, ImageSpec(field="N5921_2", npix=npix, cell_arcsec=cell, robust=0.5, niter=niter,
+                                    nsigma=0.0, chans=chans), 25.0, "VLA")
+    print(json.dumps({"iterations": res.iterations, "beam": list(res.beam), "peak": float(res.image.max())}))
+
+
+def run_measured(cmd: list, env: dict | None = None, cwd: str | None = None) -> dict:
+    """Wall time (s) and peak RSS (MiB) of one process (os.wait4 on it)."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode:
+            raise SystemExit(f"{' '.join(cmd[:8])} failed:\n{err.read()[-3000:]}")
+        lines = out.read().strip().splitlines()
+    return {"wall_s": wall, "rss_mib": usage.ru_maxrss / 1024.0, "stdout": lines[-1] if lines else ""}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="512,2048,4096")
+    ap.add_argument("--cell", type=float, default=1.0, help="arcsec")
+    ap.add_argument("--niter", type=int, default=1000)
+    ap.add_argument("--base-src", default="")
+    ap.add_argument("--wsclean", default="wsclean")
+    ap.add_argument("--work", default="")
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--ms", default="")
+    ap.add_argument("--npix", type=int)
+    args = ap.parse_args()
+    if args.child:
+        return child(args.ms, args.npix, args.cell, args.niter)
+    work = args.work or tempfile.mkdtemp(prefix="imgsizes-")
+    os.makedirs(work, exist_ok=True)
+    ms = os.path.join(work, "ngc5921.ms")
+    if not os.path.exists(ms):
+        from almapipe.msio.uvfits import uvfits_to_ms
+        uvfits_to_ms(os.path.join(HERE, "almapipe", "data", "ngc5921.uvfits.gz"), ms)
+    wsclean = shutil.which(args.wsclean)
+    sides = {"ours": HERE}
+    if args.base_src:
+        sides["base"] = os.path.abspath(args.base_src)
+    me = [sys.executable, os.path.abspath(__file__), "--child", "--ms", ms, "--cell", str(args.cell),
+          "--niter", str(args.niter)]
+    for src in sides.values():                       # numba's caches, not timed
+        run_measured(me + ["--npix", "256"], env=dict(os.environ, PYTHONPATH=src), cwd=work)
+    rows = []
+    for npix in map(int, args.sizes.split(",")):
+        row = {"npix": npix}
+        for name, src in sides.items():
+            r = run_measured(me + ["--npix", str(npix)], env=dict(os.environ, PYTHONPATH=src), cwd=work)
+            row[name] = {"wall_s": r["wall_s"], "rss_mib": r["rss_mib"], **json.loads(r["stdout"])}
+        if wsclean:
+            r = run_measured([wsclean, "-quiet", "-name", os.path.join(work, f"wsc{npix}"), "-size", str(npix),
+                              str(npix), "-scale", f"{args.cell}asec", "-weight", "briggs", "0.5",
+                              "-niter", str(args.niter), "-gain", "0.1", "-mgain", "0.8", "-field", str(FIELD),
+                              "-channel-range", str(CHANS[0]), str(CHANS[1] + 1), "-data-column", "DATA",
+                              "-pol", "i", "-no-update-model-required", "-j", "2", ms], cwd=work)
+            row["wsclean"] = {"wall_s": r["wall_s"], "rss_mib": r["rss_mib"]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    names = [n for n in ("base", "ours", "wsclean") if n in rows[0]]
+    print(f"{'npix':>6s} " + " ".join(f"{n + ' s':>10s} {n + ' MiB':>12s}" for n in names)
+          + ("  ours/wsclean" if "wsclean" in names else "") + ("  ours/base" if "base" in names else ""))
+    for row in rows:
+        line = f"{row['npix']:6d} " + " ".join(f"{row[n]['wall_s']:10.1f} {row[n]['rss_mib']:12.0f}" for n in names)
+        if "wsclean" in names:
+            line += f"  {row['ours']['wall_s'] / row['wsclean']['wall_s']:13.2f}"
+        if "base" in names:
+            line += f"  {row['ours']['wall_s'] / row['base']['wall_s']:9.2f}"
+        print(line)
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
