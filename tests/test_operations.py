@@ -254,7 +254,13 @@ def test_a_worker_killed_mid_stage_is_restarted_and_its_stage_dispatched_again(s
     key = upload_input(cfg, NGC5921)
     run = stub.SubmitRun(pb.SubmitRunRequest(input_key=key), metadata=IMPORT_FLAG, timeout=30)
     _wait_stage_running(stub, run.run_id)
-    time.sleep(2.0)      # the worker has taken it and sent its first heartbeat
+    # kill as soon as the worker has taken the stage (it sends its first heartbeat then):
+    # on an idle machine importing NGC 5921 takes only a couple of seconds
+    log_path = st.status()["worker-importer"]["log"]
+    t_end = time.time() + 30
+    while run.run_id not in open(log_path).read() and time.time() < t_end:
+        time.sleep(0.05)
+    time.sleep(0.2)
     old_pid = st.load()["procs"]["worker-importer"]["pid"]
     os.kill(old_pid, signal.SIGKILL)
     events = list(stub.WatchRun(pb.WatchRunRequest(run_id=run.run_id), timeout=400))

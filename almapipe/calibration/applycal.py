@@ -30,8 +30,11 @@ class GainApply:
     field_map: dict | None = None
 
 
-def interpolate_gains(sol, times: np.ndarray, nant: int, interp: str, fields=None):
-    """Gains at the given times: (ntime, nant, nchan_sol, ncorr) and a flag array."""
+def interpolate_gains(sol, times: np.ndarray, nant: int, interp: str, fields=None, strict: bool = False):
+    """Gains at the given times: (ntime, nant, nchan_sol, ncorr) and a flag array.
+    strict: a time whose interpolation would use a flagged solution is flagged (CASA's
+    applycal with calflagstrict; see _stencil_flags); otherwise flagged solutions are
+    passed over and the good ones either side interpolated, as the solves pre-apply."""
     nt = len(times)
     nch, ncorr = sol.cparam.shape[1:]
     out = np.ones((nt, nant, nch, ncorr), np.complex64)
@@ -65,7 +68,7 @@ def interpolate_gains(sol, times: np.ndarray, nant: int, interp: str, fields=Non
                     ph = np.interp(times, tg, np.unwrap(np.angle(gg)))
                     val = amp * np.exp(1j * ph)
                 out[:, a, c, p] = val
-                bad[:, a, c, p] = stencil(f[:, c, p])
+                bad[:, a, c, p] = stencil(f[:, c, p]) if strict else False
     return out, bad
 
 
@@ -109,13 +112,14 @@ def _interpolate_all(ts: np.ndarray, g: np.ndarray, times: np.ndarray, interp: s
     return (amp[i - 1] * (1 - w) + amp[i] * w) * np.exp(1j * (ph[i - 1] * (1 - w) + ph[i] * w))
 
 
-def apply_tables(vis: Vis, applies: list, data: np.ndarray | None = None):
+def apply_tables(vis: Vis, applies: list, data: np.ndarray | None = None, strict: bool = False):
     """Apply a list of GainApply (or bare CalSolutions) to vis.
 
     All tables are first multiplied into one antenna-gain cube per (field, time)
     and channel, small next to the data; one fused pass (kernels.apply_gains)
     then corrects every sample. Returns (corrected data, flags, weights); samples
-    whose gains are missing are flagged.
+    whose gains are missing are flagged; with strict (applycal, restore), also those whose
+    interpolation would use a flagged solution, as CASA's applycal flags them.
     """
     from .kernels import apply_gains
     data = (vis.data if data is None else data).astype(np.complex64, copy=True)
@@ -142,7 +146,7 @@ def apply_tables(vis: Vis, applies: list, data: np.ndarray | None = None):
             fields = ap.gainfield if ap.field_map is None else ap.field_map.get(f)
             if fields is not None and len(fields) == 0:
                 continue                         # this table does not apply to field f
-            g, b = interpolate_gains(sol, pairs[sel, 1], nant, ap.interp, fields)
+            g, b = interpolate_gains(sol, pairs[sel, 1], nant, ap.interp, fields, strict)
             gain[sel] *= g                       # (nt, nant, 1 or nchan, ncorr) broadcasts
             bad[sel] |= b
             if ap.calwt:

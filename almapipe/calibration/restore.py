@@ -236,7 +236,7 @@ def restore_ms(package: str, eb: str, out_dir: str, n_ebs: int = 1, log=print) -
         if why:
             raise RestoreError(f"{eb}: spw {spw} is not the data {lib['ms_name']} was calibrated from: {why}")
         vis.flag = flag.copy()
-        corrected, newflag, weight = apply_tables(vis, applies_for(lib, spw, tables))
+        corrected, newflag, weight = apply_tables(vis, applies_for(lib, spw, tables), strict=True)
         msio.write_column(dest, vis.rows, "CORRECTED_DATA", corrected)
         msio.write_flags(dest, vis.rows, newflag)
         msio.write_column(dest, vis.rows, "WEIGHT", weight.astype(np.float32))

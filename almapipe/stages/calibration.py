@@ -754,7 +754,7 @@ def applycal(ctx: dict, params: dict, io: StageIO) -> QA:
         applies = apply_for(ctx, io, part["spw"])
         for a in applies:
             a.calwt = a.calwt and params.get("calwt", True)
-        corrected, flags, weights = apply_tables(vis_all, applies)
+        corrected, flags, weights = apply_tables(vis_all, applies, strict=True)   # as CASA's calflagstrict
         flagged_before += int(vis_all.flag.sum())
         flagged_after += int(flags.sum())
         total += flags.size
