@@ -115,22 +115,27 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def _as_file(path: str, tmp: str) -> str:
+    """The input as one file: an MS directory as a tar of itself (in tmp), else itself."""
+    import tarfile
+    if not os.path.isdir(path):
+        return path
+    name = os.path.basename(os.path.normpath(path))
+    local = os.path.join(tmp, name + ".tar")
+    with tarfile.open(local, "w") as t:
+        t.add(path, arcname=name)
+    return local
+
+
 def upload_input(cfg: Config, path: str) -> str:
     """Put an input into the raw bucket under a key derived from its content;
     an MS directory travels as a tar of itself. Returns the key."""
-    import tarfile
     import tempfile
     from .platform.store import ObjectStore, sha256_file
     store = ObjectStore(cfg)
     store.ensure_buckets()
     with tempfile.TemporaryDirectory() as tmp:
-        if os.path.isdir(path):
-            name = os.path.basename(os.path.normpath(path))
-            local = os.path.join(tmp, name + ".tar")
-            with tarfile.open(local, "w") as t:
-                t.add(path, arcname=name)
-        else:
-            local = path
+        local = _as_file(path, tmp)
         key = f"inputs/{sha256_file(local)[:16]}/{os.path.basename(local)}"
         if not store.exists(key, bucket=store.raw_bucket):
             store.put_file(local, key, bucket=store.raw_bucket)
@@ -140,17 +145,10 @@ def upload_input(cfg: Config, path: str) -> str:
 def upload_via_gateway(stub, pb, path: str) -> str:
     """Stream an input to the gateway's Upload RPC (no S3 credentials needed); an MS
     directory travels as a tar of itself. Returns the input key for SubmitRun."""
-    import tarfile
     import tempfile
     from .platform.store import sha256_file
     with tempfile.TemporaryDirectory() as tmp:
-        if os.path.isdir(path):
-            name = os.path.basename(os.path.normpath(path))
-            local = os.path.join(tmp, name + ".tar")
-            with tarfile.open(local, "w") as t:
-                t.add(path, arcname=name)
-        else:
-            local = path
+        local = _as_file(path, tmp)
         size, digest = os.path.getsize(local), sha256_file(local)
 
         def chunks():

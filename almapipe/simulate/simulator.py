@@ -460,13 +460,21 @@ class Simulator:
             t.putcol("RadVel", rate)
             t.putcol("DiskLong", np.zeros(len(mjd)))
             t.putcol("DiskLat", np.zeros(len(mjd)))
-            t.putkeywords({"NAME": self.cfg.sso_body, "MJD0": float(mjd[0]), "dMJD": 1 / 144,
+            # the keywords and table type of CASA's ephemeris tables (an IERS-style table of
+            # a 'Comet'), which CASA's measures insist on, and units as QuantumUnits
+            t.putkeywords({"VS_CREATE": "2026/01/01/00:00", "VS_DATE": "2026/01/01/00:00",
+                           "VS_TYPE": "Table of comet/planetary positions", "VS_VERSION": "0004.0001",
+                           "NAME": self.cfg.sso_body, "MJD0": float(mjd[0]) - 1 / 144, "dMJD": 1 / 144,
                            "GeoDist": 0.0, "GeoLat": 0.0, "GeoLong": 0.0, "obsloc": "GEOCENTRIC",
+                           "posrefsys": "ICRF/J2000.0",
+                           "earliest": {"type": "epoch", "refer": "UTC", "m0": {"unit": "d", "value": float(mjd[0])}},
+                           "latest": {"type": "epoch", "refer": "UTC", "m0": {"unit": "d", "value": float(mjd[-1])}},
                            "radii": {"value": np.array(ss.BODIES[body]["radii_km"]), "unit": "km"},
                            "meanrad": {"value": ss.mean_radius_km(ss.BODIES[body]["radii_km"]), "unit": "km"}})
             for col, unit in (("MJD", "d"), ("RA", "deg"), ("DEC", "deg"), ("Rho", "AU"), ("RadVel", "AU/d"),
                               ("DiskLong", "deg"), ("DiskLat", "deg")):
-                t.putcolkeyword(col, "UNIT", unit)
+                t.putcolkeyword(col, "QuantumUnits", [unit])
+            t.putinfo({"type": "IERS", "subType": "Comet", "readme": "almapipe simulate: the body stands still"})
 
     # ------------------------------------------------------------ scan plan
     def scan_plan(self) -> list:
