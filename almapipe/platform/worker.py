@@ -36,7 +36,7 @@ from .store import CachedFetcher, ObjectStore
 from ..config import Config
 from ..stages import REGISTRY
 from ..errors import ParameterError
-from ..stages.base import StageError, StageIO
+from ..stages.base import QA, StageError, StageIO
 from ..v1 import pipeline_pb2 as pb
 
 log = logging.getLogger("almapipe.worker")
@@ -54,6 +54,9 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
     its result for the join. A join folds its QA, outputs and log into the stage
     it belongs to."""
     service, fn = REGISTRY[req.stage]
+    done = replay(store, req)
+    if done is not None:
+        return done
     ctx = store.get_json(req.context_key)
     params = json.loads(req.params_json or "{}")
     workdir = tempfile.mkdtemp(prefix=f"{req.stage}-", dir=workroot)
@@ -71,6 +74,8 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
                                  "qa_score": qa.score, "qa_reasons": qa.reasons})
             return key, qa, io.outputs, duration, None
         fanout = ctx.pop("fanout", None)
+        if fanout:       # written before the context, whose existence says the stage is done
+            store.put_json(f"{result_key(req)[:-5]}.fanout.json", fanout)
         log_key = store.put_bytes(io.key("stage.log"), "\n".join(io.log_lines).encode(), "text/plain")["key"]
         name = req.part_of or req.stage
         result = {"index": req.stage_index, "name": name, "service": service, "qa_score": round(qa.score, 4),
@@ -86,11 +91,40 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
         ctx["stage_results"] = [r for r in ctx["stage_results"] if r["index"] != req.stage_index] + [result]
         ctx["qa"][name] = {"score": qa.score, "reasons": qa.reasons}
         ctx["manifest"] = [m for m in ctx["manifest"] if m.get("stage") != req.stage] + io.outputs
-        new_key = f"runs/{req.run_id}/context/{req.stage_index:02d}_{req.stage}.json"
+        new_key = result_key(req)
         store.put_json(new_key, ctx)
         return new_key, qa, io.outputs, duration, fanout
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def result_key(req: pb.StageRequest) -> str:
+    """Where a stage execution's result goes: the new context (a piece: its result), the
+    last thing the execution writes."""
+    if req.shard > 0:
+        return f"runs/{req.run_id}/pieces/{req.stage_index:02d}_{req.stage}_{req.shard}.json"
+    return f"runs/{req.run_id}/context/{req.stage_index:02d}_{req.stage}.json"
+
+
+def replay(store: ObjectStore, req: pb.StageRequest) -> tuple | None:
+    """The result of a stage execution that has already finished, or None. JetStream
+    redelivers a request whose worker died after writing its result but before
+    acknowledging it, and one the gateway dispatched again when the heartbeats stopped:
+    running the stage again would rewrite its objects with other bytes (times in tar
+    headers, FITS dates, logs) under the keys the run has recorded. Instead the finished
+    execution's result is published again (the gateway ignores a duplicate)."""
+    key = result_key(req)
+    if not store.exists(key):
+        return None
+    log.info("stage %s of run %s already done (%s): its result is published again", req.stage, req.run_id, key)
+    doc = store.get_json(key)
+    if req.shard > 0:
+        return key, QA(doc["qa_score"], list(doc["qa_reasons"])), doc.get("outputs", []), 0.0, None
+    result = next((r for r in doc["stage_results"] if r["index"] == req.stage_index), {})
+    fanout_key = f"{key[:-5]}.fanout.json"
+    fanout = store.get_json(fanout_key) if store.exists(fanout_key) else None
+    qa = QA(result.get("qa_score", 1.0), list(result.get("qa_reasons", [])))
+    return key, qa, result.get("outputs", []), float(result.get("duration_s", 0.0)), fanout
 
 
 class Worker:
