@@ -117,10 +117,16 @@ class Coordinator:
     # ------------------------------------------------------------ run state
     async def load(self, run_id: str) -> dict:
         check_run_id(run_id)
+        from nats.js.errors import KeyDeletedError, KeyNotFoundError
         try:
             entry = await self.kv.get(run_id)
-        except Exception:
+        except (KeyNotFoundError, KeyDeletedError):
             raise RequestError(f"no run {run_id!r}", not_found=True) from None
+        except Exception as exc:
+            # the run records cannot be read now (a NATS node lost, the KV without a leader
+            # for a few seconds): UNAVAILABLE, so a client tries again, not NOT_FOUND, which
+            # would make it give up on a live run (found by the resilience suite)
+            raise bus.BusError(f"run records unavailable ({type(exc).__name__}: {str(exc)[:200]})") from exc
         return json.loads(entry.value)
 
     async def save(self, run: dict) -> None:
