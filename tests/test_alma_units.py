@@ -157,3 +157,15 @@ def test_mosaic_pointings_share_the_tsys_measured_on_one_of_them():
                      [{"id": i, "name": "Target", "intents": ["TARGET"]} for i in (3, 4, 5)]}
     got = field_map(ctx, "nearest-calibrator", {0, 1, 3})
     assert got == {0: [0], 1: [1], 2: [1], 3: [3], 4: [3], 5: [3]}
+
+
+def test_every_stage_of_every_recipe_is_on_by_topic():
+    """The WebLog's By Topic page lists its stages from TOPICS: a stage added to a recipe
+    and not to a topic would be missing there (as fluxcalflag, spwphaseup, gainflag and
+    flagtargets were)."""
+    from almapipe import recipes
+    from almapipe.report.weblog import TOPICS
+    on_topic = set().union(*(names for _, names in TOPICS))
+    for name in recipes.available():
+        stages = {s["stage"] for s in recipes.load(name)["stages"]}
+        assert stages <= on_topic, (name, sorted(stages - on_topic))

@@ -15,7 +15,8 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from ..stages.base import qa_colour
 
 TOPICS = [("Data set", {"importdata"}),
-          ("Flagging", {"flagdata", "fluxcalflag", "rawflagchans", "tsysflag", "lowgainflag"}),
+          ("Flagging", {"flagdata", "fluxcalflag", "rawflagchans", "tsysflag", "lowgainflag", "gainflag",
+                        "flagtargets"}),
           ("Calibration", {"refant", "tsyscal", "antpos", "wvrgcal", "setjy", "bandpass", "spwphaseup", "gaincal",
                            "fluxscale", "timegaincal", "applycal", "fluxconsistency"}),
           ("Line finding and imaging", {"split", "uvcontsub", "makeimages"}),
