@@ -77,6 +77,19 @@ def check_submit(req) -> None:
             raise RequestError(f"parameters: override {k[:60]!r} is too long (key 200, value {MAX_PARAMETER_BYTES})")
 
 
+async def page_start(js, stream: str, limit: int, page_token: str, prefix: str, rpc: str) -> tuple[int, int]:
+    """(page size, sequence number to read down from) of a page of a stream listed newest
+    first: the token's, else the stream's last; a bad limit or token is named."""
+    limit = limit or DEFAULT_PAGE
+    if not 0 < limit <= MAX_PAGE:
+        raise RequestError(f"limit: {limit}; 1 to {MAX_PAGE} (0: {DEFAULT_PAGE})")
+    if page_token:
+        if not re.fullmatch(prefix + r"[0-9]{1,19}", page_token):
+            raise RequestError(f"page_token: {page_token[:40]!r} is not a token from {rpc}")
+        return limit, int(page_token[1:])
+    return limit, (await js.stream_info(stream)).state.last_seq
+
+
 def check_run_id(run_id: str) -> None:
     if not RUN_ID.match(run_id or ""):
         raise RequestError(f"run_id: {run_id[:80]!r} is not a run id" if run_id else "run_id is required")
@@ -157,15 +170,7 @@ class Coordinator:
         and the records they name: O(page), whatever the number of runs. A run made
         while a client pages lands above the first page, so no run is seen twice or
         skipped."""
-        limit = limit or DEFAULT_PAGE
-        if not 0 < limit <= MAX_PAGE:
-            raise RequestError(f"limit: {limit}; 1 to {MAX_PAGE} (0: {DEFAULT_PAGE})")
-        if page_token:
-            if not re.fullmatch(r"s[0-9]{1,19}", page_token):
-                raise RequestError(f"page_token: {page_token[:40]!r} is not a token from ListRuns")
-            seq = int(page_token[1:])
-        else:
-            seq = (await self.js.stream_info(bus.RUN_INDEX_STREAM)).state.last_seq
+        limit, seq = await page_start(self.js, bus.RUN_INDEX_STREAM, limit, page_token, "s", "ListRuns")
         runs = []
         while seq > 0 and len(runs) < limit:
             try:
@@ -197,9 +202,10 @@ class Coordinator:
                 first = {k: v for k, v in req.parameters.items() if k.split(".")[0] in ("importdata", "0")}
                 recipe = recipes.apply_overrides(recipes.auto(), first)
                 for name in set(recipes.BY_TELESCOPE.values()) | {recipes.DEFAULT}:
-                    limits.imaging_caps(recipes.apply_overrides(recipes.load(name), {
-                        k: v for k, v in req.parameters.items() if k.split(".")[0] in
-                        {st["stage"] for st in recipes.load(name)["stages"]}}))
+                    candidate = recipes.load(name)
+                    stages = {st["stage"] for st in candidate["stages"]}
+                    limits.imaging_caps(recipes.apply_overrides(candidate, {
+                        k: v for k, v in req.parameters.items() if k.split(".")[0] in stages}))
             else:        # an MOUS is ALMA's: its default recipe is ALMA's
                 recipe = recipes.validate(recipe_doc) if recipe_doc else \
                     recipes.load(req.recipe or ("alma_calimage" if mous else None))
@@ -467,27 +473,7 @@ class Coordinator:
 
     # ------------------------------------------------------------ events
     async def _event_loop(self) -> None:
-        while True:
-            try:
-                msgs = await self.events.fetch(10, timeout=1.0)
-            except (asyncio.TimeoutError, TimeoutError):
-                continue
-            except asyncio.CancelledError:
-                return
-            except Exception as exc:
-                log.warning("event fetch failed: %s", exc)
-                await asyncio.sleep(1)
-                continue
-            for msg in msgs:
-                try:
-                    await self.handle_event(msg.data)
-                    await msg.ack()
-                except Exception:
-                    log.exception("handling event %s failed; will be redelivered", msg.subject)
-                    try:
-                        await msg.nak(delay=2)
-                    except Exception as exc:   # NATS away: the ack wait redelivers it
-                        log.warning("nak of %s failed: %s", msg.subject, exc)
+        await bus.consume(self.events, lambda msg: self.handle_event(msg.data), "run events", nak_delay=2)
 
     async def handle_event(self, data: bytes) -> None:
         ev = pb.StageEvent()

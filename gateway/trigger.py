@@ -34,7 +34,7 @@ from almapipe.errors import ParameterError
 from almapipe.platform import bus
 from almapipe.v1 import pipeline_pb2 as pb
 
-from .coordinator import TERMINAL, RequestError
+from .coordinator import TERMINAL, RequestError, page_start
 
 log = logging.getLogger("almapipe.trigger")
 
@@ -54,7 +54,6 @@ PIPELINE_STATES = ("PipelineProcessing", "QA2Review", "ProcessingFailed", "QA2Pa
 VERDICTS = ("Pass", "SemiPass", "Fail")
 ARRAYS = ("12m", "7m", "TP")
 MAX_COMMENT = 4000
-DEFAULT_PAGE, MAX_PAGE = 50, 1000
 # a claim without a run younger than this may be a submit in progress (another gateway)
 CLAIM_GRACE_S = float(os.environ.get("ALMAPIPE_TRIGGER_CLAIM_GRACE_S", "30"))
 MAX_SCAN = 20000          # messages one ListTriggerDecisions call reads looking for an MOUS
@@ -211,30 +210,9 @@ class Triggers:
             self.task.cancel()
 
     async def _loop(self) -> None:
-        while True:
-            try:
-                msgs = await self.sub.fetch(10, timeout=1.0)
-            except (asyncio.TimeoutError, TimeoutError):
-                continue
-            except asyncio.CancelledError:
-                return
-            except Exception as exc:
-                log.warning("state-change fetch failed: %s", exc)
-                await asyncio.sleep(1)
-                continue
-            for msg in msgs:
-                try:
-                    await self.decide(msg.data, msg.subject)
-                    await msg.ack()
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    # NATS or S3 away: decided again on redelivery (the claim keeps it to one run)
-                    log.exception("state change on %s not decided; will be redelivered", msg.subject)
-                    try:
-                        await msg.nak(delay=5)
-                    except Exception as exc:
-                        log.warning("nak of %s failed: %s", msg.subject, exc)
+        # a state change not decided (NATS or S3 away) is decided again on redelivery;
+        # the claim keeps it to one run
+        await bus.consume(self.sub, lambda msg: self.decide(msg.data, msg.subject), "state changes", nak_delay=5)
 
     # ------------------------------------------------------------ deciding
     def input_keys(self, location: str) -> list:
@@ -502,15 +480,7 @@ class Triggers:
 
     async def list_decisions(self, limit: int, page_token: str = "", mous_id: str = "") -> tuple[list, str]:
         """Decisions newest first, a page at a time (as ListRuns: by sequence number)."""
-        limit = limit or DEFAULT_PAGE
-        if not 0 < limit <= MAX_PAGE:
-            raise RequestError(f"limit: {limit}; 1 to {MAX_PAGE} (0: {DEFAULT_PAGE})")
-        if page_token:
-            if not re.fullmatch(r"d[0-9]{1,19}", page_token):
-                raise RequestError(f"page_token: {page_token[:40]!r} is not a token from ListTriggerDecisions")
-            seq = int(page_token[1:])
-        else:
-            seq = (await self.js.stream_info(DECISIONS_STREAM)).state.last_seq
+        limit, seq = await page_start(self.js, DECISIONS_STREAM, limit, page_token, "d", "ListTriggerDecisions")
         out, scanned = [], 0
         while seq > 0 and len(out) < limit and scanned < MAX_SCAN:
             d = await self.load_decision(seq)

@@ -14,11 +14,15 @@ Thompson, Moran & Swenson ch. 6.3).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import deconvolve, gridding, kernels
 from .measurement import OnePointing
+
+if TYPE_CHECKING:
+    from .imager import Planes
 
 # rows per chunk so that a chunk's DATA, FLAG and their kernel's view stay near this
 CHUNK_BYTES = 16 << 20
@@ -56,10 +60,8 @@ def read_binned_stokes_i(ms: str, spw: int, field_ids, chans, max_frac: float, c
     in chunks of rows of about chunk_bytes (their DATA and FLAG), never the whole
     spw at once."""
     import casacore.tables as ct
-    from ..msio.ms import MSError, corr_types_of_spw, spw_of_ddid, subtable
-    ddids = [d for d, s in spw_of_ddid(ms).items() if s == spw]
-    if not ddids:
-        raise MSError(f"{ms}: no data description for spw {spw}")
+    from ..msio.ms import MSError, corr_types_of_spw, spw_rows_query, subtable
+    q = spw_rows_query(ms, spw, field_ids, cross_only=True)
     with subtable(ms, "SPECTRAL_WINDOW") as t:
         freq = np.asarray(t.getcell("CHAN_FREQ", spw), float)
     corr = corr_types_of_spw(ms, spw)
@@ -69,9 +71,6 @@ def read_binned_stokes_i(ms: str, spw: int, field_ids, chans, max_frac: float, c
     with ct.table(ms, ack=False) as t:
         if column not in t.colnames():
             raise MSError(f"{ms}: no {column} column")
-        q = f"DATA_DESC_ID IN {ddids} AND ANTENNA1 != ANTENNA2"
-        if field_ids is not None:
-            q += f" AND FIELD_ID IN {list(map(int, field_ids))}"
         sel = t.query(q)
         nrow = sel.nrows()
         uvw = sel.getcol("UVW") if nrow else np.zeros((0, 3))
@@ -91,7 +90,7 @@ def read_binned_stokes_i(ms: str, spw: int, field_ids, chans, max_frac: float, c
     return BinnedStokesI(uvw[keep], fbin, vis[keep], wgt[keep])
 
 
-def clean_mfs(samples: BinnedStokesI, spec) -> "Planes":
+def clean_mfs(samples: BinnedStokesI, spec) -> Planes:
     """The one plane of an mfs image (imager.ImageSpec, one pointing) from binned
     samples: weighted (Briggs over all bins), cleaned and its beam fitted, as
     imager.clean_planes does for a Vis; restore with imager.restore_planes."""

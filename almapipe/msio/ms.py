@@ -122,18 +122,27 @@ def corr_types_of_spw(ms: str, spw: int) -> list:
     return [CORR_NAMES.get(int(c), str(c)) for c in codes]
 
 
-def read_vis(ms: str, spw: int = 0, column: str = "DATA", field_ids=None,
-             chan: slice | None = None) -> Vis:
-    """Read one spectral window of an MS into a :class:`Vis`."""
+def spw_rows_query(ms: str, spw: int, field_ids=None, cross_only: bool = False) -> str:
+    """The TaQL that selects a spectral window's rows (of the given fields; only the
+    cross-correlations); a spw without a data description is named."""
     ddids = [d for d, s in spw_of_ddid(ms).items() if s == spw]
     if not ddids:
         raise MSError(f"{ms}: no data description for spw {spw}")
+    q = f"DATA_DESC_ID IN {ddids}"
+    if cross_only:
+        q += " AND ANTENNA1 != ANTENNA2"
+    if field_ids is not None:
+        q += f" AND FIELD_ID IN {list(map(int, field_ids))}"
+    return q
+
+
+def read_vis(ms: str, spw: int = 0, column: str = "DATA", field_ids=None,
+             chan: slice | None = None) -> Vis:
+    """Read one spectral window of an MS into a :class:`Vis`."""
+    q = spw_rows_query(ms, spw, field_ids)
     with ct.table(ms, ack=False) as t:
         if column not in t.colnames():
             raise MSError(f"{ms}: no {column} column")
-        q = f"DATA_DESC_ID IN {ddids}"
-        if field_ids is not None:
-            q += f" AND FIELD_ID IN {list(map(int, field_ids))}"
         sel = t.query(q, sortlist="TIME,ANTENNA1,ANTENNA2")
         rows = sel.rownumbers()
         data = sel.getcol(column)

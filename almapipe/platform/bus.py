@@ -157,3 +157,31 @@ async def publish_retrying(js, subject: str, data: bytes, msg_id: str, what: str
             log.warning("publishing %s failed (%s); retrying in %.1f s", what, type(exc).__name__, wait)
             await asyncio.sleep(wait)
             wait = min(wait * 2, 15.0)
+
+
+async def consume(sub, handle, what: str, nak_delay: float) -> None:
+    """Fetch from a durable pull consumer until cancelled: each message handled by
+    handle(msg), then acknowledged. A message whose handling fails is nak'ed, so it comes
+    back after nak_delay s (or, with NATS away, after the ack wait); a fetch that fails
+    (NATS away) is tried again a second later."""
+    while True:
+        try:
+            msgs = await sub.fetch(10, timeout=1.0)
+        except (asyncio.TimeoutError, TimeoutError):
+            continue
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:
+            log.warning("%s: fetch failed: %s", what, exc)
+            await asyncio.sleep(1)
+            continue
+        for msg in msgs:
+            try:
+                await handle(msg)
+                await msg.ack()
+            except Exception:
+                log.exception("%s: %s not handled; will be redelivered", what, msg.subject)
+                try:
+                    await msg.nak(delay=nak_delay)
+                except Exception as exc:
+                    log.warning("nak of %s failed: %s", msg.subject, exc)
