@@ -63,6 +63,38 @@ class StageIO:
         self._dirs: dict = {}
         self.log_lines: list = []
         self.visibilities = 0
+        self._vstore = None
+        self._bytes_at_start = None
+
+    # --- the visibility store (decision 0015)
+    @property
+    def vstore(self):
+        """The worker process's visibility store (zarr arrays in S3, a bounded local cache)."""
+        if self._vstore is None:
+            self._vstore = visstore_for(self.store, self.fetcher.cache_dir)
+            self._bytes_at_start = self._vstore.counter.as_dict()
+        return self._vstore
+
+    def vis(self, part: dict):
+        """A partition of the context, to read and write through (``VisPartition``)."""
+        from ..platform.visstore import VisPartition
+        if "arrays" not in part:
+            raise StageError(f"partition {part.get('name')} is not in the visibility store "
+                             f"(a context from before decision 0015): run the pipeline again from importdata")
+        return VisPartition(self.vstore, part, f"{self.stage_index:02d}_{self.stage}", self.fetch_meta,
+                            f"runs/{self.run_id}/vis/{part['name']}")
+
+    def fetch_meta(self, key: str) -> str:
+        """The read-only local copy of an EB's MS shell (subtables), shared by the
+        partitions of one stage execution."""
+        return self.fetch_dir(key)
+
+    def bytes_moved(self) -> dict:
+        """Bytes this stage execution moved through the visibility store."""
+        if self._vstore is None:
+            return {}
+        now = self._vstore.counter.as_dict()
+        return {k: now[k] - self._bytes_at_start.get(k, 0) for k in now}
 
     @property
     def prefix(self) -> str:
@@ -114,6 +146,10 @@ class StageIO:
         lines = [f"parameters: {params_json(params)}"]
         if self.visibilities:
             lines.append(f"read {self.visibilities} visibilities")
+        moved = self.bytes_moved()
+        if moved:
+            lines.append(f"visibility store: read {moved['s3_read']} B from S3 and {moved['cache_read']} B "
+                         f"from the cache, wrote {moved['s3_written']} B")
         lines += [f"wrote {o['name']}" for o in self.outputs]
         lines.append(f"QA {qa.score:.2f} in {duration_s:.1f} s")
         lines += [f"  {r}" for r in qa.reasons]
@@ -126,6 +162,19 @@ class StageIO:
         import matplotlib.pyplot as plt
         plt.close(fig)
         return self.put_file(path, name)
+
+
+_VSTORES: dict = {}
+
+
+def visstore_for(store: ObjectStore, cache_dir: str):
+    """One VisStore per worker process and cache directory (its S3 client and cache are
+    shared by the stage executions of the process)."""
+    from ..platform.visstore import VisStore
+    key = (store.cfg.s3_endpoint, store.cfg.bucket, cache_dir)
+    if key not in _VSTORES:
+        _VSTORES[key] = VisStore(store.cfg, cache_dir=cache_dir.rstrip("/") + "-chunks")
+    return _VSTORES[key]
 
 
 StageFn = Callable[[dict, dict, StageIO], QA]

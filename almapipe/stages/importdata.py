@@ -1,15 +1,15 @@
 """importdata (importer service): ingest, partition by spw, summarise, assign roles."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import tarfile
-
-import casacore.tables as ct
+from concurrent.futures import ProcessPoolExecutor
 
 from .base import QA, StageError, StageIO, stage
 from .. import limits
-from ..msio import listobs, ms as msio, uvfits
+from ..msio import listobs, ms as msio, storeio, uvfits
 
 
 # Files an input tar may carry beside the MS, as ALMA's pipeline finds them in
@@ -40,6 +40,7 @@ def _unpack_input(path: str, workdir: str, packed_size: int = 0) -> tuple[str, s
             except limits.UnpackLimit as exc:
                 raise StageError(str(exc)) from None
             tar.extractall(dest, filter="data")
+        os.unlink(path)      # the worker's copy of the upload: the disk holds the input once, not twice
         tops = [d for d in os.listdir(dest) if os.path.isdir(os.path.join(dest, d))]
         if len(tops) != 1:
             raise StageError(f"importdata: {name}: a tar must hold exactly one MS directory (and optionally "
@@ -66,24 +67,27 @@ def _unpack_input(path: str, workdir: str, packed_size: int = 0) -> tuple[str, s
                      f"nor a UVFITS file (first bytes {head[:16]!r})")
 
 
-def _partition(ms_path: str, workdir: str, basename: str, spws: list) -> list:
-    """One MS per spectral window of `spws` (the unit of fan-out for later stages);
-    the subtables (SYSCAL, FLAG_CMD...) go with each."""
-    spw_of = msio.spw_of_ddid(ms_path)
-    if set(spw_of.values()) == set(spws) and len(spws) == 1:
-        dest = os.path.join(workdir, f"{basename}.spw{spws[0]}.ms")
-        shutil.move(ms_path, dest)
-        return [(spws[0], dest)]
-    out = []
-    with ct.table(ms_path, ack=False) as t:
-        for s in spws:
-            dd = [d for d, sp in spw_of.items() if sp == s]
-            dest = os.path.join(workdir, f"{basename}.spw{s}.ms")
-            sel = t.query(f"DATA_DESC_ID IN {dd}")
-            sel.copy(dest, deep=True).close()
-            sel.close()
-            out.append((s, dest))
-    return out
+def _ingest(io: StageIO, ms_path: str, basename: str, spws: list) -> list:
+    """Stream each spectral window of `spws` into the visibility store, spws in parallel
+    processes (casacore tables are not thread-safe), each in row blocks; the subtables
+    go to S3 once, as the EB's MS shell. Returns the partitions' entries."""
+    shell = storeio.make_shell(ms_path, os.path.join(io.workdir, f"{basename}.meta.ms"))
+    meta_key = io.put_dir(shell, os.path.basename(shell))["key"]
+    tag = f"{io.stage_index:02d}_{io.stage}"
+    jobs = [(io.store.cfg, ms_path, s, f"runs/{io.run_id}/vis/{basename}.spw{s}.ms", tag, meta_key,
+             f"{basename}.spw{s}.ms") for s in spws]
+    workers = max(1, min(len(jobs), os.cpu_count() or 1))
+    if workers == 1:
+        results = [storeio.ingest_spw_job(*j) for j in jobs]
+    else:
+        # spawned, not forked: the parent's S3 client and zarr's event loop do not survive a fork
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results = list(pool.map(storeio.ingest_spw_job, *zip(*jobs)))
+    entries = []
+    for entry, written in results:
+        io.vstore.counter.add("s3_written", written)
+        entries.append(entry)
+    return entries
 
 
 @stage("importdata", service="importer")
@@ -111,17 +115,17 @@ def importdata(ctx: dict, params: dict, io: StageIO) -> QA:
     wvr = [s["id"] for s in obs["spws"] if s["kind"] == "wvr" and s["id"] in
            {sid for sc in obs["scans"] for sid in sc["spws"]}]
     parts, aux = [], {}
-    for spw, path in _partition(ms_path, io.workdir, basename, science + wvr[:1]):
-        with ct.table(path, ack=False) as t:
-            nvis = int(t.nrows())
-        entry = io.put_dir(path, os.path.basename(path))
-        part = {"spw": int(spw), "key": entry["key"], "sha256": entry["sha256"], "name": os.path.basename(path),
-                "nrows": nvis}
-        if spw in science:
+    try:
+        entries = _ingest(io, ms_path, basename, science + wvr[:1])
+    except msio.MSError as exc:
+        raise StageError(f"importdata: {exc}") from exc
+    for part in entries:
+        if part["spw"] in science:
             parts.append(part)
         else:
             aux["wvr"] = part
-        io.visibilities += nvis
+        io.visibilities += part["nrow"] * part["nchan"] * part["ncorr"]
+    shutil.rmtree(ms_path, ignore_errors=True)    # the input's local copy: the store has it now
     ctx.update(partitions=parts, observation=obs, fields=fields, ms_name=basename, input_format=fmt)
     if aux:
         ctx["aux_partitions"] = aux

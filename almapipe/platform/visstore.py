@@ -1,0 +1,504 @@
+"""The visibility store: every spectral window of every EB as chunked zarr arrays in S3.
+
+Why (decision 0015): a stage reads the arrays and chunks it needs and writes only the
+arrays it changes, instead of moving whole MS partitions through S3 and the worker
+cache at every stage.
+
+Layout. A *partition* is one spectral window of one execution block. Its arrays
+follow CASA's MSv4 names where they fit (VISIBILITY, VISIBILITY_CORRECTED,
+VISIBILITY_MODEL, FLAG, WEIGHT, UVW, TIME, BASELINE_ANTENNA1_ID, ...) but keep the
+MS's row axis: rows sorted by (TIME, ANTENNA1, ANTENNA2), so "chunked in rows" is
+"chunked in time". ALMA's baseline sets change within an EB (antennas drop out,
+sub-arrays), which a dense (time, baseline) grid would pad; the kernels are row-based.
+
+* Each array is a zarr v3 array at ``runs/<run>/vis/<partition>/<ARRAY>/<NN_stage>``:
+  the stage that wrote that version. An array is never overwritten; a stage that
+  changes an array writes a new version under its own key (a retry rewrites the same
+  keys with the same bytes), and the partition's entry in the context points at the
+  version each array is at. Flag versions (before/after a flagging stage) are pointers.
+* Chunks: (rows, channels, correlations) of ~8 MiB of complex64 (``chunking``), so a
+  cube piece reads its channel range and a flag stage's FLAG chunks compress to a few
+  kB. The per-row index arrays (TIME, antennas, FIELD_ID, ...) have 16x longer chunks:
+  they are read whole to select rows.
+* The subtables (ANTENNA, FIELD, SPECTRAL_WINDOW, SYSCAL, FLAG_CMD, ...) stay an MS:
+  the *shell*, the input MS with no rows, one small tar per EB (``entry["meta"]``).
+  Exporting an MS (``export_ms``) is the shell plus rows streamed from the arrays.
+
+A partition entry (JSON, in ``ctx["partitions"]``):
+``{"name", "spw", "meta", "nrow", "nchan", "ncorr", "chunks": [rows, chans],
+"arrays": {ARRAY: key}, "field_ids": [...] (optional: a view of some fields' rows)}``.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+# MS column -> store array, for the visibility cubes (nrow, nchan, ncorr)
+CUBE_OF_COLUMN = {"DATA": "VISIBILITY", "CORRECTED_DATA": "VISIBILITY_CORRECTED",
+                  "MODEL_DATA": "VISIBILITY_MODEL", "FLAG": "FLAG"}
+COLUMN_OF_CUBE = {v: k for k, v in CUBE_OF_COLUMN.items()}
+CUBE_DTYPE = {"VISIBILITY": "complex64", "VISIBILITY_CORRECTED": "complex64",
+              "VISIBILITY_MODEL": "complex64", "FLAG": "bool"}
+# MS column -> (store array, dtype, per-row trailing shape: "ncorr", 3 or none)
+ROW_ARRAYS = {
+    "UVW": ("UVW", "float64", 3),
+    "WEIGHT": ("WEIGHT", "float32", "ncorr"),
+    "SIGMA": ("SIGMA", "float32", "ncorr"),
+}
+INDEX_ARRAYS = {
+    "TIME": ("TIME", "float64"),
+    "INTERVAL": ("INTEGRATION_TIME", "float64"),
+    "EXPOSURE": ("EFFECTIVE_INTEGRATION_TIME", "float64"),
+    "TIME_CENTROID": ("TIME_CENTROID", "float64"),
+    "ANTENNA1": ("BASELINE_ANTENNA1_ID", "int32"),
+    "ANTENNA2": ("BASELINE_ANTENNA2_ID", "int32"),
+    "FIELD_ID": ("FIELD_ID", "int32"),
+    "SCAN_NUMBER": ("SCAN_NUMBER", "int32"),
+    "STATE_ID": ("STATE_ID", "int32"),
+    "OBSERVATION_ID": ("OBSERVATION_ID", "int32"),
+    "ARRAY_ID": ("ARRAY_ID", "int32"),
+    "FEED1": ("FEED1", "int32"),
+    "FEED2": ("FEED2", "int32"),
+    "PROCESSOR_ID": ("PROCESSOR_ID", "int32"),
+}
+ARRAY_OF_COLUMN = {**CUBE_OF_COLUMN, **{c: v[0] for c, v in ROW_ARRAYS.items()},
+                   **{c: v[0] for c, v in INDEX_ARRAYS.items()}}
+INDEX_FACTOR = 16          # index arrays' chunks are this many data chunks long
+CHUNK_BYTES = 8 << 20      # a VISIBILITY chunk's size, uncompressed
+MAX_CHUNK_CHANS = 256      # wider spws (FDM) are chunked in channels too
+
+
+class VisStoreError(RuntimeError):
+    """The visibility store cannot do what was asked; the message says what and where."""
+
+
+def chunking(nchan: int, ncorr: int) -> tuple[int, int]:
+    """(rows, channels) of a chunk. Channels: the whole spw up to MAX_CHUNK_CHANS, so a
+    TDM spw is one channel chunk and an FDM cube piece reads only its channel range.
+    Rows: what makes a complex64 chunk ~CHUNK_BYTES (at least 256, a multiple of 64)."""
+    nchan_chunk = nchan if nchan <= MAX_CHUNK_CHANS else MAX_CHUNK_CHANS
+    rows = CHUNK_BYTES // max(1, nchan_chunk * ncorr * 8)
+    return max(256, (rows // 64) * 64), nchan_chunk
+
+
+# ------------------------------------------------------------------ the zarr store
+
+class ByteCounter:
+    """Bytes that went to and from S3 and the local cache, per stage execution."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.s3_read = self.cache_read = self.s3_written = 0
+        self.objects_read = self.objects_written = 0
+
+    def add(self, attr: str, n: int, objects: str | None = None) -> None:
+        with self.lock:
+            setattr(self, attr, getattr(self, attr) + n)
+            if objects:
+                setattr(self, objects, getattr(self, objects) + 1)
+
+    def as_dict(self) -> dict:
+        return {"s3_read": self.s3_read, "cache_read": self.cache_read, "s3_written": self.s3_written,
+                "objects_read": self.objects_read, "objects_written": self.objects_written}
+
+
+def _zarr_store(cfg, cache_dir: str | None, cache_limit: int, counter: ByteCounter):
+    """A zarr store on the S3 bucket (obstore), with a bounded local cache of the
+    objects read and written: every key is immutable, so a cached object never goes stale."""
+    from obstore.store import S3Store
+    from zarr.storage import ObjectStore, WrapperStore
+    from zarr.core.buffer import default_buffer_prototype
+
+    scheme = "https" if cfg.s3_secure else "http"
+    s3 = S3Store(cfg.bucket, endpoint=f"{scheme}://{cfg.s3_endpoint}", access_key_id=cfg.s3_access_key,
+                 secret_access_key=cfg.s3_secret_key, region="us-east-1",
+                 virtual_hosted_style_request=False, client_options={"allow_http": not cfg.s3_secure})
+    inner = ObjectStore(s3, read_only=False)
+    cache = BoundedCache(cache_dir, cache_limit) if cache_dir and cache_limit > 0 else None
+
+    class CountingCachedStore(WrapperStore):
+        async def get(self, key, prototype=None, byte_range=None):
+            prototype = prototype or default_buffer_prototype()
+            if cache is not None and byte_range is None:
+                data = await asyncio.to_thread(cache.get, key)
+                if data is not None:
+                    counter.add("cache_read", len(data))
+                    return prototype.buffer.from_bytes(data)
+            buf = await self._store.get(key, prototype, byte_range)
+            if buf is not None:
+                raw = buf.to_bytes()
+                counter.add("s3_read", len(raw), "objects_read")
+                if cache is not None and byte_range is None:
+                    await asyncio.to_thread(cache.put, key, raw)
+            return buf
+
+        async def set(self, key, value):
+            raw = value.to_bytes()
+            await self._store.set(key, value)
+            counter.add("s3_written", len(raw), "objects_written")
+            if cache is not None:
+                await asyncio.to_thread(cache.put, key, raw)
+
+    return CountingCachedStore(inner), s3, cache
+
+
+class BoundedCache:
+    """Objects on local disk, at most `limit` bytes: the least recently used go first.
+    Several workers may share the directory: each writes to a temporary name and
+    renames, and eviction rescans the directory, so the bound holds for all of them."""
+
+    def __init__(self, directory: str, limit: int):
+        self.dir, self.limit = directory, int(limit)
+        os.makedirs(directory, exist_ok=True)
+        self.lock = threading.Lock()
+        self.size = sum(e.stat().st_size for e in os.scandir(directory) if e.is_file())
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.dir, hashlib.sha1(key.encode()).hexdigest())
+
+    def get(self, key: str) -> bytes | None:
+        p = self._path(key)
+        try:
+            with open(p, "rb") as f:
+                data = f.read()
+            os.utime(p)            # recently used
+            return data
+        except FileNotFoundError:
+            return None
+
+    def put(self, key: str, data: bytes) -> None:
+        if len(data) > self.limit // 4:      # would flush everything else: not worth keeping
+            return
+        p = self._path(key)
+        tmp = f"{p}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, p)
+        with self.lock:
+            self.size += len(data)
+            if self.size > self.limit:
+                self._evict()
+
+    def _evict(self) -> None:
+        entries = []
+        for e in os.scandir(self.dir):
+            try:
+                if e.is_file() and not e.name.endswith(".tmp"):
+                    st = e.stat()
+                    entries.append((st.st_mtime, st.st_size, e.path))
+            except FileNotFoundError:
+                pass
+        total = sum(s for _, s, _ in entries)
+        entries.sort()
+        target = int(0.8 * self.limit)
+        for _, s, path in entries:
+            if total <= target:
+                break
+            try:
+                os.unlink(path)
+                total -= s
+            except FileNotFoundError:
+                pass
+        self.size = total
+
+
+class VisStore:
+    """The store of one worker process: the zarr store on S3 and its local cache."""
+
+    def __init__(self, cfg, cache_dir: str | None = None, cache_limit: int | None = None):
+        import zarr
+        self.counter = ByteCounter()
+        if cache_limit is None:
+            cache_limit = int(float(os.environ.get("ALMAPIPE_CACHE_MB", "4096")) * (1 << 20))
+        self.zstore, self.s3, self.cache = _zarr_store(cfg, cache_dir, cache_limit, self.counter)
+        self.zarr = zarr
+
+    # --- arrays
+    def create(self, key: str, shape: tuple, chunks: tuple, dtype: str):
+        import zarr
+        from zarr.codecs import ZstdCodec
+        # write_empty_chunks: a version holds every chunk it was given, also all-False
+        # FLAG chunks, so that a chunk missing from a new version means "not written"
+        return zarr.create_array(self.zstore, name=key, shape=shape, chunks=chunks, dtype=dtype,
+                                 compressors=ZstdCodec(level=3), fill_value=_fill(dtype), overwrite=True,
+                                 config={"write_empty_chunks": True})
+
+    def open(self, key: str):
+        try:
+            return self.zarr.open_array(self.zstore, path=key, mode="r")
+        except Exception as exc:   # FileNotFoundError, zarr's NodeNotFound...
+            raise VisStoreError(f"visibility array s3://{self.s3.config.get('bucket', '')}/{key} "
+                                f"cannot be opened: {exc}") from exc
+
+    def copy_chunk_objects(self, src: str, dst: str, keys: list) -> None:
+        """Server-side copies (S3 CopyObject): chunks that did not change go into a new
+        version without passing through the worker."""
+        import obstore
+        for k in keys:
+            obstore.copy(self.s3, f"{src}/{k}", f"{dst}/{k}")
+
+
+def _fill(dtype: str):
+    return False if dtype == "bool" else 0
+
+
+# ------------------------------------------------------------------ one partition
+
+@dataclass
+class Selection:
+    rows: np.ndarray          # row numbers in the partition, ascending
+
+
+class VisPartition:
+    """One partition read and written by one stage execution (``io.vis(part)``).
+
+    ``read`` returns a :class:`almapipe.msio.ms.Vis` of the rows and channels asked
+    for; ``blocks`` yields the same in row blocks (bounded memory); ``write`` records a
+    column's new values for some rows; ``commit`` returns the partition's new entry:
+    the arrays this stage changed point at its versions, the others are unchanged."""
+
+    def __init__(self, vstore: VisStore, entry: dict, version_tag: str, meta_path_fn, key_prefix: str):
+        self.vs, self.entry = vstore, entry
+        self.tag = version_tag
+        self._meta_path_fn = meta_path_fn
+        self._meta_path = None
+        self.prefix = key_prefix           # runs/<run>/vis/<partition name>
+        self._index: dict = {}
+        self._writers: dict = {}
+        self.nrow, self.nchan, self.ncorr = entry["nrow"], entry["nchan"], entry["ncorr"]
+        self.chunk_rows, self.chunk_chans = entry["chunks"]
+        self.spw = entry["spw"]
+
+    # --- metadata
+    @property
+    def meta(self) -> str:
+        """A local path to the EB's MS shell (the subtables)."""
+        if self._meta_path is None:
+            self._meta_path = self._meta_path_fn(self.entry["meta"])
+        return self._meta_path
+
+    @property
+    def freq(self) -> np.ndarray:
+        from ..msio import ms as msio
+        with msio.subtable(self.meta, "SPECTRAL_WINDOW") as t:
+            return np.asarray(t.getcell("CHAN_FREQ", self.spw))
+
+    @property
+    def corr_types(self) -> list:
+        return list(self.entry["corr_types"])
+
+    def has(self, column: str) -> bool:
+        return ARRAY_OF_COLUMN[column] in self.entry["arrays"] or column in self._writers
+
+    def index(self, column: str) -> np.ndarray:
+        """A whole per-row index array (TIME, ANTENNA1, FIELD_ID, ...) by MS column name."""
+        if column not in self._index:
+            self._index[column] = np.asarray(self.vs.open(self.entry["arrays"][ARRAY_OF_COLUMN[column]])[:])
+        return self._index[column]
+
+    def select(self, field_ids=None, cross_only: bool = False) -> np.ndarray:
+        """Row numbers of the partition (of its view's fields) of the given fields."""
+        keep = np.ones(self.nrow, bool)
+        view = self.entry.get("field_ids")
+        if view is not None:
+            keep &= np.isin(self.index("FIELD_ID"), view)
+        if field_ids is not None:
+            keep &= np.isin(self.index("FIELD_ID"), list(map(int, field_ids)))
+        if cross_only:
+            keep &= self.index("ANTENNA1") != self.index("ANTENNA2")
+        return np.flatnonzero(keep)
+
+    # --- reading
+    def _array(self, column: str):
+        name = ARRAY_OF_COLUMN[column]
+        key = self.entry["arrays"].get(name)
+        if key is None:
+            raise VisStoreError(f"{self.entry['name']}: no {column} ({name}) in the store; "
+                                f"has {', '.join(sorted(self.entry['arrays']))}")
+        return self.vs.open(key)
+
+    def read_rows(self, rows: np.ndarray, column: str = "DATA", chan: slice | None = None,
+                  data: bool = True):
+        """A Vis of the given rows (ascending row numbers)."""
+        from ..msio.ms import Vis
+        rows = np.asarray(rows, dtype=np.int64)
+        chan = chan if chan is not None else slice(0, self.nchan)
+        if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
+            sel = slice(int(rows[0]), int(rows[-1]) + 1)        # contiguous: plain slices
+        else:
+            sel = rows
+        pending = self._writers
+
+        def cube(col):
+            if col in pending:               # read what this stage wrote
+                return pending[col].read(rows, chan)
+            return _take(self._array(col), sel, chan)
+
+        def row_array(col):
+            if col in pending:
+                return pending[col].read(rows, None)
+            return _take(self._array(col), sel, None)
+
+        flag = cube("FLAG")
+        vis = Vis(time=self.index("TIME")[rows], interval=self.index("INTERVAL")[rows],
+                  ant1=self.index("ANTENNA1")[rows], ant2=self.index("ANTENNA2")[rows],
+                  field_id=self.index("FIELD_ID")[rows], scan=self.index("SCAN_NUMBER")[rows],
+                  uvw=row_array("UVW"),
+                  data=cube(column) if data else np.zeros((0,) + flag.shape[1:], np.complex64),
+                  flag=flag, weight=row_array("WEIGHT"),
+                  freq=self.freq[chan], corr_types=self.corr_types, rows=rows, spw=self.spw,
+                  state_id=self.index("STATE_ID")[rows])
+        return vis
+
+    def read(self, column: str = "DATA", field_ids=None, chan: slice | None = None, data: bool = True,
+             cross_only: bool = False):
+        """A Vis of the partition's rows (of the given fields), all in memory."""
+        return self.read_rows(self.select(field_ids, cross_only), column, chan, data)
+
+    def blocks(self, column: str = "DATA", field_ids=None, chan: slice | None = None, data: bool = True,
+               cross_only: bool = False, block_chunks: int = 1):
+        """The same as ``read`` in row blocks of `block_chunks` row chunks (bounded memory);
+        blocks with no selected row are skipped."""
+        rows = self.select(field_ids, cross_only)
+        step = self.chunk_rows * block_chunks
+        bounds = np.searchsorted(rows, np.arange(0, self.nrow + step, step))
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            if hi > lo:
+                yield self.read_rows(rows[lo:hi], column, chan, data)
+
+    # --- writing
+    def write(self, column: str, rows: np.ndarray, values: np.ndarray) -> None:
+        """New values of an MS column (DATA, CORRECTED_DATA, MODEL_DATA, FLAG, WEIGHT,
+        UVW, ...) for the given rows; written as this stage's version of the array."""
+        w = self._writers.get(column)
+        if w is None:
+            w = self._writers[column] = _ArrayWriter(self, column)
+        w.put(np.asarray(rows, dtype=np.int64), values)
+
+    def write_flags(self, rows: np.ndarray, flags: np.ndarray) -> None:
+        self.write("FLAG", rows, flags)
+
+    def commit(self) -> dict:
+        """The partition's new entry; arrays that did not change keep their pointers."""
+        arrays = dict(self.entry["arrays"])
+        for column, w in self._writers.items():
+            key = w.finish()
+            if key is not None:
+                arrays[ARRAY_OF_COLUMN[column]] = key
+        self._writers = {}
+        return dict(self.entry, arrays=arrays)
+
+
+def _take(z, sel, chan):
+    """zarr read of rows (a slice or ascending row numbers) and, for a cube, a channel slice."""
+    if isinstance(sel, slice):
+        return np.asarray(z[sel] if chan is None else z[sel, chan])
+    if len(sel) == 0:
+        shape = (0,) + z.shape[1:]
+        if chan is not None:
+            shape = (0, len(range(*chan.indices(z.shape[1])))) + z.shape[2:]
+        return np.zeros(shape, z.dtype)
+    if chan is None:
+        return np.asarray(z.get_orthogonal_selection((sel,) + (slice(None),) * (z.ndim - 1)))
+    return np.asarray(z.get_orthogonal_selection((sel, chan, slice(None))))
+
+
+class _ArrayWriter:
+    """One stage's new version of one array, written chunk row-range by chunk row-range.
+
+    A row range that the stage's values leave as they were is not written; once any
+    range changed, the untouched chunks are copied server-side from the old version at
+    ``finish``, so the new version is a complete zarr array. If nothing changed, no
+    version exists and the pointer stays."""
+
+    def __init__(self, part: VisPartition, column: str):
+        self.part, self.column = part, column
+        self.name = ARRAY_OF_COLUMN[column]
+        self.old_key = part.entry["arrays"].get(self.name)
+        self.key = f"{part.prefix}/{self.name}/{part.tag}"
+        self.old = part.vs.open(self.old_key) if self.old_key else None
+        n = part.nrow
+        if self.name in CUBE_DTYPE:
+            shape, chunks, dtype = (n, part.nchan, part.ncorr), (part.chunk_rows, part.chunk_chans, part.ncorr), \
+                CUBE_DTYPE[self.name]
+        elif column in ROW_ARRAYS:
+            _, dtype, trail = ROW_ARRAYS[column]
+            trail = part.ncorr if trail == "ncorr" else trail
+            shape, chunks = (n, trail), (part.chunk_rows, trail)
+        else:
+            raise VisStoreError(f"{column}: an index column cannot be rewritten by a stage")
+        if self.old is not None and tuple(self.old.shape) != shape:
+            raise VisStoreError(f"{part.entry['name']} {column}: shape {shape} differs from the stored "
+                                f"{tuple(self.old.shape)}")
+        self.shape, self.chunks, self.dtype = shape, chunks, dtype
+        self.new = None
+        self.written: set = set()         # row-chunk indices written to the new version
+        self.rows_step = part.chunk_rows
+
+    def _current(self, ci: int) -> np.ndarray:
+        lo, hi = ci * self.rows_step, min((ci + 1) * self.rows_step, self.shape[0])
+        if ci in self.written:
+            return np.asarray(self.new[lo:hi])
+        if self.old is not None:
+            return np.asarray(self.old[lo:hi])
+        return np.full((hi - lo,) + self.shape[1:], _fill(self.dtype), dtype=self.dtype)
+
+    def put(self, rows: np.ndarray, values: np.ndarray) -> None:
+        if len(rows) == 0:
+            return
+        if values.shape[1:] != self.shape[1:]:
+            raise VisStoreError(f"{self.part.entry['name']} {self.column}: values of shape "
+                                f"{values.shape[1:]} for an array of rows of {self.shape[1:]}")
+        order = np.argsort(rows, kind="stable")
+        rows, values = rows[order], values[order]
+        cis = rows // self.rows_step
+        breaks = np.flatnonzero(np.diff(cis)) + 1
+        for lo_i, hi_i in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
+            ci = int(cis[lo_i])
+            lo = ci * self.rows_step
+            cur = self._current(ci)
+            new = cur.copy()
+            new[rows[lo_i:hi_i] - lo] = values[lo_i:hi_i].astype(self.dtype, copy=False)
+            if ci not in self.written and self.old is not None and np.array_equal(new, cur):
+                continue                  # unchanged: nothing to write
+            if self.new is None:
+                self.new = self.part.vs.create(self.key, self.shape, self.chunks, self.dtype)
+            self.new[lo:lo + len(new)] = new
+            self.written.add(ci)
+
+    def read(self, rows: np.ndarray, chan: slice | None) -> np.ndarray:
+        """This stage's values (written or not) of rows, for a stage that reads back."""
+        cis = np.unique(rows // self.rows_step)
+        out = []
+        for ci in cis:
+            lo = int(ci) * self.rows_step
+            r = rows[(rows // self.rows_step) == ci] - lo
+            cur = self._current(int(ci))[r]
+            out.append(cur[:, chan] if chan is not None else cur)
+        if not out:
+            return _take(self.old, np.zeros(0, np.int64), chan) if self.old is not None else \
+                np.zeros((0,) + self.shape[1:], self.dtype)
+        return np.concatenate(out)
+
+    def finish(self) -> str | None:
+        if self.new is None:
+            return None
+        if self.old is not None:
+            nci = -(-self.shape[0] // self.rows_step)
+            missing = [ci for ci in range(nci) if ci not in self.written]
+            if missing:
+                self.part.vs.copy_chunk_objects(self.old_key, self.key, _chunk_keys(self.shape, self.chunks, missing))
+        return self.key
+
+
+def _chunk_keys(shape, chunks, row_chunks) -> list:
+    """zarr v3's default chunk keys ("c/i/j/k") of the given row chunks, all of their
+    other chunk coordinates."""
+    import itertools
+    others = [range(-(-s // c)) for s, c in zip(shape[1:], chunks[1:])]
+    return ["c/" + "/".join(map(str, (ci,) + rest)) for ci in row_chunks for rest in itertools.product(*others)]
