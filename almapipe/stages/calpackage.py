@@ -18,7 +18,6 @@ from .base import StageIO
 from .calibration import field_map
 from ..calibration import restore
 from ..calibration.caltable import read_caltable
-from ..msio import ms as msio
 
 
 def applied_calwt(ctx: dict) -> bool:
@@ -59,7 +58,7 @@ def calibration_package(ctx: dict, io: StageIO) -> dict:
     ms = lib["ms_name"]
     arrays = {}
     for part in ctx["partitions"]:
-        vis = msio.read_vis(io.fetch_dir(part["key"]), part["spw"])
+        vis = io.vis(part).read(data=False)        # the flags: FLAG and the row index, no visibilities
         arrays.update(restore.flag_arrays(vis))
     path = os.path.join(io.workdir, lib["flags"])
     restore.write_flags(path, arrays)

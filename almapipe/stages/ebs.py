@@ -12,8 +12,6 @@ run has no tags, and every group is one partition.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from .base import QA, StageIO, field_ids_with, field_name, stage
@@ -36,29 +34,44 @@ def eb_field_ids(part: dict, fids) -> list | None:
     return sorted(int(e) for e, m in part["field_map"].items() if m in wanted)
 
 
-def read_member(io: StageIO, part: dict, fields=None, column: str = "DATA") -> tuple[str, msio.Vis]:
-    """(MS path, Vis) of one EB's partition, field ids mapped onto the first EB's and scan
-    numbers made unique across EBs (EB index x 100000)."""
-    ms = io.fetch_dir(part["key"])
-    vis = msio.read_vis(ms, part["spw"], column=column, field_ids=eb_field_ids(part, fields))
+def read_member(io: StageIO, part: dict, fields=None, column: str = "DATA", chan: slice | None = None,
+                data: bool = True):
+    """(VisPartition, Vis) of one EB's partition read from the visibility store (only
+    the channels `chan`, when given), field ids mapped onto the first EB's and scan
+    numbers made unique across EBs (EB index x 100000). The Vis's rows are the store's
+    rows of the partition, so a stage writes back through the VisPartition."""
+    vp = io.vis(part)
+    vis = vp.read(column=column, field_ids=eb_field_ids(part, fields), chan=chan, data=data)
     if "field_map" in part:
         fmap = {int(k): v for k, v in part["field_map"].items()}
         vis.field_id = np.array([fmap.get(int(f), -1) for f in vis.field_id], int) if len(vis.field_id) else vis.field_id
         vis.scan = vis.scan + 100000 * int(part.get("eb", 0))
     io.visibilities += vis.data.size
-    return ms, vis
+    return vp, vis
 
 
-def read_group(io: StageIO, group, fields=None, column: str = "DATA") -> msio.Vis:
+def read_group(io: StageIO, group, fields=None, column: str = "DATA", chan: slice | None = None,
+               data: bool = True) -> msio.Vis:
     """One Vis of a spw from every EB's partition of it (group: a partition, or a list of
     the EBs' partitions of one spw)."""
     members = group if isinstance(group, list) else group.get("members", [group])
-    vis = [read_member(io, p, fields, column)[1] for p in members]
+    vis = [read_member(io, p, fields, column, chan, data)[1] for p in members]
     try:
         return msio.concat_vis(vis)
     except msio.MSError as exc:
         from .base import StageError
         raise StageError(str(exc)) from exc
+
+
+def view_name(part: dict, suffix: str) -> str:
+    """The name of a view of a partition (``x.spw17.ms`` -> ``x.spw17.<suffix>.ms``): where
+    the versions a later stage writes through the view go (runs/<run>/vis/<name>/...). In
+    an MOUS run the EBs' partitions may share a name (EBs of one file name): the EB's
+    name leads, so each EB's versions have keys of their own."""
+    name = part["name"].replace(".ms", f".{suffix}.ms")
+    if "eb" in part and not name.startswith(f"{part['ms_name']}."):
+        name = f"{part['ms_name']}.{name}"
+    return name
 
 
 def as_group(parts: list) -> dict:
@@ -141,17 +154,14 @@ def fluxconsistency(ctx: dict, params: dict, io: StageIO) -> QA:
             if abs(factor - 1) < 1e-9:
                 new.append(part)
                 continue
-            ms = io.fetch_dir(part["key"])
-            vis = msio.read_vis(ms, part["spw"])
-            msio.write_column(ms, vis.rows, "DATA", (vis.data * factor).astype(np.complex64))
-            # weights of data scaled by f scale by 1 / f^2, as a flux error's would
-            msio.write_column(ms, vis.rows, "WEIGHT", (vis.weight / factor ** 2).astype(np.float32))
-            name = part["name"].replace(".ms", ".fluxeq.ms")
-            dest = os.path.join(io.workdir, f"eb{part.get('eb', 0)}_{name}")
-            os.rename(ms, dest)
-            entry = io.put_dir(dest, os.path.basename(dest))
-            new.append(dict(part, key=entry["key"], sha256=entry["sha256"], name=os.path.basename(dest),
-                            flux_factor=factor))
+            # the scaled data as a new version of the view's arrays, in row blocks
+            vp = io.vis(dict(part, name=view_name(part, "fluxeq")))
+            for blk in vp.blocks():
+                vp.write("DATA", blk.rows, (blk.data * factor).astype(np.complex64))
+                # weights of data scaled by f scale by 1 / f^2, as a flux error's would
+                vp.write("WEIGHT", blk.rows, (blk.weight / factor ** 2).astype(np.float32))
+                io.visibilities += blk.data.size
+            new.append(dict(vp.commit(), flux_factor=factor))
         ctx["target_partitions"] = new
         csv = "eb,ratio,ratio_err,factor\n" + "".join(
             f"{eb},{s['ratio']:.6f},{s['ratio_err']:.6f},{s['factor']:.6f}\n" for eb, s in res["ebs"].items())

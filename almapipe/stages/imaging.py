@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import casacore.tables as ct
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -12,7 +11,7 @@ import numpy as np  # noqa: E402
 
 from .base import QA, StageError, StageIO, field_ids_with, field_name, require_intent, spw_info, stage  # noqa: E402
 from .calibration import calibrator_ids  # noqa: E402
-from .ebs import as_group, read_group, read_member, spw_groups  # noqa: E402
+from .ebs import as_group, eb_field_ids, read_group, read_member, spw_groups, view_name  # noqa: E402
 from ..imaging import gridding  # noqa: E402
 from ..imaging.deconvolve import robust_rms  # noqa: E402
 from ..imaging.frames import channel_shifts, lsrk_factor, lsrk_factors, max_drift_channels  # noqa: E402
@@ -38,30 +37,37 @@ INTENT_SUFFIX = {"TARGET": "sci", "BANDPASS": "bp", "FLUX": "flux", "PHASE": "ph
 
 @stage("split", service="imager")
 def split(ctx: dict, params: dict, io: StageIO) -> QA:
-    """Target fields' calibrated data into their own MS (DATA = CORRECTED_DATA)."""
+    """The target fields' calibrated data as partitions of their own (DATA = CORRECTED_DATA).
+
+    A target partition is a *view* (decision 0015): the same arrays in the store, its
+    rows those of the target fields (``field_ids``) and its VISIBILITY the calibrated
+    version, so nothing is copied; what a later stage writes through it (uvcontsub,
+    fluxconsistency) becomes versions of its own under the view's name."""
     qa = QA()
     targets = require_intent(ctx, "TARGET", "split")
     if not all(p.get("calibrated") for p in ctx["partitions"]):
         raise StageError("split: the partitions have no CORRECTED_DATA; run applycal first")
     out = []
     for part in ctx["partitions"]:
-        ms = io.fetch_dir(part["key"])
-        name = part["name"].replace(".ms", ".target.ms")
-        dest = os.path.join(io.workdir, name)
-        with ct.table(ms, ack=False) as t:
-            sel = t.query(f"FIELD_ID IN {targets}")
-            if sel.nrows() == 0:
-                raise StageError(f"split: no rows of the target fields in spw {part['spw']}")
-            sel.copy(dest, deep=True).close()
-            sel.close()
-        with ct.table(dest, readonly=False, ack=False) as t:
-            t.putcol("DATA", t.getcol("CORRECTED_DATA"))
-            t.removecols(["CORRECTED_DATA"])
-            io.visibilities += t.nrows()
-        entry = io.put_dir(dest, name)
-        out.append({"spw": part["spw"], "key": entry["key"], "sha256": entry["sha256"], "name": name})
+        arrays = dict(part["arrays"])
+        if "VISIBILITY_CORRECTED" not in arrays:
+            raise StageError(f"split: {part['name']} has no CORRECTED_DATA in the store; run applycal first")
+        # as CASA's split(datacolumn='corrected'): the corrected data become DATA, and the
+        # view has neither CORRECTED_DATA nor MODEL_DATA
+        arrays["VISIBILITY"] = arrays.pop("VISIBILITY_CORRECTED")
+        arrays.pop("VISIBILITY_MODEL", None)
+        view = {k: v for k, v in part.items() if k not in ("calibrated", "field_ids")}
+        view.update(arrays=arrays, field_ids=sorted(int(f) for f in (eb_field_ids(part, targets) or [])),
+                    name=view_name(part, "target"))
+        rows = io.vis(view).select()
+        if not len(rows):
+            raise StageError(f"split: no rows of the target fields in spw {part['spw']}")
+        view["nrows"] = int(len(rows))
+        io.visibilities += int(len(rows)) * part["nchan"] * part["ncorr"]
+        out.append(view)
     ctx["target_partitions"] = out
-    qa.note(f"Split {', '.join(field_name(ctx, f) for f in targets)} into {len(out)} MS(s).")
+    qa.note(f"Split {', '.join(field_name(ctx, f) for f in targets)} into {len(out)} partition(s) "
+            "(views of the calibrated data in the store: nothing copied).")
     return qa
 
 
@@ -168,6 +174,17 @@ def _frame_geometry(ctx: dict, spw: int, fid: int) -> tuple:
     return spw_info(ctx, spw)["frame"], fld["ra_rad"], fld["dec_rad"], site
 
 
+def lsrk_margin(ctx: dict, spw: int, fid: int, freq: np.ndarray, times: np.ndarray, min_shift: float = 0.02) -> int:
+    """Channels a cube's piece reads beyond its channel range on each side, so that
+    moving its rows onto the LSRK grid (onto_lsrk_grid, at most the drift over the
+    data's time span) finds its channels' neighbours: 0 when nothing is moved."""
+    frame = _frame_geometry(ctx, spw, fid)[0]
+    drift = max_drift_channels(freq, float(np.ptp(times))) if len(times) else 0.0
+    if frame.upper() != "TOPO" or drift < min_shift:
+        return 0
+    return int(np.ceil(drift)) + 1
+
+
 def lsrk_labels(ctx: dict, spw: int, fid: int, times: np.ndarray) -> tuple[float, str]:
     """(f_LSRK / f_data, frame) for relabelling a spw's channels of field fid in LSRK,
     as cubes and cont.dat are written (data already in LSRK: (1, 'LSRK'))."""
@@ -176,16 +193,20 @@ def lsrk_labels(ctx: dict, spw: int, fid: int, times: np.ndarray) -> tuple[float
     return factor, ("LSRK" if frame in ("TOPO", "LSRK") else frame)
 
 
-def onto_lsrk_grid(ctx: dict, spw: int, fid: int, vis: msio.Vis, min_shift: float = 0.02) -> float:
+def onto_lsrk_grid(ctx: dict, spw: int, fid: int, vis: msio.Vis, min_shift: float = 0.02,
+                   spw_freq: np.ndarray | None = None) -> float:
     """Move every row of a cube's TOPO data onto the LSRK channel grid its axis is
     labelled with (lsrk_labels: the shift at the mean time), in place, so that a line
     stays in its channels while the Earth turns. Returns the largest move in
-    channels; below min_shift channels (TDM channels, short blocks) nothing is moved."""
+    channels; below min_shift channels (TDM channels, short blocks) nothing is moved.
+    spw_freq: the whole spw's channels, when vis holds a channel range of it (a cube's
+    piece): the shift is the whole spw's, so that the pieces move alike."""
     frame, ra, dec, site = _frame_geometry(ctx, spw, fid)
+    freq = vis.freq if spw_freq is None else spw_freq
     if frame.upper() != "TOPO" or not len(vis.time) or \
-            max_drift_channels(vis.freq, float(np.ptp(vis.time))) < min_shift:
+            max_drift_channels(freq, float(np.ptp(vis.time))) < min_shift:
         return 0.0
-    shift = channel_shifts(vis.freq, lsrk_factors(frame, vis.time, ra, dec, site),
+    shift = channel_shifts(freq, lsrk_factors(frame, vis.time, ra, dec, site),
                            lsrk_labels(ctx, spw, fid, vis.time)[0])
     largest = float(np.abs(shift).max())
     if largest >= min_shift:
@@ -221,17 +242,21 @@ def continuum_channels(ctx: dict, params: dict, user: dict, vis: msio.Vis, spw: 
 @stage("uvcontsub", service="imager")
 def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
     """Fit and subtract the continuum per baseline and time over the line-free channels
-    of each target (its own ranges per spw, as cont.dat lists them per field)."""
+    of each target (its own ranges per spw, as cont.dat lists them per field). The
+    result is ctx["contsub_partitions"]: the target views with their DATA at a new
+    version (only DATA is written)."""
     qa = QA()
     if not ctx.get("target_partitions"):
-        raise StageError("uvcontsub: no target MS; run split first")
+        raise StageError("uvcontsub: no target partition; run split first")
     user = parse_cont_dat(ctx["user"]["cont_dat"]) if ctx["user"].get("cont_dat") else {}
     order = params.get("fitorder", 0)
     entries, out = [], []
     # the EBs of an MOUS together: one set of continuum ranges per target and spw, found
     # in all their data, and subtracted from each EB's own partition
     for group in spw_groups(ctx["target_partitions"]):
-        members = [read_member(io, part) for part in group]
+        # the continuum-subtracted DATA go to a version of the view's VISIBILITY of their
+        # own, under the name of the new partition (its other arrays stay the target's)
+        members = [read_member(io, dict(part, name=view_name(part, "contsub"))) for part in group]
         vis = msio.concat_vis([v for _, v in members]) if len(members) > 1 else members[0][1]
         spw = group[0]["spw"]
         cont_chans, masks = {}, {}
@@ -252,19 +277,13 @@ def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
             qa.note(f"{name} spw {spw}: continuum channels {chans} ({origin}), fit order {order}"
                     + (f", from {len(group)} EBs." if len(group) > 1 else "."))
             _plot_spectrum(io, target, mask, spw, name)
-        for part, (ms, mvis) in zip(group, members):
+        for part, (vp, mvis) in zip(group, members):
             for fids, mask in masks.values():
                 rows = np.isin(mvis.field_id, fids)
                 if rows.any():
                     mvis.data[rows], _ = subtract_continuum(mvis.data[rows], mvis.flag[rows], mask, order)
-            msio.write_column(ms, mvis.rows, "DATA", mvis.data)
-            name = part["name"].replace(".ms", ".contsub.ms")
-            if "eb" in part:
-                name = f"{part['ms_name']}.{name}" if not name.startswith(part["ms_name"]) else name
-            dest = os.path.join(io.workdir, name)
-            os.rename(ms, dest)
-            entry = io.put_dir(dest, name)
-            out.append(dict(part, key=entry["key"], sha256=entry["sha256"], name=name, cont_chans=cont_chans))
+            vp.write("DATA", mvis.rows, mvis.data)
+            out.append(dict(vp.commit(), cont_chans=cont_chans))
     text = cont_dat_text(entries)
     ctx["cont_dat_key"] = io.put_bytes(text.encode(), "cont.dat", "text/plain")["key"]
     ctx["continuum"] = entries
@@ -451,8 +470,16 @@ class ImageJob:
     products. A cube may be cleaned in channel ranges on several workers
     (imagecube_chunk) and restored in one piece (joincube)."""
 
-    def __init__(self, ctx: dict, io: StageIO, job: tuple, theoretical: dict):
+    def __init__(self, ctx: dict, io: StageIO, job: tuple, theoretical: dict, chan: slice | None = None,
+                 data: bool = True, prep: dict | None = None):
+        """chan: read only these channels of the spw (a cube's piece); data: False reads
+        flags, weights and uvw but no visibilities (a cube's join); prep: the image's
+        heuristics as makeimages took them from the whole spw (ImageJob.heuristics), which
+        a piece or a join, seeing part of the data, uses instead of its own."""
         self.ctx, self.io = ctx, io
+        self.prep = prep
+        self.chan0 = chan.start if chan is not None else 0      # the Vis's first channel in the spw
+        self.spw_freq = None            # the whole spw's channels, when the Vis holds a range of them
         self.specmode, self.fids, part, column, self.p = job
         self.fid = self.fids[0]          # a mosaic's first pointing names it
         obs = ctx["observation"]
@@ -470,8 +497,10 @@ class ImageJob:
             self.vis = aggregate_continuum(pieces, int(self.p.get("width", 8))) if pieces else None
             self.part = {"spw": "_".join(str(piece["spw"]) for piece in part), "frame_spw": part[0]["spw"]}
         else:
-            self.vis = read_group(io, part, fields=self.fids, column=column)
+            self.vis = read_group(io, part, fields=self.fids, column=column, chan=chan, data=data)
             self.part = part
+            if chan is not None:
+                self.spw_freq = io.vis(part.get("members", [part])[0]).freq
         self.theoretical = theoretical
         self.bands = []
         if isinstance(part, list):      # the aggregate's band: its spws' selected channels, edges included
@@ -490,12 +519,17 @@ class ImageJob:
         if vis is None or not len(vis.time):
             return "no data"
         nchan = len(vis.freq)
-        self.chans = parse_channels(p["chans"], nchan) if p.get("chans") else np.ones(nchan, bool)
-        if vis.flag[:, self.chans].all():
+        nchan_spw = len(self.spw_freq) if self.spw_freq is not None else nchan
+        chans = parse_channels(p["chans"], nchan_spw) if p.get("chans") else np.ones(nchan_spw, bool)
+        self.chans = chans[self.chan0:self.chan0 + nchan]      # in the Vis's channels
+        if self.prep is None and vis.flag[:, self.chans].all():
             return "all data flagged"
         mosaic = self.mosaic() if len(self.fids) > 1 else None
-        cell, npix = image_heuristics(vis, self.dish, self.telescope, self.chans,
-                                      mosaic.extent_rad() if mosaic else 0.0)
+        if self.prep is not None:
+            cell, npix = self.prep["cell_arcsec"], self.prep["npix"]
+        else:
+            cell, npix = image_heuristics(vis, self.dish, self.telescope, self.chans,
+                                          mosaic.extent_rad() if mosaic else 0.0)
         npix, max_imsize = int(p.get("imsize", npix)), int(p.get("max_imsize", MAX_IMSIZE))
         if npix > max_imsize:
             # a wide mosaic or long baselines: say so rather than run out of memory
@@ -511,7 +545,9 @@ class ImageJob:
             # multiscale: scales of 0, 1 and 3 beams (the cell is a fifth of a beam)
             scales=p.get("scales") or ([0, 5, 15] if p.get("deconvolver") == "multiscale" else None),
             mosaic=mosaic)
-        if self.specmode == "cube":
+        if self.prep is not None:
+            self.theo = self.prep.get("theo")
+        elif self.specmode == "cube":
             cont = self.part.get("cont_chans", {}).get(self.field["name"])
             self.theo = _theoretical_rms(vis, self.spec, parse_channels(cont, nchan) & self.chans if cont else None,
                                          mfs=False)
@@ -523,7 +559,7 @@ class ImageJob:
         else:
             self.theo = _theoretical_rms(vis, self.spec, self.chans, mfs=True)
             self.theoretical[(self.fid, self.part["spw"])] = self.theo
-        if self.theo and mosaic is not None:
+        if self.theo and mosaic is not None and self.prep is None:
             self.theo *= mosaic_noise_factor(self.spec.npix, np.radians(self.spec.cell_arcsec / 3600),
                                              float(vis.freq[self.chans].mean()), mosaic.dish_m, mosaic.telescope,
                                              [q.offset_lm for q in mosaic.pointings],
@@ -539,6 +575,10 @@ class ImageJob:
                 return thr
             self.spec.threshold_from_dirty = threshold
         return None
+
+    def heuristics(self) -> dict:
+        """What prepare() took from the whole spw, for the pieces and the join of a cube."""
+        return {"npix": self.spec.npix, "cell_arcsec": self.spec.cell_arcsec, "theo": self.theo}
 
     def mosaic(self):
         """The mosaic of this job's fields: where each pointing lies and its share of
@@ -556,7 +596,8 @@ class ImageJob:
             # here, where the planes are made (a cube's join needs none of it), and after
             # prepare() took the theoretical noise from the data as observed: moving rows
             # between channels mixes neighbours
-            self.lsrk_shift = onto_lsrk_grid(self.ctx, self.part["spw"], self.fid, self.vis)
+            self.lsrk_shift = onto_lsrk_grid(self.ctx, self.part["spw"], self.fid, self.vis,
+                                             spw_freq=self.spw_freq)
         self.io.visibilities += self.vis.data.size
         return clean_planes(self.vis, spec)
 
@@ -682,14 +723,17 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
     theoretical = {}          # (field, spw) -> theoretical rms of its mfs image, for the aggregate
     images, pieces = [], []
     for j, job in enumerate(jobs):
-        if job[0] == "cube" and chunks > 1:
-            pieces += [{"job": j, "chunk": k, "nchunks": chunks} for k in range(chunks)]
-            continue
         im = ImageJob(ctx, io, job, theoretical)
         why = im.prepare()
         if why:
             if why != "no data":
                 qa.lower(0.5, f"{im.label()}: {why}; not imaged.")
+            continue
+        if job[0] == "cube" and chunks > 1:
+            # the heuristics (image size, cell, theoretical noise) from the whole spw, once:
+            # each piece reads only its channels, the join only flags
+            prep = im.heuristics()
+            pieces += [{"job": j, "chunk": k, "nchunks": chunks, "prep": prep} for k in range(chunks)]
             continue
         images.append(im.products(im.clean(), qa))
     if pieces:
@@ -708,17 +752,38 @@ def imagecube_chunk(ctx: dict, params: dict, io: StageIO) -> QA:
     (the join restores the whole cube with its common beam)."""
     qa = QA()
     item = params["piece"]
-    im = ImageJob(ctx, io, _image_jobs(ctx, params)[item["job"]], {})
+    job = _image_jobs(ctx, params)[item["job"]]
+    chan, mask = None, None
+    if item.get("prep"):
+        # only this piece's channels are read (and the few beyond its ends that the
+        # move onto the LSRK grid needs)
+        group, p = job[2], job[4]
+        members = group.get("members", [group])
+        nchan = int(group["nchan"])
+        sel = parse_channels(p["chans"], nchan) if p.get("chans") else np.ones(nchan, bool)
+        mask = chunk_masks(sel, item["nchunks"])[item["chunk"]]
+        idx = np.flatnonzero(mask)
+        first = io.vis(members[0])
+        times = np.concatenate([io.vis(m).index("TIME") for m in members])
+        margin = lsrk_margin(ctx, group["spw"], job[1][0], first.freq, times)
+        chan = slice(max(0, int(idx[0]) - margin), min(nchan, int(idx[-1]) + 1 + margin))
+    im = ImageJob(ctx, io, job, {}, chan=chan, prep=item.get("prep"))
     why = im.prepare()
     if why:
         ctx["piece"] = dict(item, skipped=why)
         return qa
-    mask = chunk_masks(im.chans, item["nchunks"])[item["chunk"]]
-    io.log("%s: cleaning channels %s", im.label(), format_channels(mask))
-    planes = im.clean(mask)
+    if mask is None:                # a piece of a makeimages from before the heuristics were handed on
+        mask = chunk_masks(im.chans, item["nchunks"])[item["chunk"]]
+    own = mask if chan is None else mask[chan]          # in the channels the Vis holds
+    io.log("%s: cleaning channels %s (read channels %d-%d)", im.label(), format_channels(mask), im.chan0,
+           im.chan0 + len(im.vis.freq) - 1)
+    planes = im.clean(own)
     path = os.path.join(io.workdir, f"planes_{item['job']}_{item['chunk']}.npz")
     planes.save(path)
     ctx["piece"] = dict(item, key=io.put_file(path)["key"], dr=im.dr_seen, lsrk_shift=im.lsrk_shift)
+    moved = io.bytes_moved()
+    if moved:
+        io.log("read %d B of visibility store objects", moved["s3_read"] + moved["cache_read"])
     qa.note(f"{im.label()}: channels {format_channels(mask)} cleaned ({planes.iterations} components).")
     return qa
 
@@ -733,7 +798,8 @@ def joincube(ctx: dict, params: dict, io: StageIO) -> QA:
         mine = sorted((p for p in pieces if p["job"] == j and "key" in p), key=lambda p: p["chunk"])
         if not mine:
             continue
-        im = ImageJob(ctx, io, jobs[j], {})
+        # the pieces were cleaned with makeimages' heuristics: the join reads flags, not data
+        im = ImageJob(ctx, io, jobs[j], {}, data=mine[0].get("prep") is None, prep=mine[0].get("prep"))
         if im.prepare():
             continue
         parts = []

@@ -14,6 +14,7 @@ from .base import QA, StageIO, stage
 from .imaging import ous_name
 from ..report.qa2 import qa2_section, requested_goals
 from .calpackage import calibration_package
+from ..msio import storeio
 from ..report import weblog as weblog_render
 
 README = """almapipe products package
@@ -35,6 +36,10 @@ calibration/  CASA calibration tables (tar archives of the table directories),
               <ms>.flags.npz (the final flags), <ms>.callibrary.json: rebuild the
               calibrated MS with `almapipe restore . EB.ms --out DIR` or with
               script/casa_restore.py in CASA
+calibrated/   with exportdata's `ms: true`: <ms>.ms.tar, the calibrated MS (DATA,
+              CORRECTED_DATA, FLAG, WEIGHT) and <ms>.target.ms.tar, the target fields'
+              calibrated data as split makes them (DATA = the calibrated data), exported
+              from the visibility store; tar archives of the MS directories
 qa/           the WebLog (weblog.tar.gz, open weblog/index.html) and qa_scores.json
 log/          the log of every stage
 script/       recipe.json: the exact recipe this run executed;
@@ -50,6 +55,26 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 exec almapipe run "${{1:?usage: rerun.sh INPUT [--out DIR]}}" --recipe-file "$here/recipe.json" "${{@:2}}"
 """
+
+
+def calibrated_ms(ctx: dict, io: StageIO, qa: QA) -> dict:
+    """The EB's calibrated MS and its split target MS, written from the visibility store
+    (storeio.export_ms: the EB's MS shell plus the rows, in row blocks), each as a tar."""
+    parts = [p for p in ctx.get("partitions", []) if "arrays" in p]
+    if not parts or not all(p.get("calibrated") for p in parts):
+        qa.lower(0.8, "exportdata ms: no calibrated data in the visibility store: no calibrated MS in the package.")
+        return {}
+    ms = ctx.get("ms_name", "ms")
+    shell = io.fetch_meta(parts[0]["meta"])
+    pkg = {}
+    for name, group, corrected in ((f"{ms}.ms", parts, True),
+                                   (f"{ms}.target.ms", ctx.get("target_partitions") or [], False)):
+        if not group:
+            continue
+        dest = storeio.export_ms(group, shell, os.path.join(io.workdir, name), io.vis, corrected=corrected)
+        pkg[f"calibrated/{name}.tar"] = io.put_dir(dest, name)["key"]
+        io.log("exported %s from the visibility store (%d partition(s))", name, len(group))
+    return pkg
 
 
 @stage("exportdata", service="weblog")
@@ -85,6 +110,8 @@ def exportdata(ctx: dict, params: dict, io: StageIO) -> QA:
     # calapply, flags, CASA restore script: per EB (an MOUS's EBs from their own runs' contexts)
     for eb_ctx in ([io.store.get_json(eb["context_key"]) for eb in ctx["ebs"]] if ctx.get("ebs") else [ctx]):
         pkg.update(calibration_package(eb_ctx, io))
+        if params.get("ms", False):
+            pkg.update(calibrated_ms(eb_ctx, io, qa))
     recipe = ctx["recipe"]
     pkg["script/recipe.json"] = io.put_bytes(json.dumps(recipe, indent=2).encode(), "recipe.json",
                                              "application/json")["key"]
