@@ -91,3 +91,32 @@ def stack(tmp_path_factory):
             else:
                 os.environ[k] = v
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def store_partition(cfg, ms_path: str, spw: int, run_id: str, workdir: str, name: str | None = None) -> tuple:
+    """One spw of an MS streamed into the visibility store of a stack (as importdata does):
+    (the partition's context entry, the local path of its MS shell)."""
+    from almapipe.msio import storeio
+    from almapipe.platform.store import ObjectStore
+    from almapipe.platform.visstore import VisStore
+    base = name or os.path.basename(ms_path).split(".")[0]
+    shell = storeio.make_shell(ms_path, os.path.join(workdir, f"{base}.meta.ms"))
+    meta_key = ObjectStore(cfg).put_dir(shell, f"runs/{run_id}/stages/00_importdata/{base}.meta.ms.tar")["key"]
+    vs = VisStore(cfg, cache_dir=None, cache_limit=0)
+    entry = storeio.ingest_spw(vs, ms_path, spw, f"runs/{run_id}/vis/{base}.spw{spw}.ms", "00_importdata",
+                               meta_key, f"{base}.spw{spw}.ms")
+    return entry, shell
+
+
+def open_partition(cfg, entry: dict, workdir: str):
+    """A context's partition entry opened from a stack's visibility store, read-only
+    (a VisPartition; its MS shell fetched under workdir when asked for)."""
+    import hashlib
+    from almapipe.platform.store import ObjectStore
+    from almapipe.platform.visstore import VisPartition, VisStore
+    store = ObjectStore(cfg)
+
+    def meta(key):
+        return store.get_dir(key, os.path.join(workdir, "meta-" + hashlib.sha1(key.encode()).hexdigest()[:12]))
+    return VisPartition(VisStore(cfg, cache_dir=None, cache_limit=0), entry, "99_test", meta,
+                        "runs/test/vis/" + entry["name"])

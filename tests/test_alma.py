@@ -274,6 +274,7 @@ def test_restore_rebuilds_the_calibrated_data_from_the_package(alma_run, stack, 
     from almapipe.cli import main
     from almapipe.msio.ms import read_vis
     from almapipe.platform.store import ObjectStore
+    from conftest import open_partition
     sim, truth, run, summary, out = alma_run
     assert (out / "calibration" / "eb.calapply.txt").exists() and (out / "script" / "casa_restore.py").exists()
     calapply = (out / "calibration" / "eb.calapply.txt").read_text()
@@ -291,11 +292,11 @@ def test_restore_rebuilds_the_calibrated_data_from_the_package(alma_run, stack, 
     for part, tpart in zip(ctx["partitions"], ctx["target_partitions"]):
         spw = part["spw"]
         mine = read_vis(restored, spw, column="CORRECTED_DATA")
-        theirs = read_vis(store.get_dir(part["key"], str(tmp_path / "p")), spw, column="CORRECTED_DATA")
+        theirs = open_partition(cfg, part, str(tmp_path)).read(column="CORRECTED_DATA")
         assert np.array_equal(mine.flag, theirs.flag)
         assert np.allclose(mine.weight, theirs.weight, rtol=1e-6, atol=0)
         assert np.array_equal(mine.data, theirs.data)         # the same kernels on the same inputs
-        tgt = read_vis(store.get_dir(tpart["key"], str(tmp_path / "t")), spw)
+        tgt = open_partition(cfg, tpart, str(tmp_path)).read()          # the split target: DATA is calibrated
         mine_t = read_vis(restored, spw, column="CORRECTED_DATA", field_ids=targets)
         ok = ~tgt.flag
         assert np.array_equal(mine_t.flag, tgt.flag)
@@ -619,10 +620,10 @@ def test_uvcontsub_finds_each_targets_own_continuum(stack, tmp_path):  # noqa: F
     import casacore.tables as ct
     from almapipe.imaging.uvcontsub import parse_channels
     from almapipe.msio import listobs
-    from almapipe.msio.ms import read_vis
     from almapipe.platform.store import CachedFetcher, ObjectStore
     from almapipe.stages.base import StageIO
     from almapipe.stages.imaging import uvcontsub
+    from conftest import store_partition
     _, cfg = stack
     sim = Simulator(SimConfig.preset("small"))
     ms = sim.write(str(tmp_path / "eb"))["ms"]
@@ -652,10 +653,8 @@ def test_uvcontsub_finds_each_targets_own_continuum(stack, tmp_path):  # noqa: F
     store = ObjectStore(cfg)
     io = StageIO(store, CachedFetcher(store, str(tmp_path / "cache")), "test-uvcontsub", 0, "uvcontsub",
                  str(tmp_path))
-    entry = io.put_dir(part, "targets.ms")
-    ctx = {"observation": obs, "fields": fields, "user": {},
-           "target_partitions": [{"spw": sim.science_spw_ids[0], "key": entry["key"], "sha256": entry["sha256"],
-                                  "name": "targets.ms"}]}
+    entry, _ = store_partition(cfg, part, sim.science_spw_ids[0], "test-uvcontsub", str(tmp_path), name="targets")
+    ctx = {"observation": obs, "fields": fields, "user": {}, "target_partitions": [entry]}
     uvcontsub(ctx, {}, io)
     cont = {e["field"]: parse_channels(e["channels"], c.nchan) for e in ctx["continuum"]}
     assert set(cont) == {"Target", "J1820-2528"}
@@ -666,7 +665,9 @@ def test_uvcontsub_finds_each_targets_own_continuum(stack, tmp_path):  # noqa: F
     assert "Field: Target" in text and "Field: J1820-2528" in text
     (out,) = ctx["contsub_partitions"]
     assert set(out["cont_chans"]) == {"Target", "J1820-2528"}
-    sub = read_vis(io.fetch_dir(out["key"]), sim.science_spw_ids[0])
+    # only DATA got a new version; the rest of the partition is the target's
+    assert {k for k in out["arrays"] if out["arrays"][k] != entry["arrays"][k]} == {"VISIBILITY"}
+    sub = io.vis(out).read()
     for fid_, name in ((3, "Target"), (2, "J1820-2528")):
         rows = sub.field_id == fid_
         resid = sub.data[rows][:, cont[name]].mean(axis=(0, 2))

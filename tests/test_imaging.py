@@ -411,16 +411,20 @@ def test_compiled_multiscale_finds_the_components_of_a_whole_image_search():
 
 
 _MFS_CHILD = """
-import sys
+import json, sys
 import numpy as np
+from almapipe.config import Config
 from almapipe.imaging.imager import ImageSpec, restore_planes
 from almapipe.imaging.samples import clean_mfs, read_binned_stokes_i
 from almapipe.msio.ms import subtable
-ms, nchan, spw = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-with subtable(ms, "FIELD") as t:
+from almapipe.platform.visstore import VisPartition, VisStore
+entry, shell = json.loads(sys.argv[1]), sys.argv[2]
+part = VisPartition(VisStore(Config.from_env(), cache_dir=None, cache_limit=0), entry, "99_test",
+                    lambda key: shell, "runs/test-samples/vis/" + entry["name"])
+with subtable(shell, "FIELD") as t:
     target = list(t.getcol("NAME")).index("Target")
 spec = ImageSpec(field="Target", npix=256, cell_arcsec=0.2, niter=200, nsigma=0.0)
-samples = read_binned_stokes_i(ms, spw, [target], np.arange(nchan), 1 / spec.npix)
+samples = read_binned_stokes_i(part, [target], np.arange(entry["nchan"]), 1 / spec.npix)
 res = restore_planes(clean_mfs(samples, spec), spec, 12.0, "ALMA")
 print(len(samples.freq), samples.data.shape[0], float(res.image.max()))
 """
@@ -435,33 +439,39 @@ sys.exit(child.returncode)
 """
 
 
-def test_mfs_image_peak_memory_does_not_grow_with_the_number_of_channels(tmp_path):
+def test_mfs_image_peak_memory_does_not_grow_with_the_number_of_channels(stack, tmp_path):
     """An mfs image of the same observation recorded in 64 and in 512 channels (24000
-    target rows: its DATA grows by 190 MB), each in its own process: the samples are
-    read in chunks of rows and averaged over channel bins as they are read
-    (samples.read_binned_stokes_i), so the process's peak RSS (its ru_maxrss) grows
-    by less than 32 MiB. Measured: 269 and 268 MiB; reading the whole spw and imaging
-    it channel by channel (read_vis + make_image) took 347 and 959 MiB."""
+    target rows: its DATA grows by 190 MB), each in its own process, read from the
+    visibility store: the samples are read one row block (one ~8 MiB chunk) at a time
+    and averaged over channel bins as they are read (samples.read_binned_stokes_i), so
+    the process's peak RSS (its ru_maxrss) grows by less than 32 MiB. Measured from
+    the MS (before the store): 269 and 268 MiB; reading the whole spw and imaging it
+    channel by channel (read_vis + make_image) took 347 and 959 MiB."""
+    import json
     import shutil
     import subprocess
     import sys
     from almapipe.simulate.simulator import SimConfig, Simulator
+    from conftest import store_partition
+    _, cfg = stack
     rss, out = {}, {}
     for nchan in (64, 512):
-        cfg = SimConfig.preset("small", nant=16, nspw=1, nchan=nchan, target_scans=2, target_scan_s=600.0,
-                               dead_antenna=False, bad_channels=0)
-        sim = Simulator(cfg)
+        sim_cfg = SimConfig.preset("small", nant=16, nspw=1, nchan=nchan, target_scans=2, target_scan_s=600.0,
+                                   dead_antenna=False, bad_channels=0)
+        sim = Simulator(sim_cfg)
         ms = sim.write(str(tmp_path / f"eb{nchan}"))["ms"]
+        entry, shell = store_partition(cfg, ms, sim.science_spw_ids[0], "test-samples", str(tmp_path),
+                                       name=f"eb{nchan}")
+        shutil.rmtree(tmp_path / f"eb{nchan}")
         # a small launcher runs the image in its own child and reports that child's peak
         # RSS: a child forked straight from this (large) process would count this
         # process's pages, which it holds until it execs, in its ru_maxrss
-        proc = subprocess.run([sys.executable, "-c", _LAUNCHER, sys.executable, _MFS_CHILD, ms, str(nchan),
-                               str(sim.science_spw_ids[0])],
-                              capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-c", _LAUNCHER, sys.executable, _MFS_CHILD, json.dumps(entry),
+                               shell], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-2000:]
         *out[nchan], peak_kib = proc.stdout.split()
         rss[nchan] = float(peak_kib) / 1024.0
-        shutil.rmtree(tmp_path / f"eb{nchan}")
+    print("peak RSS (MiB) by number of channels:", rss)
     assert out[64][1] == out[512][1] == "24000"        # the same rows, binned alike
     assert abs(float(out[512][2]) / float(out[64][2]) - 1) < 0.05
     assert rss[512] - rss[64] < 32, rss

@@ -1,8 +1,8 @@
 """Streaming data preparation for mfs images: the Stokes I samples of an spw read
-from the MS in chunks of rows, weighted and averaged over channel bins in one
-compiled pass per chunk (kernels.stokes_i_bins), so that what an mfs image holds
-is (rows x bins), never (rows x channels x correlations): its memory does not grow
-with the number of channels.
+from the visibility store in blocks of rows (its row chunks), weighted and averaged
+over channel bins in one compiled pass per block (kernels.stokes_i_bins), so that
+what an mfs image holds is (rows x bins) and one block, never (rows x channels x
+correlations): its memory does not grow with the number of channels.
 
 The bins are contiguous channels no wider than max_frac of their frequency; the
 gridder takes the bins' frequencies as its frequency axis. Averaging a bin moves
@@ -23,10 +23,6 @@ from .measurement import OnePointing
 
 if TYPE_CHECKING:
     from .imager import Planes
-
-# rows per chunk so that a chunk's DATA, FLAG and their kernel's view stay near this
-CHUNK_BYTES = 16 << 20
-
 
 @dataclass
 class BinnedStokesI:
@@ -54,38 +50,38 @@ def channel_bins(freq: np.ndarray, chans: np.ndarray, max_frac: float) -> tuple:
     return chan_bin, fbin
 
 
-def read_binned_stokes_i(ms: str, spw: int, field_ids, chans, max_frac: float, column: str = "DATA",
-                         chunk_bytes: int = CHUNK_BYTES) -> BinnedStokesI:
-    """Stokes I over channel bins of the given channels of one spw and fields, read
-    in chunks of rows of about chunk_bytes (their DATA and FLAG), never the whole
-    spw at once."""
-    import casacore.tables as ct
-    from ..msio.ms import MSError, corr_types_of_spw, spw_rows_query, subtable
-    q = spw_rows_query(ms, spw, field_ids, cross_only=True)
-    with subtable(ms, "SPECTRAL_WINDOW") as t:
-        freq = np.asarray(t.getcell("CHAN_FREQ", spw), float)
-    corr = corr_types_of_spw(ms, spw)
-    pols = np.array([i for i, c in enumerate(corr) if c in ("RR", "LL", "XX", "YY", "I")] or [0], np.int64)
+def read_binned_stokes_i(parts, field_ids, chans, max_frac: float, column: str = "DATA",
+                         block_chunks: int = 1) -> BinnedStokesI:
+    """Stokes I over channel bins of the given channels of one spw and fields, read from
+    the visibility store (platform.visstore.VisPartition) one row block at a time
+    (VisPartition.blocks: `block_chunks` row chunks), and only the channel span the
+    channels cover: what is held is the output (rows x bins) and one block, never the
+    whole spw. parts: a VisPartition, or a list of (VisPartition, field ids) of one
+    spectral setup (the EBs of an MOUS), their samples in that order."""
+    if not isinstance(parts, (list, tuple)):
+        parts = [(parts, field_ids)]
+    first = parts[0][0]
+    freq = np.asarray(first.freq, float)
+    pols = np.array([i for i, c in enumerate(first.corr_types) if c in ("RR", "LL", "XX", "YY", "I")] or [0],
+                    np.int64)
     chans = np.flatnonzero(chans) if np.asarray(chans).dtype == bool else np.asarray(chans, np.int64)
     chan_bin, fbin = channel_bins(freq, chans, max_frac)
-    with ct.table(ms, ack=False) as t:
-        if column not in t.colnames():
-            raise MSError(f"{ms}: no {column} column")
-        sel = t.query(q)
-        nrow = sel.nrows()
-        uvw = sel.getcol("UVW") if nrow else np.zeros((0, 3))
-        vis = np.zeros((nrow, len(fbin)), np.complex64)
-        wgt = np.zeros((nrow, len(fbin)), np.float32)
-        step = max(1, int(chunk_bytes // max(1, len(freq) * len(corr) * 9)))
-        for start in range(0, nrow, step):
-            n = min(step, nrow - start)
-            data = sel.getcol(column, startrow=start, nrow=n).astype(np.complex64, copy=False)
-            flag = sel.getcol("FLAG", startrow=start, nrow=n)
-            flag |= sel.getcol("FLAG_ROW", startrow=start, nrow=n)[:, None, None]
-            weight = sel.getcol("WEIGHT", startrow=start, nrow=n).astype(np.float32, copy=False)
-            kernels.stokes_i_bins(data, flag, weight, chan_bin, pols, vis, wgt, start)
-            del data, flag
-        sel.close()
+    span = slice(int(chans.min()), int(chans.max()) + 1)        # the channels read
+    span_bin = np.ascontiguousarray(chan_bin[span])
+    nrow = sum(len(p.select(f, cross_only=True)) for p, f in parts)
+    uvw = np.zeros((nrow, 3))
+    vis = np.zeros((nrow, len(fbin)), np.complex64)
+    wgt = np.zeros((nrow, len(fbin)), np.float32)
+    start = 0
+    for part, fids in parts:
+        for blk in part.blocks(column=column, field_ids=fids, chan=span, cross_only=True,
+                               block_chunks=block_chunks):
+            n = len(blk.rows)
+            uvw[start:start + n] = blk.uvw
+            kernels.stokes_i_bins(blk.data, blk.flag, blk.weight.astype(np.float32, copy=False), span_bin, pols,
+                                  vis, wgt, start)
+            start += n
+            del blk
     keep = wgt.any(axis=1)
     return BinnedStokesI(uvw[keep], fbin, vis[keep], wgt[keep])
 
