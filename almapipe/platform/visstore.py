@@ -301,6 +301,10 @@ class VisPartition:
             self._index[column] = np.asarray(self.vs.open(self.entry["arrays"][ARRAY_OF_COLUMN[column]])[:])
         return self._index[column]
 
+    def row_array(self, column: str) -> np.ndarray:
+        """A whole per-row array (UVW, WEIGHT, SIGMA) of the partition: small beside the cubes."""
+        return _take(self._array(column), slice(0, self.nrow), None)
+
     def select(self, field_ids=None, cross_only: bool = False) -> np.ndarray:
         """Row numbers of the partition (of its view's fields) of the given fields."""
         keep = np.ones(self.nrow, bool)
@@ -383,6 +387,17 @@ class VisPartition:
     def write_flags(self, rows: np.ndarray, flags: np.ndarray) -> None:
         self.write("FLAG", rows, flags)
 
+    def flag_antennas(self, ant_ids) -> None:
+        """Flag every row (of the view) with one of the antennas; only the row chunks
+        holding them are read and written."""
+        has = np.isin(self.index("ANTENNA1"), ant_ids) | np.isin(self.index("ANTENNA2"), ant_ids)
+        rows = self.select()
+        rows = rows[has[rows]]
+        step = 4 * self.chunk_rows
+        for lo in range(0, len(rows), step):
+            chunk = rows[lo:lo + step]
+            self.write_flags(chunk, np.ones((len(chunk), self.nchan, self.ncorr), bool))
+
     def commit(self) -> dict:
         """The partition's new entry; arrays that did not change keep their pointers."""
         arrays = dict(self.entry["arrays"])
@@ -396,6 +411,8 @@ class VisPartition:
 
 def _take(z, sel, chan):
     """zarr read of rows (a slice or ascending row numbers) and, for a cube, a channel slice."""
+    if not isinstance(sel, slice) and len(sel) and sel[-1] - sel[0] + 1 == len(sel):
+        sel = slice(int(sel[0]), int(sel[-1]) + 1)          # contiguous rows: a plain slice
     if isinstance(sel, slice):
         return np.asarray(z[sel] if chan is None else z[sel, chan])
     if len(sel) == 0:
