@@ -23,7 +23,6 @@ from .calibration import calibrator_ids, field_models, preapply, read_part, refa
 from .flagging import parse_template, template_mask
 from ..calibration.caltable import CalSolutions
 from ..calibration.terms import SolveSpec, point_model, solve_term
-from ..msio import ms as msio
 
 MAD_TO_SIGMA = 1.4826
 
@@ -97,7 +96,7 @@ def gainflag(ctx: dict, params: dict, io: StageIO) -> QA:
     ants = ctx["observation"]["antennas"]
     found, new_parts = {}, []
     for part in ctx["partitions"]:
-        ms, vis = read_part(io, part, fields=cal)
+        _, vis = read_part(io, part, fields=cal)
         model = point_model(vis, field_models(ctx, unit_for=cal))
         g = solve_term(vis, model, SolveSpec(kind="G", solint=params.get("solint", "int"), calmode="ap",
                                              refant=refant_id(ctx), minsnr=params.get("minsnr", 3.0),
@@ -112,11 +111,9 @@ def gainflag(ctx: dict, params: dict, io: StageIO) -> QA:
         io.log("spw %d: gains of %d antennas, outliers: %s", part["spw"], len(solved),
                ", ".join(f"{ants[a]['name']} ({why})" for a, why in sorted(bad.items())) or "none")
         if bad:
-            full = msio.read_vis(ms, part["spw"])
-            rows = np.isin(full.ant1, list(bad)) | np.isin(full.ant2, list(bad))
-            msio.write_flags(ms, full.rows, full.flag | rows[:, None, None])
-            entry = io.put_dir(ms, part["name"])
-            part = dict(part, key=entry["key"], sha256=entry["sha256"])
+            p = io.vis(part)
+            p.flag_antennas(sorted(bad))
+            part = p.commit()
             found[str(part["spw"])] = [ants[a]["name"] for a in sorted(bad)]
             for a, why in sorted(bad.items()):
                 qa.note(f"spw {part['spw']}: flagged antenna {ants[a]['name']}: {why}.")
@@ -195,8 +192,8 @@ def flagtargets(ctx: dict, params: dict, io: StageIO) -> QA:
     per_field: dict = {}
     new_parts = []
     for part in ctx["partitions"]:
-        ms = io.fetch_dir(part["key"])
-        vis = msio.read_vis(ms, part["spw"], column="CORRECTED_DATA", field_ids=targets)
+        p = io.vis(part)
+        vis = p.read(column="CORRECTED_DATA", field_ids=targets)
         io.visibilities += vis.data.size
         flag = vis.flag.copy()
         counts["before"] += int(flag.sum())
@@ -219,9 +216,8 @@ def flagtargets(ctx: dict, params: dict, io: StageIO) -> QA:
                 per_field[name] = per_field.get(name, 0) + n
                 io.log("spw %d %s: %d outlier samples in %d rows", part["spw"], name, n, int(out.any(axis=(1, 2)).sum()))
         if (flag != vis.flag).any():
-            msio.write_flags(ms, vis.rows, flag)
-            entry = io.put_dir(ms, part["name"])
-            part = dict(part, key=entry["key"], sha256=entry["sha256"])
+            p.write_flags(vis.rows, flag)
+            part = p.commit()
         new_parts.append(part)
     ctx["partitions"] = new_parts
     total = max(counts["samples"], 1)
