@@ -1,0 +1,171 @@
+"""The imaging side on the visibility store (decision 0015): split makes views, a cube's
+piece reads only its channel range, and the calibrated MS exported from the store is
+the store's data, readable by casacore (and by CASA where ALMAPIPE_CASA_PYTHON names it)."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from almapipe.simulate.simulator import SimConfig, Simulator
+from conftest import store_partition
+
+
+def _stage_io(cfg, tmp_path, run_id: str, index: int, name: str):
+    """A StageIO of its own (its own chunk cache, so its byte counts start at zero)."""
+    from almapipe.platform.store import CachedFetcher, ObjectStore
+    from almapipe.stages.base import StageIO
+    store = ObjectStore(cfg)
+    work = tmp_path / f"{index:02d}_{name}"
+    work.mkdir(exist_ok=True)
+    return StageIO(store, CachedFetcher(store, str(tmp_path / f"cache-{index:02d}")), run_id, index, name, str(work))
+
+
+@pytest.fixture(scope="module")
+def calibrated_eb(stack, tmp_path_factory):
+    """An EB of one 1024-channel spw in the store, its CORRECTED_DATA the DATA (a
+    calibrated-looking partition without running the calibration), and the context the
+    imaging stages need."""
+    from almapipe.msio import listobs
+    _, cfg = stack
+    tmp = tmp_path_factory.mktemp("store-imaging")
+    sim = Simulator(SimConfig.preset("small", nspw=1, nchan=1024, target_scans=2, dead_antenna=False,
+                                     bad_channels=0))
+    ms = sim.write(str(tmp / "eb"))["ms"]
+    spw = sim.science_spw_ids[0]
+    run_id = "test-store-imaging"
+    entry, shell = store_partition(cfg, ms, spw, run_id, str(tmp), name="eb")
+    entry = dict(entry, calibrated=True,
+                 arrays=dict(entry["arrays"], VISIBILITY_CORRECTED=entry["arrays"]["VISIBILITY"]))
+    obs = listobs.summary(ms)
+    ctx = {"run_id": run_id, "recipe": {"name": "test"}, "observation": obs,
+           "fields": listobs.assign_roles(obs, None), "partitions": [entry], "user": {}, "images": [],
+           "stage_results": [], "ms_name": "eb"}
+    return cfg, ctx, ms, spw, tmp
+
+
+def test_split_makes_views_and_copies_nothing(calibrated_eb, tmp_path):
+    """split's target partitions are the calibrated arrays seen through the target
+    fields: no byte written, DATA the calibrated data, only target rows."""
+    from almapipe.stages.imaging import split
+    cfg, ctx, ms, spw, _ = calibrated_eb
+    ctx = dict(ctx)
+    io = _stage_io(cfg, tmp_path, ctx["run_id"], 10, "split")
+    split(ctx, {}, io)
+    (view,) = ctx["target_partitions"]
+    (part,) = ctx["partitions"]
+    assert io.bytes_moved().get("s3_written", 0) == 0
+    assert view["arrays"]["VISIBILITY"] == part["arrays"]["VISIBILITY_CORRECTED"]
+    assert "VISIBILITY_CORRECTED" not in view["arrays"]
+    targets = [f["id"] for f in ctx["fields"] if "TARGET" in f["intents"]]
+    assert view["field_ids"] == targets
+    vis = io.vis(view).read(data=False)
+    assert set(np.unique(vis.field_id)) == set(targets) and len(vis.time) == view["nrows"]
+
+
+def test_a_cube_piece_reads_only_its_channel_range(calibrated_eb, tmp_path):
+    """A cube cleaned in 4 channel ranges (256 channels, one channel chunk each): a piece
+    fetches the chunks of its channels (and the rows' small arrays), within 1.2x of what
+    its channel range needs, and about a quarter of what the whole spw would take."""
+    from almapipe.platform.store import ObjectStore
+    from almapipe.stages.imaging import imagecube_chunk, makeimages, split
+    cfg, ctx, ms, spw, _ = calibrated_eb
+    ctx = dict(ctx)
+    split(ctx, {}, _stage_io(cfg, tmp_path, ctx["run_id"], 10, "split"))
+    ctx["contsub_partitions"] = [dict(p, cont_chans={}) for p in ctx["target_partitions"]]
+    params = {"calibrators": False, "target_cube": True, "cube_chunks": 4,
+              "cube": {"imsize": 64, "niter": 20}}
+    makeimages(ctx, params, _stage_io(cfg, tmp_path, ctx["run_id"], 11, "makeimages"))
+    items = ctx["fanout"]["items"]
+    assert len(items) == 4 and all(it["prep"]["npix"] == 64 for it in items)
+    io = _stage_io(cfg, tmp_path, ctx["run_id"], 12, "imagecube_chunk")
+    piece_ctx = dict(ctx)
+    imagecube_chunk(piece_ctx, dict(params, piece=items[1]), io)
+    assert "key" in piece_ctx["piece"], piece_ctx["piece"]
+    moved = io.bytes_moved()
+    fetched = moved["s3_read"] + moved["cache_read"]
+
+    # what the channel range needs: the objects of the chunks holding the target's rows,
+    # of its channel chunk (channels 256-511) for the cubes, all of the per-row arrays'
+    (view,) = ctx["target_partitions"]
+    vp = io.vis(view)
+    rows = vp.select()
+    row_chunks = set((rows // vp.chunk_rows).tolist())
+    store = ObjectStore(cfg)
+    need, whole = 0, 0
+    for array, key in view["arrays"].items():
+        for o in store.list(key + "/"):
+            rel = o.object_name[len(key) + 1:]
+            whole += o.size
+            if rel == "zarr.json":
+                need += o.size
+                continue
+            idx = [int(x) for x in rel.split("/")[1:]]
+            if array in ("VISIBILITY", "FLAG"):
+                need += o.size if idx[0] in row_chunks and idx[1] == 1 else 0
+            elif array in ("UVW", "WEIGHT", "SIGMA"):
+                need += o.size if idx[0] in row_chunks else 0
+            else:                       # the index arrays: read whole to select rows
+                need += o.size
+    print(f"cube piece: fetched {fetched} B, its channel range needs {need} B ({fetched / need:.3f}x), "
+          f"the whole spw's arrays {whole} B; decoded {moved.get('decoded')} B for {moved.get('requested')} B asked")
+    assert fetched <= 1.2 * need
+    assert fetched < 0.4 * whole
+
+
+def test_exported_ms_is_the_stores_calibrated_data(calibrated_eb, tmp_path):
+    """exportdata's calibrated MS (storeio.export_ms): its CORRECTED_DATA, DATA, FLAG and
+    WEIGHT are the store's to float precision, row for row (casacore); the target MS is
+    the split view's rows with DATA the calibrated data."""
+    import casacore.tables as ct
+    from almapipe.msio import storeio
+    from almapipe.msio.ms import read_vis
+    from almapipe.stages.imaging import split
+    cfg, ctx, ms, spw, _ = calibrated_eb
+    ctx = dict(ctx)
+    io = _stage_io(cfg, tmp_path, ctx["run_id"], 20, "exportdata")
+    split(ctx, {}, io)
+    (part,) = ctx["partitions"]
+    # a CORRECTED_DATA that differs from DATA, so that the test tells them apart
+    vp = io.vis(part)
+    full = vp.read()
+    vp.write("CORRECTED_DATA", full.rows, (full.data * np.complex64(0.5 - 0.25j)).astype(np.complex64))
+    part = vp.commit()
+    shell = io.fetch_meta(part["meta"])
+    dest = storeio.export_ms([part], shell, str(tmp_path / "eb.ms"), io.vis)
+    store = io.vis(part).read(column="CORRECTED_DATA")
+    mine = read_vis(dest, spw, column="CORRECTED_DATA")
+    assert np.array_equal(mine.time, store.time) and np.array_equal(mine.ant2, store.ant2)
+    assert np.allclose(mine.data, store.data, rtol=1e-6, atol=0)
+    assert np.array_equal(mine.flag, store.flag)
+    assert np.allclose(mine.weight, store.weight, rtol=1e-6, atol=0)
+    assert np.allclose(read_vis(dest, spw).data, full.data, rtol=1e-6, atol=0)
+    with ct.table(dest, ack=False) as t:
+        assert t.nrows() == part["nrow"]
+    view = dict(ctx["target_partitions"][0], arrays=dict(ctx["target_partitions"][0]["arrays"],
+                                                          VISIBILITY=part["arrays"]["VISIBILITY_CORRECTED"]))
+    tdest = storeio.export_ms([view], shell, str(tmp_path / "eb.target.ms"), io.vis, corrected=False)
+    tgt = read_vis(tdest, spw)
+    targets = ctx["target_partitions"][0]["field_ids"]
+    assert set(np.unique(tgt.field_id)) == set(targets)
+    assert np.allclose(tgt.data, io.vis(part).read(column="CORRECTED_DATA", field_ids=targets).data, rtol=1e-6)
+    with ct.table(tdest, ack=False) as t:
+        assert "CORRECTED_DATA" not in t.colnames()
+    casa = os.environ.get("ALMAPIPE_CASA_PYTHON")
+    if casa:                          # CASA itself opens it: casatools' table and listobs
+        script = ("import sys, numpy as np\n"
+                  "from casatools import table\n"
+                  "from casatasks import listobs\n"
+                  "tb = table(); tb.open(sys.argv[1])\n"
+                  "c = tb.getcol('CORRECTED_DATA'); print(tb.nrows(), c.shape)\n"
+                  "tb.close()\n"
+                  "out = listobs(vis=sys.argv[1], listfile=sys.argv[2], overwrite=True)\n"
+                  "print('listobs', bool(out))\n")
+        proc = subprocess.run([casa, "-c", script, dest, str(tmp_path / "listobs.txt")], capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        nrow = int(proc.stdout.split()[0])
+        assert nrow == part["nrow"], proc.stdout
+        assert "Target" in (tmp_path / "listobs.txt").read_text()
