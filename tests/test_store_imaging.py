@@ -23,6 +23,38 @@ def _stage_io(cfg, tmp_path, run_id: str, index: int, name: str):
     return StageIO(store, CachedFetcher(store, str(tmp_path / f"cache-{index:02d}")), run_id, index, name, str(work))
 
 
+def _calibrated_looking(ms: str, sim) -> None:
+    """The science spw's DATA made what calibrated data look like: each field a point
+    source of its catalogue flux at its phase centre (the target's continuum 0.6" off
+    it) plus thermal noise, nothing flagged, weights 1 / sigma^2."""
+    import casacore.tables as ct
+    from almapipe.msio.ms import spw_rows_query
+    c = sim.cfg
+    spw = sim.science_spw_ids[0]
+    flux = {"J1924-2914": c.bp_flux_jy, "J1832-2039": c.phase_flux_jy, "J1820-2528": c.check_flux_jy,
+            "Target": c.target_cont_jy}
+    with ct.table(f"{ms}/FIELD", ack=False) as t:
+        names = list(t.getcol("NAME"))
+    with ct.table(f"{ms}/SPECTRAL_WINDOW", ack=False) as t:
+        f = np.asarray(t.getcell("CHAN_FREQ", spw))
+    sigma = 0.05
+    with ct.table(ms, readonly=False, ack=False) as t:
+        sel = t.query(spw_rows_query(ms, spw))
+        fid, uvw = sel.getcol("FIELD_ID"), sel.getcol("UVW")
+        n, ncorr = len(fid), sel.getcell("DATA", 0).shape[1]
+        rng = np.random.default_rng(5)
+        l, m = (np.radians(a / 3600) for a in c.target_offset_arcsec)
+        sky = np.array([flux.get(names[i], 0.0) for i in fid])[:, None] * np.ones((n, len(f)), complex)
+        tgt = np.array([names[i] == "Target" for i in fid])
+        sky[tgt] *= np.exp(2j * np.pi * (uvw[tgt, :1] * l + uvw[tgt, 1:2] * m) * f[None] / 299792458.0)
+        noise = sigma / np.sqrt(2) * (rng.normal(size=(n, len(f), ncorr)) + 1j * rng.normal(size=(n, len(f), ncorr)))
+        sel.putcol("DATA", (sky[:, :, None] + noise).astype(np.complex64))
+        sel.putcol("FLAG", np.zeros((n, len(f), ncorr), bool))
+        sel.putcol("FLAG_ROW", np.zeros(n, bool))
+        sel.putcol("WEIGHT", np.full((n, ncorr), sigma ** -2, np.float32))
+        sel.close()
+
+
 @pytest.fixture(scope="module")
 def calibrated_eb(stack, tmp_path_factory):
     """An EB of one 1024-channel spw in the store, its CORRECTED_DATA the DATA (a
@@ -35,6 +67,7 @@ def calibrated_eb(stack, tmp_path_factory):
                                      bad_channels=0))
     ms = sim.write(str(tmp / "eb"))["ms"]
     spw = sim.science_spw_ids[0]
+    _calibrated_looking(ms, sim)
     run_id = "test-store-imaging"
     entry, shell = store_partition(cfg, ms, spw, run_id, str(tmp), name="eb")
     entry = dict(entry, calibrated=True,
@@ -169,3 +202,31 @@ def test_exported_ms_is_the_stores_calibrated_data(calibrated_eb, tmp_path):
         nrow = int(proc.stdout.split()[0])
         assert nrow == part["nrow"], proc.stdout
         assert "Target" in (tmp_path / "listobs.txt").read_text()
+
+
+def test_streamed_mfs_images_equal_the_in_memory_ones(calibrated_eb, tmp_path):
+    """makeimages' mfs images read in row blocks and binned in channels as they are read
+    (samples.read_binned_stokes_i, the default) against the same images made from the
+    whole spw in memory (streamed: false): the same size and cell, peaks within 1 %,
+    beams within 1 %, the rms (here residual sidelobes) and the theoretical noise within
+    2 % (Briggs weights of channel bins instead of channels: measured 0.7-1.3 % apart)."""
+    from almapipe.stages.imaging import makeimages
+    cfg, ctx, ms, spw, _ = calibrated_eb
+    out = {}
+    for k, streamed in enumerate((True, False)):
+        c = dict(ctx, images=[])
+        io = _stage_io(cfg, tmp_path, ctx["run_id"], 30 + k, "makeimages")
+        makeimages(c, {"calibrators": True, "target_cube": False,
+                       "calibrator": {"niter": 200, "streamed": streamed}}, io)
+        out[streamed] = {im["field"]: im for im in c["images"]}
+        print("streamed" if streamed else "in memory", io.bytes_moved(),
+              [(im["field"], im["peak_jy_per_beam"], im["rms_jy_per_beam"], im["theoretical_rms_jy_per_beam"],
+                im["beam_arcsec"]) for im in c["images"]])
+    assert set(out[True]) == set(out[False]) and len(out[True]) >= 2
+    for field, a in out[True].items():
+        b = out[False][field]
+        assert (a["imsize"], a["cell_arcsec"]) == (b["imsize"], b["cell_arcsec"])
+        assert abs(a["peak_jy_per_beam"] / b["peak_jy_per_beam"] - 1) < 0.01, field
+        assert abs(a["rms_jy_per_beam"] / b["rms_jy_per_beam"] - 1) < 0.02, field
+        assert abs(a["theoretical_rms_jy_per_beam"] / b["theoretical_rms_jy_per_beam"] - 1) < 0.02, field
+        assert all(abs(x / y - 1) < 0.01 for x, y in zip(a["beam_arcsec"][:2], b["beam_arcsec"][:2])), field

@@ -51,13 +51,15 @@ def channel_bins(freq: np.ndarray, chans: np.ndarray, max_frac: float) -> tuple:
 
 
 def read_binned_stokes_i(parts, field_ids, chans, max_frac: float, column: str = "DATA",
-                         block_chunks: int = 1) -> BinnedStokesI:
+                         block_chunks: int = 1, on_block=None) -> BinnedStokesI:
     """Stokes I over channel bins of the given channels of one spw and fields, read from
     the visibility store (platform.visstore.VisPartition) one row block at a time
     (VisPartition.blocks: `block_chunks` row chunks), and only the channel span the
     channels cover: what is held is the output (rows x bins) and one block, never the
     whole spw. parts: a VisPartition, or a list of (VisPartition, field ids) of one
-    spectral setup (the EBs of an MOUS), their samples in that order."""
+    spectral setup (the EBs of an MOUS), their samples in that order. on_block(vis):
+    called with each block (its channels the span of chans) while it is held, for what
+    else a caller takes from the same pass."""
     if not isinstance(parts, (list, tuple)):
         parts = [(parts, field_ids)]
     first = parts[0][0]
@@ -81,9 +83,38 @@ def read_binned_stokes_i(parts, field_ids, chans, max_frac: float, column: str =
             kernels.stokes_i_bins(blk.data, blk.flag, blk.weight.astype(np.float32, copy=False), span_bin, pols,
                                   vis, wgt, start)
             start += n
+            if on_block is not None:
+                on_block(blk)
             del blk
     keep = wgt.any(axis=1)
     return BinnedStokesI(uvw[keep], fbin, vis[keep], wgt[keep])
+
+
+class MedianSketch:
+    """The median of many non-negative values seen a block at a time, from a histogram
+    of their logarithms (2000 bins a decade: within 0.06 % of the exact median) in
+    bounded memory."""
+    PER_DECADE, LO, HI = 2000, -15, 10
+
+    def __init__(self):
+        self.counts = np.zeros((self.HI - self.LO) * self.PER_DECADE + 2, np.int64)
+        self.n = 0
+
+    def add(self, values: np.ndarray) -> None:
+        values = np.asarray(values, float).ravel()
+        self.n += len(values)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            b = np.floor((np.log10(values) - self.LO) * self.PER_DECADE).astype(np.int64) + 1
+        # bin 0: zeros (and anything below 1e-15), the last bin: anything beyond 1e10
+        self.counts += np.bincount(np.clip(b, 0, len(self.counts) - 1), minlength=len(self.counts))
+
+    def median(self) -> float:
+        if not self.n:
+            return float("nan")
+        b = int(np.searchsorted(np.cumsum(self.counts), (self.n + 1) / 2.0))
+        if b == 0:
+            return 0.0
+        return float(10.0 ** (self.LO + (b - 0.5) / self.PER_DECADE))   # the bin's centre (in log)
 
 
 def clean_mfs(samples: BinnedStokesI, spec) -> Planes:

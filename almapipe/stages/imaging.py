@@ -19,6 +19,7 @@ from ..imaging.imager import (ImageSpec, Planes, aggregate_continuum, clean_plan
                               restore_planes, stokes_i)
 from ..imaging.kernels import shift_spectra  # noqa: E402
 from ..imaging.mosaic import make_mosaic  # noqa: E402
+from ..imaging.samples import MedianSketch, clean_mfs, read_binned_stokes_i  # noqa: E402
 from ..imaging.products import (image_header, mosaic_noise_factor, obs_info, pb_fwhm,  # noqa: E402
                                 pipeline_version, write_fits)
 from ..imaging.uvcontsub import format_channels, parse_channels, subtract_continuum  # noqa: E402
@@ -314,11 +315,19 @@ def image_heuristics(vis: msio.Vis, dish_m: float, telescope: str, chans: np.nda
     A mosaic's image covers every pointing's beam to 0.2: extent_rad is its
     pointings' largest distance from the image centre."""
     cross = (vis.ant1 != vis.ant2) & ~vis.flag[:, chans].all(axis=(1, 2))
-    fmax = vis.freq[chans].max()
-    uvmax = np.percentile(np.hypot(vis.uvw[cross, 0], vis.uvw[cross, 1]), 95) * fmax / 299792458.0
+    return uv_heuristics(np.hypot(vis.uvw[cross, 0], vis.uvw[cross, 1]), vis.freq[chans], dish_m, telescope,
+                         extent_rad)
+
+
+def uv_heuristics(uvdist_m: np.ndarray, freq: np.ndarray, dish_m: float, telescope: str,
+                  extent_rad: float = 0.0) -> tuple[float, int]:
+    """image_heuristics from the uv distances (m) of the cross-correlation rows with
+    data and the frequencies of the channels imaged."""
+    fmax = freq.max()
+    uvmax = np.percentile(uvdist_m, 95) * fmax / 299792458.0
     beam_arcsec = np.degrees(1.0 / max(uvmax, 1e-9)) * 3600 * 1.0
     cell = float(np.round(beam_arcsec / 5.0, 3 if beam_arcsec < 1 else 2))
-    fwhm = pb_fwhm(vis.freq[chans].min(), dish_m, telescope)
+    fwhm = pb_fwhm(freq.min(), dish_m, telescope)
     radius = fwhm * np.sqrt(np.log(5.0) / (4 * np.log(2)))   # where a Gaussian beam falls to 0.2
     npix = gridding.good_size(int(np.ceil(2 * np.degrees(radius + extent_rad) * 3600 / cell)))
     return cell, npix
@@ -478,6 +487,8 @@ class ImageJob:
         a piece or a join, seeing part of the data, uses instead of its own."""
         self.ctx, self.io = ctx, io
         self.prep = prep
+        self.streamed = False           # see below: an mfs image of one pointing
+        self.samples = None
         self.chan0 = chan.start if chan is not None else 0      # the Vis's first channel in the spw
         self.spw_freq = None            # the whole spw's channels, when the Vis holds a range of them
         self.specmode, self.fids, part, column, self.p = job
@@ -497,8 +508,20 @@ class ImageJob:
             self.vis = aggregate_continuum(pieces, int(self.p.get("width", 8))) if pieces else None
             self.part = {"spw": "_".join(str(piece["spw"]) for piece in part), "frame_spw": part[0]["spw"]}
         else:
-            self.vis = read_group(io, part, fields=self.fids, column=column, chan=chan, data=data)
             self.part = part
+            # an mfs image of one pointing is streamed (issue 15): its Stokes I samples are
+            # read one row block at a time and binned in channels as they are read, so it
+            # holds the image and one block, never the spw's (rows x channels) cube
+            self.streamed = self.specmode in ("mfs", "cont") and len(self.fids) == 1 and chan is None and data \
+                and bool(self.p.get("streamed", True))
+            if self.streamed:
+                self.column = column
+                self.members = [(io.vis(m), eb_field_ids(m, self.fids)) for m in part.get("members", [part])]
+                self.vis = None
+                self._freq = self.members[0][0].freq
+                self._times = np.concatenate([vp.index("TIME")[vp.select(f)] for vp, f in self.members])
+            else:
+                self.vis = read_group(io, part, fields=self.fids, column=column, chan=chan, data=data)
             if chan is not None:
                 self.spw_freq = io.vis(part.get("members", [part])[0]).freq
         self.theoretical = theoretical
@@ -510,22 +533,45 @@ class ImageJob:
         self.dr_seen = {}
         self.lsrk_shift = 0.0           # the largest move of a cube's rows onto the LSRK grid, channels
 
+    @property
+    def freq(self) -> np.ndarray:
+        """The channels of the data imaged (a streamed image holds no Vis)."""
+        return self._freq if self.streamed else self.vis.freq
+
+    @property
+    def times(self) -> np.ndarray:
+        return self._times if self.streamed else self.vis.time
+
     def label(self) -> str:
         return f"{self.field['name']} spw {self.part['spw']} ({self.specmode})"
 
     def prepare(self) -> str | None:
         """Heuristics, theoretical noise and threshold; a reason when there is nothing to image."""
         vis, p = self.vis, self.p
-        if vis is None or not len(vis.time):
+        if self.streamed:
+            if not len(self._times):
+                return "no data"
+            nchan = len(self._freq)
+            self.chans = parse_channels(p["chans"], nchan) if p.get("chans") else np.ones(nchan, bool)
+            uvdist = self._uv_distances()
+            if not len(uvdist):
+                return "all data flagged"
+            mosaic = None
+            cell, npix = uv_heuristics(uvdist, self._freq[self.chans], self.dish, self.telescope)
+            del uvdist
+        elif vis is None or not len(vis.time):
             return "no data"
-        nchan = len(vis.freq)
-        nchan_spw = len(self.spw_freq) if self.spw_freq is not None else nchan
-        chans = parse_channels(p["chans"], nchan_spw) if p.get("chans") else np.ones(nchan_spw, bool)
-        self.chans = chans[self.chan0:self.chan0 + nchan]      # in the Vis's channels
-        if self.prep is None and vis.flag[:, self.chans].all():
-            return "all data flagged"
-        mosaic = self.mosaic() if len(self.fids) > 1 else None
-        if self.prep is not None:
+        else:
+            nchan = len(vis.freq)
+            nchan_spw = len(self.spw_freq) if self.spw_freq is not None else nchan
+            chans = parse_channels(p["chans"], nchan_spw) if p.get("chans") else np.ones(nchan_spw, bool)
+            self.chans = chans[self.chan0:self.chan0 + nchan]      # in the Vis's channels
+            if self.prep is None and vis.flag[:, self.chans].all():
+                return "all data flagged"
+            mosaic = self.mosaic() if len(self.fids) > 1 else None
+        if self.streamed:
+            pass
+        elif self.prep is not None:
             cell, npix = self.prep["cell_arcsec"], self.prep["npix"]
         else:
             cell, npix = image_heuristics(vis, self.dish, self.telescope, self.chans,
@@ -545,7 +591,10 @@ class ImageJob:
             # multiscale: scales of 0, 1 and 3 beams (the cell is a fifth of a beam)
             scales=p.get("scales") or ([0, 5, 15] if p.get("deconvolver") == "multiscale" else None),
             mosaic=mosaic)
-        if self.prep is not None:
+        if self.streamed:
+            self.theo = self._read_samples()
+            self.theoretical[(self.fid, self.part["spw"])] = self.theo
+        elif self.prep is not None:
             self.theo = self.prep.get("theo")
         elif self.specmode == "cube":
             cont = self.part.get("cont_chans", {}).get(self.field["name"])
@@ -576,6 +625,55 @@ class ImageJob:
             self.spec.threshold_from_dirty = threshold
         return None
 
+    def _uv_distances(self) -> np.ndarray:
+        """The first pass of a streamed mfs image: flags and uvw (no visibilities) of the
+        cross-correlation rows, in row blocks; the uv distances (m) of the rows with
+        data in the channels imaged, for the image's cell and size."""
+        idx = np.flatnonzero(self.chans)
+        if not len(idx):
+            return np.zeros(0)
+        span = slice(int(idx[0]), int(idx[-1]) + 1)
+        sel = self.chans[span]
+        out = []
+        for vp, fids in self.members:
+            for blk in vp.blocks(column=self.column, field_ids=fids, chan=span, data=False, cross_only=True):
+                ok = ~blk.flag[:, sel].all(axis=(1, 2))
+                out.append(np.hypot(blk.uvw[ok, 0], blk.uvw[ok, 1]))
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def _read_samples(self) -> float | None:
+        """The second pass of a streamed mfs image: its binned Stokes I samples
+        (samples.read_binned_stokes_i, bins of 1 / npix fractional width) and, from the
+        same blocks, its theoretical noise as _theoretical_rms takes it: the scatter of
+        adjacent channels' differences (their median from a fine histogram, not from
+        all of them at once) and the Briggs weights of the samples."""
+        spec = self.spec
+        idx = np.flatnonzero(self.chans)
+        span0 = int(idx[0])
+        rel = idx - span0
+        adjacent = (np.diff(rel) == 1)[None, :, None]
+        sketch = MedianSketch()
+
+        def scatter(blk):
+            self.io.visibilities += blk.data.size
+            d, ok = blk.data[:, rel], ~blk.flag[:, rel]
+            pair = ok[:, 1:] & ok[:, :-1] & adjacent
+            w = np.sqrt(blk.weight)[:, None, :]
+            sketch.add(np.abs(((d[:, 1:] - d[:, :-1]).real * w)[pair]))
+
+        self.samples = read_binned_stokes_i(self.members, None, self.chans, 1.0 / spec.npix, self.column,
+                                            on_block=scatter)
+        if len(idx) < 2 or sketch.n < 10 or not len(self.samples.uvw):
+            return None
+        sigma_unit = 1.4826 * sketch.median() / np.sqrt(2)
+        wnat = self.samples.weight
+        wim = gridding.briggs_weights(self.samples.uvw, self.samples.freq, wnat, spec.npix,
+                                      np.radians(spec.cell_arcsec / 3600), spec.robust)
+        sel = wnat > 0
+        if not sel.any():
+            return None
+        return float(sigma_unit * np.sqrt((wim[sel] ** 2 / wnat[sel]).sum()) / wim[sel].sum())
+
     def heuristics(self) -> dict:
         """What prepare() took from the whole spw, for the pieces and the join of a cube."""
         return {"npix": self.spec.npix, "cell_arcsec": self.spec.cell_arcsec, "theo": self.theo}
@@ -598,6 +696,8 @@ class ImageJob:
             # between channels mixes neighbours
             self.lsrk_shift = onto_lsrk_grid(self.ctx, self.part["spw"], self.fid, self.vis,
                                              spw_freq=self.spw_freq)
+        if self.streamed:
+            return clean_mfs(self.samples, spec)
         self.io.visibilities += self.vis.data.size
         return clean_planes(self.vis, spec)
 
@@ -606,7 +706,7 @@ class ImageJob:
         channels included, in the data's frame: an mfs image's centre and bandwidth."""
         if self.bands:                  # the aggregate: the spws' continuum channels together
             return min(b[0] for b in self.bands), max(b[1] for b in self.bands), self.bands[0][2]
-        f = self.vis.freq
+        f = self.freq
         width = float(np.median(np.diff(f))) if len(f) > 1 else \
             float(spw_info(self.ctx, self.part["spw"]).get("chan_width_hz", 0.0))
         sel = f[self.chans]
@@ -630,7 +730,7 @@ class ImageJob:
         """Restore, write the FITS products, measure and score: the image's record."""
         ctx, io, spec, p, part, fid = self.ctx, self.io, self.spec, self.p, self.part, self.fid
         res = restore_planes(planes, spec, self.dish, self.telescope)
-        nchan = len(self.vis.freq)
+        nchan = len(self.freq)
         base = _product_name(ctx, io, spec.field, self.fctx["intents"], part["spw"], self.specmode,
                              bool(p.get("aggregate", False)))
         cont_mask = None
@@ -640,7 +740,7 @@ class ImageJob:
         peak_ok = self.peak_planes()
         stats = _stats(res, spec, cont_mask, self.specmode, peak_ok)
         # images are labelled in LSRK, as the ALMA pipeline makes them
-        factor, frame = lsrk_labels(ctx, part.get("frame_spw", part["spw"]), fid, self.vis.time)
+        factor, frame = lsrk_labels(ctx, part.get("frame_spw", part["spw"]), fid, self.times)
         ra, dec = spec.mosaic.centre if spec.mosaic else (self.field["ra_rad"], self.field["dec_rad"])
         lo, hi, width = self.band()
         if self.specmode == "cube":     # the planes' frequencies; a one-plane cube's width is its channel's
