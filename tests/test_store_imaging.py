@@ -186,6 +186,13 @@ def test_exported_ms_is_the_stores_calibrated_data(calibrated_eb, tmp_path):
     assert np.allclose(tgt.data, io.vis(part).read(column="CORRECTED_DATA", field_ids=targets).data, rtol=1e-6)
     with ct.table(tdest, ack=False) as t:
         assert "CORRECTED_DATA" not in t.colnames()
+    # exportdata's `ms: true`: both MSs in the package, under calibrated/
+    from almapipe.stages.base import QA
+    from almapipe.stages.reporting import calibrated_ms
+    pkg = calibrated_ms(dict(ctx, partitions=[part]), io, QA())
+    assert set(pkg) == {"calibrated/eb.ms.tar", "calibrated/eb.target.ms.tar"}
+    with ct.table(io.fetch_dir(pkg["calibrated/eb.ms.tar"]), ack=False) as t:
+        assert t.nrows() == part["nrow"] and "CORRECTED_DATA" in t.colnames()
     casa = os.environ.get("ALMAPIPE_CASA_PYTHON")
     if casa:                          # CASA itself opens it: casatools' table and listobs
         script = ("import sys, numpy as np\n"
