@@ -537,7 +537,13 @@ class _ArrayWriter:
             return None
         if self.old is not None:
             nci = -(-self.shape[0] // self.rows_step)
-            missing = [ci for ci in range(nci) if ci not in self.written]
+            needed = range(nci)
+            if self.part.entry.get("field_ids") is not None:
+                # a view's version holds the chunks of the view's rows only: the others
+                # are never read through it (uvcontsub on the targets does not copy the
+                # calibrators' chunks); a missing chunk reads as zeros
+                needed = np.unique(self.part.select() // self.rows_step).tolist()
+            missing = [ci for ci in needed if ci not in self.written]
             if missing:
                 self.part.vs.copy_chunk_objects(self.old_key, self.key, _chunk_keys(self.shape, self.chunks, missing))
         return self.key
