@@ -229,7 +229,7 @@ class VisStore:
         # write_empty_chunks: a version holds every chunk it was given, also all-False
         # FLAG chunks, so that a chunk missing from a new version means "not written"
         return zarr.create_array(self.zstore, name=key, shape=shape, chunks=chunks, dtype=dtype,
-                                 compressors=ZstdCodec(level=3), fill_value=_fill(dtype), overwrite=True,
+                                 compressors=ZstdCodec(level=1), fill_value=_fill(dtype), overwrite=True,
                                  config={"write_empty_chunks": True})
 
     def open(self, key: str):
