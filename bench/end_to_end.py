@@ -62,8 +62,9 @@ def make_tar(eb_dir: str, out: str) -> str:
     return out
 
 
-def peak_rss_of_stack(data_dir: str) -> dict:
-    """VmHWM (peak resident memory) of each process of the stack, by name."""
+def peak_rss_of_stack(data_dir: str, field: str = "VmHWM") -> dict:
+    """VmHWM (peak resident memory; or another /proc status field) of each process of
+    the stack, by name."""
     state = os.path.join(data_dir, "stack.json")
     out = {}
     try:
@@ -73,29 +74,65 @@ def peak_rss_of_stack(data_dir: str) -> dict:
     for name, p in procs.items():
         try:
             for line in open(f"/proc/{p['pid']}/status"):
-                if line.startswith("VmHWM"):
+                if line.startswith(field):
                     out[name] = int(line.split()[1]) * 1024
         except (FileNotFoundError, KeyError):
             pass
     return out
 
 
-def ours(eb_dir: str, work: str, port_base: int) -> dict:
+class Sampler:
+    """Every few seconds: the resident memory of each stack process and the disk in use
+    (the whole file system, so S3's, the caches' and the work directories' bytes)."""
+
+    def __init__(self, data_dir: str, period_s: float = 5.0):
+        import threading
+        self.data_dir, self.period = data_dir, period_s
+        self.peak_disk = self.disk0 = shutil.disk_usage(data_dir).used
+        self.peak_rss: dict = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def _loop(self):
+        while not self.stop.wait(self.period):
+            self.peak_disk = max(self.peak_disk, shutil.disk_usage(self.data_dir).used)
+            for name, rss in peak_rss_of_stack(self.data_dir, "VmRSS").items():
+                self.peak_rss[name] = max(self.peak_rss.get(name, 0), rss)
+
+    def finish(self) -> dict:
+        self.stop.set()
+        self.thread.join()
+        hwm = peak_rss_of_stack(self.data_dir)          # the kernel's own peak, if still running
+        return {"peak_rss": {k: max(v, hwm.get(k, 0)) for k, v in {**hwm, **self.peak_rss}.items()},
+                "peak_disk_growth": self.peak_disk - self.disk0}
+
+
+def ours(eb_dir: str, work: str, port_base: int, delete_tar: bool = False, extra_env: dict | None = None) -> dict:
+    """`almapipe run` on the EB's tar through a cold stack. With delete_tar the run is
+    driven through the same calls (Upload, SubmitRun, WatchRun) so that the local tar
+    can go once uploaded: a 20 GB EB does not fit on the disk three times."""
     data_dir = os.path.join(work, "stack")
-    env = dict(os.environ, ALMAPIPE_DATA_DIR=data_dir, ALMAPIPE_PORT_BASE=str(port_base))
+    env = dict(os.environ, ALMAPIPE_DATA_DIR=data_dir, ALMAPIPE_PORT_BASE=str(port_base), **(extra_env or {}))
     almapipe = [sys.executable, "-m", "almapipe.cli"]
     tar = make_tar(eb_dir, os.path.join(work, "eb.tar"))
+    input_bytes = os.path.getsize(tar)
     subprocess.run(almapipe + ["up"], env=env, check=True, stdout=subprocess.DEVNULL)
     try:
         load0 = load_avg()
+        sampler = Sampler(data_dir)
         t0 = time.perf_counter()
-        proc = subprocess.run(almapipe + ["run", tar, "--out", os.path.join(work, "package"), "--keep-stack"],
-                              env=env, capture_output=True, text=True)
+        if delete_tar:
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--drive", tar], env=env,
+                                  capture_output=True, text=True)
+        else:
+            proc = subprocess.run(almapipe + ["run", tar, "--out", os.path.join(work, "package")],
+                                  env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
+        sampled = sampler.finish()
         if proc.returncode:
             print(proc.stdout[-4000:], proc.stderr[-4000:], file=sys.stderr)
         run_id = next((ln.split()[1].rstrip(":") for ln in proc.stdout.splitlines() if ln.startswith("run ")), "")
-        rss = peak_rss_of_stack(data_dir)
         ctx = _final_context(env, run_id)
         s3_before = _s3_bytes(env, run_id)
         cache = du(os.path.join(data_dir, "cache"))
@@ -103,12 +140,33 @@ def ours(eb_dir: str, work: str, port_base: int) -> dict:
         s3_after = _s3_bytes(env, run_id)
         stages = [{"stage": r["name"], "s": r["duration_s"], **(r.get("bytes") or {})}
                   for r in sorted(ctx.get("stage_results", []), key=lambda r: r["index"])]
-        return {"wall_s": wall, "status": proc.returncode, "run_id": run_id, "stages": stages, "peak_rss": rss,
+        return {"wall_s": wall, "status": proc.returncode, "run_id": run_id, "stages": stages, **sampled,
                 "s3_bytes": s3_before, "s3_bytes_after_gc": s3_after, "cache_bytes": cache,
-                "gc": gc.stdout[-2000:], "input_bytes": os.path.getsize(tar), "load_at_start": load0,
-                "images": ctx.get("images", [])}
+                "gc": (gc.stdout + gc.stderr)[-2000:], "input_bytes": input_bytes, "load_at_start": load0,
+                "images": ctx.get("images", []), "tail": proc.stdout[-3000:]}
     finally:
         subprocess.run(almapipe + ["down"], env=env, stdout=subprocess.DEVNULL)
+
+
+def drive(tar: str) -> int:
+    """What `almapipe run TAR` does, with the local tar deleted once uploaded."""
+    from almapipe.cli import _print_event, upload_via_gateway
+    from almapipe.config import Config
+    from almapipe.platform.auth import channel
+    from almapipe.v1 import pipeline_pb2 as pb, pipeline_pb2_grpc as pb_grpc
+    cfg = Config.from_env()
+    with channel(cfg) as ch:
+        stub = pb_grpc.PipelineServiceStub(ch)
+        key = upload_via_gateway(stub, pb, tar)
+        os.unlink(tar)
+        run = stub.SubmitRun(pb.SubmitRunRequest(input_key=key, label=os.path.basename(tar)), timeout=60)
+        print(f"run {run.run_id}: recipe {run.recipe}, {len(run.stages)} stages", flush=True)
+        for ev in stub.WatchRun(pb.WatchRunRequest(run_id=run.run_id)):
+            _print_event(pb, ev)
+        run = stub.GetRun(pb.GetRunRequest(run_id=run.run_id))
+        status = pb.RunStatus.Name(run.status).replace("RUN_STATUS_", "")
+        print(f"run {run.run_id} {status}" + (f": {run.error}" if run.error else ""), flush=True)
+        return 0 if status == "SUCCEEDED" else 1
 
 
 def _store(env):
@@ -224,12 +282,18 @@ def main() -> None:
     ap.add_argument("--port-base", type=int, default=16000)
     ap.add_argument("--work", default="")
     ap.add_argument("--json", default="", help="write the figures here too")
+    ap.add_argument("--delete-tar", action="store_true", help="delete the EB's tar once uploaded (large EBs)")
+    ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for the stack (e.g. ALMAPIPE_CACHE_MB=1024)")
+    ap.add_argument("--drive", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.drive:
+        sys.exit(drive(args.drive))
     work = args.work or tempfile.mkdtemp(prefix="e2e-")
     os.makedirs(work, exist_ok=True)
     out = {"eb": os.path.abspath(args.eb), "ms_bytes": du(glob.glob(os.path.join(args.eb, "*.ms"))[0])}
     if "ours" in args.sides:
-        out["ours"] = ours(args.eb, work, args.port_base)
+        out["ours"] = ours(args.eb, work, args.port_base, args.delete_tar,
+                           dict(e.split("=", 1) for e in args.env))
     if "casa" in args.sides and args.casa_python:
         images = out.get("ours", {}).get("images") or json.load(open(os.path.join(work, "images.json")))
         out["casa"] = casa(args.casa_python, args.eb, work, images)
@@ -247,6 +311,7 @@ def main() -> None:
             print(f"{s['stage']:16s} {s['s']:7.1f} {s.get('s3_read', 0) / 1e6:11.1f} {s.get('cache_read', 0) / 1e6:9.1f} "
                   f"{s.get('s3_written', 0) / 1e6:11.1f} {asked / 1e6:9.1f} {amp:13.2f}")
         print("peak RSS (MB):", {k: round(v / 2**20) for k, v in o["peak_rss"].items()})
+        print(f"peak disk growth during the run: {o['peak_disk_growth'] / 1e9:.1f} GB")
         print(f"input {o['input_bytes'] / 1e9:.2f} GB; S3 at the end {o['s3_bytes']}, after gc {o['s3_bytes_after_gc']}; "
               f"cache {o['cache_bytes'] / 1e9:.2f} GB")
     if "ours" in out and "casa" in out and out["casa"]["wall_s"]:
