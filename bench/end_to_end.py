@@ -52,8 +52,10 @@ def load_avg() -> str:
 
 
 def make_tar(eb_dir: str, out: str) -> str:
-    ms = glob.glob(os.path.join(eb_dir, "*.ms"))[0]
+    """The EB as ALMA hands it over: the MS with flux.csv and antennapos.csv beside it
+    (kept if already made: a large EB's MS may have been deleted to make room)."""
     if not os.path.exists(out):
+        ms = glob.glob(os.path.join(eb_dir, "*.ms"))[0]
         with tarfile.open(out, "w") as tar:
             tar.add(ms, arcname=os.path.basename(ms))
             for side in ("flux.csv", "antennapos.csv"):
@@ -290,7 +292,8 @@ def main() -> None:
         sys.exit(drive(args.drive))
     work = args.work or tempfile.mkdtemp(prefix="e2e-")
     os.makedirs(work, exist_ok=True)
-    out = {"eb": os.path.abspath(args.eb), "ms_bytes": du(glob.glob(os.path.join(args.eb, "*.ms"))[0])}
+    ms = glob.glob(os.path.join(args.eb, "*.ms"))
+    out = {"eb": os.path.abspath(args.eb), "ms_bytes": du(ms[0]) if ms else None}
     if "ours" in args.sides:
         out["ours"] = ours(args.eb, work, args.port_base, args.delete_tar,
                            dict(e.split("=", 1) for e in args.env))
