@@ -229,7 +229,7 @@ class VisStore:
         # write_empty_chunks: a version holds every chunk it was given, also all-False
         # FLAG chunks, so that a chunk missing from a new version means "not written"
         return zarr.create_array(self.zstore, name=key, shape=shape, chunks=chunks, dtype=dtype,
-                                 compressors=ZstdCodec(level=3), fill_value=_fill(dtype), overwrite=True,
+                                 compressors=ZstdCodec(level=1), fill_value=_fill(dtype), overwrite=True,
                                  config={"write_empty_chunks": True})
 
     def open(self, key: str):
@@ -537,7 +537,13 @@ class _ArrayWriter:
             return None
         if self.old is not None:
             nci = -(-self.shape[0] // self.rows_step)
-            missing = [ci for ci in range(nci) if ci not in self.written]
+            needed = range(nci)
+            if self.part.entry.get("field_ids") is not None:
+                # a view's version holds the chunks of the view's rows only: the others
+                # are never read through it (uvcontsub on the targets does not copy the
+                # calibrators' chunks); a missing chunk reads as zeros
+                needed = np.unique(self.part.select() // self.rows_step).tolist()
+            missing = [ci for ci in needed if ci not in self.written]
             if missing:
                 self.part.vs.copy_chunk_objects(self.old_key, self.key, _chunk_keys(self.shape, self.chunks, missing))
         return self.key

@@ -152,14 +152,13 @@ def _bin_outliers(amp: np.ndarray, ok: np.ndarray, bins: np.ndarray, nbin: int, 
     return out
 
 
-def uv_outliers(data: np.ndarray, flag: np.ndarray, uvdist: np.ndarray, nhi: float = 12.0, nlo: float = 13.0,
+def uv_outliers(amp: np.ndarray, flag: np.ndarray, uvdist: np.ndarray, nhi: float = 12.0, nlo: float = 13.0,
                 nbin: int = 10, min_samples: int = 20, row_fraction: float = 0.5) -> np.ndarray:
-    """Outlier samples of one field's calibrated visibilities (nrow, nchan, ncorr) by
-    amplitude against uv distance (m): rows are cut into nbin bins of equal counts,
+    """Outlier samples of one field's calibrated amplitudes (nrow, nchan, ncorr) against
+    uv distance (m): rows are cut into nbin bins of equal counts,
     and again into bins shifted by half a bin, so every sample lies in two bins; it
     is an outlier when it is one in both. A row with more than row_fraction of its
     unflagged samples outliers is flagged whole (a burst spoils all channels)."""
-    amp = np.abs(data)
     ok = ~flag
     nrow = len(uvdist)
     if nrow < 2 * min_samples:
@@ -193,20 +192,34 @@ def flagtargets(ctx: dict, params: dict, io: StageIO) -> QA:
     new_parts = []
     for part in ctx["partitions"]:
         p = io.vis(part)
-        vis = p.read(column="CORRECTED_DATA", field_ids=targets)
-        io.visibilities += vis.data.size
-        flag = vis.flag.copy()
-        counts["before"] += int(flag.sum())
-        counts["samples"] += flag.size
-        for cmd in commands:
-            m = template_mask(vis, cmd, ants, ctx["fields"], part["spw"])
-            counts["template"] += int((m & ~flag).sum())
-            flag |= m
-        uvdist = np.hypot(vis.uvw[:, 0], vis.uvw[:, 1])
-        cross = vis.ant1 != vis.ant2
-        for fid in np.unique(vis.field_id):
-            r = np.flatnonzero((vis.field_id == fid) & cross)
-            out = uv_outliers(vis.data[r], flag[r], uvdist[r], params.get("nsigma_high", 12.0),
+        # in row blocks, keeping only what the test needs: amplitudes (float32, half the
+        # bytes of the complex data), flags and per-row uv distance, field and baseline
+        amps, flags, before, keep = [], [], [], {"uvdist": [], "field_id": [], "cross": [], "rows": []}
+        for vis in p.blocks(column="CORRECTED_DATA", field_ids=targets, block_chunks=4):
+            io.visibilities += vis.data.size
+            flag = vis.flag.copy()
+            counts["before"] += int(flag.sum())
+            counts["samples"] += flag.size
+            for cmd in commands:
+                m = template_mask(vis, cmd, ants, ctx["fields"], part["spw"])
+                counts["template"] += int((m & ~flag).sum())
+                flag |= m
+            amps.append(np.abs(vis.data).astype(np.float32))
+            flags.append(flag)
+            before.append(vis.flag)
+            keep["uvdist"].append(np.hypot(vis.uvw[:, 0], vis.uvw[:, 1]))
+            keep["field_id"].append(vis.field_id)
+            keep["cross"].append(vis.ant1 != vis.ant2)
+            keep["rows"].append(vis.rows)
+        if not amps:
+            new_parts.append(part)
+            continue
+        amp, flag, before = np.concatenate(amps), np.concatenate(flags), np.concatenate(before)
+        del amps, flags
+        uvdist, field_ids, cross, rows = (np.concatenate(keep[k]) for k in ("uvdist", "field_id", "cross", "rows"))
+        for fid in np.unique(field_ids):
+            r = np.flatnonzero((field_ids == fid) & cross)
+            out = uv_outliers(amp[r], flag[r], uvdist[r], params.get("nsigma_high", 12.0),
                               params.get("nsigma_low", 13.0), params.get("nbins", 10))
             n = int(out.sum())
             if n:
@@ -215,8 +228,8 @@ def flagtargets(ctx: dict, params: dict, io: StageIO) -> QA:
                 name = field_name(ctx, int(fid))
                 per_field[name] = per_field.get(name, 0) + n
                 io.log("spw %d %s: %d outlier samples in %d rows", part["spw"], name, n, int(out.any(axis=(1, 2)).sum()))
-        if (flag != vis.flag).any():
-            p.write_flags(vis.rows, flag)
+        if (flag != before).any():
+            p.write_flags(rows, flag)
             part = p.commit()
         new_parts.append(part)
     ctx["partitions"] = new_parts
