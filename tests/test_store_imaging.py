@@ -214,9 +214,10 @@ def test_exported_ms_is_the_stores_calibrated_data(calibrated_eb, tmp_path):
 def test_streamed_mfs_images_equal_the_in_memory_ones(calibrated_eb, tmp_path):
     """makeimages' mfs images read in row blocks and binned in channels as they are read
     (samples.read_binned_stokes_i, the default) against the same images made from the
-    whole spw in memory (streamed: false): the same size and cell, peaks within 1 %,
-    beams within 1 %, the rms (here residual sidelobes) and the theoretical noise within
-    2 % (Briggs weights of channel bins instead of channels: measured 0.7-1.3 % apart)."""
+    whole spw in memory (streamed: false): the same size and cell, peaks, rms (here the
+    residual sidelobes), theoretical noise and beams within 1 % (measured: 1e-5, 0.8 %,
+    0.1 % and 0.3 %; with bins of 1 / npix instead of makeimages' 1 / (4 npix) the Briggs
+    weights of the binned samples moved the beam by 2.7 %)."""
     from almapipe.stages.imaging import makeimages
     cfg, ctx, ms, spw, _ = calibrated_eb
     out = {}
@@ -234,6 +235,7 @@ def test_streamed_mfs_images_equal_the_in_memory_ones(calibrated_eb, tmp_path):
         b = out[False][field]
         assert (a["imsize"], a["cell_arcsec"]) == (b["imsize"], b["cell_arcsec"])
         assert abs(a["peak_jy_per_beam"] / b["peak_jy_per_beam"] - 1) < 0.01, field
-        assert abs(a["rms_jy_per_beam"] / b["rms_jy_per_beam"] - 1) < 0.02, field
-        assert abs(a["theoretical_rms_jy_per_beam"] / b["theoretical_rms_jy_per_beam"] - 1) < 0.02, field
+        assert abs(a["rms_jy_per_beam"] / b["rms_jy_per_beam"] - 1) < 0.01, field
+        assert abs(a["theoretical_rms_jy_per_beam"] / b["theoretical_rms_jy_per_beam"] - 1) < 0.01, field
         assert all(abs(x / y - 1) < 0.01 for x, y in zip(a["beam_arcsec"][:2], b["beam_arcsec"][:2])), field
+        assert abs(a["beam_arcsec"][2] - b["beam_arcsec"][2]) < 1.0, field
