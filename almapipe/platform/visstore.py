@@ -31,12 +31,12 @@ A partition entry (JSON, in ``ctx["partitions"]``):
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
 import threading
 from dataclasses import dataclass
 
 import numpy as np
+
+from .cache import BoundedCache
 
 # MS column -> store array, for the visibility cubes (nrow, nchan, ncorr)
 CUBE_OF_COLUMN = {"DATA": "VISIBILITY", "CORRECTED_DATA": "VISIBILITY_CORRECTED",
@@ -147,74 +147,15 @@ def _zarr_store(cfg, cache_dir: str | None, cache_limit: int, counter: ByteCount
     return CountingCachedStore(inner), s3, cache
 
 
-class BoundedCache:
-    """Objects on local disk, at most `limit` bytes: the least recently used go first.
-    Several workers may share the directory: each writes to a temporary name and
-    renames, and eviction rescans the directory, so the bound holds for all of them."""
-
-    def __init__(self, directory: str, limit: int):
-        self.dir, self.limit = directory, int(limit)
-        os.makedirs(directory, exist_ok=True)
-        self.lock = threading.Lock()
-        self.size = sum(e.stat().st_size for e in os.scandir(directory) if e.is_file())
-
-    def _path(self, key: str) -> str:
-        return os.path.join(self.dir, hashlib.sha1(key.encode()).hexdigest())
-
-    def get(self, key: str) -> bytes | None:
-        p = self._path(key)
-        try:
-            with open(p, "rb") as f:
-                data = f.read()
-            os.utime(p)            # recently used
-            return data
-        except FileNotFoundError:
-            return None
-
-    def put(self, key: str, data: bytes) -> None:
-        if len(data) > self.limit // 4:      # would flush everything else: not worth keeping
-            return
-        p = self._path(key)
-        tmp = f"{p}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
-        with self.lock:
-            self.size += len(data)
-            if self.size > self.limit:
-                self._evict()
-
-    def _evict(self) -> None:
-        entries = []
-        for e in os.scandir(self.dir):
-            try:
-                if e.is_file() and not e.name.endswith(".tmp"):
-                    st = e.stat()
-                    entries.append((st.st_mtime, st.st_size, e.path))
-            except FileNotFoundError:
-                pass
-        total = sum(s for _, s, _ in entries)
-        entries.sort()
-        target = int(0.8 * self.limit)
-        for _, s, path in entries:
-            if total <= target:
-                break
-            try:
-                os.unlink(path)
-                total -= s
-            except FileNotFoundError:
-                pass
-        self.size = total
-
-
 class VisStore:
     """The store of one worker process: the zarr store on S3 and its local cache."""
 
     def __init__(self, cfg, cache_dir: str | None = None, cache_limit: int | None = None):
         import zarr
+        from ..config import CHUNK_CACHE_SHARE
         self.counter = ByteCounter()
-        if cache_limit is None:
-            cache_limit = int(float(os.environ.get("ALMAPIPE_CACHE_MB", "4096")) * (1 << 20))
+        if cache_limit is None:     # the chunks' share of the worker cache (ALMAPIPE_CACHE_MB)
+            cache_limit = int(cfg.cache_bytes * CHUNK_CACHE_SHARE)
         self.zstore, self.s3, self.cache = _zarr_store(cfg, cache_dir, cache_limit, self.counter)
         self.zarr = zarr
 
@@ -391,7 +332,9 @@ class VisPartition:
             if key is not None:
                 arrays[ARRAY_OF_COLUMN[column]] = key
         self._writers = {}
-        return dict(self.entry, arrays=arrays)
+        # reads after the commit see this stage's versions (read-your-writes)
+        self.entry = dict(self.entry, arrays=arrays)
+        return self.entry
 
 
 def _take(z, sel, chan):
