@@ -16,7 +16,11 @@ so one data directory and one port base describe a whole local stack:
                        default <data_dir>/gateway-tokens.json)
   ALMAPIPE_TLS_CERT, ALMAPIPE_TLS_KEY   PEM files: the gateway serves TLS when both are set
   ALMAPIPE_TLS_CA      PEM file of the CA a client trusts (set: the client speaks TLS)
-  ALMAPIPE_MAX_UPLOAD_MB        largest input the gateway's Upload accepts (default 20000)
+  ALMAPIPE_MAX_UPLOAD_MB        largest input the gateway's Upload accepts (default 100000)
+  ALMAPIPE_RAW_RETENTION  what becomes of an uploaded input once importdata has put its
+                       visibilities in the store: "keep" (default) or "imported" (deleted:
+                       for an observatory whose archive holds the EB, it saves a copy of
+                       the input on the S3 server during the run; a rerun uploads again)
   ALMAPIPE_MAX_UNPACKED_MB      most bytes an input may unpack to (gzip, tar; default 200000)
   ALMAPIPE_MAX_UNPACK_RATIO     most an input may grow when unpacked (default 200)
   ALMAPIPE_MAX_IMSIZE           largest image side in pixels a run may ask for (default 8192)
@@ -140,7 +144,8 @@ class Config:
     tls_ca: str = ""           # client: trust this CA and speak TLS
     # server-side caps a request cannot lift (decision 0009)
     # (the unpacking and imaging caps are read where they apply: almapipe/limits.py)
-    max_upload_bytes: int = 20000 << 20
+    max_upload_bytes: int = 100000 << 20
+    raw_retention: str = "keep"
 
     @staticmethod
     def from_env() -> "Config":
@@ -168,5 +173,6 @@ class Config:
             tokens_file=_env("ALMAPIPE_TOKENS_FILE", os.path.join(data_dir, "gateway-tokens.json")),
             tls_cert=_env("ALMAPIPE_TLS_CERT", ""), tls_key=_env("ALMAPIPE_TLS_KEY", ""),
             tls_ca=_env("ALMAPIPE_TLS_CA", ""),
-            max_upload_bytes=int(float(_env("ALMAPIPE_MAX_UPLOAD_MB", "20000")) * (1 << 20)),
+            max_upload_bytes=int(float(_env("ALMAPIPE_MAX_UPLOAD_MB", "100000")) * (1 << 20)),
+            raw_retention=_env("ALMAPIPE_RAW_RETENTION", "keep"),
         )

@@ -723,3 +723,76 @@ def test_gainflag_and_flagtargets_flag_the_injected_bad_data(outliers_run):
     n = summary["calibration"]["flags"]["flagtargets"]["outliers_per_field"]["Target"]
     assert 0.75 * nburst <= n <= 1.05 * nburst, (n, nburst)
 
+
+
+# ------------------------------------------------------------------ the visibility store (decision 15)
+
+FLAG_STAGES = {"flagdata", "fluxcalflag", "rawflagchans", "lowgainflag", "gainflag", "flagtargets"}
+SOLVE_STAGES = {"refant", "tsyscal", "tsysflag", "antpos", "wvrgcal", "setjy", "bandpass", "spwphaseup", "gaincal",
+                "fluxscale", "timegaincal", "split"}
+
+
+def _vis_versions(cfg, run_id: str) -> dict:
+    """{stage tag: {array names}} of the visibility arrays a run wrote."""
+    from almapipe.platform.store import ObjectStore
+    out: dict = {}
+    for o in ObjectStore(cfg).list(f"runs/{run_id}/vis/"):
+        parts = o.object_name.split("/")        # runs/<id>/vis/<partition>/<ARRAY>/<NN_stage>/...
+        out.setdefault(parts[5].split("_", 1)[1], set()).add(parts[4])
+    return out
+
+
+def test_stages_write_only_the_arrays_they_change(alma_run, stack):
+    """A flag stage writes FLAG and nothing else, a solve writes no visibilities at all,
+    applycal writes CORRECTED, FLAG and WEIGHT; nothing downloads or rewrites an MS."""
+    _, cfg = stack
+    run = alma_run[2]
+    written = _vis_versions(cfg, run.run_id)
+    assert {"VISIBILITY", "FLAG", "UVW", "WEIGHT", "TIME"} <= written["importdata"]
+    for stage in FLAG_STAGES & set(written):
+        assert written[stage] == {"FLAG"}, (stage, written[stage])
+    assert not SOLVE_STAGES & set(written), {s: written[s] for s in SOLVE_STAGES & set(written)}
+    assert written["applycal"] <= {"VISIBILITY_CORRECTED", "FLAG", "WEIGHT"}
+    assert "VISIBILITY_CORRECTED" in written["applycal"]
+    from almapipe.platform.store import ObjectStore
+    assert not [o.object_name for o in ObjectStore(cfg).list(f"runs/{run.run_id}/stages/")
+                if o.object_name.endswith(".ms.tar") and ".meta." not in o.object_name]
+
+
+def _final_context(cfg, run_id: str) -> dict:
+    from almapipe.platform.store import ObjectStore
+    store = ObjectStore(cfg)
+    return store.get_json(sorted(o.object_name for o in store.list(f"runs/{run_id}/context/"))[-1])
+
+
+def test_solves_read_their_calibrators_rows_only(alma_run, stack):
+    """Each stage's result records the bytes it moved; a bandpass solve asks for the
+    bandpass calibrator's rows, a fraction of what applycal (every row) asks for."""
+    ctx = _final_context(stack[1], alma_run[2].run_id)
+    ctx_bytes = {r["name"]: r.get("bytes") or {} for r in ctx["stage_results"]}
+    assert ctx_bytes["bandpass"]["requested"] < 0.5 * ctx_bytes["applycal"]["requested"]
+    assert ctx_bytes["bandpass"]["s3_written"] == 0
+
+
+def test_a_retried_flag_stage_writes_the_same_keys_and_bytes(alma_run, stack, tmp_path):
+    """flagdata run again from the context it started from (as a redelivered request
+    would run it) writes the same object keys with the same content."""
+    import tempfile
+    from almapipe.platform.store import CachedFetcher, ObjectStore
+    from almapipe.stages.base import REGISTRY, StageIO
+    _, cfg = stack
+    run = alma_run[2]
+    store = ObjectStore(cfg)
+    contexts = sorted(o.object_name for o in store.list(f"runs/{run.run_id}/context/"))
+    idx = next(i for i, k in enumerate(contexts) if k.endswith("_flagdata.json"))
+    ctx = store.get_json(contexts[idx - 1])
+    stage_index = int(os.path.basename(contexts[idx]).split("_")[0])
+    prefix = f"runs/{run.run_id}/vis/"
+    before = {o.object_name: o.etag for o in store.list(prefix) if f"/{stage_index:02d}_flagdata/" in o.object_name}
+    assert before
+    io = StageIO(store, CachedFetcher(store, str(tmp_path / "cache")), run.run_id, stage_index, "flagdata",
+                 tempfile.mkdtemp(dir=tmp_path))
+    params = next(r["params"] for r in _final_context(cfg, run.run_id)["stage_results"] if r["name"] == "flagdata")
+    REGISTRY["flagdata"][1](ctx, dict(params), io)
+    after = {o.object_name: o.etag for o in store.list(prefix) if f"/{stage_index:02d}_flagdata/" in o.object_name}
+    assert after == before

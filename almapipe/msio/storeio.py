@@ -23,6 +23,15 @@ def make_shell(ms_path: str, dest: str) -> str:
         empty = t.selectrows([])
         empty.copy(dest, deep=True).close()
         empty.close()
+    # a copy of the table keeps the subtables its keywords name, not what else lives in
+    # their directories: CASA's ephemeris tables (FIELD/EPHEM<id>_*.tab), for one
+    for name in os.listdir(ms_path):
+        src, dst = os.path.join(ms_path, name), os.path.join(dest, name)
+        if os.path.isdir(src) and os.path.isdir(dst):
+            for extra in os.listdir(src):
+                if not os.path.exists(os.path.join(dst, extra)):
+                    copy = shutil.copytree if os.path.isdir(os.path.join(src, extra)) else shutil.copy2
+                    copy(os.path.join(src, extra), os.path.join(dst, extra))
     return dest
 
 

@@ -10,6 +10,9 @@ STAGE_DURATION = Histogram("almapipe_stage_duration_seconds", "Wall time of a st
                            buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600))
 VISIBILITIES = Counter("almapipe_visibilities_processed_total", "Visibility samples read by stages",
                        ["service", "stage"])
+VIS_BYTES = Counter("almapipe_visibility_store_bytes_total",
+                    "Bytes stages moved through the visibility store, by where (s3_read, cache_read, s3_written)",
+                    ["service", "stage", "direction"])
 STAGE_FAILURES = Counter("almapipe_stage_failures_total", "Stage attempts that raised", ["service", "stage", "final"])
 STAGES_STARTED = Counter("almapipe_stages_started_total", "Stage requests taken", ["service", "stage"])
 QUEUE_LAG = Gauge("almapipe_queue_pending", "Stage requests waiting in the work queue", ["service"])

@@ -122,6 +122,12 @@ class ObjectStore:
         except S3Error:
             return False
 
+    def remove(self, key: str, bucket: str | None = None) -> None:
+        try:
+            self.client.remove_object(bucket or self.bucket, key)
+        except S3Error as exc:
+            raise StoreError(f"cannot remove s3://{bucket or self.bucket}/{key}: {exc.code}") from exc
+
     def list(self, prefix: str, bucket: str | None = None) -> list:
         return [o for o in self.client.list_objects(bucket or self.bucket, prefix=prefix, recursive=True)]
 

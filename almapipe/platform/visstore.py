@@ -95,6 +95,9 @@ class ByteCounter:
         self.lock = threading.Lock()
         self.s3_read = self.cache_read = self.s3_written = 0
         self.objects_read = self.objects_written = 0
+        # read amplification: the (uncompressed) bytes of the elements a stage asked
+        # for, against those of the whole chunks that had to be decoded to give them
+        self.requested = self.decoded = 0
 
     def add(self, attr: str, n: int, objects: str | None = None) -> None:
         with self.lock:
@@ -104,7 +107,8 @@ class ByteCounter:
 
     def as_dict(self) -> dict:
         return {"s3_read": self.s3_read, "cache_read": self.cache_read, "s3_written": self.s3_written,
-                "objects_read": self.objects_read, "objects_written": self.objects_written}
+                "objects_read": self.objects_read, "objects_written": self.objects_written,
+                "requested": self.requested, "decoded": self.decoded}
 
 
 def _zarr_store(cfg, cache_dir: str | None, cache_limit: int, counter: ByteCounter):
@@ -166,7 +170,7 @@ class VisStore:
         # write_empty_chunks: a version holds every chunk it was given, also all-False
         # FLAG chunks, so that a chunk missing from a new version means "not written"
         return zarr.create_array(self.zstore, name=key, shape=shape, chunks=chunks, dtype=dtype,
-                                 compressors=ZstdCodec(level=3), fill_value=_fill(dtype), overwrite=True,
+                                 compressors=ZstdCodec(level=1), fill_value=_fill(dtype), overwrite=True,
                                  config={"write_empty_chunks": True})
 
     def open(self, key: str):
@@ -239,8 +243,15 @@ class VisPartition:
     def index(self, column: str) -> np.ndarray:
         """A whole per-row index array (TIME, ANTENNA1, FIELD_ID, ...) by MS column name."""
         if column not in self._index:
-            self._index[column] = np.asarray(self.vs.open(self.entry["arrays"][ARRAY_OF_COLUMN[column]])[:])
+            z = self.vs.open(self.entry["arrays"][ARRAY_OF_COLUMN[column]])
+            self._index[column] = np.asarray(z[:])
+            self.vs.counter.add("requested", self._index[column].nbytes)
+            self.vs.counter.add("decoded", self._index[column].nbytes)
         return self._index[column]
+
+    def row_array(self, column: str) -> np.ndarray:
+        """A whole per-row array (UVW, WEIGHT, SIGMA) of the partition: small beside the cubes."""
+        return _take(self._array(column), slice(0, self.nrow), None, self.vs.counter)
 
     def select(self, field_ids=None, cross_only: bool = False) -> np.ndarray:
         """Row numbers of the partition (of its view's fields) of the given fields."""
@@ -278,12 +289,12 @@ class VisPartition:
         def cube(col):
             if col in pending:               # read what this stage wrote
                 return pending[col].read(rows, chan)
-            return _take(self._array(col), sel, chan)
+            return _take(self._array(col), sel, chan, self.vs.counter)
 
         def row_array(col):
             if col in pending:
                 return pending[col].read(rows, None)
-            return _take(self._array(col), sel, None)
+            return _take(self._array(col), sel, None, self.vs.counter)
 
         flag = cube("FLAG")
         vis = Vis(time=self.index("TIME")[rows], interval=self.index("INTERVAL")[rows],
@@ -324,6 +335,17 @@ class VisPartition:
     def write_flags(self, rows: np.ndarray, flags: np.ndarray) -> None:
         self.write("FLAG", rows, flags)
 
+    def flag_antennas(self, ant_ids) -> None:
+        """Flag every row (of the view) with one of the antennas; only the row chunks
+        holding them are read and written."""
+        has = np.isin(self.index("ANTENNA1"), ant_ids) | np.isin(self.index("ANTENNA2"), ant_ids)
+        rows = self.select()
+        rows = rows[has[rows]]
+        step = 4 * self.chunk_rows
+        for lo in range(0, len(rows), step):
+            chunk = rows[lo:lo + step]
+            self.write_flags(chunk, np.ones((len(chunk), self.nchan, self.ncorr), bool))
+
     def commit(self) -> dict:
         """The partition's new entry; arrays that did not change keep their pointers."""
         arrays = dict(self.entry["arrays"])
@@ -337,8 +359,12 @@ class VisPartition:
         return self.entry
 
 
-def _take(z, sel, chan):
+def _take(z, sel, chan, counter: ByteCounter | None = None):
     """zarr read of rows (a slice or ascending row numbers) and, for a cube, a channel slice."""
+    if not isinstance(sel, slice) and len(sel) and sel[-1] - sel[0] + 1 == len(sel):
+        sel = slice(int(sel[0]), int(sel[-1]) + 1)          # contiguous rows: a plain slice
+    if counter is not None:
+        _count_amplification(z, sel, chan, counter)
     if isinstance(sel, slice):
         return np.asarray(z[sel] if chan is None else z[sel, chan])
     if len(sel) == 0:
@@ -349,6 +375,27 @@ def _take(z, sel, chan):
     if chan is None:
         return np.asarray(z.get_orthogonal_selection((sel,) + (slice(None),) * (z.ndim - 1)))
     return np.asarray(z.get_orthogonal_selection((sel, chan, slice(None))))
+
+
+def _count_amplification(z, sel, chan, counter: ByteCounter) -> None:
+    rows = np.arange(*sel.indices(z.shape[0])) if isinstance(sel, slice) else np.asarray(sel)
+    if not len(rows):
+        return
+    item = z.dtype.itemsize * int(np.prod(z.shape[2:] if z.ndim > 2 else z.shape[1:] or (1,)))
+    per_row_chans = z.shape[1] if z.ndim > 2 else 1
+    rchunk = z.chunks[0]
+    cis = np.unique(rows // rchunk)
+    chunk_rows = int(np.minimum(rchunk, z.shape[0] - cis * rchunk).sum())      # the last chunk is short
+    if z.ndim > 2:
+        c = range(*chan.indices(z.shape[1])) if chan is not None else range(z.shape[1])
+        nchan = len(c)
+        cchunk = z.chunks[1]
+        chan_span = (len(set(range(c.start // cchunk, (c.stop - 1) // cchunk + 1))) * cchunk) if nchan else 0
+        counter.add("requested", len(rows) * nchan * item)
+        counter.add("decoded", chunk_rows * min(chan_span, per_row_chans) * item)
+    else:
+        counter.add("requested", len(rows) * item)
+        counter.add("decoded", chunk_rows * item)
 
 
 class _ArrayWriter:
@@ -433,7 +480,13 @@ class _ArrayWriter:
             return None
         if self.old is not None:
             nci = -(-self.shape[0] // self.rows_step)
-            missing = [ci for ci in range(nci) if ci not in self.written]
+            needed = range(nci)
+            if self.part.entry.get("field_ids") is not None:
+                # a view's version holds the chunks of the view's rows only: the others
+                # are never read through it (uvcontsub on the targets does not copy the
+                # calibrators' chunks); a missing chunk reads as zeros
+                needed = np.unique(self.part.select() // self.rows_step).tolist()
+            missing = [ci for ci in needed if ci not in self.written]
             if missing:
                 self.part.vs.copy_chunk_objects(self.old_key, self.key, _chunk_keys(self.shape, self.chunks, missing))
         return self.key

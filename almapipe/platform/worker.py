@@ -68,6 +68,10 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
         qa = fn(ctx, params, io)
         duration = time.time() - t0
         metrics.VISIBILITIES.labels(service, req.stage).inc(io.visibilities)
+        moved = io.bytes_moved()
+        for direction in ("s3_read", "cache_read", "s3_written"):
+            if moved.get(direction):
+                metrics.VIS_BYTES.labels(service, req.stage, direction).inc(moved[direction])
         io.log_summary(qa, params, duration)
         if req.shard > 0:
             key = f"runs/{req.run_id}/pieces/{req.stage_index:02d}_{req.stage}_{req.shard}.json"
@@ -81,7 +85,8 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
         name = req.part_of or req.stage
         result = {"index": req.stage_index, "name": name, "service": service, "qa_score": round(qa.score, 4),
                   "qa_reasons": qa.reasons, "duration_s": round(duration, 3), "params": params,
-                  "outputs": io.outputs, "log": io.log_lines, "log_key": log_key, "attempt": req.attempt}
+                  "outputs": io.outputs, "log": io.log_lines, "log_key": log_key, "attempt": req.attempt,
+                  "bytes": moved}
         before = next((r for r in ctx["stage_results"] if r["index"] == req.stage_index), None)
         if req.part_of and before is not None:      # a join: one stage, one result
             qa.score = min(qa.score, before["qa_score"])
@@ -94,6 +99,9 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
         ctx["manifest"] = [m for m in ctx["manifest"] if m.get("stage") != req.stage] + io.outputs
         new_key = result_key(req)
         store.put_json(new_key, ctx)
+        if req.stage == "importdata" and store.cfg.raw_retention == "imported":
+            # after the result: a redelivered importdata replays it and never needs the input
+            store.remove(ctx["input_key"], bucket=store.raw_bucket)
         return new_key, qa, io.outputs, duration, fanout
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -125,7 +125,7 @@ def tsyscal(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
     sols, ms_path, summary = [], None, []
     for part in ctx["partitions"]:
-        ms_path = io.fetch_dir(part["key"])
+        ms_path = io.fetch_meta(part["meta"])         # SYSCAL and the spw table
         try:
             found = tsys_solutions(ms_path, part["spw"], ctx["observation"]["scans"])
         except NoTsys as exc:
@@ -237,10 +237,10 @@ def antpos(ctx: dict, params: dict, io: StageIO) -> QA:
     fields = {f["id"]: f for f in ctx["observation"]["fields"]}
     sols, ms_path = [], None
     for part in ctx["partitions"]:
-        ms_path = io.fetch_dir(part["key"])
-        with ct.table(ms_path, ack=False) as t:
-            times, fids = sample_times(t.getcol("TIME"), t.getcol("FIELD_ID"), t.getcol("SCAN_NUMBER"),
-                                       params.get("sample_s", 60.0))
+        p = io.vis(part)
+        ms_path = p.meta
+        times, fids = sample_times(p.index("TIME"), p.index("FIELD_ID"), p.index("SCAN_NUMBER"),
+                                   params.get("sample_s", 60.0))
         ra = np.array([fields[f]["ra_rad"] for f in fids])
         dec = np.array([fields[f]["dec_rad"] for f in fids])
         s = source_vectors(times, ra, dec)                                   # (nt, 3)
@@ -267,8 +267,13 @@ def read_wvr(ms: str, spw: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         time, ant = sel.getcol("TIME"), sel.getcol("ANTENNA1")
         data, flag = sel.getcol("DATA"), sel.getcol("FLAG")
         sel.close()
+    return wvr_temperatures(time, ant, data, flag, f"{ms} spw {spw}")
+
+
+def wvr_temperatures(time, ant, data, flag, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """read_wvr's cube from the WVR spw's auto-correlation rows (time, antenna, DATA, FLAG)."""
     if not len(time):
-        raise FileNotFoundError(f"{ms}: no WVR auto-correlations in spw {spw}")
+        raise FileNotFoundError(f"{where}: no WVR auto-correlations")
     tb = np.where(flag[:, :, 0], np.nan, data[:, :, 0].real)                  # (nrow, 4)
     times = np.unique(time)
     nant = int(ant.max()) + 1
@@ -326,7 +331,10 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
         qa.lower(0.5, "No WVR spw in the EB: no WVR correction; phases keep the atmospheric fluctuations.")
         return qa
     try:
-        wtimes, _, tb = read_wvr(io.fetch_dir(wvr_part["key"]), wvr_part["spw"])
+        w = io.vis(wvr_part).read()
+        autos = w.ant1 == w.ant2
+        wtimes, _, tb = wvr_temperatures(w.time[autos], w.ant1[autos], w.data[autos], w.flag[autos],
+                                         f"{wvr_part['name']}")
     except FileNotFoundError as exc:
         qa.lower(0.5, f"{exc}: no WVR correction; phases keep the atmospheric fluctuations.")
         return qa
@@ -389,7 +397,7 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
     ratio = float(before / after) if after > 0 else 1.0
     sols, ms_path = [], None
     for part in ctx["partitions"]:
-        ms_path = io.fetch_dir(part["key"])
+        ms_path = io.fetch_meta(part["meta"])
         freq = np.array(msio.spw_table(ms_path)[part["spw"]]["chan_freq_hz"])
         sols.append(delay_table("WVR", part["spw"], freq, wtimes, np.zeros(len(wtimes), int), path_m))
     save_table(io, ctx, "wvrgcal", sols, ms_path)
@@ -471,11 +479,13 @@ def fluxcalflag(ctx: dict, params: dict, io: StageIO) -> QA:
         bad = {f: line_channels(field_name(ctx, f), freq, table) for f in flux_ids}
         bad = {f: m for f, m in bad.items() if m.any()}
         if bad:
-            ms = io.fetch_dir(part["key"])
-            vis = msio.read_vis(ms, part["spw"])
-            flag = vis.flag.copy()
+            p = io.vis(part)
+            for vis in p.blocks(field_ids=list(bad), data=False, block_chunks=4):   # the flux calibrators' rows
+                flag = vis.flag.copy()
+                for f, m in bad.items():
+                    flag |= (vis.field_id == f)[:, None, None] & m[None, :, None]
+                p.write_flags(vis.rows, flag)
             for f, m in bad.items():
-                flag |= (vis.field_id == f)[:, None, None] & m[None, :, None]
                 name = field_name(ctx, f)
                 found.setdefault(name, {})[str(part["spw"])] = np.flatnonzero(m).tolist()
                 frac = m.mean()
@@ -483,9 +493,7 @@ def fluxcalflag(ctx: dict, params: dict, io: StageIO) -> QA:
                 if frac > params.get("max_fraction", 0.75):
                     qa.lower(0.5, f"{name} spw {part['spw']}: {frac:.0%} of the channels lie on its lines; "
                                   f"its flux scale in that spw rests on {int((~m).sum())} channels.")
-            msio.write_flags(ms, vis.rows, flag)
-            entry = io.put_dir(ms, part["name"])
-            part = dict(part, key=entry["key"], sha256=entry["sha256"])
+            part = p.commit()
         new_parts.append(part)
     ctx["partitions"] = new_parts
     ctx["flags"]["fluxcalflag"] = found
@@ -498,15 +506,12 @@ def fluxcalflag(ctx: dict, params: dict, io: StageIO) -> QA:
 # ------------------------------------------------------------------ flagging on solutions
 
 def _flag_antennas_in_data(io: StageIO, ctx: dict, ant_ids: list) -> None:
-    """Flag every row of the given antennas in every partition (new MS objects)."""
+    """Flag every row of the given antennas in every partition (a new FLAG version)."""
     new_parts = []
     for part in ctx["partitions"]:
-        ms = io.fetch_dir(part["key"])
-        vis = msio.read_vis(ms, part["spw"])
-        rows = np.isin(vis.ant1, ant_ids) | np.isin(vis.ant2, ant_ids)
-        msio.write_flags(ms, vis.rows, vis.flag | rows[:, None, None])
-        entry = io.put_dir(ms, part["name"])
-        new_parts.append(dict(part, key=entry["key"], sha256=entry["sha256"]))
+        p = io.vis(part)
+        p.flag_antennas(ant_ids)
+        new_parts.append(p.commit())
     ctx["partitions"] = new_parts
 
 
@@ -619,7 +624,7 @@ def tsysflag(ctx: dict, params: dict, io: StageIO) -> QA:
         report += [f"spw {sol.spw}: {test}" + (f" {ants[a]['name']}" if a >= 0 else "") + f": {what}"
                    for test, a, what in found]
     if report:
-        ms0 = io.fetch_dir(ctx["partitions"][0]["key"])
+        ms0 = io.fetch_meta(ctx["partitions"][0]["meta"])
         new_path = os.path.join(io.workdir, "flagged", os.path.basename(path))   # same name, new object
         os.makedirs(os.path.dirname(new_path), exist_ok=True)
         write_caltable(sols, new_path, ms0)

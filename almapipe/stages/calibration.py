@@ -71,11 +71,13 @@ def refant_id(ctx: dict) -> int | None:
     return ctx.get("refant", {}).get("refant_id")
 
 
-def read_part(io: StageIO, part: dict, fields=None, column="DATA") -> tuple[str, msio.Vis]:
-    ms = io.fetch_dir(part["key"])
-    vis = msio.read_vis(ms, part["spw"], column=column, field_ids=fields)
-    io.visibilities += vis.data.size
-    return ms, vis
+def read_part(io: StageIO, part: dict, fields=None, column="DATA", data: bool = True) -> tuple[str, msio.Vis]:
+    """A partition's rows of the given fields from the visibility store, and the local
+    path of its EB's MS shell (the subtables a caltable refers to)."""
+    p = io.vis(part)
+    vis = p.read(column=column, field_ids=fields, data=data)
+    io.visibilities += vis.flag.size
+    return p.meta, vis
 
 
 def save_table(io: StageIO, ctx: dict, name: str, sols: list, ms_path: str) -> dict:
@@ -187,7 +189,7 @@ def refant(ctx: dict, params: dict, io: StageIO) -> QA:
     total = np.zeros(nant)
     cal = calibrator_ids(ctx)
     for part in ctx["partitions"]:
-        _, vis = read_part(io, part, fields=cal)
+        _, vis = read_part(io, part, fields=cal, data=False)     # flags are all it counts
         per_row = (~vis.flag).sum(axis=(1, 2))
         for a in (vis.ant1, vis.ant2):
             good += np.bincount(a, per_row, nant)
@@ -253,7 +255,7 @@ def solar_system_model(ctx: dict, io: StageIO, fid: int, body: str, params: dict
     calibration.solar_system): its geometry at the middle of its scans from the
     ephemeris table attached to its FIELD row, else (planets) from astropy."""
     mjd = _flux_scan_mjd(ctx, fid)
-    ms = io.fetch_dir(ctx["partitions"][0]["key"])
+    ms = io.fetch_meta(ctx["partitions"][0]["meta"])
     try:
         eph = solar_system.field_ephemeris(ms, fid)
         geo = solar_system.body_geometry(body, mjd, eph)
@@ -694,7 +696,7 @@ def fluxscale(ctx: dict, params: dict, io: StageIO) -> QA:
     results, scaled, ms_path = [], [], None
     for part in ctx["partitions"]:
         g = load_table(io, ctx, "gaincal", part["spw"])
-        ms_path = io.fetch_dir(part["key"])
+        ms_path = io.fetch_meta(part["meta"])
         freq = float(g.freq[0])
         cp = g.cparam.copy()
         for fid in transfer:
@@ -742,6 +744,10 @@ def fluxscale(ctx: dict, params: dict, io: StageIO) -> QA:
 
 # ------------------------------------------------------------------ applycal
 
+# samples (rows x channels x correlations) of the calibrators that applycal's plots show
+PLOT_SAMPLES = 20_000_000
+
+
 @stage("applycal", service="calibrator")
 def applycal(ctx: dict, params: dict, io: StageIO) -> QA:
     """Apply the calibration library to every field, writing CORRECTED_DATA."""
@@ -749,21 +755,32 @@ def applycal(ctx: dict, params: dict, io: StageIO) -> QA:
     if not ctx["callibrary"]:
         raise StageError("applycal: the calibration library is empty; run bandpass and timegaincal first")
     new_parts, flagged_before, flagged_after, total = [], 0, 0, 0
+    calibrators = set(calibrator_ids(ctx))
     for part in ctx["partitions"]:
-        ms, vis_all = read_part(io, part)
+        p = io.vis(part)
         applies = apply_for(ctx, io, part["spw"])
         for a in applies:
             a.calwt = a.calwt and params.get("calwt", True)
-        corrected, flags, weights = apply_tables(vis_all, applies, strict=True)   # as CASA's calflagstrict
-        flagged_before += int(vis_all.flag.sum())
-        flagged_after += int(flags.sum())
-        total += flags.size
-        msio.write_column(ms, vis_all.rows, "CORRECTED_DATA", corrected)
-        msio.write_flags(ms, vis_all.rows, flags)
-        msio.write_column(ms, vis_all.rows, "WEIGHT", weights.astype(np.float32))
-        entry = io.put_dir(ms, part["name"])
-        new_parts.append(dict(part, key=entry["key"], sha256=entry["sha256"], calibrated=True))
-        _plot_calibrated(io, vis_all, corrected, flags, ctx, part["spw"])
+        shown = []       # the calibrators' rows the plots show, a bounded sample of them
+        stride = max(1, int(np.ceil(p.nrow * p.nchan * p.ncorr / PLOT_SAMPLES)))
+        # in row blocks: memory stays at a few chunks whatever the size of the EB
+        for blk in p.blocks(block_chunks=4):
+            corrected, flags, weights = apply_tables(blk, applies, strict=True)   # as CASA's calflagstrict
+            io.visibilities += blk.data.size
+            flagged_before += int(blk.flag.sum())
+            flagged_after += int(flags.sum())
+            total += flags.size
+            p.write("CORRECTED_DATA", blk.rows, corrected)
+            p.write_flags(blk.rows, flags)
+            p.write("WEIGHT", blk.rows, weights.astype(np.float32))
+            keep = np.isin(blk.field_id, list(calibrators)) & (blk.rows % stride == 0)
+            if keep.any():
+                shown.append((blk.select(keep), corrected[keep], flags[keep]))
+        new_parts.append(dict(p.commit(), calibrated=True))
+        if shown:
+            vis = msio.concat_vis([v for v, _, _ in shown])
+            _plot_calibrated(io, vis, np.concatenate([c for _, c, _ in shown]),
+                             np.concatenate([f for _, _, f in shown]), ctx, part["spw"])
     ctx["partitions"] = new_parts
     newly = (flagged_after - flagged_before) / max(total, 1)
     if newly > 0.05:

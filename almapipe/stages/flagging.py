@@ -170,7 +170,7 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
     online = []
     if params.get("online", True) and ctx["partitions"]:
         # ALMA's online flags (FLAG_CMD): the same command syntax as a template
-        rows = msio.online_flag_commands(io.fetch_dir(ctx["partitions"][0]["key"]))
+        rows = msio.online_flag_commands(io.fetch_meta(ctx["partitions"][0]["meta"]))
         online = parse_template("\n".join(r["command"] for r in rows))
         for cmd, r in zip(online, rows):
             cmd.setdefault("reason", r["reason"])
@@ -178,48 +178,52 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
     diam = np.array([a["diameter_m"] for a in ants])
     summary = {"autocorr": 0, "zeros": 0, "intents": 0, "edges": 0, "shadow": 0, "online": 0, "template": 0,
                "before": 0, "total": 0, "samples": 0}
-    state_intents = [intents_of_modes([m]) for m in msio.state_intents(io.fetch_dir(ctx["partitions"][0]["key"]))] \
+    state_intents = [intents_of_modes([m]) for m in msio.state_intents(io.fetch_meta(ctx["partitions"][0]["meta"]))] \
         if ctx["partitions"] else []
     new_parts = []
+    unused = set(params.get("unused_intents", ["ATMOSPHERE", "POINTING", "SIDEBAND", "FOCUS"]))
+    bad_states = [i for i, its in enumerate(state_intents) if its and its <= unused] if unused else []
     for part in ctx["partitions"]:
-        ms = io.fetch_dir(part["key"])
-        vis = msio.read_vis(ms, part["spw"])
-        io.visibilities += vis.data.size
-        flag = vis.flag.copy()
-        summary["before"] += int(flag.sum())
-        summary["samples"] += flag.size
-
-        def add(mask, reason):
-            new = mask & ~flag
-            summary[reason] += int(new.sum())
-            flag[...] |= mask
-
-        if params.get("autocorr", True):
-            add(np.broadcast_to((vis.ant1 == vis.ant2)[:, None, None], flag.shape), "autocorr")
-        if params.get("zeros", True):
-            add(np.abs(vis.data) == 0, "zeros")
-        unused = set(params.get("unused_intents", ["ATMOSPHERE", "POINTING", "SIDEBAND", "FOCUS"]))
-        if unused and state_intents:
-            bad_states = [i for i, its in enumerate(state_intents) if its and its <= unused]
-            add(np.broadcast_to(np.isin(vis.state_id, bad_states)[:, None, None], flag.shape), "intents")
-        edge = params.get("edge_fraction", 0.0)     # ALMA TDM spws: 1/16 of the channels at each edge
-        if edge > 0:
-            nchan = flag.shape[1]
-            n_edge = int(np.ceil(edge * nchan))
-            edges = np.zeros(nchan, bool)
-            edges[:n_edge] = edges[nchan - n_edge:] = True
-            add(np.broadcast_to(edges[None, :, None], flag.shape), "edges")
+        p = io.vis(part)
+        shadowed = None
         if params.get("shadow", True):
-            add(np.broadcast_to(shadow_mask(vis.time, vis.ant1, vis.ant2, vis.uvw, diam)[:, None, None],
-                                flag.shape), "shadow")
-        for cmd in online:
-            add(template_mask(vis, cmd, ants, ctx["fields"], part["spw"]), "online")
-        for cmd in commands:
-            add(template_mask(vis, cmd, ants, ctx["fields"], part["spw"]), "template")
-        summary["total"] += int(flag.sum())
-        msio.write_flags(ms, vis.rows, flag)
-        entry = io.put_dir(ms, part["name"])
-        new_parts.append(dict(part, key=entry["key"], sha256=entry["sha256"]))
+            # shadowing needs every baseline of an integration at once: computed on the
+            # per-row arrays of the whole partition, which a row block may cut through
+            shadowed = shadow_mask(p.index("TIME"), p.index("ANTENNA1"), p.index("ANTENNA2"),
+                                   p.row_array("UVW"), diam)
+        for vis in p.blocks(block_chunks=4):
+            io.visibilities += vis.data.size
+            flag = vis.flag.copy()
+            summary["before"] += int(flag.sum())
+            summary["samples"] += flag.size
+
+            def add(mask, reason):
+                new = mask & ~flag
+                summary[reason] += int(new.sum())
+                flag[...] |= mask
+
+            if params.get("autocorr", True):
+                add(np.broadcast_to((vis.ant1 == vis.ant2)[:, None, None], flag.shape), "autocorr")
+            if params.get("zeros", True):
+                add(np.abs(vis.data) == 0, "zeros")
+            if bad_states:
+                add(np.broadcast_to(np.isin(vis.state_id, bad_states)[:, None, None], flag.shape), "intents")
+            edge = params.get("edge_fraction", 0.0)     # ALMA TDM spws: 1/16 of the channels at each edge
+            if edge > 0:
+                nchan = flag.shape[1]
+                n_edge = int(np.ceil(edge * nchan))
+                edges = np.zeros(nchan, bool)
+                edges[:n_edge] = edges[nchan - n_edge:] = True
+                add(np.broadcast_to(edges[None, :, None], flag.shape), "edges")
+            if shadowed is not None:
+                add(np.broadcast_to(shadowed[vis.rows][:, None, None], flag.shape), "shadow")
+            for cmd in online:
+                add(template_mask(vis, cmd, ants, ctx["fields"], part["spw"]), "online")
+            for cmd in commands:
+                add(template_mask(vis, cmd, ants, ctx["fields"], part["spw"]), "template")
+            summary["total"] += int(flag.sum())
+            p.write_flags(vis.rows, flag)
+        new_parts.append(p.commit())
     ctx["partitions"] = new_parts
     n = max(summary["samples"], 1)
     frac = {k: summary[k] / n for k in ("autocorr", "zeros", "intents", "edges", "shadow", "online", "template",
@@ -269,12 +273,19 @@ def spike_channels(spec: np.ndarray, good: np.ndarray, nsigma: float) -> np.ndar
     return bad
 
 
-def outlier_channels(vis: msio.Vis, nsigma: float = 8.0) -> np.ndarray:
-    """Channels (nchan,) that spike in the time- and baseline-averaged amplitude spectrum."""
+def weighted_spectrum(vis: msio.Vis) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of weight x data, sum of weight) per channel over the cross-correlations'
+    unflagged samples: summed over row blocks, their ratio is the averaged spectrum."""
     w = np.where(vis.flag, 0, vis.weight[:, None, :])
     w = w * (vis.ant1 != vis.ant2)[:, None, None]
-    spec = np.abs((w * vis.data).sum(axis=(0, 2)) / np.maximum(w.sum(axis=(0, 2)), 1e-30))
-    return spike_channels(spec, w.sum(axis=(0, 2)) > 0, nsigma)
+    return (w * vis.data).sum(axis=(0, 2)), w.sum(axis=(0, 2))
+
+
+def outlier_channels(wsum: np.ndarray, w: np.ndarray, nsigma: float = 8.0) -> np.ndarray:
+    """Channels (nchan,) that spike in the time- and baseline-averaged amplitude spectrum
+    (weighted_spectrum's sums)."""
+    spec = np.abs(wsum / np.maximum(w, 1e-30))
+    return spike_channels(spec, w > 0, nsigma)
 
 
 @stage("rawflagchans", service="calibrator")
@@ -284,16 +295,18 @@ def rawflagchans(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
     found, new_parts = {}, []
     for part in ctx["partitions"]:
-        ms = io.fetch_dir(part["key"])
-        cal = msio.read_vis(ms, part["spw"], field_ids=calibrator_ids(ctx))
-        io.visibilities += cal.data.size
-        bad = outlier_channels(cal, params.get("nsigma", 8.0))
+        p = io.vis(part)
+        wsum, w = np.zeros(p.nchan, complex), np.zeros(p.nchan)
+        for cal in p.blocks(field_ids=calibrator_ids(ctx), block_chunks=4):
+            io.visibilities += cal.data.size
+            a, b = weighted_spectrum(cal)
+            wsum += a
+            w += b
+        bad = outlier_channels(wsum, w, params.get("nsigma", 8.0))
         if bad.any():
-            vis = msio.read_vis(ms, part["spw"])
-            flag = vis.flag | bad[None, :, None]
-            msio.write_flags(ms, vis.rows, flag)
-            entry = io.put_dir(ms, part["name"])
-            part = dict(part, key=entry["key"], sha256=entry["sha256"])
+            for vis in p.blocks(data=False, block_chunks=4):    # flags are all it changes
+                p.write_flags(vis.rows, vis.flag | bad[None, :, None])
+            part = p.commit()
             found[part["spw"]] = np.flatnonzero(bad).tolist()
             qa.note(f"spw {part['spw']}: flagged channel(s) {', '.join(map(str, found[part['spw']]))}.")
         new_parts.append(part)

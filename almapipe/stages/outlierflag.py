@@ -23,7 +23,6 @@ from .calibration import calibrator_ids, field_models, preapply, read_part, refa
 from .flagging import parse_template, template_mask
 from ..calibration.caltable import CalSolutions
 from ..calibration.terms import SolveSpec, point_model, solve_term
-from ..msio import ms as msio
 
 MAD_TO_SIGMA = 1.4826
 
@@ -97,7 +96,7 @@ def gainflag(ctx: dict, params: dict, io: StageIO) -> QA:
     ants = ctx["observation"]["antennas"]
     found, new_parts = {}, []
     for part in ctx["partitions"]:
-        ms, vis = read_part(io, part, fields=cal)
+        _, vis = read_part(io, part, fields=cal)
         model = point_model(vis, field_models(ctx, unit_for=cal))
         g = solve_term(vis, model, SolveSpec(kind="G", solint=params.get("solint", "int"), calmode="ap",
                                              refant=refant_id(ctx), minsnr=params.get("minsnr", 3.0),
@@ -112,11 +111,9 @@ def gainflag(ctx: dict, params: dict, io: StageIO) -> QA:
         io.log("spw %d: gains of %d antennas, outliers: %s", part["spw"], len(solved),
                ", ".join(f"{ants[a]['name']} ({why})" for a, why in sorted(bad.items())) or "none")
         if bad:
-            full = msio.read_vis(ms, part["spw"])
-            rows = np.isin(full.ant1, list(bad)) | np.isin(full.ant2, list(bad))
-            msio.write_flags(ms, full.rows, full.flag | rows[:, None, None])
-            entry = io.put_dir(ms, part["name"])
-            part = dict(part, key=entry["key"], sha256=entry["sha256"])
+            p = io.vis(part)
+            p.flag_antennas(sorted(bad))
+            part = p.commit()
             found[str(part["spw"])] = [ants[a]["name"] for a in sorted(bad)]
             for a, why in sorted(bad.items()):
                 qa.note(f"spw {part['spw']}: flagged antenna {ants[a]['name']}: {why}.")
@@ -155,14 +152,13 @@ def _bin_outliers(amp: np.ndarray, ok: np.ndarray, bins: np.ndarray, nbin: int, 
     return out
 
 
-def uv_outliers(data: np.ndarray, flag: np.ndarray, uvdist: np.ndarray, nhi: float = 12.0, nlo: float = 13.0,
+def uv_outliers(amp: np.ndarray, flag: np.ndarray, uvdist: np.ndarray, nhi: float = 12.0, nlo: float = 13.0,
                 nbin: int = 10, min_samples: int = 20, row_fraction: float = 0.5) -> np.ndarray:
-    """Outlier samples of one field's calibrated visibilities (nrow, nchan, ncorr) by
-    amplitude against uv distance (m): rows are cut into nbin bins of equal counts,
+    """Outlier samples of one field's calibrated amplitudes (nrow, nchan, ncorr) against
+    uv distance (m): rows are cut into nbin bins of equal counts,
     and again into bins shifted by half a bin, so every sample lies in two bins; it
     is an outlier when it is one in both. A row with more than row_fraction of its
     unflagged samples outliers is flagged whole (a burst spoils all channels)."""
-    amp = np.abs(data)
     ok = ~flag
     nrow = len(uvdist)
     if nrow < 2 * min_samples:
@@ -195,21 +191,35 @@ def flagtargets(ctx: dict, params: dict, io: StageIO) -> QA:
     per_field: dict = {}
     new_parts = []
     for part in ctx["partitions"]:
-        ms = io.fetch_dir(part["key"])
-        vis = msio.read_vis(ms, part["spw"], column="CORRECTED_DATA", field_ids=targets)
-        io.visibilities += vis.data.size
-        flag = vis.flag.copy()
-        counts["before"] += int(flag.sum())
-        counts["samples"] += flag.size
-        for cmd in commands:
-            m = template_mask(vis, cmd, ants, ctx["fields"], part["spw"])
-            counts["template"] += int((m & ~flag).sum())
-            flag |= m
-        uvdist = np.hypot(vis.uvw[:, 0], vis.uvw[:, 1])
-        cross = vis.ant1 != vis.ant2
-        for fid in np.unique(vis.field_id):
-            r = np.flatnonzero((vis.field_id == fid) & cross)
-            out = uv_outliers(vis.data[r], flag[r], uvdist[r], params.get("nsigma_high", 12.0),
+        p = io.vis(part)
+        # in row blocks, keeping only what the test needs: amplitudes (float32, half the
+        # bytes of the complex data), flags and per-row uv distance, field and baseline
+        amps, flags, before, keep = [], [], [], {"uvdist": [], "field_id": [], "cross": [], "rows": []}
+        for vis in p.blocks(column="CORRECTED_DATA", field_ids=targets, block_chunks=4):
+            io.visibilities += vis.data.size
+            flag = vis.flag.copy()
+            counts["before"] += int(flag.sum())
+            counts["samples"] += flag.size
+            for cmd in commands:
+                m = template_mask(vis, cmd, ants, ctx["fields"], part["spw"])
+                counts["template"] += int((m & ~flag).sum())
+                flag |= m
+            amps.append(np.abs(vis.data).astype(np.float32))
+            flags.append(flag)
+            before.append(vis.flag)
+            keep["uvdist"].append(np.hypot(vis.uvw[:, 0], vis.uvw[:, 1]))
+            keep["field_id"].append(vis.field_id)
+            keep["cross"].append(vis.ant1 != vis.ant2)
+            keep["rows"].append(vis.rows)
+        if not amps:
+            new_parts.append(part)
+            continue
+        amp, flag, before = np.concatenate(amps), np.concatenate(flags), np.concatenate(before)
+        del amps, flags
+        uvdist, field_ids, cross, rows = (np.concatenate(keep[k]) for k in ("uvdist", "field_id", "cross", "rows"))
+        for fid in np.unique(field_ids):
+            r = np.flatnonzero((field_ids == fid) & cross)
+            out = uv_outliers(amp[r], flag[r], uvdist[r], params.get("nsigma_high", 12.0),
                               params.get("nsigma_low", 13.0), params.get("nbins", 10))
             n = int(out.sum())
             if n:
@@ -218,10 +228,9 @@ def flagtargets(ctx: dict, params: dict, io: StageIO) -> QA:
                 name = field_name(ctx, int(fid))
                 per_field[name] = per_field.get(name, 0) + n
                 io.log("spw %d %s: %d outlier samples in %d rows", part["spw"], name, n, int(out.any(axis=(1, 2)).sum()))
-        if (flag != vis.flag).any():
-            msio.write_flags(ms, vis.rows, flag)
-            entry = io.put_dir(ms, part["name"])
-            part = dict(part, key=entry["key"], sha256=entry["sha256"])
+        if (flag != before).any():
+            p.write_flags(rows, flag)
+            part = p.commit()
         new_parts.append(part)
     ctx["partitions"] = new_parts
     total = max(counts["samples"], 1)
