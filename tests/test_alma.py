@@ -796,3 +796,44 @@ def test_a_retried_flag_stage_writes_the_same_keys_and_bytes(alma_run, stack, tm
     REGISTRY["flagdata"][1](ctx, dict(params), io)
     after = {o.object_name: o.etag for o in store.list(prefix) if f"/{stage_index:02d}_flagdata/" in o.object_name}
     assert after == before
+
+
+def test_gc_leaves_the_package_and_at_most_twice_the_input(alma_run, stack, stub, tmp_path):  # noqa: F811
+    """`almapipe gc` on the ended run (issue 10, bounded storage): the bytes under
+    runs/<id>/ drop to at most twice the input EB plus the products, and the package
+    still downloads whole and restores. Last in this module: it deletes the run's
+    intermediate visibility versions, which the tests above read."""
+    import glob
+    from almapipe.cli import main
+    from almapipe.platform import retention
+    from almapipe.platform.store import ObjectStore
+    from almapipe.platform.visstore import VisPartition, VisStore
+    _, _, run, _, out = alma_run
+    _, cfg = stack
+    store = ObjectStore(cfg)
+    prefix = f"runs/{run.run_id}/"
+    before = sum(o.size for o in store.list(prefix))
+    input_bytes = os.path.getsize(out.parent / "eb.tar")
+    manifest = store.get_json(f"{prefix}products/manifest.json")
+    product_bytes = sum(store.client.stat_object(store.bucket, k).size for k in manifest.values())
+    [rep] = retention.gc(cfg, store, [run.run_id])
+    after = sum(o.size for o in store.list(prefix))
+    print(f"small preset run {run.run_id}: input {input_bytes / 1e6:.1f} MB, products {product_bytes / 1e6:.1f} MB; "
+          f"runs/<id>/ {before / 1e6:.1f} MB before gc, {after / 1e6:.1f} MB after "
+          f"(freed {rep['freed_bytes'] / 1e6:.1f} MB, {rep['vis_objects']} visibility objects)")
+    assert after <= 2 * input_bytes + product_bytes
+    # the package downloads whole, byte for byte, and restores the calibrated MS
+    pkg = tmp_path / "pkg"
+    assert download_products(stub, pb, run.run_id, str(pkg)) == len(manifest)
+    for path in manifest:
+        assert (pkg / path).read_bytes() == (out / path).read_bytes(), path
+    (eb,) = glob.glob(str(out.parent / "eb" / "*.ms"))
+    assert main(["restore", str(pkg), eb, "--out", str(tmp_path / "restored")]) == 0
+    # what the final context points at still reads (exportdata's source)
+    ctx = _final_context(cfg, run.run_id)
+    vs = VisStore(cfg, cache_dir=None, cache_limit=0)
+    for entry in ctx["partitions"] + ctx["target_partitions"]:
+        part = VisPartition(vs, entry, "99_gc", lambda k: store.get_dir(k, str(tmp_path / "meta")),
+                            f"{prefix}vis/{entry['name']}")
+        column = "CORRECTED_DATA" if part.has("CORRECTED_DATA") else "DATA"
+        assert np.isfinite(part.read_rows(part.select()[:100], column).data).all()
