@@ -813,13 +813,16 @@ def test_gc_leaves_the_package_and_at_most_twice_the_input(alma_run, stack, stub
     store = ObjectStore(cfg)
     prefix = f"runs/{run.run_id}/"
     before = sum(o.size for o in store.list(prefix))
+    vis_before = sum(o.size for o in store.list(f"{prefix}vis/"))
     input_bytes = os.path.getsize(out.parent / "eb.tar")
     manifest = store.get_json(f"{prefix}products/manifest.json")
     product_bytes = sum(store.client.stat_object(store.bucket, k).size for k in manifest.values())
     [rep] = retention.gc(cfg, store, [run.run_id])
     after = sum(o.size for o in store.list(prefix))
+    vis_after = sum(o.size for o in store.list(f"{prefix}vis/"))
     print(f"small preset run {run.run_id}: input {input_bytes / 1e6:.1f} MB, products {product_bytes / 1e6:.1f} MB; "
-          f"runs/<id>/ {before / 1e6:.1f} MB before gc, {after / 1e6:.1f} MB after "
+          f"runs/<id>/ {before / 1e6:.1f} MB before gc, {after / 1e6:.1f} MB after, of which visibilities "
+          f"{vis_before / 1e6:.1f} -> {vis_after / 1e6:.1f} MB "
           f"(freed {rep['freed_bytes'] / 1e6:.1f} MB, {rep['vis_objects']} visibility objects)")
     assert after <= 2 * input_bytes + product_bytes
     # the package downloads whole, byte for byte, and restores the calibrated MS
@@ -830,9 +833,10 @@ def test_gc_leaves_the_package_and_at_most_twice_the_input(alma_run, stack, stub
     (eb,) = glob.glob(str(out.parent / "eb" / "*.ms"))
     assert main(["restore", str(pkg), eb, "--out", str(tmp_path / "restored")]) == 0
     # what the final context points at still reads (exportdata's source)
-    ctx = _final_context(cfg, run.run_id)
+    ctx = store.get_json(run.context_key)         # the run's final context
     vs = VisStore(cfg, cache_dir=None, cache_limit=0)
-    for entry in ctx["partitions"] + ctx["target_partitions"]:
+    entries = ctx["partitions"] + ctx.get("target_partitions", []) + list(ctx.get("aux_partitions", {}).values())
+    for entry in entries:
         part = VisPartition(vs, entry, "99_gc", lambda k: store.get_dir(k, str(tmp_path / "meta")),
                             f"{prefix}vis/{entry['name']}")
         column = "CORRECTED_DATA" if part.has("CORRECTED_DATA") else "DATA"
