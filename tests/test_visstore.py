@@ -191,6 +191,29 @@ def test_read_your_writes_within_a_stage(ngc):
     assert after.flag[::3].all()
 
 
+def test_chunks_written_twice_and_a_second_pass_after_commit(ngc, tmp_path):
+    """Through a worker cache: two writes into one chunk both count (the cache holds the
+    second), and a second pass after commit adds to the stage's version instead of
+    recreating it."""
+    vs = vst.VisStore(ngc["cfg"], cache_dir=str(tmp_path / "c"), cache_limit=64 << 20)
+    part = partition(ngc, "19_twopass", vs=vs)
+    old = part.read(data=False)
+    ones = lambda rows: np.ones((len(rows), part.nchan, part.ncorr), bool)       # noqa: E731
+    a, b, c = np.arange(0, 10), np.arange(10, 20), np.arange(ROWS + 3, 3 * ROWS + 3, 7)
+    part.write_flags(a, ones(a))
+    part.write_flags(b, ones(b))                       # the same row chunk again
+    assert part.read_rows(np.r_[a, b], data=False).flag.all()
+    first = part.commit()
+    part.write_flags(c, ones(c))                       # a second pass, chunks 1 to 3
+    second = part.commit()
+    assert first["arrays"]["FLAG"] == second["arrays"]["FLAG"] == f"{ngc['prefix']}/FLAG/19_twopass"
+    expect = old.flag.copy()
+    for rows in (a, b, c):
+        expect[rows] = True
+    for reader in (part, partition(ngc, "20_x", second)):          # cached and from S3
+        np.testing.assert_array_equal(reader.read(data=False).flag, expect)
+
+
 # ------------------------------------------------------------------ the worker cache
 
 def test_the_chunk_cache_never_exceeds_its_limit(ngc, tmp_path):

@@ -74,26 +74,41 @@ class BoundedCache:
 
     # --- writing
     def put(self, key: str, data: bytes) -> None:
+        """What was just written to S3 under key: replaces a cached copy. A stage may write
+        a chunk of its own version more than once (two row ranges in one chunk), and a
+        retried stage rewrites its keys."""
         def write(f):
             f.write(data)
-        self._put(key, len(data), write)
+        self._put(key, len(data), write, replace=True)
+
+    def fill(self, key: str, data: bytes) -> None:
+        """What was just read from S3 under key, unless the cache has the key already: a
+        read that started before a write of the key must not put back the older bytes."""
+        def write(f):
+            f.write(data)
+        self._put(key, len(data), write, replace=False)
 
     def put_file(self, key: str, path: str) -> None:
         """Keep a copy of a local file (a downloaded tar archive) under key."""
         def write(f):
             with open(path, "rb") as src:
                 shutil.copyfileobj(src, f, 1 << 20)
-        self._put(key, os.path.getsize(path), write)
+        self._put(key, os.path.getsize(path), write, replace=False)
 
-    def _put(self, key: str, nbytes: int, write) -> None:
-        if nbytes > self.limit // LARGEST_PART:
-            return
+    def _put(self, key: str, nbytes: int, write, replace: bool) -> None:
         p = self._path(key)
-        if os.path.exists(p):      # immutable keys: already here (another worker fetched it too)
+        if nbytes > self.limit // LARGEST_PART:
+            if replace:            # too large to keep: a cached older copy must not stay either
+                with self._locked():
+                    self._drop(p)
+            return
+        if not replace and os.path.exists(p):
             return
         with self._locked():
             if os.path.exists(p):
-                return
+                if not replace:
+                    return
+                self._drop(p)
             size = self._read_size()
             if size + nbytes > self.limit:
                 size = self._evict(int(EVICT_TO * self.limit) - nbytes)
@@ -109,6 +124,14 @@ class BoundedCache:
             self._write_size(size + nbytes)
 
     # --- bookkeeping (under the lock)
+    def _drop(self, path: str) -> None:
+        try:
+            size = os.path.getsize(path)
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        self._write_size(max(0, self._read_size() - size))
+
     @contextlib.contextmanager
     def _locked(self):
         with self._thread_lock, open(os.path.join(self.dir, LOCK), "a") as fd:

@@ -138,7 +138,7 @@ def _zarr_store(cfg, cache_dir: str | None, cache_limit: int, counter: ByteCount
                 raw = buf.to_bytes()
                 counter.add("s3_read", len(raw), "objects_read")
                 if cache is not None and byte_range is None:
-                    await asyncio.to_thread(cache.put, key, raw)
+                    await asyncio.to_thread(cache.fill, key, raw)
             return buf
 
         async def set(self, key, value):
@@ -173,9 +173,9 @@ class VisStore:
                                  compressors=ZstdCodec(level=1), fill_value=_fill(dtype), overwrite=True,
                                  config={"write_empty_chunks": True})
 
-    def open(self, key: str):
+    def open(self, key: str, mode: str = "r"):
         try:
-            return self.zarr.open_array(self.zstore, path=key, mode="r")
+            return self.zarr.open_array(self.zstore, path=key, mode=mode)
         except Exception as exc:   # FileNotFoundError, zarr's NodeNotFound...
             raise VisStoreError(f"visibility array s3://{self.s3.config.get('bucket', '')}/{key} "
                                 f"cannot be opened: {exc}") from exc
@@ -429,6 +429,13 @@ class _ArrayWriter:
         self.new = None
         self.written: set = set()         # row-chunk indices written to the new version
         self.rows_step = part.chunk_rows
+        if self.old_key == self.key:
+            # the array is at this stage's own version already (a second pass after a
+            # commit in the same execution): write into it in place (nothing reads it
+            # before the stage's result is written); recreating it would delete the
+            # first pass's chunks, which the new values are merged with
+            self.new = part.vs.open(self.key, mode="r+")
+            self.written = set(range(-(-n // self.rows_step)))
 
     def _current(self, ci: int) -> np.ndarray:
         lo, hi = ci * self.rows_step, min((ci + 1) * self.rows_step, self.shape[0])
@@ -454,7 +461,7 @@ class _ArrayWriter:
             cur = self._current(ci)
             new = cur.copy()
             new[rows[lo_i:hi_i] - lo] = values[lo_i:hi_i].astype(self.dtype, copy=False)
-            if ci not in self.written and self.old is not None and np.array_equal(new, cur):
+            if (ci in self.written or self.old is not None) and np.array_equal(new, cur):
                 continue                  # unchanged: nothing to write
             if self.new is None:
                 self.new = self.part.vs.create(self.key, self.shape, self.chunks, self.dtype)
