@@ -73,10 +73,14 @@ def plan(store, run: dict, extra_live: set = frozenset(), drop_vis: bool = False
                 old_tars |= {p["key"] for p in partition_entries(ctx) if "key" in p and "arrays" not in p}
     delete, kept = [], 0
     vis_prefix = f"runs/{rid}/vis/"
+    # zarr's group documents (<partition>/zarr.json, <partition>/<ARRAY>/zarr.json) above
+    # a kept version stay, so the partition still opens as a zarr hierarchy
+    groups = {"/".join(a.split("/")[:i]) for a in live for i in range(1, a.count("/") + 1)}
     for o in objs:
         k = o.object_name
         if k.startswith(vis_prefix):
-            gone = drop_vis or not _in_arrays(k, live)
+            group_doc = k.endswith("/zarr.json") and k[:-len("/zarr.json")] in groups
+            gone = drop_vis or not (_in_arrays(k, live) or group_doc)
         else:
             gone = k in old_tars and k not in protected
         if gone:
