@@ -76,3 +76,33 @@ def test_a_lock_file_just_created_is_not_taken(tmp_path):
     mine, lock = claim_workroot(root)
     assert os.path.isdir(os.path.join(root, "w-1-abc"))
     lock.close()
+
+
+def test_a_killed_imager_workers_folder_goes_when_it_starts_again(stack):
+    """The stack's imager workers (two share the root): one killed as a crash would be
+    (SIGKILL) leaves its folder; started again, it removes it and keeps its sibling's."""
+    import glob
+    st, cfg = stack
+    root = os.path.join(cfg.data_dir, "work", "imager")
+
+    def folder(name):
+        t_end = time.time() + 60
+        while time.time() < t_end:
+            found = glob.glob(os.path.join(root, f"w-{st.procs[name]['pid']}-*.lock"))
+            if found:
+                return found[0][:-5]
+            time.sleep(0.2)
+        raise TimeoutError(f"{name} claimed no work folder under {root}")
+
+    victim, sibling = folder("worker-imager-2"), folder("worker-imager")
+    os.makedirs(os.path.join(victim, "makeimages-x", "target.ms"))
+    open(os.path.join(victim, "makeimages-x", "target.ms", "table.f0"), "wb").write(b"v" * 100000)
+    st.stop("worker-imager-2")
+    assert os.path.isdir(victim)
+    age(victim + ".lock", 2 * LOCK_GRACE_S)
+    age(sibling + ".lock", 2 * LOCK_GRACE_S)
+    st.start("worker-imager-2")
+    new = folder("worker-imager-2")
+    assert new != victim and os.path.isdir(new)
+    assert not os.path.exists(victim) and not os.path.exists(victim + ".lock")
+    assert os.path.isdir(sibling)
