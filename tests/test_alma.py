@@ -738,6 +738,8 @@ def _vis_versions(cfg, run_id: str) -> dict:
     out: dict = {}
     for o in ObjectStore(cfg).list(f"runs/{run_id}/vis/"):
         parts = o.object_name.split("/")        # runs/<id>/vis/<partition>/<ARRAY>/<NN_stage>/...
+        if len(parts) < 7:
+            continue
         out.setdefault(parts[5].split("_", 1)[1], set()).add(parts[4])
     return out
 
