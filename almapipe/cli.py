@@ -303,13 +303,14 @@ def cmd_gc(args) -> int:
     """Apply the retention rule to ended runs (platform/retention.py): products, caltables,
     contexts and logs stay; intermediate visibility versions and old partition tars go."""
     from .platform import retention
+    from .platform.bus import BusError
     from .platform.store import ObjectStore, StoreError
     cfg = Config.from_env()
     days = args.drop_vis_after_days if args.drop_vis_after_days is not None else cfg.vis_retention_days
     try:
         reports = retention.gc(cfg, ObjectStore(cfg), args.run_id or None, args.older_than_days, days,
                                args.dry_run)
-    except (KeyError, StoreError) as exc:
+    except (ValueError, StoreError, BusError) as exc:    # a run not found; S3 or NATS away
         print(f"almapipe gc: {exc}", file=sys.stderr)
         return 2
     freed = 0

@@ -158,7 +158,7 @@ def gc(cfg, store, run_ids: list | None = None, older_than_days: float = 0.0,
     if run_ids:
         missing = [r for r in run_ids if r not in by_id]
         if missing:
-            raise KeyError(f"no run {', '.join(missing)}")
+            raise ValueError(f"no run {', '.join(missing)}")
         chosen = [by_id[r] for r in run_ids]
     else:
         now = time.time()
