@@ -158,6 +158,7 @@ def test_gc_leaves_running_runs_and_the_ebs_of_a_running_mous(s3):
         store.put_json(f"runs/{rid}/context/00.json", {"partitions": []})
     put_record(cfg, record(parent, "RUNNING", f"runs/{parent}/context/00.json"))
     put_record(cfg, record(kid, "SUCCEEDED", f"runs/{kid}/context/00.json", parent_run_id=parent))
+    assert cli(["gc", f"{parent}-nosuch"]) == 2                       # named, not a traceback
     reports = {x["run_id"]: x for x in retention.gc(cfg, store, [parent, kid])}
     assert "not ended" in reports[parent]["skipped"] and "MOUS" in reports[kid]["skipped"]
     assert store.exists(f"runs/{kid}/vis/p.ms/FLAG/03_x/c/0/0/0")
