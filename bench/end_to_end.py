@@ -168,6 +168,7 @@ def ours(eb_dir: str, work: str, port_base: int, delete_tar: bool = False, extra
                 "images": ctx.get("images", []), "tail": proc.stdout[-3000:]}
     finally:
         subprocess.run(almapipe + ["down"], env=env, stdout=subprocess.DEVNULL)
+        shutil.rmtree(data_dir, ignore_errors=True)       # the disk is needed for what comes next
 
 
 def _children_cpu() -> float:
