@@ -299,6 +299,34 @@ def cmd_restore(args) -> int:
     return 0
 
 
+def cmd_gc(args) -> int:
+    """Apply the retention rule to ended runs (platform/retention.py): products, caltables,
+    contexts and logs stay; intermediate visibility versions and old partition tars go."""
+    from .platform import retention
+    from .platform.bus import BusError
+    from .platform.store import ObjectStore, StoreError
+    cfg = Config.from_env()
+    days = args.drop_vis_after_days if args.drop_vis_after_days is not None else cfg.vis_retention_days
+    try:
+        reports = retention.gc(cfg, ObjectStore(cfg), args.run_id or None, args.older_than_days, days,
+                               args.dry_run)
+    except (ValueError, StoreError, BusError) as exc:    # a run not found; S3 or NATS away
+        print(f"almapipe gc: {exc}", file=sys.stderr)
+        return 2
+    freed = 0
+    for r in reports:
+        if "skipped" in r:
+            print(f"{r['run_id']}: skipped ({r['skipped']})")
+            continue
+        freed += r["freed_bytes"]
+        what = "the whole visibility store" if r["dropped_vis"] else "intermediate visibility versions"
+        print(f"{r['run_id']} ({r['status'].lower()}): {'would free' if args.dry_run else 'freed'} "
+              f"{r['freed_bytes'] / 1e6:.1f} MB in {r['objects']} objects ({what}: {r['vis_objects']}, "
+              f"old partition tars: {r['old_partition_tars']}); {r['kept_bytes'] / 1e6:.1f} MB kept")
+    print(f"{len(reports)} runs, {freed / 1e6:.1f} MB {'to free' if args.dry_run else 'freed'}")
+    return 0
+
+
 def add_restore_parser(sub) -> None:
     rs = sub.add_parser("restore", help="rebuild calibrated MSs from raw EBs and a products package")
     rs.add_argument("package", help="a products package (the --out directory of `almapipe run`)")
@@ -339,6 +367,15 @@ def main(argv=None) -> int:
         sm.add_argument(f"--{opt}", type=int)
     sm.set_defaults(fn=cmd_simulate)
     add_restore_parser(sub)
+    gc = sub.add_parser("gc", help="free the storage of ended runs: products, caltables, contexts and logs "
+                                   "stay; intermediate visibility versions go")
+    gc.add_argument("run_id", nargs="*", help="runs to collect (default: every ended run)")
+    gc.add_argument("--older-than-days", type=float, default=0.0, help="only runs that ended this long ago")
+    gc.add_argument("--drop-vis-after-days", type=float, default=None,
+                    help="also drop the whole visibility store of runs that ended this long ago "
+                         "(default: ALMAPIPE_VIS_RETENTION_DAYS, else never)")
+    gc.add_argument("--dry-run", action="store_true", help="report what would be freed, delete nothing")
+    gc.set_defaults(fn=cmd_gc)
     args = ap.parse_args(argv)
     return args.fn(args)
 

@@ -36,6 +36,13 @@ so one data directory and one port base describe a whole local stack:
                        a container, so probes and Prometheus reach it)
   ALMAPIPE_TRIGGER_RULES  the state-change trigger's rules (JSON; default
                        <data_dir>/trigger-rules.json, absent: the built-in ALMA rule)
+  ALMAPIPE_CACHE_DIR   the workers' cache (default <data_dir>/cache; one folder per service)
+  ALMAPIPE_CACHE_MB    the most disk a service's worker cache holds (default 4096): three
+                       quarters for visibility chunks, a quarter for directories (caltables,
+                       MS shells); least recently used go first. Workers of a service share it.
+  ALMAPIPE_VIS_RETENTION_DAYS  `almapipe gc` drops the whole visibility store of a run
+                       that ended this many days ago (default: never; products, caltables,
+                       context and logs are kept)
   ALMAPIPE_TRIGGER_CLAIM_GRACE_S  age (s) after which a trigger claim left without a run
                        is taken over (default 30)
 Credentials are never logged.
@@ -106,6 +113,11 @@ def client_token(data_dir: str) -> str:
     return credentials_doc(data_dir).get("tokens", {}).get("operator", {}).get("token", "")
 
 
+# the worker cache's bound (cache_bytes) is shared: chunks of the visibility store take
+# this part, directories fetched whole (caltables, MS shells) the rest
+CHUNK_CACHE_SHARE = 0.75
+
+
 @dataclass(frozen=True)
 class Config:
     nats_url: str
@@ -121,6 +133,8 @@ class Config:
     max_deliver: int           # deliveries of a stage request before it fails
     ack_wait_s: float
     cache_dir: str
+    cache_bytes: int = 4096 << 20   # the worker cache's bound (chunks + directories)
+    vis_retention_days: float | None = None   # gc: drop a finished run's visibility store after
     nats_user: str = ""
     nats_password: str = ""
     token: str = ""            # a client's bearer token for the gateway
@@ -151,6 +165,9 @@ class Config:
             max_deliver=int(_env("ALMAPIPE_MAX_DELIVER", "3")),
             ack_wait_s=float(_env("ALMAPIPE_ACK_WAIT_S", "60")),
             cache_dir=_env("ALMAPIPE_CACHE_DIR", os.path.join(data_dir, "cache")),
+            cache_bytes=int(float(_env("ALMAPIPE_CACHE_MB", "4096")) * (1 << 20)),
+            vis_retention_days=float(os.environ["ALMAPIPE_VIS_RETENTION_DAYS"])
+            if os.environ.get("ALMAPIPE_VIS_RETENTION_DAYS") else None,
             nats_user=nats_user, nats_password=nats_password,
             token=client_token(data_dir),
             tokens_file=_env("ALMAPIPE_TOKENS_FILE", os.path.join(data_dir, "gateway-tokens.json")),

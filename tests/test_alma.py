@@ -739,6 +739,8 @@ def _vis_versions(cfg, run_id: str) -> dict:
     out: dict = {}
     for o in ObjectStore(cfg).list(f"runs/{run_id}/vis/"):
         parts = o.object_name.split("/")        # runs/<id>/vis/<partition>/<ARRAY>/<NN_stage>/...
+        if len(parts) < 7:
+            continue
         out.setdefault(parts[5].split("_", 1)[1], set()).add(parts[4])
     return out
 
@@ -760,16 +762,15 @@ def test_stages_write_only_the_arrays_they_change(alma_run, stack):
                 if o.object_name.endswith(".ms.tar") and ".meta." not in o.object_name]
 
 
-def _final_context(cfg, run_id: str) -> dict:
+def _final_context(cfg, run) -> dict:
     from almapipe.platform.store import ObjectStore
-    store = ObjectStore(cfg)
-    return store.get_json(sorted(o.object_name for o in store.list(f"runs/{run_id}/context/"))[-1])
+    return ObjectStore(cfg).get_json(run.context_key)
 
 
 def test_solves_read_their_calibrators_rows_only(alma_run, stack):
     """Each stage's result records the bytes it moved; a bandpass solve asks for the
     bandpass calibrator's rows, a fraction of what applycal (every row) asks for."""
-    ctx = _final_context(stack[1], alma_run[2].run_id)
+    ctx = _final_context(stack[1], alma_run[2])
     ctx_bytes = {r["name"]: r.get("bytes") or {} for r in ctx["stage_results"]}
     assert ctx_bytes["bandpass"]["requested"] < 0.5 * ctx_bytes["applycal"]["requested"]
     assert ctx_bytes["bandpass"]["s3_written"] == 0
@@ -793,7 +794,59 @@ def test_a_retried_flag_stage_writes_the_same_keys_and_bytes(alma_run, stack, tm
     assert before
     io = StageIO(store, CachedFetcher(store, str(tmp_path / "cache")), run.run_id, stage_index, "flagdata",
                  tempfile.mkdtemp(dir=tmp_path))
-    params = next(r["params"] for r in _final_context(cfg, run.run_id)["stage_results"] if r["name"] == "flagdata")
+    params = next(r["params"] for r in _final_context(cfg, run)["stage_results"] if r["name"] == "flagdata")
     REGISTRY["flagdata"][1](ctx, dict(params), io)
     after = {o.object_name: o.etag for o in store.list(prefix) if f"/{stage_index:02d}_flagdata/" in o.object_name}
     assert after == before
+
+
+def test_gc_leaves_the_package_and_at_most_twice_the_input(alma_run, stack, stub, tmp_path):  # noqa: F811
+    """`almapipe gc` on the ended run (issue 10, bounded storage): the bytes under
+    runs/<id>/ drop to at most twice the input EB plus the products, and the package
+    still downloads whole and restores. Last in this module: it deletes the run's
+    intermediate visibility versions, which the tests above read."""
+    import glob
+    from almapipe.cli import main
+    from almapipe.platform import retention
+    from almapipe.platform.store import ObjectStore
+    from almapipe.platform.visstore import VisPartition, VisStore
+    _, _, run, _, out = alma_run
+    _, cfg = stack
+    store = ObjectStore(cfg)
+    prefix = f"runs/{run.run_id}/"
+    before = sum(o.size for o in store.list(prefix))
+    vis_before = sum(o.size for o in store.list(f"{prefix}vis/"))
+    input_bytes = os.path.getsize(out.parent / "eb.tar")
+    manifest = store.get_json(f"{prefix}products/manifest.json")
+    product_bytes = sum(store.client.stat_object(store.bucket, k).size for k in manifest.values())
+    [rep] = retention.gc(cfg, store, [run.run_id])
+    after = sum(o.size for o in store.list(prefix))
+    vis_after = sum(o.size for o in store.list(f"{prefix}vis/"))
+    print(f"small preset run {run.run_id}: input {input_bytes / 1e6:.1f} MB, products {product_bytes / 1e6:.1f} MB; "
+          f"runs/<id>/ {before / 1e6:.1f} MB before gc, {after / 1e6:.1f} MB after, of which visibilities "
+          f"{vis_before / 1e6:.1f} -> {vis_after / 1e6:.1f} MB "
+          f"(freed {rep['freed_bytes'] / 1e6:.1f} MB, {rep['vis_objects']} visibility objects)")
+    assert after <= 2 * input_bytes + product_bytes
+    # the package downloads whole, byte for byte, and restores the calibrated MS
+    pkg = tmp_path / "pkg"
+    assert download_products(stub, pb, run.run_id, str(pkg)) == len(manifest)
+    for path in manifest:
+        assert (pkg / path).read_bytes() == (out / path).read_bytes(), path
+    (eb,) = glob.glob(str(out.parent / "eb" / "*.ms"))
+    assert main(["restore", str(pkg), eb, "--out", str(tmp_path / "restored")]) == 0
+    # the workers' caches (per service: tars, and chunks) within ALMAPIPE_CACHE_MB's shares
+    from almapipe.config import CHUNK_CACHE_SHARE
+    for folder in glob.glob(os.path.join(cfg.cache_dir, "*")):
+        held = sum(e.stat().st_size for e in os.scandir(folder) if e.is_file() and not e.name.startswith("."))
+        share = CHUNK_CACHE_SHARE if folder.endswith("-chunks") else 1 - CHUNK_CACHE_SHARE
+        print(f"cache {os.path.basename(folder)}: {held / 1e6:.1f} MB of {share * cfg.cache_bytes / 1e6:.1f} MB")
+        assert held <= share * cfg.cache_bytes, folder
+    # what the final context points at still reads (exportdata's source)
+    ctx = store.get_json(run.context_key)         # the run's final context
+    vs = VisStore(cfg, cache_dir=None, cache_limit=0)
+    entries = ctx["partitions"] + ctx.get("target_partitions", []) + list(ctx.get("aux_partitions", {}).values())
+    for entry in entries:
+        part = VisPartition(vs, entry, "99_gc", lambda k: store.get_dir(k, str(tmp_path / "meta")),
+                            f"{prefix}vis/{entry['name']}")
+        column = "CORRECTED_DATA" if part.has("CORRECTED_DATA") else "DATA"
+        assert np.isfinite(part.read_rows(part.select()[:100], column).data).all()

@@ -87,13 +87,10 @@ class ObjectStore:
         os.makedirs(dest_parent, exist_ok=True)
         tar_path = os.path.join(dest_parent, ".download.tar")
         self.get_file(key, tar_path)
-        with tarfile.open(tar_path) as tar:
-            top = {m.name.split("/")[0] for m in tar.getmembers()}
-            if len(top) != 1:
-                raise StoreError(f"{key}: archive must hold one directory, holds {sorted(top)[:5]}")
-            tar.extractall(dest_parent, filter="data")
-        os.unlink(tar_path)
-        return os.path.join(dest_parent, top.pop())
+        try:
+            return unpack_dir(tar_path, dest_parent, key)
+        finally:
+            os.unlink(tar_path)
 
     # --- small documents
     def put_json(self, key: str, doc) -> dict:
@@ -138,38 +135,54 @@ class ObjectStore:
         return self.client.presigned_get_object(self.bucket, key, expires=timedelta(seconds=expiry_s))
 
 
-class CachedFetcher:
-    """Fetches immutable objects once per worker: keys never change content."""
+def unpack_dir(tar, dest_parent: str, what: str) -> str:
+    """Unpack a tar archive of one directory (a path or an open binary file) under
+    dest_parent, replacing a directory of that name; returns the directory."""
+    with (tarfile.open(tar) if isinstance(tar, str) else tarfile.open(fileobj=tar)) as t:
+        top = {m.name.split("/")[0] for m in t.getmembers()}
+        if len(top) != 1:
+            raise StoreError(f"{what}: archive must hold one directory, holds {sorted(top)[:5]}")
+        dest = os.path.join(dest_parent, top.pop())
+        if os.path.exists(dest):
+            shutil.rmtree(dest)
+        t.extractall(dest_parent, filter="data")
+    return dest
 
-    def __init__(self, store: ObjectStore, cache_dir: str):
+
+class CachedFetcher:
+    """Directories (caltables, MS shells) fetched once per worker: keys never change
+    content. The tar archives they travel in are kept in a bounded cache (its share
+    of ALMAPIPE_CACHE_MB, shared by the workers of a service); each stage execution
+    unpacks its own private, writable copy."""
+
+    def __init__(self, store: ObjectStore, cache_dir: str, limit: int | None = None):
+        from ..config import CHUNK_CACHE_SHARE
+        from .cache import BoundedCache
         self.store = store
         self.cache_dir = cache_dir
+        if limit is None:
+            limit = int(store.cfg.cache_bytes * (1 - CHUNK_CACHE_SHARE))
         os.makedirs(cache_dir, exist_ok=True)
-
-    def _slot(self, key: str) -> str:
-        return os.path.join(self.cache_dir, hashlib.sha1(key.encode()).hexdigest()[:16])
+        for e in os.scandir(cache_dir):
+            if e.is_dir(follow_symlinks=False):
+                # unpacked directories of the cache before it was bounded: not counted, so gone
+                shutil.rmtree(e.path, ignore_errors=True)
+        self.cache = BoundedCache(cache_dir, limit) if limit > 0 else None
 
     def dir(self, key: str, workdir: str) -> str:
         """A private, writable copy of the directory archived at key, inside workdir."""
-        slot = self._slot(key)
-        if not os.path.isdir(slot):
-            # several workers of a service may share the cache: each downloads into
-            # its own temporary directory, and the first to finish fills the slot
-            tmp = f"{slot}.part-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.store.get_dir(key, tmp)
-            try:
-                os.replace(tmp, slot)
-            except OSError:
-                if not os.path.isdir(slot):
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)
-        (name,) = os.listdir(slot)
-        dest = os.path.join(workdir, name)
-        if os.path.exists(dest):
-            shutil.rmtree(dest)
-        shutil.copytree(os.path.join(slot, name), dest)
-        return dest
+        cached = self.cache.open(key) if self.cache is not None else None
+        if cached is not None:
+            with cached:
+                return unpack_dir(cached, workdir, key)
+        tar = os.path.join(workdir, f".{hashlib.sha1(key.encode()).hexdigest()}.tar")
+        self.store.get_file(key, tar)
+        try:
+            if self.cache is not None:
+                self.cache.put_file(key, tar)
+            return unpack_dir(tar, workdir, key)
+        finally:
+            os.unlink(tar)
 
     def file(self, key: str, workdir: str, bucket: str | None = None) -> str:
         dest = os.path.join(workdir, os.path.basename(key))

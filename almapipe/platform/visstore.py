@@ -31,12 +31,12 @@ A partition entry (JSON, in ``ctx["partitions"]``):
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
 import threading
 from dataclasses import dataclass
 
 import numpy as np
+
+from .cache import BoundedCache
 
 # MS column -> store array, for the visibility cubes (nrow, nchan, ncorr)
 CUBE_OF_COLUMN = {"DATA": "VISIBILITY", "CORRECTED_DATA": "VISIBILITY_CORRECTED",
@@ -138,7 +138,7 @@ def _zarr_store(cfg, cache_dir: str | None, cache_limit: int, counter: ByteCount
                 raw = buf.to_bytes()
                 counter.add("s3_read", len(raw), "objects_read")
                 if cache is not None and byte_range is None:
-                    await asyncio.to_thread(cache.put, key, raw)
+                    await asyncio.to_thread(cache.fill, key, raw)
             return buf
 
         async def set(self, key, value):
@@ -151,74 +151,15 @@ def _zarr_store(cfg, cache_dir: str | None, cache_limit: int, counter: ByteCount
     return CountingCachedStore(inner), s3, cache
 
 
-class BoundedCache:
-    """Objects on local disk, at most `limit` bytes: the least recently used go first.
-    Several workers may share the directory: each writes to a temporary name and
-    renames, and eviction rescans the directory, so the bound holds for all of them."""
-
-    def __init__(self, directory: str, limit: int):
-        self.dir, self.limit = directory, int(limit)
-        os.makedirs(directory, exist_ok=True)
-        self.lock = threading.Lock()
-        self.size = sum(e.stat().st_size for e in os.scandir(directory) if e.is_file())
-
-    def _path(self, key: str) -> str:
-        return os.path.join(self.dir, hashlib.sha1(key.encode()).hexdigest())
-
-    def get(self, key: str) -> bytes | None:
-        p = self._path(key)
-        try:
-            with open(p, "rb") as f:
-                data = f.read()
-            os.utime(p)            # recently used
-            return data
-        except FileNotFoundError:
-            return None
-
-    def put(self, key: str, data: bytes) -> None:
-        if len(data) > self.limit // 4:      # would flush everything else: not worth keeping
-            return
-        p = self._path(key)
-        tmp = f"{p}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
-        with self.lock:
-            self.size += len(data)
-            if self.size > self.limit:
-                self._evict()
-
-    def _evict(self) -> None:
-        entries = []
-        for e in os.scandir(self.dir):
-            try:
-                if e.is_file() and not e.name.endswith(".tmp"):
-                    st = e.stat()
-                    entries.append((st.st_mtime, st.st_size, e.path))
-            except FileNotFoundError:
-                pass
-        total = sum(s for _, s, _ in entries)
-        entries.sort()
-        target = int(0.8 * self.limit)
-        for _, s, path in entries:
-            if total <= target:
-                break
-            try:
-                os.unlink(path)
-                total -= s
-            except FileNotFoundError:
-                pass
-        self.size = total
-
-
 class VisStore:
     """The store of one worker process: the zarr store on S3 and its local cache."""
 
     def __init__(self, cfg, cache_dir: str | None = None, cache_limit: int | None = None):
         import zarr
+        from ..config import CHUNK_CACHE_SHARE
         self.counter = ByteCounter()
-        if cache_limit is None:
-            cache_limit = int(float(os.environ.get("ALMAPIPE_CACHE_MB", "4096")) * (1 << 20))
+        if cache_limit is None:     # the chunks' share of the worker cache (ALMAPIPE_CACHE_MB)
+            cache_limit = int(cfg.cache_bytes * CHUNK_CACHE_SHARE)
         self.zstore, self.s3, self.cache = _zarr_store(cfg, cache_dir, cache_limit, self.counter)
         self.zarr = zarr
 
@@ -232,9 +173,9 @@ class VisStore:
                                  compressors=ZstdCodec(level=1), fill_value=_fill(dtype), overwrite=True,
                                  config={"write_empty_chunks": True})
 
-    def open(self, key: str):
+    def open(self, key: str, mode: str = "r"):
         try:
-            return self.zarr.open_array(self.zstore, path=key, mode="r")
+            return self.zarr.open_array(self.zstore, path=key, mode=mode)
         except Exception as exc:   # FileNotFoundError, zarr's NodeNotFound...
             raise VisStoreError(f"visibility array s3://{self.s3.config.get('bucket', '')}/{key} "
                                 f"cannot be opened: {exc}") from exc
@@ -413,7 +354,9 @@ class VisPartition:
             if key is not None:
                 arrays[ARRAY_OF_COLUMN[column]] = key
         self._writers = {}
-        return dict(self.entry, arrays=arrays)
+        # reads after the commit see this stage's versions (read-your-writes)
+        self.entry = dict(self.entry, arrays=arrays)
+        return self.entry
 
 
 def _take(z, sel, chan, counter: ByteCounter | None = None):
@@ -486,6 +429,13 @@ class _ArrayWriter:
         self.new = None
         self.written: set = set()         # row-chunk indices written to the new version
         self.rows_step = part.chunk_rows
+        if self.old_key == self.key:
+            # the array is at this stage's own version already (a second pass after a
+            # commit in the same execution): write into it in place (nothing reads it
+            # before the stage's result is written); recreating it would delete the
+            # first pass's chunks, which the new values are merged with
+            self.new = part.vs.open(self.key, mode="r+")
+            self.written = set(range(-(-n // self.rows_step)))
 
     def _current(self, ci: int) -> np.ndarray:
         lo, hi = ci * self.rows_step, min((ci + 1) * self.rows_step, self.shape[0])
@@ -511,7 +461,7 @@ class _ArrayWriter:
             cur = self._current(ci)
             new = cur.copy()
             new[rows[lo_i:hi_i] - lo] = values[lo_i:hi_i].astype(self.dtype, copy=False)
-            if ci not in self.written and self.old is not None and np.array_equal(new, cur):
+            if (ci in self.written or self.old is not None) and np.array_equal(new, cur):
                 continue                  # unchanged: nothing to write
             if self.new is None:
                 self.new = self.part.vs.create(self.key, self.shape, self.chunks, self.dtype)

@@ -21,6 +21,7 @@ nothing a server does makes the worker process exit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -135,6 +136,89 @@ def replay(store: ObjectStore, req: pb.StageRequest) -> tuple | None:
     return key, qa, result.get("outputs", []), float(result.get("duration_s", 0.0)), fanout
 
 
+LOCK_GRACE_S = 30.0     # a work folder's lock file younger than this may not be locked yet
+
+
+def claim_workroot(root: str) -> tuple[str, object]:
+    """This worker process's own folder under the service's work root, after sweeping
+    the folders of workers that are gone; returns (folder, the open lock file, to be
+    kept open for the life of the process).
+
+    Several workers of a service share the root, and a worker killed mid-stage (SIGKILL,
+    OOM, a lost node) never runs its cleanup. So each worker holds an exclusive flock on
+    ``w-<pid>-<random>.lock`` beside its folder ``w-<pid>-<random>``: the kernel releases
+    the lock when the process dies, however it dies, and a pid reused later cannot make a
+    dead worker's folder look alive. At start a worker removes every folder whose lock
+    it can take, and anything else in the root (stage folders of the layout before this
+    one); a live sibling's lock cannot be taken, so its folder stays."""
+    import fcntl
+    import uuid
+    os.makedirs(root, exist_ok=True)
+    name = f"w-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    # the lock before the folder: a folder without its lock file is never a live worker's
+    lock = open(os.path.join(root, name + ".lock"), "w")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    freed = sweep_workroot(root, keep=name)
+    if freed:
+        log.info("work root %s: removed %d folders of workers that are gone (%.1f MB)", root, len(freed),
+                 sum(n for _, n in freed) / 1e6)
+    folder = os.path.join(root, name)
+    os.makedirs(folder)
+    return folder, lock
+
+
+def sweep_workroot(root: str, keep: str) -> list:
+    """Remove what workers that are gone left under root (see claim_workroot); returns
+    [(path, bytes)] of what was removed."""
+    import fcntl
+    freed = []
+    entries = set(os.listdir(root))
+    for entry in sorted(entries):
+        base = entry[:-5] if entry.endswith(".lock") else entry
+        if base == keep:
+            continue
+        lock_path = os.path.join(root, base + ".lock")
+        if entry.endswith(".lock") or base + ".lock" in entries:
+            try:
+                fd = open(lock_path, "r+")
+            except FileNotFoundError:      # its owner or another sweeper got there first
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:    # a live worker's
+                    continue
+                if time.time() - os.fstat(fd.fileno()).st_mtime < LOCK_GRACE_S:
+                    continue               # just created: its owner is about to lock it
+                path = os.path.join(root, base)
+                if os.path.exists(path):
+                    freed.append((path, _du(path)))
+                    shutil.rmtree(path, ignore_errors=True)
+                os.unlink(lock_path)       # last, while still locked
+            finally:
+                fd.close()
+        else:                              # no lock file: a folder of the layout before
+            path = os.path.join(root, entry)
+            freed.append((path, _du(path)))
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+    return freed
+
+
+def _du(path: str) -> int:
+    if not os.path.isdir(path):
+        return os.path.getsize(path) if os.path.exists(path) else 0
+    total = 0
+    for d, _, files in os.walk(path):
+        for f in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(d, f)).st_size
+    return total
+
+
 class Worker:
     def __init__(self, service: str, cfg: Config):
         self.service = service
@@ -146,8 +230,10 @@ class Worker:
         metrics.serve(self.cfg.metrics_port)
         self.store = ObjectStore(self.cfg)
         self.fetcher = CachedFetcher(self.store, os.path.join(self.cfg.cache_dir, self.service))
-        self.workroot = os.path.join(self.cfg.data_dir, "work", self.service)
-        os.makedirs(self.workroot, exist_ok=True)
+        # <data_dir>/work/<service>/w-<pid>-<random>: stage folders under the worker's own,
+        # which the next worker to start removes if this one is killed
+        self.workroot, self._workroot_lock = claim_workroot(
+            os.path.join(self.cfg.data_dir, "work", self.service))
         # a worker that starts while S3 or NATS is away waits for them (a supervisor
         # restarting it in a loop would do the same, noisier)
         wait = 1.0

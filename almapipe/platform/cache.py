@@ -1,0 +1,189 @@
+"""The worker cache: immutable objects on local disk, bounded in bytes.
+
+A worker keeps what it read from S3 (visibility chunks, the tar archives of caltables
+and MS shells) so that the next stage on the same data does not fetch it again. Every
+key is immutable (decision 0015), so a cached object never goes stale; the only
+question is how much to keep. ``BoundedCache`` holds at most ``limit`` bytes
+(``Config.cache_bytes``, ALMAPIPE_CACHE_MB) and forgets the least recently used first.
+
+Several workers of a service (processes) share one cache folder. The bound holds for
+all of them together: the bytes held are counted in one file (``.size``) that is only
+changed under an exclusive lock on ``.lock`` (flock: the kernel releases it when a
+process dies, even killed), and room is made *before* an object is written, also
+under the lock. So at no moment does the folder hold more than ``limit`` bytes of
+objects. Writing under the lock serialises the cache writes of a service's workers;
+they are local disk writes of a few MiB, small beside the S3 reads they save.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import shutil
+import threading
+
+LOCK, SIZE = ".lock", ".size"
+EVICT_TO = 0.8          # an eviction makes room down to this part of the limit, not just enough
+LARGEST_PART = 4        # an object over limit/LARGEST_PART is not kept (it would flush the rest)
+
+
+class BoundedCache:
+    """Objects by key in `directory`, at most `limit` bytes in all (least recently used go first)."""
+
+    def __init__(self, directory: str, limit: int):
+        self.dir, self.limit = directory, int(limit)
+        os.makedirs(directory, exist_ok=True)
+        self._thread_lock = threading.Lock()     # flock is per open file, not per thread
+        with self._locked():
+            # recount: another version of the cache, a changed limit or a killed writer
+            # (its temporary file) may have left the folder other than .size says
+            self._write_size(self._evict(self.limit))
+
+    # --- reading
+    def _path(self, key: str) -> str:
+        return os.path.join(self.dir, hashlib.sha1(key.encode()).hexdigest())
+
+    def get(self, key: str) -> bytes | None:
+        f = self.open(key)
+        if f is None:
+            return None
+        with f:
+            return f.read()
+
+    def open(self, key: str):
+        """The cached object as an open binary file, or None. An object evicted while open
+        stays readable through the open file."""
+        p = self._path(key)
+        try:
+            f = open(p, "rb")
+        except FileNotFoundError:
+            return None
+        try:
+            os.utime(p)            # recently used: evicted last
+        except FileNotFoundError:
+            pass
+        return f
+
+    def __contains__(self, key: str) -> bool:
+        return os.path.exists(self._path(key))
+
+    def held(self) -> int:
+        """Bytes of objects in the folder now (a scan; for tests and reports)."""
+        return sum(size for _, size, _ in self._entries(sweep=False))
+
+    # --- writing
+    def put(self, key: str, data: bytes) -> None:
+        """What was just written to S3 under key: replaces a cached copy. A stage may write
+        a chunk of its own version more than once (two row ranges in one chunk), and a
+        retried stage rewrites its keys."""
+        def write(f):
+            f.write(data)
+        self._put(key, len(data), write, replace=True)
+
+    def fill(self, key: str, data: bytes) -> None:
+        """What was just read from S3 under key, unless the cache has the key already: a
+        read that started before a write of the key must not put back the older bytes."""
+        def write(f):
+            f.write(data)
+        self._put(key, len(data), write, replace=False)
+
+    def put_file(self, key: str, path: str) -> None:
+        """Keep a copy of a local file (a downloaded tar archive) under key."""
+        def write(f):
+            with open(path, "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 20)
+        self._put(key, os.path.getsize(path), write, replace=False)
+
+    def _put(self, key: str, nbytes: int, write, replace: bool) -> None:
+        p = self._path(key)
+        if nbytes > self.limit // LARGEST_PART:
+            if replace:            # too large to keep: a cached older copy must not stay either
+                with self._locked():
+                    self._drop(p)
+            return
+        if not replace and os.path.exists(p):
+            return
+        with self._locked():
+            if os.path.exists(p):
+                if not replace:
+                    return
+                self._drop(p)
+            size = self._read_size()
+            if size + nbytes > self.limit:
+                size = self._evict(int(EVICT_TO * self.limit) - nbytes)
+            tmp = f"{p}.{os.getpid()}.tmp"
+            try:
+                with open(tmp, "wb") as f:
+                    write(f)
+                os.replace(tmp, p)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+            self._write_size(size + nbytes)
+
+    # --- bookkeeping (under the lock)
+    def _drop(self, path: str) -> None:
+        try:
+            size = os.path.getsize(path)
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        self._write_size(max(0, self._read_size() - size))
+
+    @contextlib.contextmanager
+    def _locked(self):
+        with self._thread_lock, open(os.path.join(self.dir, LOCK), "a") as fd:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _read_size(self) -> int:
+        try:
+            with open(os.path.join(self.dir, SIZE)) as f:
+                return int(f.read())
+        except (FileNotFoundError, ValueError):
+            return self._evict(self.limit)
+
+    def _write_size(self, size: int) -> None:
+        tmp = os.path.join(self.dir, f"{SIZE}.{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(str(size))
+        os.replace(tmp, os.path.join(self.dir, SIZE))
+
+    def _entries(self, sweep: bool = True) -> list:
+        """(mtime, size, path) of the objects; `sweep` (under the lock only) deletes
+        temporary files."""
+        out = []
+        for e in os.scandir(self.dir):
+            if e.name.startswith("."):
+                continue
+            try:
+                if e.name.endswith(".tmp"):
+                    if not sweep:
+                        continue
+                    # every write happens under the lock, so a temporary file seen by
+                    # the lock's holder is a killed writer's leftover
+                    os.unlink(e.path)
+                elif e.is_file():
+                    st = e.stat()
+                    out.append((st.st_mtime, st.st_size, e.path))
+            except FileNotFoundError:
+                pass
+        return out
+
+    def _evict(self, target: int) -> int:
+        """Delete the least recently used objects until at most `target` bytes remain;
+        returns the bytes that remain (counted from the folder, not from .size)."""
+        entries = sorted(self._entries())
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in entries:
+            if total <= max(target, 0):
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            total -= size
+        return total

@@ -1,0 +1,176 @@
+"""Retention of ended runs (`almapipe gc`, platform/retention.py) against the real S3 and
+NATS of a local stack: a run made the way stages make one (versions per stage through
+VisPartition), recorded as the coordinator records it, then collected."""
+from __future__ import annotations
+
+import asyncio
+import json
+import tarfile
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from almapipe.cli import main as cli
+from almapipe.msio import storeio
+from almapipe.platform import bus, retention
+from almapipe.platform import visstore as vst
+from almapipe.platform.store import CachedFetcher, ObjectStore
+
+
+def bytes_under(store, prefix: str) -> int:
+    return sum(o.size for o in store.list(prefix))
+
+
+def put_record(cfg, run: dict) -> None:
+    async def go():
+        nc, js = await bus.connect(cfg, "test")
+        try:
+            await (await bus.runs_kv(js)).put(run["run_id"], json.dumps(run).encode())
+        finally:
+            await nc.close()
+    asyncio.run(go())
+
+
+def record(rid: str, status: str, context_key: str, **kw) -> dict:
+    return dict({"run_id": rid, "status": status, "context_key": context_key, "created": time.time(),
+                 "updated": time.time(), "error": "", "stages": []}, **kw)
+
+
+@pytest.fixture(scope="module")
+def s3(stack):
+    _, cfg = stack
+    store = ObjectStore(cfg)
+    store.ensure_buckets()
+    return cfg, store
+
+
+@pytest.fixture(scope="module")
+def finished_run(s3, ngc5921_ms, tmp_path_factory):
+    """NGC 5921 through importdata, flagdata, setjy (MODEL), a first applycal, flagtargets
+    and a second applycal (each a version of the arrays it changed), a split view of the
+    target, products; recorded SUCCEEDED."""
+    cfg, store = s3
+    tmp = tmp_path_factory.mktemp("gc")
+    rid = f"gctest-{uuid.uuid4().hex[:8]}"
+    tar = str(tmp / "eb.tar")
+    with tarfile.open(tar, "w") as t:
+        t.add(ngc5921_ms, arcname="ngc5921.ms")
+    input_key = store.put_file(tar, f"{rid}/eb.tar", bucket=store.raw_bucket)["key"]
+    shell = storeio.make_shell(ngc5921_ms, str(tmp / "ngc.meta.ms"))
+    meta = store.put_dir(shell, f"runs/{rid}/stages/00_importdata/ngc.meta.ms.tar")["key"]
+    vs = vst.VisStore(cfg, cache_dir=None, cache_limit=0)
+    prefix = f"runs/{rid}/vis/ngc.spw0.ms"
+    entry = storeio.ingest_spw(vs, ngc5921_ms, 0, prefix, "00_importdata", meta, "ngc.spw0.ms")
+    fetcher = CachedFetcher(store, str(tmp / "cache"), limit=0)
+    work = tmp / "work"
+    work.mkdir()
+
+    def stage(tag, entry, fn):
+        part = vst.VisPartition(vs, entry, tag, lambda k: fetcher.dir(k, str(work)), prefix)
+        fn(part, part.read())
+        new = part.commit()
+        ctx = {"run_id": rid, "partitions": [new], "aux_partitions": {}}
+        store.put_json(f"runs/{rid}/context/{tag}.json", ctx)
+        return new
+
+    store.put_json(f"runs/{rid}/context/00_importdata.json", {"partitions": [entry]})
+    e = stage("02_flagdata", entry, lambda p, v: p.write_flags(v.rows[v.ant1 == 2], np.ones_like(v.flag[v.ant1 == 2])))
+    e = stage("04_setjy", e, lambda p, v: p.write("MODEL_DATA", v.rows, np.where(
+        (v.field_id == 0)[:, None, None], 15.0, 1.0).astype(np.complex64) * np.ones_like(v.data)))
+    e = stage("05_applycal", e, lambda p, v: p.write("CORRECTED_DATA", v.rows, v.data * 1.1))
+    e = stage("07_flagtargets", e, lambda p, v: p.write_flags(v.rows[v.ant2 == 5], np.ones_like(v.flag[v.ant2 == 5])))
+    e = stage("08_applycal", e, lambda p, v: p.write("CORRECTED_DATA", v.rows, v.data * 1.2))
+    final = {"run_id": rid, "partitions": [e], "target_partitions": [dict(e, field_ids=[2])],
+             "aux_partitions": {}}
+    final_key = store.put_json(f"runs/{rid}/context/10_exportdata.json", final)["key"]
+    # products: a caltable, an image, the weblog; the manifest names them
+    products = {}
+    for name, n in (("calibration/ngc.bcal.tbl.tar", 200_000), ("images/target.cont.fits", 500_000),
+                    ("weblog.tar", 300_000)):
+        key = f"runs/{rid}/stages/10_exportdata/{name.rsplit('/', 1)[-1]}"
+        store.put_bytes(key, np.random.default_rng(n).bytes(n))
+        products[name] = key
+    store.put_json(f"runs/{rid}/products/manifest.json", products)
+    put_record(cfg, record(rid, "SUCCEEDED", final_key, input_key=input_key))
+    return {"cfg": cfg, "store": store, "rid": rid, "final": e, "input_key": input_key, "products": products,
+            "vs": vs, "meta": lambda k: fetcher.dir(k, str(work)), "prefix": prefix}
+
+
+def test_gc_keeps_the_final_versions_and_meets_the_footprint_bound(finished_run, capsys):
+    r = finished_run
+    store, rid = r["store"], r["rid"]
+    read = vst.VisPartition(r["vs"], r["final"], "99_x", r["meta"], r["prefix"])
+    want = read.read(column="CORRECTED_DATA")
+    model = read.read(column="MODEL_DATA")
+    before = bytes_under(store, f"runs/{rid}/")
+    input_bytes = store.client.stat_object(store.raw_bucket, r["input_key"]).size
+    product_bytes = sum(store.client.stat_object(store.bucket, k).size for k in r["products"].values())
+    # a dry run names what would go and deletes nothing
+    assert cli(["gc", rid, "--dry-run"]) == 0
+    assert "would free" in capsys.readouterr().out
+    assert bytes_under(store, f"runs/{rid}/") == before
+    groups = {o.object_name for o in store.list(f"runs/{rid}/vis/")
+              if o.object_name.endswith("/zarr.json") and o.object_name.count("/") <= 5}   # zarr groups
+    [rep] = retention.gc(r["cfg"], store, [rid])
+    after = bytes_under(store, f"runs/{rid}/")
+    record_bytes = store.client.stat_object(store.bucket, f"runs/{rid}/gc.json").size
+    print(f"run {rid}: input {input_bytes / 1e6:.1f} MB, products {product_bytes / 1e6:.1f} MB; "
+          f"S3 under runs/{rid}/ {before / 1e6:.1f} MB before gc, {after / 1e6:.1f} MB after "
+          f"(freed {rep['freed_bytes'] / 1e6:.1f} MB in {rep['objects']} objects)")
+    assert rep["freed_bytes"] == before - (after - record_bytes) > 0
+    assert after <= 2 * input_bytes + product_bytes
+    assert before > 2 * input_bytes + product_bytes      # the rule is what brings the run within it
+    # what the final context points at reads back as before; the intermediate versions are gone
+    again = vst.VisPartition(vst.VisStore(r["cfg"], cache_dir=None, cache_limit=0), r["final"], "99_x",
+                             r["meta"], r["prefix"])
+    np.testing.assert_array_equal(again.read(column="CORRECTED_DATA").data, want.data)
+    np.testing.assert_array_equal(again.read(column="CORRECTED_DATA").flag, want.flag)
+    np.testing.assert_array_equal(again.read(column="MODEL_DATA").data, model.data)
+    names = {o.object_name for o in store.list(f"runs/{rid}/vis/")}
+    assert not any("/FLAG/02_flagdata/" in k or "/VISIBILITY_CORRECTED/05_applycal/" in k for k in names)
+    assert any("/FLAG/07_flagtargets/" in k for k in names)
+    assert groups <= names
+    # products, contexts and the shell stay; gc.json says what was done; a second gc frees nothing
+    for key in list(r["products"].values()) + [r["final"]["meta"], f"runs/{rid}/context/02_flagdata.json"]:
+        assert store.exists(key)
+    assert store.get_json(f"runs/{rid}/gc.json")["freed_bytes"] == rep["freed_bytes"]
+    assert retention.gc(r["cfg"], store, [rid])[0]["freed_bytes"] == 0
+
+
+def test_gc_drops_the_whole_visibility_store_after_n_days(finished_run, capsys):
+    r = finished_run
+    store, rid = r["store"], r["rid"]
+    assert cli(["gc", rid, "--drop-vis-after-days", "1"]) == 0          # ended just now: not yet
+    assert store.list(f"runs/{rid}/vis/")
+    assert cli(["gc", rid, "--drop-vis-after-days", "0"]) == 0
+    assert "whole visibility store" in capsys.readouterr().out
+    assert not store.list(f"runs/{rid}/vis/")
+    assert all(store.exists(k) for k in r["products"].values())
+
+
+def test_gc_leaves_running_runs_and_the_ebs_of_a_running_mous(s3):
+    cfg, store = s3
+    parent, kid, old = (f"gctest-{uuid.uuid4().hex[:8]}" for _ in range(3))
+    for rid in (parent, kid):
+        store.put_bytes(f"runs/{rid}/vis/p.ms/FLAG/03_x/c/0/0/0", b"x" * 1000)
+        store.put_json(f"runs/{rid}/context/00.json", {"partitions": []})
+    put_record(cfg, record(parent, "RUNNING", f"runs/{parent}/context/00.json"))
+    put_record(cfg, record(kid, "SUCCEEDED", f"runs/{kid}/context/00.json", parent_run_id=parent))
+    assert cli(["gc", f"{parent}-nosuch"]) == 2                       # named, not a traceback
+    reports = {x["run_id"]: x for x in retention.gc(cfg, store, [parent, kid])}
+    assert "not ended" in reports[parent]["skipped"] and "MOUS" in reports[kid]["skipped"]
+    assert store.exists(f"runs/{kid}/vis/p.ms/FLAG/03_x/c/0/0/0")
+    # a run of the layout before the store: its partition tars go, unless they are products
+    for name in ("a.ms.tar", "b.ms.tar", "target.ms.tar"):
+        store.put_bytes(f"runs/{old}/stages/05_applycal/{name}", b"y" * 5000)
+    ctx = {"partitions": [{"name": "a.ms", "key": f"runs/{old}/stages/05_applycal/a.ms.tar"},
+                          {"name": "b.ms", "key": f"runs/{old}/stages/05_applycal/b.ms.tar"}],
+           "target_partitions": [{"name": "t.ms", "key": f"runs/{old}/stages/05_applycal/target.ms.tar"}]}
+    key = store.put_json(f"runs/{old}/context/05_applycal.json", ctx)["key"]
+    store.put_json(f"runs/{old}/products/manifest.json", {"target.ms.tar": f"runs/{old}/stages/05_applycal/target.ms.tar"})
+    put_record(cfg, record(old, "FAILED", key))
+    [rep] = retention.gc(cfg, store, [old])
+    assert rep["old_partition_tars"] == 2 and rep["freed_bytes"] == 10000
+    assert store.exists(f"runs/{old}/stages/05_applycal/target.ms.tar") and store.exists(key)

@@ -1,0 +1,287 @@
+"""The visibility store against the real S3 server of a local stack (decision 0015):
+what a stage's reads fetch and its writes create, object by object, and the worker
+cache's bound."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+import uuid
+
+import numpy as np
+import pytest
+
+from almapipe.msio import storeio
+from almapipe.platform import visstore as vst
+from almapipe.platform.cache import BoundedCache
+from almapipe.platform.store import CachedFetcher, ObjectStore
+
+ROWS, CHANS = 2048, 16       # small chunks: the NGC 5921 spw (63 channels) spans several of each
+
+
+@pytest.fixture(scope="module")
+def s3(stack):
+    _, cfg = stack
+    store = ObjectStore(cfg)
+    store.ensure_buckets()
+    return cfg, store
+
+
+@pytest.fixture(scope="module")
+def ngc(s3, ngc5921_ms, tmp_path_factory):
+    """NGC 5921 ingested as a partition in chunks of ROWS x CHANS, and a fetcher for its shell."""
+    cfg, store = s3
+    tmp = tmp_path_factory.mktemp("vs")
+    run = f"vstest-{uuid.uuid4().hex[:8]}"
+    shell = storeio.make_shell(ngc5921_ms, str(tmp / "ngc.meta.ms"))
+    meta_key = store.put_dir(shell, f"runs/{run}/stages/00_importdata/ngc.meta.ms.tar")["key"]
+    vs = vst.VisStore(cfg, cache_dir=None, cache_limit=0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vst, "chunking", lambda nchan, ncorr: (ROWS, CHANS))
+        entry = storeio.ingest_spw(vs, ngc5921_ms, 0, f"runs/{run}/vis/ngc.spw0.ms", "00_importdata", meta_key,
+                                   "ngc.spw0.ms")
+    fetcher = CachedFetcher(store, str(tmp / "dircache"), limit=0)
+    work = tmp / "work"
+    work.mkdir()
+    return {"cfg": cfg, "store": store, "run": run, "entry": entry,
+            # each partition its own folder, as each stage execution has its own workdir
+            "meta": lambda key: fetcher.dir(key, tempfile.mkdtemp(dir=work)), "prefix": f"runs/{run}/vis/ngc.spw0.ms"}
+
+
+def partition(ngc, tag: str, entry: dict | None = None, vs: vst.VisStore | None = None) -> vst.VisPartition:
+    vs = vs or vst.VisStore(ngc["cfg"], cache_dir=None, cache_limit=0)
+    return vst.VisPartition(vs, entry or ngc["entry"], tag, ngc["meta"], ngc["prefix"])
+
+
+def objects(ngc, under: str = "") -> dict:
+    """key -> sha256 of every object under the partition's prefix (or a part of it)."""
+    store = ngc["store"]
+    return {o.object_name: hashlib.sha256(store.get_bytes(o.object_name)).hexdigest()
+            for o in store.list(f"{ngc['prefix']}/{under}")}
+
+
+def sizes(ngc) -> dict:
+    return {o.object_name: o.size for o in ngc["store"].list(ngc["prefix"] + "/")}
+
+
+def test_ingest_reads_back_as_the_ms(ngc, ngc5921_ms):
+    from almapipe.msio import ms as msio
+    ref = msio.read_vis(ngc5921_ms, 0)
+    v = partition(ngc, "00_x").read()
+    order = np.lexsort((ref.ant2, ref.ant1, ref.time))
+    assert v.data.shape == ref.data.shape
+    np.testing.assert_array_equal(v.data, ref.data[order])
+    np.testing.assert_array_equal(v.flag, ref.flag[order])
+    assert ngc["entry"]["chunks"] == [ROWS, CHANS] and ngc["entry"]["nrow"] > 5 * ROWS
+
+
+def test_a_flag_write_creates_flag_objects_only(ngc):
+    part = partition(ngc, "10_flagtest")
+    before = set(objects(ngc))
+    v = part.read(data=False)
+    rows = v.rows[(v.ant1 == 3) | (v.ant2 == 3)]           # one antenna: rows in every row chunk
+    part.write_flags(rows, np.ones((len(rows), part.nchan, part.ncorr), bool))
+    new = part.commit()
+    created = set(objects(ngc)) - before
+    assert created and all(k.startswith(f"{ngc['prefix']}/FLAG/10_flagtest/") for k in created)
+    changed = {a for a in new["arrays"] if new["arrays"][a] != ngc["entry"]["arrays"][a]}
+    assert changed == {"FLAG"}
+    assert partition(ngc, "11_x", new).read_rows(rows, data=False).flag.all()
+
+
+def test_writing_the_stored_values_writes_nothing(ngc):
+    vs = vst.VisStore(ngc["cfg"], cache_dir=None, cache_limit=0)
+    part = partition(ngc, "12_same", vs=vs)
+    before = set(objects(ngc))
+    v = part.read()
+    part.write("DATA", v.rows, v.data)
+    part.write_flags(v.rows[:100], v.flag[:100])
+    part.write("WEIGHT", v.rows, v.weight)
+    assert part.commit() == ngc["entry"]
+    assert vs.counter.objects_written == 0 and set(objects(ngc)) == before
+
+
+def test_a_retried_write_rewrites_the_same_keys_with_the_same_bytes(ngc):
+    def attempt():
+        part = partition(ngc, "13_retry")
+        v = part.read()
+        rows = v.rows[v.scan == v.scan.max()]
+        corrected = (v.data[np.isin(v.rows, rows)] * 2).astype(np.complex64)
+        part.write("CORRECTED_DATA", rows, corrected)         # a new array: first version
+        part.write("WEIGHT", rows, np.full((len(rows), part.ncorr), 0.5, np.float32))
+        return part.commit()
+
+    first = attempt()
+    got = objects(ngc, "VISIBILITY_CORRECTED/13_retry") | objects(ngc, "WEIGHT/13_retry")
+    second = attempt()
+    assert second == first
+    assert objects(ngc, "VISIBILITY_CORRECTED/13_retry") | objects(ngc, "WEIGHT/13_retry") == got
+    assert any("/c/" in k for k in got)
+
+
+def test_partial_row_writes_copy_the_untouched_chunks_and_read_back(ngc):
+    vs = vst.VisStore(ngc["cfg"], cache_dir=None, cache_limit=0)
+    part = partition(ngc, "14_partial", vs=vs)
+    old = part.read()
+    nrow = part.nrow
+    nchunks = -(-nrow // ROWS)
+    # rows of row chunks 1 and 3 only, a few rows each, some straddling no boundary
+    rows = np.r_[np.arange(ROWS + 5, ROWS + 50), np.arange(3 * ROWS, 3 * ROWS + 7)]
+    flags = np.zeros((len(rows), part.nchan, part.ncorr), bool)
+    flags[:, 10:30] = True
+    part.write_flags(rows, flags)
+    new = part.commit()
+    key = new["arrays"]["FLAG"]
+    assert key == f"{ngc['prefix']}/FLAG/14_partial"
+    # written: 2 row chunks x 4 channel chunks; copied server-side: the others
+    nchan_chunks = -(-part.nchan // CHANS)
+    assert vs.counter.objects_written == 2 * nchan_chunks + 1          # + zarr.json
+    stored = {k.rsplit("/c/", 1)[1] for k in objects(ngc, "FLAG/14_partial/") if "/c/" in k}
+    assert len(stored) == nchunks * nchan_chunks
+    back = partition(ngc, "15_x", new).read()
+    expect = old.flag.copy()
+    expect[rows] = flags
+    np.testing.assert_array_equal(back.flag, expect)
+    np.testing.assert_array_equal(back.data, old.data)
+    # the untouched chunks are the old version's bytes
+    old_objs, new_objs = objects(ngc, "FLAG/00_importdata/"), objects(ngc, "FLAG/14_partial/")
+    for ci in set(range(nchunks)) - {1, 3}:
+        for cj in range(nchan_chunks):
+            tail = f"c/{ci}/{cj}/0"
+            assert new_objs[f"{key}/{tail}"] == old_objs[f"{ngc['entry']['arrays']['FLAG']}/{tail}"]
+
+
+def test_a_channel_range_fetches_only_its_chunks(ngc):
+    vs = vst.VisStore(ngc["cfg"], cache_dir=None, cache_limit=0)
+    part = partition(ngc, "16_x", vs=vs)
+    part.read(data=False, chan=slice(0, 1))      # the index arrays (read whole once) and the shell
+    size = sizes(ngc)
+    arrays = ngc["entry"]["arrays"]
+    start = vs.counter.as_dict()
+    part.read(chan=slice(CHANS, 2 * CHANS))      # channel chunk 1 exactly
+    got = {k: vs.counter.as_dict()[k] - start[k] for k in start}
+    nchunks = -(-part.nrow // ROWS)
+    wanted = [f"{arrays[a]}/c/{ci}/1/0" for a in ("VISIBILITY", "FLAG") for ci in range(nchunks)]
+    wanted += [f"{arrays[a]}/c/{ci}/0" for a in ("UVW", "WEIGHT") for ci in range(nchunks)]
+    wanted += [f"{arrays[a]}/zarr.json" for a in ("VISIBILITY", "FLAG", "UVW", "WEIGHT")]
+    assert got["objects_read"] == len(wanted)
+    assert got["s3_read"] == sum(size[k] for k in wanted)
+    # a channel range across a chunk boundary reads both chunks, no more
+    start = vs.counter.as_dict()
+    part.read(chan=slice(CHANS - 2, CHANS + 2))
+    assert vs.counter.objects_read - start["objects_read"] == 2 * 2 * nchunks + 2 * nchunks + 4
+
+
+def test_read_your_writes_within_a_stage(ngc):
+    part = partition(ngc, "17_ryw")
+    v = part.read(field_ids=[1])
+    rows = v.rows[::3]
+    part.write_flags(rows, np.ones((len(rows), part.nchan, part.ncorr), bool))
+    part.write("CORRECTED_DATA", v.rows, v.data * 3)
+    again = part.read(column="CORRECTED_DATA", field_ids=[1])
+    np.testing.assert_array_equal(again.data, v.data * 3)
+    assert again.flag[::3].all()
+    np.testing.assert_array_equal(again.flag[1::3], v.flag[1::3])
+    blocks = list(part.blocks(column="CORRECTED_DATA", field_ids=[1]))
+    np.testing.assert_array_equal(np.concatenate([b.flag for b in blocks]), again.flag)
+    part.commit()
+    after = part.read(column="CORRECTED_DATA", field_ids=[1], chan=slice(5, 9))
+    np.testing.assert_array_equal(after.data, v.data[:, 5:9] * 3)
+    assert after.flag[::3].all()
+
+
+def test_chunks_written_twice_and_a_second_pass_after_commit(ngc, tmp_path):
+    """Through a worker cache: two writes into one chunk both count (the cache holds the
+    second), and a second pass after commit adds to the stage's version instead of
+    recreating it."""
+    vs = vst.VisStore(ngc["cfg"], cache_dir=str(tmp_path / "c"), cache_limit=64 << 20)
+    part = partition(ngc, "19_twopass", vs=vs)
+    old = part.read(data=False)
+    ones = lambda rows: np.ones((len(rows), part.nchan, part.ncorr), bool)       # noqa: E731
+    a, b, c = np.arange(0, 10), np.arange(10, 20), np.arange(ROWS + 3, 3 * ROWS + 3, 7)
+    part.write_flags(a, ones(a))
+    part.write_flags(b, ones(b))                       # the same row chunk again
+    assert part.read_rows(np.r_[a, b], data=False).flag.all()
+    first = part.commit()
+    part.write_flags(c, ones(c))                       # a second pass, chunks 1 to 3
+    second = part.commit()
+    assert first["arrays"]["FLAG"] == second["arrays"]["FLAG"] == f"{ngc['prefix']}/FLAG/19_twopass"
+    expect = old.flag.copy()
+    for rows in (a, b, c):
+        expect[rows] = True
+    for reader in (part, partition(ngc, "20_x", second)):          # cached and from S3
+        np.testing.assert_array_equal(reader.read(data=False).flag, expect)
+
+
+# ------------------------------------------------------------------ the worker cache
+
+def test_the_chunk_cache_never_exceeds_its_limit(ngc, tmp_path):
+    """A stage reads the partition (about 24 MB of chunks) through a 4 MB cache, twice,
+    with two workers (two caches on one folder) at once; the folder is watched all along."""
+    limit = 4 << 20
+    folder = str(tmp_path / "chunks")
+    stores = [vst.VisStore(ngc["cfg"], cache_dir=folder, cache_limit=limit) for _ in range(2)]
+    peak, done = [0], threading.Event()
+
+    def held():       # objects and writes under way (temporary files), as a disk sees them
+        total = 0
+        for e in os.scandir(folder):
+            if not e.name.startswith("."):
+                try:
+                    total += e.stat().st_size
+                except FileNotFoundError:         # evicted, or renamed into place
+                    pass
+        return total
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], held())
+
+    def stage(vs, out):
+        part = partition(ngc, "18_x", vs=vs)
+        for _ in range(2):
+            out.append(sum(int(b.flag.sum()) + b.data.size for b in part.blocks(column="DATA")))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    results = [[], []]
+    try:
+        workers = [threading.Thread(target=stage, args=(vs, out)) for vs, out in zip(stores, results)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        done.set()
+        watcher.join()
+    read = sum(vs.counter.s3_read + vs.counter.cache_read for vs in stores)
+    assert read > 8 * limit                     # the stages read far more than the cache holds
+    assert 0 < peak[0] <= limit
+    assert stores[0].cache.held() <= limit
+    assert results[0] == results[1] and len(set(results[0])) == 1      # and read right
+
+
+def test_the_directory_cache_is_bounded_and_unpacks_private_copies(s3, tmp_path):
+    cfg, store = s3
+    keys = []
+    for i in range(6):                          # six 200 kB directories through a 1 MB cache
+        d = tmp_path / "src" / f"t{i}.tbl"
+        d.mkdir(parents=True)
+        (d / "table.f0").write_bytes(np.random.default_rng(i).bytes(200_000))
+        keys.append(store.put_dir(str(d), f"runs/dircache-{uuid.uuid4().hex[:6]}/t{i}.tbl.tar")["key"])
+    fetcher = CachedFetcher(store, str(tmp_path / "cache"), limit=1 << 20)
+    work = tmp_path / "work"
+    work.mkdir()
+    for rnd in range(2):
+        for i, key in enumerate(keys):
+            path = fetcher.dir(key, str(work))
+            assert open(os.path.join(path, "table.f0"), "rb").read() == \
+                np.random.default_rng(i).bytes(200_000)
+            assert fetcher.cache.held() <= 1 << 20
+    assert keys[-1] in fetcher.cache and keys[0] not in fetcher.cache     # least recently used went
+    # a killed writer's temporary file is swept; .size is recounted
+    open(os.path.join(fetcher.cache_dir, "x.12345.tmp"), "wb").write(b"x" * 1000)
+    again = BoundedCache(fetcher.cache_dir, 1 << 20)
+    assert not os.path.exists(os.path.join(fetcher.cache_dir, "x.12345.tmp"))
+    assert int(open(os.path.join(fetcher.cache_dir, ".size")).read()) == again.held()
