@@ -10,7 +10,9 @@ import shlex
 
 import numpy as np
 
-from .base import QA, StageError, StageIO, stage
+from .base import QA, Param, StageError, StageIO, stage
+from ..heuristics.callibrary import calibrator_ids
+from ..heuristics.channels import spike_channels
 from ..imaging.uvcontsub import parse_channels
 from ..msio import ms as msio
 from ..msio.listobs import intents_of_modes
@@ -162,13 +164,23 @@ def _antenna_rows(vis, spec: str, ants: list) -> np.ndarray:
     return rows
 
 
-@stage("flagdata", service="calibrator")
+@stage("flagdata", service="calibrator", topic="Flagging",
+       reads=("user", "observation", "fields", "partitions", "flags"), writes=("partitions", "flags"), params=(
+           Param("template", str, "", "flag commands (CASA flagdata syntax); empty: the run's flag template"),
+           Param("online", bool, True, "apply the online flags (FLAG_CMD)"),
+           Param("autocorr", bool, True, "flag the autocorrelations"),
+           Param("zeros", bool, True, "flag exact zeros"),
+           Param("unused_intents", list, ["ATMOSPHERE", "POINTING", "SIDEBAND", "FOCUS"],
+                 "scan intents not used for calibration, flagged"),
+           Param("edge_fraction", float, 0.0, "fraction of each spw's channels flagged at each edge",
+                 min=0.0, max=0.49),
+           Param("shadow", bool, True, "flag shadowed antennas")))
 def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
-    template = params.get("template") or ctx["user"].get("flag_template") or ""
+    template = params["template"] or ctx["user"].get("flag_template") or ""
     commands = parse_template(template) if template else []
     online = []
-    if params.get("online", True) and ctx["partitions"]:
+    if params["online"] and ctx["partitions"]:
         # ALMA's online flags (FLAG_CMD): the same command syntax as a template
         rows = msio.online_flag_commands(io.fetch_dir(ctx["partitions"][0]["key"]))
         online = parse_template("\n".join(r["command"] for r in rows))
@@ -194,22 +206,22 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
             summary[reason] += int(new.sum())
             flag[...] |= mask
 
-        if params.get("autocorr", True):
+        if params["autocorr"]:
             add(np.broadcast_to((vis.ant1 == vis.ant2)[:, None, None], flag.shape), "autocorr")
-        if params.get("zeros", True):
+        if params["zeros"]:
             add(np.abs(vis.data) == 0, "zeros")
-        unused = set(params.get("unused_intents", ["ATMOSPHERE", "POINTING", "SIDEBAND", "FOCUS"]))
+        unused = set(params["unused_intents"])
         if unused and state_intents:
             bad_states = [i for i, its in enumerate(state_intents) if its and its <= unused]
             add(np.broadcast_to(np.isin(vis.state_id, bad_states)[:, None, None], flag.shape), "intents")
-        edge = params.get("edge_fraction", 0.0)     # ALMA TDM spws: 1/16 of the channels at each edge
+        edge = params["edge_fraction"]     # ALMA TDM spws: 1/16 of the channels at each edge
         if edge > 0:
             nchan = flag.shape[1]
             n_edge = int(np.ceil(edge * nchan))
             edges = np.zeros(nchan, bool)
             edges[:n_edge] = edges[nchan - n_edge:] = True
             add(np.broadcast_to(edges[None, :, None], flag.shape), "edges")
-        if params.get("shadow", True):
+        if params["shadow"]:
             add(np.broadcast_to(shadow_mask(vis.time, vis.ant1, vis.ant2, vis.uvw, diam)[:, None, None],
                                 flag.shape), "shadow")
         for cmd in online:
@@ -240,33 +252,6 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
     return qa
 
 
-def spike_channels(spec: np.ndarray, good: np.ndarray, nsigma: float) -> np.ndarray:
-    """Channels of a smooth spectrum that jump away from their neighbours: the
-    robust second difference (1.4826 MAD) beyond nsigma, found one channel at a
-    time, worst first. A spike also raises its neighbours' second difference (by
-    half), which vanishes once the spike itself is left out; a bandpass or a Tsys
-    spectrum is smooth, a birdie or a bad correlator channel is not."""
-    bad = np.zeros(len(spec), bool)
-    if good.sum() < 5:
-        return bad
-
-    def second_difference(idx):
-        a = spec[idx]
-        d2 = np.zeros_like(a)
-        d2[1:-1] = a[1:-1] - 0.5 * (a[:-2] + a[2:])
-        return d2
-
-    idx = np.flatnonzero(good)
-    d2 = second_difference(idx)
-    sigma = 1.4826 * np.median(np.abs(d2[1:-1] - np.median(d2[1:-1]))) or 1e-30
-    for _ in range(max(1, len(spec) // 10)):
-        d2 = second_difference(idx)
-        k = int(np.argmax(np.abs(d2)))
-        if abs(d2[k]) <= nsigma * sigma:
-            break
-        bad[idx[k]] = True
-        idx = np.delete(idx, k)
-    return bad
 
 
 def outlier_channels(vis: msio.Vis, nsigma: float = 8.0) -> np.ndarray:
@@ -277,17 +262,18 @@ def outlier_channels(vis: msio.Vis, nsigma: float = 8.0) -> np.ndarray:
     return spike_channels(spec, w.sum(axis=(0, 2)) > 0, nsigma)
 
 
-@stage("rawflagchans", service="calibrator")
+@stage("rawflagchans", service="calibrator", topic="Flagging",
+       reads=("fields", "observation", "partitions", "flags"), writes=("partitions", "flags"), params=(
+           Param("nsigma", float, 8.0, "robust sigmas of a spiking channel", min=0.0),))
 def rawflagchans(ctx: dict, params: dict, io: StageIO) -> QA:
     """Flag channels that stand out in the calibrators' raw spectra, in every field (hif_rawflagchans)."""
-    from .calibration import calibrator_ids
     qa = QA()
     found, new_parts = {}, []
     for part in ctx["partitions"]:
         ms = io.fetch_dir(part["key"])
         cal = msio.read_vis(ms, part["spw"], field_ids=calibrator_ids(ctx))
         io.visibilities += cal.data.size
-        bad = outlier_channels(cal, params.get("nsigma", 8.0))
+        bad = outlier_channels(cal, params["nsigma"])
         if bad.any():
             vis = msio.read_vis(ms, part["spw"])
             flag = vis.flag | bad[None, :, None]
