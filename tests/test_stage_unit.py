@@ -138,7 +138,9 @@ def _is_ctx_key(node) -> bool:
 
 def test_every_context_key_the_code_writes_is_declared():
     from almapipe.stages.base import new_context
-    undeclared = set(new_context("r", {}, "k", {})) - set(CONTEXT)
+    fresh = new_context("r", {}, "k", {})
+    assert all(isinstance(v, CONTEXT[k][0]) for k, v in fresh.items() if k in CONTEXT)
+    undeclared = set(fresh) - set(CONTEXT)
     for path in _modules():
         with open(path) as f:
             for fn, keys in _context_writes(ast.parse(f.read())).items():

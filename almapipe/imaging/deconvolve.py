@@ -277,8 +277,6 @@ def multiscale(residual: np.ndarray, psf: np.ndarray, model: np.ndarray, gain: f
     return done
 
 
-
-
 def clean(op, niter: int, threshold: float, gain: float = 0.1, cyclefactor: float = 1.5, max_major: int = 20,
           mask: np.ndarray | None = None, nsigma: float = 0.0, automask: bool = False,
           threshold_from_dirty=None, automask_params=None, scales: list | None = None) -> CleanResult:

@@ -30,12 +30,6 @@ from ..msio import ms as msio  # noqa: E402
 
 # ------------------------------------------------------------------ helpers
 
-
-
-
-
-
-
 def load_table(io: StageIO, ctx: dict, name: str, spw: int) -> CalSolutions:
     entry = ctx["caltables"].get(name)
     if entry is None:
@@ -45,8 +39,6 @@ def load_table(io: StageIO, ctx: dict, name: str, spw: int) -> CalSolutions:
         if sol.spw == spw:
             return sol
     raise StageError(f"{name} table has no solutions for spw {spw}")
-
-
 
 
 def read_part(io: StageIO, part: dict, fields=None, column="DATA") -> tuple[str, msio.Vis]:
@@ -63,8 +55,6 @@ def save_table(io: StageIO, ctx: dict, name: str, sols: list, ms_path: str) -> d
     ctx["caltables"][name] = {"key": entry["key"], "sha256": entry["sha256"], "kind": sols[0].kind,
                               "name": os.path.basename(path)}
     return entry
-
-
 
 
 def solution_qa(qa: QA, sols: list, what: str, ctx: dict) -> None:
@@ -95,8 +85,6 @@ def solution_qa(qa: QA, sols: list, what: str, ctx: dict) -> None:
     qa.note(f"Median {what} solution SNR {np.median(np.concatenate(good)) if good else 0:.1f}.")
 
 
-
-
 def apply_for(ctx: dict, io: StageIO, spw: int) -> list:
     """The whole calibration library, in order, as GainApply (applycal)."""
     out = []
@@ -115,8 +103,6 @@ def preapply(ctx: dict, io: StageIO, spw: int) -> list:
     for a in out:
         a.calwt = False
     return out
-
-
 
 
 # ------------------------------------------------------------------ refant

@@ -252,8 +252,6 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
     return qa
 
 
-
-
 def outlier_channels(vis: msio.Vis, nsigma: float = 8.0) -> np.ndarray:
     """Channels (nchan,) that spike in the time- and baseline-averaged amplitude spectrum."""
     w = np.where(vis.flag, 0, vis.weight[:, None, :])

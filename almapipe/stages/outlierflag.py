@@ -28,6 +28,7 @@ from ..calibration.caltable import CalSolutions
 from ..calibration.terms import SolveSpec, point_model, solve_term
 from ..msio import ms as msio
 
+
 def _robust(x: np.ndarray, floor: float) -> tuple[float, float]:
     return robust_centre_sigma(x, floor)
 
