@@ -153,9 +153,10 @@ class Param:
 
     type: bool, int, float (an int is accepted), str, list or dict, or a tuple of
     them; a dict with `fields` is checked key by key against them (makeimages' image
-    parameters); one without is free-form (field_roles). default None means "from the
-    data" (the stage's heuristics decide). internal: set by the pipeline itself (a
-    fan-out's piece, the WebLog's failure), never by a recipe."""
+    parameters); one without is free-form (field_roles). default None means "none": the
+    stage decides (from its heuristics, or does without; the doc says which), and a
+    recipe may say null for it. internal: set by the pipeline itself (a fan-out's piece,
+    the WebLog's failure), never by a recipe."""
     name: str
     type: type | tuple
     default: Any = None
@@ -203,7 +204,7 @@ def check_value(where: str, p: Param, value) -> None:
     """Raise ParameterError naming `where` (stage.param) and what it allows."""
     types = p.type if isinstance(p.type, tuple) else (p.type,)
     if value is None and p.default is None:
-        return                                      # "from the data", said explicitly
+        return                                      # "none", said explicitly
     if not _type_ok(value, types):
         raise ParameterError(f"{where} = {json.dumps(value)[:40]}: expected {p.describe()}")
     if p.choices and value not in p.choices:
@@ -217,9 +218,9 @@ def check_value(where: str, p: Param, value) -> None:
         check_params(where, p.fields, value)
 
 
-def check_params(where: str, declared: tuple, params: dict, internal_ok: bool = False) -> None:
+def check_params(where: str, declared: tuple, params: dict) -> None:
     """Every parameter known, of its type and in its range; ParameterError otherwise."""
-    known = {p.name: p for p in declared if internal_ok or not p.internal}
+    known = {p.name: p for p in declared if not p.internal}
     for name, value in params.items():
         if name not in known:
             raise ParameterError(f"{where}: unknown parameter {name!r}; allowed: "
