@@ -3,6 +3,7 @@
   almapipe up | down | status          the local stack
   almapipe run [INPUT] --out DIR       submit through the gateway, follow, download the products
   almapipe recipes                     list the recipes
+  almapipe recipes --describe STAGE    a stage's parameters, what it reads and writes
   almapipe token add NAME --role R     a gateway token for a new identity
   almapipe simulate --preset small     an ALMA-like EB with known truth
   almapipe restore PACKAGE EB.ms --out DIR   the calibrated MS again, from the package
@@ -109,6 +110,13 @@ def cmd_token(args) -> int:
 
 def cmd_recipes(args) -> int:
     from . import recipes
+    if args.describe:
+        try:
+            print(recipes.describe(args.describe))
+        except recipes.RecipeError as exc:
+            print(f"almapipe recipes: {exc}", file=sys.stderr)
+            return 2
+        return 0
     for name in recipes.available():
         r = recipes.load(name)
         print(f"{name}: {' -> '.join(s['stage'] for s in r['stages'])}")
@@ -172,6 +180,18 @@ def cmd_run(args) -> int:
     # no recipe: the built-in data's own, else the one for the telescope that observed
     # the data, chosen by the pipeline once it has read them
     recipe_name = args.recipe or (DEFAULT_RECIPE if not args.input else None)
+    params = {}
+    for p in args.param or []:
+        k, eq, v = p.partition("=")
+        if not eq:
+            print(f"almapipe run: --param {p!r}: expected stage.param=value", file=sys.stderr)
+            return 2
+        params[k] = v
+    mous = len(inputs) > 1 or bool(args.mous)
+    problem = check_request(recipe_name, args.recipe_file, params, mous)
+    if problem:          # refused here, before a stack is started or anything uploaded
+        print(f"almapipe run: {problem}", file=sys.stderr)
+        return 2
     cfg = Config.from_env()
     started = None
     if not gateway_healthy(cfg):
@@ -184,14 +204,6 @@ def cmd_run(args) -> int:
             return 1
         cfg = Config.from_env()
     try:
-        params = {}
-        for p in args.param or []:
-            k, eq, v = p.partition("=")
-            if not eq:
-                print(f"almapipe run: --param {p!r}: expected stage.param=value", file=sys.stderr)
-                return 2
-            params[k] = v
-        mous = len(inputs) > 1 or bool(args.mous)
         req = pb.SubmitRunRequest(mous_id=args.mous or "", recipe=recipe_name or "", parameters=params,
                                   flag_template=_read(args.flag_template), cont_dat=_read(args.cont_dat),
                                   label=args.mous or os.path.basename(input_path))
@@ -228,6 +240,28 @@ def cmd_run(args) -> int:
     finally:
         if started is not None and not args.keep_stack:
             started.down()
+
+
+def check_request(recipe_name: str | None, recipe_file: str | None, params: dict, mous: bool) -> str:
+    """What the gateway's SubmitRun would refuse in the recipe and the --param overrides
+    (an unknown stage or parameter, a wrong type, a value out of range), or ''. The
+    gateway checks again; checking here spares starting a stack and uploading the data."""
+    from . import recipes
+    try:
+        if recipe_file:
+            with open(recipe_file) as f:
+                recipe = recipes.validate(json.load(f))
+        elif recipe_name or mous:          # an MOUS without a recipe is ALMA's
+            recipe = recipes.load(recipe_name or "alma_calimage")
+        else:                              # chosen from the data's telescope: valid in one candidate
+            recipes.check_overrides_somewhere(params, sorted(set(recipes.BY_TELESCOPE.values()) | {recipes.DEFAULT}))
+            return ""
+        recipes.apply_overrides(recipe, params)
+    except recipes.RecipeError as exc:
+        return str(exc)
+    except (OSError, ValueError) as exc:     # an unreadable file, not JSON
+        return f"--recipe-file {recipe_file}: {exc}"
+    return ""
 
 
 def _read(path):
@@ -341,7 +375,9 @@ def main(argv=None) -> int:
     sub.add_parser("up", help="start the local stack").set_defaults(fn=cmd_up)
     sub.add_parser("down", help="stop the local stack").set_defaults(fn=cmd_down)
     sub.add_parser("status", help="show the local stack's processes").set_defaults(fn=cmd_status)
-    sub.add_parser("recipes", help="list recipes").set_defaults(fn=cmd_recipes)
+    rc = sub.add_parser("recipes", help="list recipes; --describe STAGE: a stage's parameters")
+    rc.add_argument("--describe", metavar="STAGE", help="print a stage's parameters (types, defaults, allowed values)")
+    rc.set_defaults(fn=cmd_recipes)
     tk = sub.add_parser("token", help="gateway tokens: `almapipe token add NAME --role reader`")
     tk.add_argument("action", choices=["add"])
     tk.add_argument("identity")

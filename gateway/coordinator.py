@@ -459,7 +459,7 @@ class Coordinator:
         """almapipe_queue_pending{service}: stage requests not yet taken by a worker,
         from each service's durable consumer (num_pending)."""
         from almapipe.stages import REGISTRY
-        services = sorted({svc for svc, _ in REGISTRY.values()})
+        services = sorted({spec.service for spec in REGISTRY.values()})
         while True:
             for svc in services:
                 try:

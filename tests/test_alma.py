@@ -795,7 +795,7 @@ def test_a_retried_flag_stage_writes_the_same_keys_and_bytes(alma_run, stack, tm
     io = StageIO(store, CachedFetcher(store, str(tmp_path / "cache")), run.run_id, stage_index, "flagdata",
                  tempfile.mkdtemp(dir=tmp_path))
     params = next(r["params"] for r in _final_context(cfg, run)["stage_results"] if r["name"] == "flagdata")
-    REGISTRY["flagdata"][1](ctx, dict(params), io)
+    REGISTRY["flagdata"].fn(ctx, dict(params), io)
     after = {o.object_name: o.etag for o in store.list(prefix) if f"/{stage_index:02d}_flagdata/" in o.object_name}
     assert after == before
 

@@ -336,10 +336,39 @@ def test_ms_tar_input_and_a_recipe_document(stack, stub, ngc5921_ms):
     assert any("template" in r for r in run.stages[1].qa_reasons)
 
 
-def test_bad_parameter_fails_at_once_with_its_name(stack, stub):
+def _run_ids(stub) -> set:
+    ids, token = set(), ""
+    while True:
+        resp = stub.ListRuns(pb.ListRunsRequest(limit=100, page_token=token), timeout=10)
+        ids |= {r.run_id for r in resp.runs}
+        token = resp.next_page_token
+        if not token:
+            return ids
+
+
+def test_a_wrong_parameter_is_refused_at_submit_and_nothing_runs(stack, stub):
+    """Parameters are checked against the stages' declarations in SubmitRun (decision
+    0016): a misspelt name, a wrong type or a value out of range is INVALID_ARGUMENT
+    naming the stage, the parameter and what it allows, and no run is made (before, a
+    misspelt name was ignored and a bad value failed the stage minutes later)."""
     _, cfg = stack
-    run = stub.SubmitRun(pb.SubmitRunRequest(input_key=upload_input(cfg, NGC5921), recipe="ngc5921",
-                                             parameters={"bandpass.solint": "often"}))
-    run = wait_run(stub, run.run_id, 120)
-    assert run.status == pb.RUN_STATUS_FAILED
-    assert "solint 'often'" in run.error and run.stages[4].attempts == 1
+    key = upload_input(cfg, NGC5921)
+    before = _run_ids(stub)
+    cases = [
+        (dict(recipe="ngc5921", parameters={"bandpass.solintt": '"inf"'}), [],
+         ["bandpass", "'solintt'", "allowed: combine"]),
+        (dict(recipe="ngc5921", parameters={"makeimages.cube": json.dumps({"niter": "lots"})}), [],
+         ["makeimages.cube.niter", '"lots"', "expected int"]),
+        (dict(recipe="ngc5921", parameters={"bandpass.solint": "often"}), [],
+         ["bandpass.solint", "often", "int|scan|inf"]),
+        (dict(parameters={"gaincal.nosuchparam": "1"}), [], ["gaincal", "'nosuchparam'", "allowed:"]),   # auto recipe
+        (dict(), [("x-almapipe-recipe", json.dumps({"stages": [{"stage": "importdata", "params": {}},
+                                                              {"stage": "flagdata", "params": {"autocorr": "yes"}}]}))],
+         ["flagdata.autocorr", "expected bool"]),
+    ]
+    for fields, metadata, words in cases:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.SubmitRun(pb.SubmitRunRequest(input_key=key, **fields), metadata=metadata, timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        assert all(w in e.value.details() for w in words), e.value.details()
+    assert _run_ids(stub) == before           # nothing was submitted, nothing runs

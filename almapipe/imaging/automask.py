@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .deconvolve import robust_rms
+from ..heuristics.robust import robust_rms
 
 
 @dataclass

@@ -13,6 +13,8 @@ import numpy as np
 from scipy import optimize
 
 from . import clean_kernels, gridding
+from .automask import AutomaskParams, update_mask
+from ..heuristics.robust import robust_rms
 
 
 @dataclass
@@ -275,11 +277,6 @@ def multiscale(residual: np.ndarray, psf: np.ndarray, model: np.ndarray, gain: f
     return done
 
 
-def robust_rms(img: np.ndarray) -> float:
-    v = img[np.isfinite(img)]
-    return float(1.4826 * np.median(np.abs(v - np.median(v)))) if v.size else 0.0
-
-
 def clean(op, niter: int, threshold: float, gain: float = 0.1, cyclefactor: float = 1.5, max_major: int = 20,
           mask: np.ndarray | None = None, nsigma: float = 0.0, automask: bool = False,
           threshold_from_dirty=None, automask_params=None, scales: list | None = None) -> CleanResult:
@@ -312,7 +309,6 @@ def clean(op, niter: int, threshold: float, gain: float = 0.1, cyclefactor: floa
     done, major, reason = 0, 0, "niter reached"
     while done < niter and major < max_major:
         if automask:
-            from .automask import AutomaskParams, update_mask
             mask = update_mask(residual, mask, sidelobe, beam_pixels,
                                automask_params or AutomaskParams()).astype(float)
             if not mask.any():

@@ -54,12 +54,15 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
     (shard >= 1) does not advance the context: it leaves ctx["piece"], written as
     its result for the join. A join folds its QA, outputs and log into the stage
     it belongs to."""
-    service, fn = REGISTRY[req.stage]
+    spec = REGISTRY[req.stage]
+    service, fn = spec.service, spec.fn
     done = replay(store, req)
     if done is not None:
         return done
     ctx = store.get_json(req.context_key)
     params = json.loads(req.params_json or "{}")
+    # every declared parameter present: a stage body reads params["x"], its default declared once
+    params = spec.with_defaults(params)
     workdir = tempfile.mkdtemp(prefix=f"{req.stage}-", dir=workroot)
     label = req.stage if req.shard == 0 else f"{req.stage}_{req.shard}"
     io = StageIO(store, fetcher, req.run_id, req.stage_index, label, workdir)

@@ -88,7 +88,8 @@ def validate(recipe: dict) -> dict:
         if not isinstance(st.get("params", {}), dict):
             raise RecipeError(f"recipe stage {i} ({st['stage']}): params must be an object")
         st.setdefault("params", {})
-        st["service"] = REGISTRY[st["stage"]][0]
+        check_params(st)
+        st["service"] = REGISTRY[st["stage"]].service
     recipe.setdefault("name", "custom")
     recipe.setdefault("version", 1)
     return recipe
@@ -115,7 +116,43 @@ def apply_overrides(recipe: dict, overrides: dict) -> dict:
         else:
             value = raw
         stages[idx[0]]["params"][param] = value
+        check_params(stages[idx[0]])
     return out
+
+
+def check_params(st: dict) -> None:
+    """A recipe stage's parameters against its declaration (stages.base.Param): an
+    unknown name, a wrong type or a value out of range is a RecipeError naming the
+    stage, the parameter and what is allowed, so a run is refused at submit rather
+    than failing minutes later."""
+    try:
+        REGISTRY[st["stage"]].check(st["params"])
+    except ParameterError as exc:
+        raise RecipeError(str(exc)) from None
+
+
+def describe(stage_name: str) -> str:
+    """A stage's parameters as `almapipe recipes --describe STAGE` prints them."""
+    if stage_name not in REGISTRY:
+        raise RecipeError(f"unknown stage {stage_name!r}; known: {', '.join(sorted(REGISTRY))}")
+    spec = REGISTRY[stage_name]
+    doc = (spec.fn.__doc__ or "").strip().split("\n\n")[0]
+    lines = [f"{spec.name} ({spec.service}; WebLog topic {spec.topic})", "    " + " ".join(doc.split())]
+    lines.append(f"  reads:  {', '.join(spec.reads) or '-'}")
+    lines.append(f"  writes: {', '.join(spec.writes) or '-'}")
+    public = [p for p in spec.params if not p.internal]
+    lines.append("  parameters:" if public else "  parameters: none")
+
+    def add(params, indent):
+        for p in params:
+            if p.internal:
+                continue
+            lines.append(f"{indent}{p.name}: {p.describe()}")
+            if p.doc:
+                lines.append(f"{indent}    {p.doc}")
+            add(p.fields, indent + "    ")
+    add(public, "    ")
+    return "\n".join(lines)
 
 
 # The last stage an MOUS runs per execution block: everything up to it calibrates one EB

@@ -12,15 +12,17 @@ import os
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from ..stages.base import qa_colour
+from ..stages.base import REGISTRY, TOPICS, qa_colour
 
-TOPICS = [("Data set", {"importdata"}),
-          ("Flagging", {"flagdata", "fluxcalflag", "rawflagchans", "tsysflag", "lowgainflag", "gainflag",
-                        "flagtargets"}),
-          ("Calibration", {"refant", "tsyscal", "antpos", "wvrgcal", "setjy", "bandpass", "spwphaseup", "gaincal",
-                           "fluxscale", "timegaincal", "applycal", "fluxconsistency"}),
-          ("Line finding and imaging", {"split", "uvcontsub", "makeimages"}),
-          ("Products", {"exportdata", "weblog"})]
+
+def by_topic(stages: list) -> list:
+    """The By Topic page's sections: (topic, its stages), in TOPICS order. Each stage
+    declares its topic where it is registered (stages.base.stage), so a new stage is
+    never missing here."""
+    def topic(s):
+        spec = REGISTRY.get(s["name"])
+        return spec.topic if spec else ""
+    return [(t, [s for s in stages if topic(s) == t]) for t in TOPICS]
 
 
 def _env() -> Environment:
@@ -135,7 +137,7 @@ def render(ctx: dict, out_dir: str, plot_files: dict) -> list:
             **common),
         "by_task.html": env.get_template("by_task.html").render(title="By Task", **common),
         "by_topic.html": env.get_template("by_topic.html").render(
-            title="By Topic", topics=[(t, [s for s in stages if s["name"] in names]) for t, names in TOPICS], **common),
+            title="By Topic", topics=by_topic(stages), **common),
     }
     for s in stages:
         pages[f"stage{s['index']}.html"] = env.get_template("stage.html").render(title=s["name"], s=s, **common)

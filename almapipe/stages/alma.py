@@ -27,8 +27,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from astropy.time import Time  # noqa: E402
 
-from .base import QA, StageError, StageIO, field_ids_with, field_name, require_intent, spw_info, stage  # noqa: E402
-from .calibration import calibrator_ids, field_models, preapply, read_part, refant_id, register, save_table  # noqa: E402
+from .base import (CAL_READS, QA, Param, StageError, StageIO, field_ids_with, field_name,  # noqa: E402
+                   require_intent, spw_info, stage, with_defaults)
+from .calibration import preapply, read_part, save_table  # noqa: E402
+from ..heuristics.callibrary import calibrator_ids, field_models, refant_id, register  # noqa: E402
+from ..heuristics.robust import robust_sigma  # noqa: E402
 from ..calibration.caltable import CalSolutions  # noqa: E402
 from ..calibration import solar_system  # noqa: E402
 from ..calibration.terms import SolveSpec, point_model, solve_term  # noqa: E402
@@ -120,7 +123,10 @@ def tsys_solutions(ms_path: str, science_spw: int, scans: list) -> tuple[CalSolu
     return sol, int(tspw)
 
 
-@stage("tsyscal", service="calibrator")
+@stage("tsyscal", service="calibrator", topic="Calibration", reads=("observation", "fields", "partitions"),
+       writes=("tsys", "caltables", "callibrary"), params=(
+           Param("max_median_tsys_k", float, 1000.0, "a spw whose median Tsys is above this is named", unit="K",
+                 min=0.0),))
 def tsyscal(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
     sols, ms_path, summary = [], None, []
@@ -141,7 +147,7 @@ def tsyscal(ctx: dict, params: dict, io: StageIO) -> QA:
         med = float(np.median(t_on[good])) if good.any() else 0.0
         summary.append({"spw": part["spw"], "tsys_spw": tsys_spw, "median_tsys_k": med})
         qa.note(f"spw {part['spw']}: Tsys from spw {tsys_spw}, median {med:.0f} K.")
-        if med > params.get("max_median_tsys_k", 1000):
+        if med > params["max_median_tsys_k"]:
             qa.lower(0.6, f"spw {part['spw']}: median Tsys {med:.0f} K is very high.")
         _plot_tsys(io, t_on, sol.antenna, sol.freq, part["spw"])
     if not sols:
@@ -218,10 +224,13 @@ def sample_times(time: np.ndarray, field: np.ndarray, scan: np.ndarray, step_s: 
     return np.asarray(out_t)[order], np.asarray(out_f)[order]
 
 
-@stage("antpos", service="calibrator")
+@stage("antpos", service="calibrator", topic="Calibration", reads=("user", "observation", "partitions"),
+       writes=("antpos", "caltables", "callibrary"), params=(
+           Param("csv", str, "", "antenna position corrections (antennapos.csv); empty: the one beside the MS"),
+           Param("sample_s", float, 60.0, "the correction is tabulated this often", unit="s", min=1.0)))
 def antpos(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
-    text = params.get("csv") or ctx["user"].get("antennapos") or ""
+    text = params["csv"] or ctx["user"].get("antennapos") or ""
     offsets = parse_antennapos(text) if text else {}
     if not offsets:
         qa.note("No antenna position corrections given (antennapos.csv): nothing to correct.")
@@ -240,7 +249,7 @@ def antpos(ctx: dict, params: dict, io: StageIO) -> QA:
         p = io.vis(part)
         ms_path = p.meta
         times, fids = sample_times(p.index("TIME"), p.index("FIELD_ID"), p.index("SCAN_NUMBER"),
-                                   params.get("sample_s", 60.0))
+                                   params["sample_s"])
         ra = np.array([fields[f]["ra_rad"] for f in fids])
         dec = np.array([fields[f]["dec_rad"] for f in fids])
         s = source_vectors(times, ra, dec)                                   # (nt, 3)
@@ -316,7 +325,13 @@ def circular_residual(phase: np.ndarray, groups: np.ndarray, use: np.ndarray) ->
     return out
 
 
-@stage("wvrgcal", service="calibrator")
+@stage("wvrgcal", service="calibrator", topic="Calibration",
+       reads=CAL_READS + ("aux_partitions",),
+       writes=("wvr", "caltables", "callibrary"), params=(
+           Param("minsnr", float, 3.0, "per-integration phase solutions below this SNR are not used", min=0.0),
+           Param("min_correlation", float, 0.5, "an antenna whose WVR follows its phases less is interpolated",
+                 min=0.0, max=1.0),
+           Param("min_ratio", float, 1.0, "a phase rms improvement below this ratio lowers the score", min=0.0)))
 def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
     ants = ctx["observation"]["antennas"]
@@ -346,7 +361,7 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
     model = point_model(vis, field_models(ctx, unit_for=cal_ids))
     # per polarisation (G): before the bandpass the X and Y phases are unrelated
     ph = solve_term(vis, model, SolveSpec(kind="G", solint="int", calmode="p", refant=ref,
-                                          minsnr=params.get("minsnr", 3.0), preapply=preapply(ctx, io, part0["spw"])))
+                                          minsnr=params["minsnr"], preapply=preapply(ctx, io, part0["spw"])))
     idx = nearest_index(wtimes, ph.time)
     # only slots with the reference antenna: elsewhere the phases are relative to
     # another antenna, whose path the proxy differences below would not follow
@@ -371,7 +386,7 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
             continue
         c = np.corrcoef(resid_phase[r], resid_proxy[r])[0, 1] if resid_proxy[r].std() > 0 else 0.0
         corr[int(a)] = float(c)
-        if not np.isfinite(c) or abs(c) < params.get("min_correlation", 0.5):
+        if not np.isfinite(c) or abs(c) < params["min_correlation"]:
             bad_ants.append(int(a))
     good = ok & ~np.isin(ph.antenna, bad_ants) & (ph.antenna != ref)
     if good.sum() < 10:
@@ -410,7 +425,7 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
     if bad_ants:
         qa.lower(0.8, f"WVR of {', '.join(ants[a]['name'] for a in bad_ants)} does not follow the phases: "
                       f"their path interpolated from the nearest antennas.")
-    if ratio < params.get("min_ratio", 1.0):
+    if ratio < params["min_ratio"]:
         qa.lower(0.5, f"WVR correction does not improve the phases (ratio {ratio:.2f}).")
     _plot_wvr(io, wtimes, path_m, ants)
     return qa
@@ -463,14 +478,18 @@ def line_channels(body: str, freq_hz: np.ndarray, table: dict | None = None) -> 
     return out
 
 
-@stage("fluxcalflag", service="calibrator")
+@stage("fluxcalflag", service="calibrator", topic="Flagging",
+       reads=("fields", "observation", "partitions", "flags"), writes=("partitions", "flags"), params=(
+           Param("lines", dict, None, "lines by body: {\"titan\": [[\"CO\", 0.5], ...]} (molecule, half width "
+                 "in GHz); none: the built-in table"),
+           Param("max_fraction", float, 0.75, "a spw with more of its channels on lines is named", min=0.0, max=1.0)))
 def fluxcalflag(ctx: dict, params: dict, io: StageIO) -> QA:
     """Flag the channels of solar system flux calibrators that lie on their
     atmospheric lines (hifa_fluxcalflag), so the continuum model of setjy holds on
     what is left; a spw left with too few channels is named."""
     qa = QA()
     flux_ids = require_intent(ctx, "FLUX", "fluxcalflag")
-    table = params.get("lines")
+    table = params["lines"]
     if table is not None:
         table = {k.lower(): [tuple(x) for x in v] for k, v in table.items()}
     found, new_parts = {}, []
@@ -490,7 +509,7 @@ def fluxcalflag(ctx: dict, params: dict, io: StageIO) -> QA:
                 found.setdefault(name, {})[str(part["spw"])] = np.flatnonzero(m).tolist()
                 frac = m.mean()
                 qa.note(f"{name} spw {part['spw']}: {m.sum()} channels on lines flagged.")
-                if frac > params.get("max_fraction", 0.75):
+                if frac > params["max_fraction"]:
                     qa.lower(0.5, f"{name} spw {part['spw']}: {frac:.0%} of the channels lie on its lines; "
                                   f"its flux scale in that spw rests on {int((~m).sum())} channels.")
             part = p.commit()
@@ -515,7 +534,11 @@ def _flag_antennas_in_data(io: StageIO, ctx: dict, ant_ids: list) -> None:
     ctx["partitions"] = new_parts
 
 
-@stage("lowgainflag", service="calibrator")
+@stage("lowgainflag", service="calibrator", topic="Flagging",
+       reads=CAL_READS + ("flags",),
+       writes=("partitions", "flags"), params=(
+           Param("fraction", float, 0.3, "an antenna whose gain is below this fraction of the median is flagged",
+                 min=0.0, max=1.0),))
 def lowgainflag(ctx: dict, params: dict, io: StageIO) -> QA:
     """Flag antennas whose gain amplitude on the bandpass calibrator is far below the
     array's (hif_lowgainflag): a dead or badly pointed antenna."""
@@ -533,7 +556,7 @@ def lowgainflag(ctx: dict, params: dict, io: StageIO) -> QA:
                    if np.isfinite(amp[g.antenna == a]).any()}
         med = np.median(list(per_ant.values()))
         for a, v in per_ant.items():
-            if v < params.get("fraction", 0.3) * med:
+            if v < params["fraction"] * med:
                 low.add(a)
         # an antenna with data but no usable gain at all is the lowest gain there is
         low |= {a["id"] for a in ants if a["has_data"]} - set(per_ant)
@@ -543,11 +566,20 @@ def lowgainflag(ctx: dict, params: dict, io: StageIO) -> QA:
         _flag_antennas_in_data(io, ctx, sorted(low))
         names = ", ".join(ants[a]["name"] for a in sorted(low))
         qa.lower(1 - len(low) / max(len(has), 1), f"Flagged antenna(s) {names}: gain amplitude below "
-                                                   f"{params.get('fraction', 0.3):.0%} of the array's median.")
+                                                   f"{params['fraction']:.0%} of the array's median.")
     else:
         qa.note("No low-gain antennas.")
     ctx["flags"]["lowgainflag"] = [ants[a]["name"] for a in sorted(low)]
     return qa
+
+
+TSYSFLAG_PARAMS = (
+    Param("antenna_nsigma", float, 6.0, "robust sigmas of an outlier antenna's median Tsys", min=0.0),
+    Param("derivative_factor", float, 5.0, "a spectrum rougher than this factor of the typical one", min=0.0),
+    Param("derivative_floor", float, 0.005, "plus this (relative roughness)", min=0.0),
+    Param("edge_factor", float, 3.0, "edge channels above this factor of the median Tsys", min=0.0),
+    Param("channel_nsigma", float, 10.0, "robust sigmas of a birdie", min=0.0),
+    Param("birdie_fraction", float, 0.15, "and above this fraction of the smoothed spectrum", min=0.0))
 
 
 def tsys_outliers(tsys: np.ndarray, antenna: np.ndarray, params: dict) -> tuple[np.ndarray, np.ndarray, list]:
@@ -562,26 +594,27 @@ def tsys_outliers(tsys: np.ndarray, antenna: np.ndarray, params: dict) -> tuple[
     * birdies: one or two channels that do not survive a 5-channel median filter,
       while an atmospheric line (smooth) does."""
     from scipy.signal import medfilt      # here: scipy.signal takes half a second to import
+    params = with_defaults(TSYSFLAG_PARAMS, params)       # also called with a few parameters (tests)
     nrow, nchan, _ = tsys.shape
     rows, chans, found = np.zeros(nrow, bool), np.zeros(nchan, bool), []
     med_ant = {int(a): np.median(tsys[antenna == a]) for a in np.unique(antenna)}
     vals = np.array(list(med_ant.values()))
     centre = np.median(vals)
-    mad = 1.4826 * np.median(np.abs(vals - centre)) or 0.05 * centre
+    mad = robust_sigma(vals) or 0.05 * centre
     for a, v in med_ant.items():
-        if abs(v - centre) > params.get("antenna_nsigma", 6.0) * mad and abs(v / centre - 1) > 0.5:
+        if abs(v - centre) > params["antenna_nsigma"] * mad and abs(v / centre - 1) > 0.5:
             rows |= antenna == a
             found.append(("antenna", a, f"median Tsys {v:.0f} K vs array {centre:.0f} K"))
     rough = np.median(np.abs(np.diff(tsys, axis=1)), axis=1) / np.maximum(np.median(tsys, axis=1), 1e-9)
     typical = np.median(rough)
-    limit = params.get("derivative_factor", 5.0) * typical + params.get("derivative_floor", 0.005)
+    limit = params["derivative_factor"] * typical + params["derivative_floor"]
     for r, p in zip(*np.nonzero(rough > limit)):
         if not rows[r]:
             rows[r] = True
             found.append(("derivative", int(antenna[r]), f"spectrum {rough[r, p]:.3f} rough vs typical {typical:.3f}"))
     spec = np.median(tsys, axis=(0, 2))
     level = np.median(spec)
-    factor = params.get("edge_factor", 3.0)
+    factor = params["edge_factor"]
     for edge in (range(nchan), range(nchan - 1, -1, -1)):
         n = 0
         for ch in edge:
@@ -593,16 +626,17 @@ def tsys_outliers(tsys: np.ndarray, antenna: np.ndarray, params: dict) -> tuple[
             found.append(("edges", -1, f"{n} edge channel(s) above {factor:g} x the median Tsys"))
     smooth = medfilt(spec, 5)
     resid = spec - smooth
-    s = 1.4826 * np.median(np.abs(resid - np.median(resid))) or 1e-9
-    birdies = np.flatnonzero((np.abs(resid) > params.get("channel_nsigma", 10.0) * s) &
-                             (np.abs(resid) > params.get("birdie_fraction", 0.15) * smooth))
+    s = robust_sigma(resid) or 1e-9
+    birdies = np.flatnonzero((np.abs(resid) > params["channel_nsigma"] * s) &
+                             (np.abs(resid) > params["birdie_fraction"] * smooth))
     if len(birdies):
         chans[birdies] = True
         found.append(("birdie", -1, f"channel(s) {', '.join(map(str, birdies))}"))
     return rows, chans, found
 
 
-@stage("tsysflag", service="calibrator")
+@stage("tsysflag", service="calibrator", topic="Flagging", reads=("caltables", "observation", "partitions"),
+       writes=("caltables", "flags"), params=TSYSFLAG_PARAMS)
 def tsysflag(ctx: dict, params: dict, io: StageIO) -> QA:
     """Flag Tsys spectra of outlier antennas, rough spectra, band edges and birdies
     (hifa_tsysflag; see tsys_outliers)."""

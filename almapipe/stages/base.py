@@ -8,12 +8,16 @@ returns its QA score. Services are thin shells around this call.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
+from ..errors import ParameterError
 from ..platform.store import CachedFetcher, ObjectStore
 
 CONTEXT_VERSION = 1
@@ -178,15 +182,199 @@ def visstore_for(store: ObjectStore, cache_dir: str):
 
 
 StageFn = Callable[[dict, dict, StageIO], QA]
-REGISTRY: dict[str, tuple[str, StageFn]] = {}
+
+# CASA's solint: 'int', 'scan', 'inf' or a duration ('30s', '1min'); combine: which
+# boundaries a solution interval may cross
+SOLINT = r"int|scan|inf|[0-9.]+\s*(s|sec|min)?"
+COMBINE = r"((scan|field)(,\s*(scan|field))*)?"
+
+# What a stage that solves on the calibrators reads: the fields, the data, the reference
+# antenna, the flux models and the calibration library so far (its pre-apply)
+CAL_READS = ("fields", "observation", "partitions", "refant", "models", "callibrary", "caltables")
+
+# The WebLog's By Topic page, in this order; every stage names one (stage(topic=...)).
+TOPICS = ("Data set", "Flagging", "Calibration", "Line finding and imaging", "Products")
 
 
-def stage(name: str, service: str):
-    """Register fn as the implementation of stage `name`, run by `service`."""
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a stage, as a recipe or an override gives it.
+
+    type: bool, int, float (an int is accepted), str, list or dict, or a tuple of
+    them; a dict with `fields` is checked key by key against them (makeimages' image
+    parameters); one without is free-form (field_roles). default None means "none": the
+    stage decides (from its heuristics, or does without; the doc says which), and a
+    recipe may say null for it. internal: set by the pipeline itself (a fan-out's piece,
+    the WebLog's failure), never by a recipe."""
+    name: str
+    type: type | tuple
+    default: Any = None
+    doc: str = ""
+    unit: str = ""
+    choices: tuple = ()
+    min: float | None = None
+    max: float | None = None
+    pattern: str = ""              # a regular expression a string value must match
+    fields: tuple = ()             # the Params of a dict value
+    internal: bool = False
+
+    def describe(self) -> str:
+        """One line of `almapipe recipes --describe`: what the parameter takes."""
+        types = self.type if isinstance(self.type, tuple) else (self.type,)
+        what = "|".join(t.__name__ for t in types)
+        if self.choices:
+            what += " one of " + ", ".join(map(str, self.choices))
+        if self.min is not None and self.max is not None:
+            what += f" in [{self.min:g}, {self.max:g}]"
+        elif self.min is not None:
+            what += f" >= {self.min:g}"
+        elif self.max is not None:
+            what += f" <= {self.max:g}"
+        if self.pattern:
+            what += f" matching {self.pattern}"
+        if self.unit:
+            what += f" ({self.unit})"
+        default = "none" if self.default is None else json.dumps(self.default)
+        return f"{what}, default {default}"
+
+
+def _type_ok(value, types) -> bool:
+    for t in types:
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if t not in (int, float) and isinstance(value, t):
+            return True
+    return False
+
+
+def check_value(where: str, p: Param, value) -> None:
+    """Raise ParameterError naming `where` (stage.param) and what it allows."""
+    types = p.type if isinstance(p.type, tuple) else (p.type,)
+    if value is None and p.default is None:
+        return                                      # "none", said explicitly
+    if not _type_ok(value, types):
+        raise ParameterError(f"{where} = {json.dumps(value)[:40]}: expected {p.describe()}")
+    if p.choices and value not in p.choices:
+        raise ParameterError(f"{where} = {json.dumps(value)[:40]}: allowed {', '.join(map(str, p.choices))}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            (p.min is not None and value < p.min) or (p.max is not None and value > p.max)):
+        raise ParameterError(f"{where} = {value}: expected {p.describe()}")
+    if p.pattern and isinstance(value, (str, int, float)) and not re.fullmatch(p.pattern, str(value)):
+        raise ParameterError(f"{where} = {json.dumps(value)[:40]}: expected {p.describe()}")
+    if p.fields and isinstance(value, dict):
+        check_params(where, p.fields, value)
+
+
+def check_params(where: str, declared: tuple, params: dict) -> None:
+    """Every parameter known, of its type and in its range; ParameterError otherwise."""
+    known = {p.name: p for p in declared if not p.internal}
+    for name, value in params.items():
+        if name not in known:
+            raise ParameterError(f"{where}: unknown parameter {name!r}; allowed: "
+                                 f"{', '.join(sorted(known)) or 'none'} (see almapipe recipes --describe)")
+        check_value(f"{where}.{name}", known[name], value)
+
+
+def with_defaults(declared: tuple, params: dict) -> dict:
+    """params with every declared parameter that is missing set to its default (dicts
+    with fields too), so a stage body reads params["x"] and the default lives here."""
+    out = dict(params)
+    for p in declared:
+        if p.name not in out:
+            out[p.name] = copy.deepcopy(p.default)
+        if p.fields and isinstance(out[p.name], dict):
+            out[p.name] = with_defaults(p.fields, out[p.name])
+    return out
+
+
+@dataclass
+class StageSpec:
+    """A stage as one unit: its function, the service that runs it, its parameters,
+    its WebLog topic and the context keys it reads and writes (names in CONTEXT)."""
+    name: str
+    service: str
+    fn: StageFn
+    params: tuple = ()
+    topic: str = ""
+    reads: tuple = ()
+    writes: tuple = ()
+
+    def check(self, params: dict) -> None:
+        check_params(self.name, self.params, params)
+
+    def with_defaults(self, params: dict) -> dict:
+        return with_defaults(self.params, params)
+
+
+REGISTRY: dict[str, StageSpec] = {}
+
+
+def stage(name: str, service: str, params: tuple = (), topic: str = "", reads: tuple = (), writes: tuple = ()):
+    """Register fn as the implementation of stage `name`, run by `service`, taking
+    `params`, shown under `topic` on the WebLog, reading and writing those context keys."""
+    if topic and topic not in TOPICS:
+        raise ValueError(f"stage {name}: unknown topic {topic!r}; topics: {TOPICS}")
+    unknown = [k for k in (*reads, *writes) if k not in CONTEXT]
+    if unknown:
+        raise ValueError(f"stage {name}: context keys {unknown} are not declared in CONTEXT")
+
     def deco(fn: StageFn) -> StageFn:
-        REGISTRY[name] = (service, fn)
-        return fn
+        # called by the worker or directly (tests), the body sees every declared parameter
+        @functools.wraps(fn)
+        def run(ctx: dict, given: dict, io: StageIO) -> QA:
+            return fn(ctx, with_defaults(tuple(params), given), io)
+        REGISTRY[name] = StageSpec(name, service, run, tuple(params), topic, tuple(reads), tuple(writes))
+        return run
     return deco
+
+
+# The pipeline context's keys (ALMA's context, as JSON): what each holds. A stage's
+# declaration names the keys it reads and writes from here; tests/test_stage_unit.py
+# checks that every key the code writes is declared.
+CONTEXT = {
+    "version": (int, "context format version (CONTEXT_VERSION)"),
+    "run_id": (str, "the run"),
+    "recipe": (dict, "the recipe the run follows"),
+    "input_key": (str, "the input's key in the raw bucket"),
+    "user": (dict, "what came with the request: flag_template, cont_dat, mous_id, antennapos, ..."),
+    "observation": (dict, "listobs summary: antennas, spws, fields, scans, telescope"),
+    "fields": (list, "fields with their intents (roles)"),
+    "ms_name": (str, "the MS's base name"),
+    "input_format": (str, "what the input was read as"),
+    "partitions": (list, "per science spw: the MS partition's key (calibrated: CORRECTED_DATA)"),
+    "aux_partitions": (dict, "partitions that are not science data (the WVR spw)"),
+    "flags": (dict, "per flagging stage: what it flagged"),
+    "refant": (dict, "reference antenna ranking"),
+    "tsys": (dict, "Tsys summary per spw"),
+    "antpos": (dict, "antenna position corrections"),
+    "wvr": (dict, "WVR phase correction summary"),
+    "models": (dict, "flux density model per field id"),
+    "setjy": (list, "flux density models per field and spw"),
+    "callibrary": (list, "calibration tables to apply, in order"),
+    "caltables": (dict, "calibration tables by name"),
+    "bandpass_phaseup": (dict, "the bandpass phase-up interval per spw"),
+    "spwphaseup": (dict, "the spw map of narrow spws to wide ones, with the SNRs"),
+    "fluxscale": (list, "derived flux densities per field and spw"),
+    "flux_csv_key": (str, "the flux.csv written by fluxscale"),
+    "flux_consistency": (dict, "an MOUS's flux scale per EB"),
+    "target_partitions": (list, "the target fields' calibrated MS partitions (split)"),
+    "contsub_partitions": (list, "the continuum-subtracted target partitions"),
+    "continuum": (list, "continuum ranges per field and spw (cont.dat)"),
+    "cont_dat_key": (str, "the cont.dat uvcontsub wrote"),
+    "images": (list, "image records of makeimages"),
+    "fanout": (dict, "a stage's request for pieces in parallel (removed by the worker)"),
+    "piece": (dict, "a fan-out piece's result"),
+    "qa": (dict, "QA score and reasons per stage"),
+    "stage_results": (list, "per stage: QA, parameters, outputs, log"),
+    "manifest": (list, "objects written by the stages"),
+    "failure": (dict, "the failed stage, on a failed run's WebLog"),
+    "package": (dict, "the products package's objects"),
+    "weblog_index_key": (str, "the WebLog's index.html"),
+    "ebs": (list, "an MOUS's execution blocks (merged contexts)"),
+    "mous_id": (str, "the MOUS"),
+}
 
 
 def new_context(run_id: str, recipe: dict, input_key: str, extras: dict) -> dict:

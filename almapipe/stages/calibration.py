@@ -16,45 +16,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .base import QA, StageError, StageIO, field_ids_with, field_name, require_intent, spw_info, stage  # noqa: E402
-from .flagging import spike_channels  # noqa: E402
+from .base import (CAL_READS, COMBINE, QA, SOLINT, Param, StageError, StageIO, field_ids_with, field_name,  # noqa: E402
+                   require_intent, spw_info, stage, with_defaults)
 from ..calibration import fluxcsv, fluxmodels, solar_system  # noqa: E402
 from ..calibration.applycal import GainApply, apply_tables  # noqa: E402
 from ..calibration.caltable import CalSolutions, read_caltable, write_caltable  # noqa: E402
 from ..calibration.terms import SolveSpec, integration_snr, point_model, solint_seconds, solve_term  # noqa: E402
-from ..imaging.uvcontsub import parse_channels  # noqa: E402
+from ..heuristics.callibrary import (calibrator_ids, field_map, field_models, flux_function,  # noqa: E402
+                                     refant_id, register)
+from ..heuristics.channels import chan_selection, spike_channels  # noqa: E402
+from ..heuristics.robust import robust_sigma  # noqa: E402
 from ..msio import ms as msio  # noqa: E402
 
-CALIBRATOR_INTENTS = ("BANDPASS", "FLUX", "PHASE", "CHECK")
-
-
 # ------------------------------------------------------------------ helpers
-
-def calibrator_ids(ctx: dict) -> list:
-    return sorted({f["id"] for f in ctx["fields"] if set(f["intents"]) & set(CALIBRATOR_INTENTS)})
-
-
-def flux_function(model: dict):
-    """A setjy model entry -> callable(freq_hz) -> Jy; for a solar system body a
-    DiskModel, which also gives its visibilities per uv distance."""
-    if model["kind"] == "ssbody":
-        return solar_system.DiskModel(model["body"], model["diameter_arcsec"], model.get("ld_n", 0.0),
-                                      model.get("min_vis_fraction", solar_system.MIN_VIS_FRACTION),
-                                      mjd=model.get("mjd"))      # Mars's Tb varies with time
-    if model["kind"] == "pb2017":
-        return lambda f, s=model["standard_name"]: fluxmodels.perley_butler_2017(s, f)
-    if model.get("spw_fluxes"):
-        return lambda f, m=model: fluxcsv.model_flux(m, f)
-    return lambda f, m=model: fluxmodels.manual_model(m["flux_jy"], m["ref_freq_hz"], m.get("spix", 0.0), f)
-
-
-def field_models(ctx: dict, unit_for: list = ()) -> dict:
-    """field id -> flux callable, from setjy and fluxscale; unit (1 Jy) models for unit_for."""
-    models = {int(fid): flux_function(m) for fid, m in ctx.get("models", {}).items()}
-    for fid in unit_for:
-        models.setdefault(int(fid), lambda f: np.ones_like(np.asarray(f, float)))
-    return models
-
 
 def load_table(io: StageIO, ctx: dict, name: str, spw: int) -> CalSolutions:
     entry = ctx["caltables"].get(name)
@@ -65,10 +39,6 @@ def load_table(io: StageIO, ctx: dict, name: str, spw: int) -> CalSolutions:
         if sol.spw == spw:
             return sol
     raise StageError(f"{name} table has no solutions for spw {spw}")
-
-
-def refant_id(ctx: dict) -> int | None:
-    return ctx.get("refant", {}).get("refant_id")
 
 
 def read_part(io: StageIO, part: dict, fields=None, column="DATA", data: bool = True) -> tuple[str, msio.Vis]:
@@ -87,10 +57,6 @@ def save_table(io: StageIO, ctx: dict, name: str, sols: list, ms_path: str) -> d
     ctx["caltables"][name] = {"key": entry["key"], "sha256": entry["sha256"], "kind": sols[0].kind,
                               "name": os.path.basename(path)}
     return entry
-
-
-def chan_selection(spec: str | None, nchan: int) -> np.ndarray:
-    return parse_channels(spec, nchan) if spec else np.ones(nchan, bool)
 
 
 def solution_qa(qa: QA, sols: list, what: str, ctx: dict) -> None:
@@ -121,32 +87,6 @@ def solution_qa(qa: QA, sols: list, what: str, ctx: dict) -> None:
     qa.note(f"Median {what} solution SNR {np.median(np.concatenate(good)) if good else 0:.1f}.")
 
 
-def field_map(ctx: dict, rule: str, solved: set, skip: tuple = ()) -> dict | None:
-    """Which solution fields each field uses, for a library entry's gainfield rule:
-
-    'all'                -> None: any field's solutions (bandpass, WVR, spw offsets);
-    'nearest-calibrator' -> a field with solutions of its own uses them (a calibrator
-                            its gains, a target its Tsys), else those of fields of
-                            its name (a mosaic's pointings share the Tsys measured on
-                            one of them), else those of the phase calibrators;
-    'own'                -> only fields with solutions of their own, each its own;
-    'phase-calibrator'   -> every field except those in skip, the phase calibrators'.
-    An empty list means the entry does not apply to that field."""
-    if rule == "all":
-        return None
-    phase = [f for f in field_ids_with(ctx, "PHASE") if f in solved] or sorted(solved)
-    ids = [f["id"] for f in ctx["fields"]]
-    if rule == "own":
-        return {f: ([f] if f in solved else []) for f in ids}
-    if rule == "phase-calibrator":
-        return {f: ([] if f in skip else phase) for f in ids}
-    if rule == "nearest-calibrator":
-        names = {f["id"]: f["name"] for f in ctx["fields"]}
-        same_name = {f: [g for g in sorted(solved) if names.get(g) == names[f]] for f in ids}
-        return {f: ([f] if f in solved else same_name[f] or phase) for f in ids}
-    raise StageError(f"calibration library: unknown gainfield rule {rule!r}")
-
-
 def apply_for(ctx: dict, io: StageIO, spw: int) -> list:
     """The whole calibration library, in order, as GainApply (applycal)."""
     out = []
@@ -167,19 +107,11 @@ def preapply(ctx: dict, io: StageIO, spw: int) -> list:
     return out
 
 
-def register(ctx: dict, table: str, kind: str, interp: str, gainfield: str, calwt: bool = True,
-             **extra) -> None:
-    """Add (or replace) a table in the calibration library; order is application order.
-    extra: skip_fields (for 'phase-calibrator'), spwmap (informative: the spw whose
-    phases each spw's solutions carry)."""
-    ctx["callibrary"] = [e for e in ctx["callibrary"] if e["table"] != table]
-    ctx["callibrary"].append({"table": table, "kind": kind, "interp": interp, "gainfield": gainfield,
-                              "calwt": calwt, **extra})
-
-
 # ------------------------------------------------------------------ refant
 
-@stage("refant", service="calibrator")
+@stage("refant", service="calibrator", topic="Calibration", reads=("observation", "fields", "partitions"),
+       writes=("refant",), params=(
+           Param("refant", (str, int), None, "the reference antenna (name, id or station); none: the best ranked"),))
 def refant(ctx: dict, params: dict, io: StageIO) -> QA:
     """Rank antennas by distance to the array centre and unflagged fraction (hif_refant)."""
     qa = QA()
@@ -206,7 +138,7 @@ def refant(ctx: dict, params: dict, io: StageIO) -> QA:
     score = geo + flagscore
     order = [int(i) for i in np.argsort(-score) if has[i]]
     chosen = order[0]
-    forced = params.get("refant")
+    forced = params["refant"]
     if forced not in (None, ""):
         match = [a["id"] for a in ants if a["name"] == str(forced) or str(a["id"]) == str(forced)
                  or a["station"] == str(forced)]
@@ -265,10 +197,15 @@ def solar_system_model(ctx: dict, io: StageIO, fid: int, body: str, params: dict
             "diameter_arcsec": geo["diameter_arcsec"], "distance_au": geo["distance_au"],
             "radius_km": geo["radius_km"], "sub_obs_lat_deg": geo["sub_obs_lat_deg"], "ephemeris": geo["ephemeris"],
             "ld_n": solar_system.BODIES[body]["ld_n"],
-            "min_vis_fraction": float(params.get("min_vis_fraction", solar_system.MIN_VIS_FRACTION))}
+            "min_vis_fraction": float(params["min_vis_fraction"])}
 
 
-@stage("setjy", service="calibrator")
+@stage("setjy", service="calibrator", topic="Calibration",
+       reads=("fields", "observation", "partitions", "user", "ms_name"), writes=("models", "setjy"), params=(
+           Param("manual", dict, None, "flux models by field name: {flux_jy, ref_freq_hz, spix, spw_fluxes}; "
+                 "they win over flux.csv and the solar system models"),
+           Param("min_vis_fraction", float, solar_system.MIN_VIS_FRACTION, "a resolved body's baselines whose "
+                 "model visibility falls below this fraction of its flux are not used", min=0.0, max=1.0)))
 def setjy(ctx: dict, params: dict, io: StageIO) -> QA:
     """Flux density models of the flux calibrators: Perley-Butler 2017, manual, or,
     for a solar system body, a disk of the Butler-JPL-Horizons 2012 brightness
@@ -277,7 +214,7 @@ def setjy(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
     catalogue = catalogue_fluxes(ctx)
     manual = dict(catalogue)
-    manual.update(params.get("manual") or {})
+    manual.update(params["manual"] or {})
     models = {}
     spw_freqs = {p["spw"]: float(np.mean(spw_info(ctx, p["spw"])["chan_freq_hz"])) for p in ctx["partitions"]}
     for fid in require_intent(ctx, "FLUX", "setjy"):
@@ -285,7 +222,7 @@ def setjy(ctx: dict, params: dict, io: StageIO) -> QA:
         body = solar_system.body_name(name)
         # a body's disk model wins over a flux.csv entry (a point flux would ignore
         # its resolution); an explicit setjy.manual entry still wins over both
-        if body is not None and name not in (params.get("manual") or {}):
+        if body is not None and name not in (params["manual"] or {}):
             if name in catalogue:
                 qa.note(f"{name}: flux.csv gives {catalogue[name]['flux_jy']:.3f} Jy; the Butler-JPL-Horizons "
                         f"2012 disk model is used instead (a solar system body is resolved).")
@@ -296,7 +233,7 @@ def setjy(ctx: dict, params: dict, io: StageIO) -> QA:
             models[str(fid)] = {"kind": "manual", "flux_jy": float(m["flux_jy"]),
                                 "ref_freq_hz": float(m.get("ref_freq_hz", next(iter(spw_freqs.values())))),
                                 "spix": float(m.get("spix", 0.0)), "spw_fluxes": m.get("spw_fluxes"),
-                                "origin": "setjy manual" if name in (params.get("manual") or {}) else "flux.csv"}
+                                "origin": "setjy manual" if name in (params["manual"] or {}) else "flux.csv"}
             continue
         std = fluxmodels.standard_calibrator(name)
         if std is None:
@@ -357,7 +294,25 @@ def _note_resolved(qa: QA, ctx: dict, name: str, m: dict, fn, spw_freqs: dict) -
 
 # ------------------------------------------------------------------ bandpass
 
-@stage("bandpass", service="calibrator")
+BANDPASS_PARAMS = (
+    Param("solint", (str, int, float), "inf", "bandpass solution interval", pattern=SOLINT),
+    Param("combine", str, "scan", "boundaries a solution interval crosses", pattern=COMBINE),
+    Param("minsnr", float, 3.0, "solutions below this SNR are flagged", min=0.0),
+    Param("solnorm", bool, True, "normalise the bandpass amplitudes to a mean of 1"),
+    Param("phaseup_solint", (str, int, float), "int", "phase-up interval; snr: from the calibrator's SNR",
+          pattern="snr|" + SOLINT),
+    Param("phaseup_minsnr", float, 2.0, "phase-up solutions below this SNR are flagged", min=0.0),
+    Param("phaseup_lo", float, 0.1, "phase-up channels from this fraction of the band", min=0.0, max=1.0),
+    Param("phaseup_hi", float, 0.9, "phase-up channels up to this fraction of the band", min=0.0, max=1.0),
+    Param("phaseup_snr", float, 20.0, "phaseup_solint snr: the SNR the interval should reach", min=0.0),
+    Param("phaseup_nsolint", int, 2, "phaseup_solint snr: at least this many solutions per scan", min=1),
+    Param("flag_outliers", bool, False, "flag bandpass channels that spike (hifa_bandpassflag)"),
+    Param("outlier_nsigma", float, 8.0, "flag_outliers: robust sigmas of a spike", min=0.0))
+
+
+@stage("bandpass", service="calibrator", topic="Calibration",
+       reads=CAL_READS,
+       writes=("caltables", "callibrary", "bandpass_phaseup"), params=BANDPASS_PARAMS)
 def bandpass(ctx: dict, params: dict, io: StageIO) -> QA:
     """Bandpass per antenna and channel, after a phase-up gaincal (hifa_bandpass)."""
     qa = QA()
@@ -371,20 +326,20 @@ def bandpass(ctx: dict, params: dict, io: StageIO) -> QA:
         model = point_model(vis, models)
         # Phase-up: per-integration phases on the central channels, so that the
         # time-averaged bandpass solve does not decorrelate.
-        centre = slice(int(nchan * params.get("phaseup_lo", 0.1)), max(int(nchan * params.get("phaseup_hi", 0.9)), 1))
+        centre = slice(int(nchan * params["phaseup_lo"]), max(int(nchan * params["phaseup_hi"]), 1))
         earlier = preapply(ctx, io, part["spw"])
-        solint = params.get("phaseup_solint", "int")
+        solint = params["phaseup_solint"]
         if solint == "snr":
             solint = _phaseup_solint_from_snr(vis, model, ref, centre, earlier, params, qa, ctx, part["spw"])
         phaseup = solve_term(vis, model, SolveSpec(kind="G", solint=solint,
                                                    calmode="p", refant=ref, chans=centre,
-                                                   minsnr=params.get("phaseup_minsnr", 2.0), preapply=earlier))
-        bp = solve_term(vis, model, SolveSpec(kind="B", solint=params.get("solint", "inf"),
-                                              combine=params.get("combine", "scan"), calmode="ap", refant=ref,
-                                              minsnr=params.get("minsnr", 3.0), solnorm=params.get("solnorm", True),
+                                                   minsnr=params["phaseup_minsnr"], preapply=earlier))
+        bp = solve_term(vis, model, SolveSpec(kind="B", solint=params["solint"],
+                                              combine=params["combine"], calmode="ap", refant=ref,
+                                              minsnr=params["minsnr"], solnorm=params["solnorm"],
                                               preapply=earlier + [GainApply(phaseup, interp="nearest", calwt=False)]))
-        if params.get("flag_outliers", False):
-            flag_bandpass_outliers(bp, params.get("outlier_nsigma", 8.0))
+        if params["flag_outliers"]:
+            flag_bandpass_outliers(bp, params["outlier_nsigma"])
         sols.append(bp)
         _plot_bandpass(io, bp, ctx, part["spw"])
     save_table(io, ctx, "bandpass", sols, ms_path)
@@ -414,8 +369,9 @@ def _phaseup_solint_from_snr(vis, model, ref, chans, earlier, params, qa, ctx, s
     int_s = float(np.median(vis.interval)) if len(vis.interval) else 1.0
     used = ~vis.flag.all(axis=(1, 2))          # scans with data (not the flagged Tsys scans)
     scan_s = min((np.ptp(vis.time[used & (vis.scan == s)]) + int_s for s in np.unique(vis.scan[used])), default=int_s)
-    target = params.get("phaseup_snr", 20.0)
-    n, expected = phaseup_interval(snr_int, int_s, scan_s, target, params.get("phaseup_nsolint", 2))
+    params = with_defaults(BANDPASS_PARAMS, params)       # also called with a few parameters (tests)
+    target = params["phaseup_snr"]
+    n, expected = phaseup_interval(snr_int, int_s, scan_s, target, params["phaseup_nsolint"])
     solint = "int" if n == 1 else f"{n * int_s:g}s"
     ctx.setdefault("bandpass_phaseup", {})[str(spw)] = {"snr_per_integration": snr_int, "solint": solint,
                                                         "expected_snr": expected}
@@ -457,6 +413,18 @@ def _plot_bandpass(io, bp: CalSolutions, ctx, spw):
 
 # ------------------------------------------------------------------ gaincal and timegaincal
 
+GAIN_PARAMS = (
+    Param("solint", (str, int, float), "inf", "amplitude and phase solution interval", pattern=SOLINT),
+    Param("combine", str, "", "boundaries a solution interval crosses", pattern=COMBINE),
+    Param("calmode", str, "ap", "what is solved: amplitude and phase, phase or amplitude", choices=("ap", "p", "a")),
+    Param("gaintype", str, "G", "G: per polarisation; T: one for both", choices=("G", "T")),
+    Param("minsnr", float, 3.0, "solutions below this SNR are flagged", min=0.0),
+    Param("spw", str, "", "channels solved on, CASA syntax (0:6~56); empty: all"),
+    Param("phaseup_solint", (str, int, float), None, "phase-only interval solved first; none: no phase-up",
+          pattern=SOLINT),
+    Param("phaseup_minsnr", float, 2.0, "phase-up solutions below this SNR are flagged", min=0.0))
+
+
 class PhaseSolver:
     """Phase-only solutions per spw for a gain solve, taken from the spw that
     spwphaseup maps each spw to (a narrow spw gets a wide one's phases, relabelled
@@ -486,10 +454,10 @@ class PhaseSolver:
                 _, vis = read_part(self.io, self.parts[src], fields=fields)
                 model = point_model(vis, field_models(self.ctx, unit_for=self.unit_fields))
                 earlier = preapply(self.ctx, self.io, src)
-            idx = np.flatnonzero(chan_selection(self.params.get("spw", ""), len(vis.freq)))
+            idx = np.flatnonzero(chan_selection(self.params["spw"], len(vis.freq)))
             self.cache[key] = solve_term(vis, model, SolveSpec(
                 kind="G", solint=solint, calmode="p", refant=refant_id(self.ctx),
-                minsnr=self.params.get("phaseup_minsnr", 2.0), chans=slice(idx[0], idx[-1] + 1),
+                minsnr=self.params["phaseup_minsnr"], chans=slice(idx[0], idx[-1] + 1),
                 preapply=earlier))
         sol = self.cache[key]
         if src == spw:
@@ -515,23 +483,23 @@ def _gain_solve(ctx, params, io, name: str, fields: list, unit_fields: list, qa:
     sols, transfer, ms_path = [], [], None
     for part in ctx["partitions"]:
         ms_path, vis = read_part(io, part, fields=fields)
-        idx = np.flatnonzero(chan_selection(params.get("spw", ""), len(vis.freq)))
+        idx = np.flatnonzero(chan_selection(params["spw"], len(vis.freq)))
         earlier = preapply(ctx, io, part["spw"])
         model = point_model(vis, field_models(ctx, unit_for=unit_fields))
         own = (vis, model, earlier)
-        phases = phases_of(part["spw"], params["phaseup_solint"], fields, own) if params.get("phaseup_solint") \
+        phases = phases_of(part["spw"], params["phaseup_solint"], fields, own) if params["phaseup_solint"] \
             else None
         if phases is not None:
             earlier = earlier + [GainApply(phases, interp="linear", calwt=False)]
-        g = solve_term(vis, model, SolveSpec(kind=params.get("gaintype", "G"), solint=params.get("solint", "inf"),
-                                             combine=params.get("combine", ""), calmode=params.get("calmode", "ap"),
-                                             refant=ref, minsnr=params.get("minsnr", 3.0),
+        g = solve_term(vis, model, SolveSpec(kind=params["gaintype"], solint=params["solint"],
+                                             combine=params["combine"], calmode=params["calmode"],
+                                             refant=ref, minsnr=params["minsnr"],
                                              chans=slice(idx[0], idx[-1] + 1), preapply=earlier))
         # the table must undo everything the solve saw: phase-up phases times the gains
         sols.append(g if phases is None else combine_phase_gain(phases, g))
         _plot_gains(io, sols[-1], ctx, part["spw"], name)
         if transfer_fields is not None:
-            scan_phases = phases_of(part["spw"], params.get("transfer_solint", "inf"), transfer_fields, own)
+            scan_phases = phases_of(part["spw"], params["transfer_solint"], transfer_fields, own)
             transfer.append(combine_phase_gain(scan_phases, g, amplitude_only=True))
     save_table(io, ctx, name, sols, ms_path)
     solution_qa(qa, sols, name, ctx)
@@ -577,7 +545,9 @@ def _plot_gains(io, g: CalSolutions, ctx, spw, name):
     io.plot(fig, f"{name}_spw{spw}.png")
 
 
-@stage("gaincal", service="calibrator")
+@stage("gaincal", service="calibrator", topic="Calibration",
+       reads=CAL_READS + ("spwphaseup",),
+       writes=("caltables", "callibrary"), params=GAIN_PARAMS)
 def gaincal(ctx: dict, params: dict, io: StageIO) -> QA:
     """Gains of all calibrators with the bandpass applied; non-flux calibrators
     get a 1 Jy model, so fluxscale can transfer the scale."""
@@ -588,7 +558,12 @@ def gaincal(ctx: dict, params: dict, io: StageIO) -> QA:
     return qa
 
 
-@stage("timegaincal", service="calibrator")
+@stage("timegaincal", service="calibrator", topic="Calibration",
+       reads=CAL_READS + ("spwphaseup",),
+       writes=("caltables", "callibrary"), params=GAIN_PARAMS + (
+           Param("interp", str, "linear", "interpolation of the gains in time", choices=("linear", "nearest")),
+           Param("transfer_solint", (str, int, float), "inf",
+                 "phase interval on the phase calibrators transferred to the targets", pattern=SOLINT)))
 def timegaincal(ctx: dict, params: dict, io: StageIO) -> QA:
     """Final time-dependent gains with every calibrator's flux known (hifa_timegaincal):
     the bandpass, flux and phase calibrators get their own (phases per integration
@@ -605,8 +580,8 @@ def timegaincal(ctx: dict, params: dict, io: StageIO) -> QA:
         qa.lower(0.6, f"No flux model for {', '.join(missing)}: solved with 1 Jy (run fluxscale first).")
     _gain_solve(ctx, params, io, "timegaincal", own, own, qa, transfer_fields=phase_ids)
     spwmap = ctx.get("spwphaseup", {}).get("spwmap", {})
-    register(ctx, "timegaincal", "G", params.get("interp", "linear"), "own", spwmap=spwmap)
-    register(ctx, "timegaincal_transfer", "G", params.get("interp", "linear"), "phase-calibrator",
+    register(ctx, "timegaincal", "G", params["interp"], "own", spwmap=spwmap)
+    register(ctx, "timegaincal_transfer", "G", params["interp"], "phase-calibrator",
              skip_fields=own, spwmap=spwmap)
     qa.note(f"Targets and check sources calibrated with the phases per scan of "
             f"{', '.join(field_name(ctx, f) for f in phase_ids)}.")
@@ -615,7 +590,12 @@ def timegaincal(ctx: dict, params: dict, io: StageIO) -> QA:
 
 # ------------------------------------------------------------------ spwphaseup
 
-@stage("spwphaseup", service="calibrator")
+@stage("spwphaseup", service="calibrator", topic="Calibration",
+       reads=CAL_READS,
+       writes=("spwphaseup",), params=(
+           Param("solint", (str, int, float), "int", "phase solution interval of the SNR test", pattern=SOLINT),
+           Param("phasesnr", float, 32.0, "a spw below this phase SNR takes a wider spw's phases", min=0.0),
+           Param("minsnr", float, 3.0, "solutions below this SNR are flagged", min=0.0)))
 def spwphaseup(ctx: dict, params: dict, io: StageIO) -> QA:
     """Which spw's phases each spw uses, and the phase offsets between spws (hifa_spwphaseup).
 
@@ -629,8 +609,8 @@ def spwphaseup(ctx: dict, params: dict, io: StageIO) -> QA:
     if "bandpass" not in ctx["caltables"]:
         raise StageError("spwphaseup: no bandpass table in the context: run bandpass first")
     ref = refant_id(ctx)
-    solint = params.get("solint", "int")
-    threshold = float(params.get("phasesnr", 32.0))
+    solint = params["solint"]
+    threshold = float(params["phasesnr"])
     snr, offsets, ms_path = {}, [], None
     for part in ctx["partitions"]:
         ms_path, vis = read_part(io, part, fields=phase_ids)
@@ -643,7 +623,7 @@ def spwphaseup(ctx: dict, params: dict, io: StageIO) -> QA:
         secs = int_s if solint == "int" else solint_seconds(solint)
         snr[part["spw"]] = integration_snr(corrected, model) * np.sqrt(max(secs / int_s, 1.0))
         offsets.append(solve_term(corrected, model, SolveSpec(kind="G", solint="inf", combine="scan", calmode="p",
-                                                              refant=ref, minsnr=params.get("minsnr", 3.0))))
+                                                              refant=ref, minsnr=params["minsnr"])))
     best = max(snr, key=snr.get)
     spwmap = {s: (s if v >= threshold else best) for s, v in snr.items()}
     for s, m in spwmap.items():
@@ -681,13 +661,16 @@ def derive_flux(g: CalSolutions, ref_ids: list, fid: int, clip: float = 5.0):
     if len(ratios) < 3:
         return None
     med = np.median(ratios)
-    mad = 1.4826 * np.median(np.abs(ratios - med)) or 1e-12
+    mad = robust_sigma(ratios) or 1e-12
     keep = np.abs(ratios - med) <= clip * mad
     r = ratios[keep]
     return float(r.mean()), float(r.std(ddof=1) / np.sqrt(len(r))), int(len(r)), int((~keep).sum())
 
 
-@stage("fluxscale", service="calibrator")
+@stage("fluxscale", service="calibrator", topic="Calibration",
+       reads=("fields", "observation", "partitions", "models", "setjy", "caltables", "ms_name"),
+       writes=("fluxscale", "models", "flux_csv_key"), params=(
+           Param("clip", float, 5.0, "gain ratios beyond this many robust sigmas are left out", min=0.0),))
 def fluxscale(ctx: dict, params: dict, io: StageIO) -> QA:
     """Transfer the flux scale from the flux calibrator to the other calibrators."""
     qa = QA()
@@ -700,7 +683,7 @@ def fluxscale(ctx: dict, params: dict, io: StageIO) -> QA:
         freq = float(g.freq[0])
         cp = g.cparam.copy()
         for fid in transfer:
-            res = derive_flux(g, ref_ids, fid, params.get("clip", 5.0))
+            res = derive_flux(g, ref_ids, fid, params["clip"])
             name = field_name(ctx, fid)
             if res is None:
                 qa.lower(0.3, f"{name} spw {part['spw']}: too few antennas to derive a flux.")
@@ -748,7 +731,9 @@ def fluxscale(ctx: dict, params: dict, io: StageIO) -> QA:
 PLOT_SAMPLES = 20_000_000
 
 
-@stage("applycal", service="calibrator")
+@stage("applycal", service="calibrator", topic="Calibration",
+       reads=("fields", "observation", "partitions", "callibrary", "caltables"), writes=("partitions",), params=(
+           Param("calwt", bool, True, "scale the weights by the gains"),))
 def applycal(ctx: dict, params: dict, io: StageIO) -> QA:
     """Apply the calibration library to every field, writing CORRECTED_DATA."""
     qa = QA()
@@ -760,7 +745,7 @@ def applycal(ctx: dict, params: dict, io: StageIO) -> QA:
         p = io.vis(part)
         applies = apply_for(ctx, io, part["spw"])
         for a in applies:
-            a.calwt = a.calwt and params.get("calwt", True)
+            a.calwt = a.calwt and params["calwt"]
         shown = []       # the calibrators' rows the plots show, a bounded sample of them
         stride = max(1, int(np.ceil(p.nrow * p.nchan * p.ncorr / PLOT_SAMPLES)))
         # in row blocks: memory stays at a few chunks whatever the size of the EB

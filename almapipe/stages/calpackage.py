@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from .base import StageIO
-from .calibration import field_map
+from ..heuristics.callibrary import field_map
 from ..calibration import restore
 from ..calibration.caltable import read_caltable
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import QA, StageIO, field_ids_with, field_name, stage
+from .base import QA, Param, StageIO, field_ids_with, field_name, stage
 from ..msio import ms as msio
 
 
@@ -123,7 +123,11 @@ def flux_consistency(ebs: list, phase_names: set, tolerance: float = 0.03, nsigm
     return {"table": table, "ebs": scales, "outliers": outliers, "tolerance": tolerance, "nsigma": nsigma}
 
 
-@stage("fluxconsistency", service="calibrator")
+@stage("fluxconsistency", service="calibrator", topic="Calibration",
+       reads=("ebs", "fields", "target_partitions"), writes=("flux_consistency", "target_partitions"), params=(
+           Param("tolerance", float, 0.03, "EB flux scales within this fraction agree", min=0.0),
+           Param("nsigma", float, 3.0, "and beyond this many sigmas disagree", min=0.0),
+           Param("equalize", bool, False, "scale each EB's target data to the MOUS's weighted mean")))
 def fluxconsistency(ctx: dict, params: dict, io: StageIO) -> QA:
     """Compare the EBs' flux scales through their phase calibrators; name an EB that
     disagrees; with `equalize`, scale each EB's calibrated target data to the MOUS's
@@ -134,7 +138,7 @@ def fluxconsistency(ctx: dict, params: dict, io: StageIO) -> QA:
         qa.note("One execution block: no flux scales to compare.")
         return qa
     phase = {field_name(ctx, f) for f in field_ids_with(ctx, "PHASE")}
-    res = flux_consistency(ebs, phase, float(params.get("tolerance", 0.03)), float(params.get("nsigma", 3.0)))
+    res = flux_consistency(ebs, phase, float(params["tolerance"]), float(params["nsigma"]))
     if not res["ebs"]:
         qa.lower(0.8, "No phase calibrator flux measured in two or more EBs: flux scales not compared.")
         ctx["flux_consistency"] = res
@@ -146,7 +150,7 @@ def fluxconsistency(ctx: dict, params: dict, io: StageIO) -> QA:
         s = res["ebs"][eb]
         qa.lower(0.6, f"EB {eb}: flux scale {s['ratio_to_median'] - 1:+.1%} from the EBs' median (beyond "
                       f"{res['nsigma']:g} sigma and {res['tolerance']:.0%}); check its flux calibrator's model.")
-    if params.get("equalize", False):
+    if params["equalize"]:
         res["equalized"] = True
         new = []
         for part in ctx["target_partitions"]:

@@ -10,7 +10,9 @@ import shlex
 
 import numpy as np
 
-from .base import QA, StageError, StageIO, stage
+from .base import QA, Param, StageError, StageIO, stage
+from ..heuristics.callibrary import calibrator_ids
+from ..heuristics.channels import spike_channels
 from ..imaging.uvcontsub import parse_channels
 from ..msio import ms as msio
 from ..msio.listobs import intents_of_modes
@@ -162,13 +164,23 @@ def _antenna_rows(vis, spec: str, ants: list) -> np.ndarray:
     return rows
 
 
-@stage("flagdata", service="calibrator")
+@stage("flagdata", service="calibrator", topic="Flagging",
+       reads=("user", "observation", "fields", "partitions", "flags"), writes=("partitions", "flags"), params=(
+           Param("template", str, "", "flag commands (CASA flagdata syntax); empty: the run's flag template"),
+           Param("online", bool, True, "apply the online flags (FLAG_CMD)"),
+           Param("autocorr", bool, True, "flag the autocorrelations"),
+           Param("zeros", bool, True, "flag exact zeros"),
+           Param("unused_intents", list, ["ATMOSPHERE", "POINTING", "SIDEBAND", "FOCUS"],
+                 "scan intents not used for calibration, flagged"),
+           Param("edge_fraction", float, 0.0, "fraction of each spw's channels flagged at each edge",
+                 min=0.0, max=0.49),
+           Param("shadow", bool, True, "flag shadowed antennas")))
 def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
-    template = params.get("template") or ctx["user"].get("flag_template") or ""
+    template = params["template"] or ctx["user"].get("flag_template") or ""
     commands = parse_template(template) if template else []
     online = []
-    if params.get("online", True) and ctx["partitions"]:
+    if params["online"] and ctx["partitions"]:
         # ALMA's online flags (FLAG_CMD): the same command syntax as a template
         rows = msio.online_flag_commands(io.fetch_meta(ctx["partitions"][0]["meta"]))
         online = parse_template("\n".join(r["command"] for r in rows))
@@ -181,12 +193,12 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
     state_intents = [intents_of_modes([m]) for m in msio.state_intents(io.fetch_meta(ctx["partitions"][0]["meta"]))] \
         if ctx["partitions"] else []
     new_parts = []
-    unused = set(params.get("unused_intents", ["ATMOSPHERE", "POINTING", "SIDEBAND", "FOCUS"]))
+    unused = set(params["unused_intents"])
     bad_states = [i for i, its in enumerate(state_intents) if its and its <= unused] if unused else []
     for part in ctx["partitions"]:
         p = io.vis(part)
         shadowed = None
-        if params.get("shadow", True):
+        if params["shadow"]:
             # shadowing needs every baseline of an integration at once: computed on the
             # per-row arrays of the whole partition, which a row block may cut through
             shadowed = shadow_mask(p.index("TIME"), p.index("ANTENNA1"), p.index("ANTENNA2"),
@@ -202,13 +214,13 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
                 summary[reason] += int(new.sum())
                 flag[...] |= mask
 
-            if params.get("autocorr", True):
+            if params["autocorr"]:
                 add(np.broadcast_to((vis.ant1 == vis.ant2)[:, None, None], flag.shape), "autocorr")
-            if params.get("zeros", True):
+            if params["zeros"]:
                 add(np.abs(vis.data) == 0, "zeros")
             if bad_states:
                 add(np.broadcast_to(np.isin(vis.state_id, bad_states)[:, None, None], flag.shape), "intents")
-            edge = params.get("edge_fraction", 0.0)     # ALMA TDM spws: 1/16 of the channels at each edge
+            edge = params["edge_fraction"]     # ALMA TDM spws: 1/16 of the channels at each edge
             if edge > 0:
                 nchan = flag.shape[1]
                 n_edge = int(np.ceil(edge * nchan))
@@ -244,35 +256,6 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
     return qa
 
 
-def spike_channels(spec: np.ndarray, good: np.ndarray, nsigma: float) -> np.ndarray:
-    """Channels of a smooth spectrum that jump away from their neighbours: the
-    robust second difference (1.4826 MAD) beyond nsigma, found one channel at a
-    time, worst first. A spike also raises its neighbours' second difference (by
-    half), which vanishes once the spike itself is left out; a bandpass or a Tsys
-    spectrum is smooth, a birdie or a bad correlator channel is not."""
-    bad = np.zeros(len(spec), bool)
-    if good.sum() < 5:
-        return bad
-
-    def second_difference(idx):
-        a = spec[idx]
-        d2 = np.zeros_like(a)
-        d2[1:-1] = a[1:-1] - 0.5 * (a[:-2] + a[2:])
-        return d2
-
-    idx = np.flatnonzero(good)
-    d2 = second_difference(idx)
-    sigma = 1.4826 * np.median(np.abs(d2[1:-1] - np.median(d2[1:-1]))) or 1e-30
-    for _ in range(max(1, len(spec) // 10)):
-        d2 = second_difference(idx)
-        k = int(np.argmax(np.abs(d2)))
-        if abs(d2[k]) <= nsigma * sigma:
-            break
-        bad[idx[k]] = True
-        idx = np.delete(idx, k)
-    return bad
-
-
 def weighted_spectrum(vis: msio.Vis) -> tuple[np.ndarray, np.ndarray]:
     """(sum of weight x data, sum of weight) per channel over the cross-correlations'
     unflagged samples: summed over row blocks, their ratio is the averaged spectrum."""
@@ -288,10 +271,11 @@ def outlier_channels(wsum: np.ndarray, w: np.ndarray, nsigma: float = 8.0) -> np
     return spike_channels(spec, w > 0, nsigma)
 
 
-@stage("rawflagchans", service="calibrator")
+@stage("rawflagchans", service="calibrator", topic="Flagging",
+       reads=("fields", "observation", "partitions", "flags"), writes=("partitions", "flags"), params=(
+           Param("nsigma", float, 8.0, "robust sigmas of a spiking channel", min=0.0),))
 def rawflagchans(ctx: dict, params: dict, io: StageIO) -> QA:
     """Flag channels that stand out in the calibrators' raw spectra, in every field (hif_rawflagchans)."""
-    from .calibration import calibrator_ids
     qa = QA()
     found, new_parts = {}, []
     for part in ctx["partitions"]:
@@ -302,7 +286,7 @@ def rawflagchans(ctx: dict, params: dict, io: StageIO) -> QA:
             a, b = weighted_spectrum(cal)
             wsum += a
             w += b
-        bad = outlier_channels(wsum, w, params.get("nsigma", 8.0))
+        bad = outlier_channels(wsum, w, params["nsigma"])
         if bad.any():
             for vis in p.blocks(data=False, block_chunks=4):    # flags are all it changes
                 p.write_flags(vis.rows, vis.flag | bad[None, :, None])

@@ -8,12 +8,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from astropy.stats import mad_std  # noqa: E402
 
-from .base import QA, StageError, StageIO, field_ids_with, field_name, require_intent, spw_info, stage  # noqa: E402
-from .calibration import calibrator_ids  # noqa: E402
+from .base import (QA, Param, StageError, StageIO, field_ids_with, field_name, require_intent, spw_info,  # noqa: E402
+                   stage, with_defaults)
 from .ebs import as_group, eb_field_ids, read_group, read_member, spw_groups, view_name  # noqa: E402
+from ..heuristics.callibrary import calibrator_ids  # noqa: E402
+from ..heuristics.robust import robust_rms, robust_sigma  # noqa: E402
 from ..imaging import gridding  # noqa: E402
-from ..imaging.deconvolve import robust_rms  # noqa: E402
 from ..imaging.frames import channel_shifts, lsrk_factor, lsrk_factors, max_drift_channels  # noqa: E402
 from ..imaging.imager import (ImageSpec, Planes, aggregate_continuum, clean_planes, join_planes,  # noqa: E402
                               restore_planes, stokes_i)
@@ -41,7 +43,8 @@ INTENT_SUFFIX = {"TARGET": "sci", "BANDPASS": "bp", "FLUX": "flux", "PHASE": "ph
 
 # ------------------------------------------------------------------ split
 
-@stage("split", service="imager")
+@stage("split", service="imager", topic="Line finding and imaging", reads=("fields", "partitions"),
+       writes=("target_partitions",))
 def split(ctx: dict, params: dict, io: StageIO) -> QA:
     """The target fields' calibrated data as partitions of their own (DATA = CORRECTED_DATA).
 
@@ -105,8 +108,7 @@ def line_spectrum(vis: msio.Vis, npix: int = 64) -> tuple[np.ndarray, np.ndarray
     cont = np.median(cube[has_data], axis=0)
     resid = (cube - cont[None]).reshape(nchan, -1)
     # peak signal-to-noise per channel: channels are noisier where the bandpass rolls off
-    med = np.median(resid, axis=1, keepdims=True)
-    rms = 1.4826 * np.median(np.abs(resid - med), axis=1)
+    rms = mad_std(resid, axis=1)
     spec = resid.max(axis=1) / np.where(rms > 0, rms, np.inf)
     return np.where(has_data, spec, 0.0), has_data
 
@@ -134,7 +136,7 @@ def find_continuum(vis: msio.Vis, edge_frac: float = 0.05, nsigma: float = 5.0,
     vals = np.sort(spec[inner])
     low = vals[:max(3, int(0.3 * len(vals)))]
     centre = np.median(low)
-    sigma = 1.4826 * np.median(np.abs(low - centre)) or 1e-12
+    sigma = robust_sigma(low) or 1e-12
     threshold = max(centre + nsigma * sigma, min_peak_snr)
     line = (spec > threshold) & has_data
     line = np.convolve(line, np.ones(5), "same") > 0          # grown by two channels each side
@@ -240,12 +242,16 @@ def continuum_channels(ctx: dict, params: dict, user: dict, vis: msio.Vis, spw: 
         for lo, hi in user[key]:
             mask |= (freq / 1e9 >= lo - 1e-9) & (freq / 1e9 <= hi + 1e-9)
         return mask, frame, freq, "user cont.dat"
-    if params.get("fitspw"):
+    if params["fitspw"]:
         return parse_channels(params["fitspw"], nchan), frame, freq, "recipe fitspw"
     return find_continuum(vis), frame, freq, "findcont"
 
 
-@stage("uvcontsub", service="imager")
+@stage("uvcontsub", service="imager", topic="Line finding and imaging",
+       reads=("user", "fields", "observation", "target_partitions"),
+       writes=("continuum", "contsub_partitions", "cont_dat_key"), params=(
+           Param("fitspw", str, "", "continuum channels, CASA syntax (0:4~6;50~59); empty: cont.dat, else findcont"),
+           Param("fitorder", int, 0, "polynomial order of the continuum fit", min=0, max=3)))
 def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
     """Fit and subtract the continuum per baseline and time over the line-free channels
     of each target (its own ranges per spw, as cont.dat lists them per field). The
@@ -255,7 +261,7 @@ def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
     if not ctx.get("target_partitions"):
         raise StageError("uvcontsub: no target partition; run split first")
     user = parse_cont_dat(ctx["user"]["cont_dat"]) if ctx["user"].get("cont_dat") else {}
-    order = params.get("fitorder", 0)
+    order = params["fitorder"]
     entries, out = [], []
     # the EBs of an MOUS together: one set of continuum ranges per target and spw, found
     # in all their data, and subtracted from each EB's own partition
@@ -401,6 +407,8 @@ def _theoretical_rms(vis: msio.Vis, spec: ImageSpec, chans: np.ndarray | None, m
     diff = ((d[:, 1:] - d[:, :-1]).real * w)[pair]
     if diff.size < 10:
         return None
+    # the MAD about zero (not about the median, as mad_std takes it): a difference of
+    # neighbouring channels has zero mean by construction
     sigma_unit = 1.4826 * np.median(np.abs(diff)) / np.sqrt(2)         # real part, weight 1
     plane = idx if mfs else idx[:1]
     si = stokes_i(vis, plane)
@@ -455,27 +463,27 @@ def _image_jobs(ctx: dict, params: dict) -> list:
     targets = [as_group(g) for g in spw_groups(ctx.get("target_partitions", []))]
     contsub = [as_group(g) for g in spw_groups(ctx.get("contsub_partitions", []))]
     jobs = []
-    if params.get("calibrators", True):
+    if params["calibrators"]:
         for fid in calibrator_ids(ctx):
             for part in partitions:
-                jobs.append(("mfs", [fid], part, "CORRECTED_DATA", params.get("calibrator", {})))
+                jobs.append(("mfs", [fid], part, "CORRECTED_DATA", params["calibrator"]))
     chans_of = {(e["field"], e["spw"]): e["channels"] for e in ctx.get("continuum", [])}
-    if params.get("target_cont", False) and targets and ctx.get("continuum"):
+    if params["target_cont"] and targets and ctx.get("continuum"):
         # specmode 'cont': the target's continuum from its line-free channels (cont.dat)
         for fids in target_groups(ctx):
             for part in targets:
                 chans = chans_of.get((field_name(ctx, fids[0]), part["spw"]), "")
-                jobs.append(("cont", fids, part, "DATA", dict(params.get("cont", {}), chans=chans)))
-    if params.get("target_aggregate", False) and targets and ctx.get("continuum"):
+                jobs.append(("cont", fids, part, "DATA", dict(params["cont"], chans=chans)))
+    if params["target_aggregate"] and targets and ctx.get("continuum"):
         # the aggregate continuum: the line-free channels of every spw in one mfs image
         if len(targets) > 1:
             for fids in target_groups(ctx):
                 parts = [dict(p, chans=chans_of.get((field_name(ctx, fids[0]), p["spw"]), "")) for p in targets]
-                jobs.append(("cont", fids, parts, "DATA", dict(params.get("cont", {}), aggregate=True)))
-    if params.get("target_cube", True) and contsub:
+                jobs.append(("cont", fids, parts, "DATA", dict(params["cont"], aggregate=True)))
+    if params["target_cube"] and contsub:
         for fids in target_groups(ctx):
             for part in contsub:
-                jobs.append(("cube", fids, part, "DATA", params.get("cube", {})))
+                jobs.append(("cube", fids, part, "DATA", params["cube"]))
     return jobs
 
 
@@ -496,7 +504,8 @@ class ImageJob:
         self.samples = None
         self.chan0 = chan.start if chan is not None else 0      # the Vis's first channel in the spw
         self.spw_freq = None            # the whole spw's channels, when the Vis holds a range of them
-        self.specmode, self.fids, part, column, self.p = job
+        self.specmode, self.fids, part, column, p = job
+        self.p = with_defaults(IMAGE_PARAMS, p)      # the image kind's parameters, declared below
         self.fid = self.fids[0]          # a mosaic's first pointing names it
         obs = ctx["observation"]
         self.telescope = obs["telescope"]
@@ -510,7 +519,7 @@ class ImageJob:
                 if len(v.time):
                     pieces.append((v, parse_channels(piece["chans"], len(v.freq)) if piece.get("chans")
                                    else np.ones(len(v.freq), bool)))
-            self.vis = aggregate_continuum(pieces, int(self.p.get("width", 8))) if pieces else None
+            self.vis = aggregate_continuum(pieces, int(self.p["width"])) if pieces else None
             self.part = {"spw": "_".join(str(piece["spw"]) for piece in part), "frame_spw": part[0]["spw"]}
         else:
             self.part = part
@@ -518,7 +527,7 @@ class ImageJob:
             # read one row block at a time and binned in channels as they are read, so it
             # holds the image and one block, never the spw's (rows x channels) cube
             self.streamed = self.specmode in ("mfs", "cont") and len(self.fids) == 1 and chan is None and data \
-                and bool(self.p.get("streamed", True))
+                and bool(self.p["streamed"])
             if self.streamed:
                 self.column = column
                 self.members = [(io.vis(m), eb_field_ids(m, self.fids)) for m in part.get("members", [part])]
@@ -569,7 +578,7 @@ class ImageJob:
         else:
             nchan = len(vis.freq)
             nchan_spw = len(self.spw_freq) if self.spw_freq is not None else nchan
-            chans = parse_channels(p["chans"], nchan_spw) if p.get("chans") else np.ones(nchan_spw, bool)
+            chans = parse_channels(p["chans"], nchan_spw) if p["chans"] else np.ones(nchan_spw, bool)
             self.chans = chans[self.chan0:self.chan0 + nchan]      # in the Vis's channels
             if self.prep is None and vis.flag[:, self.chans].all():
                 return "all data flagged"
@@ -581,20 +590,21 @@ class ImageJob:
         else:
             cell, npix = image_heuristics(vis, self.dish, self.telescope, self.chans,
                                           mosaic.extent_rad() if mosaic else 0.0)
-        npix, max_imsize = int(p.get("imsize", npix)), int(p.get("max_imsize", MAX_IMSIZE))
+        npix, max_imsize = int(p["imsize"] or npix), int(p["max_imsize"])
         if npix > max_imsize:
             # a wide mosaic or long baselines: say so rather than run out of memory
-            return (f"the image would be {npix} x {npix} pixels of {float(p.get('cell_arcsec', cell))}\" "
+            return (f"the image would be {npix} x {npix} pixels of {float(p['cell_arcsec'] or cell)}\" "
                     + (f"for a mosaic of {len(mosaic.pointings)} pointings " if mosaic else "")
                     + f"(max_imsize {max_imsize}); give imsize and cell_arcsec, or a larger max_imsize")
         self.spec = ImageSpec(
             field=self.field["name"], specmode="mfs" if self.specmode == "cont" else self.specmode,
-            npix=npix, cell_arcsec=float(p.get("cell_arcsec", cell)),
-            robust=p.get("robust", 0.5), niter=int(p.get("niter", 1000)), nsigma=float(p.get("nsigma", 3.0)),
-            chans=self.chans, automask=bool(p.get("automask", False)),
-            negative_threshold=float(p.get("negative_threshold", 15.0 if self.specmode == "cube" else 0.0)),
+            npix=npix, cell_arcsec=float(p["cell_arcsec"] or cell),
+            robust=p["robust"], niter=int(p["niter"]), nsigma=float(p["nsigma"]),
+            chans=self.chans, automask=bool(p["automask"]),
+            negative_threshold=float(p["negative_threshold"] if p["negative_threshold"] is not None
+                                     else 15.0 if self.specmode == "cube" else 0.0),
             # multiscale: scales of 0, 1 and 3 beams (the cell is a fifth of a beam)
-            scales=p.get("scales") or ([0, 5, 15] if p.get("deconvolver") == "multiscale" else None),
+            scales=p["scales"] or ([0, 5, 15] if p["deconvolver"] == "multiscale" else None),
             mosaic=mosaic)
         if self.streamed:
             self.theo = self._read_samples()
@@ -605,7 +615,7 @@ class ImageJob:
             cont = self.part.get("cont_chans", {}).get(self.field["name"])
             self.theo = _theoretical_rms(vis, self.spec, parse_channels(cont, nchan) & self.chans if cont else None,
                                          mfs=False)
-        elif p.get("aggregate"):
+        elif p["aggregate"]:
             # the spws' continuum images combine as independent measurements
             per_spw = [self.theoretical[(self.fid, int(s_))] for s_ in str(self.part["spw"]).split("_")
                        if self.theoretical.get((self.fid, int(s_)))]
@@ -619,11 +629,11 @@ class ImageJob:
                                              [q.offset_lm for q in mosaic.pointings],
                                              [q.fraction for q in mosaic.pointings])
         # the threshold from the theoretical noise and the dirty dynamic range
-        if self.theo and p.get("dr_threshold", True):
+        if self.theo and p["dr_threshold"]:
             is_cal = "TARGET" not in self.fctx["intents"] and "CHECK" not in self.fctx["intents"]
 
             def threshold(dirty_peak, theo=self.theo, seen=self.dr_seen):
-                thr, factor = dr_correction(theo, dirty_peak, is_cal, self.dish, float(p.get("tlimit", 2.0)))
+                thr, factor = dr_correction(theo, dirty_peak, is_cal, self.dish, float(p["tlimit"]))
                 if factor >= seen.get("factor", 0.0):
                     seen.update(factor=factor, threshold=thr, dirty_dynamic_range=dirty_peak / theo)
                 return thr
@@ -737,7 +747,7 @@ class ImageJob:
         res = restore_planes(planes, spec, self.dish, self.telescope)
         nchan = len(self.freq)
         base = _product_name(ctx, io, spec.field, self.fctx["intents"], part["spw"], self.specmode,
-                             bool(p.get("aggregate", False)))
+                             bool(p["aggregate"]))
         cont_mask = None
         cont = part.get("cont_chans", {}).get(self.field["name"]) if self.specmode == "cube" else None
         if cont:
@@ -782,7 +792,7 @@ class ImageJob:
                "beam_arcsec": [round(res.beam[0], 3), round(res.beam[1], 3), round(res.beam[2], 2)],
                "stop_reasons": sorted(set(res.stop_reasons)),
                "thumbnail": _thumbnail(io, res, base, self.specmode, stats["peak_plane"]),
-               "aggregate": bool(p.get("aggregate", False)),
+               "aggregate": bool(p["aggregate"]),
                "pointings": len(spec.mosaic.pointings) if spec.mosaic else 1,
                "dr_correction": self.dr_seen.get("factor", 1.0), "threshold_jy": self.dr_seen.get("threshold"),
                "dirty_dynamic_range": self.dr_seen.get("dirty_dynamic_range")}
@@ -791,7 +801,7 @@ class ImageJob:
             if self.lsrk_shift >= 0.02:
                 qa.note(f"{rec['file']}: rows moved onto the LSRK channel grid by up to {self.lsrk_shift:.2f} "
                         "channels.")
-            rec["chans"] = p.get("chans", "")
+            rec["chans"] = p["chans"]
             rec["peak_channel"] = int(np.flatnonzero(self.chans)[stats["peak_plane"]])
             rec["spectrum_png"] = _cube_spectrum(io, res, base, np.flatnonzero(self.chans), peak_ok)
         rec["qa_score"] = _image_qa(rec)
@@ -801,6 +811,41 @@ class ImageJob:
         io.log("%s: peak %.4f Jy/beam, rms %.5f Jy/beam, beam %s", rec["file"], stats["peak"], stats["rms"],
                rec["beam_arcsec"])
         return rec
+
+
+# The parameters of one kind of image (makeimages' calibrator, cont and cube); none:
+# from the heuristics (image size and cell from the uv coverage, hif_makeimlist's).
+IMAGE_PARAMS = (
+    Param("robust", float, 0.5, "Briggs robust weighting", min=-2.0, max=2.0),
+    Param("niter", int, 1000, "most clean iterations", min=0),
+    Param("nsigma", float, 3.0, "clean down to this many times the residual rms", min=0.0),
+    Param("automask", bool, False, "auto-multithresh masks (else a primary-beam mask)"),
+    Param("imsize", int, None, "image side; none: from the heuristics", unit="pixels", min=1),
+    Param("cell_arcsec", float, None, "pixel size; none: a fifth of the beam", unit="arcsec", min=0.0),
+    Param("max_imsize", int, MAX_IMSIZE, "the largest image side the heuristics may choose", unit="pixels", min=1),
+    Param("chans", str, "", "channels imaged, CASA syntax (5~50); empty: all"),
+    Param("width", int, 8, "aggregate continuum: channels averaged", min=1),
+    Param("deconvolver", str, "hogbom", "minor cycle", choices=("hogbom", "multiscale")),
+    Param("scales", list, None, "multiscale scales in pixels; none: 0, 1 and 3 beams"),
+    Param("negative_threshold", float, None, "automask: negative-feature threshold; none: 15 for cubes, 0 else",
+          min=0.0),
+    Param("dr_threshold", bool, True, "raise the threshold where dynamic range limits (ALMA's DR correction)"),
+    Param("tlimit", float, 2.0, "dynamic range correction: threshold limit", min=0.0),
+    Param("streamed", bool, True, "an mfs image of one pointing reads its samples in row blocks, binned in "
+          "channels (bounded memory); false: the whole selection in memory"),
+    Param("aggregate", bool, False, "set by makeimages for the aggregate continuum", internal=True),
+)
+MAKEIMAGES_PARAMS = (
+    Param("calibrators", bool, True, "image each calibrator per spw (mfs)"),
+    Param("target_cont", bool, False, "image the target's continuum per spw (cont.dat channels)"),
+    Param("target_aggregate", bool, False, "image the target's continuum over all spws"),
+    Param("target_cube", bool, True, "image the target's continuum-subtracted cubes"),
+    Param("calibrator", dict, {}, "the calibrators' image parameters", fields=IMAGE_PARAMS),
+    Param("cont", dict, {}, "the continuum images' parameters", fields=IMAGE_PARAMS),
+    Param("cube", dict, {}, "the cubes' parameters", fields=IMAGE_PARAMS),
+    Param("cube_chunks", int, 1, "clean each cube in this many channel ranges on the imager workers", min=1),
+)
+IMAGING_READS = ("observation", "fields", "partitions", "target_partitions", "contsub_partitions", "continuum")
 
 
 def chunk_masks(chans: np.ndarray, n: int) -> list:
@@ -814,7 +859,8 @@ def chunk_masks(chans: np.ndarray, n: int) -> list:
     return out
 
 
-@stage("makeimages", service="imager")
+@stage("makeimages", service="imager", topic="Line finding and imaging", reads=IMAGING_READS,
+       writes=("images", "fanout"), params=MAKEIMAGES_PARAMS)
 def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
     """Per-spw mfs images of the calibrators, the target's continuum (per spw and
     aggregate) and its cubes (hif_makeimages). With cube_chunks > 1 each cube is
@@ -824,7 +870,7 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
     jobs = _image_jobs(ctx, params)
     if not jobs:
         raise StageError("makeimages: nothing to image (no calibrators, no continuum-subtracted target)")
-    chunks = int(params.get("cube_chunks", 1))
+    chunks = int(params["cube_chunks"])
     theoretical = {}          # (field, spw) -> theoretical rms of its mfs image, for the aggregate
     images, pieces = [], []
     for j, job in enumerate(jobs):
@@ -851,7 +897,9 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
     return qa
 
 
-@stage("imagecube_chunk", service="imager")
+@stage("imagecube_chunk", service="imager", topic="Line finding and imaging", reads=IMAGING_READS,
+       writes=("piece",), params=MAKEIMAGES_PARAMS + (
+           Param("piece", dict, None, "the cube and channel range", internal=True),))
 def imagecube_chunk(ctx: dict, params: dict, io: StageIO) -> QA:
     """One channel range of one cube of makeimages: cleaned planes, not yet restored
     (the join restores the whole cube with its common beam)."""
@@ -893,7 +941,9 @@ def imagecube_chunk(ctx: dict, params: dict, io: StageIO) -> QA:
     return qa
 
 
-@stage("joincube", service="imager")
+@stage("joincube", service="imager", topic="Line finding and imaging", reads=IMAGING_READS + ("images",),
+       writes=("images",), params=MAKEIMAGES_PARAMS + (
+           Param("pieces", list, None, "the keys of the pieces' results", internal=True),))
 def joincube(ctx: dict, params: dict, io: StageIO) -> QA:
     """Join the channel ranges of each cube into one image and write its products."""
     qa = QA()

@@ -7,7 +7,7 @@ import shutil
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 
-from .base import QA, StageError, StageIO, stage
+from .base import QA, Param, StageError, StageIO, stage
 from .. import limits
 from ..msio import listobs, ms as msio, storeio, uvfits
 
@@ -90,7 +90,11 @@ def _ingest(io: StageIO, ms_path: str, basename: str, spws: list) -> list:
     return entries
 
 
-@stage("importdata", service="importer")
+@stage("importdata", service="importer", topic="Data set", reads=("input_key", "user"),
+       writes=("user", "observation", "fields", "partitions", "aux_partitions", "ms_name", "input_format"), params=(
+           Param("field_roles", dict, None, "intents by field name ({\"3C286\": \"FLUX,BANDPASS\"}); "
+                 "none: the scan intents, else heuristics"),
+           Param("name", str, "", "the MS's base name; empty: the input's")))
 def importdata(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
     local = io.fetch_raw(ctx["input_key"])
@@ -104,10 +108,10 @@ def importdata(ctx: dict, params: dict, io: StageIO) -> QA:
             qa.note(f"Found {fname} beside the MS.")
     obs = listobs.summary(ms_path)
     try:
-        fields = listobs.assign_roles(obs, params.get("field_roles"))
+        fields = listobs.assign_roles(obs, params["field_roles"])
     except ValueError as exc:
         raise StageError(f"importdata: {exc}") from exc
-    basename = params.get("name") or os.path.basename(ctx["input_key"]).split(".")[0]
+    basename = params["name"] or os.path.basename(ctx["input_key"]).split(".")[0]
     science = obs["science_spws"]
     if not science:
         kinds = ", ".join(f"{s['id']} ({s['kind']})" for s in obs["spws"])

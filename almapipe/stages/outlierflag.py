@@ -17,19 +17,19 @@ call them and write flags.
 from __future__ import annotations
 
 import numpy as np
+from astropy.stats import mad_std
 
-from .base import QA, StageError, StageIO, field_name, require_intent, stage
-from .calibration import calibrator_ids, field_models, preapply, read_part, refant_id
+from .base import CAL_READS, QA, SOLINT, Param, StageError, StageIO, field_name, require_intent, stage
+from .calibration import preapply, read_part
+from ..heuristics.callibrary import calibrator_ids, field_models, refant_id
+from ..heuristics.robust import robust_centre_sigma
 from .flagging import parse_template, template_mask
 from ..calibration.caltable import CalSolutions
 from ..calibration.terms import SolveSpec, point_model, solve_term
 
-MAD_TO_SIGMA = 1.4826
-
 
 def _robust(x: np.ndarray, floor: float) -> tuple[float, float]:
-    centre = float(np.median(x))
-    return centre, max(MAD_TO_SIGMA * float(np.median(np.abs(x - centre))), floor)
+    return robust_centre_sigma(x, floor)
 
 
 # ------------------------------------------------------------------ gainflag
@@ -87,7 +87,16 @@ def gain_outliers(g: CalSolutions, nsigma: float = 4.0, min_factor: float = 2.0,
     return out
 
 
-@stage("gainflag", service="calibrator")
+@stage("gainflag", service="calibrator", topic="Flagging",
+       reads=CAL_READS + ("flags",),
+       writes=("partitions", "flags"), params=(
+           Param("solint", (str, int, float), "int", "gain solution interval", pattern=SOLINT),
+           Param("minsnr", float, 3.0, "solutions below this SNR are flagged", min=0.0),
+           Param("nsigma", float, 4.0, "robust sigmas of an outlier antenna's gain", min=0.0),
+           Param("min_factor", float, 2.0, "and off the median by more than this factor", min=1.0),
+           Param("rms_factor", float, 3.0, "scatter test: rms above this factor of the median", min=1.0),
+           Param("nsigma_rms", float, 6.0, "scatter test: robust sigmas of an outlier scatter", min=0.0),
+           Param("scatter", bool, False, "also flag antennas whose gains scatter (off: the atmosphere does too)")))
 def gainflag(ctx: dict, params: dict, io: StageIO) -> QA:
     """Flag antennas whose gains on the calibrators are outliers, per spw (hif_gainflag):
     gains solved per integration with the library so far applied (see gain_outliers)."""
@@ -98,15 +107,15 @@ def gainflag(ctx: dict, params: dict, io: StageIO) -> QA:
     for part in ctx["partitions"]:
         _, vis = read_part(io, part, fields=cal)
         model = point_model(vis, field_models(ctx, unit_for=cal))
-        g = solve_term(vis, model, SolveSpec(kind="G", solint=params.get("solint", "int"), calmode="ap",
-                                             refant=refant_id(ctx), minsnr=params.get("minsnr", 3.0),
+        g = solve_term(vis, model, SolveSpec(kind="G", solint=params["solint"], calmode="ap",
+                                             refant=refant_id(ctx), minsnr=params["minsnr"],
                                              preapply=preapply(ctx, io, part["spw"])))
         # the scatter test is off unless asked for: on the simulated EBs it named good
         # antennas whose per-integration amplitudes vary with the atmosphere the WVR
         # leaves (decorrelation within an integration), not with their electronics
-        bad = gain_outliers(g, params.get("nsigma", 4.0), params.get("min_factor", 2.0),
-                            params.get("rms_factor", 3.0),
-                            params.get("nsigma_rms", 6.0) if params.get("scatter", False) else np.inf)
+        bad = gain_outliers(g, params["nsigma"], params["min_factor"],
+                            params["rms_factor"],
+                            params["nsigma_rms"] if params["scatter"] else np.inf)
         solved = np.unique(g.antenna[~g.flag.all(axis=(1, 2))])
         io.log("spw %d: gains of %d antennas, outliers: %s", part["spw"], len(solved),
                ", ".join(f"{ants[a]['name']} ({why})" for a, why in sorted(bad.items())) or "none")
@@ -144,7 +153,7 @@ def _bin_outliers(amp: np.ndarray, ok: np.ndarray, bins: np.ndarray, nbin: int, 
         n = np.sum(ok[r], axis=0)
         with np.errstate(all="ignore"):
             med = np.nanmedian(a, axis=0)
-            sig = MAD_TO_SIGMA * np.nanmedian(np.abs(a - med), axis=0)
+            sig = mad_std(a, axis=0, ignore_nan=True)
         usable = (n >= min_samples) & (sig > 0)
         hi = a > med + nhi * sig
         lo = a < med - nlo * sig
@@ -176,7 +185,12 @@ def uv_outliers(amp: np.ndarray, flag: np.ndarray, uvdist: np.ndarray, nhi: floa
     return out & ok
 
 
-@stage("flagtargets", service="calibrator")
+@stage("flagtargets", service="calibrator", topic="Flagging",
+       reads=("user", "fields", "observation", "partitions", "flags"), writes=("partitions", "flags"), params=(
+           Param("template", str, "", "flag commands; empty: the run's flagtargets template"),
+           Param("nsigma_high", float, 12.0, "robust sigmas above the uv-distance bin's median", min=0.0),
+           Param("nsigma_low", float, 13.0, "robust sigmas below it", min=0.0),
+           Param("nbins", int, 10, "uv-distance bins", min=1)))
 def flagtargets(ctx: dict, params: dict, io: StageIO) -> QA:
     """The targets' flag template (flagtargetstemplate.txt, or params template), then
     outliers of the calibrated target amplitudes against uv distance (uv_outliers)."""
@@ -184,7 +198,7 @@ def flagtargets(ctx: dict, params: dict, io: StageIO) -> QA:
     targets = require_intent(ctx, "TARGET", "flagtargets")
     if not all(p.get("calibrated") for p in ctx["partitions"]):
         raise StageError("flagtargets: the data are not calibrated (no CORRECTED_DATA); run applycal first")
-    text = params.get("template") or ctx["user"].get("flagtargets_template") or ""
+    text = params["template"] or ctx["user"].get("flagtargets_template") or ""
     commands = parse_template(text) if text else []
     ants = ctx["observation"]["antennas"]
     counts = {"template": 0, "outliers": 0, "samples": 0, "before": 0}
@@ -219,8 +233,8 @@ def flagtargets(ctx: dict, params: dict, io: StageIO) -> QA:
         uvdist, field_ids, cross, rows = (np.concatenate(keep[k]) for k in ("uvdist", "field_id", "cross", "rows"))
         for fid in np.unique(field_ids):
             r = np.flatnonzero((field_ids == fid) & cross)
-            out = uv_outliers(amp[r], flag[r], uvdist[r], params.get("nsigma_high", 12.0),
-                              params.get("nsigma_low", 13.0), params.get("nbins", 10))
+            out = uv_outliers(amp[r], flag[r], uvdist[r], params["nsigma_high"],
+                              params["nsigma_low"], params["nbins"])
             n = int(out.sum())
             if n:
                 flag[r] |= out

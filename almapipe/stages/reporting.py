@@ -10,7 +10,7 @@ import json
 import os
 import tarfile
 
-from .base import QA, StageIO, stage
+from .base import QA, Param, StageIO, stage
 from .imaging import ous_name
 from ..report.qa2 import qa2_section, requested_goals
 from .calpackage import calibration_package
@@ -77,7 +77,16 @@ def calibrated_ms(ctx: dict, io: StageIO, qa: QA) -> dict:
     return pkg
 
 
-@stage("exportdata", service="weblog")
+@stage("exportdata", service="weblog", topic="Products",
+       reads=("run_id", "recipe", "input_key", "user", "ms_name", "caltables", "images", "cont_dat_key",
+              "partitions", "target_partitions",
+              "flux_csv_key", "flux_consistency", "ebs", "stage_results"), writes=("package",), params=(
+           Param("requested_rms_jy", (float, str), None, "the requested sensitivity (QA2)", unit="Jy/beam"),
+           Param("requested_beam_arcsec", (float, list, str), None, "the requested resolution, a value or [min, max]",
+                 unit="arcsec"),
+           Param("requested_specmode", str, None, "the requested image kind (cont, cube)"),
+           Param("ms", bool, False, "carry the calibrated MS and the target MS, exported from the visibility "
+                 "store, in the package (calibrated/)")))
 def exportdata(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
     pkg = {}
@@ -110,7 +119,7 @@ def exportdata(ctx: dict, params: dict, io: StageIO) -> QA:
     # calapply, flags, CASA restore script: per EB (an MOUS's EBs from their own runs' contexts)
     for eb_ctx in ([io.store.get_json(eb["context_key"]) for eb in ctx["ebs"]] if ctx.get("ebs") else [ctx]):
         pkg.update(calibration_package(eb_ctx, io))
-        if params.get("ms", False):
+        if params["ms"]:
             pkg.update(calibrated_ms(eb_ctx, io, qa))
     recipe = ctx["recipe"]
     pkg["script/recipe.json"] = io.put_bytes(json.dumps(recipe, indent=2).encode(), "recipe.json",
@@ -130,13 +139,15 @@ def exportdata(ctx: dict, params: dict, io: StageIO) -> QA:
     return qa
 
 
-@stage("weblog", service="weblog")
+@stage("weblog", service="weblog", topic="Products", reads=("stage_results", "package", "observation", "fields"),
+       writes=("stage_results", "failure", "package", "weblog_index_key"), params=(
+           Param("failure", dict, None, "the failed stage of a failed run", internal=True),))
 def weblog(ctx: dict, params: dict, io: StageIO) -> QA:
     """Render the WebLog. After a failed stage the gateway runs this with
     params['failure'], so the WebLog shows the failure (in red) and the package
     holds whatever the run made before it."""
     qa = QA()
-    failure = params.get("failure")
+    failure = params["failure"]
     if failure:
         ctx["stage_results"].append({"index": failure["index"], "name": failure["name"],
                                      "service": failure["service"], "qa_score": 0.0,
