@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -245,7 +246,7 @@ def triage(ctx: dict, stages: list, current_index: int | None = None) -> dict:
 
 def _command(ctx: dict, name: str, params: dict) -> str:
     """The command that reruns the run with this stage's parameters as they were."""
-    args = " ".join(f"--param {name}.{k}={json.dumps(v) if not isinstance(v, str) else v}"
+    args = " ".join("--param " + shlex.quote(f"{name}.{k}={json.dumps(v) if not isinstance(v, str) else v}")
                     for k, v in sorted(params.items()) if k != "failure")
     recipe = ctx.get("recipe", {}).get("name", "")
     return f"almapipe run INPUT --recipe {recipe} {args}".rstrip()
@@ -277,6 +278,7 @@ def render(ctx: dict, out_dir: str, plot_files: dict, current_index: int | None 
                         for m in s["metrics"]]
         for m in s["metrics"]:
             m["href"] = f"#{_anchor(m['evidence'])}" if m["evidence"] else ""
+            m["metric"] = m.get("metric") or s["name"]       # an older caller's reason: its stage's
     scored = [s for s in stages if s["qa_score"] >= 0]
     worst = min(scored, key=lambda s: s["qa_score"]) if scored else None
     fields = []
@@ -296,7 +298,9 @@ def render(ctx: dict, out_dir: str, plot_files: dict, current_index: int | None 
             fields=fields, roles_from=(ctx.get("fields") or [{}])[0].get("roles_from", ""),
             field_intents={f["id"]: f["intents"] for f in ctx.get("fields", [])}, failure=ctx.get("failure"),
             ebs=_eb_rows(ctx), mous_id=ctx.get("mous_id") or ctx.get("user", {}).get("mous_id", ""),
-            triage=triage(ctx, stages, current_index), good=GOOD, **common),
+            triage=triage(ctx, stages, current_index), good=GOOD,
+            flag_summary_page=next((f"stage{s['index']}.html#{t['id']}" for s in stages for t in s["tables"]
+                                    if t["id"] == _anchor("table-flag-fields")), ""), **common),
         "by_task.html": env.get_template("by_task.html").render(title="By Task", **common),
         "by_topic.html": env.get_template("by_topic.html").render(
             title="By Topic", topics=[(t, [s for s in stages if s["name"] in names]) for t, names in TOPICS], **common),

@@ -90,7 +90,8 @@ def exportdata(ctx: dict, params: dict, io: StageIO) -> QA:
     pkg["script/recipe.json"] = io.put_bytes(json.dumps(recipe, indent=2).encode(), "recipe.json",
                                              "application/json")["key"]
     pkg["script/rerun.sh"] = io.put_bytes(RERUN.format().encode(), "rerun.sh", "text/x-shellscript")["key"]
-    qa_scores = {r["name"]: {"score": r["qa_score"], "reasons": r["qa_reasons"]} for r in ctx["stage_results"]}
+    qa_scores = {r["name"]: {"score": r["qa_score"], "reasons": r["qa_reasons"], "metrics": r.get("qa_metrics", [])}
+                 for r in ctx["stage_results"]}
     pkg["qa/qa_scores.json"] = io.put_json(qa_scores, "qa_scores.json")["key"]
     readme = README.format(run_id=ctx["run_id"], ous=ous, recipe=recipe.get("name"),
                            version=recipe.get("version"), input_key=ctx["input_key"])
