@@ -79,13 +79,19 @@ def image_view(ctx: dict, img: dict, paths: dict, out_png: str) -> str:
     data, hdr = read_planes(paths[main_kind])
     cube = img.get("specmode") == "cube" and data.shape[0] > 1
     pplane, panels = 0, []
+    # the peak is looked for where the primary beam is >= 0.5: a pbcor image's noise
+    # grows towards its edge, where its largest values would otherwise be
+    inner = np.ones(data.shape[1:], bool)
+    if "pb" in paths:
+        with np.errstate(invalid="ignore"):
+            inner = read_planes(paths["pb"])[0][0] >= 0.5
     if cube:
         sel, what = _continuum_channels(ctx, img, data.shape[0])
         dv = abs(hdr.get("CDELT3", 1.0)) / 1e6          # MHz a channel
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             mom0 = np.nansum(data[sel], axis=0) * dv
-            pplane = int(np.nanargmax(np.nanmax(data, axis=(1, 2))))
+            pplane = int(np.nanargmax(np.nanmax(np.where(inner, data, np.nan), axis=(1, 2))))
         require_finite(f"image view of {img['file']}", data[pplane])
         panels.append(("sky", data[pplane], f"{main_kind}, peak plane {pplane}", "Jy/beam"))
         panels.append(("sky", mom0, f"moment 0 over {what}", "Jy/beam MHz"))
@@ -97,7 +103,7 @@ def image_view(ctx: dict, img: dict, paths: dict, out_png: str) -> str:
             d, _ = read_planes(paths[kind])
             panels.append(("sky", d[min(pplane, d.shape[0] - 1)], kind, unit))
     if cube:
-        y, x = np.unravel_index(np.nanargmax(data[pplane]), data[pplane].shape)
+        y, x = np.unravel_index(np.nanargmax(np.where(inner, data[pplane], np.nan)), data[pplane].shape)
         panels.append(("spectrum", data[:, y, x], f"spectrum at the peak pixel ({x}, {y})", "Jy/beam"))
     # the planes' frequencies from the header's spectral axis (FITS pixels count from 1)
     freq_ghz = (hdr.get("CRVAL3", 0.0) + (np.arange(data.shape[0]) + 1 - hdr.get("CRPIX3", 1.0))
@@ -117,6 +123,7 @@ def image_view(ctx: dict, img: dict, paths: dict, out_png: str) -> str:
             ax.set_ylabel("mJy/beam", fontsize=7)
             ax.set_title(title, fontsize=8)
             ax.tick_params(labelsize=6)
+            ax.locator_params(axis="x", nbins=4)
     title = img["file"].rsplit(".pbcor.fits", 1)[0]
     bm = img.get("beam_arcsec", [0, 0, 0])
     fig.suptitle(f"{title}: beam {bm[0]:.2f}\" x {bm[1]:.2f}\" at {bm[2]:.0f} deg, "
