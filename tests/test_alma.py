@@ -800,6 +800,90 @@ def test_a_retried_flag_stage_writes_the_same_keys_and_bytes(alma_run, stack, tm
     assert after == before
 
 
+# ------------------------------------------------------------------ the WebLog, in a real browser
+
+ARTIFACTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "artifacts")   # git-ignored
+PAGE_JS = """(() => ({
+  text: document.body.innerText.length,
+  images: [...document.images].map(i => ({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0})),
+  links: [...document.querySelectorAll('a[href]')].map(a => a.getAttribute('href')),
+  ids: [...document.querySelectorAll('[id]')].map(e => e.id)}))()"""
+
+
+def stage_page(summary: dict, name: str) -> str:
+    return f"stage{next(i for i, s in enumerate(summary['stages']) if s['name'] == name)}.html"
+
+
+def test_weblog_in_a_real_browser(alma_run):
+    """Every page of the small EB's WebLog loads in headless Chromium with all its images
+    decoded, every link (and #anchor) resolves, no plot is empty, the weight is within
+    budget; screenshots of Home and the bandpass page are kept in tests/artifacts/."""
+    from matplotlib.image import imread
+    from almapipe.report.weblog import page_weights
+    from browser import Browser, chromium_binary
+    binary = chromium_binary()
+    if binary is None:
+        pytest.skip("chromium is not installed and scripts/ensure_chromium.sh could not install it "
+                    "(needs apt-get and root)")
+    _, _, _, summary, out = alma_run
+    web = out / "qa" / "weblog"
+    pages = sorted(p.name for p in web.glob("*.html"))
+    assert {"index.html", "by_task.html", "by_topic.html", stage_page(summary, "bandpass")} <= set(pages)
+    info = {}
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    browser = Browser(binary)
+    try:
+        for name in pages:
+            browser.load((web / name).as_uri())
+            info[name] = browser.evaluate(PAGE_JS)
+            assert info[name]["text"] > 100, name
+            assert all(i["ok"] for i in info[name]["images"]), (name, [i for i in info[name]["images"] if not i["ok"]])
+            if name in ("index.html", stage_page(summary, "bandpass")):
+                browser.screenshot(os.path.join(ARTIFACTS, f"weblog_{name[:-5]}.png"))
+    finally:
+        browser.close()
+    for name, page in info.items():
+        for href in page["links"]:
+            target, _, anchor = href.partition("#")
+            target = target or name
+            assert (web / target).is_file(), f"{name}: link {href} resolves to nothing"
+            if anchor and target.endswith(".html"):
+                assert anchor in info[target]["ids"], f"{name}: link {href}: no #{anchor} there"
+    # no plot is empty: every PNG has structure, and the data plots have coloured data in them
+    for png in web.glob("*.png"):
+        rgb = imread(png)[..., :3]
+        assert rgb.std() > 0.02, f"{png.name} is blank"
+        if re.search(r"(bandpass|gaincal|timegaincal|tsys|applycal)_.*spw\d+\.png$", png.name):
+            coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.25
+            assert coloured.mean() > 2e-4, f"{png.name} shows no data"
+    w = page_weights(str(web))
+    print(f"WebLog {w['total'] / 1e6:.2f} MB in {len(w['pages'])} pages; heaviest "
+          + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sorted(w["pages"].items(), key=lambda kv: -kv[1])[:3]))
+    assert w["total"] < 50e6 and max(w["pages"].values()) < 5e6
+
+
+def test_the_dead_antenna_is_named_on_home_and_shown_on_the_bandpass_page(alma_run):
+    """The small preset's injected dead antenna: named in Home's triage with a link to
+    the evidence, and on the bandpass page (table and its per-antenna panels)."""
+    _, truth, _, summary, out = alma_run
+    web = out / "qa" / "weblog"
+    dead = truth["dead_antenna"]
+    home = (web / "index.html").read_text()
+    triage = home.split('id="triage"', 1)[1].split("</section>", 1)[0]
+    assert f"antenna {dead}" in triage
+    bp_page = stage_page(summary, "bandpass")
+    assert bp_page in triage                       # Home links the bandpass page from the outlier's entry
+    page = (web / bp_page).read_text()
+    table = page.split('id="ev-table-bandpass-antennas"', 1)[1].split("</table>", 1)[0]
+    assert dead in table and "lowgainflag" in table
+    assert re.search(r'<img class="plot" src="s\d+_bandpass_spw\d+\.png"', page)
+    # each score below 0.9 is one click from Home to its stage page's evidence
+    for href in re.findall(r'<table class="triage">.*?</table>', triage, re.S)[:1]:
+        for link in re.findall(r'href="(stage\d+\.html#[^"]+)"', href):
+            target, anchor = link.split("#")
+            assert f'id="{anchor}"' in (web / target).read_text(), link
+
+
 def test_gc_leaves_the_package_and_at_most_twice_the_input(alma_run, stack, stub, tmp_path):  # noqa: F811
     """`almapipe gc` on the ended run (issue 10, bounded storage): the bytes under
     runs/<id>/ drop to at most twice the input EB plus the products, and the package

@@ -79,7 +79,7 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
         if req.shard > 0:
             key = f"runs/{req.run_id}/pieces/{req.stage_index:02d}_{req.stage}_{req.shard}.json"
             store.put_json(key, {"piece": ctx.get("piece"), "outputs": io.outputs, "log": io.log_lines,
-                                 "qa_score": qa.score, "qa_reasons": qa.reasons})
+                                 "qa_score": qa.score, "qa_reasons": qa.reasons, "qa_metrics": qa.metrics})
             return key, qa, io.outputs, duration, None
         fanout = ctx.pop("fanout", None)
         if fanout:       # written before the context, whose existence says the stage is done
@@ -87,14 +87,16 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
         log_key = store.put_bytes(io.key("stage.log"), "\n".join(io.log_lines).encode(), "text/plain")["key"]
         name = req.part_of or req.stage
         result = {"index": req.stage_index, "name": name, "service": service, "qa_score": round(qa.score, 4),
-                  "qa_reasons": qa.reasons, "duration_s": round(duration, 3), "params": params,
-                  "outputs": io.outputs, "log": io.log_lines, "log_key": log_key, "attempt": req.attempt,
-                  "bytes": moved}
+                  "qa_reasons": qa.reasons, "qa_metrics": qa.metrics, "duration_s": round(duration, 3),
+                  "params": params, "outputs": io.outputs, "log": io.log_lines, "log_key": log_key,
+                  "attempt": req.attempt, "bytes": moved}
         before = next((r for r in ctx["stage_results"] if r["index"] == req.stage_index), None)
         if req.part_of and before is not None:      # a join: one stage, one result
             qa.score = min(qa.score, before["qa_score"])
             qa.reasons = before["qa_reasons"] + qa.reasons
-            result.update(qa_score=round(qa.score, 4), qa_reasons=qa.reasons, params=before["params"],
+            qa.metrics = before.get("qa_metrics", []) + qa.metrics
+            result.update(qa_score=round(qa.score, 4), qa_reasons=qa.reasons, qa_metrics=qa.metrics,
+                          params=before["params"],
                           outputs=before["outputs"] + io.outputs, log=before["log"] + io.log_lines,
                           duration_s=round(before["duration_s"] + duration, 3))
         ctx["stage_results"] = [r for r in ctx["stage_results"] if r["index"] != req.stage_index] + [result]
@@ -131,11 +133,11 @@ def replay(store: ObjectStore, req: pb.StageRequest) -> tuple | None:
     log.info("stage %s of run %s already done (%s): its result is published again", req.stage, req.run_id, key)
     doc = store.get_json(key)
     if req.shard > 0:
-        return key, QA(doc["qa_score"], list(doc["qa_reasons"])), doc.get("outputs", []), 0.0, None
+        return key, QA(doc["qa_score"], list(doc["qa_reasons"]), list(doc.get("qa_metrics", []))), doc.get("outputs", []), 0.0, None
     result = next((r for r in doc["stage_results"] if r["index"] == req.stage_index), {})
     fanout_key = f"{key[:-5]}.fanout.json"
     fanout = store.get_json(fanout_key) if store.exists(fanout_key) else None
-    qa = QA(result.get("qa_score", 1.0), list(result.get("qa_reasons", [])))
+    qa = QA(result.get("qa_score", 1.0), list(result.get("qa_reasons", [])), list(result.get("qa_metrics", [])))
     return key, qa, result.get("outputs", []), float(result.get("duration_s", 0.0)), fanout
 
 

@@ -1,19 +1,24 @@
 """WebLog rendering: static HTML pages from the pipeline context.
 
-Home (observation overview, pipeline summary, observation summary), By Task
-(the stage list with QA scores coloured as the ALMA WebLog does), By Topic,
-and one page per stage with its parameters, QA reasons, result tables,
-plots and log.
+Home opens with the triage: what needs a human (the lowest per-reason scores, each
+linked to its evidence on the stage's page, the antennas/spws/EBs named as outliers,
+failed and skipped stages), everything green in one line; then the observation
+overview, pipeline summary and observation summary. By Task (the stage list with QA
+scores coloured as the ALMA WebLog does), By Topic, and one page per stage with its
+per-metric QA, parameters, the command that reruns it, result tables, plots and log.
 """
 from __future__ import annotations
 
+import json
 import os
+import shlex
 
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from ..stages.base import REGISTRY, TOPICS, qa_colour
 
+GOOD = 0.9          # below this a score needs a human (the ALMA WebLog's green)
 
 def by_topic(stages: list) -> list:
     """The By Topic page's sections: (topic, its stages), in TOPICS order. Each stage
@@ -57,10 +62,24 @@ def _result_tables(ctx: dict, name: str) -> list:
                  "rows": [[i + 1, a, f"{ctx['refant']['scores'][a]['geometry']:.2f}",
                            f"{ctx['refant']['scores'][a]['flagging']:.2f}"]
                           for i, a in enumerate(ctx["refant"]["ranked"][:10])]}]
+    if name == "lowgainflag" and ctx["flags"].get("lowgainflag"):
+        return [{"title": "Antennas flagged for low gain", "evidence": "table-low-gain",
+                 "header": ["Antenna", "Why"],
+                 "rows": [[a, "gain amplitude on the bandpass calibrator far below the array's median: "
+                              "all its data flagged"] for a in ctx["flags"]["lowgainflag"]]}]
+    if name == "bandpass" and ctx.get("bandpass_antennas"):
+        ba = ctx["bandpass_antennas"]
+        rows = [[o["antenna"], o["spw"], f"outlier: {o['why']}"] for o in ba["outliers"]]
+        rows += [[a, spw, "no solutions: its data are flagged" + (" (lowgainflag)" if a in
+                                                                  ctx["flags"].get("lowgainflag", []) else "")]
+                 for spw, names in ba["no_solutions"].items() for a in names]
+        if rows:
+            return [{"title": "Antennas to look at (marked on the per-antenna plots)", "evidence": "table-bandpass-antennas",
+                     "header": ["Antenna", "spw", "What"], "rows": rows}]
     if name == "flagdata" and ctx["flags"].get("flagdata"):
         fr = ctx["flags"]["flagdata"]["fractions"]
         return [{"title": "Flagged fraction", "header": ["Reason", "Fraction"],
-                 "rows": [[k, f"{v:.4f}"] for k, v in fr.items()]}]
+                 "rows": [[k, f"{v:.4f}"] for k, v in fr.items()]}] + _flag_summary_tables(ctx)
     if name == "uvcontsub" and ctx.get("continuum"):
         return [{"title": "Continuum ranges (cont.dat)", "header": ["Field", "spw", "Channels", "Ranges (GHz)",
                                                                    "Frame", "From"],
@@ -103,18 +122,164 @@ def _eb_rows(ctx: dict) -> list:
     return rows
 
 
-def render(ctx: dict, out_dir: str, plot_files: dict) -> list:
+
+
+def _anchor(text: str) -> str:
+    """An HTML id from a plot or table name (the evidence a QA entry points at)."""
+    return "ev-" + "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def _flag_summary_tables(ctx: dict) -> list:
+    """The flagging summary recorded by the weblog stage (ctx['flag_summary']): flagged
+    fraction per field (with its intents) x spw, and per antenna x spw, then what each
+    flagging stage flagged and why."""
+    fs = ctx.get("flag_summary") or {}
+    tables = []
+    if fs:
+        spws = sorted(fs, key=int)
+        intents = {f["name"]: f["intents"] for f in ctx.get("fields", [])}
+
+        def cells(kind: str, name: str) -> list:
+            return [f"{fs[s][kind][name]:.3f}" if name in fs[s][kind] else "" for s in spws]
+        names = sorted({n for s in spws for n in fs[s]["fields"]})
+        tables.append({"title": "Flagged fraction per field and spw (after applycal)", "evidence": "table-flag-fields",
+                       "header": ["Field", "Intents"] + [f"spw {s}" for s in spws],
+                       "rows": [[n, ", ".join(intents.get(n, []))] + cells("fields", n) for n in names]})
+        ants = [a["name"] for a in ctx.get("observation", {}).get("antennas", [])
+                if any(a["name"] in fs[s]["antennas"] for s in spws)]
+        tables.append({"title": "Flagged fraction per antenna and spw (after applycal)",
+                       "evidence": "table-flag-antennas", "header": ["Antenna"] + [f"spw {s}" for s in spws],
+                       "rows": [[a] + cells("antennas", a) for a in ants]})
+    rows = [[stage, what] for stage, what in _flag_reasons(ctx)]
+    if rows:
+        tables.append({"title": "What each flagging stage flagged", "header": ["Stage", "Flagged, and why"],
+                       "rows": rows})
+    return tables
+
+
+def _flag_reasons(ctx: dict) -> list:
+    """(stage, what it flagged and why) from each flagging stage's record in ctx['flags']."""
+    f = ctx.get("flags", {})
+    out = []
+    for k, v in (f.get("flagdata") or {}).get("fractions", {}).items():
+        out.append(("flagdata", f"{k}: {v:.2%} of the data"))
+    for name, spws in (f.get("fluxcalflag") or {}).items():
+        for spw, ch in spws.items():
+            out.append(("fluxcalflag", f"{name} spw {spw}: {len(ch)} channels on its lines"))
+    for spw, ch in (f.get("rawflagchans") or {}).items():
+        out.append(("rawflagchans", f"spw {spw}: channels {', '.join(map(str, ch))} stand out in the raw spectra"))
+    for r in f.get("tsysflag") or []:
+        out.append(("tsysflag", r))
+    for a in f.get("lowgainflag") or []:
+        out.append(("lowgainflag", f"antenna {a}: gain amplitude far below the array's (all data)"))
+    for spw, ants in (f.get("gainflag") or {}).items():
+        out.append(("gainflag", f"spw {spw}: antenna(s) {', '.join(ants)} with outlier gains"))
+    ft = f.get("flagtargets") or {}
+    if ft:
+        out.append(("flagtargets", f"template {ft.get('template_fraction', 0):.2%}, amplitude outliers "
+                                   f"{ft.get('outlier_fraction', 0):.2%} of the target data"))
+    return out
+
+
+def _outliers(ctx: dict, pages: dict) -> list:
+    """The antennas, spws and EBs some stage named as outliers, each with the page
+    that shows why: [{what, why, href}]. pages: stage name -> its page."""
+    f = ctx.get("flags", {})
+    out = []
+
+    def link(stage: str, anchor: str = "") -> str:
+        return pages.get(stage, "") + (f"#{anchor}" if anchor and stage in pages else "")
+
+    for a in f.get("lowgainflag") or []:
+        out.append({"what": f"antenna {a}", "why": "gain amplitude far below the array's: flagged (lowgainflag)",
+                    "href": link("lowgainflag", _anchor("table-low-gain")),
+                    "also": link("bandpass", _anchor("table-bandpass-antennas")), "also_label": "bandpass"})
+    for a in (ctx.get("wvr") or {}).get("bad_antennas", []):
+        out.append({"what": f"antenna {a}", "why": "its radiometer does not follow the phases: path taken from "
+                                                    "its neighbours (wvrgcal)",
+                    "href": link("wvrgcal", _anchor("wvr_path.png")), "also": ""})
+    for o in (ctx.get("bandpass_antennas") or {}).get("outliers", []):
+        out.append({"what": f"antenna {o['antenna']} spw {o['spw']}", "why": f"bandpass {o['why']}",
+                    "href": link("bandpass", _anchor(f"bandpass_spw{o['spw']}.png")), "also": ""})
+    for spw, ants in (f.get("gainflag") or {}).items():
+        for a in ants:
+            out.append({"what": f"antenna {a} spw {spw}", "why": "outlier gains: flagged (gainflag)",
+                        "href": link("gainflag"), "also": ""})
+    for r in f.get("tsysflag") or []:
+        out.append({"what": r.split(":")[0], "why": "Tsys: " + r.split(":", 1)[-1].strip(),
+                    "href": link("tsysflag"), "also": link("tsyscal", "plots"), "also_label": "Tsys plots"})
+    for spw, ch in (f.get("rawflagchans") or {}).items():
+        out.append({"what": f"spw {spw}", "why": f"{len(ch)} outlier channel(s) flagged (rawflagchans)",
+                    "href": link("rawflagchans"), "also": ""})
+    for eb in (ctx.get("flux_consistency") or {}).get("outliers", []):
+        out.append({"what": f"EB {eb}", "why": "flux scale disagrees with the other EBs'",
+                    "href": link("fluxconsistency"), "also": ""})
+    return out
+
+
+def triage(ctx: dict, stages: list, current_index: int | None = None) -> dict:
+    """What Home opens with: the per-reason scores below GOOD, lowest first, each with
+    the link to its evidence; outliers named; failed and skipped stages; the count of
+    green stages."""
+    low = []
+    for s in stages:
+        entries = [m for m in s["metrics"] if m["score"] < GOOD]
+        if not entries and 0 <= s["qa_score"] < GOOD:     # a score without structured entries
+            entries = [{"score": s["qa_score"], "reason": (s["reasons"] or [""])[0], "metric": "", "evidence": ""}]
+        for m in entries:
+            anchor = _anchor(m["evidence"]) if m.get("evidence") else "qa"
+            low.append(dict(m, stage=s["name"], index=s["index"], href=f"stage{s['index']}.html#{anchor}"))
+    low.sort(key=lambda m: m["score"])
+    done = {s["index"] for s in stages}
+    last = current_index if current_index is not None else max(done, default=-1)
+    skipped = [(i, st["name"]) for i, st in enumerate(ctx.get("recipe", {}).get("stages", []))
+               if i < last and i not in done]
+    pages = {}
+    for s in stages:
+        pages.setdefault(s["name"], f"stage{s['index']}.html")
+    green = [s for s in stages if s["qa_score"] >= GOOD and not s.get("failed")]
+    grouped = {}                  # one line per antenna/spw/EB, with every stage's reason
+    for o in _outliers(ctx, pages):
+        grouped.setdefault(o["what"], []).append(o)
+    return {"low": low, "outliers": grouped, "failed": [s for s in stages if s.get("failed")],
+            "skipped": skipped, "green": green, "n_stages": len(stages)}
+
+
+def _command(ctx: dict, name: str, params: dict) -> str:
+    """The command that reruns the run with this stage's parameters as they were."""
+    args = " ".join("--param " + shlex.quote(f"{name}.{k}={json.dumps(v) if not isinstance(v, str) else v}")
+                    for k, v in sorted(params.items()) if k != "failure")
+    recipe = ctx.get("recipe", {}).get("name", "")
+    return f"almapipe run INPUT --recipe {recipe} {args}".rstrip()
+
+
+def render(ctx: dict, out_dir: str, plot_files: dict, current_index: int | None = None,
+           image_views: list | None = None) -> list:
     """Write the WebLog into out_dir; plot_files maps stage index -> [png file names
-    already in out_dir]. Returns the list of files written."""
+    already in out_dir] (named s<index>_<plot name>); image_views: the per-image detail
+    figures (report.images.image_views), shown on the imaging stage's page. Writes each
+    stage's log as stage<index>.log. Returns the list of files written."""
     env = _env()
     obs = ctx.get("observation", {})
     stages = []
     for r in ctx["stage_results"]:
+        plots = [{"file": p, "id": _anchor(p.split("_", 1)[1] if p.startswith("s") and "_" in p else p)}
+                 for p in plot_files.get(r["index"], [])]
+        tables = [dict(t, id=_anchor(t.get("evidence", t["title"]))) for t in _result_tables(ctx, r["name"])]
         stages.append({"index": r["index"], "name": r["name"], "service": r["service"],
-                       "qa_score": r["qa_score"], "reasons": r["qa_reasons"], "duration_s": r["duration_s"],
-                       "params": r.get("params", {}), "plots": plot_files.get(r["index"], []),
-                       "log": r.get("log", []), "tables": _result_tables(ctx, r["name"]),
-                       "failed": r.get("failed", False)})
+                       "qa_score": r["qa_score"], "reasons": r["qa_reasons"], "metrics": r.get("qa_metrics", []),
+                       "duration_s": r["duration_s"], "params": r.get("params", {}), "plots": plots,
+                       "log": r.get("log", []), "tables": tables, "failed": r.get("failed", False),
+                       "log_file": f"stage{r['index']}.log", "command": _command(ctx, r["name"], r.get("params", {})),
+                       "images": [v for v in image_views or [] if v["stage_index"] == r["index"]]})
+    for s in stages:
+        # evidence that is not on the page (a plot a stage did not make) points at the QA section
+        ids = {p["id"] for p in s["plots"]} | {t["id"] for t in s["tables"]}
+        s["metrics"] = [dict(m, evidence=m.get("evidence") if _anchor(m.get("evidence") or "") in ids else "")
+                        for m in s["metrics"]]
+        for m in s["metrics"]:
+            m["href"] = f"#{_anchor(m['evidence'])}" if m["evidence"] else ""
+            m["metric"] = m.get("metric") or s["name"]       # an older caller's reason: its stage's
     scored = [s for s in stages if s["qa_score"] >= 0]
     worst = min(scored, key=lambda s: s["qa_score"]) if scored else None
     fields = []
@@ -134,14 +299,35 @@ def render(ctx: dict, out_dir: str, plot_files: dict) -> list:
             fields=fields, roles_from=(ctx.get("fields") or [{}])[0].get("roles_from", ""),
             field_intents={f["id"]: f["intents"] for f in ctx.get("fields", [])}, failure=ctx.get("failure"),
             ebs=_eb_rows(ctx), mous_id=ctx.get("mous_id") or ctx.get("user", {}).get("mous_id", ""),
-            **common),
+            triage=triage(ctx, stages, current_index), good=GOOD,
+            flag_summary_page=next((f"stage{s['index']}.html#{t['id']}" for s in stages for t in s["tables"]
+                                    if t["id"] == _anchor("table-flag-fields")), ""), **common),
         "by_task.html": env.get_template("by_task.html").render(title="By Task", **common),
         "by_topic.html": env.get_template("by_topic.html").render(
             title="By Topic", topics=by_topic(stages), **common),
     }
     for s in stages:
         pages[f"stage{s['index']}.html"] = env.get_template("stage.html").render(title=s["name"], s=s, **common)
+    for v in image_views or []:
+        pages[v["page"]] = env.get_template("image.html").render(title=v["title"], v=v, **common)
     for name, html in pages.items():
         with open(os.path.join(out_dir, name), "w") as f:
             f.write(html)
-    return list(pages)
+    for s in stages:     # the stage's log beside its page
+        with open(os.path.join(out_dir, s["log_file"]), "w") as f:
+            f.write("\n".join(s["log"]) + "\n")
+    return list(pages) + [s["log_file"] for s in stages]
+
+
+def page_weights(out_dir: str) -> dict:
+    """The weight of each HTML page with the images it shows, in bytes, and the total
+    of the WebLog's files (the budget: 50 MB in all, 5 MB a page)."""
+    import re
+    sizes = {n: os.path.getsize(os.path.join(out_dir, n)) for n in os.listdir(out_dir)}
+    pages = {}
+    for n in sizes:
+        if n.endswith(".html"):
+            with open(os.path.join(out_dir, n)) as f:
+                srcs = set(re.findall(r'<img[^>]*\ssrc="([^"]+)"', f.read()))
+            pages[n] = sizes[n] + sum(sizes.get(s, 0) for s in srcs)
+    return {"total": sum(sizes.values()), "pages": pages}

@@ -19,11 +19,9 @@ from __future__ import annotations
 import csv
 import io as _io
 import os
+import warnings
 
 import casacore.tables as ct
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from astropy.time import Time  # noqa: E402
 
@@ -36,6 +34,7 @@ from ..calibration.caltable import CalSolutions  # noqa: E402
 from ..calibration import solar_system  # noqa: E402
 from ..calibration.terms import SolveSpec, point_model, solve_term  # noqa: E402
 from ..msio import ms as msio  # noqa: E402
+from ..report.plots import antenna_grid, label_panel, require_finite  # noqa: E402
 
 C = 299792458.0
 
@@ -149,7 +148,7 @@ def tsyscal(ctx: dict, params: dict, io: StageIO) -> QA:
         qa.note(f"spw {part['spw']}: Tsys from spw {tsys_spw}, median {med:.0f} K.")
         if med > params["max_median_tsys_k"]:
             qa.lower(0.6, f"spw {part['spw']}: median Tsys {med:.0f} K is very high.")
-        _plot_tsys(io, t_on, sol.antenna, sol.freq, part["spw"])
+        _plot_tsys(io, np.where(good, t_on, np.nan), sol.antenna, sol.freq, part["spw"], ctx["observation"]["antennas"])
     if not sols:
         return qa
     save_table(io, ctx, "tsyscal", sols, ms_path)
@@ -159,13 +158,19 @@ def tsyscal(ctx: dict, params: dict, io: StageIO) -> QA:
     return qa
 
 
-def _plot_tsys(io, tsys, ant, freq, spw):
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    for a in np.unique(ant):
-        ax.plot(freq / 1e9, tsys[ant == a].mean(axis=(0, 2)), lw=0.8)
-    ax.set_xlabel("frequency (GHz)")
-    ax.set_ylabel("Tsys (K)")
-    ax.set_title(f"Tsys per antenna, spw {spw}")
+def _plot_tsys(io, tsys, ant, freq, spw, antennas):
+    """The Tsys spectrum of each antenna (mean over time), one panel per antenna
+    (flagged values are NaN and left out)."""
+    require_finite(f"Tsys plot of spw {spw}", tsys)
+    ids = [int(a) for a in np.unique(ant)]
+    fig, axes = antenna_grid(len(ids), f"Tsys (K) vs frequency (GHz) per antenna, spw {spw} (lines: correlations)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)      # an all-flagged channel
+        for ax, a in zip(axes, ids):
+            spec = np.nanmean(tsys[ant == a], axis=0)            # (nchan, ncorr)
+            for p in range(spec.shape[1]):
+                ax.plot(freq / 1e9, spec[:, p], lw=0.8, color=f"C{p}")
+            label_panel(ax, antennas[a]["name"], "" if np.isfinite(spec).any() else "flagged")
     io.plot(fig, f"tsys_spw{spw}.png")
 
 
@@ -424,21 +429,25 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
             f"(improvement ratio {ratio:.2f}).")
     if bad_ants:
         qa.lower(0.8, f"WVR of {', '.join(ants[a]['name'] for a in bad_ants)} does not follow the phases: "
-                      f"their path interpolated from the nearest antennas.")
+                      f"their path interpolated from the nearest antennas.", metric="wvrgcal.radiometer",
+                 evidence="wvr_path.png")
     if ratio < params["min_ratio"]:
-        qa.lower(0.5, f"WVR correction does not improve the phases (ratio {ratio:.2f}).")
-    _plot_wvr(io, wtimes, path_m, ants)
+        qa.lower(0.5, f"WVR correction does not improve the phases (ratio {ratio:.2f}).",
+                 metric="wvrgcal.improvement_ratio", evidence="wvr_path.png")
+    _plot_wvr(io, wtimes, path_m, ants, bad_ants)
     return qa
 
 
-def _plot_wvr(io, times, path_m, ants):
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    for a in range(path_m.shape[1]):
-        ax.plot((times - times[0]) / 60, path_m[:, a] * 1e3, lw=0.6, label=ants[a]["name"])
-    ax.set_xlabel("minutes")
-    ax.set_ylabel("path from WVR (mm)")
-    ax.set_title("Atmospheric path per antenna from the 183 GHz radiometers")
-    ax.legend(fontsize=6, ncol=4)
+def _plot_wvr(io, times, path_m, ants, bad_ants=()):
+    """The path from each antenna's radiometer vs time, one panel per antenna; the
+    antennas whose radiometer did not follow the phases (path interpolated from the
+    nearest antennas) are framed as outliers."""
+    require_finite("WVR path plot", path_m)
+    fig, axes = antenna_grid(path_m.shape[1], "Path from the 183 GHz radiometers (mm) vs minutes, per antenna "
+                                              "(red frame: radiometer replaced by its neighbours')")
+    for a, ax in enumerate(axes):
+        ax.plot((times - times[0]) / 60, path_m[:, a] * 1e3, lw=0.6, color="k")
+        label_panel(ax, ants[a]["name"], "outlier" if a in bad_ants else "")
     io.plot(fig, "wvr_path.png")
 
 
@@ -566,7 +575,8 @@ def lowgainflag(ctx: dict, params: dict, io: StageIO) -> QA:
         _flag_antennas_in_data(io, ctx, sorted(low))
         names = ", ".join(ants[a]["name"] for a in sorted(low))
         qa.lower(1 - len(low) / max(len(has), 1), f"Flagged antenna(s) {names}: gain amplitude below "
-                                                   f"{params['fraction']:.0%} of the array's median.")
+                                                   f"{params['fraction']:.0%} of the array's median.",
+                 metric="lowgainflag.antennas_flagged", evidence="table-low-gain")
     else:
         qa.note("No low-gain antennas.")
     ctx["flags"]["lowgainflag"] = [ants[a]["name"] for a in sorted(low)]

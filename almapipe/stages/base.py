@@ -30,13 +30,22 @@ class StageError(RuntimeError):
 
 @dataclass
 class QA:
-    """A stage's QA score in [0, 1] with the reasons, as the ALMA WebLog shows them."""
+    """A stage's QA score in [0, 1] with the reasons, as the ALMA WebLog shows them.
+
+    Each lowering is also kept as a structured entry in ``metrics`` (JSON-able dicts
+    {score, reason, metric, evidence}), so the WebLog can list the lowest per-reason
+    scores, name the metric and link the evidence: a plot file name or a table id
+    on the stage's page. The stage's score stays the lowest of them."""
     score: float = 1.0
     reasons: list = field(default_factory=list)
+    metrics: list = field(default_factory=list)
 
-    def lower(self, score: float, reason: str) -> None:
-        self.score = min(self.score, max(0.0, min(1.0, score)))
+    def lower(self, score: float, reason: str, metric: str = "", evidence: str = "") -> None:
+        score = max(0.0, min(1.0, score))
+        self.score = min(self.score, score)
         self.reasons.append(reason)
+        self.metrics.append({"score": round(float(score), 4), "reason": reason, "metric": metric,
+                             "evidence": evidence})
 
     def note(self, reason: str) -> None:
         self.reasons.append(reason)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 
 import matplotlib
 matplotlib.use("Agg")
@@ -27,6 +28,7 @@ from ..heuristics.callibrary import (calibrator_ids, field_map, field_models, fl
 from ..heuristics.channels import chan_selection, spike_channels  # noqa: E402
 from ..heuristics.robust import robust_sigma  # noqa: E402
 from ..msio import ms as msio  # noqa: E402
+from ..report.plots import antenna_grid, label_panel, require_finite, robust_outliers  # noqa: E402
 
 # ------------------------------------------------------------------ helpers
 
@@ -78,11 +80,14 @@ def solution_qa(qa: QA, sols: list, what: str, ctx: dict) -> None:
             flagged += int(f.sum())
             total += f.size
     frac = flagged / max(total, 1)
+    plot = f"{what}_spw{sols[0].spw}.png"         # the per-antenna plot of the first spw, where there is one
     if frac > 0.0:
-        qa.lower(1.0 - frac, f"{frac:.1%} of the {what} solutions of the solved antennas flagged (low SNR).")
+        qa.lower(1.0 - frac, f"{frac:.1%} of the {what} solutions of the solved antennas flagged (low SNR).",
+                 metric=f"{what}.flagged_solutions", evidence=plot)
     if missing:
         qa.lower(1.0 - len(missing) / max(sum(a["has_data"] for a in ants), 1),
-                 f"No {what} solutions for antenna(s) {', '.join(sorted(missing))}: all their data are flagged.")
+                 f"No {what} solutions for antenna(s) {', '.join(sorted(missing))}: all their data are flagged.",
+                 metric=f"{what}.antennas_without_solutions", evidence=plot)
     good = [s.snr[~s.flag] for s in sols if (~s.flag).any()]
     qa.note(f"Median {what} solution SNR {np.median(np.concatenate(good)) if good else 0:.1f}.")
 
@@ -318,7 +323,7 @@ def bandpass(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
     bp_ids = require_intent(ctx, "BANDPASS", "bandpass")
     ref = refant_id(ctx)
-    sols, ms_path = [], None
+    sols, ms_path, outliers, no_solutions = [], None, [], {}
     for part in ctx["partitions"]:
         ms_path, vis = read_part(io, part, fields=bp_ids)
         nchan = len(vis.freq)
@@ -341,7 +346,14 @@ def bandpass(ctx: dict, params: dict, io: StageIO) -> QA:
         if params["flag_outliers"]:
             flag_bandpass_outliers(bp, params["outlier_nsigma"])
         sols.append(bp)
-        _plot_bandpass(io, bp, ctx, part["spw"])
+        found, unsolved = _plot_bandpass(io, bp, ctx, part["spw"])
+        no_solutions[str(part["spw"])] = unsolved
+        for o in found:
+            outliers.append(o)
+            qa.lower(0.8, f"spw {o['spw']}: bandpass of antenna {o['antenna']}: {o['why']}.",
+                     metric="bandpass.antenna_shape", evidence=f"bandpass_spw{o['spw']}.png")
+    # named on the WebLog's Home and the bandpass page
+    ctx["bandpass_antennas"] = {"outliers": outliers, "no_solutions": no_solutions}
     save_table(io, ctx, "bandpass", sols, ms_path)
     register(ctx, "bandpass", "B", "nearest", "all")
     solution_qa(qa, sols, "bandpass", ctx)
@@ -396,19 +408,43 @@ def flag_bandpass_outliers(bp: CalSolutions, nsigma: float) -> int:
     return n
 
 
-def _plot_bandpass(io, bp: CalSolutions, ctx, spw):
-    fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+def _plot_bandpass(io, bp: CalSolutions, ctx, spw) -> list:
+    """Amplitude and phase of the bandpass, one small panel per antenna with data (so a
+    bad antenna can be named): antennas without unflagged solutions say so, outliers
+    (amplitude shape far from the array's, report.plots.robust_outliers) are framed
+    red. Returns the outliers [{antenna, spw, why}] and the antennas without solutions."""
+    ants = [a for a in ctx["observation"]["antennas"] if a.get("has_data", True)]
+    g = np.where(bp.flag, np.nan, bp.cparam)                     # (nrow, nchan, ncorr)
     chan = np.arange(len(bp.freq))
-    for r in range(len(bp.time)):
-        for p in range(bp.cparam.shape[2]):
-            g = np.where(bp.flag[r, :, p], np.nan, bp.cparam[r, :, p])
-            axes[0].plot(chan, np.abs(g), lw=0.6, alpha=0.6)
-            axes[1].plot(chan, np.degrees(np.angle(g)), lw=0.6, alpha=0.6)
-    axes[0].set_ylabel("amplitude")
-    axes[1].set_ylabel("phase (deg)")
-    axes[1].set_xlabel("channel")
-    axes[0].set_title(f"Bandpass solutions, spw {spw}, all antennas and correlations")
-    io.plot(fig, f"bandpass_spw{spw}.png")
+    with np.errstate(all="ignore"):
+        # each antenna's amplitude shape (normalised), and its rms distance from the array's
+        shape = {}
+        for a in ants:
+            amp = np.abs(g[bp.antenna == a["id"]])
+            if np.isfinite(amp).any():
+                s = np.nanmean(amp, axis=(0, 2))
+                shape[a["name"]] = s / np.nanmedian(s)
+        ref = np.nanmedian(np.array(list(shape.values())), axis=0) if shape else None
+        dev = {n: float(np.sqrt(np.nanmean((s - ref) ** 2))) for n, s in shape.items()}
+    bad = robust_outliers(dev, nsigma=6.0, floor=0.05)
+    require_finite(f"bandpass plot of spw {spw}", np.abs(g))
+    for kind in ("amplitude", "phase"):
+        fig, axes = antenna_grid(len(ants), f"Bandpass {kind}, spw {spw}, per antenna "
+                                            f"(lines: correlations; red frame: outlier)")
+        for ax, a in zip(axes, ants):
+            rows = g[bp.antenna == a["id"]]
+            for p in range(g.shape[2]):
+                y = np.abs(rows[:, :, p]) if kind == "amplitude" else np.degrees(np.angle(rows[:, :, p]))
+                for r in range(len(y)):
+                    ax.plot(chan, y[r], lw=0.6, color=f"C{p}")
+            label_panel(ax, a["name"], "flagged" if a["name"] not in shape else
+                        "outlier" if a["name"] in bad else "")
+        axes[0].set_ylabel("amplitude" if kind == "amplitude" else "phase (deg)", fontsize=7)
+        axes[-1].set_xlabel("channel", fontsize=7)
+        io.plot(fig, f"bandpass_spw{spw}.png" if kind == "amplitude" else f"bandpass_phase_spw{spw}.png")
+    return ([{"antenna": n, "spw": spw, "why": f"amplitude shape {dev[n]:.1%} rms from the array's "
+                                               f"({sig:.0f} robust sigma)"} for n, sig in sorted(bad.items())],
+            [a["name"] for a in ants if a["name"] not in shape])
 
 
 # ------------------------------------------------------------------ gaincal and timegaincal
@@ -528,21 +564,26 @@ def combine_phase_gain(phases: CalSolutions, gains: CalSolutions, amplitude_only
 
 
 def _plot_gains(io, g: CalSolutions, ctx, spw, name):
-    fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    """Gain amplitude and phase vs time, one small panel per antenna (colours: fields;
+    antennas without unflagged solutions say so)."""
+    ants = [a for a in ctx["observation"]["antennas"] if a.get("has_data", True)]
+    require_finite(f"{name} plot of spw {spw}", np.where(g.flag[:, 0, :], np.nan, np.abs(g.cparam[:, 0, :])))
     t0 = g.time.min()
-    for fid in np.unique(g.field_id):
-        r = g.field_id == fid
-        for p in range(g.cparam.shape[2]):
-            ok = r & ~g.flag[:, 0, p]
-            axes[0].plot((g.time[ok] - t0) / 3600, np.abs(g.cparam[ok, 0, p]), ".", ms=3,
-                         label=f"{field_name(ctx, int(fid))} corr {p}")
-            axes[1].plot((g.time[ok] - t0) / 3600, np.degrees(np.angle(g.cparam[ok, 0, p])), ".", ms=3)
-    axes[0].set_ylabel("amplitude")
-    axes[1].set_ylabel("phase (deg)")
-    axes[1].set_xlabel("hours since first solution")
-    axes[0].legend(fontsize=6)
-    axes[0].set_title(f"{name} solutions vs time, spw {spw}")
-    io.plot(fig, f"{name}_spw{spw}.png")
+    fids = [int(f) for f in np.unique(g.field_id)]
+    for kind in ("amp", "phase"):
+        fig, axes = antenna_grid(len(ants), f"{name} {'amplitude' if kind == 'amp' else 'phase (deg)'} vs hours, "
+                                            f"spw {spw}, per antenna; colours: "
+                                            + ", ".join(f"{field_name(ctx, f)} (C{i})" for i, f in enumerate(fids)))
+        for ax, a in zip(axes, ants):
+            any_ok = False
+            for i, fid in enumerate(fids):
+                for p in range(g.cparam.shape[2]):
+                    ok = (g.antenna == a["id"]) & (g.field_id == fid) & ~g.flag[:, 0, p]
+                    any_ok |= bool(ok.any())
+                    y = np.abs(g.cparam[ok, 0, p]) if kind == "amp" else np.degrees(np.angle(g.cparam[ok, 0, p]))
+                    ax.plot((g.time[ok] - t0) / 3600, y, ".", ms=1.5, color=f"C{i}")
+            label_panel(ax, a["name"], "" if any_ok else "flagged")
+        io.plot(fig, f"{name}_spw{spw}.png" if kind == "amp" else f"{name}_phase_spw{spw}.png")
 
 
 @stage("gaincal", service="calibrator", topic="Calibration",
@@ -747,6 +788,7 @@ def applycal(ctx: dict, params: dict, io: StageIO) -> QA:
         for a in applies:
             a.calwt = a.calwt and params["calwt"]
         shown = []       # the calibrators' rows the plots show, a bounded sample of them
+        counts = FlagCounts(len(ctx["observation"]["antennas"]))
         stride = max(1, int(np.ceil(p.nrow * p.nchan * p.ncorr / PLOT_SAMPLES)))
         # in row blocks: memory stays at a few chunks whatever the size of the EB
         for blk in p.blocks(block_chunks=4):
@@ -758,10 +800,12 @@ def applycal(ctx: dict, params: dict, io: StageIO) -> QA:
             p.write("CORRECTED_DATA", blk.rows, corrected)
             p.write_flags(blk.rows, flags)
             p.write("WEIGHT", blk.rows, weights.astype(np.float32))
+            counts.add(blk, flags)
             keep = np.isin(blk.field_id, list(calibrators)) & (blk.rows % stride == 0)
             if keep.any():
                 shown.append((blk.select(keep), corrected[keep], flags[keep]))
         new_parts.append(dict(p.commit(), calibrated=True))
+        _record_flag_summary(ctx, counts, part["spw"])
         if shown:
             vis = msio.concat_vis([v for v, _, _ in shown])
             _plot_calibrated(io, vis, np.concatenate([c for _, c, _ in shown]),
@@ -776,14 +820,72 @@ def applycal(ctx: dict, params: dict, io: StageIO) -> QA:
 
 
 def _plot_calibrated(io, vis, corrected, flags, ctx, spw):
-    fig, ax = plt.subplots(figsize=(8, 4))
-    t0 = vis.time.min()
-    amp = np.where(flags, np.nan, np.abs(corrected)).mean(axis=(1, 2))
-    for fid in np.unique(vis.field_id):
-        r = (vis.field_id == fid) & (vis.ant1 != vis.ant2)
-        ax.plot((vis.time[r] - t0) / 3600, amp[r], ",", label=field_name(ctx, int(fid)))
-    ax.set_xlabel("hours")
-    ax.set_ylabel("calibrated amplitude (Jy)")
-    ax.set_title(f"Calibrated amplitude vs time, spw {spw}")
-    ax.legend(markerscale=20, fontsize=7)
-    io.plot(fig, f"applycal_amp_time_spw{spw}.png")
+    """Calibrated amplitude and phase of the calibrators vs time, frequency and uv
+    distance (colours: calibrators). Flagged and non-finite visibilities are left out
+    of every average (nanmean), so a few NaN rows no longer blank the plot; a plot
+    left with no finite data at all raises EmptyPlotError."""
+    cross = vis.ant1 != vis.ant2
+    fids = [f for f in calibrator_ids(ctx) if (cross & (vis.field_id == f)).any()]
+    v = np.where(flags | ~np.isfinite(corrected), np.nan, corrected)          # (nrow, nchan, ncorr)
+    t_h = (vis.time - vis.time.min()) / 3600
+    uvdist = np.hypot(vis.uvw[:, 0], vis.uvw[:, 1])
+    fig, axes = plt.subplots(2, 3, figsize=(12, 5.5), sharey="row")
+    finite = False
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)     # all-NaN slices: rows that are all flagged
+        per_row = np.nanmean(v, axis=(1, 2))                                  # vector average over channels
+        for i, fid in enumerate(fids):
+            r = cross & (vis.field_id == fid)
+            per_chan = np.nanmean(v[r], axis=(0, 2))
+            ok = np.isfinite(per_row[r])
+            finite |= bool(ok.any())
+            label = field_name(ctx, int(fid)) + ("" if ok.any() else " (all flagged)")
+            step = max(1, int(ok.sum()) // 20000)          # bounded plot: at most ~20000 points a field
+            for row, f in ((0, np.abs), (1, lambda z: np.degrees(np.angle(z)))):
+                axes[row, 0].plot(t_h[r][ok][::step], f(per_row[r][ok][::step]), ".", ms=1, color=f"C{i}",
+                                  label=label if row == 0 else None)
+                axes[row, 1].plot(vis.freq / 1e9, f(per_chan), "-", lw=0.8, color=f"C{i}")
+                axes[row, 2].plot(uvdist[r][ok][::step], f(per_row[r][ok][::step]), ".", ms=1, color=f"C{i}")
+    if not finite:
+        plt.close(fig)
+        require_finite(f"applycal plot of spw {spw}", [])
+    axes[0, 0].set_ylabel("amplitude (Jy)")
+    axes[1, 0].set_ylabel("phase (deg)")
+    for ax, x in zip(axes[1], ("hours", "frequency (GHz)", "uv distance (m)")):
+        ax.set_xlabel(x)
+    axes[0, 0].legend(markerscale=6, fontsize=7)
+    fig.suptitle(f"Calibrated calibrators, spw {spw}: amplitude and phase vs time, frequency, uv distance")
+    io.plot(fig, f"applycal_spw{spw}.png")
+
+
+class FlagCounts:
+    """Flagged and total cross-correlation samples per field and per antenna, summed over
+    applycal's row blocks."""
+
+    def __init__(self, nant: int):
+        self.nant = nant
+        self.field: dict = {}
+        self.ant = np.zeros((2, nant))
+
+    def add(self, vis, flags) -> None:
+        cross = vis.ant1 != vis.ant2
+        nflag = flags[cross].sum(axis=(1, 2)).astype(float)
+        per_row = float(flags[0].size) if len(flags) else 0.0
+        for f in np.unique(vis.field_id[cross]):
+            r = vis.field_id[cross] == f
+            acc = self.field.setdefault(int(f), [0.0, 0.0])
+            acc[0] += nflag[r].sum()
+            acc[1] += r.sum() * per_row
+        for a in (vis.ant1[cross], vis.ant2[cross]):
+            self.ant[0] += np.bincount(a, nflag, self.nant)
+            self.ant[1] += np.bincount(a, minlength=self.nant) * per_row
+
+
+def _record_flag_summary(ctx, counts: FlagCounts, spw):
+    """The flagged fraction of the cross-correlations per field and per antenna in this
+    spw after applycal, for the WebLog's flagging summary (ctx['flag_summary'])."""
+    fields = {field_name(ctx, f): float(n / tot) for f, (n, tot) in sorted(counts.field.items()) if tot > 0}
+    ants = ctx["observation"]["antennas"]
+    per_ant = {ants[a]["name"]: float(counts.ant[0, a] / counts.ant[1, a])
+               for a in range(counts.nant) if counts.ant[1, a] > 0}
+    ctx.setdefault("flag_summary", {})[str(spw)] = {"fields": fields, "antennas": per_ant}

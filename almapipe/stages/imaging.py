@@ -807,7 +807,8 @@ class ImageJob:
         rec["qa_score"] = _image_qa(rec)
         if rec["qa_score"] < 0.9:
             qa.lower(rec["qa_score"], f"{rec['file']}: rms {stats['rms'] * 1e3:.2f} mJy/beam"
-                     + (f" vs theoretical {theo * 1e3:.2f}" if theo else "") + ".")
+                     + (f" vs theoretical {theo * 1e3:.2f}" if theo else "") + ".",
+                     metric="makeimages.rms" if theo else "makeimages.dynamic_range", evidence=f"{base}.png")
         io.log("%s: peak %.4f Jy/beam, rms %.5f Jy/beam, beam %s", rec["file"], stats["peak"], stats["rms"],
                rec["beam_arcsec"])
         return rec

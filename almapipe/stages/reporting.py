@@ -16,6 +16,7 @@ from ..report.qa2 import qa2_section, requested_goals
 from .calpackage import calibration_package
 from ..msio import storeio
 from ..report import weblog as weblog_render
+from ..report.images import image_views
 
 README = """almapipe products package
 =========================
@@ -125,7 +126,8 @@ def exportdata(ctx: dict, params: dict, io: StageIO) -> QA:
     pkg["script/recipe.json"] = io.put_bytes(json.dumps(recipe, indent=2).encode(), "recipe.json",
                                              "application/json")["key"]
     pkg["script/rerun.sh"] = io.put_bytes(RERUN.format().encode(), "rerun.sh", "text/x-shellscript")["key"]
-    qa_scores = {r["name"]: {"score": r["qa_score"], "reasons": r["qa_reasons"]} for r in ctx["stage_results"]}
+    qa_scores = {r["name"]: {"score": r["qa_score"], "reasons": r["qa_reasons"], "metrics": r.get("qa_metrics", [])}
+                 for r in ctx["stage_results"]}
     pkg["qa/qa_scores.json"] = io.put_json(qa_scores, "qa_scores.json")["key"]
     readme = README.format(run_id=ctx["run_id"], ous=ous, recipe=recipe.get("name"),
                            version=recipe.get("version"), input_key=ctx["input_key"])
@@ -166,8 +168,15 @@ def weblog(ctx: dict, params: dict, io: StageIO) -> QA:
                 dest = os.path.join(out, f"s{r['index']:02d}_{o['name']}")
                 io.store.get_file(o["key"], dest)
                 plots.setdefault(r["index"], []).append(os.path.basename(dest))
-    # this stage's own row, so the WebLog lists it (its QA is known only now)
-    pages = weblog_render.render(ctx, out, plots)
+    # the image views are drawn here from the FITS products (sky axes, beam, detail views)
+    views = image_views(ctx, io.fetch_file, out)
+    pages = weblog_render.render(ctx, out, plots, current_index=io.stage_index, image_views=views)
+    weight = weblog_render.page_weights(out)
+    heaviest = max(weight["pages"], key=weight["pages"].get)
+    qa.note(f"WebLog weight {weight['total'] / 1e6:.1f} MB in all; heaviest page {heaviest} "
+            f"{weight['pages'][heaviest] / 1e6:.2f} MB with its images.")
+    if weight["total"] > 50e6 or weight["pages"][heaviest] > 5e6:
+        qa.lower(0.8, "The WebLog is over its weight budget (50 MB in all, 5 MB a page).", metric="weblog.weight")
     keys = {}
     for name in sorted(os.listdir(out)):
         keys[name] = io.put_file(os.path.join(out, name), f"weblog/{name}")["key"]
@@ -180,5 +189,5 @@ def weblog(ctx: dict, params: dict, io: StageIO) -> QA:
         pkg[f"qa/weblog/{name}"] = key
     ctx["package"] = pkg
     ctx["weblog_index_key"] = keys["index.html"]
-    qa.note(f"WebLog of {len(pages)} pages and {sum(len(v) for v in plots.values())} plots.")
+    qa.note(f"WebLog of {len(pages)} pages, {sum(len(v) for v in plots.values())} plots and {len(views)} image views.")
     return qa

@@ -1,0 +1,162 @@
+"""The WebLog's image views, drawn from the FITS products themselves: sky axes (RA/Dec
+from the header's WCS), the restoring beam, a colour bar, and the detail views that
+exist for the image (residual, clean mask, primary beam; for a cube the moment-0 map
+over its continuum channels and the spectrum at the peak).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from astropy.io import fits  # noqa: E402
+from astropy.wcs import WCS, FITSFixedWarning  # noqa: E402
+from matplotlib.patches import Ellipse  # noqa: E402
+
+from .plots import require_finite  # noqa: E402
+
+DPI = 72      # the page-weight budget: ~100-200 kB a view
+
+
+def read_planes(path: str) -> tuple[np.ndarray, fits.Header]:
+    """A FITS image as (nplane, ny, nx) (the Stokes axis dropped) and its header."""
+    with fits.open(path) as hdul:
+        data, hdr = np.asarray(hdul[0].data, dtype=np.float32), hdul[0].header
+    while data.ndim > 3:
+        data = data[0]
+    return (data[None] if data.ndim == 2 else data), hdr
+
+
+def _sky_panel(fig, pos, plane, hdr, title, unit, beam=True, cmap="inferno", contour=None):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        wcs = WCS(hdr).celestial
+    ax = fig.add_subplot(*pos, projection=wcs)
+    finite = plane[np.isfinite(plane)]
+    lo, hi = (np.percentile(finite, [0.5, 99.9]) if finite.size else (0, 1))
+    im = ax.imshow(plane, origin="lower", cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1)
+    if contour is not None:
+        ax.contour(contour, levels=[0.5], colors="c", linewidths=0.6)
+    ax.coords[0].set_axislabel("RA (ICRS)", fontsize=7)
+    ax.coords[1].set_axislabel("Dec (ICRS)", fontsize=7)
+    for c in ax.coords:
+        c.set_ticklabel(size=6)
+    ax.set_title(title, fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label(unit, fontsize=7)
+    if beam and hdr.get("BMAJ"):
+        cell = abs(hdr["CDELT2"])
+        ny, nx = plane.shape
+        ax.add_patch(Ellipse((0.1 * nx, 0.1 * ny), hdr["BMIN"] / cell, hdr["BMAJ"] / cell, angle=hdr.get("BPA", 0.0),
+                             facecolor="none", edgecolor="c", lw=1.2))
+    return ax
+
+
+def _continuum_channels(ctx: dict, img: dict, nchan: int) -> tuple[np.ndarray, str]:
+    """The cube's planes in its field's continuum ranges (cont.dat), else all planes."""
+    from ..imaging.uvcontsub import parse_channels
+    spw = next((s for s in ctx.get("observation", {}).get("spws", []) if s["id"] == int(img["spw"])), {})
+    if spw.get("nchan") != nchan:          # a cube of part of the spw: cont.dat's channels do not apply
+        return np.ones(nchan, bool), "all channels"
+    for e in ctx.get("continuum", []):
+        if e["field"] == img["field"] and int(e["spw"]) == int(img["spw"]) and e.get("channels"):
+            sel = np.zeros(nchan, bool)
+            try:
+                sel[:] = parse_channels(e["channels"], nchan)
+            except (ValueError, IndexError):
+                break
+            if sel.any():
+                return sel, "continuum channels"
+    return np.ones(nchan, bool), "all channels"
+
+
+def image_view(ctx: dict, img: dict, paths: dict, out_png: str) -> str:
+    """One figure for one image: the pbcor (or image) plane with RA/Dec, beam and colour
+    bar, and its detail views. paths: FITS kind -> local file. Returns the title."""
+    main_kind = "pbcor" if "pbcor" in paths else "image"
+    data, hdr = read_planes(paths[main_kind])
+    cube = img.get("specmode") == "cube" and data.shape[0] > 1
+    pplane, panels = 0, []
+    # the peak is looked for where the primary beam is >= 0.5: a pbcor image's noise
+    # grows towards its edge, where its largest values would otherwise be
+    inner = np.ones(data.shape[1:], bool)
+    if "pb" in paths:
+        with np.errstate(invalid="ignore"):
+            inner = read_planes(paths["pb"])[0][0] >= 0.5
+    if cube:
+        sel, what = _continuum_channels(ctx, img, data.shape[0])
+        dv = abs(hdr.get("CDELT3", 1.0)) / 1e6          # MHz a channel
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mom0 = np.nansum(data[sel], axis=0) * dv
+            pplane = int(np.nanargmax(np.nanmax(np.where(inner, data, np.nan), axis=(1, 2))))
+        require_finite(f"image view of {img['file']}", data[pplane])
+        panels.append(("sky", data[pplane], f"{main_kind}, peak plane {pplane}", "Jy/beam"))
+        panels.append(("sky", mom0, f"moment 0 over {what}", "Jy/beam MHz"))
+    else:
+        require_finite(f"image view of {img['file']}", data[0])
+        panels.append(("sky", data[0], main_kind, "Jy/beam"))
+    for kind, unit in (("residual", "Jy/beam"), ("mask", ""), ("pb", "")):
+        if kind in paths:
+            d, _ = read_planes(paths[kind])
+            panels.append(("sky", d[min(pplane, d.shape[0] - 1)], kind, unit))
+    if cube:
+        y, x = np.unravel_index(np.nanargmax(np.where(inner, data[pplane], np.nan)), data[pplane].shape)
+        panels.append(("spectrum", data[:, y, x], f"spectrum at the peak pixel ({x}, {y})", "Jy/beam"))
+    # the planes' frequencies from the header's spectral axis (FITS pixels count from 1)
+    freq_ghz = (hdr.get("CRVAL3", 0.0) + (np.arange(data.shape[0]) + 1 - hdr.get("CRPIX3", 1.0))
+                * hdr.get("CDELT3", 1.0)) / 1e9
+    ncol = 3
+    nrow = (len(panels) + ncol - 1) // ncol
+    fig = plt.figure(figsize=(4.2 * ncol, 3.6 * nrow))
+    for i, (kind, d, title, unit) in enumerate(panels):
+        pos = (nrow, ncol, i + 1)
+        if kind == "sky":
+            _sky_panel(fig, pos, d, hdr, title, unit, beam=title.split(",")[0] in ("pbcor", "image", "residual")
+                       or title.startswith("moment"), cmap="gray" if title in ("mask", "pb") else "inferno")
+        else:
+            ax = fig.add_subplot(*pos)
+            ax.plot(freq_ghz, d * 1e3, "k-", lw=0.8)
+            ax.set_xlabel(f"frequency (GHz, {hdr.get('SPECSYS', '')})", fontsize=7)
+            ax.set_ylabel("mJy/beam", fontsize=7)
+            ax.set_title(title, fontsize=8)
+            ax.tick_params(labelsize=6)
+            ax.locator_params(axis="x", nbins=4)
+    title = img["file"].rsplit(".pbcor.fits", 1)[0]
+    bm = img.get("beam_arcsec", [0, 0, 0])
+    fig.suptitle(f"{title}: beam {bm[0]:.2f}\" x {bm[1]:.2f}\" at {bm[2]:.0f} deg, "
+                 f"rms {img.get('rms_jy_per_beam', 0) * 1e3:.3f} mJy/beam, peak "
+                 f"{img.get('peak_jy_per_beam', 0) * 1e3:.2f} mJy/beam", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=DPI)
+    plt.close(fig)
+    return title
+
+
+def stage_index_of(img: dict) -> int | None:
+    """The index of the stage that made an image (from its thumbnail's object key,
+    runs/<run>/stages/<NN>_<stage>/...)."""
+    key = img.get("thumbnail") or next(iter(img.get("files", {}).values()), "")
+    parts = key.split("/stages/")
+    if len(parts) < 2:
+        return None
+    head = parts[1].split("_", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def image_views(ctx: dict, fetch, out_dir: str) -> list:
+    """The view of every image in ctx['images'] written into out_dir as image<n>.png;
+    fetch(key) -> local path. Returns [{id, n, title, stage_index, plot, page, record}]."""
+    views = []
+    for n, img in enumerate(ctx.get("images", [])):
+        files = img.get("files", {})
+        paths = {k: fetch(v) for k, v in files.items() if k in ("pbcor", "image", "residual", "mask", "pb")}
+        if not ({"pbcor", "image"} & set(paths)):
+            continue
+        png = f"image{n}.png"
+        title = image_view(ctx, img, paths, os.path.join(out_dir, png))
+        views.append({"id": f"image{n}", "n": n, "title": title, "stage_index": stage_index_of(img),
+                      "plot": png, "page": f"image{n}.html", "record": img})
+    return views

@@ -1,0 +1,112 @@
+"""The WebLog's pieces without a stack: per-reason QA entries, the per-antenna bandpass
+plot naming an injected outlier, the applycal plot refusing to draw no data, and the
+triage Home renders from a context (the whole WebLog in a browser: test_alma.py)."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from almapipe.calibration.caltable import CalSolutions
+from almapipe.msio.ms import Vis
+from almapipe.report import weblog
+from almapipe.report.plots import EmptyPlotError, robust_outliers
+from almapipe.stages import calibration
+from almapipe.stages.base import QA
+
+
+class PlotIO:
+    def __init__(self, out):
+        self.out, self.names = out, []
+
+    def plot(self, fig, name):
+        import matplotlib.pyplot as plt
+        fig.savefig(self.out / name, dpi=40)
+        plt.close(fig)
+        self.names.append(name)
+        return {"name": name}
+
+
+def antennas(n):
+    return {"observation": {"antennas": [{"id": i, "name": f"DA{41 + i}", "has_data": True} for i in range(n)]},
+            "fields": [{"id": 0, "name": "J1924-2914", "intents": ["BANDPASS"]},
+                       {"id": 1, "name": "Target", "intents": ["TARGET"]}]}
+
+
+def test_qa_keeps_each_reason_with_its_score_metric_and_evidence():
+    qa = QA()
+    qa.lower(0.7, "spw 5: antenna DA45 off.", metric="bandpass.antenna_shape", evidence="bandpass_spw5.png")
+    qa.lower(0.9, "a reason from an older caller")
+    qa.note("a note")
+    assert qa.score == 0.7 and len(qa.reasons) == 3
+    assert qa.metrics == [{"score": 0.7, "reason": "spw 5: antenna DA45 off.", "metric": "bandpass.antenna_shape",
+                           "evidence": "bandpass_spw5.png"},
+                          {"score": 0.9, "reason": "a reason from an older caller", "metric": "", "evidence": ""}]
+    json.dumps(qa.metrics)          # the context stays JSON
+
+
+def test_bandpass_plot_names_the_injected_outlier_and_the_flagged_antenna(tmp_path):
+    rng = np.random.default_rng(3)
+    nant, nchan = 12, 64
+    ctx = antennas(nant)
+    bp = (1 + 0.01 * rng.standard_normal((nant, nchan, 2))).astype(complex)
+    bp[4] *= np.linspace(0.7, 1.3, nchan)[:, None]           # DA45: a tilted bandpass
+    flag = np.zeros(bp.shape, bool)
+    flag[9] = True                                           # DA50: no solutions
+    sol = CalSolutions("B", 5, np.arange(nchan) * 1e6, np.zeros(nant), np.ones(nant), np.zeros(nant, int),
+                       np.ones(nant, int), np.arange(nant), bp, flag, np.full(bp.shape, 50.0))
+    io = PlotIO(tmp_path)
+    outliers, unsolved = calibration._plot_bandpass(io, sol, ctx, 5)
+    assert [o["antenna"] for o in outliers] == ["DA45"] and unsolved == ["DA50"]
+    assert io.names == ["bandpass_spw5.png", "bandpass_phase_spw5.png"]
+    assert robust_outliers({f"a{i}": 1.0 + 0.01 * i for i in range(10)}, floor=0.05) == {}
+
+
+def test_applycal_plot_skips_nan_rows_and_refuses_to_draw_nothing(tmp_path):
+    ctx = antennas(4)
+    a1, a2 = np.triu_indices(4, 1)
+    rows = len(a1) * 5
+    data = np.ones((rows, 8, 2), np.complex64)
+    data[::3] = np.nan                                       # NaN rows, as ALMA data have
+    vis = Vis(time=np.repeat(np.arange(5.0), len(a1)), interval=np.ones(rows), ant1=np.tile(a1, 5),
+              ant2=np.tile(a2, 5), field_id=np.zeros(rows, int), scan=np.ones(rows, int),
+              uvw=np.ones((rows, 3)), data=data, flag=np.zeros(data.shape, bool), weight=np.ones((rows, 2)),
+              freq=np.arange(8) * 1e6)
+    io = PlotIO(tmp_path)
+    calibration._plot_calibrated(io, vis, data, vis.flag, ctx, 5)
+    assert io.names == ["applycal_spw5.png"]
+    assert ctx["flag_summary"]["5"]["fields"] == {"J1924-2914": 0.0}
+    with pytest.raises(EmptyPlotError, match="applycal plot of spw 5"):
+        calibration._plot_calibrated(io, vis, data, np.ones(data.shape, bool), ctx, 5)
+
+
+def test_home_opens_with_the_triage(tmp_path):
+    def result(i, name, score, metrics=(), reasons=()):
+        return {"index": i, "name": name, "service": "calibrator", "qa_score": score, "qa_reasons": list(reasons),
+                "qa_metrics": list(metrics), "duration_s": 1.0, "params": {}, "log": [f"{name} log"]}
+    ctx = {"run_id": "r1", "input_key": "in", "recipe": {"name": "alma_calimage", "version": 1, "stages": [
+        {"name": n} for n in ("importdata", "lowgainflag", "tsyscal", "bandpass", "weblog")]},
+        "flags": {"lowgainflag": ["DA48"]}, "fields": [], "observation": {},
+        "bandpass_antennas": {"outliers": [{"antenna": "DA45", "spw": 5, "why": "amplitude shape off"}],
+                              "no_solutions": {"5": ["DA48"]}},
+        "stage_results": [
+            result(0, "importdata", 1.0),
+            result(1, "lowgainflag", 0.88, [{"score": 0.88, "reason": "Flagged antenna(s) DA48.",
+                                              "metric": "lowgainflag.antennas_flagged",
+                                              "evidence": "table-low-gain"}], ["Flagged antenna(s) DA48."]),
+            result(3, "bandpass", 0.8, [{"score": 0.8, "reason": "DA45 off", "metric": "bandpass.antenna_shape",
+                                         "evidence": "bandpass_spw5.png"}], ["DA45 off"])]}
+    (tmp_path / "s03_bandpass_spw5.png").write_bytes(b"")
+    weblog.render(ctx, str(tmp_path), {3: ["s03_bandpass_spw5.png"]}, current_index=4)
+    home = (tmp_path / "index.html").read_text()
+    triage = home.split('id="triage"', 1)[1].split("</section>", 1)[0]
+    lows = re.findall(r'href="(stage\d\.html#[^"]+)"', triage.split("Outliers named")[0])
+    assert lows[:2] == ["stage3.html#ev-bandpass-spw5-png", "stage1.html#ev-table-low-gain"]   # lowest first
+    assert "antenna DA48" in triage and "antenna DA45 spw 5" in triage
+    assert "Skipped (not run): 2. tsyscal" in re.sub(r"\s+", " ", triage)
+    assert "1 of 3 stages scored 0.9 or more" in triage
+    assert 'id="ev-table-low-gain"' in (tmp_path / "stage1.html").read_text()
+    assert 'id="ev-bandpass-spw5-png"' in (tmp_path / "stage3.html").read_text()
+    assert (tmp_path / "stage3.log").read_text() == "bandpass log\n"
