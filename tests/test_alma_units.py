@@ -168,7 +168,7 @@ def test_every_stage_of_every_recipe_is_on_by_topic_and_by_task(tmp_path):
     from almapipe.report import weblog
     for name in recipes.available():
         stages = [s["stage"] for s in recipes.load(name)["stages"]]
-        ctx = {"run_id": "r", "recipe": name, "input_key": "in", "flags": {}, "fields": [],
+        ctx = {"run_id": "r", "recipe": recipes.load(name), "input_key": "in", "flags": {}, "fields": [],
                "stage_results": [{"index": i, "name": s, "service": "x", "qa_score": 1.0, "qa_reasons": [],
                                   "duration_s": 0.0} for i, s in enumerate(stages)]}
         out = tmp_path / name

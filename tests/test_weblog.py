@@ -77,7 +77,12 @@ def test_applycal_plot_skips_nan_rows_and_refuses_to_draw_nothing(tmp_path):
     io = PlotIO(tmp_path)
     calibration._plot_calibrated(io, vis, data, vis.flag, ctx, 5)
     assert io.names == ["applycal_spw5.png"]
-    assert ctx["flag_summary"]["5"]["fields"] == {"J1924-2914": 0.0}
+    counts = calibration.FlagCounts(4)           # applycal's flagging summary, summed over row blocks
+    half = rows // 2
+    counts.add(vis.select(np.arange(rows) < half), vis.flag[:half])
+    counts.add(vis.select(np.arange(rows) >= half), np.ones_like(vis.flag[half:]))
+    calibration._record_flag_summary(ctx, counts, 5)
+    assert ctx["flag_summary"]["5"]["fields"] == {"J1924-2914": (rows - half) / rows}
     with pytest.raises(EmptyPlotError, match="applycal plot of spw 5"):
         calibration._plot_calibrated(io, vis, data, np.ones(data.shape, bool), ctx, 5)
 

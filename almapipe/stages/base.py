@@ -355,6 +355,8 @@ CONTEXT = {
     "partitions": (list, "per science spw: the MS partition's key (calibrated: CORRECTED_DATA)"),
     "aux_partitions": (dict, "partitions that are not science data (the WVR spw)"),
     "flags": (dict, "per flagging stage: what it flagged"),
+    "flag_summary": (dict, "per spw after applycal: flagged fraction per field and per antenna (WebLog)"),
+    "bandpass_antennas": (dict, "bandpass: antennas without solutions and outliers, for the WebLog"),
     "refant": (dict, "reference antenna ranking"),
     "tsys": (dict, "Tsys summary per spw"),
     "antpos": (dict, "antenna position corrections"),

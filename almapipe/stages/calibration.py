@@ -317,7 +317,7 @@ BANDPASS_PARAMS = (
 
 @stage("bandpass", service="calibrator", topic="Calibration",
        reads=CAL_READS,
-       writes=("caltables", "callibrary", "bandpass_phaseup"), params=BANDPASS_PARAMS)
+       writes=("caltables", "callibrary", "bandpass_phaseup", "bandpass_antennas"), params=BANDPASS_PARAMS)
 def bandpass(ctx: dict, params: dict, io: StageIO) -> QA:
     """Bandpass per antenna and channel, after a phase-up gaincal (hifa_bandpass)."""
     qa = QA()
@@ -773,8 +773,8 @@ PLOT_SAMPLES = 20_000_000
 
 
 @stage("applycal", service="calibrator", topic="Calibration",
-       reads=("fields", "observation", "partitions", "callibrary", "caltables"), writes=("partitions",), params=(
-           Param("calwt", bool, True, "scale the weights by the gains"),))
+       reads=("fields", "observation", "partitions", "callibrary", "caltables"), writes=("partitions", "flag_summary"),
+       params=(Param("calwt", bool, True, "scale the weights by the gains"),))
 def applycal(ctx: dict, params: dict, io: StageIO) -> QA:
     """Apply the calibration library to every field, writing CORRECTED_DATA."""
     qa = QA()
