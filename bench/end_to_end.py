@@ -110,6 +110,24 @@ class Sampler:
                 "peak_disk_growth": self.peak_disk - self.disk0}
 
 
+def cpu_seconds_of_stack(data_dir: str) -> float:
+    """utime + stime of every stack process and of the children it waited for (importdata's
+    spawned ingest processes), from /proc: CPU time is what a loaded machine does not inflate."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    try:
+        procs = json.load(open(os.path.join(data_dir, "stack.json"))).get("procs", {})
+    except (FileNotFoundError, json.JSONDecodeError):
+        return total
+    for p in procs.values():
+        try:
+            fields = open(f"/proc/{p['pid']}/stat").read().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15]) / tick      # utime stime cutime cstime
+        except (FileNotFoundError, KeyError, IndexError):
+            pass
+    return total
+
+
 def ours(eb_dir: str, work: str, port_base: int, delete_tar: bool = False, extra_env: dict | None = None) -> dict:
     """`almapipe run` on the EB's tar through a cold stack. With delete_tar the run is
     driven through the same calls (Upload, SubmitRun, WatchRun) so that the local tar
@@ -123,6 +141,7 @@ def ours(eb_dir: str, work: str, port_base: int, delete_tar: bool = False, extra
     try:
         load0 = load_avg()
         sampler = Sampler(data_dir)
+        cpu0 = cpu_seconds_of_stack(data_dir) + _children_cpu()
         t0 = time.perf_counter()
         if delete_tar:
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--drive", tar], env=env,
@@ -131,6 +150,7 @@ def ours(eb_dir: str, work: str, port_base: int, delete_tar: bool = False, extra
             proc = subprocess.run(almapipe + ["run", tar, "--out", os.path.join(work, "package")],
                                   env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
+        cpu = cpu_seconds_of_stack(data_dir) + _children_cpu() - cpu0
         sampled = sampler.finish()
         if proc.returncode:
             print(proc.stdout[-4000:], proc.stderr[-4000:], file=sys.stderr)
@@ -142,12 +162,19 @@ def ours(eb_dir: str, work: str, port_base: int, delete_tar: bool = False, extra
         s3_after = _s3_bytes(env, run_id)
         stages = [{"stage": r["name"], "s": r["duration_s"], **(r.get("bytes") or {})}
                   for r in sorted(ctx.get("stage_results", []), key=lambda r: r["index"])]
-        return {"wall_s": wall, "status": proc.returncode, "run_id": run_id, "stages": stages, **sampled,
+        return {"wall_s": wall, "cpu_s": cpu, "status": proc.returncode, "run_id": run_id, "stages": stages, **sampled,
                 "s3_bytes": s3_before, "s3_bytes_after_gc": s3_after, "cache_bytes": cache,
                 "gc": (gc.stdout + gc.stderr)[-2000:], "input_bytes": input_bytes, "load_at_start": load0,
                 "images": ctx.get("images", []), "tail": proc.stdout[-3000:]}
     finally:
         subprocess.run(almapipe + ["down"], env=env, stdout=subprocess.DEVNULL)
+        shutil.rmtree(data_dir, ignore_errors=True)       # the disk is needed for what comes next
+
+
+def _children_cpu() -> float:
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def drive(tar: str) -> int:
@@ -265,15 +292,17 @@ def casa(python: str, eb_dir: str, work: str, images: list) -> dict:
     open(script, "w").write(CASA_CHAIN)
     json.dump(images, open(os.path.join(work, "images.json"), "w"))
     load0 = load_avg()
+    cpu0 = _children_cpu()
     t0 = time.perf_counter()
     proc = subprocess.run([python, script, copy, os.path.dirname(copy), os.path.join(work, "images.json")],
                           cwd=os.path.dirname(copy), capture_output=True, text=True)
     wall = time.perf_counter() - t0
+    cpu = _children_cpu() - cpu0
     if proc.returncode:
         print(proc.stderr[-4000:], file=sys.stderr)
     steps = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
     shutil.rmtree(os.path.dirname(copy), ignore_errors=True)
-    return {"wall_s": wall, "status": proc.returncode, "steps": steps, "load_at_start": load0}
+    return {"wall_s": wall, "cpu_s": cpu, "status": proc.returncode, "steps": steps, "load_at_start": load0}
 
 
 def main() -> None:
@@ -303,7 +332,8 @@ def main() -> None:
     for side in ("ours", "casa"):
         if side in out:
             o = out[side]
-            print(f"{side}: {o['wall_s']:.1f} s (exit {o['status']}, load {o['load_at_start']} at start)")
+            print(f"{side}: {o['wall_s']:.1f} s wall, {o['cpu_s']:.1f} s CPU (exit {o['status']}, "
+                  f"load {o['load_at_start']} at start)")
     if "ours" in out:
         o = out["ours"]
         print(f"{'stage':16s} {'s':>7s} {'S3 read MB':>11s} {'cache MB':>9s} {'written MB':>11s} {'asked MB':>9s} "
@@ -318,7 +348,8 @@ def main() -> None:
         print(f"input {o['input_bytes'] / 1e9:.2f} GB; S3 at the end {o['s3_bytes']}, after gc {o['s3_bytes_after_gc']}; "
               f"cache {o['cache_bytes'] / 1e9:.2f} GB")
     if "ours" in out and "casa" in out and out["casa"]["wall_s"]:
-        print(f"ratio ours/CASA end to end: {out['ours']['wall_s'] / out['casa']['wall_s']:.2f}")
+        print(f"ratio ours/CASA end to end: wall {out['ours']['wall_s'] / out['casa']['wall_s']:.2f}, "
+              f"CPU {out['ours']['cpu_s'] / max(out['casa']['cpu_s'], 1e-9):.2f}")
     if args.json:
         json.dump(out, open(args.json, "w"), indent=1)
 
