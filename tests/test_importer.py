@@ -100,10 +100,14 @@ def test_intents_come_from_the_state_table(ngc5921_ms, tmp_path):
     assert listobs.assign_roles(obs, None)[0]["roles_from"] == "STATE table"
 
 
-def test_partitions_one_ms_per_spw(ngc5921_ms, tmp_path):
-    """Two spectral windows become two CASA MSs, each holding only its spw's rows."""
+def test_each_spw_streams_into_the_store_and_exports_back(ngc5921_ms, tmp_path, stack):
+    """Two spectral windows become two partitions of the visibility store, each holding
+    only its spw's rows, read back equal to the MS; the MS exported from the store (the
+    shell plus the rows) is a CASA MS with the same data."""
     import shutil
-    from almapipe.stages.importdata import _partition
+    from almapipe.msio import storeio
+    from almapipe.platform.visstore import VisPartition, VisStore
+    _, cfg = stack
     ms = str(tmp_path / "two_spw.ms")
     shutil.copytree(ngc5921_ms, ms)
     with ct.table(f"{ms}/SPECTRAL_WINDOW", readonly=False, ack=False) as t:
@@ -117,13 +121,20 @@ def test_partitions_one_ms_per_spw(ngc5921_ms, tmp_path):
         dd = (t.getcol("SCAN_NUMBER") % 2).astype(np.int32)   # odd scans in spw 0, even in spw 1
         t.putcol("DATA_DESC_ID", 1 - dd)
         n_spw1 = int((1 - dd).sum())
-    parts = _partition(ms, str(tmp_path), "two", [0, 1])
-    assert [p[0] for p in parts] == [0, 1]
-    for spw, path in parts:
-        msio.check_ms(path)
-        with ct.table(path, ack=False) as t:
-            assert set(t.getcol("DATA_DESC_ID")) == {spw}
-            if spw == 1:
-                assert t.nrows() == n_spw1
-        vis = msio.read_vis(path, spw)
-        assert abs(vis.freq[0] - (1.412665e9 + 10e6 * spw)) < 1e3
+    shell = storeio.make_shell(ms, str(tmp_path / "shell.ms"))
+    vs = VisStore(cfg, cache_dir=None, cache_limit=0)
+    entries = [storeio.ingest_spw(vs, ms, spw, f"test/importer/{spw}", "00_importdata", "meta", f"two.spw{spw}")
+               for spw in (0, 1)]
+    parts = [VisPartition(vs, e, "01_test", lambda key: shell, f"test/importer/{e['spw']}") for e in entries]
+    assert entries[1]["nrow"] == n_spw1
+    for spw, part in zip((0, 1), parts):
+        mine, theirs = part.read(), msio.read_vis(ms, spw)
+        assert np.array_equal(mine.data, theirs.data) and np.array_equal(mine.flag, theirs.flag)
+        assert np.array_equal(mine.time, theirs.time) and np.array_equal(mine.uvw, theirs.uvw)
+        assert abs(mine.freq[0] - (1.412665e9 + 10e6 * spw)) < 1e3
+    out = storeio.export_ms(entries, shell, str(tmp_path / "exported.ms"),
+                            lambda e: VisPartition(vs, e, "01_test", lambda key: shell, f"test/importer/{e['spw']}"))
+    msio.check_ms(out)
+    for spw in (0, 1):
+        a, b = msio.read_vis(out, spw), msio.read_vis(ms, spw)
+        assert np.array_equal(a.data, b.data) and np.array_equal(a.flag, b.flag)

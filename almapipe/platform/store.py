@@ -118,6 +118,18 @@ class ObjectStore:
             resp.close()
             resp.release_conn()
 
+    def get_range(self, key: str, offset: int, length: int, bucket: str | None = None) -> bytes:
+        """Bytes [offset, offset + length) of an object (fewer at its end)."""
+        try:
+            resp = self.client.get_object(bucket or self.bucket, key, offset=offset, length=length)
+        except S3Error as exc:
+            raise StoreError(f"cannot fetch s3://{bucket or self.bucket}/{key}: {exc.code}") from exc
+        try:
+            return resp.read()
+        finally:
+            resp.close()
+            resp.release_conn()
+
     def exists(self, key: str, bucket: str | None = None) -> bool:
         try:
             self.client.stat_object(bucket or self.bucket, key)

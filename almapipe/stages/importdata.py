@@ -18,6 +18,20 @@ SIDECARS = {"antennapos.csv": "antennapos", "flagtemplate.txt": "flag_template",
             "flux.csv": "flux_csv", "flagtargetstemplate.txt": "flagtargets_template"}
 
 
+def _ms_in(dest: str, name: str) -> str:
+    """The one MS directory an unpacked tar holds (beside its sidecar files), checked."""
+    tops = [d for d in os.listdir(dest) if os.path.isdir(os.path.join(dest, d))]
+    if len(tops) != 1:
+        raise StageError(f"importdata: {name}: a tar must hold exactly one MS directory (and optionally "
+                         f"{', '.join(SIDECARS)}), found {tops}")
+    ms_path = os.path.join(dest, tops[0])
+    try:
+        msio.check_ms(ms_path)
+    except msio.MSError as exc:
+        raise StageError(f"importdata: {name}: {exc}") from exc
+    return ms_path
+
+
 def _unpack_input(path: str, workdir: str, packed_size: int = 0) -> tuple[str, str]:
     """Return (ms_path, input_format) for an MS tar or a UVFITS file. Unpacking stops at
     the limits of almapipe/limits.py (decompression bombs), with an error naming them."""
@@ -41,16 +55,7 @@ def _unpack_input(path: str, workdir: str, packed_size: int = 0) -> tuple[str, s
                 raise StageError(str(exc)) from None
             tar.extractall(dest, filter="data")
         os.unlink(path)      # the worker's copy of the upload: the disk holds the input once, not twice
-        tops = [d for d in os.listdir(dest) if os.path.isdir(os.path.join(dest, d))]
-        if len(tops) != 1:
-            raise StageError(f"importdata: {name}: a tar must hold exactly one MS directory (and optionally "
-                             f"{', '.join(SIDECARS)}), found {tops}")
-        ms_path = os.path.join(dest, tops[0])
-        try:
-            msio.check_ms(ms_path)
-        except msio.MSError as exc:
-            raise StageError(f"importdata: {name}: {exc}") from exc
-        return ms_path, "MeasurementSet"
+        return _ms_in(dest, name), "MeasurementSet"
     with open(path, "rb") as f:
         head = f.read(64)
     if head[:2] == b"\x1f\x8b":   # a gzip of something that is not UVFITS: maybe a .tar.gz
@@ -65,6 +70,36 @@ def _unpack_input(path: str, workdir: str, packed_size: int = 0) -> tuple[str, s
             return _unpack_input(raw, workdir, packed_size=os.path.getsize(path))
     raise StageError(f"importdata: {name} is neither a MeasurementSet (as a tar of its directory) "
                      f"nor a UVFITS file (first bytes {head[:16]!r})")
+
+
+def _is_plain_tar(head: bytes) -> bool:
+    """A POSIX/GNU tar's first header: "ustar" at byte 257."""
+    return len(head) >= 262 and head[257:262] == b"ustar"
+
+
+def _stream_tar(io: StageIO, key: str, what: str) -> str:
+    """Extract a plain tar straight from the raw bucket, member by member, without a local
+    copy of the archive: the importer's disk holds the input once (a 20 GB EB would need
+    40 GB otherwise). Each member's size counts against the unpacking cap before its
+    bytes are written, as check_tar does for a local archive."""
+    store = io.store
+    size = store.client.stat_object(store.raw_bucket, key).size
+    cap, message = limits.unpack_cap(size, what)
+    dest = os.path.join(io.workdir, "untar")
+    os.makedirs(dest, exist_ok=True)
+    resp = store.client.get_object(store.raw_bucket, key)
+    try:
+        total = 0
+        with tarfile.open(fileobj=resp, mode="r|") as tar:
+            for member in tar:
+                total += member.size
+                if total > cap:
+                    raise StageError(message)
+                tar.extract(member, dest, filter="data")
+    finally:
+        resp.close()
+        resp.release_conn()
+    return dest
 
 
 def _ingest(io: StageIO, ms_path: str, basename: str, spws: list) -> list:
@@ -93,8 +128,14 @@ def _ingest(io: StageIO, ms_path: str, basename: str, spws: list) -> list:
 @stage("importdata", service="importer")
 def importdata(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
-    local = io.fetch_raw(ctx["input_key"])
-    ms_path, fmt = _unpack_input(local, io.workdir)
+    key = ctx["input_key"]
+    head = io.store.get_range(key, 0, 512, bucket=io.store.raw_bucket)
+    if _is_plain_tar(head):
+        local = os.path.basename(key)
+        ms_path, fmt = _ms_in(_stream_tar(io, key, f"importdata: {local}"), local), "MeasurementSet"
+    else:                                       # UVFITS, gzip: a local file first
+        local = io.fetch_raw(key)
+        ms_path, fmt = _unpack_input(local, io.workdir)
     io.log("input %s read as %s", os.path.basename(local), fmt)
     for fname, key in SIDECARS.items():
         side = os.path.join(os.path.dirname(ms_path), fname)
