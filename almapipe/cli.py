@@ -150,21 +150,85 @@ def upload_input(cfg: Config, path: str) -> str:
     return key
 
 
+class _TarSink:
+    """A write-only file for tarfile's stream mode: each block goes to a callback."""
+
+    def __init__(self, on_bytes):
+        self.on_bytes = on_bytes
+
+    def write(self, data) -> int:
+        self.on_bytes(bytes(data))
+        return len(data)
+
+
+def tar_members(path: str) -> list:
+    """[(local path, name in the tar)]: an MS directory as ALMA hands it over, with the
+    sidecar files found beside it (flux.csv, antennapos.csv, ...: importdata's SIDECARS)."""
+    from .stages.importdata import SIDECARS
+    name = os.path.basename(os.path.normpath(path))
+    out = [(path, name)]
+    for side in SIDECARS:
+        p = os.path.join(os.path.dirname(os.path.abspath(path)), side)
+        if os.path.isfile(p):
+            out.append((p, side))
+    return out
+
+
+def _write_tar(members: list, on_bytes) -> None:
+    import tarfile
+    with tarfile.open(fileobj=_TarSink(on_bytes), mode="w|") as tar:
+        for local, arcname in members:
+            tar.add(local, arcname=arcname)         # directories in sorted order: the same bytes each time
+
+
 def upload_via_gateway(stub, pb, path: str) -> str:
-    """Stream an input to the gateway's Upload RPC (no S3 credentials needed); an MS
-    directory travels as a tar of itself. Returns the input key for SubmitRun."""
-    import tempfile
+    """Stream an input to the gateway's Upload RPC (no S3 credentials needed). An MS
+    directory travels as a tar of itself (and its sidecar files), made on the fly
+    twice, once for its size and sha256 and once to send it: no copy on the disk,
+    which a 20 GB EB would need. Returns the input key for SubmitRun."""
+    import hashlib
+    import queue
+    import threading
     from .platform.store import sha256_file
-    with tempfile.TemporaryDirectory() as tmp:
-        local = _as_file(path, tmp)
-        size, digest = os.path.getsize(local), sha256_file(local)
+    if os.path.isdir(path):
+        members = tar_members(path)
+        h, size = hashlib.sha256(), [0]
+
+        def count(b):
+            h.update(b)
+            size[0] += len(b)
+        _write_tar(members, count)
+        name, size, digest = members[0][1] + ".tar", size[0], h.hexdigest()
+        blocks: queue.Queue = queue.Queue(maxsize=16)
+        pending = bytearray()
+
+        def produce():
+            def put(b):
+                pending.extend(b)
+                while len(pending) >= 1 << 20:
+                    blocks.put(bytes(pending[:1 << 20]))
+                    del pending[:1 << 20]
+            try:
+                _write_tar(members, put)
+                if pending:
+                    blocks.put(bytes(pending))
+            finally:
+                blocks.put(None)
+        threading.Thread(target=produce, daemon=True).start()
 
         def chunks():
-            yield pb.UploadChunk(name=os.path.basename(local), size=size, sha256=digest)
-            with open(local, "rb") as f:
-                for data in iter(lambda: f.read(1 << 20), b""):
-                    yield pb.UploadChunk(data=data)
-        return stub.Upload(chunks(), timeout=3600).key
+            yield pb.UploadChunk(name=name, size=size, sha256=digest)
+            while (data := blocks.get()) is not None:
+                yield pb.UploadChunk(data=data)
+        return stub.Upload(chunks(), timeout=24 * 3600).key
+    size, digest = os.path.getsize(path), sha256_file(path)
+
+    def chunks():
+        yield pb.UploadChunk(name=os.path.basename(path), size=size, sha256=digest)
+        with open(path, "rb") as f:
+            for data in iter(lambda: f.read(1 << 20), b""):
+                yield pb.UploadChunk(data=data)
+    return stub.Upload(chunks(), timeout=24 * 3600).key
 
 
 def cmd_run(args) -> int:

@@ -68,6 +68,22 @@ def test_upload_streams_an_input_and_checks_it(stub, tmp_path):
     run = stub.SubmitRun(pb.SubmitRunRequest(input_key=key), metadata=ONE_STAGE, timeout=30)
     assert wait_run(stub, run.run_id, 120).status == pb.RUN_STATUS_FAILED
 
+    # an MS directory travels as a tar made on the fly (no copy on disk), with the
+    # sidecar files beside it, the same bytes as a tar written to a file
+    import tarfile
+    ms = tmp_path / "eb" / "x.ms"
+    (ms / "SUB").mkdir(parents=True)
+    (ms / "table.dat").write_bytes(b"0" * 5000)
+    (ms / "SUB" / "table.f0").write_bytes(bytes(range(256)) * 9000)
+    (tmp_path / "eb" / "flux.csv").write_text("ms,field,spw,I\n")
+    (tmp_path / "eb" / "stray.txt").write_text("not a sidecar")
+    key = upload_via_gateway(stub, pb, str(ms))
+    with tarfile.open(tmp_path / "ref.tar", "w") as t:
+        t.add(ms, arcname="x.ms")
+        t.add(tmp_path / "eb" / "flux.csv", arcname="flux.csv")
+    ref = (tmp_path / "ref.tar").read_bytes()
+    assert key == f"inputs/{hashlib.sha256(ref).hexdigest()[:16]}/x.ms.tar"
+
     def up(*chunks):
         return stub.Upload(iter(chunks), timeout=30)
     assert "sha256" in _refused(lambda: up(pb.UploadChunk(name="a.txt", size=3, sha256="0" * 64, data=b"abc")),

@@ -107,6 +107,13 @@ def export_ms(parts: list, shell_path: str, dest: str, open_part, corrected: boo
         t.copy(dest, deep=True).close()
     with ct.table(dest, readonly=False, ack=False) as t:
         want_corrected = corrected and any("VISIBILITY_CORRECTED" in p["arrays"] for p in parts)
+        # columns of the input MS that the store does not keep: left in, the new rows'
+        # cells would be undefined (CASA fails reading them); CASA falls back to WEIGHT
+        # and SIGMA without the spectra, and a split MS has no CORRECTED_DATA
+        stale = ["MODEL_DATA", "WEIGHT_SPECTRUM", "SIGMA_SPECTRUM"] + ([] if want_corrected else ["CORRECTED_DATA"])
+        stale = [c for c in stale if c in t.colnames()]
+        if stale:
+            t.removecols(stale)
         if want_corrected and "CORRECTED_DATA" not in t.colnames():
             desc = t.getcoldesc("DATA")
             desc["comment"] = "CORRECTED_DATA written by almapipe"
