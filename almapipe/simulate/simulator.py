@@ -115,6 +115,14 @@ class SimConfig:
     target_cont_jy: float = 0.05
     target_line_jy: float = 0.2
     target_offset_arcsec: tuple = (0.6, -0.4)
+    # the spectral index of the target's central continuum source (S ~ nu^spix, S =
+    # target_cont_jy at the band centre), and more continuum sources of the target with
+    # their own: ((flux Jy at the band centre, arcsec east, arcsec north, spix), ...)
+    target_spix: float = 0.0
+    target_spix_sources: tuple = ()
+    # science spw centres (Hz), to spread them over a wide band (preset 'wideband');
+    # None: side by side around band_centre_hz
+    spw_centres_hz: tuple | None = None
     # a mosaic target: this many pointings on a hexagonal grid (spacing in primary-beam
     # FWHMs, ALMA's Nyquist 0.511), each target scan visiting every pointing in turn, and
     # one more continuum source (flux, arcsec east, arcsec north of the centre) between them
@@ -146,6 +154,14 @@ class SimConfig:
             "sso-uranus": {"sso_body": "Uranus"},
             # an antenna at 0.4 of its gain in the second spw, and a burst on a target baseline
             "outliers": {"bad_gain": (3, 1, 0.4), "target_burst": (1, 4, 30.0)},
+            # a wide band (ALMA Band 3, spws at 90.5, 92.5, 102.5 and 104.5 GHz: 16 % of
+            # the centre frequency) and continuum sources of known spectral index (a
+            # synchrotron-like one at the centre, a dust-like one beside it): the
+            # aggregate continuum is imaged with nterms = 2 and its alpha checked
+            "wideband": {"nspw": 4, "band_centre_hz": 97.5e9,
+                         "spw_centres_hz": (90.5e9, 92.5e9, 102.5e9, 104.5e9),
+                         "target_cont_jy": 0.5, "target_spix": -0.8,
+                         "target_spix_sources": ((0.25, 12.0, 8.0, 2.0),)},
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; presets: {', '.join(presets)}")
@@ -264,7 +280,10 @@ class Simulator:
         if len(self.spw_widths) != c.nspw:
             raise ValueError(f"spw_widths_hz has {len(self.spw_widths)} entries for {c.nspw} spws")
         offs = (np.arange(c.nspw) - (c.nspw - 1) / 2) * (self.spw_widths.max() * 1.07)
-        self.spw_centres = c.band_centre_hz + offs
+        self.spw_centres = c.band_centre_hz + offs if c.spw_centres_hz is None else \
+            np.array(c.spw_centres_hz, float)
+        if len(self.spw_centres) != c.nspw:
+            raise ValueError(f"spw_centres_hz has {len(self.spw_centres)} entries for {c.nspw} spws")
         self.chan_widths = self.spw_widths / c.nchan          # magnitudes (LSB widths are negative)
         # spws below the first LO (the band centre) are lower sideband: their channels run
         # down in frequency (CHAN_WIDTH < 0), as about half of ALMA's spws do
@@ -344,16 +363,26 @@ class Simulator:
 
     def target_sources(self, freq: np.ndarray) -> list:
         """[(flux (nchan,), ra, dec)] of the target: a continuum source at its centre,
-        a line source beside it and (mosaics) another continuum source between pointings."""
+        a line source beside it, (mosaics) another continuum source between pointings,
+        then target_spix_sources (target_source_spix gives every one's spectral index)."""
         c = self.cfg
         ra0, dec0 = np.radians(FIELDS[3][1]), np.radians(FIELDS[3][2])
         line_centre = self.spw_centres[0]
         line = c.target_line_jy * np.exp(-0.5 * ((freq - line_centre) / (0.06 * self.spw_widths[0])) ** 2)
-        out = [(np.full(len(freq), c.target_cont_jy), 0.0, 0.0), (line, *c.target_offset_arcsec)]
+        nu0 = c.band_centre_hz
+        out = [(c.target_cont_jy * (freq / nu0) ** c.target_spix, 0.0, 0.0), (line, *c.target_offset_arcsec)]
         if c.mosaic_pointings > 1:
             out.append((np.full(len(freq), c.mosaic_source[0]), *c.mosaic_source[1:]))
+        for flux, east, north, spix in c.target_spix_sources:
+            out.append((flux * (freq / nu0) ** spix, east, north))
         arcsec = np.pi / 180 / 3600
         return [(flux, *direction_of(e * arcsec, n * arcsec, ra0, dec0)) for flux, e, n in out]
+
+    def target_source_spix(self) -> list:
+        """The spectral index of each of target_sources (None for the line source)."""
+        c = self.cfg
+        return [c.target_spix, None] + ([0.0] if c.mosaic_pointings > 1 else []) + \
+            [float(s[3]) for s in c.target_spix_sources]
 
     # ------------------------------------------------------------ truth models
     def path_mm(self, t_s: np.ndarray, untracked: bool = False) -> np.ndarray:
@@ -867,8 +896,10 @@ class Simulator:
                                    for fl, l, m in self.sky(f, np.array([c.band_centre_hz] * 3))]
                     for f in range(len(FIELDS))},
             # the target's sources on the sky (each pointing sees them through its primary beam)
-            "target_sources": [{"flux_jy": float(fl[0]), "ra_deg": float(np.degrees(ra)), "dec_deg": float(np.degrees(dec))}
-                               for fl, ra, dec in self.target_sources(np.array([c.band_centre_hz]))],
+            "target_sources": [{"flux_jy": float(fl[0]), "ra_deg": float(np.degrees(ra)), "dec_deg": float(np.degrees(dec)),
+                                "spix": spix}
+                               for (fl, ra, dec), spix in zip(self.target_sources(np.array([c.band_centre_hz])),
+                                                              self.target_source_spix())],
             "pointings": [{"field_id": i, "ra_deg": f[1], "dec_deg": f[2]} for i, f in enumerate(self.fields)
                           if f[3] == "TARGET"],
             "spectral_index": {FIELDS[0][0]: c.bp_spix, FIELDS[1][0]: c.phase_spix, FIELDS[2][0]: 0.0},
