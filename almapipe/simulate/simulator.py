@@ -47,13 +47,15 @@ from astropy import units as u
 from astropy.coordinates import EarthLocation
 from astropy.time import Time
 
-from .alma_pads import ALMA_C1_PADS, ALMA_SITE
+from .alma_pads import ALMA_C1_PADS, ALMA_C8_PADS, ALMA_C9_PADS, ALMA_SITE
 from ..imaging.mosaic import direction_of, hexagonal_offsets, sin_offset
 from ..imaging.products import pb_fwhm, pb_response
 from ..msio.ms import CORR_CODES, FREQ_FRAMES, fill_table, new_ms, set_direction_frame
 from ..stages.flagging import shadow_mask
 
 C = 299792458.0
+# the array configurations the simulator places its antennas on (SimConfig.configuration)
+CONFIGURATIONS = {"C1": ALMA_C1_PADS, "C8": ALMA_C8_PADS, "C9": ALMA_C9_PADS}
 WVR_OFFSETS_GHZ = (0.88, 2.2, 4.3, 7.4)          # the four WVR channels around 183.31 GHz
 WVR_DTDL = (2.9, 1.7, 0.9, 0.45)                  # K of brightness per mm of path, per channel
 
@@ -62,6 +64,7 @@ WVR_DTDL = (2.9, 1.7, 0.9, 0.45)                  # K of brightness per mm of pa
 class SimConfig:
     """What to simulate. Presets: 'small' (tests) and 'realistic' (benchmarks)."""
     nant: int = 8
+    configuration: str = "C1"         # the pads the antennas stand on (CONFIGURATIONS)
     nspw: int = 2
     nchan: int = 32
     spw_width_hz: float = 1.875e9
@@ -158,6 +161,14 @@ class SimConfig:
             # the centre frequency) and continuum sources of known spectral index (a
             # synchrotron-like one at the centre, a dust-like one beside it): the
             # aggregate continuum is imaged with nterms = 2 and its alpha checked
+            # a long-baseline EB: antennas on ALMA's C-8 pads (baselines to 8.5 km) and FDM
+            # science spws of 3840 channels (488 kHz); 16 antennas (baselines 0.1-8.5 km, median
+            # 3.3 km) and short scans, so that its science data stay ~1 GB. Tests take it
+            # smaller still (nant, nchan, scans as overrides).
+            # Started at 45 degrees: no close pair of pads shadows here.
+            "longbaseline": {"configuration": "C8", "nant": 16, "nchan": 3840, "start_elevation_deg": 45.0,
+                             "target_scans": 2, "target_scan_s": 60.0, "bandpass_scan_s": 60.0,
+                             "check_scan_s": 30.0, "phase_scan_s": 20.0},
             "wideband": {"nspw": 4, "band_centre_hz": 97.5e9,
                          "spw_centres_hz": (90.5e9, 92.5e9, 102.5e9, 104.5e9),
                          "target_cont_jy": 0.5, "target_spix": -0.8,
@@ -192,14 +203,18 @@ SSO_MODES = {"BANDPASS": "CALIBRATE_BANDPASS#ON_SOURCE,CALIBRATE_WVR#ON_SOURCE",
              "FLUX": "CALIBRATE_FLUX#ON_SOURCE,CALIBRATE_WVR#ON_SOURCE"}
 
 
-def choose_pads(nant: int, azimuth_rad: float = 0.0) -> list:
-    """nant pads spread over the configuration (farthest-point order), so a small
-    array keeps long baselines and is not all shadowed at once, starting from the
-    close pair (< 20 m) best aligned with azimuth_rad: it shadows at low elevation
-    when the array looks that way."""
-    xy = np.array([[p[1], p[2]] for p in ALMA_C1_PADS])
+def choose_pads(nant: int, azimuth_rad: float = 0.0, configuration: str = "C1") -> list:
+    """nant pads of a configuration (CONFIGURATIONS) spread over it (farthest-point
+    order), so a small array keeps long baselines and is not all shadowed at once,
+    starting from the close pair (< 20 m) best aligned with azimuth_rad: it shadows
+    at low elevation when the array looks that way. A configuration without a pair
+    that close (the long-baseline ones) starts from its closest pair."""
+    all_pads = CONFIGURATIONS[configuration]
+    xy = np.array([[p[1], p[2]] for p in all_pads])
     d = np.linalg.norm(xy[:, None] - xy[None], axis=2)
     i, j = np.nonzero((d > 0) & (d < 20))
+    if not len(i):
+        i, j = np.nonzero(d == d[d > 0].min())
     ang = np.arctan2(xy[j, 0] - xy[i, 0], xy[j, 1] - xy[i, 1])    # east of north
     k = int(np.argmin(np.abs(np.sin(ang - azimuth_rad))))
     chosen = [int(i[k]), int(j[k])][:nant]
@@ -210,7 +225,7 @@ def choose_pads(nant: int, azimuth_rad: float = 0.0) -> list:
         chosen.append(k)
         dist = np.minimum(dist, np.linalg.norm(xy - xy[k], axis=1))
     # the close pair first: callers use pads[0:2]
-    return [ALMA_C1_PADS[k] for k in order + sorted(set(chosen) - set(order))]
+    return [all_pads[k] for k in order + sorted(set(chosen) - set(order))]
 
 
 def antenna_itrf(pads: list) -> np.ndarray:
@@ -261,12 +276,14 @@ class Simulator:
             return np.arctan2(-np.cos(dec0) * np.sin(h),
                               np.sin(dec0) * np.cos(lat) - np.cos(dec0) * np.cos(h) * np.sin(lat))
         el_start = c.start_elevation_deg if c.start_elevation_deg is not None else 45.0
-        pads = choose_pads(c.nant, azimuth(hour_angle(el_start)))
+        if c.configuration not in CONFIGURATIONS:
+            raise ValueError(f"unknown configuration {c.configuration!r}; configurations: {', '.join(CONFIGURATIONS)}")
+        pads = choose_pads(c.nant, azimuth(hour_angle(el_start)), c.configuration)
         if c.start_elevation_deg is None:
             # the close pair (pads[0:2] in choice order) shadows while d sin(el) < D, if aligned
             a, b = np.array(pads[0][1:3]), np.array(pads[1][1:3])
             el_start = np.degrees(np.arcsin(min(12.0 / np.linalg.norm(a - b), 1.0))) - 0.4
-            pads = choose_pads(c.nant, azimuth(hour_angle(el_start)))
+            pads = choose_pads(c.nant, azimuth(hour_angle(el_start)), c.configuration)
         h0 = hour_angle(el_start)
         t_ref = Time(f"{c.date}T00:00:00", scale="utc")
         lst_ref = t_ref.sidereal_time("apparent", longitude=ALMA_SITE[0] * u.deg).rad
