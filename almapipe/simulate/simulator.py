@@ -161,6 +161,11 @@ class SimConfig:
             # the centre frequency) and continuum sources of known spectral index (a
             # synchrotron-like one at the centre, a dust-like one beside it): the
             # aggregate continuum is imaged with nterms = 2 and its alpha checked
+            # 16 antennas: with 8 the PSF's sidelobes leave such bright sources half cleaned
+            "wideband": {"nant": 16, "nspw": 4, "band_centre_hz": 97.5e9,
+                         "spw_centres_hz": (90.5e9, 92.5e9, 102.5e9, 104.5e9),
+                         "target_cont_jy": 0.5, "target_spix": -0.8,
+                         "target_spix_sources": ((0.25, 12.0, 8.0, 2.0),)},
             # a long-baseline EB: antennas on ALMA's C-8 pads (baselines to 8.5 km) and FDM
             # science spws of 3840 channels (488 kHz); 16 antennas (baselines 0.1-8.5 km, median
             # 3.3 km) and short scans, so that its science data stay ~1 GB. Tests take it
@@ -169,10 +174,6 @@ class SimConfig:
             "longbaseline": {"configuration": "C8", "nant": 16, "nchan": 3840, "start_elevation_deg": 45.0,
                              "target_scans": 2, "target_scan_s": 60.0, "bandpass_scan_s": 60.0,
                              "check_scan_s": 30.0, "phase_scan_s": 20.0},
-            "wideband": {"nspw": 4, "band_centre_hz": 97.5e9,
-                         "spw_centres_hz": (90.5e9, 92.5e9, 102.5e9, 104.5e9),
-                         "target_cont_jy": 0.5, "target_spix": -0.8,
-                         "target_spix_sources": ((0.25, 12.0, 8.0, 2.0),)},
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; presets: {', '.join(presets)}")

@@ -16,8 +16,9 @@ from .ebs import as_group, read_group, read_member, spw_groups  # noqa: E402
 from ..imaging import gridding  # noqa: E402
 from ..imaging.deconvolve import robust_rms  # noqa: E402
 from ..imaging.frames import channel_shifts, lsrk_factor, lsrk_factors, max_drift_channels  # noqa: E402
-from ..imaging.imager import (ImageSpec, Planes, aggregate_continuum, clean_planes, join_planes,  # noqa: E402
-                              restore_planes, stokes_i)
+from ..imaging.imager import (ImageSpec, Planes, TaylorPlanes, aggregate_samples, clean_planes,  # noqa: E402
+                              clean_taylor, join_planes, restore_planes, restore_taylor_planes, stokes_i)
+from ..imaging.mtmfs import fractional_bandwidth, nterms_for  # noqa: E402
 from ..imaging.kernels import shift_spectra  # noqa: E402
 from ..imaging.mosaic import make_mosaic  # noqa: E402
 from ..imaging.products import (image_header, mosaic_noise_factor, obs_info, pb_fwhm,  # noqa: E402
@@ -460,6 +461,8 @@ class ImageJob:
         self.dish = float(np.median([a["diameter_m"] for a in obs["antennas"] if a["has_data"]]))
         self.field = next(f for f in obs["fields"] if f["id"] == self.fid)
         self.fctx = next(f for f in ctx["fields"] if f["id"] == self.fid)
+        self.nterms_note = None         # why an image has fewer Taylor terms than its band calls for
+        self.row_freq = None            # the aggregate's rows' own frequencies (aggregate_samples)
         if isinstance(part, list):      # aggregate: several spws in one single-channel Vis
             pieces = []
             for piece in part:
@@ -467,7 +470,9 @@ class ImageJob:
                 if len(v.time):
                     pieces.append((v, parse_channels(piece["chans"], len(v.freq)) if piece.get("chans")
                                    else np.ones(len(v.freq), bool)))
-            self.vis = aggregate_continuum(pieces, int(self.p.get("width", 8))) if pieces else None
+            # each row's own frequency: a multi-term image's Taylor weights need it
+            self.vis, self.row_freq = aggregate_samples(pieces, int(self.p.get("width", 8))) if pieces \
+                else (None, None)
             self.part = {"spw": "_".join(str(piece["spw"]) for piece in part), "frame_spw": part[0]["spw"]}
         else:
             self.vis = read_group(io, part, fields=self.fids, column=column)
@@ -510,7 +515,7 @@ class ImageJob:
             negative_threshold=float(p.get("negative_threshold", 15.0 if self.specmode == "cube" else 0.0)),
             # multiscale: scales of 0, 1 and 3 beams (the cell is a fifth of a beam)
             scales=p.get("scales") or ([0, 5, 15] if p.get("deconvolver") == "multiscale" else None),
-            mosaic=mosaic)
+            mosaic=mosaic, nterms=self.nterms(mosaic))
         if self.specmode == "cube":
             cont = self.part.get("cont_chans", {}).get(self.field["name"])
             self.theo = _theoretical_rms(vis, self.spec, parse_channels(cont, nchan) & self.chans if cont else None,
@@ -558,7 +563,25 @@ class ImageJob:
             # between channels mixes neighbours
             self.lsrk_shift = onto_lsrk_grid(self.ctx, self.part["spw"], self.fid, self.vis)
         self.io.visibilities += self.vis.data.size
+        if spec.nterms > 1:
+            return clean_taylor(self.vis, spec, self.row_freq)
         return clean_planes(self.vis, spec)
+
+    def nterms(self, mosaic) -> int:
+        """Taylor terms of an mfs image: the ALMA pipeline's heuristic (2 when the band
+        imaged is wider than 10 % of its centre, mtmfs.nterms_for) or the parameter
+        nterms. Cubes have one; so have mosaics here (joint multi-term mosaics are not
+        built: such an image is made with one term, and the QA says so)."""
+        if self.specmode == "cube":
+            return 1
+        lo, hi, _ = self.band()
+        n = nterms_for(lo, hi, self.p.get("nterms"))
+        if n > 1 and mosaic is not None:
+            self.io.log("%s: fractional bandwidth %.3f calls for nterms=%d, but a mosaic is imaged with one term",
+                        self.label(), fractional_bandwidth(lo, hi), n)
+            self.nterms_note = f"{self.label()}: a mosaic is imaged with nterms=1 (multi-term mosaics not built)."
+            return 1
+        return n
 
     def band(self) -> tuple:
         """(lowest, highest frequency, channel width) of the channels imaged, edges of the
@@ -588,7 +611,13 @@ class ImageJob:
     def products(self, planes, qa: QA) -> dict:
         """Restore, write the FITS products, measure and score: the image's record."""
         ctx, io, spec, p, part, fid = self.ctx, self.io, self.spec, self.p, self.part, self.fid
-        res = restore_planes(planes, spec, self.dish, self.telescope)
+        taylor = None
+        if isinstance(planes, TaylorPlanes):
+            res, taylor = restore_taylor_planes(planes, spec, self.dish, self.telescope)
+        else:
+            res = restore_planes(planes, spec, self.dish, self.telescope)
+        if self.nterms_note:
+            qa.note(self.nterms_note)
         nchan = len(self.vis.freq)
         base = _product_name(ctx, io, spec.field, self.fctx["intents"], part["spw"], self.specmode,
                              bool(p.get("aggregate", False)))
@@ -615,11 +644,14 @@ class ImageJob:
             f"stage {io.stage_index + 1} makeimages" + (f" ({io.stage})" if io.stage != "makeimages" else "")
             + f": {self.label()}"))
         files = {}
-        for suffix, planes_, unit in (("image", res.image, "Jy/beam"), ("pbcor", res.pbcor, "Jy/beam"),
-                                      ("pb", np.repeat(res.pb[None], len(res.freqs), 0), ""),
-                                      ("mask", res.clean_mask.astype(np.float32) if res.clean_mask is not None
-                                       else np.repeat(res.mask[None].astype(np.float32), len(res.freqs), 0), ""),
-                                      ("residual", res.residual, "Jy/beam")):
+        outputs = (("image", res.image, "Jy/beam"), ("pbcor", res.pbcor, "Jy/beam"),
+                   ("pb", np.repeat(res.pb[None], len(res.freqs), 0), ""),
+                   ("mask", res.clean_mask.astype(np.float32) if res.clean_mask is not None
+                    else np.repeat(res.mask[None].astype(np.float32), len(res.freqs), 0), ""),
+                   ("residual", res.residual, "Jy/beam"))
+        if taylor is not None:
+            outputs = _taylor_outputs(outputs, taylor)
+        for suffix, planes_, unit in outputs:
             hdr = image_header(ra, dec, spec.npix, np.radians(spec.cell_arcsec / 3600), freqs, frame, unit,
                                res.beam, spec.field, self.telescope, restfreq=restfreq, bandwidth_hz=bandwidth,
                                obs=obs, obs_radec=(self.field["ra_rad"], self.field["dec_rad"]))
@@ -627,7 +659,8 @@ class ImageJob:
             write_fits(path, planes_, hdr)
             files[suffix] = io.put_file(path)["key"]
         theo = self.theo
-        rec = {"file": f"{base}.pbcor.fits", "files": files, "field": spec.field, "spw": part["spw"],
+        pbcor_name = f"{base}.tt0.pbcor.fits" if taylor is not None else f"{base}.pbcor.fits"
+        rec = {"file": pbcor_name, "files": files, "field": spec.field, "spw": part["spw"],
                "specmode": self.specmode, "intents": self.fctx["intents"], "imsize": spec.npix,
                "cell_arcsec": spec.cell_arcsec, "robust": spec.robust, "nchan": int(len(res.freqs)),
                "niter_done": res.iterations, "peak_jy_per_beam": stats["peak"], "rms_jy_per_beam": stats["rms"],
@@ -639,7 +672,12 @@ class ImageJob:
                "aggregate": bool(p.get("aggregate", False)),
                "pointings": len(spec.mosaic.pointings) if spec.mosaic else 1,
                "dr_correction": self.dr_seen.get("factor", 1.0), "threshold_jy": self.dr_seen.get("threshold"),
-               "dirty_dynamic_range": self.dr_seen.get("dirty_dynamic_range")}
+               "dirty_dynamic_range": self.dr_seen.get("dirty_dynamic_range"), "nterms": spec.nterms}
+        if taylor is not None:
+            rec.update(_taylor_record(taylor, planes.nu0 * factor))
+            qa.note(f"{rec['file']}: nterms={spec.nterms} (fractional bandwidth {fractional_bandwidth(lo, hi):.3f}); "
+                    + (f"alpha {rec['alpha']:.2f} +- {rec['alpha_error']:.2f} at the peak."
+                       if rec.get("alpha") is not None else "no pixel bright enough for alpha."))
         if self.specmode == "cube":
             rec["lsrk_shift_channels"] = round(self.lsrk_shift, 3)
             if self.lsrk_shift >= 0.02:
@@ -655,6 +693,29 @@ class ImageJob:
         io.log("%s: peak %.4f Jy/beam, rms %.5f Jy/beam, beam %s", rec["file"], stats["peak"], stats["rms"],
                rec["beam_arcsec"])
         return rec
+
+
+def _taylor_outputs(single: tuple, taylor) -> tuple:
+    """The FITS products of a multi-term image, named as ALMA names them: the single-term
+    products of tt0 with .tt0 (image as .tt0, .tt0.pbcor, .pb.tt0, .residual.tt0; the
+    mask as it is), then .tt1, .residual.tt1, .alpha and .alpha.error."""
+    names = {"image": "tt0", "pbcor": "tt0.pbcor", "pb": "pb.tt0", "mask": "mask", "residual": "residual.tt0"}
+    out = [(names[s], planes, unit) for s, planes, unit in single]
+    out += [("tt1", taylor.tt[1:2], "Jy/beam"), ("residual.tt1", taylor.residual[1:2], "Jy/beam"),
+            ("alpha", taylor.alpha[None], ""), ("alpha.error", taylor.alpha_error[None], "")]
+    return tuple(out)
+
+
+def _taylor_record(taylor, reffreq_hz: float) -> dict:
+    """What an image's record says of its Taylor terms: the reference frequency (in the
+    images' frame), and alpha and its error at the tt0 peak of the pixels alpha is given at."""
+    rec = {"reffreq_hz": float(reffreq_hz), "alpha_threshold_jy_per_beam": float(taylor.alpha_threshold),
+           "alpha": None, "alpha_error": None}
+    if np.isfinite(taylor.alpha).any():
+        tt0 = np.where(np.isfinite(taylor.alpha), taylor.tt[0], -np.inf)
+        y, x = np.unravel_index(np.argmax(tt0), tt0.shape)
+        rec["alpha"], rec["alpha_error"] = float(taylor.alpha[y, x]), float(taylor.alpha_error[y, x])
+    return rec
 
 
 def chunk_masks(chans: np.ndarray, n: int) -> list:
