@@ -52,6 +52,31 @@ def child(ms: str, npix: int, cell: float, niter: int) -> None:
                       "alpha": float(ti.alpha[y, x]), "alpha_error": float(ti.alpha_error[y, x])}))
 
 
+def make_target_ms(work: str, ms: str) -> None:
+    """The wideband EB, its target ideally calibrated, and the target's science spws in
+    their own MS (as split makes it), which both imagers read. Its POLARIZATION row 0
+    (the WVR spw's single correlation) is made the science spws' XX, YY: WSClean 3.1
+    takes the first row's correlations for every spw and refuses Stokes I otherwise."""
+    import casacore.tables as ct
+    from almapipe.simulate.simulator import SimConfig, Simulator
+    sim = Simulator(SimConfig.preset("wideband", target_line_jy=0.0))
+    eb = os.path.join(work, "wideband.ms")
+    sim.write(work, "wideband")
+    sim.calibrate_target_ideally(eb, noise_jy=0.5)
+    field = next(i for i, f in enumerate(sim.fields) if f[3] == "TARGET")
+    with ct.table(eb, ack=False) as t:
+        sel = t.query(f"FIELD_ID=={field} AND DATA_DESC_ID IN {list(sim.science_spw_ids)}")
+        sel.copy(ms, deep=True).close()
+        sel.close()
+    with ct.table(os.path.join(ms, "POLARIZATION"), readonly=False, ack=False) as p:
+        science = int(ct.table(os.path.join(ms, "DATA_DESCRIPTION"), ack=False).getcell(
+            "POLARIZATION_ID", sim.science_spw_ids[0]))
+        for col in ("CORR_TYPE", "CORR_PRODUCT", "NUM_CORR"):
+            p.putcell(col, 0, p.getcell(col, science))
+    shutil.rmtree(eb)
+    json.dump({"spws": sim.science_spw_ids, "field": field}, open(os.path.join(work, "bench.json"), "w"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="256,1024")
@@ -60,21 +85,22 @@ def main() -> None:
     ap.add_argument("--wsclean", default="wsclean")
     ap.add_argument("--work", default="")
     ap.add_argument("--child", action="store_true")
+    ap.add_argument("--make-ms", action="store_true")
     ap.add_argument("--ms", default="")
     ap.add_argument("--npix", type=int)
     args = ap.parse_args()
     if args.child:
         return child(args.ms, args.npix, args.cell, args.niter)
+    if args.make_ms:
+        return make_target_ms(os.path.dirname(args.ms), args.ms)
     work = args.work or tempfile.mkdtemp(prefix="mtmfs-")
     os.makedirs(work, exist_ok=True)
-    ms = os.path.join(work, "wideband.ms")
+    ms = os.path.join(work, "target.ms")
     if not os.path.exists(ms):
-        from almapipe.simulate.simulator import SimConfig, Simulator
-        sim = Simulator(SimConfig.preset("wideband", target_line_jy=0.0))
-        sim.write(work, "wideband")
-        sim.calibrate_target_ideally(ms, noise_jy=0.5)
-        field = next(i for i, f in enumerate(sim.fields) if f[3] == "TARGET")
-        json.dump({"spws": sim.science_spw_ids, "field": field}, open(os.path.join(work, "bench.json"), "w"))
+        # in a process of its own: a child forked from a parent that imported the simulator
+        # would start with the parent's peak RSS in its ru_maxrss (Linux keeps it across exec)
+        run_measured([sys.executable, os.path.abspath(__file__), "--make-ms", "--ms", ms],
+                     env=dict(os.environ, PYTHONPATH=HERE), cwd=work)
     meta = json.load(open(os.path.join(work, "bench.json")))
     me = [sys.executable, os.path.abspath(__file__), "--child", "--ms", ms, "--cell", str(args.cell),
           "--niter", str(args.niter)]
@@ -94,8 +120,9 @@ def main() -> None:
                               "-join-channels", "-channels-out", "4", "-fit-spectral-pol", "2",
                               "-data-column", "DATA", "-pol", "i", "-no-update-model-required", "-j", "2", ms],
                              cwd=work)
-            from astropy.io import fits
-            peak = float(fits.getdata(f"{name}-MFS-image.fits").max())
+            peak = float(json.loads(run_measured(
+                [sys.executable, "-c", "import sys; from astropy.io import fits; "
+                 "print(float(fits.getdata(sys.argv[1]).max()))", f"{name}-MFS-image.fits"])["stdout"]))
             row["wsclean"] = {"wall_s": r["wall_s"], "rss_mib": r["rss_mib"], "peak": peak}
         rows.append(row)
         print(json.dumps(row), flush=True)
