@@ -107,34 +107,45 @@ def hessian(psfs: np.ndarray, nterms: int) -> np.ndarray:
 
 
 @numba.njit(cache=True)
+def _mt_scan_pixel(res, hinv, y, x, nt):
+    """a . R = R^T H^-1 R at one pixel: the decrease of chi-square its component brings."""
+    crit = 0.0
+    for i in range(nt):
+        ai = 0.0
+        for j in range(nt):
+            ai += hinv[i, j] * res[j, y, x]
+        crit += ai * res[i, y, x]
+    return crit
+
+
+@numba.njit(cache=True)
 def mt_hogbom(res, psfs, hinv, py, px, weight, gain, threshold, niter, models):
     """Multi-term Hogbom CLEAN, in place: res (nterms, ny, nx) the Taylor residuals,
     psfs (2 nterms - 1, 2 ny, 2 nx) with peak at (py, px), hinv the inverse Hessian,
     weight the search mask. Each iteration takes the pixel of largest a . R (a = H^-1 R
-    there) and stops when |R_0| x weight is below threshold everywhere or after niter
-    components. Returns the number of components."""
+    there; the first in row-major order among equals) and stops when |R_0| x weight is
+    below threshold everywhere or after niter components. Returns the number of
+    components.
+
+    The search for the next component rides along the subtraction of the last one: one
+    pass over the image per component instead of two (the whole image: every pixel
+    changes)."""
     nt, ny, nx = res.shape
     a = np.zeros(nt)
+    best, by, bx, peak0 = -1.0, -1, -1, 0.0
+    for y in range(ny):
+        for x in range(nx):
+            w = weight[y, x]
+            if w <= 0:
+                continue
+            r0 = abs(res[0, y, x]) * w
+            if r0 > peak0:
+                peak0 = r0
+            crit = _mt_scan_pixel(res, hinv, y, x, nt) * w
+            if crit > best:
+                best, by, bx = crit, y, x
     done = 0
     while done < niter:
-        best, by, bx, peak0 = -1.0, -1, -1, 0.0
-        for y in range(ny):
-            for x in range(nx):
-                w = weight[y, x]
-                if w <= 0:
-                    continue
-                r0 = abs(res[0, y, x]) * w
-                if r0 > peak0:
-                    peak0 = r0
-                crit = 0.0
-                for i in range(nt):
-                    ai = 0.0
-                    for j in range(nt):
-                        ai += hinv[i, j] * res[j, y, x]
-                    crit += ai * res[i, y, x]
-                crit *= w
-                if crit > best:
-                    best, by, bx = crit, y, x
         if by < 0 or peak0 < threshold:
             break
         for i in range(nt):
@@ -144,13 +155,23 @@ def mt_hogbom(res, psfs, hinv, py, px, weight, gain, threshold, niter, models):
             a[i] = gain * ai
             models[i, by, bx] += a[i]
         oy, ox = py - by, px - bx
-        for t in range(nt):
-            for y in range(ny):
-                for x in range(nx):
+        best, by, bx, peak0 = -1.0, -1, -1, 0.0
+        for y in range(ny):
+            for x in range(nx):
+                for t in range(nt):
                     s = 0.0
                     for j in range(nt):
                         s += a[j] * psfs[t + j, y + oy, x + ox]
                     res[t, y, x] -= s
+                w = weight[y, x]
+                if w <= 0:
+                    continue
+                r0 = abs(res[0, y, x]) * w
+                if r0 > peak0:
+                    peak0 = r0
+                crit = _mt_scan_pixel(res, hinv, y, x, nt) * w
+                if crit > best:
+                    best, by, bx = crit, y, x
         done += 1
     return done
 
