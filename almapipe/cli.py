@@ -460,7 +460,9 @@ def main(argv=None) -> int:
     r.add_argument("--keep-stack", action="store_true", help="leave a stack started by this command running")
     r.set_defaults(fn=cmd_run)
     sm = sub.add_parser("simulate", help="write an ALMA-like execution block with known truth")
-    sm.add_argument("--preset", default="small", help="small (tests) or realistic (43 antennas, 4 spws, ~1 h)")
+    sm.add_argument("--preset", default="small",
+                    help="small (tests), realistic (43 antennas, 4 spws, ~1 h), wideband, longbaseline, "
+                         "... (SimConfig.preset)")
     sm.add_argument("--out", default="sim-eb", help="output directory")
     sm.add_argument("--name", default="sim", help="MS name (NAME.ms)")
     for opt in ("nant", "nspw", "nchan", "target-scans", "seed"):

@@ -666,7 +666,8 @@ def build_summary(run: dict, ctx: dict) -> dict:
         "images": [{k: img.get(k) for k in ("file", "field", "spw", "specmode", "peak_jy_per_beam",
                                             "rms_jy_per_beam", "theoretical_rms_jy_per_beam", "beam_arcsec",
                                             "qa_score", "chans", "peak_channel", "aggregate", "pointings", "dr_correction",
-                                            "dirty_dynamic_range", "dynamic_range")}
+                                            "dirty_dynamic_range", "dynamic_range", "nterms", "reffreq_hz", "alpha",
+                                            "alpha_error")}
                    for img in ctx.get("images", [])],
         "continuum": ctx.get("continuum", []),
         "refant": ctx.get("refant", {}).get("refant"),

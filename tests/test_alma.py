@@ -884,6 +884,48 @@ def test_the_dead_antenna_is_named_on_home_and_shown_on_the_bandpass_page(alma_r
             assert f'id="{anchor}"' in (web / target).read_text(), link
 
 
+@pytest.fixture(scope="module")
+def wideband_run(stack, stub, tmp_path_factory):  # noqa: F811
+    """Preset 'wideband': four spws over 16 % of Band 3 and continuum sources of known
+    spectral index; imaging cut to the target's continuum (per spw and aggregate)."""
+    return run_simulated_eb(stack, stub, tmp_path_factory.mktemp("wideband"), "wideband",
+                            {"makeimages.calibrators": "false", "makeimages.target_cube": "false"})
+
+
+def test_wide_band_aggregate_is_multi_term_with_the_injected_alpha(wideband_run):
+    """Over a band wider than 10 % of its centre the aggregate continuum is made with
+    nterms = 2, as the ALMA pipeline makes it: tt0, tt1, alpha and alpha.error under
+    ALMA's names, tt0 the source's flux at the reference frequency and alpha its
+    spectral index within 0.1 (SNR > 100); each spw's own image keeps one term."""
+    sim, truth, _, summary, out = wideband_run
+    cont = [i for i in summary["images"] if i["field"] == "Target" and i["specmode"] == "cont"]
+    (agg,) = [i for i in cont if i["aggregate"]]
+    assert agg["nterms"] == 2 and all(i["nterms"] == 1 for i in cont if not i["aggregate"])
+    assert agg["file"].endswith(f"_sci.spw{agg['spw']}.cont.I.tt0.pbcor.fits"), agg["file"]
+    base = agg["file"].replace(".tt0.pbcor.fits", "")
+    for suffix in ("tt0", "tt0.pbcor", "tt1", "alpha", "alpha.error", "pb.tt0", "residual.tt0", "residual.tt1"):
+        assert (out / "product" / f"{base}.{suffix}.fits").exists(), suffix
+    assert agg["peak_jy_per_beam"] / agg["rms_jy_per_beam"] > 100
+    nu0 = agg["reffreq_hz"]
+    want = sim.cfg.target_cont_jy * (nu0 / sim.cfg.band_centre_hz) ** sim.cfg.target_spix
+    assert abs(agg["peak_jy_per_beam"] / want - 1) < 0.05, (agg["peak_jy_per_beam"], want)
+    assert abs(agg["alpha"] - sim.cfg.target_spix) < 0.1 and agg["alpha_error"] < 0.05, agg
+    # the dust-like source beside it, in the alpha image at its position: its spectral
+    # index as an image without wide-band pb correction shows it (tests/test_mtmfs.py)
+    from astropy.io import fits
+    from astropy.wcs import WCS
+    from test_mtmfs import apparent_spix
+    src = truth["target_sources"][-1]
+    flux, east, north, spix = sim.cfg.target_spix_sources[-1]
+    assert src["spix"] == spix
+    with fits.open(out / "product" / f"{base}.alpha.fits") as h, \
+            fits.open(out / "product" / f"{base}.alpha.error.fits") as he:
+        wcs = WCS(h[0].header).celestial
+        x, y = (int(round(v)) for v in wcs.wcs_world2pix([[src["ra_deg"], src["dec_deg"]]], 0)[0])
+        alpha, err = h[0].data[0, 0, y, x], he[0].data[0, 0, y, x]
+    assert abs(alpha - apparent_spix(sim, spix, east, north)) < 0.1 and err < 0.1, (alpha, err)
+
+
 def test_gc_leaves_the_package_and_at_most_twice_the_input(alma_run, stack, stub, tmp_path):  # noqa: F811
     """`almapipe gc` on the ended run (issue 10, bounded storage): the bytes under
     runs/<id>/ drop to at most twice the input EB plus the products, and the package

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from almapipe.msio import listobs, ms as msio
+from almapipe.simulate.alma_pads import ALMA_C8_PADS
 from almapipe.simulate.simulator import SimConfig, Simulator
 from almapipe.stages.flagging import shadow_mask
 
@@ -154,3 +155,25 @@ def test_mixed_preset_has_a_narrow_spw_with_its_own_phase_offsets(tmp_path):
     assert widths == pytest.approx([1.875e9, 1.875e9, 0.1171875e9])
     t = np.load(tmp_path / "truth.npz")
     assert np.all(t["spw_phase_rad"][0] == 0) and np.std(t["spw_phase_rad"][1:]) > 0.3
+
+
+def test_long_baseline_preset_has_km_baselines_and_an_fdm_spw(tmp_path):
+    """Preset 'longbaseline': antennas on ALMA's C-8 pads and FDM science spws of 3840
+    channels; written here at a reduced size (5 antennas, 480 channels, one short
+    target scan), its baselines reach kilometres and its spws have the channels asked."""
+    full = SimConfig.preset("longbaseline")
+    assert full.configuration == "C8" and full.nchan == 3840 and full.spw_width_hz / full.nchan == 488281.25
+    sim = Simulator(SimConfig.preset("longbaseline", nant=5, nchan=480, target_scans=1, target_scan_s=24.0,
+                                     bandpass_scan_s=24.0, phase_scan_s=12.0, check_scan_s=12.0, dead_antenna=False))
+    res = sim.write(str(tmp_path))
+    truth = json.load(open(res["truth"]))
+    for sid in truth["science_spws"]:
+        spw = next(s for s in truth["spws"] if s["id"] == sid)
+        assert spw["nchan"] == 480 and abs(abs(spw["chan_width_hz"]) - 1.875e9 / 480) < 1
+    with ct.table(res["ms"], ack=False) as t:
+        uvw = t.getcol("UVW")
+        cross = t.getcol("ANTENNA1") != t.getcol("ANTENNA2")
+    length = np.hypot(uvw[cross, 0], uvw[cross, 1])
+    assert length.max() > 3000.0 and np.median(length) > 1000.0       # km-scale, not C-1's 160 m
+    with ct.table(os.path.join(res["ms"], "ANTENNA"), ack=False) as t:
+        assert set(t.getcol("STATION")) <= {p[0] for p in ALMA_C8_PADS}

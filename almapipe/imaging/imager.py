@@ -42,6 +42,7 @@ class ImageSpec:
     # pipeline's dynamic-range correction); it replaces threshold_jy when given
     threshold_from_dirty: object = None
     mosaic: Mosaic | None = None        # several pointings imaged jointly; None: one field
+    nterms: int = 1                     # Taylor terms of an mfs image (2: mtmfs, imaging/mtmfs.py)
 
 
 @dataclass
@@ -86,14 +87,22 @@ def stokes_i(vis: Vis, chan_idx: np.ndarray) -> StokesI:
 
 def aggregate_continuum(parts: list, width: int = 8) -> Vis:
     """One single-channel Vis from the continuum channels of several spws, so that one
-    mfs image covers them all (the ALMA pipeline's aggregate 'cont' image).
+    mfs image covers them all (the ALMA pipeline's aggregate 'cont' image): the Vis of
+    aggregate_samples."""
+    return aggregate_samples(parts, width)[0]
+
+
+def aggregate_samples(parts: list, width: int = 8) -> tuple:
+    """(one single-channel Vis, each of its rows' own frequency (nrow,) Hz) from the
+    continuum channels of several spws.
 
     parts: [(Vis, channel mask)], the same rows' layout not required. The selected
     channels of each spw are averaged in bins of `width` (weighted, flags honoured;
     at 1e-3 fractional bandwidth per bin the smearing is negligible inside the
     primary beam), and each (row, bin) becomes a sample at the reference frequency
     with its uvw scaled by f_bin / f_ref: exact, because the gridder only ever
-    uses uvw f / c."""
+    uses uvw f / c. The bins' frequencies are what a multi-term image's Taylor
+    weights need (imaging/mtmfs.py)."""
     bins = []
     for vis, mask in parts:
         chans = np.flatnonzero(mask)
@@ -111,14 +120,15 @@ def aggregate_continuum(parts: list, width: int = 8) -> Vis:
     def stack(get):
         return np.concatenate([get(b) for b in bins])
     first = bins[0][0]
-    return Vis(time=stack(lambda b: b[0].time), interval=stack(lambda b: b[0].interval),
-               ant1=stack(lambda b: b[0].ant1), ant2=stack(lambda b: b[0].ant2),
-               field_id=stack(lambda b: b[0].field_id), scan=stack(lambda b: b[0].scan),
-               uvw=stack(lambda b: b[0].uvw * (b[1] / fref)),
-               data=stack(lambda b: b[2][:, None, :]).astype(np.complex64),
-               flag=stack(lambda b: b[4][:, None, :]),
-               weight=stack(lambda b: b[3]).astype(np.float32), freq=np.array([fref]),
-               corr_types=list(first.corr_types), spw=first.spw)
+    vis = Vis(time=stack(lambda b: b[0].time), interval=stack(lambda b: b[0].interval),
+              ant1=stack(lambda b: b[0].ant1), ant2=stack(lambda b: b[0].ant2),
+              field_id=stack(lambda b: b[0].field_id), scan=stack(lambda b: b[0].scan),
+              uvw=stack(lambda b: b[0].uvw * (b[1] / fref)),
+              data=stack(lambda b: b[2][:, None, :]).astype(np.complex64),
+              flag=stack(lambda b: b[4][:, None, :]),
+              weight=stack(lambda b: b[3]).astype(np.float32), freq=np.array([fref]),
+              corr_types=list(first.corr_types), spw=first.spw)
+    return vis, stack(lambda b: np.full(len(b[0].time), b[1]))
 
 
 @dataclass
@@ -316,3 +326,58 @@ def restore_planes(pl: Planes, spec: ImageSpec, dish_m: float, telescope: str) -
 def make_image(vis: Vis, spec: ImageSpec, dish_m: float, telescope: str) -> ImageResult:
     """Clean and restore an image in one go."""
     return restore_planes(clean_planes(vis, spec), spec, dish_m, telescope)
+
+
+@dataclass
+class TaylorPlanes:
+    """A multi-term mfs image cleaned but not yet restored (imaging/mtmfs.py)."""
+    result: object          # mtmfs.MTCleanResult
+    beam: tuple             # fitted to the tt0 PSF
+    nu0: float              # the Taylor expansion's reference frequency, Hz
+
+
+def clean_taylor(vis: Vis, spec: ImageSpec, row_freq: np.ndarray | None = None,
+                 reffreq_hz: float | None = None) -> TaylorPlanes:
+    """Weight and clean an mfs image in spec.nterms Taylor terms (one pointing).
+
+    row_freq: each row's own frequency where the Vis's channel axis is not it (the
+    aggregate continuum, aggregate_samples); else the channels' frequencies are.
+    reffreq_hz: the expansion's reference; default the middle of the frequencies
+    imaged, as tclean's reffreq."""
+    from . import mtmfs
+    if spec.mosaic is not None or spec.specmode != "mfs":
+        raise ValueError("clean_taylor: one mfs plane of one pointing only")
+    npix = spec.npix
+    cell = np.radians(spec.cell_arcsec / 3600.0)
+    chans = np.flatnonzero(spec.chans if spec.chans is not None else np.ones(len(vis.freq), bool))
+    si = stokes_i(vis, chans)
+    freq = vis.freq[chans]
+    nu = row_freq[si.rows][:, None] if row_freq is not None else freq[None, :]
+    if reffreq_hz is None:
+        used = np.broadcast_to(nu, si.weight.shape)[si.weight > 0]
+        reffreq_hz = 0.5 * float(used.min() + used.max()) if used.size else float(freq.mean())
+    w = gridding.briggs_weights(si.uvw, freq, si.weight, npix, cell, spec.robust).astype(np.float32)
+    op = mtmfs.TaylorPointing(si.uvw, freq, si.data, w, nu, reffreq_hz, npix, cell, spec.nterms)
+    res = mtmfs.clean_mt(op, spec.niter, spec.threshold_jy, gain=spec.gain, nsigma=spec.nsigma,
+                         automask=spec.automask, threshold_from_dirty=spec.threshold_from_dirty,
+                         automask_params=AutomaskParams(negative_threshold=spec.negative_threshold))
+    beam = deconvolve.fit_beam(res.psfs[0], cell) if res.psfs[0].max() > 0 else (0.0, 0.0, 0.0)
+    return TaylorPlanes(res, beam, float(reffreq_hz))
+
+
+def restore_taylor_planes(tp: TaylorPlanes, spec: ImageSpec, dish_m: float, telescope: str) -> tuple:
+    """(ImageResult of tt0, mtmfs.TaylorImages): the restored Taylor terms, alpha and its
+    error; the primary beam at the reference frequency, alpha given inside its limit."""
+    from . import mtmfs
+    npix = spec.npix
+    cell = np.radians(spec.cell_arcsec / 3600.0)
+    r = tp.result
+    pb = primary_beam(npix, cell, tp.nu0, dish_m, telescope)
+    mask = pb >= spec.pb_limit
+    ti = mtmfs.restore_taylor(r.models, r.residuals, r.hessian, cell, tp.beam, inside=mask)
+    pbcor = np.where(mask, ti.tt[0] / np.maximum(pb, 1e-6), np.nan)
+    res = ImageResult(ti.tt[:1], ti.residual[:1], r.models[:1], r.psfs[:1], pb, pbcor[None], mask,
+                      np.array([tp.nu0]), tp.beam, [tp.beam], r.iterations, [r.stop_reason],
+                      (r.mask > 0)[None] if spec.automask and r.mask is not None else
+                      (np.zeros((1, npix, npix), bool) if spec.automask else None))
+    return res, ti

@@ -47,13 +47,15 @@ from astropy import units as u
 from astropy.coordinates import EarthLocation
 from astropy.time import Time
 
-from .alma_pads import ALMA_C1_PADS, ALMA_SITE
+from .alma_pads import ALMA_C1_PADS, ALMA_C8_PADS, ALMA_C9_PADS, ALMA_SITE
 from ..imaging.mosaic import direction_of, hexagonal_offsets, sin_offset
 from ..imaging.products import pb_fwhm, pb_response
 from ..msio.ms import CORR_CODES, FREQ_FRAMES, fill_table, new_ms, set_direction_frame
 from ..stages.flagging import shadow_mask
 
 C = 299792458.0
+# the array configurations the simulator places its antennas on (SimConfig.configuration)
+CONFIGURATIONS = {"C1": ALMA_C1_PADS, "C8": ALMA_C8_PADS, "C9": ALMA_C9_PADS}
 WVR_OFFSETS_GHZ = (0.88, 2.2, 4.3, 7.4)          # the four WVR channels around 183.31 GHz
 WVR_DTDL = (2.9, 1.7, 0.9, 0.45)                  # K of brightness per mm of path, per channel
 
@@ -62,6 +64,7 @@ WVR_DTDL = (2.9, 1.7, 0.9, 0.45)                  # K of brightness per mm of pa
 class SimConfig:
     """What to simulate. Presets: 'small' (tests) and 'realistic' (benchmarks)."""
     nant: int = 8
+    configuration: str = "C1"         # the pads the antennas stand on (CONFIGURATIONS)
     nspw: int = 2
     nchan: int = 32
     spw_width_hz: float = 1.875e9
@@ -115,6 +118,14 @@ class SimConfig:
     target_cont_jy: float = 0.05
     target_line_jy: float = 0.2
     target_offset_arcsec: tuple = (0.6, -0.4)
+    # the spectral index of the target's central continuum source (S ~ nu^spix, S =
+    # target_cont_jy at the band centre), and more continuum sources of the target with
+    # their own: ((flux Jy at the band centre, arcsec east, arcsec north, spix), ...)
+    target_spix: float = 0.0
+    target_spix_sources: tuple = ()
+    # science spw centres (Hz), to spread them over a wide band (preset 'wideband');
+    # None: side by side around band_centre_hz
+    spw_centres_hz: tuple | None = None
     # a mosaic target: this many pointings on a hexagonal grid (spacing in primary-beam
     # FWHMs, ALMA's Nyquist 0.511), each target scan visiting every pointing in turn, and
     # one more continuum source (flux, arcsec east, arcsec north of the centre) between them
@@ -146,6 +157,23 @@ class SimConfig:
             "sso-uranus": {"sso_body": "Uranus"},
             # an antenna at 0.4 of its gain in the second spw, and a burst on a target baseline
             "outliers": {"bad_gain": (3, 1, 0.4), "target_burst": (1, 4, 30.0)},
+            # a wide band (ALMA Band 3, spws at 90.5, 92.5, 102.5 and 104.5 GHz: 16 % of
+            # the centre frequency) and continuum sources of known spectral index (a
+            # synchrotron-like one at the centre, a dust-like one beside it): the
+            # aggregate continuum is imaged with nterms = 2 and its alpha checked
+            # 16 antennas: with 8 the PSF's sidelobes leave such bright sources half cleaned
+            "wideband": {"nant": 16, "nspw": 4, "band_centre_hz": 97.5e9,
+                         "spw_centres_hz": (90.5e9, 92.5e9, 102.5e9, 104.5e9),
+                         "target_cont_jy": 0.5, "target_spix": -0.8,
+                         "target_spix_sources": ((0.25, 12.0, 8.0, 2.0),)},
+            # a long-baseline EB: antennas on ALMA's C-8 pads (baselines to 8.5 km) and FDM
+            # science spws of 3840 channels (488 kHz); 16 antennas (baselines 0.1-8.5 km, median
+            # 3.3 km) and short scans, so that its science data stay ~1 GB. Tests take it
+            # smaller still (nant, nchan, scans as overrides).
+            # Started at 45 degrees: no close pair of pads shadows here.
+            "longbaseline": {"configuration": "C8", "nant": 16, "nchan": 3840, "start_elevation_deg": 45.0,
+                             "target_scans": 2, "target_scan_s": 60.0, "bandpass_scan_s": 60.0,
+                             "check_scan_s": 30.0, "phase_scan_s": 20.0},
         }
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; presets: {', '.join(presets)}")
@@ -176,14 +204,18 @@ SSO_MODES = {"BANDPASS": "CALIBRATE_BANDPASS#ON_SOURCE,CALIBRATE_WVR#ON_SOURCE",
              "FLUX": "CALIBRATE_FLUX#ON_SOURCE,CALIBRATE_WVR#ON_SOURCE"}
 
 
-def choose_pads(nant: int, azimuth_rad: float = 0.0) -> list:
-    """nant pads spread over the configuration (farthest-point order), so a small
-    array keeps long baselines and is not all shadowed at once, starting from the
-    close pair (< 20 m) best aligned with azimuth_rad: it shadows at low elevation
-    when the array looks that way."""
-    xy = np.array([[p[1], p[2]] for p in ALMA_C1_PADS])
+def choose_pads(nant: int, azimuth_rad: float = 0.0, configuration: str = "C1") -> list:
+    """nant pads of a configuration (CONFIGURATIONS) spread over it (farthest-point
+    order), so a small array keeps long baselines and is not all shadowed at once,
+    starting from the close pair (< 20 m) best aligned with azimuth_rad: it shadows
+    at low elevation when the array looks that way. A configuration without a pair
+    that close (the long-baseline ones) starts from its closest pair."""
+    all_pads = CONFIGURATIONS[configuration]
+    xy = np.array([[p[1], p[2]] for p in all_pads])
     d = np.linalg.norm(xy[:, None] - xy[None], axis=2)
     i, j = np.nonzero((d > 0) & (d < 20))
+    if not len(i):
+        i, j = np.nonzero(d == d[d > 0].min())
     ang = np.arctan2(xy[j, 0] - xy[i, 0], xy[j, 1] - xy[i, 1])    # east of north
     k = int(np.argmin(np.abs(np.sin(ang - azimuth_rad))))
     chosen = [int(i[k]), int(j[k])][:nant]
@@ -194,7 +226,7 @@ def choose_pads(nant: int, azimuth_rad: float = 0.0) -> list:
         chosen.append(k)
         dist = np.minimum(dist, np.linalg.norm(xy - xy[k], axis=1))
     # the close pair first: callers use pads[0:2]
-    return [ALMA_C1_PADS[k] for k in order + sorted(set(chosen) - set(order))]
+    return [all_pads[k] for k in order + sorted(set(chosen) - set(order))]
 
 
 def antenna_itrf(pads: list) -> np.ndarray:
@@ -245,12 +277,14 @@ class Simulator:
             return np.arctan2(-np.cos(dec0) * np.sin(h),
                               np.sin(dec0) * np.cos(lat) - np.cos(dec0) * np.cos(h) * np.sin(lat))
         el_start = c.start_elevation_deg if c.start_elevation_deg is not None else 45.0
-        pads = choose_pads(c.nant, azimuth(hour_angle(el_start)))
+        if c.configuration not in CONFIGURATIONS:
+            raise ValueError(f"unknown configuration {c.configuration!r}; configurations: {', '.join(CONFIGURATIONS)}")
+        pads = choose_pads(c.nant, azimuth(hour_angle(el_start)), c.configuration)
         if c.start_elevation_deg is None:
             # the close pair (pads[0:2] in choice order) shadows while d sin(el) < D, if aligned
             a, b = np.array(pads[0][1:3]), np.array(pads[1][1:3])
             el_start = np.degrees(np.arcsin(min(12.0 / np.linalg.norm(a - b), 1.0))) - 0.4
-            pads = choose_pads(c.nant, azimuth(hour_angle(el_start)))
+            pads = choose_pads(c.nant, azimuth(hour_angle(el_start)), c.configuration)
         h0 = hour_angle(el_start)
         t_ref = Time(f"{c.date}T00:00:00", scale="utc")
         lst_ref = t_ref.sidereal_time("apparent", longitude=ALMA_SITE[0] * u.deg).rad
@@ -264,7 +298,10 @@ class Simulator:
         if len(self.spw_widths) != c.nspw:
             raise ValueError(f"spw_widths_hz has {len(self.spw_widths)} entries for {c.nspw} spws")
         offs = (np.arange(c.nspw) - (c.nspw - 1) / 2) * (self.spw_widths.max() * 1.07)
-        self.spw_centres = c.band_centre_hz + offs
+        self.spw_centres = c.band_centre_hz + offs if c.spw_centres_hz is None else \
+            np.array(c.spw_centres_hz, float)
+        if len(self.spw_centres) != c.nspw:
+            raise ValueError(f"spw_centres_hz has {len(self.spw_centres)} entries for {c.nspw} spws")
         self.chan_widths = self.spw_widths / c.nchan          # magnitudes (LSB widths are negative)
         # spws below the first LO (the band centre) are lower sideband: their channels run
         # down in frequency (CHAN_WIDTH < 0), as about half of ALMA's spws do
@@ -344,16 +381,52 @@ class Simulator:
 
     def target_sources(self, freq: np.ndarray) -> list:
         """[(flux (nchan,), ra, dec)] of the target: a continuum source at its centre,
-        a line source beside it and (mosaics) another continuum source between pointings."""
+        a line source beside it, (mosaics) another continuum source between pointings,
+        then target_spix_sources (target_source_spix gives every one's spectral index)."""
         c = self.cfg
         ra0, dec0 = np.radians(FIELDS[3][1]), np.radians(FIELDS[3][2])
         line_centre = self.spw_centres[0]
         line = c.target_line_jy * np.exp(-0.5 * ((freq - line_centre) / (0.06 * self.spw_widths[0])) ** 2)
-        out = [(np.full(len(freq), c.target_cont_jy), 0.0, 0.0), (line, *c.target_offset_arcsec)]
+        nu0 = c.band_centre_hz
+        out = [(c.target_cont_jy * (freq / nu0) ** c.target_spix, 0.0, 0.0), (line, *c.target_offset_arcsec)]
         if c.mosaic_pointings > 1:
             out.append((np.full(len(freq), c.mosaic_source[0]), *c.mosaic_source[1:]))
+        for flux, east, north, spix in c.target_spix_sources:
+            out.append((flux * (freq / nu0) ** spix, east, north))
         arcsec = np.pi / 180 / 3600
         return [(flux, *direction_of(e * arcsec, n * arcsec, ra0, dec0)) for flux, e, n in out]
+
+    def target_source_spix(self) -> list:
+        """The spectral index of each of target_sources (None for the line source)."""
+        c = self.cfg
+        return [c.target_spix, None] + ([0.0] if c.mosaic_pointings > 1 else []) + \
+            [float(s[3]) for s in c.target_spix_sources]
+
+    def calibrate_target_ideally(self, ms: str, noise_jy: float, seed: int = 5) -> None:
+        """Replace the target's science-spw DATA of an EB this simulator wrote by what a
+        perfect calibration would leave: the sky (target_sources through the primary beam
+        at each channel) plus thermal noise of noise_jy per visibility and correlation,
+        WEIGHT 1 / noise_jy^2, only the auto-correlations flagged. For imaging benchmarks and comparisons
+        with other imagers on calibrated data, without running the calibration."""
+        from ..msio import ms as msio
+        rng = np.random.default_rng(seed)
+        fids = [i for i, f in enumerate(self.fields) if f[3] == "TARGET"]
+        for fid in fids:
+            for sid in self.science_spw_ids:
+                v = msio.read_vis(ms, sid, field_ids=[fid])
+                model = np.zeros(v.data.shape[:2], complex)
+                for flux, l, m in self.sky(fid, v.freq):
+                    n1 = np.sqrt(1 - l * l - m * m) - 1
+                    model += flux[None] * np.exp(2j * np.pi * (v.uvw[:, :1] * l + v.uvw[:, 1:2] * m
+                                                               + v.uvw[:, 2:] * n1) * v.freq[None] / C)
+                noise = rng.normal(size=v.data.shape) + 1j * rng.normal(size=v.data.shape)
+                data = model[:, :, None] + noise_jy * noise / np.sqrt(2)
+                data[v.ant1 == v.ant2] = 1.0
+                msio.write_column(ms, v.rows, "DATA", data.astype(np.complex64))
+                msio.write_column(ms, v.rows, "WEIGHT", np.full(v.weight.shape, noise_jy ** -2, np.float32))
+                # auto-correlations flagged, as the pipeline's flagdata leaves them (CASA's Briggs
+                # weighting counts unflagged ones in its density, and so weights more naturally)
+                msio.write_flags(ms, v.rows, np.broadcast_to((v.ant1 == v.ant2)[:, None, None], v.data.shape))
 
     # ------------------------------------------------------------ truth models
     def path_mm(self, t_s: np.ndarray, untracked: bool = False) -> np.ndarray:
@@ -867,8 +940,10 @@ class Simulator:
                                    for fl, l, m in self.sky(f, np.array([c.band_centre_hz] * 3))]
                     for f in range(len(FIELDS))},
             # the target's sources on the sky (each pointing sees them through its primary beam)
-            "target_sources": [{"flux_jy": float(fl[0]), "ra_deg": float(np.degrees(ra)), "dec_deg": float(np.degrees(dec))}
-                               for fl, ra, dec in self.target_sources(np.array([c.band_centre_hz]))],
+            "target_sources": [{"flux_jy": float(fl[0]), "ra_deg": float(np.degrees(ra)), "dec_deg": float(np.degrees(dec)),
+                                "spix": spix}
+                               for (fl, ra, dec), spix in zip(self.target_sources(np.array([c.band_centre_hz])),
+                                                              self.target_source_spix())],
             "pointings": [{"field_id": i, "ra_deg": f[1], "dec_deg": f[2]} for i, f in enumerate(self.fields)
                           if f[3] == "TARGET"],
             "spectral_index": {FIELDS[0][0]: c.bp_spix, FIELDS[1][0]: c.phase_spix, FIELDS[2][0]: 0.0},

@@ -17,8 +17,9 @@ from ..heuristics.callibrary import calibrator_ids  # noqa: E402
 from ..heuristics.robust import robust_rms, robust_sigma  # noqa: E402
 from ..imaging import gridding  # noqa: E402
 from ..imaging.frames import channel_shifts, lsrk_factor, lsrk_factors, max_drift_channels  # noqa: E402
-from ..imaging.imager import (ImageSpec, Planes, aggregate_continuum, clean_planes, join_planes,  # noqa: E402
-                              restore_planes, stokes_i)
+from ..imaging.imager import (ImageSpec, Planes, TaylorPlanes, aggregate_samples, clean_planes,  # noqa: E402
+                              clean_taylor, join_planes, restore_planes, restore_taylor_planes, stokes_i)
+from ..imaging.mtmfs import fractional_bandwidth, nterms_for  # noqa: E402
 from ..imaging.kernels import shift_spectra  # noqa: E402
 from ..imaging.mosaic import make_mosaic  # noqa: E402
 from ..imaging.samples import MedianSketch, clean_mfs, read_binned_stokes_i  # noqa: E402
@@ -512,6 +513,8 @@ class ImageJob:
         self.dish = float(np.median([a["diameter_m"] for a in obs["antennas"] if a["has_data"]]))
         self.field = next(f for f in obs["fields"] if f["id"] == self.fid)
         self.fctx = next(f for f in ctx["fields"] if f["id"] == self.fid)
+        self.nterms_note = None         # why an image has fewer Taylor terms than its band calls for
+        self.row_freq = None            # the aggregate's rows' own frequencies (aggregate_samples)
         if isinstance(part, list):      # aggregate: several spws in one single-channel Vis
             pieces = []
             for piece in part:
@@ -519,7 +522,9 @@ class ImageJob:
                 if len(v.time):
                     pieces.append((v, parse_channels(piece["chans"], len(v.freq)) if piece.get("chans")
                                    else np.ones(len(v.freq), bool)))
-            self.vis = aggregate_continuum(pieces, int(self.p["width"])) if pieces else None
+            # each row's own frequency: a multi-term image's Taylor weights need it
+            self.vis, self.row_freq = aggregate_samples(pieces, int(self.p["width"])) if pieces \
+                else (None, None)
             self.part = {"spw": "_".join(str(piece["spw"]) for piece in part), "frame_spw": part[0]["spw"]}
         else:
             self.part = part
@@ -605,7 +610,7 @@ class ImageJob:
                                      else 15.0 if self.specmode == "cube" else 0.0),
             # multiscale: scales of 0, 1 and 3 beams (the cell is a fifth of a beam)
             scales=p["scales"] or ([0, 5, 15] if p["deconvolver"] == "multiscale" else None),
-            mosaic=mosaic)
+            mosaic=mosaic, nterms=self.nterms(mosaic))
         if self.streamed:
             self.theo = self._read_samples()
             self.theoretical[(self.fid, self.part["spw"])] = self.theo
@@ -714,7 +719,25 @@ class ImageJob:
         if self.streamed:
             return clean_mfs(self.samples, spec)
         self.io.visibilities += self.vis.data.size
+        if spec.nterms > 1:
+            return clean_taylor(self.vis, spec, self.row_freq)
         return clean_planes(self.vis, spec)
+
+    def nterms(self, mosaic) -> int:
+        """Taylor terms of an mfs image: the ALMA pipeline's heuristic (2 when the band
+        imaged is wider than 10 % of its centre, mtmfs.nterms_for) or the parameter
+        nterms. Cubes have one; so have mosaics here (joint multi-term mosaics are not
+        built: such an image is made with one term, and the QA says so)."""
+        if self.specmode == "cube":
+            return 1
+        lo, hi, _ = self.band()
+        n = nterms_for(lo, hi, self.p["nterms"])
+        if n > 1 and mosaic is not None:
+            self.io.log("%s: fractional bandwidth %.3f calls for nterms=%d, but a mosaic is imaged with one term",
+                        self.label(), fractional_bandwidth(lo, hi), n)
+            self.nterms_note = f"{self.label()}: a mosaic is imaged with nterms=1 (multi-term mosaics not built)."
+            return 1
+        return n
 
     def band(self) -> tuple:
         """(lowest, highest frequency, channel width) of the channels imaged, edges of the
@@ -744,7 +767,13 @@ class ImageJob:
     def products(self, planes, qa: QA) -> dict:
         """Restore, write the FITS products, measure and score: the image's record."""
         ctx, io, spec, p, part, fid = self.ctx, self.io, self.spec, self.p, self.part, self.fid
-        res = restore_planes(planes, spec, self.dish, self.telescope)
+        taylor = None
+        if isinstance(planes, TaylorPlanes):
+            res, taylor = restore_taylor_planes(planes, spec, self.dish, self.telescope)
+        else:
+            res = restore_planes(planes, spec, self.dish, self.telescope)
+        if self.nterms_note:
+            qa.note(self.nterms_note)
         nchan = len(self.freq)
         base = _product_name(ctx, io, spec.field, self.fctx["intents"], part["spw"], self.specmode,
                              bool(p["aggregate"]))
@@ -771,11 +800,14 @@ class ImageJob:
             f"stage {io.stage_index + 1} makeimages" + (f" ({io.stage})" if io.stage != "makeimages" else "")
             + f": {self.label()}"))
         files = {}
-        for suffix, planes_, unit in (("image", res.image, "Jy/beam"), ("pbcor", res.pbcor, "Jy/beam"),
-                                      ("pb", np.repeat(res.pb[None], len(res.freqs), 0), ""),
-                                      ("mask", res.clean_mask.astype(np.float32) if res.clean_mask is not None
-                                       else np.repeat(res.mask[None].astype(np.float32), len(res.freqs), 0), ""),
-                                      ("residual", res.residual, "Jy/beam")):
+        outputs = (("image", res.image, "Jy/beam"), ("pbcor", res.pbcor, "Jy/beam"),
+                   ("pb", np.repeat(res.pb[None], len(res.freqs), 0), ""),
+                   ("mask", res.clean_mask.astype(np.float32) if res.clean_mask is not None
+                    else np.repeat(res.mask[None].astype(np.float32), len(res.freqs), 0), ""),
+                   ("residual", res.residual, "Jy/beam"))
+        if taylor is not None:
+            outputs = _taylor_outputs(outputs, taylor)
+        for suffix, planes_, unit in outputs:
             hdr = image_header(ra, dec, spec.npix, np.radians(spec.cell_arcsec / 3600), freqs, frame, unit,
                                res.beam, spec.field, self.telescope, restfreq=restfreq, bandwidth_hz=bandwidth,
                                obs=obs, obs_radec=(self.field["ra_rad"], self.field["dec_rad"]))
@@ -783,7 +815,8 @@ class ImageJob:
             write_fits(path, planes_, hdr)
             files[suffix] = io.put_file(path)["key"]
         theo = self.theo
-        rec = {"file": f"{base}.pbcor.fits", "files": files, "field": spec.field, "spw": part["spw"],
+        pbcor_name = f"{base}.tt0.pbcor.fits" if taylor is not None else f"{base}.pbcor.fits"
+        rec = {"file": pbcor_name, "files": files, "field": spec.field, "spw": part["spw"],
                "specmode": self.specmode, "intents": self.fctx["intents"], "imsize": spec.npix,
                "cell_arcsec": spec.cell_arcsec, "robust": spec.robust, "nchan": int(len(res.freqs)),
                "niter_done": res.iterations, "peak_jy_per_beam": stats["peak"], "rms_jy_per_beam": stats["rms"],
@@ -795,7 +828,12 @@ class ImageJob:
                "aggregate": bool(p["aggregate"]),
                "pointings": len(spec.mosaic.pointings) if spec.mosaic else 1,
                "dr_correction": self.dr_seen.get("factor", 1.0), "threshold_jy": self.dr_seen.get("threshold"),
-               "dirty_dynamic_range": self.dr_seen.get("dirty_dynamic_range")}
+               "dirty_dynamic_range": self.dr_seen.get("dirty_dynamic_range"), "nterms": spec.nterms}
+        if taylor is not None:
+            rec.update(_taylor_record(taylor, planes.nu0 * factor))
+            qa.note(f"{rec['file']}: nterms={spec.nterms} (fractional bandwidth {fractional_bandwidth(lo, hi):.3f}); "
+                    + (f"alpha {rec['alpha']:.2f} +- {rec['alpha_error']:.2f} at the peak."
+                       if rec.get("alpha") is not None else "no pixel bright enough for alpha."))
         if self.specmode == "cube":
             rec["lsrk_shift_channels"] = round(self.lsrk_shift, 3)
             if self.lsrk_shift >= 0.02:
@@ -812,6 +850,29 @@ class ImageJob:
         io.log("%s: peak %.4f Jy/beam, rms %.5f Jy/beam, beam %s", rec["file"], stats["peak"], stats["rms"],
                rec["beam_arcsec"])
         return rec
+
+
+def _taylor_outputs(single: tuple, taylor) -> tuple:
+    """The FITS products of a multi-term image, named as ALMA names them: the single-term
+    products of tt0 with .tt0 (image as .tt0, .tt0.pbcor, .pb.tt0, .residual.tt0; the
+    mask as it is), then .tt1, .residual.tt1, .alpha and .alpha.error."""
+    names = {"image": "tt0", "pbcor": "tt0.pbcor", "pb": "pb.tt0", "mask": "mask", "residual": "residual.tt0"}
+    out = [(names[s], planes, unit) for s, planes, unit in single]
+    out += [("tt1", taylor.tt[1:2], "Jy/beam"), ("residual.tt1", taylor.residual[1:2], "Jy/beam"),
+            ("alpha", taylor.alpha[None], ""), ("alpha.error", taylor.alpha_error[None], "")]
+    return tuple(out)
+
+
+def _taylor_record(taylor, reffreq_hz: float) -> dict:
+    """What an image's record says of its Taylor terms: the reference frequency (in the
+    images' frame), and alpha and its error at the tt0 peak of the pixels alpha is given at."""
+    rec = {"reffreq_hz": float(reffreq_hz), "alpha_threshold_jy_per_beam": float(taylor.alpha_threshold),
+           "alpha": None, "alpha_error": None}
+    if np.isfinite(taylor.alpha).any():
+        tt0 = np.where(np.isfinite(taylor.alpha), taylor.tt[0], -np.inf)
+        y, x = np.unravel_index(np.argmax(tt0), tt0.shape)
+        rec["alpha"], rec["alpha_error"] = float(taylor.alpha[y, x]), float(taylor.alpha_error[y, x])
+    return rec
 
 
 # The parameters of one kind of image (makeimages' calibrator, cont and cube); none:
@@ -834,6 +895,8 @@ IMAGE_PARAMS = (
     Param("tlimit", float, 2.0, "dynamic range correction: threshold limit", min=0.0),
     Param("streamed", bool, True, "an mfs image of one pointing reads its samples in row blocks, binned in "
           "channels (bounded memory); false: the whole selection in memory"),
+    Param("nterms", int, None, "Taylor terms of an mfs image (1 or 2); none: 2 when the band imaged is wider "
+          "than 10 % of its centre (ALMA's heuristic), else 1", min=1, max=2),
     Param("aggregate", bool, False, "set by makeimages for the aggregate continuum", internal=True),
 )
 MAKEIMAGES_PARAMS = (
