@@ -128,26 +128,33 @@ def cpu_seconds_of_stack(data_dir: str) -> float:
     return total
 
 
-def ours(eb_dir: str, work: str, port_base: int, delete_tar: bool = False, extra_env: dict | None = None) -> dict:
-    """`almapipe run` on the EB's tar through a cold stack. With delete_tar the run is
-    driven through the same calls (Upload, SubmitRun, WatchRun) so that the local tar
-    can go once uploaded: a 20 GB EB does not fit on the disk three times."""
+def ours(eb_dir: str, work: str, port_base: int, delete_input: bool = False, extra_env: dict | None = None,
+         params: list = ()) -> dict:
+    """`almapipe run` on the EB's tar through a cold stack. With delete_input the run is
+    driven through the same calls (Upload, SubmitRun, WatchRun), the MS directory
+    streamed as a tar made on the fly, and the EB deleted once uploaded: a 20 GB EB does
+    not fit on this disk three times over."""
     data_dir = os.path.join(work, "stack")
     env = dict(os.environ, ALMAPIPE_DATA_DIR=data_dir, ALMAPIPE_PORT_BASE=str(port_base), **(extra_env or {}))
     almapipe = [sys.executable, "-m", "almapipe.cli"]
-    tar = make_tar(eb_dir, os.path.join(work, "eb.tar"))
-    input_bytes = os.path.getsize(tar)
+    if delete_input:
+        tar = glob.glob(os.path.join(eb_dir, "*.ms"))[0]
+        input_bytes = du(tar)
+    else:
+        tar = make_tar(eb_dir, os.path.join(work, "eb.tar"))
+        input_bytes = os.path.getsize(tar)
+    param_args = [a for p in params for a in ("--param", p)]
     subprocess.run(almapipe + ["up"], env=env, check=True, stdout=subprocess.DEVNULL)
     try:
         load0 = load_avg()
         sampler = Sampler(data_dir)
         cpu0 = cpu_seconds_of_stack(data_dir) + _children_cpu()
         t0 = time.perf_counter()
-        if delete_tar:
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--drive", tar], env=env,
+        if delete_input:
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--drive", tar] + param_args, env=env,
                                   capture_output=True, text=True)
         else:
-            proc = subprocess.run(almapipe + ["run", tar, "--out", os.path.join(work, "package")],
+            proc = subprocess.run(almapipe + ["run", tar, "--out", os.path.join(work, "package")] + param_args,
                                   env=env, capture_output=True, text=True)
         wall = time.perf_counter() - t0
         cpu = cpu_seconds_of_stack(data_dir) + _children_cpu() - cpu0
@@ -177,8 +184,8 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def drive(tar: str) -> int:
-    """What `almapipe run TAR` does, with the local tar deleted once uploaded."""
+def drive(tar: str, params: list) -> int:
+    """What `almapipe run MS` does, with the EB deleted once uploaded."""
     from almapipe.cli import _print_event, upload_via_gateway
     from almapipe.config import Config
     from almapipe.platform.auth import channel
@@ -187,8 +194,11 @@ def drive(tar: str) -> int:
     with channel(cfg) as ch:
         stub = pb_grpc.PipelineServiceStub(ch)
         key = upload_via_gateway(stub, pb, tar)
-        os.unlink(tar)
-        run = stub.SubmitRun(pb.SubmitRunRequest(input_key=key, label=os.path.basename(tar)), timeout=60)
+        print(f"uploaded {key}; deleting {tar}", flush=True)
+        shutil.rmtree(tar) if os.path.isdir(tar) else os.unlink(tar)
+        overrides = dict(p.split("=", 1) for p in params)
+        run = stub.SubmitRun(pb.SubmitRunRequest(input_key=key, label=os.path.basename(tar), parameters=overrides),
+                             timeout=60)
         print(f"run {run.run_id}: recipe {run.recipe}, {len(run.stages)} stages", flush=True)
         for ev in stub.WatchRun(pb.WatchRunRequest(run_id=run.run_id)):
             _print_event(pb, ev)
@@ -313,19 +323,21 @@ def main() -> None:
     ap.add_argument("--port-base", type=int, default=16000)
     ap.add_argument("--work", default="")
     ap.add_argument("--json", default="", help="write the figures here too")
-    ap.add_argument("--delete-tar", action="store_true", help="delete the EB's tar once uploaded (large EBs)")
+    ap.add_argument("--delete-input", action="store_true", help="stream the MS to Upload and delete it once "
+                    "uploaded (large EBs)")
+    ap.add_argument("--param", action="append", default=[], help="stage.param=value, as almapipe run takes it")
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for the stack (e.g. ALMAPIPE_CACHE_MB=1024)")
     ap.add_argument("--drive", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.drive:
-        sys.exit(drive(args.drive))
+        sys.exit(drive(args.drive, args.param))
     work = args.work or tempfile.mkdtemp(prefix="e2e-")
     os.makedirs(work, exist_ok=True)
     ms = glob.glob(os.path.join(args.eb, "*.ms"))
     out = {"eb": os.path.abspath(args.eb), "ms_bytes": du(ms[0]) if ms else None}
     if "ours" in args.sides:
-        out["ours"] = ours(args.eb, work, args.port_base, args.delete_tar,
-                           dict(e.split("=", 1) for e in args.env))
+        out["ours"] = ours(args.eb, work, args.port_base, args.delete_input,
+                           dict(e.split("=", 1) for e in args.env), args.param)
     if "casa" in args.sides and args.casa_python:
         images = out.get("ours", {}).get("images") or json.load(open(os.path.join(work, "images.json")))
         out["casa"] = casa(args.casa_python, args.eb, work, images)
