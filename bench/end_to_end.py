@@ -317,7 +317,7 @@ def casa(python: str, eb_dir: str, work: str, images: list) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--eb", required=True, help="directory of a simulated EB")
+    ap.add_argument("--eb", help="directory of a simulated EB")
     ap.add_argument("--casa-python", default="")
     ap.add_argument("--sides", default="ours,casa")
     ap.add_argument("--port-base", type=int, default=16000)
@@ -331,6 +331,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.drive:
         sys.exit(drive(args.drive, args.param))
+    if not args.eb:
+        ap.error("--eb is required")
     work = args.work or tempfile.mkdtemp(prefix="e2e-")
     os.makedirs(work, exist_ok=True)
     ms = glob.glob(os.path.join(args.eb, "*.ms"))
