@@ -232,7 +232,9 @@ def triage(ctx: dict, stages: list, current_index: int | None = None) -> dict:
     low.sort(key=lambda m: m["score"])
     done = {s["index"] for s in stages}
     last = current_index if current_index is not None else max(done, default=-1)
-    skipped = [(i, st["name"]) for i, st in enumerate(ctx.get("recipe", {}).get("stages", []))
+    # a recipe's stages are {"stage": name, "params": ...} (recipes/*.json)
+    skipped = [(i, st.get("stage") or st.get("name", "?"))
+               for i, st in enumerate(ctx.get("recipe", {}).get("stages", []))
                if i < last and i not in done]
     pages = {}
     for s in stages:

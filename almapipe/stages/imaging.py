@@ -938,9 +938,7 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
     theoretical = {}          # (field, spw) -> theoretical rms of its mfs image, for the aggregate
     images, pieces = [], []
     for j, job in enumerate(jobs):
-        # a cube cleaned in pieces: makeimages takes only the heuristics (image size, cell,
-        # theoretical noise) from flags, weights and uvw; the pieces read the visibilities
-        im = ImageJob(ctx, io, job, theoretical, data=not (job[0] == "cube" and chunks > 1))
+        im = ImageJob(ctx, io, job, theoretical)
         why = im.prepare()
         if why:
             if why != "no data":
