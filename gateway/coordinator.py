@@ -149,18 +149,7 @@ class Coordinator:
     async def all_runs(self) -> list:
         """Every run record, in one pass over the KV bucket (a watcher delivers each key's
         latest value): for start-up only, never per request."""
-        runs = []
-        watcher = await self.kv.watchall(ignore_deletes=True)
-        try:
-            while True:
-                entry = await watcher.updates(timeout=10)
-                if entry is None:     # the initial values are all delivered
-                    break
-                if entry.value:
-                    runs.append(json.loads(entry.value))
-        finally:
-            await watcher.stop()
-        return runs
+        return await bus.kv_values(self.kv)
 
     async def list_runs(self, limit: int, page_token: str = "") -> tuple[list, str]:
         """A page of runs, newest first, and the token of the next page ("" at the end).

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 
@@ -185,3 +186,20 @@ async def consume(sub, handle, what: str, nak_delay: float) -> None:
                     await msg.nak(delay=nak_delay)
                 except Exception as exc:
                     log.warning("nak of %s failed: %s", msg.subject, exc)
+
+
+async def kv_values(kv) -> list:
+    """Every value of a KV bucket, in one pass (a watcher delivers each key's latest
+    value, then None): for start-up and maintenance, never per request."""
+    out = []
+    watcher = await kv.watchall(ignore_deletes=True)
+    try:
+        while True:
+            entry = await watcher.updates(timeout=10)
+            if entry is None:        # the initial values are all delivered
+                break
+            if entry.value:
+                out.append(json.loads(entry.value))
+    finally:
+        await watcher.stop()
+    return out

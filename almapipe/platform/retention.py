@@ -24,7 +24,6 @@ is recorded in ``runs/<id>/gc.json``; a second gc of the same run frees nothing.
 """
 from __future__ import annotations
 
-import json
 import time
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}     # as gateway/coordinator.py records them
@@ -132,18 +131,7 @@ async def run_records(cfg) -> list:
     nc, js = await bus.connect(cfg, "gc")
     try:
         kv = await bus.runs_kv(js)
-        runs = []
-        watcher = await kv.watchall(ignore_deletes=True)
-        try:
-            while True:
-                entry = await watcher.updates(timeout=10)
-                if entry is None:        # the initial values are all delivered
-                    break
-                if entry.value:
-                    runs.append(json.loads(entry.value))
-        finally:
-            await watcher.stop()
-        return runs
+        return await bus.kv_values(kv)
     finally:
         await nc.close()
 

@@ -105,18 +105,10 @@ class ObjectStore:
         return json.loads(self.get_bytes(key))
 
     def get_bytes(self, key: str, bucket: str | None = None) -> bytes:
-        try:
-            resp = self.client.get_object(bucket or self.bucket, key)
-        except S3Error as exc:
-            raise StoreError(f"cannot fetch s3://{bucket or self.bucket}/{key}: {exc.code}") from exc
-        try:
-            return resp.read()
-        finally:
-            resp.close()
-            resp.release_conn()
+        return self.get_range(key, 0, 0, bucket)
 
     def get_range(self, key: str, offset: int, length: int, bucket: str | None = None) -> bytes:
-        """Bytes [offset, offset + length) of an object (fewer at its end)."""
+        """Bytes [offset, offset + length) of an object (fewer at its end; length 0: to its end)."""
         try:
             resp = self.client.get_object(bucket or self.bucket, key, offset=offset, length=length)
         except S3Error as exc:
