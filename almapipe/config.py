@@ -17,10 +17,11 @@ so one data directory and one port base describe a whole local stack:
   ALMAPIPE_TLS_CERT, ALMAPIPE_TLS_KEY   PEM files: the gateway serves TLS when both are set
   ALMAPIPE_TLS_CA      PEM file of the CA a client trusts (set: the client speaks TLS)
   ALMAPIPE_MAX_UPLOAD_MB        largest input the gateway's Upload accepts (default 100000)
-  ALMAPIPE_RAW_RETENTION  what becomes of an uploaded input once importdata has put its
-                       visibilities in the store: "keep" (default) or "imported" (deleted:
-                       for an observatory whose archive holds the EB, it saves a copy of
-                       the input on the S3 server during the run; a rerun uploads again)
+  ALMAPIPE_RAW_RETENTION  what becomes of an uploaded input once the importer has
+                       extracted it: "keep" (default) or "imported" (deleted: for an
+                       observatory whose archive holds the EB; the disk then never holds
+                       a large EB three times over. A failed import or a rerun needs the
+                       input uploaded again)
   ALMAPIPE_MAX_UNPACKED_MB      most bytes an input may unpack to (gzip, tar; default 200000)
   ALMAPIPE_MAX_UNPACK_RATIO     most an input may grow when unpacked (default 200)
   ALMAPIPE_MAX_IMSIZE           largest image side in pixels a run may ask for (default 8192)

@@ -104,9 +104,6 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
         ctx["manifest"] = [m for m in ctx["manifest"] if m.get("stage") != req.stage] + io.outputs
         new_key = result_key(req)
         store.put_json(new_key, ctx)
-        if req.stage == "importdata" and store.cfg.raw_retention == "imported":
-            # after the result: a redelivered importdata replays it and never needs the input
-            store.remove(ctx["input_key"], bucket=store.raw_bucket)
         return new_key, qa, io.outputs, duration, fanout
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

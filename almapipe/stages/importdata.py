@@ -137,6 +137,11 @@ def importdata(ctx: dict, params: dict, io: StageIO) -> QA:
     if _is_plain_tar(head):
         local = os.path.basename(key)
         ms_path, fmt = _ms_in(_stream_tar(io, key, f"importdata: {local}"), local), "MeasurementSet"
+        if io.store.cfg.raw_retention == "imported":
+            # the importer holds the EB now: the S3 copy goes before the store fills, so
+            # that the disk never holds the input three times (upload, MS, store)
+            io.store.remove(key, bucket=io.store.raw_bucket)
+            io.log("input %s removed from the raw bucket (ALMAPIPE_RAW_RETENTION=imported)", key)
     else:                                       # UVFITS, gzip: a local file first
         local = io.fetch_raw(key)
         ms_path, fmt = _unpack_input(local, io.workdir)
