@@ -161,7 +161,10 @@ def ours(eb_dir: str, work: str, port_base: int, delete_input: bool = False, ext
         sampled = sampler.finish()
         if proc.returncode:
             print(proc.stdout[-4000:], proc.stderr[-4000:], file=sys.stderr)
-        run_id = next((ln.split()[1].rstrip(":") for ln in proc.stdout.splitlines() if ln.startswith("run ")), "")
+        import re
+        found = re.search(r"^run (\S+?):", proc.stdout, re.M)
+        run_id = found.group(1) if found else ""
+        print(f"run {run_id!r}, exit {proc.returncode}, {wall:.0f} s", file=sys.stderr, flush=True)
         ctx = _final_context(env, run_id)
         s3_before = _s3_bytes(env, run_id)
         cache = du(os.path.join(data_dir, "cache"))
@@ -340,6 +343,8 @@ def main() -> None:
     if "ours" in args.sides:
         out["ours"] = ours(args.eb, work, args.port_base, args.delete_input,
                            dict(e.split("=", 1) for e in args.env), args.param)
+    if "ours" in out:       # what ours measured, kept even if the CASA side fails
+        json.dump(out, open(os.path.join(work, "ours.json"), "w"), indent=1)
     if "casa" in args.sides and args.casa_python:
         images = out.get("ours", {}).get("images") or json.load(open(os.path.join(work, "images.json")))
         out["casa"] = casa(args.casa_python, args.eb, work, images)
