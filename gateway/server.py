@@ -54,6 +54,77 @@ def run_message(run: dict) -> pb.Run:
                 for s in run["stages"]])
 
 
+class UploadRefused(Exception):
+    """An upload that is not what its first chunk declared (the gRPC code and message)."""
+
+    def __init__(self, code, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def _remove_quietly(store, key: str) -> None:
+    try:
+        store.remove(key, bucket=store.raw_bucket)
+    except Exception:       # nothing was written, or S3 is away: the key names no input then
+        pass
+
+
+async def _drain(blocks, h, check) -> tuple:
+    size = 0
+    async for block in blocks:
+        size += len(block)
+        check(size)
+        h.update(block)
+    return size, h.hexdigest()
+
+
+async def _stream_to_s3(store, key: str, blocks, h, check) -> tuple:
+    """Upload an async stream of blocks to the raw bucket (minio's multipart put in a
+    thread, fed through a bounded queue); returns (size, sha256). A check that raises
+    stops the put, whose parts S3 then drops."""
+    import queue
+    q: queue.Queue = queue.Queue(maxsize=32)
+
+    class Reader:
+        def __init__(self):
+            self.buf = bytearray()
+            self.done = False
+
+        def read(self, n: int = -1) -> bytes:
+            while not self.done and (n < 0 or len(self.buf) < n):
+                item = q.get()
+                if item is None:
+                    self.done = True
+                elif isinstance(item, Exception):
+                    raise item
+                else:
+                    self.buf.extend(item)
+            n = len(self.buf) if n < 0 else min(n, len(self.buf))
+            out = bytes(self.buf[:n])
+            del self.buf[:n]
+            return out
+
+    put = asyncio.create_task(asyncio.to_thread(
+        store.client.put_object, store.raw_bucket, key, Reader(), -1, part_size=64 << 20))
+    size = 0
+    try:
+        async for block in blocks:
+            size += len(block)
+            check(size)
+            h.update(block)
+            await asyncio.to_thread(q.put, block)
+    except BaseException as exc:
+        await asyncio.to_thread(q.put, exc if isinstance(exc, Exception) else RuntimeError("upload cancelled"))
+        try:
+            await put
+        except Exception:
+            pass
+        raise
+    await asyncio.to_thread(q.put, None)
+    await put
+    return size, h.hexdigest()
+
+
 class PipelineService(pb_grpc.PipelineServiceServicer):
     def __init__(self, coord: Coordinator, store: ObjectStore, tokens: TokenTable, triggers: Triggers | None = None):
         self.coord = coord
@@ -82,7 +153,7 @@ class PipelineService(pb_grpc.PipelineServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, short(str(exc)))
         except asyncio.CancelledError:
             raise
-        except grpc.aio.AbortError:   # context.abort inside coro
+        except (grpc.aio.AbortError, UploadRefused):   # context.abort inside coro; an upload's own refusal
             raise
         except Exception as exc:
             log.exception("request failed")
@@ -190,39 +261,64 @@ class PipelineService(pb_grpc.PipelineServiceServicer):
         cap = self.coord.cfg.max_upload_bytes
         h = hashlib.sha256()
         name, declared, expect, size = None, 0, "", 0
-        with tempfile.TemporaryDirectory(prefix="upload-") as tmp:
-            local = os.path.join(tmp, "data")
-            with open(local, "wb") as f:
-                async for chunk in request_iterator:
-                    if name is None:
-                        name, declared, expect = chunk.name, chunk.size, chunk.sha256.lower()
-                        if not UPLOAD_NAME.match(name):
-                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                                f"name: {name[:80]!r} is not a file name (letters, digits, . _ -; "
-                                                f"at most 128)")
-                        if declared <= 0 or declared > cap:
-                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                                f"size: {declared} bytes; must be 1 to {cap} (max_upload_bytes)")
-                        if expect and not re.fullmatch(r"[0-9a-f]{64}", expect):
-                            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sha256: not 64 hex digits")
-                    size += len(chunk.data)
-                    if size > declared:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                            f"size: more than the declared {declared} bytes arrived")
-                    h.update(chunk.data)
-                    f.write(chunk.data)
-            if name is None:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name: no chunk arrived")
+        first = None
+        async for chunk in request_iterator:           # the first chunk names the upload
+            first = chunk
+            break
+        if first is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name: no chunk arrived")
+        name, declared, expect = first.name, first.size, first.sha256.lower()
+        if not UPLOAD_NAME.match(name):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"name: {name[:80]!r} is not a file name (letters, digits, . _ -; at most 128)")
+        if declared <= 0 or declared > cap:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"size: {declared} bytes; must be 1 to {cap} (max_upload_bytes)")
+        if expect and not re.fullmatch(r"[0-9a-f]{64}", expect):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sha256: not 64 hex digits")
+
+        async def data():
+            for chunk in [first]:
+                yield chunk.data
+            async for chunk in request_iterator:
+                yield chunk.data
+
+        def check(n):
+            if n > declared:
+                raise UploadRefused(grpc.StatusCode.INVALID_ARGUMENT, f"size: more than the declared {declared} bytes arrived")
+
+        try:
+            if expect:
+                # the key is known from the declared digest: the bytes go straight into S3
+                # (multipart), checked as they pass; nothing lands on the gateway's disk,
+                # which a 20 GB EB would otherwise fill twice over
+                key = f"inputs/{expect[:16]}/{name}"
+                if await asyncio.to_thread(self.store.exists, key, self.store.raw_bucket):
+                    size, digest = await _drain(data(), h, check)
+                else:
+                    size, digest = await self._guard(context, _stream_to_s3(self.store, key, data(), h, check))
+            else:
+                with tempfile.TemporaryDirectory(prefix="upload-") as tmp:
+                    local = os.path.join(tmp, "data")
+                    with open(local, "wb") as f:
+                        async for block in data():
+                            size += len(block)
+                            check(size)
+                            h.update(block)
+                            f.write(block)
+                    digest = h.hexdigest()
+                    key = f"inputs/{digest[:16]}/{name}"
+                    if size == declared and not await asyncio.to_thread(self.store.exists, key, self.store.raw_bucket):
+                        await self._guard(context, asyncio.to_thread(self.store.put_file, local, key,
+                                                                     self.store.raw_bucket))
             if size != declared:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"size: {size} bytes arrived, {declared} declared")
-            digest = h.hexdigest()
+                raise UploadRefused(grpc.StatusCode.INVALID_ARGUMENT, f"size: {size} bytes arrived, {declared} declared")
             if expect and digest != expect:
-                await context.abort(grpc.StatusCode.DATA_LOSS,
-                                    f"sha256: {digest} arrived, {expect} declared")
-            key = f"inputs/{digest[:16]}/{name}"
-            if not await asyncio.to_thread(self.store.exists, key, self.store.raw_bucket):
-                await self._guard(context, asyncio.to_thread(self.store.put_file, local, key, self.store.raw_bucket))
+                raise UploadRefused(grpc.StatusCode.DATA_LOSS, f"sha256: {digest} arrived, {expect} declared")
+        except UploadRefused as exc:
+            if expect:       # what was streamed under the declared key is not the input: it goes
+                await asyncio.to_thread(_remove_quietly, self.store, f"inputs/{expect[:16]}/{name}")
+            await context.abort(exc.code, exc.message)
         log.info("upload %s (%d bytes)", key, size)
         return pb.UploadResponse(key=key, size=size, sha256=digest)
 
