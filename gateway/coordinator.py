@@ -380,19 +380,26 @@ class Coordinator:
         truth, not from 0), index runs made before the run index existed, re-dispatch runs
         whose current stage was never dispatched, and look again at MOUS runs waiting for
         their EBs (the last EB may have ended just before)."""
-        runs = await self.all_runs()
-        self.active = {r["run_id"] for r in runs if r["status"] not in TERMINAL}
+        runs = [r for r in await self.all_runs() if isinstance(r, dict) and "run_id" in r]
+        self.active = {r["run_id"] for r in runs if r.get("status") not in TERMINAL}
         metrics.RUNS_ACTIVE.set(len(self.active))
         if runs and (await self.js.stream_info(bus.RUN_INDEX_STREAM)).state.last_seq == 0:
-            for run in sorted(runs, key=lambda r: r["created"]):
+            for run in sorted(runs, key=lambda r: r.get("created", 0)):
                 await bus.publish_retrying(self.js, bus.RUN_INDEX_SUBJECT, run["run_id"].encode(),
                                            f"index-{run['run_id']}", "run index", give_up_s=30)
         for run in runs:
-            if run["status"] == "RUNNING" and run.get("waiting_for_ebs"):
+            if run.get("status") == "RUNNING" and run.get("waiting_for_ebs"):
                 async with self.lock:
                     await self.eb_done(await self.load(run["eb_run_ids"][-1]))
                 continue
-            if run["status"] == "RUNNING" and run["stages"][run["current_stage"]]["status"] == "PENDING":
+            # a record without its stages (written by another tool, or damaged) is left as it
+            # is: it must not stop the gateway from starting
+            stages, cur = run.get("stages") or [], run.get("current_stage", -1)
+            if not isinstance(cur, int) or not 0 <= cur < len(stages):
+                if run.get("status") == "RUNNING":
+                    log.warning("run %s: record without a current stage; not resumed", run["run_id"])
+                continue
+            if run.get("status") == "RUNNING" and stages[cur].get("status") == "PENDING":
                 log.info("resuming run %s at stage %s", run["run_id"], run["stages"][run["current_stage"]]["name"])
                 await self.dispatch(run)
 
