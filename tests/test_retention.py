@@ -162,6 +162,9 @@ def test_gc_leaves_running_runs_and_the_ebs_of_a_running_mous(s3):
     reports = {x["run_id"]: x for x in retention.gc(cfg, store, [parent, kid])}
     assert "not ended" in reports[parent]["skipped"] and "MOUS" in reports[kid]["skipped"]
     assert store.exists(f"runs/{kid}/vis/p.ms/FLAG/03_x/c/0/0/0")
+    # the stand-in MOUS run must not stay "running" in the shared stack's records (the
+    # gateway's active-run count, read by later tests, counts it)
+    put_record(cfg, record(parent, "CANCELLED", f"runs/{parent}/context/00.json"))
     # a run of the layout before the store: its partition tars go, unless they are products
     for name in ("a.ms.tar", "b.ms.tar", "target.ms.tar"):
         store.put_bytes(f"runs/{old}/stages/05_applycal/{name}", b"y" * 5000)
