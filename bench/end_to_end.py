@@ -221,7 +221,9 @@ def _store(env):
 
 def _final_context(env, run_id: str) -> dict:
     store, _ = _store(env)
-    keys = sorted(o.object_name for o in store.list(f"runs/{run_id}/context/"))
+    # the stages' contexts (NN_stage.json), not init.json nor a fan-out's record
+    keys = sorted(o.object_name for o in store.list(f"runs/{run_id}/context/")
+                  if os.path.basename(o.object_name)[:2].isdigit() and ".fanout." not in o.object_name)
     return store.get_json(keys[-1]) if keys else {}
 
 
