@@ -291,12 +291,7 @@ def cmd_run(args) -> int:
             except grpc.RpcError as exc:
                 print(f"almapipe run: submit refused: {exc.details()}", file=sys.stderr)
                 return 2
-            print(f"run {run.run_id}: recipe {run.recipe}, {len(run.stages)} stages", flush=True)
-            for ev in stub.WatchRun(pb.WatchRunRequest(run_id=run.run_id)):
-                _print_event(pb, ev)
-            run = stub.GetRun(pb.GetRunRequest(run_id=run.run_id))
-            status = pb.RunStatus.Name(run.status).replace("RUN_STATUS_", "")
-            print(f"run {run.run_id} {status}" + (f": {run.error}" if run.error else ""), flush=True)
+            status = follow_run(stub, pb, run)
             if args.out:
                 n = download_products(stub, pb, run.run_id, args.out)
                 print(f"{n} files of the products package in {args.out}")
@@ -326,6 +321,17 @@ def check_request(recipe_name: str | None, recipe_file: str | None, params: dict
     except (OSError, ValueError) as exc:     # an unreadable file, not JSON
         return f"--recipe-file {recipe_file}: {exc}"
     return ""
+
+
+def follow_run(stub, pb, run) -> str:
+    """Print a submitted run's events until it ends; returns its final status (SUCCEEDED, ...)."""
+    print(f"run {run.run_id}: recipe {run.recipe}, {len(run.stages)} stages", flush=True)
+    for ev in stub.WatchRun(pb.WatchRunRequest(run_id=run.run_id)):
+        _print_event(pb, ev)
+    run = stub.GetRun(pb.GetRunRequest(run_id=run.run_id))
+    status = pb.RunStatus.Name(run.status).replace("RUN_STATUS_", "")
+    print(f"run {run.run_id} {status}" + (f": {run.error}" if run.error else ""), flush=True)
+    return status
 
 
 def _read(path):

@@ -189,7 +189,7 @@ def _children_cpu() -> float:
 
 def drive(tar: str, params: list) -> int:
     """What `almapipe run MS` does, with the EB deleted once uploaded."""
-    from almapipe.cli import _print_event, upload_via_gateway
+    from almapipe.cli import follow_run, upload_via_gateway
     from almapipe.config import Config
     from almapipe.platform.auth import channel
     from almapipe.v1 import pipeline_pb2 as pb, pipeline_pb2_grpc as pb_grpc
@@ -202,13 +202,7 @@ def drive(tar: str, params: list) -> int:
         overrides = dict(p.split("=", 1) for p in params)
         run = stub.SubmitRun(pb.SubmitRunRequest(input_key=key, label=os.path.basename(tar), parameters=overrides),
                              timeout=60)
-        print(f"run {run.run_id}: recipe {run.recipe}, {len(run.stages)} stages", flush=True)
-        for ev in stub.WatchRun(pb.WatchRunRequest(run_id=run.run_id)):
-            _print_event(pb, ev)
-        run = stub.GetRun(pb.GetRunRequest(run_id=run.run_id))
-        status = pb.RunStatus.Name(run.status).replace("RUN_STATUS_", "")
-        print(f"run {run.run_id} {status}" + (f": {run.error}" if run.error else ""), flush=True)
-        return 0 if status == "SUCCEEDED" else 1
+        return 0 if follow_run(stub, pb, run) == "SUCCEEDED" else 1
 
 
 def _store(env):
