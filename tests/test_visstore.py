@@ -285,3 +285,38 @@ def test_the_directory_cache_is_bounded_and_unpacks_private_copies(s3, tmp_path)
     again = BoundedCache(fetcher.cache_dir, 1 << 20)
     assert not os.path.exists(os.path.join(fetcher.cache_dir, "x.12345.tmp"))
     assert int(open(os.path.join(fetcher.cache_dir, ".size")).read()) == again.held()
+
+
+def test_flagtargets_in_channel_slices_flags_as_the_whole_partition_would(ngc, tmp_path, monkeypatch):
+    """flagtargets spills the target amplitudes channel-major to disk and finds the outliers
+    one channel slice at a time (bounded memory): with slices of one channel, the flags it
+    writes equal uv_outliers on the whole partition in memory, burst rows flagged whole."""
+    import types
+    from almapipe.stages import outlierflag
+    target = 2                                             # N5921
+    p = partition(ngc, "20_applycal")
+    v = p.read(field_ids=[target])
+    data = v.data.copy()
+    burst = (v.ant1 == 1) & (v.ant2 == 5) & (v.time >= v.time[0] + 600) & (v.time <= v.time[0] + 900)
+    data[burst] += 50 * np.median(np.abs(data))
+    p.write("CORRECTED_DATA", v.rows, data)
+    entry = p.commit()
+
+    expected = v.flag.copy()
+    cross = v.ant1 != v.ant2
+    expected[cross] |= outlierflag.uv_outliers(np.abs(data[cross]).astype(np.float32), v.flag[cross],
+                                               np.hypot(v.uvw[cross, 0], v.uvw[cross, 1]))
+    assert expected[burst].all()
+
+    monkeypatch.setattr(outlierflag, "SLICE_BYTES", 1)    # one channel per slice
+    p = partition(ngc, "21_flagtargets", entry)
+    ctx = {"observation": {"antennas": []}, "fields": [{"id": target, "name": "N5921_2"}]}
+    params = {"nbins": 10, "nsigma_high": 12.0, "nsigma_low": 13.0}
+    io = types.SimpleNamespace(visibilities=0, log=lambda *a: None)
+    counts = {"template": 0, "outliers": 0, "samples": 0, "before": 0}
+    per_field: dict = {}
+    assert outlierflag._flag_targets_in(p, [target], [], ctx, params, io, str(tmp_path), counts, per_field)
+    after = partition(ngc, "22_x", p.commit()).read(field_ids=[target], data=False)
+    np.testing.assert_array_equal(after.flag, expected)
+    assert per_field == {"N5921_2": int((expected & ~v.flag).sum())} == {"N5921_2": counts["outliers"]}
+    assert not os.listdir(tmp_path) or all(f.startswith(("amp.", "flag.", "out.")) for f in os.listdir(tmp_path))

@@ -67,7 +67,7 @@ def parse_template(text: str) -> list:
 
 def template_mask(vis: msio.Vis, cmd: dict, ants: list, fields: list, spw: int) -> np.ndarray:
     """Flags (nrow, nchan, ncorr) selected by one template command."""
-    nrow, nchan, ncorr = vis.data.shape
+    nrow, nchan, ncorr = vis.flag.shape
     rows = np.ones(nrow, bool)
     chans = np.ones(nchan, bool)
     corrs = np.ones(ncorr, bool)
@@ -92,7 +92,7 @@ def template_mask(vis: msio.Vis, cmd: dict, ants: list, fields: list, spw: int) 
         sel = cmd["spw"]
         sp, _, ch = sel.partition(":")
         if sp not in ("", "*") and int(sp) != spw:
-            return np.zeros(vis.data.shape, bool)
+            return np.zeros(vis.flag.shape, bool)
         if ch:
             chans = parse_channels(ch, nchan)
     if "correlation" in cmd:

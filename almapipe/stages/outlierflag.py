@@ -16,6 +16,8 @@ call them and write flags.
 """
 from __future__ import annotations
 
+import tempfile
+
 import numpy as np
 from astropy.stats import mad_std
 
@@ -23,6 +25,7 @@ from .base import CAL_READS, QA, SOLINT, Param, StageError, StageIO, field_name,
 from .calibration import preapply, read_part
 from ..heuristics.callibrary import calibrator_ids, field_models, refant_id
 from ..heuristics.robust import robust_centre_sigma
+from ..platform.spill import ChannelSlices
 from .flagging import parse_template, template_mask
 from ..calibration.caltable import CalSolutions
 from ..calibration.terms import SolveSpec, point_model, solve_term
@@ -161,6 +164,27 @@ def _bin_outliers(amp: np.ndarray, ok: np.ndarray, bins: np.ndarray, nbin: int, 
     return out
 
 
+def uv_bins(uvdist: np.ndarray, nbin: int) -> tuple[np.ndarray, np.ndarray]:
+    """The two overlapping sets of uv-distance bins of equal counts (uv_outliers): each
+    row's bin in the first set (nbin bins) and in the second, shifted by half a bin."""
+    nrow = len(uvdist)
+    rank = np.empty(nrow, np.int64)
+    rank[np.argsort(uvdist, kind="stable")] = np.arange(nrow)
+    width = nrow / nbin
+    first = np.minimum((rank / width).astype(int), nbin - 1)
+    # the shifted set: half-width bins at either end join their neighbour, so no bin is thin
+    second = np.clip(((rank + width / 2) / width).astype(int), 1, nbin - 1) - 1
+    return first, second
+
+
+def channel_outliers(amp: np.ndarray, ok: np.ndarray, first: np.ndarray, second: np.ndarray, nbin: int,
+                     nhi: float, nlo: float, min_samples: int) -> np.ndarray:
+    """Samples that are outliers in both uv bins that hold them. Every statistic is per
+    channel and correlation, so any slice of channels gives the same answer as the whole."""
+    return _bin_outliers(amp, ok, first, nbin, nhi, nlo, min_samples) & \
+        _bin_outliers(amp, ok, second, nbin - 1, nhi, nlo, min_samples)
+
+
 def uv_outliers(amp: np.ndarray, flag: np.ndarray, uvdist: np.ndarray, nhi: float = 12.0, nlo: float = 13.0,
                 nbin: int = 10, min_samples: int = 20, row_fraction: float = 0.5) -> np.ndarray:
     """Outlier samples of one field's calibrated amplitudes (nrow, nchan, ncorr) against
@@ -169,20 +193,110 @@ def uv_outliers(amp: np.ndarray, flag: np.ndarray, uvdist: np.ndarray, nhi: floa
     is an outlier when it is one in both. A row with more than row_fraction of its
     unflagged samples outliers is flagged whole (a burst spoils all channels)."""
     ok = ~flag
-    nrow = len(uvdist)
-    if nrow < 2 * min_samples:
+    if len(uvdist) < 2 * min_samples:
         return np.zeros(flag.shape, bool)
-    rank = np.empty(nrow, np.int64)
-    rank[np.argsort(uvdist, kind="stable")] = np.arange(nrow)
-    width = nrow / nbin
-    first = np.minimum((rank / width).astype(int), nbin - 1)
-    # the shifted set: half-width bins at either end join their neighbour, so no bin is thin
-    second = np.clip(((rank + width / 2) / width).astype(int), 1, nbin - 1) - 1
-    out = _bin_outliers(amp, ok, first, nbin, nhi, nlo, min_samples) & \
-        _bin_outliers(amp, ok, second, nbin - 1, nhi, nlo, min_samples)
+    first, second = uv_bins(uvdist, nbin)
+    out = channel_outliers(amp, ok, first, second, nbin, nhi, nlo, min_samples)
     frac = out.sum(axis=(1, 2)) / np.maximum(ok.sum(axis=(1, 2)), 1)
     out[frac > row_fraction] = True
     return out & ok
+
+
+# memory for one channel slice of a partition's target amplitudes and flags (the spill's
+# width); the median per uv bin then costs about three times this
+SLICE_BYTES = 256 * 2 ** 20
+MIN_SAMPLES = 20          # uv_outliers' default: fewer unflagged samples in a bin, no test
+ROW_FRACTION = 0.5        # uv_outliers' default: a row with more outliers is flagged whole
+
+
+def _with_template(vis, commands: list, ctx: dict, spw: int) -> tuple[np.ndarray, int]:
+    """The block's flags with the template's commands applied, and how many they added."""
+    flag = vis.flag.copy()
+    added = 0
+    for cmd in commands:
+        m = template_mask(vis, cmd, ctx["observation"]["antennas"], ctx["fields"], spw)
+        added += int((m & ~flag).sum())
+        flag |= m
+    return flag, added
+
+
+def _flag_targets_in(p, targets: list, commands: list, ctx: dict, params: dict, io: StageIO, spill_dir: str,
+                     counts: dict, per_field: dict) -> bool:
+    """flagtargets on one partition with memory bounded by SLICE_BYTES, whatever its size.
+    Pass 1 reads the corrected data once in row blocks, applies the template and spills
+    amplitudes (float32) and flags channel-major to local disk; pass 2 finds the outliers
+    one channel slice at a time (uv_outliers' statistics are per channel, its row rule
+    needs only per-row counts); pass 3 reads the flags again in the same row blocks and
+    writes the new ones. Whether anything changed is the return value."""
+    rows = p.select(targets)
+    if not len(rows):
+        return False
+    nrow, nchan, ncorr = len(rows), p.nchan, p.ncorr
+    width = SLICE_BYTES // max(nrow * ncorr * 6, 1)         # float32 amplitude, flag, outlier
+    field_ids = p.index("FIELD_ID")[rows]
+    cross = p.index("ANTENNA1")[rows] != p.index("ANTENNA2")[rows]
+    uvdist = np.empty(nrow)
+    changed = False
+    with ChannelSlices(spill_dir, nrow, nchan, ncorr, width) as spill:
+        at = 0
+        for vis in p.blocks(column="CORRECTED_DATA", field_ids=targets, block_chunks=4):
+            n = len(vis.rows)
+            io.visibilities += vis.data.size
+            counts["before"] += int(vis.flag.sum())
+            counts["samples"] += vis.flag.size
+            flag, added = _with_template(vis, commands, ctx, p.spw)
+            counts["template"] += added
+            changed |= added > 0
+            spill.write("amp", at, np.abs(vis.data).astype(np.float32))
+            spill.write("flag", at, flag)
+            uvdist[at:at + n] = np.hypot(vis.uvw[:, 0], vis.uvw[:, 1])
+            at += n
+
+        # each field's cross-correlation rows and their uv bins
+        tested = {}
+        for fid in np.unique(field_ids):
+            r = np.flatnonzero((field_ids == fid) & cross)
+            if len(r) >= 2 * MIN_SAMPLES:
+                tested[int(fid)] = (r, *uv_bins(uvdist[r], params["nbins"]))
+        n_out, n_ok = np.zeros(nrow, np.int64), np.zeros(nrow, np.int64)
+        for i in range(len(spill.bounds)):
+            amp, ok = spill.read_slice("amp", i), ~spill.read_slice("flag", i)
+            out = np.zeros(ok.shape, bool)
+            for r, first, second in tested.values():
+                out[r] = channel_outliers(amp[r], ok[r], first, second, params["nbins"], params["nsigma_high"],
+                                          params["nsigma_low"], MIN_SAMPLES)
+            del amp
+            n_out += out.sum(axis=(1, 2))
+            n_ok += ok.sum(axis=(1, 2))
+            spill.write_slice("out", i, out)
+        in_tested = np.zeros(nrow, bool)
+        for r, _, _ in tested.values():
+            in_tested[r] = True
+        whole = in_tested & (n_out / np.maximum(n_ok, 1) > ROW_FRACTION)
+
+        at = 0
+        found = {}                                    # field id -> [samples, rows]
+        for vis in p.blocks(column="CORRECTED_DATA", field_ids=targets, data=False, block_chunks=4):
+            n = len(vis.rows)
+            flag, _ = _with_template(vis, commands, ctx, p.spw)
+            out = (spill.read_rows("out", at, at + n) | whole[at:at + n, None, None]) & ~flag
+            at += n
+            if out.any():
+                for fid in np.unique(vis.field_id[out.any(axis=(1, 2))]):
+                    o = out[vis.field_id == fid]
+                    f = found.setdefault(int(fid), [0, 0])
+                    f[0] += int(o.sum())
+                    f[1] += int(o.any(axis=(1, 2)).sum())
+                flag |= out
+            if (flag != vis.flag).any():
+                p.write_flags(vis.rows, flag)
+    for fid, (n, nrows) in sorted(found.items()):
+        counts["outliers"] += n
+        name = field_name(ctx, fid)
+        per_field[name] = per_field.get(name, 0) + n
+        io.log("spw %d %s: %d outlier samples in %d rows", p.spw, name, n, nrows)
+    return changed or bool(found)
+
 
 
 @stage("flagtargets", service="calibrator", topic="Flagging",
@@ -200,51 +314,14 @@ def flagtargets(ctx: dict, params: dict, io: StageIO) -> QA:
         raise StageError("flagtargets: the data are not calibrated (no CORRECTED_DATA); run applycal first")
     text = params["template"] or ctx["user"].get("flagtargets_template") or ""
     commands = parse_template(text) if text else []
-    ants = ctx["observation"]["antennas"]
     counts = {"template": 0, "outliers": 0, "samples": 0, "before": 0}
     per_field: dict = {}
     new_parts = []
     for part in ctx["partitions"]:
         p = io.vis(part)
-        # in row blocks, keeping only what the test needs: amplitudes (float32, half the
-        # bytes of the complex data), flags and per-row uv distance, field and baseline
-        amps, flags, before, keep = [], [], [], {"uvdist": [], "field_id": [], "cross": [], "rows": []}
-        for vis in p.blocks(column="CORRECTED_DATA", field_ids=targets, block_chunks=4):
-            io.visibilities += vis.data.size
-            flag = vis.flag.copy()
-            counts["before"] += int(flag.sum())
-            counts["samples"] += flag.size
-            for cmd in commands:
-                m = template_mask(vis, cmd, ants, ctx["fields"], part["spw"])
-                counts["template"] += int((m & ~flag).sum())
-                flag |= m
-            amps.append(np.abs(vis.data).astype(np.float32))
-            flags.append(flag)
-            before.append(vis.flag)
-            keep["uvdist"].append(np.hypot(vis.uvw[:, 0], vis.uvw[:, 1]))
-            keep["field_id"].append(vis.field_id)
-            keep["cross"].append(vis.ant1 != vis.ant2)
-            keep["rows"].append(vis.rows)
-        if not amps:
-            new_parts.append(part)
-            continue
-        amp, flag, before = np.concatenate(amps), np.concatenate(flags), np.concatenate(before)
-        del amps, flags
-        uvdist, field_ids, cross, rows = (np.concatenate(keep[k]) for k in ("uvdist", "field_id", "cross", "rows"))
-        for fid in np.unique(field_ids):
-            r = np.flatnonzero((field_ids == fid) & cross)
-            out = uv_outliers(amp[r], flag[r], uvdist[r], params["nsigma_high"],
-                              params["nsigma_low"], params["nbins"])
-            n = int(out.sum())
-            if n:
-                flag[r] |= out
-                counts["outliers"] += n
-                name = field_name(ctx, int(fid))
-                per_field[name] = per_field.get(name, 0) + n
-                io.log("spw %d %s: %d outlier samples in %d rows", part["spw"], name, n, int(out.any(axis=(1, 2)).sum()))
-        if (flag != before).any():
-            p.write_flags(rows, flag)
-            part = p.commit()
+        with tempfile.TemporaryDirectory(dir=io.workdir, prefix="flagtargets-") as spill_dir:
+            if _flag_targets_in(p, targets, commands, ctx, params, io, spill_dir, counts, per_field):
+                part = p.commit()
         new_parts.append(part)
     ctx["partitions"] = new_parts
     total = max(counts["samples"], 1)
