@@ -22,7 +22,7 @@ from . import deconvolve, gridding, kernels
 from .measurement import OnePointing
 
 if TYPE_CHECKING:
-    from .imager import Planes
+    from .imager import Planes, TaylorPlanes
 
 @dataclass
 class BinnedStokesI:
@@ -32,6 +32,10 @@ class BinnedStokesI:
     freq: np.ndarray       # (nbin,) Hz, the mean frequency of each bin's channels
     data: np.ndarray       # (nrow, nbin) complex64
     weight: np.ndarray     # (nrow, nbin) float32, 0 where flagged
+    # each sample's own frequency where the freq axis is not it (the aggregate continuum:
+    # samples of several spws at one reference frequency, read_aggregate_samples); a
+    # multi-term image's Taylor weights need it
+    sample_freq: np.ndarray | None = None      # (nrow,) Hz
 
 
 def channel_bins(freq: np.ndarray, chans: np.ndarray, max_frac: float) -> tuple:
@@ -50,8 +54,21 @@ def channel_bins(freq: np.ndarray, chans: np.ndarray, max_frac: float) -> tuple:
     return chan_bin, fbin
 
 
+def width_bins(freq: np.ndarray, chans: np.ndarray, width: int) -> tuple:
+    """channel_bins' (each channel's bin, the bins' mean frequencies) for bins of `width`
+    consecutive selected channels (the aggregate continuum's, aggregate_samples')."""
+    chans = np.sort(np.asarray(chans, np.int64))
+    if not len(chans):
+        raise ValueError("width_bins: no channels selected")
+    width = max(int(width), 1)
+    chan_bin = np.full(len(freq), -1, np.int64)
+    chan_bin[chans] = np.arange(len(chans)) // width
+    fbin = np.array([freq[chans[k:k + width]].mean() for k in range(0, len(chans), width)])
+    return chan_bin, fbin
+
+
 def read_binned_stokes_i(parts, field_ids, chans, max_frac: float, column: str = "DATA",
-                         block_chunks: int = 1, on_block=None) -> BinnedStokesI:
+                         block_chunks: int = 1, on_block=None, bins: tuple | None = None) -> BinnedStokesI:
     """Stokes I over channel bins of the given channels of one spw and fields, read from
     the visibility store (platform.visstore.VisPartition) one row block at a time
     (VisPartition.blocks: `block_chunks` row chunks), and only the channel span the
@@ -67,7 +84,7 @@ def read_binned_stokes_i(parts, field_ids, chans, max_frac: float, column: str =
     pols = np.array([i for i, c in enumerate(first.corr_types) if c in ("RR", "LL", "XX", "YY", "I")] or [0],
                     np.int64)
     chans = np.flatnonzero(chans) if np.asarray(chans).dtype == bool else np.asarray(chans, np.int64)
-    chan_bin, fbin = channel_bins(freq, chans, max_frac)
+    chan_bin, fbin = channel_bins(freq, chans, max_frac) if bins is None else bins
     span = slice(int(chans.min()), int(chans.max()) + 1)        # the channels read
     span_bin = np.ascontiguousarray(chan_bin[span])
     nrow = sum(len(p.select(f, cross_only=True)) for p, f in parts)
@@ -88,6 +105,53 @@ def read_binned_stokes_i(parts, field_ids, chans, max_frac: float, column: str =
             del blk
     keep = wgt.any(axis=1)
     return BinnedStokesI(uvw[keep], fbin, vis[keep], wgt[keep])
+
+
+def read_aggregate_samples(spws: list, width: int, column: str = "DATA", on_block=None) -> BinnedStokesI:
+    """The aggregate continuum of one pointing, streamed: for each spw its continuum
+    channels read one row block at a time and averaged in bins of `width` selected
+    channels as they are read (read_binned_stokes_i with width_bins), so that what is
+    held is the samples and one spw's (rows x bins), never a spw's (rows x channels).
+
+    spws: [(parts, channel mask)], parts as read_binned_stokes_i takes them (a list of
+    (VisPartition, field ids), the EBs of one spw). The result has one channel at the
+    reference frequency (the bins' frequencies weighted by their weights) and a sample
+    per (row, bin) with data: its uvw scaled by f_bin / f_ref (exact: the gridder only
+    uses uvw f / c), its own frequency in sample_freq. The same samples, to rounding, as
+    imager.aggregate_samples then imager.stokes_i make from the whole spws in memory."""
+    spws = [(parts, np.asarray(mask, bool)) for parts, mask in spws if np.asarray(mask, bool).any()]
+    if not spws:
+        raise ValueError("read_aggregate_samples: no channels selected")
+    # room for every (cross-correlation row, bin) of the spws; flagged ones are dropped
+    bound = 0
+    for parts, mask in spws:
+        nbin = len(width_bins(parts[0][0].freq, np.flatnonzero(mask), width)[1])
+        bound += nbin * sum(len(p.select(f, cross_only=True)) for p, f in parts)
+    uvw = np.empty((bound, 3))
+    data = np.empty(bound, np.complex64)
+    weight = np.empty(bound, np.float32)
+    sample_freq = np.empty(bound)
+    n, wsum, fsum = 0, 0.0, 0.0
+    for parts, mask in spws:
+        chans = np.flatnonzero(mask)
+        bins = width_bins(parts[0][0].freq, chans, width)
+        s = read_binned_stokes_i(parts, None, chans, 0.0, column, on_block=on_block, bins=bins)
+        # bin-major, as aggregate_samples stacks them
+        b, r = np.nonzero(s.weight.T > 0)
+        k = len(b)
+        uvw[n:n + k] = s.uvw[r]
+        data[n:n + k] = s.data[r, b]
+        weight[n:n + k] = s.weight[r, b]
+        sample_freq[n:n + k] = s.freq[b]
+        per_bin = s.weight.sum(axis=0, dtype=float)
+        wsum += float(per_bin.sum())
+        fsum += float((per_bin * s.freq).sum())
+        n += k
+        del s, b, r
+    fref = fsum / wsum if wsum > 0 else float(sample_freq[:n].mean()) if n else float(bins[1].mean())
+    uvw, data, weight, sample_freq = uvw[:n], data[:n], weight[:n], sample_freq[:n]
+    uvw *= (sample_freq / fref)[:, None]
+    return BinnedStokesI(uvw, np.array([fref]), data[:, None], weight[:, None], sample_freq)
 
 
 class MedianSketch:
@@ -117,18 +181,34 @@ class MedianSketch:
         return float(10.0 ** (self.LO + (b - 0.5) / self.PER_DECADE))   # the bin's centre (in log)
 
 
-def clean_mfs(samples: BinnedStokesI, spec) -> Planes:
+def clean_mfs(samples: BinnedStokesI, spec) -> Planes | TaylorPlanes:
     """The one plane of an mfs image (imager.ImageSpec, one pointing) from binned
     samples: weighted (Briggs over all bins), cleaned and its beam fitted, as
-    imager.clean_planes does for a Vis; restore with imager.restore_planes."""
+    imager.clean_planes does for a Vis; restore with imager.restore_planes. With
+    spec.nterms > 1 its Taylor terms, as imager.clean_taylor makes them (each sample's
+    frequency its bin's, or its sample_freq); restore with imager.restore_taylor_planes."""
     from .automask import AutomaskParams
-    from .imager import Planes
+    from .imager import Planes, TaylorPlanes
     if spec.specmode != "mfs" or spec.mosaic is not None:
         raise ValueError("clean_mfs: one mfs plane of one pointing only "
                          f"(got specmode {spec.specmode!r}, mosaic {spec.mosaic is not None})")
     npix = spec.npix
     cell = np.radians(spec.cell_arcsec / 3600.0)
     w = gridding.briggs_weights(samples.uvw, samples.freq, samples.weight, npix, cell, spec.robust)
+    if spec.nterms > 1:
+        from . import mtmfs
+        nu = samples.sample_freq[:, None] if samples.sample_freq is not None else samples.freq[None, :]
+        used = np.broadcast_to(nu, samples.weight.shape)[samples.weight > 0]
+        # the expansion's reference: the middle of the frequencies imaged (tclean's reffreq)
+        reffreq = 0.5 * float(used.min() + used.max()) if used.size else float(samples.freq.mean())
+        op = mtmfs.TaylorPointing(samples.uvw, samples.freq, samples.data, w.astype(np.float32, copy=False), nu,
+                                  reffreq, npix, cell, spec.nterms)
+        del w, used
+        res = mtmfs.clean_mt(op, spec.niter, spec.threshold_jy, gain=spec.gain, nsigma=spec.nsigma,
+                             automask=spec.automask, threshold_from_dirty=spec.threshold_from_dirty,
+                             automask_params=AutomaskParams(negative_threshold=spec.negative_threshold))
+        beam = deconvolve.fit_beam(res.psfs[0], cell) if res.psfs[0].max() > 0 else (0.0, 0.0, 0.0)
+        return TaylorPlanes(res, beam, reffreq)
     op = OnePointing(samples.uvw, samples.freq, samples.data, w.astype(np.float32, copy=False), npix, cell)
     del w
     res = deconvolve.clean(op, spec.niter, spec.threshold_jy, gain=spec.gain, nsigma=spec.nsigma,

@@ -22,7 +22,7 @@ from ..imaging.imager import (ImageSpec, Planes, TaylorPlanes, aggregate_samples
 from ..imaging.mtmfs import fractional_bandwidth, nterms_for  # noqa: E402
 from ..imaging.kernels import shift_spectra  # noqa: E402
 from ..imaging.mosaic import make_mosaic  # noqa: E402
-from ..imaging.samples import MedianSketch, clean_mfs, read_binned_stokes_i  # noqa: E402
+from ..imaging.samples import MedianSketch, clean_mfs, read_aggregate_samples, read_binned_stokes_i  # noqa: E402
 from ..imaging.products import (image_header, mosaic_noise_factor, obs_info, pb_fwhm,  # noqa: E402
                                 pipeline_version, write_fits)
 from ..imaging.uvcontsub import format_channels, parse_channels, subtract_continuum  # noqa: E402
@@ -515,13 +515,37 @@ class ImageJob:
         self.fctx = next(f for f in ctx["fields"] if f["id"] == self.fid)
         self.nterms_note = None         # why an image has fewer Taylor terms than its band calls for
         self.row_freq = None            # the aggregate's rows' own frequencies (aggregate_samples)
-        if isinstance(part, list):      # aggregate: several spws in one single-channel Vis
+        self.spws = None                # a streamed aggregate's spws: [(members, continuum channels)]
+        band_pieces = []                # the aggregate's spws: (channel frequencies, continuum channels)
+        if isinstance(part, list) and len(self.fids) == 1 and data and bool(self.p["streamed"]):
+            # the aggregate continuum of one pointing is streamed (issue 15): each spw's
+            # continuum channels are read in row blocks and binned as they are read
+            # (samples.read_aggregate_samples, in prepare), never a spw's (rows x channels)
+            self.streamed, self.column, self.vis, self.spws = True, column, None, []
+            times = []
+            for piece in part:
+                members = [(io.vis(m), eb_field_ids(m, self.fids)) for m in piece.get("members", [piece])]
+                t = np.concatenate([vp.index("TIME")[vp.select(f)] for vp, f in members])
+                if len(t):
+                    freq = members[0][0].freq
+                    mask = parse_channels(piece["chans"], len(freq)) if piece.get("chans") \
+                        else np.ones(len(freq), bool)
+                    self.spws.append((members, mask))
+                    band_pieces.append((freq, mask))
+                    times.append(t)
+            self._times = np.concatenate(times) if times else np.zeros(0)
+            self._freq = None           # the reference frequency, once the samples are read
+            self.part = {"spw": "_".join(str(piece["spw"]) for piece in part), "frame_spw": part[0]["spw"]}
+        elif isinstance(part, list):    # aggregate of a mosaic: several spws in one single-channel Vis
+            # not streamed: a mosaic's pointings need the rows' fields (ImageJob.mosaic, the
+            # joint measurement), which the binned samples do not keep
             pieces = []
             for piece in part:
                 v = read_group(io, piece, fields=self.fids, column=column)
                 if len(v.time):
                     pieces.append((v, parse_channels(piece["chans"], len(v.freq)) if piece.get("chans")
                                    else np.ones(len(v.freq), bool)))
+                    band_pieces.append((v.freq, pieces[-1][1]))
             # each row's own frequency: a multi-term image's Taylor weights need it
             self.vis, self.row_freq = aggregate_samples(pieces, int(self.p["width"])) if pieces \
                 else (None, None)
@@ -545,10 +569,10 @@ class ImageJob:
                 self.spw_freq = io.vis(part.get("members", [part])[0]).freq
         self.theoretical = theoretical
         self.bands = []
-        if isinstance(part, list):      # the aggregate's band: its spws' selected channels, edges included
-            for v, m in (pc for pc in pieces if pc[1].any()):
-                w = float(np.median(np.abs(np.diff(v.freq)))) if len(v.freq) > 1 else 0.0
-                self.bands.append((float(v.freq[m].min() - w / 2), float(v.freq[m].max() + w / 2), w))
+        # the aggregate's band: its spws' selected channels, edges included
+        for f, m in (pc for pc in band_pieces if pc[1].any()):
+            w = float(np.median(np.abs(np.diff(f)))) if len(f) > 1 else 0.0
+            self.bands.append((float(f[m].min() - w / 2), float(f[m].max() + w / 2), w))
         self.dr_seen = {}
         self.lsrk_shift = 0.0           # the largest move of a cube's rows onto the LSRK grid, channels
 
@@ -567,7 +591,19 @@ class ImageJob:
     def prepare(self) -> str | None:
         """Heuristics, theoretical noise and threshold; a reason when there is nothing to image."""
         vis, p = self.vis, self.p
-        if self.streamed:
+        if self.streamed and self.spws is not None:
+            # the aggregate: its samples first (one pass), its cell and size from their uv
+            # distances (uvw scaled to the reference frequency, as the Vis of aggregate_samples)
+            if not len(self._times) or not any(m.any() for _, m in self.spws):
+                return "no data"
+            self._read_aggregate()
+            self.chans = parse_channels(p["chans"], 1) if p.get("chans") else np.ones(1, bool)
+            if not len(self.samples.uvw):
+                return "all data flagged"
+            mosaic = None
+            cell, npix = uv_heuristics(np.hypot(self.samples.uvw[:, 0], self.samples.uvw[:, 1]), self._freq,
+                                       self.dish, self.telescope)
+        elif self.streamed:
             if not len(self._times):
                 return "no data"
             nchan = len(self._freq)
@@ -611,7 +647,7 @@ class ImageJob:
             # multiscale: scales of 0, 1 and 3 beams (the cell is a fifth of a beam)
             scales=p["scales"] or ([0, 5, 15] if p["deconvolver"] == "multiscale" else None),
             mosaic=mosaic, nterms=self.nterms(mosaic))
-        if self.streamed:
+        if self.streamed and self.spws is None:
             self.theo = self._read_samples()
             self.theoretical[(self.fid, self.part["spw"])] = self.theo
         elif self.prep is not None:
@@ -693,6 +729,14 @@ class ImageJob:
         if not sel.any():
             return None
         return float(sigma_unit * np.sqrt((wim[sel] ** 2 / wnat[sel]).sum()) / wim[sel].sum())
+
+    def _read_aggregate(self) -> None:
+        """The one pass of a streamed aggregate continuum: its samples
+        (samples.read_aggregate_samples, bins of `width` continuum channels)."""
+        def count(blk):
+            self.io.visibilities += blk.data.size
+        self.samples = read_aggregate_samples(self.spws, int(self.p["width"]), self.column, on_block=count)
+        self._freq = self.samples.freq
 
     def heuristics(self) -> dict:
         """What prepare() took from the whole spw, for the pieces and the join of a cube."""
