@@ -64,7 +64,7 @@ def test_a_stage_sees_every_declared_parameter_with_its_default():
     spec = REGISTRY["makeimages"]
     full = spec.with_defaults({"cube": {"niter": 10}})
     assert full["cube"]["niter"] == 10 and full["cube"]["robust"] == 0.5 and full["calibrator"]["niter"] == 1000
-    assert full["target_cube"] is True and full["cube_chunks"] == 1
+    assert full["target_cube"] is True and full["cube_chunks"] is None      # none: by memory (cube_piece_count)
     # the registered function fills them in itself, called by the worker or directly
     from almapipe.stages.base import QA, Param, stage
     seen = {}
@@ -258,3 +258,28 @@ def test_robust_statistics_are_astropys_mad_std():
     img = np.where(np.arange(x.size) % 7 == 0, np.nan, x)
     assert robust_rms(img) == pytest.approx(mad_std(img[np.isfinite(img)]))
     assert robust_sigma(np.ones(5), floor=0.1) == 0.1 and robust_rms(np.array([np.nan])) == 0.0
+
+
+def test_a_cubes_automatic_piece_count_keeps_each_piece_within_the_budget(monkeypatch):
+    """makeimages' automatic cube_chunks (cube_piece_count): the fewest channel ranges
+    whose visibilities, flags, weights and uvw fit the budget (and no fewer); a small cube
+    is one piece, an FDM spw of 2 million rows 296 pieces of 13 channels at 1 GiB;
+    ALMAPIPE_CUBE_PIECE_MB sets the budget."""
+    from almapipe.stages.imaging import CUBE_PIECE_MB, cube_piece_budget, cube_piece_count
+
+    def piece_bytes(nrow, nchan, ncorr, n):
+        return nrow * ncorr * 9 * -(-nchan // n) + nrow * (ncorr * 4 + 24)
+    assert cube_piece_count(24000, 1024, 2, 1 << 30) == 1
+    for nrow, nchan, ncorr, budget in ((480000, 128, 2, 1 << 30), (2_000_000, 3840, 4, 1 << 30),
+                                       (100000, 1024, 2, 64 << 20), (10**7, 8, 2, 256 << 20)):
+        n = cube_piece_count(nrow, nchan, ncorr, budget)
+        assert 1 <= n <= nchan
+        assert piece_bytes(nrow, nchan, ncorr, n) <= budget or n == nchan
+        if n > 1:                     # the fewest: one piece fewer would not fit
+            assert piece_bytes(nrow, nchan, ncorr, n - 1) > budget
+    assert cube_piece_count(2_000_000, 3840, 4, 1 << 30) == 296
+    assert cube_piece_count(10**8, 16, 2, 1 << 30) == 16       # not even one channel fits: one a piece
+    assert cube_piece_budget() == CUBE_PIECE_MB * 2**20
+    monkeypatch.setenv("ALMAPIPE_CUBE_PIECE_MB", "256")
+    assert cube_piece_budget() == 256 * 2**20
+    assert cube_piece_count(480000, 128, 2) == 5

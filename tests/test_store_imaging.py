@@ -246,3 +246,38 @@ def test_streamed_mfs_images_equal_the_in_memory_ones(calibrated_eb, tmp_path):
         assert abs(a["theoretical_rms_jy_per_beam"] / b["theoretical_rms_jy_per_beam"] - 1) < 0.01, field
         assert all(abs(x / y - 1) < 0.01 for x, y in zip(a["beam_arcsec"][:2], b["beam_arcsec"][:2])), field
         assert abs(a["beam_arcsec"][2] - b["beam_arcsec"][2]) < 1.0, field
+
+
+def test_a_cube_is_cut_in_pieces_by_memory_and_its_heuristics_read_in_row_blocks(calibrated_eb, tmp_path,
+                                                                                  monkeypatch):
+    """makeimages without cube_chunks: the 1024-channel cube stays one piece under the
+    default budget, and is cut into as many pieces as ALMAPIPE_CUBE_PIECE_MB calls for
+    under a small one (cube_piece_count of its rows); the heuristics handed to the pieces,
+    taken in row blocks, are those of the whole spw in memory (the theoretical noise to
+    the median sketch's precision)."""
+    from almapipe.stages.imaging import ImageJob, _image_jobs, cube_piece_count, makeimages, split
+    from almapipe.stages.base import REGISTRY
+    cfg, ctx, ms, spw, _ = calibrated_eb
+    ctx = dict(ctx)
+    split(ctx, {}, _stage_io(cfg, tmp_path, ctx["run_id"], 10, "split"))
+    ctx["contsub_partitions"] = [dict(p, cont_chans={"Target": "20~400;600~1000"}) for p in ctx["target_partitions"]]
+    params = {"calibrators": False, "target_cube": True, "cube": {"imsize": 64, "niter": 0}}
+    (view,) = ctx["target_partitions"]
+    io = _stage_io(cfg, tmp_path, ctx["run_id"], 11, "makeimages")
+    nrow = len(io.vis(view).select())
+    assert cube_piece_count(nrow, 1024, view["ncorr"]) == 1
+    budget_mb = nrow * view["ncorr"] * 9 * 300 / 2**20          # ~300 channels a piece
+    monkeypatch.setenv("ALMAPIPE_CUBE_PIECE_MB", str(budget_mb))
+    n = cube_piece_count(nrow, 1024, view["ncorr"])
+    assert n == 4
+    makeimages(ctx, params, io)
+    items = ctx["fanout"]["items"]
+    assert len(items) == n and {it["nchunks"] for it in items} == {n}
+    # the same job read whole, as makeimages took its heuristics before
+    with_params = REGISTRY["makeimages"].with_defaults(params)
+    job = _image_jobs(ctx, with_params)[items[0]["job"]]
+    whole = ImageJob(ctx, _stage_io(cfg, tmp_path, ctx["run_id"], 12, "makeimages"), job, {})
+    assert whole.prepare() is None
+    prep = items[0]["prep"]
+    assert prep["npix"] == whole.spec.npix == 64 and prep["cell_arcsec"] == whole.spec.cell_arcsec
+    assert whole.theo and abs(prep["theo"] / whole.theo - 1) < 2e-3, (prep["theo"], whole.theo)

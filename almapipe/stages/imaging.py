@@ -38,6 +38,14 @@ EDGE_CHANNELS = 1
 # the Briggs weights (densities of the binned samples on the uv grid) moved the beam by
 # up to 2.7 % on a 1024-channel spw; a quarter of it keeps them with the channels'
 MFS_BIN_FRAC = 0.25
+# The most a cube's piece should hold of its target visibilities (rows x its channels x
+# correlations: complex64, with their flags and weights), for makeimages' automatic
+# cube_chunks: a piece reads its channels of every row of its fields in one Vis, and its
+# clean makes copies about as large again (the Stokes I samples and their weights, the
+# rows moved onto the LSRK grid), so an imager worker at 1 GiB of visibilities stays
+# within issue 10's 4 GB whatever the EB's size. ALMAPIPE_CUBE_PIECE_MB overrides it (a
+# worker with more or less memory); a cube under it is cleaned in one piece.
+CUBE_PIECE_MB = 1024
 # the intent part of ALMA's product names (<field>_<intent>), by priority
 INTENT_SUFFIX = {"TARGET": "sci", "BANDPASS": "bp", "FLUX": "flux", "PHASE": "ph", "CHECK": "ch"}
 
@@ -494,14 +502,18 @@ class ImageJob:
     (imagecube_chunk) and restored in one piece (joincube)."""
 
     def __init__(self, ctx: dict, io: StageIO, job: tuple, theoretical: dict, chan: slice | None = None,
-                 data: bool = True, prep: dict | None = None):
+                 data: bool = True, prep: dict | None = None, heuristics_only: bool = False):
         """chan: read only these channels of the spw (a cube's piece); data: False reads
         flags, weights and uvw but no visibilities (a cube's join); prep: the image's
         heuristics as makeimages took them from the whole spw (ImageJob.heuristics), which
-        a piece or a join, seeing part of the data, uses instead of its own."""
+        a piece or a join, seeing part of the data, uses instead of its own;
+        heuristics_only: a cube of one pointing that makeimages hands out in pieces: read
+        nothing now, and prepare() takes its heuristics in row blocks (never the spw's
+        rows x channels), for ImageJob.heuristics only (a mosaic's are read whole)."""
         self.ctx, self.io = ctx, io
         self.prep = prep
         self.streamed = False           # see below: an mfs image of one pointing
+        self.heuristics_only = False
         self.samples = None
         self.chan0 = chan.start if chan is not None else 0      # the Vis's first channel in the spw
         self.spw_freq = None            # the whole spw's channels, when the Vis holds a range of them
@@ -557,7 +569,9 @@ class ImageJob:
             # holds the image and one block, never the spw's (rows x channels) cube
             self.streamed = self.specmode in ("mfs", "cont") and len(self.fids) == 1 and chan is None and data \
                 and bool(self.p["streamed"])
-            if self.streamed:
+            self.heuristics_only = heuristics_only and self.specmode == "cube" and len(self.fids) == 1 \
+                and chan is None
+            if self.streamed or self.heuristics_only:
                 self.column = column
                 self.members = [(io.vis(m), eb_field_ids(m, self.fids)) for m in part.get("members", [part])]
                 self.vis = None
@@ -579,11 +593,11 @@ class ImageJob:
     @property
     def freq(self) -> np.ndarray:
         """The channels of the data imaged (a streamed image holds no Vis)."""
-        return self._freq if self.streamed else self.vis.freq
+        return self._freq if self.streamed or self.heuristics_only else self.vis.freq
 
     @property
     def times(self) -> np.ndarray:
-        return self._times if self.streamed else self.vis.time
+        return self._times if self.streamed or self.heuristics_only else self.vis.time
 
     def label(self) -> str:
         return f"{self.field['name']} spw {self.part['spw']} ({self.specmode})"
@@ -603,7 +617,7 @@ class ImageJob:
             mosaic = None
             cell, npix = uv_heuristics(np.hypot(self.samples.uvw[:, 0], self.samples.uvw[:, 1]), self._freq,
                                        self.dish, self.telescope)
-        elif self.streamed:
+        elif self.streamed or self.heuristics_only:
             if not len(self._times):
                 return "no data"
             nchan = len(self._freq)
@@ -624,7 +638,7 @@ class ImageJob:
             if self.prep is None and vis.flag[:, self.chans].all():
                 return "all data flagged"
             mosaic = self.mosaic() if len(self.fids) > 1 else None
-        if self.streamed:
+        if self.streamed or self.heuristics_only:
             pass
         elif self.prep is not None:
             cell, npix = self.prep["cell_arcsec"], self.prep["npix"]
@@ -654,8 +668,9 @@ class ImageJob:
             self.theo = self.prep.get("theo")
         elif self.specmode == "cube":
             cont = self.part.get("cont_chans", {}).get(self.field["name"])
-            self.theo = _theoretical_rms(vis, self.spec, parse_channels(cont, nchan) & self.chans if cont else None,
-                                         mfs=False)
+            cont_chans = parse_channels(cont, nchan) & self.chans if cont else None
+            self.theo = self._cube_theoretical(cont_chans) if self.heuristics_only else \
+                _theoretical_rms(vis, self.spec, cont_chans, mfs=False)
         elif p["aggregate"]:
             # the spws' continuum images combine as independent measurements
             per_spw = [self.theoretical[(self.fid, int(s_))] for s_ in str(self.part["spw"]).split("_")
@@ -703,8 +718,25 @@ class ImageJob:
         same blocks, its theoretical noise as _theoretical_rms takes it: the scatter of
         adjacent channels' differences (their median from a fine histogram, not from
         all of them at once) and the Briggs weights of the samples."""
-        spec = self.spec
-        idx = np.flatnonzero(self.chans)
+        self.samples, sigma_unit = self._read_with_scatter(self.chans, MFS_BIN_FRAC / self.spec.npix)
+        return self._noise(self.samples, sigma_unit)
+
+    def _cube_theoretical(self, cont: np.ndarray | None) -> float | None:
+        """A cube's theoretical noise as _theoretical_rms takes it (the scatter of the
+        continuum channels' adjacent differences, the Briggs weights of the first of
+        them), read in row blocks: what makeimages hands on to a cube's pieces."""
+        if cont is None or cont.sum() < 2:
+            return None
+        idx = np.flatnonzero(cont)
+        first = np.full(len(self._freq), -1, np.int64)
+        first[idx[0]] = 0                    # one bin: the first continuum channel's plane
+        samples, sigma_unit = self._read_with_scatter(cont, 0.0, bins=(first, self._freq[idx[:1]]))
+        return self._noise(samples, sigma_unit)
+
+    def _read_with_scatter(self, chans: np.ndarray, max_frac: float, bins: tuple | None = None) -> tuple:
+        """(binned Stokes I samples of the channels chans, the scatter of a visibility of
+        unit weight from adjacent channels' differences, or None where too few)."""
+        idx = np.flatnonzero(chans)
         span0 = int(idx[0])
         rel = idx - span0
         adjacent = (np.diff(rel) == 1)[None, :, None]
@@ -717,13 +749,20 @@ class ImageJob:
             w = np.sqrt(blk.weight)[:, None, :]
             sketch.add(np.abs(((d[:, 1:] - d[:, :-1]).real * w)[pair]))
 
-        self.samples = read_binned_stokes_i(self.members, None, self.chans, MFS_BIN_FRAC / spec.npix, self.column,
-                                            on_block=scatter)
-        if len(idx) < 2 or sketch.n < 10 or not len(self.samples.uvw):
+        samples = read_binned_stokes_i(self.members, None, chans, max_frac, self.column, on_block=scatter,
+                                       bins=bins)
+        if len(idx) < 2 or sketch.n < 10:
+            return samples, None
+        return samples, 1.4826 * sketch.median() / np.sqrt(2)
+
+    def _noise(self, samples, sigma_unit: float | None) -> float | None:
+        """The image noise of binned samples whose visibilities of unit weight scatter by
+        sigma_unit, with their Briggs weights (as _theoretical_rms)."""
+        spec = self.spec
+        if sigma_unit is None or not len(samples.uvw):
             return None
-        sigma_unit = 1.4826 * sketch.median() / np.sqrt(2)
-        wnat = self.samples.weight
-        wim = gridding.briggs_weights(self.samples.uvw, self.samples.freq, wnat, spec.npix,
+        wnat = samples.weight
+        wim = gridding.briggs_weights(samples.uvw, samples.freq, wnat, spec.npix,
                                       np.radians(spec.cell_arcsec / 3600), spec.robust)
         sel = wnat > 0
         if not sel.any():
@@ -951,9 +990,41 @@ MAKEIMAGES_PARAMS = (
     Param("calibrator", dict, {}, "the calibrators' image parameters", fields=IMAGE_PARAMS),
     Param("cont", dict, {}, "the continuum images' parameters", fields=IMAGE_PARAMS),
     Param("cube", dict, {}, "the cubes' parameters", fields=IMAGE_PARAMS),
-    Param("cube_chunks", int, 1, "clean each cube in this many channel ranges on the imager workers", min=1),
+    Param("cube_chunks", int, None, "clean each cube in this many channel ranges on the imager workers; none: "
+          "as many as keep each range's visibilities under ALMAPIPE_CUBE_PIECE_MB (1024)", min=1),
 )
 IMAGING_READS = ("observation", "fields", "partitions", "target_partitions", "contsub_partitions", "continuum")
+
+
+def cube_piece_budget() -> int:
+    """The bytes of visibilities a cube's piece may hold (CUBE_PIECE_MB, or the
+    environment's ALMAPIPE_CUBE_PIECE_MB)."""
+    return int(float(os.environ.get("ALMAPIPE_CUBE_PIECE_MB", CUBE_PIECE_MB)) * 2**20)
+
+
+def cube_piece_count(nrow: int, nchan: int, ncorr: int, budget: int | None = None) -> int:
+    """The fewest channel ranges of a cube (nrow rows, nchan channels imaged, ncorr
+    correlations) for which a range's visibilities (complex64) and flags (a byte each),
+    with the rows' weights and uvw, fit in budget bytes (cube_piece_budget()); at most
+    one channel a range."""
+    budget = cube_piece_budget() if budget is None else budget
+    per_chan = nrow * ncorr * (8 + 1)
+    per_rows = nrow * (ncorr * 4 + 3 * 8)
+    if nchan <= 0 or per_chan <= 0:
+        return 1
+    fit = (budget - per_rows) // per_chan          # channels a range may have
+    return nchan if fit < 1 else max(1, min(nchan, -(-nchan // int(fit))))
+
+
+def _cube_pieces(io: StageIO, job: tuple) -> int:
+    """cube_piece_count of a cube job of makeimages: its rows (of its fields, in every EB's
+    partition) and its channels, from the partitions' index arrays (no visibilities read)."""
+    _, fids, group, _, p = job
+    members = group.get("members", [group])
+    nrow = sum(len(io.vis(m).select(eb_field_ids(m, fids))) for m in members)
+    nchan = int(group["nchan"])
+    sel = parse_channels(p["chans"], nchan) if p.get("chans") else np.ones(nchan, bool)
+    return cube_piece_count(nrow, int(sel.sum()), int(group["ncorr"]))
 
 
 def chunk_masks(chans: np.ndarray, n: int) -> list:
@@ -973,31 +1044,37 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
     """Per-spw mfs images of the calibrators, the target's continuum (per spw and
     aggregate) and its cubes (hif_makeimages). With cube_chunks > 1 each cube is
     cleaned in that many channel ranges by the imager workers in parallel
-    (imagecube_chunk) and joined into one FITS cube (joincube)."""
+    (imagecube_chunk) and joined into one FITS cube (joincube); without cube_chunks,
+    in as many as keep a range's visibilities within a budget (cube_piece_count)."""
     qa = QA()
     jobs = _image_jobs(ctx, params)
     if not jobs:
         raise StageError("makeimages: nothing to image (no calibrators, no continuum-subtracted target)")
-    chunks = int(params["cube_chunks"])
+    chunks = params["cube_chunks"]
     theoretical = {}          # (field, spw) -> theoretical rms of its mfs image, for the aggregate
     images, pieces = [], []
     for j, job in enumerate(jobs):
-        im = ImageJob(ctx, io, job, theoretical)
+        nchunks = 1
+        if job[0] == "cube":
+            nchunks = int(chunks) if chunks is not None else _cube_pieces(io, job)
+        # a cube in pieces: its heuristics only, in row blocks (ImageJob's heuristics_only)
+        im = ImageJob(ctx, io, job, theoretical, heuristics_only=nchunks > 1)
         why = im.prepare()
         if why:
             if why != "no data":
                 qa.lower(0.5, f"{im.label()}: {why}; not imaged.")
             continue
-        if job[0] == "cube" and chunks > 1:
+        if nchunks > 1:
             # the heuristics (image size, cell, theoretical noise) from the whole spw, once:
             # each piece reads only its channels, the join only flags
             prep = im.heuristics()
-            pieces += [{"job": j, "chunk": k, "nchunks": chunks, "prep": prep} for k in range(chunks)]
+            pieces += [{"job": j, "chunk": k, "nchunks": nchunks, "prep": prep} for k in range(nchunks)]
             continue
         images.append(im.products(im.clean(), qa))
     if pieces:
         ctx["fanout"] = {"piece_stage": "imagecube_chunk", "join_stage": "joincube", "items": pieces}
-        qa.note(f"{len(pieces) // chunks} cube(s) cleaned in {chunks} channel ranges by the imager workers.")
+        qa.note(f"{len({p['job'] for p in pieces})} cube(s) cleaned in {len(pieces)} channel ranges by the imager "
+                "workers.")
     elif not images:
         raise StageError("makeimages: no image could be made: all data of the fields to image are flagged")
     ctx["images"] = images
