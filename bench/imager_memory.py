@@ -152,6 +152,23 @@ def measure(part: str, ctx: dict, work: str) -> list:
     return out
 
 
+def s3_up(work: str):
+    """An S3 server of its own (a Stack with only its S3) keeping its data under work/stack;
+    the environment set for Config.from_env. Returns the Stack (down() stops it)."""
+    from almapipe.platform.stack import Stack, stack_ports, port_free
+    os.makedirs(work, exist_ok=True)
+    os.environ["ALMAPIPE_DATA_DIR"] = os.path.join(work, "stack")
+    if not os.environ.get("ALMAPIPE_PORT_BASE"):
+        base = next(b for b in range(31000, 40000, 100) if all(port_free(p) for p in stack_ports(b).values()))
+        os.environ["ALMAPIPE_PORT_BASE"] = str(base)
+    st = Stack(os.environ["ALMAPIPE_DATA_DIR"])
+    os.makedirs(os.path.join(st.data_dir, "logs"), exist_ok=True)
+    st._ensure_credentials()
+    st._start_s3(st.env(), 90.0)
+    st.save()
+    return st
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         child(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], int(sys.argv[6]))
@@ -163,18 +180,8 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="use the store and context a previous run left in --work "
                     "(its S3 server is started again)")
     args = ap.parse_args()
-    from almapipe.platform.stack import Stack, stack_ports, port_free
     work = os.path.abspath(args.work)
-    os.makedirs(work, exist_ok=True)
-    os.environ["ALMAPIPE_DATA_DIR"] = os.path.join(work, "stack")
-    if not os.environ.get("ALMAPIPE_PORT_BASE"):
-        base = next(b for b in range(31000, 40000, 100) if all(port_free(p) for p in stack_ports(b).values()))
-        os.environ["ALMAPIPE_PORT_BASE"] = str(base)
-    st = Stack(os.environ["ALMAPIPE_DATA_DIR"])
-    os.makedirs(os.path.join(st.data_dir, "logs"), exist_ok=True)
-    st._ensure_credentials()
-    st._start_s3(st.env(), 90.0)
-    st.save()
+    st = s3_up(work)
     try:
         from almapipe.config import Config
         cfg = Config.from_env()

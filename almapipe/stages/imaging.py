@@ -46,6 +46,8 @@ MFS_BIN_FRAC = 0.25
 # within issue 10's 4 GB whatever the EB's size. ALMAPIPE_CUBE_PIECE_MB overrides it (a
 # worker with more or less memory); a cube under it is cleaned in one piece.
 CUBE_PIECE_MB = 1024
+# rows of an in-memory Vis whose channel differences _theoretical_rms takes at a time
+THEORETICAL_BLOCK_ROWS = 4096
 # the intent part of ALMA's product names (<field>_<intent>), by priority
 INTENT_SUFFIX = {"TARGET": "sci", "BANDPASS": "bp", "FLUX": "flux", "PHASE": "ph", "CHECK": "ch"}
 
@@ -408,17 +410,23 @@ def _theoretical_rms(vis: msio.Vis, spec: ImageSpec, chans: np.ndarray | None, m
     if chans is None or chans.sum() < 2:
         return None
     idx = np.flatnonzero(chans)
-    cross = vis.ant1 != vis.ant2
-    d = vis.data[cross][:, idx]
-    ok = ~vis.flag[cross][:, idx]
-    pair = ok[:, 1:] & ok[:, :-1] & (np.diff(idx) == 1)[None, :, None]
-    w = np.broadcast_to(np.sqrt(vis.weight[cross])[:, None, :], pair.shape)
-    diff = ((d[:, 1:] - d[:, :-1]).real * w)[pair]
-    if diff.size < 10:
+    cross = np.flatnonzero(vis.ant1 != vis.ant2)
+    adjacent = (np.diff(idx) == 1)[None, :, None]
+    # the differences a block of rows at a time, their median from a fine histogram
+    # (MedianSketch, as a streamed image takes it): all of them at once are as large
+    # as the spw's data, twice over
+    sketch = MedianSketch()
+    for lo in range(0, len(cross), THEORETICAL_BLOCK_ROWS):
+        rows = cross[lo:lo + THEORETICAL_BLOCK_ROWS, None]
+        d, ok = vis.data[rows, idx[None, :]], ~vis.flag[rows, idx[None, :]]
+        pair = ok[:, 1:] & ok[:, :-1] & adjacent
+        w = np.sqrt(vis.weight[rows[:, 0]])[:, None, :]
+        sketch.add(np.abs(((d[:, 1:] - d[:, :-1]).real * w)[pair]))
+    if sketch.n < 10:
         return None
     # the MAD about zero (not about the median, as mad_std takes it): a difference of
     # neighbouring channels has zero mean by construction
-    sigma_unit = 1.4826 * np.median(np.abs(diff)) / np.sqrt(2)         # real part, weight 1
+    sigma_unit = 1.4826 * sketch.median() / np.sqrt(2)         # real part, weight 1
     plane = idx if mfs else idx[:1]
     si = stokes_i(vis, plane)
     uvw, wnat = si.uvw, si.weight
@@ -548,9 +556,10 @@ class ImageJob:
             self._times = np.concatenate(times) if times else np.zeros(0)
             self._freq = None           # the reference frequency, once the samples are read
             self.part = {"spw": "_".join(str(piece["spw"]) for piece in part), "frame_spw": part[0]["spw"]}
-        elif isinstance(part, list):    # aggregate of a mosaic: several spws in one single-channel Vis
-            # not streamed: a mosaic's pointings need the rows' fields (ImageJob.mosaic, the
-            # joint measurement), which the binned samples do not keep
+        elif isinstance(part, list):    # aggregate of a mosaic (or streamed=False): one single-channel Vis
+            # a mosaic's aggregate is not streamed: its pointings need the rows' fields
+            # (ImageJob.mosaic, the joint measurement), which the binned samples do not
+            # keep, so it holds every spw's continuum channels as aggregate_samples takes them
             pieces = []
             for piece in part:
                 v = read_group(io, piece, fields=self.fids, column=column)
@@ -1054,6 +1063,9 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
     theoretical = {}          # (field, spw) -> theoretical rms of its mfs image, for the aggregate
     images, pieces = [], []
     for j, job in enumerate(jobs):
+        # the previous image's data go before the next image's are read (its ImageJob
+        # would otherwise hold them until the new one is built: two spws at once)
+        im = None
         nchunks = 1
         if job[0] == "cube":
             nchunks = int(chunks) if chunks is not None else _cube_pieces(io, job)
