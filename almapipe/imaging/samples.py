@@ -79,79 +79,160 @@ def read_binned_stokes_i(parts, field_ids, chans, max_frac: float, column: str =
     else a caller takes from the same pass."""
     if not isinstance(parts, (list, tuple)):
         parts = [(parts, field_ids)]
-    first = parts[0][0]
-    freq = np.asarray(first.freq, float)
-    pols = np.array([i for i, c in enumerate(first.corr_types) if c in ("RR", "LL", "XX", "YY", "I")] or [0],
-                    np.int64)
+    freq = np.asarray(parts[0][0].freq, float)
     chans = np.flatnonzero(chans) if np.asarray(chans).dtype == bool else np.asarray(chans, np.int64)
     chan_bin, fbin = channel_bins(freq, chans, max_frac) if bins is None else bins
-    span = slice(int(chans.min()), int(chans.max()) + 1)        # the channels read
-    span_bin = np.ascontiguousarray(chan_bin[span])
     nrow = sum(len(p.select(f, cross_only=True)) for p, f in parts)
     uvw = np.zeros((nrow, 3))
     vis = np.zeros((nrow, len(fbin)), np.complex64)
     wgt = np.zeros((nrow, len(fbin)), np.float32)
+    _bin_into(parts, chans, chan_bin, column, uvw, vis, wgt, block_chunks, on_block)
+    keep = wgt.any(axis=1)
+    return BinnedStokesI(uvw[keep], fbin, vis[keep], wgt[keep])
+
+
+def _bin_into(parts, chans, chan_bin, column, uvw, vis, wgt, block_chunks: int = 1, on_block=None) -> None:
+    """read_binned_stokes_i's pass: the parts' cross-correlation rows, in order, binned
+    into the rows of vis and wgt (nrow, nbin; views of larger arrays are fine) and their
+    uvw into uvw (None: not taken)."""
+    first = parts[0][0]
+    pols = np.array([i for i, c in enumerate(first.corr_types) if c in ("RR", "LL", "XX", "YY", "I")] or [0],
+                    np.int64)
+    span = slice(int(chans.min()), int(chans.max()) + 1)        # the channels read
+    span_bin = np.ascontiguousarray(chan_bin[span])
     start = 0
     for part, fids in parts:
         for blk in part.blocks(column=column, field_ids=fids, chan=span, cross_only=True,
                                block_chunks=block_chunks):
             n = len(blk.rows)
-            uvw[start:start + n] = blk.uvw
+            if uvw is not None:
+                uvw[start:start + n] = blk.uvw
             kernels.stokes_i_bins(blk.data, blk.flag, blk.weight.astype(np.float32, copy=False), span_bin, pols,
                                   vis, wgt, start)
             start += n
             if on_block is not None:
                 on_block(blk)
             del blk
-    keep = wgt.any(axis=1)
-    return BinnedStokesI(uvw[keep], fbin, vis[keep], wgt[keep])
 
 
 def read_aggregate_samples(spws: list, width: int, column: str = "DATA", on_block=None) -> BinnedStokesI:
     """The aggregate continuum of one pointing, streamed: for each spw its continuum
     channels read one row block at a time and averaged in bins of `width` selected
-    channels as they are read (read_binned_stokes_i with width_bins), so that what is
-    held is the samples and one spw's (rows x bins), never a spw's (rows x channels).
+    channels as they are read (read_binned_stokes_i's pass with width_bins), so that
+    what is held is the samples, never a spw's (rows x channels x correlations).
 
     spws: [(parts, channel mask)], parts as read_binned_stokes_i takes them (a list of
-    (VisPartition, field ids), the EBs of one spw). The result has one channel at the
-    reference frequency (the bins' frequencies weighted by their weights) and a sample
-    per (row, bin) with data: its uvw scaled by f_bin / f_ref (exact: the gridder only
-    uses uvw f / c), its own frequency in sample_freq. The same samples, to rounding, as
-    imager.aggregate_samples then imager.stokes_i make from the whole spws in memory."""
+    (VisPartition, field ids), the EBs of one spw). The samples are those that
+    imager.aggregate_samples then imager.stokes_i make from the whole spws in memory:
+
+    * where every spw has the same rows (time and baseline, as ALMA's spws have), one
+      row per cross-correlation with its uvw once and the bins of all spws as its
+      channels (rows x all bins: a gridder's spectral axis, each bin at its frequency);
+    * else one sample per (row, bin) with data, at one reference frequency (the bins'
+      frequencies weighted by their weights) with its uvw scaled by f_bin / f_ref
+      (exact: the gridder only uses uvw f / c) and its own frequency in sample_freq,
+      as aggregate_samples makes them: three times the memory of the first."""
     spws = [(parts, np.asarray(mask, bool)) for parts, mask in spws if np.asarray(mask, bool).any()]
     if not spws:
         raise ValueError("read_aggregate_samples: no channels selected")
+    bins = [width_bins(parts[0][0].freq, np.flatnonzero(mask), width) for parts, mask in spws]
+    if not _same_rows([parts for parts, _ in spws]):
+        return _flat_aggregate(spws, bins, column, on_block)
+    # the bins' frequencies ascending, spw by spw and the spws in frequency order, as the
+    # gridder takes them without a reordered copy of the samples (spws that overlap in
+    # frequency cost it one)
+    bins = [_ascending_bins(*b) for b in bins]
+    order = np.argsort([fbin[0] for _, fbin in bins], kind="stable")
+    spws, bins = [spws[k] for k in order], [bins[k] for k in order]
+    nrow = sum(len(p.select(f, cross_only=True)) for p, f in spws[0][0])
+    nbin = [len(fbin) for _, fbin in bins]
+    uvw = np.zeros((nrow, 3))
+    vis = np.zeros((nrow, sum(nbin)), np.complex64)
+    wgt = np.zeros((nrow, sum(nbin)), np.float32)
+    col = 0
+    for k, ((parts, mask), (chan_bin, _)) in enumerate(zip(spws, bins)):
+        cols = slice(col, col + nbin[k])
+        _bin_into(parts, np.flatnonzero(mask), chan_bin, column, uvw if k == 0 else None, vis[:, cols],
+                  wgt[:, cols], on_block=on_block)
+        col += nbin[k]
+    keep = wgt.any(axis=1)
+    if not keep.all():
+        uvw, vis, wgt = uvw[keep], vis[keep], wgt[keep]
+    return BinnedStokesI(uvw, np.concatenate([fbin for _, fbin in bins]), vis, wgt)
+
+
+def _ascending_bins(chan_bin: np.ndarray, fbin: np.ndarray) -> tuple:
+    """width_bins' bins numbered in ascending frequency (a spw's channels may descend)."""
+    if len(fbin) > 1 and fbin[0] > fbin[-1]:
+        return np.where(chan_bin >= 0, len(fbin) - 1 - chan_bin, -1), fbin[::-1].copy()
+    return chan_bin, fbin
+
+
+def _same_rows(spw_parts: list, tol_m: float = 1e-3) -> bool:
+    """Whether the spws' selected cross-correlation rows are the same rows: EB by EB the
+    same times and baselines, and the same uvw (to tol_m)."""
+    def rows(p, f):
+        r = p.select(f, cross_only=True)
+        return r, p.index("TIME")[r], p.index("ANTENNA1")[r], p.index("ANTENNA2")[r]
+    first = [rows(p, f) for p, f in spw_parts[0]]
+    for parts in spw_parts[1:]:
+        if len(parts) != len(first):
+            return False
+        for (p, f), (r0, t0, a0, b0), (p0, _) in zip(parts, first, spw_parts[0]):
+            r, t, a, b = rows(p, f)
+            if len(r) != len(r0) or not (np.array_equal(t, t0) and np.array_equal(a, a0) and np.array_equal(b, b0)):
+                return False
+            if len(r) and np.abs(p.row_array("UVW")[r] - p0.row_array("UVW")[r0]).max() > tol_m:
+                return False
+    return True
+
+
+def _flat_aggregate(spws: list, bins: list, column: str, on_block) -> BinnedStokesI:
+    """read_aggregate_samples where the spws' rows differ: one sample per (row, bin)."""
     # room for every (cross-correlation row, bin) of the spws; flagged ones are dropped
-    bound = 0
-    for parts, mask in spws:
-        nbin = len(width_bins(parts[0][0].freq, np.flatnonzero(mask), width)[1])
-        bound += nbin * sum(len(p.select(f, cross_only=True)) for p, f in parts)
+    bound = sum(len(fbin) * sum(len(p.select(f, cross_only=True)) for p, f in parts)
+                for (parts, _), (_, fbin) in zip(spws, bins))
     uvw = np.empty((bound, 3))
     data = np.empty(bound, np.complex64)
     weight = np.empty(bound, np.float32)
     sample_freq = np.empty(bound)
     n, wsum, fsum = 0, 0.0, 0.0
-    for parts, mask in spws:
-        chans = np.flatnonzero(mask)
-        bins = width_bins(parts[0][0].freq, chans, width)
-        s = read_binned_stokes_i(parts, None, chans, 0.0, column, on_block=on_block, bins=bins)
-        # bin-major, as aggregate_samples stacks them
-        b, r = np.nonzero(s.weight.T > 0)
-        k = len(b)
-        uvw[n:n + k] = s.uvw[r]
-        data[n:n + k] = s.data[r, b]
-        weight[n:n + k] = s.weight[r, b]
-        sample_freq[n:n + k] = s.freq[b]
+    for (parts, mask), spw_bins in zip(spws, bins):
+        s = read_binned_stokes_i(parts, None, np.flatnonzero(mask), 0.0, column, on_block=on_block, bins=spw_bins)
+        for b in range(len(s.freq)):           # bin-major, as aggregate_samples stacks them
+            r = np.flatnonzero(s.weight[:, b] > 0)
+            k = len(r)
+            uvw[n:n + k] = s.uvw[r]
+            data[n:n + k] = s.data[r, b]
+            weight[n:n + k] = s.weight[r, b]
+            sample_freq[n:n + k] = s.freq[b]
+            n += k
         per_bin = s.weight.sum(axis=0, dtype=float)
         wsum += float(per_bin.sum())
         fsum += float((per_bin * s.freq).sum())
-        n += k
-        del s, b, r
-    fref = fsum / wsum if wsum > 0 else float(sample_freq[:n].mean()) if n else float(bins[1].mean())
+        del s
+    fref = fsum / wsum if wsum > 0 else float(np.mean([fbin.mean() for _, fbin in bins]))
     uvw, data, weight, sample_freq = uvw[:n], data[:n], weight[:n], sample_freq[:n]
     uvw *= (sample_freq / fref)[:, None]
     return BinnedStokesI(uvw, np.array([fref]), data[:, None], weight[:, None], sample_freq)
+
+
+def reference_frequency(samples: BinnedStokesI) -> float:
+    """The one frequency an aggregate's samples are imaged at (read_aggregate_samples):
+    its bins' frequencies weighted by their weights, as aggregate_samples takes it."""
+    if samples.sample_freq is not None:          # already at it
+        return float(samples.freq[0])
+    per_bin = samples.weight.sum(axis=0, dtype=float)
+    return float(np.average(samples.freq, weights=per_bin)) if per_bin.sum() > 0 else float(samples.freq.mean())
+
+
+def uv_distances(samples: BinnedStokesI, fref: float) -> np.ndarray:
+    """The uv distance (m at fref) of every sample with data: what the image heuristics
+    take from the single-channel Vis at fref of aggregate_samples."""
+    uvdist = np.hypot(samples.uvw[:, 0], samples.uvw[:, 1])
+    if samples.sample_freq is not None:          # scaled to fref already, only samples with data
+        return uvdist
+    return np.concatenate([uvdist[samples.weight[:, b] > 0] * (f / fref) for b, f in enumerate(samples.freq)])
 
 
 class MedianSketch:

@@ -22,7 +22,8 @@ from ..imaging.imager import (ImageSpec, Planes, TaylorPlanes, aggregate_samples
 from ..imaging.mtmfs import fractional_bandwidth, nterms_for  # noqa: E402
 from ..imaging.kernels import shift_spectra  # noqa: E402
 from ..imaging.mosaic import make_mosaic  # noqa: E402
-from ..imaging.samples import MedianSketch, clean_mfs, read_aggregate_samples, read_binned_stokes_i  # noqa: E402
+from ..imaging.samples import (MedianSketch, clean_mfs, read_aggregate_samples, read_binned_stokes_i,  # noqa: E402
+                                reference_frequency, uv_distances)
 from ..imaging.products import (image_header, mosaic_noise_factor, obs_info, pb_fwhm,  # noqa: E402
                                 pipeline_version, write_fits)
 from ..imaging.uvcontsub import format_channels, parse_channels, subtract_continuum  # noqa: E402
@@ -624,8 +625,8 @@ class ImageJob:
             if not len(self.samples.uvw):
                 return "all data flagged"
             mosaic = None
-            cell, npix = uv_heuristics(np.hypot(self.samples.uvw[:, 0], self.samples.uvw[:, 1]), self._freq,
-                                       self.dish, self.telescope)
+            cell, npix = uv_heuristics(uv_distances(self.samples, float(self._freq[0])), self._freq, self.dish,
+                                       self.telescope)
         elif self.streamed or self.heuristics_only:
             if not len(self._times):
                 return "no data"
@@ -784,7 +785,8 @@ class ImageJob:
         def count(blk):
             self.io.visibilities += blk.data.size
         self.samples = read_aggregate_samples(self.spws, int(self.p["width"]), self.column, on_block=count)
-        self._freq = self.samples.freq
+        # the image's one plane: as aggregate_samples' Vis, at the reference frequency
+        self._freq = np.array([reference_frequency(self.samples)])
 
     def heuristics(self) -> dict:
         """What prepare() took from the whole spw, for the pieces and the join of a cube."""
