@@ -1,7 +1,7 @@
 """Peak resident memory of the imager's stages on one EB, each in a process of its own.
 
     .venv/bin/python bench/imager_memory.py --ms EB/realistic.ms --work /tmp/imager-mem \
-        [--parts aggregate,cube] [--keep-store]
+        [--parts aggregate,cube] [--spw N] [--reuse]
 
 The EB's science spws are ingested into the visibility store of an S3 server started
 for the purpose (no NATS, no workers), their DATA taken as calibrated (CORRECTED_DATA),
@@ -177,6 +177,7 @@ def main() -> None:
     ap.add_argument("--ms", required=True)
     ap.add_argument("--work", required=True)
     ap.add_argument("--parts", default="aggregate,cube")
+    ap.add_argument("--spw", type=int, default=None, help="the cubes of this spw only")
     ap.add_argument("--reuse", action="store_true", help="use the store and context a previous run left in --work "
                     "(its S3 server is started again)")
     args = ap.parse_args()
@@ -193,6 +194,8 @@ def main() -> None:
             ctx = prepare(cfg, args.ms, work, "bench-imager-memory")
             with open(ctx_path, "w") as f:
                 json.dump(ctx, f)
+        if args.spw is not None:
+            ctx["contsub_partitions"] = [p for p in ctx["contsub_partitions"] if p["spw"] == args.spw]
         rows = []
         for part in args.parts.split(","):
             rows += measure(part, ctx, work)
