@@ -698,8 +698,10 @@ class ImageJob:
         if self.theo and p["dr_threshold"]:
             is_cal = "TARGET" not in self.fctx["intents"] and "CHECK" not in self.fctx["intents"]
 
-            def threshold(dirty_peak, theo=self.theo, seen=self.dr_seen):
-                thr, factor = dr_correction(theo, dirty_peak, is_cal, self.dish, float(p["tlimit"]))
+            # no reference to self: the spec holds this function, and an ImageJob in a
+            # reference cycle keeps its data until the garbage collector runs
+            def threshold(dirty_peak, theo=self.theo, seen=self.dr_seen, dish=self.dish):
+                thr, factor = dr_correction(theo, dirty_peak, is_cal, dish, float(p["tlimit"]))
                 if factor >= seen.get("factor", 0.0):
                     seen.update(factor=factor, threshold=thr, dirty_dynamic_range=dirty_peak / theo)
                 return thr
