@@ -27,12 +27,12 @@ from astropy.time import Time  # noqa: E402
 
 from .base import (CAL_READS, QA, Param, StageError, StageIO, field_ids_with, field_name,  # noqa: E402
                    require_intent, spw_info, stage, with_defaults)
-from .calibration import preapply, read_part, save_table  # noqa: E402
+from .calibration import preapply, read_averaged, save_table  # noqa: E402
 from ..heuristics.callibrary import calibrator_ids, field_models, refant_id, register  # noqa: E402
 from ..heuristics.robust import robust_sigma  # noqa: E402
 from ..calibration.caltable import CalSolutions  # noqa: E402
 from ..calibration import solar_system  # noqa: E402
-from ..calibration.terms import SolveSpec, point_model, solve_term  # noqa: E402
+from ..calibration.terms import SolveSpec, solve_term, unit_model  # noqa: E402
 from ..msio import ms as msio  # noqa: E402
 from ..report.plots import antenna_grid, label_panel, require_finite  # noqa: E402
 
@@ -361,12 +361,11 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
     proxy = wvr_proxy(tb)                                                     # (nt, nant)
     # Fit the path scale on the calibrators: per-integration antenna phases
     # (relative to the reference antenna) against the proxy differences.
-    _, vis = read_part(io, part0, fields=cal_ids)
-    nu0 = float(np.mean(vis.freq))
-    model = point_model(vis, field_models(ctx, unit_for=cal_ids))
+    _, vis = read_averaged(io, part0, cal_ids, field_models(ctx, unit_for=cal_ids), preapply(ctx, io, part0["spw"]))
+    nu0 = float(vis.freq[0])                       # the mean of the spw's channels
     # per polarisation (G): before the bandpass the X and Y phases are unrelated
-    ph = solve_term(vis, model, SolveSpec(kind="G", solint="int", calmode="p", refant=ref,
-                                          minsnr=params["minsnr"], preapply=preapply(ctx, io, part0["spw"])))
+    ph = solve_term(vis, unit_model(vis), SolveSpec(kind="G", solint="int", calmode="p", refant=ref,
+                                                    minsnr=params["minsnr"]))
     idx = nearest_index(wtimes, ph.time)
     # only slots with the reference antenna: elsewhere the phases are relative to
     # another antenna, whose path the proxy differences below would not follow
@@ -419,7 +418,11 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
     for part in ctx["partitions"]:
         ms_path = io.fetch_meta(part["meta"])
         freq = np.array(msio.spw_table(ms_path)[part["spw"]]["chan_freq_hz"])
-        sols.append(delay_table("WVR", part["spw"], freq, wtimes, np.zeros(len(wtimes), int), path_m))
+        # one phase per spw, at its mean frequency, as CASA's wvrgcal tabulates it: per
+        # channel the table was 128x larger (2.3 GB on a 23 GB EB) for a phase that
+        # differs across a 2 GHz spw by 2 pi dL dnu / c, under a degree for 0.5 mm of path
+        sols.append(delay_table("WVR", part["spw"], np.array([freq.mean()]), wtimes, np.zeros(len(wtimes), int),
+                                path_m))
     save_table(io, ctx, "wvrgcal", sols, ms_path)
     register(ctx, "wvrgcal", "WVR", "linear", "all", calwt=False)
     ctx["wvr"] = {"phase_rms_before_deg": float(np.degrees(before)), "phase_rms_after_deg": float(np.degrees(after)),
@@ -556,10 +559,9 @@ def lowgainflag(ctx: dict, params: dict, io: StageIO) -> QA:
     ants = ctx["observation"]["antennas"]
     low = set()
     for part in ctx["partitions"]:
-        _, vis = read_part(io, part, fields=bp_ids)
-        model = point_model(vis, field_models(ctx, unit_for=bp_ids))
-        g = solve_term(vis, model, SolveSpec(kind="G", solint="inf", calmode="ap", refant=refant_id(ctx),
-                                             minsnr=0.0, preapply=preapply(ctx, io, part["spw"])))
+        _, vis = read_averaged(io, part, bp_ids, field_models(ctx, unit_for=bp_ids), preapply(ctx, io, part["spw"]))
+        g = solve_term(vis, unit_model(vis), SolveSpec(kind="G", solint="inf", calmode="ap", refant=refant_id(ctx),
+                                                       minsnr=0.0))
         amp = np.where(g.flag, np.nan, np.abs(g.cparam))[:, 0, :]
         per_ant = {int(a): np.nanmedian(amp[g.antenna == a]) for a in np.unique(g.antenna)
                    if np.isfinite(amp[g.antenna == a]).any()}

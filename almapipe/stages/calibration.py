@@ -22,7 +22,8 @@ from .base import (CAL_READS, COMBINE, QA, SOLINT, Param, StageError, StageIO, f
 from ..calibration import fluxcsv, fluxmodels, solar_system  # noqa: E402
 from ..calibration.applycal import GainApply, apply_tables  # noqa: E402
 from ..calibration.caltable import CalSolutions, read_caltable, write_caltable  # noqa: E402
-from ..calibration.terms import SolveSpec, integration_snr, point_model, solint_seconds, solve_term  # noqa: E402
+from ..calibration.terms import (SolveSpec, antenna_snr, channel_average, integration_snr, point_model,  # noqa: E402
+                                 row_snr2, solint_seconds, solve_term, unit_model)
 from ..heuristics.callibrary import (calibrator_ids, field_map, field_models, flux_function,  # noqa: E402
                                      refant_id, register)
 from ..heuristics.channels import chan_selection, spike_channels  # noqa: E402
@@ -50,6 +51,29 @@ def read_part(io: StageIO, part: dict, fields=None, column="DATA", data: bool = 
     vis = p.read(column=column, field_ids=fields, data=data)
     io.visibilities += vis.flag.size
     return p.meta, vis
+
+
+def read_averaged(io: StageIO, part: dict, fields: list, flux_of_field: dict, earlier: list,
+                  chans: slice | None = None) -> tuple[str, msio.Vis]:
+    """What a G or T solve needs of a partition's rows of the given fields: read in row
+    blocks, the earlier tables applied and the solve's channels averaged
+    (terms.channel_average), so memory is one block plus one channel per row, not the
+    calibrators' visibilities. Solve it with unit_model(vis) and no preapply or chans."""
+    p = io.vis(part)
+    blocks = []
+    for vis in p.blocks(column="DATA", field_ids=fields, block_chunks=4):
+        io.visibilities += vis.flag.size
+        blocks.append(channel_average(vis, point_model(vis, flux_of_field), chans, earlier))
+    if not blocks:                                   # no rows: an empty one-channel Vis
+        empty = p.read_rows(np.zeros(0, np.int64), data=True)
+        blocks.append(channel_average(empty, point_model(empty, flux_of_field), chans))
+    return p.meta, msio.concat_vis(blocks)
+
+
+def solve_channels(selection: str, nchan: int) -> slice:
+    """The channels a gain solve uses, from its spw parameter (CASA syntax; empty: all)."""
+    idx = np.flatnonzero(chan_selection(selection, nchan))
+    return slice(int(idx[0]), int(idx[-1]) + 1)
 
 
 def save_table(io: StageIO, ctx: dict, name: str, sols: list, ms_path: str) -> dict:
@@ -476,25 +500,22 @@ class PhaseSolver:
         src = self.spwmap.get(spw, spw)
         return src if src in self.parts else spw
 
-    def __call__(self, spw: int, solint: str, fields: list, own: tuple | None = None) -> CalSolutions:
-        """own: (vis, model, preapply) the caller already has for this spw, covering
-        at least these fields; used when the spw takes its own phases."""
+    def __call__(self, spw: int, solint: str, fields: list, own: msio.Vis | None = None) -> CalSolutions:
+        """own: this spw's rows, covering at least these fields, as read_averaged gave
+        them to the caller over the same channels; used when the spw takes its own phases."""
         src = self.source(spw)
         key = (src, solint, tuple(fields))
         if key not in self.cache:
             if src == spw and own is not None:
-                vis, model, earlier = own
-                rows = np.isin(vis.field_id, fields)
-                vis, model = vis.select(rows), model[rows]
+                vis = own.select(np.isin(own.field_id, fields))
             else:
-                _, vis = read_part(self.io, self.parts[src], fields=fields)
-                model = point_model(vis, field_models(self.ctx, unit_for=self.unit_fields))
-                earlier = preapply(self.ctx, self.io, src)
-            idx = np.flatnonzero(chan_selection(self.params["spw"], len(vis.freq)))
-            self.cache[key] = solve_term(vis, model, SolveSpec(
+                part = self.parts[src]
+                _, vis = read_averaged(self.io, part, fields, field_models(self.ctx, unit_for=self.unit_fields),
+                                       preapply(self.ctx, self.io, src),
+                                       solve_channels(self.params["spw"], self.io.vis(part).nchan))
+            self.cache[key] = solve_term(vis, unit_model(vis), SolveSpec(
                 kind="G", solint=solint, calmode="p", refant=refant_id(self.ctx),
-                minsnr=self.params["phaseup_minsnr"], chans=slice(idx[0], idx[-1] + 1),
-                preapply=earlier))
+                minsnr=self.params["phaseup_minsnr"]))
         sol = self.cache[key]
         if src == spw:
             return sol
@@ -518,24 +539,20 @@ def _gain_solve(ctx, params, io, name: str, fields: list, unit_fields: list, qa:
     phases_of = PhaseSolver(ctx, params, io, unit_fields)
     sols, transfer, ms_path = [], [], None
     for part in ctx["partitions"]:
-        ms_path, vis = read_part(io, part, fields=fields)
-        idx = np.flatnonzero(chan_selection(params["spw"], len(vis.freq)))
-        earlier = preapply(ctx, io, part["spw"])
-        model = point_model(vis, field_models(ctx, unit_for=unit_fields))
-        own = (vis, model, earlier)
-        phases = phases_of(part["spw"], params["phaseup_solint"], fields, own) if params["phaseup_solint"] \
+        # the bandpass and the rest of the library applied, the solve's channels averaged
+        ms_path, vis = read_averaged(io, part, fields, field_models(ctx, unit_for=unit_fields),
+                                     preapply(ctx, io, part["spw"]), solve_channels(params["spw"], io.vis(part).nchan))
+        phases = phases_of(part["spw"], params["phaseup_solint"], fields, vis) if params["phaseup_solint"] \
             else None
-        if phases is not None:
-            earlier = earlier + [GainApply(phases, interp="linear", calwt=False)]
-        g = solve_term(vis, model, SolveSpec(kind=params["gaintype"], solint=params["solint"],
-                                             combine=params["combine"], calmode=params["calmode"],
-                                             refant=ref, minsnr=params["minsnr"],
-                                             chans=slice(idx[0], idx[-1] + 1), preapply=earlier))
+        later = [GainApply(phases, interp="linear", calwt=False)] if phases is not None else []
+        g = solve_term(vis, unit_model(vis), SolveSpec(kind=params["gaintype"], solint=params["solint"],
+                                                       combine=params["combine"], calmode=params["calmode"],
+                                                       refant=ref, minsnr=params["minsnr"], preapply=later))
         # the table must undo everything the solve saw: phase-up phases times the gains
         sols.append(g if phases is None else combine_phase_gain(phases, g))
         _plot_gains(io, sols[-1], ctx, part["spw"], name)
         if transfer_fields is not None:
-            scan_phases = phases_of(part["spw"], params["transfer_solint"], transfer_fields, own)
+            scan_phases = phases_of(part["spw"], params["transfer_solint"], transfer_fields, vis)
             transfer.append(combine_phase_gain(scan_phases, g, amplitude_only=True))
     save_table(io, ctx, name, sols, ms_path)
     solution_qa(qa, sols, name, ctx)
@@ -654,17 +671,28 @@ def spwphaseup(ctx: dict, params: dict, io: StageIO) -> QA:
     threshold = float(params["phasesnr"])
     snr, offsets, ms_path = {}, [], None
     for part in ctx["partitions"]:
-        ms_path, vis = read_part(io, part, fields=phase_ids)
-        model = point_model(vis, field_models(ctx, unit_for=phase_ids))
-        earlier = preapply(ctx, io, part["spw"])
-        data, flag, _ = apply_tables(vis, earlier)
-        corrected = dataclasses.replace(vis, data=data, flag=flag)     # applied once, for both uses
+        # in row blocks, the library applied once for both uses: each row's SNR (from its
+        # channels) and its channel average (for the phase offsets)
+        p = io.vis(part)
+        ms_path, models, earlier = p.meta, field_models(ctx, unit_for=phase_ids), preapply(ctx, io, part["spw"])
+        snr2, averaged = [], []
+        for block in p.blocks(column="DATA", field_ids=phase_ids, block_chunks=4):
+            io.visibilities += block.flag.size
+            model = point_model(block, models)
+            data, flag, _ = apply_tables(block, earlier)
+            corrected = dataclasses.replace(block, data=data, flag=flag)
+            snr2.append(row_snr2(corrected, model))
+            averaged.append(channel_average(corrected, model))
+        if not averaged:
+            raise StageError(f"spwphaseup: spw {part['spw']} has no phase calibrator rows")
+        vis = msio.concat_vis(averaged)
         # per integration, then scaled to the interval the phases will be solved on
         int_s = float(np.median(vis.interval)) if len(vis.interval) else 1.0
         secs = int_s if solint == "int" else solint_seconds(solint)
-        snr[part["spw"]] = integration_snr(corrected, model) * np.sqrt(max(secs / int_s, 1.0))
-        offsets.append(solve_term(corrected, model, SolveSpec(kind="G", solint="inf", combine="scan", calmode="p",
-                                                              refant=ref, minsnr=params["minsnr"])))
+        snr[part["spw"]] = antenna_snr(vis.time, vis.ant1, vis.ant2, np.concatenate(snr2)) * \
+            np.sqrt(max(secs / int_s, 1.0))
+        offsets.append(solve_term(vis, unit_model(vis), SolveSpec(kind="G", solint="inf", combine="scan",
+                                                                  calmode="p", refant=ref, minsnr=params["minsnr"])))
     best = max(snr, key=snr.get)
     spwmap = {s: (s if v >= threshold else best) for s, v in snr.items()}
     for s, m in spwmap.items():

@@ -22,13 +22,13 @@ import numpy as np
 from astropy.stats import mad_std
 
 from .base import CAL_READS, QA, SOLINT, Param, StageError, StageIO, field_name, require_intent, stage
-from .calibration import preapply, read_part
+from .calibration import preapply, read_averaged
 from ..heuristics.callibrary import calibrator_ids, field_models, refant_id
 from ..heuristics.robust import robust_centre_sigma
 from ..platform.spill import ChannelSlices
 from .flagging import parse_template, template_mask
 from ..calibration.caltable import CalSolutions
-from ..calibration.terms import SolveSpec, point_model, solve_term
+from ..calibration.terms import SolveSpec, solve_term, unit_model
 
 
 def _robust(x: np.ndarray, floor: float) -> tuple[float, float]:
@@ -108,11 +108,9 @@ def gainflag(ctx: dict, params: dict, io: StageIO) -> QA:
     ants = ctx["observation"]["antennas"]
     found, new_parts = {}, []
     for part in ctx["partitions"]:
-        _, vis = read_part(io, part, fields=cal)
-        model = point_model(vis, field_models(ctx, unit_for=cal))
-        g = solve_term(vis, model, SolveSpec(kind="G", solint=params["solint"], calmode="ap",
-                                             refant=refant_id(ctx), minsnr=params["minsnr"],
-                                             preapply=preapply(ctx, io, part["spw"])))
+        _, vis = read_averaged(io, part, cal, field_models(ctx, unit_for=cal), preapply(ctx, io, part["spw"]))
+        g = solve_term(vis, unit_model(vis), SolveSpec(kind="G", solint=params["solint"], calmode="ap",
+                                                       refant=refant_id(ctx), minsnr=params["minsnr"]))
         # the scatter test is off unless asked for: on the simulated EBs it named good
         # antennas whose per-integration amplitudes vary with the atmosphere the WVR
         # leaves (decorrelation within an integration), not with their electronics
