@@ -1,4 +1,6 @@
 """Imaging kernels against injected truth: positions, fluxes, beams, continuum subtraction, FITS."""
+import dataclasses
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -85,7 +87,7 @@ def test_uvcontsub_removes_continuum_and_keeps_line():
 
 def test_findcont_finds_a_line_that_covers_most_of_the_band():
     """A line wider than half the band (as NGC 5921's HI is) must still be found."""
-    from almapipe.stages.imaging import find_continuum
+    from almapipe.imaging.findcont import find_continuum
     nchan = 40
     vis = simulate(nant=10, ntime=20, nchan=nchan, noise=0.02, flux=0.0, baseline_m=400,
                    offsets=[(1.0, 40 * ARCSEC, -30 * ARCSEC)])
@@ -96,6 +98,28 @@ def test_findcont_finds_a_line_that_covers_most_of_the_band():
     cont = find_continuum(vis)
     assert not cont[8:32].any()
     assert cont[2:6].all() and cont[34:38].all()
+
+
+def test_findcont_cube_summed_over_row_blocks_equals_the_whole():
+    """uvcontsub reads in row blocks: findcont's coarse cube summed block by block (its
+    geometry from flags and uvw only) gives the spectrum of the cube made at once."""
+    from almapipe.imaging.findcont import CubeGeometry, line_spectrum
+    nchan = 24
+    vis = simulate(nant=10, ntime=30, nchan=nchan, noise=0.05, flux=0.2, baseline_m=400,
+                   offsets=[(0.5, 40 * ARCSEC, -30 * ARCSEC)], seed=3)
+    vis.flag[:, 3] = True
+    vis.flag[::7, 10:14] = True
+    parts = [vis.select(np.isin(np.arange(len(vis.time)), idx)) for idx in np.array_split(np.arange(len(vis.time)), 4)]
+    geometry = CubeGeometry(nchan)
+    for b in parts:
+        geometry.add(dataclasses.replace(b, data=np.zeros((0,) + b.flag.shape[1:], np.complex64)))
+    cube = geometry.cube(vis.freq)
+    for b in parts:
+        cube.add(b)
+    spec, has = cube.spectrum()
+    whole, whole_has = line_spectrum(vis)
+    assert (has == whole_has).all() and not has[3]
+    np.testing.assert_allclose(spec, whole, rtol=1e-4, atol=1e-6)
 
 
 def test_automask_covers_the_sources_and_little_else():

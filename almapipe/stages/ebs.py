@@ -41,13 +41,26 @@ def read_member(io: StageIO, part: dict, fields=None, column: str = "DATA", chan
     numbers made unique across EBs (EB index x 100000). The Vis's rows are the store's
     rows of the partition, so a stage writes back through the VisPartition."""
     vp = io.vis(part)
-    vis = vp.read(column=column, field_ids=eb_field_ids(part, fields), chan=chan, data=data)
+    vis = _as_first_ebs(vp.read(column=column, field_ids=eb_field_ids(part, fields), chan=chan, data=data), part)
+    io.visibilities += vis.data.size
+    return vp, vis
+
+
+def member_blocks(io: StageIO, vp, part: dict, fields=None, column: str = "DATA", data: bool = True,
+                  block_chunks: int = 4):
+    """read_member in row blocks of the VisPartition vp (io.vis(part)): bounded memory."""
+    for vis in vp.blocks(column=column, field_ids=eb_field_ids(part, fields), data=data, block_chunks=block_chunks):
+        io.visibilities += vis.data.size
+        yield _as_first_ebs(vis, part)
+
+
+def _as_first_ebs(vis: msio.Vis, part: dict) -> msio.Vis:
+    """An MOUS member's rows with the first EB's field ids and scans unique across EBs."""
     if "field_map" in part:
         fmap = {int(k): v for k, v in part["field_map"].items()}
         vis.field_id = np.array([fmap.get(int(f), -1) for f in vis.field_id], int) if len(vis.field_id) else vis.field_id
         vis.scan = vis.scan + 100000 * int(part.get("eb", 0))
-    io.visibilities += vis.data.size
-    return vp, vis
+    return vis
 
 
 def read_group(io: StageIO, group, fields=None, column: str = "DATA", chan: slice | None = None,

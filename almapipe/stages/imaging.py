@@ -8,14 +8,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from astropy.stats import mad_std  # noqa: E402
 
 from .base import (QA, Param, StageError, StageIO, field_ids_with, field_name, require_intent, spw_info,  # noqa: E402
                    stage, with_defaults)
-from .ebs import as_group, eb_field_ids, read_group, read_member, spw_groups, view_name  # noqa: E402
+from .ebs import as_group, eb_field_ids, member_blocks, read_group, spw_groups, view_name  # noqa: E402
 from ..heuristics.callibrary import calibrator_ids  # noqa: E402
-from ..heuristics.robust import robust_rms, robust_sigma  # noqa: E402
+from ..heuristics.robust import robust_rms  # noqa: E402
 from ..imaging import gridding  # noqa: E402
+from ..imaging.findcont import CubeGeometry, continuum_from_spectra  # noqa: E402
 from ..imaging.frames import channel_shifts, lsrk_factor, lsrk_factors, max_drift_channels  # noqa: E402
 from ..imaging.imager import (ImageSpec, Planes, TaylorPlanes, aggregate_samples, clean_planes,  # noqa: E402
                               clean_taylor, join_planes, restore_planes, restore_taylor_planes, stokes_i)
@@ -82,67 +82,6 @@ def split(ctx: dict, params: dict, io: StageIO) -> QA:
 
 
 # ------------------------------------------------------------------ findcont + uvcontsub
-
-def line_spectrum(vis: msio.Vis, npix: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(per-channel peak SNR of the continuum-free dirty cube, channels with data).
-
-    A coarse dirty cube (a few pixels per beam, covering the inner primary beam)
-    is made; each pixel's median over channels (its continuum) is subtracted, and
-    the peak of what is left in each channel is the spectrum in which line
-    emission stands out wherever in the field it is (as ALMA's findcont works on
-    the dirty cube rather than on visibilities). Every channel is gridded at one
-    reference frequency, so all have the same PSF: with each channel's own, a bright
-    source's sidelobes move across the band and what the median leaves looks like
-    line emission. (Positions scale by f / f_ref instead, a small fraction of a
-    coarse pixel near the centre of a spw a few percent wide.)"""
-    nchan = len(vis.freq)
-    cross = vis.ant1 != vis.ant2
-    uvmax = np.percentile(np.hypot(vis.uvw[cross, 0], vis.uvw[cross, 1]), 95) * vis.freq.max() / 299792458.0
-    cell = 1.0 / max(uvmax, 1e-9) / 3.0                      # radians: ~3 pixels per beam
-    si = stokes_i(vis, np.arange(nchan))
-    uvw, data, w = si.uvw, si.data, si.weight
-    has_data = w.sum(axis=0) > 0
-    f_ref = np.array([vis.freq[has_data].mean() if has_data.any() else vis.freq.mean()])
-    cube = np.zeros((nchan, npix, npix))
-    for c in np.flatnonzero(has_data):
-        cube[c] = gridding.dirty(uvw, f_ref, data[:, c:c + 1], w[:, c:c + 1], npix, cell)
-    cont = np.median(cube[has_data], axis=0)
-    resid = (cube - cont[None]).reshape(nchan, -1)
-    # peak signal-to-noise per channel: channels are noisier where the bandpass rolls off
-    rms = mad_std(resid, axis=1)
-    spec = resid.max(axis=1) / np.where(rms > 0, rms, np.inf)
-    return np.where(has_data, spec, 0.0), has_data
-
-
-def find_continuum(vis: msio.Vis, edge_frac: float = 0.05, nsigma: float = 5.0,
-                   min_peak_snr: float = 6.0) -> np.ndarray:
-    """Line-free channels: those whose continuum-free dirty-cube peak SNR (line_spectrum)
-    is neither nsigma above the quiet channels' level nor above min_peak_snr (noise
-    peaks in the coarse cube reach ~4), with line channels grown by two; the band
-    edges and flagged channels are left out. A mosaic's pointings are looked at one
-    by one (each is phased to its own centre), a channel's SNR the highest of them."""
-    nchan = len(vis.freq)
-    fields = np.unique(vis.field_id)
-    spectra = [line_spectrum(vis)] if len(fields) < 2 else \
-        [line_spectrum(vis.select(vis.field_id == f)) for f in fields]
-    spec = np.max([sp for sp, _ in spectra], axis=0)
-    has_data = np.any([h for _, h in spectra], axis=0)
-    edge = max(1, int(round(edge_frac * nchan)))
-    inner = has_data.copy()
-    inner[:edge] = inner[nchan - edge:] = False
-    if inner.sum() < 3:
-        return inner
-    # the baseline from the quietest 30 % of the channels: a line may cover most of
-    # the band (NGC 5921's HI covers 60 %), so the median can sit on the line
-    vals = np.sort(spec[inner])
-    low = vals[:max(3, int(0.3 * len(vals)))]
-    centre = np.median(low)
-    sigma = robust_sigma(low) or 1e-12
-    threshold = max(centre + nsigma * sigma, min_peak_snr)
-    line = (spec > threshold) & has_data
-    line = np.convolve(line, np.ones(5), "same") > 0          # grown by two channels each side
-    return inner & ~line
-
 
 def cont_dat_text(entries: list) -> str:
     """ALMA cont.dat: per field and spw, frequency ranges in GHz with the frame."""
@@ -229,14 +168,16 @@ def _ranges_ghz(freq: np.ndarray, mask: np.ndarray) -> list:
     return [(float(freq[r].min() / 1e9), float(freq[r].max() / 1e9)) for r in runs]
 
 
-def continuum_channels(ctx: dict, params: dict, user: dict, vis: msio.Vis, spw: int, fids: list) -> tuple:
+def continuum_channels(ctx: dict, params: dict, user: dict, freq: np.ndarray, times: np.ndarray, spw: int,
+                       fids: list, findcont) -> tuple:
     """The continuum channels of one target (its fields fids; several: a mosaic) in one
     spw, and where they come from: a user's cont.dat (read in LSRK), the recipe's
-    fitspw, or findcont. Returns (mask, frame, channel frequencies in the frame, origin)."""
-    nchan = len(vis.freq)
+    fitspw, or findcont() (the line-free channels of its coarse dirty cube). Returns
+    (mask, frame, channel frequencies in the frame, origin)."""
+    nchan = len(freq)
     # cont.dat is in LSRK, the data may be TOPO (ALMA's are)
-    factor, frame = lsrk_labels(ctx, spw, fids[0], vis.time)
-    freq = vis.freq * factor
+    factor, frame = lsrk_labels(ctx, spw, fids[0], times)
+    freq = freq * factor
     key = (field_name(ctx, fids[0]), spw)
     if key in user:
         mask = np.zeros(nchan, bool)
@@ -245,7 +186,7 @@ def continuum_channels(ctx: dict, params: dict, user: dict, vis: msio.Vis, spw: 
         return mask, frame, freq, "user cont.dat"
     if params["fitspw"]:
         return parse_channels(params["fitspw"], nchan), frame, freq, "recipe fitspw"
-    return find_continuum(vis), frame, freq, "findcont"
+    return findcont(), frame, freq, "findcont"
 
 
 @stage("uvcontsub", service="imager", topic="Line finding and imaging",
@@ -265,38 +206,52 @@ def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
     order = params["fitorder"]
     entries, out = [], []
     # the EBs of an MOUS together: one set of continuum ranges per target and spw, found
-    # in all their data, and subtracted from each EB's own partition
+    # in all their data, and subtracted from each EB's own partition. Everything is read
+    # in row blocks (bounded memory): the row indices first, then, when findcont is
+    # needed, the flags and uvw for its cube's geometry and the data for its cube, then
+    # the data again to subtract the continuum and write them
     for group in spw_groups(ctx["target_partitions"]):
         # the continuum-subtracted DATA go to a version of the view's VISIBILITY of their
         # own, under the name of the new partition (its other arrays stay the target's)
-        members = [read_member(io, dict(part, name=view_name(part, "contsub"))) for part in group]
-        vis = msio.concat_vis([v for _, v in members]) if len(members) > 1 else members[0][1]
+        members = [(part, io.vis(dict(part, name=view_name(part, "contsub")))) for part in group]
         spw = group[0]["spw"]
-        cont_chans, masks = {}, {}
+        freq = _common_channels(members, spw)
+        targets = []                         # (name, field ids, times) of the targets with rows here
         for fids in target_groups(ctx):
-            rows = np.isin(vis.field_id, fids)
-            if not rows.any():
-                continue
-            name = field_name(ctx, fids[0])
-            target = vis if rows.all() else vis.select(rows)
-            mask, frame, freq, origin = continuum_channels(ctx, params, user, target, spw, fids)
+            times = np.concatenate([vp.index("TIME")[vp.select(eb_field_ids(part, fids))] for part, vp in members])
+            if len(times):
+                targets.append((field_name(ctx, fids[0]), fids, times))
+        cubes = _findcont_cubes(io, members, freq, [fids for name, fids, _ in targets
+                                                     if (name, spw) not in user and not params["fitspw"]])
+        cont_chans, masks = {}, {}
+        for name, fids, times in targets:
+            mask, frame, cfreq, origin = continuum_channels(
+                ctx, params, user, freq, times, spw, fids,
+                lambda fids=fids: continuum_from_spectra([cubes[f].spectrum() for f in fids if f in cubes]))
             if mask.sum() < order + 2:
                 raise StageError(f"uvcontsub: only {mask.sum()} continuum channels for {name} in spw {spw}")
             masks[name] = (fids, mask)
             chans = format_channels(mask)
             cont_chans[name] = chans
-            entries.append({"field": name, "spw": spw, "frame": frame, "ranges_ghz": _ranges_ghz(freq, mask),
+            entries.append({"field": name, "spw": spw, "frame": frame, "ranges_ghz": _ranges_ghz(cfreq, mask),
                             "channels": chans, "origin": origin})
             qa.note(f"{name} spw {spw}: continuum channels {chans} ({origin}), fit order {order}"
                     + (f", from {len(group)} EBs." if len(group) > 1 else "."))
-            _plot_spectrum(io, target, mask, spw, name)
-        for part, (vp, mvis) in zip(group, members):
-            for fids, mask in masks.values():
-                rows = np.isin(mvis.field_id, fids)
-                if rows.any():
-                    mvis.data[rows], _ = subtract_continuum(mvis.data[rows], mvis.flag[rows], mask, order)
-            vp.write("DATA", mvis.rows, mvis.data)
+        # the spectrum each target's plot shows: the weighted vector average of its data
+        spectra = {name: [np.zeros(len(freq), complex), np.zeros(len(freq))] for name in masks}
+        for part, vp in members:
+            for blk in member_blocks(io, vp, part):
+                for name, (fids, mask) in masks.items():
+                    rows = np.isin(blk.field_id, fids)
+                    if rows.any():
+                        w = np.where(blk.flag[rows], 0, blk.weight[rows][:, None, :])
+                        spectra[name][0] += (w * blk.data[rows]).sum(axis=(0, 2))
+                        spectra[name][1] += w.sum(axis=(0, 2))
+                        blk.data[rows], _ = subtract_continuum(blk.data[rows], blk.flag[rows], mask, order)
+                vp.write("DATA", blk.rows, blk.data)
             out.append(dict(vp.commit(), cont_chans=cont_chans))
+        for name, (vsum, wsum) in spectra.items():
+            _plot_spectrum(io, np.abs(vsum / np.maximum(wsum, 1e-30)), masks[name][1], spw, name)
     text = cont_dat_text(entries)
     ctx["cont_dat_key"] = io.put_bytes(text.encode(), "cont.dat", "text/plain")["key"]
     ctx["continuum"] = entries
@@ -304,9 +259,39 @@ def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
     return qa
 
 
-def _plot_spectrum(io, vis, mask, spw, field):
-    w = np.where(vis.flag, 0, vis.weight[:, None, :])
-    spec = np.abs((w * vis.data).sum(axis=(0, 2)) / np.maximum(w.sum(axis=(0, 2)), 1e-30))
+def _common_channels(members: list, spw: int) -> np.ndarray:
+    """The channel frequencies of a spw's partitions from the EBs of an MOUS, which must
+    agree to a small fraction of a channel (msio.concat_vis's rule)."""
+    f0 = members[0][1].freq
+    for _, vp in members[1:]:
+        f = vp.freq
+        if len(f) != len(f0) or np.max(np.abs(f - f0)) > 0.5 * abs(f0[1] - f0[0] if len(f0) > 1 else 1.0):
+            raise StageError(f"spw {spw}: the execution blocks' channels differ ({len(f0)} from "
+                             f"{f0[0] / 1e9:.6f} GHz vs {len(f)} from {f[0] / 1e9:.6f} GHz)")
+    return f0
+
+
+def _findcont_cubes(io: StageIO, members: list, freq: np.ndarray, targets: list) -> dict:
+    """findcont's coarse dirty cube of each pointing (field id) of the given targets
+    (lists of field ids), summed over row blocks of every EB's partition: the geometry
+    from flags and uvw first, then the data."""
+    fids = sorted({int(f) for t in targets for f in t})
+    if not fids:
+        return {}
+    geometry = {f: CubeGeometry(len(freq)) for f in fids}
+    for part, vp in members:
+        for blk in member_blocks(io, vp, part, fields=fids, data=False):
+            for f in np.unique(blk.field_id):
+                geometry[int(f)].add(blk.select(blk.field_id == f))
+    cubes = {f: g.cube(freq) for f, g in geometry.items()}
+    for part, vp in members:
+        for blk in member_blocks(io, vp, part, fields=fids):
+            for f in np.unique(blk.field_id):
+                cubes[int(f)].add(blk.select(blk.field_id == f))
+    return cubes
+
+
+def _plot_spectrum(io, spec, mask, spw, field):
     fig, ax = plt.subplots(figsize=(8, 3.5))
     ch = np.arange(len(spec))
     ax.plot(ch, spec, "k-", lw=1)
