@@ -44,6 +44,27 @@ def _result_tables(ctx: dict, name: str) -> list:
     return spec.tables(ctx) if spec and spec.tables else []
 
 
+def _metric_rows(name: str, entries: list) -> list:
+    """The QA table of a stage's page: each metric the stage declares (stage(qa=...)),
+    with what it measures, its score (1.0, passed, when it lowered nothing) and its
+    reasons; then the entries of metrics it does not declare (an older context's),
+    grouped by metric. Lowest score first, declaration order among equals."""
+    spec = REGISTRY.get(name)
+    rows, seen = [], set()
+    for m in (spec.qa if spec else ()):
+        mine = sorted((e for e in entries if e["metric"] == m.name), key=lambda e: e["score"])
+        rows.append({"metric": m.name, "doc": m.doc, "unit": m.unit, "entries": mine, "passed": not mine,
+                     "score": mine[0]["score"] if mine else 1.0})
+        seen.add(m.name)
+    for e in entries:
+        if e["metric"] not in seen:
+            mine = sorted((x for x in entries if x["metric"] == e["metric"]), key=lambda x: x["score"])
+            rows.append({"metric": e["metric"], "doc": "", "unit": "", "entries": mine, "passed": False,
+                         "score": mine[0]["score"]})
+            seen.add(e["metric"])
+    return sorted(rows, key=lambda r: r["score"])
+
+
 def _eb_rows(ctx: dict) -> list:
     """An MOUS's execution blocks for Home: each one's run, time, reference antenna, its
     lowest stage score and its flux scale against the others'."""
@@ -170,6 +191,7 @@ def render(ctx: dict, out_dir: str, plot_files: dict, current_index: int | None 
         for m in s["metrics"]:
             m["href"] = f"#{_anchor(m['evidence'])}" if m["evidence"] else ""
             m["metric"] = m.get("metric") or s["name"]       # an older caller's reason: its stage's
+        s["checks"] = _metric_rows(s["name"], s["metrics"])
     scored = [s for s in stages if s["qa_score"] >= 0]
     worst = min(scored, key=lambda s: s["qa_score"]) if scored else None
     fields = []
