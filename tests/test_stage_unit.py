@@ -83,7 +83,8 @@ def test_a_stage_sees_every_declared_parameter_with_its_default():
 
 def test_describe_prints_a_stages_parameters():
     text = recipes.describe("bandpass")
-    for word in ("solint", "phaseup_solint", "minsnr", "default 3.0", "reads:", "writes:", "Calibration"):
+    for word in ("solint", "phaseup_solint", "minsnr", "default 3.0", "reads:", "writes:", "Calibration",
+                 "QA metrics:", "bandpass.antenna_shape: antennas whose bandpass amplitude shape"):
         assert word in text, word
     assert "niter" in recipes.describe("makeimages")
     assert "parameters: none" in recipes.describe("weblog")          # failure: the pipeline's own
