@@ -17,9 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .base import (CAL_READS, COMBINE, QA, SOLINT, Metric, Param, Score, StageError, StageIO, field_ids_with,  # noqa: E402
-                   field_name, metric,  # noqa: E402
-                   require_intent, spw_info, stage, with_defaults)
+from .base import (CAL_READS, COMBINE, QA, SOLINT, Metric, Param, Score, StageError, StageIO,  # noqa: E402
+                   field_ids_with, field_name, metric, require_intent, spw_info, stage, with_defaults)
 from ..calibration import fluxcsv, fluxmodels, solar_system  # noqa: E402
 from ..calibration.applycal import GainApply, apply_tables  # noqa: E402
 from ..calibration.caltable import CalSolutions, read_caltable, write_caltable  # noqa: E402

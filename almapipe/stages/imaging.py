@@ -10,8 +10,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from astropy.stats import mad_std  # noqa: E402
 
-from .base import (QA, Param, Score, StageError, StageIO, metric, field_ids_with, field_name, require_intent, spw_info,  # noqa: E402
-                   stage, with_defaults)
+from .base import (QA, Param, Score, StageError, StageIO, field_ids_with, field_name, metric,  # noqa: E402
+                   require_intent, spw_info, stage, with_defaults)
 from .ebs import as_group, eb_field_ids, read_group, read_member, spw_groups, view_name  # noqa: E402
 from ..heuristics.callibrary import calibrator_ids  # noqa: E402
 from ..heuristics.robust import robust_rms, robust_sigma  # noqa: E402
@@ -929,9 +929,9 @@ def _image_score(rec: dict, evidence: str) -> Score | None:
     return None
 
 
-image_rms = metric("makeimages.rms", "an image with a theoretical rms: a target's or check source's measured rms "
-                   "over the theoretical rms times the DR correction, 1 - 0.5 (ratio - 1.2) (_image_qa), a "
-                   "calibrator's by its dynamic range; below 0.9 named")(_image_score)
+image_rms = metric("makeimages.rms", "an image with a theoretical rms, by _image_qa: a target's or check source's "
+                   "measured rms over the theoretical rms times the DR correction, 1 - 0.5 (ratio - 1.2); a "
+                   "calibrator's dynamic range as makeimages.dynamic_range; below 0.9 named")(_image_score)
 image_dynamic_range = metric("makeimages.dynamic_range", "an image without a theoretical rms: its peak over its "
                              "rms, 1.0 above 100, 0.8 above 20, else 0.5 (_image_qa); below 0.9 named")(_image_score)
 
