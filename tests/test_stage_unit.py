@@ -1,6 +1,7 @@
 """The stage as a unit (decision 0016), without the stack: every stage declares its
-parameters, WebLog topic and context keys; recipes and overrides are checked against
-the declarations; the context's keys are declared; the modules import without cycles."""
+parameters, WebLog topic, context keys, QA metrics and WebLog tables; recipes and
+overrides are checked against the declarations; the context's keys are declared; every
+score names a metric its stage declares; the modules import without cycles."""
 from __future__ import annotations
 
 import ast
@@ -82,7 +83,8 @@ def test_a_stage_sees_every_declared_parameter_with_its_default():
 
 def test_describe_prints_a_stages_parameters():
     text = recipes.describe("bandpass")
-    for word in ("solint", "phaseup_solint", "minsnr", "default 3.0", "reads:", "writes:", "Calibration"):
+    for word in ("solint", "phaseup_solint", "minsnr", "default 3.0", "reads:", "writes:", "Calibration",
+                 "QA metrics:", "bandpass.antenna_shape: antennas whose bandpass amplitude shape"):
         assert word in text, word
     assert "niter" in recipes.describe("makeimages")
     assert "parameters: none" in recipes.describe("weblog")          # failure: the pipeline's own
@@ -258,3 +260,184 @@ def test_robust_statistics_are_astropys_mad_std():
     img = np.where(np.arange(x.size) % 7 == 0, np.nan, x)
     assert robust_rms(img) == pytest.approx(mad_std(img[np.isfinite(img)]))
     assert robust_sigma(np.ones(5), floor=0.1) == 0.1 and robust_rms(np.array([np.nan])) == 0.0
+
+
+# ------------------------------------------------------------------ QA metrics and WebLog tables
+
+def test_every_stage_declares_its_metrics_each_named_and_described():
+    from almapipe.stages.base import Metric
+    names = {}
+    for spec in REGISTRY.values():
+        for m in spec.qa:
+            assert isinstance(m, Metric) and m.doc, (spec.name, m)
+            # stage.what: named for its stage (joincube scores makeimages' images)
+            assert m.name.split(".")[0] in REGISTRY and m.name.count(".") == 1, m.name
+            names.setdefault(m.name, m.doc)
+            assert names[m.name] == m.doc, f"{m.name} declared twice with different docs"
+    assert len(names) >= 35
+    for name in ("bandpass", "flagdata", "lowgainflag", "applycal", "makeimages", "weblog"):
+        assert REGISTRY[name].qa, name
+
+
+def _stage_modules():
+    stage_dir = os.path.join(ROOT, "almapipe", "stages")
+    return [os.path.join(stage_dir, n) for n in sorted(os.listdir(stage_dir)) if n.endswith(".py") and n != "base.py"]
+
+
+def test_stages_score_only_through_their_metrics():
+    """No stage lowers its QA itself (QA.lower with a score and a reason); each adds
+    what a Metric returns (qa.add), so every score names its metric."""
+    found = []
+    for path in _stage_modules():
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for n in ast.walk(tree):
+            if (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "lower"
+                    and (n.args or n.keywords)):
+                found.append(f"{os.path.basename(path)}:{n.lineno}")
+    assert not found, found
+
+
+def test_a_score_of_an_undeclared_metric_fails_the_stage():
+    from almapipe.stages.base import QA, Score, StageError, metric, stage
+
+    @metric("_probe.declared", "a metric the probe declares")
+    def declared(x):
+        return Score(0.5, f"x = {x}") if x else None
+
+    @metric("_probe.other", "a metric the probe does not declare")
+    def other():
+        return Score(0.4, "other")
+
+    @stage("_probe", service="x", qa=(declared,), topic="Products")
+    def probe(ctx, params, io):
+        qa = QA()
+        qa.add(declared(ctx.get("x")))
+        if ctx.get("other"):
+            qa.add(other())
+        return qa
+    try:
+        qa = probe({"x": 3}, {}, None)
+        assert qa.score == 0.5 and qa.metrics == [{"score": 0.5, "reason": "x = 3", "metric": "_probe.declared",
+                                                   "evidence": ""}]
+        assert probe({}, {}, None).metrics == []
+        with pytest.raises(StageError, match="_probe.other not declared"):
+            probe({"other": True}, {}, None)
+    finally:
+        REGISTRY.pop("_probe")
+
+
+def _declared(stage_name: str) -> set:
+    return {m.name for m in REGISTRY[stage_name].qa}
+
+
+def test_metric_functions_score_known_inputs_as_before():
+    from almapipe.stages import alma, calibration, flagging, imaging, outlierflag, reporting
+    from almapipe.stages.base import Score
+    s, = flagging.flagged_fraction(0.3)
+    assert s == Score(0.7, "30.0% of the data flagged beyond autocorrelations.", metric="flagdata.flagged_fraction")
+    assert flagging.flagged_fraction(0.7)[0].score == 0.0 and flagging.flagged_fraction(0.05) == []
+    s, = alma.low_gain_antennas(["DA48"], 10, 0.3)
+    assert (s.score, s.evidence) == (pytest.approx(0.9), "table-low-gain")
+    assert s.reason == "Flagged antenna(s) DA48: gain amplitude below 30% of the array's median."
+    assert alma.low_gain_antennas([], 10, 0.3) == []
+    assert [x.score for x in alma.median_tsys(5, 1500.0, 1000.0)] == [0.6] and alma.median_tsys(5, 900.0, 1e3) == []
+    assert alma.tsys_coverage(3)[0].reason == "No Tsys spw covers science spw 3: Tsys not applied there."
+    assert alma.wvr_availability()[0].reason.startswith("No WVR spw in the EB")
+    assert alma.wvr_improvement(0.8, 1.0)[0].score == 0.5 and alma.wvr_improvement(1.5, 1.0) == []
+    flagged, missing = calibration.SOLUTION_METRICS["gaincal"]
+    s, = flagged(0.25, "gaincal", "gaincal_spw0.png")
+    assert (s.score, s.metric, s.evidence) == (0.75, "gaincal.flagged_solutions", "gaincal_spw0.png")
+    assert missing(["DA45", "DA42"], 8, "gaincal")[0].score == pytest.approx(0.75)
+    assert calibration.newly_flagged(0.2)[0].score == pytest.approx(0.8) and calibration.newly_flagged(0.05) == []
+    assert calibration.derived_flux_snr("J1", 0, 5.0)[0].reason == "J1 spw 0: derived flux SNR only 5.0."
+    assert calibration.refant_flagged("DA41", 0.3)[0].reason == "Reference antenna DA41 has 70% of its data flagged."
+    assert outlierflag.gain_outlier_antennas(2, 10, 1)[0].score == pytest.approx(0.8)
+    assert outlierflag.newly_flagged_targets(0.01, 5, 7)[0].score == pytest.approx(0.99)
+    rec = {"file": "t.pbcor.fits", "qa_score": 0.6, "rms_jy_per_beam": 2e-3, "theoretical_rms_jy_per_beam": 1e-3}
+    s, = imaging.image_rms(rec, "t.png")
+    assert s == Score(0.6, "t.pbcor.fits: rms 2.00 mJy/beam vs theoretical 1.00.", "t.png", "makeimages.rms")
+    assert imaging.not_imaged("T spw 0 (mfs)", "no data") == []
+    assert reporting.weblog_weight(60e6, 1e6)[0].metric == "weblog.weight"
+
+
+def test_each_stages_scores_name_metrics_it_declares():
+    """The metric functions of a few real stages, with inputs that lower them, through
+    QA.add: every entry names a metric its stage declares."""
+    import numpy as np
+    from almapipe.calibration.caltable import CalSolutions
+    from almapipe.stages import alma, calibration, flagging, imaging
+    from almapipe.stages.base import QA
+    cases = {
+        "flagdata": [flagging.flagged_fraction(0.3)],
+        "lowgainflag": [alma.low_gain_antennas(["DA48"], 10, 0.3)],
+        "wvrgcal": [alma.wvr_radiometers(["DA44"]), alma.wvr_improvement(0.9, 1.0), alma.wvr_fit_phases(3)],
+        "bandpass": [calibration.bandpass_outliers([{"antenna": "DA45", "spw": 5, "why": "amplitude shape off"}]),
+                     calibration.phaseup_snr("J1924-2914", 5, 4.0, 20.0, "60s")],
+        "makeimages": [imaging.not_imaged("T spw 0 (mfs)", "all data flagged"),
+                       imaging.image_dynamic_range({"file": "c.fits", "qa_score": 0.5, "rms_jy_per_beam": 1e-3},
+                                                   "c.png")],
+    }
+    for name, scores in cases.items():
+        qa = QA()
+        for s in scores:
+            qa.add(s)
+        assert qa.score < 1 and len(qa.metrics) == len(scores), name
+        assert {m["metric"] for m in qa.metrics} <= _declared(name), (name, qa.metrics)
+    # solution_qa, as the solves call it: a flagged antenna and flagged solutions
+    ctx = {"observation": {"antennas": [{"id": i, "name": f"DA{41 + i}", "has_data": True} for i in range(4)]}}
+    flag = np.zeros((4, 1, 2), bool)
+    flag[3] = True
+    flag[0, 0, 0] = True
+    sol = CalSolutions("G", 0, np.array([1e11]), np.zeros(4), np.ones(4), np.zeros(4, int), np.ones(4, int),
+                       np.arange(4), np.ones((4, 1, 2), complex), flag, np.full((4, 1, 2), 50.0))
+    for stage_name, what in (("gaincal", "gaincal"), ("spwphaseup", "spw phase offset")):
+        qa = QA()
+        calibration.solution_qa(qa, [sol], what, ctx, stage_name)
+        assert [m["metric"] for m in qa.metrics] == [f"{stage_name}.flagged_solutions",
+                                                     f"{stage_name}.antennas_without_solutions"]
+        assert {m["metric"] for m in qa.metrics} <= _declared(stage_name)
+        assert qa.metrics[1]["reason"] == f"No {what} solutions for antenna(s) DA44: all their data are flagged."
+
+
+class _LogIO:
+    def __init__(self):
+        self.lines = []
+
+    def log(self, msg, *args):
+        self.lines.append(msg % args if args else msg)
+
+
+def test_a_real_stage_scores_through_its_declared_metrics():
+    """fluxconsistency run as the worker runs it (the registered function): the EB off
+    the others' flux scale is named by fluxconsistency.eb_outliers."""
+    def eb(name, scale):
+        return {"ms_name": name, "fluxscale": [{"field": "J1832-2039", "spw": s, "flux_jy": 0.5 * scale,
+                                                "flux_err_jy": 0.001} for s in (0, 1)]}
+    ctx = {"fields": [{"id": 1, "name": "J1832-2039", "intents": ["PHASE"]}], "target_partitions": [],
+           "ebs": [eb("a", 1.0), eb("b", 1.08), eb("c", 0.998)]}
+    qa = REGISTRY["fluxconsistency"].fn(ctx, {}, _LogIO())
+    assert [(m["metric"], m["score"]) for m in qa.metrics] == [("fluxconsistency.eb_outliers", 0.6)]
+    assert "EB b: flux scale +8.0% from the EBs' median" in qa.metrics[0]["reason"]
+    ctx = dict(ctx, fields=[])                     # no phase calibrator: nothing compared
+    qa = REGISTRY["fluxconsistency"].fn(ctx, {}, _LogIO())
+    assert [m["metric"] for m in qa.metrics] == ["fluxconsistency.compared"] and qa.score == 0.8
+
+
+def test_the_weblog_tables_come_from_the_stages_declarations():
+    from almapipe.report import weblog
+    with_tables = {n for n, spec in REGISTRY.items() if spec.tables}
+    assert {"fluxscale", "fluxconsistency", "setjy", "refant", "lowgainflag", "bandpass", "flagdata",
+            "uvcontsub", "spwphaseup", "makeimages"} <= with_tables
+    for spec in REGISTRY.values():                   # each defined beside its stage
+        if spec.tables:
+            assert spec.tables.__module__ == spec.fn.__module__, spec.name
+    ctx = {"flags": {"lowgainflag": ["DA48"]},
+           "bandpass_antennas": {"outliers": [{"antenna": "DA45", "spw": 5, "why": "amplitude shape off"}],
+                                 "no_solutions": {"5": ["DA48"]}}}
+    t, = weblog._result_tables(ctx, "bandpass")
+    assert t["evidence"] == "table-bandpass-antennas"
+    assert t["rows"] == [["DA45", 5, "outlier: amplitude shape off"],
+                         ["DA48", "5", "no solutions: its data are flagged (lowgainflag)"]]
+    assert weblog._result_tables(ctx, "lowgainflag")[0]["evidence"] == "table-low-gain"
+    assert weblog._result_tables(ctx, "fluxscale") == [] and weblog._result_tables(ctx, "nosuch") == []

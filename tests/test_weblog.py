@@ -115,3 +115,32 @@ def test_home_opens_with_the_triage(tmp_path):
     assert 'id="ev-table-low-gain"' in (tmp_path / "stage1.html").read_text()
     assert 'id="ev-bandpass-spw5-png"' in (tmp_path / "stage3.html").read_text()
     assert (tmp_path / "stage3.log").read_text() == "bandpass log\n"
+
+
+def test_a_stage_page_lists_the_metrics_its_stage_declares(tmp_path):
+    """Each declared metric with what it measures and its score: 1.00 "passed" when it
+    lowered nothing, else its lowest score and every reason with its evidence link; a
+    score of an older context without a metric is listed under the stage's name."""
+    from almapipe.stages.base import REGISTRY
+    ctx = {"run_id": "r1", "input_key": "in", "recipe": {"name": "x", "version": 1, "stages": []},
+           "flags": {}, "fields": [], "observation": {}, "stage_results": [
+               {"index": 0, "name": "bandpass", "service": "calibrator", "qa_score": 0.7, "qa_reasons": [],
+                "duration_s": 1.0, "params": {}, "log": [], "qa_metrics": [
+                    {"score": 0.8, "reason": "DA45 off", "metric": "bandpass.antenna_shape",
+                     "evidence": "bandpass_spw5.png"},
+                    {"score": 0.8, "reason": "DA46 off", "metric": "bandpass.antenna_shape",
+                     "evidence": "bandpass_spw5.png"},
+                    {"score": 0.7, "reason": "from an older run", "metric": "", "evidence": ""}]}]}
+    (tmp_path / "s00_bandpass_spw5.png").write_bytes(b"")
+    weblog.render(ctx, str(tmp_path), {0: ["s00_bandpass_spw5.png"]})
+    page = (tmp_path / "stage0.html").read_text()
+    table = page.split('<table class="metrics">', 1)[1].split("</table>", 1)[0]
+    rows = re.findall(r"<tr>(.*?)</tr>", table, re.S)[1:]
+    metrics = [re.search(r"<td>([^<]*)</td>", r).group(1) for r in rows]
+    declared = [m.name for m in REGISTRY["bandpass"].qa]
+    assert metrics[:2] == ["bandpass", "bandpass.antenna_shape"]       # lowest first
+    assert sorted(metrics[2:]) == sorted(set(declared) - {"bandpass.antenna_shape"})
+    shape = rows[1]
+    assert "DA45 off" in shape and "DA46 off" in shape and 'href="#ev-bandpass-spw5-png"' in shape
+    assert REGISTRY["bandpass"].metric("bandpass.antenna_shape").doc.split("'")[0] in shape
+    assert all("1.00</span> passed" in r for r in rows[2:])

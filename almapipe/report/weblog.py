@@ -38,70 +38,31 @@ def _env() -> Environment:
 
 
 def _result_tables(ctx: dict, name: str) -> list:
-    if name == "fluxscale" and ctx.get("fluxscale"):
-        return [{"title": "Derived flux densities", "header": ["Field", "spw", "Flux (Jy)", "Error (Jy)", "N"],
-                 "rows": [[r["field"], r["spw"], f"{r['flux_jy']:.4f}", f"{r['flux_err_jy']:.4f}", r["n"]]
-                          for r in ctx["fluxscale"]]}]
-    if name == "fluxconsistency" and (ctx.get("flux_consistency") or {}).get("ebs"):
-        fc = ctx["flux_consistency"]
-        return [{"title": "Flux scale of each EB (phase calibrators against the MOUS's weighted mean)",
-                 "header": ["EB", "Ratio", "Error", "Factor applied", "Disagrees"],
-                 "rows": [[eb, f"{s['ratio']:.4f}", f"{s['ratio_err']:.4f}",
-                           f"{s['factor']:.4f}" if fc.get("equalized") else "-", "yes" if eb in fc["outliers"] else ""]
-                          for eb, s in fc["ebs"].items()]},
-                {"title": "Per field and spw", "header": ["EB", "Field", "spw", "Flux (Jy)", "Error (Jy)",
-                                                          "Mean (Jy)", "Ratio"],
-                 "rows": [[r["eb"], r["field"], r["spw"], f"{r['flux_jy']:.4f}", f"{r['flux_err_jy']:.4f}",
-                           f"{r['mean_jy']:.4f}", f"{r['ratio']:.4f}"] for r in fc["table"]]}]
-    if name == "setjy" and ctx.get("setjy"):
-        return [{"title": "Flux density models", "header": ["Field", "spw", "Frequency (GHz)", "Flux (Jy)", "Model"],
-                 "rows": [[r["field"], r["spw"], f"{r['freq_hz'] / 1e9:.6f}", f"{r['flux_jy']:.4f}", r["model"]]
-                          for r in ctx["setjy"]]}]
-    if name == "refant" and ctx.get("refant"):
-        return [{"title": "Reference antenna ranking", "header": ["Rank", "Antenna", "Geometry", "Flagging"],
-                 "rows": [[i + 1, a, f"{ctx['refant']['scores'][a]['geometry']:.2f}",
-                           f"{ctx['refant']['scores'][a]['flagging']:.2f}"]
-                          for i, a in enumerate(ctx["refant"]["ranked"][:10])]}]
-    if name == "lowgainflag" and ctx["flags"].get("lowgainflag"):
-        return [{"title": "Antennas flagged for low gain", "evidence": "table-low-gain",
-                 "header": ["Antenna", "Why"],
-                 "rows": [[a, "gain amplitude on the bandpass calibrator far below the array's median: "
-                              "all its data flagged"] for a in ctx["flags"]["lowgainflag"]]}]
-    if name == "bandpass" and ctx.get("bandpass_antennas"):
-        ba = ctx["bandpass_antennas"]
-        rows = [[o["antenna"], o["spw"], f"outlier: {o['why']}"] for o in ba["outliers"]]
-        rows += [[a, spw, "no solutions: its data are flagged" + (" (lowgainflag)" if a in
-                                                                  ctx["flags"].get("lowgainflag", []) else "")]
-                 for spw, names in ba["no_solutions"].items() for a in names]
-        if rows:
-            return [{"title": "Antennas to look at (marked on the per-antenna plots)", "evidence": "table-bandpass-antennas",
-                     "header": ["Antenna", "spw", "What"], "rows": rows}]
-    if name == "flagdata" and ctx["flags"].get("flagdata"):
-        fr = ctx["flags"]["flagdata"]["fractions"]
-        return [{"title": "Flagged fraction", "header": ["Reason", "Fraction"],
-                 "rows": [[k, f"{v:.4f}"] for k, v in fr.items()]}] + _flag_summary_tables(ctx)
-    if name == "uvcontsub" and ctx.get("continuum"):
-        return [{"title": "Continuum ranges (cont.dat)", "header": ["Field", "spw", "Channels", "Ranges (GHz)",
-                                                                   "Frame", "From"],
-                 "rows": [[e["field"], e["spw"], e["channels"],
-                           "; ".join(f"{a:.6f}~{b:.6f}" for a, b in e["ranges_ghz"]), e.get("frame", ""), e["origin"]]
-                          for e in ctx["continuum"]]}]
-    if name == "spwphaseup" and ctx.get("spwphaseup"):
-        up = ctx["spwphaseup"]
-        return [{"title": f"Phase SNR per {up['solint']} on the phase calibrator (threshold {up['phasesnr']:g})",
-                 "header": ["spw", "SNR", "Phases from spw"],
-                 "rows": [[s, f"{v:.1f}", up["spwmap"][s]] for s, v in up["snr"].items()]}]
-    if name == "makeimages" and ctx.get("images"):
-        return [{"title": "Images", "header": ["File", "Mode", "Beam (\")", "Peak (mJy/beam)", "rms (mJy/beam)",
-                                               "Theoretical rms", "Dirty DR", "DR correction", "QA"],
-                 "rows": [[i["file"], i["specmode"] + (" (aggregate)" if i.get("aggregate") else "")
-                           + (f", mosaic of {i['pointings']} pointings" if i.get("pointings", 1) > 1 else ""),
-                           "{:.1f} x {:.1f} @ {:.0f}".format(*i["beam_arcsec"]),
-                           f"{i['peak_jy_per_beam'] * 1e3:.2f}", f"{i['rms_jy_per_beam'] * 1e3:.3f}",
-                           f"{i['theoretical_rms_jy_per_beam'] * 1e3:.3f}" if i.get("theoretical_rms_jy_per_beam") else "",
-                           f"{i['dirty_dynamic_range']:.0f}" if i.get("dirty_dynamic_range") else "",
-                           f"{i.get('dr_correction', 1.0):.2f}", f"{i['qa_score']:.2f}"] for i in ctx["images"]]}]
-    return []
+    """The Results section of a stage's page: the tables its registration declares
+    (stage(tables=...), next to the stage in its own module)."""
+    spec = REGISTRY.get(name)
+    return spec.tables(ctx) if spec and spec.tables else []
+
+
+def _metric_rows(name: str, entries: list) -> list:
+    """The QA table of a stage's page: each metric the stage declares (stage(qa=...)),
+    with what it measures, its score (1.0, passed, when it lowered nothing) and its
+    reasons; then the entries of metrics it does not declare (an older context's),
+    grouped by metric. Lowest score first, declaration order among equals."""
+    spec = REGISTRY.get(name)
+    rows, seen = [], set()
+    for m in (spec.qa if spec else ()):
+        mine = sorted((e for e in entries if e["metric"] == m.name), key=lambda e: e["score"])
+        rows.append({"metric": m.name, "doc": m.doc, "unit": m.unit, "entries": mine, "passed": not mine,
+                     "score": mine[0]["score"] if mine else 1.0})
+        seen.add(m.name)
+    for e in entries:
+        if e["metric"] not in seen:
+            mine = sorted((x for x in entries if x["metric"] == e["metric"]), key=lambda x: x["score"])
+            rows.append({"metric": e["metric"], "doc": "", "unit": "", "entries": mine, "passed": False,
+                         "score": mine[0]["score"]})
+            seen.add(e["metric"])
+    return sorted(rows, key=lambda r: r["score"])
 
 
 def _eb_rows(ctx: dict) -> list:
@@ -127,58 +88,6 @@ def _eb_rows(ctx: dict) -> list:
 def _anchor(text: str) -> str:
     """An HTML id from a plot or table name (the evidence a QA entry points at)."""
     return "ev-" + "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
-
-
-def _flag_summary_tables(ctx: dict) -> list:
-    """The flagging summary recorded by the weblog stage (ctx['flag_summary']): flagged
-    fraction per field (with its intents) x spw, and per antenna x spw, then what each
-    flagging stage flagged and why."""
-    fs = ctx.get("flag_summary") or {}
-    tables = []
-    if fs:
-        spws = sorted(fs, key=int)
-        intents = {f["name"]: f["intents"] for f in ctx.get("fields", [])}
-
-        def cells(kind: str, name: str) -> list:
-            return [f"{fs[s][kind][name]:.3f}" if name in fs[s][kind] else "" for s in spws]
-        names = sorted({n for s in spws for n in fs[s]["fields"]})
-        tables.append({"title": "Flagged fraction per field and spw (after applycal)", "evidence": "table-flag-fields",
-                       "header": ["Field", "Intents"] + [f"spw {s}" for s in spws],
-                       "rows": [[n, ", ".join(intents.get(n, []))] + cells("fields", n) for n in names]})
-        ants = [a["name"] for a in ctx.get("observation", {}).get("antennas", [])
-                if any(a["name"] in fs[s]["antennas"] for s in spws)]
-        tables.append({"title": "Flagged fraction per antenna and spw (after applycal)",
-                       "evidence": "table-flag-antennas", "header": ["Antenna"] + [f"spw {s}" for s in spws],
-                       "rows": [[a] + cells("antennas", a) for a in ants]})
-    rows = [[stage, what] for stage, what in _flag_reasons(ctx)]
-    if rows:
-        tables.append({"title": "What each flagging stage flagged", "header": ["Stage", "Flagged, and why"],
-                       "rows": rows})
-    return tables
-
-
-def _flag_reasons(ctx: dict) -> list:
-    """(stage, what it flagged and why) from each flagging stage's record in ctx['flags']."""
-    f = ctx.get("flags", {})
-    out = []
-    for k, v in (f.get("flagdata") or {}).get("fractions", {}).items():
-        out.append(("flagdata", f"{k}: {v:.2%} of the data"))
-    for name, spws in (f.get("fluxcalflag") or {}).items():
-        for spw, ch in spws.items():
-            out.append(("fluxcalflag", f"{name} spw {spw}: {len(ch)} channels on its lines"))
-    for spw, ch in (f.get("rawflagchans") or {}).items():
-        out.append(("rawflagchans", f"spw {spw}: channels {', '.join(map(str, ch))} stand out in the raw spectra"))
-    for r in f.get("tsysflag") or []:
-        out.append(("tsysflag", r))
-    for a in f.get("lowgainflag") or []:
-        out.append(("lowgainflag", f"antenna {a}: gain amplitude far below the array's (all data)"))
-    for spw, ants in (f.get("gainflag") or {}).items():
-        out.append(("gainflag", f"spw {spw}: antenna(s) {', '.join(ants)} with outlier gains"))
-    ft = f.get("flagtargets") or {}
-    if ft:
-        out.append(("flagtargets", f"template {ft.get('template_fraction', 0):.2%}, amplitude outliers "
-                                   f"{ft.get('outlier_fraction', 0):.2%} of the target data"))
-    return out
 
 
 def _outliers(ctx: dict, pages: dict) -> list:
@@ -282,6 +191,7 @@ def render(ctx: dict, out_dir: str, plot_files: dict, current_index: int | None 
         for m in s["metrics"]:
             m["href"] = f"#{_anchor(m['evidence'])}" if m["evidence"] else ""
             m["metric"] = m.get("metric") or s["name"]       # an older caller's reason: its stage's
+        s["checks"] = _metric_rows(s["name"], s["metrics"])
     scored = [s for s in stages if s["qa_score"] >= 0]
     worst = min(scored, key=lambda s: s["qa_score"]) if scored else None
     fields = []

@@ -25,7 +25,7 @@ import casacore.tables as ct
 import numpy as np  # noqa: E402
 from astropy.time import Time  # noqa: E402
 
-from .base import (CAL_READS, QA, Param, StageError, StageIO, field_ids_with, field_name,  # noqa: E402
+from .base import (CAL_READS, QA, Param, Score, StageError, StageIO, field_ids_with, field_name, metric,  # noqa: E402
                    require_intent, spw_info, stage, with_defaults)
 from .calibration import preapply, read_averaged, save_table  # noqa: E402
 from ..heuristics.callibrary import calibrator_ids, field_models, refant_id, register  # noqa: E402
@@ -122,7 +122,22 @@ def tsys_solutions(ms_path: str, science_spw: int, scans: list) -> tuple[CalSolu
     return sol, int(tspw)
 
 
+@metric("tsyscal.coverage", "whether every science spw has Tsys: 0.3 when the EB has none (no SYSCAL table) "
+        "or no Tsys spw covers a science spw (Tsys not applied there)")
+def tsys_coverage(spw: int | None = None, missing: str = "") -> Score:
+    """missing: why the EB has no Tsys at all; spw: a science spw no Tsys spw covers."""
+    return Score(0.3, missing or f"No Tsys spw covers science spw {spw}: Tsys not applied there.")
+
+
+@metric("tsyscal.median_tsys", "each science spw's median Tsys against max_median_tsys_k: 0.6 above it", unit="K")
+def median_tsys(spw: int, median_k: float, max_k: float) -> Score | None:
+    if median_k > max_k:
+        return Score(0.6, f"spw {spw}: median Tsys {median_k:.0f} K is very high.")
+    return None
+
+
 @stage("tsyscal", service="calibrator", topic="Calibration", reads=("observation", "fields", "partitions"),
+       qa=(tsys_coverage, median_tsys),
        writes=("tsys", "caltables", "callibrary"), params=(
            Param("max_median_tsys_k", float, 1000.0, "a spw whose median Tsys is above this is named", unit="K",
                  min=0.0),))
@@ -134,10 +149,10 @@ def tsyscal(ctx: dict, params: dict, io: StageIO) -> QA:
         try:
             found = tsys_solutions(ms_path, part["spw"], ctx["observation"]["scans"])
         except NoTsys as exc:
-            qa.lower(0.3, str(exc))
+            qa.add(tsys_coverage(missing=str(exc)))
             return qa
         if found is None:
-            qa.lower(0.3, f"No Tsys spw covers science spw {part['spw']}: Tsys not applied there.")
+            qa.add(tsys_coverage(part["spw"]))
             continue
         sol, tsys_spw = found
         t_on = 1 / np.abs(sol.cparam) ** 2
@@ -146,8 +161,7 @@ def tsyscal(ctx: dict, params: dict, io: StageIO) -> QA:
         med = float(np.median(t_on[good])) if good.any() else 0.0
         summary.append({"spw": part["spw"], "tsys_spw": tsys_spw, "median_tsys_k": med})
         qa.note(f"spw {part['spw']}: Tsys from spw {tsys_spw}, median {med:.0f} K.")
-        if med > params["max_median_tsys_k"]:
-            qa.lower(0.6, f"spw {part['spw']}: median Tsys {med:.0f} K is very high.")
+        qa.add(median_tsys(part["spw"], med, params["max_median_tsys_k"]))
         _plot_tsys(io, np.where(good, t_on, np.nan), sol.antenna, sol.freq, part["spw"], ctx["observation"]["antennas"])
     if not sols:
         return qa
@@ -330,7 +344,43 @@ def circular_residual(phase: np.ndarray, groups: np.ndarray, use: np.ndarray) ->
     return out
 
 
+NO_WVR = "no WVR correction; phases keep the atmospheric fluctuations."
+
+
+@metric("wvrgcal.availability", "whether the EB has WVR data to correct with: 0.5 when it has no WVR spw or "
+        "its data cannot be read")
+def wvr_availability(missing: str = "") -> Score:
+    """missing: why the WVR data cannot be read; none: the EB has no WVR spw."""
+    return Score(0.5, f"{missing}: {NO_WVR}" if missing else f"No WVR spw in the EB: {NO_WVR}")
+
+
+@metric("wvrgcal.calibrator_phases", "the calibrator phases left to fit the WVR path scale on (the reference "
+        "antenna's integrations, radiometers that follow the phases): 0.4 below 10, no WVR correction")
+def wvr_fit_phases(n_phases: int) -> Score | None:
+    if n_phases < 10:
+        return Score(0.4, "Too few calibrator phases to fit the WVR scale: no WVR correction.")
+    return None
+
+
+@metric("wvrgcal.radiometer", "antennas whose WVR does not follow their phases (correlation below "
+        "min_correlation): 0.8 when any, their path interpolated from the nearest antennas")
+def wvr_radiometers(bad_names: list) -> Score | None:
+    if bad_names:
+        return Score(0.8, f"WVR of {', '.join(bad_names)} does not follow the phases: "
+                          f"their path interpolated from the nearest antennas.", evidence="wvr_path.png")
+    return None
+
+
+@metric("wvrgcal.improvement_ratio", "the calibrators' phase rms before / after the WVR correction: 0.5 below "
+        "min_ratio")
+def wvr_improvement(ratio: float, min_ratio: float) -> Score | None:
+    if ratio < min_ratio:
+        return Score(0.5, f"WVR correction does not improve the phases (ratio {ratio:.2f}).", evidence="wvr_path.png")
+    return None
+
+
 @stage("wvrgcal", service="calibrator", topic="Calibration",
+       qa=(wvr_availability, wvr_fit_phases, wvr_radiometers, wvr_improvement),
        reads=CAL_READS + ("aux_partitions",),
        writes=("wvr", "caltables", "callibrary"), params=(
            Param("minsnr", float, 3.0, "per-integration phase solutions below this SNR are not used", min=0.0),
@@ -348,7 +398,7 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
     part0 = ctx["partitions"][0]
     wvr_part = ctx.get("aux_partitions", {}).get("wvr")
     if wvr_part is None:
-        qa.lower(0.5, "No WVR spw in the EB: no WVR correction; phases keep the atmospheric fluctuations.")
+        qa.add(wvr_availability())
         return qa
     try:
         w = io.vis(wvr_part).read()
@@ -356,7 +406,7 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
         wtimes, _, tb = wvr_temperatures(w.time[autos], w.ant1[autos], w.data[autos], w.flag[autos],
                                          f"{wvr_part['name']}")
     except FileNotFoundError as exc:
-        qa.lower(0.5, f"{exc}: no WVR correction; phases keep the atmospheric fluctuations.")
+        qa.add(wvr_availability(str(exc)))
         return qa
     proxy = wvr_proxy(tb)                                                     # (nt, nant)
     # Fit the path scale on the calibrators: per-integration antenna phases
@@ -393,8 +443,9 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
         if not np.isfinite(c) or abs(c) < params["min_correlation"]:
             bad_ants.append(int(a))
     good = ok & ~np.isin(ph.antenna, bad_ants) & (ph.antenna != ref)
-    if good.sum() < 10:
-        qa.lower(0.4, "Too few calibrator phases to fit the WVR scale: no WVR correction.")
+    too_few = wvr_fit_phases(int(good.sum()))
+    if too_few:
+        qa.add(too_few)
         return qa
     # the scale (rad per proxy unit): a least-squares start, then the value that
     # minimises the phase rms left after correction. Wrapped phases make the linear
@@ -430,13 +481,8 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
                   "scale_rad_per_unit": scale, "correlation": {ants[a]["name"]: c for a, c in corr.items()}}
     qa.note(f"Phase rms on the calibrators {np.degrees(before):.1f} -> {np.degrees(after):.1f} deg "
             f"(improvement ratio {ratio:.2f}).")
-    if bad_ants:
-        qa.lower(0.8, f"WVR of {', '.join(ants[a]['name'] for a in bad_ants)} does not follow the phases: "
-                      f"their path interpolated from the nearest antennas.", metric="wvrgcal.radiometer",
-                 evidence="wvr_path.png")
-    if ratio < params["min_ratio"]:
-        qa.lower(0.5, f"WVR correction does not improve the phases (ratio {ratio:.2f}).",
-                 metric="wvrgcal.improvement_ratio", evidence="wvr_path.png")
+    qa.add(wvr_radiometers([ants[a]["name"] for a in bad_ants]))
+    qa.add(wvr_improvement(ratio, params["min_ratio"]))
     _plot_wvr(io, wtimes, path_m, ants, bad_ants)
     return qa
 
@@ -490,7 +536,19 @@ def line_channels(body: str, freq_hz: np.ndarray, table: dict | None = None) -> 
     return out
 
 
-@stage("fluxcalflag", service="calibrator", topic="Flagging",
+@metric("fluxcalflag.line_fraction", "the fraction of a solar system flux calibrator's channels in a spw that "
+        "lie on its lines: 0.5 above max_fraction (its flux scale there rests on the channels left)",
+        unit="fraction")
+def line_fraction(name: str, spw: int, on_lines, max_fraction: float) -> Score | None:
+    """on_lines: the spw's channel mask of the body's lines."""
+    frac = on_lines.mean()
+    if frac > max_fraction:
+        return Score(0.5, f"{name} spw {spw}: {frac:.0%} of the channels lie on its lines; "
+                          f"its flux scale in that spw rests on {int((~on_lines).sum())} channels.")
+    return None
+
+
+@stage("fluxcalflag", service="calibrator", topic="Flagging", qa=(line_fraction,),
        reads=("fields", "observation", "partitions", "flags"), writes=("partitions", "flags"), params=(
            Param("lines", dict, None, "lines by body: {\"titan\": [[\"CO\", 0.5], ...]} (molecule, half width "
                  "in GHz); none: the built-in table"),
@@ -519,11 +577,8 @@ def fluxcalflag(ctx: dict, params: dict, io: StageIO) -> QA:
             for f, m in bad.items():
                 name = field_name(ctx, f)
                 found.setdefault(name, {})[str(part["spw"])] = np.flatnonzero(m).tolist()
-                frac = m.mean()
                 qa.note(f"{name} spw {part['spw']}: {m.sum()} channels on lines flagged.")
-                if frac > params["max_fraction"]:
-                    qa.lower(0.5, f"{name} spw {part['spw']}: {frac:.0%} of the channels lie on its lines; "
-                                  f"its flux scale in that spw rests on {int((~m).sum())} channels.")
+                qa.add(line_fraction(name, part["spw"], m, params["max_fraction"]))
             part = p.commit()
         new_parts.append(part)
     ctx["partitions"] = new_parts
@@ -546,7 +601,26 @@ def _flag_antennas_in_data(io: StageIO, ctx: dict, ant_ids: list) -> None:
     ctx["partitions"] = new_parts
 
 
-@stage("lowgainflag", service="calibrator", topic="Flagging",
+@metric("lowgainflag.antennas_flagged", "antennas with data whose gain amplitude on the bandpass calibrator is "
+        "below `fraction` of the array's median, all their data flagged: 1 - their share of the antennas")
+def low_gain_antennas(names: list, n_with_data: int, fraction: float) -> Score | None:
+    if names:
+        return Score(1 - len(names) / max(n_with_data, 1), f"Flagged antenna(s) {', '.join(names)}: gain amplitude "
+                                                            f"below {fraction:.0%} of the array's median.",
+                     evidence="table-low-gain")
+    return None
+
+
+def lowgainflag_tables(ctx: dict) -> list:
+    if not ctx["flags"].get("lowgainflag"):
+        return []
+    return [{"title": "Antennas flagged for low gain", "evidence": "table-low-gain",
+             "header": ["Antenna", "Why"],
+             "rows": [[a, "gain amplitude on the bandpass calibrator far below the array's median: "
+                          "all its data flagged"] for a in ctx["flags"]["lowgainflag"]]}]
+
+
+@stage("lowgainflag", service="calibrator", topic="Flagging", qa=(low_gain_antennas,), tables=lowgainflag_tables,
        reads=CAL_READS + ("flags",),
        writes=("partitions", "flags"), params=(
            Param("fraction", float, 0.3, "an antenna whose gain is below this fraction of the median is flagged",
@@ -575,10 +649,7 @@ def lowgainflag(ctx: dict, params: dict, io: StageIO) -> QA:
     low &= has
     if low:
         _flag_antennas_in_data(io, ctx, sorted(low))
-        names = ", ".join(ants[a]["name"] for a in sorted(low))
-        qa.lower(1 - len(low) / max(len(has), 1), f"Flagged antenna(s) {names}: gain amplitude below "
-                                                   f"{params['fraction']:.0%} of the array's median.",
-                 metric="lowgainflag.antennas_flagged", evidence="table-low-gain")
+        qa.add(low_gain_antennas([ants[a]["name"] for a in sorted(low)], len(has), params["fraction"]))
     else:
         qa.note("No low-gain antennas.")
     ctx["flags"]["lowgainflag"] = [ants[a]["name"] for a in sorted(low)]
@@ -647,7 +718,16 @@ def tsys_outliers(tsys: np.ndarray, antenna: np.ndarray, params: dict) -> tuple[
     return rows, chans, found
 
 
+@metric("tsysflag.flags", "Tsys spectra flagged (outlier antennas, rough spectra, band edges, birdies): 0.9 "
+        "when any")
+def tsys_flags(report: list) -> Score | None:
+    if report:
+        return Score(0.9, f"{len(report)} Tsys flag(s).")
+    return None
+
+
 @stage("tsysflag", service="calibrator", topic="Flagging", reads=("caltables", "observation", "partitions"),
+       qa=(tsys_flags,),
        writes=("caltables", "flags"), params=TSYSFLAG_PARAMS)
 def tsysflag(ctx: dict, params: dict, io: StageIO) -> QA:
     """Flag Tsys spectra of outlier antennas, rough spectra, band edges and birdies
@@ -678,7 +758,7 @@ def tsysflag(ctx: dict, params: dict, io: StageIO) -> QA:
         ctx["caltables"]["tsyscal"] = dict(entry, key=e["key"], sha256=e["sha256"])
         for r in report:
             qa.note(r)
-        qa.lower(0.9, f"{len(report)} Tsys flag(s).")
+        qa.add(tsys_flags(report))
     else:
         qa.note("No outlier Tsys spectra.")
     ctx["flags"]["tsysflag"] = report

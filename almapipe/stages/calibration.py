@@ -17,8 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .base import (CAL_READS, COMBINE, QA, SOLINT, Param, StageError, StageIO, field_ids_with, field_name,  # noqa: E402
-                   require_intent, spw_info, stage, with_defaults)
+from .base import (CAL_READS, COMBINE, QA, SOLINT, Metric, Param, Score, StageError, StageIO,  # noqa: E402
+                   field_ids_with, field_name, metric, require_intent, spw_info, stage, with_defaults)
 from ..calibration import fluxcsv, fluxmodels, solar_system  # noqa: E402
 from ..calibration.applycal import GainApply, apply_tables  # noqa: E402
 from ..calibration.caltable import CalSolutions, read_caltable, write_caltable  # noqa: E402
@@ -85,9 +85,36 @@ def save_table(io: StageIO, ctx: dict, name: str, sols: list, ms_path: str) -> d
     return entry
 
 
-def solution_qa(qa: QA, sols: list, what: str, ctx: dict) -> None:
+def flagged_solutions(frac: float, what: str, evidence: str = "") -> Score | None:
+    if frac > 0.0:
+        return Score(1.0 - frac, f"{frac:.1%} of the {what} solutions of the solved antennas flagged (low SNR).",
+                     evidence=evidence)
+    return None
+
+
+def antennas_without_solutions(missing: list, n_with_data: int, what: str, evidence: str = "") -> Score | None:
+    if missing:
+        return Score(1.0 - len(missing) / max(n_with_data, 1),
+                     f"No {what} solutions for antenna(s) {', '.join(sorted(missing))}: all their data are flagged.",
+                     evidence=evidence)
+    return None
+
+
+def solution_metrics(stage_name: str) -> tuple[Metric, Metric]:
+    """The two metrics of a solve's solutions (solution_qa), named for its stage."""
+    return (metric(f"{stage_name}.flagged_solutions", "the fraction of the solved antennas' solutions that are "
+                   "flagged (below minsnr): 1 - fraction", unit="fraction")(flagged_solutions),
+            metric(f"{stage_name}.antennas_without_solutions", "antennas with data but no unflagged solution: "
+                   "1 - their share of the antennas with data")(antennas_without_solutions))
+
+
+SOLUTION_METRICS = {name: solution_metrics(name) for name in ("bandpass", "gaincal", "timegaincal", "spwphaseup")}
+
+
+def solution_qa(qa: QA, sols: list, what: str, ctx: dict, stage_name: str | None = None) -> None:
     """Score the fraction of flagged solutions of the antennas that have data;
-    antennas without any unflagged solution are named rather than scored.
+    antennas without any unflagged solution are named rather than scored (the
+    metrics of SOLUTION_METRICS[stage_name], stage_name: what by default).
     No solution at all stops the run here, where the cause is."""
     ants = ctx["observation"]["antennas"]
     if all(s.flag.all() for s in sols):
@@ -105,13 +132,9 @@ def solution_qa(qa: QA, sols: list, what: str, ctx: dict) -> None:
             total += f.size
     frac = flagged / max(total, 1)
     plot = f"{what}_spw{sols[0].spw}.png"         # the per-antenna plot of the first spw, where there is one
-    if frac > 0.0:
-        qa.lower(1.0 - frac, f"{frac:.1%} of the {what} solutions of the solved antennas flagged (low SNR).",
-                 metric=f"{what}.flagged_solutions", evidence=plot)
-    if missing:
-        qa.lower(1.0 - len(missing) / max(sum(a["has_data"] for a in ants), 1),
-                 f"No {what} solutions for antenna(s) {', '.join(sorted(missing))}: all their data are flagged.",
-                 metric=f"{what}.antennas_without_solutions", evidence=plot)
+    flagged_metric, missing_metric = SOLUTION_METRICS[stage_name or what]
+    qa.add(flagged_metric(frac, what, plot))
+    qa.add(missing_metric(sorted(missing), sum(a["has_data"] for a in ants), what, plot))
     good = [s.snr[~s.flag] for s in sols if (~s.flag).any()]
     qa.note(f"Median {what} solution SNR {np.median(np.concatenate(good)) if good else 0:.1f}.")
 
@@ -138,8 +161,25 @@ def preapply(ctx: dict, io: StageIO, spw: int) -> list:
 
 # ------------------------------------------------------------------ refant
 
+@metric("refant.flagged_fraction", "the fraction of the chosen reference antenna's calibrator data that is "
+        "flagged: 0.5 above half", unit="fraction")
+def refant_flagged(name: str, unflagged: float) -> Score | None:
+    if unflagged < 0.5:
+        return Score(0.5, f"Reference antenna {name} has {1 - unflagged:.0%} of its data flagged.")
+    return None
+
+
+def refant_tables(ctx: dict) -> list:
+    if not ctx.get("refant"):
+        return []
+    return [{"title": "Reference antenna ranking", "header": ["Rank", "Antenna", "Geometry", "Flagging"],
+             "rows": [[i + 1, a, f"{ctx['refant']['scores'][a]['geometry']:.2f}",
+                       f"{ctx['refant']['scores'][a]['flagging']:.2f}"]
+                      for i, a in enumerate(ctx["refant"]["ranked"][:10])]}]
+
+
 @stage("refant", service="calibrator", topic="Calibration", reads=("observation", "fields", "partitions"),
-       writes=("refant",), params=(
+       qa=(refant_flagged,), tables=refant_tables, writes=("refant",), params=(
            Param("refant", (str, int), None, "the reference antenna (name, id or station); none: the best ranked"),))
 def refant(ctx: dict, params: dict, io: StageIO) -> QA:
     """Rank antennas by distance to the array centre and unflagged fraction (hif_refant)."""
@@ -181,8 +221,7 @@ def refant(ctx: dict, params: dict, io: StageIO) -> QA:
                      "scores": {ants[i]["name"]: {"geometry": float(geo[i]), "flagging": float(flagscore[i])}
                                 for i in order}}
     io.log("reference antennas (best first): %s", ",".join(ctx["refant"]["ranked"][:8]))
-    if frac[chosen] < 0.5:
-        qa.lower(0.5, f"Reference antenna {ants[chosen]['name']} has {1 - frac[chosen]:.0%} of its data flagged.")
+    qa.add(refant_flagged(ants[chosen]["name"], frac[chosen]))
     qa.note(f"Reference antenna {ants[chosen]['name']} ({ants[chosen]['station']}).")
     return qa
 
@@ -229,7 +268,25 @@ def solar_system_model(ctx: dict, io: StageIO, fid: int, body: str, params: dict
             "min_vis_fraction": float(params["min_vis_fraction"])}
 
 
-@stage("setjy", service="calibrator", topic="Calibration",
+@metric("setjy.resolved_out", "whether a solar system flux calibrator's disk leaves baselines to solve on in "
+        "each spw: 0.3 when its visibility is below min_vis_fraction on every baseline (no flux scale)")
+def resolved_out(name: str, spw: int, shortest_m: float, b_max_m: float, min_vis_fraction: float) -> Score | None:
+    """b_max_m: the longest baseline on which the disk's visibility is above min_vis_fraction."""
+    if shortest_m > b_max_m:
+        return Score(0.3, f"{name} spw {spw}: resolved out on every baseline (shortest {shortest_m:.0f} m, disk "
+                          f"visibility below {min_vis_fraction:.0%} beyond {b_max_m:.0f} m): no flux scale.")
+    return None
+
+
+def setjy_tables(ctx: dict) -> list:
+    if not ctx.get("setjy"):
+        return []
+    return [{"title": "Flux density models", "header": ["Field", "spw", "Frequency (GHz)", "Flux (Jy)", "Model"],
+             "rows": [[r["field"], r["spw"], f"{r['freq_hz'] / 1e9:.6f}", f"{r['flux_jy']:.4f}", r["model"]]
+                      for r in ctx["setjy"]]}]
+
+
+@stage("setjy", service="calibrator", topic="Calibration", qa=(resolved_out,), tables=setjy_tables,
        reads=("fields", "observation", "partitions", "user", "ms_name"), writes=("models", "setjy"), params=(
            Param("manual", dict, None, "flux models by field name: {flux_jy, ref_freq_hz, spix, spw_fluxes}; "
                  "they win over flux.csv and the solar system models"),
@@ -305,9 +362,7 @@ def _note_resolved(qa: QA, ctx: dict, name: str, m: dict, fn, spw_freqs: dict) -
         if longest > b_max:
             qa.note(f"{name} spw {spw}: baselines longer than {b_max:.0f} m ({q_max / 1e3:.0f} klambda) not used "
                     f"in the solves: the disk's visibility is below {m['min_vis_fraction']:.0%} of its flux there.")
-        if shortest > b_max:
-            qa.lower(0.3, f"{name} spw {spw}: resolved out on every baseline (shortest {shortest:.0f} m, disk "
-                          f"visibility below {m['min_vis_fraction']:.0%} beyond {b_max:.0f} m): no flux scale.")
+        qa.add(resolved_out(name, spw, shortest, b_max, m["min_vis_fraction"]))
     # antennas with too few baselines inside the cut get no gains on the body, so no
     # flux scale of their own (baseline lengths, not projections: an upper bound)
     b_max = q_max * 299792458.0 / max(spw_freqs.values())
@@ -339,7 +394,41 @@ BANDPASS_PARAMS = (
     Param("outlier_nsigma", float, 8.0, "flag_outliers: robust sigmas of a spike", min=0.0))
 
 
+@metric("bandpass.antenna_shape", "antennas whose bandpass amplitude shape is far from the array's "
+        "(report.plots.robust_outliers, framed red on the per-antenna plot): 0.8 each")
+def bandpass_outliers(outliers: list) -> list:
+    """outliers: [{antenna, spw, why}] from the per-antenna plot."""
+    return [Score(0.8, f"spw {o['spw']}: bandpass of antenna {o['antenna']}: {o['why']}.",
+                  evidence=f"bandpass_spw{o['spw']}.png") for o in outliers]
+
+
+@metric("bandpass.phaseup_snr", "phaseup_solint snr: the phase-up SNR the longest allowed interval reaches on the "
+        "bandpass calibrator against phaseup_snr: 0.6 below it (the bandpass may decorrelate)")
+def phaseup_snr(names: str, spw: int, expected: float, target: float, solint: str) -> Score | None:
+    if expected < target:
+        return Score(0.6, f"Bandpass calibrator {names} too weak for a phase-up in spw {spw}: SNR {expected:.1f} "
+                          f"over {solint} (wanted {target:g}); the bandpass may decorrelate.")
+    return None
+
+
+def bandpass_tables(ctx: dict) -> list:
+    """The antennas to look at: outliers and antennas without solutions (lowgainflag's
+    named), the table Home's triage links."""
+    ba = ctx.get("bandpass_antennas")
+    if not ba:
+        return []
+    rows = [[o["antenna"], o["spw"], f"outlier: {o['why']}"] for o in ba["outliers"]]
+    rows += [[a, spw, "no solutions: its data are flagged" + (" (lowgainflag)" if a in
+                                                              ctx["flags"].get("lowgainflag", []) else "")]
+             for spw, names in ba["no_solutions"].items() for a in names]
+    if not rows:
+        return []
+    return [{"title": "Antennas to look at (marked on the per-antenna plots)", "evidence": "table-bandpass-antennas",
+             "header": ["Antenna", "spw", "What"], "rows": rows}]
+
+
 @stage("bandpass", service="calibrator", topic="Calibration",
+       qa=(bandpass_outliers, phaseup_snr) + SOLUTION_METRICS["bandpass"], tables=bandpass_tables,
        reads=CAL_READS,
        writes=("caltables", "callibrary", "bandpass_phaseup", "bandpass_antennas"), params=BANDPASS_PARAMS)
 def bandpass(ctx: dict, params: dict, io: StageIO) -> QA:
@@ -372,10 +461,8 @@ def bandpass(ctx: dict, params: dict, io: StageIO) -> QA:
         sols.append(bp)
         found, unsolved = _plot_bandpass(io, bp, ctx, part["spw"])
         no_solutions[str(part["spw"])] = unsolved
-        for o in found:
-            outliers.append(o)
-            qa.lower(0.8, f"spw {o['spw']}: bandpass of antenna {o['antenna']}: {o['why']}.",
-                     metric="bandpass.antenna_shape", evidence=f"bandpass_spw{o['spw']}.png")
+        outliers += found
+        qa.add(bandpass_outliers(found))
     # named on the WebLog's Home and the bandpass page
     ctx["bandpass_antennas"] = {"outliers": outliers, "no_solutions": no_solutions}
     save_table(io, ctx, "bandpass", sols, ms_path)
@@ -411,10 +498,8 @@ def _phaseup_solint_from_snr(vis, model, ref, chans, earlier, params, qa, ctx, s
     solint = "int" if n == 1 else f"{n * int_s:g}s"
     ctx.setdefault("bandpass_phaseup", {})[str(spw)] = {"snr_per_integration": snr_int, "solint": solint,
                                                         "expected_snr": expected}
-    if expected < target:
-        names = ", ".join(field_name(ctx, int(f)) for f in np.unique(vis.field_id))
-        qa.lower(0.6, f"Bandpass calibrator {names} too weak for a phase-up in spw {spw}: SNR {expected:.1f} "
-                      f"over {solint} (wanted {target:g}); the bandpass may decorrelate.")
+    names = ", ".join(field_name(ctx, int(f)) for f in np.unique(vis.field_id))
+    qa.add(phaseup_snr(names, spw, expected, target, solint))
     qa.note(f"spw {spw}: phase-up interval {solint} (SNR per integration {snr_int:.1f}).")
     return solint
 
@@ -603,7 +688,7 @@ def _plot_gains(io, g: CalSolutions, ctx, spw, name):
         io.plot(fig, f"{name}_spw{spw}.png" if kind == "amp" else f"{name}_phase_spw{spw}.png")
 
 
-@stage("gaincal", service="calibrator", topic="Calibration",
+@stage("gaincal", service="calibrator", topic="Calibration", qa=SOLUTION_METRICS["gaincal"],
        reads=CAL_READS + ("spwphaseup",),
        writes=("caltables", "callibrary"), params=GAIN_PARAMS)
 def gaincal(ctx: dict, params: dict, io: StageIO) -> QA:
@@ -616,7 +701,16 @@ def gaincal(ctx: dict, params: dict, io: StageIO) -> QA:
     return qa
 
 
+@metric("timegaincal.flux_models", "calibrators solved without a flux model (fluxscale not run before): 0.6 "
+        "when any (solved with 1 Jy)")
+def missing_flux_models(names: list) -> Score | None:
+    if names:
+        return Score(0.6, f"No flux model for {', '.join(names)}: solved with 1 Jy (run fluxscale first).")
+    return None
+
+
 @stage("timegaincal", service="calibrator", topic="Calibration",
+       qa=(missing_flux_models,) + SOLUTION_METRICS["timegaincal"],
        reads=CAL_READS + ("spwphaseup",),
        writes=("caltables", "callibrary"), params=GAIN_PARAMS + (
            Param("interp", str, "linear", "interpolation of the gains in time", choices=("linear", "nearest")),
@@ -634,8 +728,7 @@ def timegaincal(ctx: dict, params: dict, io: StageIO) -> QA:
         set(field_ids_with(ctx, "FLUX")) - set(phase_ids)
     own = [f for f in calibrator_ids(ctx) if f not in check_only]
     missing = [field_name(ctx, f) for f in own if str(f) not in ctx.get("models", {})]
-    if missing:
-        qa.lower(0.6, f"No flux model for {', '.join(missing)}: solved with 1 Jy (run fluxscale first).")
+    qa.add(missing_flux_models(missing))
     _gain_solve(ctx, params, io, "timegaincal", own, own, qa, transfer_fields=phase_ids)
     spwmap = ctx.get("spwphaseup", {}).get("spwmap", {})
     register(ctx, "timegaincal", "G", params["interp"], "own", spwmap=spwmap)
@@ -648,7 +741,27 @@ def timegaincal(ctx: dict, params: dict, io: StageIO) -> QA:
 
 # ------------------------------------------------------------------ spwphaseup
 
+@metric("spwphaseup.phase_snr", "the best spw's phase SNR per solint on the phase calibrators against "
+        "phasesnr: 0.5 when no spw reaches it (all spws take the best one's phases)")
+def best_phase_snr(best_spw: int, best_snr: float, threshold: float, solint, phase_names: list) -> Score | None:
+    if best_snr < threshold:
+        return Score(0.5, f"No spw reaches phase SNR {threshold:g} per {solint} on "
+                          f"{', '.join(phase_names)} (best: spw {best_spw}, {best_snr:.1f}); "
+                          f"all spws take spw {best_spw}'s phases.")
+    return None
+
+
+def spwphaseup_tables(ctx: dict) -> list:
+    up = ctx.get("spwphaseup")
+    if not up:
+        return []
+    return [{"title": f"Phase SNR per {up['solint']} on the phase calibrator (threshold {up['phasesnr']:g})",
+             "header": ["spw", "SNR", "Phases from spw"],
+             "rows": [[s, f"{v:.1f}", up["spwmap"][s]] for s, v in up["snr"].items()]}]
+
+
 @stage("spwphaseup", service="calibrator", topic="Calibration",
+       qa=(best_phase_snr,) + SOLUTION_METRICS["spwphaseup"], tables=spwphaseup_tables,
        reads=CAL_READS,
        writes=("spwphaseup",), params=(
            Param("solint", (str, int, float), "int", "phase solution interval of the SNR test", pattern=SOLINT),
@@ -699,15 +812,12 @@ def spwphaseup(ctx: dict, params: dict, io: StageIO) -> QA:
         if m != s:
             qa.note(f"spw {s}: phase SNR {snr[s]:.1f} per {solint} is below {threshold:g}; its phases come "
                     f"from spw {m} (SNR {snr[m]:.1f}) with the spw phase offsets applied.")
-    if snr[best] < threshold:
-        qa.lower(0.5, f"No spw reaches phase SNR {threshold:g} per {solint} on "
-                      f"{', '.join(field_name(ctx, f) for f in phase_ids)} (best: spw {best}, {snr[best]:.1f}); "
-                      f"all spws take spw {best}'s phases.")
+    qa.add(best_phase_snr(best, snr[best], threshold, solint, [field_name(ctx, f) for f in phase_ids]))
     ctx["spwphaseup"] = {"spwmap": {str(k): v for k, v in spwmap.items()}, "snr": {str(k): v for k, v in snr.items()},
                          "phasesnr": threshold, "solint": solint}
     save_table(io, ctx, "spwphaseup", offsets, ms_path)
     register(ctx, "spwphaseup", "G", "nearest", "all", calwt=False)
-    solution_qa(qa, offsets, "spw phase offset", ctx)
+    solution_qa(qa, offsets, "spw phase offset", ctx, "spwphaseup")
     return qa
 
 
@@ -736,7 +846,29 @@ def derive_flux(g: CalSolutions, ref_ids: list, fid: int, clip: float = 5.0):
     return float(r.mean()), float(r.std(ddof=1) / np.sqrt(len(r))), int(len(r)), int((~keep).sum())
 
 
-@stage("fluxscale", service="calibrator", topic="Calibration",
+@metric("fluxscale.antennas", "whether a calibrator's flux can be derived in a spw: 0.3 when fewer than 3 "
+        "antenna gain ratios (to the flux calibrator's) are left")
+def too_few_antennas(name: str, spw: int) -> Score:
+    return Score(0.3, f"{name} spw {spw}: too few antennas to derive a flux.")
+
+
+@metric("fluxscale.snr", "a derived flux over its error: 0.5 below 10")
+def derived_flux_snr(name: str, spw: int, snr: float) -> Score | None:
+    if snr < 10:
+        return Score(0.5, f"{name} spw {spw}: derived flux SNR only {snr:.1f}.")
+    return None
+
+
+def fluxscale_tables(ctx: dict) -> list:
+    if not ctx.get("fluxscale"):
+        return []
+    return [{"title": "Derived flux densities", "header": ["Field", "spw", "Flux (Jy)", "Error (Jy)", "N"],
+             "rows": [[r["field"], r["spw"], f"{r['flux_jy']:.4f}", f"{r['flux_err_jy']:.4f}", r["n"]]
+                      for r in ctx["fluxscale"]]}]
+
+
+@stage("fluxscale", service="calibrator", topic="Calibration", qa=(too_few_antennas, derived_flux_snr),
+       tables=fluxscale_tables,
        reads=("fields", "observation", "partitions", "models", "setjy", "caltables", "ms_name"),
        writes=("fluxscale", "models", "flux_csv_key"), params=(
            Param("clip", float, 5.0, "gain ratios beyond this many robust sigmas are left out", min=0.0),))
@@ -755,7 +887,7 @@ def fluxscale(ctx: dict, params: dict, io: StageIO) -> QA:
             res = derive_flux(g, ref_ids, fid, params["clip"])
             name = field_name(ctx, fid)
             if res is None:
-                qa.lower(0.3, f"{name} spw {part['spw']}: too few antennas to derive a flux.")
+                qa.add(too_few_antennas(name, part["spw"]))
                 continue
             flux, err, n, rejected = res
             results.append({"field": name, "field_id": fid, "spw": part["spw"], "freq_hz": freq,
@@ -764,8 +896,7 @@ def fluxscale(ctx: dict, params: dict, io: StageIO) -> QA:
             io.log("flux density of %s in spw %d: %.4f +- %.4f Jy (N = %d, %d rejected)",
                    name, part["spw"], flux, err, n, rejected)
             snr = flux / err if err > 0 else np.inf
-            if snr < 10:
-                qa.lower(0.5, f"{name} spw {part['spw']}: derived flux SNR only {snr:.1f}.")
+            qa.add(derived_flux_snr(name, part["spw"], snr))
             qa.note(f"{name} spw {part['spw']}: {flux:.4f} +- {err:.4f} Jy.")
         scaled.append(CalSolutions(g.kind, g.spw, g.freq, g.time, g.interval, g.field_id, g.scan, g.antenna,
                                    cp, g.flag, g.snr, g.refant))
@@ -800,7 +931,15 @@ def fluxscale(ctx: dict, params: dict, io: StageIO) -> QA:
 PLOT_SAMPLES = 20_000_000
 
 
-@stage("applycal", service="calibrator", topic="Calibration",
+@metric("applycal.newly_flagged", "the fraction of the data applycal flagged (no solutions for them): "
+        "1 - fraction above 5%", unit="fraction")
+def newly_flagged(newly: float) -> Score | None:
+    if newly > 0.05:
+        return Score(1 - newly, f"applycal flagged {newly:.1%} more data (no solutions for them).")
+    return None
+
+
+@stage("applycal", service="calibrator", topic="Calibration", qa=(newly_flagged,),
        reads=("fields", "observation", "partitions", "callibrary", "caltables"), writes=("partitions", "flag_summary"),
        params=(Param("calwt", bool, True, "scale the weights by the gains"),))
 def applycal(ctx: dict, params: dict, io: StageIO) -> QA:
@@ -840,8 +979,7 @@ def applycal(ctx: dict, params: dict, io: StageIO) -> QA:
                              np.concatenate([f for _, _, f in shown]), ctx, part["spw"])
     ctx["partitions"] = new_parts
     newly = (flagged_after - flagged_before) / max(total, 1)
-    if newly > 0.05:
-        qa.lower(1 - newly, f"applycal flagged {newly:.1%} more data (no solutions for them).")
+    qa.add(newly_flagged(newly))
     qa.note(f"Applied {', '.join(e['table'] for e in ctx['callibrary'])}; "
             f"{flagged_after / max(total, 1):.1%} of the data now flagged.")
     return qa

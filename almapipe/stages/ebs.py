@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import QA, Param, StageIO, field_ids_with, field_name, stage
+from .base import QA, Param, Score, StageIO, field_ids_with, field_name, metric, stage
 from ..msio import ms as msio
 
 
@@ -136,7 +136,38 @@ def flux_consistency(ebs: list, phase_names: set, tolerance: float = 0.03, nsigm
     return {"table": table, "ebs": scales, "outliers": outliers, "tolerance": tolerance, "nsigma": nsigma}
 
 
-@stage("fluxconsistency", service="calibrator", topic="Calibration",
+@metric("fluxconsistency.compared", "whether the EBs' flux scales could be compared (a phase calibrator's flux "
+        "measured in two or more EBs): 0.8 when not")
+def not_compared() -> Score:
+    return Score(0.8, "No phase calibrator flux measured in two or more EBs: flux scales not compared.")
+
+
+@metric("fluxconsistency.eb_outliers", "EBs whose flux scale is beyond nsigma and tolerance from the EBs' median: "
+        "0.6 each")
+def eb_outliers(res: dict) -> list:
+    """res: flux_consistency's result."""
+    return [Score(0.6, f"EB {eb}: flux scale {res['ebs'][eb]['ratio_to_median'] - 1:+.1%} from the EBs' median "
+                       f"(beyond {res['nsigma']:g} sigma and {res['tolerance']:.0%}); check its flux calibrator's "
+                       f"model.") for eb in res["outliers"]]
+
+
+def fluxconsistency_tables(ctx: dict) -> list:
+    fc = ctx.get("flux_consistency") or {}
+    if not fc.get("ebs"):
+        return []
+    return [{"title": "Flux scale of each EB (phase calibrators against the MOUS's weighted mean)",
+             "header": ["EB", "Ratio", "Error", "Factor applied", "Disagrees"],
+             "rows": [[eb, f"{s['ratio']:.4f}", f"{s['ratio_err']:.4f}",
+                       f"{s['factor']:.4f}" if fc.get("equalized") else "-", "yes" if eb in fc["outliers"] else ""]
+                      for eb, s in fc["ebs"].items()]},
+            {"title": "Per field and spw", "header": ["EB", "Field", "spw", "Flux (Jy)", "Error (Jy)",
+                                                      "Mean (Jy)", "Ratio"],
+             "rows": [[r["eb"], r["field"], r["spw"], f"{r['flux_jy']:.4f}", f"{r['flux_err_jy']:.4f}",
+                       f"{r['mean_jy']:.4f}", f"{r['ratio']:.4f}"] for r in fc["table"]]}]
+
+
+@stage("fluxconsistency", service="calibrator", topic="Calibration", qa=(not_compared, eb_outliers),
+       tables=fluxconsistency_tables,
        reads=("ebs", "fields", "target_partitions"), writes=("flux_consistency", "target_partitions"), params=(
            Param("tolerance", float, 0.03, "EB flux scales within this fraction agree", min=0.0),
            Param("nsigma", float, 3.0, "and beyond this many sigmas disagree", min=0.0),
@@ -153,16 +184,13 @@ def fluxconsistency(ctx: dict, params: dict, io: StageIO) -> QA:
     phase = {field_name(ctx, f) for f in field_ids_with(ctx, "PHASE")}
     res = flux_consistency(ebs, phase, float(params["tolerance"]), float(params["nsigma"]))
     if not res["ebs"]:
-        qa.lower(0.8, "No phase calibrator flux measured in two or more EBs: flux scales not compared.")
+        qa.add(not_compared())
         ctx["flux_consistency"] = res
         return qa
     for eb, s in res["ebs"].items():
         io.log("EB %s: flux scale %.4f +- %.4f of the MOUS mean", eb, s["ratio"], s["ratio_err"])
         qa.note(f"EB {eb}: phase calibrator fluxes at {s['ratio']:.3f} ± {s['ratio_err']:.3f} of the weighted mean.")
-    for eb in res["outliers"]:
-        s = res["ebs"][eb]
-        qa.lower(0.6, f"EB {eb}: flux scale {s['ratio_to_median'] - 1:+.1%} from the EBs' median (beyond "
-                      f"{res['nsigma']:g} sigma and {res['tolerance']:.0%}); check its flux calibrator's model.")
+    qa.add(eb_outliers(res))
     if params["equalize"]:
         res["equalized"] = True
         new = []

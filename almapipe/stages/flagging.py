@@ -10,12 +10,13 @@ import shlex
 
 import numpy as np
 
-from .base import QA, Param, StageError, StageIO, stage
+from .base import QA, Param, Score, StageError, StageIO, metric, stage
 from ..heuristics.callibrary import calibrator_ids
 from ..heuristics.channels import spike_channels
 from ..imaging.uvcontsub import parse_channels
 from ..msio import ms as msio
 from ..msio.listobs import intents_of_modes
+from ..report.flagsummary import flag_summary_tables
 
 TEMPLATE_KEYS = {"mode", "antenna", "spw", "field", "scan", "correlation", "reason", "autocorr", "timerange"}
 
@@ -164,7 +165,28 @@ def _antenna_rows(vis, spec: str, ants: list) -> np.ndarray:
     return rows
 
 
-@stage("flagdata", service="calibrator", topic="Flagging",
+@metric("flagdata.flagged_fraction", "the fraction of the data flagged beyond autocorrelations, unused "
+        "intents, band edges, online flags and earlier flags (hifa_flagdata): 1 - fraction above 5%, 0 above 60%",
+        unit="fraction")
+def flagged_fraction(extra: float) -> Score | None:
+    if extra > 0.6:
+        return Score(0.0, f"{extra:.0%} of the data flagged beyond autocorrelations.")
+    if extra > 0.05:
+        return Score(1.0 - extra, f"{extra:.1%} of the data flagged beyond autocorrelations.")
+    return None
+
+
+def flagdata_tables(ctx: dict) -> list:
+    """What flagdata flagged by reason, then the flagging summary of the run
+    (per field, spw and antenna after applycal; what each flagging stage flagged)."""
+    if not ctx["flags"].get("flagdata"):
+        return []
+    fr = ctx["flags"]["flagdata"]["fractions"]
+    return [{"title": "Flagged fraction", "header": ["Reason", "Fraction"],
+             "rows": [[k, f"{v:.4f}"] for k, v in fr.items()]}] + flag_summary_tables(ctx)
+
+
+@stage("flagdata", service="calibrator", topic="Flagging", qa=(flagged_fraction,), tables=flagdata_tables,
        reads=("user", "observation", "fields", "partitions", "flags"), writes=("partitions", "flags"), params=(
            Param("template", str, "", "flag commands (CASA flagdata syntax); empty: the run's flag template"),
            Param("online", bool, True, "apply the online flags (FLAG_CMD)"),
@@ -245,10 +267,7 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
         io.log("flagged fraction %s: %.4f", k, v)
     # As hifa_flagdata: the score falls with the fraction flagged beyond autocorrelations.
     extra = frac["total"] - frac["autocorr"] - frac["intents"] - frac["edges"] - frac["before"] - frac["online"]
-    if extra > 0.6:
-        qa.lower(0.0, f"{extra:.0%} of the data flagged beyond autocorrelations.")
-    elif extra > 0.05:
-        qa.lower(1.0 - extra, f"{extra:.1%} of the data flagged beyond autocorrelations.")
+    qa.add(flagged_fraction(extra))
     qa.note(f"Flagged in total {frac['total']:.1%} (autocorrelations {frac['autocorr']:.1%}, intents not used "
             f"for calibration {frac['intents']:.1%}, band edges {frac['edges']:.1%}, zeros {frac['zeros']:.2%}, "
             f"shadowing {frac['shadow']:.2%}, online flags {frac['online']:.2%} ({len(online)} commands), "
@@ -271,7 +290,15 @@ def outlier_channels(wsum: np.ndarray, w: np.ndarray, nsigma: float = 8.0) -> np
     return spike_channels(spec, w > 0, nsigma)
 
 
-@stage("rawflagchans", service="calibrator", topic="Flagging",
+@metric("rawflagchans.channel_fraction", "the channels flagged as outliers, as a fraction of the science "
+        "spws' channels: 0.6 above 10%", unit="fraction")
+def flagged_channels(nflag: int, total: int) -> Score | None:
+    if nflag > 0.1 * max(total, 1):
+        return Score(0.6, f"{nflag} channels flagged as outliers: more than 10% of the band.")
+    return None
+
+
+@stage("rawflagchans", service="calibrator", topic="Flagging", qa=(flagged_channels,),
        reads=("fields", "observation", "partitions", "flags"), writes=("partitions", "flags"), params=(
            Param("nsigma", float, 8.0, "robust sigmas of a spiking channel", min=0.0),))
 def rawflagchans(ctx: dict, params: dict, io: StageIO) -> QA:
@@ -300,6 +327,5 @@ def rawflagchans(ctx: dict, params: dict, io: StageIO) -> QA:
         qa.note("No outlier channels.")
     nflag = sum(len(v) for v in found.values())
     total = sum(s["nchan"] for s in ctx["observation"]["spws"] if any(p["spw"] == s["id"] for p in ctx["partitions"]))
-    if nflag > 0.1 * max(total, 1):
-        qa.lower(0.6, f"{nflag} channels flagged as outliers: more than 10% of the band.")
+    qa.add(flagged_channels(nflag, total))
     return qa

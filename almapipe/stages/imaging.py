@@ -9,8 +9,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .base import (QA, Param, StageError, StageIO, field_ids_with, field_name, require_intent, spw_info,  # noqa: E402
-                   stage, with_defaults)
+from .base import (QA, Param, Score, StageError, StageIO, field_ids_with, field_name, metric,  # noqa: E402
+                   require_intent, spw_info, stage, with_defaults)
 from .ebs import as_group, eb_field_ids, member_blocks, read_group, spw_groups, view_name  # noqa: E402
 from ..heuristics.callibrary import calibrator_ids  # noqa: E402
 from ..heuristics.robust import robust_rms  # noqa: E402
@@ -189,7 +189,18 @@ def continuum_channels(ctx: dict, params: dict, user: dict, freq: np.ndarray, ti
     return findcont(), frame, freq, "findcont"
 
 
-@stage("uvcontsub", service="imager", topic="Line finding and imaging",
+def uvcontsub_tables(ctx: dict) -> list:
+    """The continuum ranges of each target and spw, as cont.dat has them."""
+    if not ctx.get("continuum"):
+        return []
+    return [{"title": "Continuum ranges (cont.dat)", "header": ["Field", "spw", "Channels", "Ranges (GHz)",
+                                                               "Frame", "From"],
+             "rows": [[e["field"], e["spw"], e["channels"],
+                       "; ".join(f"{a:.6f}~{b:.6f}" for a, b in e["ranges_ghz"]), e.get("frame", ""), e["origin"]]
+                      for e in ctx["continuum"]]}]
+
+
+@stage("uvcontsub", service="imager", topic="Line finding and imaging", tables=uvcontsub_tables,
        reads=("user", "fields", "observation", "target_partitions"),
        writes=("continuum", "contsub_partitions", "cont_dat_key"), params=(
            Param("fitspw", str, "", "continuum channels, CASA syntax (0:4~6;50~59); empty: cont.dat, else findcont"),
@@ -828,10 +839,7 @@ class ImageJob:
             rec["peak_channel"] = int(np.flatnonzero(self.chans)[stats["peak_plane"]])
             rec["spectrum_png"] = _cube_spectrum(io, res, base, np.flatnonzero(self.chans), peak_ok)
         rec["qa_score"] = _image_qa(rec)
-        if rec["qa_score"] < 0.9:
-            qa.lower(rec["qa_score"], f"{rec['file']}: rms {stats['rms'] * 1e3:.2f} mJy/beam"
-                     + (f" vs theoretical {theo * 1e3:.2f}" if theo else "") + ".",
-                     metric="makeimages.rms" if theo else "makeimages.dynamic_range", evidence=f"{base}.png")
+        qa.add((image_rms if theo else image_dynamic_range)(rec, f"{base}.png"))
         io.log("%s: peak %.4f Jy/beam, rms %.5f Jy/beam, beam %s", rec["file"], stats["peak"], stats["rms"],
                rec["beam_arcsec"])
         return rec
@@ -897,6 +905,44 @@ MAKEIMAGES_PARAMS = (
 IMAGING_READS = ("observation", "fields", "partitions", "target_partitions", "contsub_partitions", "continuum")
 
 
+def _image_score(rec: dict, evidence: str) -> Score | None:
+    """An image record's score (_image_qa, rec["qa_score"]) when below 0.9, with its rms."""
+    if rec["qa_score"] < 0.9:
+        theo = rec.get("theoretical_rms_jy_per_beam")
+        return Score(rec["qa_score"], f"{rec['file']}: rms {rec['rms_jy_per_beam'] * 1e3:.2f} mJy/beam"
+                     + (f" vs theoretical {theo * 1e3:.2f}" if theo else "") + ".", evidence=evidence)
+    return None
+
+
+image_rms = metric("makeimages.rms", "an image with a theoretical rms, by _image_qa: a target's or check source's "
+                   "measured rms over the theoretical rms times the DR correction, 1 - 0.5 (ratio - 1.2); a "
+                   "calibrator's dynamic range as makeimages.dynamic_range; below 0.9 named")(_image_score)
+image_dynamic_range = metric("makeimages.dynamic_range", "an image without a theoretical rms: its peak over its "
+                             "rms, 1.0 above 100, 0.8 above 20, else 0.5 (_image_qa); below 0.9 named")(_image_score)
+
+
+@metric("makeimages.not_imaged", "images not made (all their data flagged, larger than max_imsize; a field without "
+        "data in a spw excepted): 0.5 each")
+def not_imaged(label: str, why: str) -> Score | None:
+    if why and why != "no data":
+        return Score(0.5, f"{label}: {why}; not imaged.")
+    return None
+
+
+def makeimages_tables(ctx: dict) -> list:
+    if not ctx.get("images"):
+        return []
+    return [{"title": "Images", "header": ["File", "Mode", "Beam (\")", "Peak (mJy/beam)", "rms (mJy/beam)",
+                                           "Theoretical rms", "Dirty DR", "DR correction", "QA"],
+             "rows": [[i["file"], i["specmode"] + (" (aggregate)" if i.get("aggregate") else "")
+                       + (f", mosaic of {i['pointings']} pointings" if i.get("pointings", 1) > 1 else ""),
+                       "{:.1f} x {:.1f} @ {:.0f}".format(*i["beam_arcsec"]),
+                       f"{i['peak_jy_per_beam'] * 1e3:.2f}", f"{i['rms_jy_per_beam'] * 1e3:.3f}",
+                       f"{i['theoretical_rms_jy_per_beam'] * 1e3:.3f}" if i.get("theoretical_rms_jy_per_beam") else "",
+                       f"{i['dirty_dynamic_range']:.0f}" if i.get("dirty_dynamic_range") else "",
+                       f"{i.get('dr_correction', 1.0):.2f}", f"{i['qa_score']:.2f}"] for i in ctx["images"]]}]
+
+
 def chunk_masks(chans: np.ndarray, n: int) -> list:
     """n channel masks splitting the selected channels into contiguous, nearly equal ranges."""
     idx = np.flatnonzero(chans)
@@ -909,6 +955,7 @@ def chunk_masks(chans: np.ndarray, n: int) -> list:
 
 
 @stage("makeimages", service="imager", topic="Line finding and imaging", reads=IMAGING_READS,
+       qa=(not_imaged, image_rms, image_dynamic_range), tables=makeimages_tables,
        writes=("images", "fanout"), params=MAKEIMAGES_PARAMS)
 def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
     """Per-spw mfs images of the calibrators, the target's continuum (per spw and
@@ -926,8 +973,7 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
         im = ImageJob(ctx, io, job, theoretical)
         why = im.prepare()
         if why:
-            if why != "no data":
-                qa.lower(0.5, f"{im.label()}: {why}; not imaged.")
+            qa.add(not_imaged(im.label(), why))
             continue
         if job[0] == "cube" and chunks > 1:
             # the heuristics (image size, cell, theoretical noise) from the whole spw, once:
@@ -991,6 +1037,7 @@ def imagecube_chunk(ctx: dict, params: dict, io: StageIO) -> QA:
 
 
 @stage("joincube", service="imager", topic="Line finding and imaging", reads=IMAGING_READS + ("images",),
+       qa=(image_rms, image_dynamic_range),
        writes=("images",), params=MAKEIMAGES_PARAMS + (
            Param("pieces", list, None, "the keys of the pieces' results", internal=True),))
 def joincube(ctx: dict, params: dict, io: StageIO) -> QA:

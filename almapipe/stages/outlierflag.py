@@ -21,7 +21,8 @@ import tempfile
 import numpy as np
 from astropy.stats import mad_std
 
-from .base import CAL_READS, QA, SOLINT, Param, StageError, StageIO, field_name, require_intent, stage
+from .base import (CAL_READS, QA, SOLINT, Param, Score, StageError, StageIO, field_name, metric, require_intent,
+                   stage)
 from .calibration import preapply, read_averaged
 from ..heuristics.callibrary import calibrator_ids, field_models, refant_id
 from ..heuristics.robust import robust_centre_sigma
@@ -90,7 +91,16 @@ def gain_outliers(g: CalSolutions, nsigma: float = 4.0, min_factor: float = 2.0,
     return out
 
 
-@stage("gainflag", service="calibrator", topic="Flagging",
+@metric("gainflag.antennas_flagged", "antennas flagged for outlier gains in the spw with the most: 1 - their "
+        "share of the antennas with data")
+def gain_outlier_antennas(worst: int, n_with_data: int, n_spws: int) -> Score | None:
+    """worst: the most antennas flagged in one spw; n_spws: the spws with any."""
+    if worst:
+        return Score(1 - worst / n_with_data, f"Antennas with outlier gains flagged in {n_spws} spw(s).")
+    return None
+
+
+@stage("gainflag", service="calibrator", topic="Flagging", qa=(gain_outlier_antennas,),
        reads=CAL_READS + ("flags",),
        writes=("partitions", "flags"), params=(
            Param("solint", (str, int, float), "int", "gain solution interval", pattern=SOLINT),
@@ -132,9 +142,8 @@ def gainflag(ctx: dict, params: dict, io: StageIO) -> QA:
     ctx["flags"]["gainflag"] = found
     n_has = max(sum(a["has_data"] for a in ants), 1)
     worst = max((len(v) for v in found.values()), default=0)
-    if worst:
-        qa.lower(1 - worst / n_has, f"Antennas with outlier gains flagged in {len(found)} spw(s).")
-    else:
+    qa.add(gain_outlier_antennas(worst, n_has, len(found)))
+    if not worst:
         qa.note("No antenna with outlier gains.")
     return qa
 
@@ -296,8 +305,17 @@ def _flag_targets_in(p, targets: list, commands: list, ctx: dict, params: dict, 
     return changed or bool(found)
 
 
+@metric("flagtargets.newly_flagged", "the fraction of the target data newly flagged (template and amplitude "
+        "outliers), as ALMA scores it: 1 - fraction", unit="fraction")
+def newly_flagged_targets(newly: float, outliers: int, template: int) -> Score | None:
+    """outliers, template: the samples flagged as amplitude outliers and by the template."""
+    if newly > 0:
+        return Score(1 - newly, f"{newly:.2%} of the target data newly flagged "
+                                f"({outliers} amplitude outlier samples, {template} by the template).")
+    return None
 
-@stage("flagtargets", service="calibrator", topic="Flagging",
+
+@stage("flagtargets", service="calibrator", topic="Flagging", qa=(newly_flagged_targets,),
        reads=("user", "fields", "observation", "partitions", "flags"), writes=("partitions", "flags"), params=(
            Param("template", str, "", "flag commands; empty: the run's flagtargets template"),
            Param("nsigma_high", float, 12.0, "robust sigmas above the uv-distance bin's median", min=0.0),
@@ -329,10 +347,7 @@ def flagtargets(ctx: dict, params: dict, io: StageIO) -> QA:
                                    "commands": len(commands)}
     io.log("targets: %d template command(s) flagged %.4f, outliers %.4f of the samples", len(commands),
            counts["template"] / total, counts["outliers"] / total)
-    # ALMA's score: 1 - the fraction newly flagged
-    if newly > 0:
-        qa.lower(1 - newly, f"{newly:.2%} of the target data newly flagged "
-                            f"({counts['outliers']} amplitude outlier samples, {counts['template']} by the template).")
-    else:
+    qa.add(newly_flagged_targets(newly, counts["outliers"], counts["template"]))
+    if newly <= 0:
         qa.note("No target data flagged: no template and no amplitude outliers.")
     return qa
