@@ -245,6 +245,17 @@ def test_no_import_cycles():
     assert find_cycle(graph) == [], " -> ".join(find_cycle(graph))
 
 
+def test_heuristics_and_kernels_import_no_stage_module():
+    """The heuristics (pure functions: flag templates, outlier tests, image sizes,
+    solution intervals, flux consistency, ...) and the kernels of calibration, imaging
+    and msio never reach into a stage module; a stage module imports them."""
+    graph = import_graph()
+    for mod, edges in graph.items():
+        if mod.startswith(("almapipe.heuristics", "almapipe.calibration", "almapipe.imaging", "almapipe.msio",
+                           "almapipe.simulate")):
+            assert not [e for e in edges if e.startswith("almapipe.stages")], (mod, edges)
+
+
 def test_the_cycle_finder_finds_a_lazy_import_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) == []

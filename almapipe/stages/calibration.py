@@ -28,6 +28,7 @@ from ..heuristics.callibrary import (calibrator_ids, field_map, field_models, fl
                                      refant_id, register)
 from ..heuristics.channels import chan_selection, spike_channels  # noqa: E402
 from ..heuristics.robust import robust_sigma  # noqa: E402
+from ..heuristics.solints import phaseup_interval  # noqa: E402
 from ..msio import ms as msio  # noqa: E402
 from ..report.plots import antenna_grid, label_panel, require_finite, robust_outliers  # noqa: E402
 
@@ -469,18 +470,6 @@ def bandpass(ctx: dict, params: dict, io: StageIO) -> QA:
     register(ctx, "bandpass", "B", "nearest", "all")
     solution_qa(qa, sols, "bandpass", ctx)
     return qa
-
-
-def phaseup_interval(snr_int: float, int_s: float, scan_s: float, target_snr: float,
-                     min_solutions: int = 2) -> tuple[int, float]:
-    """How many integrations the bandpass phase-up averages (hifa_bandpass's SNR
-    heuristic): the fewest that reach target_snr, the SNR growing as the square
-    root of the time, but no more than leave min_solutions per scan.
-    Returns (integrations, expected SNR)."""
-    need = int(np.ceil((target_snr / max(snr_int, 1e-6)) ** 2))
-    most = max(int(scan_s // (int_s * min_solutions)), 1)
-    n = int(np.clip(need, 1, most))
-    return n, float(snr_int * np.sqrt(n))
 
 
 def _phaseup_solint_from_snr(vis, model, ref, chans, earlier, params, qa, ctx, spw) -> str:
