@@ -514,7 +514,10 @@ def _plot_bandpass(io, bp: CalSolutions, ctx, spw) -> list:
     ants = [a for a in ctx["observation"]["antennas"] if a.get("has_data", True)]
     g = np.where(bp.flag, np.nan, bp.cparam)                     # (nrow, nchan, ncorr)
     chan = np.arange(len(bp.freq))
-    with np.errstate(all="ignore"):
+    # an antenna flagged in some channels gives all-NaN columns: numpy warns on each, in
+    # the worker's log, for what the NaN-aware statistics are meant to skip
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         # each antenna's amplitude shape (normalised), and its rms distance from the array's
         shape = {}
         for a in ants:
