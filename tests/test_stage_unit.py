@@ -441,3 +441,94 @@ def test_the_weblog_tables_come_from_the_stages_declarations():
                          ["DA48", "5", "no solutions: its data are flagged (lowgainflag)"]]
     assert weblog._result_tables(ctx, "lowgainflag")[0]["evidence"] == "table-low-gain"
     assert weblog._result_tables(ctx, "fluxscale") == [] and weblog._result_tables(ctx, "nosuch") == []
+
+
+# ------------------------------------------------------------------ the WebLog's command and triage
+
+def _overrides_of(command: str) -> dict:
+    """The --param overrides of an `almapipe run` command line, as the CLI reads them."""
+    import shlex
+    words = shlex.split(command)
+    return dict(words[i + 1].split("=", 1) for i, w in enumerate(words) if w == "--param")
+
+
+def test_the_weblog_command_of_every_stage_is_accepted_again():
+    """The stage page's Equivalent command, with the stage's defaults filled in as the
+    worker records them, passes the checks of --param (recipes.apply_overrides); the
+    internal parameters (makeimages' aggregate inside its image parameters, weblog's
+    failure) are neither in it nor in the page's Parameters table."""
+    from almapipe.report import weblog
+    for name in recipes.available():
+        recipe = recipes.load(name)
+        for st in recipe["stages"]:
+            spec = REGISTRY[st["stage"]]
+            recorded = spec.with_defaults(st["params"])            # platform/worker.py records these
+            shown = weblog.shown_params(spec.name, recorded)
+            command = weblog._command({"recipe": recipe}, spec.name, shown)
+            assert f"--recipe {name}" in command
+            overrides = _overrides_of(command)
+            assert set(overrides) == {f"{spec.name}.{k}" for k in shown}, command
+            recipes.apply_overrides(recipes.load(name), overrides)     # raises RecipeError if refused
+    makeimages = REGISTRY["makeimages"]
+    recorded = makeimages.with_defaults({})
+    assert recorded["cont"]["aggregate"] is False                   # the worker's record has it ...
+    shown = weblog.shown_params("makeimages", recorded)
+    assert all("aggregate" not in shown[k] for k in ("calibrator", "cont", "cube"))    # ... the page does not
+    assert weblog.shown_params("weblog", {"failure": {"stage": "x"}}) == {}
+    assert weblog.shown_params("imagecube_chunk", {"piece": {}, "cube_chunks": 2}) == {"cube_chunks": 2}
+
+
+def test_a_string_that_reads_as_json_is_quoted_in_the_command():
+    from almapipe.report import weblog
+    command = weblog._command({"recipe": {"name": "alma_calimage"}}, "refant",
+                              {"refant": "5"})
+    assert _overrides_of(command) == {"refant.refant": '"5"'}
+    assert recipes.apply_overrides(recipes.load("alma_calimage"), _overrides_of(command))["stages"][4][
+        "params"]["refant"] == "5"
+    assert _overrides_of(weblog._command({}, "bandpass", {"solint": "30s", "combine": ""})) == {
+        "bandpass.solint": "30s", "bandpass.combine": ""}
+
+
+_FLAGGED = {"flags": {"lowgainflag": ["DA48"], "gainflag": {"5": ["DA45"]}, "tsysflag": ["DA41: Tsys high"],
+                      "rawflagchans": {"7": [3, 4]}, "flagdata": {"fractions": {"shadow": 0.01}},
+                      "fluxcalflag": {"Titan": {"5": [1, 2]}},
+                      "flagtargets": {"template_fraction": 0.02, "outlier_fraction": 0.001}},
+            "wvr": {"bad_antennas": ["PM01"]},
+            "bandpass_antennas": {"outliers": [{"antenna": "DA45", "spw": 5, "why": "amplitude shape off"}]},
+            "flux_consistency": {"outliers": ["uid___A002_b"]}}
+
+
+def test_homes_outliers_and_the_flag_reasons_come_from_the_stages_declarations():
+    """No stage is named in the report code: each stage declares what Home's triage
+    names (stage(outliers=...)) and what the flagging summary says it flagged
+    (stage(flag_reasons=...)), beside the stage; the report lists them in the run's order."""
+    from almapipe.report import flagsummary, weblog
+    for spec in REGISTRY.values():
+        for fn in (spec.outliers, spec.flag_reasons):
+            if fn:
+                assert fn.__module__ == spec.fn.__module__, spec.name
+    assert {n for n, s in REGISTRY.items() if s.outliers} == {
+        "lowgainflag", "wvrgcal", "bandpass", "gainflag", "tsysflag", "rawflagchans", "fluxconsistency"}
+    assert {n for n, s in REGISTRY.items() if s.flag_reasons} == {
+        "flagdata", "fluxcalflag", "rawflagchans", "tsysflag", "lowgainflag", "gainflag", "flagtargets"}
+    for name in ("weblog.py", "flagsummary.py"):            # no stage named one by one
+        with open(os.path.join(ROOT, "almapipe", "report", name)) as f:
+            text = f.read()
+        assert not [s for s in ("lowgainflag", "wvrgcal", "tsysflag", "rawflagchans", "gainflag") if f'"{s}"' in text]
+    ctx = dict(_FLAGGED, recipe=recipes.load("alma_calimage"))
+    pages = {"lowgainflag": "stage11.html", "bandpass": "stage10.html", "tsyscal": "stage5.html"}
+    out = weblog._outliers(ctx, pages)
+    dead = next(o for o in out if o["what"] == "antenna DA48")
+    assert dead == {"what": "antenna DA48", "why": "gain amplitude far below the array's: flagged (lowgainflag)",
+                    "href": "stage11.html#ev-table-low-gain", "also": "stage10.html#ev-table-bandpass-antennas",
+                    "also_label": "bandpass"}
+    assert [o["what"] for o in out] == ["spw 7", "DA41", "antenna PM01", "antenna DA45 spw 5", "antenna DA48",
+                                        "antenna DA45 spw 5", "EB uid___A002_b"]     # the recipe's order
+    assert next(o for o in out if o["what"] == "DA41")["also"] == "stage5.html#plots"
+    assert flagsummary.flag_reasons(ctx) == [
+        ("flagdata", "shadow: 1.00% of the data"), ("fluxcalflag", "Titan spw 5: 2 channels on its lines"),
+        ("rawflagchans", "spw 7: channels 3, 4 stand out in the raw spectra"), ("tsysflag", "DA41: Tsys high"),
+        ("lowgainflag", "antenna DA48: gain amplitude far below the array's (all data)"),
+        ("gainflag", "spw 5: antenna(s) DA45 with outlier gains"),
+        ("flagtargets", "template 2.00%, amplitude outliers 0.10% of the target data")]
+    assert weblog._outliers({}, {}) == [] and flagsummary.flag_reasons({}) == []

@@ -379,8 +379,16 @@ def wvr_improvement(ratio: float, min_ratio: float) -> Score | None:
     return None
 
 
+def wvrgcal_outliers(ctx: dict, link) -> list:
+    """Home's triage: each antenna whose radiometer does not follow its phases."""
+    return [{"what": f"antenna {a}", "why": "its radiometer does not follow the phases: path taken from "
+                                            "its neighbours (wvrgcal)",
+             "href": link("wvrgcal", "wvr_path.png"), "also": ""}
+            for a in (ctx.get("wvr") or {}).get("bad_antennas", [])]
+
+
 @stage("wvrgcal", service="calibrator", topic="Calibration",
-       qa=(wvr_availability, wvr_fit_phases, wvr_radiometers, wvr_improvement),
+       qa=(wvr_availability, wvr_fit_phases, wvr_radiometers, wvr_improvement), outliers=wvrgcal_outliers,
        reads=CAL_READS + ("aux_partitions",),
        writes=("wvr", "caltables", "callibrary"), params=(
            Param("minsnr", float, 3.0, "per-integration phase solutions below this SNR are not used", min=0.0),
@@ -548,7 +556,12 @@ def line_fraction(name: str, spw: int, on_lines, max_fraction: float) -> Score |
     return None
 
 
-@stage("fluxcalflag", service="calibrator", topic="Flagging", qa=(line_fraction,),
+def fluxcalflag_reasons(ctx: dict) -> list:
+    return [f"{name} spw {spw}: {len(ch)} channels on its lines"
+            for name, spws in (ctx.get("flags", {}).get("fluxcalflag") or {}).items() for spw, ch in spws.items()]
+
+
+@stage("fluxcalflag", service="calibrator", topic="Flagging", qa=(line_fraction,), flag_reasons=fluxcalflag_reasons,
        reads=("fields", "observation", "partitions", "flags"), writes=("partitions", "flags"), params=(
            Param("lines", dict, None, "lines by body: {\"titan\": [[\"CO\", 0.5], ...]} (molecule, half width "
                  "in GHz); none: the built-in table"),
@@ -620,7 +633,21 @@ def lowgainflag_tables(ctx: dict) -> list:
                           "all its data flagged"] for a in ctx["flags"]["lowgainflag"]]}]
 
 
+def lowgainflag_outliers(ctx: dict, link) -> list:
+    """Home's triage: each antenna flagged for low gain, with bandpass's table beside."""
+    return [{"what": f"antenna {a}", "why": "gain amplitude far below the array's: flagged (lowgainflag)",
+             "href": link("lowgainflag", "table-low-gain"),
+             "also": link("bandpass", "table-bandpass-antennas"), "also_label": "bandpass"}
+            for a in ctx.get("flags", {}).get("lowgainflag") or []]
+
+
+def lowgainflag_reasons(ctx: dict) -> list:
+    return [f"antenna {a}: gain amplitude far below the array's (all data)"
+            for a in ctx.get("flags", {}).get("lowgainflag") or []]
+
+
 @stage("lowgainflag", service="calibrator", topic="Flagging", qa=(low_gain_antennas,), tables=lowgainflag_tables,
+       outliers=lowgainflag_outliers, flag_reasons=lowgainflag_reasons,
        reads=CAL_READS + ("flags",),
        writes=("partitions", "flags"), params=(
            Param("fraction", float, 0.3, "an antenna whose gain is below this fraction of the median is flagged",
@@ -726,8 +753,19 @@ def tsys_flags(report: list) -> Score | None:
     return None
 
 
+def tsysflag_outliers(ctx: dict, link) -> list:
+    """Home's triage: each Tsys flag ("antenna: why"), with tsyscal's plots beside."""
+    return [{"what": r.split(":")[0], "why": "Tsys: " + r.split(":", 1)[-1].strip(),
+             "href": link("tsysflag"), "also": link("tsyscal", anchor="plots"), "also_label": "Tsys plots"}
+            for r in ctx.get("flags", {}).get("tsysflag") or []]
+
+
+def tsysflag_reasons(ctx: dict) -> list:
+    return list(ctx.get("flags", {}).get("tsysflag") or [])
+
+
 @stage("tsysflag", service="calibrator", topic="Flagging", reads=("caltables", "observation", "partitions"),
-       qa=(tsys_flags,),
+       qa=(tsys_flags,), outliers=tsysflag_outliers, flag_reasons=tsysflag_reasons,
        writes=("caltables", "flags"), params=TSYSFLAG_PARAMS)
 def tsysflag(ctx: dict, params: dict, io: StageIO) -> QA:
     """Flag Tsys spectra of outlier antennas, rough spectra, band edges and birdies

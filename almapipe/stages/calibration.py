@@ -427,9 +427,16 @@ def bandpass_tables(ctx: dict) -> list:
              "header": ["Antenna", "spw", "What"], "rows": rows}]
 
 
+def bandpass_outlier_names(ctx: dict, link) -> list:
+    """Home's triage: each antenna and spw whose bandpass is an outlier on the plots."""
+    return [{"what": f"antenna {o['antenna']} spw {o['spw']}", "why": f"bandpass {o['why']}",
+             "href": link("bandpass", f"bandpass_spw{o['spw']}.png"), "also": ""}
+            for o in (ctx.get("bandpass_antennas") or {}).get("outliers", [])]
+
+
 @stage("bandpass", service="calibrator", topic="Calibration",
        qa=(bandpass_outliers, phaseup_snr) + SOLUTION_METRICS["bandpass"], tables=bandpass_tables,
-       reads=CAL_READS,
+       outliers=bandpass_outlier_names, reads=CAL_READS,
        writes=("caltables", "callibrary", "bandpass_phaseup", "bandpass_antennas"), params=BANDPASS_PARAMS)
 def bandpass(ctx: dict, params: dict, io: StageIO) -> QA:
     """Bandpass per antenna and channel, after a phase-up gaincal (hifa_bandpass)."""
