@@ -138,6 +138,128 @@ def _is_ctx_key(node) -> bool:
             and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str))
 
 
+# what a stage reads: ctx["k"] and ctx.get("k") in its body and in the almapipe functions it
+# passes ctx to, transitively (same module, stages.base, heuristics, report)
+_MUTATORS = ("append", "extend", "update", "setdefault")
+
+
+def _module_file(module: str) -> str | None:
+    base = os.path.join(ROOT, *module.split("."))
+    for p in (base + ".py", os.path.join(base, "__init__.py")):
+        if os.path.exists(p):
+            return p
+    return None
+
+
+def _absolute(path: str, node: ast.ImportFrom) -> str:
+    """The dotted module an ImportFrom in the module at path names."""
+    pkg = os.path.relpath(os.path.dirname(path), ROOT).split(os.sep)
+    if node.level:
+        pkg = pkg[:len(pkg) - (node.level - 1)]
+        return ".".join(pkg + ([node.module] if node.module else []))
+    return node.module or ""
+
+
+class _Module:
+    def __init__(self, path: str):
+        with open(path) as f:
+            self.tree = ast.parse(f.read())
+        self.functions = {n.name: n for n in self.tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        self.names, self.modules = {}, {}      # imported function -> (module, name); alias -> module
+        for n in ast.walk(self.tree):
+            if isinstance(n, ast.ImportFrom):
+                mod = _absolute(path, n)
+                if not mod.startswith("almapipe"):
+                    continue
+                for a in n.names:
+                    sub = f"{mod}.{a.name}"
+                    if _module_file(sub):
+                        self.modules[a.asname or a.name] = sub
+                    else:
+                        self.names[a.asname or a.name] = (mod, a.name)
+
+
+_MODULES: dict = {}
+
+
+def _parsed_module(name: str):
+    if name not in _MODULES:
+        path = _module_file(name)
+        _MODULES[name] = _Module(path) if path else None
+    return _MODULES[name]
+
+
+def _direct_reads(fn) -> set:
+    """ctx["k"] and ctx.get("k") in fn, except writes into a key (ctx["k"][...] = v,
+    ctx["k"].append(v)) and reads of a key after fn set it itself (ctx["k"] = v)."""
+    parents = {}
+    for n in ast.walk(fn):
+        for c in ast.iter_child_nodes(n):
+            parents[c] = n
+    set_at = {}
+    for n in ast.walk(fn):
+        if isinstance(n, ast.Assign):
+            for t in n.targets:
+                if _is_ctx_key(t):
+                    set_at[t.slice.value] = min(set_at.get(t.slice.value, n.lineno), n.lineno)
+    keys = set()
+    for n in ast.walk(fn):
+        if (isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name) and n.value.id == "ctx"
+                and isinstance(n.slice, ast.Constant) and isinstance(n.slice.value, str)
+                and isinstance(n.ctx, ast.Load)):
+            p = parents.get(n)
+            # ctx["k"][...] = v and ctx["k"].append(v) write into the key; they do not read it
+            if isinstance(p, ast.Subscript) and p.value is n and not isinstance(p.ctx, ast.Load):
+                continue
+            if isinstance(p, ast.Attribute) and p.attr in _MUTATORS and isinstance(parents.get(p), ast.Call):
+                continue
+            if n.lineno > set_at.get(n.slice.value, n.lineno):
+                continue
+            keys.add(n.slice.value)
+        elif (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "get"
+              and isinstance(n.func.value, ast.Name) and n.func.value.id == "ctx"
+              and n.args and isinstance(n.args[0], ast.Constant)):
+            keys.add(n.args[0].value)
+    return keys
+
+
+def _callees(mod: _Module, modname: str, fn) -> list:
+    """(module, function) of the calls in fn that pass ctx on."""
+    out = []
+    for n in ast.walk(fn):
+        if not isinstance(n, ast.Call):
+            continue
+        args = list(n.args) + [k.value for k in n.keywords]
+        if not any(isinstance(a, ast.Name) and a.id == "ctx" for a in args):
+            continue
+        f = n.func
+        if isinstance(f, ast.Name):
+            if f.id in mod.functions:
+                out.append((modname, f.id))
+            elif f.id in mod.names:
+                out.append(mod.names[f.id])
+        elif isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id in mod.modules:
+            out.append((mod.modules[f.value.id], f.attr))
+    return out
+
+
+def _context_reads(modname: str, fname: str, _seen=None) -> set:
+    """Context keys function fname of module modname reads, itself and through the
+    almapipe functions it passes ctx to (transitively)."""
+    seen = _seen if _seen is not None else set()
+    if (modname, fname) in seen:
+        return set()
+    seen.add((modname, fname))
+    mod = _parsed_module(modname)
+    if mod is None or fname not in mod.functions:
+        return set()
+    fn = mod.functions[fname]
+    keys = _direct_reads(fn)
+    for callee in _callees(mod, modname, fn):
+        keys |= _context_reads(*callee, _seen=seen)
+    return keys
+
+
 def test_every_context_key_the_code_writes_is_declared():
     from almapipe.stages.base import new_context
     fresh = new_context("r", {}, "k", {})
@@ -165,6 +287,43 @@ def test_each_stage_declares_what_its_body_writes():
                 body = writes.get(spec.fn.__name__, set())
                 missing += [f"{spec.name}: {k}" for k in body - set(spec.writes)]
     assert not missing, missing
+
+
+def test_each_stage_declares_what_it_reads():
+    """The context keys a stage reads, in its body and in the almapipe functions it
+    passes ctx to (its module's helpers, stages.base, heuristics, the report code; for
+    the weblog stage also the stages' tables and triage entries it renders), are
+    among its declared reads, and are keys of CONTEXT."""
+    shown = set()              # what the WebLog's pages show of each stage's declarations
+    for spec in REGISTRY.values():
+        for fn in (spec.tables, spec.outliers, spec.flag_reasons):
+            if fn:
+                shown |= _context_reads(fn.__module__, fn.__name__)
+    missing, unknown = [], []
+    for spec in REGISTRY.values():
+        reads = _context_reads(spec.fn.__module__, spec.fn.__name__) | (shown if spec.name == "weblog" else set())
+        missing += [f"{spec.name}: {k}" for k in sorted(reads - set(spec.reads))]
+        unknown += [f"{spec.name}: {k}" for k in sorted(reads - set(CONTEXT))]
+    assert not unknown, unknown
+    assert not missing, missing
+
+
+def test_the_read_finder_follows_helpers_and_skips_writes():
+    tree = ast.parse('''
+def helper(ctx):
+    return ctx.get("fields"), ctx["observation"]["spws"]
+def body(ctx, params, io):
+    ctx["flags"]["x"] = 1
+    ctx["callibrary"].append(2)
+    ctx["refant"] = {"ranked": []}
+    print(ctx["refant"]["ranked"], ctx["partitions"])
+    helper(ctx)
+''')
+    functions = {n.name: n for n in tree.body}
+    assert _direct_reads(functions["body"]) == {"partitions"}
+    assert _direct_reads(functions["helper"]) == {"fields", "observation"}
+    # through the module's imports: reporting.weblog passes ctx to report.weblog.render
+    assert {"fluxscale", "ms_name", "recipe"} <= _context_reads("almapipe.stages.reporting", "weblog")
 
 
 # ------------------------------------------------------------------ imports

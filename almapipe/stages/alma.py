@@ -136,7 +136,8 @@ def median_tsys(spw: int, median_k: float, max_k: float) -> Score | None:
     return None
 
 
-@stage("tsyscal", service="calibrator", topic="Calibration", reads=("observation", "fields", "partitions"),
+@stage("tsyscal", service="calibrator", topic="Calibration",
+       reads=("observation", "fields", "partitions", "callibrary", "ms_name"),
        qa=(tsys_coverage, median_tsys),
        writes=("tsys", "caltables", "callibrary"), params=(
            Param("max_median_tsys_k", float, 1000.0, "a spw whose median Tsys is above this is named", unit="K",
@@ -243,7 +244,8 @@ def sample_times(time: np.ndarray, field: np.ndarray, scan: np.ndarray, step_s: 
     return np.asarray(out_t)[order], np.asarray(out_f)[order]
 
 
-@stage("antpos", service="calibrator", topic="Calibration", reads=("user", "observation", "partitions"),
+@stage("antpos", service="calibrator", topic="Calibration",
+       reads=("user", "observation", "partitions", "callibrary", "ms_name"),
        writes=("antpos", "caltables", "callibrary"), params=(
            Param("csv", str, "", "antenna position corrections (antennapos.csv); empty: the one beside the MS"),
            Param("sample_s", float, 60.0, "the correction is tabulated this often", unit="s", min=1.0)))
@@ -389,7 +391,7 @@ def wvrgcal_outliers(ctx: dict, link) -> list:
 
 @stage("wvrgcal", service="calibrator", topic="Calibration",
        qa=(wvr_availability, wvr_fit_phases, wvr_radiometers, wvr_improvement), outliers=wvrgcal_outliers,
-       reads=CAL_READS + ("aux_partitions",),
+       reads=CAL_READS + ("aux_partitions", "ms_name"),
        writes=("wvr", "caltables", "callibrary"), params=(
            Param("minsnr", float, 3.0, "per-integration phase solutions below this SNR are not used", min=0.0),
            Param("min_correlation", float, 0.5, "an antenna whose WVR follows its phases less is interpolated",
