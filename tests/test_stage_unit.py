@@ -691,3 +691,9 @@ def test_homes_outliers_and_the_flag_reasons_come_from_the_stages_declarations()
         ("gainflag", "spw 5: antenna(s) DA45 with outlier gains"),
         ("flagtargets", "template 2.00%, amplitude outliers 0.10% of the target data")]
     assert weblog._outliers({}, {}) == [] and flagsummary.flag_reasons({}) == []
+
+
+def test_the_readme_lists_every_stage():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        row = next(line for line in f if line.startswith("| `almapipe/stages` |"))
+    assert not [name for name in REGISTRY if f"`{name}`" not in row]
