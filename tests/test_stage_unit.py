@@ -518,6 +518,14 @@ def test_metric_functions_score_known_inputs_as_before():
     assert s == Score(0.6, "t.pbcor.fits: rms 2.00 mJy/beam vs theoretical 1.00.", "t.png", "makeimages.rms")
     assert imaging.not_imaged("T spw 0 (mfs)", "no data") == []
     assert reporting.weblog_weight(60e6, 1e6)[0].metric == "weblog.weight"
+    s, = alma.large_corrections({"DA41": (0.002, 0.0, 0.0), "DA42": (0.0001, 0.0, 0.0)}, 0.001, 1.0)
+    assert s == Score(0.9, "Position correction longer than 1 wavelength(s) (1.00 mm): DA41 2.0 mm.", "",
+                      "antpos.large_corrections")
+    assert alma.large_corrections({"DA42": (0.0001, 0.0, 0.0)}, 0.001, 1.0) == []
+    s, = imaging.continuum_fraction("T", 5, 6, 128, 0.1)
+    assert (s.score, s.evidence, s.metric) == (0.6, "table-continuum", "uvcontsub.continuum_fraction")
+    assert s.reason.startswith("T spw 5: the continuum is fitted on 6 of 128 channels (5%, under 10%)")
+    assert imaging.continuum_fraction("T", 5, 40, 128, 0.1) == []
 
 
 def test_each_stages_scores_name_metrics_it_declares():

@@ -244,11 +244,26 @@ def sample_times(time: np.ndarray, field: np.ndarray, scan: np.ndarray, step_s: 
     return np.asarray(out_t)[order], np.asarray(out_f)[order]
 
 
-@stage("antpos", service="calibrator", topic="Calibration",
+@metric("antpos.large_corrections", "antennas whose position correction is longer than `threshold` wavelengths "
+        "at the highest science frequency (hif_antpos highlights them): 0.9 when any, to look at")
+def large_corrections(offsets: dict, wavelength_m: float, threshold: float) -> Score | None:
+    """offsets: antenna -> (dx, dy, dz) in m."""
+    large = {a: float(np.linalg.norm(d)) for a, d in offsets.items()
+             if np.linalg.norm(d) > threshold * wavelength_m}
+    if large:
+        return Score(0.9, f"Position correction longer than {threshold:g} wavelength(s) "
+                          f"({threshold * wavelength_m * 1e3:.2f} mm): "
+                          + ", ".join(f"{a} {v * 1e3:.1f} mm" for a, v in sorted(large.items())) + ".")
+    return None
+
+
+@stage("antpos", service="calibrator", topic="Calibration", qa=(large_corrections,),
        reads=("user", "observation", "partitions", "callibrary", "ms_name"),
        writes=("antpos", "caltables", "callibrary"), params=(
            Param("csv", str, "", "antenna position corrections (antennapos.csv); empty: the one beside the MS"),
-           Param("sample_s", float, 60.0, "the correction is tabulated this often", unit="s", min=1.0)))
+           Param("sample_s", float, 60.0, "the correction is tabulated this often", unit="s", min=1.0),
+           Param("threshold", float, 1.0, "a correction longer than this is named", unit="wavelengths at the "
+                 "highest science frequency", min=0.0)))
 def antpos(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
     text = params["csv"] or ctx["user"].get("antennapos") or ""
@@ -282,6 +297,8 @@ def antpos(ctx: dict, params: dict, io: StageIO) -> QA:
     ctx["antpos"] = {k: list(v) for k, v in offsets.items()}
     for name, d in offsets.items():
         qa.note(f"{name}: position corrected by ({d[0] * 1e3:.1f}, {d[1] * 1e3:.1f}, {d[2] * 1e3:.1f}) mm.")
+    f_max = max(max(spw_info(ctx, p["spw"])["chan_freq_hz"]) for p in ctx["partitions"])
+    qa.add(large_corrections(offsets, 299_792_458.0 / f_max, params["threshold"]))
     return qa
 
 
