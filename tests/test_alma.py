@@ -810,6 +810,46 @@ PAGE_JS = """(() => ({
   ids: [...document.querySelectorAll('[id]')].map(e => e.id)}))()"""
 
 
+# set by .ci/run: there the browser test fails without Chromium instead of skipping,
+# so CI cannot pass without it; a developer without Chromium still gets a skip
+REQUIRE_BROWSER = "ALMAPIPE_REQUIRE_BROWSER"
+
+
+def chromium_or_skip() -> str:
+    """Chromium's path; without it the test skips, or fails under ALMAPIPE_REQUIRE_BROWSER=1."""
+    import browser
+    binary = browser.chromium_binary()
+    if binary is None:
+        why = "chromium is not installed and scripts/ensure_chromium.sh could not install it (needs apt-get and root)"
+        if os.environ.get(REQUIRE_BROWSER) == "1":
+            pytest.fail(f"{why}; {REQUIRE_BROWSER}=1 (CI, .ci/run) requires the browser test to run")
+        pytest.skip(why)
+    return binary
+
+
+def test_without_chromium_the_browser_test_skips_and_in_ci_fails(monkeypatch):
+    import browser
+    monkeypatch.setattr(browser, "chromium_binary", lambda: None)
+    monkeypatch.delenv(REQUIRE_BROWSER, raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        chromium_or_skip()
+    monkeypatch.setenv(REQUIRE_BROWSER, "1")
+    with pytest.raises(pytest.fail.Exception, match="ALMAPIPE_REQUIRE_BROWSER=1"):
+        chromium_or_skip()
+
+
+def test_ci_requires_the_browser_test_and_runs_the_readmes_command():
+    """.ci/run sets ALMAPIPE_REQUIRE_BROWSER=1 and then runs the README's test command."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, ".ci", "run")) as f:
+        ci = f.read()
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    command = next(line for line in ci.splitlines() if line.startswith("scripts/ensure_chromium.sh"))
+    assert command in readme.splitlines()
+    assert f"export {REQUIRE_BROWSER}=1" in ci.split(command)[0]
+
+
 def stage_page(summary: dict, name: str) -> str:
     return f"stage{next(i for i, s in enumerate(summary['stages']) if s['name'] == name)}.html"
 
@@ -820,11 +860,8 @@ def test_weblog_in_a_real_browser(alma_run):
     budget; screenshots of Home and the bandpass page are kept in tests/artifacts/."""
     from matplotlib.image import imread
     from almapipe.report.weblog import page_weights
-    from browser import Browser, chromium_binary
-    binary = chromium_binary()
-    if binary is None:
-        pytest.skip("chromium is not installed and scripts/ensure_chromium.sh could not install it "
-                    "(needs apt-get and root)")
+    from browser import Browser
+    binary = chromium_or_skip()
     _, _, _, summary, out = alma_run
     web = out / "qa" / "weblog"
     pages = sorted(p.name for p in web.glob("*.html"))

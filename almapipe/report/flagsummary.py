@@ -3,6 +3,8 @@ stage(tables=...)): presentation of what the flagging stages recorded in the con
 (ctx['flags']) and of applycal's flagged fractions (ctx['flag_summary'])."""
 from __future__ import annotations
 
+from ..stages.base import specs_in_run_order
+
 
 def flag_summary_tables(ctx: dict) -> list:
     """The flagging summary applycal recorded (ctx["flag_summary"]): flagged
@@ -33,24 +35,7 @@ def flag_summary_tables(ctx: dict) -> list:
 
 
 def flag_reasons(ctx: dict) -> list:
-    """(stage, what it flagged and why) from each flagging stage's record in ctx['flags']."""
-    f = ctx.get("flags", {})
-    out = []
-    for k, v in (f.get("flagdata") or {}).get("fractions", {}).items():
-        out.append(("flagdata", f"{k}: {v:.2%} of the data"))
-    for name, spws in (f.get("fluxcalflag") or {}).items():
-        for spw, ch in spws.items():
-            out.append(("fluxcalflag", f"{name} spw {spw}: {len(ch)} channels on its lines"))
-    for spw, ch in (f.get("rawflagchans") or {}).items():
-        out.append(("rawflagchans", f"spw {spw}: channels {', '.join(map(str, ch))} stand out in the raw spectra"))
-    for r in f.get("tsysflag") or []:
-        out.append(("tsysflag", r))
-    for a in f.get("lowgainflag") or []:
-        out.append(("lowgainflag", f"antenna {a}: gain amplitude far below the array's (all data)"))
-    for spw, ants in (f.get("gainflag") or {}).items():
-        out.append(("gainflag", f"spw {spw}: antenna(s) {', '.join(ants)} with outlier gains"))
-    ft = f.get("flagtargets") or {}
-    if ft:
-        out.append(("flagtargets", f"template {ft.get('template_fraction', 0):.2%}, amplitude outliers "
-                                   f"{ft.get('outlier_fraction', 0):.2%} of the target data"))
-    return out
+    """(stage, what it flagged and why) from each flagging stage's record in ctx['flags'],
+    as the stage declares it (stage(flag_reasons=...)), in the run's order (stages.base.specs_in_run_order)."""
+    return [(spec.name, text) for spec in specs_in_run_order(ctx) if spec.flag_reasons
+            for text in spec.flag_reasons(ctx)]

@@ -16,7 +16,7 @@ import shlex
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from ..stages.base import REGISTRY, TOPICS, qa_colour
+from ..stages.base import REGISTRY, TOPICS, qa_colour, specs_in_run_order
 
 GOOD = 0.9          # below this a score needs a human (the ALMA WebLog's green)
 
@@ -92,38 +92,14 @@ def _anchor(text: str) -> str:
 
 def _outliers(ctx: dict, pages: dict) -> list:
     """The antennas, spws and EBs some stage named as outliers, each with the page
-    that shows why: [{what, why, href}]. pages: stage name -> its page."""
-    f = ctx.get("flags", {})
-    out = []
-
-    def link(stage: str, anchor: str = "") -> str:
+    that shows why: [{what, why, href, also, also_label?}]. pages: stage name -> its
+    page. Each stage declares what it names (stage(outliers=...), beside the stage);
+    they come in the run's order (stages.base.specs_in_run_order)."""
+    def link(stage: str, evidence: str = "", anchor: str = "") -> str:
+        anchor = _anchor(evidence) if evidence else anchor
         return pages.get(stage, "") + (f"#{anchor}" if anchor and stage in pages else "")
 
-    for a in f.get("lowgainflag") or []:
-        out.append({"what": f"antenna {a}", "why": "gain amplitude far below the array's: flagged (lowgainflag)",
-                    "href": link("lowgainflag", _anchor("table-low-gain")),
-                    "also": link("bandpass", _anchor("table-bandpass-antennas")), "also_label": "bandpass"})
-    for a in (ctx.get("wvr") or {}).get("bad_antennas", []):
-        out.append({"what": f"antenna {a}", "why": "its radiometer does not follow the phases: path taken from "
-                                                    "its neighbours (wvrgcal)",
-                    "href": link("wvrgcal", _anchor("wvr_path.png")), "also": ""})
-    for o in (ctx.get("bandpass_antennas") or {}).get("outliers", []):
-        out.append({"what": f"antenna {o['antenna']} spw {o['spw']}", "why": f"bandpass {o['why']}",
-                    "href": link("bandpass", _anchor(f"bandpass_spw{o['spw']}.png")), "also": ""})
-    for spw, ants in (f.get("gainflag") or {}).items():
-        for a in ants:
-            out.append({"what": f"antenna {a} spw {spw}", "why": "outlier gains: flagged (gainflag)",
-                        "href": link("gainflag"), "also": ""})
-    for r in f.get("tsysflag") or []:
-        out.append({"what": r.split(":")[0], "why": "Tsys: " + r.split(":", 1)[-1].strip(),
-                    "href": link("tsysflag"), "also": link("tsyscal", "plots"), "also_label": "Tsys plots"})
-    for spw, ch in (f.get("rawflagchans") or {}).items():
-        out.append({"what": f"spw {spw}", "why": f"{len(ch)} outlier channel(s) flagged (rawflagchans)",
-                    "href": link("rawflagchans"), "also": ""})
-    for eb in (ctx.get("flux_consistency") or {}).get("outliers", []):
-        out.append({"what": f"EB {eb}", "why": "flux scale disagrees with the other EBs'",
-                    "href": link("fluxconsistency"), "also": ""})
-    return out
+    return [o for spec in specs_in_run_order(ctx) if spec.outliers for o in spec.outliers(ctx, link)]
 
 
 def triage(ctx: dict, stages: list, current_index: int | None = None) -> dict:
@@ -156,10 +132,29 @@ def triage(ctx: dict, stages: list, current_index: int | None = None) -> dict:
             "skipped": skipped, "green": green, "n_stages": len(stages)}
 
 
+def shown_params(name: str, params: dict) -> dict:
+    """A stage's parameters as its page shows them: without those the pipeline sets
+    itself (internal ones, at any depth: stages.base.public_params)."""
+    spec = REGISTRY.get(name)
+    return spec.public(params) if spec else params
+
+
+def _param_arg(value) -> str:
+    """An override's value as `--param` reads it (recipes.apply_overrides): JSON, or a
+    bare string when the string does not read as JSON ("30s", "DA41", "")."""
+    if not isinstance(value, str):
+        return json.dumps(value)
+    try:
+        json.loads(value)
+    except ValueError:
+        return value
+    return json.dumps(value)                # "5", "true", "null": quoted, or it would read as a number
+
+
 def _command(ctx: dict, name: str, params: dict) -> str:
-    """The command that reruns the run with this stage's parameters as they were."""
-    args = " ".join("--param " + shlex.quote(f"{name}.{k}={json.dumps(v) if not isinstance(v, str) else v}")
-                    for k, v in sorted(params.items()) if k != "failure")
+    """The command that reruns the run with this stage's parameters as they were;
+    params as shown_params gives them, so the pipeline accepts every --param."""
+    args = " ".join("--param " + shlex.quote(f"{name}.{k}={_param_arg(v)}") for k, v in sorted(params.items()))
     recipe = ctx.get("recipe", {}).get("name", "")
     return f"almapipe run INPUT --recipe {recipe} {args}".rstrip()
 
@@ -177,11 +172,12 @@ def render(ctx: dict, out_dir: str, plot_files: dict, current_index: int | None 
         plots = [{"file": p, "id": _anchor(p.split("_", 1)[1] if p.startswith("s") and "_" in p else p)}
                  for p in plot_files.get(r["index"], [])]
         tables = [dict(t, id=_anchor(t.get("evidence", t["title"]))) for t in _result_tables(ctx, r["name"])]
+        params = shown_params(r["name"], r.get("params", {}))
         stages.append({"index": r["index"], "name": r["name"], "service": r["service"],
                        "qa_score": r["qa_score"], "reasons": r["qa_reasons"], "metrics": r.get("qa_metrics", []),
-                       "duration_s": r["duration_s"], "params": r.get("params", {}), "plots": plots,
+                       "duration_s": r["duration_s"], "params": params, "plots": plots,
                        "log": r.get("log", []), "tables": tables, "failed": r.get("failed", False),
-                       "log_file": f"stage{r['index']}.log", "command": _command(ctx, r["name"], r.get("params", {})),
+                       "log_file": f"stage{r['index']}.log", "command": _command(ctx, r["name"], params),
                        "images": [v for v in image_views or [] if v["stage_index"] == r["index"]]})
     for s in stages:
         # evidence that is not on the page (a plot a stage did not make) points at the QA section

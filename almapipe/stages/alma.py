@@ -136,7 +136,8 @@ def median_tsys(spw: int, median_k: float, max_k: float) -> Score | None:
     return None
 
 
-@stage("tsyscal", service="calibrator", topic="Calibration", reads=("observation", "fields", "partitions"),
+@stage("tsyscal", service="calibrator", topic="Calibration",
+       reads=("observation", "fields", "partitions", "callibrary", "ms_name"),
        qa=(tsys_coverage, median_tsys),
        writes=("tsys", "caltables", "callibrary"), params=(
            Param("max_median_tsys_k", float, 1000.0, "a spw whose median Tsys is above this is named", unit="K",
@@ -243,10 +244,26 @@ def sample_times(time: np.ndarray, field: np.ndarray, scan: np.ndarray, step_s: 
     return np.asarray(out_t)[order], np.asarray(out_f)[order]
 
 
-@stage("antpos", service="calibrator", topic="Calibration", reads=("user", "observation", "partitions"),
+@metric("antpos.large_corrections", "antennas whose position correction is longer than `threshold` wavelengths "
+        "at the highest science frequency (hif_antpos highlights them): 0.9 when any, to look at")
+def large_corrections(offsets: dict, wavelength_m: float, threshold: float) -> Score | None:
+    """offsets: antenna -> (dx, dy, dz) in m."""
+    large = {a: float(np.linalg.norm(d)) for a, d in offsets.items()
+             if np.linalg.norm(d) > threshold * wavelength_m}
+    if large:
+        return Score(0.9, f"Position correction longer than {threshold:g} wavelength(s) "
+                          f"({threshold * wavelength_m * 1e3:.2f} mm): "
+                          + ", ".join(f"{a} {v * 1e3:.1f} mm" for a, v in sorted(large.items())) + ".")
+    return None
+
+
+@stage("antpos", service="calibrator", topic="Calibration", qa=(large_corrections,),
+       reads=("user", "observation", "partitions", "callibrary", "ms_name"),
        writes=("antpos", "caltables", "callibrary"), params=(
            Param("csv", str, "", "antenna position corrections (antennapos.csv); empty: the one beside the MS"),
-           Param("sample_s", float, 60.0, "the correction is tabulated this often", unit="s", min=1.0)))
+           Param("sample_s", float, 60.0, "the correction is tabulated this often", unit="s", min=1.0),
+           Param("threshold", float, 1.0, "a correction longer than this is named", unit="wavelengths at the "
+                 "highest science frequency", min=0.0)))
 def antpos(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
     text = params["csv"] or ctx["user"].get("antennapos") or ""
@@ -280,6 +297,8 @@ def antpos(ctx: dict, params: dict, io: StageIO) -> QA:
     ctx["antpos"] = {k: list(v) for k, v in offsets.items()}
     for name, d in offsets.items():
         qa.note(f"{name}: position corrected by ({d[0] * 1e3:.1f}, {d[1] * 1e3:.1f}, {d[2] * 1e3:.1f}) mm.")
+    f_max = max(max(spw_info(ctx, p["spw"])["chan_freq_hz"]) for p in ctx["partitions"])
+    qa.add(large_corrections(offsets, 299_792_458.0 / f_max, params["threshold"]))
     return qa
 
 
@@ -379,9 +398,17 @@ def wvr_improvement(ratio: float, min_ratio: float) -> Score | None:
     return None
 
 
+def wvrgcal_outliers(ctx: dict, link) -> list:
+    """Home's triage: each antenna whose radiometer does not follow its phases."""
+    return [{"what": f"antenna {a}", "why": "its radiometer does not follow the phases: path taken from "
+                                            "its neighbours (wvrgcal)",
+             "href": link("wvrgcal", "wvr_path.png"), "also": ""}
+            for a in (ctx.get("wvr") or {}).get("bad_antennas", [])]
+
+
 @stage("wvrgcal", service="calibrator", topic="Calibration",
-       qa=(wvr_availability, wvr_fit_phases, wvr_radiometers, wvr_improvement),
-       reads=CAL_READS + ("aux_partitions",),
+       qa=(wvr_availability, wvr_fit_phases, wvr_radiometers, wvr_improvement), outliers=wvrgcal_outliers,
+       reads=CAL_READS + ("aux_partitions", "ms_name"),
        writes=("wvr", "caltables", "callibrary"), params=(
            Param("minsnr", float, 3.0, "per-integration phase solutions below this SNR are not used", min=0.0),
            Param("min_correlation", float, 0.5, "an antenna whose WVR follows its phases less is interpolated",
@@ -548,7 +575,12 @@ def line_fraction(name: str, spw: int, on_lines, max_fraction: float) -> Score |
     return None
 
 
-@stage("fluxcalflag", service="calibrator", topic="Flagging", qa=(line_fraction,),
+def fluxcalflag_reasons(ctx: dict) -> list:
+    return [f"{name} spw {spw}: {len(ch)} channels on its lines"
+            for name, spws in (ctx.get("flags", {}).get("fluxcalflag") or {}).items() for spw, ch in spws.items()]
+
+
+@stage("fluxcalflag", service="calibrator", topic="Flagging", qa=(line_fraction,), flag_reasons=fluxcalflag_reasons,
        reads=("fields", "observation", "partitions", "flags"), writes=("partitions", "flags"), params=(
            Param("lines", dict, None, "lines by body: {\"titan\": [[\"CO\", 0.5], ...]} (molecule, half width "
                  "in GHz); none: the built-in table"),
@@ -620,7 +652,21 @@ def lowgainflag_tables(ctx: dict) -> list:
                           "all its data flagged"] for a in ctx["flags"]["lowgainflag"]]}]
 
 
+def lowgainflag_outliers(ctx: dict, link) -> list:
+    """Home's triage: each antenna flagged for low gain, with bandpass's table beside."""
+    return [{"what": f"antenna {a}", "why": "gain amplitude far below the array's: flagged (lowgainflag)",
+             "href": link("lowgainflag", "table-low-gain"),
+             "also": link("bandpass", "table-bandpass-antennas"), "also_label": "bandpass"}
+            for a in ctx.get("flags", {}).get("lowgainflag") or []]
+
+
+def lowgainflag_reasons(ctx: dict) -> list:
+    return [f"antenna {a}: gain amplitude far below the array's (all data)"
+            for a in ctx.get("flags", {}).get("lowgainflag") or []]
+
+
 @stage("lowgainflag", service="calibrator", topic="Flagging", qa=(low_gain_antennas,), tables=lowgainflag_tables,
+       outliers=lowgainflag_outliers, flag_reasons=lowgainflag_reasons,
        reads=CAL_READS + ("flags",),
        writes=("partitions", "flags"), params=(
            Param("fraction", float, 0.3, "an antenna whose gain is below this fraction of the median is flagged",
@@ -726,8 +772,19 @@ def tsys_flags(report: list) -> Score | None:
     return None
 
 
+def tsysflag_outliers(ctx: dict, link) -> list:
+    """Home's triage: each Tsys flag ("antenna: why"), with tsyscal's plots beside."""
+    return [{"what": r.split(":")[0], "why": "Tsys: " + r.split(":", 1)[-1].strip(),
+             "href": link("tsysflag"), "also": link("tsyscal", anchor="plots"), "also_label": "Tsys plots"}
+            for r in ctx.get("flags", {}).get("tsysflag") or []]
+
+
+def tsysflag_reasons(ctx: dict) -> list:
+    return list(ctx.get("flags", {}).get("tsysflag") or [])
+
+
 @stage("tsysflag", service="calibrator", topic="Flagging", reads=("caltables", "observation", "partitions"),
-       qa=(tsys_flags,),
+       qa=(tsys_flags,), outliers=tsysflag_outliers, flag_reasons=tsysflag_reasons,
        writes=("caltables", "flags"), params=TSYSFLAG_PARAMS)
 def tsysflag(ctx: dict, params: dict, io: StageIO) -> QA:
     """Flag Tsys spectra of outlier antennas, rough spectra, band edges and birdies

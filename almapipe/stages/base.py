@@ -345,12 +345,32 @@ def with_defaults(declared: tuple, params: dict) -> dict:
     return out
 
 
+def public_params(declared: tuple, params: dict) -> dict:
+    """params without what the pipeline itself sets (Param(internal=True), at any depth:
+    makeimages' `aggregate` inside its image parameters, a fan-out's `piece`, the
+    WebLog's `failure`): what a recipe or an override may say, so what the WebLog shows
+    and the command it prints pass check_params. A name not declared is kept."""
+    by_name = {p.name: p for p in declared}
+    out = {}
+    for name, value in params.items():
+        p = by_name.get(name)
+        if p is not None and p.internal:
+            continue
+        out[name] = public_params(p.fields, value) if p is not None and p.fields and isinstance(value, dict) \
+            else value
+    return out
+
+
 @dataclass
 class StageSpec:
     """A stage as one unit: its function, the service that runs it, its parameters,
     its WebLog topic, the context keys it reads and writes (names in CONTEXT), its QA
     metrics (Metric) and its WebLog tables (tables(ctx) -> [{title, header, rows,
-    evidence?}], the Results section of its page)."""
+    evidence?}], the Results section of its page). What Home's triage names from it:
+    outliers(ctx, link) -> [{what, why, href, also?, also_label?}], the antennas, spws
+    or EBs it found wrong, link(stage, evidence="", anchor="") making the link to a
+    stage's page; and, for a flagging stage, flag_reasons(ctx) -> [str], what it
+    flagged and why (the flagging summary)."""
     name: str
     service: str
     fn: StageFn
@@ -360,12 +380,17 @@ class StageSpec:
     writes: tuple = ()
     qa: tuple = ()
     tables: Callable[[dict], list] | None = None
+    outliers: Callable[[dict, Callable], list] | None = None
+    flag_reasons: Callable[[dict], list] | None = None
 
     def check(self, params: dict) -> None:
         check_params(self.name, self.params, params)
 
     def with_defaults(self, params: dict) -> dict:
         return with_defaults(self.params, params)
+
+    def public(self, params: dict) -> dict:
+        return public_params(self.params, params)
 
     def metric(self, name: str) -> Metric | None:
         return next((m for m in self.qa if m.name == name), None)
@@ -375,10 +400,13 @@ REGISTRY: dict[str, StageSpec] = {}
 
 
 def stage(name: str, service: str, params: tuple = (), topic: str = "", reads: tuple = (), writes: tuple = (),
-          qa: tuple = (), tables: Callable[[dict], list] | None = None):
+          qa: tuple = (), tables: Callable[[dict], list] | None = None,
+          outliers: Callable[[dict, Callable], list] | None = None, flag_reasons: Callable[[dict], list] | None = None):
     """Register fn as the implementation of stage `name`, run by `service`, taking
     `params`, shown under `topic` on the WebLog, reading and writing those context keys,
-    scored by the `qa` metrics, its WebLog page showing what `tables(ctx)` returns."""
+    scored by the `qa` metrics, its WebLog page showing what `tables(ctx)` returns, Home
+    naming what `outliers(ctx, link)` returns and the flagging summary what
+    `flag_reasons(ctx)` returns (StageSpec)."""
     if topic and topic not in TOPICS:
         raise ValueError(f"stage {name}: unknown topic {topic!r}; topics: {TOPICS}")
     unknown = [k for k in (*reads, *writes) if k not in CONTEXT]
@@ -402,9 +430,18 @@ def stage(name: str, service: str, params: tuple = (), topic: str = "", reads: t
                                  f"stage(qa=...): {', '.join(sorted(declared)) or 'none'}")
             return result
         REGISTRY[name] = StageSpec(name, service, run, tuple(params), topic, tuple(reads), tuple(writes),
-                                   tuple(qa), tables)
+                                   tuple(qa), tables, outliers, flag_reasons)
         return run
     return deco
+
+
+def specs_in_run_order(ctx: dict) -> list:
+    """The registered stages in the order the context's recipe runs them, then the
+    others in the registry's order: the order the WebLog lists what stages report."""
+    names = [st.get("stage") or st.get("name") for st in (ctx.get("recipe") or {}).get("stages", [])]
+    names += [r["name"] for r in ctx.get("stage_results", [])]
+    order = {n: i for i, n in reversed(list(enumerate(names)))}
+    return sorted(REGISTRY.values(), key=lambda spec: order.get(spec.name, len(order)))
 
 
 # The pipeline context's keys (ALMA's context, as JSON): what each holds. A stage's

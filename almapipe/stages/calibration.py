@@ -428,9 +428,16 @@ def bandpass_tables(ctx: dict) -> list:
              "header": ["Antenna", "spw", "What"], "rows": rows}]
 
 
+def bandpass_outlier_names(ctx: dict, link) -> list:
+    """Home's triage: each antenna and spw whose bandpass is an outlier on the plots."""
+    return [{"what": f"antenna {o['antenna']} spw {o['spw']}", "why": f"bandpass {o['why']}",
+             "href": link("bandpass", f"bandpass_spw{o['spw']}.png"), "also": ""}
+            for o in (ctx.get("bandpass_antennas") or {}).get("outliers", [])]
+
+
 @stage("bandpass", service="calibrator", topic="Calibration",
        qa=(bandpass_outliers, phaseup_snr) + SOLUTION_METRICS["bandpass"], tables=bandpass_tables,
-       reads=CAL_READS,
+       outliers=bandpass_outlier_names, reads=CAL_READS + ("ms_name",),
        writes=("caltables", "callibrary", "bandpass_phaseup", "bandpass_antennas"), params=BANDPASS_PARAMS)
 def bandpass(ctx: dict, params: dict, io: StageIO) -> QA:
     """Bandpass per antenna and channel, after a phase-up gaincal (hifa_bandpass)."""
@@ -681,7 +688,7 @@ def _plot_gains(io, g: CalSolutions, ctx, spw, name):
 
 
 @stage("gaincal", service="calibrator", topic="Calibration", qa=SOLUTION_METRICS["gaincal"],
-       reads=CAL_READS + ("spwphaseup",),
+       reads=CAL_READS + ("spwphaseup", "ms_name"),
        writes=("caltables", "callibrary"), params=GAIN_PARAMS)
 def gaincal(ctx: dict, params: dict, io: StageIO) -> QA:
     """Gains of all calibrators with the bandpass applied; non-flux calibrators
@@ -703,7 +710,7 @@ def missing_flux_models(names: list) -> Score | None:
 
 @stage("timegaincal", service="calibrator", topic="Calibration",
        qa=(missing_flux_models,) + SOLUTION_METRICS["timegaincal"],
-       reads=CAL_READS + ("spwphaseup",),
+       reads=CAL_READS + ("spwphaseup", "ms_name"),
        writes=("caltables", "callibrary"), params=GAIN_PARAMS + (
            Param("interp", str, "linear", "interpolation of the gains in time", choices=("linear", "nearest")),
            Param("transfer_solint", (str, int, float), "inf",
@@ -754,7 +761,7 @@ def spwphaseup_tables(ctx: dict) -> list:
 
 @stage("spwphaseup", service="calibrator", topic="Calibration",
        qa=(best_phase_snr,) + SOLUTION_METRICS["spwphaseup"], tables=spwphaseup_tables,
-       reads=CAL_READS,
+       reads=CAL_READS + ("ms_name",),
        writes=("spwphaseup",), params=(
            Param("solint", (str, int, float), "int", "phase solution interval of the SNR test", pattern=SOLINT),
            Param("phasesnr", float, 32.0, "a spw below this phase SNR takes a wider spw's phases", min=0.0),

@@ -127,8 +127,14 @@ def fluxconsistency_tables(ctx: dict) -> list:
                        f"{r['mean_jy']:.4f}", f"{r['ratio']:.4f}"] for r in fc["table"]]}]
 
 
+def fluxconsistency_outliers(ctx: dict, link) -> list:
+    """Home's triage: each EB whose flux scale disagrees with the others'."""
+    return [{"what": f"EB {eb}", "why": "flux scale disagrees with the other EBs'", "href": link("fluxconsistency"),
+             "also": ""} for eb in (ctx.get("flux_consistency") or {}).get("outliers", [])]
+
+
 @stage("fluxconsistency", service="calibrator", topic="Calibration", qa=(not_compared, eb_outliers),
-       tables=fluxconsistency_tables,
+       tables=fluxconsistency_tables, outliers=fluxconsistency_outliers,
        reads=("ebs", "fields", "target_partitions"), writes=("flux_consistency", "target_partitions"), params=(
            Param("tolerance", float, 0.03, "EB flux scales within this fraction agree", min=0.0),
            Param("nsigma", float, 3.0, "and beyond this many sigmas disagree", min=0.0),

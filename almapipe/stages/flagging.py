@@ -38,7 +38,13 @@ def flagdata_tables(ctx: dict) -> list:
              "rows": [[k, f"{v:.4f}"] for k, v in fr.items()]}] + flag_summary_tables(ctx)
 
 
+def flagdata_reasons(ctx: dict) -> list:
+    return [f"{k}: {v:.2%} of the data"
+            for k, v in (ctx.get("flags", {}).get("flagdata") or {}).get("fractions", {}).items()]
+
+
 @stage("flagdata", service="calibrator", topic="Flagging", qa=(flagged_fraction,), tables=flagdata_tables,
+       flag_reasons=flagdata_reasons,
        reads=("user", "observation", "fields", "partitions", "flags"), writes=("partitions", "flags"), params=(
            Param("template", str, "", "flag commands (CASA flagdata syntax); empty: the run's flag template"),
            Param("online", bool, True, "apply the online flags (FLAG_CMD)"),
@@ -150,7 +156,20 @@ def flagged_channels(nflag: int, total: int) -> Score | None:
     return None
 
 
+def rawflagchans_outliers(ctx: dict, link) -> list:
+    """Home's triage: each spw with outlier channels flagged."""
+    return [{"what": f"spw {spw}", "why": f"{len(ch)} outlier channel(s) flagged (rawflagchans)",
+             "href": link("rawflagchans"), "also": ""}
+            for spw, ch in (ctx.get("flags", {}).get("rawflagchans") or {}).items()]
+
+
+def rawflagchans_reasons(ctx: dict) -> list:
+    return [f"spw {spw}: channels {', '.join(map(str, ch))} stand out in the raw spectra"
+            for spw, ch in (ctx.get("flags", {}).get("rawflagchans") or {}).items()]
+
+
 @stage("rawflagchans", service="calibrator", topic="Flagging", qa=(flagged_channels,),
+       outliers=rawflagchans_outliers, flag_reasons=rawflagchans_reasons,
        reads=("fields", "observation", "partitions", "flags"), writes=("partitions", "flags"), params=(
            Param("nsigma", float, 8.0, "robust sigmas of a spiking channel", min=0.0),))
 def rawflagchans(ctx: dict, params: dict, io: StageIO) -> QA:

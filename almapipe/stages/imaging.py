@@ -194,18 +194,32 @@ def uvcontsub_tables(ctx: dict) -> list:
     """The continuum ranges of each target and spw, as cont.dat has them."""
     if not ctx.get("continuum"):
         return []
-    return [{"title": "Continuum ranges (cont.dat)", "header": ["Field", "spw", "Channels", "Ranges (GHz)",
-                                                               "Frame", "From"],
+    return [{"title": "Continuum ranges (cont.dat)", "evidence": "table-continuum",
+             "header": ["Field", "spw", "Channels", "Ranges (GHz)", "Frame", "From"],
              "rows": [[e["field"], e["spw"], e["channels"],
                        "; ".join(f"{a:.6f}~{b:.6f}" for a, b in e["ranges_ghz"]), e.get("frame", ""), e["origin"]]
                       for e in ctx["continuum"]]}]
 
 
+@metric("uvcontsub.continuum_fraction", "the channels the continuum is fitted on, as a fraction of the spw, per "
+        "target and spw: 0.6 below `min_fraction` (the fit, extrapolated under the lines, is uncertain)",
+        unit="fraction")
+def continuum_fraction(name: str, spw: int, n_cont: int, nchan: int, min_fraction: float) -> Score | None:
+    if n_cont < min_fraction * nchan:
+        return Score(0.6, f"{name} spw {spw}: the continuum is fitted on {n_cont} of {nchan} channels "
+                          f"({n_cont / max(nchan, 1):.0%}, under {min_fraction:.0%}): the subtraction is uncertain.",
+                     evidence="table-continuum")
+    return None
+
+
 @stage("uvcontsub", service="imager", topic="Line finding and imaging", tables=uvcontsub_tables,
+       qa=(continuum_fraction,),
        reads=("user", "fields", "observation", "target_partitions"),
        writes=("continuum", "contsub_partitions", "cont_dat_key"), params=(
            Param("fitspw", str, "", "continuum channels, CASA syntax (0:4~6;50~59); empty: cont.dat, else findcont"),
-           Param("fitorder", int, 0, "polynomial order of the continuum fit", min=0, max=3)))
+           Param("fitorder", int, 0, "polynomial order of the continuum fit", min=0, max=3),
+           Param("min_fraction", float, 0.1, "fewer continuum channels than this fraction of the spw lower the "
+                 "score", min=0.0, max=1.0)))
 def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
     """Fit and subtract the continuum per baseline and time over the line-free channels
     of each target (its own ranges per spw, as cont.dat lists them per field). The
@@ -242,6 +256,7 @@ def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
                 lambda fids=fids: continuum_from_spectra([cubes[f].spectrum() for f in fids if f in cubes]))
             if mask.sum() < order + 2:
                 raise StageError(f"uvcontsub: only {mask.sum()} continuum channels for {name} in spw {spw}")
+            qa.add(continuum_fraction(name, spw, int(mask.sum()), len(mask), params["min_fraction"]))
             masks[name] = (fids, mask)
             chans = format_channels(mask)
             cont_chans[name] = chans

@@ -42,7 +42,20 @@ def gain_outlier_antennas(worst: int, n_with_data: int, n_spws: int) -> Score | 
     return None
 
 
+def gainflag_outliers(ctx: dict, link) -> list:
+    """Home's triage: each antenna and spw flagged for outlier gains."""
+    return [{"what": f"antenna {a} spw {spw}", "why": "outlier gains: flagged (gainflag)",
+             "href": link("gainflag"), "also": ""}
+            for spw, ants in (ctx.get("flags", {}).get("gainflag") or {}).items() for a in ants]
+
+
+def gainflag_reasons(ctx: dict) -> list:
+    return [f"spw {spw}: antenna(s) {', '.join(ants)} with outlier gains"
+            for spw, ants in (ctx.get("flags", {}).get("gainflag") or {}).items()]
+
+
 @stage("gainflag", service="calibrator", topic="Flagging", qa=(gain_outlier_antennas,),
+       outliers=gainflag_outliers, flag_reasons=gainflag_reasons,
        reads=CAL_READS + ("flags",),
        writes=("partitions", "flags"), params=(
            Param("solint", (str, int, float), "int", "gain solution interval", pattern=SOLINT),
@@ -199,7 +212,16 @@ def newly_flagged_targets(newly: float, outliers: int, template: int) -> Score |
     return None
 
 
+def flagtargets_reasons(ctx: dict) -> list:
+    ft = ctx.get("flags", {}).get("flagtargets") or {}
+    if not ft:
+        return []
+    return [f"template {ft.get('template_fraction', 0):.2%}, amplitude outliers "
+            f"{ft.get('outlier_fraction', 0):.2%} of the target data"]
+
+
 @stage("flagtargets", service="calibrator", topic="Flagging", qa=(newly_flagged_targets,),
+       flag_reasons=flagtargets_reasons,
        reads=("user", "fields", "observation", "partitions", "flags"), writes=("partitions", "flags"), params=(
            Param("template", str, "", "flag commands; empty: the run's flagtargets template"),
            Param("nsigma_high", float, 12.0, "robust sigmas above the uv-distance bin's median", min=0.0),

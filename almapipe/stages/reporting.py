@@ -102,7 +102,7 @@ def calibrated_ms(ctx: dict, io: StageIO, qa: QA) -> dict:
 @stage("exportdata", service="weblog", topic="Products", qa=(no_calibrated_ms, fits_images),
        reads=("run_id", "recipe", "input_key", "user", "ms_name", "caltables", "images", "cont_dat_key",
               "partitions", "target_partitions",
-              "flux_csv_key", "flux_consistency", "ebs", "stage_results"), writes=("package",), params=(
+              "flux_csv_key", "flux_consistency", "ebs", "stage_results", "mous_id"), writes=("package",), params=(
            Param("requested_rms_jy", (float, str), None, "the requested sensitivity (QA2)", unit="Jy/beam"),
            Param("requested_beam_arcsec", (float, list, str), None, "the requested resolution, a value or [min, max]",
                  unit="arcsec"),
@@ -161,7 +161,16 @@ def exportdata(ctx: dict, params: dict, io: StageIO) -> QA:
     return qa
 
 
-@stage("weblog", service="weblog", topic="Products", reads=("stage_results", "package", "observation", "fields"),
+# What the WebLog shows: the run, the observation, every stage's results and QA, and
+# what the stages' declared tables and triage entries read (stage(tables=, outliers=,
+# flag_reasons=)); tests/test_stage_unit.py checks it against the code.
+WEBLOG_READS = ("run_id", "recipe", "input_key", "input_format", "user", "ms_name", "mous_id", "observation",
+                "fields", "stage_results", "failure", "package", "images", "continuum", "cont_dat_key", "caltables",
+                "fluxscale", "flux_csv_key", "flux_consistency", "ebs", "flags", "flag_summary", "refant", "setjy",
+                "spwphaseup", "bandpass_antennas", "wvr")
+
+
+@stage("weblog", service="weblog", topic="Products", reads=WEBLOG_READS,
        qa=(weblog_weight,),
        writes=("stage_results", "failure", "package", "weblog_index_key"), params=(
            Param("failure", dict, None, "the failed stage of a failed run", internal=True),))
