@@ -17,6 +17,7 @@ call them and write flags.
 from __future__ import annotations
 
 import tempfile
+import warnings
 
 import numpy as np
 from astropy.stats import mad_std
@@ -38,6 +39,24 @@ def _robust(x: np.ndarray, floor: float) -> tuple[float, float]:
 
 # ------------------------------------------------------------------ gainflag
 
+def relative_amplitudes(g: CalSolutions) -> np.ndarray:
+    """(nrow, ncorr) gain amplitudes divided by the array's median at the same time,
+    field and correlation (NaN where flagged): what gain_outliers tests and the plot shows."""
+    amp = np.where(g.flag[:, 0, :], np.nan, np.abs(g.cparam[:, 0, :]))       # (nrow, ncorr)
+    rel = np.full_like(amp, np.nan)
+    keys = np.stack([g.time, g.field_id], axis=1)
+    _, slot = np.unique(keys, axis=0, return_inverse=True)
+    slot = slot.ravel()
+    for s in np.unique(slot):
+        r = slot == s
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)          # a time with all gains flagged
+            med = np.nanmedian(amp[r], axis=0)
+        if np.isfinite(med).any():
+            rel[r] = amp[r] / med
+    return rel
+
+
 def gain_outliers(g: CalSolutions, nsigma: float = 4.0, min_factor: float = 2.0,
                   rms_factor: float = 3.0, nsigma_rms: float = 6.0) -> dict:
     """Antennas whose gains stand out, with the reason: antenna id -> text.
@@ -51,17 +70,7 @@ def gain_outliers(g: CalSolutions, nsigma: float = 4.0, min_factor: float = 2.0,
     exceeds the array's median r by nsigma_rms sigmas and is rms_factor times it, and is
     rms_factor times the scatter the solutions' SNR explains (an antenna seeing a weak
     calibrator at low SNR scatters, and is not broken)."""
-    amp = np.where(g.flag[:, 0, :], np.nan, np.abs(g.cparam[:, 0, :]))       # (nrow, ncorr)
-    rel = np.full_like(amp, np.nan)
-    keys = np.stack([g.time, g.field_id], axis=1)
-    _, slot = np.unique(keys, axis=0, return_inverse=True)
-    slot = slot.ravel()
-    for s in np.unique(slot):
-        r = slot == s
-        with np.errstate(all="ignore"):
-            med = np.nanmedian(amp[r], axis=0)
-        if np.isfinite(med).any():
-            rel[r] = amp[r] / med
+    rel = relative_amplitudes(g)
     snr = np.where(g.flag[:, 0, :], np.nan, g.snr[:, 0, :])
     med_a, rms_a, chi_a = {}, {}, {}
     for a in np.unique(g.antenna):
@@ -93,11 +102,37 @@ def gain_outliers(g: CalSolutions, nsigma: float = 4.0, min_factor: float = 2.0,
 
 @metric("gainflag.antennas_flagged", "antennas flagged for outlier gains in the spw with the most: 1 - their "
         "share of the antennas with data")
-def gain_outlier_antennas(worst: int, n_with_data: int, n_spws: int) -> Score | None:
-    """worst: the most antennas flagged in one spw; n_spws: the spws with any."""
+def gain_outlier_antennas(worst: int, n_with_data: int, n_spws: int, evidence: str = "") -> Score | None:
+    """worst: the most antennas flagged in one spw; n_spws: the spws with any;
+    evidence: the per-antenna plot of that spw."""
     if worst:
-        return Score(1 - worst / n_with_data, f"Antennas with outlier gains flagged in {n_spws} spw(s).")
+        return Score(1 - worst / n_with_data, f"Antennas with outlier gains flagged in {n_spws} spw(s).",
+                     evidence=evidence)
     return None
+
+
+def _plot_gain_outliers(io, g: CalSolutions, antennas: list, spw: int, bad: dict) -> str | None:
+    """Each antenna's gain amplitude relative to the array's (relative_amplitudes) vs
+    time, one panel per antenna with data: the antennas gainflag flags framed red,
+    those without solutions marked. The plot's name, or None when nothing is unflagged."""
+    from ..report.plots import antenna_grid, label_panel
+    rel = relative_amplitudes(g)
+    if not np.isfinite(rel).any():
+        return None
+    ants = [a for a in antennas if a.get("has_data", True)]
+    name = f"gainflag_spw{spw}.png"
+    fig, axes = antenna_grid(len(ants), f"gain amplitude / the array's median vs hours, spw {spw}, per antenna "
+                                        "(lines: correlations); red: flagged as outliers")
+    hours = (g.time - g.time.min()) / 3600
+    for ax, a in zip(axes, ants):
+        mine = g.antenna == a["id"]
+        for p in range(rel.shape[1]):
+            ax.plot(hours[mine], rel[mine, p], ".", ms=1.5, color=f"C{p}")
+        ax.axhline(1.0, color="0.6", lw=0.5)
+        label_panel(ax, a["name"], "outlier" if a["id"] in bad else
+                    "" if np.isfinite(rel[mine]).any() else "flagged")
+    io.plot(fig, name)
+    return name
 
 
 @stage("gainflag", service="calibrator", topic="Flagging", qa=(gain_outlier_antennas,),
@@ -116,7 +151,7 @@ def gainflag(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
     cal = calibrator_ids(ctx)
     ants = ctx["observation"]["antennas"]
-    found, new_parts = {}, []
+    found, plots, new_parts = {}, {}, []
     for part in ctx["partitions"]:
         _, vis = read_averaged(io, part, cal, field_models(ctx, unit_for=cal), preapply(ctx, io, part["spw"]))
         g = solve_term(vis, unit_model(vis), SolveSpec(kind="G", solint=params["solint"], calmode="ap",
@@ -127,6 +162,7 @@ def gainflag(ctx: dict, params: dict, io: StageIO) -> QA:
         bad = gain_outliers(g, params["nsigma"], params["min_factor"],
                             params["rms_factor"],
                             params["nsigma_rms"] if params["scatter"] else np.inf)
+        plot = _plot_gain_outliers(io, g, ants, part["spw"], bad)
         solved = np.unique(g.antenna[~g.flag.all(axis=(1, 2))])
         io.log("spw %d: gains of %d antennas, outliers: %s", part["spw"], len(solved),
                ", ".join(f"{ants[a]['name']} ({why})" for a, why in sorted(bad.items())) or "none")
@@ -135,6 +171,7 @@ def gainflag(ctx: dict, params: dict, io: StageIO) -> QA:
             p.flag_antennas(sorted(bad))
             part = p.commit()
             found[str(part["spw"])] = [ants[a]["name"] for a in sorted(bad)]
+            plots[str(part["spw"])] = plot or ""
             for a, why in sorted(bad.items()):
                 qa.note(f"spw {part['spw']}: flagged antenna {ants[a]['name']}: {why}.")
         new_parts.append(part)
@@ -142,7 +179,8 @@ def gainflag(ctx: dict, params: dict, io: StageIO) -> QA:
     ctx["flags"]["gainflag"] = found
     n_has = max(sum(a["has_data"] for a in ants), 1)
     worst = max((len(v) for v in found.values()), default=0)
-    qa.add(gain_outlier_antennas(worst, n_has, len(found)))
+    worst_spw = max(found, key=lambda k: len(found[k]), default=None)
+    qa.add(gain_outlier_antennas(worst, n_has, len(found), plots.get(worst_spw, "")))
     if not worst:
         qa.note("No antenna with outlier gains.")
     return qa
