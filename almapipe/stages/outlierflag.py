@@ -122,7 +122,7 @@ def _plot_gain_outliers(io, g: CalSolutions, antennas: list, spw: int, bad: dict
     ants = [a for a in antennas if a.get("has_data", True)]
     name = f"gainflag_spw{spw}.png"
     fig, axes = antenna_grid(len(ants), f"gain amplitude / the array's median vs hours, spw {spw}, per antenna "
-                                        "(lines: correlations); red: flagged as outliers")
+                                        "(colours: correlations); red: flagged as outliers")
     hours = (g.time - g.time.min()) / 3600
     for ax, a in zip(axes, ants):
         mine = g.antenna == a["id"]
