@@ -169,13 +169,23 @@ def test_calibrator_images_recover_the_sky(alma_run):
     """Calibrators with their own gains come back within 3 %. The check source is
     calibrated as a target (the phase calibrator's phases per scan), so it shows the
     decorrelation by the path the radiometers do not see; it must still be there."""
-    sim, _, _, summary, _ = alma_run
+    from astropy.io import fits
+    sim, _, _, summary, out = alma_run
     for img in summary["images"]:
         expected = calibrator_truth(sim, img["field"], img["spw"])
         if expected is None:
             continue
         bound = 0.15 if img["field"] == "J1820-2528" else 0.03
         assert abs(img["peak_jy_per_beam"] / expected - 1) < bound, img
+        # the PSF (peak 1 at the centre) and the clean components (their sum the point
+        # source's flux, less what the residual keeps) are products beside the image
+        base = out / "product" / img["file"].replace(".pbcor.fits", "")
+        with fits.open(f"{base}.psf.fits") as hp, fits.open(f"{base}.model.fits") as hm:
+            psf, model = hp[0].data[0, 0], hm[0].data[0, 0]
+            assert hm[0].header["BUNIT"] == "Jy/pixel"
+        n = psf.shape[0]
+        assert psf[n // 2, n // 2] == pytest.approx(1.0, abs=1e-3) and psf.max() <= 1.0 + 1e-3
+        assert 0.5 * img["peak_jy_per_beam"] < model.sum() < 1.5 * img["peak_jy_per_beam"], (img["file"], model.sum())
 
 
 def test_tsys_recovered_within_1pct(alma_run):
@@ -940,7 +950,8 @@ def test_wide_band_aggregate_is_multi_term_with_the_injected_alpha(wideband_run)
     assert agg["nterms"] == 2 and all(i["nterms"] == 1 for i in cont if not i["aggregate"])
     assert agg["file"].endswith(f"_sci.spw{agg['spw']}.cont.I.tt0.pbcor.fits"), agg["file"]
     base = agg["file"].replace(".tt0.pbcor.fits", "")
-    for suffix in ("tt0", "tt0.pbcor", "tt1", "alpha", "alpha.error", "pb.tt0", "residual.tt0", "residual.tt1"):
+    for suffix in ("tt0", "tt0.pbcor", "tt1", "alpha", "alpha.error", "pb.tt0", "residual.tt0", "residual.tt1",
+                   "psf.tt0", "model.tt0", "model.tt1"):
         assert (out / "product" / f"{base}.{suffix}.fits").exists(), suffix
     assert agg["peak_jy_per_beam"] / agg["rms_jy_per_beam"] > 100
     nu0 = agg["reffreq_hz"]

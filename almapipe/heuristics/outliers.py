@@ -4,6 +4,8 @@ are outliers in their uv-distance bins (uv_outliers, and its per-channel part fo
 caller that reads in channel slices)."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from astropy.stats import mad_std
 
@@ -13,6 +15,24 @@ from ..calibration.caltable import CalSolutions
 
 def _robust(x: np.ndarray, floor: float) -> tuple[float, float]:
     return robust_centre_sigma(x, floor)
+
+
+def relative_amplitudes(g: CalSolutions) -> np.ndarray:
+    """(nrow, ncorr) gain amplitudes divided by the array's median at the same time,
+    field and correlation (NaN where flagged): what gain_outliers tests and the plot shows."""
+    amp = np.where(g.flag[:, 0, :], np.nan, np.abs(g.cparam[:, 0, :]))       # (nrow, ncorr)
+    rel = np.full_like(amp, np.nan)
+    keys = np.stack([g.time, g.field_id], axis=1)
+    _, slot = np.unique(keys, axis=0, return_inverse=True)
+    slot = slot.ravel()
+    for s in np.unique(slot):
+        r = slot == s
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)          # a time with all gains flagged
+            med = np.nanmedian(amp[r], axis=0)
+        if np.isfinite(med).any():
+            rel[r] = amp[r] / med
+    return rel
 
 
 def gain_outliers(g: CalSolutions, nsigma: float = 4.0, min_factor: float = 2.0,
@@ -28,17 +48,7 @@ def gain_outliers(g: CalSolutions, nsigma: float = 4.0, min_factor: float = 2.0,
     exceeds the array's median r by nsigma_rms sigmas and is rms_factor times it, and is
     rms_factor times the scatter the solutions' SNR explains (an antenna seeing a weak
     calibrator at low SNR scatters, and is not broken)."""
-    amp = np.where(g.flag[:, 0, :], np.nan, np.abs(g.cparam[:, 0, :]))       # (nrow, ncorr)
-    rel = np.full_like(amp, np.nan)
-    keys = np.stack([g.time, g.field_id], axis=1)
-    _, slot = np.unique(keys, axis=0, return_inverse=True)
-    slot = slot.ravel()
-    for s in np.unique(slot):
-        r = slot == s
-        with np.errstate(all="ignore"):
-            med = np.nanmedian(amp[r], axis=0)
-        if np.isfinite(med).any():
-            rel[r] = amp[r] / med
+    rel = relative_amplitudes(g)
     snr = np.where(g.flag[:, 0, :], np.nan, g.snr[:, 0, :])
     med_a, rms_a, chi_a = {}, {}, {}
     for a in np.unique(g.antenna):

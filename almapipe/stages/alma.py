@@ -765,10 +765,11 @@ def tsys_outliers(tsys: np.ndarray, antenna: np.ndarray, params: dict) -> tuple[
 
 
 @metric("tsysflag.flags", "Tsys spectra flagged (outlier antennas, rough spectra, band edges, birdies): 0.9 "
-        "when any")
-def tsys_flags(report: list) -> Score | None:
+        "when any (the outlier antennas framed red on the per-antenna plot)")
+def tsys_flags(report: list, evidence: str = "") -> Score | None:
+    """evidence: the per-antenna plot of the spw with the most flags."""
     if report:
-        return Score(0.9, f"{len(report)} Tsys flag(s).")
+        return Score(0.9, f"{len(report)} Tsys flag(s).", evidence=evidence)
     return None
 
 
@@ -781,6 +782,32 @@ def tsysflag_outliers(ctx: dict, link) -> list:
 
 def tsysflag_reasons(ctx: dict) -> list:
     return list(ctx.get("flags", {}).get("tsysflag") or [])
+
+
+def _plot_tsysflag(io, tsys, ant, freq, spw, antennas, outliers: set, chans: np.ndarray) -> str | None:
+    """The Tsys spectra as tsysflag found them (mean over time), one panel per antenna:
+    the antennas it flagged (outliers: ids) framed red, the channels it flagged (band
+    edges, birdies) shaded. The plot's name, or None when nothing is unflagged."""
+    if not np.isfinite(tsys).any():
+        return None
+    ids = [int(a) for a in np.unique(ant)]
+    name = f"tsysflag_spw{spw}.png"
+    fig, axes = antenna_grid(len(ids), f"Tsys (K) vs frequency (GHz) per antenna, spw {spw}, before tsysflag; "
+                                       "red: antennas flagged, grey: channels flagged")
+    ghz = freq / 1e9
+    runs = np.flatnonzero(np.diff(np.concatenate([[0], chans.astype(int), [0]])))     # flagged channel ranges
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)      # an all-flagged channel
+        for ax, a in zip(axes, ids):
+            spec = np.nanmean(tsys[ant == a], axis=0)            # (nchan, ncorr)
+            for p in range(spec.shape[1]):
+                ax.plot(ghz, spec[:, p], lw=0.8, color=f"C{p}")
+            for lo, hi in zip(runs[::2], runs[1::2]):
+                ax.axvspan(ghz[lo], ghz[hi - 1], color="0.8", lw=0)
+            label_panel(ax, antennas[a]["name"], "outlier" if a in outliers else
+                        "" if np.isfinite(spec).any() else "flagged")
+    io.plot(fig, name)
+    return name
 
 
 @stage("tsysflag", service="calibrator", topic="Flagging", reads=("caltables", "observation", "partitions"),
@@ -798,10 +825,14 @@ def tsysflag(ctx: dict, params: dict, io: StageIO) -> QA:
     path = io.fetch_dir(entry["key"])
     sols = read_caltable(path)
     ants = ctx["observation"]["antennas"]
-    report = []
+    report, evidence, most = [], "", 0
     for sol in sols:
         tsys = 1 / np.maximum(np.abs(sol.cparam), 1e-12) ** 2                 # (nrow, nchan, ncorr)
         rows, chans, found = tsys_outliers(tsys, sol.antenna, params)
+        plot = _plot_tsysflag(io, np.where(sol.flag, np.nan, tsys), sol.antenna, sol.freq, sol.spw, ants,
+                              {a for _, a, _ in found if a >= 0}, chans)
+        if plot and len(found) > most:
+            evidence, most = plot, len(found)
         sol.flag[rows] = True
         sol.flag[:, chans] = True
         report += [f"spw {sol.spw}: {test}" + (f" {ants[a]['name']}" if a >= 0 else "") + f": {what}"
@@ -815,7 +846,7 @@ def tsysflag(ctx: dict, params: dict, io: StageIO) -> QA:
         ctx["caltables"]["tsyscal"] = dict(entry, key=e["key"], sha256=e["sha256"])
         for r in report:
             qa.note(r)
-        qa.add(tsys_flags(report))
+        qa.add(tsys_flags(report, evidence))
     else:
         qa.note("No outlier Tsys spectra.")
     ctx["flags"]["tsysflag"] = report

@@ -765,7 +765,10 @@ class ImageJob:
                    ("pb", np.repeat(res.pb[None], len(res.freqs), 0), ""),
                    ("mask", res.clean_mask.astype(np.float32) if res.clean_mask is not None
                     else np.repeat(res.mask[None].astype(np.float32), len(res.freqs), 0), ""),
-                   ("residual", res.residual, "Jy/beam"))
+                   ("residual", res.residual, "Jy/beam"),
+                   # as tclean writes them: the PSF (a cube's per plane, peak 1) and the clean
+                   # components, so the WebLog can show what was deconvolved with what
+                   ("psf", res.psf, ""), ("model", res.model, "Jy/pixel"))
         if taylor is not None:
             outputs = _taylor_outputs(outputs, taylor)
         for suffix, planes_, unit in outputs:
@@ -812,11 +815,14 @@ class ImageJob:
 
 def _taylor_outputs(single: tuple, taylor) -> tuple:
     """The FITS products of a multi-term image, named as ALMA names them: the single-term
-    products of tt0 with .tt0 (image as .tt0, .tt0.pbcor, .pb.tt0, .residual.tt0; the
-    mask as it is), then .tt1, .residual.tt1, .alpha and .alpha.error."""
-    names = {"image": "tt0", "pbcor": "tt0.pbcor", "pb": "pb.tt0", "mask": "mask", "residual": "residual.tt0"}
+    products of tt0 with .tt0 (image as .tt0, .tt0.pbcor, .pb.tt0, .residual.tt0, .psf.tt0,
+    .model.tt0; the mask as it is), then .tt1, .residual.tt1, .model.tt1, .alpha and
+    .alpha.error."""
+    names = {"image": "tt0", "pbcor": "tt0.pbcor", "pb": "pb.tt0", "mask": "mask", "residual": "residual.tt0",
+             "psf": "psf.tt0", "model": "model.tt0"}
     out = [(names[s], planes, unit) for s, planes, unit in single]
     out += [("tt1", taylor.tt[1:2], "Jy/beam"), ("residual.tt1", taylor.residual[1:2], "Jy/beam"),
+            ("model.tt1", taylor.model[1:2], "Jy/pixel"),
             ("alpha", taylor.alpha[None], ""), ("alpha.error", taylor.alpha_error[None], "")]
     return tuple(out)
 

@@ -24,9 +24,10 @@ from .base import (CAL_READS, QA, SOLINT, Param, Score, StageError, StageIO, fie
                    stage)
 from .calibration import preapply, read_averaged
 from ..heuristics.callibrary import calibrator_ids, field_models, refant_id
-from ..heuristics.outliers import channel_outliers, gain_outliers, uv_bins
+from ..heuristics.outliers import channel_outliers, gain_outliers, relative_amplitudes, uv_bins
 from ..platform.spill import ChannelSlices
-from .flagging import parse_template, template_mask
+from ..heuristics.flagging import parse_template, template_mask
+from ..calibration.caltable import CalSolutions
 from ..calibration.terms import SolveSpec, solve_term, unit_model
 
 
@@ -35,10 +36,12 @@ from ..calibration.terms import SolveSpec, solve_term, unit_model
 
 @metric("gainflag.antennas_flagged", "antennas flagged for outlier gains in the spw with the most: 1 - their "
         "share of the antennas with data")
-def gain_outlier_antennas(worst: int, n_with_data: int, n_spws: int) -> Score | None:
-    """worst: the most antennas flagged in one spw; n_spws: the spws with any."""
+def gain_outlier_antennas(worst: int, n_with_data: int, n_spws: int, evidence: str = "") -> Score | None:
+    """worst: the most antennas flagged in one spw; n_spws: the spws with any;
+    evidence: the per-antenna plot of that spw."""
     if worst:
-        return Score(1 - worst / n_with_data, f"Antennas with outlier gains flagged in {n_spws} spw(s).")
+        return Score(1 - worst / n_with_data, f"Antennas with outlier gains flagged in {n_spws} spw(s).",
+                     evidence=evidence)
     return None
 
 
@@ -52,6 +55,30 @@ def gainflag_outliers(ctx: dict, link) -> list:
 def gainflag_reasons(ctx: dict) -> list:
     return [f"spw {spw}: antenna(s) {', '.join(ants)} with outlier gains"
             for spw, ants in (ctx.get("flags", {}).get("gainflag") or {}).items()]
+
+
+def _plot_gain_outliers(io, g: CalSolutions, antennas: list, spw: int, bad: dict) -> str | None:
+    """Each antenna's gain amplitude relative to the array's (relative_amplitudes) vs
+    time, one panel per antenna with data: the antennas gainflag flags framed red,
+    those without solutions marked. The plot's name, or None when nothing is unflagged."""
+    from ..report.plots import antenna_grid, label_panel
+    rel = relative_amplitudes(g)
+    if not np.isfinite(rel).any():
+        return None
+    ants = [a for a in antennas if a.get("has_data", True)]
+    name = f"gainflag_spw{spw}.png"
+    fig, axes = antenna_grid(len(ants), f"gain amplitude / the array's median vs hours, spw {spw}, per antenna "
+                                        "(colours: correlations); red: flagged as outliers")
+    hours = (g.time - g.time.min()) / 3600
+    for ax, a in zip(axes, ants):
+        mine = g.antenna == a["id"]
+        for p in range(rel.shape[1]):
+            ax.plot(hours[mine], rel[mine, p], ".", ms=1.5, color=f"C{p}")
+        ax.axhline(1.0, color="0.6", lw=0.5)
+        label_panel(ax, a["name"], "outlier" if a["id"] in bad else
+                    "" if np.isfinite(rel[mine]).any() else "flagged")
+    io.plot(fig, name)
+    return name
 
 
 @stage("gainflag", service="calibrator", topic="Flagging", qa=(gain_outlier_antennas,),
@@ -71,7 +98,7 @@ def gainflag(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
     cal = calibrator_ids(ctx)
     ants = ctx["observation"]["antennas"]
-    found, new_parts = {}, []
+    found, plots, new_parts = {}, {}, []
     for part in ctx["partitions"]:
         _, vis = read_averaged(io, part, cal, field_models(ctx, unit_for=cal), preapply(ctx, io, part["spw"]))
         g = solve_term(vis, unit_model(vis), SolveSpec(kind="G", solint=params["solint"], calmode="ap",
@@ -82,6 +109,7 @@ def gainflag(ctx: dict, params: dict, io: StageIO) -> QA:
         bad = gain_outliers(g, params["nsigma"], params["min_factor"],
                             params["rms_factor"],
                             params["nsigma_rms"] if params["scatter"] else np.inf)
+        plot = _plot_gain_outliers(io, g, ants, part["spw"], bad)
         solved = np.unique(g.antenna[~g.flag.all(axis=(1, 2))])
         io.log("spw %d: gains of %d antennas, outliers: %s", part["spw"], len(solved),
                ", ".join(f"{ants[a]['name']} ({why})" for a, why in sorted(bad.items())) or "none")
@@ -90,6 +118,7 @@ def gainflag(ctx: dict, params: dict, io: StageIO) -> QA:
             p.flag_antennas(sorted(bad))
             part = p.commit()
             found[str(part["spw"])] = [ants[a]["name"] for a in sorted(bad)]
+            plots[str(part["spw"])] = plot or ""
             for a, why in sorted(bad.items()):
                 qa.note(f"spw {part['spw']}: flagged antenna {ants[a]['name']}: {why}.")
         new_parts.append(part)
@@ -97,7 +126,8 @@ def gainflag(ctx: dict, params: dict, io: StageIO) -> QA:
     ctx["flags"]["gainflag"] = found
     n_has = max(sum(a["has_data"] for a in ants), 1)
     worst = max((len(v) for v in found.values()), default=0)
-    qa.add(gain_outlier_antennas(worst, n_has, len(found)))
+    worst_spw = max(found, key=lambda k: len(found[k]), default=None)
+    qa.add(gain_outlier_antennas(worst, n_has, len(found), plots.get(worst_spw, "")))
     if not worst:
         qa.note("No antenna with outlier gains.")
     return qa
