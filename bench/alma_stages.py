@@ -50,7 +50,7 @@ def ours(step: str, ms: str, work: str) -> None:
     from almapipe.msio.ms import read_vis, spw_table, write_column, write_flags
     from almapipe.stages.alma import delay_table, parse_antennapos, sample_times, source_vectors, tsys_solutions
     from almapipe.stages.calibration import derive_flux
-    from almapipe.stages.flagging import shadow_mask
+    from almapipe.heuristics.flagging import shadow_mask
     import casacore.tables as ct
     from almapipe.msio.listobs import summary
     obs = summary(ms)

@@ -35,7 +35,7 @@ import time
 def heuristics(ms: str, field: int) -> tuple:
     import numpy as np
     from almapipe.msio.ms import read_vis
-    from almapipe.stages.imaging import image_heuristics
+    from almapipe.heuristics.imaging import image_heuristics
     vis = read_vis(ms, 0, field_ids=[field])
     return image_heuristics(vis, 12.0, "ALMA", np.ones(len(vis.freq), bool))
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from almapipe.calibration.caltable import CalSolutions
 from almapipe.msio.ms import Vis
-from almapipe.stages import alma, calibration
+from almapipe.stages import alma, calibration, outlierflag
 
 
 class PlotIO:
@@ -52,7 +52,8 @@ def main() -> None:
                       {"id": 1, "name": "J1832-2039", "intents": ["PHASE"]},
                       {"id": 2, "name": "Target", "intents": ["TARGET"]}]}
     pages = {"bandpass": PlotIO(a.out), "gaincal": PlotIO(a.out), "timegaincal": PlotIO(a.out),
-             "tsyscal": PlotIO(a.out), "wvrgcal": PlotIO(a.out), "applycal": PlotIO(a.out)}
+             "tsyscal": PlotIO(a.out), "tsysflag": PlotIO(a.out), "gainflag": PlotIO(a.out),
+             "wvrgcal": PlotIO(a.out), "applycal": PlotIO(a.out)}
     freq = 230e9 + np.arange(nchan) * 15.6e6
     for spw in range(a.nspw):
         ant = np.arange(nant)
@@ -69,6 +70,9 @@ def main() -> None:
             calibration._plot_gains(pages[name], gsol, ctx, spw, name)
         tsys = 80 + 5 * rng.standard_normal((nant * 4, nchan, 2))
         alma._plot_tsys(pages["tsyscal"], tsys, np.repeat(ant, 4), freq, spw, ctx["observation"]["antennas"])
+        alma._plot_tsysflag(pages["tsysflag"], tsys, np.repeat(ant, 4), freq, spw, ctx["observation"]["antennas"],
+                            {3}, np.arange(nchan) < 4)
+        outlierflag._plot_gain_outliers(pages["gainflag"], gsol, ctx["observation"]["antennas"], spw, {3: "low"})
         # calibrated visibilities: every baseline at 150 times, 16 channels (the plot
         # averages channels; its size depends on the points drawn, capped per field)
         a1, a2 = np.triu_indices(nant, 1)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs Debian's chromium, which the WebLog's browser test renders the WebLog in,
 # when it is not on PATH. Needs root (or password-less sudo) and apt-get; where it
-# cannot install, it says why and exits 0: the browser test then skips, naming this.
+# cannot install, it says why and exits 0: the browser test then skips, naming this,
+# except under ALMAPIPE_REQUIRE_BROWSER=1 (.ci/run sets it), where it fails.
 set -uo pipefail
 if command -v chromium >/dev/null 2>&1; then
     exit 0

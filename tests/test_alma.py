@@ -169,13 +169,23 @@ def test_calibrator_images_recover_the_sky(alma_run):
     """Calibrators with their own gains come back within 3 %. The check source is
     calibrated as a target (the phase calibrator's phases per scan), so it shows the
     decorrelation by the path the radiometers do not see; it must still be there."""
-    sim, _, _, summary, _ = alma_run
+    from astropy.io import fits
+    sim, _, _, summary, out = alma_run
     for img in summary["images"]:
         expected = calibrator_truth(sim, img["field"], img["spw"])
         if expected is None:
             continue
         bound = 0.15 if img["field"] == "J1820-2528" else 0.03
         assert abs(img["peak_jy_per_beam"] / expected - 1) < bound, img
+        # the PSF (peak 1 at the centre) and the clean components (their sum the point
+        # source's flux, less what the residual keeps) are products beside the image
+        base = out / "product" / img["file"].replace(".pbcor.fits", "")
+        with fits.open(f"{base}.psf.fits") as hp, fits.open(f"{base}.model.fits") as hm:
+            psf, model = hp[0].data[0, 0], hm[0].data[0, 0]
+            assert hm[0].header["BUNIT"] == "Jy/pixel"
+        n = psf.shape[0]
+        assert psf[n // 2, n // 2] == pytest.approx(1.0, abs=1e-3) and psf.max() <= 1.0 + 1e-3
+        assert 0.5 * img["peak_jy_per_beam"] < model.sum() < 1.5 * img["peak_jy_per_beam"], (img["file"], model.sum())
 
 
 def test_tsys_recovered_within_1pct(alma_run):
@@ -810,6 +820,46 @@ PAGE_JS = """(() => ({
   ids: [...document.querySelectorAll('[id]')].map(e => e.id)}))()"""
 
 
+# set by .ci/run: there the browser test fails without Chromium instead of skipping,
+# so CI cannot pass without it; a developer without Chromium still gets a skip
+REQUIRE_BROWSER = "ALMAPIPE_REQUIRE_BROWSER"
+
+
+def chromium_or_skip() -> str:
+    """Chromium's path; without it the test skips, or fails under ALMAPIPE_REQUIRE_BROWSER=1."""
+    import browser
+    binary = browser.chromium_binary()
+    if binary is None:
+        why = "chromium is not installed and scripts/ensure_chromium.sh could not install it (needs apt-get and root)"
+        if os.environ.get(REQUIRE_BROWSER) == "1":
+            pytest.fail(f"{why}; {REQUIRE_BROWSER}=1 (CI, .ci/run) requires the browser test to run")
+        pytest.skip(why)
+    return binary
+
+
+def test_without_chromium_the_browser_test_skips_and_in_ci_fails(monkeypatch):
+    import browser
+    monkeypatch.setattr(browser, "chromium_binary", lambda: None)
+    monkeypatch.delenv(REQUIRE_BROWSER, raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        chromium_or_skip()
+    monkeypatch.setenv(REQUIRE_BROWSER, "1")
+    with pytest.raises(pytest.fail.Exception, match="ALMAPIPE_REQUIRE_BROWSER=1"):
+        chromium_or_skip()
+
+
+def test_ci_requires_the_browser_test_and_runs_the_readmes_command():
+    """.ci/run sets ALMAPIPE_REQUIRE_BROWSER=1 and then runs the README's test command."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, ".ci", "run")) as f:
+        ci = f.read()
+    with open(os.path.join(root, "README.md")) as f:
+        readme = f.read()
+    command = next(line for line in ci.splitlines() if line.startswith("scripts/ensure_chromium.sh"))
+    assert command in readme.splitlines()
+    assert f"export {REQUIRE_BROWSER}=1" in ci.split(command)[0]
+
+
 def stage_page(summary: dict, name: str) -> str:
     return f"stage{next(i for i, s in enumerate(summary['stages']) if s['name'] == name)}.html"
 
@@ -820,11 +870,8 @@ def test_weblog_in_a_real_browser(alma_run):
     budget; screenshots of Home and the bandpass page are kept in tests/artifacts/."""
     from matplotlib.image import imread
     from almapipe.report.weblog import page_weights
-    from browser import Browser, chromium_binary
-    binary = chromium_binary()
-    if binary is None:
-        pytest.skip("chromium is not installed and scripts/ensure_chromium.sh could not install it "
-                    "(needs apt-get and root)")
+    from browser import Browser
+    binary = chromium_or_skip()
     _, _, _, summary, out = alma_run
     web = out / "qa" / "weblog"
     pages = sorted(p.name for p in web.glob("*.html"))
@@ -903,7 +950,8 @@ def test_wide_band_aggregate_is_multi_term_with_the_injected_alpha(wideband_run)
     assert agg["nterms"] == 2 and all(i["nterms"] == 1 for i in cont if not i["aggregate"])
     assert agg["file"].endswith(f"_sci.spw{agg['spw']}.cont.I.tt0.pbcor.fits"), agg["file"]
     base = agg["file"].replace(".tt0.pbcor.fits", "")
-    for suffix in ("tt0", "tt0.pbcor", "tt1", "alpha", "alpha.error", "pb.tt0", "residual.tt0", "residual.tt1"):
+    for suffix in ("tt0", "tt0.pbcor", "tt1", "alpha", "alpha.error", "pb.tt0", "residual.tt0", "residual.tt1",
+                   "psf.tt0", "model.tt0", "model.tt1"):
         assert (out / "product" / f"{base}.{suffix}.fits").exists(), suffix
     assert agg["peak_jy_per_beam"] / agg["rms_jy_per_beam"] > 100
     nu0 = agg["reffreq_hz"]

@@ -9,9 +9,10 @@ import pytest
 from almapipe.calibration import solver
 from almapipe.calibration.terms import _continue_reference
 from almapipe.stages.alma import line_channels
-from almapipe.stages.base import StageError
-from almapipe.stages.calibration import field_map, phaseup_interval
-from almapipe.stages.flagging import parse_template, parse_timerange, template_mask
+from almapipe.errors import ParameterError
+from almapipe.heuristics.callibrary import field_map
+from almapipe.heuristics.solints import phaseup_interval
+from almapipe.heuristics.flagging import parse_template, parse_timerange, template_mask
 from almapipe.msio.ms import Vis
 
 
@@ -38,7 +39,7 @@ def test_timerange_in_casa_syntax():
     assert lo == pytest.approx(day0 + 5 * 3600 + 57 * 60 + 4.84, abs=1e-3) and hi - lo == pytest.approx(60.0)
     ((lo2, hi2),) = parse_timerange("05:57:04.84~05:58:04.84", day0 + 100.0)
     assert lo2 == pytest.approx(lo, abs=1e-3) and hi2 == pytest.approx(hi, abs=1e-3)
-    with pytest.raises(StageError, match="timerange"):
+    with pytest.raises(ParameterError, match="timerange"):
         parse_timerange("yesterday~today", day0)
 
 
@@ -120,7 +121,7 @@ def test_bandpass_phaseup_interval_from_the_calibrators_snr(tmp_path, flux_jy, w
     sim = Simulator(SimConfig.preset("small", nant=6, target_scans=1, bp_flux_jy=flux_jy, dead_antenna=False))
     res = sim.write(str(tmp_path))
     vis = msio.read_vis(res["ms"], sim.science_spw_ids[0], field_ids=[0])
-    from almapipe.stages.flagging import shadow_mask
+    from almapipe.heuristics.flagging import shadow_mask
     vis.flag |= ((vis.ant1 == vis.ant2) | shadow_mask(vis.time, vis.ant1, vis.ant2, vis.uvw, np.full(6, 12.0)))[:, None, None]
     for spw, ch in sim.bad_channels:             # rawflagchans has flagged these before the bandpass
         if spw == 0:
@@ -136,7 +137,7 @@ def test_bandpass_phaseup_interval_from_the_calibrators_snr(tmp_path, flux_jy, w
 
 
 def test_dynamic_range_correction_of_the_threshold():
-    from almapipe.stages.imaging import dr_correction
+    from almapipe.heuristics.imaging import dr_correction
     assert dr_correction(1e-3, 0.015, False, 12.0) == (pytest.approx(2e-3), 1.0)          # DR 15
     assert dr_correction(1e-3, 0.040, False, 12.0) == (pytest.approx(3e-3), 1.5)          # DR 40
     assert dr_correction(1e-3, 0.080, False, 12.0)[1] == 2.0

@@ -174,3 +174,33 @@ def test_a_flagged_solution_flags_the_data_that_would_be_interpolated_through_it
     assert bad[:, 0, 0, 0].tolist() == [False, False, False, True, True, False, False, False]
     _, bad = interpolate_gains(sol, times, 1, "linear")          # a solve's pre-apply passes over it
     assert not bad.any()
+
+
+@pytest.mark.parametrize("kind,solint", [("G", "int"), ("T", "inf"), ("G", "30s")])
+def test_a_solve_on_channel_averages_equals_the_solve_on_every_channel(kind, solint):
+    """terms.channel_average (what gain solves keep in memory: one channel per row, the
+    earlier tables applied, read in row blocks) gives the solutions of the full solve, to
+    float precision, whatever the channel selection, flags and weights."""
+    from almapipe.calibration.terms import channel_average, unit_model
+    from almapipe.msio.ms import concat_vis
+    rng = np.random.default_rng(12)
+    nant, nchan = 8, 24
+    chan = np.arange(nchan)
+    bp = (1 + 0.1 * np.sin(chan[None, :, None] / 4.0 + rng.uniform(0, 3, (nant, 1, 2)))) + 0j
+    vis = simulate(nant=nant, nchan=nchan, bandpass=bp, gains=_gains(rng, 20, nant, 2), noise=0.05, flux=1.5)
+    vis.flag = rng.random(vis.flag.shape) < 0.1
+    vis.weight = rng.uniform(0.5, 2.0, vis.weight.shape).astype(np.float32)
+    model = point_model(vis, {0: lambda f: 1.5 * (f / f[0]) ** -0.7})
+    earlier = [GainApply(solve_term(vis, model, SolveSpec(kind="B", solint="inf", refant=0)), calwt=False)]
+    chans = slice(3, 20)
+    spec = dict(kind=kind, solint=solint, refant=0, minsnr=0.0)
+    full = solve_term(vis, model, SolveSpec(**spec, chans=chans, preapply=earlier))
+    blocks = [channel_average(vis.select(rows), model[rows], chans, earlier)
+              for rows in np.array_split(np.arange(len(vis.time)), 3)]      # row blocks, as read_averaged
+    one = concat_vis(blocks)
+    assert one.data.shape == (len(vis.time), 1, 2)
+    avg = solve_term(one, unit_model(one), SolveSpec(**spec))
+    np.testing.assert_array_equal(avg.flag, full.flag)
+    np.testing.assert_allclose(avg.cparam, full.cparam, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(avg.freq, full.freq)
+    np.testing.assert_allclose(avg.time, full.time)

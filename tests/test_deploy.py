@@ -479,6 +479,19 @@ def k8s_nats_cluster(tmp_path):
                 p.kill()
 
 
+async def _until(make, what: str, timeout: float = 30.0):
+    """await make() until it succeeds: a replicated stream answers only once its leader
+    is elected (after it is created, and again after a server is lost), which on a
+    loaded 2-core machine takes seconds; the clients of the pipeline retry the same way."""
+    t_end = time.time() + timeout
+    while True:
+        try:
+            return await make()
+        except Exception as exc:
+            assert time.time() < t_end, f"{what} did not succeed within {timeout:.0f} s: {exc!r}"
+            await asyncio.sleep(0.5)
+
+
 def _cfg(monkeypatch, user: str, cluster: dict):
     from almapipe.config import Config
     # one address, as the Service almapipe-nats is; the server named nats-0 stays up
@@ -503,17 +516,17 @@ def test_k8s_nats_runs_replicated_streams(k8s_nats_cluster, monkeypatch):
     async def scenario():
         gw_cfg = _cfg(monkeypatch, "gateway", cluster)
         nc, js = await bus.connect(gw_cfg, "gateway")
-        kv = await bus.runs_kv(js)
-        await kv.put("run-1", b"{}")
+        kv = await _until(lambda: bus.runs_kv(js), "the run records' bucket")
+        await _until(lambda: kv.put("run-1", b"{}"), "the first run record")
         for name in (bus.WORK_STREAM, bus.EVENTS_STREAM, f"KV_{bus.RUNS_KV}"):
-            info = await js.stream_info(name)
+            info = await _until(lambda: js.stream_info(name), f"stream {name}'s info")
             assert info.config.num_replicas == 3, name
             assert len(info.cluster.replicas or []) == 2, name        # a leader and two followers
 
         imager_cfg = _cfg(monkeypatch, "imager", cluster)
         wnc, wjs = await bus.connect(imager_cfg, "imager")
-        sub = await bus.work_consumer(wjs, "imager", imager_cfg)
-        await js.publish(bus.work_subject("imager", "makeimages"), b"req-1")
+        sub = await _until(lambda: bus.work_consumer(wjs, "imager", imager_cfg), "the imager's consumer")
+        await _until(lambda: js.publish(bus.work_subject("imager", "makeimages"), b"req-1"), "the first request")
         # what KEDA's nats-jetstream scaler reads: lag = num_pending + num_ack_pending
         # as the scaler does: from the server that leads the consumer (/varz names a server)
         def lag_at_leader():
@@ -527,14 +540,14 @@ def test_k8s_nats_runs_replicated_streams(k8s_nats_cluster, monkeypatch):
                             if st["name"] == bus.WORK_STREAM and c["name"] == bus.work_consumer_name("imager") \
                                     and c["cluster"]["leader"] == _http_json(f"{base}/varz")["server_name"]:
                                 return c["num_pending"] + c["num_ack_pending"]
-        t_end = time.time() + 10
+        t_end = time.time() + 30
         while lag_at_leader() != 1:
             assert time.time() < t_end, f"lag {lag_at_leader()} at the consumer's leader, not 1"
             await asyncio.sleep(0.3)
         # a worker's user may not publish into the run records (decision 0009)
         with pytest.raises(Exception):
             await wjs.publish(f"$KV.{bus.RUNS_KV}.run-1", b"forged", timeout=2)
-        msgs = await sub.fetch(1, timeout=5)
+        msgs = await _until(lambda: sub.fetch(1, timeout=5), "the first fetch")
         assert msgs[0].data == b"req-1"
         await msgs[0].ack()
 
@@ -546,7 +559,7 @@ def test_k8s_nats_runs_replicated_streams(k8s_nats_cluster, monkeypatch):
         # one server lost: the replicated work queue and run records carry on. The
         # victim leads the WORK stream (moved off nats-0 first, which the clients use)
         for _ in range(20):
-            leader = (await js.stream_info(bus.WORK_STREAM)).cluster.leader
+            leader = (await _until(lambda: js.stream_info(bus.WORK_STREAM), "the work stream's info")).cluster.leader
             if leader != "almapipe-nats-0":
                 break
             await nc.request(f"$JS.API.STREAM.LEADER.STEPDOWN.{bus.WORK_STREAM}", b"", timeout=5)
@@ -555,33 +568,13 @@ def test_k8s_nats_runs_replicated_streams(k8s_nats_cluster, monkeypatch):
         assert victim != 0
         cluster["procs"][victim].kill()
         cluster["procs"][victim].wait()
-        t_end = time.time() + 30
-        while True:
-            try:
-                await js.publish(bus.work_subject("imager", "makeimages"), b"req-2", timeout=2)
-                break
-            except Exception:
-                assert time.time() < t_end, "no new stream leader within 30 s"
-                await asyncio.sleep(0.5)
-        t_end = time.time() + 30
-        while True:
-            try:
-                msgs = await sub.fetch(1, timeout=2)
-                break
-            except Exception:
-                assert time.time() < t_end, "the consumer did not recover within 30 s"
+        await _until(lambda: js.publish(bus.work_subject("imager", "makeimages"), b"req-2", timeout=2),
+                     "a request after the work stream's leader was lost (no new leader)")
+        msgs = await _until(lambda: sub.fetch(1, timeout=2), "the consumer after its leader was lost")
         assert msgs[0].data == b"req-2"
         await msgs[0].ack()
-        # the run records' own stream may have lost its leader with the victim: it elects
-        # another as the work stream did, so its first read is retried the same way
-        t_end = time.time() + 30
-        while True:
-            try:
-                entry = await kv.get("run-1")
-                break
-            except Exception:
-                assert time.time() < t_end, "the run records did not recover within 30 s"
-                await asyncio.sleep(0.5)
+        # the run records' own stream may have lost its leader with the victim too
+        entry = await _until(lambda: kv.get("run-1"), "the run records after a server was lost")
         assert entry.value == b"{}"
         await wnc.close()
         await nc.close()

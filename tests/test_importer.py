@@ -6,8 +6,8 @@ from astropy.time import Time
 
 from almapipe.msio import listobs, ms as msio
 from almapipe.msio.uvfits import uvfits_to_ms
-from almapipe.stages.base import StageError
-from almapipe.stages.flagging import parse_template, shadow_mask, template_mask
+from almapipe.errors import ParameterError
+from almapipe.heuristics.flagging import parse_template, shadow_mask, template_mask
 
 
 def test_ngc5921_imports_as_casa_ms(ngc5921_ms):
@@ -66,9 +66,9 @@ def test_flag_template_syntax_and_selection(ngc5921_ms):
     rows = (vis.ant1 == ant5) | (vis.ant2 == ant5)
     assert m[rows][:, :4].all() and not m[rows][:, 4:].any() and not m[~rows].any()
     assert template_mask(vis, cmds[1], ants, fields, 0)[vis.scan == 2].all()
-    with pytest.raises(StageError, match="unknown key"):
+    with pytest.raises(ParameterError, match="unknown key"):
         parse_template("antena='VL05'")
-    with pytest.raises(StageError, match="no antenna"):
+    with pytest.raises(ParameterError, match="no antenna"):
         template_mask(vis, {"antenna": "XX99"}, ants, fields, 0)
 
 

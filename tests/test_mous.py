@@ -129,7 +129,7 @@ def test_a_failed_eb_fails_the_mous_run_naming_it(stack, stub, tmp_path):  # noq
 def test_flux_consistency_names_the_eb_off_the_median():
     """Unit level: one EB of three 5 % high is the outlier (against the EBs' median, which
     one wrong EB does not pull); the factors bring every EB to the weighted mean."""
-    from almapipe.stages.ebs import flux_consistency
+    from almapipe.heuristics.fluxscale import flux_consistency
 
     def eb(name, scale):
         return {"ms_name": name, "fluxscale": [

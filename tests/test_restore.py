@@ -12,7 +12,7 @@ import pytest
 from almapipe.calibration import restore
 from almapipe.calibration.terms import SolveSpec, solve_term
 from almapipe.stages.calpackage import CASA_SCRIPT
-from almapipe.stages.outlierflag import gain_outliers, uv_outliers
+from almapipe.heuristics.outliers import gain_outliers, uv_outliers
 from conftest import simulate
 
 

@@ -10,7 +10,7 @@ import pytest
 from almapipe.msio import listobs, ms as msio
 from almapipe.simulate.alma_pads import ALMA_C8_PADS
 from almapipe.simulate.simulator import SimConfig, Simulator
-from almapipe.stages.flagging import shadow_mask
+from almapipe.heuristics.flagging import shadow_mask
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_realistic_preset_is_the_one_the_issue_describes():
 def test_online_flags_in_flag_cmd_name_the_off_source_antenna(eb):
     """FLAG_CMD holds the online flag as a flagdata command; inside its time range the
     antenna's cross-correlations carry noise only."""
-    from almapipe.stages.flagging import parse_template, parse_timerange
+    from almapipe.heuristics.flagging import parse_template, parse_timerange
     sim, res, truth, _ = eb
     (row,) = msio.online_flag_commands(res["ms"])
     assert row["type"] == "ONLINE" and row["reason"] == "ANTENNA_NOT_ON_SOURCE"

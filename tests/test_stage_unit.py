@@ -1,6 +1,7 @@
 """The stage as a unit (decision 0016), without the stack: every stage declares its
-parameters, WebLog topic and context keys; recipes and overrides are checked against
-the declarations; the context's keys are declared; the modules import without cycles."""
+parameters, WebLog topic, context keys, QA metrics and WebLog tables; recipes and
+overrides are checked against the declarations; the context's keys are declared; every
+score names a metric its stage declares; the modules import without cycles."""
 from __future__ import annotations
 
 import ast
@@ -82,7 +83,8 @@ def test_a_stage_sees_every_declared_parameter_with_its_default():
 
 def test_describe_prints_a_stages_parameters():
     text = recipes.describe("bandpass")
-    for word in ("solint", "phaseup_solint", "minsnr", "default 3.0", "reads:", "writes:", "Calibration"):
+    for word in ("solint", "phaseup_solint", "minsnr", "default 3.0", "reads:", "writes:", "Calibration",
+                 "QA metrics:", "bandpass.antenna_shape: antennas whose bandpass amplitude shape"):
         assert word in text, word
     assert "niter" in recipes.describe("makeimages")
     assert "parameters: none" in recipes.describe("weblog")          # failure: the pipeline's own
@@ -136,6 +138,128 @@ def _is_ctx_key(node) -> bool:
             and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str))
 
 
+# what a stage reads: ctx["k"] and ctx.get("k") in its body and in the almapipe functions it
+# passes ctx to, transitively (same module, stages.base, heuristics, report)
+_MUTATORS = ("append", "extend", "update", "setdefault")
+
+
+def _module_file(module: str) -> str | None:
+    base = os.path.join(ROOT, *module.split("."))
+    for p in (base + ".py", os.path.join(base, "__init__.py")):
+        if os.path.exists(p):
+            return p
+    return None
+
+
+def _absolute(path: str, node: ast.ImportFrom) -> str:
+    """The dotted module an ImportFrom in the module at path names."""
+    pkg = os.path.relpath(os.path.dirname(path), ROOT).split(os.sep)
+    if node.level:
+        pkg = pkg[:len(pkg) - (node.level - 1)]
+        return ".".join(pkg + ([node.module] if node.module else []))
+    return node.module or ""
+
+
+class _Module:
+    def __init__(self, path: str):
+        with open(path) as f:
+            self.tree = ast.parse(f.read())
+        self.functions = {n.name: n for n in self.tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+        self.names, self.modules = {}, {}      # imported function -> (module, name); alias -> module
+        for n in ast.walk(self.tree):
+            if isinstance(n, ast.ImportFrom):
+                mod = _absolute(path, n)
+                if not mod.startswith("almapipe"):
+                    continue
+                for a in n.names:
+                    sub = f"{mod}.{a.name}"
+                    if _module_file(sub):
+                        self.modules[a.asname or a.name] = sub
+                    else:
+                        self.names[a.asname or a.name] = (mod, a.name)
+
+
+_MODULES: dict = {}
+
+
+def _parsed_module(name: str):
+    if name not in _MODULES:
+        path = _module_file(name)
+        _MODULES[name] = _Module(path) if path else None
+    return _MODULES[name]
+
+
+def _direct_reads(fn) -> set:
+    """ctx["k"] and ctx.get("k") in fn, except writes into a key (ctx["k"][...] = v,
+    ctx["k"].append(v)) and reads of a key after fn set it itself (ctx["k"] = v)."""
+    parents = {}
+    for n in ast.walk(fn):
+        for c in ast.iter_child_nodes(n):
+            parents[c] = n
+    set_at = {}
+    for n in ast.walk(fn):
+        if isinstance(n, ast.Assign):
+            for t in n.targets:
+                if _is_ctx_key(t):
+                    set_at[t.slice.value] = min(set_at.get(t.slice.value, n.lineno), n.lineno)
+    keys = set()
+    for n in ast.walk(fn):
+        if (isinstance(n, ast.Subscript) and isinstance(n.value, ast.Name) and n.value.id == "ctx"
+                and isinstance(n.slice, ast.Constant) and isinstance(n.slice.value, str)
+                and isinstance(n.ctx, ast.Load)):
+            p = parents.get(n)
+            # ctx["k"][...] = v and ctx["k"].append(v) write into the key; they do not read it
+            if isinstance(p, ast.Subscript) and p.value is n and not isinstance(p.ctx, ast.Load):
+                continue
+            if isinstance(p, ast.Attribute) and p.attr in _MUTATORS and isinstance(parents.get(p), ast.Call):
+                continue
+            if n.lineno > set_at.get(n.slice.value, n.lineno):
+                continue
+            keys.add(n.slice.value)
+        elif (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "get"
+              and isinstance(n.func.value, ast.Name) and n.func.value.id == "ctx"
+              and n.args and isinstance(n.args[0], ast.Constant)):
+            keys.add(n.args[0].value)
+    return keys
+
+
+def _callees(mod: _Module, modname: str, fn) -> list:
+    """(module, function) of the calls in fn that pass ctx on."""
+    out = []
+    for n in ast.walk(fn):
+        if not isinstance(n, ast.Call):
+            continue
+        args = list(n.args) + [k.value for k in n.keywords]
+        if not any(isinstance(a, ast.Name) and a.id == "ctx" for a in args):
+            continue
+        f = n.func
+        if isinstance(f, ast.Name):
+            if f.id in mod.functions:
+                out.append((modname, f.id))
+            elif f.id in mod.names:
+                out.append(mod.names[f.id])
+        elif isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id in mod.modules:
+            out.append((mod.modules[f.value.id], f.attr))
+    return out
+
+
+def _context_reads(modname: str, fname: str, _seen=None) -> set:
+    """Context keys function fname of module modname reads, itself and through the
+    almapipe functions it passes ctx to (transitively)."""
+    seen = _seen if _seen is not None else set()
+    if (modname, fname) in seen:
+        return set()
+    seen.add((modname, fname))
+    mod = _parsed_module(modname)
+    if mod is None or fname not in mod.functions:
+        return set()
+    fn = mod.functions[fname]
+    keys = _direct_reads(fn)
+    for callee in _callees(mod, modname, fn):
+        keys |= _context_reads(*callee, _seen=seen)
+    return keys
+
+
 def test_every_context_key_the_code_writes_is_declared():
     from almapipe.stages.base import new_context
     fresh = new_context("r", {}, "k", {})
@@ -163,6 +287,43 @@ def test_each_stage_declares_what_its_body_writes():
                 body = writes.get(spec.fn.__name__, set())
                 missing += [f"{spec.name}: {k}" for k in body - set(spec.writes)]
     assert not missing, missing
+
+
+def test_each_stage_declares_what_it_reads():
+    """The context keys a stage reads, in its body and in the almapipe functions it
+    passes ctx to (its module's helpers, stages.base, heuristics, the report code; for
+    the weblog stage also the stages' tables and triage entries it renders), are
+    among its declared reads, and are keys of CONTEXT."""
+    shown = set()              # what the WebLog's pages show of each stage's declarations
+    for spec in REGISTRY.values():
+        for fn in (spec.tables, spec.outliers, spec.flag_reasons):
+            if fn:
+                shown |= _context_reads(fn.__module__, fn.__name__)
+    missing, unknown = [], []
+    for spec in REGISTRY.values():
+        reads = _context_reads(spec.fn.__module__, spec.fn.__name__) | (shown if spec.name == "weblog" else set())
+        missing += [f"{spec.name}: {k}" for k in sorted(reads - set(spec.reads))]
+        unknown += [f"{spec.name}: {k}" for k in sorted(reads - set(CONTEXT))]
+    assert not unknown, unknown
+    assert not missing, missing
+
+
+def test_the_read_finder_follows_helpers_and_skips_writes():
+    tree = ast.parse('''
+def helper(ctx):
+    return ctx.get("fields"), ctx["observation"]["spws"]
+def body(ctx, params, io):
+    ctx["flags"]["x"] = 1
+    ctx["callibrary"].append(2)
+    ctx["refant"] = {"ranked": []}
+    print(ctx["refant"]["ranked"], ctx["partitions"])
+    helper(ctx)
+''')
+    functions = {n.name: n for n in tree.body}
+    assert _direct_reads(functions["body"]) == {"partitions"}
+    assert _direct_reads(functions["helper"]) == {"fields", "observation"}
+    # through the module's imports: reporting.weblog passes ctx to report.weblog.render
+    assert {"fluxscale", "ms_name", "recipe"} <= _context_reads("almapipe.stages.reporting", "weblog")
 
 
 # ------------------------------------------------------------------ imports
@@ -243,6 +404,17 @@ def test_no_import_cycles():
     assert find_cycle(graph) == [], " -> ".join(find_cycle(graph))
 
 
+def test_heuristics_and_kernels_import_no_stage_module():
+    """The heuristics (pure functions: flag templates, outlier tests, image sizes,
+    solution intervals, flux consistency, ...) and the kernels of calibration, imaging
+    and msio never reach into a stage module; a stage module imports them."""
+    graph = import_graph()
+    for mod, edges in graph.items():
+        if mod.startswith(("almapipe.heuristics", "almapipe.calibration", "almapipe.imaging", "almapipe.msio",
+                           "almapipe.simulate")):
+            assert not [e for e in edges if e.startswith("almapipe.stages")], (mod, edges)
+
+
 def test_the_cycle_finder_finds_a_lazy_import_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) == []
@@ -283,3 +455,289 @@ def test_a_cubes_automatic_piece_count_keeps_each_piece_within_the_budget(monkey
     monkeypatch.setenv("ALMAPIPE_CUBE_PIECE_MB", "256")
     assert cube_piece_budget() == 256 * 2**20
     assert cube_piece_count(480000, 128, 2) == 5
+
+
+# ------------------------------------------------------------------ QA metrics and WebLog tables
+
+def test_every_stage_declares_its_metrics_each_named_and_described():
+    from almapipe.stages.base import Metric
+    names = {}
+    for spec in REGISTRY.values():
+        for m in spec.qa:
+            assert isinstance(m, Metric) and m.doc, (spec.name, m)
+            # stage.what: named for its stage (joincube scores makeimages' images)
+            assert m.name.split(".")[0] in REGISTRY and m.name.count(".") == 1, m.name
+            names.setdefault(m.name, m.doc)
+            assert names[m.name] == m.doc, f"{m.name} declared twice with different docs"
+    assert len(names) >= 35
+    for name in ("bandpass", "flagdata", "lowgainflag", "applycal", "makeimages", "weblog"):
+        assert REGISTRY[name].qa, name
+
+
+def _stage_modules():
+    stage_dir = os.path.join(ROOT, "almapipe", "stages")
+    return [os.path.join(stage_dir, n) for n in sorted(os.listdir(stage_dir)) if n.endswith(".py") and n != "base.py"]
+
+
+def test_stages_score_only_through_their_metrics():
+    """No stage lowers its QA itself (QA.lower with a score and a reason); each adds
+    what a Metric returns (qa.add), so every score names its metric."""
+    found = []
+    for path in _stage_modules():
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for n in ast.walk(tree):
+            if (isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "lower"
+                    and (n.args or n.keywords)):
+                found.append(f"{os.path.basename(path)}:{n.lineno}")
+    assert not found, found
+
+
+def test_a_score_of_an_undeclared_metric_fails_the_stage():
+    from almapipe.stages.base import QA, Score, StageError, metric, stage
+
+    @metric("_probe.declared", "a metric the probe declares")
+    def declared(x):
+        return Score(0.5, f"x = {x}") if x else None
+
+    @metric("_probe.other", "a metric the probe does not declare")
+    def other():
+        return Score(0.4, "other")
+
+    @stage("_probe", service="x", qa=(declared,), topic="Products")
+    def probe(ctx, params, io):
+        qa = QA()
+        qa.add(declared(ctx.get("x")))
+        if ctx.get("other"):
+            qa.add(other())
+        return qa
+    try:
+        qa = probe({"x": 3}, {}, None)
+        assert qa.score == 0.5 and qa.metrics == [{"score": 0.5, "reason": "x = 3", "metric": "_probe.declared",
+                                                   "evidence": ""}]
+        assert probe({}, {}, None).metrics == []
+        with pytest.raises(StageError, match="_probe.other not declared"):
+            probe({"other": True}, {}, None)
+    finally:
+        REGISTRY.pop("_probe")
+
+
+def _declared(stage_name: str) -> set:
+    return {m.name for m in REGISTRY[stage_name].qa}
+
+
+def test_metric_functions_score_known_inputs_as_before():
+    from almapipe.stages import alma, calibration, flagging, imaging, outlierflag, reporting
+    from almapipe.stages.base import Score
+    s, = flagging.flagged_fraction(0.3)
+    assert s == Score(0.7, "30.0% of the data flagged beyond autocorrelations.", metric="flagdata.flagged_fraction")
+    assert flagging.flagged_fraction(0.7)[0].score == 0.0 and flagging.flagged_fraction(0.05) == []
+    s, = alma.low_gain_antennas(["DA48"], 10, 0.3)
+    assert (s.score, s.evidence) == (pytest.approx(0.9), "table-low-gain")
+    assert s.reason == "Flagged antenna(s) DA48: gain amplitude below 30% of the array's median."
+    assert alma.low_gain_antennas([], 10, 0.3) == []
+    assert [x.score for x in alma.median_tsys(5, 1500.0, 1000.0)] == [0.6] and alma.median_tsys(5, 900.0, 1e3) == []
+    assert alma.tsys_coverage(3)[0].reason == "No Tsys spw covers science spw 3: Tsys not applied there."
+    assert alma.wvr_availability()[0].reason.startswith("No WVR spw in the EB")
+    assert alma.wvr_improvement(0.8, 1.0)[0].score == 0.5 and alma.wvr_improvement(1.5, 1.0) == []
+    flagged, missing = calibration.SOLUTION_METRICS["gaincal"]
+    s, = flagged(0.25, "gaincal", "gaincal_spw0.png")
+    assert (s.score, s.metric, s.evidence) == (0.75, "gaincal.flagged_solutions", "gaincal_spw0.png")
+    assert missing(["DA45", "DA42"], 8, "gaincal")[0].score == pytest.approx(0.75)
+    assert calibration.newly_flagged(0.2)[0].score == pytest.approx(0.8) and calibration.newly_flagged(0.05) == []
+    assert calibration.derived_flux_snr("J1", 0, 5.0)[0].reason == "J1 spw 0: derived flux SNR only 5.0."
+    assert calibration.refant_flagged("DA41", 0.3)[0].reason == "Reference antenna DA41 has 70% of its data flagged."
+    assert outlierflag.gain_outlier_antennas(2, 10, 1)[0].score == pytest.approx(0.8)
+    assert outlierflag.newly_flagged_targets(0.01, 5, 7)[0].score == pytest.approx(0.99)
+    rec = {"file": "t.pbcor.fits", "qa_score": 0.6, "rms_jy_per_beam": 2e-3, "theoretical_rms_jy_per_beam": 1e-3}
+    s, = imaging.image_rms(rec, "t.png")
+    assert s == Score(0.6, "t.pbcor.fits: rms 2.00 mJy/beam vs theoretical 1.00.", "t.png", "makeimages.rms")
+    assert imaging.not_imaged("T spw 0 (mfs)", "no data") == []
+    assert reporting.weblog_weight(60e6, 1e6)[0].metric == "weblog.weight"
+    s, = alma.large_corrections({"DA41": (0.002, 0.0, 0.0), "DA42": (0.0001, 0.0, 0.0)}, 0.001, 1.0)
+    assert s == Score(0.9, "Position correction longer than 1 wavelength(s) (1.00 mm): DA41 2.0 mm.", "",
+                      "antpos.large_corrections")
+    assert alma.large_corrections({"DA42": (0.0001, 0.0, 0.0)}, 0.001, 1.0) == []
+    s, = imaging.continuum_fraction("T", 5, 6, 128, 0.1)
+    assert (s.score, s.evidence, s.metric) == (0.6, "table-continuum", "uvcontsub.continuum_fraction")
+    assert s.reason.startswith("T spw 5: the continuum is fitted on 6 of 128 channels (5%, under 10%)")
+    assert imaging.continuum_fraction("T", 5, 40, 128, 0.1) == []
+
+
+def test_each_stages_scores_name_metrics_it_declares():
+    """The metric functions of a few real stages, with inputs that lower them, through
+    QA.add: every entry names a metric its stage declares."""
+    import numpy as np
+    from almapipe.calibration.caltable import CalSolutions
+    from almapipe.stages import alma, calibration, flagging, imaging
+    from almapipe.stages.base import QA
+    cases = {
+        "flagdata": [flagging.flagged_fraction(0.3)],
+        "lowgainflag": [alma.low_gain_antennas(["DA48"], 10, 0.3)],
+        "wvrgcal": [alma.wvr_radiometers(["DA44"]), alma.wvr_improvement(0.9, 1.0), alma.wvr_fit_phases(3)],
+        "bandpass": [calibration.bandpass_outliers([{"antenna": "DA45", "spw": 5, "why": "amplitude shape off"}]),
+                     calibration.phaseup_snr("J1924-2914", 5, 4.0, 20.0, "60s")],
+        "makeimages": [imaging.not_imaged("T spw 0 (mfs)", "all data flagged"),
+                       imaging.image_dynamic_range({"file": "c.fits", "qa_score": 0.5, "rms_jy_per_beam": 1e-3},
+                                                   "c.png")],
+    }
+    for name, scores in cases.items():
+        qa = QA()
+        for s in scores:
+            qa.add(s)
+        assert qa.score < 1 and len(qa.metrics) == len(scores), name
+        assert {m["metric"] for m in qa.metrics} <= _declared(name), (name, qa.metrics)
+    # solution_qa, as the solves call it: a flagged antenna and flagged solutions
+    ctx = {"observation": {"antennas": [{"id": i, "name": f"DA{41 + i}", "has_data": True} for i in range(4)]}}
+    flag = np.zeros((4, 1, 2), bool)
+    flag[3] = True
+    flag[0, 0, 0] = True
+    sol = CalSolutions("G", 0, np.array([1e11]), np.zeros(4), np.ones(4), np.zeros(4, int), np.ones(4, int),
+                       np.arange(4), np.ones((4, 1, 2), complex), flag, np.full((4, 1, 2), 50.0))
+    for stage_name, what in (("gaincal", "gaincal"), ("spwphaseup", "spw phase offset")):
+        qa = QA()
+        calibration.solution_qa(qa, [sol], what, ctx, stage_name)
+        assert [m["metric"] for m in qa.metrics] == [f"{stage_name}.flagged_solutions",
+                                                     f"{stage_name}.antennas_without_solutions"]
+        assert {m["metric"] for m in qa.metrics} <= _declared(stage_name)
+        assert qa.metrics[1]["reason"] == f"No {what} solutions for antenna(s) DA44: all their data are flagged."
+
+
+class _LogIO:
+    def __init__(self):
+        self.lines = []
+
+    def log(self, msg, *args):
+        self.lines.append(msg % args if args else msg)
+
+
+def test_a_real_stage_scores_through_its_declared_metrics():
+    """fluxconsistency run as the worker runs it (the registered function): the EB off
+    the others' flux scale is named by fluxconsistency.eb_outliers."""
+    def eb(name, scale):
+        return {"ms_name": name, "fluxscale": [{"field": "J1832-2039", "spw": s, "flux_jy": 0.5 * scale,
+                                                "flux_err_jy": 0.001} for s in (0, 1)]}
+    ctx = {"fields": [{"id": 1, "name": "J1832-2039", "intents": ["PHASE"]}], "target_partitions": [],
+           "ebs": [eb("a", 1.0), eb("b", 1.08), eb("c", 0.998)]}
+    qa = REGISTRY["fluxconsistency"].fn(ctx, {}, _LogIO())
+    assert [(m["metric"], m["score"]) for m in qa.metrics] == [("fluxconsistency.eb_outliers", 0.6)]
+    assert "EB b: flux scale +8.0% from the EBs' median" in qa.metrics[0]["reason"]
+    ctx = dict(ctx, fields=[])                     # no phase calibrator: nothing compared
+    qa = REGISTRY["fluxconsistency"].fn(ctx, {}, _LogIO())
+    assert [m["metric"] for m in qa.metrics] == ["fluxconsistency.compared"] and qa.score == 0.8
+
+
+def test_the_weblog_tables_come_from_the_stages_declarations():
+    from almapipe.report import weblog
+    with_tables = {n for n, spec in REGISTRY.items() if spec.tables}
+    assert {"fluxscale", "fluxconsistency", "setjy", "refant", "lowgainflag", "bandpass", "flagdata",
+            "uvcontsub", "spwphaseup", "makeimages"} <= with_tables
+    for spec in REGISTRY.values():                   # each defined beside its stage
+        if spec.tables:
+            assert spec.tables.__module__ == spec.fn.__module__, spec.name
+    ctx = {"flags": {"lowgainflag": ["DA48"]},
+           "bandpass_antennas": {"outliers": [{"antenna": "DA45", "spw": 5, "why": "amplitude shape off"}],
+                                 "no_solutions": {"5": ["DA48"]}}}
+    t, = weblog._result_tables(ctx, "bandpass")
+    assert t["evidence"] == "table-bandpass-antennas"
+    assert t["rows"] == [["DA45", 5, "outlier: amplitude shape off"],
+                         ["DA48", "5", "no solutions: its data are flagged (lowgainflag)"]]
+    assert weblog._result_tables(ctx, "lowgainflag")[0]["evidence"] == "table-low-gain"
+    assert weblog._result_tables(ctx, "fluxscale") == [] and weblog._result_tables(ctx, "nosuch") == []
+
+
+# ------------------------------------------------------------------ the WebLog's command and triage
+
+def _overrides_of(command: str) -> dict:
+    """The --param overrides of an `almapipe run` command line, as the CLI reads them."""
+    import shlex
+    words = shlex.split(command)
+    return dict(words[i + 1].split("=", 1) for i, w in enumerate(words) if w == "--param")
+
+
+def test_the_weblog_command_of_every_stage_is_accepted_again():
+    """The stage page's Equivalent command, with the stage's defaults filled in as the
+    worker records them, passes the checks of --param (recipes.apply_overrides); the
+    internal parameters (makeimages' aggregate inside its image parameters, weblog's
+    failure) are neither in it nor in the page's Parameters table."""
+    from almapipe.report import weblog
+    for name in recipes.available():
+        recipe = recipes.load(name)
+        for st in recipe["stages"]:
+            spec = REGISTRY[st["stage"]]
+            recorded = spec.with_defaults(st["params"])            # platform/worker.py records these
+            shown = weblog.shown_params(spec.name, recorded)
+            command = weblog._command({"recipe": recipe}, spec.name, shown)
+            assert f"--recipe {name}" in command
+            overrides = _overrides_of(command)
+            assert set(overrides) == {f"{spec.name}.{k}" for k in shown}, command
+            recipes.apply_overrides(recipes.load(name), overrides)     # raises RecipeError if refused
+    makeimages = REGISTRY["makeimages"]
+    recorded = makeimages.with_defaults({})
+    assert recorded["cont"]["aggregate"] is False                   # the worker's record has it ...
+    shown = weblog.shown_params("makeimages", recorded)
+    assert all("aggregate" not in shown[k] for k in ("calibrator", "cont", "cube"))    # ... the page does not
+    assert weblog.shown_params("weblog", {"failure": {"stage": "x"}}) == {}
+    assert weblog.shown_params("imagecube_chunk", {"piece": {}, "cube_chunks": 2}) == {"cube_chunks": 2}
+
+
+def test_a_string_that_reads_as_json_is_quoted_in_the_command():
+    from almapipe.report import weblog
+    command = weblog._command({"recipe": {"name": "alma_calimage"}}, "refant",
+                              {"refant": "5"})
+    assert _overrides_of(command) == {"refant.refant": '"5"'}
+    assert recipes.apply_overrides(recipes.load("alma_calimage"), _overrides_of(command))["stages"][4][
+        "params"]["refant"] == "5"
+    assert _overrides_of(weblog._command({}, "bandpass", {"solint": "30s", "combine": ""})) == {
+        "bandpass.solint": "30s", "bandpass.combine": ""}
+
+
+_FLAGGED = {"flags": {"lowgainflag": ["DA48"], "gainflag": {"5": ["DA45"]}, "tsysflag": ["DA41: Tsys high"],
+                      "rawflagchans": {"7": [3, 4]}, "flagdata": {"fractions": {"shadow": 0.01}},
+                      "fluxcalflag": {"Titan": {"5": [1, 2]}},
+                      "flagtargets": {"template_fraction": 0.02, "outlier_fraction": 0.001}},
+            "wvr": {"bad_antennas": ["PM01"]},
+            "bandpass_antennas": {"outliers": [{"antenna": "DA45", "spw": 5, "why": "amplitude shape off"}]},
+            "flux_consistency": {"outliers": ["uid___A002_b"]}}
+
+
+def test_homes_outliers_and_the_flag_reasons_come_from_the_stages_declarations():
+    """No stage is named in the report code: each stage declares what Home's triage
+    names (stage(outliers=...)) and what the flagging summary says it flagged
+    (stage(flag_reasons=...)), beside the stage; the report lists them in the run's order."""
+    from almapipe.report import flagsummary, weblog
+    for spec in REGISTRY.values():
+        for fn in (spec.outliers, spec.flag_reasons):
+            if fn:
+                assert fn.__module__ == spec.fn.__module__, spec.name
+    assert {n for n, s in REGISTRY.items() if s.outliers} == {
+        "lowgainflag", "wvrgcal", "bandpass", "gainflag", "tsysflag", "rawflagchans", "fluxconsistency"}
+    assert {n for n, s in REGISTRY.items() if s.flag_reasons} == {
+        "flagdata", "fluxcalflag", "rawflagchans", "tsysflag", "lowgainflag", "gainflag", "flagtargets"}
+    for name in ("weblog.py", "flagsummary.py"):            # no stage named one by one
+        with open(os.path.join(ROOT, "almapipe", "report", name)) as f:
+            text = f.read()
+        assert not [s for s in ("lowgainflag", "wvrgcal", "tsysflag", "rawflagchans", "gainflag") if f'"{s}"' in text]
+    ctx = dict(_FLAGGED, recipe=recipes.load("alma_calimage"))
+    pages = {"lowgainflag": "stage11.html", "bandpass": "stage10.html", "tsyscal": "stage5.html"}
+    out = weblog._outliers(ctx, pages)
+    dead = next(o for o in out if o["what"] == "antenna DA48")
+    assert dead == {"what": "antenna DA48", "why": "gain amplitude far below the array's: flagged (lowgainflag)",
+                    "href": "stage11.html#ev-table-low-gain", "also": "stage10.html#ev-table-bandpass-antennas",
+                    "also_label": "bandpass"}
+    assert [o["what"] for o in out] == ["spw 7", "DA41", "antenna PM01", "antenna DA45 spw 5", "antenna DA48",
+                                        "antenna DA45 spw 5", "EB uid___A002_b"]     # the recipe's order
+    assert next(o for o in out if o["what"] == "DA41")["also"] == "stage5.html#plots"
+    assert flagsummary.flag_reasons(ctx) == [
+        ("flagdata", "shadow: 1.00% of the data"), ("fluxcalflag", "Titan spw 5: 2 channels on its lines"),
+        ("rawflagchans", "spw 7: channels 3, 4 stand out in the raw spectra"), ("tsysflag", "DA41: Tsys high"),
+        ("lowgainflag", "antenna DA48: gain amplitude far below the array's (all data)"),
+        ("gainflag", "spw 5: antenna(s) DA45 with outlier gains"),
+        ("flagtargets", "template 2.00%, amplitude outliers 0.10% of the target data")]
+    assert weblog._outliers({}, {}) == [] and flagsummary.flag_reasons({}) == []
+
+
+def test_the_readme_lists_every_stage():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        row = next(line for line in f if line.startswith("| `almapipe/stages` |"))
+    assert not [name for name in REGISTRY if f"`{name}`" not in row]

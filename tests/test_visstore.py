@@ -292,6 +292,7 @@ def test_flagtargets_in_channel_slices_flags_as_the_whole_partition_would(ngc, t
     one channel slice at a time (bounded memory): with slices of one channel, the flags it
     writes equal uv_outliers on the whole partition in memory, burst rows flagged whole."""
     import types
+    from almapipe.heuristics.outliers import uv_outliers
     from almapipe.stages import outlierflag
     target = 2                                             # N5921
     p = partition(ngc, "20_applycal")
@@ -304,7 +305,7 @@ def test_flagtargets_in_channel_slices_flags_as_the_whole_partition_would(ngc, t
 
     expected = v.flag.copy()
     cross = v.ant1 != v.ant2
-    expected[cross] |= outlierflag.uv_outliers(np.abs(data[cross]).astype(np.float32), v.flag[cross],
+    expected[cross] |= uv_outliers(np.abs(data[cross]).astype(np.float32), v.flag[cross],
                                                np.hypot(v.uvw[cross, 0], v.uvw[cross, 1]))
     assert expected[burst].all()
 

@@ -115,3 +115,152 @@ def test_home_opens_with_the_triage(tmp_path):
     assert 'id="ev-table-low-gain"' in (tmp_path / "stage1.html").read_text()
     assert 'id="ev-bandpass-spw5-png"' in (tmp_path / "stage3.html").read_text()
     assert (tmp_path / "stage3.log").read_text() == "bandpass log\n"
+
+
+def test_a_stage_page_lists_the_metrics_its_stage_declares(tmp_path):
+    """Each declared metric with what it measures and its score: 1.00 "passed" when it
+    lowered nothing, else its lowest score and every reason with its evidence link; a
+    score of an older context without a metric is listed under the stage's name."""
+    from almapipe.stages.base import REGISTRY
+    ctx = {"run_id": "r1", "input_key": "in", "recipe": {"name": "x", "version": 1, "stages": []},
+           "flags": {}, "fields": [], "observation": {}, "stage_results": [
+               {"index": 0, "name": "bandpass", "service": "calibrator", "qa_score": 0.7, "qa_reasons": [],
+                "duration_s": 1.0, "params": {}, "log": [], "qa_metrics": [
+                    {"score": 0.8, "reason": "DA45 off", "metric": "bandpass.antenna_shape",
+                     "evidence": "bandpass_spw5.png"},
+                    {"score": 0.8, "reason": "DA46 off", "metric": "bandpass.antenna_shape",
+                     "evidence": "bandpass_spw5.png"},
+                    {"score": 0.7, "reason": "from an older run", "metric": "", "evidence": ""}]}]}
+    (tmp_path / "s00_bandpass_spw5.png").write_bytes(b"")
+    weblog.render(ctx, str(tmp_path), {0: ["s00_bandpass_spw5.png"]})
+    page = (tmp_path / "stage0.html").read_text()
+    table = page.split('<table class="metrics">', 1)[1].split("</table>", 1)[0]
+    rows = re.findall(r"<tr>(.*?)</tr>", table, re.S)[1:]
+    metrics = [re.search(r"<td>([^<]*)</td>", r).group(1) for r in rows]
+    declared = [m.name for m in REGISTRY["bandpass"].qa]
+    assert metrics[:2] == ["bandpass", "bandpass.antenna_shape"]       # lowest first
+    assert sorted(metrics[2:]) == sorted(set(declared) - {"bandpass.antenna_shape"})
+    shape = rows[1]
+    assert "DA45 off" in shape and "DA46 off" in shape and 'href="#ev-bandpass-spw5-png"' in shape
+    assert REGISTRY["bandpass"].metric("bandpass.antenna_shape").doc.split("'")[0] in shape
+    assert all("1.00</span> passed" in r for r in rows[2:])
+
+
+def _write_image_files(tmp_path, base, suffixes, nplane=1, npix=64):
+    """FITS products of a synthetic image, named as makeimages names them: {suffix: path}."""
+    from almapipe.imaging.products import image_header, write_fits
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:npix, :npix] - npix // 2
+    point = np.exp(-(xx ** 2 + yy ** 2) / 8.0)
+    freqs = 230e9 + np.arange(nplane) * 1e6
+    planes = {"psf": np.repeat(point[None], nplane, 0), "pb": np.repeat(np.exp(-(xx ** 2 + yy ** 2) / 800.0)[None],
+                                                                          nplane, 0),
+              "mask": np.ones((nplane, npix, npix)), "alpha": np.where(point > 0.3, -0.7, np.nan)[None]}
+    model = np.zeros((nplane, npix, npix))
+    model[:, npix // 2, npix // 2] = 0.9
+    planes["model"] = model
+    files = {}
+    for suffix in suffixes:
+        kind = suffix.split(".tt")[0].replace("tt0.", "").replace(".tt0", "")
+        kind = {"tt0": "image", "tt0.pbcor": "pbcor", "tt1": "image"}.get(suffix, kind)
+        data = planes.get(kind, np.repeat(point[None], nplane, 0) + 0.01 * rng.standard_normal((nplane, npix, npix)))
+        hdr = image_header(0.5, -0.4, npix, np.radians(0.1 / 3600), freqs, "LSRK", "Jy/beam", (0.5, 0.4, 30.0),
+                           "J1924-2914", "ALMA", bandwidth_hz=2e9)
+        path = tmp_path / f"{base}.{suffix}.fits"
+        write_fits(str(path), data, hdr)
+        files[suffix] = str(path)
+    return files
+
+
+def test_image_pages_show_psf_model_and_the_taylor_terms(tmp_path, monkeypatch):
+    """Every image gets a page: a single-term image with its PSF and model views, a
+    multi-term one from its tt0 products (and its alpha), a cube with its per-plane PSF;
+    one figure each."""
+    from almapipe.report import images
+    drawn = {}
+    sky_panel = images._sky_panel
+
+    def record(fig, pos, plane, hdr, title, unit, **kw):
+        drawn.setdefault(current[0], []).append(title)
+        return sky_panel(fig, pos, plane, hdr, title, unit, **kw)
+    monkeypatch.setattr(images, "_sky_panel", record)
+    single = _write_image_files(tmp_path, "x.J1924_bp.spw5.mfs.I", ("image", "pbcor", "pb", "mask", "residual",
+                                                                    "psf", "model"))
+    taylor = _write_image_files(tmp_path, "x.Target_sci.spw5_7.cont.I", (
+        "tt0", "tt0.pbcor", "pb.tt0", "mask", "residual.tt0", "psf.tt0", "model.tt0", "tt1", "residual.tt1",
+        "model.tt1", "alpha", "alpha.error"))
+    cube = _write_image_files(tmp_path, "x.Target_sci.spw5.cube.I", ("image", "pbcor", "pb", "mask", "residual",
+                                                                     "psf", "model"), nplane=4)
+    common = {"beam_arcsec": [0.5, 0.4, 30.0], "rms_jy_per_beam": 0.01, "peak_jy_per_beam": 1.0, "field": "x"}
+    ctx = {"observation": {"spws": []}, "images": [
+        dict(common, file="x.J1924_bp.spw5.mfs.I.pbcor.fits", files=single, specmode="mfs", spw="5"),
+        dict(common, file="x.Target_sci.spw5_7.cont.I.tt0.pbcor.fits", files=taylor, specmode="cont",
+             spw="5_7", alpha=-0.7),
+        dict(common, file="x.Target_sci.spw5.cube.I.pbcor.fits", files=cube, specmode="cube", spw="5")]}
+    current = [None]
+    real_view = images.image_view
+
+    def view(ctx_, img, paths, out_png):
+        current[0] = img["file"]
+        return real_view(ctx_, img, paths, out_png)
+    monkeypatch.setattr(images, "image_view", view)
+    out = tmp_path / "web"
+    out.mkdir()
+    views = images.image_views(ctx, lambda key: key, str(out))
+    assert [v["plot"] for v in views] == ["image0.png", "image1.png", "image2.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["image0.png", "image1.png", "image2.png"]
+    s, t, c = (drawn[i["file"]] for i in ctx["images"])
+    assert s[0] == "pbcor" and {"residual", "mask", "pb", "psf"} <= set(s)
+    assert any(x.startswith("model: 1 component pixels, 900.00 mJy") for x in s)
+    assert t[0] == "pbcor" and {"residual", "psf"} <= set(t) and any(x.startswith("model") for x in t)
+    assert "spectral index (alpha -0.70 at the peak)" in t
+    assert c[0].startswith("pbcor, peak plane") and any(x.startswith("psf, plane") for x in c)
+    assert all((out / v["plot"]).stat().st_size < 600e3 for v in views)
+    # the paths the views take: a tt0 product for its view, the first one found
+    assert images.view_paths({"tt0.pbcor": "k1", "psf.tt0": "k2", "tt1": "k3"}, str.upper) == \
+        {"pbcor": "K1", "psf": "K2"}
+
+
+def test_tsysflag_and_gainflag_plots_frame_their_outliers(tmp_path, monkeypatch):
+    """tsysflag's per-antenna Tsys panels and gainflag's per-antenna gain panels mark
+    the antennas they flag as outliers, and their QA scores point at those plots."""
+    from almapipe.report import plots
+    from almapipe.stages import alma, outlierflag
+    states = {}
+
+    def label(ax, name, state=""):
+        states[name] = state
+    monkeypatch.setattr(alma, "label_panel", label)
+    monkeypatch.setattr(plots, "label_panel", label)
+    rng = np.random.default_rng(2)
+    nant, nchan = 10, 64
+    ctx = antennas(nant)
+    ant = np.repeat(np.arange(nant), 3)
+    tsys = 80 + rng.standard_normal((len(ant), nchan, 2))
+    tsys[ant == 6] *= 3                                           # DA47: a hot receiver
+    rows, chans, found = alma.tsys_outliers(tsys, ant, {})
+    assert [(test, a) for test, a, _ in found] == [("antenna", 6)]
+    io = PlotIO(tmp_path)
+    name = alma._plot_tsysflag(io, tsys, ant, 230e9 + np.arange(nchan) * 1e6, 5, ctx["observation"]["antennas"],
+                               {6}, chans)
+    assert name == "tsysflag_spw5.png" and io.names == [name]
+    assert {k for k, v in states.items() if v == "outlier"} == {"DA47"}
+    assert alma.tsys_flags(["spw 5: antenna DA47"], name)[0].evidence == name
+    # gains: DA44 at a third of the others
+    states.clear()
+    ntime = 20
+    t = np.repeat(np.arange(ntime) * 60.0, nant)
+    a = np.tile(np.arange(nant), ntime)
+    g = (1 + 0.02 * rng.standard_normal((len(t), 1, 2))).astype(complex)
+    g[a == 3] /= 3
+    sol = CalSolutions("G", 5, np.array([230e9]), t, np.ones(len(t)), np.zeros(len(t), int), np.ones(len(t), int),
+                       a, g, np.zeros(g.shape, bool), np.full(g.shape, 50.0))
+    bad = outlierflag.gain_outliers(sol)
+    assert set(bad) == {3}
+    io = PlotIO(tmp_path)
+    name = outlierflag._plot_gain_outliers(io, sol, ctx["observation"]["antennas"], 5, bad)
+    assert name == "gainflag_spw5.png" and io.names == [name]
+    assert {k for k, v in states.items() if v == "outlier"} == {"DA44"}
+    assert outlierflag.gain_outlier_antennas(1, nant, 1, name)[0].evidence == name
+    sol.flag[:] = True                                            # nothing to draw: no plot, no error
+    assert outlierflag._plot_gain_outliers(io, sol, ctx["observation"]["antennas"], 5, {}) is None

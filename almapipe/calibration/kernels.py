@@ -28,6 +28,37 @@ def apply_gains(data, flag, weight, pidx, ant1, ant2, gain, wfac, bad):
 
 
 @numba.njit(parallel=False, cache=True)
+def average_channels(data, flag, weight, model, use_chan):
+    """Per row and correlation, over the used channels: the weighted mean of V / M with
+    weights w |M|^2, and that weight's sum; accumulate_slots sums exactly these for a
+    solve with one gain over the channels (G, T), so a one-channel Vis of them solves
+    the same. Returns (mean (nrow, 1, ncorr) complex128, weight sum (nrow, ncorr))."""
+    nrow, nchan, ncorr = data.shape
+    mean = np.zeros((nrow, 1, ncorr), np.complex128)
+    wsum = np.zeros((nrow, ncorr), np.float64)
+    for r in range(nrow):
+        for p in range(ncorr):
+            w = weight[r, p]
+            if w <= 0:
+                continue
+            acc = 0j
+            ws = 0.0
+            for c in range(nchan):
+                if not use_chan[c] or flag[r, c, p]:
+                    continue
+                m = model[r, c]
+                if m == 0.0:
+                    continue
+                wm = w * m * m
+                acc += wm * (data[r, c, p] / m)
+                ws += wm
+            if ws > 0:
+                mean[r, 0, p] = acc / ws
+                wsum[r, p] = ws
+    return mean, wsum
+
+
+@numba.njit(parallel=False, cache=True)
 def accumulate_slots(data, flag, weight, model, use_chan, tbin, cgroup, corr_slot, ant1, ant2,
                      ncg, ncs, nslot, nant):
     """Sum weighted visibility/model ratios into per-slot baseline matrices in one pass.

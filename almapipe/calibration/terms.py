@@ -9,6 +9,7 @@ divides by the model, bins, and hands the slots to :func:`solver.solve`.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import solver
-from .kernels import accumulate_slots
+from .kernels import accumulate_slots, average_channels
 from ..errors import ParameterError
 from .applycal import apply_tables
 from .caltable import CalSolutions
@@ -134,6 +135,31 @@ def solve_term(vis: Vis, model: np.ndarray, spec: SolveSpec) -> CalSolutions:
         refant=-1 if spec.refant is None else int(spec.refant)).select(keep)
 
 
+def channel_average(vis: Vis, model: np.ndarray, chans: slice | None = None, preapply: list = ()) -> Vis:
+    """A G or T solve's data in one channel: the earlier tables applied, then per row and
+    correlation the mean of V / M over the solve's channels with weights w |M|^2 (its
+    model is then 1 and its weight that sum; kernels.average_channels). A solve on it
+    (model unit_model, chans None) sums the same as one on vis (a G or T gain is one
+    value across the channels), in 1/nchan of the memory; a gain that is also one value
+    across the channels (phase-up phases) may be applied to it after. Solution frequency
+    is the mean of the channels used, as solve_term gives it."""
+    nrow, nchan, ncorr = vis.flag.shape
+    data, flag = vis.data, vis.flag
+    if preapply and nrow:
+        data, flag, _ = apply_tables(vis, list(preapply))
+    use_chan = np.zeros(nchan, bool)
+    use_chan[chans if chans is not None else slice(0, nchan)] = True
+    mean, wsum = average_channels(data, flag, vis.weight.astype(np.float64), model.astype(np.float64),
+                                  use_chan)
+    return dataclasses.replace(vis, data=mean, flag=(wsum <= 0)[:, None, :], weight=wsum,
+                               freq=np.array([vis.freq[use_chan].mean()]))
+
+
+def unit_model(vis: Vis) -> np.ndarray:
+    """The model of a channel_average Vis: 1 in every row."""
+    return np.ones((len(vis.time), 1))
+
+
 def integration_snr(vis: Vis, model: np.ndarray, chans: slice | None = None) -> float:
     """The median antenna SNR of one integration, from the data themselves: each
     baseline's signal (channel mean of data / model) over its noise, the noise
@@ -142,6 +168,12 @@ def integration_snr(vis: Vis, model: np.ndarray, chans: slice | None = None) -> 
     summed in quadrature over an antenna's baselines. An a-priori-like estimate
     for choosing solution intervals (the ALMA pipeline computes its SNR from
     fluxes and Tsys; this needs neither)."""
+    return antenna_snr(vis.time, vis.ant1, vis.ant2, row_snr2(vis, model, chans))
+
+
+def row_snr2(vis: Vis, model: np.ndarray, chans: slice | None = None) -> np.ndarray:
+    """Each row's squared SNR per correlation (integration_snr's baseline term); rows
+    are independent, so a caller reading in row blocks concatenates these."""
     sel = slice(None) if chans is None else chans
     m = model[:, sel].astype(np.complex128)
     r = np.where(np.abs(m[..., None]) > 0, vis.data[:, sel] / np.where(m[..., None] == 0, 1, m[..., None]), 0)
@@ -156,11 +188,17 @@ def integration_snr(vis: Vis, model: np.ndarray, chans: slice | None = None) -> 
         d2 = np.nanmedian(np.where(pair, np.abs(np.diff(r, axis=1)) ** 2, np.nan), axis=1) / np.log(2)
     d2 = np.nan_to_num(d2)
     var_mean = d2 / 2 / np.maximum(n, 1)                                     # of the channel mean
-    snr2 = np.where((n > 1) & (var_mean > 0), signal ** 2 / np.where(var_mean > 0, var_mean, 1), 0)
-    times, tidx = np.unique(vis.time, return_inverse=True)
-    acc = np.zeros((len(times), vis.nant, snr2.shape[1]))
-    np.add.at(acc, (tidx, vis.ant1), snr2)
-    np.add.at(acc, (tidx, vis.ant2), snr2)
+    return np.where((n > 1) & (var_mean > 0), signal ** 2 / np.where(var_mean > 0, var_mean, 1), 0)
+
+
+def antenna_snr(time: np.ndarray, ant1: np.ndarray, ant2: np.ndarray, snr2: np.ndarray) -> float:
+    """integration_snr from the rows' squared SNRs: summed over each antenna's baselines
+    per integration, the median of their square roots."""
+    nant = int(max(ant1.max(), ant2.max()) + 1) if len(ant1) else 0
+    times, tidx = np.unique(time, return_inverse=True)
+    acc = np.zeros((len(times), nant, snr2.shape[1]))
+    np.add.at(acc, (tidx, ant1), snr2)
+    np.add.at(acc, (tidx, ant2), snr2)
     vals = np.sqrt(acc[acc > 0])
     return float(np.median(vals)) if vals.size else 0.0
 

@@ -152,6 +152,9 @@ def describe(stage_name: str) -> str:
                 lines.append(f"{indent}    {p.doc}")
             add(p.fields, indent + "    ")
     add(public, "    ")
+    lines.append("  QA metrics:" if spec.qa else "  QA metrics: none")
+    for m in spec.qa:
+        lines.append(f"    {m.name}" + (f" ({m.unit})" if m.unit else "") + f": {m.doc}")
     return "\n".join(lines)
 
 

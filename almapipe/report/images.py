@@ -1,7 +1,8 @@
 """The WebLog's image views, drawn from the FITS products themselves: sky axes (RA/Dec
 from the header's WCS), the restoring beam, a colour bar, and the detail views that
-exist for the image (residual, clean mask, primary beam; for a cube the moment-0 map
-over its continuum channels and the spectrum at the peak).
+exist for the image (residual, clean mask, primary beam, PSF, clean model, and for a
+multi-term image the spectral index; for a cube the moment-0 map over its continuum
+channels and the spectrum at the peak).
 """
 from __future__ import annotations
 
@@ -18,7 +19,27 @@ from matplotlib.patches import Ellipse  # noqa: E402
 
 from .plots import require_finite  # noqa: E402
 
-DPI = 72      # the page-weight budget: ~100-200 kB a view
+DPI = 72      # the page-weight budget: ~100-300 kB a view
+
+# the views, each from the first of its FITS products an image has (files' keys: the
+# suffixes of makeimages, a multi-term image's tt0 products named as ALMA names them)
+VIEW_FILES = {"pbcor": ("pbcor", "tt0.pbcor"), "image": ("image", "tt0"), "residual": ("residual", "residual.tt0"),
+              "mask": ("mask",), "pb": ("pb", "pb.tt0"), "psf": ("psf", "psf.tt0"),
+              "model": ("model", "model.tt0"), "alpha": ("alpha",)}
+# the detail views after the main one: (view, unit, colour map, beam drawn)
+DETAIL_VIEWS = (("residual", "Jy/beam", "inferno", True), ("mask", "", "gray", False), ("pb", "", "gray", False),
+                ("psf", "", "viridis", True), ("model", "Jy/pixel", "RdBu_r", False),
+                ("alpha", "", "coolwarm", False))
+
+
+def view_paths(files: dict, fetch) -> dict:
+    """{view: local path} of an image's files ({suffix: object key}), fetched with fetch."""
+    out = {}
+    for view, names in VIEW_FILES.items():
+        name = next((n for n in names if n in files), None)
+        if name is not None:
+            out[view] = fetch(files[name])
+    return out
 
 
 def read_planes(path: str) -> tuple[np.ndarray, fits.Header]:
@@ -30,13 +51,26 @@ def read_planes(path: str) -> tuple[np.ndarray, fits.Header]:
     return (data[None] if data.ndim == 2 else data), hdr
 
 
-def _sky_panel(fig, pos, plane, hdr, title, unit, beam=True, cmap="inferno", contour=None):
+def _model_plane(model: np.ndarray, panel_px: int = 200) -> np.ndarray:
+    """A clean model for a panel about panel_px wide: each pixel the largest-magnitude
+    component within the k x k pixels a screen pixel covers, so single components
+    survive the panel's downsampling (the WCS is unchanged: same shape)."""
+    k = int(np.ceil(model.shape[-1] / panel_px))
+    if k <= 1:
+        return model
+    from scipy.ndimage import maximum_filter, minimum_filter
+    m = np.nan_to_num(model)
+    hi, lo = maximum_filter(m, size=k), minimum_filter(m, size=k)
+    return np.where(hi >= -lo, hi, lo)
+
+
+def _sky_panel(fig, pos, plane, hdr, title, unit, beam=True, cmap="inferno", contour=None, vrange=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FITSFixedWarning)
         wcs = WCS(hdr).celestial
     ax = fig.add_subplot(*pos, projection=wcs)
     finite = plane[np.isfinite(plane)]
-    lo, hi = (np.percentile(finite, [0.5, 99.9]) if finite.size else (0, 1))
+    lo, hi = vrange or (np.percentile(finite, [0.5, 99.9]) if finite.size else (0, 1))
     im = ax.imshow(plane, origin="lower", cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1)
     if contour is not None:
         ax.contour(contour, levels=[0.5], colors="c", linewidths=0.6)
@@ -74,7 +108,7 @@ def _continuum_channels(ctx: dict, img: dict, nchan: int) -> tuple[np.ndarray, s
 
 def image_view(ctx: dict, img: dict, paths: dict, out_png: str) -> str:
     """One figure for one image: the pbcor (or image) plane with RA/Dec, beam and colour
-    bar, and its detail views. paths: FITS kind -> local file. Returns the title."""
+    bar, and its detail views. paths: view (VIEW_FILES) -> local file. Returns the title."""
     main_kind = "pbcor" if "pbcor" in paths else "image"
     data, hdr = read_planes(paths[main_kind])
     cube = img.get("specmode") == "cube" and data.shape[0] > 1
@@ -93,29 +127,45 @@ def image_view(ctx: dict, img: dict, paths: dict, out_png: str) -> str:
             mom0 = np.nansum(data[sel], axis=0) * dv
             pplane = int(np.nanargmax(np.nanmax(np.where(inner, data, np.nan), axis=(1, 2))))
         require_finite(f"image view of {img['file']}", data[pplane])
-        panels.append(("sky", data[pplane], f"{main_kind}, peak plane {pplane}", "Jy/beam"))
-        panels.append(("sky", mom0, f"moment 0 over {what}", "Jy/beam MHz"))
+        panels.append(("sky", data[pplane], f"{main_kind}, peak plane {pplane}", "Jy/beam", {}))
+        panels.append(("sky", mom0, f"moment 0 over {what}", "Jy/beam MHz", {}))
     else:
         require_finite(f"image view of {img['file']}", data[0])
-        panels.append(("sky", data[0], main_kind, "Jy/beam"))
-    for kind, unit in (("residual", "Jy/beam"), ("mask", ""), ("pb", "")):
-        if kind in paths:
-            d, _ = read_planes(paths[kind])
-            panels.append(("sky", d[min(pplane, d.shape[0] - 1)], kind, unit))
+        panels.append(("sky", data[0], main_kind, "Jy/beam", {}))
+    for kind, unit, cmap, beam in DETAIL_VIEWS:
+        if kind not in paths:
+            continue
+        d, _ = read_planes(paths[kind])
+        plane, title, opts = d[min(pplane, d.shape[0] - 1)], kind, {"cmap": cmap, "beam": beam}
+        if kind == "psf":                      # the whole PSF, its sidelobes against its peak of 1
+            finite = plane[np.isfinite(plane)]
+            opts["vrange"] = (float(finite.min()), float(finite.max())) if finite.size else None
+        elif kind == "model":                  # the components, symmetric about zero
+            n, total = int(np.count_nonzero(np.nan_to_num(plane))), float(np.nansum(plane))
+            big = float(np.nanmax(np.abs(plane))) if n else 1.0
+            plane, opts["vrange"] = _model_plane(plane), (-big, big)
+            title = f"model: {n} component pixels, {total * 1e3:.2f} mJy"
+        elif kind == "alpha":                  # given only where tt0 is bright: no panel without it
+            if not np.isfinite(plane).any():
+                continue
+            title = f"spectral index (alpha {img['alpha']:.2f} at the peak)" if img.get("alpha") is not None \
+                else "spectral index"
+        if cube and d.shape[0] > 1 and kind in ("residual", "psf", "model"):
+            title += f", plane {pplane}"
+        panels.append(("sky", plane, title, unit, opts))
     if cube:
         y, x = np.unravel_index(np.nanargmax(np.where(inner, data[pplane], np.nan)), data[pplane].shape)
-        panels.append(("spectrum", data[:, y, x], f"spectrum at the peak pixel ({x}, {y})", "Jy/beam"))
+        panels.append(("spectrum", data[:, y, x], f"spectrum at the peak pixel ({x}, {y})", "Jy/beam", {}))
     # the planes' frequencies from the header's spectral axis (FITS pixels count from 1)
     freq_ghz = (hdr.get("CRVAL3", 0.0) + (np.arange(data.shape[0]) + 1 - hdr.get("CRPIX3", 1.0))
                 * hdr.get("CDELT3", 1.0)) / 1e9
     ncol = 3
     nrow = (len(panels) + ncol - 1) // ncol
     fig = plt.figure(figsize=(4.2 * ncol, 3.6 * nrow))
-    for i, (kind, d, title, unit) in enumerate(panels):
+    for i, (kind, d, title, unit, opts) in enumerate(panels):
         pos = (nrow, ncol, i + 1)
         if kind == "sky":
-            _sky_panel(fig, pos, d, hdr, title, unit, beam=title.split(",")[0] in ("pbcor", "image", "residual")
-                       or title.startswith("moment"), cmap="gray" if title in ("mask", "pb") else "inferno")
+            _sky_panel(fig, pos, d, hdr, title, unit, **opts)
         else:
             ax = fig.add_subplot(*pos)
             ax.plot(freq_ghz, d * 1e3, "k-", lw=0.8)
@@ -152,7 +202,7 @@ def image_views(ctx: dict, fetch, out_dir: str) -> list:
     views = []
     for n, img in enumerate(ctx.get("images", [])):
         files = img.get("files", {})
-        paths = {k: fetch(v) for k, v in files.items() if k in ("pbcor", "image", "residual", "mask", "pb")}
+        paths = view_paths(files, fetch)
         if not ({"pbcor", "image"} & set(paths)):
             continue
         png = f"image{n}.png"

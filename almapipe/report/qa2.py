@@ -22,9 +22,9 @@ STATES = ("Pass", "SemiPass", "Fail")
 
 def requested_goals(ctx: dict, params: dict) -> dict:
     """The requested sensitivity (Jy/beam) and resolution (arcsec, a value or [min, max])
-    of the run: exportdata's parameters, else what the run's trigger carried (the
-    context's 'requested' or the user inputs), else nothing."""
-    sources = [params, ctx.get("requested") or {}, ctx.get("user") or {}]
+    of the run: exportdata's parameters, else what the run's trigger carried (the user
+    inputs), else nothing."""
+    sources = [params, ctx.get("user") or {}]
     out = {}
     for key in ("requested_rms_jy", "requested_beam_arcsec", "requested_specmode"):
         for src in sources:

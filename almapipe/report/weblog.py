@@ -16,7 +16,7 @@ import shlex
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from ..stages.base import REGISTRY, TOPICS, qa_colour
+from ..stages.base import REGISTRY, TOPICS, qa_colour, specs_in_run_order
 
 GOOD = 0.9          # below this a score needs a human (the ALMA WebLog's green)
 
@@ -38,70 +38,31 @@ def _env() -> Environment:
 
 
 def _result_tables(ctx: dict, name: str) -> list:
-    if name == "fluxscale" and ctx.get("fluxscale"):
-        return [{"title": "Derived flux densities", "header": ["Field", "spw", "Flux (Jy)", "Error (Jy)", "N"],
-                 "rows": [[r["field"], r["spw"], f"{r['flux_jy']:.4f}", f"{r['flux_err_jy']:.4f}", r["n"]]
-                          for r in ctx["fluxscale"]]}]
-    if name == "fluxconsistency" and (ctx.get("flux_consistency") or {}).get("ebs"):
-        fc = ctx["flux_consistency"]
-        return [{"title": "Flux scale of each EB (phase calibrators against the MOUS's weighted mean)",
-                 "header": ["EB", "Ratio", "Error", "Factor applied", "Disagrees"],
-                 "rows": [[eb, f"{s['ratio']:.4f}", f"{s['ratio_err']:.4f}",
-                           f"{s['factor']:.4f}" if fc.get("equalized") else "-", "yes" if eb in fc["outliers"] else ""]
-                          for eb, s in fc["ebs"].items()]},
-                {"title": "Per field and spw", "header": ["EB", "Field", "spw", "Flux (Jy)", "Error (Jy)",
-                                                          "Mean (Jy)", "Ratio"],
-                 "rows": [[r["eb"], r["field"], r["spw"], f"{r['flux_jy']:.4f}", f"{r['flux_err_jy']:.4f}",
-                           f"{r['mean_jy']:.4f}", f"{r['ratio']:.4f}"] for r in fc["table"]]}]
-    if name == "setjy" and ctx.get("setjy"):
-        return [{"title": "Flux density models", "header": ["Field", "spw", "Frequency (GHz)", "Flux (Jy)", "Model"],
-                 "rows": [[r["field"], r["spw"], f"{r['freq_hz'] / 1e9:.6f}", f"{r['flux_jy']:.4f}", r["model"]]
-                          for r in ctx["setjy"]]}]
-    if name == "refant" and ctx.get("refant"):
-        return [{"title": "Reference antenna ranking", "header": ["Rank", "Antenna", "Geometry", "Flagging"],
-                 "rows": [[i + 1, a, f"{ctx['refant']['scores'][a]['geometry']:.2f}",
-                           f"{ctx['refant']['scores'][a]['flagging']:.2f}"]
-                          for i, a in enumerate(ctx["refant"]["ranked"][:10])]}]
-    if name == "lowgainflag" and ctx["flags"].get("lowgainflag"):
-        return [{"title": "Antennas flagged for low gain", "evidence": "table-low-gain",
-                 "header": ["Antenna", "Why"],
-                 "rows": [[a, "gain amplitude on the bandpass calibrator far below the array's median: "
-                              "all its data flagged"] for a in ctx["flags"]["lowgainflag"]]}]
-    if name == "bandpass" and ctx.get("bandpass_antennas"):
-        ba = ctx["bandpass_antennas"]
-        rows = [[o["antenna"], o["spw"], f"outlier: {o['why']}"] for o in ba["outliers"]]
-        rows += [[a, spw, "no solutions: its data are flagged" + (" (lowgainflag)" if a in
-                                                                  ctx["flags"].get("lowgainflag", []) else "")]
-                 for spw, names in ba["no_solutions"].items() for a in names]
-        if rows:
-            return [{"title": "Antennas to look at (marked on the per-antenna plots)", "evidence": "table-bandpass-antennas",
-                     "header": ["Antenna", "spw", "What"], "rows": rows}]
-    if name == "flagdata" and ctx["flags"].get("flagdata"):
-        fr = ctx["flags"]["flagdata"]["fractions"]
-        return [{"title": "Flagged fraction", "header": ["Reason", "Fraction"],
-                 "rows": [[k, f"{v:.4f}"] for k, v in fr.items()]}] + _flag_summary_tables(ctx)
-    if name == "uvcontsub" and ctx.get("continuum"):
-        return [{"title": "Continuum ranges (cont.dat)", "header": ["Field", "spw", "Channels", "Ranges (GHz)",
-                                                                   "Frame", "From"],
-                 "rows": [[e["field"], e["spw"], e["channels"],
-                           "; ".join(f"{a:.6f}~{b:.6f}" for a, b in e["ranges_ghz"]), e.get("frame", ""), e["origin"]]
-                          for e in ctx["continuum"]]}]
-    if name == "spwphaseup" and ctx.get("spwphaseup"):
-        up = ctx["spwphaseup"]
-        return [{"title": f"Phase SNR per {up['solint']} on the phase calibrator (threshold {up['phasesnr']:g})",
-                 "header": ["spw", "SNR", "Phases from spw"],
-                 "rows": [[s, f"{v:.1f}", up["spwmap"][s]] for s, v in up["snr"].items()]}]
-    if name == "makeimages" and ctx.get("images"):
-        return [{"title": "Images", "header": ["File", "Mode", "Beam (\")", "Peak (mJy/beam)", "rms (mJy/beam)",
-                                               "Theoretical rms", "Dirty DR", "DR correction", "QA"],
-                 "rows": [[i["file"], i["specmode"] + (" (aggregate)" if i.get("aggregate") else "")
-                           + (f", mosaic of {i['pointings']} pointings" if i.get("pointings", 1) > 1 else ""),
-                           "{:.1f} x {:.1f} @ {:.0f}".format(*i["beam_arcsec"]),
-                           f"{i['peak_jy_per_beam'] * 1e3:.2f}", f"{i['rms_jy_per_beam'] * 1e3:.3f}",
-                           f"{i['theoretical_rms_jy_per_beam'] * 1e3:.3f}" if i.get("theoretical_rms_jy_per_beam") else "",
-                           f"{i['dirty_dynamic_range']:.0f}" if i.get("dirty_dynamic_range") else "",
-                           f"{i.get('dr_correction', 1.0):.2f}", f"{i['qa_score']:.2f}"] for i in ctx["images"]]}]
-    return []
+    """The Results section of a stage's page: the tables its registration declares
+    (stage(tables=...), next to the stage in its own module)."""
+    spec = REGISTRY.get(name)
+    return spec.tables(ctx) if spec and spec.tables else []
+
+
+def _metric_rows(name: str, entries: list) -> list:
+    """The QA table of a stage's page: each metric the stage declares (stage(qa=...)),
+    with what it measures, its score (1.0, passed, when it lowered nothing) and its
+    reasons; then the entries of metrics it does not declare (an older context's),
+    grouped by metric. Lowest score first, declaration order among equals."""
+    spec = REGISTRY.get(name)
+    rows, seen = [], set()
+    for m in (spec.qa if spec else ()):
+        mine = sorted((e for e in entries if e["metric"] == m.name), key=lambda e: e["score"])
+        rows.append({"metric": m.name, "doc": m.doc, "unit": m.unit, "entries": mine, "passed": not mine,
+                     "score": mine[0]["score"] if mine else 1.0})
+        seen.add(m.name)
+    for e in entries:
+        if e["metric"] not in seen:
+            mine = sorted((x for x in entries if x["metric"] == e["metric"]), key=lambda x: x["score"])
+            rows.append({"metric": e["metric"], "doc": "", "unit": "", "entries": mine, "passed": False,
+                         "score": mine[0]["score"]})
+            seen.add(e["metric"])
+    return sorted(rows, key=lambda r: r["score"])
 
 
 def _eb_rows(ctx: dict) -> list:
@@ -129,92 +90,16 @@ def _anchor(text: str) -> str:
     return "ev-" + "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 
 
-def _flag_summary_tables(ctx: dict) -> list:
-    """The flagging summary recorded by the weblog stage (ctx['flag_summary']): flagged
-    fraction per field (with its intents) x spw, and per antenna x spw, then what each
-    flagging stage flagged and why."""
-    fs = ctx.get("flag_summary") or {}
-    tables = []
-    if fs:
-        spws = sorted(fs, key=int)
-        intents = {f["name"]: f["intents"] for f in ctx.get("fields", [])}
-
-        def cells(kind: str, name: str) -> list:
-            return [f"{fs[s][kind][name]:.3f}" if name in fs[s][kind] else "" for s in spws]
-        names = sorted({n for s in spws for n in fs[s]["fields"]})
-        tables.append({"title": "Flagged fraction per field and spw (after applycal)", "evidence": "table-flag-fields",
-                       "header": ["Field", "Intents"] + [f"spw {s}" for s in spws],
-                       "rows": [[n, ", ".join(intents.get(n, []))] + cells("fields", n) for n in names]})
-        ants = [a["name"] for a in ctx.get("observation", {}).get("antennas", [])
-                if any(a["name"] in fs[s]["antennas"] for s in spws)]
-        tables.append({"title": "Flagged fraction per antenna and spw (after applycal)",
-                       "evidence": "table-flag-antennas", "header": ["Antenna"] + [f"spw {s}" for s in spws],
-                       "rows": [[a] + cells("antennas", a) for a in ants]})
-    rows = [[stage, what] for stage, what in _flag_reasons(ctx)]
-    if rows:
-        tables.append({"title": "What each flagging stage flagged", "header": ["Stage", "Flagged, and why"],
-                       "rows": rows})
-    return tables
-
-
-def _flag_reasons(ctx: dict) -> list:
-    """(stage, what it flagged and why) from each flagging stage's record in ctx['flags']."""
-    f = ctx.get("flags", {})
-    out = []
-    for k, v in (f.get("flagdata") or {}).get("fractions", {}).items():
-        out.append(("flagdata", f"{k}: {v:.2%} of the data"))
-    for name, spws in (f.get("fluxcalflag") or {}).items():
-        for spw, ch in spws.items():
-            out.append(("fluxcalflag", f"{name} spw {spw}: {len(ch)} channels on its lines"))
-    for spw, ch in (f.get("rawflagchans") or {}).items():
-        out.append(("rawflagchans", f"spw {spw}: channels {', '.join(map(str, ch))} stand out in the raw spectra"))
-    for r in f.get("tsysflag") or []:
-        out.append(("tsysflag", r))
-    for a in f.get("lowgainflag") or []:
-        out.append(("lowgainflag", f"antenna {a}: gain amplitude far below the array's (all data)"))
-    for spw, ants in (f.get("gainflag") or {}).items():
-        out.append(("gainflag", f"spw {spw}: antenna(s) {', '.join(ants)} with outlier gains"))
-    ft = f.get("flagtargets") or {}
-    if ft:
-        out.append(("flagtargets", f"template {ft.get('template_fraction', 0):.2%}, amplitude outliers "
-                                   f"{ft.get('outlier_fraction', 0):.2%} of the target data"))
-    return out
-
-
 def _outliers(ctx: dict, pages: dict) -> list:
     """The antennas, spws and EBs some stage named as outliers, each with the page
-    that shows why: [{what, why, href}]. pages: stage name -> its page."""
-    f = ctx.get("flags", {})
-    out = []
-
-    def link(stage: str, anchor: str = "") -> str:
+    that shows why: [{what, why, href, also, also_label?}]. pages: stage name -> its
+    page. Each stage declares what it names (stage(outliers=...), beside the stage);
+    they come in the run's order (stages.base.specs_in_run_order)."""
+    def link(stage: str, evidence: str = "", anchor: str = "") -> str:
+        anchor = _anchor(evidence) if evidence else anchor
         return pages.get(stage, "") + (f"#{anchor}" if anchor and stage in pages else "")
 
-    for a in f.get("lowgainflag") or []:
-        out.append({"what": f"antenna {a}", "why": "gain amplitude far below the array's: flagged (lowgainflag)",
-                    "href": link("lowgainflag", _anchor("table-low-gain")),
-                    "also": link("bandpass", _anchor("table-bandpass-antennas")), "also_label": "bandpass"})
-    for a in (ctx.get("wvr") or {}).get("bad_antennas", []):
-        out.append({"what": f"antenna {a}", "why": "its radiometer does not follow the phases: path taken from "
-                                                    "its neighbours (wvrgcal)",
-                    "href": link("wvrgcal", _anchor("wvr_path.png")), "also": ""})
-    for o in (ctx.get("bandpass_antennas") or {}).get("outliers", []):
-        out.append({"what": f"antenna {o['antenna']} spw {o['spw']}", "why": f"bandpass {o['why']}",
-                    "href": link("bandpass", _anchor(f"bandpass_spw{o['spw']}.png")), "also": ""})
-    for spw, ants in (f.get("gainflag") or {}).items():
-        for a in ants:
-            out.append({"what": f"antenna {a} spw {spw}", "why": "outlier gains: flagged (gainflag)",
-                        "href": link("gainflag"), "also": ""})
-    for r in f.get("tsysflag") or []:
-        out.append({"what": r.split(":")[0], "why": "Tsys: " + r.split(":", 1)[-1].strip(),
-                    "href": link("tsysflag"), "also": link("tsyscal", "plots"), "also_label": "Tsys plots"})
-    for spw, ch in (f.get("rawflagchans") or {}).items():
-        out.append({"what": f"spw {spw}", "why": f"{len(ch)} outlier channel(s) flagged (rawflagchans)",
-                    "href": link("rawflagchans"), "also": ""})
-    for eb in (ctx.get("flux_consistency") or {}).get("outliers", []):
-        out.append({"what": f"EB {eb}", "why": "flux scale disagrees with the other EBs'",
-                    "href": link("fluxconsistency"), "also": ""})
-    return out
+    return [o for spec in specs_in_run_order(ctx) if spec.outliers for o in spec.outliers(ctx, link)]
 
 
 def triage(ctx: dict, stages: list, current_index: int | None = None) -> dict:
@@ -247,10 +132,29 @@ def triage(ctx: dict, stages: list, current_index: int | None = None) -> dict:
             "skipped": skipped, "green": green, "n_stages": len(stages)}
 
 
+def shown_params(name: str, params: dict) -> dict:
+    """A stage's parameters as its page shows them: without those the pipeline sets
+    itself (internal ones, at any depth: stages.base.public_params)."""
+    spec = REGISTRY.get(name)
+    return spec.public(params) if spec else params
+
+
+def _param_arg(value) -> str:
+    """An override's value as `--param` reads it (recipes.apply_overrides): JSON, or a
+    bare string when the string does not read as JSON ("30s", "DA41", "")."""
+    if not isinstance(value, str):
+        return json.dumps(value)
+    try:
+        json.loads(value)
+    except ValueError:
+        return value
+    return json.dumps(value)                # "5", "true", "null": quoted, or it would read as a number
+
+
 def _command(ctx: dict, name: str, params: dict) -> str:
-    """The command that reruns the run with this stage's parameters as they were."""
-    args = " ".join("--param " + shlex.quote(f"{name}.{k}={json.dumps(v) if not isinstance(v, str) else v}")
-                    for k, v in sorted(params.items()) if k != "failure")
+    """The command that reruns the run with this stage's parameters as they were;
+    params as shown_params gives them, so the pipeline accepts every --param."""
+    args = " ".join("--param " + shlex.quote(f"{name}.{k}={_param_arg(v)}") for k, v in sorted(params.items()))
     recipe = ctx.get("recipe", {}).get("name", "")
     return f"almapipe run INPUT --recipe {recipe} {args}".rstrip()
 
@@ -268,11 +172,12 @@ def render(ctx: dict, out_dir: str, plot_files: dict, current_index: int | None 
         plots = [{"file": p, "id": _anchor(p.split("_", 1)[1] if p.startswith("s") and "_" in p else p)}
                  for p in plot_files.get(r["index"], [])]
         tables = [dict(t, id=_anchor(t.get("evidence", t["title"]))) for t in _result_tables(ctx, r["name"])]
+        params = shown_params(r["name"], r.get("params", {}))
         stages.append({"index": r["index"], "name": r["name"], "service": r["service"],
                        "qa_score": r["qa_score"], "reasons": r["qa_reasons"], "metrics": r.get("qa_metrics", []),
-                       "duration_s": r["duration_s"], "params": r.get("params", {}), "plots": plots,
+                       "duration_s": r["duration_s"], "params": params, "plots": plots,
                        "log": r.get("log", []), "tables": tables, "failed": r.get("failed", False),
-                       "log_file": f"stage{r['index']}.log", "command": _command(ctx, r["name"], r.get("params", {})),
+                       "log_file": f"stage{r['index']}.log", "command": _command(ctx, r["name"], params),
                        "images": [v for v in image_views or [] if v["stage_index"] == r["index"]]})
     for s in stages:
         # evidence that is not on the page (a plot a stage did not make) points at the QA section
@@ -282,6 +187,7 @@ def render(ctx: dict, out_dir: str, plot_files: dict, current_index: int | None 
         for m in s["metrics"]:
             m["href"] = f"#{_anchor(m['evidence'])}" if m["evidence"] else ""
             m["metric"] = m.get("metric") or s["name"]       # an older caller's reason: its stage's
+        s["checks"] = _metric_rows(s["name"], s["metrics"])
     scored = [s for s in stages if s["qa_score"] >= 0]
     worst = min(scored, key=lambda s: s["qa_score"]) if scored else None
     fields = []

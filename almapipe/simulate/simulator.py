@@ -51,7 +51,7 @@ from .alma_pads import ALMA_C1_PADS, ALMA_C8_PADS, ALMA_C9_PADS, ALMA_SITE
 from ..imaging.mosaic import direction_of, hexagonal_offsets, sin_offset
 from ..imaging.products import pb_fwhm, pb_response
 from ..msio.ms import CORR_CODES, FREQ_FRAMES, fill_table, new_ms, set_direction_frame
-from ..stages.flagging import shadow_mask
+from ..heuristics.flagging import shadow_mask
 
 C = 299792458.0
 # the array configurations the simulator places its antennas on (SimConfig.configuration)

@@ -25,14 +25,14 @@ import casacore.tables as ct
 import numpy as np  # noqa: E402
 from astropy.time import Time  # noqa: E402
 
-from .base import (CAL_READS, QA, Param, StageError, StageIO, field_ids_with, field_name,  # noqa: E402
+from .base import (CAL_READS, QA, Param, Score, StageError, StageIO, field_ids_with, field_name, metric,  # noqa: E402
                    require_intent, spw_info, stage, with_defaults)
-from .calibration import preapply, read_part, save_table  # noqa: E402
+from .calibration import preapply, read_averaged, save_table  # noqa: E402
 from ..heuristics.callibrary import calibrator_ids, field_models, refant_id, register  # noqa: E402
 from ..heuristics.robust import robust_sigma  # noqa: E402
 from ..calibration.caltable import CalSolutions  # noqa: E402
 from ..calibration import solar_system  # noqa: E402
-from ..calibration.terms import SolveSpec, point_model, solve_term  # noqa: E402
+from ..calibration.terms import SolveSpec, solve_term, unit_model  # noqa: E402
 from ..msio import ms as msio  # noqa: E402
 from ..report.plots import antenna_grid, label_panel, require_finite  # noqa: E402
 
@@ -122,7 +122,23 @@ def tsys_solutions(ms_path: str, science_spw: int, scans: list) -> tuple[CalSolu
     return sol, int(tspw)
 
 
-@stage("tsyscal", service="calibrator", topic="Calibration", reads=("observation", "fields", "partitions"),
+@metric("tsyscal.coverage", "whether every science spw has Tsys: 0.3 when the EB has none (no SYSCAL table) "
+        "or no Tsys spw covers a science spw (Tsys not applied there)")
+def tsys_coverage(spw: int | None = None, missing: str = "") -> Score:
+    """missing: why the EB has no Tsys at all; spw: a science spw no Tsys spw covers."""
+    return Score(0.3, missing or f"No Tsys spw covers science spw {spw}: Tsys not applied there.")
+
+
+@metric("tsyscal.median_tsys", "each science spw's median Tsys against max_median_tsys_k: 0.6 above it", unit="K")
+def median_tsys(spw: int, median_k: float, max_k: float) -> Score | None:
+    if median_k > max_k:
+        return Score(0.6, f"spw {spw}: median Tsys {median_k:.0f} K is very high.")
+    return None
+
+
+@stage("tsyscal", service="calibrator", topic="Calibration",
+       reads=("observation", "fields", "partitions", "callibrary", "ms_name"),
+       qa=(tsys_coverage, median_tsys),
        writes=("tsys", "caltables", "callibrary"), params=(
            Param("max_median_tsys_k", float, 1000.0, "a spw whose median Tsys is above this is named", unit="K",
                  min=0.0),))
@@ -134,10 +150,10 @@ def tsyscal(ctx: dict, params: dict, io: StageIO) -> QA:
         try:
             found = tsys_solutions(ms_path, part["spw"], ctx["observation"]["scans"])
         except NoTsys as exc:
-            qa.lower(0.3, str(exc))
+            qa.add(tsys_coverage(missing=str(exc)))
             return qa
         if found is None:
-            qa.lower(0.3, f"No Tsys spw covers science spw {part['spw']}: Tsys not applied there.")
+            qa.add(tsys_coverage(part["spw"]))
             continue
         sol, tsys_spw = found
         t_on = 1 / np.abs(sol.cparam) ** 2
@@ -146,8 +162,7 @@ def tsyscal(ctx: dict, params: dict, io: StageIO) -> QA:
         med = float(np.median(t_on[good])) if good.any() else 0.0
         summary.append({"spw": part["spw"], "tsys_spw": tsys_spw, "median_tsys_k": med})
         qa.note(f"spw {part['spw']}: Tsys from spw {tsys_spw}, median {med:.0f} K.")
-        if med > params["max_median_tsys_k"]:
-            qa.lower(0.6, f"spw {part['spw']}: median Tsys {med:.0f} K is very high.")
+        qa.add(median_tsys(part["spw"], med, params["max_median_tsys_k"]))
         _plot_tsys(io, np.where(good, t_on, np.nan), sol.antenna, sol.freq, part["spw"], ctx["observation"]["antennas"])
     if not sols:
         return qa
@@ -229,10 +244,26 @@ def sample_times(time: np.ndarray, field: np.ndarray, scan: np.ndarray, step_s: 
     return np.asarray(out_t)[order], np.asarray(out_f)[order]
 
 
-@stage("antpos", service="calibrator", topic="Calibration", reads=("user", "observation", "partitions"),
+@metric("antpos.large_corrections", "antennas whose position correction is longer than `threshold` wavelengths "
+        "at the highest science frequency (hif_antpos highlights them): 0.9 when any, to look at")
+def large_corrections(offsets: dict, wavelength_m: float, threshold: float) -> Score | None:
+    """offsets: antenna -> (dx, dy, dz) in m."""
+    large = {a: float(np.linalg.norm(d)) for a, d in offsets.items()
+             if np.linalg.norm(d) > threshold * wavelength_m}
+    if large:
+        return Score(0.9, f"Position correction longer than {threshold:g} wavelength(s) "
+                          f"({threshold * wavelength_m * 1e3:.2f} mm): "
+                          + ", ".join(f"{a} {v * 1e3:.1f} mm" for a, v in sorted(large.items())) + ".")
+    return None
+
+
+@stage("antpos", service="calibrator", topic="Calibration", qa=(large_corrections,),
+       reads=("user", "observation", "partitions", "callibrary", "ms_name"),
        writes=("antpos", "caltables", "callibrary"), params=(
            Param("csv", str, "", "antenna position corrections (antennapos.csv); empty: the one beside the MS"),
-           Param("sample_s", float, 60.0, "the correction is tabulated this often", unit="s", min=1.0)))
+           Param("sample_s", float, 60.0, "the correction is tabulated this often", unit="s", min=1.0),
+           Param("threshold", float, 1.0, "a correction longer than this is named", unit="wavelengths at the "
+                 "highest science frequency", min=0.0)))
 def antpos(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
     text = params["csv"] or ctx["user"].get("antennapos") or ""
@@ -266,6 +297,8 @@ def antpos(ctx: dict, params: dict, io: StageIO) -> QA:
     ctx["antpos"] = {k: list(v) for k, v in offsets.items()}
     for name, d in offsets.items():
         qa.note(f"{name}: position corrected by ({d[0] * 1e3:.1f}, {d[1] * 1e3:.1f}, {d[2] * 1e3:.1f}) mm.")
+    f_max = max(max(spw_info(ctx, p["spw"])["chan_freq_hz"]) for p in ctx["partitions"])
+    qa.add(large_corrections(offsets, 299_792_458.0 / f_max, params["threshold"]))
     return qa
 
 
@@ -330,8 +363,52 @@ def circular_residual(phase: np.ndarray, groups: np.ndarray, use: np.ndarray) ->
     return out
 
 
+NO_WVR = "no WVR correction; phases keep the atmospheric fluctuations."
+
+
+@metric("wvrgcal.availability", "whether the EB has WVR data to correct with: 0.5 when it has no WVR spw or "
+        "its data cannot be read")
+def wvr_availability(missing: str = "") -> Score:
+    """missing: why the WVR data cannot be read; none: the EB has no WVR spw."""
+    return Score(0.5, f"{missing}: {NO_WVR}" if missing else f"No WVR spw in the EB: {NO_WVR}")
+
+
+@metric("wvrgcal.calibrator_phases", "the calibrator phases left to fit the WVR path scale on (the reference "
+        "antenna's integrations, radiometers that follow the phases): 0.4 below 10, no WVR correction")
+def wvr_fit_phases(n_phases: int) -> Score | None:
+    if n_phases < 10:
+        return Score(0.4, "Too few calibrator phases to fit the WVR scale: no WVR correction.")
+    return None
+
+
+@metric("wvrgcal.radiometer", "antennas whose WVR does not follow their phases (correlation below "
+        "min_correlation): 0.8 when any, their path interpolated from the nearest antennas")
+def wvr_radiometers(bad_names: list) -> Score | None:
+    if bad_names:
+        return Score(0.8, f"WVR of {', '.join(bad_names)} does not follow the phases: "
+                          f"their path interpolated from the nearest antennas.", evidence="wvr_path.png")
+    return None
+
+
+@metric("wvrgcal.improvement_ratio", "the calibrators' phase rms before / after the WVR correction: 0.5 below "
+        "min_ratio")
+def wvr_improvement(ratio: float, min_ratio: float) -> Score | None:
+    if ratio < min_ratio:
+        return Score(0.5, f"WVR correction does not improve the phases (ratio {ratio:.2f}).", evidence="wvr_path.png")
+    return None
+
+
+def wvrgcal_outliers(ctx: dict, link) -> list:
+    """Home's triage: each antenna whose radiometer does not follow its phases."""
+    return [{"what": f"antenna {a}", "why": "its radiometer does not follow the phases: path taken from "
+                                            "its neighbours (wvrgcal)",
+             "href": link("wvrgcal", "wvr_path.png"), "also": ""}
+            for a in (ctx.get("wvr") or {}).get("bad_antennas", [])]
+
+
 @stage("wvrgcal", service="calibrator", topic="Calibration",
-       reads=CAL_READS + ("aux_partitions",),
+       qa=(wvr_availability, wvr_fit_phases, wvr_radiometers, wvr_improvement), outliers=wvrgcal_outliers,
+       reads=CAL_READS + ("aux_partitions", "ms_name"),
        writes=("wvr", "caltables", "callibrary"), params=(
            Param("minsnr", float, 3.0, "per-integration phase solutions below this SNR are not used", min=0.0),
            Param("min_correlation", float, 0.5, "an antenna whose WVR follows its phases less is interpolated",
@@ -348,7 +425,7 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
     part0 = ctx["partitions"][0]
     wvr_part = ctx.get("aux_partitions", {}).get("wvr")
     if wvr_part is None:
-        qa.lower(0.5, "No WVR spw in the EB: no WVR correction; phases keep the atmospheric fluctuations.")
+        qa.add(wvr_availability())
         return qa
     try:
         w = io.vis(wvr_part).read()
@@ -356,17 +433,16 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
         wtimes, _, tb = wvr_temperatures(w.time[autos], w.ant1[autos], w.data[autos], w.flag[autos],
                                          f"{wvr_part['name']}")
     except FileNotFoundError as exc:
-        qa.lower(0.5, f"{exc}: no WVR correction; phases keep the atmospheric fluctuations.")
+        qa.add(wvr_availability(str(exc)))
         return qa
     proxy = wvr_proxy(tb)                                                     # (nt, nant)
     # Fit the path scale on the calibrators: per-integration antenna phases
     # (relative to the reference antenna) against the proxy differences.
-    _, vis = read_part(io, part0, fields=cal_ids)
-    nu0 = float(np.mean(vis.freq))
-    model = point_model(vis, field_models(ctx, unit_for=cal_ids))
+    _, vis = read_averaged(io, part0, cal_ids, field_models(ctx, unit_for=cal_ids), preapply(ctx, io, part0["spw"]))
+    nu0 = float(vis.freq[0])                       # the mean of the spw's channels
     # per polarisation (G): before the bandpass the X and Y phases are unrelated
-    ph = solve_term(vis, model, SolveSpec(kind="G", solint="int", calmode="p", refant=ref,
-                                          minsnr=params["minsnr"], preapply=preapply(ctx, io, part0["spw"])))
+    ph = solve_term(vis, unit_model(vis), SolveSpec(kind="G", solint="int", calmode="p", refant=ref,
+                                                    minsnr=params["minsnr"]))
     idx = nearest_index(wtimes, ph.time)
     # only slots with the reference antenna: elsewhere the phases are relative to
     # another antenna, whose path the proxy differences below would not follow
@@ -394,8 +470,9 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
         if not np.isfinite(c) or abs(c) < params["min_correlation"]:
             bad_ants.append(int(a))
     good = ok & ~np.isin(ph.antenna, bad_ants) & (ph.antenna != ref)
-    if good.sum() < 10:
-        qa.lower(0.4, "Too few calibrator phases to fit the WVR scale: no WVR correction.")
+    too_few = wvr_fit_phases(int(good.sum()))
+    if too_few:
+        qa.add(too_few)
         return qa
     # the scale (rad per proxy unit): a least-squares start, then the value that
     # minimises the phase rms left after correction. Wrapped phases make the linear
@@ -419,7 +496,11 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
     for part in ctx["partitions"]:
         ms_path = io.fetch_meta(part["meta"])
         freq = np.array(msio.spw_table(ms_path)[part["spw"]]["chan_freq_hz"])
-        sols.append(delay_table("WVR", part["spw"], freq, wtimes, np.zeros(len(wtimes), int), path_m))
+        # one phase per spw, at its mean frequency, as CASA's wvrgcal tabulates it: per
+        # channel the table was 128x larger (2.3 GB on a 23 GB EB) for a phase that
+        # differs across a 2 GHz spw by 2 pi dL dnu / c, under a degree for 0.5 mm of path
+        sols.append(delay_table("WVR", part["spw"], np.array([freq.mean()]), wtimes, np.zeros(len(wtimes), int),
+                                path_m))
     save_table(io, ctx, "wvrgcal", sols, ms_path)
     register(ctx, "wvrgcal", "WVR", "linear", "all", calwt=False)
     ctx["wvr"] = {"phase_rms_before_deg": float(np.degrees(before)), "phase_rms_after_deg": float(np.degrees(after)),
@@ -427,13 +508,8 @@ def wvrgcal(ctx: dict, params: dict, io: StageIO) -> QA:
                   "scale_rad_per_unit": scale, "correlation": {ants[a]["name"]: c for a, c in corr.items()}}
     qa.note(f"Phase rms on the calibrators {np.degrees(before):.1f} -> {np.degrees(after):.1f} deg "
             f"(improvement ratio {ratio:.2f}).")
-    if bad_ants:
-        qa.lower(0.8, f"WVR of {', '.join(ants[a]['name'] for a in bad_ants)} does not follow the phases: "
-                      f"their path interpolated from the nearest antennas.", metric="wvrgcal.radiometer",
-                 evidence="wvr_path.png")
-    if ratio < params["min_ratio"]:
-        qa.lower(0.5, f"WVR correction does not improve the phases (ratio {ratio:.2f}).",
-                 metric="wvrgcal.improvement_ratio", evidence="wvr_path.png")
+    qa.add(wvr_radiometers([ants[a]["name"] for a in bad_ants]))
+    qa.add(wvr_improvement(ratio, params["min_ratio"]))
     _plot_wvr(io, wtimes, path_m, ants, bad_ants)
     return qa
 
@@ -487,7 +563,24 @@ def line_channels(body: str, freq_hz: np.ndarray, table: dict | None = None) -> 
     return out
 
 
-@stage("fluxcalflag", service="calibrator", topic="Flagging",
+@metric("fluxcalflag.line_fraction", "the fraction of a solar system flux calibrator's channels in a spw that "
+        "lie on its lines: 0.5 above max_fraction (its flux scale there rests on the channels left)",
+        unit="fraction")
+def line_fraction(name: str, spw: int, on_lines, max_fraction: float) -> Score | None:
+    """on_lines: the spw's channel mask of the body's lines."""
+    frac = on_lines.mean()
+    if frac > max_fraction:
+        return Score(0.5, f"{name} spw {spw}: {frac:.0%} of the channels lie on its lines; "
+                          f"its flux scale in that spw rests on {int((~on_lines).sum())} channels.")
+    return None
+
+
+def fluxcalflag_reasons(ctx: dict) -> list:
+    return [f"{name} spw {spw}: {len(ch)} channels on its lines"
+            for name, spws in (ctx.get("flags", {}).get("fluxcalflag") or {}).items() for spw, ch in spws.items()]
+
+
+@stage("fluxcalflag", service="calibrator", topic="Flagging", qa=(line_fraction,), flag_reasons=fluxcalflag_reasons,
        reads=("fields", "observation", "partitions", "flags"), writes=("partitions", "flags"), params=(
            Param("lines", dict, None, "lines by body: {\"titan\": [[\"CO\", 0.5], ...]} (molecule, half width "
                  "in GHz); none: the built-in table"),
@@ -516,11 +609,8 @@ def fluxcalflag(ctx: dict, params: dict, io: StageIO) -> QA:
             for f, m in bad.items():
                 name = field_name(ctx, f)
                 found.setdefault(name, {})[str(part["spw"])] = np.flatnonzero(m).tolist()
-                frac = m.mean()
                 qa.note(f"{name} spw {part['spw']}: {m.sum()} channels on lines flagged.")
-                if frac > params["max_fraction"]:
-                    qa.lower(0.5, f"{name} spw {part['spw']}: {frac:.0%} of the channels lie on its lines; "
-                                  f"its flux scale in that spw rests on {int((~m).sum())} channels.")
+                qa.add(line_fraction(name, part["spw"], m, params["max_fraction"]))
             part = p.commit()
         new_parts.append(part)
     ctx["partitions"] = new_parts
@@ -543,7 +633,40 @@ def _flag_antennas_in_data(io: StageIO, ctx: dict, ant_ids: list) -> None:
     ctx["partitions"] = new_parts
 
 
-@stage("lowgainflag", service="calibrator", topic="Flagging",
+@metric("lowgainflag.antennas_flagged", "antennas with data whose gain amplitude on the bandpass calibrator is "
+        "below `fraction` of the array's median, all their data flagged: 1 - their share of the antennas")
+def low_gain_antennas(names: list, n_with_data: int, fraction: float) -> Score | None:
+    if names:
+        return Score(1 - len(names) / max(n_with_data, 1), f"Flagged antenna(s) {', '.join(names)}: gain amplitude "
+                                                            f"below {fraction:.0%} of the array's median.",
+                     evidence="table-low-gain")
+    return None
+
+
+def lowgainflag_tables(ctx: dict) -> list:
+    if not ctx["flags"].get("lowgainflag"):
+        return []
+    return [{"title": "Antennas flagged for low gain", "evidence": "table-low-gain",
+             "header": ["Antenna", "Why"],
+             "rows": [[a, "gain amplitude on the bandpass calibrator far below the array's median: "
+                          "all its data flagged"] for a in ctx["flags"]["lowgainflag"]]}]
+
+
+def lowgainflag_outliers(ctx: dict, link) -> list:
+    """Home's triage: each antenna flagged for low gain, with bandpass's table beside."""
+    return [{"what": f"antenna {a}", "why": "gain amplitude far below the array's: flagged (lowgainflag)",
+             "href": link("lowgainflag", "table-low-gain"),
+             "also": link("bandpass", "table-bandpass-antennas"), "also_label": "bandpass"}
+            for a in ctx.get("flags", {}).get("lowgainflag") or []]
+
+
+def lowgainflag_reasons(ctx: dict) -> list:
+    return [f"antenna {a}: gain amplitude far below the array's (all data)"
+            for a in ctx.get("flags", {}).get("lowgainflag") or []]
+
+
+@stage("lowgainflag", service="calibrator", topic="Flagging", qa=(low_gain_antennas,), tables=lowgainflag_tables,
+       outliers=lowgainflag_outliers, flag_reasons=lowgainflag_reasons,
        reads=CAL_READS + ("flags",),
        writes=("partitions", "flags"), params=(
            Param("fraction", float, 0.3, "an antenna whose gain is below this fraction of the median is flagged",
@@ -556,10 +679,9 @@ def lowgainflag(ctx: dict, params: dict, io: StageIO) -> QA:
     ants = ctx["observation"]["antennas"]
     low = set()
     for part in ctx["partitions"]:
-        _, vis = read_part(io, part, fields=bp_ids)
-        model = point_model(vis, field_models(ctx, unit_for=bp_ids))
-        g = solve_term(vis, model, SolveSpec(kind="G", solint="inf", calmode="ap", refant=refant_id(ctx),
-                                             minsnr=0.0, preapply=preapply(ctx, io, part["spw"])))
+        _, vis = read_averaged(io, part, bp_ids, field_models(ctx, unit_for=bp_ids), preapply(ctx, io, part["spw"]))
+        g = solve_term(vis, unit_model(vis), SolveSpec(kind="G", solint="inf", calmode="ap", refant=refant_id(ctx),
+                                                       minsnr=0.0))
         amp = np.where(g.flag, np.nan, np.abs(g.cparam))[:, 0, :]
         per_ant = {int(a): np.nanmedian(amp[g.antenna == a]) for a in np.unique(g.antenna)
                    if np.isfinite(amp[g.antenna == a]).any()}
@@ -573,10 +695,7 @@ def lowgainflag(ctx: dict, params: dict, io: StageIO) -> QA:
     low &= has
     if low:
         _flag_antennas_in_data(io, ctx, sorted(low))
-        names = ", ".join(ants[a]["name"] for a in sorted(low))
-        qa.lower(1 - len(low) / max(len(has), 1), f"Flagged antenna(s) {names}: gain amplitude below "
-                                                   f"{params['fraction']:.0%} of the array's median.",
-                 metric="lowgainflag.antennas_flagged", evidence="table-low-gain")
+        qa.add(low_gain_antennas([ants[a]["name"] for a in sorted(low)], len(has), params["fraction"]))
     else:
         qa.note("No low-gain antennas.")
     ctx["flags"]["lowgainflag"] = [ants[a]["name"] for a in sorted(low)]
@@ -645,7 +764,54 @@ def tsys_outliers(tsys: np.ndarray, antenna: np.ndarray, params: dict) -> tuple[
     return rows, chans, found
 
 
+@metric("tsysflag.flags", "Tsys spectra flagged (outlier antennas, rough spectra, band edges, birdies): 0.9 "
+        "when any (the outlier antennas framed red on the per-antenna plot)")
+def tsys_flags(report: list, evidence: str = "") -> Score | None:
+    """evidence: the per-antenna plot of the spw with the most flags."""
+    if report:
+        return Score(0.9, f"{len(report)} Tsys flag(s).", evidence=evidence)
+    return None
+
+
+def tsysflag_outliers(ctx: dict, link) -> list:
+    """Home's triage: each Tsys flag ("antenna: why"), with tsyscal's plots beside."""
+    return [{"what": r.split(":")[0], "why": "Tsys: " + r.split(":", 1)[-1].strip(),
+             "href": link("tsysflag"), "also": link("tsyscal", anchor="plots"), "also_label": "Tsys plots"}
+            for r in ctx.get("flags", {}).get("tsysflag") or []]
+
+
+def tsysflag_reasons(ctx: dict) -> list:
+    return list(ctx.get("flags", {}).get("tsysflag") or [])
+
+
+def _plot_tsysflag(io, tsys, ant, freq, spw, antennas, outliers: set, chans: np.ndarray) -> str | None:
+    """The Tsys spectra as tsysflag found them (mean over time), one panel per antenna:
+    the antennas it flagged (outliers: ids) framed red, the channels it flagged (band
+    edges, birdies) shaded. The plot's name, or None when nothing is unflagged."""
+    if not np.isfinite(tsys).any():
+        return None
+    ids = [int(a) for a in np.unique(ant)]
+    name = f"tsysflag_spw{spw}.png"
+    fig, axes = antenna_grid(len(ids), f"Tsys (K) vs frequency (GHz) per antenna, spw {spw}, before tsysflag; "
+                                       "red: antennas flagged, grey: channels flagged")
+    ghz = freq / 1e9
+    runs = np.flatnonzero(np.diff(np.concatenate([[0], chans.astype(int), [0]])))     # flagged channel ranges
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)      # an all-flagged channel
+        for ax, a in zip(axes, ids):
+            spec = np.nanmean(tsys[ant == a], axis=0)            # (nchan, ncorr)
+            for p in range(spec.shape[1]):
+                ax.plot(ghz, spec[:, p], lw=0.8, color=f"C{p}")
+            for lo, hi in zip(runs[::2], runs[1::2]):
+                ax.axvspan(ghz[lo], ghz[hi - 1], color="0.8", lw=0)
+            label_panel(ax, antennas[a]["name"], "outlier" if a in outliers else
+                        "" if np.isfinite(spec).any() else "flagged")
+    io.plot(fig, name)
+    return name
+
+
 @stage("tsysflag", service="calibrator", topic="Flagging", reads=("caltables", "observation", "partitions"),
+       qa=(tsys_flags,), outliers=tsysflag_outliers, flag_reasons=tsysflag_reasons,
        writes=("caltables", "flags"), params=TSYSFLAG_PARAMS)
 def tsysflag(ctx: dict, params: dict, io: StageIO) -> QA:
     """Flag Tsys spectra of outlier antennas, rough spectra, band edges and birdies
@@ -659,10 +825,14 @@ def tsysflag(ctx: dict, params: dict, io: StageIO) -> QA:
     path = io.fetch_dir(entry["key"])
     sols = read_caltable(path)
     ants = ctx["observation"]["antennas"]
-    report = []
+    report, evidence, most = [], "", 0
     for sol in sols:
         tsys = 1 / np.maximum(np.abs(sol.cparam), 1e-12) ** 2                 # (nrow, nchan, ncorr)
         rows, chans, found = tsys_outliers(tsys, sol.antenna, params)
+        plot = _plot_tsysflag(io, np.where(sol.flag, np.nan, tsys), sol.antenna, sol.freq, sol.spw, ants,
+                              {a for _, a, _ in found if a >= 0}, chans)
+        if plot and len(found) > most:
+            evidence, most = plot, len(found)
         sol.flag[rows] = True
         sol.flag[:, chans] = True
         report += [f"spw {sol.spw}: {test}" + (f" {ants[a]['name']}" if a >= 0 else "") + f": {what}"
@@ -676,7 +846,7 @@ def tsysflag(ctx: dict, params: dict, io: StageIO) -> QA:
         ctx["caltables"]["tsyscal"] = dict(entry, key=e["key"], sha256=e["sha256"])
         for r in report:
             qa.note(r)
-        qa.lower(0.9, f"{len(report)} Tsys flag(s).")
+        qa.add(tsys_flags(report, evidence))
     else:
         qa.note("No outlier Tsys spectra.")
     ctx["flags"]["tsysflag"] = report

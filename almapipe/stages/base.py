@@ -9,6 +9,7 @@ returns its QA score. Services are thin shells around this call.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -28,6 +29,45 @@ class StageError(RuntimeError):
     """A stage cannot proceed; the message names the problem (not retried)."""
 
 
+@dataclass(frozen=True)
+class Score:
+    """What one QA metric says about a stage: a score in [0, 1] below 1, the reason
+    (shown on the WebLog) and the evidence (a plot file name or a table id on the
+    stage's page). `metric` is filled in by the Metric that returns it."""
+    score: float
+    reason: str
+    evidence: str = ""
+    metric: str = ""
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One QA metric of a stage (as the ALMA pipeline's QA scores each metric): its
+    name ("stage.what"), a line saying what it measures and how it scores, its unit,
+    and the function that scores the measured quantities. The function returns None
+    (nothing wrong), a Score or a list of them; calling the Metric returns that list
+    with each Score naming the metric. A stage declares its metrics with
+    stage(qa=...), and its body adds what they return (``qa.add(metric(...))``)."""
+    name: str
+    doc: str
+    fn: Callable
+    unit: str = ""
+
+    def __call__(self, *args, **kwargs) -> list:
+        out = self.fn(*args, **kwargs)
+        if out is None:
+            return []
+        return [dataclasses.replace(s, metric=self.name) for s in ([out] if isinstance(out, Score) else out)]
+
+
+def metric(name: str, doc: str, unit: str = "") -> Callable[[Callable], Metric]:
+    """Declare fn as the scoring function of QA metric `name`; the same function may
+    score the metrics of several stages (metric("gaincal.x", ...)(fn))."""
+    def deco(fn: Callable) -> Metric:
+        return Metric(name, doc, fn, unit)
+    return deco
+
+
 @dataclass
 class QA:
     """A stage's QA score in [0, 1] with the reasons, as the ALMA WebLog shows them.
@@ -35,10 +75,17 @@ class QA:
     Each lowering is also kept as a structured entry in ``metrics`` (JSON-able dicts
     {score, reason, metric, evidence}), so the WebLog can list the lowest per-reason
     scores, name the metric and link the evidence: a plot file name or a table id
-    on the stage's page. The stage's score stays the lowest of them."""
+    on the stage's page. The stage's score stays the lowest of them. A stage adds
+    the Scores its declared Metrics return (``add``); ``note`` keeps a reason
+    that does not score."""
     score: float = 1.0
     reasons: list = field(default_factory=list)
     metrics: list = field(default_factory=list)
+
+    def add(self, scores) -> None:
+        """Lower by what a Metric returned: a list of Scores (none: nothing wrong)."""
+        for s in ([scores] if isinstance(scores, Score) else scores or []):
+            self.lower(s.score, s.reason, metric=s.metric, evidence=s.evidence)
 
     def lower(self, score: float, reason: str, metric: str = "", evidence: str = "") -> None:
         score = max(0.0, min(1.0, score))
@@ -298,10 +345,32 @@ def with_defaults(declared: tuple, params: dict) -> dict:
     return out
 
 
+def public_params(declared: tuple, params: dict) -> dict:
+    """params without what the pipeline itself sets (Param(internal=True), at any depth:
+    makeimages' `aggregate` inside its image parameters, a fan-out's `piece`, the
+    WebLog's `failure`): what a recipe or an override may say, so what the WebLog shows
+    and the command it prints pass check_params. A name not declared is kept."""
+    by_name = {p.name: p for p in declared}
+    out = {}
+    for name, value in params.items():
+        p = by_name.get(name)
+        if p is not None and p.internal:
+            continue
+        out[name] = public_params(p.fields, value) if p is not None and p.fields and isinstance(value, dict) \
+            else value
+    return out
+
+
 @dataclass
 class StageSpec:
     """A stage as one unit: its function, the service that runs it, its parameters,
-    its WebLog topic and the context keys it reads and writes (names in CONTEXT)."""
+    its WebLog topic, the context keys it reads and writes (names in CONTEXT), its QA
+    metrics (Metric) and its WebLog tables (tables(ctx) -> [{title, header, rows,
+    evidence?}], the Results section of its page). What Home's triage names from it:
+    outliers(ctx, link) -> [{what, why, href, also?, also_label?}], the antennas, spws
+    or EBs it found wrong, link(stage, evidence="", anchor="") making the link to a
+    stage's page; and, for a flagging stage, flag_reasons(ctx) -> [str], what it
+    flagged and why (the flagging summary)."""
     name: str
     service: str
     fn: StageFn
@@ -309,6 +378,10 @@ class StageSpec:
     topic: str = ""
     reads: tuple = ()
     writes: tuple = ()
+    qa: tuple = ()
+    tables: Callable[[dict], list] | None = None
+    outliers: Callable[[dict, Callable], list] | None = None
+    flag_reasons: Callable[[dict], list] | None = None
 
     def check(self, params: dict) -> None:
         check_params(self.name, self.params, params)
@@ -316,27 +389,59 @@ class StageSpec:
     def with_defaults(self, params: dict) -> dict:
         return with_defaults(self.params, params)
 
+    def public(self, params: dict) -> dict:
+        return public_params(self.params, params)
+
+    def metric(self, name: str) -> Metric | None:
+        return next((m for m in self.qa if m.name == name), None)
+
 
 REGISTRY: dict[str, StageSpec] = {}
 
 
-def stage(name: str, service: str, params: tuple = (), topic: str = "", reads: tuple = (), writes: tuple = ()):
+def stage(name: str, service: str, params: tuple = (), topic: str = "", reads: tuple = (), writes: tuple = (),
+          qa: tuple = (), tables: Callable[[dict], list] | None = None,
+          outliers: Callable[[dict, Callable], list] | None = None, flag_reasons: Callable[[dict], list] | None = None):
     """Register fn as the implementation of stage `name`, run by `service`, taking
-    `params`, shown under `topic` on the WebLog, reading and writing those context keys."""
+    `params`, shown under `topic` on the WebLog, reading and writing those context keys,
+    scored by the `qa` metrics, its WebLog page showing what `tables(ctx)` returns, Home
+    naming what `outliers(ctx, link)` returns and the flagging summary what
+    `flag_reasons(ctx)` returns (StageSpec)."""
     if topic and topic not in TOPICS:
         raise ValueError(f"stage {name}: unknown topic {topic!r}; topics: {TOPICS}")
     unknown = [k for k in (*reads, *writes) if k not in CONTEXT]
     if unknown:
         raise ValueError(f"stage {name}: context keys {unknown} are not declared in CONTEXT")
+    if not all(isinstance(m, Metric) for m in qa):
+        raise ValueError(f"stage {name}: qa takes Metrics (stages.base.metric)")
+    declared = {m.name for m in qa}
+    if len(declared) != len(qa):
+        raise ValueError(f"stage {name}: a QA metric declared twice")
 
     def deco(fn: StageFn) -> StageFn:
         # called by the worker or directly (tests), the body sees every declared parameter
         @functools.wraps(fn)
         def run(ctx: dict, given: dict, io: StageIO) -> QA:
-            return fn(ctx, with_defaults(tuple(params), given), io)
-        REGISTRY[name] = StageSpec(name, service, run, tuple(params), topic, tuple(reads), tuple(writes))
+            result = fn(ctx, with_defaults(tuple(params), given), io)
+            # every score names a metric the stage declared: the WebLog lists them from here
+            undeclared = sorted({m["metric"] for m in result.metrics} - declared)
+            if undeclared:
+                raise StageError(f"{name}: QA metric(s) {', '.join(undeclared)} not declared in its "
+                                 f"stage(qa=...): {', '.join(sorted(declared)) or 'none'}")
+            return result
+        REGISTRY[name] = StageSpec(name, service, run, tuple(params), topic, tuple(reads), tuple(writes),
+                                   tuple(qa), tables, outliers, flag_reasons)
         return run
     return deco
+
+
+def specs_in_run_order(ctx: dict) -> list:
+    """The registered stages in the order the context's recipe runs them, then the
+    others in the registry's order: the order the WebLog lists what stages report."""
+    names = [st.get("stage") or st.get("name") for st in (ctx.get("recipe") or {}).get("stages", [])]
+    names += [r["name"] for r in ctx.get("stage_results", [])]
+    order = {n: i for i, n in reversed(list(enumerate(names)))}
+    return sorted(REGISTRY.values(), key=lambda spec: order.get(spec.name, len(order)))
 
 
 # The pipeline context's keys (ALMA's context, as JSON): what each holds. A stage's

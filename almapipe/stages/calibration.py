@@ -17,16 +17,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .base import (CAL_READS, COMBINE, QA, SOLINT, Param, StageError, StageIO, field_ids_with, field_name,  # noqa: E402
-                   require_intent, spw_info, stage, with_defaults)
+from .base import (CAL_READS, COMBINE, QA, SOLINT, Metric, Param, Score, StageError, StageIO,  # noqa: E402
+                   field_ids_with, field_name, metric, require_intent, spw_info, stage, with_defaults)
 from ..calibration import fluxcsv, fluxmodels, solar_system  # noqa: E402
 from ..calibration.applycal import GainApply, apply_tables  # noqa: E402
 from ..calibration.caltable import CalSolutions, read_caltable, write_caltable  # noqa: E402
-from ..calibration.terms import SolveSpec, integration_snr, point_model, solint_seconds, solve_term  # noqa: E402
+from ..calibration.terms import (SolveSpec, antenna_snr, channel_average, integration_snr, point_model,  # noqa: E402
+                                 row_snr2, solint_seconds, solve_term, unit_model)
 from ..heuristics.callibrary import (calibrator_ids, field_map, field_models, flux_function,  # noqa: E402
                                      refant_id, register)
 from ..heuristics.channels import chan_selection, spike_channels  # noqa: E402
 from ..heuristics.robust import robust_sigma  # noqa: E402
+from ..heuristics.solints import phaseup_interval  # noqa: E402
 from ..msio import ms as msio  # noqa: E402
 from ..report.plots import antenna_grid, label_panel, require_finite, robust_outliers  # noqa: E402
 
@@ -52,6 +54,29 @@ def read_part(io: StageIO, part: dict, fields=None, column="DATA", data: bool = 
     return p.meta, vis
 
 
+def read_averaged(io: StageIO, part: dict, fields: list, flux_of_field: dict, earlier: list,
+                  chans: slice | None = None) -> tuple[str, msio.Vis]:
+    """What a G or T solve needs of a partition's rows of the given fields: read in row
+    blocks, the earlier tables applied and the solve's channels averaged
+    (terms.channel_average), so memory is one block plus one channel per row, not the
+    calibrators' visibilities. Solve it with unit_model(vis) and no preapply or chans."""
+    p = io.vis(part)
+    blocks = []
+    for vis in p.blocks(column="DATA", field_ids=fields, block_chunks=4):
+        io.visibilities += vis.flag.size
+        blocks.append(channel_average(vis, point_model(vis, flux_of_field), chans, earlier))
+    if not blocks:                                   # no rows: an empty one-channel Vis
+        empty = p.read_rows(np.zeros(0, np.int64), data=True)
+        blocks.append(channel_average(empty, point_model(empty, flux_of_field), chans))
+    return p.meta, msio.concat_vis(blocks)
+
+
+def solve_channels(selection: str, nchan: int) -> slice:
+    """The channels a gain solve uses, from its spw parameter (CASA syntax; empty: all)."""
+    idx = np.flatnonzero(chan_selection(selection, nchan))
+    return slice(int(idx[0]), int(idx[-1]) + 1)
+
+
 def save_table(io: StageIO, ctx: dict, name: str, sols: list, ms_path: str) -> dict:
     path = os.path.join(io.workdir, f"{ctx.get('ms_name', 'ms')}.{name}.tbl")
     write_caltable(sols, path, ms_path)
@@ -61,9 +86,36 @@ def save_table(io: StageIO, ctx: dict, name: str, sols: list, ms_path: str) -> d
     return entry
 
 
-def solution_qa(qa: QA, sols: list, what: str, ctx: dict) -> None:
+def flagged_solutions(frac: float, what: str, evidence: str = "") -> Score | None:
+    if frac > 0.0:
+        return Score(1.0 - frac, f"{frac:.1%} of the {what} solutions of the solved antennas flagged (low SNR).",
+                     evidence=evidence)
+    return None
+
+
+def antennas_without_solutions(missing: list, n_with_data: int, what: str, evidence: str = "") -> Score | None:
+    if missing:
+        return Score(1.0 - len(missing) / max(n_with_data, 1),
+                     f"No {what} solutions for antenna(s) {', '.join(sorted(missing))}: all their data are flagged.",
+                     evidence=evidence)
+    return None
+
+
+def solution_metrics(stage_name: str) -> tuple[Metric, Metric]:
+    """The two metrics of a solve's solutions (solution_qa), named for its stage."""
+    return (metric(f"{stage_name}.flagged_solutions", "the fraction of the solved antennas' solutions that are "
+                   "flagged (below minsnr): 1 - fraction", unit="fraction")(flagged_solutions),
+            metric(f"{stage_name}.antennas_without_solutions", "antennas with data but no unflagged solution: "
+                   "1 - their share of the antennas with data")(antennas_without_solutions))
+
+
+SOLUTION_METRICS = {name: solution_metrics(name) for name in ("bandpass", "gaincal", "timegaincal", "spwphaseup")}
+
+
+def solution_qa(qa: QA, sols: list, what: str, ctx: dict, stage_name: str | None = None) -> None:
     """Score the fraction of flagged solutions of the antennas that have data;
-    antennas without any unflagged solution are named rather than scored.
+    antennas without any unflagged solution are named rather than scored (the
+    metrics of SOLUTION_METRICS[stage_name], stage_name: what by default).
     No solution at all stops the run here, where the cause is."""
     ants = ctx["observation"]["antennas"]
     if all(s.flag.all() for s in sols):
@@ -81,13 +133,9 @@ def solution_qa(qa: QA, sols: list, what: str, ctx: dict) -> None:
             total += f.size
     frac = flagged / max(total, 1)
     plot = f"{what}_spw{sols[0].spw}.png"         # the per-antenna plot of the first spw, where there is one
-    if frac > 0.0:
-        qa.lower(1.0 - frac, f"{frac:.1%} of the {what} solutions of the solved antennas flagged (low SNR).",
-                 metric=f"{what}.flagged_solutions", evidence=plot)
-    if missing:
-        qa.lower(1.0 - len(missing) / max(sum(a["has_data"] for a in ants), 1),
-                 f"No {what} solutions for antenna(s) {', '.join(sorted(missing))}: all their data are flagged.",
-                 metric=f"{what}.antennas_without_solutions", evidence=plot)
+    flagged_metric, missing_metric = SOLUTION_METRICS[stage_name or what]
+    qa.add(flagged_metric(frac, what, plot))
+    qa.add(missing_metric(sorted(missing), sum(a["has_data"] for a in ants), what, plot))
     good = [s.snr[~s.flag] for s in sols if (~s.flag).any()]
     qa.note(f"Median {what} solution SNR {np.median(np.concatenate(good)) if good else 0:.1f}.")
 
@@ -114,8 +162,25 @@ def preapply(ctx: dict, io: StageIO, spw: int) -> list:
 
 # ------------------------------------------------------------------ refant
 
+@metric("refant.flagged_fraction", "the fraction of the chosen reference antenna's calibrator data that is "
+        "flagged: 0.5 above half", unit="fraction")
+def refant_flagged(name: str, unflagged: float) -> Score | None:
+    if unflagged < 0.5:
+        return Score(0.5, f"Reference antenna {name} has {1 - unflagged:.0%} of its data flagged.")
+    return None
+
+
+def refant_tables(ctx: dict) -> list:
+    if not ctx.get("refant"):
+        return []
+    return [{"title": "Reference antenna ranking", "header": ["Rank", "Antenna", "Geometry", "Flagging"],
+             "rows": [[i + 1, a, f"{ctx['refant']['scores'][a]['geometry']:.2f}",
+                       f"{ctx['refant']['scores'][a]['flagging']:.2f}"]
+                      for i, a in enumerate(ctx["refant"]["ranked"][:10])]}]
+
+
 @stage("refant", service="calibrator", topic="Calibration", reads=("observation", "fields", "partitions"),
-       writes=("refant",), params=(
+       qa=(refant_flagged,), tables=refant_tables, writes=("refant",), params=(
            Param("refant", (str, int), None, "the reference antenna (name, id or station); none: the best ranked"),))
 def refant(ctx: dict, params: dict, io: StageIO) -> QA:
     """Rank antennas by distance to the array centre and unflagged fraction (hif_refant)."""
@@ -157,8 +222,7 @@ def refant(ctx: dict, params: dict, io: StageIO) -> QA:
                      "scores": {ants[i]["name"]: {"geometry": float(geo[i]), "flagging": float(flagscore[i])}
                                 for i in order}}
     io.log("reference antennas (best first): %s", ",".join(ctx["refant"]["ranked"][:8]))
-    if frac[chosen] < 0.5:
-        qa.lower(0.5, f"Reference antenna {ants[chosen]['name']} has {1 - frac[chosen]:.0%} of its data flagged.")
+    qa.add(refant_flagged(ants[chosen]["name"], frac[chosen]))
     qa.note(f"Reference antenna {ants[chosen]['name']} ({ants[chosen]['station']}).")
     return qa
 
@@ -205,7 +269,25 @@ def solar_system_model(ctx: dict, io: StageIO, fid: int, body: str, params: dict
             "min_vis_fraction": float(params["min_vis_fraction"])}
 
 
-@stage("setjy", service="calibrator", topic="Calibration",
+@metric("setjy.resolved_out", "whether a solar system flux calibrator's disk leaves baselines to solve on in "
+        "each spw: 0.3 when its visibility is below min_vis_fraction on every baseline (no flux scale)")
+def resolved_out(name: str, spw: int, shortest_m: float, b_max_m: float, min_vis_fraction: float) -> Score | None:
+    """b_max_m: the longest baseline on which the disk's visibility is above min_vis_fraction."""
+    if shortest_m > b_max_m:
+        return Score(0.3, f"{name} spw {spw}: resolved out on every baseline (shortest {shortest_m:.0f} m, disk "
+                          f"visibility below {min_vis_fraction:.0%} beyond {b_max_m:.0f} m): no flux scale.")
+    return None
+
+
+def setjy_tables(ctx: dict) -> list:
+    if not ctx.get("setjy"):
+        return []
+    return [{"title": "Flux density models", "header": ["Field", "spw", "Frequency (GHz)", "Flux (Jy)", "Model"],
+             "rows": [[r["field"], r["spw"], f"{r['freq_hz'] / 1e9:.6f}", f"{r['flux_jy']:.4f}", r["model"]]
+                      for r in ctx["setjy"]]}]
+
+
+@stage("setjy", service="calibrator", topic="Calibration", qa=(resolved_out,), tables=setjy_tables,
        reads=("fields", "observation", "partitions", "user", "ms_name"), writes=("models", "setjy"), params=(
            Param("manual", dict, None, "flux models by field name: {flux_jy, ref_freq_hz, spix, spw_fluxes}; "
                  "they win over flux.csv and the solar system models"),
@@ -281,9 +363,7 @@ def _note_resolved(qa: QA, ctx: dict, name: str, m: dict, fn, spw_freqs: dict) -
         if longest > b_max:
             qa.note(f"{name} spw {spw}: baselines longer than {b_max:.0f} m ({q_max / 1e3:.0f} klambda) not used "
                     f"in the solves: the disk's visibility is below {m['min_vis_fraction']:.0%} of its flux there.")
-        if shortest > b_max:
-            qa.lower(0.3, f"{name} spw {spw}: resolved out on every baseline (shortest {shortest:.0f} m, disk "
-                          f"visibility below {m['min_vis_fraction']:.0%} beyond {b_max:.0f} m): no flux scale.")
+        qa.add(resolved_out(name, spw, shortest, b_max, m["min_vis_fraction"]))
     # antennas with too few baselines inside the cut get no gains on the body, so no
     # flux scale of their own (baseline lengths, not projections: an upper bound)
     b_max = q_max * 299792458.0 / max(spw_freqs.values())
@@ -315,8 +395,49 @@ BANDPASS_PARAMS = (
     Param("outlier_nsigma", float, 8.0, "flag_outliers: robust sigmas of a spike", min=0.0))
 
 
+@metric("bandpass.antenna_shape", "antennas whose bandpass amplitude shape is far from the array's "
+        "(report.plots.robust_outliers, framed red on the per-antenna plot): 0.8 each")
+def bandpass_outliers(outliers: list) -> list:
+    """outliers: [{antenna, spw, why}] from the per-antenna plot."""
+    return [Score(0.8, f"spw {o['spw']}: bandpass of antenna {o['antenna']}: {o['why']}.",
+                  evidence=f"bandpass_spw{o['spw']}.png") for o in outliers]
+
+
+@metric("bandpass.phaseup_snr", "phaseup_solint snr: the phase-up SNR the longest allowed interval reaches on the "
+        "bandpass calibrator against phaseup_snr: 0.6 below it (the bandpass may decorrelate)")
+def phaseup_snr(names: str, spw: int, expected: float, target: float, solint: str) -> Score | None:
+    if expected < target:
+        return Score(0.6, f"Bandpass calibrator {names} too weak for a phase-up in spw {spw}: SNR {expected:.1f} "
+                          f"over {solint} (wanted {target:g}); the bandpass may decorrelate.")
+    return None
+
+
+def bandpass_tables(ctx: dict) -> list:
+    """The antennas to look at: outliers and antennas without solutions (lowgainflag's
+    named), the table Home's triage links."""
+    ba = ctx.get("bandpass_antennas")
+    if not ba:
+        return []
+    rows = [[o["antenna"], o["spw"], f"outlier: {o['why']}"] for o in ba["outliers"]]
+    rows += [[a, spw, "no solutions: its data are flagged" + (" (lowgainflag)" if a in
+                                                              ctx["flags"].get("lowgainflag", []) else "")]
+             for spw, names in ba["no_solutions"].items() for a in names]
+    if not rows:
+        return []
+    return [{"title": "Antennas to look at (marked on the per-antenna plots)", "evidence": "table-bandpass-antennas",
+             "header": ["Antenna", "spw", "What"], "rows": rows}]
+
+
+def bandpass_outlier_names(ctx: dict, link) -> list:
+    """Home's triage: each antenna and spw whose bandpass is an outlier on the plots."""
+    return [{"what": f"antenna {o['antenna']} spw {o['spw']}", "why": f"bandpass {o['why']}",
+             "href": link("bandpass", f"bandpass_spw{o['spw']}.png"), "also": ""}
+            for o in (ctx.get("bandpass_antennas") or {}).get("outliers", [])]
+
+
 @stage("bandpass", service="calibrator", topic="Calibration",
-       reads=CAL_READS,
+       qa=(bandpass_outliers, phaseup_snr) + SOLUTION_METRICS["bandpass"], tables=bandpass_tables,
+       outliers=bandpass_outlier_names, reads=CAL_READS + ("ms_name",),
        writes=("caltables", "callibrary", "bandpass_phaseup", "bandpass_antennas"), params=BANDPASS_PARAMS)
 def bandpass(ctx: dict, params: dict, io: StageIO) -> QA:
     """Bandpass per antenna and channel, after a phase-up gaincal (hifa_bandpass)."""
@@ -348,28 +469,14 @@ def bandpass(ctx: dict, params: dict, io: StageIO) -> QA:
         sols.append(bp)
         found, unsolved = _plot_bandpass(io, bp, ctx, part["spw"])
         no_solutions[str(part["spw"])] = unsolved
-        for o in found:
-            outliers.append(o)
-            qa.lower(0.8, f"spw {o['spw']}: bandpass of antenna {o['antenna']}: {o['why']}.",
-                     metric="bandpass.antenna_shape", evidence=f"bandpass_spw{o['spw']}.png")
+        outliers += found
+        qa.add(bandpass_outliers(found))
     # named on the WebLog's Home and the bandpass page
     ctx["bandpass_antennas"] = {"outliers": outliers, "no_solutions": no_solutions}
     save_table(io, ctx, "bandpass", sols, ms_path)
     register(ctx, "bandpass", "B", "nearest", "all")
     solution_qa(qa, sols, "bandpass", ctx)
     return qa
-
-
-def phaseup_interval(snr_int: float, int_s: float, scan_s: float, target_snr: float,
-                     min_solutions: int = 2) -> tuple[int, float]:
-    """How many integrations the bandpass phase-up averages (hifa_bandpass's SNR
-    heuristic): the fewest that reach target_snr, the SNR growing as the square
-    root of the time, but no more than leave min_solutions per scan.
-    Returns (integrations, expected SNR)."""
-    need = int(np.ceil((target_snr / max(snr_int, 1e-6)) ** 2))
-    most = max(int(scan_s // (int_s * min_solutions)), 1)
-    n = int(np.clip(need, 1, most))
-    return n, float(snr_int * np.sqrt(n))
 
 
 def _phaseup_solint_from_snr(vis, model, ref, chans, earlier, params, qa, ctx, spw) -> str:
@@ -387,10 +494,8 @@ def _phaseup_solint_from_snr(vis, model, ref, chans, earlier, params, qa, ctx, s
     solint = "int" if n == 1 else f"{n * int_s:g}s"
     ctx.setdefault("bandpass_phaseup", {})[str(spw)] = {"snr_per_integration": snr_int, "solint": solint,
                                                         "expected_snr": expected}
-    if expected < target:
-        names = ", ".join(field_name(ctx, int(f)) for f in np.unique(vis.field_id))
-        qa.lower(0.6, f"Bandpass calibrator {names} too weak for a phase-up in spw {spw}: SNR {expected:.1f} "
-                      f"over {solint} (wanted {target:g}); the bandpass may decorrelate.")
+    names = ", ".join(field_name(ctx, int(f)) for f in np.unique(vis.field_id))
+    qa.add(phaseup_snr(names, spw, expected, target, solint))
     qa.note(f"spw {spw}: phase-up interval {solint} (SNR per integration {snr_int:.1f}).")
     return solint
 
@@ -416,7 +521,10 @@ def _plot_bandpass(io, bp: CalSolutions, ctx, spw) -> list:
     ants = [a for a in ctx["observation"]["antennas"] if a.get("has_data", True)]
     g = np.where(bp.flag, np.nan, bp.cparam)                     # (nrow, nchan, ncorr)
     chan = np.arange(len(bp.freq))
-    with np.errstate(all="ignore"):
+    # an antenna flagged in some channels gives all-NaN columns: numpy warns on each, in
+    # the worker's log, for what the NaN-aware statistics are meant to skip
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         # each antenna's amplitude shape (normalised), and its rms distance from the array's
         shape = {}
         for a in ants:
@@ -476,25 +584,22 @@ class PhaseSolver:
         src = self.spwmap.get(spw, spw)
         return src if src in self.parts else spw
 
-    def __call__(self, spw: int, solint: str, fields: list, own: tuple | None = None) -> CalSolutions:
-        """own: (vis, model, preapply) the caller already has for this spw, covering
-        at least these fields; used when the spw takes its own phases."""
+    def __call__(self, spw: int, solint: str, fields: list, own: msio.Vis | None = None) -> CalSolutions:
+        """own: this spw's rows, covering at least these fields, as read_averaged gave
+        them to the caller over the same channels; used when the spw takes its own phases."""
         src = self.source(spw)
         key = (src, solint, tuple(fields))
         if key not in self.cache:
             if src == spw and own is not None:
-                vis, model, earlier = own
-                rows = np.isin(vis.field_id, fields)
-                vis, model = vis.select(rows), model[rows]
+                vis = own.select(np.isin(own.field_id, fields))
             else:
-                _, vis = read_part(self.io, self.parts[src], fields=fields)
-                model = point_model(vis, field_models(self.ctx, unit_for=self.unit_fields))
-                earlier = preapply(self.ctx, self.io, src)
-            idx = np.flatnonzero(chan_selection(self.params["spw"], len(vis.freq)))
-            self.cache[key] = solve_term(vis, model, SolveSpec(
+                part = self.parts[src]
+                _, vis = read_averaged(self.io, part, fields, field_models(self.ctx, unit_for=self.unit_fields),
+                                       preapply(self.ctx, self.io, src),
+                                       solve_channels(self.params["spw"], self.io.vis(part).nchan))
+            self.cache[key] = solve_term(vis, unit_model(vis), SolveSpec(
                 kind="G", solint=solint, calmode="p", refant=refant_id(self.ctx),
-                minsnr=self.params["phaseup_minsnr"], chans=slice(idx[0], idx[-1] + 1),
-                preapply=earlier))
+                minsnr=self.params["phaseup_minsnr"]))
         sol = self.cache[key]
         if src == spw:
             return sol
@@ -518,24 +623,20 @@ def _gain_solve(ctx, params, io, name: str, fields: list, unit_fields: list, qa:
     phases_of = PhaseSolver(ctx, params, io, unit_fields)
     sols, transfer, ms_path = [], [], None
     for part in ctx["partitions"]:
-        ms_path, vis = read_part(io, part, fields=fields)
-        idx = np.flatnonzero(chan_selection(params["spw"], len(vis.freq)))
-        earlier = preapply(ctx, io, part["spw"])
-        model = point_model(vis, field_models(ctx, unit_for=unit_fields))
-        own = (vis, model, earlier)
-        phases = phases_of(part["spw"], params["phaseup_solint"], fields, own) if params["phaseup_solint"] \
+        # the bandpass and the rest of the library applied, the solve's channels averaged
+        ms_path, vis = read_averaged(io, part, fields, field_models(ctx, unit_for=unit_fields),
+                                     preapply(ctx, io, part["spw"]), solve_channels(params["spw"], io.vis(part).nchan))
+        phases = phases_of(part["spw"], params["phaseup_solint"], fields, vis) if params["phaseup_solint"] \
             else None
-        if phases is not None:
-            earlier = earlier + [GainApply(phases, interp="linear", calwt=False)]
-        g = solve_term(vis, model, SolveSpec(kind=params["gaintype"], solint=params["solint"],
-                                             combine=params["combine"], calmode=params["calmode"],
-                                             refant=ref, minsnr=params["minsnr"],
-                                             chans=slice(idx[0], idx[-1] + 1), preapply=earlier))
+        later = [GainApply(phases, interp="linear", calwt=False)] if phases is not None else []
+        g = solve_term(vis, unit_model(vis), SolveSpec(kind=params["gaintype"], solint=params["solint"],
+                                                       combine=params["combine"], calmode=params["calmode"],
+                                                       refant=ref, minsnr=params["minsnr"], preapply=later))
         # the table must undo everything the solve saw: phase-up phases times the gains
         sols.append(g if phases is None else combine_phase_gain(phases, g))
         _plot_gains(io, sols[-1], ctx, part["spw"], name)
         if transfer_fields is not None:
-            scan_phases = phases_of(part["spw"], params["transfer_solint"], transfer_fields, own)
+            scan_phases = phases_of(part["spw"], params["transfer_solint"], transfer_fields, vis)
             transfer.append(combine_phase_gain(scan_phases, g, amplitude_only=True))
     save_table(io, ctx, name, sols, ms_path)
     solution_qa(qa, sols, name, ctx)
@@ -586,8 +687,8 @@ def _plot_gains(io, g: CalSolutions, ctx, spw, name):
         io.plot(fig, f"{name}_spw{spw}.png" if kind == "amp" else f"{name}_phase_spw{spw}.png")
 
 
-@stage("gaincal", service="calibrator", topic="Calibration",
-       reads=CAL_READS + ("spwphaseup",),
+@stage("gaincal", service="calibrator", topic="Calibration", qa=SOLUTION_METRICS["gaincal"],
+       reads=CAL_READS + ("spwphaseup", "ms_name"),
        writes=("caltables", "callibrary"), params=GAIN_PARAMS)
 def gaincal(ctx: dict, params: dict, io: StageIO) -> QA:
     """Gains of all calibrators with the bandpass applied; non-flux calibrators
@@ -599,8 +700,17 @@ def gaincal(ctx: dict, params: dict, io: StageIO) -> QA:
     return qa
 
 
+@metric("timegaincal.flux_models", "calibrators solved without a flux model (fluxscale not run before): 0.6 "
+        "when any (solved with 1 Jy)")
+def missing_flux_models(names: list) -> Score | None:
+    if names:
+        return Score(0.6, f"No flux model for {', '.join(names)}: solved with 1 Jy (run fluxscale first).")
+    return None
+
+
 @stage("timegaincal", service="calibrator", topic="Calibration",
-       reads=CAL_READS + ("spwphaseup",),
+       qa=(missing_flux_models,) + SOLUTION_METRICS["timegaincal"],
+       reads=CAL_READS + ("spwphaseup", "ms_name"),
        writes=("caltables", "callibrary"), params=GAIN_PARAMS + (
            Param("interp", str, "linear", "interpolation of the gains in time", choices=("linear", "nearest")),
            Param("transfer_solint", (str, int, float), "inf",
@@ -617,8 +727,7 @@ def timegaincal(ctx: dict, params: dict, io: StageIO) -> QA:
         set(field_ids_with(ctx, "FLUX")) - set(phase_ids)
     own = [f for f in calibrator_ids(ctx) if f not in check_only]
     missing = [field_name(ctx, f) for f in own if str(f) not in ctx.get("models", {})]
-    if missing:
-        qa.lower(0.6, f"No flux model for {', '.join(missing)}: solved with 1 Jy (run fluxscale first).")
+    qa.add(missing_flux_models(missing))
     _gain_solve(ctx, params, io, "timegaincal", own, own, qa, transfer_fields=phase_ids)
     spwmap = ctx.get("spwphaseup", {}).get("spwmap", {})
     register(ctx, "timegaincal", "G", params["interp"], "own", spwmap=spwmap)
@@ -631,8 +740,28 @@ def timegaincal(ctx: dict, params: dict, io: StageIO) -> QA:
 
 # ------------------------------------------------------------------ spwphaseup
 
+@metric("spwphaseup.phase_snr", "the best spw's phase SNR per solint on the phase calibrators against "
+        "phasesnr: 0.5 when no spw reaches it (all spws take the best one's phases)")
+def best_phase_snr(best_spw: int, best_snr: float, threshold: float, solint, phase_names: list) -> Score | None:
+    if best_snr < threshold:
+        return Score(0.5, f"No spw reaches phase SNR {threshold:g} per {solint} on "
+                          f"{', '.join(phase_names)} (best: spw {best_spw}, {best_snr:.1f}); "
+                          f"all spws take spw {best_spw}'s phases.")
+    return None
+
+
+def spwphaseup_tables(ctx: dict) -> list:
+    up = ctx.get("spwphaseup")
+    if not up:
+        return []
+    return [{"title": f"Phase SNR per {up['solint']} on the phase calibrator (threshold {up['phasesnr']:g})",
+             "header": ["spw", "SNR", "Phases from spw"],
+             "rows": [[s, f"{v:.1f}", up["spwmap"][s]] for s, v in up["snr"].items()]}]
+
+
 @stage("spwphaseup", service="calibrator", topic="Calibration",
-       reads=CAL_READS,
+       qa=(best_phase_snr,) + SOLUTION_METRICS["spwphaseup"], tables=spwphaseup_tables,
+       reads=CAL_READS + ("ms_name",),
        writes=("spwphaseup",), params=(
            Param("solint", (str, int, float), "int", "phase solution interval of the SNR test", pattern=SOLINT),
            Param("phasesnr", float, 32.0, "a spw below this phase SNR takes a wider spw's phases", min=0.0),
@@ -654,32 +783,40 @@ def spwphaseup(ctx: dict, params: dict, io: StageIO) -> QA:
     threshold = float(params["phasesnr"])
     snr, offsets, ms_path = {}, [], None
     for part in ctx["partitions"]:
-        ms_path, vis = read_part(io, part, fields=phase_ids)
-        model = point_model(vis, field_models(ctx, unit_for=phase_ids))
-        earlier = preapply(ctx, io, part["spw"])
-        data, flag, _ = apply_tables(vis, earlier)
-        corrected = dataclasses.replace(vis, data=data, flag=flag)     # applied once, for both uses
+        # in row blocks, the library applied once for both uses: each row's SNR (from its
+        # channels) and its channel average (for the phase offsets)
+        p = io.vis(part)
+        ms_path, models, earlier = p.meta, field_models(ctx, unit_for=phase_ids), preapply(ctx, io, part["spw"])
+        snr2, averaged = [], []
+        for block in p.blocks(column="DATA", field_ids=phase_ids, block_chunks=4):
+            io.visibilities += block.flag.size
+            model = point_model(block, models)
+            data, flag, _ = apply_tables(block, earlier)
+            corrected = dataclasses.replace(block, data=data, flag=flag)
+            snr2.append(row_snr2(corrected, model))
+            averaged.append(channel_average(corrected, model))
+        if not averaged:
+            raise StageError(f"spwphaseup: spw {part['spw']} has no phase calibrator rows")
+        vis = msio.concat_vis(averaged)
         # per integration, then scaled to the interval the phases will be solved on
         int_s = float(np.median(vis.interval)) if len(vis.interval) else 1.0
         secs = int_s if solint == "int" else solint_seconds(solint)
-        snr[part["spw"]] = integration_snr(corrected, model) * np.sqrt(max(secs / int_s, 1.0))
-        offsets.append(solve_term(corrected, model, SolveSpec(kind="G", solint="inf", combine="scan", calmode="p",
-                                                              refant=ref, minsnr=params["minsnr"])))
+        snr[part["spw"]] = antenna_snr(vis.time, vis.ant1, vis.ant2, np.concatenate(snr2)) * \
+            np.sqrt(max(secs / int_s, 1.0))
+        offsets.append(solve_term(vis, unit_model(vis), SolveSpec(kind="G", solint="inf", combine="scan",
+                                                                  calmode="p", refant=ref, minsnr=params["minsnr"])))
     best = max(snr, key=snr.get)
     spwmap = {s: (s if v >= threshold else best) for s, v in snr.items()}
     for s, m in spwmap.items():
         if m != s:
             qa.note(f"spw {s}: phase SNR {snr[s]:.1f} per {solint} is below {threshold:g}; its phases come "
                     f"from spw {m} (SNR {snr[m]:.1f}) with the spw phase offsets applied.")
-    if snr[best] < threshold:
-        qa.lower(0.5, f"No spw reaches phase SNR {threshold:g} per {solint} on "
-                      f"{', '.join(field_name(ctx, f) for f in phase_ids)} (best: spw {best}, {snr[best]:.1f}); "
-                      f"all spws take spw {best}'s phases.")
+    qa.add(best_phase_snr(best, snr[best], threshold, solint, [field_name(ctx, f) for f in phase_ids]))
     ctx["spwphaseup"] = {"spwmap": {str(k): v for k, v in spwmap.items()}, "snr": {str(k): v for k, v in snr.items()},
                          "phasesnr": threshold, "solint": solint}
     save_table(io, ctx, "spwphaseup", offsets, ms_path)
     register(ctx, "spwphaseup", "G", "nearest", "all", calwt=False)
-    solution_qa(qa, offsets, "spw phase offset", ctx)
+    solution_qa(qa, offsets, "spw phase offset", ctx, "spwphaseup")
     return qa
 
 
@@ -708,7 +845,29 @@ def derive_flux(g: CalSolutions, ref_ids: list, fid: int, clip: float = 5.0):
     return float(r.mean()), float(r.std(ddof=1) / np.sqrt(len(r))), int(len(r)), int((~keep).sum())
 
 
-@stage("fluxscale", service="calibrator", topic="Calibration",
+@metric("fluxscale.antennas", "whether a calibrator's flux can be derived in a spw: 0.3 when fewer than 3 "
+        "antenna gain ratios (to the flux calibrator's) are left")
+def too_few_antennas(name: str, spw: int) -> Score:
+    return Score(0.3, f"{name} spw {spw}: too few antennas to derive a flux.")
+
+
+@metric("fluxscale.snr", "a derived flux over its error: 0.5 below 10")
+def derived_flux_snr(name: str, spw: int, snr: float) -> Score | None:
+    if snr < 10:
+        return Score(0.5, f"{name} spw {spw}: derived flux SNR only {snr:.1f}.")
+    return None
+
+
+def fluxscale_tables(ctx: dict) -> list:
+    if not ctx.get("fluxscale"):
+        return []
+    return [{"title": "Derived flux densities", "header": ["Field", "spw", "Flux (Jy)", "Error (Jy)", "N"],
+             "rows": [[r["field"], r["spw"], f"{r['flux_jy']:.4f}", f"{r['flux_err_jy']:.4f}", r["n"]]
+                      for r in ctx["fluxscale"]]}]
+
+
+@stage("fluxscale", service="calibrator", topic="Calibration", qa=(too_few_antennas, derived_flux_snr),
+       tables=fluxscale_tables,
        reads=("fields", "observation", "partitions", "models", "setjy", "caltables", "ms_name"),
        writes=("fluxscale", "models", "flux_csv_key"), params=(
            Param("clip", float, 5.0, "gain ratios beyond this many robust sigmas are left out", min=0.0),))
@@ -727,7 +886,7 @@ def fluxscale(ctx: dict, params: dict, io: StageIO) -> QA:
             res = derive_flux(g, ref_ids, fid, params["clip"])
             name = field_name(ctx, fid)
             if res is None:
-                qa.lower(0.3, f"{name} spw {part['spw']}: too few antennas to derive a flux.")
+                qa.add(too_few_antennas(name, part["spw"]))
                 continue
             flux, err, n, rejected = res
             results.append({"field": name, "field_id": fid, "spw": part["spw"], "freq_hz": freq,
@@ -736,8 +895,7 @@ def fluxscale(ctx: dict, params: dict, io: StageIO) -> QA:
             io.log("flux density of %s in spw %d: %.4f +- %.4f Jy (N = %d, %d rejected)",
                    name, part["spw"], flux, err, n, rejected)
             snr = flux / err if err > 0 else np.inf
-            if snr < 10:
-                qa.lower(0.5, f"{name} spw {part['spw']}: derived flux SNR only {snr:.1f}.")
+            qa.add(derived_flux_snr(name, part["spw"], snr))
             qa.note(f"{name} spw {part['spw']}: {flux:.4f} +- {err:.4f} Jy.")
         scaled.append(CalSolutions(g.kind, g.spw, g.freq, g.time, g.interval, g.field_id, g.scan, g.antenna,
                                    cp, g.flag, g.snr, g.refant))
@@ -772,7 +930,15 @@ def fluxscale(ctx: dict, params: dict, io: StageIO) -> QA:
 PLOT_SAMPLES = 20_000_000
 
 
-@stage("applycal", service="calibrator", topic="Calibration",
+@metric("applycal.newly_flagged", "the fraction of the data applycal flagged (no solutions for them): "
+        "1 - fraction above 5%", unit="fraction")
+def newly_flagged(newly: float) -> Score | None:
+    if newly > 0.05:
+        return Score(1 - newly, f"applycal flagged {newly:.1%} more data (no solutions for them).")
+    return None
+
+
+@stage("applycal", service="calibrator", topic="Calibration", qa=(newly_flagged,),
        reads=("fields", "observation", "partitions", "callibrary", "caltables"), writes=("partitions", "flag_summary"),
        params=(Param("calwt", bool, True, "scale the weights by the gains"),))
 def applycal(ctx: dict, params: dict, io: StageIO) -> QA:
@@ -812,8 +978,7 @@ def applycal(ctx: dict, params: dict, io: StageIO) -> QA:
                              np.concatenate([f for _, _, f in shown]), ctx, part["spw"])
     ctx["partitions"] = new_parts
     newly = (flagged_after - flagged_before) / max(total, 1)
-    if newly > 0.05:
-        qa.lower(1 - newly, f"applycal flagged {newly:.1%} more data (no solutions for them).")
+    qa.add(newly_flagged(newly))
     qa.note(f"Applied {', '.join(e['table'] for e in ctx['callibrary'])}; "
             f"{flagged_after / max(total, 1):.1%} of the data now flagged.")
     return qa

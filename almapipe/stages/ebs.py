@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import QA, Param, StageIO, field_ids_with, field_name, stage
+from .base import QA, Param, Score, StageIO, field_ids_with, field_name, metric, stage
+from ..heuristics.fluxscale import flux_consistency
 from ..msio import ms as msio
 
 
@@ -41,13 +42,26 @@ def read_member(io: StageIO, part: dict, fields=None, column: str = "DATA", chan
     numbers made unique across EBs (EB index x 100000). The Vis's rows are the store's
     rows of the partition, so a stage writes back through the VisPartition."""
     vp = io.vis(part)
-    vis = vp.read(column=column, field_ids=eb_field_ids(part, fields), chan=chan, data=data)
+    vis = _as_first_ebs(vp.read(column=column, field_ids=eb_field_ids(part, fields), chan=chan, data=data), part)
+    io.visibilities += vis.data.size
+    return vp, vis
+
+
+def member_blocks(io: StageIO, vp, part: dict, fields=None, column: str = "DATA", data: bool = True,
+                  block_chunks: int = 4):
+    """read_member in row blocks of the VisPartition vp (io.vis(part)): bounded memory."""
+    for vis in vp.blocks(column=column, field_ids=eb_field_ids(part, fields), data=data, block_chunks=block_chunks):
+        io.visibilities += vis.data.size
+        yield _as_first_ebs(vis, part)
+
+
+def _as_first_ebs(vis: msio.Vis, part: dict) -> msio.Vis:
+    """An MOUS member's rows with the first EB's field ids and scans unique across EBs."""
     if "field_map" in part:
         fmap = {int(k): v for k, v in part["field_map"].items()}
         vis.field_id = np.array([fmap.get(int(f), -1) for f in vis.field_id], int) if len(vis.field_id) else vis.field_id
         vis.scan = vis.scan + 100000 * int(part.get("eb", 0))
-    io.visibilities += vis.data.size
-    return vp, vis
+    return vis
 
 
 def read_group(io: StageIO, group, fields=None, column: str = "DATA", chan: slice | None = None,
@@ -82,48 +96,45 @@ def as_group(parts: list) -> dict:
 
 # ------------------------------------------------------------------ fluxconsistency
 
-def flux_consistency(ebs: list, phase_names: set, tolerance: float = 0.03, nsigma: float = 3.0) -> dict:
-    """Per EB, its phase calibrators' fluxes (fluxscale) against the MOUS's weighted mean
-    per field and spw: the ratios, one scale per EB (the weighted mean of its ratios: a
-    flux-scale error is the same in every spw), and which EBs disagree with the EBs'
-    median scale by more than nsigma of their errors and more than `tolerance`. ALMA's Cycle 4 pipeline lists the
-    absence of this check as a known limitation."""
-    rows = [dict(r, eb=e["ms_name"]) for e in ebs for r in e.get("fluxscale", []) if r["field"] in phase_names]
-    keys = sorted({(r["field"], r["spw"]) for r in rows}, key=str)
-    table, per_eb = [], {e["ms_name"]: [] for e in ebs}
-    for field, spw in keys:
-        mine = [r for r in rows if r["field"] == field and r["spw"] == spw]
-        if len(mine) < 2:
-            continue
-        f = np.array([r["flux_jy"] for r in mine])
-        s = np.array([max(r.get("flux_err_jy") or 0.0, 1e-6 * abs(r["flux_jy"])) for r in mine])
-        mean = float(np.sum(f / s ** 2) / np.sum(s ** -2))
-        for r, fi, si in zip(mine, f, s):
-            ratio = float(fi / mean)
-            table.append({"eb": r["eb"], "field": field, "spw": spw, "flux_jy": float(fi), "flux_err_jy": float(si),
-                          "mean_jy": mean, "ratio": ratio})
-            per_eb[r["eb"]].append((ratio, si / mean))
-    scales, outliers = {}, []
-    for eb, vals in per_eb.items():
-        if not vals:
-            continue
-        r = np.array([v[0] for v in vals])
-        w = np.array([v[1] for v in vals]) ** -2.0
-        ratio = float(np.sum(r * w) / np.sum(w))
-        err = float(np.sum(w) ** -0.5)
-        scales[eb] = {"ratio": ratio, "ratio_err": err, "factor": 1.0 / ratio}
-    # an EB disagrees with the others' median: one wrong EB of three pulls the mean a
-    # third of its way, the median not at all
-    median = float(np.median([s["ratio"] for s in scales.values()])) if scales else 1.0
-    for eb, s in scales.items():
-        s["ratio_to_median"] = s["ratio"] / median
-        off = abs(s["ratio_to_median"] - 1)
-        if off > tolerance and off > nsigma * s["ratio_err"]:
-            outliers.append(eb)
-    return {"table": table, "ebs": scales, "outliers": outliers, "tolerance": tolerance, "nsigma": nsigma}
+
+@metric("fluxconsistency.compared", "whether the EBs' flux scales could be compared (a phase calibrator's flux "
+        "measured in two or more EBs): 0.8 when not")
+def not_compared() -> Score:
+    return Score(0.8, "No phase calibrator flux measured in two or more EBs: flux scales not compared.")
 
 
-@stage("fluxconsistency", service="calibrator", topic="Calibration",
+@metric("fluxconsistency.eb_outliers", "EBs whose flux scale is beyond nsigma and tolerance from the EBs' median: "
+        "0.6 each")
+def eb_outliers(res: dict) -> list:
+    """res: flux_consistency's result."""
+    return [Score(0.6, f"EB {eb}: flux scale {res['ebs'][eb]['ratio_to_median'] - 1:+.1%} from the EBs' median "
+                       f"(beyond {res['nsigma']:g} sigma and {res['tolerance']:.0%}); check its flux calibrator's "
+                       f"model.") for eb in res["outliers"]]
+
+
+def fluxconsistency_tables(ctx: dict) -> list:
+    fc = ctx.get("flux_consistency") or {}
+    if not fc.get("ebs"):
+        return []
+    return [{"title": "Flux scale of each EB (phase calibrators against the MOUS's weighted mean)",
+             "header": ["EB", "Ratio", "Error", "Factor applied", "Disagrees"],
+             "rows": [[eb, f"{s['ratio']:.4f}", f"{s['ratio_err']:.4f}",
+                       f"{s['factor']:.4f}" if fc.get("equalized") else "-", "yes" if eb in fc["outliers"] else ""]
+                      for eb, s in fc["ebs"].items()]},
+            {"title": "Per field and spw", "header": ["EB", "Field", "spw", "Flux (Jy)", "Error (Jy)",
+                                                      "Mean (Jy)", "Ratio"],
+             "rows": [[r["eb"], r["field"], r["spw"], f"{r['flux_jy']:.4f}", f"{r['flux_err_jy']:.4f}",
+                       f"{r['mean_jy']:.4f}", f"{r['ratio']:.4f}"] for r in fc["table"]]}]
+
+
+def fluxconsistency_outliers(ctx: dict, link) -> list:
+    """Home's triage: each EB whose flux scale disagrees with the others'."""
+    return [{"what": f"EB {eb}", "why": "flux scale disagrees with the other EBs'", "href": link("fluxconsistency"),
+             "also": ""} for eb in (ctx.get("flux_consistency") or {}).get("outliers", [])]
+
+
+@stage("fluxconsistency", service="calibrator", topic="Calibration", qa=(not_compared, eb_outliers),
+       tables=fluxconsistency_tables, outliers=fluxconsistency_outliers,
        reads=("ebs", "fields", "target_partitions"), writes=("flux_consistency", "target_partitions"), params=(
            Param("tolerance", float, 0.03, "EB flux scales within this fraction agree", min=0.0),
            Param("nsigma", float, 3.0, "and beyond this many sigmas disagree", min=0.0),
@@ -140,16 +151,13 @@ def fluxconsistency(ctx: dict, params: dict, io: StageIO) -> QA:
     phase = {field_name(ctx, f) for f in field_ids_with(ctx, "PHASE")}
     res = flux_consistency(ebs, phase, float(params["tolerance"]), float(params["nsigma"]))
     if not res["ebs"]:
-        qa.lower(0.8, "No phase calibrator flux measured in two or more EBs: flux scales not compared.")
+        qa.add(not_compared())
         ctx["flux_consistency"] = res
         return qa
     for eb, s in res["ebs"].items():
         io.log("EB %s: flux scale %.4f +- %.4f of the MOUS mean", eb, s["ratio"], s["ratio_err"])
         qa.note(f"EB {eb}: phase calibrator fluxes at {s['ratio']:.3f} ± {s['ratio_err']:.3f} of the weighted mean.")
-    for eb in res["outliers"]:
-        s = res["ebs"][eb]
-        qa.lower(0.6, f"EB {eb}: flux scale {s['ratio_to_median'] - 1:+.1%} from the EBs' median (beyond "
-                      f"{res['nsigma']:g} sigma and {res['tolerance']:.0%}); check its flux calibrator's model.")
+    qa.add(eb_outliers(res))
     if params["equalize"]:
         res["equalized"] = True
         new = []

@@ -6,165 +6,45 @@ reason, as hifa_flagdata does.
 """
 from __future__ import annotations
 
-import shlex
-
 import numpy as np
 
-from .base import QA, Param, StageError, StageIO, stage
+from .base import QA, Param, Score, StageIO, metric, stage
 from ..heuristics.callibrary import calibrator_ids
 from ..heuristics.channels import spike_channels
-from ..imaging.uvcontsub import parse_channels
+from ..heuristics.flagging import parse_template, shadow_mask, template_mask
 from ..msio import ms as msio
 from ..msio.listobs import intents_of_modes
-
-TEMPLATE_KEYS = {"mode", "antenna", "spw", "field", "scan", "correlation", "reason", "autocorr", "timerange"}
-
-
-def shadow_mask(time, ant1, ant2, uvw, diameters: np.ndarray) -> np.ndarray:
-    """Rows (nrow,) in which either antenna is shadowed by another at that time.
-
-    For a baseline with projected length < (D1 + D2) / 2, the antenna farther
-    from the source is shadowed. UVW is the projection of x1 - x2 (CASA's MS),
-    so w > 0 means antenna 1 is nearer the source and antenna 2 is behind.
-    """
-    cross = ant1 != ant2
-    proj = np.hypot(uvw[:, 0], uvw[:, 1])
-    close = cross & (proj < 0.5 * (diameters[ant1] + diameters[ant2]))
-    shadowed = {(time[r], int(ant2[r] if uvw[r, 2] > 0 else ant1[r])) for r in np.flatnonzero(close)}
-    if not shadowed:
-        return np.zeros(len(time), bool)
-    times = time.tolist()
-
-    def hit(ants):
-        return np.fromiter(((t, a) in shadowed for t, a in zip(times, ants.tolist())), bool, len(times))
-    return hit(ant1) | hit(ant2)
+from ..report.flagsummary import flag_summary_tables
 
 
-def parse_template(text: str) -> list:
-    """CASA flagdata list syntax: one command per line, key='value' pairs."""
-    cmds = []
-    for n, line in enumerate(text.splitlines(), 1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        cmd = {}
-        try:
-            tokens = shlex.split(line)
-        except ValueError as exc:
-            raise StageError(f"flag template line {n}: {exc}") from exc
-        for tok in tokens:
-            key, eq, val = tok.partition("=")
-            if not eq:
-                raise StageError(f"flag template line {n}: {tok!r} is not key='value'")
-            if key not in TEMPLATE_KEYS:
-                raise StageError(f"flag template line {n}: unknown key {key!r} (known: {', '.join(sorted(TEMPLATE_KEYS))})")
-            cmd[key] = val
-        if cmd.get("mode", "manual") != "manual":
-            raise StageError(f"flag template line {n}: only mode='manual' is supported, not {cmd['mode']!r}")
-        cmds.append(cmd)
-    return cmds
+@metric("flagdata.flagged_fraction", "the fraction of the data flagged beyond autocorrelations, unused "
+        "intents, band edges, online flags and earlier flags (hifa_flagdata): 1 - fraction above 5%, 0 above 60%",
+        unit="fraction")
+def flagged_fraction(extra: float) -> Score | None:
+    if extra > 0.6:
+        return Score(0.0, f"{extra:.0%} of the data flagged beyond autocorrelations.")
+    if extra > 0.05:
+        return Score(1.0 - extra, f"{extra:.1%} of the data flagged beyond autocorrelations.")
+    return None
 
 
-def template_mask(vis: msio.Vis, cmd: dict, ants: list, fields: list, spw: int) -> np.ndarray:
-    """Flags (nrow, nchan, ncorr) selected by one template command."""
-    nrow, nchan, ncorr = vis.flag.shape
-    rows = np.ones(nrow, bool)
-    chans = np.ones(nchan, bool)
-    corrs = np.ones(ncorr, bool)
-    if "antenna" in cmd:
-        rows &= _antenna_rows(vis, cmd["antenna"], ants)
-    if "field" in cmd:
-        ids = _lookup(cmd["field"], fields, "field")
-        rows &= np.isin(vis.field_id, ids)
-    if "timerange" in cmd and len(vis.time):
-        # rows whose integration overlaps the range (CASA compares the integration's extent)
-        half = 0.5 * vis.interval
-        hit = np.zeros(nrow, bool)
-        for lo, hi in parse_timerange(cmd["timerange"], float(vis.time[0])):
-            hit |= (vis.time + half >= lo) & (vis.time - half <= hi)
-        rows &= hit
-    if "scan" in cmd:
-        scans = [int(s) for part in cmd["scan"].split(",") for s in _range(part)]
-        rows &= np.isin(vis.scan, scans)
-    if cmd.get("autocorr", "").lower() in ("true", "1"):
-        rows &= vis.ant1 == vis.ant2
-    if "spw" in cmd:
-        sel = cmd["spw"]
-        sp, _, ch = sel.partition(":")
-        if sp not in ("", "*") and int(sp) != spw:
-            return np.zeros(vis.flag.shape, bool)
-        if ch:
-            chans = parse_channels(ch, nchan)
-    if "correlation" in cmd:
-        wanted = {c.strip().upper() for c in cmd["correlation"].split(",")}
-        corrs = np.array([c in wanted for c in vis.corr_types])
-    return rows[:, None, None] & chans[None, :, None] & corrs[None, None, :]
+def flagdata_tables(ctx: dict) -> list:
+    """What flagdata flagged by reason, then the flagging summary of the run
+    (per field, spw and antenna after applycal; what each flagging stage flagged)."""
+    if not ctx["flags"].get("flagdata"):
+        return []
+    fr = ctx["flags"]["flagdata"]["fractions"]
+    return [{"title": "Flagged fraction", "header": ["Reason", "Fraction"],
+             "rows": [[k, f"{v:.4f}"] for k, v in fr.items()]}] + flag_summary_tables(ctx)
 
 
-def parse_timerange(spec: str, ref_mjd_s: float) -> list:
-    """CASA timerange 'T0~T1[,T0~T1...]' -> [(start, end)] in MJD seconds (UTC).
-    T is YYYY/MM/DD/hh:mm:ss[.s] or hh:mm:ss[.s] (then on the day of ref_mjd_s)."""
-    from astropy.time import Time
-    day = Time(ref_mjd_s / 86400, format="mjd", scale="utc").iso[:10]
-
-    def one(t: str) -> float:
-        t = t.strip()
-        parts = t.split("/")
-        if len(parts) == 4:
-            iso = f"{parts[0]}-{parts[1]}-{parts[2]}T{parts[3]}"
-        elif len(parts) == 1 and t.count(":") == 2:
-            iso = f"{day}T{t}"
-        else:
-            raise StageError(f"flag command: timerange {spec!r}: {t!r} is not YYYY/MM/DD/hh:mm:ss or hh:mm:ss")
-        try:
-            return float(Time(iso, format="isot", scale="utc").mjd * 86400)
-        except ValueError as exc:
-            raise StageError(f"flag command: timerange {spec!r}: {exc}") from None
-    out = []
-    for item in spec.split(","):
-        lo, sep, hi = item.partition("~")
-        if not sep:
-            raise StageError(f"flag command: timerange {spec!r} needs start~end")
-        out.append((one(lo), one(hi)))
-    return out
+def flagdata_reasons(ctx: dict) -> list:
+    return [f"{k}: {v:.2%} of the data"
+            for k, v in (ctx.get("flags", {}).get("flagdata") or {}).get("fractions", {}).items()]
 
 
-def _range(part: str) -> range:
-    lo, _, hi = part.partition("~")
-    return range(int(lo), int(hi or lo) + 1)
-
-
-def _lookup(spec: str, table: list, what: str) -> list:
-    ids = []
-    for item in spec.split(","):
-        item = item.strip()
-        match = [t["id"] for t in table if t["name"] == item or str(t["id"]) == item or
-                 t.get("station") == item]
-        if not match:
-            raise StageError(f"flag template: no {what} {item!r}")
-        ids += match
-    return ids
-
-
-def _antenna_rows(vis, spec: str, ants: list) -> np.ndarray:
-    rows = np.zeros(len(vis.time), bool)
-    for item in spec.split(";"):
-        # 'DV03&&*' and 'DV03&*' (with or without auto-correlations) mean every
-        # baseline of DV03; autocorrelations are flagged anyway
-        item = item.strip().removesuffix("&&*").removesuffix("&*").removesuffix("&&")
-        if "&" in item:
-            a, b = item.split("&", 1)
-            ia, ib = _lookup(a, ants, "antenna"), _lookup(b, ants, "antenna") if b.strip() else None
-            ra = np.isin(vis.ant1, ia) | np.isin(vis.ant2, ia)
-            rows |= ra if ib is None else ((np.isin(vis.ant1, ia) & np.isin(vis.ant2, ib)) |
-                                           (np.isin(vis.ant2, ia) & np.isin(vis.ant1, ib)))
-        else:
-            ia = _lookup(item, ants, "antenna")
-            rows |= np.isin(vis.ant1, ia) | np.isin(vis.ant2, ia)
-    return rows
-
-
-@stage("flagdata", service="calibrator", topic="Flagging",
+@stage("flagdata", service="calibrator", topic="Flagging", qa=(flagged_fraction,), tables=flagdata_tables,
+       flag_reasons=flagdata_reasons,
        reads=("user", "observation", "fields", "partitions", "flags"), writes=("partitions", "flags"), params=(
            Param("template", str, "", "flag commands (CASA flagdata syntax); empty: the run's flag template"),
            Param("online", bool, True, "apply the online flags (FLAG_CMD)"),
@@ -245,10 +125,7 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
         io.log("flagged fraction %s: %.4f", k, v)
     # As hifa_flagdata: the score falls with the fraction flagged beyond autocorrelations.
     extra = frac["total"] - frac["autocorr"] - frac["intents"] - frac["edges"] - frac["before"] - frac["online"]
-    if extra > 0.6:
-        qa.lower(0.0, f"{extra:.0%} of the data flagged beyond autocorrelations.")
-    elif extra > 0.05:
-        qa.lower(1.0 - extra, f"{extra:.1%} of the data flagged beyond autocorrelations.")
+    qa.add(flagged_fraction(extra))
     qa.note(f"Flagged in total {frac['total']:.1%} (autocorrelations {frac['autocorr']:.1%}, intents not used "
             f"for calibration {frac['intents']:.1%}, band edges {frac['edges']:.1%}, zeros {frac['zeros']:.2%}, "
             f"shadowing {frac['shadow']:.2%}, online flags {frac['online']:.2%} ({len(online)} commands), "
@@ -271,7 +148,28 @@ def outlier_channels(wsum: np.ndarray, w: np.ndarray, nsigma: float = 8.0) -> np
     return spike_channels(spec, w > 0, nsigma)
 
 
-@stage("rawflagchans", service="calibrator", topic="Flagging",
+@metric("rawflagchans.channel_fraction", "the channels flagged as outliers, as a fraction of the science "
+        "spws' channels: 0.6 above 10%", unit="fraction")
+def flagged_channels(nflag: int, total: int) -> Score | None:
+    if nflag > 0.1 * max(total, 1):
+        return Score(0.6, f"{nflag} channels flagged as outliers: more than 10% of the band.")
+    return None
+
+
+def rawflagchans_outliers(ctx: dict, link) -> list:
+    """Home's triage: each spw with outlier channels flagged."""
+    return [{"what": f"spw {spw}", "why": f"{len(ch)} outlier channel(s) flagged (rawflagchans)",
+             "href": link("rawflagchans"), "also": ""}
+            for spw, ch in (ctx.get("flags", {}).get("rawflagchans") or {}).items()]
+
+
+def rawflagchans_reasons(ctx: dict) -> list:
+    return [f"spw {spw}: channels {', '.join(map(str, ch))} stand out in the raw spectra"
+            for spw, ch in (ctx.get("flags", {}).get("rawflagchans") or {}).items()]
+
+
+@stage("rawflagchans", service="calibrator", topic="Flagging", qa=(flagged_channels,),
+       outliers=rawflagchans_outliers, flag_reasons=rawflagchans_reasons,
        reads=("fields", "observation", "partitions", "flags"), writes=("partitions", "flags"), params=(
            Param("nsigma", float, 8.0, "robust sigmas of a spiking channel", min=0.0),))
 def rawflagchans(ctx: dict, params: dict, io: StageIO) -> QA:
@@ -300,6 +198,5 @@ def rawflagchans(ctx: dict, params: dict, io: StageIO) -> QA:
         qa.note("No outlier channels.")
     nflag = sum(len(v) for v in found.values())
     total = sum(s["nchan"] for s in ctx["observation"]["spws"] if any(p["spw"] == s["id"] for p in ctx["partitions"]))
-    if nflag > 0.1 * max(total, 1):
-        qa.lower(0.6, f"{nflag} channels flagged as outliers: more than 10% of the band.")
+    qa.add(flagged_channels(nflag, total))
     return qa

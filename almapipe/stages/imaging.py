@@ -8,14 +8,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from astropy.stats import mad_std  # noqa: E402
 
-from .base import (QA, Param, StageError, StageIO, field_ids_with, field_name, require_intent, spw_info,  # noqa: E402
-                   stage, with_defaults)
-from .ebs import as_group, eb_field_ids, read_group, read_member, spw_groups, view_name  # noqa: E402
+from .base import (QA, Param, Score, StageError, StageIO, field_ids_with, field_name, metric,  # noqa: E402
+                   require_intent, spw_info, stage, with_defaults)
+from .ebs import as_group, eb_field_ids, member_blocks, read_group, spw_groups, view_name  # noqa: E402
 from ..heuristics.callibrary import calibrator_ids  # noqa: E402
-from ..heuristics.robust import robust_rms, robust_sigma  # noqa: E402
+from ..heuristics.imaging import dr_correction, image_heuristics, uv_heuristics  # noqa: E402
+from ..heuristics.robust import robust_rms  # noqa: E402
 from ..imaging import gridding  # noqa: E402
+from ..imaging.findcont import CubeGeometry, continuum_from_spectra  # noqa: E402
 from ..imaging.frames import channel_shifts, lsrk_factor, lsrk_factors, max_drift_channels  # noqa: E402
 from ..imaging.imager import (ImageSpec, Planes, TaylorPlanes, aggregate_samples, clean_planes,  # noqa: E402
                               clean_taylor, join_planes, restore_planes, restore_taylor_planes, stokes_i)
@@ -24,7 +25,7 @@ from ..imaging.kernels import shift_spectra  # noqa: E402
 from ..imaging.mosaic import make_mosaic  # noqa: E402
 from ..imaging.samples import (MedianSketch, clean_mfs, read_aggregate_samples, read_binned_stokes_i,  # noqa: E402
                                 reference_frequency, uv_distances)
-from ..imaging.products import (image_header, mosaic_noise_factor, obs_info, pb_fwhm,  # noqa: E402
+from ..imaging.products import (image_header, mosaic_noise_factor, obs_info,  # noqa: E402
                                 pipeline_version, write_fits)
 from ..imaging.uvcontsub import format_channels, parse_channels, subtract_continuum  # noqa: E402
 from ..msio import ms as msio  # noqa: E402
@@ -93,67 +94,6 @@ def split(ctx: dict, params: dict, io: StageIO) -> QA:
 
 
 # ------------------------------------------------------------------ findcont + uvcontsub
-
-def line_spectrum(vis: msio.Vis, npix: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(per-channel peak SNR of the continuum-free dirty cube, channels with data).
-
-    A coarse dirty cube (a few pixels per beam, covering the inner primary beam)
-    is made; each pixel's median over channels (its continuum) is subtracted, and
-    the peak of what is left in each channel is the spectrum in which line
-    emission stands out wherever in the field it is (as ALMA's findcont works on
-    the dirty cube rather than on visibilities). Every channel is gridded at one
-    reference frequency, so all have the same PSF: with each channel's own, a bright
-    source's sidelobes move across the band and what the median leaves looks like
-    line emission. (Positions scale by f / f_ref instead, a small fraction of a
-    coarse pixel near the centre of a spw a few percent wide.)"""
-    nchan = len(vis.freq)
-    cross = vis.ant1 != vis.ant2
-    uvmax = np.percentile(np.hypot(vis.uvw[cross, 0], vis.uvw[cross, 1]), 95) * vis.freq.max() / 299792458.0
-    cell = 1.0 / max(uvmax, 1e-9) / 3.0                      # radians: ~3 pixels per beam
-    si = stokes_i(vis, np.arange(nchan))
-    uvw, data, w = si.uvw, si.data, si.weight
-    has_data = w.sum(axis=0) > 0
-    f_ref = np.array([vis.freq[has_data].mean() if has_data.any() else vis.freq.mean()])
-    cube = np.zeros((nchan, npix, npix))
-    for c in np.flatnonzero(has_data):
-        cube[c] = gridding.dirty(uvw, f_ref, data[:, c:c + 1], w[:, c:c + 1], npix, cell)
-    cont = np.median(cube[has_data], axis=0)
-    resid = (cube - cont[None]).reshape(nchan, -1)
-    # peak signal-to-noise per channel: channels are noisier where the bandpass rolls off
-    rms = mad_std(resid, axis=1)
-    spec = resid.max(axis=1) / np.where(rms > 0, rms, np.inf)
-    return np.where(has_data, spec, 0.0), has_data
-
-
-def find_continuum(vis: msio.Vis, edge_frac: float = 0.05, nsigma: float = 5.0,
-                   min_peak_snr: float = 6.0) -> np.ndarray:
-    """Line-free channels: those whose continuum-free dirty-cube peak SNR (line_spectrum)
-    is neither nsigma above the quiet channels' level nor above min_peak_snr (noise
-    peaks in the coarse cube reach ~4), with line channels grown by two; the band
-    edges and flagged channels are left out. A mosaic's pointings are looked at one
-    by one (each is phased to its own centre), a channel's SNR the highest of them."""
-    nchan = len(vis.freq)
-    fields = np.unique(vis.field_id)
-    spectra = [line_spectrum(vis)] if len(fields) < 2 else \
-        [line_spectrum(vis.select(vis.field_id == f)) for f in fields]
-    spec = np.max([sp for sp, _ in spectra], axis=0)
-    has_data = np.any([h for _, h in spectra], axis=0)
-    edge = max(1, int(round(edge_frac * nchan)))
-    inner = has_data.copy()
-    inner[:edge] = inner[nchan - edge:] = False
-    if inner.sum() < 3:
-        return inner
-    # the baseline from the quietest 30 % of the channels: a line may cover most of
-    # the band (NGC 5921's HI covers 60 %), so the median can sit on the line
-    vals = np.sort(spec[inner])
-    low = vals[:max(3, int(0.3 * len(vals)))]
-    centre = np.median(low)
-    sigma = robust_sigma(low) or 1e-12
-    threshold = max(centre + nsigma * sigma, min_peak_snr)
-    line = (spec > threshold) & has_data
-    line = np.convolve(line, np.ones(5), "same") > 0          # grown by two channels each side
-    return inner & ~line
-
 
 def cont_dat_text(entries: list) -> str:
     """ALMA cont.dat: per field and spw, frequency ranges in GHz with the frame."""
@@ -240,14 +180,16 @@ def _ranges_ghz(freq: np.ndarray, mask: np.ndarray) -> list:
     return [(float(freq[r].min() / 1e9), float(freq[r].max() / 1e9)) for r in runs]
 
 
-def continuum_channels(ctx: dict, params: dict, user: dict, vis: msio.Vis, spw: int, fids: list) -> tuple:
+def continuum_channels(ctx: dict, params: dict, user: dict, freq: np.ndarray, times: np.ndarray, spw: int,
+                       fids: list, findcont) -> tuple:
     """The continuum channels of one target (its fields fids; several: a mosaic) in one
     spw, and where they come from: a user's cont.dat (read in LSRK), the recipe's
-    fitspw, or findcont. Returns (mask, frame, channel frequencies in the frame, origin)."""
-    nchan = len(vis.freq)
+    fitspw, or findcont() (the line-free channels of its coarse dirty cube). Returns
+    (mask, frame, channel frequencies in the frame, origin)."""
+    nchan = len(freq)
     # cont.dat is in LSRK, the data may be TOPO (ALMA's are)
-    factor, frame = lsrk_labels(ctx, spw, fids[0], vis.time)
-    freq = vis.freq * factor
+    factor, frame = lsrk_labels(ctx, spw, fids[0], times)
+    freq = freq * factor
     key = (field_name(ctx, fids[0]), spw)
     if key in user:
         mask = np.zeros(nchan, bool)
@@ -256,14 +198,39 @@ def continuum_channels(ctx: dict, params: dict, user: dict, vis: msio.Vis, spw: 
         return mask, frame, freq, "user cont.dat"
     if params["fitspw"]:
         return parse_channels(params["fitspw"], nchan), frame, freq, "recipe fitspw"
-    return find_continuum(vis), frame, freq, "findcont"
+    return findcont(), frame, freq, "findcont"
 
 
-@stage("uvcontsub", service="imager", topic="Line finding and imaging",
+def uvcontsub_tables(ctx: dict) -> list:
+    """The continuum ranges of each target and spw, as cont.dat has them."""
+    if not ctx.get("continuum"):
+        return []
+    return [{"title": "Continuum ranges (cont.dat)", "evidence": "table-continuum",
+             "header": ["Field", "spw", "Channels", "Ranges (GHz)", "Frame", "From"],
+             "rows": [[e["field"], e["spw"], e["channels"],
+                       "; ".join(f"{a:.6f}~{b:.6f}" for a, b in e["ranges_ghz"]), e.get("frame", ""), e["origin"]]
+                      for e in ctx["continuum"]]}]
+
+
+@metric("uvcontsub.continuum_fraction", "the channels the continuum is fitted on, as a fraction of the spw, per "
+        "target and spw: 0.6 below `min_fraction` (the fit, extrapolated under the lines, is uncertain)",
+        unit="fraction")
+def continuum_fraction(name: str, spw: int, n_cont: int, nchan: int, min_fraction: float) -> Score | None:
+    if n_cont < min_fraction * nchan:
+        return Score(0.6, f"{name} spw {spw}: the continuum is fitted on {n_cont} of {nchan} channels "
+                          f"({n_cont / max(nchan, 1):.0%}, under {min_fraction:.0%}): the subtraction is uncertain.",
+                     evidence="table-continuum")
+    return None
+
+
+@stage("uvcontsub", service="imager", topic="Line finding and imaging", tables=uvcontsub_tables,
+       qa=(continuum_fraction,),
        reads=("user", "fields", "observation", "target_partitions"),
        writes=("continuum", "contsub_partitions", "cont_dat_key"), params=(
            Param("fitspw", str, "", "continuum channels, CASA syntax (0:4~6;50~59); empty: cont.dat, else findcont"),
-           Param("fitorder", int, 0, "polynomial order of the continuum fit", min=0, max=3)))
+           Param("fitorder", int, 0, "polynomial order of the continuum fit", min=0, max=3),
+           Param("min_fraction", float, 0.1, "fewer continuum channels than this fraction of the spw lower the "
+                 "score", min=0.0, max=1.0)))
 def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
     """Fit and subtract the continuum per baseline and time over the line-free channels
     of each target (its own ranges per spw, as cont.dat lists them per field). The
@@ -276,38 +243,53 @@ def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
     order = params["fitorder"]
     entries, out = [], []
     # the EBs of an MOUS together: one set of continuum ranges per target and spw, found
-    # in all their data, and subtracted from each EB's own partition
+    # in all their data, and subtracted from each EB's own partition. Everything is read
+    # in row blocks (bounded memory): the row indices first, then, when findcont is
+    # needed, the flags and uvw for its cube's geometry and the data for its cube, then
+    # the data again to subtract the continuum and write them
     for group in spw_groups(ctx["target_partitions"]):
         # the continuum-subtracted DATA go to a version of the view's VISIBILITY of their
         # own, under the name of the new partition (its other arrays stay the target's)
-        members = [read_member(io, dict(part, name=view_name(part, "contsub"))) for part in group]
-        vis = msio.concat_vis([v for _, v in members]) if len(members) > 1 else members[0][1]
+        members = [(part, io.vis(dict(part, name=view_name(part, "contsub")))) for part in group]
         spw = group[0]["spw"]
-        cont_chans, masks = {}, {}
+        freq = _common_channels(members, spw)
+        targets = []                         # (name, field ids, times) of the targets with rows here
         for fids in target_groups(ctx):
-            rows = np.isin(vis.field_id, fids)
-            if not rows.any():
-                continue
-            name = field_name(ctx, fids[0])
-            target = vis if rows.all() else vis.select(rows)
-            mask, frame, freq, origin = continuum_channels(ctx, params, user, target, spw, fids)
+            times = np.concatenate([vp.index("TIME")[vp.select(eb_field_ids(part, fids))] for part, vp in members])
+            if len(times):
+                targets.append((field_name(ctx, fids[0]), fids, times))
+        cubes = _findcont_cubes(io, members, freq, [fids for name, fids, _ in targets
+                                                     if (name, spw) not in user and not params["fitspw"]])
+        cont_chans, masks = {}, {}
+        for name, fids, times in targets:
+            mask, frame, cfreq, origin = continuum_channels(
+                ctx, params, user, freq, times, spw, fids,
+                lambda fids=fids: continuum_from_spectra([cubes[f].spectrum() for f in fids if f in cubes]))
             if mask.sum() < order + 2:
                 raise StageError(f"uvcontsub: only {mask.sum()} continuum channels for {name} in spw {spw}")
+            qa.add(continuum_fraction(name, spw, int(mask.sum()), len(mask), params["min_fraction"]))
             masks[name] = (fids, mask)
             chans = format_channels(mask)
             cont_chans[name] = chans
-            entries.append({"field": name, "spw": spw, "frame": frame, "ranges_ghz": _ranges_ghz(freq, mask),
+            entries.append({"field": name, "spw": spw, "frame": frame, "ranges_ghz": _ranges_ghz(cfreq, mask),
                             "channels": chans, "origin": origin})
             qa.note(f"{name} spw {spw}: continuum channels {chans} ({origin}), fit order {order}"
                     + (f", from {len(group)} EBs." if len(group) > 1 else "."))
-            _plot_spectrum(io, target, mask, spw, name)
-        for part, (vp, mvis) in zip(group, members):
-            for fids, mask in masks.values():
-                rows = np.isin(mvis.field_id, fids)
-                if rows.any():
-                    mvis.data[rows], _ = subtract_continuum(mvis.data[rows], mvis.flag[rows], mask, order)
-            vp.write("DATA", mvis.rows, mvis.data)
+        # the spectrum each target's plot shows: the weighted vector average of its data
+        spectra = {name: [np.zeros(len(freq), complex), np.zeros(len(freq))] for name in masks}
+        for part, vp in members:
+            for blk in member_blocks(io, vp, part):
+                for name, (fids, mask) in masks.items():
+                    rows = np.isin(blk.field_id, fids)
+                    if rows.any():
+                        w = np.where(blk.flag[rows], 0, blk.weight[rows][:, None, :])
+                        spectra[name][0] += (w * blk.data[rows]).sum(axis=(0, 2))
+                        spectra[name][1] += w.sum(axis=(0, 2))
+                        blk.data[rows], _ = subtract_continuum(blk.data[rows], blk.flag[rows], mask, order)
+                vp.write("DATA", blk.rows, blk.data)
             out.append(dict(vp.commit(), cont_chans=cont_chans))
+        for name, (vsum, wsum) in spectra.items():
+            _plot_spectrum(io, np.abs(vsum / np.maximum(wsum, 1e-30)), masks[name][1], spw, name)
     text = cont_dat_text(entries)
     ctx["cont_dat_key"] = io.put_bytes(text.encode(), "cont.dat", "text/plain")["key"]
     ctx["continuum"] = entries
@@ -315,9 +297,39 @@ def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
     return qa
 
 
-def _plot_spectrum(io, vis, mask, spw, field):
-    w = np.where(vis.flag, 0, vis.weight[:, None, :])
-    spec = np.abs((w * vis.data).sum(axis=(0, 2)) / np.maximum(w.sum(axis=(0, 2)), 1e-30))
+def _common_channels(members: list, spw: int) -> np.ndarray:
+    """The channel frequencies of a spw's partitions from the EBs of an MOUS, which must
+    agree to a small fraction of a channel (msio.concat_vis's rule)."""
+    f0 = members[0][1].freq
+    for _, vp in members[1:]:
+        f = vp.freq
+        if len(f) != len(f0) or np.max(np.abs(f - f0)) > 0.5 * abs(f0[1] - f0[0] if len(f0) > 1 else 1.0):
+            raise StageError(f"spw {spw}: the execution blocks' channels differ ({len(f0)} from "
+                             f"{f0[0] / 1e9:.6f} GHz vs {len(f)} from {f[0] / 1e9:.6f} GHz)")
+    return f0
+
+
+def _findcont_cubes(io: StageIO, members: list, freq: np.ndarray, targets: list) -> dict:
+    """findcont's coarse dirty cube of each pointing (field id) of the given targets
+    (lists of field ids), summed over row blocks of every EB's partition: the geometry
+    from flags and uvw first, then the data."""
+    fids = sorted({int(f) for t in targets for f in t})
+    if not fids:
+        return {}
+    geometry = {f: CubeGeometry(len(freq)) for f in fids}
+    for part, vp in members:
+        for blk in member_blocks(io, vp, part, fields=fids, data=False):
+            for f in np.unique(blk.field_id):
+                geometry[int(f)].add(blk.select(blk.field_id == f))
+    cubes = {f: g.cube(freq) for f, g in geometry.items()}
+    for part, vp in members:
+        for blk in member_blocks(io, vp, part, fields=fids):
+            for f in np.unique(blk.field_id):
+                cubes[int(f)].add(blk.select(blk.field_id == f))
+    return cubes
+
+
+def _plot_spectrum(io, spec, mask, spw, field):
     fig, ax = plt.subplots(figsize=(8, 3.5))
     ch = np.arange(len(spec))
     ax.plot(ch, spec, "k-", lw=1)
@@ -330,57 +342,6 @@ def _plot_spectrum(io, vis, mask, spw, field):
 
 
 # ------------------------------------------------------------------ makeimages
-
-def image_heuristics(vis: msio.Vis, dish_m: float, telescope: str, chans: np.ndarray,
-                     extent_rad: float = 0.0) -> tuple[float, int]:
-    """(cell arcsec, npix): 5 pixels across the beam, image covering the primary
-    beam down to 0.2 of its peak, rounded up to a fast FFT size (hif_makeimlist).
-    A mosaic's image covers every pointing's beam to 0.2: extent_rad is its
-    pointings' largest distance from the image centre."""
-    cross = (vis.ant1 != vis.ant2) & ~vis.flag[:, chans].all(axis=(1, 2))
-    return uv_heuristics(np.hypot(vis.uvw[cross, 0], vis.uvw[cross, 1]), vis.freq[chans], dish_m, telescope,
-                         extent_rad)
-
-
-def uv_heuristics(uvdist_m: np.ndarray, freq: np.ndarray, dish_m: float, telescope: str,
-                  extent_rad: float = 0.0) -> tuple[float, int]:
-    """image_heuristics from the uv distances (m) of the cross-correlation rows with
-    data and the frequencies of the channels imaged."""
-    fmax = freq.max()
-    uvmax = np.percentile(uvdist_m, 95) * fmax / 299792458.0
-    beam_arcsec = np.degrees(1.0 / max(uvmax, 1e-9)) * 3600 * 1.0
-    cell = float(np.round(beam_arcsec / 5.0, 3 if beam_arcsec < 1 else 2))
-    fwhm = pb_fwhm(freq.min(), dish_m, telescope)
-    radius = fwhm * np.sqrt(np.log(5.0) / (4 * np.log(2)))   # where a Gaussian beam falls to 0.2
-    npix = gridding.good_size(int(np.ceil(2 * np.degrees(radius + extent_rad) * 3600 / cell)))
-    return cell, npix
-
-
-def dr_correction(theoretical_rms: float, dirty_peak: float, calibrator: bool, dish_m: float,
-                  tlimit: float = 2.0) -> tuple[float, float]:
-    """The cleaning threshold from the theoretical noise, raised for dynamic range
-    as the ALMA pipeline does (hif_makeimages' DR heuristic). Returns (threshold in
-    Jy/beam, correction factor).
-
-    The dirty dynamic range is dirty peak / theoretical rms. Targets (12 m): up to
-    20 the threshold is tlimit x rms; above, x1.5 (20-50), x2 (50-100), x2.5 (100-150);
-    beyond 150 at least the dirty peak / 150 (times tlimit). For 7 m dishes the steps
-    are 4, 10, 20 and the limit 30. Calibrators are dynamic-range limited: at least
-    dirty peak / 1000 (200 for 7 m), times tlimit."""
-    base = tlimit * theoretical_rms
-    if base <= 0:
-        return 0.0, 1.0
-    dr = dirty_peak / theoretical_rms
-    aca = dish_m < 10.0
-    if calibrator:
-        new = max(base, dirty_peak / (200.0 if aca else 1000.0) * tlimit)
-    else:
-        steps, max_edr = ((4.0, 10.0, 20.0), 30.0) if aca else ((20.0, 50.0, 100.0), 150.0)
-        if dr > max_edr:
-            new = max(2.5 * base, dirty_peak / max_edr * tlimit)
-        else:
-            new = base * (1.0 if dr <= steps[0] else 1.5 if dr <= steps[1] else 2.0 if dr <= steps[2] else 2.5)
-    return new, new / base
 
 
 def _stats(res, spec: ImageSpec, cont_mask: np.ndarray | None, specmode: str,
@@ -900,7 +861,10 @@ class ImageJob:
                    ("pb", np.repeat(res.pb[None], len(res.freqs), 0), ""),
                    ("mask", res.clean_mask.astype(np.float32) if res.clean_mask is not None
                     else np.repeat(res.mask[None].astype(np.float32), len(res.freqs), 0), ""),
-                   ("residual", res.residual, "Jy/beam"))
+                   ("residual", res.residual, "Jy/beam"),
+                   # as tclean writes them: the PSF (a cube's per plane, peak 1) and the clean
+                   # components, so the WebLog can show what was deconvolved with what
+                   ("psf", res.psf, ""), ("model", res.model, "Jy/pixel"))
         if taylor is not None:
             outputs = _taylor_outputs(outputs, taylor)
         for suffix, planes_, unit in outputs:
@@ -939,10 +903,7 @@ class ImageJob:
             rec["peak_channel"] = int(np.flatnonzero(self.chans)[stats["peak_plane"]])
             rec["spectrum_png"] = _cube_spectrum(io, res, base, np.flatnonzero(self.chans), peak_ok)
         rec["qa_score"] = _image_qa(rec)
-        if rec["qa_score"] < 0.9:
-            qa.lower(rec["qa_score"], f"{rec['file']}: rms {stats['rms'] * 1e3:.2f} mJy/beam"
-                     + (f" vs theoretical {theo * 1e3:.2f}" if theo else "") + ".",
-                     metric="makeimages.rms" if theo else "makeimages.dynamic_range", evidence=f"{base}.png")
+        qa.add((image_rms if theo else image_dynamic_range)(rec, f"{base}.png"))
         io.log("%s: peak %.4f Jy/beam, rms %.5f Jy/beam, beam %s", rec["file"], stats["peak"], stats["rms"],
                rec["beam_arcsec"])
         return rec
@@ -950,11 +911,14 @@ class ImageJob:
 
 def _taylor_outputs(single: tuple, taylor) -> tuple:
     """The FITS products of a multi-term image, named as ALMA names them: the single-term
-    products of tt0 with .tt0 (image as .tt0, .tt0.pbcor, .pb.tt0, .residual.tt0; the
-    mask as it is), then .tt1, .residual.tt1, .alpha and .alpha.error."""
-    names = {"image": "tt0", "pbcor": "tt0.pbcor", "pb": "pb.tt0", "mask": "mask", "residual": "residual.tt0"}
+    products of tt0 with .tt0 (image as .tt0, .tt0.pbcor, .pb.tt0, .residual.tt0, .psf.tt0,
+    .model.tt0; the mask as it is), then .tt1, .residual.tt1, .model.tt1, .alpha and
+    .alpha.error."""
+    names = {"image": "tt0", "pbcor": "tt0.pbcor", "pb": "pb.tt0", "mask": "mask", "residual": "residual.tt0",
+             "psf": "psf.tt0", "model": "model.tt0"}
     out = [(names[s], planes, unit) for s, planes, unit in single]
     out += [("tt1", taylor.tt[1:2], "Jy/beam"), ("residual.tt1", taylor.residual[1:2], "Jy/beam"),
+            ("model.tt1", taylor.model[1:2], "Jy/pixel"),
             ("alpha", taylor.alpha[None], ""), ("alpha.error", taylor.alpha_error[None], "")]
     return tuple(out)
 
@@ -1040,6 +1004,44 @@ def _cube_pieces(io: StageIO, job: tuple) -> int:
     return cube_piece_count(nrow, int(sel.sum()), int(group["ncorr"]))
 
 
+def _image_score(rec: dict, evidence: str) -> Score | None:
+    """An image record's score (_image_qa, rec["qa_score"]) when below 0.9, with its rms."""
+    if rec["qa_score"] < 0.9:
+        theo = rec.get("theoretical_rms_jy_per_beam")
+        return Score(rec["qa_score"], f"{rec['file']}: rms {rec['rms_jy_per_beam'] * 1e3:.2f} mJy/beam"
+                     + (f" vs theoretical {theo * 1e3:.2f}" if theo else "") + ".", evidence=evidence)
+    return None
+
+
+image_rms = metric("makeimages.rms", "an image with a theoretical rms, by _image_qa: a target's or check source's "
+                   "measured rms over the theoretical rms times the DR correction, 1 - 0.5 (ratio - 1.2); a "
+                   "calibrator's dynamic range as makeimages.dynamic_range; below 0.9 named")(_image_score)
+image_dynamic_range = metric("makeimages.dynamic_range", "an image without a theoretical rms: its peak over its "
+                             "rms, 1.0 above 100, 0.8 above 20, else 0.5 (_image_qa); below 0.9 named")(_image_score)
+
+
+@metric("makeimages.not_imaged", "images not made (all their data flagged, larger than max_imsize; a field without "
+        "data in a spw excepted): 0.5 each")
+def not_imaged(label: str, why: str) -> Score | None:
+    if why and why != "no data":
+        return Score(0.5, f"{label}: {why}; not imaged.")
+    return None
+
+
+def makeimages_tables(ctx: dict) -> list:
+    if not ctx.get("images"):
+        return []
+    return [{"title": "Images", "header": ["File", "Mode", "Beam (\")", "Peak (mJy/beam)", "rms (mJy/beam)",
+                                           "Theoretical rms", "Dirty DR", "DR correction", "QA"],
+             "rows": [[i["file"], i["specmode"] + (" (aggregate)" if i.get("aggregate") else "")
+                       + (f", mosaic of {i['pointings']} pointings" if i.get("pointings", 1) > 1 else ""),
+                       "{:.1f} x {:.1f} @ {:.0f}".format(*i["beam_arcsec"]),
+                       f"{i['peak_jy_per_beam'] * 1e3:.2f}", f"{i['rms_jy_per_beam'] * 1e3:.3f}",
+                       f"{i['theoretical_rms_jy_per_beam'] * 1e3:.3f}" if i.get("theoretical_rms_jy_per_beam") else "",
+                       f"{i['dirty_dynamic_range']:.0f}" if i.get("dirty_dynamic_range") else "",
+                       f"{i.get('dr_correction', 1.0):.2f}", f"{i['qa_score']:.2f}"] for i in ctx["images"]]}]
+
+
 def chunk_masks(chans: np.ndarray, n: int) -> list:
     """n channel masks splitting the selected channels into contiguous, nearly equal ranges."""
     idx = np.flatnonzero(chans)
@@ -1052,6 +1054,7 @@ def chunk_masks(chans: np.ndarray, n: int) -> list:
 
 
 @stage("makeimages", service="imager", topic="Line finding and imaging", reads=IMAGING_READS,
+       qa=(not_imaged, image_rms, image_dynamic_range), tables=makeimages_tables,
        writes=("images", "fanout"), params=MAKEIMAGES_PARAMS)
 def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
     """Per-spw mfs images of the calibrators, the target's continuum (per spw and
@@ -1077,8 +1080,7 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
         im = ImageJob(ctx, io, job, theoretical, heuristics_only=nchunks > 1)
         why = im.prepare()
         if why:
-            if why != "no data":
-                qa.lower(0.5, f"{im.label()}: {why}; not imaged.")
+            qa.add(not_imaged(im.label(), why))
             continue
         if nchunks > 1:
             # the heuristics (image size, cell, theoretical noise) from the whole spw, once:
@@ -1143,6 +1145,7 @@ def imagecube_chunk(ctx: dict, params: dict, io: StageIO) -> QA:
 
 
 @stage("joincube", service="imager", topic="Line finding and imaging", reads=IMAGING_READS + ("images",),
+       qa=(image_rms, image_dynamic_range),
        writes=("images",), params=MAKEIMAGES_PARAMS + (
            Param("pieces", list, None, "the keys of the pieces' results", internal=True),))
 def joincube(ctx: dict, params: dict, io: StageIO) -> QA:

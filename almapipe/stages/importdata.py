@@ -7,7 +7,7 @@ import shutil
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 
-from .base import QA, Param, StageError, StageIO, stage
+from .base import QA, Param, Score, StageError, StageIO, metric, stage
 from .. import limits
 from ..msio import listobs, ms as msio, storeio, uvfits
 
@@ -125,7 +125,25 @@ def _ingest(io: StageIO, ms_path: str, basename: str, spws: list) -> list:
     return entries
 
 
+@metric("importdata.field_roles", "whether the field roles came from the data's scan intents: 0.8 when they "
+        "were inferred (calibrator names, scan pattern)")
+def inferred_roles(roles_from: str) -> Score | None:
+    if roles_from.startswith("heuristic"):
+        return Score(0.8, "No scan intents in the data: field roles were inferred from calibrator names "
+                          "and the scan pattern; check them, or give field_roles.")
+    return None
+
+
+@metric("importdata.intents", "whether some field has each of the intents BANDPASS, PHASE and TARGET: 0.5 when "
+        "one is missing")
+def missing_intents(missing: set) -> Score | None:
+    if missing:
+        return Score(0.5, f"No field with intent(s) {', '.join(sorted(missing))}.")
+    return None
+
+
 @stage("importdata", service="importer", topic="Data set", reads=("input_key", "user"),
+       qa=(inferred_roles, missing_intents),
        writes=("user", "observation", "fields", "partitions", "aux_partitions", "ms_name", "input_format"), params=(
            Param("field_roles", dict, None, "intents by field name ({\"3C286\": \"FLUX,BANDPASS\"}); "
                  "none: the scan intents, else heuristics"),
@@ -186,14 +204,11 @@ def importdata(ctx: dict, params: dict, io: StageIO) -> QA:
     roles_from = fields[0]["roles_from"] if fields else ""
     for f in fields:
         io.log("field %s: %s", f["name"], ",".join(f["intents"]) or "no intent")
-    if roles_from.startswith("heuristic"):
-        qa.lower(0.8, "No scan intents in the data: field roles were inferred from calibrator names "
-                      "and the scan pattern; check them, or give field_roles.")
-    else:
+    qa.add(inferred_roles(roles_from))
+    if not roles_from.startswith("heuristic"):
         qa.note(f"Field roles from the {roles_from}.")
     missing = {"BANDPASS", "PHASE", "TARGET"} - {i for f in fields for i in f["intents"]}
-    if missing:
-        qa.lower(0.5, f"No field with intent(s) {', '.join(sorted(missing))}.")
+    qa.add(missing_intents(missing))
     nant_data = sum(a["has_data"] for a in obs["antennas"])
     qa.note(f"{fmt}: {obs['nrows']} rows, {len(obs['scans'])} scans, {len(obs['fields'])} fields, "
             f"{len(obs['spws'])} spw(s), {nant_data} antennas with data.")

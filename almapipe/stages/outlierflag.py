@@ -19,78 +19,70 @@ from __future__ import annotations
 import tempfile
 
 import numpy as np
-from astropy.stats import mad_std
 
-from .base import CAL_READS, QA, SOLINT, Param, StageError, StageIO, field_name, require_intent, stage
-from .calibration import preapply, read_part
+from .base import (CAL_READS, QA, SOLINT, Param, Score, StageError, StageIO, field_name, metric, require_intent,
+                   stage)
+from .calibration import preapply, read_averaged
 from ..heuristics.callibrary import calibrator_ids, field_models, refant_id
-from ..heuristics.robust import robust_centre_sigma
+from ..heuristics.outliers import channel_outliers, gain_outliers, relative_amplitudes, uv_bins
 from ..platform.spill import ChannelSlices
-from .flagging import parse_template, template_mask
+from ..heuristics.flagging import parse_template, template_mask
 from ..calibration.caltable import CalSolutions
-from ..calibration.terms import SolveSpec, point_model, solve_term
-
-
-def _robust(x: np.ndarray, floor: float) -> tuple[float, float]:
-    return robust_centre_sigma(x, floor)
+from ..calibration.terms import SolveSpec, solve_term, unit_model
 
 
 # ------------------------------------------------------------------ gainflag
 
-def gain_outliers(g: CalSolutions, nsigma: float = 4.0, min_factor: float = 2.0,
-                  rms_factor: float = 3.0, nsigma_rms: float = 6.0) -> dict:
-    """Antennas whose gains stand out, with the reason: antenna id -> text.
 
-    Amplitudes are first divided by the array's median at the same time, field and
-    correlation (so a field's model flux and the atmosphere drop out). Per antenna:
-    m = the median of these ratios, r = their rms about m, relative to m. An
-    antenna is an outlier when log m differs from the array's median of log m by more than
-    nsigma robust sigmas (1.4826 MAD) and by more than a factor min_factor (a small
-    array's antennas differ by 10-30 %, which calibration handles), or when r
-    exceeds the array's median r by nsigma_rms sigmas and is rms_factor times it, and is
-    rms_factor times the scatter the solutions' SNR explains (an antenna seeing a weak
-    calibrator at low SNR scatters, and is not broken)."""
-    amp = np.where(g.flag[:, 0, :], np.nan, np.abs(g.cparam[:, 0, :]))       # (nrow, ncorr)
-    rel = np.full_like(amp, np.nan)
-    keys = np.stack([g.time, g.field_id], axis=1)
-    _, slot = np.unique(keys, axis=0, return_inverse=True)
-    slot = slot.ravel()
-    for s in np.unique(slot):
-        r = slot == s
-        with np.errstate(all="ignore"):
-            med = np.nanmedian(amp[r], axis=0)
-        if np.isfinite(med).any():
-            rel[r] = amp[r] / med
-    snr = np.where(g.flag[:, 0, :], np.nan, g.snr[:, 0, :])
-    med_a, rms_a, chi_a = {}, {}, {}
-    for a in np.unique(g.antenna):
-        mine = g.antenna == a
-        ok = np.isfinite(rel[mine]) & np.isfinite(snr[mine]) & (snr[mine] > 0)
-        x, s = rel[mine][ok], snr[mine][ok]
-        if len(x):
-            med_a[int(a)] = float(np.median(x))
-            rms_a[int(a)] = float(np.sqrt(np.mean((x - med_a[int(a)]) ** 2)) / max(med_a[int(a)], 1e-12))
-            # the scatter the solutions' own noise explains: an amplitude of SNR s scatters
-            # by about 1/s; on a weak calibrator that is ten per cent and more per integration
-            chi_a[int(a)] = float(np.sqrt(np.mean(((x - med_a[int(a)]) / max(med_a[int(a)], 1e-12) * s) ** 2)))
-    if len(med_a) < 4:                     # too few antennas to say which is odd
-        return {}
-    out = {}
-    # gains are factors: compared in log, a third and three times are equally odd
-    logs = {a: np.log(max(m, 1e-6)) for a, m in med_a.items()}
-    centre, sigma = _robust(np.array(list(logs.values())), 0.01)
-    for a, lm in logs.items():
-        ratio = float(np.exp(lm - centre))
-        if abs(lm - centre) > nsigma * sigma and abs(lm - centre) > np.log(min_factor):
-            out[a] = f"median gain {ratio:.2f} x the array's"
-    rc, rs = _robust(np.array(list(rms_a.values())), 0.005)
-    for a, r in rms_a.items():
-        if a not in out and r > rc + nsigma_rms * rs and r > rms_factor * rc and chi_a[a] > rms_factor:
-            out[a] = f"gain amplitude scatter {r:.1%} vs the array's {rc:.1%}"
-    return out
+@metric("gainflag.antennas_flagged", "antennas flagged for outlier gains in the spw with the most: 1 - their "
+        "share of the antennas with data")
+def gain_outlier_antennas(worst: int, n_with_data: int, n_spws: int, evidence: str = "") -> Score | None:
+    """worst: the most antennas flagged in one spw; n_spws: the spws with any;
+    evidence: the per-antenna plot of that spw."""
+    if worst:
+        return Score(1 - worst / n_with_data, f"Antennas with outlier gains flagged in {n_spws} spw(s).",
+                     evidence=evidence)
+    return None
 
 
-@stage("gainflag", service="calibrator", topic="Flagging",
+def gainflag_outliers(ctx: dict, link) -> list:
+    """Home's triage: each antenna and spw flagged for outlier gains."""
+    return [{"what": f"antenna {a} spw {spw}", "why": "outlier gains: flagged (gainflag)",
+             "href": link("gainflag"), "also": ""}
+            for spw, ants in (ctx.get("flags", {}).get("gainflag") or {}).items() for a in ants]
+
+
+def gainflag_reasons(ctx: dict) -> list:
+    return [f"spw {spw}: antenna(s) {', '.join(ants)} with outlier gains"
+            for spw, ants in (ctx.get("flags", {}).get("gainflag") or {}).items()]
+
+
+def _plot_gain_outliers(io, g: CalSolutions, antennas: list, spw: int, bad: dict) -> str | None:
+    """Each antenna's gain amplitude relative to the array's (relative_amplitudes) vs
+    time, one panel per antenna with data: the antennas gainflag flags framed red,
+    those without solutions marked. The plot's name, or None when nothing is unflagged."""
+    from ..report.plots import antenna_grid, label_panel
+    rel = relative_amplitudes(g)
+    if not np.isfinite(rel).any():
+        return None
+    ants = [a for a in antennas if a.get("has_data", True)]
+    name = f"gainflag_spw{spw}.png"
+    fig, axes = antenna_grid(len(ants), f"gain amplitude / the array's median vs hours, spw {spw}, per antenna "
+                                        "(colours: correlations); red: flagged as outliers")
+    hours = (g.time - g.time.min()) / 3600
+    for ax, a in zip(axes, ants):
+        mine = g.antenna == a["id"]
+        for p in range(rel.shape[1]):
+            ax.plot(hours[mine], rel[mine, p], ".", ms=1.5, color=f"C{p}")
+        ax.axhline(1.0, color="0.6", lw=0.5)
+        label_panel(ax, a["name"], "outlier" if a["id"] in bad else
+                    "" if np.isfinite(rel[mine]).any() else "flagged")
+    io.plot(fig, name)
+    return name
+
+
+@stage("gainflag", service="calibrator", topic="Flagging", qa=(gain_outlier_antennas,),
+       outliers=gainflag_outliers, flag_reasons=gainflag_reasons,
        reads=CAL_READS + ("flags",),
        writes=("partitions", "flags"), params=(
            Param("solint", (str, int, float), "int", "gain solution interval", pattern=SOLINT),
@@ -106,19 +98,18 @@ def gainflag(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
     cal = calibrator_ids(ctx)
     ants = ctx["observation"]["antennas"]
-    found, new_parts = {}, []
+    found, plots, new_parts = {}, {}, []
     for part in ctx["partitions"]:
-        _, vis = read_part(io, part, fields=cal)
-        model = point_model(vis, field_models(ctx, unit_for=cal))
-        g = solve_term(vis, model, SolveSpec(kind="G", solint=params["solint"], calmode="ap",
-                                             refant=refant_id(ctx), minsnr=params["minsnr"],
-                                             preapply=preapply(ctx, io, part["spw"])))
+        _, vis = read_averaged(io, part, cal, field_models(ctx, unit_for=cal), preapply(ctx, io, part["spw"]))
+        g = solve_term(vis, unit_model(vis), SolveSpec(kind="G", solint=params["solint"], calmode="ap",
+                                                       refant=refant_id(ctx), minsnr=params["minsnr"]))
         # the scatter test is off unless asked for: on the simulated EBs it named good
         # antennas whose per-integration amplitudes vary with the atmosphere the WVR
         # leaves (decorrelation within an integration), not with their electronics
         bad = gain_outliers(g, params["nsigma"], params["min_factor"],
                             params["rms_factor"],
                             params["nsigma_rms"] if params["scatter"] else np.inf)
+        plot = _plot_gain_outliers(io, g, ants, part["spw"], bad)
         solved = np.unique(g.antenna[~g.flag.all(axis=(1, 2))])
         io.log("spw %d: gains of %d antennas, outliers: %s", part["spw"], len(solved),
                ", ".join(f"{ants[a]['name']} ({why})" for a, why in sorted(bad.items())) or "none")
@@ -127,6 +118,7 @@ def gainflag(ctx: dict, params: dict, io: StageIO) -> QA:
             p.flag_antennas(sorted(bad))
             part = p.commit()
             found[str(part["spw"])] = [ants[a]["name"] for a in sorted(bad)]
+            plots[str(part["spw"])] = plot or ""
             for a, why in sorted(bad.items()):
                 qa.note(f"spw {part['spw']}: flagged antenna {ants[a]['name']}: {why}.")
         new_parts.append(part)
@@ -134,72 +126,14 @@ def gainflag(ctx: dict, params: dict, io: StageIO) -> QA:
     ctx["flags"]["gainflag"] = found
     n_has = max(sum(a["has_data"] for a in ants), 1)
     worst = max((len(v) for v in found.values()), default=0)
-    if worst:
-        qa.lower(1 - worst / n_has, f"Antennas with outlier gains flagged in {len(found)} spw(s).")
-    else:
+    worst_spw = max(found, key=lambda k: len(found[k]), default=None)
+    qa.add(gain_outlier_antennas(worst, n_has, len(found), plots.get(worst_spw, "")))
+    if not worst:
         qa.note("No antenna with outlier gains.")
     return qa
 
 
 # ------------------------------------------------------------------ flagtargets
-
-def _bin_outliers(amp: np.ndarray, ok: np.ndarray, bins: np.ndarray, nbin: int, nhi: float, nlo: float,
-                  min_samples: int) -> np.ndarray:
-    """Samples (nrow, nchan, ncorr) beyond the thresholds of their bin, per channel and
-    correlation: above median + nhi sigma or below median - nlo sigma."""
-    out = np.zeros(amp.shape, bool)
-    for b in range(nbin):
-        r = bins == b
-        if not r.any():
-            continue
-        a = np.where(ok[r], amp[r], np.nan)
-        n = np.sum(ok[r], axis=0)
-        with np.errstate(all="ignore"):
-            med = np.nanmedian(a, axis=0)
-            sig = mad_std(a, axis=0, ignore_nan=True)
-        usable = (n >= min_samples) & (sig > 0)
-        hi = a > med + nhi * sig
-        lo = a < med - nlo * sig
-        out[r] = (hi | lo) & usable[None]
-    return out
-
-
-def uv_bins(uvdist: np.ndarray, nbin: int) -> tuple[np.ndarray, np.ndarray]:
-    """The two overlapping sets of uv-distance bins of equal counts (uv_outliers): each
-    row's bin in the first set (nbin bins) and in the second, shifted by half a bin."""
-    nrow = len(uvdist)
-    rank = np.empty(nrow, np.int64)
-    rank[np.argsort(uvdist, kind="stable")] = np.arange(nrow)
-    width = nrow / nbin
-    first = np.minimum((rank / width).astype(int), nbin - 1)
-    # the shifted set: half-width bins at either end join their neighbour, so no bin is thin
-    second = np.clip(((rank + width / 2) / width).astype(int), 1, nbin - 1) - 1
-    return first, second
-
-
-def channel_outliers(amp: np.ndarray, ok: np.ndarray, first: np.ndarray, second: np.ndarray, nbin: int,
-                     nhi: float, nlo: float, min_samples: int) -> np.ndarray:
-    """Samples that are outliers in both uv bins that hold them. Every statistic is per
-    channel and correlation, so any slice of channels gives the same answer as the whole."""
-    return _bin_outliers(amp, ok, first, nbin, nhi, nlo, min_samples) & \
-        _bin_outliers(amp, ok, second, nbin - 1, nhi, nlo, min_samples)
-
-
-def uv_outliers(amp: np.ndarray, flag: np.ndarray, uvdist: np.ndarray, nhi: float = 12.0, nlo: float = 13.0,
-                nbin: int = 10, min_samples: int = 20, row_fraction: float = 0.5) -> np.ndarray:
-    """Outlier samples of one field's calibrated amplitudes (nrow, nchan, ncorr) against
-    uv distance (m): rows are cut into nbin bins of equal counts,
-    and again into bins shifted by half a bin, so every sample lies in two bins; it
-    is an outlier when it is one in both. A row with more than row_fraction of its
-    unflagged samples outliers is flagged whole (a burst spoils all channels)."""
-    ok = ~flag
-    if len(uvdist) < 2 * min_samples:
-        return np.zeros(flag.shape, bool)
-    first, second = uv_bins(uvdist, nbin)
-    out = channel_outliers(amp, ok, first, second, nbin, nhi, nlo, min_samples)
-    frac = out.sum(axis=(1, 2)) / np.maximum(ok.sum(axis=(1, 2)), 1)
-    out[frac > row_fraction] = True
-    return out & ok
 
 
 # memory for one channel slice of a partition's target amplitudes and flags (the spill's
@@ -298,8 +232,26 @@ def _flag_targets_in(p, targets: list, commands: list, ctx: dict, params: dict, 
     return changed or bool(found)
 
 
+@metric("flagtargets.newly_flagged", "the fraction of the target data newly flagged (template and amplitude "
+        "outliers), as ALMA scores it: 1 - fraction", unit="fraction")
+def newly_flagged_targets(newly: float, outliers: int, template: int) -> Score | None:
+    """outliers, template: the samples flagged as amplitude outliers and by the template."""
+    if newly > 0:
+        return Score(1 - newly, f"{newly:.2%} of the target data newly flagged "
+                                f"({outliers} amplitude outlier samples, {template} by the template).")
+    return None
 
-@stage("flagtargets", service="calibrator", topic="Flagging",
+
+def flagtargets_reasons(ctx: dict) -> list:
+    ft = ctx.get("flags", {}).get("flagtargets") or {}
+    if not ft:
+        return []
+    return [f"template {ft.get('template_fraction', 0):.2%}, amplitude outliers "
+            f"{ft.get('outlier_fraction', 0):.2%} of the target data"]
+
+
+@stage("flagtargets", service="calibrator", topic="Flagging", qa=(newly_flagged_targets,),
+       flag_reasons=flagtargets_reasons,
        reads=("user", "fields", "observation", "partitions", "flags"), writes=("partitions", "flags"), params=(
            Param("template", str, "", "flag commands; empty: the run's flagtargets template"),
            Param("nsigma_high", float, 12.0, "robust sigmas above the uv-distance bin's median", min=0.0),
@@ -331,10 +283,7 @@ def flagtargets(ctx: dict, params: dict, io: StageIO) -> QA:
                                    "commands": len(commands)}
     io.log("targets: %d template command(s) flagged %.4f, outliers %.4f of the samples", len(commands),
            counts["template"] / total, counts["outliers"] / total)
-    # ALMA's score: 1 - the fraction newly flagged
-    if newly > 0:
-        qa.lower(1 - newly, f"{newly:.2%} of the target data newly flagged "
-                            f"({counts['outliers']} amplitude outlier samples, {counts['template']} by the template).")
-    else:
+    qa.add(newly_flagged_targets(newly, counts["outliers"], counts["template"]))
+    if newly <= 0:
         qa.note("No target data flagged: no template and no amplitude outliers.")
     return qa

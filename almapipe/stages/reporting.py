@@ -10,7 +10,7 @@ import json
 import os
 import tarfile
 
-from .base import QA, Param, StageIO, stage
+from .base import QA, Param, Score, StageIO, metric, stage
 from .imaging import ous_name
 from ..report.qa2 import qa2_section, requested_goals
 from .calpackage import calibration_package
@@ -58,12 +58,33 @@ exec almapipe run "${{1:?usage: rerun.sh INPUT [--out DIR]}}" --recipe-file "$he
 """
 
 
+@metric("exportdata.calibrated_ms", "ms: whether the calibrated data are in the visibility store to export: 0.8 "
+        "when not (no calibrated MS in the package)")
+def no_calibrated_ms() -> Score:
+    return Score(0.8, "exportdata ms: no calibrated data in the visibility store: no calibrated MS in the package.")
+
+
+@metric("exportdata.fits_images", "the FITS images in the products package: 0.5 when there are none")
+def fits_images(n_fits: int) -> Score | None:
+    if not n_fits:
+        return Score(0.5, "No FITS images in the products package.")
+    return None
+
+
+@metric("weblog.weight", "the WebLog's weight against its budget (50 MB in all, 5 MB a page with its images): "
+        "0.8 over it", unit="bytes")
+def weblog_weight(total: int, heaviest_page: int) -> Score | None:
+    if total > 50e6 or heaviest_page > 5e6:
+        return Score(0.8, "The WebLog is over its weight budget (50 MB in all, 5 MB a page).")
+    return None
+
+
 def calibrated_ms(ctx: dict, io: StageIO, qa: QA) -> dict:
     """The EB's calibrated MS and its split target MS, written from the visibility store
     (storeio.export_ms: the EB's MS shell plus the rows, in row blocks), each as a tar."""
     parts = [p for p in ctx.get("partitions", []) if "arrays" in p]
     if not parts or not all(p.get("calibrated") for p in parts):
-        qa.lower(0.8, "exportdata ms: no calibrated data in the visibility store: no calibrated MS in the package.")
+        qa.add(no_calibrated_ms())
         return {}
     ms = ctx.get("ms_name", "ms")
     shell = io.fetch_meta(parts[0]["meta"])
@@ -78,10 +99,10 @@ def calibrated_ms(ctx: dict, io: StageIO, qa: QA) -> dict:
     return pkg
 
 
-@stage("exportdata", service="weblog", topic="Products",
+@stage("exportdata", service="weblog", topic="Products", qa=(no_calibrated_ms, fits_images),
        reads=("run_id", "recipe", "input_key", "user", "ms_name", "caltables", "images", "cont_dat_key",
               "partitions", "target_partitions",
-              "flux_csv_key", "flux_consistency", "ebs", "stage_results"), writes=("package",), params=(
+              "flux_csv_key", "flux_consistency", "ebs", "stage_results", "mous_id"), writes=("package",), params=(
            Param("requested_rms_jy", (float, str), None, "the requested sensitivity (QA2)", unit="Jy/beam"),
            Param("requested_beam_arcsec", (float, list, str), None, "the requested resolution, a value or [min, max]",
                  unit="arcsec"),
@@ -135,13 +156,22 @@ def exportdata(ctx: dict, params: dict, io: StageIO) -> QA:
     pkg["README"] = io.put_bytes(readme.encode(), "README", "text/plain")["key"]
     ctx["package"] = pkg
     n_fits = sum(1 for p in pkg if p.endswith(".fits"))
-    if not n_fits:
-        qa.lower(0.5, "No FITS images in the products package.")
+    qa.add(fits_images(n_fits))
     qa.note(f"Package of {len(pkg)} files, {n_fits} FITS images.")
     return qa
 
 
-@stage("weblog", service="weblog", topic="Products", reads=("stage_results", "package", "observation", "fields"),
+# What the WebLog shows: the run, the observation, every stage's results and QA, and
+# what the stages' declared tables and triage entries read (stage(tables=, outliers=,
+# flag_reasons=)); tests/test_stage_unit.py checks it against the code.
+WEBLOG_READS = ("run_id", "recipe", "input_key", "input_format", "user", "ms_name", "mous_id", "observation",
+                "fields", "stage_results", "failure", "package", "images", "continuum", "cont_dat_key", "caltables",
+                "fluxscale", "flux_csv_key", "flux_consistency", "ebs", "flags", "flag_summary", "refant", "setjy",
+                "spwphaseup", "bandpass_antennas", "wvr")
+
+
+@stage("weblog", service="weblog", topic="Products", reads=WEBLOG_READS,
+       qa=(weblog_weight,),
        writes=("stage_results", "failure", "package", "weblog_index_key"), params=(
            Param("failure", dict, None, "the failed stage of a failed run", internal=True),))
 def weblog(ctx: dict, params: dict, io: StageIO) -> QA:
@@ -175,8 +205,7 @@ def weblog(ctx: dict, params: dict, io: StageIO) -> QA:
     heaviest = max(weight["pages"], key=weight["pages"].get)
     qa.note(f"WebLog weight {weight['total'] / 1e6:.1f} MB in all; heaviest page {heaviest} "
             f"{weight['pages'][heaviest] / 1e6:.2f} MB with its images.")
-    if weight["total"] > 50e6 or weight["pages"][heaviest] > 5e6:
-        qa.lower(0.8, "The WebLog is over its weight budget (50 MB in all, 5 MB a page).", metric="weblog.weight")
+    qa.add(weblog_weight(weight["total"], weight["pages"][heaviest]))
     keys = {}
     for name in sorted(os.listdir(out)):
         keys[name] = io.put_file(os.path.join(out, name), f"weblog/{name}")["key"]
