@@ -175,10 +175,12 @@ def test_ephemeris_table_of_the_simulated_eb(tmp_path):
 
 # ------------------------------------------------------------------ through the stack
 
-@pytest.fixture(scope="module", params=["sso", "sso-uranus"])
+@pytest.fixture(scope="module", params=[pytest.param("sso", marks=pytest.mark.slow), "sso-uranus"])
 def sso_run(request, stack, stub, tmp_path_factory):  # noqa: F811
     """The same run as test_alma's, with Ganymede (partly resolved) or Uranus (resolved
-    out on half the baselines, which the solves leave out) as the flux calibrator."""
+    out on half the baselines, which the solves leave out) as the flux calibrator.
+    Ganymede's run is in the slow suite: Uranus's takes every path it takes and the
+    resolved-out cut besides, and the default run keeps to CI's 15 minutes."""
     from test_alma import run_simulated_eb
     return run_simulated_eb(stack, stub, tmp_path_factory.mktemp(request.param), request.param)
 
