@@ -160,8 +160,8 @@ def _flag_targets_in(p, targets: list, commands: list, ctx: dict, params: dict, 
     Pass 1 reads the corrected data once in row blocks, applies the template and spills
     amplitudes (float32) and flags channel-major to local disk; pass 2 finds the outliers
     one channel slice at a time (uv_outliers' statistics are per channel, its row rule
-    needs only per-row counts); pass 3 reads the flags again in the same row blocks and
-    writes the new ones. Whether anything changed is the return value."""
+    needs only per-row counts); pass 3 reads the stored flags again in the same row blocks
+    (to see what changed) and writes the spilled ones with the outliers added. Whether anything changed is the return value."""
     rows = p.select(targets)
     if not len(rows):
         return False
@@ -212,7 +212,7 @@ def _flag_targets_in(p, targets: list, commands: list, ctx: dict, params: dict, 
         found = {}                                    # field id -> [samples, rows]
         for vis in p.blocks(column="CORRECTED_DATA", field_ids=targets, data=False, block_chunks=4):
             n = len(vis.rows)
-            flag, _ = _with_template(vis, commands, ctx, p.spw)
+            flag = spill.read_rows("flag", at, at + n)          # pass 1's: with the template
             out = (spill.read_rows("out", at, at + n) | whole[at:at + n, None, None]) & ~flag
             at += n
             if out.any():
