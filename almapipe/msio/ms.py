@@ -61,6 +61,15 @@ class Vis:
         return Vis(**out)
 
 
+def channels_differ(f0: np.ndarray, f: np.ndarray, spw: int) -> str | None:
+    """Why two EBs' channels of a spw cannot be combined (they must agree to half a
+    channel: the EBs of one SB are tuned alike), or None."""
+    if len(f) != len(f0) or np.max(np.abs(f - f0)) > 0.5 * abs(f0[1] - f0[0] if len(f0) > 1 else 1.0):
+        return (f"spw {spw}: the execution blocks' channels differ "
+                f"({len(f0)} from {f0[0] / 1e9:.6f} GHz vs {len(f)} from {f[0] / 1e9:.6f} GHz)")
+    return None
+
+
 def concat_vis(parts: list) -> Vis:
     """One Vis from several of the same spectral setup (execution blocks of an MOUS),
     rows in the order given. Channel frequencies must agree to a small fraction of a
@@ -69,11 +78,10 @@ def concat_vis(parts: list) -> Vis:
     writes back does so per part."""
     if len(parts) == 1:
         return parts[0]
-    f0 = parts[0].freq
     for p in parts[1:]:
-        if len(p.freq) != len(f0) or np.max(np.abs(p.freq - f0)) > 0.5 * abs(f0[1] - f0[0] if len(f0) > 1 else 1.0):
-            raise MSError(f"spw {parts[0].spw}: the execution blocks' channels differ "
-                          f"({len(f0)} from {f0[0] / 1e9:.6f} GHz vs {len(p.freq)} from {p.freq[0] / 1e9:.6f} GHz)")
+        why = channels_differ(parts[0].freq, p.freq, parts[0].spw)
+        if why:
+            raise MSError(why)
     out = {}
     for k, v in parts[0].__dict__.items():
         if isinstance(v, np.ndarray) and k != "freq" and v.shape[:1] == parts[0].time.shape:

@@ -299,13 +299,12 @@ def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
 
 def _common_channels(members: list, spw: int) -> np.ndarray:
     """The channel frequencies of a spw's partitions from the EBs of an MOUS, which must
-    agree to a small fraction of a channel (msio.concat_vis's rule)."""
+    agree to half a channel (msio.channels_differ, as msio.concat_vis requires)."""
     f0 = members[0][1].freq
     for _, vp in members[1:]:
-        f = vp.freq
-        if len(f) != len(f0) or np.max(np.abs(f - f0)) > 0.5 * abs(f0[1] - f0[0] if len(f0) > 1 else 1.0):
-            raise StageError(f"spw {spw}: the execution blocks' channels differ ({len(f0)} from "
-                             f"{f0[0] / 1e9:.6f} GHz vs {len(f)} from {f[0] / 1e9:.6f} GHz)")
+        why = msio.channels_differ(f0, vp.freq, spw)
+        if why:
+            raise StageError(why)
     return f0
 
 
