@@ -22,9 +22,13 @@ from test_system import stub, wait_run  # noqa: F401  (the gRPC stub fixture)
 EBS = [dict(seed=11, date="2026-05-01", start_elevation_deg=48.0),
        dict(seed=12, date="2026-05-03", start_elevation_deg=55.0, catalogue_flux_error=0.05),
        dict(seed=13, date="2026-05-07", start_elevation_deg=62.0)]
+# the tests look at the aggregate continuum and the cubes: no per-spw continuum images
 PARAMS = {"fluxconsistency.equalize": "true",
           "makeimages.calibrators": "false",
+          "makeimages.target_cont": "false",
           "makeimages.cube": json.dumps({"robust": 0.5, "niter": 100, "nsigma": 3.0})}
+# the single EB's run is there for its aggregate's noise only
+SINGLE_PARAMS = dict(PARAMS, **{"makeimages.target_cube": "false"})
 MOUS_ID = "uid://A001/X3c7/X1a"
 
 
@@ -51,7 +55,8 @@ def mous(stack, stub, tmp_path_factory):  # noqa: F811
     run = stub.SubmitRun(pb.SubmitRunRequest(input_keys=keys, mous_id=MOUS_ID, recipe="alma_calimage",
                                              parameters=PARAMS))
     # one EB alone, imaged as the MOUS is, for the noise it reaches on its own
-    single = stub.SubmitRun(pb.SubmitRunRequest(input_key=keys[0], recipe="alma_calimage", parameters=PARAMS))
+    single = stub.SubmitRun(pb.SubmitRunRequest(input_key=keys[0], recipe="alma_calimage",
+                                                parameters=SINGLE_PARAMS))
     run = wait_run(stub, run.run_id, 900)
     single = wait_run(stub, single.run_id, 600)
     out, out1 = d / "products", d / "single"
