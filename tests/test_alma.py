@@ -16,62 +16,126 @@ from almapipe.calibration.caltable import read_caltable
 from almapipe.cli import download_products, upload_input
 from almapipe.simulate.simulator import SimConfig, Simulator
 from almapipe.v1 import pipeline_pb2 as pb
+from conftest import NGC5921
 from test_system import stub, wait_run  # noqa: F401  (the gRPC stub fixture)
+
+
+def submit_simulated_eb(stack, stub, d, preset: str | None, parameters: dict | None = None,  # noqa: F811
+                        recipe: str = "alma_calimage") -> dict:
+    """Simulates the preset's EB under d, uploads it as a tar (the MS with antennapos.csv
+    and flux.csv beside it) and submits a run of it; finish_run waits for it."""
+    _, cfg = stack
+    if preset is None:                      # the built-in NGC 5921 (VLA), no truth
+        sim, truth, tar = None, None, NGC5921
+    else:
+        sim = Simulator(SimConfig.preset(preset))
+        res = sim.write(str(d / "eb"))
+        truth, tar = res["truth"], str(d / "eb.tar")
+        with tarfile.open(tar, "w") as t:
+            for path in (res["ms"], res["antennapos"], res["flux_csv"]):
+                t.add(path, arcname=os.path.basename(path))
+    run = stub.SubmitRun(pb.SubmitRunRequest(input_key=upload_input(cfg, tar), recipe=recipe,
+                                             parameters=parameters or {}))
+    return {"sim": sim, "truth": truth, "run_id": run.run_id, "dir": d}
+
+
+def finish_run(stub, sub: dict, timeout: float = 500):  # noqa: F811
+    """(simulator, truth, run, summary, products folder) of a submitted run, once ended."""
+    if "result" not in sub:
+        run = wait_run(stub, sub["run_id"], timeout)
+        out = sub["dir"] / "products"
+        download_products(stub, pb, run.run_id, str(out))
+        truth = json.load(open(sub["truth"])) if sub["truth"] else None
+        sub["result"] = (sub["sim"], truth, run, json.load(open(out / "summary.json")), out)
+    return sub["result"]
 
 
 def run_simulated_eb(stack, stub, d, preset: str, parameters: dict | None = None,  # noqa: F811
                      recipe: str = "alma_calimage"):
-    _, cfg = stack
-    sim = Simulator(SimConfig.preset(preset))
-    res = sim.write(str(d / "eb"))
-    tar = str(d / "eb.tar")
-    with tarfile.open(tar, "w") as t:       # the MS with antennapos.csv and flux.csv beside it
-        for path in (res["ms"], res["antennapos"], res["flux_csv"]):
-            t.add(path, arcname=os.path.basename(path))
-    run = stub.SubmitRun(pb.SubmitRunRequest(input_key=upload_input(cfg, tar), recipe=recipe,
-                                             parameters=parameters or {}))
-    run = wait_run(stub, run.run_id, 500)
-    out = d / "products"
-    download_products(stub, pb, run.run_id, str(out))
-    return sim, json.load(open(res["truth"])), run, json.load(open(out / "summary.json")), out
+    return finish_run(stub, submit_simulated_eb(stack, stub, d, preset, parameters, recipe))
+
+
+# The module's runs: (preset, parameters, recipe) by fixture name. They are submitted
+# together, when the first is needed, and the stack works on them at once (one run's
+# calibrator stage beside another's imaging): a run alone keeps about one of the two
+# cores busy. Only the runs the selected tests use are submitted.
+MODULE_RUNS = {
+    # the small EB with its flux.csv in ALMA's columns and no recipe named: the pipeline
+    # takes the ALMA recipe for data whose telescope is ALMA; the QA2 goals given as
+    # exportdata's parameters
+    "alma_run": ("small", {"exportdata.requested_rms_jy": "0.001",
+                           "exportdata.requested_beam_arcsec": "[0.1, 10]"}, ""),
+    # a narrow spw beside two wide ones; calibrator images and the cubes, each cleaned in
+    # 3 channel ranges by the imager workers and joined
+    "mixed_run": ("mixed", {"makeimages.target_cont": "false", "makeimages.target_aggregate": "false",
+                            "makeimages.cube_chunks": "3"}, "alma_calimage"),
+    # the target a 7-pointing mosaic; the calibrators' images limited to 32 pixels, so
+    # that they are named and not made
+    "mosaic_run": ("mosaic", {"makeimages.calibrator": json.dumps({"max_imsize": 32})}, "alma_calimage"),
+    # one antenna at 0.4 of its gain in one spw, a burst of bad data on one target
+    # baseline; a target flag template for baseline 5-6 in spw 5; imaging cut to the
+    # target's continuum
+    "outliers_run": ("outliers", {"makeimages.calibrators": "false", "makeimages.target_cube": "false",
+                                  "makeimages.target_aggregate": "false",
+                                  "flagtargets.template": "antenna='5&6' spw='5'"}, "alma_calimage"),
+    # four spws over 16 % of Band 3 and continuum sources of known spectral index;
+    # imaging cut to the target's continuum (per spw and aggregate)
+    "wideband_run": ("wideband", {"makeimages.calibrators": "false", "makeimages.target_cube": "false"},
+                     "alma_calimage"),
+    # NGC 5921 (VLA data: no SYSCAL, no WVR) through the ALMA recipe; its cube only
+    "vla_run": (None, {"flagdata.edge_fraction": "0.05", "makeimages.calibrators": "false",
+                       "makeimages.target_cont": "false",
+                       "makeimages.cube": json.dumps({"imsize": 128, "cell_arcsec": 20, "niter": 100})},
+                "alma_calimage"),
+}
 
 
 @pytest.fixture(scope="module")
-def alma_run(stack, stub, tmp_path_factory):  # noqa: F811
-    """The small EB with its flux.csv in ALMA's columns and no recipe named: the pipeline
-    takes the ALMA recipe for data whose telescope is ALMA. The QA2 goals given as
-    exportdata's parameters."""
-    return run_simulated_eb(stack, stub, tmp_path_factory.mktemp("alma"), "small",
-                            {"exportdata.requested_rms_jy": "0.001", "exportdata.requested_beam_arcsec": "[0.1, 10]"},
-                            recipe="")
+def module_runs(request, stack, stub, tmp_path_factory):  # noqa: F811
+    """The MODULE_RUNS the selected tests of this module use, all submitted; at the
+    module's end every one of them has ended (none is left running into the next
+    module's tests, which restart servers and kill workers)."""
+    used = {name for item in request.session.items if item.module is request.module
+            for name in item.fixturenames if name in MODULE_RUNS}
+    subs = {}
+    for name in MODULE_RUNS:
+        if name in used:
+            preset, params, recipe = MODULE_RUNS[name]
+            subs[name] = submit_simulated_eb(stack, stub, tmp_path_factory.mktemp(name.split("_")[0]), preset,
+                                             params, recipe)
+    yield subs
+    for sub in subs.values():
+        wait_run(stub, sub["run_id"], 600)
 
 
 @pytest.fixture(scope="module")
-def mixed_run(stack, stub, tmp_path_factory):  # noqa: F811
-    """A narrow spw beside two wide ones (preset 'mixed'); calibrator images and the cubes,
-    each cleaned in 3 channel ranges by the imager workers and joined."""
-    return run_simulated_eb(stack, stub, tmp_path_factory.mktemp("mixed"), "mixed",
-                            {"makeimages.target_cont": "false", "makeimages.target_aggregate": "false",
-                             "makeimages.cube_chunks": "3"})
+def alma_run(module_runs, stub):  # noqa: F811
+    return finish_run(stub, module_runs["alma_run"])
 
 
 @pytest.fixture(scope="module")
-def mosaic_run(stack, stub, tmp_path_factory):  # noqa: F811
-    """The target a 7-pointing mosaic (preset 'mosaic'); the calibrators' images are
-    limited to 32 pixels, so that they are named and not made."""
-    return run_simulated_eb(stack, stub, tmp_path_factory.mktemp("mosaic"), "mosaic",
-                            {"makeimages.calibrator": json.dumps({"max_imsize": 32})})
+def mixed_run(module_runs, stub):  # noqa: F811
+    return finish_run(stub, module_runs["mixed_run"])
 
 
 @pytest.fixture(scope="module")
-def outliers_run(stack, stub, tmp_path_factory):  # noqa: F811
-    """Preset 'outliers': one antenna at 0.4 of its gain in one spw, a burst of bad data on
-    one target baseline; a target flag template for baseline 5-6 in spw 5; imaging cut to
-    the target's continuum."""
-    return run_simulated_eb(stack, stub, tmp_path_factory.mktemp("outliers"), "outliers",
-                            {"makeimages.calibrators": "false", "makeimages.target_cube": "false",
-                             "makeimages.target_aggregate": "false",
-                             "flagtargets.template": "antenna='5&6' spw='5'"})
+def mosaic_run(module_runs, stub):  # noqa: F811
+    return finish_run(stub, module_runs["mosaic_run"])
+
+
+@pytest.fixture(scope="module")
+def outliers_run(module_runs, stub):  # noqa: F811
+    return finish_run(stub, module_runs["outliers_run"])
+
+
+@pytest.fixture(scope="module")
+def wideband_run(module_runs, stub):  # noqa: F811
+    return finish_run(stub, module_runs["wideband_run"])
+
+
+@pytest.fixture(scope="module")
+def vla_run(module_runs, stub):  # noqa: F811
+    return finish_run(stub, module_runs["vla_run"])
 
 
 def extract_table(out, name: str) -> list:
@@ -364,18 +428,10 @@ def test_bandpass_within_1pct_and_1deg_of_truth(alma_run):
         assert np.degrees(np.sqrt(np.mean(np.concatenate(ph_err) ** 2))) < 1.0
 
 
-def test_alma_recipe_without_tsys_or_wvr_continues_with_named_warnings(stack, stub):  # noqa: F811
+def test_alma_recipe_without_tsys_or_wvr_continues_with_named_warnings(vla_run):
     """NGC 5921 (VLA) has no SYSCAL and no WVR data: those stages say so in their QA and
     the run goes on, as the ALMA pipeline does; findcont finds the HI line on real data."""
-    from conftest import NGC5921
-    _, cfg = stack
-    run = stub.SubmitRun(pb.SubmitRunRequest(input_key=upload_input(cfg, NGC5921), recipe="alma_calimage",
-                                             parameters={"flagdata.edge_fraction": "0.05",
-                                                         "makeimages.calibrators": "false",
-                                                         "makeimages.target_cont": "false",
-                                                         "makeimages.cube": json.dumps({"imsize": 128, "cell_arcsec": 20,
-                                                                                        "niter": 100})}))
-    run = wait_run(stub, run.run_id, 400)
+    run = vla_run[2]
     assert run.status == pb.RUN_STATUS_SUCCEEDED, run.error
     qa = {s.name: s for s in run.stages}
     assert qa["tsyscal"].qa_score <= 0.5 and "No SYSCAL" in qa["tsyscal"].qa_reasons[0]
@@ -525,7 +581,7 @@ def test_fits_headers_as_exportfits_writes_them(alma_run):
 
 
 def test_cube_cleaned_in_pieces_by_several_workers_is_one_cube(mixed_run, stack):  # noqa: F811
-    """makeimages with cube_chunks=3: the cube's channel ranges are cleaned by the two
+    """makeimages with cube_chunks=3: the cube's channel ranges are cleaned by the
     imager workers of the stack and joined into one FITS cube with one beam, and the
     line comes back as it does from one worker."""
     from astropy.io import fits
@@ -542,10 +598,11 @@ def test_cube_cleaned_in_pieces_by_several_workers_is_one_cube(mixed_run, stack)
     assert abs(cube["peak_jy_per_beam"] / line.max() - 1) < 0.1, cube
     stage = next(s for s in summary["stages"] if s["name"] == "makeimages")
     assert any("channel ranges" in r for r in stage["qa_reasons"])
-    # both imager workers cleaned pieces
+    # the pieces were cleaned as stages of their own by the imager workers; which of the
+    # stack's two takes a piece is whichever is free (the module's other runs image too)
     st, _ = stack
     logs = [open(p["log"]).read() for n, p in st.status().items() if n.startswith("worker-imager")]
-    assert len(logs) == 2 and all("imagecube_chunk" in text for text in logs)
+    assert len(logs) == 2 and f"[{run.run_id} imagecube_chunk" in "".join(logs)
 
 
 def peak_near(img: np.ndarray, x: float, y: float, r: int = 3) -> tuple:
@@ -929,14 +986,6 @@ def test_the_dead_antenna_is_named_on_home_and_shown_on_the_bandpass_page(alma_r
         for link in re.findall(r'href="(stage\d+\.html#[^"]+)"', href):
             target, anchor = link.split("#")
             assert f'id="{anchor}"' in (web / target).read_text(), link
-
-
-@pytest.fixture(scope="module")
-def wideband_run(stack, stub, tmp_path_factory):  # noqa: F811
-    """Preset 'wideband': four spws over 16 % of Band 3 and continuum sources of known
-    spectral index; imaging cut to the target's continuum (per spw and aggregate)."""
-    return run_simulated_eb(stack, stub, tmp_path_factory.mktemp("wideband"), "wideband",
-                            {"makeimages.calibrators": "false", "makeimages.target_cube": "false"})
 
 
 def test_wide_band_aggregate_is_multi_term_with_the_injected_alpha(wideband_run):
