@@ -120,3 +120,31 @@ def open_partition(cfg, entry: dict, workdir: str):
         return store.get_dir(key, os.path.join(workdir, "meta-" + hashlib.sha1(key.encode()).hexdigest()[:12]))
     return VisPartition(VisStore(cfg, cache_dir=None, cache_limit=0), entry, "99_test", meta,
                         "runs/test/vis/" + entry["name"])
+
+
+@pytest.fixture(scope="session")
+def run_pool(request, stack, tmp_path_factory):
+    """The long runs the selected tests use, submitted together (runpool.py); every one
+    has ended when the session does."""
+    from almapipe.platform.auth import channel
+    from almapipe.v1 import pipeline_pb2_grpc as pb_grpc
+    import runpool
+    _, cfg = stack
+    with channel(cfg) as ch:
+        pool = runpool.RunPool(stack, pb_grpc.PipelineServiceStub(ch), tmp_path_factory.mktemp,
+                               runpool.used_runs(request.session.items))
+        runpool.ACTIVE = pool
+        try:
+            yield pool
+            pool.drain()
+        finally:
+            runpool.ACTIVE = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _pool_ended_before_faults(request):
+    """A module that kills workers or restarts servers (DISTURBS_STACK) starts when every
+    run of the pool has ended."""
+    import runpool
+    if getattr(request.module, "DISTURBS_STACK", False) and runpool.ACTIVE is not None:
+        runpool.ACTIVE.drain()

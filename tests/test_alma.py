@@ -17,6 +17,7 @@ from almapipe.cli import download_products, upload_input
 from almapipe.simulate.simulator import SimConfig, Simulator
 from almapipe.v1 import pipeline_pb2 as pb
 from conftest import NGC5921
+from runpool import pooled
 from test_system import stub, wait_run  # noqa: F401  (the gRPC stub fixture)
 
 
@@ -39,7 +40,7 @@ def submit_simulated_eb(stack, stub, d, preset: str | None, parameters: dict | N
     return {"sim": sim, "truth": truth, "run_id": run.run_id, "dir": d}
 
 
-def finish_run(stub, sub: dict, timeout: float = 500):  # noqa: F811
+def finish_run(stub, sub: dict, timeout: float = 900):  # noqa: F811
     """(simulator, truth, run, summary, products folder) of a submitted run, once ended."""
     if "result" not in sub:
         run = wait_run(stub, sub["run_id"], timeout)
@@ -55,87 +56,71 @@ def run_simulated_eb(stack, stub, d, preset: str, parameters: dict | None = None
     return finish_run(stub, submit_simulated_eb(stack, stub, d, preset, parameters, recipe))
 
 
-# The module's runs: (preset, parameters, recipe) by fixture name. They are submitted
-# together, when the first is needed, and the stack works on them at once (one run's
-# calibrator stage beside another's imaging): a run alone keeps about one of the two
-# cores busy. Only the runs the selected tests use are submitted.
-MODULE_RUNS = {
-    # the small EB with its flux.csv in ALMA's columns and no recipe named: the pipeline
-    # takes the ALMA recipe for data whose telescope is ALMA; the QA2 goals given as
-    # exportdata's parameters
-    "alma_run": ("small", {"exportdata.requested_rms_jy": "0.001",
-                           "exportdata.requested_beam_arcsec": "[0.1, 10]"}, ""),
-    # a narrow spw beside two wide ones; calibrator images and the cubes, each cleaned in
-    # 3 channel ranges by the imager workers and joined
-    "mixed_run": ("mixed", {"makeimages.target_cont": "false", "makeimages.target_aggregate": "false",
-                            "makeimages.cube_chunks": "3"}, "alma_calimage"),
-    # the target a 7-pointing mosaic; the calibrators' images limited to 32 pixels, so
-    # that they are named and not made
-    "mosaic_run": ("mosaic", {"makeimages.calibrator": json.dumps({"max_imsize": 32})}, "alma_calimage"),
-    # one antenna at 0.4 of its gain in one spw, a burst of bad data on one target
-    # baseline; a target flag template for baseline 5-6 in spw 5; imaging cut to the
-    # target's continuum
-    "outliers_run": ("outliers", {"makeimages.calibrators": "false", "makeimages.target_cube": "false",
-                                  "makeimages.target_aggregate": "false",
-                                  "flagtargets.template": "antenna='5&6' spw='5'"}, "alma_calimage"),
-    # four spws over 16 % of Band 3 and continuum sources of known spectral index;
-    # imaging cut to the target's continuum (per spw and aggregate)
-    "wideband_run": ("wideband", {"makeimages.calibrators": "false", "makeimages.target_cube": "false"},
-                     "alma_calimage"),
-    # NGC 5921 (VLA data: no SYSCAL, no WVR) through the ALMA recipe; its cube only
-    "vla_run": (None, {"flagdata.edge_fraction": "0.05", "makeimages.calibrators": "false",
-                       "makeimages.target_cont": "false",
-                       "makeimages.cube": json.dumps({"imsize": 128, "cell_arcsec": 20, "niter": 100})},
-                "alma_calimage"),
-}
+def pool_simulated_eb(name: str, preset: str | None, parameters: dict, recipe: str = "alma_calimage") -> None:
+    """Registers a run of the preset's EB (None: NGC 5921) with the suite's run pool
+    (tests/runpool.py): submitted with the suite's other long runs, its result is
+    run_pool.result(name)."""
+    @pooled(name)
+    def submit(stack, stub, d):  # noqa: F811
+        sub = submit_simulated_eb(stack, stub, d, preset, parameters, recipe)
+        return lambda: finish_run(stub, sub)
+
+
+# the small EB with its flux.csv in ALMA's columns and no recipe named: the pipeline
+# takes the ALMA recipe for data whose telescope is ALMA; the QA2 goals given as
+# exportdata's parameters
+pool_simulated_eb("alma_run", "small", {"exportdata.requested_rms_jy": "0.001",
+                                        "exportdata.requested_beam_arcsec": "[0.1, 10]"}, recipe="")
+# a narrow spw beside two wide ones; calibrator images and the cubes, each cleaned in
+# 3 channel ranges by the imager workers and joined
+pool_simulated_eb("mixed_run", "mixed", {"makeimages.target_cont": "false", "makeimages.target_aggregate": "false",
+                                         "makeimages.cube_chunks": "3"})
+# the target a 7-pointing mosaic; the calibrators' images limited to 32 pixels, so that
+# they are named and not made
+pool_simulated_eb("mosaic_run", "mosaic", {"makeimages.calibrator": json.dumps({"max_imsize": 32})})
+# one antenna at 0.4 of its gain in one spw, a burst of bad data on one target baseline;
+# a target flag template for baseline 5-6 in spw 5; imaging cut to the target's continuum
+pool_simulated_eb("outliers_run", "outliers", {"makeimages.calibrators": "false", "makeimages.target_cube": "false",
+                                               "makeimages.target_aggregate": "false",
+                                               "flagtargets.template": "antenna='5&6' spw='5'"})
+# four spws over 16 % of Band 3 and continuum sources of known spectral index; imaging
+# cut to the target's continuum (per spw and aggregate)
+pool_simulated_eb("wideband_run", "wideband", {"makeimages.calibrators": "false",
+                                               "makeimages.target_cube": "false"})
+# NGC 5921 (VLA data: no SYSCAL, no WVR) through the ALMA recipe; its cube only
+pool_simulated_eb("vla_run", None, {"flagdata.edge_fraction": "0.05", "makeimages.calibrators": "false",
+                                    "makeimages.target_cont": "false",
+                                    "makeimages.cube": json.dumps({"imsize": 128, "cell_arcsec": 20, "niter": 100})})
 
 
 @pytest.fixture(scope="module")
-def module_runs(request, stack, stub, tmp_path_factory):  # noqa: F811
-    """The MODULE_RUNS the selected tests of this module use, all submitted; at the
-    module's end every one of them has ended (none is left running into the next
-    module's tests, which restart servers and kill workers)."""
-    used = {name for item in request.session.items if item.module is request.module
-            for name in item.fixturenames if name in MODULE_RUNS}
-    subs = {}
-    for name in MODULE_RUNS:
-        if name in used:
-            preset, params, recipe = MODULE_RUNS[name]
-            subs[name] = submit_simulated_eb(stack, stub, tmp_path_factory.mktemp(name.split("_")[0]), preset,
-                                             params, recipe)
-    yield subs
-    for sub in subs.values():
-        wait_run(stub, sub["run_id"], 600)
+def alma_run(run_pool):
+    return run_pool.result("alma_run")
 
 
 @pytest.fixture(scope="module")
-def alma_run(module_runs, stub):  # noqa: F811
-    return finish_run(stub, module_runs["alma_run"])
+def mixed_run(run_pool):
+    return run_pool.result("mixed_run")
 
 
 @pytest.fixture(scope="module")
-def mixed_run(module_runs, stub):  # noqa: F811
-    return finish_run(stub, module_runs["mixed_run"])
+def mosaic_run(run_pool):
+    return run_pool.result("mosaic_run")
 
 
 @pytest.fixture(scope="module")
-def mosaic_run(module_runs, stub):  # noqa: F811
-    return finish_run(stub, module_runs["mosaic_run"])
+def outliers_run(run_pool):
+    return run_pool.result("outliers_run")
 
 
 @pytest.fixture(scope="module")
-def outliers_run(module_runs, stub):  # noqa: F811
-    return finish_run(stub, module_runs["outliers_run"])
+def wideband_run(run_pool):
+    return run_pool.result("wideband_run")
 
 
 @pytest.fixture(scope="module")
-def wideband_run(module_runs, stub):  # noqa: F811
-    return finish_run(stub, module_runs["wideband_run"])
-
-
-@pytest.fixture(scope="module")
-def vla_run(module_runs, stub):  # noqa: F811
-    return finish_run(stub, module_runs["vla_run"])
+def vla_run(run_pool):
+    return run_pool.result("vla_run")
 
 
 def extract_table(out, name: str) -> list:

@@ -15,6 +15,7 @@ import pytest
 from almapipe.cli import download_products, upload_input
 from almapipe.simulate.simulator import SimConfig, Simulator
 from almapipe.v1 import pipeline_pb2 as pb
+from runpool import pooled
 from test_system import stub, wait_run  # noqa: F401  (the gRPC stub fixture)
 
 # three EBs: days apart, starting at different hour angles (rising through these
@@ -46,24 +47,33 @@ def write_eb(d, i: int, overrides: dict) -> tuple:
     return sim, tar
 
 
-@pytest.fixture(scope="module")
-def mous(stack, stub, tmp_path_factory):  # noqa: F811
+@pooled("mous")
+def submit_mous(stack, stub, d):  # noqa: F811
+    """The three EBs as one MOUS run, and the first alone imaged as the MOUS is (for the
+    noise it reaches on its own); submitted with the suite's other long runs
+    (tests/runpool.py)."""
     _, cfg = stack
-    d = tmp_path_factory.mktemp("mous")
     ebs = [write_eb(d, i + 1, o) for i, o in enumerate(EBS)]
     keys = [upload_input(cfg, tar) for _, tar in ebs]
     run = stub.SubmitRun(pb.SubmitRunRequest(input_keys=keys, mous_id=MOUS_ID, recipe="alma_calimage",
                                              parameters=PARAMS))
-    # one EB alone, imaged as the MOUS is, for the noise it reaches on its own
     single = stub.SubmitRun(pb.SubmitRunRequest(input_key=keys[0], recipe="alma_calimage",
                                                 parameters=SINGLE_PARAMS))
-    run = wait_run(stub, run.run_id, 900)
-    single = wait_run(stub, single.run_id, 600)
-    out, out1 = d / "products", d / "single"
-    download_products(stub, pb, run.run_id, str(out))
-    download_products(stub, pb, single.run_id, str(out1))
-    return ([s for s, _ in ebs], run, json.load(open(out / "summary.json")), out,
-            single, json.load(open(out1 / "summary.json")))
+
+    def finish():
+        done = wait_run(stub, run.run_id, 1200)
+        alone = wait_run(stub, single.run_id, 600)
+        out, out1 = d / "products", d / "single"
+        download_products(stub, pb, done.run_id, str(out))
+        download_products(stub, pb, alone.run_id, str(out1))
+        return ([s for s, _ in ebs], done, json.load(open(out / "summary.json")), out,
+                alone, json.load(open(out1 / "summary.json")))
+    return finish
+
+
+@pytest.fixture(scope="module")
+def mous(run_pool):
+    return run_pool.result("mous")
 
 
 def test_each_eb_is_calibrated_in_its_own_run_and_the_mous_run_images_them_together(mous, stub):  # noqa: F811

@@ -17,6 +17,9 @@ from almapipe.platform.auth import channel
 from almapipe.v1 import pipeline_pb2 as pb, pipeline_pb2_grpc as pb_grpc
 from conftest import NGC5921
 
+# kills workers or restarts servers: the suite's pooled runs end first (tests/runpool.py)
+DISTURBS_STACK = True
+
 ONE_STAGE = [("x-almapipe-recipe", json.dumps({"name": "import-only", "stages": [{"stage": "importdata"}]}))]
 IMPORT_FLAG = [("x-almapipe-recipe", json.dumps({"name": "import-flag", "stages": [
     {"stage": "importdata", "params": {}}, {"stage": "flagdata", "params": {}}]}))]

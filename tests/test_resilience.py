@@ -48,6 +48,9 @@ from almapipe.platform.store import ObjectStore
 from almapipe.v1 import pipeline_pb2 as pb, pipeline_pb2_grpc as pb_grpc
 from conftest import NGC5921
 
+# kills workers or restarts servers: the suite's pooled runs end first (tests/runpool.py)
+DISTURBS_STACK = True
+
 pytestmark = pytest.mark.resilience
 
 TERMINAL = (pb.RUN_STATUS_SUCCEEDED, pb.RUN_STATUS_FAILED, pb.RUN_STATUS_CANCELLED)

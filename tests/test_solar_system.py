@@ -15,7 +15,7 @@ from almapipe.calibration.terms import SolveSpec, point_model, solve_term
 from almapipe.stages.alma import line_channels
 from almapipe.stages.calibration import flux_function
 from conftest import simulate
-from test_system import stub  # noqa: F401  (the gRPC stub fixture, for the run through the stack)
+from test_alma import pool_simulated_eb
 
 H, K, C = 6.62607015e-34, 1.380649e-23, 299792458.0
 
@@ -175,14 +175,17 @@ def test_ephemeris_table_of_the_simulated_eb(tmp_path):
 
 # ------------------------------------------------------------------ through the stack
 
+pool_simulated_eb("sso_run:sso", "sso", {})
+pool_simulated_eb("sso_run:sso-uranus", "sso-uranus", {})
+
+
 @pytest.fixture(scope="module", params=[pytest.param("sso", marks=pytest.mark.slow), "sso-uranus"])
-def sso_run(request, stack, stub, tmp_path_factory):  # noqa: F811
+def sso_run(request, run_pool):
     """The same run as test_alma's, with Ganymede (partly resolved) or Uranus (resolved
-    out on half the baselines, which the solves leave out) as the flux calibrator.
-    Ganymede's run is in the slow suite: Uranus's takes every path it takes and the
-    resolved-out cut besides, and the default run keeps to CI's 15 minutes."""
-    from test_alma import run_simulated_eb
-    return run_simulated_eb(stack, stub, tmp_path_factory.mktemp(request.param), request.param)
+    out on half the baselines, which the solves leave out) as the flux calibrator, from
+    the suite's run pool. Ganymede's run is in the slow suite: Uranus's takes every path
+    it takes and the resolved-out cut besides, and the default run keeps to CI's 15 minutes."""
+    return run_pool.result(f"sso_run:{request.param}")
 
 
 def test_sso_flux_calibrator_phase_calibrator_flux_within_2pct(sso_run):

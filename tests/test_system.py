@@ -29,6 +29,9 @@ from almapipe.platform.stack import Stack, StackError
 from almapipe.v1 import pipeline_pb2 as pb, pipeline_pb2_grpc as pb_grpc
 from conftest import NGC5921
 
+# kills workers or restarts servers: the suite's pooled runs end first (tests/runpool.py)
+DISTURBS_STACK = True
+
 CASA_FLUX_1445 = 2.5265
 CASA_CUBE_RMS = 1.8e-3
 CASA_CUBE_PEAK = 56e-3

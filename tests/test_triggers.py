@@ -19,6 +19,9 @@ from almapipe.v1 import pipeline_pb2 as pb, pipeline_pb2_grpc as pb_grpc
 from conftest import NGC5921
 from gateway.trigger import DURABLE, STATE_STREAM, state_subject
 
+# kills workers or restarts servers: the suite's pooled runs end first (tests/runpool.py)
+DISTURBS_STACK = True
+
 TERMINAL = (pb.RUN_STATUS_SUCCEEDED, pb.RUN_STATUS_FAILED, pb.RUN_STATUS_CANCELLED)
 # VLA data (NGC 5921) and a one-stage recipe keep the runs to seconds; ALMA keeps the default rule
 RULES = {"rules": [

@@ -9,6 +9,9 @@ import time
 
 from almapipe.platform.worker import LOCK_GRACE_S, claim_workroot
 
+# kills workers or restarts servers: the suite's pooled runs end first (tests/runpool.py)
+DISTURBS_STACK = True
+
 # a worker as far as its work folder goes: claim it, fill it, say where, live on
 CHILD = """
 import os, sys, time
