@@ -28,6 +28,7 @@ from almapipe.platform.auth import channel
 from almapipe.platform.stack import Stack, StackError
 from almapipe.v1 import pipeline_pb2 as pb, pipeline_pb2_grpc as pb_grpc
 from conftest import NGC5921
+from runpool import pooled
 
 # kills workers or restarts servers: the suite's pooled runs end first (tests/runpool.py)
 DISTURBS_STACK = True
@@ -54,17 +55,26 @@ def wait_run(stub, run_id, timeout=400):
     raise TimeoutError(run_id)
 
 
-@pytest.fixture(scope="module")
-def ngc_run(stack, stub, tmp_path_factory):
-    """The default recipe on NGC 5921, submitted and watched through the gRPC API."""
+@pooled("ngc_run")
+def submit_ngc_run(stack, stub, d):  # noqa: F811
+    """The default recipe on NGC 5921, submitted through the gRPC API with the suite's
+    other long runs (tests/runpool.py) and watched: WatchRun streams a run's events
+    from its first, whenever it is called."""
     _, cfg = stack
     key = upload_input(cfg, NGC5921)
-    run = stub.SubmitRun(pb.SubmitRunRequest(input_key=key, recipe="ngc5921", label="e2e"))
-    events = list(stub.WatchRun(pb.WatchRunRequest(run_id=run.run_id), timeout=600))
-    run = stub.GetRun(pb.GetRunRequest(run_id=run.run_id))
-    out = str(tmp_path_factory.mktemp("products"))
-    download_products(stub, pb, run.run_id, out)
-    return run, events, out
+    run_id = stub.SubmitRun(pb.SubmitRunRequest(input_key=key, recipe="ngc5921", label="e2e")).run_id
+
+    def finish():
+        events = list(stub.WatchRun(pb.WatchRunRequest(run_id=run_id), timeout=900))
+        run = stub.GetRun(pb.GetRunRequest(run_id=run_id))
+        download_products(stub, pb, run_id, str(d))
+        return run, events, str(d)
+    return finish
+
+
+@pytest.fixture(scope="module")
+def ngc_run(run_pool):
+    return run_pool.result("ngc_run")
 
 
 def test_e2e_run_succeeds_with_every_stage_scored(ngc_run):
