@@ -153,6 +153,29 @@ def test_interpolating_all_channels_at_once_equals_one_by_one(interp):
             np.testing.assert_allclose(got[:, c, p], want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("interp", ["linear", "nearest"])
+def test_interpolating_a_row_block_equals_the_block_of_the_whole(interp):
+    """applycal asks for one row block's times at a time, and only the solutions around
+    them are unwrapped and interpolated: every block's gains equal those of the whole
+    EB's times, even where the phase winds through many turns."""
+    from almapipe.calibration.applycal import _interpolate_all
+    rng = np.random.default_rng(5)
+    ts = np.sort(rng.uniform(0, 1000, 300))
+    g = (1 + 0.1 * rng.normal(size=(300, 3, 2))) * np.exp(1j * np.cumsum(rng.normal(0, 2, (300, 3, 2)), axis=0))
+    times = np.sort(rng.uniform(-20, 1020, 2000))
+    whole = _interpolate_all(ts, g, times, interp)
+    for block in np.array_split(np.arange(len(times)), 37):
+        np.testing.assert_allclose(_interpolate_all(ts, g, times[block], interp), whole[block], rtol=1e-9, atol=1e-9)
+    # the rows' (field, time) keys as np.unique gives them
+    from almapipe.msio.ms import unique_rows
+    field, t = rng.integers(0, 3, 5000).astype(float), rng.choice(times[:400], 5000)
+    for cols in ((field, t), (t, field), (field,), (field[:0], t[:0])):
+        keys, index = unique_rows(*cols)
+        want, inverse = np.unique(np.stack(cols, axis=1), axis=0, return_inverse=True)
+        np.testing.assert_array_equal(keys, want)
+        np.testing.assert_array_equal(index, inverse.ravel())
+
+
 def test_a_flagged_solution_flags_the_data_that_would_be_interpolated_through_it():
     """As CASA's applycal (applymode calflagstrict, the ALMA pipeline's): an antenna's
     solution flagged in one scan flags every time whose linear interpolation uses it (up

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..msio.ms import Vis
+from ..msio.ms import Vis, unique_rows
 
 
 @dataclass
@@ -101,6 +101,14 @@ def _interpolate_all(ts: np.ndarray, g: np.ndarray, times: np.ndarray, interp: s
     n = len(ts)
     if n == 1:
         return np.broadcast_to(g[:1], (len(times),) + g.shape[1:])
+    if len(times):
+        # only the solutions the times fall between: applycal asks one row block at a
+        # time, and a table holds every integration of the EB. Unwrapping a window
+        # changes its phases by a whole number of turns, which cancels between the two
+        # neighbours a time is interpolated from.
+        lo = max(min(int(np.searchsorted(ts, times.min())), n - 1), 1) - 1
+        hi = min(int(np.searchsorted(ts, times.max())), n - 1) + 1
+        ts, g, n = ts[lo:hi], g[lo:hi], hi - lo
     i = np.searchsorted(ts, times).clip(1, n - 1)
     if interp == "nearest":
         pick = np.where(np.abs(times - ts[i - 1]) <= np.abs(ts[i] - times), i - 1, i)
@@ -129,8 +137,7 @@ def apply_tables(vis: Vis, applies: list, data: np.ndarray | None = None, strict
         return data, flag, weight
     nant = vis.nant
     nchan, ncorr = data.shape[1:]
-    pairs, pidx = np.unique(np.stack([vis.field_id, vis.time], axis=1), axis=0, return_inverse=True)
-    pidx = pidx.ravel()
+    pairs, pidx = unique_rows(vis.field_id.astype(np.float64), vis.time)
     gain = np.ones((len(pairs), nant, nchan, ncorr), np.complex64)
     wfac = np.ones((len(pairs), nant, nchan, ncorr), np.float32)   # |g|^2 of the calwt tables
     bad = np.zeros((len(pairs), nant, nchan, ncorr), bool)

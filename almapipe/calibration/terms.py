@@ -21,7 +21,7 @@ from .kernels import accumulate_slots, average_channels
 from ..errors import ParameterError
 from .applycal import apply_tables
 from .caltable import CalSolutions
-from ..msio.ms import Vis
+from ..msio.ms import Vis, unique_rows
 
 
 @dataclass
@@ -70,8 +70,7 @@ def time_bins(vis: Vis, solint: str, combine: str) -> np.ndarray:
         t0 = {s: vis.time[vis.scan == s].min() for s in np.unique(vis.scan)}
         start = np.array([t0[s] for s in vis.scan])
         sub = np.floor((vis.time - start) / secs + 1e-6).astype(int)
-    keys = np.stack([key_field, key_scan, sub], axis=1)
-    return np.unique(keys, axis=0, return_inverse=True)[1].ravel()
+    return unique_rows(np.asarray(key_field, np.int64), np.asarray(key_scan, np.int64), np.asarray(sub, np.int64))[1]
 
 
 def solve_term(vis: Vis, model: np.ndarray, spec: SolveSpec) -> CalSolutions:

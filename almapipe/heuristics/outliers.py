@@ -11,6 +11,7 @@ from astropy.stats import mad_std
 
 from .robust import robust_centre_sigma
 from ..calibration.caltable import CalSolutions
+from ..msio.ms import unique_rows
 
 
 def _robust(x: np.ndarray, floor: float) -> tuple[float, float]:
@@ -22,9 +23,7 @@ def relative_amplitudes(g: CalSolutions) -> np.ndarray:
     field and correlation (NaN where flagged): what gain_outliers tests and the plot shows."""
     amp = np.where(g.flag[:, 0, :], np.nan, np.abs(g.cparam[:, 0, :]))       # (nrow, ncorr)
     rel = np.full_like(amp, np.nan)
-    keys = np.stack([g.time, g.field_id], axis=1)
-    _, slot = np.unique(keys, axis=0, return_inverse=True)
-    slot = slot.ravel()
+    _, slot = unique_rows(np.asarray(g.time, np.float64), np.asarray(g.field_id, np.float64))
     for s in np.unique(slot):
         r = slot == s
         with warnings.catch_warnings():
