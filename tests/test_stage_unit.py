@@ -432,6 +432,42 @@ def test_robust_statistics_are_astropys_mad_std():
     assert robust_sigma(np.ones(5), floor=0.1) == 0.1 and robust_rms(np.array([np.nan])) == 0.0
 
 
+def test_columnwise_median_and_mad_are_numpys_and_astropys():
+    """nan_median_mad_std (flagtargets' per-channel statistics) equals np.nanmedian and
+    mad_std(ignore_nan=True) column by column, columns without a value included."""
+    import warnings
+    from almapipe.heuristics.robust import nan_median_mad_std
+    rng = np.random.default_rng(4)
+    for shape, dtype in (((501, 6, 2), np.float32), ((8, 5, 2), np.float64), ((1, 3, 2), np.float32)):
+        a = rng.rayleigh(1.0, shape).astype(dtype)
+        a[rng.random(shape) < 0.3] = np.nan
+        a[:, 0, 0] = np.nan
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            want_med, want_sig = np.nanmedian(a, axis=0), mad_std(a, axis=0, ignore_nan=True)
+        med, sig = nan_median_mad_std(a)
+        np.testing.assert_array_equal(med, want_med)
+        np.testing.assert_allclose(sig, want_sig, rtol=1e-6)
+        assert med.dtype == sig.dtype == dtype
+
+
+def test_uv_outliers_of_a_long_eb_take_their_statistics_from_a_sample_of_rows(monkeypatch):
+    """flagtargets' bins of 60,000 rows: thresholds from 20,000 evenly spaced rows flag
+    the injected outliers, and only them, as thresholds from every row do."""
+    from almapipe.heuristics import outliers
+    rng = np.random.default_rng(6)
+    nrow = 600000
+    amp = rng.rayleigh(1.0, (nrow, 4, 2)).astype(np.float32)
+    bad = np.zeros(amp.shape, bool)
+    bad[rng.choice(nrow, 40, replace=False), rng.integers(0, 4, 40), rng.integers(0, 2, 40)] = True
+    amp[bad] = 40.0
+    flag = np.zeros(amp.shape, bool)
+    uvdist = rng.uniform(10, 1000, nrow)
+    got = outliers.uv_outliers(amp, flag, uvdist)
+    monkeypatch.setattr(outliers, "STATS_ROWS", nrow)
+    assert (got == bad).all() and (outliers.uv_outliers(amp, flag, uvdist) == got).all()
+
+
 def test_a_cubes_automatic_piece_count_keeps_each_piece_within_the_budget(monkeypatch):
     """makeimages' automatic cube_chunks (cube_piece_count): the fewest channel ranges
     whose visibilities, flags, weights and uvw fit the budget (and no fewer); a small cube
