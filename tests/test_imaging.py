@@ -85,6 +85,44 @@ def test_uvcontsub_removes_continuum_and_keeps_line():
         parse_channels("0~99", nchan)
 
 
+@pytest.mark.parametrize("order", [0, 1, 2, 3])
+def test_continuum_subtraction_is_the_least_squares_fit_of_each_row(order):
+    """uvcontsub's compiled pass (kernels.subtract_continuum_rows): for each selected row
+    and correlation the polynomial fitted by least squares to its unflagged continuum
+    channels is subtracted from every channel (rows with too few such channels and rows
+    not selected are left alone), and the weighted spectrum of the selected rows is
+    summed before the subtraction."""
+    from almapipe.imaging.kernels import subtract_continuum_rows
+    rng = np.random.default_rng(order)
+    nrow, nchan, ncorr = 60, 24, 2
+    data = (rng.normal(size=(nrow, nchan, ncorr)) + 1j * rng.normal(size=(nrow, nchan, ncorr))).astype(np.complex64)
+    flag = rng.random(data.shape) < 0.2
+    flag[3, :, 0] = True                                   # a correlation with nothing to fit
+    flag[4, 2:, 1] = True                                  # ... or too little
+    weight = rng.uniform(0.5, 2, (nrow, ncorr)).astype(np.float32)
+    mask = np.ones(nchan, bool)
+    mask[9:15] = False
+    rows = rng.random(nrow) < 0.7
+    rows[3] = rows[4] = True
+    out, vsum, wsum = data.copy(), np.zeros(nchan, complex), np.zeros(nchan)
+    subtract_continuum_rows(out, flag, weight, rows, mask, order, vsum, wsum)
+    x = np.linspace(-1, 1, nchan)
+    basis = np.stack([x ** k for k in range(order + 1)], axis=1)
+    want = data.astype(np.complex128)
+    for r in np.flatnonzero(rows):
+        for p in range(ncorr):
+            use = mask & ~flag[r, :, p]
+            if use.sum() > order:
+                coef = np.linalg.lstsq(basis[use], want[r, use, p], rcond=None)[0]
+                want[r, :, p] -= basis @ coef
+    np.testing.assert_allclose(out, want, atol=2e-6)
+    np.testing.assert_array_equal(out[~rows], data[~rows])
+    np.testing.assert_array_equal(out[3, :, 0], data[3, :, 0])
+    w = np.where(flag[rows], 0, weight[rows][:, None, :])
+    np.testing.assert_allclose(vsum, (w * data[rows]).sum(axis=(0, 2)), rtol=1e-5)
+    np.testing.assert_allclose(wsum, w.sum(axis=(0, 2)), rtol=1e-6)
+
+
 def test_findcont_finds_a_line_that_covers_most_of_the_band():
     """A line wider than half the band (as NGC 5921's HI is) must still be found."""
     from almapipe.imaging.findcont import find_continuum

@@ -137,3 +137,101 @@ def stokes_i_bins(data, flag, weight, chan_bin, pols, vis_out, wgt_out, row0):
         for b in range(nbin):
             if wgt_out[o, b] > 0:
                 vis_out[o, b] /= wgt_out[o, b]
+
+
+def subtract_continuum_rows(data, flag, weight, rows, cont_mask, order, vsum, wsum):
+    """uvcontsub's pass over a row block, in place: for each selected row (rows, bool
+    (nrow,)) and correlation, the polynomial of the given order in x (-1 .. 1 across
+    the channels) fitted by least squares to the unflagged continuum channels
+    (cont_mask) is subtracted from every channel; a (row, correlation) with no more
+    than `order` such channels is left as it is. Before the subtraction, the weighted
+    sum of the unflagged data and the sum of their weights are added per channel to
+    vsum (complex128) and wsum (float64): the target's spectrum.
+
+    data (nrow, nchan, ncorr) complex64, flag the same shape, weight (nrow, ncorr).
+    The fit's normal equations are summed and solved in float64 (order <= 3)."""
+    _subtract_continuum_rows(data, flag, weight, rows, cont_mask, int(order), vsum, wsum, numba.get_num_threads())
+
+
+@numba.njit(parallel=True, cache=True)
+def _subtract_continuum_rows(data, flag, weight, rows, cont_mask, order, vsum, wsum, nthread):
+    nrow, nchan, ncorr = data.shape
+    nk = order + 1
+    x = np.empty(nchan)
+    for c in range(nchan):
+        x[c] = -1.0 + 2.0 * c / (nchan - 1) if nchan > 1 else -1.0
+    selected = np.flatnonzero(rows)
+    vpart = np.zeros((nthread, nchan), np.complex128)
+    wpart = np.zeros((nthread, nchan))
+    for t in numba.prange(nthread):
+        a = np.empty((nk, nk))
+        br = np.empty(nk)
+        bi = np.empty(nk)
+        xp = np.empty(2 * nk - 1)
+        for k in range(t, len(selected), nthread):
+            r = selected[k]
+            for p in range(ncorr):
+                w_row = weight[r, p]
+                for c in range(nchan):
+                    if not flag[r, c, p]:
+                        vpart[t, c] += w_row * data[r, c, p]
+                        wpart[t, c] += w_row
+                for i in range(nk):
+                    br[i] = 0.0
+                    bi[i] = 0.0
+                    for j in range(nk):
+                        a[i, j] = 0.0
+                n = 0
+                for c in range(nchan):
+                    if flag[r, c, p] or not cont_mask[c]:
+                        continue
+                    n += 1
+                    xp[0] = 1.0
+                    for m in range(1, 2 * nk - 1):
+                        xp[m] = xp[m - 1] * x[c]
+                    d = data[r, c, p]
+                    for i in range(nk):
+                        br[i] += xp[i] * d.real
+                        bi[i] += xp[i] * d.imag
+                        for j in range(nk):
+                            a[i, j] += xp[i + j]
+                if n <= order:
+                    continue
+                # Gaussian elimination with partial pivoting (a is symmetric positive
+                # definite for n > order distinct x, so this never meets a zero pivot)
+                for i in range(nk):
+                    piv = i
+                    for m in range(i + 1, nk):
+                        if abs(a[m, i]) > abs(a[piv, i]):
+                            piv = m
+                    if piv != i:
+                        for j in range(nk):
+                            a[i, j], a[piv, j] = a[piv, j], a[i, j]
+                        br[i], br[piv] = br[piv], br[i]
+                        bi[i], bi[piv] = bi[piv], bi[i]
+                    for m in range(i + 1, nk):
+                        f = a[m, i] / a[i, i]
+                        for j in range(i, nk):
+                            a[m, j] -= f * a[i, j]
+                        br[m] -= f * br[i]
+                        bi[m] -= f * bi[i]
+                for i in range(nk - 1, -1, -1):
+                    for j in range(i + 1, nk):
+                        br[i] -= a[i, j] * br[j]
+                        bi[i] -= a[i, j] * bi[j]
+                    br[i] /= a[i, i]
+                    bi[i] /= a[i, i]
+                for c in range(nchan):
+                    mr = 0.0
+                    mi = 0.0
+                    xc = 1.0
+                    for i in range(nk):
+                        mr += br[i] * xc
+                        mi += bi[i] * xc
+                        xc *= x[c]
+                    d = data[r, c, p]
+                    data[r, c, p] = np.complex64(complex(d.real - mr, d.imag - mi))
+    for t in range(nthread):
+        for c in range(nchan):
+            vsum[c] += vpart[t, c]
+            wsum[c] += wpart[t, c]

@@ -43,19 +43,13 @@ def format_channels(mask: np.ndarray) -> str:
 def subtract_continuum(data: np.ndarray, flag: np.ndarray, cont_mask: np.ndarray, order: int = 0):
     """Return (line data, continuum model) for data (nrow, nchan, ncorr).
 
-    The fit uses unflagged continuum channels only; rows with too few such
-    channels are left unchanged and reported through the returned model (zero).
-    """
+    The fit uses unflagged continuum channels only, each with the same weight; rows with
+    no more such channels than the order are left unchanged (their model is zero). The
+    stage subtracts in place over row blocks (kernels.subtract_continuum_rows)."""
+    from .kernels import subtract_continuum_rows
     nrow, nchan, ncorr = data.shape
-    x = np.linspace(-1, 1, nchan)
-    basis = np.stack([x ** k for k in range(order + 1)], axis=1)          # (nchan, order+1)
-    w = (~flag & cont_mask[None, :, None]).astype(np.float64)             # (nrow, nchan, ncorr)
-    # normal equations per (row, corr): (B^T W B) c = B^T W d
-    bwb = np.einsum("rcp,ck,cl->rpkl", w, basis, basis)
-    bwd = np.einsum("rcp,ck,rcp->rpk", w, basis, data)
-    enough = (w.sum(axis=1) > order)
-    eye = np.eye(order + 1)
-    coef = np.linalg.solve(np.where(enough[..., None, None], bwb, eye), bwd[..., None])[..., 0]
-    coef = np.where(enough[..., None], coef, 0)
-    model = np.einsum("ck,rpk->rcp", basis, coef)
-    return (data - model).astype(data.dtype), model
+    line = np.ascontiguousarray(data, dtype=np.complex64).copy()
+    subtract_continuum_rows(line, np.ascontiguousarray(flag), np.ones((nrow, ncorr), np.float32),
+                            np.ones(nrow, bool), np.ascontiguousarray(cont_mask, dtype=bool), int(order),
+                            np.zeros(nchan, np.complex128), np.zeros(nchan))
+    return line.astype(data.dtype, copy=False), data - line

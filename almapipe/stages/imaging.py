@@ -27,7 +27,8 @@ from ..imaging.samples import (MedianSketch, clean_mfs, read_aggregate_samples, 
                                 reference_frequency, uv_distances)
 from ..imaging.products import (image_header, mosaic_noise_factor, obs_info,  # noqa: E402
                                 pipeline_version, write_fits)
-from ..imaging.uvcontsub import format_channels, parse_channels, subtract_continuum  # noqa: E402
+from ..imaging.kernels import subtract_continuum_rows  # noqa: E402
+from ..imaging.uvcontsub import format_channels, parse_channels  # noqa: E402
 from ..msio import ms as msio  # noqa: E402
 
 # the largest image makeimages makes from its heuristics (per image kind: max_imsize)
@@ -279,14 +280,13 @@ def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
         spectra = {name: [np.zeros(len(freq), complex), np.zeros(len(freq))] for name in masks}
         for part, vp in members:
             for blk in member_blocks(io, vp, part):
+                data = np.ascontiguousarray(blk.data, dtype=np.complex64)
+                flag, weight = np.ascontiguousarray(blk.flag), np.ascontiguousarray(blk.weight, dtype=np.float32)
                 for name, (fids, mask) in masks.items():
                     rows = np.isin(blk.field_id, fids)
-                    if rows.any():
-                        w = np.where(blk.flag[rows], 0, blk.weight[rows][:, None, :])
-                        spectra[name][0] += (w * blk.data[rows]).sum(axis=(0, 2))
-                        spectra[name][1] += w.sum(axis=(0, 2))
-                        blk.data[rows], _ = subtract_continuum(blk.data[rows], blk.flag[rows], mask, order)
-                vp.write("DATA", blk.rows, blk.data)
+                    if rows.any():          # the spectrum summed, then the fit subtracted, in one pass
+                        subtract_continuum_rows(data, flag, weight, rows, mask, order, *spectra[name])
+                vp.write("DATA", blk.rows, data)
             out.append(dict(vp.commit(), cont_chans=cont_chans))
         for name, (vsum, wsum) in spectra.items():
             _plot_spectrum(io, np.abs(vsum / np.maximum(wsum, 1e-30)), masks[name][1], spw, name)
