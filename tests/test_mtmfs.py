@@ -205,6 +205,31 @@ def test_subminor_loop_over_a_noise_like_residual_is_the_whole_image_search():
         assert np.abs(r_new - r_ref).max() <= 3e-5 * np.abs(res).max()
 
 
+def test_two_term_kernel_is_the_general_one():
+    """mt2_subminor (two terms, the pipeline's case) and mt_subminor (any number of
+    terms, the one-term image's) give the same components over the same list."""
+    from almapipe.imaging import clean_kernels
+    n = 64
+    psfs = synthetic_taylor_psfs(n)
+    res = taylor_residuals(psfs, [(20, 30, 5.0, -0.8), (40, 44, 3.0, 1.5)], noise=1.0)
+    hinv = np.linalg.inv(mtmfs.hessian(psfs, 2))
+    weight = np.ones((n, n))
+    weight[:8] = 0.0
+    listed = (np.abs(res[0]) > 1.0).astype(np.float32)
+    run_y, run_x0, run_start, _, _ = clean_kernels.spans(listed, np.ones((n, n), np.float32), 0.5, 32)
+    w = mtmfs.gather(weight[None], run_y, run_x0, run_start)[0]
+    out = []
+    for kernel in (mtmfs.mt_subminor, mtmfs.mt2_subminor):
+        vals = mtmfs.gather(res, run_y, run_x0, run_start)
+        comp_k, comp_amp = np.zeros(200, np.int64), np.zeros((200, 2))
+        count = kernel(vals, w, run_y, run_x0, run_start, clean_kernels.chunks(run_start, 2), psfs, n, n, hinv,
+                       0.1, 1.5, 200, comp_k, comp_amp)
+        out.append((count, comp_k, comp_amp, vals))
+    assert out[0][0] == out[1][0] > 0
+    for a, b in zip(out[0][1:], out[1][1:]):
+        assert np.array_equal(a, b)
+
+
 def test_taylor_psf_convolver_direct_and_fft_agree():
     """The whole-image update: the PSFs shifted onto each component (few pixels) and
     the FFT convolution (many) subtract the same sum_s a_s P_{t+s}."""
