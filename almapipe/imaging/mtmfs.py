@@ -16,7 +16,9 @@ terms at the component's own pixel.
 The minor cycle (Hogbom, one scale): at each pixel the coefficients that best explain
 the residuals there are a = H^-1 R; the component is taken where the decrease of the
 chi-square it brings, a . R, is largest, gain x a is added to the models and
-gain x sum_s a_s P_{t+s} subtracted from every R_t. Major cycles predict the model
+gain x sum_s a_s P_{t+s} subtracted from every R_t, over a list of the pixels that
+can be picked (the sub-minor loop of decisions 8 and 17: the whole residuals are
+brought up to date once a list is done). Major cycles predict the model
 visibilities as sum_t x^t V(I_t) (each Taylor model degridded once) and grid the
 residual visibilities again, so the minor cycle's approximations do not accumulate.
 
@@ -121,8 +123,8 @@ def _mt_scan_pixel(res, hinv, y, x, nt):
 @numba.njit(cache=True)
 def mt_hogbom_whole_image(res, psfs, hinv, py, px, weight, gain, threshold, niter, models):
     """Multi-term Hogbom CLEAN over the whole image, in place (the reference that
-    mt_hogbom's sub-minor loop is checked against): res (nterms, ny, nx) the Taylor residuals,
-    psfs (2 nterms - 1, 2 ny, 2 nx) with peak at (py, px), hinv the inverse Hessian,
+    mt_hogbom's sub-minor loop is checked against): res (nterms, ny, nx) the Taylor
+    residuals, psfs (2 nterms - 1, 2 ny, 2 nx) with peak at (py, px), hinv the inverse Hessian,
     weight the search mask. Each iteration takes the pixel of largest a . R (a = H^-1 R
     there; the first in row-major order among equals) and stops when |R_0| x weight is
     below threshold everywhere or after niter components. Returns the number of
@@ -457,7 +459,7 @@ def mt_hogbom(res, psfs, hinv, py, px, weight, gain, threshold, niter, models, c
     |R_0| x weight >= margin x threshold or where (a . R) x weight could reach the
     criterion that the pixel of largest |R_0| x weight (>= threshold while the loop
     runs) has at least, lambda_min(H^-1) x threshold^2 (for weights <= 1; margin^2
-    of it); every R_t is held for them only (mt_subminor). Afterwards the whole of
+    of it); every R_t is held for them only (mt2_subminor, mt_subminor). Afterwards the whole of
     every R_t is brought up to date (convolver) and, while a pixel is above the
     threshold, the loop starts again from a new list. A list of more than
     DENSE_FRACTION of the image becomes the whole image: then the components are the
@@ -488,7 +490,7 @@ def mt_hogbom(res, psfs, hinv, py, px, weight, gain, threshold, niter, models, c
         subminor = mt2_subminor if nt == 2 else mt_subminor
         with clean_kernels.threads_for(len(wv), gridding.nthreads()) as nthreads:
             n = subminor(vals, wv, run_y, run_x0, run_start, clean_kernels.chunks(run_start, nthreads),
-                            psfs, py, px, hinv, float(gain), float(threshold), niter - done, comp_k, comp_amp)
+                         psfs, py, px, hinv, float(gain), float(threshold), niter - done, comp_k, comp_amp)
         ys, xs = clean_kernels.positions(run_y, run_x0, run_start, comp_k[:n])
         for t in range(nt):
             np.add.at(models[t], (ys, xs), comp_amp[:n, t])
