@@ -777,3 +777,32 @@ def test_the_readme_lists_every_stage():
     with open(os.path.join(ROOT, "README.md")) as f:
         row = next(line for line in f if line.startswith("| `almapipe/stages` |"))
     assert not [name for name in REGISTRY if f"`{name}`" not in row]
+
+
+def test_an_object_store_outage_under_zarr_is_an_infrastructure_error():
+    """The visibility store's S3 client (obstore) words a 5xx answer or a refused
+    connection only in its error's text, once its own retries are spent: the worker
+    waits those out instead of failing the stage (a 20 GB EB's uvcontsub failed three
+    times in a row when the S3 server had no writable volume). A refusal is not one."""
+    from obstore.exceptions import GenericError
+    from almapipe.platform.bus import is_infrastructure_error
+    status_500 = GenericError("Generic S3 error: Error performing PUT http://127.0.0.1:1/b/k/zarr.json in 2.9s, "
+                              "after 10 retries - Status { status: 500, body: Some(\"<Error><Code>InternalError"
+                              "</Code></Error>\") }")
+    refused = GenericError("Generic S3 error: Error performing DELETE http://127.0.0.1:1/b/k - HTTP error: error "
+                           "sending request ... ConnectError(\"tcp connect error\")")
+    try:
+        raise RuntimeError("the stage's write") from status_500
+    except RuntimeError as wrapped:
+        assert is_infrastructure_error(wrapped)
+    assert is_infrastructure_error(refused)
+    assert not is_infrastructure_error(GenericError("Generic S3 error: Status { status: 403, body: AccessDenied }"))
+
+
+def test_the_local_s3_server_grows_with_the_disk_not_with_its_start_up_free_space():
+    """weed's automatic volume count (-volume.max=0) is fixed from the disk free when it
+    starts: the local stack names a count no disk reaches and a free-space floor."""
+    import inspect
+    from almapipe.platform import stack
+    src = inspect.getsource(stack.Stack)
+    assert '"-volume.max=0"' not in src and "-volume.minFreeSpace={S3_MIN_FREE}" in src

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 
 import nats
@@ -136,8 +137,25 @@ def is_infrastructure_error(exc: BaseException) -> bool:
         if isinstance(exc, S3Error) and exc.code in ("InternalError", "ServiceUnavailable", "SlowDown",
                                                      "RequestTimeout", "XMinioServerNotInitialized"):
             return True
+        if _is_object_store_outage(exc):
+            return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+# how obstore (the visibility store's S3 client, under zarr) words an answer of 5xx or
+# no answer, once its own retries are spent: its GenericError carries the HTTP status
+# or the connection error only in its text
+_OBSTORE_OUTAGE = re.compile(r"status: 5\d\d|error sending request|tcp connect error|connection (refused|reset|closed)"
+                             r"|<Code>(InternalError|ServiceUnavailable|SlowDown|RequestTimeout)</Code>", re.I)
+
+
+def _is_object_store_outage(exc: BaseException) -> bool:
+    try:
+        from obstore.exceptions import GenericError
+    except ImportError:
+        return False
+    return isinstance(exc, GenericError) and bool(_OBSTORE_OUTAGE.search(str(exc)))
 
 
 async def publish_retrying(js, subject: str, data: bytes, msg_id: str, what: str,

@@ -32,6 +32,8 @@ import urllib.request
 from ..config import Config, PORTS, default_data_dir, port
 
 SERVICES = ("importer", "calibrator", "imager", "weblog")
+# the disk the local S3 server (weed) leaves free: below it, its volumes turn read-only
+S3_MIN_FREE = "2GiB"
 NATS_USERS = ("admin", "gateway") + SERVICES
 ROLES_MADE = ("operator", "reviewer", "submitter", "reader")
 KV_STREAM = "KV_ALMAPIPE_RUNS"
@@ -252,7 +254,12 @@ class Stack:
             # Only signed S3 is served. The filer's HTTP port would serve every object by
             # path without credentials (-filer.disableHttp: `weed s3` talks to the filer over
             # gRPC); the Iceberg and Lance catalogues (8181, 9101 whatever the port base) are
-            # off; every gRPC port is named so two stacks do not collide.
+            # off; every gRPC port is named so two stacks do not collide. The volume count
+            # is not weed's automatic one (-volume.max=0: the free disk at start-up divided
+            # by the volume size, never raised again: a 23 GB EB deleted after its upload
+            # left the store without writable volumes with 22 GB of disk free); the store
+            # grows while the disk keeps S3_MIN_FREE free, below which weed answers
+            # writes with errors and the workers wait (an infrastructure error).
             p = self._start("s3", [exe, "server", f"-dir={d}", "-s3", f"-s3.port={port('s3')}",
                                    f"-s3.port.grpc={port('s3') + 10000}", "-s3.port.iceberg=0", "-s3.port.lance=0",
                                    f"-s3.config={ident}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -262,7 +269,8 @@ class Stack:
                                    f"-volume.port.grpc={port('weed_volume') + 10000}",
                                    f"-filer.port={port('weed_filer')}",
                                    f"-filer.port.grpc={port('weed_filer') + 10000}", "-filer.disableHttp",
-                                   "-volume.max=0", "-master.volumeSizeLimitMB=256"], env)
+                                   "-volume.max=100000", f"-volume.minFreeSpace={S3_MIN_FREE}",
+                                   "-master.volumeSizeLimitMB=256"], env)
         self._wait_ready("s3", p, timeout)
 
     def _start_services(self, env, cfg, timeout):
