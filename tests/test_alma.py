@@ -56,71 +56,49 @@ def run_simulated_eb(stack, stub, d, preset: str, parameters: dict | None = None
     return finish_run(stub, submit_simulated_eb(stack, stub, d, preset, parameters, recipe))
 
 
-def pool_simulated_eb(name: str, preset: str | None, parameters: dict, recipe: str = "alma_calimage") -> None:
+def pool_simulated_eb(name: str, preset: str | None, parameters: dict, recipe: str = "alma_calimage"):
     """Registers a run of the preset's EB (None: NGC 5921) with the suite's run pool
-    (tests/runpool.py): submitted with the suite's other long runs, its result is
-    run_pool.result(name)."""
+    (tests/runpool.py), submitted with the suite's other long runs, and returns the
+    module fixture that gives its result (assign it to a module variable of that name)."""
     @pooled(name)
     def submit(stack, stub, d):  # noqa: F811
         sub = submit_simulated_eb(stack, stub, d, preset, parameters, recipe)
         return lambda: finish_run(stub, sub)
 
+    @pytest.fixture(scope="module", name=name)
+    def result(run_pool):
+        return run_pool.result(name)
+    return result
+
 
 # the small EB with its flux.csv in ALMA's columns and no recipe named: the pipeline
 # takes the ALMA recipe for data whose telescope is ALMA; the QA2 goals given as
 # exportdata's parameters
-pool_simulated_eb("alma_run", "small", {"exportdata.requested_rms_jy": "0.001",
-                                        "exportdata.requested_beam_arcsec": "[0.1, 10]"}, recipe="")
+alma_run = pool_simulated_eb("alma_run", "small", {"exportdata.requested_rms_jy": "0.001",
+                                                   "exportdata.requested_beam_arcsec": "[0.1, 10]"}, recipe="")
 # a narrow spw beside two wide ones; calibrator images and the cubes, each cleaned in
 # 3 channel ranges by the imager workers and joined
-pool_simulated_eb("mixed_run", "mixed", {"makeimages.target_cont": "false", "makeimages.target_aggregate": "false",
-                                         "makeimages.cube_chunks": "3"})
+mixed_run = pool_simulated_eb("mixed_run", "mixed", {"makeimages.target_cont": "false",
+                                                     "makeimages.target_aggregate": "false",
+                                                     "makeimages.cube_chunks": "3"})
 # the target a 7-pointing mosaic; the calibrators' images limited to 32 pixels, so that
 # they are named and not made
-pool_simulated_eb("mosaic_run", "mosaic", {"makeimages.calibrator": json.dumps({"max_imsize": 32})})
+mosaic_run = pool_simulated_eb("mosaic_run", "mosaic", {"makeimages.calibrator": json.dumps({"max_imsize": 32})})
 # one antenna at 0.4 of its gain in one spw, a burst of bad data on one target baseline;
 # a target flag template for baseline 5-6 in spw 5; imaging cut to the target's continuum
-pool_simulated_eb("outliers_run", "outliers", {"makeimages.calibrators": "false", "makeimages.target_cube": "false",
-                                               "makeimages.target_aggregate": "false",
-                                               "flagtargets.template": "antenna='5&6' spw='5'"})
+outliers_run = pool_simulated_eb("outliers_run", "outliers", {"makeimages.calibrators": "false",
+                                                              "makeimages.target_cube": "false",
+                                                              "makeimages.target_aggregate": "false",
+                                                              "flagtargets.template": "antenna='5&6' spw='5'"})
 # four spws over 16 % of Band 3 and continuum sources of known spectral index; imaging
 # cut to the target's continuum (per spw and aggregate)
-pool_simulated_eb("wideband_run", "wideband", {"makeimages.calibrators": "false",
-                                               "makeimages.target_cube": "false"})
+wideband_run = pool_simulated_eb("wideband_run", "wideband", {"makeimages.calibrators": "false",
+                                                              "makeimages.target_cube": "false"})
 # NGC 5921 (VLA data: no SYSCAL, no WVR) through the ALMA recipe; its cube only
-pool_simulated_eb("vla_run", None, {"flagdata.edge_fraction": "0.05", "makeimages.calibrators": "false",
-                                    "makeimages.target_cont": "false",
-                                    "makeimages.cube": json.dumps({"imsize": 128, "cell_arcsec": 20, "niter": 100})})
-
-
-@pytest.fixture(scope="module")
-def alma_run(run_pool):
-    return run_pool.result("alma_run")
-
-
-@pytest.fixture(scope="module")
-def mixed_run(run_pool):
-    return run_pool.result("mixed_run")
-
-
-@pytest.fixture(scope="module")
-def mosaic_run(run_pool):
-    return run_pool.result("mosaic_run")
-
-
-@pytest.fixture(scope="module")
-def outliers_run(run_pool):
-    return run_pool.result("outliers_run")
-
-
-@pytest.fixture(scope="module")
-def wideband_run(run_pool):
-    return run_pool.result("wideband_run")
-
-
-@pytest.fixture(scope="module")
-def vla_run(run_pool):
-    return run_pool.result("vla_run")
+vla_run = pool_simulated_eb("vla_run", None, {"flagdata.edge_fraction": "0.05", "makeimages.calibrators": "false",
+                                              "makeimages.target_cont": "false",
+                                              "makeimages.cube": json.dumps({"imsize": 128, "cell_arcsec": 20,
+                                                                             "niter": 100})})
 
 
 def extract_table(out, name: str) -> list:
