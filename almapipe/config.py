@@ -30,6 +30,8 @@ so one data directory and one port base describe a whole local stack:
   ALMAPIPE_MAX_DELIVER, ALMAPIPE_ACK_WAIT_S   work-queue redelivery bounds
   ALMAPIPE_IMAGER_WORKERS  imager workers the local stack starts (default 1); they share
                        the imager's work queue, so a cube's pieces run in parallel
+                       (ALMAPIPE_IMPORTER_WORKERS, _CALIBRATOR_, _WEBLOG_: the same for the
+                       other services, e.g. several runs' calibration stages at once)
   ALMAPIPE_THREADS     threads of the gridder (default: all cores)
   ALMAPIPE_STREAM_REPLICAS  replicas of the JetStream streams and the KV bucket when they
                        are created (default 1; 3 on a 3-node NATS cluster, deploy/k8s/)

@@ -74,11 +74,13 @@ def stack(tmp_path_factory):
     from almapipe.platform.stack import Stack
     data_dir = str(tmp_path_factory.mktemp("stack"))
     old = {k: os.environ.get(k) for k in ("ALMAPIPE_DATA_DIR", "ALMAPIPE_PORT_BASE", "ALMAPIPE_MAX_DELIVER",
-                                          "ALMAPIPE_IMAGER_WORKERS")}
+                                          "ALMAPIPE_IMAGER_WORKERS", "ALMAPIPE_CALIBRATOR_WORKERS")}
     os.environ["ALMAPIPE_DATA_DIR"] = data_dir
     os.environ["ALMAPIPE_PORT_BASE"] = str(_free_base())
     os.environ["ALMAPIPE_MAX_DELIVER"] = "3"
     os.environ["ALMAPIPE_IMAGER_WORKERS"] = "2"     # cube pieces really run in parallel
+    # the run pool's runs (runpool.py) keep both cores busy with two runs' calibration
+    os.environ["ALMAPIPE_CALIBRATOR_WORKERS"] = "2"
     st = Stack(data_dir)
     st.up()
     try:

@@ -282,17 +282,19 @@ class Stack:
             workers[s] = self._start(f"worker-{s}", [py, "-m", f"services.{s}"], env,
                                      {"ALMAPIPE_METRICS_PORT": str(port(f"metrics_{s}")), "ALMAPIPE_NATS_USER": s})
         self._wait_ready("gateway", g, timeout)
-        # more imager workers (ALMAPIPE_IMAGER_WORKERS): they share the imager's work
-        # queue, so the pieces of a cube are cleaned in parallel; only the first serves metrics
+        # more workers of a service (ALMAPIPE_<SERVICE>_WORKERS, e.g. ALMAPIPE_IMAGER_WORKERS):
+        # they share the service's work queue, so the pieces of a cube, or the stages of
+        # several runs, are worked on in parallel; only the first serves metrics
         extra = []
-        for i in range(2, int(os.environ.get("ALMAPIPE_IMAGER_WORKERS", "1")) + 1):
-            extra.append(self._start(f"worker-imager-{i}", [py, "-m", "services.imager"], env,
-                                     {"ALMAPIPE_METRICS_PORT": "0", "ALMAPIPE_NATS_USER": "imager"}))
+        for s in SERVICES:
+            for i in range(2, int(os.environ.get(f"ALMAPIPE_{s.upper()}_WORKERS", "1")) + 1):
+                extra.append(self._start(f"worker-{s}-{i}", [py, "-m", f"services.{s}"], env,
+                                         {"ALMAPIPE_METRICS_PORT": "0", "ALMAPIPE_NATS_USER": s}))
         for s, p in workers.items():
             self._wait_ready(f"worker-{s}", p, timeout)
         for p in extra:
             if p.poll() is not None:
-                raise RuntimeError(f"an extra imager worker exited at start (code {p.returncode})")
+                raise RuntimeError(f"an extra worker exited at start (code {p.returncode})")
 
     def _start_supervisor(self, env) -> None:
         if os.environ.get("ALMAPIPE_SUPERVISE", "1") != "0":
