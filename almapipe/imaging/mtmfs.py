@@ -214,6 +214,19 @@ def gather(images, span_y, span_x0, span_start):
     return out
 
 
+@numba.njit(cache=True)
+def _join_chunks(best_c, best_k, peak0):
+    """The threads' chunks joined: the entry of the largest criterion (the first chunk's
+    among equals, as one pass in order would pick) and the largest |R_0| x weight."""
+    k, c, p0 = -1, -1.0, 0.0
+    for ch in range(len(best_c)):
+        if best_c[ch] > c:
+            c, k = best_c[ch], best_k[ch]
+        if peak0[ch] > p0:
+            p0 = peak0[ch]
+    return k, p0
+
+
 @numba.njit(parallel=True, cache=True)
 def mt_subminor(vals, w, run_y, run_x0, run_start, chunk, psfs, py, px, hinv, gain, threshold, niter,
                 comp_k, comp_amp):
@@ -275,12 +288,7 @@ def mt_subminor(vals, w, run_y, run_x0, run_start, chunk, psfs, py, px, hinv, ga
             best_c[ch] = bc
             best_k[ch] = bk
             peak0[ch] = p0
-        k, c, p0 = -1, -1.0, 0.0
-        for ch in range(nchunk):
-            if best_c[ch] > c:
-                c, k = best_c[ch], best_k[ch]
-            if peak0[ch] > p0:
-                p0 = peak0[ch]
+        k, p0 = _join_chunks(best_c, best_k, peak0)
         if it == niter or k < 0 or p0 < threshold:
             return it
         for i in range(nt):
@@ -356,12 +364,7 @@ def mt2_subminor(vals, w, run_y, run_x0, run_start, chunk, psfs, py, px, hinv, g
             best_c[ch] = bc
             best_k[ch] = bk
             peak0[ch] = p0
-        k, c, p0 = -1, -1.0, 0.0
-        for ch in range(nchunk):
-            if best_c[ch] > c:
-                c, k = best_c[ch], best_k[ch]
-            if peak0[ch] > p0:
-                p0 = peak0[ch]
+        k, p0 = _join_chunks(best_c, best_k, peak0)
         if it == niter or k < 0 or p0 < threshold:
             return it
         a0 = gain * (h00 * r0s[k] + h01 * r1s[k])
