@@ -28,6 +28,33 @@ class CleanResult:
     mask: np.ndarray | None = None       # the clean mask used (automask), if any
 
 
+def convolution_grid(psf_shape: tuple, shape: tuple, peak: tuple) -> tuple:
+    """The FFT grid on which a PSF (peak at `peak`) convolved with components of an image
+    of `shape` does not wrap into the image: circular convolution reaches back into the
+    image only from beyond the PSF's farther side of its peak plus the image's extent."""
+    return tuple(max(m, n + max(p, m - p)) for m, n, p in zip(psf_shape, shape, peak))
+
+
+def merge_components(ys: np.ndarray, xs: np.ndarray, amps: np.ndarray, width: int) -> tuple:
+    """Components at the same pixel summed (one shift of the PSF each): (uy, ux, total),
+    total (npixel,) or (npixel, nterms) as amps is (n,) or (n, nterms)."""
+    flat = ys.astype(np.int64) * width + xs
+    uniq, inv = np.unique(flat, return_inverse=True)
+    total = np.zeros((len(uniq),) + np.shape(amps)[1:])
+    np.add.at(total, inv, amps)
+    uy, ux = np.divmod(uniq, width)
+    return uy, ux, total
+
+
+def psf_transform(psf: np.ndarray, grid: tuple, peak: tuple, real, workers: int) -> np.ndarray:
+    """rfft2 of the PSF on the grid with its peak moved to (0, 0): the convolution's shift
+    is then the component's position."""
+    from scipy import fft
+    shifted = np.zeros(grid, real)
+    shifted[:psf.shape[0], :psf.shape[1]] = psf
+    return fft.rfft2(np.roll(shifted, (-peak[0], -peak[1]), axis=(0, 1)), workers=workers)
+
+
 class PsfConvolver:
     """Subtracts point components convolved with the PSF from a whole image: what a
     sub-minor loop (clean_kernels), which only updates its candidate pixels, leaves
@@ -44,35 +71,23 @@ class PsfConvolver:
         self.shape = shape
         self.py, self.px = (int(v) for v in np.unravel_index(np.argmax(psf), psf.shape))
         self._ft = None
-        # circular convolution reaches back into the image only from beyond the
-        # PSF's farther side of its peak plus the image's extent
-        self.grid = tuple(max(m, n + max(p, m - p)) for m, n, p in
-                          zip(psf.shape, shape, (self.py, self.px)))
+        self.grid = convolution_grid(psf.shape, shape, (self.py, self.px))
 
     def subtract(self, image: np.ndarray, ys: np.ndarray, xs: np.ndarray, amps: np.ndarray) -> None:
         if not len(amps):
             return
-        # repeated components at a pixel are one shift of the PSF
-        flat = ys.astype(np.int64) * self.shape[1] + xs
-        uniq, inv = np.unique(flat, return_inverse=True)
-        total = np.zeros(len(uniq))
-        np.add.at(total, inv, amps)
-        uy, ux = np.divmod(uniq, self.shape[1])
+        uy, ux, total = merge_components(ys, xs, amps, self.shape[1])
         gy, gx = self.grid
         # two transforms of the grid against a pass over the image per pixel
         # (measured crossover: ~40 pixels at 512^2, ~50 at 2048^2)
-        if len(uniq) * image.size <= 0.5 * gy * gx * np.log2(gy * gx):
+        if len(uy) * image.size <= 0.5 * gy * gx * np.log2(gy * gx):
             clean_kernels.subtract_psf(image, self.psf, self.py, self.px, uy, ux, total.astype(image.dtype))
             return
         from scipy import fft
         real = np.float32 if image.dtype == np.float32 else np.float64
         workers = gridding.nthreads()
         if self._ft is None:
-            shifted = np.zeros(self.grid, real)
-            shifted[:self.psf.shape[0], :self.psf.shape[1]] = self.psf
-            # the peak to (0, 0): the convolution's shift is the component's position
-            shifted = np.roll(shifted, (-self.py, -self.px), axis=(0, 1))
-            self._ft = fft.rfft2(shifted, workers=workers)
+            self._ft = psf_transform(self.psf, self.grid, (self.py, self.px), real, workers)
         comps = np.zeros(self.grid, real)
         np.add.at(comps, (uy, ux), total)
         conv = fft.irfft2(fft.rfft2(comps, workers=workers) * self._ft, s=self.grid, workers=workers)

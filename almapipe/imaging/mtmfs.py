@@ -411,34 +411,25 @@ class TaylorPsfConvolver:
         self.shape = shape
         self.py, self.px = (int(v) for v in np.unravel_index(np.argmax(psfs[0]), psfs[0].shape))
         self._ft = None
-        self.grid = tuple(max(m, n + max(p, m - p)) for m, n, p in
-                          zip(psfs.shape[1:], shape, (self.py, self.px)))
+        self.grid = deconvolve.convolution_grid(psfs.shape[1:], shape, (self.py, self.px))
 
     def subtract(self, res: np.ndarray, ys: np.ndarray, xs: np.ndarray, amps: np.ndarray) -> None:
         """res (nterms, ny, nx) -= the components (ys, xs, amps (n, nterms)) x the PSFs."""
         if not len(amps):
             return
         nt = res.shape[0]
-        flat = ys.astype(np.int64) * self.shape[1] + xs
-        uniq, inv = np.unique(flat, return_inverse=True)
-        total = np.zeros((len(uniq), nt))
-        np.add.at(total, inv, amps)
-        uy, ux = np.divmod(uniq, self.shape[1])
+        uy, ux, total = deconvolve.merge_components(ys, xs, amps, self.shape[1])
         gy, gx = self.grid
         # direct: nterms^2 passes over the image per pixel; FFT: 2 nterms transforms
         # of the grid (the single-term crossover, deconvolve.PsfConvolver, per term)
-        if len(uniq) * nt * res[0].size <= 0.5 * gy * gx * np.log2(gy * gx):
+        if len(uy) * nt * res[0].size <= 0.5 * gy * gx * np.log2(gy * gx):
             subtract_taylor_psfs(res, self.psfs, self.py, self.px, uy, ux, total)
             return
         from scipy import fft
         real = np.float32 if res.dtype == np.float32 else np.float64
         workers = gridding.nthreads()
         if self._ft is None:
-            self._ft = []
-            for p in self.psfs:
-                shifted = np.zeros(self.grid, real)
-                shifted[:p.shape[0], :p.shape[1]] = p
-                self._ft.append(fft.rfft2(np.roll(shifted, (-self.py, -self.px), axis=(0, 1)), workers=workers))
+            self._ft = [deconvolve.psf_transform(p, self.grid, (self.py, self.px), real, workers) for p in self.psfs]
         comp_ft = []
         for s in range(nt):
             comps = np.zeros(self.grid, real)
