@@ -160,6 +160,25 @@ def test_findcont_cube_summed_over_row_blocks_equals_the_whole():
     np.testing.assert_allclose(spec, whole, rtol=1e-4, atol=1e-6)
 
 
+def test_findcont_planes_equal_the_gridder_channel_by_channel():
+    """findcont grids a block's channels as the transforms of one NUFFT plan: each plane
+    equals gridding.dirty of that channel at the reference frequency (no w-term), times
+    its weight sum."""
+    from almapipe.imaging import gridding
+    from almapipe.imaging.findcont import dirty_planes
+    rng = np.random.default_rng(4)
+    n, nplane, npix, f_ref = 3000, 5, 64, 230e9
+    uvw = rng.normal(0, 300, (n, 3))
+    data = (rng.normal(size=(n, nplane)) + 1j * rng.normal(size=(n, nplane))).astype(np.complex64)
+    weight = rng.uniform(0.5, 2, (n, nplane)).astype(np.float32)
+    cell = 1 / (3 * np.percentile(np.hypot(uvw[:, 0], uvw[:, 1]), 95) * f_ref / 299792458.0)
+    planes = dirty_planes(uvw, f_ref, data, weight, npix, cell)
+    for c in range(nplane):
+        ref = gridding.dirty(uvw, np.array([f_ref]), data[:, c:c + 1], weight[:, c:c + 1], npix, cell,
+                             wgridding=False) * weight[:, c].sum()
+        np.testing.assert_allclose(planes[c], ref, atol=1e-4 * np.abs(ref).max())
+
+
 def test_automask_covers_the_sources_and_little_else():
     # 24 antennas: PSF sidelobes low enough (as an ALMA array's) for the sidelobe threshold
     vis = simulate(nant=24, ntime=60, nchan=2, noise=0.05, flux=1.0, baseline_m=500.0,

