@@ -281,3 +281,86 @@ def test_a_cube_is_cut_in_pieces_by_memory_and_its_heuristics_read_in_row_blocks
     prep = items[0]["prep"]
     assert prep["npix"] == whole.spec.npix == 64 and prep["cell_arcsec"] == whole.spec.cell_arcsec
     assert whole.theo and abs(prep["theo"] / whole.theo - 1) < 2e-3, (prep["theo"], whole.theo)
+
+
+@pytest.fixture(scope="module")
+def mosaic_eb(stack, tmp_path_factory):
+    """A 7-pointing mosaic EB of two spws in the store, split to its target views, with
+    continuum ranges: the target's DATA what a perfect calibration leaves (the sky and
+    thermal noise), taken as calibrated."""
+    from almapipe.msio import listobs
+    from almapipe.stages.imaging import split
+    _, cfg = stack
+    tmp = tmp_path_factory.mktemp("store-mosaic")
+    sim = Simulator(SimConfig.preset("mosaic", nspw=2, nchan=32, target_scans=2, dead_antenna=False,
+                                     bad_channels=0))
+    ms = sim.write(str(tmp / "mos"))["ms"]
+    sim.calibrate_target_ideally(ms, noise_jy=0.05)
+    run_id = "test-store-mosaic"
+    parts = []
+    for spw in sim.science_spw_ids:
+        entry, _ = store_partition(cfg, ms, spw, run_id, str(tmp), name="mos")
+        parts.append(dict(entry, calibrated=True,
+                          arrays=dict(entry["arrays"], VISIBILITY_CORRECTED=entry["arrays"]["VISIBILITY"])))
+    obs = listobs.summary(ms)
+    ctx = {"run_id": run_id, "recipe": {"name": "test"}, "observation": obs,
+           "fields": listobs.assign_roles(obs, None), "partitions": parts, "user": {}, "images": [],
+           "stage_results": [], "ms_name": "mos"}
+    split(ctx, {}, _stage_io(cfg, tmp, run_id, 10, "split"))
+    ctx["continuum"] = [{"field": "Target", "spw": p["spw"], "channels": "2~29"} for p in parts]
+    return cfg, ctx, tmp
+
+
+def test_streamed_mosaic_images_equal_the_in_memory_ones(mosaic_eb, tmp_path):
+    """A mosaic's per-spw and aggregate continuum images read pointing by pointing in row
+    blocks, binned in channels as they are read (the default), against the same images
+    from the whole selection in memory (streamed: false): the same size, cell and
+    pointings, peaks, rms, theoretical noise and beams within 1 %."""
+    from almapipe.stages.imaging import ImageJob, _image_jobs, makeimages
+    from almapipe.stages.base import REGISTRY
+    cfg, ctx, _ = mosaic_eb
+    params = REGISTRY["makeimages"].with_defaults({"calibrators": False, "target_cube": False,
+                                                   "target_cont": True, "target_aggregate": True})
+    for job in _image_jobs(ctx, params):      # each read pointing by pointing, binned: no channel axis held
+        im = ImageJob(ctx, _stage_io(cfg, tmp_path, ctx["run_id"], 29, "makeimages"), job, {})
+        assert im.prepare() is None and im.streamed and im.vis is None
+        assert [s.weight.shape[1] for s in im.samples] == [len(im.samples[0].freq)] * 7
+    out = {}
+    for k, streamed in enumerate((True, False)):
+        c = dict(ctx, images=[])
+        io = _stage_io(cfg, tmp_path, ctx["run_id"], 30 + k, "makeimages")
+        makeimages(c, {"calibrators": False, "target_cube": False, "target_cont": True, "target_aggregate": True,
+                       "cont": {"niter": 100, "streamed": streamed}}, io)
+        out[streamed] = {str(im["spw"]): im for im in c["images"]}
+        print("streamed" if streamed else "in memory",
+              [(im["spw"], im["pointings"], im["peak_jy_per_beam"], im["rms_jy_per_beam"],
+                im["theoretical_rms_jy_per_beam"], im["beam_arcsec"]) for im in c["images"]])
+    assert set(out[True]) == set(out[False]) and len(out[True]) == 3        # two spws and the aggregate
+    for spw, a in out[True].items():
+        b = out[False][spw]
+        assert a["pointings"] == b["pointings"] == 7
+        assert (a["imsize"], a["cell_arcsec"]) == (b["imsize"], b["cell_arcsec"]), spw
+        for key in ("peak_jy_per_beam", "rms_jy_per_beam", "theoretical_rms_jy_per_beam"):
+            assert abs(a[key] / b[key] - 1) < 0.01, (spw, key, a[key], b[key])
+        assert all(abs(x / y - 1) < 0.01 for x, y in zip(a["beam_arcsec"][:2], b["beam_arcsec"][:2])), spw
+        assert abs(a["beam_arcsec"][2] - b["beam_arcsec"][2]) < 1.0, spw
+
+
+def test_a_mosaic_cube_in_pieces_takes_its_heuristics_pointing_by_pointing(mosaic_eb, tmp_path):
+    """A mosaic's cube handed out in pieces takes its heuristics (size, cell, theoretical
+    noise) in row blocks, pointing by pointing: those of the whole spw in memory."""
+    from almapipe.stages.imaging import ImageJob, _image_jobs
+    from almapipe.stages.base import REGISTRY
+    cfg, ctx, _ = mosaic_eb
+    ctx = dict(ctx, contsub_partitions=[dict(p, cont_chans={"Target": "2~29"}) for p in ctx["target_partitions"]])
+    params = REGISTRY["makeimages"].with_defaults({"calibrators": False})
+    (job, _) = _image_jobs(ctx, params)
+    out = []
+    for k, heuristics_only in enumerate((True, False)):
+        im = ImageJob(ctx, _stage_io(cfg, tmp_path, ctx["run_id"], 40 + k, "makeimages"), job, {},
+                      heuristics_only=heuristics_only)
+        assert im.prepare() is None and (im.vis is None) == heuristics_only
+        assert len(im.spec.mosaic.pointings) == 7
+        out.append(im.heuristics())
+    assert (out[0]["npix"], out[0]["cell_arcsec"]) == (out[1]["npix"], out[1]["cell_arcsec"])
+    assert abs(out[0]["theo"] / out[1]["theo"] - 1) < 0.01, out

@@ -167,14 +167,20 @@ def _pointing_samples(vis: Vis, mosaic: Mosaic, samples: StokesI) -> list:
     out = []
     for p in mosaic.pointings:
         sel = field == p.field_id
-        l0, m0 = p.centre_lm
-        lmn = np.array([l0, m0, np.sqrt(1 - l0 * l0 - m0 * m0) - 1])
-        # the delay towards the image centre (m); per channel the phase is 2 pi delay f / c
-        out.append((samples.uvw[sel], samples.data[sel], samples.weight[sel], samples.uvw[sel] @ lmn))
+        out.append(pointing_samples(p, samples.uvw[sel], samples.data[sel], samples.weight[sel]))
     return out
 
 
-def _plane_measurement(spec: ImageSpec, samples, f, ci, npix: int, cell: float):
+def pointing_samples(p, uvw: np.ndarray, data: np.ndarray, weight: np.ndarray) -> tuple:
+    """One pointing's samples as plane_measurement takes them: (uvw, data, natural
+    weights, the delay in metres towards the image centre, whose phase per channel is
+    2 pi delay f / c)."""
+    l0, m0 = p.centre_lm
+    lmn = np.array([l0, m0, np.sqrt(1 - l0 * l0 - m0 * m0) - 1])
+    return uvw, data, weight, uvw @ lmn
+
+
+def plane_measurement(spec: ImageSpec, samples, f, ci, npix: int, cell: float):
     """The measurement of one plane: one pointing, or the joint mosaic of several."""
     if spec.mosaic is None:
         uvw, data, w_nat = samples
@@ -204,7 +210,7 @@ def clean_planes(vis: Vis, spec: ImageSpec) -> Planes:
     col = {c: i for i, c in enumerate(chans)}
     out = Planes([], [], [], [], np.array([vis.freq[pl].mean() for pl in planes]), [], 0, [])
     for pl in planes:
-        op = _plane_measurement(spec, samples, vis.freq[pl], [col[c] for c in pl], npix, cell)
+        op = plane_measurement(spec, samples, vis.freq[pl], [col[c] for c in pl], npix, cell)
         res = deconvolve.clean(op, spec.niter, spec.threshold_jy, gain=spec.gain,
                                nsigma=spec.nsigma, automask=spec.automask,
                                threshold_from_dirty=spec.threshold_from_dirty,

@@ -115,7 +115,8 @@ def _bin_into(parts, chans, chan_bin, column, uvw, vis, wgt, block_chunks: int =
             del blk
 
 
-def read_aggregate_samples(spws: list, width: int, column: str = "DATA", on_block=None) -> BinnedStokesI:
+def read_aggregate_samples(spws: list, width: int, column: str = "DATA", on_block=None,
+                           same_rows: bool | None = None) -> BinnedStokesI:
     """The aggregate continuum of one pointing, streamed: for each spw its continuum
     channels read one row block at a time and averaged in bins of `width` selected
     channels as they are read (read_binned_stokes_i's pass with width_bins), so that
@@ -131,12 +132,14 @@ def read_aggregate_samples(spws: list, width: int, column: str = "DATA", on_bloc
     * else one sample per (row, bin) with data, at one reference frequency (the bins'
       frequencies weighted by their weights) with its uvw scaled by f_bin / f_ref
       (exact: the gridder only uses uvw f / c) and its own frequency in sample_freq,
-      as aggregate_samples makes them: three times the memory of the first."""
+      as aggregate_samples makes them: three times the memory of the first.
+
+    same_rows: which of the two (None: whether the spws' rows are the same)."""
     spws = [(parts, np.asarray(mask, bool)) for parts, mask in spws if np.asarray(mask, bool).any()]
     if not spws:
         raise ValueError("read_aggregate_samples: no channels selected")
     bins = [width_bins(parts[0][0].freq, np.flatnonzero(mask), width) for parts, mask in spws]
-    if not _same_rows([parts for parts, _ in spws]):
+    if not (_same_rows([parts for parts, _ in spws]) if same_rows is None else same_rows):
         return _flat_aggregate(spws, bins, column, on_block)
     # the bins' frequencies ascending, spw by spw and the spws in frequency order, as the
     # gridder takes them without a reordered copy of the samples (spws that overlap in
@@ -159,6 +162,25 @@ def read_aggregate_samples(spws: list, width: int, column: str = "DATA", on_bloc
     if not keep.all():
         uvw, vis, wgt = uvw[keep], vis[keep], wgt[keep]
     return BinnedStokesI(uvw, np.concatenate([fbin for _, fbin in bins]), vis, wgt)
+
+
+def read_mosaic_aggregate(pointing_spws: list, width: int, column: str = "DATA", on_block=None) -> list:
+    """The aggregate continuum of a mosaic, streamed: read_aggregate_samples of each
+    pointing (pointing_spws: one spws list per pointing, as read_aggregate_samples takes
+    it), all of them with the same bins, so that they are imaged jointly (samples.
+    clean_mfs). Where the spws' rows differ in any pointing, every pointing's samples
+    are one per (row, bin), scaled to one reference frequency: the weighted mean of all
+    the pointings' sample frequencies, as aggregate_samples takes it from all the rows."""
+    same = all(_same_rows([parts for parts, _ in spws]) for spws in pointing_spws)
+    out = [read_aggregate_samples(spws, width, column, on_block, same_rows=same) for spws in pointing_spws]
+    if not same:
+        wsum = sum(float(s.weight.sum()) for s in out)
+        fsum = sum(float((s.weight[:, 0] * s.sample_freq).sum()) for s in out)
+        fref = fsum / wsum if wsum > 0 else float(np.mean([s.freq[0] for s in out]))
+        for s in out:                  # each was scaled to its own: uvw f / c is what counts
+            s.uvw *= s.freq[0] / fref
+            s.freq = np.array([fref])
+    return out
 
 
 def _ascending_bins(chan_bin: np.ndarray, fbin: np.ndarray) -> tuple:
@@ -217,13 +239,16 @@ def _flat_aggregate(spws: list, bins: list, column: str, on_block) -> BinnedStok
     return BinnedStokesI(uvw, np.array([fref]), data[:, None], weight[:, None], sample_freq)
 
 
-def reference_frequency(samples: BinnedStokesI) -> float:
+def reference_frequency(samples) -> float:
     """The one frequency an aggregate's samples are imaged at (read_aggregate_samples):
-    its bins' frequencies weighted by their weights, as aggregate_samples takes it."""
-    if samples.sample_freq is not None:          # already at it
-        return float(samples.freq[0])
-    per_bin = samples.weight.sum(axis=0, dtype=float)
-    return float(np.average(samples.freq, weights=per_bin)) if per_bin.sum() > 0 else float(samples.freq.mean())
+    its bins' frequencies weighted by their weights, as aggregate_samples takes it.
+    samples: a BinnedStokesI, or a mosaic's list of them (read_mosaic_aggregate)."""
+    samples = list(samples) if isinstance(samples, (list, tuple)) else [samples]
+    if samples[0].sample_freq is not None:          # already at it
+        return float(samples[0].freq[0])
+    per_bin = np.sum([s.weight.sum(axis=0, dtype=float) for s in samples], axis=0)
+    freq = samples[0].freq
+    return float(np.average(freq, weights=per_bin)) if per_bin.sum() > 0 else float(freq.mean())
 
 
 def uv_distances(samples: BinnedStokesI, fref: float) -> np.ndarray:
@@ -262,22 +287,34 @@ class MedianSketch:
         return float(10.0 ** (self.LO + (b - 0.5) / self.PER_DECADE))   # the bin's centre (in log)
 
 
-def clean_mfs(samples: BinnedStokesI, spec) -> Planes | TaylorPlanes:
-    """The one plane of an mfs image (imager.ImageSpec, one pointing) from binned
-    samples: weighted (Briggs over all bins), cleaned and its beam fitted, as
-    imager.clean_planes does for a Vis; restore with imager.restore_planes. With
-    spec.nterms > 1 its Taylor terms, as imager.clean_taylor makes them (each sample's
-    frequency its bin's, or its sample_freq); restore with imager.restore_taylor_planes."""
+def clean_mfs(samples, spec) -> Planes | TaylorPlanes:
+    """The one plane of an mfs image (imager.ImageSpec) from binned samples: weighted
+    (Briggs over all bins), cleaned and its beam fitted, as imager.clean_planes does for
+    a Vis; restore with imager.restore_planes. samples: a BinnedStokesI, or for a mosaic
+    (spec.mosaic) a list of them, one per pointing in the mosaic's order, with the same
+    bins (cleaned jointly, each pointing weighted on its own, as clean_planes does). With
+    spec.nterms > 1 (one pointing) its Taylor terms, as imager.clean_taylor makes them
+    (each sample's frequency its bin's, or its sample_freq); restore with
+    imager.restore_taylor_planes."""
     from .automask import AutomaskParams
     from .imager import Planes, TaylorPlanes
-    if spec.specmode != "mfs" or spec.mosaic is not None:
-        raise ValueError("clean_mfs: one mfs plane of one pointing only "
-                         f"(got specmode {spec.specmode!r}, mosaic {spec.mosaic is not None})")
+    mosaic = spec.mosaic is not None
+    if spec.specmode != "mfs" or mosaic != isinstance(samples, (list, tuple)) or (mosaic and spec.nterms > 1):
+        raise ValueError("clean_mfs: one mfs plane, of one pointing's samples or of one list of samples per "
+                         f"pointing of a single-term mosaic (got specmode {spec.specmode!r}, mosaic {mosaic}, "
+                         f"nterms {spec.nterms}, {type(samples).__name__})")
     npix = spec.npix
     cell = np.radians(spec.cell_arcsec / 3600.0)
-    w = gridding.briggs_weights(samples.uvw, samples.freq, samples.weight, npix, cell, spec.robust)
-    if spec.nterms > 1:
+    if mosaic:
+        from .imager import plane_measurement, pointing_samples
+        freqs = samples[0].freq
+        op = plane_measurement(spec, [pointing_samples(p, s.uvw, s.data, s.weight)
+                                       for p, s in zip(spec.mosaic.pointings, samples)],
+                                freqs, slice(None), npix, cell)
+        wsum = np.sum([s.weight.sum(axis=0) for s in samples], axis=0)
+    elif spec.nterms > 1:
         from . import mtmfs
+        w = gridding.briggs_weights(samples.uvw, samples.freq, samples.weight, npix, cell, spec.robust)
         nu = samples.sample_freq[:, None] if samples.sample_freq is not None else samples.freq[None, :]
         used = np.broadcast_to(nu, samples.weight.shape)[samples.weight > 0]
         # the expansion's reference: the middle of the frequencies imaged (tclean's reffreq)
@@ -290,13 +327,17 @@ def clean_mfs(samples: BinnedStokesI, spec) -> Planes | TaylorPlanes:
                              automask_params=AutomaskParams(negative_threshold=spec.negative_threshold))
         beam = deconvolve.fit_beam(res.psfs[0], cell) if res.psfs[0].max() > 0 else (0.0, 0.0, 0.0)
         return TaylorPlanes(res, beam, reffreq)
-    op = OnePointing(samples.uvw, samples.freq, samples.data, w.astype(np.float32, copy=False), npix, cell)
-    del w
+    else:
+        freqs = samples.freq
+        w = gridding.briggs_weights(samples.uvw, samples.freq, samples.weight, npix, cell, spec.robust)
+        op = OnePointing(samples.uvw, samples.freq, samples.data, w.astype(np.float32, copy=False), npix, cell)
+        wsum = samples.weight.sum(axis=0)
+        del w
     res = deconvolve.clean(op, spec.niter, spec.threshold_jy, gain=spec.gain, nsigma=spec.nsigma,
                            automask=spec.automask, threshold_from_dirty=spec.threshold_from_dirty,
                            automask_params=AutomaskParams(negative_threshold=spec.negative_threshold),
                            scales=spec.scales)
     beam = deconvolve.fit_beam(res.psf, cell) if res.psf.max() > 0 else (0.0, 0.0, 0.0)
-    freq = np.array([np.average(samples.freq, weights=np.maximum(samples.weight.sum(axis=0), 1e-30))])
+    freq = np.array([np.average(freqs, weights=np.maximum(wsum, 1e-30))])
     return Planes([res.model], [res.residual], [res.psf], [beam], freq, [res.stop_reason], res.iterations,
                   [res.mask if res.mask is not None else np.zeros((npix, npix))])

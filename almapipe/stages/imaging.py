@@ -23,8 +23,9 @@ from ..imaging.imager import (ImageSpec, Planes, TaylorPlanes, aggregate_samples
 from ..imaging.mtmfs import fractional_bandwidth, nterms_for  # noqa: E402
 from ..imaging.kernels import shift_spectra  # noqa: E402
 from ..imaging.mosaic import make_mosaic  # noqa: E402
-from ..imaging.samples import (MedianSketch, clean_mfs, read_aggregate_samples, read_binned_stokes_i,  # noqa: E402
-                                reference_frequency, uv_distances)
+from ..imaging.samples import (MedianSketch, clean_mfs, read_aggregate_samples,  # noqa: E402
+                                channel_bins, read_binned_stokes_i, read_mosaic_aggregate, reference_frequency,
+                                uv_distances)
 from ..imaging.products import (image_header, mosaic_noise_factor, obs_info,  # noqa: E402
                                 pipeline_version, write_fits)
 from ..imaging.kernels import subtract_continuum_rows  # noqa: E402
@@ -476,12 +477,12 @@ class ImageJob:
         flags, weights and uvw but no visibilities (a cube's join); prep: the image's
         heuristics as makeimages took them from the whole spw (ImageJob.heuristics), which
         a piece or a join, seeing part of the data, uses instead of its own;
-        heuristics_only: a cube of one pointing that makeimages hands out in pieces: read
-        nothing now, and prepare() takes its heuristics in row blocks (never the spw's
-        rows x channels), for ImageJob.heuristics only (a mosaic's are read whole)."""
+        heuristics_only: a cube that makeimages hands out in pieces: read nothing now, and
+        prepare() takes its heuristics in row blocks (never the spw's rows x channels; a
+        mosaic's pointing by pointing), for ImageJob.heuristics only."""
         self.ctx, self.io = ctx, io
         self.prep = prep
-        self.streamed = False           # see below: an mfs image of one pointing
+        self.streamed = False           # see below: an mfs image (a mosaic: pointing by pointing)
         self.heuristics_only = False
         self.samples = None
         self.chan0 = chan.start if chan is not None else 0      # the Vis's first channel in the spw
@@ -498,29 +499,30 @@ class ImageJob:
         self.row_freq = None            # the aggregate's rows' own frequencies (aggregate_samples)
         self.spws = None                # a streamed aggregate's spws: [(members, continuum channels)]
         band_pieces = []                # the aggregate's spws: (channel frequencies, continuum channels)
-        if isinstance(part, list) and len(self.fids) == 1 and data and bool(self.p["streamed"]):
-            # the aggregate continuum of one pointing is streamed (issue 15): each spw's
-            # continuum channels are read in row blocks and binned as they are read
-            # (samples.read_aggregate_samples, in prepare), never a spw's (rows x channels)
+        if isinstance(part, list) and data and bool(self.p["streamed"]):
+            # the aggregate continuum is streamed (issue 15): each spw's continuum
+            # channels are read in row blocks and binned as they are read
+            # (samples.read_aggregate_samples, in prepare), never a spw's (rows x
+            # channels); a mosaic's pointing by pointing (samples.read_mosaic_aggregate)
             self.streamed, self.column, self.vis, self.spws = True, column, None, []
+            self.spw_pieces = []            # each spw's partition (group), for a mosaic's pointings
             times = []
             for piece in part:
-                members = [(io.vis(m), eb_field_ids(m, self.fids)) for m in piece.get("members", [piece])]
+                members = self._members(piece, self.fids)
                 t = np.concatenate([vp.index("TIME")[vp.select(f)] for vp, f in members])
                 if len(t):
                     freq = members[0][0].freq
                     mask = parse_channels(piece["chans"], len(freq)) if piece.get("chans") \
                         else np.ones(len(freq), bool)
                     self.spws.append((members, mask))
+                    self.spw_pieces.append(piece)
                     band_pieces.append((freq, mask))
                     times.append(t)
             self._times = np.concatenate(times) if times else np.zeros(0)
             self._freq = None           # the reference frequency, once the samples are read
             self.part = {"spw": "_".join(str(piece["spw"]) for piece in part), "frame_spw": part[0]["spw"]}
-        elif isinstance(part, list):    # aggregate of a mosaic (or streamed=False): one single-channel Vis
-            # a mosaic's aggregate is not streamed: its pointings need the rows' fields
-            # (ImageJob.mosaic, the joint measurement), which the binned samples do not
-            # keep, so it holds every spw's continuum channels as aggregate_samples takes them
+        elif isinstance(part, list):    # the aggregate with streamed=False: one single-channel Vis
+            # that holds every spw's continuum channels as aggregate_samples takes them
             pieces = []
             for piece in part:
                 v = read_group(io, piece, fields=self.fids, column=column)
@@ -534,16 +536,17 @@ class ImageJob:
             self.part = {"spw": "_".join(str(piece["spw"]) for piece in part), "frame_spw": part[0]["spw"]}
         else:
             self.part = part
-            # an mfs image of one pointing is streamed (issue 15): its Stokes I samples are
-            # read one row block at a time and binned in channels as they are read, so it
-            # holds the image and one block, never the spw's (rows x channels) cube
-            self.streamed = self.specmode in ("mfs", "cont") and len(self.fids) == 1 and chan is None and data \
+            # an mfs image is streamed (issue 15): its Stokes I samples are read one row
+            # block at a time and binned in channels as they are read, so it holds the
+            # image and one block, never the spw's (rows x channels) cube; a mosaic's
+            # samples are read pointing by pointing, each pointing's rows its own samples
+            self.streamed = self.specmode in ("mfs", "cont") and chan is None and data \
                 and bool(self.p["streamed"])
-            self.heuristics_only = heuristics_only and self.specmode == "cube" and len(self.fids) == 1 \
-                and chan is None
+            self.heuristics_only = heuristics_only and self.specmode == "cube" and chan is None
             if self.streamed or self.heuristics_only:
                 self.column = column
-                self.members = [(io.vis(m), eb_field_ids(m, self.fids)) for m in part.get("members", [part])]
+                self.group = part
+                self.members = self._members(part, self.fids)
                 self.vis = None
                 self._freq = self.members[0][0].freq
                 self._times = np.concatenate([vp.index("TIME")[vp.select(f)] for vp, f in self.members])
@@ -582,21 +585,33 @@ class ImageJob:
                 return "no data"
             self._read_aggregate()
             self.chans = parse_channels(p["chans"], 1) if p.get("chans") else np.ones(1, bool)
-            if not len(self.samples.uvw):
+            pointings = self.samples if isinstance(self.samples, list) else [self.samples]
+            if not any(len(s.uvw) for s in pointings):
                 return "all data flagged"
             mosaic = None
-            cell, npix = uv_heuristics(uv_distances(self.samples, float(self._freq[0])), self._freq, self.dish,
-                                       self.telescope)
+            if len(self.fids) > 1:          # the pointings with data, in the mosaic's order
+                have = [k for k, s in enumerate(pointings) if s.weight.sum() > 0]
+                mosaic = self._make_mosaic([self.fids[k] for k in have],
+                                           [float(pointings[k].weight.sum()) for k in have])
+                self.samples = pointings = [pointings[k] for k in have]
+            uvdist = np.concatenate([uv_distances(s, float(self._freq[0])) for s in pointings])
+            cell, npix = uv_heuristics(uvdist, self._freq, self.dish, self.telescope,
+                                       mosaic.extent_rad() if mosaic else 0.0)
+            del uvdist
         elif self.streamed or self.heuristics_only:
             if not len(self._times):
                 return "no data"
             nchan = len(self._freq)
             self.chans = parse_channels(p["chans"], nchan) if p.get("chans") else np.ones(nchan, bool)
-            uvdist = self._uv_distances()
+            uvdist, weights = self._uv_distances()
             if not len(uvdist):
                 return "all data flagged"
             mosaic = None
-            cell, npix = uv_heuristics(uvdist, self._freq[self.chans], self.dish, self.telescope)
+            if len(self.fids) > 1:
+                have = [f for f in self.fids if weights.get(f, 0.0) > 0]
+                mosaic = self._make_mosaic(have, [weights[f] for f in have])
+            cell, npix = uv_heuristics(uvdist, self._freq[self.chans], self.dish, self.telescope,
+                                       mosaic.extent_rad() if mosaic else 0.0)
             del uvdist
         elif vis is None or not len(vis.time):
             return "no data"
@@ -651,7 +666,7 @@ class ImageJob:
             self.theoretical[(self.fid, self.part["spw"])] = self.theo
         if self.theo and mosaic is not None and self.prep is None:
             self.theo *= mosaic_noise_factor(self.spec.npix, np.radians(self.spec.cell_arcsec / 3600),
-                                             float(vis.freq[self.chans].mean()), mosaic.dish_m, mosaic.telescope,
+                                             float(self.freq[self.chans].mean()), mosaic.dish_m, mosaic.telescope,
                                              [q.offset_lm for q in mosaic.pointings],
                                              [q.fraction for q in mosaic.pointings])
         # the threshold from the theoretical noise and the dirty dynamic range
@@ -668,21 +683,28 @@ class ImageJob:
             self.spec.threshold_from_dirty = threshold
         return None
 
-    def _uv_distances(self) -> np.ndarray:
-        """The first pass of a streamed mfs image: flags and uvw (no visibilities) of the
-        cross-correlation rows, in row blocks; the uv distances (m) of the rows with
-        data in the channels imaged, for the image's cell and size."""
+    def _uv_distances(self) -> tuple[np.ndarray, dict]:
+        """The first pass of a streamed mfs image: flags, weights and uvw (no
+        visibilities) of the cross-correlation rows, in row blocks. Returns the uv
+        distances (m) of the rows with data in the channels imaged, for the image's cell
+        and size, and each field's sum of unflagged weights there (a mosaic's shares)."""
         idx = np.flatnonzero(self.chans)
         if not len(idx):
-            return np.zeros(0)
+            return np.zeros(0), {}
         span = slice(int(idx[0]), int(idx[-1]) + 1)
         sel = self.chans[span]
-        out = []
-        for vp, fids in self.members:
+        out, weights = [], {}
+        for (vp, fids), part in zip(self.members, self.group.get("members", [self.group])):
+            # a mosaic's pointings (the first EB's field ids) by their ids in this EB
+            pointings = [(f, eb_field_ids(part, [f])) for f in self.fids] if len(self.fids) > 1 else []
             for blk in vp.blocks(column=self.column, field_ids=fids, chan=span, data=False, cross_only=True):
                 ok = ~blk.flag[:, sel].all(axis=(1, 2))
                 out.append(np.hypot(blk.uvw[ok, 0], blk.uvw[ok, 1]))
-        return np.concatenate(out) if out else np.zeros(0)
+                if pointings:
+                    w = np.where(blk.flag[:, sel], 0.0, blk.weight[:, None, :]).sum(axis=(1, 2))
+                    for f, ids in pointings:
+                        weights[f] = weights.get(f, 0.0) + float(w[np.isin(blk.field_id, ids)].sum())
+        return (np.concatenate(out) if out else np.zeros(0)), weights
 
     def _read_samples(self) -> float | None:
         """The second pass of a streamed mfs image: its binned Stokes I samples
@@ -690,7 +712,13 @@ class ImageJob:
         same blocks, its theoretical noise as _theoretical_rms takes it: the scatter of
         adjacent channels' differences (their median from a fine histogram, not from
         all of them at once) and the Briggs weights of the samples."""
-        self.samples, sigma_unit = self._read_with_scatter(self.chans, MFS_BIN_FRAC / self.spec.npix)
+        if self.spec.mosaic is None:
+            self.samples, sigma_unit = self._read_with_scatter(self.chans, MFS_BIN_FRAC / self.spec.npix)
+            return self._noise(self.samples, sigma_unit)
+        # a mosaic: each pointing's samples (the same bins), one noise from all of them
+        self.samples, sigma_unit = self._read_with_scatter(
+            self.chans, MFS_BIN_FRAC / self.spec.npix,
+            pointings=[self._members(self.group, [p.field_id]) for p in self.spec.mosaic.pointings])
         return self._noise(self.samples, sigma_unit)
 
     def _cube_theoretical(self, cont: np.ndarray | None) -> float | None:
@@ -702,12 +730,18 @@ class ImageJob:
         idx = np.flatnonzero(cont)
         first = np.full(len(self._freq), -1, np.int64)
         first[idx[0]] = 0                    # one bin: the first continuum channel's plane
-        samples, sigma_unit = self._read_with_scatter(cont, 0.0, bins=(first, self._freq[idx[:1]]))
+        pointings = [self._members(self.group, [p.field_id]) for p in self.spec.mosaic.pointings] \
+            if self.spec.mosaic is not None else None
+        samples, sigma_unit = self._read_with_scatter(cont, 0.0, bins=(first, self._freq[idx[:1]]),
+                                                      pointings=pointings)
         return self._noise(samples, sigma_unit)
 
-    def _read_with_scatter(self, chans: np.ndarray, max_frac: float, bins: tuple | None = None) -> tuple:
+    def _read_with_scatter(self, chans: np.ndarray, max_frac: float, bins: tuple | None = None,
+                           pointings: list | None = None) -> tuple:
         """(binned Stokes I samples of the channels chans, the scatter of a visibility of
-        unit weight from adjacent channels' differences, or None where too few)."""
+        unit weight from adjacent channels' differences, or None where too few).
+        pointings: a mosaic's members per pointing (as self.members): a list of samples,
+        one per pointing, with the same bins, and one scatter from all of them."""
         idx = np.flatnonzero(chans)
         span0 = int(idx[0])
         rel = idx - span0
@@ -721,20 +755,29 @@ class ImageJob:
             w = np.sqrt(blk.weight)[:, None, :]
             sketch.add(np.abs(((d[:, 1:] - d[:, :-1]).real * w)[pair]))
 
-        samples = read_binned_stokes_i(self.members, None, chans, max_frac, self.column, on_block=scatter,
-                                       bins=bins)
+        if pointings is None:
+            samples = read_binned_stokes_i(self.members, None, chans, max_frac, self.column, on_block=scatter,
+                                           bins=bins)
+        else:
+            if bins is None:
+                bins = channel_bins(np.asarray(self._freq, float), idx, max_frac)
+            samples = [read_binned_stokes_i(members, None, chans, max_frac, self.column, on_block=scatter,
+                                            bins=bins) for members in pointings]
         if len(idx) < 2 or sketch.n < 10:
             return samples, None
         return samples, 1.4826 * sketch.median() / np.sqrt(2)
 
     def _noise(self, samples, sigma_unit: float | None) -> float | None:
-        """The image noise of binned samples whose visibilities of unit weight scatter by
-        sigma_unit, with their Briggs weights (as _theoretical_rms)."""
+        """The image noise of binned samples (a mosaic's: a list, one per pointing, taken
+        together) whose visibilities of unit weight scatter by sigma_unit, with their
+        Briggs weights (as _theoretical_rms)."""
         spec = self.spec
-        if sigma_unit is None or not len(samples.uvw):
+        pointings = samples if isinstance(samples, list) else [samples]
+        if sigma_unit is None or not any(len(s.uvw) for s in pointings):
             return None
-        wnat = samples.weight
-        wim = gridding.briggs_weights(samples.uvw, samples.freq, wnat, spec.npix,
+        uvw = pointings[0].uvw if len(pointings) == 1 else np.concatenate([s.uvw for s in pointings])
+        wnat = pointings[0].weight if len(pointings) == 1 else np.concatenate([s.weight for s in pointings])
+        wim = gridding.briggs_weights(uvw, pointings[0].freq, wnat, spec.npix,
                                       np.radians(spec.cell_arcsec / 3600), spec.robust)
         sel = wnat > 0
         if not sel.any():
@@ -746,7 +789,12 @@ class ImageJob:
         (samples.read_aggregate_samples, bins of `width` continuum channels)."""
         def count(blk):
             self.io.visibilities += blk.data.size
-        self.samples = read_aggregate_samples(self.spws, int(self.p["width"]), self.column, on_block=count)
+        if len(self.fids) > 1:              # a mosaic: each pointing's samples, with the same bins
+            self.samples = read_mosaic_aggregate(
+                [[(self._members(piece, [f]), mask) for piece, (_, mask) in zip(self.spw_pieces, self.spws)]
+                 for f in self.fids], int(self.p["width"]), self.column, on_block=count)
+        else:
+            self.samples = read_aggregate_samples(self.spws, int(self.p["width"]), self.column, on_block=count)
         # the image's one plane: as aggregate_samples' Vis, at the reference frequency
         self._freq = np.array([reference_frequency(self.samples)])
 
@@ -757,11 +805,21 @@ class ImageJob:
     def mosaic(self):
         """The mosaic of this job's fields: where each pointing lies and its share of
         the (unflagged) weight."""
-        vis, fields = self.vis, {f["id"]: f for f in self.ctx["observation"]["fields"]}
+        vis = self.vis
         w = np.where(vis.flag[:, self.chans], 0.0, vis.weight[:, None, :]).sum(axis=(1, 2))
         have = [f for f in self.fids if w[vis.field_id == f].sum() > 0]
-        return make_mosaic([(f, fields[f]["ra_rad"], fields[f]["dec_rad"]) for f in have],
-                           [w[vis.field_id == f].sum() for f in have], self.dish, self.telescope)
+        return self._make_mosaic(have, [w[vis.field_id == f].sum() for f in have])
+
+    def _make_mosaic(self, fids: list, weights: list):
+        """The mosaic of the given fields (those with data) and their weight sums."""
+        fields = {f["id"]: f for f in self.ctx["observation"]["fields"]}
+        return make_mosaic([(f, fields[f]["ra_rad"], fields[f]["dec_rad"]) for f in fids], weights, self.dish,
+                           self.telescope)
+
+    def _members(self, group: dict, fids: list) -> list:
+        """[(VisPartition, the EB's own ids of the fields fids)] of each EB's partition of
+        a spw (group: a partition, or an MOUS's group of them)."""
+        return [(self.io.vis(m), eb_field_ids(m, fids)) for m in group.get("members", [group])]
 
     def clean(self, chans: np.ndarray | None = None):
         """Clean all planes, or (a piece of a cube) the given channels only."""
@@ -952,8 +1010,8 @@ IMAGE_PARAMS = (
           min=0.0),
     Param("dr_threshold", bool, True, "raise the threshold where dynamic range limits (ALMA's DR correction)"),
     Param("tlimit", float, 2.0, "dynamic range correction: threshold limit", min=0.0),
-    Param("streamed", bool, True, "an mfs image of one pointing reads its samples in row blocks, binned in "
-          "channels (bounded memory); false: the whole selection in memory"),
+    Param("streamed", bool, True, "an mfs image reads its samples (a mosaic pointing by pointing) in row "
+          "blocks, binned in channels (bounded memory); false: the whole selection in memory"),
     Param("nterms", int, None, "Taylor terms of an mfs image (1 or 2); none: 2 when the band imaged is wider "
           "than 10 % of its centre (ALMA's heuristic), else 1", min=1, max=2),
     Param("aggregate", bool, False, "set by makeimages for the aggregate continuum", internal=True),
