@@ -712,14 +712,16 @@ class ImageJob:
         same blocks, its theoretical noise as _theoretical_rms takes it: the scatter of
         adjacent channels' differences (their median from a fine histogram, not from
         all of them at once) and the Briggs weights of the samples."""
-        if self.spec.mosaic is None:
-            self.samples, sigma_unit = self._read_with_scatter(self.chans, MFS_BIN_FRAC / self.spec.npix)
-            return self._noise(self.samples, sigma_unit)
-        # a mosaic: each pointing's samples (the same bins), one noise from all of them
-        self.samples, sigma_unit = self._read_with_scatter(
-            self.chans, MFS_BIN_FRAC / self.spec.npix,
-            pointings=[self._members(self.group, [p.field_id]) for p in self.spec.mosaic.pointings])
+        self.samples, sigma_unit = self._read_with_scatter(self.chans, MFS_BIN_FRAC / self.spec.npix,
+                                                           pointings=self._pointing_members())
         return self._noise(self.samples, sigma_unit)
+
+    def _pointing_members(self) -> list | None:
+        """A mosaic's members (as self.members) pointing by pointing, in its order; None
+        for one pointing."""
+        if self.spec.mosaic is None:
+            return None
+        return [self._members(self.group, [p.field_id]) for p in self.spec.mosaic.pointings]
 
     def _cube_theoretical(self, cont: np.ndarray | None) -> float | None:
         """A cube's theoretical noise as _theoretical_rms takes it (the scatter of the
@@ -730,10 +732,8 @@ class ImageJob:
         idx = np.flatnonzero(cont)
         first = np.full(len(self._freq), -1, np.int64)
         first[idx[0]] = 0                    # one bin: the first continuum channel's plane
-        pointings = [self._members(self.group, [p.field_id]) for p in self.spec.mosaic.pointings] \
-            if self.spec.mosaic is not None else None
         samples, sigma_unit = self._read_with_scatter(cont, 0.0, bins=(first, self._freq[idx[:1]]),
-                                                      pointings=pointings)
+                                                      pointings=self._pointing_members())
         return self._noise(samples, sigma_unit)
 
     def _read_with_scatter(self, chans: np.ndarray, max_frac: float, bins: tuple | None = None,
