@@ -123,6 +123,43 @@ def test_continuum_subtraction_is_the_least_squares_fit_of_each_row(order):
     np.testing.assert_allclose(wsum, w.sum(axis=(0, 2)), rtol=1e-6)
 
 
+@pytest.mark.parametrize("order", [0, 1, 3])
+def test_a_stored_continuum_fit_subtracted_on_read_equals_the_subtraction(order):
+    """uvcontsub keeps each row's fit (kernels.fit_continuum_rows) and the store
+    subtracts it when the data are read (visstore.subtract_continuum_fit): the same
+    data, to float precision, as the in-place subtraction, whole or in a channel range,
+    with the same spectrum; rows not selected get no fit."""
+    from almapipe.imaging.kernels import fit_continuum_rows, subtract_continuum_rows
+    from almapipe.platform import visstore as vst
+    rng = np.random.default_rng(10 + order)
+    nrow, nchan, ncorr = 50, 40, 2
+    x = np.linspace(-1, 1, nchan)
+    cont = sum((rng.normal(size=(nrow, 1, ncorr)) + 1j * rng.normal(size=(nrow, 1, ncorr))) * x[None, :, None] ** k
+               for k in range(order + 1))
+    data = (cont + 0.1 * rng.normal(size=(nrow, nchan, ncorr))).astype(np.complex64)
+    data[:, 15:20] += 3.0                                   # a line
+    flag = rng.random(data.shape) < 0.1
+    weight = rng.uniform(0.5, 2, (nrow, ncorr)).astype(np.float32)
+    mask = np.ones(nchan, bool)
+    mask[14:21] = False
+    rows = rng.random(nrow) < 0.8
+    want, vsum, wsum = data.copy(), np.zeros(nchan, complex), np.zeros(nchan)
+    subtract_continuum_rows(want, flag, weight, rows, mask, order, vsum, wsum)
+    fit = np.zeros((nrow, vst.FIT_TERMS, ncorr), np.complex64)
+    kept, fsum, fwsum = data.copy(), np.zeros(nchan, complex), np.zeros(nchan)
+    fit_continuum_rows(kept, flag, weight, rows, mask, order, fit, fsum, fwsum)
+    np.testing.assert_array_equal(kept, data)               # the data are left as they are
+    assert not fit[~rows].any() and not fit[:, order + 1:].any()
+    np.testing.assert_allclose(fsum, vsum)
+    np.testing.assert_allclose(fwsum, wsum)
+    np.testing.assert_allclose(vst.subtract_continuum_fit(data, fit, None, nchan), want, atol=1e-5)
+    piece = slice(12, 25)
+    np.testing.assert_allclose(vst.subtract_continuum_fit(data[:, piece], fit, piece, nchan), want[:, piece],
+                               atol=1e-5)
+    with pytest.raises(ValueError, match="fit has shape"):
+        fit_continuum_rows(kept, flag, weight, rows, mask, order, fit[:, :order], fsum, fwsum)
+
+
 def test_findcont_finds_a_line_that_covers_most_of_the_band():
     """A line wider than half the band (as NGC 5921's HI is) must still be found."""
     from almapipe.imaging.findcont import find_continuum

@@ -191,6 +191,34 @@ def test_read_your_writes_within_a_stage(ngc):
     assert after.flag[::3].all()
 
 
+def test_a_continuum_fit_is_what_uvcontsub_writes_and_the_view_reads_subtracted(ngc):
+    """A continuum-subtracted view writes only CONTINUUM_FIT (a few coefficients a row,
+    not a second copy of the data); its DATA read back, whole and in a channel range,
+    as VISIBILITY minus the fit, and cannot be written."""
+    vs = vst.VisStore(ngc["cfg"], cache_dir=None, cache_limit=0)
+    view = dict(ngc["entry"], field_ids=[2], name="ngc.spw0.contsub.ms")
+    part = partition(ngc, "18_contsub", view, vs)
+    v = part.read()
+    fit = np.zeros((len(v.rows), vst.FIT_TERMS, part.ncorr), np.complex64)
+    fit[:, 0] = v.data[:, 5:15].mean(axis=1)                 # order 1: a level and a slope
+    fit[:, 1] = 0.01 * fit[:, 0]
+    part.write(vst.CONTINUUM_FIT, v.rows, fit)
+    new = part.commit()
+    assert {a for a in new["arrays"] if new["arrays"][a] != view["arrays"].get(a)} == {vst.CONTINUUM_FIT}
+    written = sum(n for k, n in sizes(ngc).items() if f"/{vst.CONTINUUM_FIT}/18_contsub/" in k)
+    data_bytes = sum(n for k, n in sizes(ngc).items() if k.startswith(ngc["entry"]["arrays"]["VISIBILITY"] + "/"))
+    assert 0 < written < 0.1 * data_bytes
+    x = np.linspace(-1, 1, part.nchan)[None, :, None]
+    want = v.data - fit[:, None, 0] - fit[:, None, 1] * x
+    sub = partition(ngc, "19_x", new).read()
+    np.testing.assert_allclose(sub.data, want, atol=1e-4 * np.abs(v.data).max())
+    np.testing.assert_array_equal(sub.flag, v.flag)
+    piece = partition(ngc, "19_x", new).read(chan=slice(CHANS, 2 * CHANS))
+    np.testing.assert_allclose(piece.data, want[:, CHANS:2 * CHANS], atol=1e-4 * np.abs(v.data).max())
+    with pytest.raises(vst.VisStoreError, match="continuum-subtracted"):
+        partition(ngc, "20_x", new).write("DATA", v.rows[:3], v.data[:3])
+
+
 def test_chunks_written_twice_and_a_second_pass_after_commit(ngc, tmp_path):
     """Through a worker cache: two writes into one chunk both count (the cache holds the
     second), and a second pass after commit adds to the stage's version instead of

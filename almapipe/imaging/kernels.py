@@ -150,11 +150,27 @@ def subtract_continuum_rows(data, flag, weight, rows, cont_mask, order, vsum, ws
 
     data (nrow, nchan, ncorr) complex64, flag the same shape, weight (nrow, ncorr).
     The fit's normal equations are summed and solved in float64 (order <= 3)."""
-    _subtract_continuum_rows(data, flag, weight, rows, cont_mask, int(order), vsum, wsum, numba.get_num_threads())
+    fit = np.zeros((0, int(order) + 1, data.shape[2]), np.complex64)
+    _subtract_continuum_rows(data, flag, weight, rows, cont_mask, int(order), vsum, wsum, fit, True,
+                             numba.get_num_threads())
+
+
+def fit_continuum_rows(data, flag, weight, rows, cont_mask, order, fit, vsum, wsum):
+    """The same fit as ``subtract_continuum_rows``, kept instead of subtracted: the
+    coefficients of each selected row and correlation go to fit (nrow, nterms > order,
+    ncorr) complex64 (term i multiplies x**i; the terms above `order`, and rows with too
+    few continuum channels, stay as they were); data are left as they are. The
+    visibility store subtracts the polynomial when the data are read
+    (visstore.subtract_continuum_fit), so uvcontsub writes a few coefficients a row
+    instead of a second copy of the target's data."""
+    if fit.ndim != 3 or fit.shape[0] != data.shape[0] or fit.shape[2] != data.shape[2] or fit.shape[1] <= order:
+        raise ValueError(f"fit has shape {fit.shape}; expected ({data.shape[0]}, > {order}, {data.shape[2]})")
+    _subtract_continuum_rows(data, flag, weight, rows, cont_mask, int(order), vsum, wsum, fit, False,
+                             numba.get_num_threads())
 
 
 @numba.njit(parallel=True, cache=True)
-def _subtract_continuum_rows(data, flag, weight, rows, cont_mask, order, vsum, wsum, nthread):
+def _subtract_continuum_rows(data, flag, weight, rows, cont_mask, order, vsum, wsum, fit, subtract, nthread):
     nrow, nchan, ncorr = data.shape
     nk = order + 1
     x = np.empty(nchan)
@@ -221,6 +237,10 @@ def _subtract_continuum_rows(data, flag, weight, rows, cont_mask, order, vsum, w
                         bi[i] -= a[i, j] * bi[j]
                     br[i] /= a[i, i]
                     bi[i] /= a[i, i]
+                if not subtract:
+                    for i in range(nk):
+                        fit[r, i, p] = np.complex64(complex(br[i], bi[i]))
+                    continue
                 for c in range(nchan):
                     mr = 0.0
                     mi = 0.0

@@ -137,12 +137,12 @@ def export_ms(parts: list, shell_path: str, dest: str, open_part, corrected: boo
                         t.putcol(col, part.index(col)[rows], startrow=start)
                 for col in vst.ROW_ARRAYS:
                     if vst.ROW_ARRAYS[col][0] in entry["arrays"]:
-                        t.putcol(col, vst._take(part._array(col), rows, None), startrow=start)
-                flag = vst._take(part._array("FLAG"), rows, None)
+                        t.putcol(col, part.rows_of(col, rows), startrow=start)
+                flag = part.rows_of("FLAG", rows)
                 t.putcol("FLAG", flag, startrow=start)
                 t.putcol("FLAG_ROW", flag.all(axis=(1, 2)), startrow=start)
-                t.putcol("DATA", vst._take(part._array("DATA"), rows, None), startrow=start)
+                t.putcol("DATA", part.rows_of("DATA", rows), startrow=start)
                 if want_corrected:
                     col = "CORRECTED_DATA" if part.has("CORRECTED_DATA") else "DATA"
-                    t.putcol("CORRECTED_DATA", vst._take(part._array(col), rows, None), startrow=start)
+                    t.putcol("CORRECTED_DATA", part.rows_of(col, rows), startrow=start)
     return dest

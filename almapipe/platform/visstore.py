@@ -24,6 +24,11 @@ sub-arrays), which a dense (time, baseline) grid would pad; the kernels are row-
   the *shell*, the input MS with no rows, one small tar per EB (``entry["meta"]``).
   Exporting an MS (``export_ms``) is the shell plus rows streamed from the arrays.
 
+* A continuum-subtracted view (uvcontsub) has one array more, CONTINUUM_FIT: the
+  coefficients of each row's fitted continuum polynomial (nrow, FIT_TERMS, ncorr).
+  Its DATA are read as VISIBILITY minus that polynomial (``subtract_continuum_fit``):
+  uvcontsub writes a few numbers a row, not a second copy of the target's data.
+
 A partition entry (JSON, in ``ctx["partitions"]``):
 ``{"name", "spw", "meta", "nrow", "nchan", "ncorr", "chunks": [rows, chans],
 "arrays": {ARRAY: key}, "field_ids": [...] (optional: a view of some fields' rows)}``.
@@ -66,8 +71,11 @@ INDEX_ARRAYS = {
     "FEED2": ("FEED2", "int32"),
     "PROCESSOR_ID": ("PROCESSOR_ID", "int32"),
 }
+# uvcontsub's continuum fit (nrow, FIT_TERMS, ncorr), complex64: term i multiplies x**i,
+# x = -1 .. 1 across the spw (continuum_x); orders up to 3, uvcontsub.fitorder's maximum
+CONTINUUM_FIT, FIT_TERMS = "CONTINUUM_FIT", 4
 ARRAY_OF_COLUMN = {**CUBE_OF_COLUMN, **{c: v[0] for c, v in ROW_ARRAYS.items()},
-                   **{c: v[0] for c, v in INDEX_ARRAYS.items()}}
+                   **{c: v[0] for c, v in INDEX_ARRAYS.items()}, CONTINUUM_FIT: CONTINUUM_FIT}
 INDEX_FACTOR = 16          # index arrays' chunks are this many data chunks long
 CHUNK_BYTES = 8 << 20      # a VISIBILITY chunk's size, uncompressed
 MAX_CHUNK_CHANS = 256      # wider spws (FDM) are chunked in channels too
@@ -280,32 +288,31 @@ class VisPartition:
         from ..msio.ms import Vis
         rows = np.asarray(rows, dtype=np.int64)
         chan = chan if chan is not None else slice(0, self.nchan)
-        if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
-            sel = slice(int(rows[0]), int(rows[-1]) + 1)        # contiguous: plain slices
-        else:
-            sel = rows
-        pending = self._writers
-
-        def cube(col):
-            if col in pending:               # read what this stage wrote
-                return pending[col].read(rows, chan)
-            return _take(self._array(col), sel, chan, self.vs.counter)
-
-        def row_array(col):
-            if col in pending:
-                return pending[col].read(rows, None)
-            return _take(self._array(col), sel, None, self.vs.counter)
-
-        flag = cube("FLAG")
+        flag = self.rows_of("FLAG", rows, chan)
         vis = Vis(time=self.index("TIME")[rows], interval=self.index("INTERVAL")[rows],
                   ant1=self.index("ANTENNA1")[rows], ant2=self.index("ANTENNA2")[rows],
                   field_id=self.index("FIELD_ID")[rows], scan=self.index("SCAN_NUMBER")[rows],
-                  uvw=row_array("UVW"),
-                  data=cube(column) if data else np.zeros((0,) + flag.shape[1:], np.complex64),
-                  flag=flag, weight=row_array("WEIGHT"),
+                  uvw=self.rows_of("UVW", rows),
+                  data=self.rows_of(column, rows, chan) if data else np.zeros((0,) + flag.shape[1:], np.complex64),
+                  flag=flag, weight=self.rows_of("WEIGHT", rows),
                   freq=self.freq[chan], corr_types=self.corr_types, rows=rows, spw=self.spw,
                   state_id=self.index("STATE_ID")[rows])
         return vis
+
+    def rows_of(self, column: str, rows: np.ndarray, chan: slice | None = None) -> np.ndarray:
+        """One column's values of the given rows (ascending row numbers): what this stage
+        wrote if it wrote the column, else the version the entry points at; a cube's
+        channels `chan`. A continuum-subtracted view's DATA are its VISIBILITY minus its
+        committed continuum fit (uvcontsub reads the data it fits unsubtracted)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        cube = column in CUBE_OF_COLUMN
+        if column in self._writers:              # read what this stage wrote
+            values = self._writers[column].read(rows, chan if cube else None)
+        else:
+            values = _take(self._array(column), rows, chan if cube else None, self.vs.counter)
+        if column == "DATA" and CONTINUUM_FIT in self.entry["arrays"]:
+            values = subtract_continuum_fit(values, self.rows_of(CONTINUUM_FIT, rows), chan, self.nchan)
+        return values
 
     def read(self, column: str = "DATA", field_ids=None, chan: slice | None = None, data: bool = True,
              cross_only: bool = False):
@@ -327,6 +334,9 @@ class VisPartition:
     def write(self, column: str, rows: np.ndarray, values: np.ndarray) -> None:
         """New values of an MS column (DATA, CORRECTED_DATA, MODEL_DATA, FLAG, WEIGHT,
         UVW, ...) for the given rows; written as this stage's version of the array."""
+        if column == "DATA" and CONTINUUM_FIT in self.entry["arrays"]:
+            raise VisStoreError(f"{self.entry['name']}: DATA of a continuum-subtracted view are read as "
+                                "VISIBILITY minus its continuum fit and cannot be written")
         w = self._writers.get(column)
         if w is None:
             w = self._writers[column] = _ArrayWriter(self, column)
@@ -357,6 +367,29 @@ class VisPartition:
         # reads after the commit see this stage's versions (read-your-writes)
         self.entry = dict(self.entry, arrays=arrays)
         return self.entry
+
+
+def continuum_x(nchan: int) -> np.ndarray:
+    """The continuum polynomial's abscissa: -1 .. 1 across a spw's channels, as
+    kernels.fit_continuum_rows fits it."""
+    return np.linspace(-1.0, 1.0, nchan) if nchan > 1 else np.full(nchan, -1.0)
+
+
+def subtract_continuum_fit(data: np.ndarray, fit: np.ndarray, chan: slice | None, nchan: int) -> np.ndarray:
+    """data (rows, channels `chan` of a spw of nchan, ncorr) minus each row's continuum
+    polynomial, sum over i of fit[:, i] * x**i; terms that are zero in every row are
+    skipped (order 0, the default, is one subtraction a row)."""
+    out = np.array(data, dtype=np.complex64)          # a copy: data may be a cached block
+    nonzero = np.flatnonzero(np.any(fit != 0, axis=(0, 2)))
+    if not len(nonzero):
+        return out
+    x = continuum_x(nchan)[chan if chan is not None else slice(None)]
+    for i in range(int(nonzero[-1]) + 1):
+        if i == 0:
+            out -= fit[:, None, 0, :]
+        else:
+            out -= fit[:, None, i, :] * (x ** i).astype(np.float32)[None, :, None]
+    return out
 
 
 def _take(z, sel, chan, counter: ByteCounter | None = None):
@@ -416,6 +449,8 @@ class _ArrayWriter:
         if self.name in CUBE_DTYPE:
             shape, chunks, dtype = (n, part.nchan, part.ncorr), (part.chunk_rows, part.chunk_chans, part.ncorr), \
                 CUBE_DTYPE[self.name]
+        elif column == CONTINUUM_FIT:
+            shape, chunks, dtype = (n, FIT_TERMS, part.ncorr), (part.chunk_rows, FIT_TERMS, part.ncorr), "complex64"
         elif column in ROW_ARRAYS:
             _, dtype, trail = ROW_ARRAYS[column]
             trail = part.ncorr if trail == "ncorr" else trail

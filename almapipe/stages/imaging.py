@@ -28,9 +28,10 @@ from ..imaging.samples import (MedianSketch, clean_mfs, read_aggregate_samples, 
                                 uv_distances)
 from ..imaging.products import (image_header, mosaic_noise_factor, obs_info,  # noqa: E402
                                 pipeline_version, write_fits)
-from ..imaging.kernels import subtract_continuum_rows  # noqa: E402
+from ..imaging.kernels import fit_continuum_rows  # noqa: E402
 from ..imaging.uvcontsub import format_channels, parse_channels  # noqa: E402
 from ..msio import ms as msio  # noqa: E402
+from ..platform import visstore as vst  # noqa: E402
 
 # the largest image makeimages makes from its heuristics (per image kind: max_imsize)
 MAX_IMSIZE = 4096
@@ -236,8 +237,9 @@ def continuum_fraction(name: str, spw: int, n_cont: int, nchan: int, min_fractio
 def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
     """Fit and subtract the continuum per baseline and time over the line-free channels
     of each target (its own ranges per spw, as cont.dat lists them per field). The
-    result is ctx["contsub_partitions"]: the target views with their DATA at a new
-    version (only DATA is written)."""
+    result is ctx["contsub_partitions"]: the target views with a continuum fit (only
+    CONTINUUM_FIT is written, a few coefficients a row), whose DATA the store reads as
+    the target's minus the fitted polynomial."""
     qa = QA()
     if not ctx.get("target_partitions"):
         raise StageError("uvcontsub: no target partition; run split first")
@@ -250,8 +252,8 @@ def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
     # needed, the flags and uvw for its cube's geometry and the data for its cube, then
     # the data again to subtract the continuum and write them
     for group in spw_groups(ctx["target_partitions"]):
-        # the continuum-subtracted DATA go to a version of the view's VISIBILITY of their
-        # own, under the name of the new partition (its other arrays stay the target's)
+        # the continuum fit is an array of the new view's own, under its name (its other
+        # arrays stay the target's)
         members = [(part, io.vis(dict(part, name=view_name(part, "contsub")))) for part in group]
         spw = group[0]["spw"]
         freq = _common_channels(members, spw)
@@ -283,11 +285,13 @@ def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
             for blk in member_blocks(io, vp, part):
                 data = np.ascontiguousarray(blk.data, dtype=np.complex64)
                 flag, weight = np.ascontiguousarray(blk.flag), np.ascontiguousarray(blk.weight, dtype=np.float32)
+                fit = np.zeros((len(blk.rows), vst.FIT_TERMS, data.shape[2]), np.complex64)
                 for name, (fids, mask) in masks.items():
                     rows = np.isin(blk.field_id, fids)
-                    if rows.any():          # the spectrum summed, then the fit subtracted, in one pass
-                        subtract_continuum_rows(data, flag, weight, rows, mask, order, *spectra[name])
-                vp.write("DATA", blk.rows, data)
+                    if rows.any():          # the spectrum summed and the continuum fitted in one pass
+                        fit_continuum_rows(data, flag, weight, rows, mask, order, fit, *spectra[name])
+                # the view's DATA are read as its VISIBILITY minus this fit (visstore)
+                vp.write(vst.CONTINUUM_FIT, blk.rows, fit)
             out.append(dict(vp.commit(), cont_chans=cont_chans))
         for name, (vsum, wsum) in spectra.items():
             _plot_spectrum(io, np.abs(vsum / np.maximum(wsum, 1e-30)), masks[name][1], spw, name)
