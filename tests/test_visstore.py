@@ -268,8 +268,10 @@ def test_the_chunk_cache_never_exceeds_its_limit(ngc, tmp_path):
 
     def stage(vs, out):
         part = partition(ngc, "18_x", vs=vs)
-        for _ in range(2):
-            out.append(sum(int(b.flag.sum()) + b.data.size for b in part.blocks(column="DATA")))
+        for _ in range(2):             # in row chunks, each kept (a pass of blocks would not be)
+            out.append(sum(int(b.flag.sum()) + b.data.size
+                           for b in (part.read_rows(np.arange(lo, min(lo + ROWS, part.nrow)))
+                                     for lo in range(0, part.nrow, ROWS))))
 
     watcher = threading.Thread(target=watch)
     watcher.start()
@@ -288,6 +290,43 @@ def test_the_chunk_cache_never_exceeds_its_limit(ngc, tmp_path):
     assert 0 < peak[0] <= limit
     assert stores[0].cache.held() <= limit
     assert results[0] == results[1] and len(set(results[0])) == 1      # and read right
+
+
+def test_a_pass_larger_than_the_cache_reads_and_writes_past_it(ngc, tmp_path):
+    """A pass of blocks over more visibilities than the cache holds keeps none of them
+    (least recently used, it would only evict what a later read could use), nor does a
+    version of a visibility cube larger than the cache; flags, weights and uvw are kept,
+    and a pass that fits is kept whole. What was cached before is still read from it."""
+    part_bytes = ngc["entry"]["nrow"] * ngc["entry"]["nchan"] * ngc["entry"]["ncorr"] * 8
+    vis_key = ngc["entry"]["arrays"]["VISIBILITY"]
+
+    def cached_under(vs, prefix):
+        return {k for k in objects(ngc) if k.startswith(prefix + "/") and k in vs.cache}
+
+    small = vst.VisStore(ngc["cfg"], cache_dir=str(tmp_path / "small"), cache_limit=part_bytes // 2)
+    part = partition(ngc, "21_pass", vs=small)
+    data = np.concatenate([b.data for b in part.blocks()])
+    assert not cached_under(small, vis_key)
+    assert cached_under(small, ngc["entry"]["arrays"]["FLAG"]) and cached_under(small, ngc["entry"]["arrays"]["UVW"])
+    part.write("CORRECTED_DATA", np.arange(part.nrow), data * 2)
+    new = part.commit()
+    assert not cached_under(small, new["arrays"]["VISIBILITY_CORRECTED"])
+    back = partition(ngc, "22_x", new, small).read(column="CORRECTED_DATA")
+    np.testing.assert_array_equal(back.data, data * 2)
+    assert not cached_under(small, new["arrays"]["VISIBILITY_CORRECTED"])
+    # one field's rows fit: kept, and read from the cache the second time
+    rows = part.select([0])
+    assert small.keeps(len(rows) * part.nchan * part.ncorr * 8)
+    first = np.concatenate([b.data for b in part.blocks(field_ids=[0])])
+    assert cached_under(small, vis_key)
+    before = small.counter.as_dict()
+    np.testing.assert_array_equal(np.concatenate([b.data for b in part.blocks(field_ids=[0])]), first)
+    assert small.counter.s3_read == before["s3_read"] and small.counter.cache_read > before["cache_read"]
+    # a cache that holds the partition keeps the whole pass
+    large = vst.VisStore(ngc["cfg"], cache_dir=str(tmp_path / "large"), cache_limit=4 * part_bytes)
+    list(partition(ngc, "23_x", vs=large).blocks())
+    nchunks = -(-ngc["entry"]["nrow"] // ROWS) * -(-ngc["entry"]["nchan"] // CHANS)
+    assert len({k for k in cached_under(large, vis_key) if "/c/" in k}) == nchunks
 
 
 def test_the_directory_cache_is_bounded_and_unpacks_private_copies(s3, tmp_path):

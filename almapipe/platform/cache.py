@@ -12,7 +12,8 @@ changed under an exclusive lock on ``.lock`` (flock: the kernel releases it when
 process dies, even killed), and room is made *before* an object is written, also
 under the lock. So at no moment does the folder hold more than ``limit`` bytes of
 objects. Writing under the lock serialises the cache writes of a service's workers;
-they are local disk writes of a few MiB, small beside the S3 reads they save.
+they are local disk writes of a few MiB, small beside the S3 reads they save. What a
+pass larger than the cache reads is not put here at all (visstore.VisStore.keeps).
 """
 from __future__ import annotations
 
@@ -87,6 +88,13 @@ class BoundedCache:
         def write(f):
             f.write(data)
         self._put(key, len(data), write, replace=False)
+
+    def discard(self, key: str) -> None:
+        """Forget a cached copy of key (what was just written under key and not kept)."""
+        p = self._path(key)
+        if os.path.exists(p):
+            with self._locked():
+                self._drop(p)
 
     def put_file(self, key: str, path: str) -> None:
         """Keep a copy of a local file (a downloaded tar archive) under key."""

@@ -120,8 +120,11 @@ class ByteCounter:
 
 
 def _zarr_store(cfg, cache_dir: str | None, cache_limit: int, counter: ByteCounter):
-    """A zarr store on the S3 bucket (obstore), with a bounded local cache of the
-    objects read and written: every key is immutable, so a cached object never goes stale."""
+    """Two zarr stores on the S3 bucket (obstore) with one bounded local cache: every key
+    is immutable, so a cached object never goes stale. The first keeps what it reads and
+    writes in the cache; the second (a pass over more visibilities than the cache holds)
+    reads cached objects but keeps nothing: least-recently-used, the pass would only
+    evict what it and everything else had cached before a second read came."""
     from obstore.store import S3Store
     from zarr.storage import ObjectStore, WrapperStore
     from zarr.core.buffer import default_buffer_prototype
@@ -134,6 +137,8 @@ def _zarr_store(cfg, cache_dir: str | None, cache_limit: int, counter: ByteCount
     cache = BoundedCache(cache_dir, cache_limit) if cache_dir and cache_limit > 0 else None
 
     class CountingCachedStore(WrapperStore):
+        keep = True
+
         async def get(self, key, prototype=None, byte_range=None):
             prototype = prototype or default_buffer_prototype()
             if cache is not None and byte_range is None:
@@ -145,7 +150,7 @@ def _zarr_store(cfg, cache_dir: str | None, cache_limit: int, counter: ByteCount
             if buf is not None:
                 raw = buf.to_bytes()
                 counter.add("s3_read", len(raw), "objects_read")
-                if cache is not None and byte_range is None:
+                if cache is not None and byte_range is None and self.keep:
                     await asyncio.to_thread(cache.fill, key, raw)
             return buf
 
@@ -153,10 +158,17 @@ def _zarr_store(cfg, cache_dir: str | None, cache_limit: int, counter: ByteCount
             raw = value.to_bytes()
             await self._store.set(key, value)
             counter.add("s3_written", len(raw), "objects_written")
-            if cache is not None:
+            if cache is None:
+                return
+            if self.keep:
                 await asyncio.to_thread(cache.put, key, raw)
+            else:       # not kept: an older copy of the key (a chunk written twice) must not stay
+                await asyncio.to_thread(cache.discard, key)
 
-    return CountingCachedStore(inner), s3, cache
+    class PassingStore(CountingCachedStore):
+        keep = False
+
+    return CountingCachedStore(inner), PassingStore(inner), s3, cache
 
 
 class VisStore:
@@ -168,22 +180,29 @@ class VisStore:
         self.counter = ByteCounter()
         if cache_limit is None:     # the chunks' share of the worker cache (ALMAPIPE_CACHE_MB)
             cache_limit = int(cfg.cache_bytes * CHUNK_CACHE_SHARE)
-        self.zstore, self.s3, self.cache = _zarr_store(cfg, cache_dir, cache_limit, self.counter)
+        self.zstore, self.passing_zstore, self.s3, self.cache = _zarr_store(cfg, cache_dir, cache_limit,
+                                                                            self.counter)
+        self.cache_limit = cache_limit if self.cache is not None else 0
         self.zarr = zarr
 
+    def keeps(self, nbytes: int) -> bool:
+        """Whether a pass over nbytes of visibilities goes into the cache: not if it is
+        larger than the cache (_zarr_store says why)."""
+        return nbytes <= self.cache_limit
+
     # --- arrays
-    def create(self, key: str, shape: tuple, chunks: tuple, dtype: str):
+    def create(self, key: str, shape: tuple, chunks: tuple, dtype: str, keep: bool = True):
         import zarr
         from zarr.codecs import ZstdCodec
         # write_empty_chunks: a version holds every chunk it was given, also all-False
         # FLAG chunks, so that a chunk missing from a new version means "not written"
-        return zarr.create_array(self.zstore, name=key, shape=shape, chunks=chunks, dtype=dtype,
-                                 compressors=ZstdCodec(level=1), fill_value=_fill(dtype), overwrite=True,
-                                 config={"write_empty_chunks": True})
+        return zarr.create_array(self.zstore if keep else self.passing_zstore, name=key, shape=shape,
+                                 chunks=chunks, dtype=dtype, compressors=ZstdCodec(level=1),
+                                 fill_value=_fill(dtype), overwrite=True, config={"write_empty_chunks": True})
 
-    def open(self, key: str, mode: str = "r"):
+    def open(self, key: str, mode: str = "r", keep: bool = True):
         try:
-            return self.zarr.open_array(self.zstore, path=key, mode=mode)
+            return self.zarr.open_array(self.zstore if keep else self.passing_zstore, path=key, mode=mode)
         except Exception as exc:   # FileNotFoundError, zarr's NodeNotFound...
             raise VisStoreError(f"visibility array s3://{self.s3.config.get('bucket', '')}/{key} "
                                 f"cannot be opened: {exc}") from exc
@@ -274,17 +293,18 @@ class VisPartition:
         return np.flatnonzero(keep)
 
     # --- reading
-    def _array(self, column: str):
+    def _array(self, column: str, keep: bool = True):
         name = ARRAY_OF_COLUMN[column]
         key = self.entry["arrays"].get(name)
         if key is None:
             raise VisStoreError(f"{self.entry['name']}: no {column} ({name}) in the store; "
                                 f"has {', '.join(sorted(self.entry['arrays']))}")
-        return self.vs.open(key)
+        return self.vs.open(key, keep=keep)
 
     def read_rows(self, rows: np.ndarray, column: str = "DATA", chan: slice | None = None,
-                  data: bool = True):
-        """A Vis of the given rows (ascending row numbers)."""
+                  data: bool = True, keep: bool = True):
+        """A Vis of the given rows (ascending row numbers); `keep`: whether the
+        visibilities read go into the worker cache (flags, weights and uvw always do)."""
         from ..msio.ms import Vis
         rows = np.asarray(rows, dtype=np.int64)
         chan = chan if chan is not None else slice(0, self.nchan)
@@ -293,13 +313,13 @@ class VisPartition:
                   ant1=self.index("ANTENNA1")[rows], ant2=self.index("ANTENNA2")[rows],
                   field_id=self.index("FIELD_ID")[rows], scan=self.index("SCAN_NUMBER")[rows],
                   uvw=self.rows_of("UVW", rows),
-                  data=self.rows_of(column, rows, chan) if data else np.zeros((0,) + flag.shape[1:], np.complex64),
+                  data=self.rows_of(column, rows, chan, keep) if data else np.zeros((0,) + flag.shape[1:], np.complex64),
                   flag=flag, weight=self.rows_of("WEIGHT", rows),
                   freq=self.freq[chan], corr_types=self.corr_types, rows=rows, spw=self.spw,
                   state_id=self.index("STATE_ID")[rows])
         return vis
 
-    def rows_of(self, column: str, rows: np.ndarray, chan: slice | None = None) -> np.ndarray:
+    def rows_of(self, column: str, rows: np.ndarray, chan: slice | None = None, keep: bool = True) -> np.ndarray:
         """One column's values of the given rows (ascending row numbers): what this stage
         wrote if it wrote the column, else the version the entry points at; a cube's
         channels `chan`. A continuum-subtracted view's DATA are its VISIBILITY minus its
@@ -309,7 +329,7 @@ class VisPartition:
         if column in self._writers:              # read what this stage wrote
             values = self._writers[column].read(rows, chan if cube else None)
         else:
-            values = _take(self._array(column), rows, chan if cube else None, self.vs.counter)
+            values = _take(self._array(column, keep), rows, chan if cube else None, self.vs.counter)
         if column == "DATA" and CONTINUUM_FIT in self.entry["arrays"]:
             values = subtract_continuum_fit(values, self.rows_of(CONTINUUM_FIT, rows), chan, self.nchan)
         return values
@@ -317,18 +337,26 @@ class VisPartition:
     def read(self, column: str = "DATA", field_ids=None, chan: slice | None = None, data: bool = True,
              cross_only: bool = False):
         """A Vis of the partition's rows (of the given fields), all in memory."""
-        return self.read_rows(self.select(field_ids, cross_only), column, chan, data)
+        rows = self.select(field_ids, cross_only)
+        return self.read_rows(rows, column, chan, data, self._keeps(rows, chan, data))
+
+    def _keeps(self, rows: np.ndarray, chan: slice | None, data: bool) -> bool:
+        """Whether a read of these rows' visibilities goes into the cache (VisStore.keeps)."""
+        nchan = len(range(*chan.indices(self.nchan))) if chan is not None else self.nchan
+        return not data or self.vs.keeps(len(rows) * nchan * self.ncorr * 8)
 
     def blocks(self, column: str = "DATA", field_ids=None, chan: slice | None = None, data: bool = True,
                cross_only: bool = False, block_chunks: int = 1):
         """The same as ``read`` in row blocks of `block_chunks` row chunks (bounded memory);
-        blocks with no selected row are skipped."""
+        blocks with no selected row are skipped. As with ``read``, a pass over more
+        visibilities than the worker cache holds does not go into it (VisStore.keeps)."""
         rows = self.select(field_ids, cross_only)
+        keep = self._keeps(rows, chan, data)
         step = self.chunk_rows * block_chunks
         bounds = np.searchsorted(rows, np.arange(0, self.nrow + step, step))
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             if hi > lo:
-                yield self.read_rows(rows[lo:hi], column, chan, data)
+                yield self.read_rows(rows[lo:hi], column, chan, data, keep)
 
     # --- writing
     def write(self, column: str, rows: np.ndarray, values: np.ndarray) -> None:
@@ -444,7 +472,6 @@ class _ArrayWriter:
         self.name = ARRAY_OF_COLUMN[column]
         self.old_key = part.entry["arrays"].get(self.name)
         self.key = f"{part.prefix}/{self.name}/{part.tag}"
-        self.old = part.vs.open(self.old_key) if self.old_key else None
         n = part.nrow
         if self.name in CUBE_DTYPE:
             shape, chunks, dtype = (n, part.nchan, part.ncorr), (part.chunk_rows, part.chunk_chans, part.ncorr), \
@@ -457,6 +484,9 @@ class _ArrayWriter:
             shape, chunks = (n, trail), (part.chunk_rows, trail)
         else:
             raise VisStoreError(f"{column}: an index column cannot be rewritten by a stage")
+        # a version of a visibility cube larger than the cache is written past it
+        self.keep = not self.name.startswith("VISIBILITY") or part.vs.keeps(n * part.nchan * part.ncorr * 8)
+        self.old = part.vs.open(self.old_key, keep=self.keep) if self.old_key else None
         if self.old is not None and tuple(self.old.shape) != shape:
             raise VisStoreError(f"{part.entry['name']} {column}: shape {shape} differs from the stored "
                                 f"{tuple(self.old.shape)}")
@@ -469,7 +499,7 @@ class _ArrayWriter:
             # commit in the same execution): write into it in place (nothing reads it
             # before the stage's result is written); recreating it would delete the
             # first pass's chunks, which the new values are merged with
-            self.new = part.vs.open(self.key, mode="r+")
+            self.new = part.vs.open(self.key, mode="r+", keep=self.keep)
             self.written = set(range(-(-n // self.rows_step)))
 
     def _current(self, ci: int) -> np.ndarray:
@@ -499,7 +529,7 @@ class _ArrayWriter:
             if (ci in self.written or self.old is not None) and np.array_equal(new, cur):
                 continue                  # unchanged: nothing to write
             if self.new is None:
-                self.new = self.part.vs.create(self.key, self.shape, self.chunks, self.dtype)
+                self.new = self.part.vs.create(self.key, self.shape, self.chunks, self.dtype, self.keep)
             self.new[lo:lo + len(new)] = new
             self.written.add(ci)
 
