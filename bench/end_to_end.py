@@ -170,7 +170,10 @@ def ours(eb_dir: str, work: str, port_base: int, delete_input: bool = False, ext
         cache = du(os.path.join(data_dir, "cache"))
         gc = subprocess.run(almapipe + ["gc"], env=env, capture_output=True, text=True)
         s3_after = _s3_bytes(env, run_id)
-        stages = [{"stage": r["name"], "s": r["duration_s"], **(r.get("bytes") or {})}
+        # a stage's wall time from its start to its end (a fanned-out stage's: to its join's
+        # end, its pieces and their queueing included); its bytes are its pieces' too
+        stages = [{"stage": r["name"], "s": r["ended"] - r["started"] if "started" in r else r["duration_s"],
+                   "pieces_s": r.get("pieces_s", 0.0), **(r.get("bytes") or {})}
                   for r in sorted(ctx.get("stage_results", []), key=lambda r: r["index"])]
         return {"wall_s": wall, "cpu_s": cpu, "status": proc.returncode, "run_id": run_id, "stages": stages, **sampled,
                 "s3_bytes": s3_before, "s3_bytes_after_gc": s3_after, "cache_bytes": cache,

@@ -14,6 +14,7 @@ import pytest
 
 from almapipe.calibration.caltable import read_caltable
 from almapipe.cli import download_products, upload_input
+from almapipe.platform.store import ObjectStore
 from almapipe.simulate.simulator import SimConfig, Simulator
 from almapipe.v1 import pipeline_pb2 as pb
 from conftest import NGC5921
@@ -566,6 +567,20 @@ def test_cube_cleaned_in_pieces_by_several_workers_is_one_cube(mixed_run, stack)
     st, _ = stack
     logs = [open(p["log"]).read() for n, p in st.status().items() if n.startswith("worker-imager")]
     assert len(logs) == 2 and f"[{run.run_id} imagecube_chunk" in "".join(logs)
+    # the stage's record counts its pieces: the bytes they read, the seconds they worked,
+    # and its wall time runs from makeimages' start to the join's end
+    store = ObjectStore(stack[1])
+    last = sorted(o.object_name for o in store.list(f"runs/{run.run_id}/context/")
+                  if o.object_name.rsplit("/", 1)[-1][:2].isdigit() and ".fanout." not in o.object_name)[-1]
+    (rec,) = [r for r in store.get_json(last)["stage_results"] if r["name"] == "makeimages"]
+    pieces = [store.get_json(o.object_name) for o in store.list(f"runs/{run.run_id}/pieces/")
+              if "_imagecube_chunk_" in o.object_name]
+    assert rec["pieces"] == len(pieces) == 3 * len(cubes)
+    read = lambda b: b.get("s3_read", 0) + b.get("cache_read", 0)      # noqa: E731
+    assert all(read(p["bytes"]) > 0 for p in pieces)
+    assert read(rec["bytes"]) >= sum(read(p["bytes"]) for p in pieces)
+    assert rec["pieces_s"] == pytest.approx(sum(p["duration_s"] for p in pieces), abs=0.01)
+    assert rec["ended"] - rec["started"] >= max(p["ended"] for p in pieces) - rec["started"] > 0
 
 
 def peak_near(img: np.ndarray, x: float, y: float, r: int = 3) -> tuple:

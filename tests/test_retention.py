@@ -82,8 +82,16 @@ def finished_run(s3, ngc5921_ms, tmp_path_factory):
     e = stage("05_applycal", e, lambda p, v: p.write("CORRECTED_DATA", v.rows, v.data * 1.1))
     e = stage("07_flagtargets", e, lambda p, v: p.write_flags(v.rows[v.ant2 == 5], np.ones_like(v.flag[v.ant2 == 5])))
     e = stage("08_applycal", e, lambda p, v: p.write("CORRECTED_DATA", v.rows, v.data * 1.2))
-    final = {"run_id": rid, "partitions": [e], "target_partitions": [dict(e, field_ids=[2])],
-             "aux_partitions": {}}
+    # uvcontsub's view of the target: its continuum fit is an array of its own
+    target = dict(e, field_ids=[2])
+    contsub = vst.VisPartition(vs, dict(target, name="ngc.spw0.contsub.ms"), "09_uvcontsub",
+                               lambda k: fetcher.dir(k, str(work)), f"runs/{rid}/vis/ngc.spw0.contsub.ms")
+    v = contsub.read()
+    fit = np.zeros((len(v.rows), vst.FIT_TERMS, contsub.ncorr), np.complex64)
+    fit[:, 0] = v.data.mean(axis=1)
+    contsub.write(vst.CONTINUUM_FIT, v.rows, fit)
+    final = {"run_id": rid, "partitions": [e], "target_partitions": [target],
+             "contsub_partitions": [contsub.commit()], "aux_partitions": {}}
     final_key = store.put_json(f"runs/{rid}/context/10_exportdata.json", final)["key"]
     # products: a caltable, an image, the weblog; the manifest names them
     products = {}
@@ -95,7 +103,8 @@ def finished_run(s3, ngc5921_ms, tmp_path_factory):
     store.put_json(f"runs/{rid}/products/manifest.json", products)
     put_record(cfg, record(rid, "SUCCEEDED", final_key, input_key=input_key))
     return {"cfg": cfg, "store": store, "rid": rid, "final": e, "input_key": input_key, "products": products,
-            "vs": vs, "meta": lambda k: fetcher.dir(k, str(work)), "prefix": prefix}
+            "vs": vs, "meta": lambda k: fetcher.dir(k, str(work)), "prefix": prefix,
+            "contsub": final["contsub_partitions"][0]}
 
 
 def test_gc_keeps_the_final_versions_and_meets_the_footprint_bound(finished_run, capsys):
@@ -104,6 +113,8 @@ def test_gc_keeps_the_final_versions_and_meets_the_footprint_bound(finished_run,
     read = vst.VisPartition(r["vs"], r["final"], "99_x", r["meta"], r["prefix"])
     want = read.read(column="CORRECTED_DATA")
     model = read.read(column="MODEL_DATA")
+    contsub = lambda vs: vst.VisPartition(vs, r["contsub"], "99_x", r["meta"], "").read().data   # noqa: E731
+    subtracted = contsub(r["vs"])
     before = bytes_under(store, f"runs/{rid}/")
     input_bytes = store.client.stat_object(store.raw_bucket, r["input_key"]).size
     product_bytes = sum(store.client.stat_object(store.bucket, k).size for k in r["products"].values())
@@ -128,6 +139,8 @@ def test_gc_keeps_the_final_versions_and_meets_the_footprint_bound(finished_run,
     np.testing.assert_array_equal(again.read(column="CORRECTED_DATA").data, want.data)
     np.testing.assert_array_equal(again.read(column="CORRECTED_DATA").flag, want.flag)
     np.testing.assert_array_equal(again.read(column="MODEL_DATA").data, model.data)
+    # the continuum-subtracted view too: a rerun of makeimages from the final context reads it
+    np.testing.assert_array_equal(contsub(again.vs), subtracted)
     names = {o.object_name for o in store.list(f"runs/{rid}/vis/")}
     assert not any("/FLAG/02_flagdata/" in k or "/VISIBILITY_CORRECTED/05_applycal/" in k for k in names)
     assert any("/FLAG/07_flagtargets/" in k for k in names)

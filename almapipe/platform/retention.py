@@ -12,7 +12,8 @@ in its record in the NATS KV bucket, as the gateway's coordinator writes it):
   not visibilities;
 * dropped: every object under ``runs/<id>/vis/`` that is not part of an array version
   the final context points at (``partitions``, ``target_partitions``,
-  ``aux_partitions``); the partition tars of the layout before the store (entries with
+  ``contsub_partitions``, ``aux_partitions``: a rerun of imaging starts from them; the
+  continuum fit is a few numbers a row); the partition tars of the layout before the store (entries with
   a ``"key"``), unless the products name them;
 * optionally, ``drop_vis_after_days`` (ALMAPIPE_VIS_RETENTION_DAYS) after the run
   ended: its whole visibility store. The package stays downloadable and restorable
@@ -27,7 +28,7 @@ from __future__ import annotations
 import time
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}     # as gateway/coordinator.py records them
-PARTITION_LISTS = ("partitions", "target_partitions")
+PARTITION_LISTS = ("partitions", "target_partitions", "contsub_partitions")
 
 
 def partition_entries(ctx: dict) -> list:

@@ -79,7 +79,9 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
         if req.shard > 0:
             key = f"runs/{req.run_id}/pieces/{req.stage_index:02d}_{req.stage}_{req.shard}.json"
             store.put_json(key, {"piece": ctx.get("piece"), "outputs": io.outputs, "log": io.log_lines,
-                                 "qa_score": qa.score, "qa_reasons": qa.reasons, "qa_metrics": qa.metrics})
+                                 "qa_score": qa.score, "qa_reasons": qa.reasons, "qa_metrics": qa.metrics,
+                                 "duration_s": round(duration, 3), "bytes": moved,
+                                 "started": round(t0, 3), "ended": round(t0 + duration, 3)})
             return key, qa, io.outputs, duration, None
         fanout = ctx.pop("fanout", None)
         if fanout:       # written before the context, whose existence says the stage is done
@@ -89,7 +91,7 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
         result = {"index": req.stage_index, "name": name, "service": service, "qa_score": round(qa.score, 4),
                   "qa_reasons": qa.reasons, "qa_metrics": qa.metrics, "duration_s": round(duration, 3),
                   "params": params, "outputs": io.outputs, "log": io.log_lines, "log_key": log_key,
-                  "attempt": req.attempt, "bytes": moved}
+                  "attempt": req.attempt, "bytes": moved, "started": round(t0, 3), "ended": round(t0 + duration, 3)}
         before = next((r for r in ctx["stage_results"] if r["index"] == req.stage_index), None)
         if req.part_of and before is not None:      # a join: one stage, one result
             qa.score = min(qa.score, before["qa_score"])
@@ -98,7 +100,8 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
             result.update(qa_score=round(qa.score, 4), qa_reasons=qa.reasons, qa_metrics=qa.metrics,
                           params=before["params"],
                           outputs=before["outputs"] + io.outputs, log=before["log"] + io.log_lines,
-                          duration_s=round(before["duration_s"] + duration, 3))
+                          duration_s=round(before["duration_s"] + duration, 3),
+                          **joined_pieces(store, before, moved, params.get("pieces") or []))
         ctx["stage_results"] = [r for r in ctx["stage_results"] if r["index"] != req.stage_index] + [result]
         ctx["qa"][name] = {"score": qa.score, "reasons": qa.reasons}
         ctx["manifest"] = [m for m in ctx["manifest"] if m.get("stage") != req.stage] + io.outputs
@@ -107,6 +110,23 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
         return new_key, qa, io.outputs, duration, fanout
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def joined_pieces(store: ObjectStore, before: dict, moved: dict, piece_keys: list) -> dict:
+    """What a joined stage's result says of all its parts (the stage, its pieces on
+    whichever workers took them, the join): the visibility-store bytes they moved
+    together, the seconds the pieces worked (summed over workers), and the stage's wall
+    time from its start to the join's end ("started", "ended")."""
+    pieces = [store.get_json(k) for k in piece_keys]
+    total = dict(before.get("bytes") or {})
+    for part in [moved] + [p.get("bytes") or {} for p in pieces]:
+        for k, v in part.items():
+            total[k] = total.get(k, 0) + v
+    out = {"bytes": total, "pieces": len(pieces),
+           "pieces_s": round(sum(p.get("duration_s", 0.0) for p in pieces), 3)}
+    if "started" in before:
+        out["started"] = before["started"]
+    return out
 
 
 def result_key(req: pb.StageRequest) -> str:
