@@ -570,9 +570,7 @@ def test_cube_cleaned_in_pieces_by_several_workers_is_one_cube(mixed_run, stack)
     # the stage's record counts its pieces: the bytes they read, the seconds they worked,
     # and its wall time runs from makeimages' start to the join's end
     store = ObjectStore(stack[1])
-    last = sorted(o.object_name for o in store.list(f"runs/{run.run_id}/context/")
-                  if o.object_name.rsplit("/", 1)[-1][:2].isdigit() and ".fanout." not in o.object_name)[-1]
-    (rec,) = [r for r in store.get_json(last)["stage_results"] if r["name"] == "makeimages"]
+    (rec,) = [r for r in _final_context(stack[1], run)["stage_results"] if r["name"] == "makeimages"]
     pieces = [store.get_json(o.object_name) for o in store.list(f"runs/{run.run_id}/pieces/")
               if "_imagecube_chunk_" in o.object_name]
     assert rec["pieces"] == len(pieces) == 3 * len(cubes)

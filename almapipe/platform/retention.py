@@ -13,8 +13,8 @@ in its record in the NATS KV bucket, as the gateway's coordinator writes it):
 * dropped: every object under ``runs/<id>/vis/`` that is not part of an array version
   the final context points at (``partitions``, ``target_partitions``,
   ``contsub_partitions``, ``aux_partitions``: a rerun of imaging starts from them; the
-  continuum fit is a few numbers a row); the partition tars of the layout before the store (entries with
-  a ``"key"``), unless the products name them;
+  continuum fit is a few numbers a row); the partition tars of the layout before the
+  store (entries with a ``"key"``), unless the products name them;
 * optionally, ``drop_vis_after_days`` (ALMAPIPE_VIS_RETENTION_DAYS) after the run
   ended: its whole visibility store. The package stays downloadable and restorable
   (`almapipe restore` rebuilds the calibrated MS from the raw EB and the package).

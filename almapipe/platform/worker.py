@@ -76,12 +76,12 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
             if moved.get(direction):
                 metrics.VIS_BYTES.labels(service, req.stage, direction).inc(moved[direction])
         io.log_summary(qa, params, duration)
+        span = {"started": round(t0, 3), "ended": round(t0 + duration, 3)}
         if req.shard > 0:
             key = f"runs/{req.run_id}/pieces/{req.stage_index:02d}_{req.stage}_{req.shard}.json"
             store.put_json(key, {"piece": ctx.get("piece"), "outputs": io.outputs, "log": io.log_lines,
                                  "qa_score": qa.score, "qa_reasons": qa.reasons, "qa_metrics": qa.metrics,
-                                 "duration_s": round(duration, 3), "bytes": moved,
-                                 "started": round(t0, 3), "ended": round(t0 + duration, 3)})
+                                 "duration_s": round(duration, 3), "bytes": moved, **span})
             return key, qa, io.outputs, duration, None
         fanout = ctx.pop("fanout", None)
         if fanout:       # written before the context, whose existence says the stage is done
@@ -91,7 +91,7 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
         result = {"index": req.stage_index, "name": name, "service": service, "qa_score": round(qa.score, 4),
                   "qa_reasons": qa.reasons, "qa_metrics": qa.metrics, "duration_s": round(duration, 3),
                   "params": params, "outputs": io.outputs, "log": io.log_lines, "log_key": log_key,
-                  "attempt": req.attempt, "bytes": moved, "started": round(t0, 3), "ended": round(t0 + duration, 3)}
+                  "attempt": req.attempt, "bytes": moved, **span}
         before = next((r for r in ctx["stage_results"] if r["index"] == req.stage_index), None)
         if req.part_of and before is not None:      # a join: one stage, one result
             qa.score = min(qa.score, before["qa_score"])

@@ -484,7 +484,7 @@ CONTEXT = {
     "piece": (dict, "a fan-out piece's result"),
     "qa": (dict, "QA score and reasons per stage"),
     "stage_results": (list, "per stage: QA, parameters, outputs, log, visibility bytes, start and end "
-                                "(a fanned-out stage's with its pieces')"),
+                            "(a fanned-out stage's with its pieces')"),
     "manifest": (list, "objects written by the stages"),
     "failure": (dict, "the failed stage, on a failed run's WebLog"),
     "package": (dict, "the products package's objects"),
