@@ -137,6 +137,7 @@ class Config:
     ack_wait_s: float
     cache_dir: str
     cache_bytes: int = 4096 << 20   # the worker cache's bound (chunks + directories)
+    io_overlap: bool = True    # visibility reads ahead of and writes behind a stage's computing
     vis_retention_days: float | None = None   # gc: drop a finished run's visibility store after
     nats_user: str = ""
     nats_password: str = ""
@@ -169,6 +170,7 @@ class Config:
             ack_wait_s=float(_env("ALMAPIPE_ACK_WAIT_S", "60")),
             cache_dir=_env("ALMAPIPE_CACHE_DIR", os.path.join(data_dir, "cache")),
             cache_bytes=int(float(_env("ALMAPIPE_CACHE_MB", "4096")) * (1 << 20)),
+            io_overlap=_env("ALMAPIPE_IO_OVERLAP", "1") != "0",
             vis_retention_days=float(os.environ["ALMAPIPE_VIS_RETENTION_DAYS"])
             if os.environ.get("ALMAPIPE_VIS_RETENTION_DAYS") else None,
             nats_user=nats_user, nats_password=nats_password,

@@ -242,6 +242,50 @@ def test_chunks_written_twice_and_a_second_pass_after_commit(ngc, tmp_path):
         np.testing.assert_array_equal(reader.read(data=False).flag, expect)
 
 
+def test_reading_ahead_and_writing_behind_give_what_one_block_at_a_time_gives(ngc, tmp_path):
+    """A stage's pass with the next block read in a thread and its writes made in one
+    (VisStore.overlap, the default) reads the same blocks and writes the same arrays as
+    one block at a time in the stage's thread (ALMAPIPE_IO_OVERLAP=0); a write that fails
+    behind the stage fails its commit."""
+    from dataclasses import replace
+    passes = {}
+    for overlap in (False, True):
+        vs = vst.VisStore(replace(ngc["cfg"], io_overlap=overlap), cache_dir=str(tmp_path / f"c{overlap}"),
+                          cache_limit=64 << 20)
+        assert vs.overlap is overlap
+        part = partition(ngc, f"21_overlap{int(overlap)}", vs=vs)
+        seen = []
+        for blk in part.blocks(field_ids=[1, 2], block_chunks=1):
+            seen.append(blk)
+            flags = blk.flag | (np.abs(blk.data) > np.median(np.abs(blk.data)))
+            part.write("CORRECTED_DATA", blk.rows, blk.data * 2)
+            part.write_flags(blk.rows, flags)
+        assert len(seen) > 3                              # several blocks: something was read ahead
+        entry = part.commit()
+        back = partition(ngc, "22_x", entry).read(column="CORRECTED_DATA", field_ids=[1, 2])
+        passes[overlap] = (seen, back)
+    (one, back_one), (ahead, back_ahead) = passes[False], passes[True]
+    for a, b in zip(one, ahead):
+        np.testing.assert_array_equal(a.rows, b.rows)
+        np.testing.assert_array_equal(a.data, b.data)
+        np.testing.assert_array_equal(a.flag, b.flag)
+    np.testing.assert_array_equal(back_one.data, back_ahead.data)
+    np.testing.assert_array_equal(back_one.flag, back_ahead.flag)
+
+    class Unwritable:
+        shape = ()
+
+        def __setitem__(self, key, value):
+            raise OSError("S3 answered 500")
+    part = partition(ngc, "23_failing")
+    v = part.read(field_ids=[1])
+    part.write("CORRECTED_DATA", v.rows[:10], v.data[:10])
+    part._writers["CORRECTED_DATA"].new = Unwritable()
+    part.write("CORRECTED_DATA", v.rows[-10:], v.data[-10:])   # another chunk, written behind
+    with pytest.raises(OSError, match="S3 answered 500"):
+        part.commit()
+
+
 # ------------------------------------------------------------------ the worker cache
 
 def test_the_chunk_cache_never_exceeds_its_limit(ngc, tmp_path):

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +78,7 @@ CONTINUUM_FIT, FIT_TERMS = "CONTINUUM_FIT", 4
 ARRAY_OF_COLUMN = {**CUBE_OF_COLUMN, **{c: v[0] for c, v in ROW_ARRAYS.items()},
                    **{c: v[0] for c, v in INDEX_ARRAYS.items()}, CONTINUUM_FIT: CONTINUUM_FIT}
 INDEX_FACTOR = 16          # index arrays' chunks are this many data chunks long
+WRITES_IN_FLIGHT = 2       # chunk row-ranges of one array being written behind the stage
 CHUNK_BYTES = 8 << 20      # a VISIBILITY chunk's size, uncompressed
 MAX_CHUNK_CHANS = 256      # wider spws (FDM) are chunked in channels too
 
@@ -184,6 +186,9 @@ class VisStore:
                                                                             self.counter)
         self.cache_limit = cache_limit if self.cache is not None else 0
         self.zarr = zarr
+        # read a block ahead and write behind the stage (VisPartition.blocks, _ArrayWriter);
+        # off (ALMAPIPE_IO_OVERLAP=0): one block at a time in the stage's thread
+        self.overlap = getattr(cfg, "io_overlap", True)
 
     def keeps(self, nbytes: int) -> bool:
         """Whether a pass over nbytes of visibilities goes into the cache: not if it is
@@ -239,6 +244,7 @@ class VisPartition:
         self.tag = version_tag
         self._meta_path_fn = meta_path_fn
         self._meta_path = None
+        self._freq = None
         self.prefix = key_prefix           # runs/<run>/vis/<partition name>
         self._index: dict = {}
         self._writers: dict = {}
@@ -256,9 +262,13 @@ class VisPartition:
 
     @property
     def freq(self) -> np.ndarray:
-        from ..msio import ms as msio
-        with msio.subtable(self.meta, "SPECTRAL_WINDOW") as t:
-            return np.asarray(t.getcell("CHAN_FREQ", self.spw))
+        # read once: every block asks, and the read-ahead thread of ``blocks`` must not
+        # open the shell (casacore tables are not to be opened from two threads at once)
+        if self._freq is None:
+            from ..msio import ms as msio
+            with msio.subtable(self.meta, "SPECTRAL_WINDOW") as t:
+                self._freq = np.asarray(t.getcell("CHAN_FREQ", self.spw))
+        return self._freq
 
     @property
     def corr_types(self) -> list:
@@ -354,9 +364,29 @@ class VisPartition:
         keep = self._keeps(rows, chan, data)
         step = self.chunk_rows * block_chunks
         bounds = np.searchsorted(rows, np.arange(0, self.nrow + step, step))
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            if hi > lo:
+        spans = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+        if len(spans) < 2 or not self.vs.overlap:
+            for lo, hi in spans:
                 yield self.read_rows(rows[lo:hi], column, chan, data, keep)
+            return
+        # read ahead: the next block is fetched and decoded in a thread while the stage
+        # works on this one, so that on a worker's cores the S3 reads and decompression
+        # overlap the stage's own computing. Blocks are whole row chunks, so the block
+        # read ahead never holds a chunk the stage is writing for this one; what is
+        # held is two blocks. The index arrays and frequencies are read first, here:
+        # the thread then only reads chunks.
+        self.freq
+        for column_name in ("TIME", "INTERVAL", "ANTENNA1", "ANTENNA2", "FIELD_ID", "SCAN_NUMBER", "STATE_ID"):
+            self.index(column_name)
+        with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as ahead:
+            nxt = ahead.submit(self.read_rows, rows[spans[0][0]:spans[0][1]], column, chan, data, keep)
+            for k in range(len(spans)):
+                blk = nxt.result()
+                if k + 1 < len(spans):
+                    lo, hi = spans[k + 1]
+                    nxt = ahead.submit(self.read_rows, rows[lo:hi], column, chan, data, keep)
+                yield blk
+                del blk
 
     # --- writing
     def write(self, column: str, rows: np.ndarray, values: np.ndarray) -> None:
@@ -493,6 +523,11 @@ class _ArrayWriter:
         self.shape, self.chunks, self.dtype = shape, chunks, dtype
         self.new = None
         self.written: set = set()         # row-chunk indices written to the new version
+        # write-behind: a chunk row-range is encoded and uploaded in a thread while the
+        # stage computes the next block; at most WRITES_IN_FLIGHT at a time (memory), all
+        # of them done (and their errors raised) before ``finish`` returns the version
+        self._behind = None
+        self._pending: dict = {}          # row-chunk index -> its write in flight
         self.rows_step = part.chunk_rows
         if self.old_key == self.key:
             # the array is at this stage's own version already (a second pass after a
@@ -504,6 +539,8 @@ class _ArrayWriter:
 
     def _current(self, ci: int) -> np.ndarray:
         lo, hi = ci * self.rows_step, min((ci + 1) * self.rows_step, self.shape[0])
+        if ci in self._pending:
+            self._pending.pop(ci).result()
         if ci in self.written:
             return np.asarray(self.new[lo:hi])
         if self.old is not None:
@@ -516,6 +553,7 @@ class _ArrayWriter:
         if values.shape[1:] != self.shape[1:]:
             raise VisStoreError(f"{self.part.entry['name']} {self.column}: values of shape "
                                 f"{values.shape[1:]} for an array of rows of {self.shape[1:]}")
+        # (a copy: the values are written behind the stage, which may reuse its array)
         order = np.argsort(rows, kind="stable")
         rows, values = rows[order], values[order]
         cis = rows // self.rows_step
@@ -523,15 +561,49 @@ class _ArrayWriter:
         for lo_i, hi_i in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
             ci = int(cis[lo_i])
             lo = ci * self.rows_step
-            cur = self._current(ci)
-            new = cur.copy()
-            new[rows[lo_i:hi_i] - lo] = values[lo_i:hi_i].astype(self.dtype, copy=False)
-            if (ci in self.written or self.old is not None) and np.array_equal(new, cur):
-                continue                  # unchanged: nothing to write
+            at = rows[lo_i:hi_i] - lo
+            vals = values[lo_i:hi_i].astype(self.dtype, copy=False)
+            whole = len(at) == min(self.rows_step, self.shape[0] - lo) and at[0] == 0 and bool((np.diff(at) == 1).all())
+            if whole and self.old is None and ci not in self.written:
+                new = vals                # a whole chunk of a new array: nothing to merge with
+            else:
+                cur = self._current(ci)
+                if whole:
+                    new = vals
+                else:
+                    new = cur.copy()
+                    new[at] = vals
+                if (ci in self.written or self.old is not None) and np.array_equal(new, cur):
+                    continue              # unchanged: nothing to write
             if self.new is None:
                 self.new = self.part.vs.create(self.key, self.shape, self.chunks, self.dtype, self.keep)
-            self.new[lo:lo + len(new)] = new
+            if self.part.vs.overlap:
+                self._write_behind(ci, lo, new)
+            else:
+                self.new[lo:lo + len(new)] = new
             self.written.add(ci)
+
+    def _write_behind(self, ci: int, lo: int, values: np.ndarray) -> None:
+        if self._behind is None:
+            self._behind = ThreadPoolExecutor(1, thread_name_prefix=f"write-{self.name}")
+        while len(self._pending) >= WRITES_IN_FLIGHT:
+            self._pending.pop(next(iter(self._pending))).result()
+        new = self.new
+
+        def store():
+            new[lo:lo + len(values)] = values
+        self._pending[ci] = self._behind.submit(store)
+
+    def _drain(self) -> None:
+        """Wait for the writes in flight; the first error is raised."""
+        pending, self._pending = list(self._pending.values()), {}
+        errors = [f.exception() for f in pending]
+        if self._behind is not None:
+            self._behind.shutdown()
+            self._behind = None
+        for e in errors:
+            if e is not None:
+                raise e
 
     def read(self, rows: np.ndarray, chan: slice | None) -> np.ndarray:
         """This stage's values (written or not) of rows, for a stage that reads back."""
@@ -548,6 +620,7 @@ class _ArrayWriter:
         return np.concatenate(out)
 
     def finish(self) -> str | None:
+        self._drain()
         if self.new is None:
             return None
         if self.old is not None:
