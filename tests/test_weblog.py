@@ -4,6 +4,7 @@ triage Home renders from a context (the whole WebLog in a browser: test_alma.py)
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
@@ -264,3 +265,55 @@ def test_tsysflag_and_gainflag_plots_frame_their_outliers(tmp_path, monkeypatch)
     assert outlierflag.gain_outlier_antennas(1, nant, 1, name)[0].evidence == name
     sol.flag[:] = True                                            # nothing to draw: no plot, no error
     assert outlierflag._plot_gain_outliers(io, sol, ctx["observation"]["antennas"], 5, {}) is None
+
+
+# ------------------------------------------------------------------ figures drawn beside the stage
+
+def _grid_figure(formatter=None):
+    import matplotlib.ticker as mticker
+    from almapipe.report.plots import antenna_grid, label_panel
+    fig, axes = antenna_grid(12, "bandpass amplitude, spw 5")
+    rng = np.random.default_rng(1)
+    for i, ax in enumerate(axes):
+        ax.plot(np.arange(64), 1 + 0.1 * rng.standard_normal(64), lw=0.6)
+        label_panel(ax, f"DA{41 + i}", "outlier" if i == 3 else "")
+        if formatter is not None:
+            ax.yaxis.set_major_formatter(mticker.FuncFormatter(formatter))
+    return fig
+
+
+def _pixels(path):
+    import matplotlib.image as mimage
+    return mimage.imread(str(path))
+
+
+def test_a_figure_drawn_in_the_helper_is_the_png_the_stage_would_draw(tmp_path, monkeypatch):
+    """StageIO.plot hands a figure to a helper process (report/render.py); the PNG is
+    pixel for pixel the one drawn in the stage's own thread (ALMAPIPE_PLOT_PROCESSES=0),
+    and a figure that cannot be pickled is drawn in the stage's thread."""
+    from almapipe.report import render
+    opts = dict(dpi=80, bbox_inches="tight")
+    pending = render.submit(_grid_figure(), str(tmp_path / "helper.png"), **opts)
+    assert pending.future is not None                    # handed over, not drawn here
+    monkeypatch.setenv("ALMAPIPE_PLOT_PROCESSES", "0")
+    render.submit(_grid_figure(), str(tmp_path / "here.png"), **opts).wait()
+    monkeypatch.delenv("ALMAPIPE_PLOT_PROCESSES")
+    np.testing.assert_array_equal(_pixels(pending.wait()), _pixels(tmp_path / "here.png"))
+    local = render.submit(_grid_figure(formatter=lambda v, _: f"{v:.1f}"), str(tmp_path / "lambda.png"), **opts)
+    assert local.future is None and _pixels(local.wait()).shape[0] > 100
+
+
+def test_a_helper_that_died_loses_no_figure(tmp_path):
+    """The helper killed (-9): the figure it was to draw is drawn in the stage's thread,
+    and the next figure goes to a new helper."""
+    import signal
+    from almapipe.report import render
+    render.submit(_grid_figure(), str(tmp_path / "first.png")).wait()      # the helper is up
+    pool = render._pool()
+    for proc in list(pool._processes.values()):
+        os.kill(proc.pid, signal.SIGKILL)
+    lost = render.submit(_grid_figure(), str(tmp_path / "second.png"))
+    assert _pixels(lost.wait()).shape == _pixels(tmp_path / "first.png").shape
+    after = render.submit(_grid_figure(), str(tmp_path / "third.png"))
+    assert after.future is not None and render._pool() is not pool
+    assert _pixels(after.wait()).shape == _pixels(tmp_path / "first.png").shape

@@ -125,6 +125,7 @@ class StageIO:
         self.visibilities = 0
         self._vstore = None
         self._bytes_at_start = None
+        self._plots: list = []       # (render.Pending, its output record) not yet uploaded
 
     # --- the visibility store (decision 0015)
     @property
@@ -216,12 +217,24 @@ class StageIO:
         self.log_lines.extend(lines)
 
     def plot(self, fig, name: str) -> dict:
-        """Save a matplotlib figure as PNG; the WebLog shows it on the stage's page."""
+        """Save a matplotlib figure as PNG; the WebLog shows it on the stage's page. It is
+        drawn in a helper process while the stage goes on (report/render.py); the record
+        returned (its key known now) is completed when ``finish_plots`` uploads it."""
+        from ..report import render
         path = os.path.join(self.workdir, name)
-        fig.savefig(path, dpi=80, bbox_inches="tight")
-        import matplotlib.pyplot as plt
-        plt.close(fig)
-        return self.put_file(path, name)
+        entry = self._record(name, {"key": self.key(name)})
+        self._plots.append((render.submit(fig, path, dpi=80, bbox_inches="tight"), entry))
+        return entry
+
+    def finish_plots(self, upload: bool = True) -> None:
+        """Wait for the figures handed over by ``plot`` and upload them, completing their
+        records in place; a failed stage's figures are dropped (upload=False)."""
+        plots, self._plots = self._plots, []
+        for pending, entry in plots:
+            if not upload:
+                pending.cancel()
+                continue
+            entry.update(self.store.put_file(pending.wait(), entry["key"]))
 
 
 _VSTORES: dict = {}
@@ -422,7 +435,12 @@ def stage(name: str, service: str, params: tuple = (), topic: str = "", reads: t
         # called by the worker or directly (tests), the body sees every declared parameter
         @functools.wraps(fn)
         def run(ctx: dict, given: dict, io: StageIO) -> QA:
-            result = fn(ctx, with_defaults(tuple(params), given), io)
+            try:
+                result = fn(ctx, with_defaults(tuple(params), given), io)
+            except BaseException:
+                io.finish_plots(upload=False)
+                raise
+            io.finish_plots()        # the stage ends with its plots in S3
             # every score names a metric the stage declared: the WebLog lists them from here
             undeclared = sorted({m["metric"] for m in result.metrics} - declared)
             if undeclared:
