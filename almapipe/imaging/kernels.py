@@ -255,3 +255,50 @@ def _subtract_continuum_rows(data, flag, weight, rows, cont_mask, order, vsum, w
         for c in range(nchan):
             vsum[c] += vpart[t, c]
             wsum[c] += wpart[t, c]
+
+
+@numba.njit(cache=True)
+def adjacent_difference_counts(data, flag, weight, rows, idx, counts, lo, per_decade):
+    """The noise sketch's pass (samples.MedianSketch): for each of the given rows and
+    correlations and each pair of selected channels idx[k], idx[k + 1] that are adjacent
+    and both unflagged, |Re(V[idx[k + 1]] - V[idx[k]])| sqrt(w) is counted into the log
+    histogram `counts` (bin floor((log10 v - lo) per_decade) + 1; zeros and what is not
+    a finite positive number in bin 0, beyond the last bin in the last), with the same
+    float32 arithmetic as the array expression it replaces. Returns how many it counted.
+    No temporaries: the numpy version held the differences of a block several times."""
+    n = 0
+    last = len(counts) - 1
+    for rr in range(len(rows)):
+        r = rows[rr]
+        for p in range(data.shape[2]):
+            sw = np.sqrt(weight[r, p])
+            for k in range(len(idx) - 1):
+                c0 = idx[k]
+                c1 = idx[k + 1]
+                if c1 != c0 + 1 or flag[r, c0, p] or flag[r, c1, p]:
+                    continue
+                v = np.float64(np.abs((data[r, c1, p] - data[r, c0, p]).real) * sw)
+                b = 0
+                if v > 0 and np.isfinite(v):
+                    b = int(np.floor((np.log10(v) - lo) * per_decade)) + 1
+                    b = min(max(b, 0), last)
+                counts[b] += 1
+                n += 1
+    return n
+
+
+@numba.njit(parallel=True, cache=True)
+def subtract_polynomial(data, fit, xpow, out):
+    """out = data (rows, channels, correlations) minus each row's polynomial in the
+    channel abscissa: fit[r, 0, p] + sum over i >= 1 of fit[r, i, p] xpow[i, c], the terms
+    subtracted one after the other in float32 as the array expression did (xpow[i] the
+    abscissa to the power i, float32; its row count the number of terms taken). One pass,
+    no temporaries: a continuum-subtracted view's DATA are read through it."""
+    nterms = xpow.shape[0]
+    for r in numba.prange(data.shape[0]):
+        for c in range(data.shape[1]):
+            for p in range(data.shape[2]):
+                v = data[r, c, p] - fit[r, 0, p]
+                for i in range(1, nterms):
+                    v -= fit[r, i, p] * xpow[i, c]
+                out[r, c, p] = v

@@ -278,6 +278,16 @@ class MedianSketch:
         # bin 0: zeros (and anything below 1e-15), the last bin: anything beyond 1e10
         self.counts += np.bincount(np.clip(b, 0, len(self.counts) - 1), minlength=len(self.counts))
 
+    def add_adjacent_differences(self, data, flag, weight, idx, rows=None) -> None:
+        """Add |Re(V[c + 1] - V[c])| sqrt(w) of every row (or the given rows) and
+        correlation of data (rows, channels, correlations), for each pair of adjacent
+        channels c, c + 1 among the channels idx that are both unflagged: the scatter of
+        a visibility of unit weight (times sqrt 2), which neither continuum nor a smooth
+        line contributes to. One compiled pass, as add() of the same values."""
+        rows = np.arange(len(data), dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
+        self.n += int(kernels.adjacent_difference_counts(data, flag, weight, rows, np.asarray(idx, np.int64),
+                                                         self.counts, float(self.LO), float(self.PER_DECADE)))
+
     def median(self) -> float:
         if not self.n:
             return float("nan")

@@ -437,16 +437,15 @@ def subtract_continuum_fit(data: np.ndarray, fit: np.ndarray, chan: slice | None
     """data (rows, channels `chan` of a spw of nchan, ncorr) minus each row's continuum
     polynomial, sum over i of fit[:, i] * x**i; terms that are zero in every row are
     skipped (order 0, the default, is one subtraction a row)."""
-    out = np.array(data, dtype=np.complex64)          # a copy: data may be a cached block
+    from ..imaging.kernels import subtract_polynomial
+    data = np.asarray(data, dtype=np.complex64)
     nonzero = np.flatnonzero(np.any(fit != 0, axis=(0, 2)))
     if not len(nonzero):
-        return out
+        return data.copy()
     x = continuum_x(nchan)[chan if chan is not None else slice(None)]
-    for i in range(int(nonzero[-1]) + 1):
-        if i == 0:
-            out -= fit[:, None, 0, :]
-        else:
-            out -= fit[:, None, i, :] * (x ** i).astype(np.float32)[None, :, None]
+    xpow = np.stack([(x ** i).astype(np.float32) for i in range(int(nonzero[-1]) + 1)])
+    out = np.empty_like(data)               # a new array: data may be a cached block
+    subtract_polynomial(data, np.asarray(fit, np.complex64), xpow, out)
     return out
 
 

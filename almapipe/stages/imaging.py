@@ -51,8 +51,6 @@ MFS_BIN_FRAC = 0.25
 # within issue 10's 4 GB whatever the EB's size. ALMAPIPE_CUBE_PIECE_MB overrides it (a
 # worker with more or less memory); a cube under it is cleaned in one piece.
 CUBE_PIECE_MB = 1024
-# rows of an in-memory Vis whose channel differences _theoretical_rms takes at a time
-THEORETICAL_BLOCK_ROWS = 4096
 # the intent part of ALMA's product names (<field>_<intent>), by priority
 INTENT_SUFFIX = {"TARGET": "sci", "BANDPASS": "bp", "FLUX": "flux", "PHASE": "ph", "CHECK": "ch"}
 
@@ -377,17 +375,11 @@ def _theoretical_rms(vis: msio.Vis, spec: ImageSpec, chans: np.ndarray | None, m
         return None
     idx = np.flatnonzero(chans)
     cross = np.flatnonzero(vis.ant1 != vis.ant2)
-    adjacent = (np.diff(idx) == 1)[None, :, None]
-    # the differences a block of rows at a time, their median from a fine histogram
-    # (MedianSketch, as a streamed image takes it): all of them at once are as large
-    # as the spw's data, twice over
+    # the differences' median from a fine histogram (MedianSketch, as a streamed image
+    # takes it), counted in one compiled pass: all of them at once would be as large as
+    # the spw's data, twice over
     sketch = MedianSketch()
-    for lo in range(0, len(cross), THEORETICAL_BLOCK_ROWS):
-        rows = cross[lo:lo + THEORETICAL_BLOCK_ROWS, None]
-        d, ok = vis.data[rows, idx[None, :]], ~vis.flag[rows, idx[None, :]]
-        pair = ok[:, 1:] & ok[:, :-1] & adjacent
-        w = np.sqrt(vis.weight[rows[:, 0]])[:, None, :]
-        sketch.add(np.abs(((d[:, 1:] - d[:, :-1]).real * w)[pair]))
+    sketch.add_adjacent_differences(vis.data, vis.flag, vis.weight, idx, rows=cross)
     if sketch.n < 10:
         return None
     # the MAD about zero (not about the median, as mad_std takes it): a difference of
@@ -747,17 +739,12 @@ class ImageJob:
         pointings: a mosaic's members per pointing (as self.members): a list of samples,
         one per pointing, with the same bins, and one scatter from all of them."""
         idx = np.flatnonzero(chans)
-        span0 = int(idx[0])
-        rel = idx - span0
-        adjacent = (np.diff(rel) == 1)[None, :, None]
+        rel = idx - int(idx[0])              # the channels in the span a block holds
         sketch = MedianSketch()
 
         def scatter(blk):
             self.io.visibilities += blk.data.size
-            d, ok = blk.data[:, rel], ~blk.flag[:, rel]
-            pair = ok[:, 1:] & ok[:, :-1] & adjacent
-            w = np.sqrt(blk.weight)[:, None, :]
-            sketch.add(np.abs(((d[:, 1:] - d[:, :-1]).real * w)[pair]))
+            sketch.add_adjacent_differences(blk.data, blk.flag, blk.weight, rel)
 
         if pointings is None:
             samples = read_binned_stokes_i(self.members, None, chans, max_frac, self.column, on_block=scatter,
