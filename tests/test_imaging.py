@@ -124,6 +124,44 @@ def test_continuum_subtraction_is_the_least_squares_fit_of_each_row(order):
 
 
 @pytest.mark.parametrize("order", [0, 1, 3])
+def test_the_compiled_passes_give_the_array_expressions_bits(order):
+    """kernels.subtract_polynomial (a continuum-subtracted view's read) and
+    MedianSketch.add_adjacent_differences (the noise's scatter) give bit for bit what
+    the numpy expressions they replaced gave, whole spw and channel range, NaNs, zeros,
+    flags and float32 or float64 weights included."""
+    from almapipe.imaging.samples import MedianSketch
+    from almapipe.platform import visstore as vst
+    rng = np.random.default_rng(order)
+    nrow, nchan, ncorr = 3000, 48, 2
+    data = (rng.normal(size=(nrow, nchan, ncorr)) + 1j * rng.normal(size=(nrow, nchan, ncorr))).astype(np.complex64)
+    data[5, 3, 0], data[7, 10:12, 1] = np.nan, 0
+    fit = np.zeros((nrow, vst.FIT_TERMS, ncorr), np.complex64)
+    fit[:, :order + 1] = rng.normal(size=(nrow, order + 1, ncorr)) + 1j * rng.normal(size=(nrow, order + 1, ncorr))
+    for chan in (None, slice(20, 33)):
+        d = data if chan is None else data[:, chan]
+        want = d.copy()
+        x = vst.continuum_x(nchan)[chan if chan is not None else slice(None)]
+        for i in range(order + 1):
+            want -= fit[:, None, i, :] * ((x ** i).astype(np.float32)[None, :, None] if i else 1)
+        got = vst.subtract_continuum_fit(d, fit, chan, nchan)
+        np.testing.assert_array_equal(got, want)
+        assert got is not d
+    flag = rng.random(data.shape) < 0.1
+    idx = np.r_[2:20, 25:40, 41:47]
+    rows = np.sort(rng.choice(nrow, 2000, replace=False))
+    for wdtype in (np.float32, np.float64):
+        weight = rng.uniform(0.5, 2, (nrow, ncorr)).astype(wdtype)
+        d, ok = data[rows[:, None], idx[None, :]], ~flag[rows[:, None], idx[None, :]]
+        pair = ok[:, 1:] & ok[:, :-1] & (np.diff(idx) == 1)[None, :, None]
+        want = MedianSketch()
+        want.add(np.abs(((d[:, 1:] - d[:, :-1]).real * np.sqrt(weight[rows])[:, None, :])[pair]))
+        got = MedianSketch()
+        got.add_adjacent_differences(data, flag, weight, idx, rows=rows)
+        assert got.n == want.n
+        np.testing.assert_array_equal(got.counts, want.counts)
+
+
+@pytest.mark.parametrize("order", [0, 1, 3])
 def test_a_stored_continuum_fit_subtracted_on_read_equals_the_subtraction(order):
     """uvcontsub keeps each row's fit (kernels.fit_continuum_rows) and the store
     subtracts it when the data are read (visstore.subtract_continuum_fit): the same
