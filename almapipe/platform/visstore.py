@@ -373,11 +373,9 @@ class VisPartition:
         # works on this one, so that on a worker's cores the S3 reads and decompression
         # overlap the stage's own computing. Blocks are whole row chunks, so the block
         # read ahead never holds a chunk the stage is writing for this one; what is
-        # held is two blocks. The index arrays and frequencies are read first, here:
-        # the thread then only reads chunks.
-        self.freq
-        for column_name in ("TIME", "INTERVAL", "ANTENNA1", "ANTENNA2", "FIELD_ID", "SCAN_NUMBER", "STATE_ID"):
-            self.index(column_name)
+        # held is two blocks. A read of no rows first, here, reads the index arrays and
+        # frequencies a block needs: the thread then only reads chunks.
+        self.read_rows(rows[:0], column, chan, data, keep)
         with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as ahead:
             nxt = ahead.submit(self.read_rows, rows[spans[0][0]:spans[0][1]], column, chan, data, keep)
             for k in range(len(spans)):
@@ -563,17 +561,16 @@ class _ArrayWriter:
             at = rows[lo_i:hi_i] - lo
             vals = values[lo_i:hi_i].astype(self.dtype, copy=False)
             whole = len(at) == min(self.rows_step, self.shape[0] - lo) and at[0] == 0 and bool((np.diff(at) == 1).all())
-            if whole and self.old is None and ci not in self.written:
-                new = vals                # a whole chunk of a new array: nothing to merge with
+            stored = ci in self.written or self.old is not None      # values to compare with
+            # a whole chunk of a new array has nothing to merge with or compare to
+            cur = self._current(ci) if stored or not whole else None
+            if whole:
+                new = vals
             else:
-                cur = self._current(ci)
-                if whole:
-                    new = vals
-                else:
-                    new = cur.copy()
-                    new[at] = vals
-                if (ci in self.written or self.old is not None) and np.array_equal(new, cur):
-                    continue              # unchanged: nothing to write
+                new = cur.copy()
+                new[at] = vals
+            if stored and np.array_equal(new, cur):
+                continue                  # unchanged: nothing to write
             if self.new is None:
                 self.new = self.part.vs.create(self.key, self.shape, self.chunks, self.dtype, self.keep)
             if self.part.vs.overlap:
