@@ -7,6 +7,7 @@ import hashlib
 import os
 import tempfile
 import threading
+import time
 import uuid
 
 import numpy as np
@@ -334,6 +335,42 @@ def test_the_chunk_cache_never_exceeds_its_limit(ngc, tmp_path):
     assert 0 < peak[0] <= limit
     assert stores[0].cache.held() <= limit
     assert results[0] == results[1] and len(set(results[0])) == 1      # and read right
+
+
+def test_a_stage_that_cycles_through_more_than_the_cache_keeps_the_first_part(tmp_path):
+    """makeimages reads a target's spws once per image, more than the cache holds: under
+    plain LRU every read evicts what the next pass needs first, and nothing is ever hit.
+    The cache evicts what earlier stages used, never what this stage used; an object
+    that finds no other room is not kept, and each later pass hits what stayed."""
+    size, n = 100_000, 15                       # a pass of 15 objects through room for 10
+
+    def passes(cache, stage_begins: bool):
+        for k in range(5):                      # an earlier stage's objects
+            cache.fill(f"old/{k}", bytes(size))
+        time.sleep(0.02)                        # a tick of the file system's clock
+        if stage_begins:
+            cache.begin_stage()
+        hits = []
+        for _ in range(3):
+            hit = 0
+            for k in range(n):
+                if cache.get(f"spw/{k}") is not None:
+                    hit += 1
+                else:
+                    cache.fill(f"spw/{k}", bytes(size))
+                assert cache.held() <= cache.limit
+            hits.append(hit)
+        return hits
+
+    lru = passes(BoundedCache(str(tmp_path / "lru"), 10 * size), stage_begins=False)
+    assert lru[0] == 0 and max(lru[1:]) < 10   # (objects of one clock tick go in any order)
+    cache = BoundedCache(str(tmp_path / "stage"), 10 * size)
+    assert passes(cache, stage_begins=True) == [0, 10, 10]
+    assert not any(f"old/{k}" in cache for k in range(5))       # the earlier stage's went first
+    # a new stage: what the last one kept is now the first to go, least recently used first
+    cache.begin_stage()
+    cache.fill("next/0", bytes(size))
+    assert "next/0" in cache and sum(f"spw/{k}" in cache for k in range(n)) < 10
 
 
 def test_a_pass_larger_than_the_cache_reads_and_writes_past_it(ngc, tmp_path):

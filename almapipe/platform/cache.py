@@ -4,7 +4,13 @@ A worker keeps what it read from S3 (visibility chunks, the tar archives of calt
 and MS shells) so that the next stage on the same data does not fetch it again. Every
 key is immutable (decision 0015), so a cached object never goes stale; the only
 question is how much to keep. ``BoundedCache`` holds at most ``limit`` bytes
-(``Config.cache_bytes``, ALMAPIPE_CACHE_MB) and forgets the least recently used first.
+(``Config.cache_bytes``, ALMAPIPE_CACHE_MB) and forgets the least recently used first,
+but never for an object of the stage it is serving (``protect_since``): what a stage has
+read or written since it began stays, and an object that finds no other room is not
+kept. A stage's passes over a working set larger than the cache (makeimages reads a
+target's spws once per image; a stage reads what the one before it wrote, in the same
+order) would under plain LRU each evict what the next read needs, and hit nothing; kept
+this way, the first part of the set stays and every later pass hits it.
 
 Several workers of a service (processes) share one cache folder. The bound holds for
 all of them together: the bytes held are counted in one file (``.size``) that is only
@@ -36,10 +42,24 @@ class BoundedCache:
         self.dir, self.limit = directory, int(limit)
         os.makedirs(directory, exist_ok=True)
         self._thread_lock = threading.Lock()     # flock is per open file, not per thread
+        # objects used at or after this time are not evicted (begin_stage); inf: plain LRU
+        self.protect_since = float("inf")
+        self._no_room_since = None   # the protect_since at which nothing was left to evict
         with self._locked():
             # recount: another version of the cache, a changed limit or a killed writer
             # (its temporary file) may have left the folder other than .size says
             self._write_size(self._evict(self.limit))
+
+    def begin_stage(self) -> None:
+        """A stage starts in this process: from now on, what it reads and writes is not
+        evicted to make room for more of its own objects."""
+        # the time as the file system stamps it (a coarse clock, behind time.time() by up
+        # to a tick): an object used after this is never older than it
+        stamp = os.path.join(self.dir, LOCK)
+        with open(stamp, "a"):
+            os.utime(stamp)
+        self.protect_since = os.stat(stamp).st_mtime
+        self._no_room_since = None
 
     # --- reading
     def _path(self, key: str) -> str:
@@ -119,7 +139,14 @@ class BoundedCache:
                 self._drop(p)
             size = self._read_size()
             if size + nbytes > self.limit:
-                size = self._evict(int(EVICT_TO * self.limit) - nbytes)
+                if self._no_room_since == self.protect_since:
+                    return         # still full of this stage's objects (no scan per object)
+                size = self._evict(int(EVICT_TO * self.limit) - nbytes, before=self.protect_since)
+                if size + nbytes > self.limit:
+                    # what is left is this stage's: keep it rather than this object
+                    self._no_room_since = self.protect_since
+                    self._write_size(size)
+                    return
             tmp = f"{p}.{os.getpid()}.tmp"
             try:
                 with open(tmp, "wb") as f:
@@ -183,13 +210,14 @@ class BoundedCache:
                 pass
         return out
 
-    def _evict(self, target: int) -> int:
-        """Delete the least recently used objects until at most `target` bytes remain;
-        returns the bytes that remain (counted from the folder, not from .size)."""
+    def _evict(self, target: int, before: float = float("inf")) -> int:
+        """Delete the least recently used objects last used before `before` until at
+        most `target` bytes remain; returns the bytes that remain (counted from the
+        folder, not from .size)."""
         entries = sorted(self._entries())
         total = sum(size for _, size, _ in entries)
-        for _, size, path in entries:
-            if total <= max(target, 0):
+        for mtime, size, path in entries:
+            if total <= max(target, 0) or mtime >= before:
                 break
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)

@@ -190,6 +190,12 @@ class VisStore:
         # off (ALMAPIPE_IO_OVERLAP=0): one block at a time in the stage's thread
         self.overlap = getattr(cfg, "io_overlap", True)
 
+    def begin_stage(self) -> None:
+        """A stage execution starts using this store: the cache keeps what it uses
+        (BoundedCache.begin_stage)."""
+        if self.cache is not None:
+            self.cache.begin_stage()
+
     def keeps(self, nbytes: int) -> bool:
         """Whether a pass over nbytes of visibilities goes into the cache: not if it is
         larger than the cache (_zarr_store says why)."""

@@ -133,6 +133,7 @@ class StageIO:
         """The worker process's visibility store (zarr arrays in S3, a bounded local cache)."""
         if self._vstore is None:
             self._vstore = visstore_for(self.store, self.fetcher.cache_dir)
+            self._vstore.begin_stage()
             self._bytes_at_start = self._vstore.counter.as_dict()
         return self._vstore
 
