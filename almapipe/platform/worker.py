@@ -41,7 +41,8 @@ from ..stages.base import QA, StageError, StageIO
 from ..v1 import pipeline_pb2 as pb
 
 log = logging.getLogger("almapipe.worker")
-HEARTBEAT_S = 10.0
+# a stage's heartbeat interval: a third of the gateway's ALMAPIPE_HEARTBEAT_TIMEOUT_S at most
+HEARTBEAT_S = float(os.environ.get("ALMAPIPE_HEARTBEAT_S", "10"))
 INFRA_RETRY_S = float(os.environ.get("ALMAPIPE_INFRA_RETRY_S", "600"))
 
 
