@@ -23,14 +23,15 @@ from test_system import stub, wait_run  # noqa: F401  (the gRPC stub fixture)
 
 
 def submit_simulated_eb(stack, stub, d, preset: str | None, parameters: dict | None = None,  # noqa: F811
-                        recipe: str = "alma_calimage") -> dict:
-    """Simulates the preset's EB under d, uploads it as a tar (the MS with antennapos.csv
-    and flux.csv beside it) and submits a run of it; finish_run waits for it."""
+                        recipe: str = "alma_calimage", sim_overrides: dict | None = None) -> dict:
+    """Simulates the preset's EB (with sim_overrides of its SimConfig) under d, uploads it
+    as a tar (the MS with antennapos.csv and flux.csv beside it) and submits a run of it;
+    finish_run waits for it."""
     _, cfg = stack
     if preset is None:                      # the built-in NGC 5921 (VLA), no truth
         sim, truth, tar = None, None, NGC5921
     else:
-        sim = Simulator(SimConfig.preset(preset))
+        sim = Simulator(SimConfig.preset(preset, **(sim_overrides or {})))
         res = sim.write(str(d / "eb"))
         truth, tar = res["truth"], str(d / "eb.tar")
         with tarfile.open(tar, "w") as t:
@@ -57,13 +58,14 @@ def run_simulated_eb(stack, stub, d, preset: str, parameters: dict | None = None
     return finish_run(stub, submit_simulated_eb(stack, stub, d, preset, parameters, recipe))
 
 
-def pool_simulated_eb(name: str, preset: str | None, parameters: dict, recipe: str = "alma_calimage"):
+def pool_simulated_eb(name: str, preset: str | None, parameters: dict, recipe: str = "alma_calimage",
+                      sim_overrides: dict | None = None):
     """Registers a run of the preset's EB (None: NGC 5921) with the suite's run pool
     (tests/runpool.py), submitted with the suite's other long runs, and returns the
     module fixture that gives its result (assign it to a module variable of that name)."""
     @pooled(name)
     def submit(stack, stub, d):  # noqa: F811
-        sub = submit_simulated_eb(stack, stub, d, preset, parameters, recipe)
+        sub = submit_simulated_eb(stack, stub, d, preset, parameters, recipe, sim_overrides)
         return lambda: finish_run(stub, sub)
 
     @pytest.fixture(scope="module", name=name)
@@ -92,9 +94,11 @@ outliers_run = pool_simulated_eb("outliers_run", "outliers", {"makeimages.calibr
                                                               "makeimages.target_aggregate": "false",
                                                               "flagtargets.template": "antenna='5&6' spw='5'"})
 # four spws over 16 % of Band 3 and continuum sources of known spectral index; imaging
-# cut to the target's continuum (per spw and aggregate)
+# cut to the target's continuum (per spw and aggregate); 12 s integrations, half the
+# rows of the preset's 6 s with the same uv tracks (the suite's most costly run otherwise)
 wideband_run = pool_simulated_eb("wideband_run", "wideband", {"makeimages.calibrators": "false",
-                                                              "makeimages.target_cube": "false"})
+                                                              "makeimages.target_cube": "false"},
+                                 sim_overrides={"integration_s": 12.0})
 # NGC 5921 (VLA data: no SYSCAL, no WVR) through the ALMA recipe; its cube only
 vla_run = pool_simulated_eb("vla_run", None, {"flagdata.edge_fraction": "0.05", "makeimages.calibrators": "false",
                                               "makeimages.target_cont": "false",

@@ -175,8 +175,11 @@ def test_ephemeris_table_of_the_simulated_eb(tmp_path):
 
 # ------------------------------------------------------------------ through the stack
 
-pool_simulated_eb("sso_run:sso", "sso", {})
-pool_simulated_eb("sso_run:sso-uranus", "sso-uranus", {})
+# the tests look at the flux scale only: imaging cut to the target's continuum per spw
+SSO_IMAGING = {"makeimages.calibrators": "false", "makeimages.target_cube": "false",
+               "makeimages.target_aggregate": "false"}
+pool_simulated_eb("sso_run:sso", "sso", SSO_IMAGING)
+pool_simulated_eb("sso_run:sso-uranus", "sso-uranus", SSO_IMAGING)
 
 
 @pytest.fixture(scope="module", params=[pytest.param("sso", marks=pytest.mark.slow), "sso-uranus"])
