@@ -83,10 +83,10 @@ def stack(tmp_path_factory, request):
     # the run pool's runs (runpool.py) keep both cores busy with two runs' calibration
     os.environ["ALMAPIPE_CALIBRATOR_WORKERS"] = "2"
     if not any(item.get_closest_marker("resilience") for item in request.session.items):
-        # a killed worker's stage is dispatched again after 12 s without heartbeats, not
+        # a killed worker's stage is dispatched again after 20 s without heartbeats, not
         # 30; the fault suite measures recovery with the defaults, as operations has it
         os.environ["ALMAPIPE_HEARTBEAT_S"] = "3"
-        os.environ["ALMAPIPE_HEARTBEAT_TIMEOUT_S"] = "12"
+        os.environ["ALMAPIPE_HEARTBEAT_TIMEOUT_S"] = "20"
     st = Stack(data_dir)
     st.up()
     try:

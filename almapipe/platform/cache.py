@@ -7,7 +7,8 @@ question is how much to keep. ``BoundedCache`` holds at most ``limit`` bytes
 (``Config.cache_bytes``, ALMAPIPE_CACHE_MB) and forgets the least recently used first,
 but never for an object of the stage it is serving (``protect_since``): what a stage has
 read or written since it began stays, and an object that finds no other room is not
-kept. A stage's passes over a working set larger than the cache (makeimages reads a
+kept. (Per process: a stage that begins later in another worker of the service may
+evict what an earlier one kept; nothing is lost but the later hits.) A stage's passes over a working set larger than the cache (makeimages reads a
 target's spws once per image; a stage reads what the one before it wrote, in the same
 order) would under plain LRU each evict what the next read needs, and hit nothing; kept
 this way, the first part of the set stays and every later pass hits it.
@@ -56,10 +57,11 @@ class BoundedCache:
         # the time as the file system stamps it (a coarse clock, behind time.time() by up
         # to a tick): an object used after this is never older than it
         stamp = os.path.join(self.dir, LOCK)
-        with open(stamp, "a"):
-            os.utime(stamp)
-        self.protect_since = os.stat(stamp).st_mtime
-        self._no_room_since = None
+        with self._thread_lock:        # a previous stage's writes may still be under way
+            with open(stamp, "a"):
+                os.utime(stamp)
+            self.protect_since = os.stat(stamp).st_mtime
+            self._no_room_since = None
 
     # --- reading
     def _path(self, key: str) -> str:
@@ -137,14 +139,14 @@ class BoundedCache:
                 if not replace:
                     return
                 self._drop(p)
-            size = self._read_size()
+            size, since = self._read_size(), self.protect_since
             if size + nbytes > self.limit:
-                if self._no_room_since == self.protect_since:
+                if self._no_room_since == since:
                     return         # still full of this stage's objects (no scan per object)
-                size = self._evict(int(EVICT_TO * self.limit) - nbytes, before=self.protect_since)
+                size = self._evict(int(EVICT_TO * self.limit) - nbytes, before=since)
                 if size + nbytes > self.limit:
                     # what is left is this stage's: keep it rather than this object
-                    self._no_room_since = self.protect_since
+                    self._no_room_since = since
                     self._write_size(size)
                     return
             tmp = f"{p}.{os.getpid()}.tmp"
