@@ -7,11 +7,12 @@ question is how much to keep. ``BoundedCache`` holds at most ``limit`` bytes
 (``Config.cache_bytes``, ALMAPIPE_CACHE_MB) and forgets the least recently used first,
 but never for an object of the stage it is serving (``protect_since``): what a stage has
 read or written since it began stays, and an object that finds no other room is not
-kept. (Per process: a stage that begins later in another worker of the service may
-evict what an earlier one kept; nothing is lost but the later hits.) A stage's passes over a working set larger than the cache (makeimages reads a
+kept. A stage's passes over a working set larger than the cache (makeimages reads a
 target's spws once per image; a stage reads what the one before it wrote, in the same
 order) would under plain LRU each evict what the next read needs, and hit nothing; kept
-this way, the first part of the set stays and every later pass hits it.
+this way, the first part of the set stays and every later pass hits it. (Per process: a
+stage that begins later in another worker of the service may evict what an earlier one
+kept; nothing is lost but the later hits.)
 
 Several workers of a service (processes) share one cache folder. The bound holds for
 all of them together: the bytes held are counted in one file (``.size``) that is only
