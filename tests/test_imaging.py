@@ -478,6 +478,24 @@ def test_descending_channels_grid_as_their_ascending_twins():
     assert int(np.argmax(res.image.max(axis=(1, 2)))) == 4 and np.all(np.diff(res.freqs) < 0)
 
 
+@pytest.mark.parametrize("shape", [(128, 128), (96, 160)])
+def test_restoring_and_scale_convolutions_are_scipys_linear_convolution(shape):
+    """deconvolve.convolve (scipy.fft, so that the imager does not import scipy.signal)
+    equals scipy.signal.fftconvolve: the restoring beam's 'same' window, and a
+    kernel of the image's size centred at its middle (multiscale's scales)."""
+    from scipy.signal import fftconvolve
+    rng = np.random.default_rng(5)
+    image = rng.normal(size=shape)
+    beam = deconvolve.gaussian_kernel(21, 1 * ARCSEC, (4.0, 3.0, 30.0))
+    np.testing.assert_allclose(deconvolve.convolve(image, beam, (10, 10)), fftconvolve(image, beam, mode="same"),
+                               atol=1e-12)
+    kernel = deconvolve.scale_kernel(shape[0], 9.0)
+    full = fftconvolve(image, kernel, mode="full")
+    c = shape[0] // 2
+    np.testing.assert_allclose(deconvolve.convolve(image, kernel, (c, c)), full[c:c + shape[0], c:c + shape[1]],
+                               atol=1e-12)
+
+
 def _reference_hogbom(residual, psf, gain, threshold, niter, mask):
     """Hogbom CLEAN as the textbook states it (and as almapipe did before its compiled
     minor cycle): the peak of |residual| x mask over the whole image, the whole PSF

@@ -42,16 +42,19 @@ def spans(values, weight, threshold, gap):
     a span, and the pixels between them ride along (kept up to date, and picked
     if they rise to be the peak: every pixel of a span is a candidate): a
     contiguous pass over a few more pixels costs less than starting another span,
-    and fewer pixels are left outside to rise above the threshold unseen. Returns (span_y, span_x0, span_start, vals, w): span r covers
-    pixels span_x0[r] + 0, 1, ... of row span_y[r], whose values (copied) and
-    weights are vals and w [span_start[r]:span_start[r + 1]]."""
+    and fewer pixels are left outside to rise above the threshold unseen. Returns
+    (span_y, span_x0, span_start, vals, w): span r covers pixels span_x0[r] + 0,
+    1, ... of row span_y[r], whose values (copied) and weights are vals and w
+    [span_start[r]:span_start[r + 1]]. A weight of shape (0, 0) means no weights
+    (every pixel's is 1; w is then empty too)."""
     ny, nx = values.shape
+    weighted = weight.shape[0] > 0
     # first pass: count spans and their pixels
     nspan, npix = 0, 0
     for y in range(ny):
         last = -gap - 1
         for x in range(nx):
-            if abs(values[y, x]) * weight[y, x] >= threshold:
+            if abs(values[y, x]) * (weight[y, x] if weighted else 1) >= threshold:
                 if x - last > gap:
                     nspan += 1
                     npix += 1
@@ -62,22 +65,24 @@ def spans(values, weight, threshold, gap):
     span_x0 = np.empty(nspan, np.int64)
     span_start = np.empty(nspan + 1, np.int64)
     vals = np.empty(npix, values.dtype)
-    w = np.zeros(npix, values.dtype)
+    w = np.zeros(npix if weighted else 0, values.dtype)
     r, j = -1, 0
     for y in range(ny):
         last = -gap - 1
         for x in range(nx):
-            if abs(values[y, x]) * weight[y, x] >= threshold:
+            if abs(values[y, x]) * (weight[y, x] if weighted else 1) >= threshold:
                 if x - last > gap:
                     r += 1
                     span_y[r], span_x0[r], span_start[r] = y, x, j
                 else:
                     for g in range(last + 1, x):       # the gap's pixels
                         vals[j] = values[y, g]
-                        w[j] = weight[y, g]
+                        if weighted:
+                            w[j] = weight[y, g]
                         j += 1
                 vals[j] = values[y, x]
-                w[j] = weight[y, x]
+                if weighted:
+                    w[j] = weight[y, x]
                 j += 1
                 last = x
     span_start[nspan] = npix
@@ -133,7 +138,8 @@ def hogbom_subminor(vals, w, run_y, run_x0, run_start, chunk, psf, py, px, gain,
     """Hogbom CLEAN over candidate pixels, in place.
 
     vals (n,): the residual at the candidates (updated); w (n,): their search
-    weights (the clean mask), the same dtype; spans (run_y, run_x0, run_start) and
+    weights (the clean mask), the same dtype, or empty for none (one array less to
+    stream through memory at every iteration); spans (run_y, run_x0, run_start) and
     chunk boundaries (chunks()); psf with its peak at (py, px), zero outside its
     array. Each iteration takes the candidate with the largest |vals| x w, stops if
     that is below threshold, records the component (its candidate index in comp_k,
@@ -150,7 +156,9 @@ def hogbom_subminor(vals, w, run_y, run_x0, run_start, chunk, psf, py, px, gain,
     # the gain and the component in the residual's precision, as numpy computes them
     amp = np.zeros(1, vals.dtype)
     g = np.full(1, gain, vals.dtype)
-    none = abs(vals[0]) * w[0] * 0 - 1    # -1 in the precision of |vals| x w
+    weighted = len(w) > 0
+    # -1 in the precision of |vals| x w
+    none = abs(vals[0]) * (w[0] if weighted else vals.dtype.type(1)) * 0 - 1
     yk, xk = 0, 0
     for it in range(niter + 1):
         a = amp[0]
@@ -168,12 +176,16 @@ def hogbom_subminor(vals, w, run_y, run_x0, run_start, chunk, psf, py, px, gain,
                     for t in range(t0, t1):
                         vals[off + t] -= a * psf[iy, ix0 + t]
                 m = none
-                for t in range(length):
-                    m = max(m, abs(vals[off + t]) * w[off + t])
+                if weighted:
+                    for t in range(length):
+                        m = max(m, abs(vals[off + t]) * w[off + t])
+                else:
+                    for t in range(length):
+                        m = max(m, abs(vals[off + t]))
                 if m > bv:                    # only then: which entry it is
                     bv = m
                     for t in range(length):
-                        if abs(vals[off + t]) * w[off + t] == m:
+                        if abs(vals[off + t]) * (w[off + t] if weighted else 1) == m:
                             bk = off + t
                             break
             best_v[ch] = bv

@@ -31,8 +31,11 @@ class CleanResult:
 def convolution_grid(psf_shape: tuple, shape: tuple, peak: tuple) -> tuple:
     """The FFT grid on which a PSF (peak at `peak`) convolved with components of an image
     of `shape` does not wrap into the image: circular convolution reaches back into the
-    image only from beyond the PSF's farther side of its peak plus the image's extent."""
-    return tuple(max(m, n + max(p, m - p)) for m, n, p in zip(psf_shape, shape, peak))
+    image only from beyond the PSF's farther side of its peak plus the image's extent.
+    Each side is rounded up to a length the FFT is fast at (a larger grid only adds
+    zeros)."""
+    from scipy import fft
+    return tuple(fft.next_fast_len(max(m, n + max(p, m - p)), True) for m, n, p in zip(psf_shape, shape, peak))
 
 
 def merge_components(ys: np.ndarray, xs: np.ndarray, amps: np.ndarray, width: int) -> tuple:
@@ -51,8 +54,11 @@ def psf_transform(psf: np.ndarray, grid: tuple, peak: tuple, real, workers: int)
     is then the component's position."""
     from scipy import fft
     shifted = np.zeros(grid, real)
-    shifted[:psf.shape[0], :psf.shape[1]] = psf
-    return fft.rfft2(np.roll(shifted, (-peak[0], -peak[1]), axis=(0, 1)), workers=workers)
+    # the PSF placed as np.roll of the zero-padded array would put it, without that copy
+    rows = (np.arange(psf.shape[0]) - peak[0]) % grid[0]
+    cols = (np.arange(psf.shape[1]) - peak[1]) % grid[1]
+    shifted[np.ix_(rows, cols)] = psf
+    return fft.rfft2(shifted, workers=workers)
 
 
 class PsfConvolver:
@@ -62,8 +68,8 @@ class PsfConvolver:
 
     Few distinct pixels: directly, the PSF shifted onto each (clean_kernels.subtract_psf,
     exact, n_pixels x image size work). Many: one FFT convolution on a grid large
-    enough that nothing wraps into the image (for the usual PSF of twice the image
-    size with its peak at the centre, twice the image), with the PSF's transform
+    enough that nothing wraps into the image (for the usual PSF of the image's size
+    with its peak at the centre, 1.5 times the image), with the PSF's transform
     computed once per plane and reused by every major cycle."""
 
     def __init__(self, psf: np.ndarray, shape: tuple):
@@ -90,9 +96,19 @@ class PsfConvolver:
             self._ft = psf_transform(self.psf, self.grid, (self.py, self.px), real, workers)
         comps = np.zeros(self.grid, real)
         np.add.at(comps, (uy, ux), total)
-        conv = fft.irfft2(fft.rfft2(comps, workers=workers) * self._ft, s=self.grid, workers=workers)
+        # one grid-sized temporary at a time (each is 150 MB at 4096^2)
+        ft = fft.rfft2(comps, workers=workers)
+        del comps
+        ft *= self._ft
+        conv = fft.irfft2(ft, s=self.grid, workers=workers, overwrite_x=True)
+        del ft
         image -= conv[:self.shape[0], :self.shape[1]].astype(image.dtype, copy=False)
 
+
+# the minor cycle's PSF is gridded at this times the image's size: 1, as tclean's and
+# WSClean's; 2 reaches every pixel from a component anywhere, at 4-6x the PSF's
+# gridding time and memory (decision 8)
+PSF_FACTOR = 1
 
 # candidates of a row closer than this share a span (clean_kernels.spans)
 SPAN_GAP = 32
@@ -114,7 +130,7 @@ def hogbom(residual: np.ndarray, psf: np.ndarray, model: np.ndarray, gain: float
            margin: float = SPAN_MARGIN) -> int:
     """Subtract scaled, shifted PSFs at the residual's peaks, in place.
 
-    psf is twice the image size or the same size with its peak at (n//2, n//2).
+    psf is the image's size (or larger) with its peak at (n//2, n//2).
     Stops after niter components or when the peak |residual| x mask < threshold.
     Returns the number of components subtracted.
 
@@ -131,7 +147,8 @@ def hogbom(residual: np.ndarray, psf: np.ndarray, model: np.ndarray, gain: float
     components, every major cycle) they are the same.
     """
     out, residual, psf = residual, np.ascontiguousarray(residual), np.ascontiguousarray(psf)
-    w = _weights(mask, residual.shape).astype(residual.dtype)
+    # no mask: no weights (an empty array), rather than an image of ones read at every iteration
+    w = np.zeros((0, 0), residual.dtype) if mask is None else np.ascontiguousarray(mask, residual.dtype)
     convolver = convolver or PsfConvolver(psf, residual.shape)
     py, px = convolver.py, convolver.px
     done = 0
@@ -176,12 +193,23 @@ def scale_kernel(npix: int, scale_px: float) -> np.ndarray:
     return k / k.sum()
 
 
+def convolve(a: np.ndarray, k: np.ndarray, centre: tuple) -> np.ndarray:
+    """a convolved with the kernel k whose centre is at pixel `centre` of k, linearly
+    (nothing wraps), on a's pixels. scipy.fft rather than scipy.signal.fftconvolve,
+    whose import alone takes longer than restoring a 512^2 image."""
+    from scipy import fft
+    full = [n + m - 1 for n, m in zip(a.shape, k.shape)]
+    grid = [fft.next_fast_len(n, True) for n in full]
+    workers = gridding.nthreads()
+    out = fft.irfft2(fft.rfft2(a, grid, workers=workers) * fft.rfft2(k, grid, workers=workers), grid,
+                     workers=workers)
+    (oy, ox), (ny, nx) = centre, a.shape
+    return out[oy:oy + ny, ox:ox + nx]
+
+
 def _convolve_centred(a: np.ndarray, k: np.ndarray) -> np.ndarray:
     """a convolved with a kernel centred at (n//2, n//2), same shape as a."""
-    from scipy.signal import fftconvolve
-    out = fftconvolve(a, k, mode="full")
-    oy, ox = k.shape[0] // 2, k.shape[1] // 2
-    return out[oy:oy + a.shape[0], ox:ox + a.shape[1]]
+    return convolve(a, k, (k.shape[0] // 2, k.shape[1] // 2))
 
 
 @dataclass
@@ -200,7 +228,7 @@ class ScaleSet:
         big = [scale_kernel(psf.shape[0], sc) for sc in scales]
         psf_s = [_convolve_centred(psf, k) for k in big]
         # one array (the compiled minor cycle indexes it by scale pair), in the PSF's
-        # precision: 9 of them are twice the image each
+        # precision: 9 of them, each the PSF's size
         psf_st = np.empty((len(scales), len(scales)) + psf.shape, psf.dtype)
         for i, ps in enumerate(psf_s):
             for j, k in enumerate(big):
@@ -220,7 +248,7 @@ def multiscale(residual: np.ndarray, psf: np.ndarray, model: np.ndarray, gain: f
     with the largest biased |smoothed residual|, adds gain x that component (the
     kernel times the amplitude that zeroes it) to the model and subtracts its
     response, through the PSF smoothed by both kernels, from every smoothed
-    residual. psf is twice the image size with its peak at the centre; larger
+    residual. psf is the image's size (or larger) with its peak at the centre; larger
     scales are biased down (ScaleSet.bias). Stops after niter components or when
     no smoothed residual exceeds threshold. Returns the number of components.
 
@@ -304,11 +332,11 @@ def clean(op, niter: int, threshold: float, gain: float = 0.1, cyclefactor: floa
     the dirty image's peak to the threshold (a dynamic-range correction)."""
     npix, cell_rad = op.npix, op.cell
     # row-major, as the compiled minor cycle walks them (the gridder's images are transposed views)
-    big_psf = np.ascontiguousarray(op.psf(2 * npix))
+    big_psf = np.ascontiguousarray(op.psf(PSF_FACTOR * npix))
     if big_psf.max() <= 0:
         z = np.zeros((npix, npix))
         return CleanResult(z, z.copy(), z.copy(), 0, 0, "no data", None)
-    c = npix
+    c = big_psf.shape[0] // 2
     psf_img = big_psf[c - npix // 2:c + npix // 2, c - npix // 2:c + npix // 2]
     sidelobe = _max_sidelobe(psf_img)
     # beam area in pixels from the fitted main lobe (counting PSF pixels above 0.5
@@ -359,7 +387,7 @@ def _max_sidelobe(psf: np.ndarray) -> float:
     c = n // 2
     row = psf[c, c:]
     first_neg = np.argmax(row < 0) if (row < 0).any() else n // 4
-    yy, xx = np.mgrid[:n, :n]
+    yy, xx = np.ogrid[:n, :n]
     outside = (yy - c) ** 2 + (xx - c) ** 2 > (1.5 * max(first_neg, 2)) ** 2
     return float(np.abs(psf[outside]).max()) if outside.any() else 0.2
 
@@ -442,7 +470,6 @@ def gaussian_kernel(npix: int, cell_rad: float, beam: tuple) -> np.ndarray:
 def restore(model: np.ndarray, residual: np.ndarray, cell_rad: float, beam: tuple) -> np.ndarray:
     if not model.any():
         return residual.copy()
-    from scipy.signal import fftconvolve
     n = model.shape[0]
     # the beam out to 6.5 sigma of its major axis (below 1e-9 of its peak), not a
     # kernel of twice the image: at 4096^2 that was 1 GB of coordinates and 1.6 s
@@ -450,4 +477,4 @@ def restore(model: np.ndarray, residual: np.ndarray, cell_rad: float, beam: tupl
     h = int(min(n, np.ceil(6.5 * sigma_px) + 1))
     kernel = gaussian_kernel(2 * h + 1, cell_rad, beam)
     # linear convolution, cropped to the image: components near an edge do not wrap
-    return fftconvolve(model, kernel, mode="same") + residual
+    return convolve(model, kernel, (h, h)) + residual
