@@ -430,6 +430,10 @@ def test_robust_statistics_are_astropys_mad_std():
     img = np.where(np.arange(x.size) % 7 == 0, np.nan, x)
     assert robust_rms(img) == pytest.approx(mad_std(img[np.isfinite(img)]))
     assert robust_sigma(np.ones(5), floor=0.1) == 0.1 and robust_rms(np.array([np.nan])) == 0.0
+    # ours is numpy's (astropy.stats is not imported by the imager): along an axis too, as findcont takes it
+    from almapipe.heuristics import robust
+    rows = rng.normal(0, 1, (7, 301)).astype(np.float32)
+    np.testing.assert_allclose(robust.mad_std(rows, axis=1), mad_std(rows, axis=1), rtol=1e-6)
 
 
 def test_columnwise_median_and_mad_are_numpys_and_astropys():

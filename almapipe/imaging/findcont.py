@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 
 import ducc0
 import numpy as np
-from astropy.stats import mad_std
 
 from . import gridding
 from .imager import stokes_i
-from ..heuristics.robust import robust_sigma
+from ..heuristics.robust import mad_std, robust_sigma
 from ..msio.ms import Vis
 
 NPIX = 64

@@ -12,8 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from astropy.io import fits
-from astropy.time import Time
 
 # FWHM of the primary beam in units of lambda/D, per telescope: ALMA's
 # heuristics use 1.13; the VLA's measured beam is 42'/nu_GHz for 25 m, 1.02.
@@ -35,8 +33,10 @@ def primary_beam(npix: int, cell_rad: float, freq_hz: float, dish_m: float, tele
     """Gaussian primary-beam response (peak 1) on the image grid, centred on the
     image or, for a mosaic's pointing, at offset_lm = (l east, m north) in radians
     from the image centre (x runs west: l = -(x - npix//2) cell)."""
-    yy, xx = (np.mgrid[:npix, :npix] - npix // 2) * cell_rad
-    return pb_response((-xx - offset_lm[0]) ** 2 + (yy - offset_lm[1]) ** 2, pb_fwhm(freq_hz, dish_m, telescope))
+    d = (np.arange(npix) - npix // 2) * cell_rad
+    fwhm = pb_fwhm(freq_hz, dish_m, telescope)
+    # a Gaussian is the product of its x and y profiles: two rows, not npix^2 coordinates
+    return pb_response((d - offset_lm[1]) ** 2, fwhm)[:, None] * pb_response((-d - offset_lm[0]) ** 2, fwhm)[None, :]
 
 
 def joint_coverage(beams: list, fractions) -> np.ndarray:
@@ -118,6 +118,8 @@ def image_header(ra_rad: float, dec_rad: float, npix: int, cell_rad: float, freq
     HISTORY); obs_radec: the field's direction in radians (OBSRA/OBSDEC; default the
     image centre)."""
     obs = obs or ObsInfo()
+    from astropy.io import fits          # here: astropy.io.fits takes 0.2 s to import
+    from astropy.time import Time
     h = fits.Header()
     if bunit.startswith("Jy"):           # an image of the sky (not its pb or mask)
         h["BTYPE"] = "Intensity"
@@ -161,4 +163,5 @@ def image_header(ra_rad: float, dec_rad: float, npix: int, cell_rad: float, freq
 def write_fits(path: str, planes: np.ndarray, header: fits.Header) -> None:
     """planes is (nchan, ny, nx); written as (STOKES, FREQ, DEC, RA)."""
     data = np.asarray(planes, np.float32)[None]
+    from astropy.io import fits
     fits.PrimaryHDU(data=data, header=header).writeto(path, overwrite=True)

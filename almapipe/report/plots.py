@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from astropy.stats import mad_std  # noqa: E402
+from ..heuristics.robust import mad_std  # noqa: E402
 
 
 class EmptyPlotError(RuntimeError):
