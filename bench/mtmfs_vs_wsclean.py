@@ -2,7 +2,7 @@
 wide-band clean, whole processes, wall time and peak memory.
 
     .venv/bin/python bench/mtmfs_vs_wsclean.py [--sizes 256,1024] [--cell 0.6] [--niter 1000]
-        [--wsclean wsclean] [--work DIR]
+        [--base-src DIR] [--wsclean wsclean] [--work DIR]
 
 The data: the simulator's `wideband` preset (16 antennas, Band 3 spws at 90.5, 92.5,
 102.5 and 104.5 GHz, 32 channels each; continuum sources of spectral index -0.8 and
@@ -11,6 +11,8 @@ The data: the simulator's `wideband` preset (16 antennas, Band 3 spws at 90.5, 9
 
   ours     makeimages' aggregate: the 4 spws' channels in bins of 8 (aggregate_samples),
            Briggs 0.5, mtmfs nterms=2 (imager.clean_taylor), restored tt0/tt1/alpha
+  base     the same child run against another checkout of almapipe (--base-src, as in
+           imaging_sizes.py)
   wsclean  the same field and spws, Briggs 0.5, -join-channels -channels-out 4
            -fit-spectral-pol 2 (one output channel per spw, a 2-term polynomial fitted
            to each component's spectrum), -mgain 0.8, -j 2
@@ -82,6 +84,7 @@ def main() -> None:
     ap.add_argument("--sizes", default="256,1024")
     ap.add_argument("--cell", type=float, default=0.6, help="arcsec")
     ap.add_argument("--niter", type=int, default=1000)
+    ap.add_argument("--base-src", default="")
     ap.add_argument("--wsclean", default="wsclean")
     ap.add_argument("--work", default="")
     ap.add_argument("--child", action="store_true")
@@ -104,13 +107,18 @@ def main() -> None:
     meta = json.load(open(os.path.join(work, "bench.json")))
     me = [sys.executable, os.path.abspath(__file__), "--child", "--ms", ms, "--cell", str(args.cell),
           "--niter", str(args.niter)]
-    env = dict(os.environ, PYTHONPATH=HERE)
-    run_measured(me + ["--npix", "128"], env=env, cwd=work)           # numba's cache, not timed
+    sides = {"ours": HERE}
+    if args.base_src:
+        sides["base"] = os.path.abspath(args.base_src)
+    for src in sides.values():                                        # numba's caches, not timed
+        run_measured(me + ["--npix", "128"], env=dict(os.environ, PYTHONPATH=src), cwd=work)
     wsclean = shutil.which(args.wsclean)
     rows = []
     for npix in map(int, args.sizes.split(",")):
-        r = run_measured(me + ["--npix", str(npix)], env=env, cwd=work)
-        row = {"npix": npix, "ours": {"wall_s": r["wall_s"], "rss_mib": r["rss_mib"], **json.loads(r["stdout"])}}
+        row = {"npix": npix}
+        for name, src in sides.items():
+            r = run_measured(me + ["--npix", str(npix)], env=dict(os.environ, PYTHONPATH=src), cwd=work)
+            row[name] = {"wall_s": r["wall_s"], "rss_mib": r["rss_mib"], **json.loads(r["stdout"])}
         if wsclean:
             name = os.path.join(work, f"wsc{npix}")
             r = run_measured([wsclean, "-quiet", "-name", name, "-size", str(npix), str(npix),
@@ -126,12 +134,14 @@ def main() -> None:
             row["wsclean"] = {"wall_s": r["wall_s"], "rss_mib": r["rss_mib"], "peak": peak}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    print(f"{'npix':>6s} {'ours s':>8s} {'ours MiB':>9s} {'wsclean s':>10s} {'wsclean MiB':>12s} {'ratio':>6s}")
+    print(f"{'npix':>6s} {'base s':>8s} {'base MiB':>9s} {'ours s':>8s} {'ours MiB':>9s} {'wsclean s':>10s} "
+          f"{'wsclean MiB':>12s} {'ours/wsclean':>12s} {'ours/base':>9s}")
+    nan = {"wall_s": float("nan"), "rss_mib": float("nan")}
     for row in rows:
-        w = row.get("wsclean", {})
-        print(f"{row['npix']:6d} {row['ours']['wall_s']:8.1f} {row['ours']['rss_mib']:9.0f} "
-              f"{w.get('wall_s', float('nan')):10.1f} {w.get('rss_mib', float('nan')):12.0f} "
-              f"{row['ours']['wall_s'] / w['wall_s'] if w else float('nan'):6.2f}")
+        b, o, w = row.get("base", nan), row["ours"], row.get("wsclean", nan)
+        print(f"{row['npix']:6d} {b['wall_s']:8.1f} {b['rss_mib']:9.0f} {o['wall_s']:8.1f} {o['rss_mib']:9.0f} "
+              f"{w['wall_s']:10.1f} {w['rss_mib']:12.0f} {o['wall_s'] / w['wall_s']:12.2f} "
+              f"{o['wall_s'] / b['wall_s']:9.2f}")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 
