@@ -44,6 +44,29 @@ def test_point_sources_land_where_injected_with_their_flux(tmp_path):
     assert abs((dec - 20.0) * 3600 - 80.0) < 2.0
 
 
+def test_a_large_images_psf_is_the_images_size_and_its_sources_come_back_as_with_twice(monkeypatch):
+    """Above deconvolve.FULL_PSF_MAX_NPIX the minor cycle's PSF is the image's size (as
+    tclean's and WSClean's), not twice it: a component's far sidelobes then wait for the
+    major cycle. The same two point sources and 500 components as above, with the
+    threshold lowered so that this 128-pixel image takes that path: the fluxes, the
+    beam and the residual are those of the PSF of twice the image."""
+    vis = simulate(nant=12, ntime=40, nchan=4, noise=0.001, flux=1.0,
+                   offsets=[(0.5, 160 * ARCSEC, 80 * ARCSEC)], baseline_m=500.0)
+    spec = ImageSpec(field="sim", specmode="mfs", npix=128, cell_arcsec=8.0, robust=0.5, niter=500)
+    sizes = []
+    original = gridding.psf
+    monkeypatch.setattr(gridding, "psf", lambda *a, **k: sizes.append(a[3]) or original(*a, **k))
+    twice = make_image(vis, spec, dish_m=12.0, telescope="ALMA")
+    monkeypatch.setattr(deconvolve, "FULL_PSF_MAX_NPIX", 64)          # 128 pixels is then large
+    same = make_image(vis, spec, dish_m=12.0, telescope="ALMA")
+    assert sizes == [256, 128]
+    for y, x, flux in ((64, 64, 1.0), (74, 44, 0.5)):
+        assert abs(same.image[0][y, x] - flux) < 0.03
+        assert abs(same.image[0][y, x] - twice.image[0][y, x]) < 1e-3
+    assert np.allclose(same.beam, twice.beam)
+    assert np.std(same.residual) < 1.1 * np.std(twice.residual)
+
+
 def test_beam_fit_of_a_known_gaussian():
     beam = (10.0, 6.0, 30.0)
     kern = deconvolve.gaussian_kernel(128, 1 * ARCSEC, beam)

@@ -68,8 +68,8 @@ class PsfConvolver:
 
     Few distinct pixels: directly, the PSF shifted onto each (clean_kernels.subtract_psf,
     exact, n_pixels x image size work). Many: one FFT convolution on a grid large
-    enough that nothing wraps into the image (for the usual PSF of the image's size
-    with its peak at the centre, 1.5 times the image), with the PSF's transform
+    enough that nothing wraps into the image (twice the image for a centred PSF of
+    twice its size, 1.5 times for one of its size), with the PSF's transform
     computed once per plane and reused by every major cycle."""
 
     def __init__(self, psf: np.ndarray, shape: tuple):
@@ -105,10 +105,15 @@ class PsfConvolver:
         image -= conv[:self.shape[0], :self.shape[1]].astype(image.dtype, copy=False)
 
 
-# the minor cycle's PSF is gridded at this times the image's size: 1, as tclean's and
-# WSClean's; 2 reaches every pixel from a component anywhere, at 4-6x the PSF's
-# gridding time and memory (decision 8)
-PSF_FACTOR = 1
+# the minor cycle's PSF is twice the image up to this size: a component anywhere
+# reaches every pixel. Above it the PSF is the image's size, as tclean's and WSClean's:
+# twice a 4096^2 image took 6.4 s to grid against 1.0 s, and 2.2 GB (decision 8)
+FULL_PSF_MAX_NPIX = 512
+
+
+def minor_cycle_psf_size(npix: int) -> int:
+    """The size of the PSF the minor cycle subtracts (FULL_PSF_MAX_NPIX)."""
+    return 2 * npix if npix <= FULL_PSF_MAX_NPIX else npix
 
 # candidates of a row closer than this share a span (clean_kernels.spans)
 SPAN_GAP = 32
@@ -332,7 +337,7 @@ def clean(op, niter: int, threshold: float, gain: float = 0.1, cyclefactor: floa
     the dirty image's peak to the threshold (a dynamic-range correction)."""
     npix, cell_rad = op.npix, op.cell
     # row-major, as the compiled minor cycle walks them (the gridder's images are transposed views)
-    big_psf = np.ascontiguousarray(op.psf(PSF_FACTOR * npix))
+    big_psf = np.ascontiguousarray(op.psf(minor_cycle_psf_size(npix)))
     if big_psf.max() <= 0:
         z = np.zeros((npix, npix))
         return CleanResult(z, z.copy(), z.copy(), 0, 0, "no data", None)

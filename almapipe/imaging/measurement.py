@@ -39,7 +39,7 @@ class OnePointing:
         self.search = None            # anywhere in the image may hold a component
 
     def psf(self, npix: int) -> np.ndarray:
-        """The PSF on an npix grid (the minor cycle's: deconvolve.PSF_FACTOR x the image), peak 1."""
+        """The PSF on an npix grid (the minor cycle's: deconvolve.minor_cycle_psf_size), peak 1."""
         p = gridding.psf(self.uvw, self.freq, self.wgt, npix, self.cell, self.wgridding)
         return p / p.max() if p.max() > 0 else p
 

@@ -514,7 +514,7 @@ def clean_mt(op: TaylorPointing, niter: int, threshold: float, gain: float = 0.1
     term: thresholds, the cycle threshold and automasking act on R_0 (the tt0
     residual, in Jy/beam), as tclean's do."""
     npix, nt = op.npix, op.nterms
-    big = np.ascontiguousarray(op.psfs(deconvolve.PSF_FACTOR * npix))
+    big = np.ascontiguousarray(op.psfs(deconvolve.minor_cycle_psf_size(npix)))
     if big[0].max() <= 0:
         z = np.zeros((nt, npix, npix))
         return MTCleanResult(z, z.copy(), np.zeros((2 * nt - 1, npix, npix)), np.eye(nt), 0, 0, "no data")
