@@ -9,9 +9,10 @@ MAD_TO_SIGMA = 1.482602218505602         # astropy's mad_std factor: 1 / Phi^-1(
 
 def mad_std(values, axis=None) -> np.ndarray | float:
     """MAD x 1.4826 about the median (along axis), as astropy.stats.mad_std computes
-    it; here in numpy, because importing astropy.stats takes a quarter of a second in
-    every process that cleans an image."""
-    v = np.asanyarray(values)
+    it for a plain array (a masked array's mask is not honoured; NaN propagates); here
+    in numpy, because importing astropy.stats takes a quarter of a second in every
+    process that cleans an image."""
+    v = np.asarray(values)
     med = np.median(v, axis=axis, keepdims=True)
     return MAD_TO_SIGMA * np.median(np.abs(v - med), axis=axis)
 

@@ -49,12 +49,13 @@ def spans(values, weight, threshold, gap):
     (every pixel's is 1; w is then empty too)."""
     ny, nx = values.shape
     weighted = weight.shape[0] > 0
+    one = weight.dtype.type(1)            # |values| x 1 in the precision of |values| x weight
     # first pass: count spans and their pixels
     nspan, npix = 0, 0
     for y in range(ny):
         last = -gap - 1
         for x in range(nx):
-            if abs(values[y, x]) * (weight[y, x] if weighted else 1) >= threshold:
+            if abs(values[y, x]) * (weight[y, x] if weighted else one) >= threshold:
                 if x - last > gap:
                     nspan += 1
                     npix += 1
@@ -70,7 +71,7 @@ def spans(values, weight, threshold, gap):
     for y in range(ny):
         last = -gap - 1
         for x in range(nx):
-            if abs(values[y, x]) * (weight[y, x] if weighted else 1) >= threshold:
+            if abs(values[y, x]) * (weight[y, x] if weighted else one) >= threshold:
                 if x - last > gap:
                     r += 1
                     span_y[r], span_x0[r], span_start[r] = y, x, j
@@ -157,8 +158,9 @@ def hogbom_subminor(vals, w, run_y, run_x0, run_start, chunk, psf, py, px, gain,
     amp = np.zeros(1, vals.dtype)
     g = np.full(1, gain, vals.dtype)
     weighted = len(w) > 0
+    one = w.dtype.type(1)
     # -1 in the precision of |vals| x w
-    none = abs(vals[0]) * (w[0] if weighted else vals.dtype.type(1)) * 0 - 1
+    none = abs(vals[0]) * (w[0] if weighted else one) * 0 - 1
     yk, xk = 0, 0
     for it in range(niter + 1):
         a = amp[0]
@@ -185,7 +187,8 @@ def hogbom_subminor(vals, w, run_y, run_x0, run_start, chunk, psf, py, px, gain,
                 if m > bv:                    # only then: which entry it is
                     bv = m
                     for t in range(length):
-                        if abs(vals[off + t]) * (w[off + t] if weighted else 1) == m:
+                        # in the precision m was found in (an integer 1 would make it float64)
+                        if abs(vals[off + t]) * (w[off + t] if weighted else one) == m:
                             bk = off + t
                             break
             best_v[ch] = bv

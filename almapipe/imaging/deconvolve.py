@@ -223,7 +223,7 @@ class ScaleSet:
     (PSF (x) K_s (x) K_t), computed once per plane."""
     scales: list
     kernels: list          # (npix, npix) each, unit sum
-    psf_st: np.ndarray     # [s, t] (nscale, nscale, 2 npix, 2 npix), the PSF's dtype
+    psf_st: np.ndarray     # [s, t] (nscale, nscale) + the PSF's shape, the PSF's dtype
     bias: np.ndarray
     peak: np.ndarray       # PSF_ss at the centre, per scale
 

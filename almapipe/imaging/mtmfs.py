@@ -124,8 +124,8 @@ def _mt_scan_pixel(res, hinv, y, x, nt):
 def mt_hogbom_whole_image(res, psfs, hinv, py, px, weight, gain, threshold, niter, models):
     """Multi-term Hogbom CLEAN over the whole image, in place (the reference that
     mt_hogbom's sub-minor loop is checked against): res (nterms, ny, nx) the Taylor
-    residuals, psfs (2 nterms - 1, 2 ny, 2 nx) with peak at (py, px), hinv the inverse Hessian,
-    weight the search mask. Each iteration takes the pixel of largest a . R (a = H^-1 R
+    residuals, psfs (2 nterms - 1, 2 ny, 2 nx) with peak at (py, px) (twice the image: no
+    bounds are checked), hinv the inverse Hessian, weight the search mask. Each iteration takes the pixel of largest a . R (a = H^-1 R
     there; the first in row-major order among equals) and stops when |R_0| x weight is
     below threshold everywhere or after niter components. Returns the number of
     components.
@@ -444,7 +444,8 @@ class TaylorPsfConvolver:
 def mt_hogbom(res, psfs, hinv, py, px, weight, gain, threshold, niter, models, convolver=None,
               margin: float = SPAN_MARGIN) -> int:
     """Multi-term Hogbom CLEAN, in place: res (nterms, ny, nx) the Taylor residuals,
-    psfs (2 nterms - 1, 2 ny, 2 nx) with peak at (py, px), hinv the inverse Hessian,
+    psfs (2 nterms - 1, m, m) with peak at (py, px), the image's size or larger
+    (deconvolve.minor_cycle_psf_size), hinv the inverse Hessian,
     weight the search mask. Takes the pixel of largest (a . R) x weight (a = H^-1 R
     there) and stops when |R_0| x weight is below threshold everywhere or after niter
     components, as mt_hogbom_whole_image. Returns the number of components.
