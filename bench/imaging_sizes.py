@@ -2,7 +2,7 @@
 checkout) against WSClean, whole processes, wall time and peak memory.
 
     .venv/bin/python bench/imaging_sizes.py [--sizes 512,2048,4096] [--cell 1.0]
-        [--niter 1000] [--base-src DIR] [--wsclean wsclean] [--work DIR]
+        [--niter 1000] [--base-src DIR] [--wsclean wsclean] [--work DIR] [--preset NAME]
 
 Every run images the same data the same way: field 2 (N5921_2) of the built-in
 NGC 5921 UVFITS (written to an MS once, raw DATA: the imaging work does not depend
@@ -14,6 +14,12 @@ gain 0.1, niter components, no threshold.
   base     the same child run against another checkout of almapipe (--base-src: a
            directory holding its almapipe/ package, e.g. `git archive <commit> |
            tar -x -C DIR`), to compare before and after a change
+  --preset instead of NGC 5921, the target of a simulator preset (e.g. longbaseline:
+           C-8 pads, 4 FDM spws of 3840 channels), ideally calibrated and split into its
+           own MS as bench/mtmfs_vs_wsclean.py makes it; all its science spws in one mfs
+           plane, ours in bins of 8 channels as makeimages' aggregate continuum
+           (imager.aggregate_continuum), WSClean from every channel
+
   wsclean  WSClean on the same MS (-mgain 0.8: major cycles, as ours; -j 2), if the
            program is installed (Debian: apt-get install wsclean)
 
@@ -39,14 +45,29 @@ FIELD, CHANS = 2, (5, 57)
 def child(ms: str, npix: int, cell: float, niter: int) -> None:
     """One image with the almapipe found on sys.path (this tree or --base-src)."""
     import numpy as np
-    from almapipe.imaging.imager import ImageSpec, make_image
+    from almapipe.imaging.imager import ImageSpec, aggregate_continuum, make_image
     from almapipe.msio.ms import read_vis
-    vis = read_vis(ms, field_ids=[FIELD])
-    chans = np.zeros(len(vis.freq), bool)
-    chans[CHANS[0]:CHANS[1] + 1] = True
-    res = make_image(vis, ImageSpec(field="N5921_2", npix=npix, cell_arcsec=cell, robust=0.5, niter=niter,
-                                    nsigma=0.0, chans=chans), 25.0, "VLA")
+    meta = preset_meta(ms)
+    if meta:
+        parts = [read_vis(ms, sid, field_ids=[meta["field"]]) for sid in meta["spws"]]
+        vis = aggregate_continuum([(v, np.ones(len(v.freq), bool)) for v in parts], 8)
+        del parts
+        spec, dish, telescope = ImageSpec(field="Target", npix=npix, cell_arcsec=cell, robust=0.5, niter=niter,
+                                          nsigma=0.0), 12.0, "ALMA"
+    else:
+        vis = read_vis(ms, field_ids=[FIELD])
+        chans = np.zeros(len(vis.freq), bool)
+        chans[CHANS[0]:CHANS[1] + 1] = True
+        spec, dish, telescope = ImageSpec(field="N5921_2", npix=npix, cell_arcsec=cell, robust=0.5, niter=niter,
+                                          nsigma=0.0, chans=chans), 25.0, "VLA"
+    res = make_image(vis, spec, dish, telescope)
     print(json.dumps({"iterations": res.iterations, "beam": list(res.beam), "peak": float(res.image.max())}))
+
+
+def preset_meta(ms: str) -> dict | None:
+    """The field and spws of a preset's target MS (bench.json beside it), None for NGC 5921."""
+    path = os.path.join(os.path.dirname(ms), "bench.json")
+    return json.load(open(path)) if os.path.exists(path) else None
 
 
 def run_measured(cmd: list, env: dict | None = None, cwd: str | None = None) -> dict:
@@ -76,15 +97,31 @@ def main() -> None:
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--ms", default="")
     ap.add_argument("--npix", type=int)
+    ap.add_argument("--preset", default="")
+    ap.add_argument("--make-ms", action="store_true")
     args = ap.parse_args()
     if args.child:
         return child(args.ms, args.npix, args.cell, args.niter)
+    if args.make_ms:
+        from mtmfs_vs_wsclean import make_target_ms
+        return make_target_ms(os.path.dirname(args.ms), args.ms, args.preset)
     work = args.work or tempfile.mkdtemp(prefix="imgsizes-")
     os.makedirs(work, exist_ok=True)
-    ms = os.path.join(work, "ngc5921.ms")
-    if not os.path.exists(ms):
-        from almapipe.msio.uvfits import uvfits_to_ms
-        uvfits_to_ms(os.path.join(HERE, "almapipe", "data", "ngc5921.uvfits.gz"), ms)
+    if args.preset:
+        ms = os.path.join(work, "target.ms")
+        if not os.path.exists(ms):
+            # in a process of its own, as mtmfs_vs_wsclean.py makes it (a child's ru_maxrss
+            # would start from this process's peak)
+            run_measured([sys.executable, os.path.abspath(__file__), "--make-ms", "--preset", args.preset,
+                          "--ms", ms], env=dict(os.environ, PYTHONPATH=HERE), cwd=work)
+        meta = preset_meta(ms)
+        selection = ["-field", str(meta["field"]), "-spws", ",".join(map(str, meta["spws"]))]
+    else:
+        ms = os.path.join(work, "ngc5921.ms")
+        if not os.path.exists(ms):
+            from almapipe.msio.uvfits import uvfits_to_ms
+            uvfits_to_ms(os.path.join(HERE, "almapipe", "data", "ngc5921.uvfits.gz"), ms)
+        selection = ["-field", str(FIELD), "-channel-range", str(CHANS[0]), str(CHANS[1] + 1)]
     wsclean = shutil.which(args.wsclean)
     sides = {"ours": HERE}
     if args.base_src:
@@ -102,8 +139,8 @@ def main() -> None:
         if wsclean:
             r = run_measured([wsclean, "-quiet", "-name", os.path.join(work, f"wsc{npix}"), "-size", str(npix),
                               str(npix), "-scale", f"{args.cell}asec", "-weight", "briggs", "0.5",
-                              "-niter", str(args.niter), "-gain", "0.1", "-mgain", "0.8", "-field", str(FIELD),
-                              "-channel-range", str(CHANS[0]), str(CHANS[1] + 1), "-data-column", "DATA",
+                              "-niter", str(args.niter), "-gain", "0.1", "-mgain", "0.8", *selection,
+                              "-data-column", "DATA",
                               "-pol", "i", "-no-update-model-required", "-j", "2", ms], cwd=work)
             row["wsclean"] = {"wall_s": r["wall_s"], "rss_mib": r["rss_mib"]}
         rows.append(row)

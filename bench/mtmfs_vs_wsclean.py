@@ -54,16 +54,16 @@ def child(ms: str, npix: int, cell: float, niter: int) -> None:
                       "alpha": float(ti.alpha[y, x]), "alpha_error": float(ti.alpha_error[y, x])}))
 
 
-def make_target_ms(work: str, ms: str) -> None:
-    """The wideband EB, its target ideally calibrated, and the target's science spws in
+def make_target_ms(work: str, ms: str, preset: str = "wideband") -> None:
+    """The preset's EB, its target ideally calibrated, and the target's science spws in
     their own MS (as split makes it), which both imagers read. Its POLARIZATION row 0
     (the WVR spw's single correlation) is made the science spws' XX, YY: WSClean 3.1
     takes the first row's correlations for every spw and refuses Stokes I otherwise."""
     import casacore.tables as ct
     from almapipe.simulate.simulator import SimConfig, Simulator
-    sim = Simulator(SimConfig.preset("wideband", target_line_jy=0.0))
-    eb = os.path.join(work, "wideband.ms")
-    sim.write(work, "wideband")
+    sim = Simulator(SimConfig.preset(preset, target_line_jy=0.0))
+    eb = os.path.join(work, f"{preset}.ms")
+    sim.write(work, preset)
     sim.calibrate_target_ideally(eb, noise_jy=0.5)
     field = next(i for i, f in enumerate(sim.fields) if f[3] == "TARGET")
     with ct.table(eb, ack=False) as t:
