@@ -53,9 +53,12 @@ def test_a_large_images_psf_is_the_images_size_and_its_sources_come_back_as_with
     vis = simulate(nant=12, ntime=40, nchan=4, noise=0.001, flux=1.0,
                    offsets=[(0.5, 160 * ARCSEC, 80 * ARCSEC)], baseline_m=500.0)
     spec = ImageSpec(field="sim", specmode="mfs", npix=128, cell_arcsec=8.0, robust=0.5, niter=500)
-    sizes = []
-    original = gridding.psf
-    monkeypatch.setattr(gridding, "psf", lambda *a, **k: sizes.append(a[3]) or original(*a, **k))
+    sizes, original = [], gridding.psf
+
+    def psf_recording_its_size(uvw, freq, wgt, npix, *args, **kwargs):
+        sizes.append(npix)
+        return original(uvw, freq, wgt, npix, *args, **kwargs)
+    monkeypatch.setattr(gridding, "psf", psf_recording_its_size)
     twice = make_image(vis, spec, dish_m=12.0, telescope="ALMA")
     monkeypatch.setattr(deconvolve, "FULL_PSF_MAX_NPIX", 64)          # 128 pixels is then large
     same = make_image(vis, spec, dish_m=12.0, telescope="ALMA")

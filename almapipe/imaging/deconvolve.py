@@ -115,6 +115,7 @@ def minor_cycle_psf_size(npix: int) -> int:
     """The size of the PSF the minor cycle subtracts (FULL_PSF_MAX_NPIX)."""
     return 2 * npix if npix <= FULL_PSF_MAX_NPIX else npix
 
+
 # candidates of a row closer than this share a span (clean_kernels.spans)
 SPAN_GAP = 32
 # Hogbom's list holds the pixels above this fraction of the threshold: a pixel just
@@ -135,7 +136,8 @@ def hogbom(residual: np.ndarray, psf: np.ndarray, model: np.ndarray, gain: float
            margin: float = SPAN_MARGIN) -> int:
     """Subtract scaled, shifted PSFs at the residual's peaks, in place.
 
-    psf is the image's size (or larger) with its peak at (n//2, n//2).
+    psf is the image's size (or twice it, minor_cycle_psf_size) with its peak at its
+    centre.
     Stops after niter components or when the peak |residual| x mask < threshold.
     Returns the number of components subtracted.
 

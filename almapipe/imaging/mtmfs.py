@@ -125,8 +125,9 @@ def mt_hogbom_whole_image(res, psfs, hinv, py, px, weight, gain, threshold, nite
     """Multi-term Hogbom CLEAN over the whole image, in place (the reference that
     mt_hogbom's sub-minor loop is checked against): res (nterms, ny, nx) the Taylor
     residuals, psfs (2 nterms - 1, 2 ny, 2 nx) with peak at (py, px) (twice the image: no
-    bounds are checked), hinv the inverse Hessian, weight the search mask. Each iteration takes the pixel of largest a . R (a = H^-1 R
-    there; the first in row-major order among equals) and stops when |R_0| x weight is
+    bounds are checked), hinv the inverse Hessian, weight the search mask. Each
+    iteration takes the pixel of largest a . R (a = H^-1 R there; the first in
+    row-major order among equals) and stops when |R_0| x weight is
     below threshold everywhere or after niter components. Returns the number of
     components.
 
