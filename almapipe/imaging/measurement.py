@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import gridding
+from .deconvolve import minor_cycle_psf_size
 from .products import joint_coverage
 
 
@@ -32,9 +33,10 @@ class OnePointing:
     def __init__(self, uvw, freq, vis, wgt, npix: int, cell_rad: float, wgridding: bool | None = None):
         self.uvw, self.freq, self.vis, self.wgt = uvw, freq, vis, wgt
         self.npix, self.cell = npix, cell_rad
-        # w-gridding only where the w-term matters (gridding.needs_wgridding)
-        self.wgridding = gridding.needs_wgridding(uvw, freq, 2 * npix, cell_rad) if wgridding is None \
-            else wgridding
+        # w-gridding only where the w-term matters (gridding.needs_wgridding) on the
+        # largest grid imaged: the minor cycle's PSF
+        self.wgridding = gridding.needs_wgridding(uvw, freq, minor_cycle_psf_size(npix), cell_rad) \
+            if wgridding is None else wgridding
         self.sum_w = float(wgt.sum())
         self.search = None            # anywhere in the image may hold a component
 

@@ -72,7 +72,7 @@ class TaylorPointing:
         self.uvw, self.freq, self.vis, self.wgt = uvw, np.asarray(freq, float), vis, wgt
         self.x = np.broadcast_to((np.asarray(nu, float) - nu0) / nu0, vis.shape).astype(np.float32)
         self.nu0, self.npix, self.cell, self.nterms = float(nu0), npix, cell_rad, int(nterms)
-        self.wgridding = gridding.needs_wgridding(uvw, self.freq, 2 * npix, cell_rad)
+        self.wgridding = gridding.needs_wgridding(uvw, self.freq, deconvolve.minor_cycle_psf_size(npix), cell_rad)
         self.sum_w = float(wgt.sum())
 
     def _image(self, vis, npix: int) -> np.ndarray:
