@@ -9,8 +9,9 @@ NGC 5921 UVFITS (written to an MS once, raw DATA: the imaging work does not depe
 on calibration), channels 5~57 in one mfs plane, Stokes I, Briggs 0.5, Hogbom,
 gain 0.1, niter components, no threshold.
 
-  ours     this tree's make_image (major cycles at cyclefactor 1.5 x the PSF's
-           largest sidelobe, as makeimages runs it)
+  ours     this tree's make_image (each major cycle cleans down to cyclefactor 1.5 x
+           the PSF's largest sidelobe of its peak, within tclean's 0.05-0.8, as
+           makeimages runs it)
   base     the same child run against another checkout of almapipe (--base-src: a
            directory holding its almapipe/ package, e.g. `git archive <commit> |
            tar -x -C DIR`), to compare before and after a change

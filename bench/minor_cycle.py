@@ -86,13 +86,13 @@ def main() -> None:
         from almapipe.msio.uvfits import uvfits_to_ms
         os.makedirs(os.path.dirname(args.ms), exist_ok=True)
         uvfits_to_ms(os.path.join(HERE, "almapipe", "data", "ngc5921.uvfits.gz"), args.ms)
-    from almapipe.imaging.deconvolve import _max_sidelobe
+    from almapipe.imaging.deconvolve import _max_sidelobe, cycle_threshold
     print(f"{'npix':>6s} {'threshold':>10s} {'ours s':>8s} {'radler s':>9s} {'ratio':>6s} {'n ours':>7s} "
           f"{'n radler':>8s} {'flux ours':>10s} {'flux radler':>11s} {'max |dres|':>10s}")
     for npix in map(int, args.sizes.split(",")):
         dirty, psf, cell = plane(args.ms, npix, args.cell)
         rmax = float(np.abs(dirty).max())
-        threshold = min(0.95, 1.5 * _max_sidelobe(psf)) * rmax
+        threshold = cycle_threshold(0.0, rmax, _max_sidelobe(psf), 1.5)
         t_ours, (n_o, m_o, r_o) = best_of(lambda: ours(dirty, psf, threshold, args.niter), args.repeat)
         t_rad, (n_r, m_r, r_r) = best_of(lambda: radler_hogbom(dirty, psf, threshold, args.niter, 50 / 206265),
                                          args.repeat)

@@ -370,12 +370,12 @@ def clean(op, niter: int, threshold: float, gain: float = 0.1, cyclefactor: floa
         if rmax < threshold_now:
             reason = "threshold reached"
             break
-        cycle_threshold = max(threshold_now, min(0.95, cyclefactor * sidelobe) * rmax)
+        stop_at = cycle_threshold(threshold_now, rmax, sidelobe, cyclefactor)
         if scale_set is not None:
-            n = multiscale(residual, big_psf, model, gain, cycle_threshold, niter - done, scale_set, search,
+            n = multiscale(residual, big_psf, model, gain, stop_at, niter - done, scale_set, search,
                            convolver)
         else:
-            n = hogbom(residual, big_psf, model, gain, cycle_threshold, niter - done, search, convolver)
+            n = hogbom(residual, big_psf, model, gain, stop_at, niter - done, search, convolver)
         done += n
         major += 1
         residual = np.ascontiguousarray(op.residual(model))
@@ -386,6 +386,22 @@ def clean(op, niter: int, threshold: float, gain: float = 0.1, cyclefactor: floa
         if major >= max_major:
             reason = "major cycle limit"
     return CleanResult(model, residual, psf_img, done, major, reason, mask)
+
+
+# tclean's bounds on how deep a major cycle's minor cycle cleans, as a fraction of the
+# residual's peak (its minpsffraction and maxpsffraction): at least 0.05, at most 0.8,
+# whatever the PSF's sidelobes.
+MIN_PSF_FRACTION = 0.05
+MAX_PSF_FRACTION = 0.8
+
+
+def cycle_threshold(threshold: float, peak: float, sidelobe: float, cyclefactor: float) -> float:
+    """Where a minor cycle stops, as tclean sets it: cyclefactor x the PSF's largest
+    sidelobe of the residual's peak, bounded to [MIN_PSF_FRACTION, MAX_PSF_FRACTION],
+    and never below the clean's own threshold. Under a poor PSF (sidelobes above
+    0.53) the cap still lets a cycle take several components: at 0.95 it took one."""
+    fraction = min(MAX_PSF_FRACTION, max(MIN_PSF_FRACTION, cyclefactor * sidelobe))
+    return max(threshold, fraction * peak)
 
 
 def _max_sidelobe(psf: np.ndarray) -> float:

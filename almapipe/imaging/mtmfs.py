@@ -548,10 +548,10 @@ def clean_mt(op: TaylorPointing, niter: int, threshold: float, gain: float = 0.1
         if rmax < threshold_now:
             reason = "threshold reached"
             break
-        cycle_threshold = max(threshold_now, min(0.95, cyclefactor * sidelobe) * rmax)
+        stop_at = deconvolve.cycle_threshold(threshold_now, rmax, sidelobe, cyclefactor)
         res = np.ascontiguousarray(res)          # cleaned in place
         n = mt_hogbom(res, big, hinv, py, px, np.ascontiguousarray(weight, np.float64), float(gain),
-                      float(cycle_threshold), int(niter - done), models, convolver)
+                      float(stop_at), int(niter - done), models, convolver)
         done += n
         major += 1
         res = op.residual(models)
