@@ -771,3 +771,60 @@ def test_aggregate_continuum_streamed_holds_no_channel_axis_and_equals_the_whole
     print("aggregate: traced peak (MiB)", peak, "one spw's DATA (MiB)", data_bytes, "samples", nsamples)
     assert nsamples[64] == nsamples[256]
     assert peak[256] - peak[64] < 0.25 * (data_bytes[256] - data_bytes[64]), (peak, data_bytes)
+
+
+def test_a_poor_psf_still_cleans_several_components_a_cycle_and_reaches_its_threshold():
+    """A snapshot of 7 antennas has a PSF whose largest sidelobe is above 0.53, so
+    cyclefactor 1.5 x sidelobe is above tclean's cap: each major cycle cleans down to
+    0.8 of its peak (deconvolve.MAX_PSF_FRACTION), several components, not one. The
+    point source is then cleaned to the noise threshold within the major cycles,
+    with its flux in the model; at 0.95 a cycle took one component, and 20 cycles
+    left most of the source in the residual."""
+    from almapipe.imaging.imager import stokes_i
+    from almapipe.imaging.measurement import OnePointing
+    vis = simulate(nant=7, ntime=1, nchan=2, noise=0.1, flux=1.0, baseline_m=200.0)
+    si = stokes_i(vis, np.arange(2))
+    w = gridding.briggs_weights(si.uvw, vis.freq, si.weight, 128, 8 * ARCSEC, 0.5).astype(np.float32)
+    op = OnePointing(si.uvw, vis.freq, si.data, w, 128, 8 * ARCSEC)
+    psf = op.psf(128)
+    sidelobe = deconvolve._max_sidelobe(psf)
+    assert sidelobe > 0.53
+    # the bounds: tclean's minpsffraction and maxpsffraction, and the clean's threshold below
+    assert deconvolve.cycle_threshold(0.0, 1.0, sidelobe, 1.5) == deconvolve.MAX_PSF_FRACTION == 0.8
+    assert deconvolve.cycle_threshold(0.0, 1.0, 0.01, 1.5) == deconvolve.MIN_PSF_FRACTION == 0.05
+    assert deconvolve.cycle_threshold(0.3, 1.0, 0.1, 1.5) == 0.3
+    res = deconvolve.clean(op, niter=1000, threshold=0.0, nsigma=3.0)
+    assert res.stop_reason == "threshold reached" and res.major_cycles < 20, (res.stop_reason, res.major_cycles)
+    assert res.iterations > 2 * res.major_cycles
+    assert abs(res.model.sum() - 1.0) < 0.05, res.model.sum()
+
+
+def test_w_term_below_its_tolerance_costs_a_corner_source_less_than_a_thousandth():
+    """gridding.needs_wgridding leaves the w-term uncorrected up to WTERM_TOLERANCE_RAD
+    of phase at the grid's corner (for the largest |w|). At that phase a point source
+    near the corner, gridded without the correction, keeps its peak to 1e-3 of the
+    w-gridded one; the decision is taken on the largest grid imaged, the minor cycle's
+    PSF (twice the image up to 512 pixels)."""
+    from almapipe.imaging.deconvolve import minor_cycle_psf_size
+    from almapipe.imaging.measurement import OnePointing
+    vis = simulate(nant=10, ntime=30, nchan=1, noise=0.0, flux=0.0, baseline_m=3000.0, freq0=230e9)
+    uvw, freq = vis.uvw.astype(float), vis.freq
+    uvw[:, 2] = uvw[:, 2] * 20 + 500.0        # w as on a long baseline at low elevation
+    npix = 256
+    w_max = np.abs(uvw[:, 2]).max() * freq.max() / 299792458.0
+    # the cell that puts the tolerance's phase at the corner of the image itself
+    cell = np.sqrt(gridding.WTERM_TOLERANCE_RAD / (np.pi * w_max * 2)) / (npix / 2)
+    assert not gridding.needs_wgridding(uvw, freq, npix, 0.99 * cell)
+    assert gridding.needs_wgridding(uvw, freq, npix, 1.01 * cell)
+    # an image's decision is its PSF's, a grid of 512 at 256 pixels: at 0.6 of that
+    # cell the image's corner is below the tolerance (0.36 of it), its PSF's above (1.44)
+    wgt = np.ones((len(uvw), 1), np.float32)
+    assert not gridding.needs_wgridding(uvw, freq, npix, 0.6 * cell)
+    assert OnePointing(uvw, freq, np.zeros((len(uvw), 1), np.complex64), wgt, npix, 0.6 * cell).wgridding
+    assert minor_cycle_psf_size(npix) == 2 * npix
+    model = np.zeros((npix, npix))
+    model[8, 8] = 1.0
+    vis_model = gridding.predict(uvw, freq, model, cell, True)
+    peaks = [gridding.dirty(uvw, freq, vis_model, wgt, npix, cell, wg)[8, 8] for wg in (True, False)]
+    assert peaks[0] == pytest.approx(1.0, abs=1e-4)
+    assert abs(peaks[1] / peaks[0] - 1) < 1e-3, peaks
