@@ -8,7 +8,8 @@ The plane: NGC 5921's field 2, channels 5~57, Briggs 0.5 (as bench/imaging_sizes
 its dirty image and its PSF of the same size (radler takes images of one shape;
 ours is given the same PSF, zero beyond it). Both clean one minor cycle down to
 the threshold clean() would set for the first major cycle (cyclefactor 1.5 x the
-PSF's largest sidelobe x the peak) or niter components, gain 0.1, two threads.
+PSF's largest sidelobe x the peak, within tclean's 0.05-0.8 of it) or niter
+components, gain 0.1, two threads.
 Reported per size: seconds for the cycle (best of --repeat, after a first call
 that compiles or warms up), components, the model's flux and the largest
 difference between the two residuals, relative to the dirty peak.
