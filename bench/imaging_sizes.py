@@ -1,8 +1,10 @@
 """CLEAN at growing image sizes on NGC 5921: almapipe (this tree, and optionally an older
-checkout) against WSClean, whole processes, wall time and peak memory.
+checkout) against WSClean and, where given, CASA's tclean: whole processes, wall time and
+peak memory.
 
     .venv/bin/python bench/imaging_sizes.py [--sizes 512,2048,4096] [--cell 1.0]
         [--niter 1000] [--base-src DIR] [--wsclean wsclean] [--work DIR] [--preset NAME]
+        [--casa-python PATH]
 
 Every run images the same data the same way: field 2 (N5921_2) of the built-in
 NGC 5921 UVFITS (written to an MS once, raw DATA: the imaging work does not depend
@@ -23,6 +25,9 @@ gain 0.1, niter components, no threshold.
 
   wsclean  WSClean on the same MS (-mgain 0.8: major cycles, as ours; -j 2), if the
            program is installed (Debian: apt-get install wsclean)
+  tclean   with --casa-python PATH (a Python with casatasks, in its own venv): CASA's
+           tclean on the same MS and selection, mfs, Hogbom, gridder 'standard', its
+           default cycles (cyclefactor 1, no limit on major cycles), pbcor off
 
 Each run is one process started cold; its peak resident memory is the child's
 ru_maxrss (os.wait4). Numba's compiled kernels are cached on disk by a first
@@ -65,6 +70,20 @@ def child(ms: str, npix: int, cell: float, niter: int) -> None:
     print(json.dumps({"iterations": res.iterations, "beam": list(res.beam), "peak": float(res.image.max())}))
 
 
+def tclean_child(ms: str, npix: int, cell: float, niter: int, field: str, spw: str, out: str) -> None:
+    """One image with CASA's tclean (run by --casa-python; imports no almapipe)."""
+    from casatasks import tclean
+    from casatools import image
+    tclean(vis=ms, imagename=out, field=field, spw=spw, specmode="mfs", imsize=[npix, npix], cell=f"{cell}arcsec",
+           stokes="I", datacolumn="data", weighting="briggs", robust=0.5, deconvolver="hogbom", gridder="standard",
+           niter=niter, gain=0.1, threshold="0Jy", pbcor=False)
+    ia = image()
+    ia.open(out + ".image")
+    peak = float(ia.getchunk().max())
+    ia.close()
+    print(json.dumps({"peak": peak}))
+
+
 def preset_meta(ms: str) -> dict | None:
     """The field and spws of a preset's target MS (bench.json beside it), None for NGC 5921."""
     path = os.path.join(os.path.dirname(ms), "bench.json")
@@ -100,7 +119,11 @@ def main() -> None:
     ap.add_argument("--npix", type=int)
     ap.add_argument("--preset", default="")
     ap.add_argument("--make-ms", action="store_true")
+    ap.add_argument("--casa-python", default="", help="a Python with casatasks: tclean on the same data")
+    ap.add_argument("--tclean-child", nargs=3, metavar=("FIELD", "SPW", "OUT"))
     args = ap.parse_args()
+    if args.tclean_child:
+        return tclean_child(args.ms, args.npix, args.cell, args.niter, *args.tclean_child)
     if args.child:
         return child(args.ms, args.npix, args.cell, args.niter)
     if args.make_ms:
@@ -117,12 +140,14 @@ def main() -> None:
                           "--ms", ms], env=dict(os.environ, PYTHONPATH=HERE), cwd=work)
         meta = preset_meta(ms)
         selection = ["-field", str(meta["field"]), "-spws", ",".join(map(str, meta["spws"]))]
+        casa_selection = [str(meta["field"]), ",".join(map(str, meta["spws"]))]
     else:
         ms = os.path.join(work, "ngc5921.ms")
         if not os.path.exists(ms):
             from almapipe.msio.uvfits import uvfits_to_ms
             uvfits_to_ms(os.path.join(HERE, "almapipe", "data", "ngc5921.uvfits.gz"), ms)
         selection = ["-field", str(FIELD), "-channel-range", str(CHANS[0]), str(CHANS[1] + 1)]
+        casa_selection = [str(FIELD), f"0:{CHANS[0]}~{CHANS[1]}"]
     wsclean = shutil.which(args.wsclean)
     sides = {"ours": HERE}
     if args.base_src:
@@ -144,17 +169,28 @@ def main() -> None:
                               "-data-column", "DATA",
                               "-pol", "i", "-no-update-model-required", "-j", "2", ms], cwd=work)
             row["wsclean"] = {"wall_s": r["wall_s"], "rss_mib": r["rss_mib"]}
+        if args.casa_python:
+            out = os.path.join(work, f"tclean{npix}")
+            for suffix in (".image", ".model", ".psf", ".residual", ".sumwt", ".pb"):
+                shutil.rmtree(out + suffix, ignore_errors=True)
+            r = run_measured([args.casa_python, os.path.abspath(__file__), "--ms", ms, "--npix", str(npix),
+                              "--cell", str(args.cell), "--niter", str(args.niter), "--tclean-child",
+                              *casa_selection, out], cwd=work)
+            row["tclean"] = {"wall_s": r["wall_s"], "rss_mib": r["rss_mib"], **json.loads(r["stdout"])}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    names = [n for n in ("base", "ours", "wsclean") if n in rows[0]]
+    names = [n for n in ("base", "ours", "wsclean", "tclean") if n in rows[0]]
     print(f"{'npix':>6s} " + " ".join(f"{n + ' s':>10s} {n + ' MiB':>12s}" for n in names)
-          + ("  ours/wsclean" if "wsclean" in names else "") + ("  ours/base" if "base" in names else ""))
+          + ("  ours/wsclean" if "wsclean" in names else "") + ("  ours/base" if "base" in names else "")
+          + ("  ours/tclean" if "tclean" in names else ""))
     for row in rows:
         line = f"{row['npix']:6d} " + " ".join(f"{row[n]['wall_s']:10.1f} {row[n]['rss_mib']:12.0f}" for n in names)
         if "wsclean" in names:
             line += f"  {row['ours']['wall_s'] / row['wsclean']['wall_s']:13.2f}"
         if "base" in names:
             line += f"  {row['ours']['wall_s'] / row['base']['wall_s']:9.2f}"
+        if "tclean" in names:
+            line += f"  {row['ours']['wall_s'] / row['tclean']['wall_s']:11.2f}"
         print(line)
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
