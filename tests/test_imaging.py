@@ -1,6 +1,7 @@
 """Imaging kernels against injected truth: positions, fluxes, beams, continuum subtraction, FITS."""
 import dataclasses
 import os
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -559,15 +560,8 @@ def _plane(extended: bool):
     si = stokes_i(vis, np.arange(2))
     w = gridding.briggs_weights(si.uvw, vis.freq, si.weight, 128, 8 * ARCSEC, 0.5).astype(np.float32)
     op = OnePointing(si.uvw, vis.freq, si.data, w, 128, 8 * ARCSEC)
-    before = os.environ.get("ALMAPIPE_THREADS")
-    os.environ["ALMAPIPE_THREADS"] = "1"
-    try:
+    with mock.patch.dict(os.environ, {"ALMAPIPE_THREADS": "1"}):
         return op.dirty(), op.psf(256)
-    finally:
-        if before is None:
-            del os.environ["ALMAPIPE_THREADS"]
-        else:
-            os.environ["ALMAPIPE_THREADS"] = before
 
 
 @pytest.mark.parametrize("extended", [False, True])
@@ -799,7 +793,7 @@ def test_a_poor_psf_still_cleans_several_components_a_cycle_and_reaches_its_thre
     assert abs(res.model.sum() - 1.0) < 0.05, res.model.sum()
 
 
-def test_w_term_below_its_tolerance_costs_a_corner_source_less_than_a_thousandth():
+def test_w_term_below_its_tolerance_costs_a_corner_source_under_half_the_tolerance_squared():
     """gridding.needs_wgridding leaves the w-term uncorrected up to WTERM_TOLERANCE_RAD
     of phase at the grid's corner (for the largest |w|). A point source in the
     corner pixel, gridded without the correction, loses at most the mean of phi^2 / 2
