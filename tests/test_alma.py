@@ -738,16 +738,22 @@ def test_uvcontsub_finds_each_targets_own_continuum(stack, tmp_path):  # noqa: F
     assert abs((sub.data[rows][:, ch, 0] * back).mean().real / line[ch] - 1) < 0.05
 
 
-def test_an_image_larger_than_max_imsize_is_named_not_made(mosaic_run):
-    """An image whose heuristics exceed max_imsize (a wide mosaic, long baselines) is
-    not made; the makeimages QA says which and why, and the run goes on."""
+def test_a_single_field_larger_than_max_imsize_is_narrowed_and_named(mosaic_run):
+    """A single field whose heuristics exceed max_imsize (long baselines; here the
+    calibrators at max_imsize 32) is made smaller as hif_checkproductsize makes it: less
+    of the primary beam, then 3 pixels a beam. Each image record and the makeimages QA
+    say how; the mosaic, never narrowed, keeps the heuristics' size."""
     _, _, run, summary, _ = mosaic_run
     assert run.status == pb.RUN_STATUS_SUCCEEDED, run.error
     stage = next(s for s in summary["stages"] if s["name"] == "makeimages")
-    skipped = [r for r in stage["qa_reasons"] if "max_imsize 32" in r and "not imaged" in r]
-    assert len(skipped) == 3 * 2, stage["qa_reasons"]          # 3 calibrators x 2 spws
-    assert stage["qa_score"] <= 0.5
-    assert {i["field"] for i in summary["images"]} == {"Target"}
+    cals = [i for i in summary["images"] if i["field"] != "Target"]
+    assert len(cals) == 3 * 2                                      # 3 calibrators x 2 spws
+    for img in cals:
+        assert img["imsize"] <= 32 and "max_imsize 32" in img["size_mitigation"], img["size_mitigation"]
+        assert "covering the primary beam to" in img["size_mitigation"] or "3 across" in img["size_mitigation"]
+    narrowed = [r for r in stage["qa_reasons"] if "max_imsize 32" in r and "made" in r]
+    assert len(narrowed) == 3 * 2, stage["qa_reasons"]
+    assert all(not i["size_mitigation"] for i in summary["images"] if i["field"] == "Target")
 
 
 def test_gainflag_and_flagtargets_flag_the_injected_bad_data(outliers_run):

@@ -149,6 +149,31 @@ def test_dynamic_range_correction_of_the_threshold():
     assert thr == pytest.approx(6e-3) and f == pytest.approx(3.0)
 
 
+def test_a_long_baseline_image_too_large_for_its_limits_is_narrowed_as_hif_checkproductsize_narrows_it():
+    """The long-baseline preset's geometry (beam 0.045", ALMA's 12 m primary beam of 25"
+    at 230 GHz): 4320 pixels of 0.009" cover the primary beam to 0.2. Over max_imsize the
+    image keeps its cell and covers less of the primary beam; a 3840-channel cube over
+    max_cube_gb goes to 3 pixels a beam as well; below the primary beam's 0.7 level it is
+    refused, naming its limits; a mosaic is never narrowed."""
+    from almapipe.heuristics.imaging import ImageGeometry, fast_size_below, mitigate_size
+    from almapipe.imaging.gridding import good_size
+    geom = ImageGeometry(beam_arcsec=0.045, pb_fwhm_arcsec=25.0)
+    assert mitigate_size(geom, 8192) == mitigate_size(geom, 8192, 0.0, 3840)
+    same = mitigate_size(geom, 8192)
+    assert (same.cell_arcsec, same.npix, same.mitigation, same.refused) == (0.009, 4320, "", "")
+    mfs = mitigate_size(geom, 4096)
+    assert (mfs.cell_arcsec, mfs.npix) == (0.009, 4096) and not mfs.refused
+    assert "covering the primary beam to 0.22 of its peak" in mfs.mitigation
+    assert 0.18 < geom.pb_level_at_edge(4320, 0.009) <= 0.2       # rounded up to a fast size
+    cube = mitigate_size(geom, 4096, 40e9, 3840)                    # ALMA's maxcubesize
+    assert cube.cell_arcsec == 0.015 and 4.0 * cube.npix ** 2 * 3840 <= 40e9 and not cube.refused
+    assert cube.npix == fast_size_below(int((40e9 / 4 / 3840) ** 0.5)) and good_size(cube.npix) == cube.npix
+    assert "3 across the beam" in cube.mitigation and "max_cube_gb 40 for 3840 channels" in cube.mitigation
+    small = mitigate_size(geom, 4096, 2e9, 3840)                     # under the 0.7 level even at 3 a beam
+    assert small.refused and "1200 x 1200" in small.refused and "give imsize" in small.refused
+    assert mitigate_size(geom, 4096, mosaic=True).refused.endswith("or larger limits")
+    assert "a mosaic is not narrowed" in mitigate_size(geom, 4096, mosaic=True).refused
+
 def test_mosaic_pointings_share_the_tsys_measured_on_one_of_them():
     """Tsys ('nearest-calibrator'): a field with its own measurement uses it; a mosaic's
     other pointings (same name) use their source's; other fields the phase calibrator's."""

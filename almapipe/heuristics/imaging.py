@@ -1,13 +1,64 @@
 """Image heuristics as hif_makeimlist and hif_makeimages take them: cell and image size
-from the uv coverage and the primary beam, and the cleaning threshold raised for
-dynamic range."""
+from the uv coverage and the primary beam, narrowed when the image would be too large
+(hif_checkproductsize's mitigation), and the cleaning threshold raised for dynamic
+range."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..imaging import gridding
 from ..imaging.products import pb_fwhm
 from ..msio import ms as msio
+
+# the primary-beam level an image covers (hif_makeimlist: 0.2), and the highest level a
+# too large single-field image may be narrowed to (hif_checkproductsize caps it at 0.7)
+PB_LEVEL = 0.2
+MAX_MITIGATED_PB_LEVEL = 0.7
+# pixels across the synthesized beam, and hif_checkproductsize's coarser fallback
+PIXELS_PER_BEAM = 5
+MITIGATED_PIXELS_PER_BEAM = 3
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """What an image is sized from (hif_makeimlist): the synthesized beam (1 / the 95th
+    percentile uv distance at the highest frequency), the primary beam's FWHM at the
+    lowest frequency, and a mosaic's pointings' largest distance from its centre."""
+    beam_arcsec: float
+    pb_fwhm_arcsec: float
+    extent_arcsec: float = 0.0
+
+    def cell_npix(self, pb_level: float = PB_LEVEL, pixels_per_beam: int = PIXELS_PER_BEAM) -> tuple[float, int]:
+        """(cell arcsec, npix): pixels_per_beam across the beam, the image covering the
+        primary beam down to pb_level of its peak, rounded up to a fast FFT size."""
+        beam = self.beam_arcsec
+        cell = float(np.round(beam / pixels_per_beam, 3 if beam < 1 else 2))
+        radius = self.pb_fwhm_arcsec * np.sqrt(np.log(1.0 / pb_level) / (4 * np.log(2)))
+        return cell, gridding.good_size(int(np.ceil(2 * (radius + self.extent_arcsec) / cell)))
+
+    def pb_level_at_edge(self, npix: int, cell_arcsec: float) -> float:
+        """The primary beam's level at the middle of an image's side (single field)."""
+        return float(np.exp(-4 * np.log(2) * (npix * cell_arcsec / 2 / self.pb_fwhm_arcsec) ** 2))
+
+
+def image_geometry(vis: msio.Vis, dish_m: float, telescope: str, chans: np.ndarray,
+                   extent_rad: float = 0.0) -> ImageGeometry:
+    """uv_geometry of a Vis's cross-correlation rows with data in chans."""
+    cross = (vis.ant1 != vis.ant2) & ~vis.flag[:, chans].all(axis=(1, 2))
+    return uv_geometry(np.hypot(vis.uvw[cross, 0], vis.uvw[cross, 1]), vis.freq[chans], dish_m, telescope,
+                       extent_rad)
+
+
+def uv_geometry(uvdist_m: np.ndarray, freq: np.ndarray, dish_m: float, telescope: str,
+                extent_rad: float = 0.0) -> ImageGeometry:
+    """The ImageGeometry from the uv distances (m) of the cross-correlation rows with
+    data and the frequencies of the channels imaged."""
+    uvmax = np.percentile(uvdist_m, 95) * freq.max() / 299792458.0
+    return ImageGeometry(beam_arcsec=float(np.degrees(1.0 / max(uvmax, 1e-9)) * 3600),
+                         pb_fwhm_arcsec=float(np.degrees(pb_fwhm(freq.min(), dish_m, telescope)) * 3600),
+                         extent_arcsec=float(np.degrees(extent_rad) * 3600))
 
 
 def image_heuristics(vis: msio.Vis, dish_m: float, telescope: str, chans: np.ndarray,
@@ -16,23 +67,71 @@ def image_heuristics(vis: msio.Vis, dish_m: float, telescope: str, chans: np.nda
     beam down to 0.2 of its peak, rounded up to a fast FFT size (hif_makeimlist).
     A mosaic's image covers every pointing's beam to 0.2: extent_rad is its
     pointings' largest distance from the image centre."""
-    cross = (vis.ant1 != vis.ant2) & ~vis.flag[:, chans].all(axis=(1, 2))
-    return uv_heuristics(np.hypot(vis.uvw[cross, 0], vis.uvw[cross, 1]), vis.freq[chans], dish_m, telescope,
-                         extent_rad)
+    return image_geometry(vis, dish_m, telescope, chans, extent_rad).cell_npix()
 
 
 def uv_heuristics(uvdist_m: np.ndarray, freq: np.ndarray, dish_m: float, telescope: str,
                   extent_rad: float = 0.0) -> tuple[float, int]:
     """image_heuristics from the uv distances (m) of the cross-correlation rows with
     data and the frequencies of the channels imaged."""
-    fmax = freq.max()
-    uvmax = np.percentile(uvdist_m, 95) * fmax / 299792458.0
-    beam_arcsec = np.degrees(1.0 / max(uvmax, 1e-9)) * 3600 * 1.0
-    cell = float(np.round(beam_arcsec / 5.0, 3 if beam_arcsec < 1 else 2))
-    fwhm = pb_fwhm(freq.min(), dish_m, telescope)
-    radius = fwhm * np.sqrt(np.log(5.0) / (4 * np.log(2)))   # where a Gaussian beam falls to 0.2
-    npix = gridding.good_size(int(np.ceil(2 * np.degrees(radius + extent_rad) * 3600 / cell)))
-    return cell, npix
+    return uv_geometry(uvdist_m, freq, dish_m, telescope, extent_rad).cell_npix()
+
+
+def fast_size_below(n: int) -> int:
+    """The largest even FFT-fast size <= n (gridding.good_size rounds up), at least 2."""
+    n = max(2, int(n) - int(n) % 2)
+    while n > 2 and gridding.good_size(n) != n:
+        n -= 2
+    return n
+
+
+@dataclass(frozen=True)
+class SizedImage:
+    """An image's size after the product-size limits: cell and npix, and why they are not
+    the heuristics' (empty: they are), or why no image fits (refused)."""
+    cell_arcsec: float
+    npix: int
+    mitigation: str = ""
+    refused: str = ""
+    pixels_per_beam: int = PIXELS_PER_BEAM
+
+
+def mitigate_size(geom: ImageGeometry, max_imsize: int, max_cube_bytes: float = 0.0, nchan: int = 1,
+                  mosaic: bool = False) -> SizedImage:
+    """hif_checkproductsize's cascade for one image: the heuristics' size if it is at
+    most max_imsize pixels a side and (a cube of nchan planes, 4-byte pixels) at most
+    max_cube_bytes (0: no cube limit); else, for a single field, the largest fast size
+    within both limits if it still covers the primary beam to 0.7 of its peak; else the
+    same at 3 pixels across the beam; else refused. A mosaic is never narrowed (its
+    image must cover its pointings: hif_checkproductsize narrows single fields only)."""
+    cell0, npix0 = geom.cell_npix()
+
+    def fits(n: int) -> bool:
+        return n <= max_imsize and (max_cube_bytes <= 0 or 4.0 * n * n * nchan <= max_cube_bytes)
+    if fits(npix0):
+        return SizedImage(cell0, npix0)
+    limits = f"max_imsize {max_imsize}" + (f", max_cube_gb {max_cube_bytes / 1e9:.3g} for {nchan} channels"
+                                           if max_cube_bytes > 0 and nchan > 1 else "")
+    wanted = f"the image would be {npix0} x {npix0} pixels of {cell0}\" ({limits})"
+    if mosaic:
+        return SizedImage(cell0, npix0, refused=f"{wanted}; a mosaic is not narrowed: give imsize and cell_arcsec, "
+                          "or larger limits")
+    largest = max_imsize if max_cube_bytes <= 0 else min(max_imsize, int(np.sqrt(max_cube_bytes / (4.0 * nchan))))
+    side = fast_size_below(largest)
+    for ppb in (PIXELS_PER_BEAM, MITIGATED_PIXELS_PER_BEAM):
+        cell, full = geom.cell_npix(pixels_per_beam=ppb)
+        if fits(full):
+            return SizedImage(cell, full, mitigation=f"{wanted}: made {full} x {full} pixels of {cell}\" ({ppb} "
+                              "across the beam)", pixels_per_beam=ppb)
+        _, least = geom.cell_npix(pb_level=MAX_MITIGATED_PB_LEVEL, pixels_per_beam=ppb)
+        if least <= side:
+            return SizedImage(cell, side, mitigation=(
+                f"{wanted}: made {side} x {side} pixels of {cell}\" ({ppb} across the beam), covering the "
+                f"primary beam to {geom.pb_level_at_edge(side, cell):.2f} of its peak"), pixels_per_beam=ppb)
+    _, least = geom.cell_npix(pb_level=MAX_MITIGATED_PB_LEVEL, pixels_per_beam=MITIGATED_PIXELS_PER_BEAM)
+    return SizedImage(cell0, npix0, refused=(
+        f"{wanted}, and {least} x {least} even narrowed to {MAX_MITIGATED_PB_LEVEL} of the primary beam at "
+        f"{MITIGATED_PIXELS_PER_BEAM} pixels a beam: give imsize and cell_arcsec, or larger limits"))
 
 
 def dr_correction(theoretical_rms: float, dirty_peak: float, calibrator: bool, dish_m: float,

@@ -13,7 +13,8 @@ from .base import (QA, Param, Score, StageError, StageIO, field_ids_with, field_
                    require_intent, spw_info, stage, with_defaults)
 from .ebs import as_group, eb_field_ids, member_blocks, read_group, spw_groups, view_name  # noqa: E402
 from ..heuristics.callibrary import calibrator_ids  # noqa: E402
-from ..heuristics.imaging import dr_correction, image_heuristics, uv_heuristics  # noqa: E402
+from ..heuristics.imaging import (PIXELS_PER_BEAM, dr_correction, image_geometry, mitigate_size,  # noqa: E402
+                                  uv_geometry)
 from ..heuristics.robust import robust_rms  # noqa: E402
 from ..imaging import gridding  # noqa: E402
 from ..imaging.findcont import CubeGeometry, continuum_from_spectra  # noqa: E402
@@ -35,6 +36,10 @@ from ..platform import visstore as vst  # noqa: E402
 
 # the largest image makeimages makes from its heuristics (per image kind: max_imsize)
 MAX_IMSIZE = 4096
+# the largest cube (pixels x channels x 4 bytes) makeimages makes from its heuristics:
+# the join holds a cube's planes (image, residual, model, psf) in memory, so 2 GB keeps a
+# join within ~10 GB; ALMA's pipeline allows 40 GB (maxcubesize) on its cluster's nodes
+MAX_CUBE_GB = 2.0
 # channels at each end of a spw that a cube's reported peak never comes from (the
 # bandpass rolls off there; an unflagged edge channel is the noisiest of the cube)
 EDGE_CHANNELS = 1
@@ -557,6 +562,8 @@ class ImageJob:
             w = float(np.median(np.abs(np.diff(f)))) if len(f) > 1 else 0.0
             self.bands.append((float(f[m].min() - w / 2), float(f[m].max() + w / 2), w))
         self.dr_seen = {}
+        self.mitigation = ""            # how the image was narrowed to fit its size limits (mitigate_size)
+        self.pixels_per_beam = PIXELS_PER_BEAM     # its cell's (5; 3 when narrowed that far)
         self.lsrk_shift = 0.0           # the largest move of a cube's rows onto the LSRK grid, channels
 
     @property
@@ -591,8 +598,7 @@ class ImageJob:
                                            [float(pointings[k].weight.sum()) for k in have])
                 self.samples = pointings = [pointings[k] for k in have]
             uvdist = np.concatenate([uv_distances(s, float(self._freq[0])) for s in pointings])
-            cell, npix = uv_heuristics(uvdist, self._freq, self.dish, self.telescope,
-                                       mosaic.extent_rad() if mosaic else 0.0)
+            geom = uv_geometry(uvdist, self._freq, self.dish, self.telescope, mosaic.extent_rad() if mosaic else 0.0)
             del uvdist
         elif self.streamed or self.heuristics_only:
             if not len(self._times):
@@ -606,8 +612,8 @@ class ImageJob:
             if len(self.fids) > 1:
                 have = [f for f in self.fids if weights.get(f, 0.0) > 0]
                 mosaic = self._make_mosaic(have, [weights[f] for f in have])
-            cell, npix = uv_heuristics(uvdist, self._freq[self.chans], self.dish, self.telescope,
-                                       mosaic.extent_rad() if mosaic else 0.0)
+            geom = uv_geometry(uvdist, self._freq[self.chans], self.dish, self.telescope,
+                               mosaic.extent_rad() if mosaic else 0.0)
             del uvdist
         elif vis is None or not len(vis.time):
             return "no data"
@@ -619,19 +625,32 @@ class ImageJob:
             if self.prep is None and vis.flag[:, self.chans].all():
                 return "all data flagged"
             mosaic = self.mosaic() if len(self.fids) > 1 else None
-        if self.streamed or self.heuristics_only:
-            pass
-        elif self.prep is not None:
+        max_imsize = int(p["max_imsize"])
+        if self.prep is not None and not (self.streamed or self.heuristics_only):
+            # a cube's piece or join: makeimages' size, narrowed or not
             cell, npix = self.prep["cell_arcsec"], self.prep["npix"]
+            self.mitigation = self.prep.get("mitigation", "")
+            self.pixels_per_beam = int(self.prep.get("pixels_per_beam", PIXELS_PER_BEAM))
         else:
-            cell, npix = image_heuristics(vis, self.dish, self.telescope, self.chans,
-                                          mosaic.extent_rad() if mosaic else 0.0)
-        npix, max_imsize = int(p["imsize"] or npix), int(p["max_imsize"])
-        if npix > max_imsize:
-            # a wide mosaic or long baselines: say so rather than run out of memory
-            return (f"the image would be {npix} x {npix} pixels of {float(p['cell_arcsec'] or cell)}\" "
-                    + (f"for a mosaic of {len(mosaic.pointings)} pointings " if mosaic else "")
-                    + f"(max_imsize {max_imsize}); give imsize and cell_arcsec, or a larger max_imsize")
+            if not (self.streamed or self.heuristics_only):
+                geom = image_geometry(vis, self.dish, self.telescope, self.chans,
+                                      mosaic.extent_rad() if mosaic else 0.0)
+            if p["imsize"] or p["cell_arcsec"]:
+                # the user's size: no narrowing (ALMAPIPE_MAX_IMSIZE caps it server-wide)
+                cell, npix = geom.cell_npix()
+                npix = int(p["imsize"] or npix)
+                if npix > max_imsize:
+                    return (f"the image would be {npix} x {npix} pixels (max_imsize {max_imsize}); give a smaller "
+                            "imsize or a larger max_imsize")
+            else:
+                # long baselines, a large cube: narrowed as hif_checkproductsize narrows it
+                cube = self.specmode == "cube"
+                sized = mitigate_size(geom, max_imsize, float(p["max_cube_gb"]) * 1e9 if cube else 0.0,
+                                      int(self.chans.sum()) if cube else 1, mosaic=mosaic is not None)
+                if sized.refused:
+                    return sized.refused
+                cell, npix, self.mitigation = sized.cell_arcsec, sized.npix, sized.mitigation
+                self.pixels_per_beam = sized.pixels_per_beam
         self.spec = ImageSpec(
             field=self.field["name"], specmode="mfs" if self.specmode == "cont" else self.specmode,
             npix=npix, cell_arcsec=float(p["cell_arcsec"] or cell),
@@ -639,8 +658,9 @@ class ImageJob:
             chans=self.chans, automask=bool(p["automask"]),
             negative_threshold=float(p["negative_threshold"] if p["negative_threshold"] is not None
                                      else 15.0 if self.specmode == "cube" else 0.0),
-            # multiscale: scales of 0, 1 and 3 beams (the cell is a fifth of a beam)
-            scales=p["scales"] or ([0, 5, 15] if p["deconvolver"] == "multiscale" else None),
+            # multiscale: scales of 0, 1 and 3 beams
+            scales=p["scales"] or ([0, self.pixels_per_beam, 3 * self.pixels_per_beam]
+                                   if p["deconvolver"] == "multiscale" else None),
             mosaic=mosaic, nterms=self.nterms(mosaic))
         if self.streamed and self.spws is None:
             self.theo = self._read_samples()
@@ -791,7 +811,8 @@ class ImageJob:
 
     def heuristics(self) -> dict:
         """What prepare() took from the whole spw, for the pieces and the join of a cube."""
-        return {"npix": self.spec.npix, "cell_arcsec": self.spec.cell_arcsec, "theo": self.theo}
+        return {"npix": self.spec.npix, "cell_arcsec": self.spec.cell_arcsec, "theo": self.theo,
+                "mitigation": self.mitigation, "pixels_per_beam": self.pixels_per_beam}
 
     def mosaic(self):
         """The mosaic of this job's fields: where each pointing lies and its share of
@@ -936,7 +957,9 @@ class ImageJob:
                "aggregate": bool(p["aggregate"]),
                "pointings": len(spec.mosaic.pointings) if spec.mosaic else 1,
                "dr_correction": self.dr_seen.get("factor", 1.0), "threshold_jy": self.dr_seen.get("threshold"),
-               "dirty_dynamic_range": self.dr_seen.get("dirty_dynamic_range"), "nterms": spec.nterms}
+               "dirty_dynamic_range": self.dr_seen.get("dirty_dynamic_range"), "nterms": spec.nterms,
+               "size_mitigation": self.mitigation}
+        qa.add(size_mitigated(rec["file"], self.mitigation))
         if taylor is not None:
             rec.update(_taylor_record(taylor, planes.nu0 * factor))
             qa.note(f"{rec['file']}: nterms={spec.nterms} (fractional bandwidth {fractional_bandwidth(lo, hi):.3f}); "
@@ -992,7 +1015,11 @@ IMAGE_PARAMS = (
     Param("automask", bool, False, "auto-multithresh masks (else a primary-beam mask)"),
     Param("imsize", int, None, "image side; none: from the heuristics", unit="pixels", min=1),
     Param("cell_arcsec", float, None, "pixel size; none: a fifth of the beam", unit="arcsec", min=0.0),
-    Param("max_imsize", int, MAX_IMSIZE, "the largest image side the heuristics may choose", unit="pixels", min=1),
+    Param("max_imsize", int, MAX_IMSIZE, "the largest image side; a single field the heuristics make larger is "
+          "narrowed (hif_checkproductsize: to the primary beam's 0.7 level, then 3 pixels a beam), a mosaic is "
+          "not made", unit="pixels", min=1),
+    Param("max_cube_gb", float, MAX_CUBE_GB, "cubes: the most pixels x channels x 4 bytes a cube from the "
+          "heuristics may hold before it is narrowed as max_imsize (ALMA's maxcubesize)", unit="GB", min=0.0),
     Param("chans", str, "", "channels imaged, CASA syntax (5~50); empty: all"),
     Param("width", int, 8, "aggregate continuum: channels averaged", min=1),
     Param("deconvolver", str, "hogbom", "minor cycle", choices=("hogbom", "multiscale")),
@@ -1076,6 +1103,12 @@ def not_imaged(label: str, why: str) -> Score | None:
     return None
 
 
+@metric("makeimages.size_mitigated", "an image narrowed to fit max_imsize or max_cube_gb (fewer pixels across "
+        "the beam, less of the primary beam: hif_checkproductsize's mitigation): 0.9 each, named")
+def size_mitigated(label: str, how: str) -> Score | None:
+    return Score(0.9, f"{label}: {how}.") if how else None
+
+
 def makeimages_tables(ctx: dict) -> list:
     if not ctx.get("images"):
         return []
@@ -1102,7 +1135,7 @@ def chunk_masks(chans: np.ndarray, n: int) -> list:
 
 
 @stage("makeimages", service="imager", topic="Line finding and imaging", reads=IMAGING_READS,
-       qa=(not_imaged, image_rms, image_dynamic_range), tables=makeimages_tables,
+       qa=(not_imaged, size_mitigated, image_rms, image_dynamic_range), tables=makeimages_tables,
        writes=("images", "fanout"), params=MAKEIMAGES_PARAMS)
 def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
     """Per-spw mfs images of the calibrators, the target's continuum (per spw and
@@ -1193,7 +1226,7 @@ def imagecube_chunk(ctx: dict, params: dict, io: StageIO) -> QA:
 
 
 @stage("joincube", service="imager", topic="Line finding and imaging", reads=IMAGING_READS + ("images",),
-       qa=(image_rms, image_dynamic_range),
+       qa=(size_mitigated, image_rms, image_dynamic_range),
        writes=("images",), params=MAKEIMAGES_PARAMS + (
            Param("pieces", list, None, "the keys of the pieces' results", internal=True),))
 def joincube(ctx: dict, params: dict, io: StageIO) -> QA:
