@@ -331,17 +331,25 @@ def test_multiscale_clean_recovers_extended_emission_better_than_hogbom():
     assert out["multiscale"][1] < 0.3 * out["hogbom"][1], out
 
 
-def test_cube_cleaned_in_channel_ranges_and_joined_equals_one_pass():
-    """What several imager workers do to a cube (clean channel ranges, then restore the
-    joined planes with the cube's common beam) gives exactly the one-worker cube."""
-    from almapipe.imaging.imager import clean_planes, join_planes, restore_planes
+def test_cube_cleaned_in_channel_ranges_and_joined_equals_one_pass(tmp_path):
+    """What several imager workers do to a cube (clean channel ranges, hand each over as a
+    file, then restore the joined planes with the cube's common beam) gives exactly the
+    one-worker cube. The planes a worker holds until the join are single precision and
+    the masks booleans (a 3840-channel cube's join holds them all)."""
+    from almapipe.imaging.imager import Planes, clean_planes, join_planes, restore_planes
     from almapipe.stages.imaging import chunk_masks
     vis = simulate(nant=10, ntime=20, nchan=7, noise=0.01, flux=1.0, baseline_m=500.0, dfreq=20e6)
     spec = ImageSpec(field="s", specmode="cube", npix=64, cell_arcsec=8.0, niter=50, nsigma=2.0)
     whole = make_image(vis, spec, 12.0, "ALMA")
     chans = np.ones(7, bool)
     pieces = [clean_planes(vis, ImageSpec(**{**spec.__dict__, "chans": m})) for m in chunk_masks(chans, 3)]
+    for k, piece in enumerate(pieces):
+        assert {a.dtype for a in piece.models + piece.residuals + piece.psfs} == {np.dtype(np.float32)}
+        assert {a.dtype for a in piece.masks} == {np.dtype(bool)}
+        piece.save(str(tmp_path / f"piece{k}.npz"))
+    pieces = [Planes.load(str(tmp_path / f"piece{k}.npz")) for k in range(len(pieces))]
     joined = restore_planes(join_planes(pieces), spec, 12.0, "ALMA")
+    assert joined.image.dtype == np.float32
     assert [len(p.freqs) for p in pieces] == [3, 2, 2]
     assert joined.beam == pytest.approx(whole.beam, abs=1e-4)     # the same beam, to rounding
     np.testing.assert_allclose(joined.image, whole.image, atol=1e-6)   # float32 gridding rounding

@@ -145,11 +145,12 @@ class Planes:
     masks: list            # clean masks (automask) or zeros
 
     def save(self, path: str) -> None:
-        """To an .npz file (a piece of a cube, handed from one worker to the join)."""
-        np.savez_compressed(path, models=np.array(self.models), residuals=np.array(self.residuals),
-                            psfs=np.array(self.psfs), beams=np.array(self.beams), freqs=self.freqs,
-                            masks=np.array(self.masks), iterations=self.iterations,
-                            reasons=np.array(self.reasons))
+        """To an .npz file (a piece of a cube, handed from one worker to the join). The
+        lists go as they are: savez stacks one at a time as it writes, so the piece is
+        never held twice over."""
+        np.savez_compressed(path, models=self.models, residuals=self.residuals, psfs=self.psfs,
+                            beams=np.array(self.beams), freqs=self.freqs, masks=self.masks,
+                            iterations=self.iterations, reasons=np.array(self.reasons))
 
     @staticmethod
     def load(path: str) -> "Planes":
@@ -216,11 +217,14 @@ def clean_planes(vis: Vis, spec: ImageSpec) -> Planes:
                                threshold_from_dirty=spec.threshold_from_dirty,
                                automask_params=AutomaskParams(negative_threshold=spec.negative_threshold),
                                scales=spec.scales)
-        out.masks.append(res.mask if res.mask is not None else np.zeros((npix, npix)))
+        # a cube holds every plane's until it is restored (a piece's planes until the
+        # join, the join the whole cube's): single precision, as the FITS products are,
+        # and the masks as booleans, so a plane costs 3.1 x npix^2 x 4 bytes, not 4 x 8
+        out.masks.append(res.mask > 0 if res.mask is not None else np.zeros((npix, npix), bool))
         out.beams.append(deconvolve.fit_beam(res.psf, cell) if res.psf.max() > 0 else (0.0, 0.0, 0.0))
-        out.residuals.append(res.residual)
-        out.models.append(res.model)
-        out.psfs.append(res.psf)
+        out.residuals.append(res.residual.astype(np.float32))
+        out.models.append(res.model.astype(np.float32))
+        out.psfs.append(res.psf.astype(np.float32))
         out.reasons.append(res.stop_reason)
         out.iterations += res.iterations
     return out
@@ -330,15 +334,16 @@ def restore_planes(pl: Planes, spec: ImageSpec, dish_m: float, telescope: str) -
     npix = spec.npix
     cell = np.radians(spec.cell_arcsec / 3600.0)
     common = enclosing_beam(typical_beams(pl.beams))
-    image = np.array([deconvolve.restore(m, r, cell, common) if common[0] > 0 else r
-                      for m, r in zip(pl.models, pl.residuals)])
+    image = np.empty((len(pl.models), npix, npix), np.float32)     # filled a plane at a time
+    for k, (m, r) in enumerate(zip(pl.models, pl.residuals)):
+        image[k] = deconvolve.restore(m, r, cell, common) if common[0] > 0 else r
     freq = float(np.mean(pl.freqs))
     m = spec.mosaic
     pb = primary_beam(npix, cell, freq, dish_m, telescope) if m is None else \
         mosaic_beam(npix, cell, freq, dish_m, telescope, [p.offset_lm for p in m.pointings],
                     [p.fraction for p in m.pointings])
     mask = pb >= spec.pb_limit
-    pbcor = np.where(mask[None], image / np.maximum(pb, 1e-6)[None], np.nan)
+    pbcor = np.where(mask[None], image / np.maximum(pb, 1e-6).astype(np.float32)[None], np.float32(np.nan))
     return ImageResult(image, np.array(pl.residuals), np.array(pl.models), np.array(pl.psfs), pb, pbcor,
                        mask, pl.freqs, common, list(pl.beams), pl.iterations, list(pl.reasons),
                        np.array(pl.masks) > 0 if spec.automask else None)
