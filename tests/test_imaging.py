@@ -331,12 +331,14 @@ def test_multiscale_clean_recovers_extended_emission_better_than_hogbom():
     assert out["multiscale"][1] < 0.3 * out["hogbom"][1], out
 
 
-def test_cube_cleaned_in_channel_ranges_and_joined_equals_one_pass(tmp_path):
+def test_cube_cleaned_in_channel_ranges_and_joined_equals_one_pass(tmp_path, monkeypatch):
     """What several imager workers do to a cube (clean channel ranges, hand each over as a
     file, then restore the joined planes with the cube's common beam) gives exactly the
-    one-worker cube. The planes a worker holds until the join are single precision and
-    the masks booleans (a 3840-channel cube's join holds them all)."""
-    from almapipe.imaging.imager import Planes, clean_planes, join_planes, restore_planes
+    one-worker cube, whether the join holds the cube in memory or (a large cube) in
+    files. The planes a worker holds until the join are single precision and the masks
+    booleans."""
+    from almapipe.imaging import imager
+    from almapipe.imaging.imager import Planes, clean_planes, join_plane_files, join_planes, restore_planes
     from almapipe.stages.imaging import chunk_masks
     vis = simulate(nant=10, ntime=20, nchan=7, noise=0.01, flux=1.0, baseline_m=500.0, dfreq=20e6)
     spec = ImageSpec(field="s", specmode="cube", npix=64, cell_arcsec=8.0, niter=50, nsigma=2.0)
@@ -347,9 +349,16 @@ def test_cube_cleaned_in_channel_ranges_and_joined_equals_one_pass(tmp_path):
         assert {a.dtype for a in piece.models + piece.residuals + piece.psfs} == {np.dtype(np.float32)}
         assert {a.dtype for a in piece.masks} == {np.dtype(bool)}
         piece.save(str(tmp_path / f"piece{k}.npz"))
-    pieces = [Planes.load(str(tmp_path / f"piece{k}.npz")) for k in range(len(pieces))]
-    joined = restore_planes(join_planes(pieces), spec, 12.0, "ALMA")
+    files = [str(tmp_path / f"piece{k}.npz") for k in range(len(pieces))]
+    joined = restore_planes(join_planes([Planes.load(f) for f in files]), spec, 12.0, "ALMA")
     assert joined.image.dtype == np.float32
+    monkeypatch.setattr(imager, "CUBE_IN_MEMORY_BYTES", 0)              # every array in a file
+    on_disk = restore_planes(join_plane_files(files, str(tmp_path / "scratch")), spec, 12.0, "ALMA",
+                             str(tmp_path / "scratch"))
+    assert isinstance(on_disk.image, np.memmap) and isinstance(on_disk.residual, np.memmap)
+    for a, b in ((on_disk.image, joined.image), (on_disk.pbcor, joined.pbcor), (on_disk.model, joined.model),
+                 (on_disk.psf, joined.psf)):
+        np.testing.assert_array_equal(a, b)
     assert [len(p.freqs) for p in pieces] == [3, 2, 2]
     assert joined.beam == pytest.approx(whole.beam, abs=1e-4)     # the same beam, to rounding
     np.testing.assert_allclose(joined.image, whole.image, atol=1e-6)   # float32 gridding rounding

@@ -10,6 +10,7 @@ on one grid with its pointings' primary beams (measurement.JointMosaic).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -237,6 +238,52 @@ def join_planes(parts: list) -> Planes:
                   sum(p.iterations for p in parts), sum((p.masks for p in parts), []))
 
 
+# a cube's arrays above this size are held in files (np.memmap in the worker's work
+# directory, given as scratch) rather than in memory: a join holds a whole cube's
+# models, residuals, PSFs and masks, then its restored image and pb-corrected image,
+# about 8 x (planes x npix^2 x 4 bytes); a 3840-channel cube of 256^2 (1 GB) took a
+# worker past 21 GB in double precision. In files, the worker's own memory stays at a
+# piece and a plane; the page cache holds what the disk is not yet written.
+CUBE_IN_MEMORY_BYTES = 256 * 2**20
+
+
+def cube_array(shape: tuple, dtype, scratch: str | None, name: str) -> np.ndarray:
+    """An uninitialised array of shape: in memory, or a file-backed np.memmap under
+    scratch when it is larger than CUBE_IN_MEMORY_BYTES."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if scratch is None or nbytes <= CUBE_IN_MEMORY_BYTES:
+        return np.empty(shape, dtype)
+    os.makedirs(scratch, exist_ok=True)
+    return np.lib.format.open_memmap(os.path.join(scratch, f"{name}.npy"), mode="w+", dtype=dtype, shape=shape)
+
+
+def join_plane_files(paths: list, scratch: str | None = None) -> Planes:
+    """join_planes of pieces saved by Planes.save, read one piece at a time into the
+    cube's arrays (cube_array: on disk under scratch when large)."""
+    heads = []
+    for path in paths:                  # the pieces' sizes and beams, without their planes
+        with np.load(path) as z:
+            heads.append((len(z["freqs"]), z["models"].shape[1:]))
+    n, shape = sum(h[0] for h in heads), heads[0][1]
+    models, residuals, psfs = (cube_array((n, *shape), np.float32, scratch, k) for k in ("models", "residuals", "psfs"))
+    masks = cube_array((n, *shape), bool, scratch, "masks")
+    beams, freqs, reasons, iterations, k = [], [], [], 0, 0
+    for path in paths:
+        piece = Planes.load(path)
+        m = len(piece.freqs)
+        for dst, src in ((models, piece.models), (residuals, piece.residuals), (psfs, piece.psfs),
+                         (masks, piece.masks)):
+            for j, plane in enumerate(src):
+                dst[k + j] = plane > 0 if dst.dtype == bool else plane
+        beams += piece.beams
+        freqs.append(piece.freqs)
+        reasons += piece.reasons
+        iterations += piece.iterations
+        k += m
+        del piece
+    return Planes(models, residuals, psfs, beams, np.concatenate(freqs), reasons, iterations, masks)
+
+
 def _beam_axes(beam: tuple) -> tuple:
     """Unit vectors (east, north) along a beam's major and minor axes; the position
     angle runs from north through east."""
@@ -328,13 +375,16 @@ def typical_beams(beams: list, factor: float = 2.0) -> list:
     return [b for b in good if major / factor <= b[0] <= major * factor and minor / factor <= b[1] <= minor * factor]
 
 
-def restore_planes(pl: Planes, spec: ImageSpec, dish_m: float, telescope: str) -> ImageResult:
+def restore_planes(pl: Planes, spec: ImageSpec, dish_m: float, telescope: str,
+                   scratch: str | None = None) -> ImageResult:
     """Restore every plane with one beam (a cube's common beam: the smallest enclosing
-    every plane's, enclosing_beam), and add the primary beam and the pb-corrected image."""
+    every plane's, enclosing_beam), and add the primary beam and the pb-corrected image.
+    scratch: where a large cube's arrays are held on disk (cube_array)."""
     npix = spec.npix
     cell = np.radians(spec.cell_arcsec / 3600.0)
     common = enclosing_beam(typical_beams(pl.beams))
-    image = np.empty((len(pl.models), npix, npix), np.float32)     # filled a plane at a time
+    shape = (len(pl.models), npix, npix)
+    image = cube_array(shape, np.float32, scratch, "image")         # filled a plane at a time
     for k, (m, r) in enumerate(zip(pl.models, pl.residuals)):
         image[k] = deconvolve.restore(m, r, cell, common) if common[0] > 0 else r
     freq = float(np.mean(pl.freqs))
@@ -343,10 +393,20 @@ def restore_planes(pl: Planes, spec: ImageSpec, dish_m: float, telescope: str) -
         mosaic_beam(npix, cell, freq, dish_m, telescope, [p.offset_lm for p in m.pointings],
                     [p.fraction for p in m.pointings])
     mask = pb >= spec.pb_limit
-    pbcor = np.where(mask[None], image / np.maximum(pb, 1e-6).astype(np.float32)[None], np.float32(np.nan))
-    return ImageResult(image, np.array(pl.residuals), np.array(pl.models), np.array(pl.psfs), pb, pbcor,
-                       mask, pl.freqs, common, list(pl.beams), pl.iterations, list(pl.reasons),
-                       np.array(pl.masks) > 0 if spec.automask else None)
+    pbcor = cube_array(shape, np.float32, scratch, "pbcor")
+    inverse = np.where(mask, 1.0 / np.maximum(pb, 1e-6), np.nan).astype(np.float32)
+    for k in range(shape[0]):
+        pbcor[k] = image[k] * inverse
+    # asanyarray: a joined cube's arrays stay the files they are (cube_array)
+    return ImageResult(image, np.asanyarray(pl.residuals), np.asanyarray(pl.models), np.asanyarray(pl.psfs), pb,
+                       pbcor, mask, pl.freqs, common, list(pl.beams), pl.iterations, list(pl.reasons),
+                       _bool_masks(pl.masks) if spec.automask else None)
+
+
+def _bool_masks(masks) -> np.ndarray:
+    """The planes' clean masks as one boolean array (no copy when they already are one)."""
+    masks = np.asarray(masks)
+    return masks if masks.dtype == bool else masks > 0
 
 
 def make_image(vis: Vis, spec: ImageSpec, dish_m: float, telescope: str) -> ImageResult:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 
 import matplotlib
 matplotlib.use("Agg")
@@ -19,8 +20,8 @@ from ..heuristics.robust import robust_rms  # noqa: E402
 from ..imaging import gridding  # noqa: E402
 from ..imaging.findcont import CubeGeometry, continuum_from_spectra  # noqa: E402
 from ..imaging.frames import channel_shifts, lsrk_factor, lsrk_factors, max_drift_channels  # noqa: E402
-from ..imaging.imager import (ImageSpec, Planes, TaylorPlanes, aggregate_samples, clean_planes,  # noqa: E402
-                              clean_taylor, join_planes, restore_planes, restore_taylor_planes, stokes_i)
+from ..imaging.imager import (ImageSpec, TaylorPlanes, aggregate_samples, clean_planes, clean_taylor,  # noqa: E402
+                              cube_array, join_plane_files, restore_planes, restore_taylor_planes, stokes_i)
 from ..imaging.mtmfs import fractional_bandwidth, nterms_for  # noqa: E402
 from ..imaging.kernels import shift_spectra  # noqa: E402
 from ..imaging.mosaic import make_mosaic  # noqa: E402
@@ -351,6 +352,10 @@ def _plot_spectrum(io, spec, mask, spw, field):
 # ------------------------------------------------------------------ makeimages
 
 
+# the most pixels an image's rms is taken from (a cube's: from planes spread over it)
+NOISE_PIXELS = 16 * 2**20
+
+
 def _stats(res, spec: ImageSpec, cont_mask: np.ndarray | None, specmode: str,
            peak_ok: np.ndarray | None = None) -> dict:
     """Peak and rms of an image inside its pb limit: the peak from the planes peak_ok
@@ -359,13 +364,17 @@ def _stats(res, spec: ImageSpec, cont_mask: np.ndarray | None, specmode: str,
     inside = res.mask
     ok = np.ones(len(res.image), bool) if peak_ok is None or len(peak_ok) != len(res.image) else peak_ok
     if specmode == "cube" and cont_mask is not None and (cont_mask & ok).any():
-        noise_planes = res.image[cont_mask & ok]
+        noise, which = res.image, np.flatnonzero(cont_mask & ok)
     else:
-        noise_planes = res.residual
-    rms = robust_rms(noise_planes[:, inside])
+        noise, which = res.residual, np.arange(len(res.residual))
+    # a plane at a time (a large cube's planes are on disk); at most NOISE_PIXELS of them,
+    # from planes spread over the cube, for the MAD
+    step = max(1, int(np.ceil(len(which) * max(int(inside.sum()), 1) / NOISE_PIXELS)))
+    rms = robust_rms(np.concatenate([noise[k][inside] for k in which[::step]]))
     if not inside.any():
         return {"rms": rms, "peak": 0.0, "peak_plane": 0}
-    per_plane = np.where(ok, np.nanmax(np.where(inside[None], res.image, -np.inf), axis=(1, 2)), -np.inf)
+    per_plane = np.array([np.nanmax(np.where(inside, res.image[k], -np.inf)) if ok[k] else -np.inf
+                          for k in range(len(res.image))])
     plane = int(np.argmax(per_plane))
     return {"rms": rms, "peak": float(per_plane[plane]), "peak_plane": plane}
 
@@ -890,14 +899,15 @@ class ImageJob:
         ok = has_data & inner
         return ok if ok.any() else has_data if has_data.any() else np.ones(len(idx), bool)
 
-    def products(self, planes, qa: QA) -> dict:
-        """Restore, write the FITS products, measure and score: the image's record."""
+    def products(self, planes, qa: QA, scratch: str | None = None) -> dict:
+        """Restore, write the FITS products, measure and score: the image's record.
+        scratch: a directory where a large cube's arrays are held on disk (cube_array)."""
         ctx, io, spec, p, part, fid = self.ctx, self.io, self.spec, self.p, self.part, self.fid
         taylor = None
         if isinstance(planes, TaylorPlanes):
             res, taylor = restore_taylor_planes(planes, spec, self.dish, self.telescope)
         else:
-            res = restore_planes(planes, spec, self.dish, self.telescope)
+            res = restore_planes(planes, spec, self.dish, self.telescope, scratch)
         if self.nterms_note:
             qa.note(self.nterms_note)
         nchan = len(self.freq)
@@ -927,9 +937,9 @@ class ImageJob:
             + f": {self.label()}"))
         files = {}
         outputs = (("image", res.image, "Jy/beam"), ("pbcor", res.pbcor, "Jy/beam"),
-                   ("pb", np.repeat(res.pb[None], len(res.freqs), 0), ""),
-                   ("mask", res.clean_mask.astype(np.float32) if res.clean_mask is not None
-                    else np.repeat(res.mask[None].astype(np.float32), len(res.freqs), 0), ""),
+                   ("pb", _planes_of(res.pb, len(res.freqs), scratch, "pb"), ""),
+                   ("mask", _planes_of(res.clean_mask if res.clean_mask is not None else res.mask,
+                                       len(res.freqs), scratch, "mask"), ""),
                    ("residual", res.residual, "Jy/beam"),
                    # as tclean writes them: the PSF (a cube's per plane, peak 1) and the clean
                    # components, so the WebLog can show what was deconvolved with what
@@ -978,6 +988,16 @@ class ImageJob:
         io.log("%s: peak %.4f Jy/beam, rms %.5f Jy/beam, beam %s", rec["file"], stats["peak"], stats["rms"],
                rec["beam_arcsec"])
         return rec
+
+
+def _planes_of(a: np.ndarray, n: int, scratch: str | None, name: str) -> np.ndarray:
+    """A FITS product's n planes as float32: a (ny, nx) plane repeated (the primary beam,
+    the pb mask) or a (n, ny, nx) boolean cube (a clean mask), filled a plane at a time
+    (cube_array: on disk under scratch when large)."""
+    out = cube_array((n, *a.shape[-2:]), np.float32, scratch, name)
+    for k in range(n):
+        out[k] = a[k] if a.ndim == 3 else a
+    return out
 
 
 def _taylor_outputs(single: tuple, taylor) -> tuple:
@@ -1242,14 +1262,18 @@ def joincube(ctx: dict, params: dict, io: StageIO) -> QA:
         im = ImageJob(ctx, io, jobs[j], {}, data=mine[0].get("prep") is None, prep=mine[0].get("prep"))
         if im.prepare():
             continue
-        parts = []
         for p in mine:
-            parts.append(Planes.load(io.fetch_file(p["key"])))
             dr = p.get("dr") or {}
             if dr.get("factor", 0) >= im.dr_seen.get("factor", 0):
                 im.dr_seen.update(dr)
             im.lsrk_shift = max(im.lsrk_shift, p.get("lsrk_shift", 0.0))
-        ctx["images"].append(im.products(join_planes(parts), qa))
+        # the pieces read one at a time into the cube's arrays, a large cube's on disk:
+        # the join holds a piece and a plane, not the cube several times over
+        scratch = os.path.join(io.workdir, f"cube{j}")
+        planes = join_plane_files([io.fetch_file(p["key"]) for p in mine], scratch)
+        ctx["images"].append(im.products(planes, qa, scratch))
+        del planes
+        shutil.rmtree(scratch, ignore_errors=True)
     qa.note(f"Joined {len(pieces)} channel ranges into {len({p['job'] for p in pieces})} cube(s).")
     return qa
 
