@@ -260,17 +260,19 @@ def cube_array(shape: tuple, dtype, scratch: str | None, name: str) -> np.ndarra
 def join_plane_files(paths: list, scratch: str | None = None) -> Planes:
     """join_planes of pieces saved by Planes.save, read one piece at a time into the
     cube's arrays (cube_array: on disk under scratch when large)."""
-    heads = []
-    for path in paths:                  # the pieces' sizes and beams, without their planes
+    n = 0
+    for path in paths:                  # the planes of every piece, from their frequencies alone
         with np.load(path) as z:
-            heads.append((len(z["freqs"]), z["models"].shape[1:]))
-    n, shape = sum(h[0] for h in heads), heads[0][1]
-    models, residuals, psfs = (cube_array((n, *shape), np.float32, scratch, k) for k in ("models", "residuals", "psfs"))
-    masks = cube_array((n, *shape), bool, scratch, "masks")
+            n += len(z["freqs"])
     beams, freqs, reasons, iterations, k = [], [], [], 0, 0
     for path in paths:
         piece = Planes.load(path)
         m = len(piece.freqs)
+        if k == 0:                      # the cube's arrays, once a piece gives the planes' shape
+            shape = (n, *np.shape(piece.models[0]))
+            models, residuals, psfs = (cube_array(shape, np.float32, scratch, name)
+                                       for name in ("models", "residuals", "psfs"))
+            masks = cube_array(shape, bool, scratch, "masks")
         for dst, src in ((models, piece.models), (residuals, piece.residuals), (psfs, piece.psfs),
                          (masks, piece.masks)):
             for j, plane in enumerate(src):

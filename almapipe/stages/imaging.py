@@ -37,9 +37,11 @@ from ..platform import visstore as vst  # noqa: E402
 
 # the largest image makeimages makes from its heuristics (per image kind: max_imsize)
 MAX_IMSIZE = 4096
-# the largest cube (pixels x channels x 4 bytes) makeimages makes from its heuristics:
-# the join holds a cube's planes (image, residual, model, psf) in memory, so 2 GB keeps a
-# join within ~10 GB; ALMA's pipeline allows 40 GB (maxcubesize) on its cluster's nodes
+# the largest cube (pixels x channels x 4 bytes) makeimages makes from its heuristics
+# (decision 19): its join holds the cube's models, residuals, PSFs, image and
+# pb-corrected image in files (imager.cube_array) and writes 7 FITS products, so a cube
+# of C bytes takes about 14 C of the worker's disk and 7 C of S3; ALMA's pipeline allows
+# 40 GB (maxcubesize) on its cluster's nodes
 MAX_CUBE_GB = 2.0
 # channels at each end of a spw that a cube's reported peak never comes from (the
 # bandpass rolls off there; an unflagged edge channel is the noisiest of the cube)
