@@ -43,9 +43,12 @@ def view_paths(files: dict, fetch) -> dict:
 
 
 def read_planes(path: str) -> tuple[np.ndarray, fits.Header]:
-    """A FITS image as (nplane, ny, nx) (the Stokes axis dropped) and its header."""
-    with fits.open(path) as hdul:
-        data, hdr = np.asarray(hdul[0].data, dtype=np.float32), hdul[0].header
+    """A FITS image as (nplane, ny, nx) (the Stokes axis dropped) and its header. The
+    planes stay in the file (memory-mapped, FITS's big-endian floats) and are read as
+    they are used: a view draws a cube's planes one at a time, never the whole cube
+    (a 3840-channel cube of 256² is 1 GB a product, and a view reads up to five)."""
+    with fits.open(path, memmap=True) as hdul:
+        data, hdr = hdul[0].data, hdul[0].header
     while data.ndim > 3:
         data = data[0]
     return (data[None] if data.ndim == 2 else data), hdr
@@ -124,8 +127,11 @@ def image_view(ctx: dict, img: dict, paths: dict, out_png: str) -> str:
         dv = abs(hdr.get("CDELT3", 1.0)) / 1e6          # MHz a channel
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            mom0 = np.nansum(data[sel], axis=0) * dv
-            pplane = int(np.nanargmax(np.nanmax(np.where(inner, data, np.nan), axis=(1, 2))))
+            mom0 = np.zeros(data.shape[1:])
+            for k in np.flatnonzero(sel):
+                mom0 += np.nan_to_num(data[k])
+            mom0 *= dv
+            pplane = int(np.nanargmax([np.nanmax(np.where(inner, plane, np.nan)) for plane in data]))
         require_finite(f"image view of {img['file']}", data[pplane])
         panels.append(("sky", data[pplane], f"{main_kind}, peak plane {pplane}", "Jy/beam", {}))
         panels.append(("sky", mom0, f"moment 0 over {what}", "Jy/beam MHz", {}))
