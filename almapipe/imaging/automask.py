@@ -5,11 +5,8 @@ sidelobe level x peak, noise_threshold x rms), the sidelobe term capped at half
 the peak (unlike CASA: with a sparse array's sidelobes near 0.5 it would exceed
 the peak and nothing would ever be masked or cleaned); regions smaller than
 min_beam_frac of a beam are pruned; the previous mask is grown by binary
-dilation into emission above max(the sidelobe term, low_noise_threshold x rms)
-(auto-multithresh's low mask threshold: without the sidelobe term a bright
-source's mask grows over its own sidelobes, which are far above the noise, and
-clean then puts components on them); the result is the union of the grown and
-the new masks. With negative_threshold > 0, regions of
+dilation into emission above low_noise_threshold x rms; the result is the
+union of the grown and the new masks. With negative_threshold > 0, regions of
 the residual below -max(negative_threshold x rms, the sidelobe term) (absorption)
 are masked too, as auto-multithresh does for cubes. Defaults are the ALMA 12-m
 values for continuum (cubes: negative_threshold 15).
@@ -49,17 +46,15 @@ def update_mask(residual: np.ndarray, previous: np.ndarray | None, sidelobe: flo
                 p: AutomaskParams = AutomaskParams()) -> np.ndarray:
     rms = robust_rms(residual)
     peak = float(np.abs(residual).max())
-    sidelobe_level = min(p.sidelobe_threshold * sidelobe, 0.5) * peak
-    threshold = max(sidelobe_level, p.noise_threshold * rms)
+    threshold = max(min(p.sidelobe_threshold * sidelobe, 0.5) * peak, p.noise_threshold * rms)
     new = prune(residual > threshold, p.min_beam_frac * beam_pixels)
     if p.negative_threshold > 0:
-        below = -max(p.negative_threshold * rms, sidelobe_level)
+        below = -max(p.negative_threshold * rms, min(p.sidelobe_threshold * sidelobe, 0.5) * peak)
         new |= prune(residual < below, p.min_beam_frac * beam_pixels)
     if previous is None or not previous.any():
         return new
     previous = previous > 0
-    low = (np.abs(residual) if p.negative_threshold > 0 else residual) > max(sidelobe_level,
-                                                                            p.low_noise_threshold * rms)
+    low = (np.abs(residual) if p.negative_threshold > 0 else residual) > p.low_noise_threshold * rms
     grown = ndimage.binary_dilation(previous, iterations=p.grow_iterations, mask=low | previous)
     grown = prune(grown, p.min_beam_frac * beam_pixels) | previous
     return grown | new
