@@ -118,6 +118,8 @@ def mitigate_size(geom: ImageGeometry, max_imsize: int, max_cube_bytes: float = 
                           "or larger limits")
     largest = max_imsize if max_cube_bytes <= 0 else min(max_imsize, int(np.sqrt(max_cube_bytes / (4.0 * nchan))))
     side = fast_size_below(largest)
+    if side > largest:                  # limits below the smallest image (2 pixels)
+        return SizedImage(cell0, npix0, refused=f"{wanted}: no image fits the limits")
     for ppb in (PIXELS_PER_BEAM, MITIGATED_PIXELS_PER_BEAM):
         cell, full = geom.cell_npix(pixels_per_beam=ppb)
         if fits(full):

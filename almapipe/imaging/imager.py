@@ -155,9 +155,9 @@ class Planes:
 
     @staticmethod
     def load(path: str) -> "Planes":
-        z = np.load(path)
-        return Planes(list(z["models"]), list(z["residuals"]), list(z["psfs"]), [tuple(b) for b in z["beams"]],
-                      z["freqs"], [str(r) for r in z["reasons"]], int(z["iterations"]), list(z["masks"]))
+        with np.load(path) as z:
+            return Planes(list(z["models"]), list(z["residuals"]), list(z["psfs"]), [tuple(b) for b in z["beams"]],
+                          z["freqs"], [str(r) for r in z["reasons"]], int(z["iterations"]), list(z["masks"]))
 
 
 def _pointing_samples(vis: Vis, mosaic: Mosaic, samples: StokesI) -> list:
@@ -220,7 +220,7 @@ def clean_planes(vis: Vis, spec: ImageSpec) -> Planes:
                                scales=spec.scales)
         # a cube holds every plane's until it is restored (a piece's planes until the
         # join, the join the whole cube's): single precision, as the FITS products are,
-        # and the masks as booleans, so a plane costs 3.1 x npix^2 x 4 bytes, not 4 x 8
+        # and the masks as booleans, so a plane costs 3.25 x npix^2 x 4 bytes, not 4 x 8
         out.masks.append(res.mask > 0 if res.mask is not None else np.zeros((npix, npix), bool))
         out.beams.append(deconvolve.fit_beam(res.psf, cell) if res.psf.max() > 0 else (0.0, 0.0, 0.0))
         out.residuals.append(res.residual.astype(np.float32))

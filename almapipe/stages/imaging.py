@@ -354,7 +354,8 @@ def _plot_spectrum(io, spec, mask, spw, field):
 # ------------------------------------------------------------------ makeimages
 
 
-# the most pixels an image's rms is taken from (a cube's: from planes spread over it)
+# about the most pixels an image's rms is taken from: a cube's from every k-th plane, so
+# that a large cube's rms is measured on a sample of its planes (one plane is never cut)
 NOISE_PIXELS = 16 * 2**20
 
 
@@ -655,7 +656,8 @@ class ImageJob:
                             "imsize or a larger max_imsize")
             else:
                 # long baselines, a large cube: narrowed as hif_checkproductsize narrows it
-                cube = self.specmode == "cube"
+                # (a mosaic's cube is not held to max_cube_gb: it could not be narrowed)
+                cube = self.specmode == "cube" and mosaic is None
                 sized = mitigate_size(geom, max_imsize, float(p["max_cube_gb"]) * 1e9 if cube else 0.0,
                                       int(self.chans.sum()) if cube else 1, mosaic=mosaic is not None)
                 if sized.refused:
@@ -1036,12 +1038,14 @@ IMAGE_PARAMS = (
     Param("nsigma", float, 3.0, "clean down to this many times the residual rms", min=0.0),
     Param("automask", bool, False, "auto-multithresh masks (else a primary-beam mask)"),
     Param("imsize", int, None, "image side; none: from the heuristics", unit="pixels", min=1),
-    Param("cell_arcsec", float, None, "pixel size; none: a fifth of the beam", unit="arcsec", min=0.0),
+    Param("cell_arcsec", float, None, "pixel size; none: a fifth of the beam (a third when narrowed to fit "
+          "max_imsize or max_cube_gb)", unit="arcsec", min=0.0),
     Param("max_imsize", int, MAX_IMSIZE, "the largest image side; a single field the heuristics make larger is "
           "narrowed (hif_checkproductsize: to the primary beam's 0.7 level, then 3 pixels a beam), a mosaic is "
           "not made", unit="pixels", min=1),
-    Param("max_cube_gb", float, MAX_CUBE_GB, "cubes: the most pixels x channels x 4 bytes a cube from the "
-          "heuristics may hold before it is narrowed as max_imsize (ALMA's maxcubesize)", unit="GB", min=0.0),
+    Param("max_cube_gb", float, MAX_CUBE_GB, "cubes of a single field: the most pixels x channels x 4 bytes a "
+          "cube from the heuristics may hold before it is narrowed as max_imsize (ALMA's maxcubesize); 0: no "
+          "limit", unit="GB", min=0.0),
     Param("chans", str, "", "channels imaged, CASA syntax (5~50); empty: all"),
     Param("width", int, 8, "aggregate continuum: channels averaged", min=1),
     Param("deconvolver", str, "hogbom", "minor cycle", choices=("hogbom", "multiscale")),
@@ -1117,7 +1121,8 @@ image_dynamic_range = metric("makeimages.dynamic_range", "an image without a the
                              "rms, 1.0 above 100, 0.8 above 20, else 0.5 (_image_qa); below 0.9 named")(_image_score)
 
 
-@metric("makeimages.not_imaged", "images not made (all their data flagged, larger than max_imsize; a field without "
+@metric("makeimages.not_imaged", "images not made (all their data flagged, larger than max_imsize or max_cube_gb "
+        "even narrowed, a mosaic larger than max_imsize; a field without "
         "data in a spw excepted): 0.5 each")
 def not_imaged(label: str, why: str) -> Score | None:
     if why and why != "no data":
@@ -1191,7 +1196,12 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
             prep = im.heuristics()
             pieces += [{"job": j, "chunk": k, "nchunks": nchunks, "prep": prep} for k in range(nchunks)]
             continue
-        images.append(im.products(im.clean(), qa))
+        # a cube cleaned here in one piece: as a join holds it (a large one in files)
+        scratch = os.path.join(io.workdir, f"image{j}")
+        try:
+            images.append(im.products(im.clean(), qa, scratch))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     if pieces:
         ctx["fanout"] = {"piece_stage": "imagecube_chunk", "join_stage": "joincube", "items": pieces}
         qa.note(f"{len({p['job'] for p in pieces})} cube(s) cleaned in {len(pieces)} channel ranges by the imager "
@@ -1272,10 +1282,12 @@ def joincube(ctx: dict, params: dict, io: StageIO) -> QA:
         # the pieces read one at a time into the cube's arrays, a large cube's on disk:
         # the join holds a piece and a plane, not the cube several times over
         scratch = os.path.join(io.workdir, f"cube{j}")
-        planes = join_plane_files([io.fetch_file(p["key"]) for p in mine], scratch)
-        ctx["images"].append(im.products(planes, qa, scratch))
-        del planes
-        shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            planes = join_plane_files([io.fetch_file(p["key"]) for p in mine], scratch)
+            ctx["images"].append(im.products(planes, qa, scratch))
+            del planes
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     qa.note(f"Joined {len(pieces)} channel ranges into {len({p['job'] for p in pieces})} cube(s).")
     return qa
 
