@@ -70,13 +70,6 @@ def image_heuristics(vis: msio.Vis, dish_m: float, telescope: str, chans: np.nda
     return image_geometry(vis, dish_m, telescope, chans, extent_rad).cell_npix()
 
 
-def uv_heuristics(uvdist_m: np.ndarray, freq: np.ndarray, dish_m: float, telescope: str,
-                  extent_rad: float = 0.0) -> tuple[float, int]:
-    """image_heuristics from the uv distances (m) of the cross-correlation rows with
-    data and the frequencies of the channels imaged."""
-    return uv_geometry(uvdist_m, freq, dish_m, telescope, extent_rad).cell_npix()
-
-
 def fast_size_below(n: int) -> int:
     """The largest even FFT-fast size <= n (gridding.good_size rounds up), at least 2."""
     n = max(2, int(n) - int(n) % 2)

@@ -275,8 +275,8 @@ def join_plane_files(paths: list, scratch: str | None = None) -> Planes:
             masks = cube_array(shape, bool, scratch, "masks")
         for dst, src in ((models, piece.models), (residuals, piece.residuals), (psfs, piece.psfs),
                          (masks, piece.masks)):
-            for j, plane in enumerate(src):
-                dst[k + j] = plane > 0 if dst.dtype == bool else plane
+            for j, plane in enumerate(src):     # a plane at a time (a mask's 0/1 cast to bool)
+                dst[k + j] = plane
         beams += piece.beams
         freqs.append(piece.freqs)
         reasons += piece.reasons

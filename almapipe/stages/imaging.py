@@ -637,16 +637,15 @@ class ImageJob:
             if self.prep is None and vis.flag[:, self.chans].all():
                 return "all data flagged"
             mosaic = self.mosaic() if len(self.fids) > 1 else None
+            # a cube's piece or join takes makeimages' size (prep), not its own heuristics
+            geom = None if self.prep is not None else image_geometry(vis, self.dish, self.telescope, self.chans,
+                                                                      mosaic.extent_rad() if mosaic else 0.0)
         max_imsize = int(p["max_imsize"])
-        if self.prep is not None and not (self.streamed or self.heuristics_only):
-            # a cube's piece or join: makeimages' size, narrowed or not
+        if geom is None:
             cell, npix = self.prep["cell_arcsec"], self.prep["npix"]
             self.mitigation = self.prep.get("mitigation", "")
             self.pixels_per_beam = int(self.prep.get("pixels_per_beam", PIXELS_PER_BEAM))
         else:
-            if not (self.streamed or self.heuristics_only):
-                geom = image_geometry(vis, self.dish, self.telescope, self.chans,
-                                      mosaic.extent_rad() if mosaic else 0.0)
             if p["imsize"] or p["cell_arcsec"]:
                 # the user's size: no narrowing (ALMAPIPE_MAX_IMSIZE caps it server-wide)
                 cell, npix = geom.cell_npix()
