@@ -663,7 +663,7 @@ def build_summary(run: dict, ctx: dict) -> dict:
                                             "rms_jy_per_beam", "theoretical_rms_jy_per_beam", "beam_arcsec",
                                             "qa_score", "chans", "peak_channel", "aggregate", "pointings", "dr_correction",
                                             "dirty_dynamic_range", "dynamic_range", "nterms", "reffreq_hz", "alpha",
-                                            "alpha_error", "imsize", "cell_arcsec", "size_mitigation")}
+                                            "alpha_error", "imsize", "cell_arcsec", "size_mitigation", "nbin")}
                    for img in ctx.get("images", [])],
         "continuum": ctx.get("continuum", []),
         "refant": ctx.get("refant", {}).get("refant"),

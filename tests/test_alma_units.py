@@ -173,6 +173,34 @@ def test_a_long_baseline_image_too_large_for_its_limits_is_narrowed_as_hif_check
     assert small.refused and "1200 x 1200" in small.refused and "give imsize" in small.refused
     assert mitigate_size(geom, 4096, mosaic=True).refused.endswith("or larger limits")
     assert "a mosaic is not narrowed" in mitigate_size(geom, 4096, mosaic=True).refused
+    # an FDM spw's cube (nbin 2 allowed) is binned first: at 40 GB binned and narrowed
+    binned = mitigate_size(geom, 4096, 40e9, 3840, nbin=2)
+    assert binned.nbin == 2 and 4.0 * binned.npix ** 2 * 1920 <= 40e9 and binned.npix > cube.npix
+    assert "channels binned by 2 (1920 planes), made" in binned.mitigation
+    refused = mitigate_size(geom, 4096, 2e9, 3840, nbin=2).refused
+    assert refused and "even channels binned by 2 (1920 planes) and narrowed to 0.7" in refused
+
+
+def test_an_fdm_cube_over_max_cube_gb_is_binned_by_two_channels_before_it_is_narrowed():
+    """hif_checkproductsize's first step: the cube of an FDM spw (3840 or 7680 channels;
+    1920, 960 or 480 not averaged online, whose channels' effective bandwidth is 2.667
+    widths) that exceeds max_cube_gb is made of planes of two channels. An ordinary
+    3840-channel cube of 480 x 480 pixels (3.5 GB at 2 GB) then keeps its size and
+    cell; a TDM spw's or an averaged FDM spw's is narrowed instead."""
+    from almapipe.heuristics.imaging import ImageGeometry, cube_nbin, mitigate_size
+    width = 488.28125e3
+    assert cube_nbin(3840, width, width) == cube_nbin(7680, -width, width) == 2
+    assert cube_nbin(1920, width, 2.667 * width) == cube_nbin(480, -width, 2.667 * width) == 2
+    assert cube_nbin(1920, width, width) == cube_nbin(128, 15.625e6, 15.625e6) == cube_nbin(3840 // 4, width, None) == 1
+    geom = ImageGeometry(beam_arcsec=0.4, pb_fwhm_arcsec=25.0)
+    cell0, npix0 = geom.cell_npix()
+    assert 4.0 * npix0 ** 2 * 3840 > 2e9 >= 4.0 * npix0 ** 2 * 1920, npix0
+    binned = mitigate_size(geom, 4096, 2e9, 3840, nbin=2)
+    assert (binned.cell_arcsec, binned.npix, binned.nbin) == (cell0, npix0, 2)
+    assert binned.mitigation.endswith(": channels binned by 2 (1920 planes)")
+    narrowed = mitigate_size(geom, 4096, 2e9, 3840)
+    assert narrowed.nbin == 1 and narrowed.npix < npix0 and "binned" not in narrowed.mitigation
+    assert mitigate_size(geom, 4096, 4e9, 3840, nbin=2) == mitigate_size(geom, 4096, 4e9, 3840)   # fits: as it was
 
 def test_mosaic_pointings_share_the_tsys_measured_on_one_of_them():
     """Tsys ('nearest-calibrator'): a field with its own measurement uses it; a mosaic's

@@ -283,6 +283,54 @@ def test_a_cube_is_cut_in_pieces_by_memory_and_its_heuristics_read_in_row_blocks
     assert whole.theo and abs(prep["theo"] / whole.theo - 1) < 2e-3, (prep["theo"], whole.theo)
 
 
+def test_a_cube_over_max_cube_gb_is_binned_by_two_channels_in_pieces(calibrated_eb, tmp_path, monkeypatch):
+    """A cube of an FDM spw (the 1024-channel spw taken for one: BINNED_NCHAN) over
+    max_cube_gb is binned by two channels first, at the heuristics' size and cell
+    (hif_checkproductsize's nbin). Its pieces hold whole planes; the joined cube has
+    half the planes, each at its two channels' mean frequency and twice their width,
+    and the theoretical noise handed to the pieces is a plane of two channels' (about
+    1 / sqrt 2 of one channel's)."""
+    from astropy.io import fits
+    from almapipe.heuristics import imaging as heuristics
+    from almapipe.stages.imaging import imagecube_chunk, joincube, makeimages, split
+    cfg, ctx, ms, spw, _ = calibrated_eb
+    ctx = dict(ctx)
+    split(ctx, {}, _stage_io(cfg, tmp_path, ctx["run_id"], 10, "split"))
+    ctx["contsub_partitions"] = [dict(p, cont_chans={"Target": "100~139"}) for p in ctx["target_partitions"]]
+    params = {"calibrators": False, "target_cube": True, "cube_chunks": 2, "cube": {"niter": 0, "chans": "100~139"}}
+    unbinned = dict(ctx)
+    makeimages(unbinned, params, _stage_io(cfg, tmp_path, ctx["run_id"], 11, "makeimages"))
+    prep0 = unbinned["fanout"]["items"][0]["prep"]
+    assert prep0["nbin"] == 1 and not prep0["mitigation"]
+    monkeypatch.setattr(heuristics, "BINNED_NCHAN", (1024,))
+    limit_gb = 4.0 * prep0["npix"] ** 2 * 30 / 1e9        # 40 channels are over it, 20 planes under
+    params = dict(params, cube=dict(params["cube"], max_cube_gb=limit_gb))
+    makeimages(ctx, params, _stage_io(cfg, tmp_path, ctx["run_id"], 12, "makeimages"))
+    items = ctx["fanout"]["items"]
+    prep = items[0]["prep"]
+    assert (prep["nbin"], prep["npix"], prep["cell_arcsec"]) == (2, prep0["npix"], prep0["cell_arcsec"])
+    assert prep["mitigation"].endswith("channels binned by 2 (20 planes)"), prep["mitigation"]
+    assert abs(prep["theo"] / prep0["theo"] * np.sqrt(2) - 1) < 0.05, (prep["theo"], prep0["theo"])
+    keys = []
+    for k, item in enumerate(items):
+        piece = dict(ctx)
+        imagecube_chunk(piece, dict(params, piece=item), _stage_io(cfg, tmp_path, ctx["run_id"], 13, "imagecube_chunk"))
+        keys.append(_stage_io(cfg, tmp_path, ctx["run_id"], 13, "piece").put_json({"piece": piece["piece"]},
+                                                                                 f"piece{k}.json")["key"])
+    io = _stage_io(cfg, tmp_path, ctx["run_id"], 14, "joincube")
+    joined = dict(ctx, images=[])
+    joincube(joined, dict(params, pieces=keys), io)
+    (rec,) = joined["images"]
+    assert (rec["nchan"], rec["nbin"], rec["imsize"]) == (20, 2, prep0["npix"])
+    assert rec["peak_channel"] in range(100, 140, 2) and rec["size_mitigation"] == prep["mitigation"]
+    freq = np.array(ctx["observation"]["spws"][spw]["chan_freq_hz"])
+    with fits.open(io.fetch_file(rec["files"]["image"])) as h:
+        hdr, nplane = h[0].header, h[0].data.shape[1]
+    factor = hdr["CRVAL3"] / freq[100:102].mean()            # the LSRK label's factor (|v| < 300 km/s)
+    assert nplane == 20 and abs(factor - 1) < 1e-3
+    assert hdr["CDELT3"] == pytest.approx(2 * (freq[101] - freq[100]) * factor, rel=1e-6)
+
+
 @pytest.fixture(scope="module")
 def mosaic_eb(stack, tmp_path_factory):
     """A 7-pointing mosaic EB of two spws in the store, split to its target views, with

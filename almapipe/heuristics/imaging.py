@@ -78,55 +78,88 @@ def fast_size_below(n: int) -> int:
     return n
 
 
+# ALMA's FDM spws whose cubes hif_checkproductsize bins by two channels when they are too
+# large: 3840 or 7680 channels, or 1920, 960 or 480 whose effective bandwidth is 2.667
+# channel widths (not averaged online, so neighbouring channels are not independent)
+BINNED_NCHAN = (7680, 3840)
+BINNED_IF_UNAVERAGED_NCHAN = (1920, 960, 480)
+UNAVERAGED_EBW_RATIO = 2.667
+
+
+def cube_nbin(nchan: int, chan_width_hz: float, effective_bw_hz: float | None) -> int:
+    """The channels a too large cube of this spw may be binned by (hif_checkproductsize's
+    first step): 2 for the FDM modes above, else 1."""
+    if nchan in BINNED_NCHAN:
+        return 2
+    if nchan in BINNED_IF_UNAVERAGED_NCHAN and chan_width_hz and effective_bw_hz and \
+            abs(abs(effective_bw_hz / chan_width_hz) - UNAVERAGED_EBW_RATIO) < 5e-4:
+        return 2
+    return 1
+
+
 @dataclass(frozen=True)
 class SizedImage:
     """An image's size after the product-size limits: cell and npix, and why they are not
-    the heuristics' (empty: they are), or why no image fits (refused)."""
+    the heuristics' (empty: they are), or why no image fits (refused); a cube's planes
+    the average of nbin channels each."""
     cell_arcsec: float
     npix: int
     mitigation: str = ""
     refused: str = ""
     pixels_per_beam: int = PIXELS_PER_BEAM
+    nbin: int = 1
 
 
 def mitigate_size(geom: ImageGeometry, max_imsize: int, max_cube_bytes: float = 0.0, nchan: int = 1,
-                  mosaic: bool = False) -> SizedImage:
+                  mosaic: bool = False, nbin: int = 1) -> SizedImage:
     """hif_checkproductsize's cascade for one image: the heuristics' size if it is at
     most max_imsize pixels a side and (a cube of nchan planes, 4-byte pixels) at most
-    max_cube_bytes (0: no cube limit); else, for a single field, the largest fast size
-    within both limits if it still covers the primary beam to 0.7 of its peak; else the
-    same at 3 pixels across the beam; else refused. A mosaic is never narrowed (its
-    image must cover its pointings: hif_checkproductsize narrows single fields only)."""
+    max_cube_bytes (0: no cube limit); else, a cube that may be binned (nbin > 1,
+    cube_nbin) first with its channels binned by nbin; else, for a single field, the
+    largest fast size within both limits if it still covers the primary beam to 0.7 of
+    its peak; else the same at 3 pixels across the beam; else refused. A mosaic is never
+    narrowed (its image must cover its pointings: hif_checkproductsize narrows single
+    fields only)."""
     cell0, npix0 = geom.cell_npix()
+    planes = nchan
 
     def fits(n: int) -> bool:
-        return n <= max_imsize and (max_cube_bytes <= 0 or 4.0 * n * n * nchan <= max_cube_bytes)
+        return n <= max_imsize and (max_cube_bytes <= 0 or 4.0 * n * n * planes <= max_cube_bytes)
     if fits(npix0):
         return SizedImage(cell0, npix0)
     limits = f"max_imsize {max_imsize}" + (f", max_cube_gb {max_cube_bytes / 1e9:.3g} for {nchan} channels"
                                            if max_cube_bytes > 0 and nchan > 1 else "")
     wanted = f"the image would be {npix0} x {npix0} pixels of {cell0}\" ({limits})"
+    # first the channels binned, if the spw's may be (the planes fewer, the pixels as they were)
+    binned, nbin_kept = "", 1
+    if nbin > 1 and max_cube_bytes > 0 and nchan > 1:
+        planes, nbin_kept = -(-nchan // nbin), nbin
+        binned = f"channels binned by {nbin} ({planes} planes)"
+        if fits(npix0):
+            return SizedImage(cell0, npix0, mitigation=f"{wanted}: {binned}", nbin=nbin)
+        binned += ", "
     if mosaic:
         return SizedImage(cell0, npix0, refused=f"{wanted}; a mosaic is not narrowed: give imsize and cell_arcsec, "
                           "or larger limits")
-    largest = max_imsize if max_cube_bytes <= 0 else min(max_imsize, int(np.sqrt(max_cube_bytes / (4.0 * nchan))))
+    largest = max_imsize if max_cube_bytes <= 0 else min(max_imsize, int(np.sqrt(max_cube_bytes / (4.0 * planes))))
     side = fast_size_below(largest)
     if side > largest:                  # limits below the smallest image (2 pixels)
         return SizedImage(cell0, npix0, refused=f"{wanted}: no image fits the limits")
     for ppb in (PIXELS_PER_BEAM, MITIGATED_PIXELS_PER_BEAM):
         cell, full = geom.cell_npix(pixels_per_beam=ppb)
         if fits(full):
-            return SizedImage(cell, full, mitigation=f"{wanted}: made {full} x {full} pixels of {cell}\" ({ppb} "
-                              "across the beam)", pixels_per_beam=ppb)
+            return SizedImage(cell, full, mitigation=f"{wanted}: {binned}made {full} x {full} pixels of {cell}\" "
+                              f"({ppb} across the beam)", pixels_per_beam=ppb, nbin=nbin_kept)
         _, least = geom.cell_npix(pb_level=MAX_MITIGATED_PB_LEVEL, pixels_per_beam=ppb)
         if least <= side:
             return SizedImage(cell, side, mitigation=(
-                f"{wanted}: made {side} x {side} pixels of {cell}\" ({ppb} across the beam), covering the "
-                f"primary beam to {geom.pb_level_at_edge(side, cell):.2f} of its peak"), pixels_per_beam=ppb)
-    _, least = geom.cell_npix(pb_level=MAX_MITIGATED_PB_LEVEL, pixels_per_beam=MITIGATED_PIXELS_PER_BEAM)
+                f"{wanted}: {binned}made {side} x {side} pixels of {cell}\" ({ppb} across the beam), covering "
+                f"the primary beam to {geom.pb_level_at_edge(side, cell):.2f} of its peak"), pixels_per_beam=ppb,
+                nbin=nbin_kept)
     return SizedImage(cell0, npix0, refused=(
-        f"{wanted}, and {least} x {least} even narrowed to {MAX_MITIGATED_PB_LEVEL} of the primary beam at "
-        f"{MITIGATED_PIXELS_PER_BEAM} pixels a beam: give imsize and cell_arcsec, or larger limits"))
+        f"{wanted}, and {least} x {least} even {binned.rstrip(', ') + ' and ' if binned else ''}narrowed to "
+        f"{MAX_MITIGATED_PB_LEVEL} of the primary beam at {MITIGATED_PIXELS_PER_BEAM} pixels a beam: give imsize and "
+        "cell_arcsec, or larger limits"))
 
 
 def dr_correction(theoretical_rms: float, dirty_peak: float, calibrator: bool, dish_m: float,

@@ -44,6 +44,7 @@ class ImageSpec:
     threshold_from_dirty: object = None
     mosaic: Mosaic | None = None        # several pointings imaged jointly; None: one field
     nterms: int = 1                     # Taylor terms of an mfs image (2: mtmfs, imaging/mtmfs.py)
+    nbin: int = 1                       # a cube's plane: nbin adjacent channels (tclean's width)
 
 
 @dataclass
@@ -201,12 +202,13 @@ def plane_measurement(spec: ImageSpec, samples, f, ci, npix: int, cell: float):
 
 def clean_planes(vis: Vis, spec: ImageSpec) -> Planes:
     """Weight and clean every plane of the image: the whole band for mfs, each
-    channel for a cube (with its own Briggs density)."""
+    channel for a cube (with its own Briggs density), or each nbin of its channels in
+    turn (spec.nbin: gridded together, each channel at its own frequency)."""
     npix = spec.npix
     cell = np.radians(spec.cell_arcsec / 3600.0)
     nchan = len(vis.freq)
     chans = np.flatnonzero(spec.chans if spec.chans is not None else np.ones(nchan, bool))
-    planes = [chans] if spec.specmode == "mfs" else [np.array([c]) for c in chans]
+    planes = [chans] if spec.specmode == "mfs" else cube_planes(chans, spec.nbin)
     si = stokes_i(vis, chans)
     samples = (si.uvw, si.data, si.weight) if spec.mosaic is None else _pointing_samples(vis, spec.mosaic, si)
     col = {c: i for i, c in enumerate(chans)}
@@ -229,6 +231,20 @@ def clean_planes(vis: Vis, spec: ImageSpec) -> Planes:
         out.reasons.append(res.stop_reason)
         out.iterations += res.iterations
     return out
+
+
+def cube_planes(chans: np.ndarray, nbin: int) -> list:
+    """A cube's planes: its channels (indices, in order) nbin at a time, the last plane
+    with the rest. A cube's piece holds whole bins (stages/imaging.py's chunk_masks), so
+    its planes are the whole cube's."""
+    return [chans[k:k + nbin] for k in range(0, len(chans), max(1, int(nbin)))]
+
+
+def per_plane(per_channel: np.ndarray, nbin: int, how=np.all) -> np.ndarray:
+    """A property of a cube's channels (imaged, in order) as its planes have it: how
+    (np.all, np.any) over each plane's nbin channels."""
+    per_channel = np.asarray(per_channel, bool)
+    return np.array([bool(how(b)) for b in cube_planes(per_channel, nbin)], bool)
 
 
 def join_planes(parts: list) -> Planes:

@@ -271,9 +271,13 @@ def spw_table(ms: str) -> list[dict]:
         for i in range(t.nrows()):
             f = t.getcell("CHAN_FREQ", i)
             name = str(t.getcell("NAME", i))
+            width = float(t.getcell("CHAN_WIDTH", i)[0])
+            # the effective noise bandwidth of a channel: 2.667 widths where ALMA's FDM
+            # channels are not averaged online (hif_checkproductsize bins those cubes)
+            ebw = float(t.getcell("EFFECTIVE_BW", i)[0]) if "EFFECTIVE_BW" in t.colnames() else abs(width)
             out.append({"id": i, "name": name, "nchan": int(len(f)), "baseband": baseband_of(name),
                         "chan_freq_hz": [float(x) for x in f],
-                        "chan_width_hz": float(t.getcell("CHAN_WIDTH", i)[0]),
+                        "chan_width_hz": width, "effective_bw_hz": ebw,
                         "ref_freq_hz": float(t.getcell("REF_FREQUENCY", i)),
                         "frame": FREQ_FRAME_NAMES.get(int(t.getcell("MEAS_FREQ_REF", i)), "TOPO")})
         return out

@@ -14,14 +14,15 @@ from .base import (QA, Param, Score, StageError, StageIO, field_ids_with, field_
                    require_intent, spw_info, stage, with_defaults)
 from .ebs import as_group, eb_field_ids, member_blocks, read_group, spw_groups, view_name  # noqa: E402
 from ..heuristics.callibrary import calibrator_ids  # noqa: E402
-from ..heuristics.imaging import (PIXELS_PER_BEAM, dr_correction, image_geometry, mitigate_size,  # noqa: E402
-                                  uv_geometry)
+from ..heuristics.imaging import (PIXELS_PER_BEAM, cube_nbin, dr_correction, image_geometry,  # noqa: E402
+                                  mitigate_size, uv_geometry)
 from ..heuristics.robust import robust_rms  # noqa: E402
 from ..imaging import gridding  # noqa: E402
 from ..imaging.findcont import CubeGeometry, continuum_from_spectra  # noqa: E402
 from ..imaging.frames import channel_shifts, lsrk_factor, lsrk_factors, max_drift_channels  # noqa: E402
 from ..imaging.imager import (ImageSpec, TaylorPlanes, aggregate_samples, clean_planes, clean_taylor,  # noqa: E402
-                              cube_array, join_plane_files, restore_planes, restore_taylor_planes, stokes_i)
+                              cube_array, cube_planes, join_plane_files, per_plane, restore_planes,
+                              restore_taylor_planes, stokes_i)
 from ..imaging.mtmfs import fractional_bandwidth, nterms_for  # noqa: E402
 from ..imaging.kernels import shift_spectra  # noqa: E402
 from ..imaging.mosaic import make_mosaic  # noqa: E402
@@ -385,8 +386,8 @@ def _stats(res, spec: ImageSpec, cont_mask: np.ndarray | None, specmode: str,
 def _theoretical_rms(vis: msio.Vis, spec: ImageSpec, chans: np.ndarray | None, mfs: bool) -> float | None:
     """Image noise predicted from the visibility scatter and the imaging weights:
     sigma_vis * sqrt(sum w_im^2 / w_nat) / sum w_im, for one plane: a cube's (the
-    first of the given channels, with its own Briggs weights) or an mfs image's (all
-    of them). The scatter comes from differences of adjacent channels, which
+    first spec.nbin of the given channels, with their own Briggs weights) or an mfs
+    image's (all of them). The scatter comes from differences of adjacent channels, which
     neither continuum nor a smooth line contributes to."""
     if chans is None or chans.sum() < 2:
         return None
@@ -402,7 +403,7 @@ def _theoretical_rms(vis: msio.Vis, spec: ImageSpec, chans: np.ndarray | None, m
     # the MAD about zero (not about the median, as mad_std takes it): a difference of
     # neighbouring channels has zero mean by construction
     sigma_unit = 1.4826 * sketch.median() / np.sqrt(2)         # real part, weight 1
-    plane = idx if mfs else idx[:1]
+    plane = idx if mfs else idx[:spec.nbin]
     si = stokes_i(vis, plane)
     uvw, wnat = si.uvw, si.weight
     wim = gridding.briggs_weights(uvw, vis.freq[plane], wnat, spec.npix, np.radians(spec.cell_arcsec / 3600),
@@ -576,6 +577,7 @@ class ImageJob:
         self.dr_seen = {}
         self.mitigation = ""            # how the image was narrowed to fit its size limits (mitigate_size)
         self.pixels_per_beam = PIXELS_PER_BEAM     # its cell's (5; 3 when narrowed that far)
+        self.nbin = 1                   # a cube's channels a plane (prepare: nbin, or binned to fit)
         self.lsrk_shift = 0.0           # the largest move of a cube's rows onto the LSRK grid, channels
 
     @property
@@ -641,9 +643,11 @@ class ImageJob:
             geom = None if self.prep is not None else image_geometry(vis, self.dish, self.telescope, self.chans,
                                                                       mosaic.extent_rad() if mosaic else 0.0)
         max_imsize = int(p["max_imsize"])
+        self.nbin = int(p["nbin"] or 1) if self.specmode == "cube" else 1
         if geom is None:
             cell, npix = self.prep["cell_arcsec"], self.prep["npix"]
             self.mitigation = self.prep.get("mitigation", "")
+            self.nbin = int(self.prep.get("nbin", 1))
             self.pixels_per_beam = int(self.prep.get("pixels_per_beam", PIXELS_PER_BEAM))
         else:
             if p["imsize"] or p["cell_arcsec"]:
@@ -655,14 +659,22 @@ class ImageJob:
                             "imsize or a larger max_imsize")
             else:
                 # long baselines, a large cube: narrowed as hif_checkproductsize narrows it
-                # (a mosaic's cube is not held to max_cube_gb: it could not be narrowed)
+                # (a mosaic's cube is not held to max_cube_gb: it could not be narrowed), an
+                # FDM spw's cube first binned by two channels unless nbin is given
                 cube = self.specmode == "cube" and mosaic is None
-                sized = mitigate_size(geom, max_imsize, float(p["max_cube_gb"]) * 1e9 if cube else 0.0,
-                                      int(self.chans.sum()) if cube else 1, mosaic=mosaic is not None)
+                may_bin = 1
+                if cube and p["nbin"] is None:
+                    info = spw_info(self.ctx, int(self.part["spw"]))
+                    may_bin = cube_nbin(int(info["nchan"]), info.get("chan_width_hz", 0.0),
+                                        info.get("effective_bw_hz"))
+                planes = -(-int(self.chans.sum()) // self.nbin) if cube else 1
+                sized = mitigate_size(geom, max_imsize, float(p["max_cube_gb"]) * 1e9 if cube else 0.0, planes,
+                                      mosaic=mosaic is not None, nbin=may_bin)
                 if sized.refused:
                     return sized.refused
                 cell, npix, self.mitigation = sized.cell_arcsec, sized.npix, sized.mitigation
                 self.pixels_per_beam = sized.pixels_per_beam
+                self.nbin *= sized.nbin
         self.spec = ImageSpec(
             field=self.field["name"], specmode="mfs" if self.specmode == "cont" else self.specmode,
             npix=npix, cell_arcsec=float(p["cell_arcsec"] or cell),
@@ -673,7 +685,7 @@ class ImageJob:
             # multiscale: scales of 0, 1 and 3 beams
             scales=p["scales"] or ([0, self.pixels_per_beam, 3 * self.pixels_per_beam]
                                    if p["deconvolver"] == "multiscale" else None),
-            mosaic=mosaic, nterms=self.nterms(mosaic))
+            mosaic=mosaic, nterms=self.nterms(mosaic), nbin=self.nbin)
         if self.streamed and self.spws is None:
             self.theo = self._read_samples()
             self.theoretical[(self.fid, self.part["spw"])] = self.theo
@@ -753,14 +765,15 @@ class ImageJob:
 
     def _cube_theoretical(self, cont: np.ndarray | None) -> float | None:
         """A cube's theoretical noise as _theoretical_rms takes it (the scatter of the
-        continuum channels' adjacent differences, the Briggs weights of the first of
-        them), read in row blocks: what makeimages hands on to a cube's pieces."""
+        continuum channels' adjacent differences, the Briggs weights of the first nbin
+        of them: one plane), read in row blocks: what makeimages hands on to a cube's
+        pieces."""
         if cont is None or cont.sum() < 2:
             return None
-        idx = np.flatnonzero(cont)
+        idx = np.flatnonzero(cont)[:self.nbin]   # one bin: the first continuum channels' plane
         first = np.full(len(self._freq), -1, np.int64)
-        first[idx[0]] = 0                    # one bin: the first continuum channel's plane
-        samples, sigma_unit = self._read_with_scatter(cont, 0.0, bins=(first, self._freq[idx[:1]]),
+        first[idx] = 0
+        samples, sigma_unit = self._read_with_scatter(cont, 0.0, bins=(first, np.array([self._freq[idx].mean()])),
                                                       pointings=self._pointing_members())
         return self._noise(samples, sigma_unit)
 
@@ -824,7 +837,7 @@ class ImageJob:
     def heuristics(self) -> dict:
         """What prepare() took from the whole spw, for the pieces and the join of a cube."""
         return {"npix": self.spec.npix, "cell_arcsec": self.spec.cell_arcsec, "theo": self.theo,
-                "mitigation": self.mitigation, "pixels_per_beam": self.pixels_per_beam}
+                "mitigation": self.mitigation, "pixels_per_beam": self.pixels_per_beam, "nbin": self.nbin}
 
     def mosaic(self):
         """The mosaic of this job's fields: where each pointing lies and its share of
@@ -889,18 +902,19 @@ class ImageJob:
         return float(sel.min() - abs(width) / 2), float(sel.max() + abs(width) / 2), width
 
     def peak_planes(self) -> np.ndarray:
-        """The planes a cube's peak may be reported from: not the spw's edge channels
-        (EDGE_CHANNELS at each end, where the bandpass rolls off and the noise is
-        highest) and not planes without unflagged data. All planes of an mfs image."""
+        """The planes a cube's peak may be reported from: not those of the spw's edge
+        channels (EDGE_CHANNELS at each end, where the bandpass rolls off and the noise
+        is highest) and not planes without unflagged data. All planes of an mfs image."""
         idx = np.flatnonzero(self.chans)
         if self.specmode != "cube":
             return np.ones(1, bool)
         nchan = len(self.vis.freq)
         cross = self.vis.ant1 != self.vis.ant2
         has_data = ~self.vis.flag[cross][:, idx].all(axis=(0, 2)) if cross.any() else np.zeros(len(idx), bool)
-        inner = (idx >= EDGE_CHANNELS) & (idx < nchan - EDGE_CHANNELS)
+        has_data = per_plane(has_data, self.nbin, np.any)
+        inner = per_plane((idx >= EDGE_CHANNELS) & (idx < nchan - EDGE_CHANNELS), self.nbin, np.all)
         ok = has_data & inner
-        return ok if ok.any() else has_data if has_data.any() else np.ones(len(idx), bool)
+        return ok if ok.any() else has_data if has_data.any() else np.ones(len(ok), bool)
 
     def products(self, planes, qa: QA, scratch: str | None = None) -> dict:
         """Restore, write the FITS products, measure and score: the image's record.
@@ -918,16 +932,16 @@ class ImageJob:
                              bool(p["aggregate"]))
         cont_mask = None
         cont = part.get("cont_chans", {}).get(self.field["name"]) if self.specmode == "cube" else None
-        if cont:
-            cont_mask = parse_channels(cont, nchan)[self.chans]
+        if cont:                        # a plane is line-free if all its channels are
+            cont_mask = per_plane(parse_channels(cont, nchan)[self.chans], self.nbin, np.all)
         peak_ok = self.peak_planes()
         stats = _stats(res, spec, cont_mask, self.specmode, peak_ok)
         # images are labelled in LSRK, as the ALMA pipeline makes them
         factor, frame = lsrk_labels(ctx, part.get("frame_spw", part["spw"]), fid, self.times)
         ra, dec = spec.mosaic.centre if spec.mosaic else (self.field["ra_rad"], self.field["dec_rad"])
         lo, hi, width = self.band()
-        if self.specmode == "cube":     # the planes' frequencies; a one-plane cube's width is its channel's
-            freqs, bandwidth = res.freqs * factor, width * factor
+        if self.specmode == "cube":     # the planes' frequencies; a one-plane cube's width is its plane's
+            freqs, bandwidth = res.freqs * factor, width * self.nbin * factor
         else:                           # the centre and the width of the band taken, as tclean's mfs
             freqs, bandwidth = np.array([0.5 * (lo + hi) * factor]), (hi - lo) * factor
         # the line's rest frequency from the SOURCE table, else the centre of the band (tclean's default)
@@ -984,8 +998,11 @@ class ImageJob:
                 qa.note(f"{rec['file']}: rows moved onto the LSRK channel grid by up to {self.lsrk_shift:.2f} "
                         "channels.")
             rec["chans"] = p["chans"]
-            rec["peak_channel"] = int(np.flatnonzero(self.chans)[stats["peak_plane"]])
-            rec["spectrum_png"] = _cube_spectrum(io, res, base, np.flatnonzero(self.chans), peak_ok)
+            rec["nbin"] = self.nbin
+            # a plane's channel: its first (nbin of them averaged)
+            first = np.array([b[0] for b in cube_planes(np.flatnonzero(self.chans), self.nbin)])
+            rec["peak_channel"] = int(first[stats["peak_plane"]])
+            rec["spectrum_png"] = _cube_spectrum(io, res, base, first, peak_ok)
         rec["qa_score"] = _image_qa(rec)
         qa.add((image_rms if theo else image_dynamic_range)(rec, f"{base}.png"))
         io.log("%s: peak %.4f Jy/beam, rms %.5f Jy/beam, beam %s", rec["file"], stats["peak"], stats["rms"],
@@ -1046,6 +1063,8 @@ IMAGE_PARAMS = (
           "cube from the heuristics may hold before it is narrowed as max_imsize (ALMA's maxcubesize); 0: no "
           "limit", unit="GB", min=0.0),
     Param("chans", str, "", "channels imaged, CASA syntax (5~50); empty: all"),
+    Param("nbin", int, None, "cubes: channels averaged into each plane (tclean's width in channels); none: 1, or "
+          "2 for ALMA's FDM spws whose cube would exceed max_cube_gb (hif_checkproductsize's first step)", min=1),
     Param("width", int, 8, "aggregate continuum: channels averaged", min=1),
     Param("deconvolver", str, "hogbom", "minor cycle", choices=("hogbom", "multiscale")),
     Param("scales", list, None, "multiscale scales in pixels; none: 0, 1 and 3 beams"),
@@ -1149,13 +1168,14 @@ def makeimages_tables(ctx: dict) -> list:
                        f"{i.get('dr_correction', 1.0):.2f}", f"{i['qa_score']:.2f}"] for i in ctx["images"]]}]
 
 
-def chunk_masks(chans: np.ndarray, n: int) -> list:
-    """n channel masks splitting the selected channels into contiguous, nearly equal ranges."""
-    idx = np.flatnonzero(chans)
+def chunk_masks(chans: np.ndarray, n: int, nbin: int = 1) -> list:
+    """n channel masks splitting the selected channels into contiguous, nearly equal
+    ranges of whole planes (nbin channels a plane: cube_planes)."""
+    planes = cube_planes(np.flatnonzero(chans), nbin)
     out = []
-    for part in np.array_split(idx, max(1, min(n, len(idx)))):
+    for part in np.array_split(np.arange(len(planes)), max(1, min(n, len(planes)))):
         m = np.zeros(len(chans), bool)
-        m[part] = True
+        m[np.concatenate([planes[k] for k in part])] = True
         out.append(m)
     return out
 
@@ -1229,7 +1249,7 @@ def imagecube_chunk(ctx: dict, params: dict, io: StageIO) -> QA:
         members = group.get("members", [group])
         nchan = int(group["nchan"])
         sel = parse_channels(p["chans"], nchan) if p.get("chans") else np.ones(nchan, bool)
-        mask = chunk_masks(sel, item["nchunks"])[item["chunk"]]
+        mask = chunk_masks(sel, item["nchunks"], int(item["prep"].get("nbin", 1)))[item["chunk"]]
         idx = np.flatnonzero(mask)
         first = io.vis(members[0])
         times = np.concatenate([io.vis(m).index("TIME") for m in members])
@@ -1241,7 +1261,7 @@ def imagecube_chunk(ctx: dict, params: dict, io: StageIO) -> QA:
         ctx["piece"] = dict(item, skipped=why)
         return qa
     if mask is None:                # a piece of a makeimages from before the heuristics were handed on
-        mask = chunk_masks(im.chans, item["nchunks"])[item["chunk"]]
+        mask = chunk_masks(im.chans, item["nchunks"], im.nbin)[item["chunk"]]
     own = mask if chan is None else mask[chan]          # in the channels the Vis holds
     io.log("%s: cleaning channels %s (read channels %d-%d)", im.label(), format_channels(mask), im.chan0,
            im.chan0 + len(im.vis.freq) - 1)
