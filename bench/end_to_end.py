@@ -141,11 +141,12 @@ def cpu_seconds_of_stack(data_dir: str) -> float:
 
 
 def ours(eb_dir: str, work: str, port_base: int, delete_input: bool = False, extra_env: dict | None = None,
-         params: list = ()) -> dict:
+         params: list = (), inspect=None) -> dict:
     """`almapipe run` on the EB's tar through a cold stack. With delete_input the run is
     driven through the same calls (Upload, SubmitRun, WatchRun), the MS directory
     streamed as a tar made on the fly, and the EB deleted once uploaded: a 20 GB EB does
-    not fit on this disk three times over."""
+    not fit on this disk three times over. inspect(store, run_id): more figures from the
+    run's objects, taken before the stack goes (returned under "inspected")."""
     data_dir = os.path.join(work, "stack")
     env = dict(os.environ, ALMAPIPE_DATA_DIR=data_dir, ALMAPIPE_PORT_BASE=str(port_base), **(extra_env or {}))
     almapipe = [sys.executable, "-m", "almapipe.cli"]
@@ -178,19 +179,22 @@ def ours(eb_dir: str, work: str, port_base: int, delete_input: bool = False, ext
         run_id = found.group(1) if found else ""
         print(f"run {run_id!r}, exit {proc.returncode}, {wall:.0f} s", file=sys.stderr, flush=True)
         ctx = _final_context(env, run_id)
+        inspected = inspect(_store(env)[0], run_id) if inspect else None
         s3_before = _s3_bytes(env, run_id)
         cache = du(os.path.join(data_dir, "cache"))
         gc = subprocess.run(almapipe + ["gc"], env=env, capture_output=True, text=True)
         s3_after = _s3_bytes(env, run_id)
         # a stage's wall time from its start to its end (a fanned-out stage's: to its join's
         # end, its pieces and their queueing included); its bytes are its pieces' too
+        # (own_s: the stage's own seconds; a fanned-out stage's and its join's, not its pieces')
         stages = [{"stage": r["name"], "s": r["ended"] - r["started"] if "started" in r else r["duration_s"],
+                   "own_s": r["duration_s"], "started": r.get("started"), "ended": r.get("ended"),
                    "pieces_s": r.get("pieces_s", 0.0), **(r.get("bytes") or {})}
                   for r in sorted(ctx.get("stage_results", []), key=lambda r: r["index"])]
         return {"wall_s": wall, "cpu_s": cpu, "status": proc.returncode, "run_id": run_id, "stages": stages, **sampled,
                 "s3_bytes": s3_before, "s3_bytes_after_gc": s3_after, "cache_bytes": cache,
                 "gc": (gc.stdout + gc.stderr)[-2000:], "input_bytes": input_bytes, "load_at_start": load0,
-                "images": ctx.get("images", []), "tail": proc.stdout[-3000:]}
+                "images": ctx.get("images", []), "tail": proc.stdout[-3000:], "inspected": inspected}
     finally:
         subprocess.run(almapipe + ["down"], env=env, stdout=subprocess.DEVNULL)
         shutil.rmtree(data_dir, ignore_errors=True)       # the disk is needed for what comes next
