@@ -31,7 +31,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from end_to_end import load_avg, ours  # noqa: E402
+from end_to_end import load_avg, make_tar, ours  # noqa: E402
 
 # makeimages makes the target's cubes only; everything before it runs as in a user's run
 CUBE_ONLY = ["makeimages.calibrators=false", "makeimages.target_cont=false", "makeimages.target_aggregate=false"]
@@ -72,11 +72,17 @@ def main() -> None:
     ap.add_argument("--json", default="")
     args = ap.parse_args()
     work = args.work or tempfile.mkdtemp(prefix="fanout-")
+    os.makedirs(work, exist_ok=True)
+    tar = make_tar(args.eb, os.path.join(work, "eb.tar"))      # one tar for every configuration
     rows = []
     for config in args.configs.split(","):
         workers, chunks = (int(x) for x in config.split(":"))
+        run_dir = os.path.join(work, config.replace(":", "x"))
+        os.makedirs(run_dir, exist_ok=True)
+        if not os.path.exists(os.path.join(run_dir, "eb.tar")):
+            os.link(tar, os.path.join(run_dir, "eb.tar"))
         load0 = load_avg()
-        res = ours(args.eb, os.path.join(work, config.replace(":", "x")), args.port_base, False,
+        res = ours(args.eb, run_dir, args.port_base, False,
                    {"ALMAPIPE_IMAGER_WORKERS": str(workers)},
                    CUBE_ONLY + [f"makeimages.cube={args.cube}", f"makeimages.cube_chunks={chunks}"],
                    inspect=lambda store, run_id: {"pieces": pieces_of(store, run_id)})
