@@ -79,9 +79,10 @@ def pool_simulated_eb(name: str, preset: str | None, parameters: dict, recipe: s
 # exportdata's parameters
 alma_run = pool_simulated_eb("alma_run", "small", {"exportdata.requested_rms_jy": "0.001",
                                                    "exportdata.requested_beam_arcsec": "[0.1, 10]"}, recipe="")
-# a narrow spw beside two wide ones; calibrator images and the cubes, each cleaned in
-# 3 channel ranges by the imager workers and joined
-mixed_run = pool_simulated_eb("mixed_run", "mixed", {"makeimages.target_cont": "false",
+# a narrow spw beside two wide ones; the cubes only (its tests read no other image), each
+# cleaned in 3 channel ranges by the imager workers and joined
+mixed_run = pool_simulated_eb("mixed_run", "mixed", {"makeimages.calibrators": "false",
+                                                     "makeimages.target_cont": "false",
                                                      "makeimages.target_aggregate": "false",
                                                      "makeimages.cube_chunks": "3"})
 # the target a 7-pointing mosaic; the calibrators' images limited to 32 pixels, so that

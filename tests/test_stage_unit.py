@@ -497,6 +497,28 @@ def test_a_cubes_automatic_piece_count_keeps_each_piece_within_the_budget(monkey
     assert cube_piece_count(480000, 128, 2) == 5
 
 
+def test_a_cubes_pieces_share_its_channels_with_data_not_its_channels():
+    """chunk_masks: ranges of whole planes with as many channels with data each, so that
+    a flagged band edge (the first 240 of 960 channels here, as flagdata's edge flags
+    leave an FDM spw) is not one piece's whole share; without flags, or where a
+    balanced range would span more channels than a piece's memory budget allows, equal
+    ranges; binned cubes (nbin 2) cut between planes."""
+    from almapipe.imaging.uvcontsub import format_channels
+    from almapipe.stages.imaging import chunk_masks
+    sel = np.zeros(3840, bool)
+    sel[:960] = True
+    has = np.ones(3840, bool)
+    has[:240] = False
+    spans = lambda masks: [format_channels(m) for m in masks]      # noqa: E731
+    assert spans(chunk_masks(sel, 4)) == ["0~239", "240~479", "480~719", "720~959"]
+    assert spans(chunk_masks(sel, 4, has_data=has)) == ["0~416", "417~597", "598~778", "779~959"]
+    assert spans(chunk_masks(sel, 2, has_data=has)) == ["0~597", "598~959"]
+    assert spans(chunk_masks(sel, 4, has_data=has, most=300)) == spans(chunk_masks(sel, 4))
+    assert spans(chunk_masks(sel, 4, 2, has)) == ["0~417", "418~597", "598~779", "780~959"]
+    assert spans(chunk_masks(np.ones(7, bool), 3)) == ["0~2", "3~4", "5~6"]
+    assert spans(chunk_masks(np.ones(3, bool), 5)) == ["0", "1", "2"]
+
+
 # ------------------------------------------------------------------ QA metrics and WebLog tables
 
 def test_every_stage_declares_its_metrics_each_named_and_described():

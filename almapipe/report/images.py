@@ -92,16 +92,18 @@ def _sky_panel(fig, pos, plane, hdr, title, unit, beam=True, cmap="inferno", con
 
 
 def _continuum_channels(ctx: dict, img: dict, nchan: int) -> tuple[np.ndarray, str]:
-    """The cube's planes in its field's continuum ranges (cont.dat), else all planes."""
+    """The cube's planes in its field's continuum ranges (cont.dat), else all planes. A
+    plane of nbin channels (a binned cube) is in them if all its channels are."""
+    from ..imaging.imager import per_plane
     from ..imaging.uvcontsub import parse_channels
     spw = next((s for s in ctx.get("observation", {}).get("spws", []) if s["id"] == int(img["spw"])), {})
-    if spw.get("nchan") != nchan:          # a cube of part of the spw: cont.dat's channels do not apply
-        return np.ones(nchan, bool), "all channels"
+    nbin = int(img.get("nbin") or 1)
+    if spw.get("nchan") is None or -(-spw["nchan"] // nbin) != nchan:
+        return np.ones(nchan, bool), "all channels"    # a cube of part of the spw: cont.dat does not apply
     for e in ctx.get("continuum", []):
         if e["field"] == img["field"] and int(e["spw"]) == int(img["spw"]) and e.get("channels"):
-            sel = np.zeros(nchan, bool)
             try:
-                sel[:] = parse_channels(e["channels"], nchan)
+                sel = per_plane(parse_channels(e["channels"], spw["nchan"]), nbin, np.all)
             except (ValueError, IndexError):
                 break
             if sel.any():

@@ -578,6 +578,7 @@ class ImageJob:
         self.mitigation = ""            # how the image was narrowed to fit its size limits (mitigate_size)
         self.pixels_per_beam = PIXELS_PER_BEAM     # its cell's (5; 3 when narrowed that far)
         self.nbin = 1                   # a cube's channels a plane (prepare: nbin, or binned to fit)
+        self.channel_has_data = None    # a cube in pieces: the spw's channels with unflagged data
         self.lsrk_shift = 0.0           # the largest move of a cube's rows onto the LSRK grid, channels
 
     @property
@@ -619,6 +620,7 @@ class ImageJob:
                 return "no data"
             nchan = len(self._freq)
             self.chans = parse_channels(p["chans"], nchan) if p.get("chans") else np.ones(nchan, bool)
+            self.channel_has_data = np.zeros(nchan, bool)
             uvdist, weights = self._uv_distances()
             if not len(uvdist):
                 return "all data flagged"
@@ -727,7 +729,8 @@ class ImageJob:
         """The first pass of a streamed mfs image: flags, weights and uvw (no
         visibilities) of the cross-correlation rows, in row blocks. Returns the uv
         distances (m) of the rows with data in the channels imaged, for the image's cell
-        and size, and each field's sum of unflagged weights there (a mosaic's shares)."""
+        and size, and each field's sum of unflagged weights there (a mosaic's shares);
+        notes which channels have data (channel_has_data: a cube's pieces are cut by it)."""
         idx = np.flatnonzero(self.chans)
         if not len(idx):
             return np.zeros(0), {}
@@ -738,6 +741,8 @@ class ImageJob:
             # a mosaic's pointings (the first EB's field ids) by their ids in this EB
             pointings = [(f, eb_field_ids(part, [f])) for f in self.fids] if len(self.fids) > 1 else []
             for blk in vp.blocks(column=self.column, field_ids=fids, chan=span, data=False, cross_only=True):
+                if len(blk.flag):
+                    self.channel_has_data[span] |= ~blk.flag.all(axis=(0, 2))
                 ok = ~blk.flag[:, sel].all(axis=(1, 2))
                 out.append(np.hypot(blk.uvw[ok, 0], blk.uvw[ok, 1]))
                 if pointings:
@@ -1098,29 +1103,35 @@ def cube_piece_budget() -> int:
     return int(float(os.environ.get("ALMAPIPE_CUBE_PIECE_MB", CUBE_PIECE_MB)) * 2**20)
 
 
-def cube_piece_count(nrow: int, nchan: int, ncorr: int, budget: int | None = None) -> int:
-    """The fewest channel ranges of a cube (nrow rows, nchan channels imaged, ncorr
-    correlations) for which a range's visibilities (complex64) and flags (a byte each),
-    with the rows' weights and uvw, fit in budget bytes (cube_piece_budget()); at most
-    one channel a range."""
+def cube_piece_channels(nrow: int, ncorr: int, budget: int | None = None) -> int:
+    """The most channels a cube's range may hold (nrow rows, ncorr correlations) for its
+    visibilities (complex64) and flags (a byte each), with the rows' weights and uvw, to
+    fit in budget bytes (cube_piece_budget()); at least one."""
     budget = cube_piece_budget() if budget is None else budget
     per_chan = nrow * ncorr * (8 + 1)
     per_rows = nrow * (ncorr * 4 + 3 * 8)
-    if nchan <= 0 or per_chan <= 0:
+    return max(1, int((budget - per_rows) // per_chan)) if per_chan > 0 else 1 << 30
+
+
+def cube_piece_count(nrow: int, nchan: int, ncorr: int, budget: int | None = None) -> int:
+    """The fewest channel ranges of a cube (nrow rows, nchan channels imaged, ncorr
+    correlations) of at most cube_piece_channels each; at most one channel a range."""
+    if nchan <= 0 or nrow * ncorr <= 0:
         return 1
-    fit = (budget - per_rows) // per_chan          # channels a range may have
-    return nchan if fit < 1 else max(1, min(nchan, -(-nchan // int(fit))))
+    return max(1, min(nchan, -(-nchan // cube_piece_channels(nrow, ncorr, budget))))
 
 
-def _cube_pieces(io: StageIO, job: tuple) -> int:
-    """cube_piece_count of a cube job of makeimages: its rows (of its fields, in every EB's
-    partition) and its channels, from the partitions' index arrays (no visibilities read)."""
+def _cube_pieces(io: StageIO, job: tuple) -> tuple[int, int]:
+    """cube_piece_count of a cube job of makeimages, and the most channels a piece may
+    hold (cube_piece_channels): from its rows (of its fields, in every EB's partition)
+    and its channels, from the partitions' index arrays (no visibilities read)."""
     _, fids, group, _, p = job
     members = group.get("members", [group])
     nrow = sum(len(io.vis(m).select(eb_field_ids(m, fids))) for m in members)
     nchan = int(group["nchan"])
     sel = parse_channels(p["chans"], nchan) if p.get("chans") else np.ones(nchan, bool)
-    return cube_piece_count(nrow, int(sel.sum()), int(group["ncorr"]))
+    return cube_piece_count(nrow, int(sel.sum()), int(group["ncorr"])), \
+        cube_piece_channels(nrow, int(group["ncorr"]))
 
 
 def _image_score(rec: dict, evidence: str) -> Score | None:
@@ -1168,12 +1179,38 @@ def makeimages_tables(ctx: dict) -> list:
                        f"{i.get('dr_correction', 1.0):.2f}", f"{i['qa_score']:.2f}"] for i in ctx["images"]]}]
 
 
-def chunk_masks(chans: np.ndarray, n: int, nbin: int = 1) -> list:
-    """n channel masks splitting the selected channels into contiguous, nearly equal
-    ranges of whole planes (nbin channels a plane: cube_planes)."""
+# what a plane none of whose channels has data costs its piece, against one with data:
+# it is skipped (nothing to grid), but a piece of only such planes still reads and saves
+EMPTY_PLANE_WORK = 0.02
+
+
+def chunk_masks(chans: np.ndarray, n: int, nbin: int = 1, has_data: np.ndarray | None = None,
+                most: int | None = None) -> list:
+    """At most n channel masks splitting the selected channels into contiguous ranges of
+    whole planes (nbin channels a plane: cube_planes) of nearly equal work: as many
+    channels with data each (has_data, per channel of the spw; None: every channel
+    has), so that a range of flagged band edge is not one piece's whole share. A range
+    spans at most `most` channels (a piece's memory budget, which counts flagged
+    channels too: it reads them); where the balanced ranges would not, equal ones."""
+    masks = _split_planes(chans, n, nbin, has_data)
+    if has_data is not None and most is not None and \
+            max(int(np.ptp(np.flatnonzero(m))) + 1 for m in masks) > most:
+        return _split_planes(chans, n, nbin, None)
+    return masks
+
+
+def _split_planes(chans: np.ndarray, n: int, nbin: int, has_data: np.ndarray | None) -> list:
+    """chunk_masks' ranges of nearly equal work, whatever their span."""
     planes = cube_planes(np.flatnonzero(chans), nbin)
+    work = np.array([len(p) if has_data is None else EMPTY_PLANE_WORK * len(p) + has_data[p].sum() for p in planes],
+                    float)
+    n = max(1, min(n, len(planes)))
+    cum = np.cumsum(work)
+    # the piece boundaries: after the plane where the running work passes k / n of it
+    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, n) / n, side="left") + 1
+    cuts = np.unique(np.clip(cuts, 1, len(planes) - 1)) if len(planes) > 1 else np.zeros(0, int)
     out = []
-    for part in np.array_split(np.arange(len(planes)), max(1, min(n, len(planes)))):
+    for part in np.split(np.arange(len(planes)), cuts):
         m = np.zeros(len(chans), bool)
         m[np.concatenate([planes[k] for k in part])] = True
         out.append(m)
@@ -1200,9 +1237,10 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
         # the previous image's data go before the next image's are read (its ImageJob
         # would otherwise hold them until the new one is built: two spws at once)
         im = None
-        nchunks = 1
+        nchunks, most = 1, None
         if job[0] == "cube":
-            nchunks = int(chunks) if chunks is not None else _cube_pieces(io, job)
+            # cube_chunks given, or as many as keep each piece within the memory budget
+            nchunks, most = (int(chunks), None) if chunks is not None else _cube_pieces(io, job)
         # a cube in pieces: its heuristics only, in row blocks (ImageJob's heuristics_only)
         im = ImageJob(ctx, io, job, theoretical, heuristics_only=nchunks > 1)
         why = im.prepare()
@@ -1213,7 +1251,10 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
             # the heuristics (image size, cell, theoretical noise) from the whole spw, once:
             # each piece reads only its channels, the join only flags
             prep = im.heuristics()
-            pieces += [{"job": j, "chunk": k, "nchunks": nchunks, "prep": prep} for k in range(nchunks)]
+            # each piece's channels, chosen here for the same work each (chunk_masks)
+            masks = chunk_masks(im.chans, nchunks, im.nbin, im.channel_has_data, most)
+            pieces += [{"job": j, "chunk": k, "nchunks": len(masks), "prep": prep, "chans": format_channels(m)}
+                       for k, m in enumerate(masks)]
             continue
         # a cube cleaned here in one piece: as a join holds it (a large one in files)
         scratch = os.path.join(io.workdir, f"image{j}")
@@ -1249,7 +1290,8 @@ def imagecube_chunk(ctx: dict, params: dict, io: StageIO) -> QA:
         members = group.get("members", [group])
         nchan = int(group["nchan"])
         sel = parse_channels(p["chans"], nchan) if p.get("chans") else np.ones(nchan, bool)
-        mask = chunk_masks(sel, item["nchunks"], int(item["prep"].get("nbin", 1)))[item["chunk"]]
+        mask = parse_channels(item["chans"], nchan) if item.get("chans") else \
+            chunk_masks(sel, item["nchunks"], int(item["prep"].get("nbin", 1)))[item["chunk"]]
         idx = np.flatnonzero(mask)
         first = io.vis(members[0])
         times = np.concatenate([io.vis(m).index("TIME") for m in members])
