@@ -32,7 +32,8 @@ so one data directory and one port base describe a whole local stack:
                        the imager's work queue, so a cube's pieces run in parallel
                        (ALMAPIPE_IMPORTER_WORKERS, _CALIBRATOR_, _WEBLOG_: the same for the
                        other services, e.g. several runs' calibration stages at once)
-  ALMAPIPE_THREADS     threads of the gridder (default: all cores)
+  ALMAPIPE_THREADS     threads of the gridder (default: all cores; the local stack's
+                       workers of a service with several: cores / workers)
   ALMAPIPE_STREAM_REPLICAS  replicas of the JetStream streams and the KV bucket when they
                        are created (default 1; 3 on a 3-node NATS cluster, deploy/k8s/)
   ALMAPIPE_METRICS_ADDR  address the metrics endpoint binds (default 127.0.0.1; 0.0.0.0 in

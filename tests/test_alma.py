@@ -579,6 +579,13 @@ def test_cube_cleaned_in_pieces_by_several_workers_is_one_cube(mixed_run, stack)
     st, _ = stack
     logs = [open(p["log"]).read() for n, p in st.status().items() if n.startswith("worker-imager")]
     assert len(logs) == 2 and f"[{run.run_id} imagecube_chunk" in "".join(logs)
+    # two imager workers share the cores: half each, so that two pieces at once do not
+    # oversubscribe them (a worker killed by another test restarts with the same)
+    for n, p in st.status().items():
+        if n.startswith("worker-imager") and p["alive"] and not os.environ.get("ALMAPIPE_THREADS"):
+            env = dict(kv.split("=", 1) for kv in open(f"/proc/{p['pid']}/environ").read().split("\0") if "=" in kv)
+            want = str(max(1, (os.cpu_count() or 1) // 2))
+            assert env.get("ALMAPIPE_THREADS") == env.get("NUMBA_NUM_THREADS") == want, (n, env.get("ALMAPIPE_THREADS"))
     # the stage's record counts its pieces: the bytes they read, the seconds they worked,
     # and its wall time runs from makeimages' start to the join's end
     store = ObjectStore(stack[1])

@@ -48,6 +48,24 @@ WORKER_DENY = ["$KV.>", f"$JS.API.DIRECT.GET.{KV_STREAM}.>", f"$JS.API.STREAM.MS
                "almapipe.>", "obs.>"]
 
 
+
+def service_workers(service: str) -> int:
+    """The workers the local stack starts for a service (ALMAPIPE_<SERVICE>_WORKERS, 1)."""
+    return max(1, int(os.environ.get(f"ALMAPIPE_{service.upper()}_WORKERS", "1")))
+
+
+def worker_threads(service: str) -> dict:
+    """The thread settings of a service's workers: with N of them on this machine's C
+    cores, C / N threads each (at least one) for the gridder and the compiled kernels,
+    so that N pieces of a cube at once do not oversubscribe the cores (threads that
+    meet at barriers slow down far more than their share when they do). Nothing when
+    one worker (all cores) or when ALMAPIPE_THREADS is set (the operator's choice)."""
+    n = service_workers(service)
+    if n == 1 or os.environ.get("ALMAPIPE_THREADS"):
+        return {}
+    threads = str(max(1, (os.cpu_count() or 1) // n))
+    return {"ALMAPIPE_THREADS": threads, "NUMBA_NUM_THREADS": threads}
+
 class StackError(RuntimeError):
     """The stack could not start; the message says which part and why."""
 
@@ -280,16 +298,18 @@ class Stack:
         workers = {}
         for s in SERVICES:
             workers[s] = self._start(f"worker-{s}", [py, "-m", f"services.{s}"], env,
-                                     {"ALMAPIPE_METRICS_PORT": str(port(f"metrics_{s}")), "ALMAPIPE_NATS_USER": s})
+                                     {"ALMAPIPE_METRICS_PORT": str(port(f"metrics_{s}")), "ALMAPIPE_NATS_USER": s,
+                                      **worker_threads(s)})
         self._wait_ready("gateway", g, timeout)
         # more workers of a service (ALMAPIPE_<SERVICE>_WORKERS, e.g. ALMAPIPE_IMAGER_WORKERS):
         # they share the service's work queue, so the pieces of a cube, or the stages of
         # several runs, are worked on in parallel; only the first serves metrics
         extra = []
         for s in SERVICES:
-            for i in range(2, int(os.environ.get(f"ALMAPIPE_{s.upper()}_WORKERS", "1")) + 1):
+            for i in range(2, service_workers(s) + 1):
                 extra.append(self._start(f"worker-{s}-{i}", [py, "-m", f"services.{s}"], env,
-                                         {"ALMAPIPE_METRICS_PORT": "0", "ALMAPIPE_NATS_USER": s}))
+                                         {"ALMAPIPE_METRICS_PORT": "0", "ALMAPIPE_NATS_USER": s,
+                                          **worker_threads(s)}))
         for s, p in workers.items():
             self._wait_ready(f"worker-{s}", p, timeout)
         for p in extra:
