@@ -147,8 +147,12 @@ def ours(eb_dir: str, work: str, port_base: int, delete_input: bool = False, ext
     streamed as a tar made on the fly, and the EB deleted once uploaded: a 20 GB EB does
     not fit on this disk three times over. inspect(store, run_id): more figures from the
     run's objects, taken before the stack goes (returned under "inspected")."""
+    work, eb_dir = os.path.abspath(work), os.path.abspath(eb_dir)
     data_dir = os.path.join(work, "stack")
-    env = dict(os.environ, ALMAPIPE_DATA_DIR=data_dir, ALMAPIPE_PORT_BASE=str(port_base), **(extra_env or {}))
+    # the code measured: this checkout's, or extra_env's PYTHONPATH (another commit's); run
+    # from the work directory, since `python -m` puts the current directory first on the path
+    env = dict(os.environ, ALMAPIPE_DATA_DIR=data_dir, ALMAPIPE_PORT_BASE=str(port_base), PYTHONPATH=ROOT,
+               **(extra_env or {}))
     almapipe = [sys.executable, "-m", "almapipe.cli"]
     if delete_input:
         tar = glob.glob(os.path.join(eb_dir, "*.ms"))[0]
@@ -157,18 +161,18 @@ def ours(eb_dir: str, work: str, port_base: int, delete_input: bool = False, ext
         tar = make_tar(eb_dir, os.path.join(work, "eb.tar"))
         input_bytes = os.path.getsize(tar)
     param_args = [a for p in params for a in ("--param", p)]
-    subprocess.run(almapipe + ["up"], env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(almapipe + ["up"], env=env, check=True, stdout=subprocess.DEVNULL, cwd=work)
     try:
         load0 = load_avg()
         sampler = Sampler(data_dir)
         cpu0 = cpu_seconds_of_stack(data_dir) + _children_cpu()
         t0 = time.perf_counter()
         if delete_input:
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--drive", tar] + param_args, env=env,
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--drive", tar] + param_args, env=env, cwd=work,
                                   capture_output=True, text=True)
         else:
             proc = subprocess.run(almapipe + ["run", tar, "--out", os.path.join(work, "package")] + param_args,
-                                  env=env, capture_output=True, text=True)
+                                  env=env, capture_output=True, text=True, cwd=work)
         wall = time.perf_counter() - t0
         cpu = cpu_seconds_of_stack(data_dir) + _children_cpu() - cpu0
         sampled = sampler.finish()
@@ -182,7 +186,7 @@ def ours(eb_dir: str, work: str, port_base: int, delete_input: bool = False, ext
         inspected = inspect(_store(env)[0], run_id) if inspect else None
         s3_before = _s3_bytes(env, run_id)
         cache = du(os.path.join(data_dir, "cache"))
-        gc = subprocess.run(almapipe + ["gc"], env=env, capture_output=True, text=True)
+        gc = subprocess.run(almapipe + ["gc"], env=env, capture_output=True, text=True, cwd=work)
         s3_after = _s3_bytes(env, run_id)
         # a stage's wall time from its start to its end (a fanned-out stage's: to its join's
         # end, its pieces and their queueing included); its bytes are its pieces' too
@@ -196,7 +200,7 @@ def ours(eb_dir: str, work: str, port_base: int, delete_input: bool = False, ext
                 "gc": (gc.stdout + gc.stderr)[-2000:], "input_bytes": input_bytes, "load_at_start": load0,
                 "images": ctx.get("images", []), "tail": proc.stdout[-3000:], "inspected": inspected}
     finally:
-        subprocess.run(almapipe + ["down"], env=env, stdout=subprocess.DEVNULL)
+        subprocess.run(almapipe + ["down"], env=env, stdout=subprocess.DEVNULL, cwd=work)
         shutil.rmtree(data_dir, ignore_errors=True)       # the disk is needed for what comes next
 
 
