@@ -152,7 +152,7 @@ def ours(eb_dir: str, work: str, port_base: int, delete_input: bool = False, ext
     # the code measured: this checkout's, or extra_env's PYTHONPATH (another commit's); run
     # from the work directory, since `python -m` puts the current directory first on the path
     env = dict(os.environ, ALMAPIPE_DATA_DIR=data_dir, ALMAPIPE_PORT_BASE=str(port_base))
-    env.update(PYTHONPATH=ROOT, **(extra_env or {}))
+    env.update({"PYTHONPATH": ROOT, **(extra_env or {})})
     almapipe = [sys.executable, "-m", "almapipe.cli"]
     if delete_input:
         tar = glob.glob(os.path.join(eb_dir, "*.ms"))[0]
