@@ -168,7 +168,7 @@ def test_a_long_baseline_image_too_large_for_its_limits_is_narrowed_as_hif_check
     cube = mitigate_size(geom, 4096, 40e9, 3840)                    # ALMA's maxcubesize
     assert cube.cell_arcsec == 0.015 and 4.0 * cube.npix ** 2 * 3840 <= 40e9 and not cube.refused
     assert cube.npix == fast_size_below(int((40e9 / 4 / 3840) ** 0.5)) and good_size(cube.npix) == cube.npix
-    assert "3 across the beam" in cube.mitigation and "max_cube_gb 40 for 3840 channels" in cube.mitigation
+    assert "3 across the beam" in cube.mitigation and "max_cube_gb 40 for 3840 planes" in cube.mitigation
     small = mitigate_size(geom, 4096, 2e9, 3840)                     # under the 0.7 level even at 3 a beam
     assert small.refused and "1200 x 1200" in small.refused and "give imsize" in small.refused
     assert mitigate_size(geom, 4096, mosaic=True).refused.endswith("or larger limits")
@@ -178,7 +178,7 @@ def test_a_long_baseline_image_too_large_for_its_limits_is_narrowed_as_hif_check
     assert binned.nbin == 2 and 4.0 * binned.npix ** 2 * 1920 <= 40e9 and binned.npix > cube.npix
     assert "channels binned by 2 (1920 planes), made" in binned.mitigation
     refused = mitigate_size(geom, 4096, 2e9, 3840, nbin=2).refused
-    assert refused and "even channels binned by 2 (1920 planes) and narrowed to 0.7" in refused
+    assert refused and "even with channels binned by 2 (1920 planes) and narrowed to 0.7" in refused
 
 
 def test_an_fdm_cube_over_max_cube_gb_is_binned_by_two_channels_before_it_is_narrowed():

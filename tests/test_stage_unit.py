@@ -499,10 +499,13 @@ def test_a_cubes_automatic_piece_count_keeps_each_piece_within_the_budget(monkey
 
 def test_a_cubes_pieces_share_its_channels_with_data_not_its_channels():
     """chunk_masks: ranges of whole planes with as many channels with data each, so that
-    a flagged band edge (the first 240 of 960 channels here, as flagdata's edge flags
-    leave an FDM spw) is not one piece's whole share; without flags, or where a
-    balanced range would span more channels than a piece's memory budget allows, equal
-    ranges; binned cubes (nbin 2) cut between planes."""
+    a flagged stretch (the first 240 of the 960 channels imaged here) is not one piece's
+    whole share; without flags, or where a balanced range would span more channels than
+    both a piece's memory budget and the widest equal range, equal ranges (np.array_split
+    of the planes, as before balancing); binned cubes (nbin 2) cut between planes, a
+    selection with gaps binned run by run, the channels that fill no plane left out."""
+    from almapipe.imaging.imager import cube_planes, per_plane
+    from almapipe.imaging.uvcontsub import parse_channels
     from almapipe.imaging.uvcontsub import format_channels
     from almapipe.stages.imaging import chunk_masks
     sel = np.zeros(3840, bool)
@@ -515,8 +518,16 @@ def test_a_cubes_pieces_share_its_channels_with_data_not_its_channels():
     assert spans(chunk_masks(sel, 2, has_data=has)) == ["0~597", "598~959"]
     assert spans(chunk_masks(sel, 4, has_data=has, most=300)) == spans(chunk_masks(sel, 4))
     assert spans(chunk_masks(sel, 4, 2, has)) == ["0~417", "418~597", "598~779", "780~959"]
+    assert spans(chunk_masks(sel, 4, has_data=has, most=400)) == spans(chunk_masks(sel, 4))   # 417 > 400
     assert spans(chunk_masks(np.ones(7, bool), 3)) == ["0~2", "3~4", "5~6"]
+    assert spans(chunk_masks(np.ones(10, bool), 4)) == ["0~2", "3~5", "6~7", "8~9"]
     assert spans(chunk_masks(np.ones(3, bool), 5)) == ["0", "1", "2"]
+    gaps = parse_channels("0~10;20~30", 40)
+    assert [list(p) for p in cube_planes(np.flatnonzero(gaps), 2)][4:6] == [[8, 9], [20, 21]]
+    assert len(cube_planes(np.flatnonzero(gaps), 2)) == 10 and len(cube_planes(np.arange(5), 3)) == 1
+    assert spans(chunk_masks(gaps, 2, 2)) == ["0~9", "20~29"]
+    line_free = parse_channels("0~3;8~39", 40)
+    assert list(per_plane(line_free, np.flatnonzero(gaps), 2)) == [True, True, False, False, True] + [True] * 5
 
 
 # ------------------------------------------------------------------ QA metrics and WebLog tables

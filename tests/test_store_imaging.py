@@ -288,8 +288,8 @@ def test_a_cube_over_max_cube_gb_is_binned_by_two_channels_in_pieces(calibrated_
     max_cube_gb is binned by two channels first, at the heuristics' size and cell
     (hif_checkproductsize's nbin). Its pieces hold whole planes; the joined cube has
     half the planes, each at its two channels' mean frequency and twice their width,
-    and the theoretical noise handed to the pieces is a plane of two channels' (about
-    1 / sqrt 2 of one channel's)."""
+    equal to the cube made in one piece; the theoretical noise handed to the pieces is a
+    plane of two channels' (about 1 / sqrt 2 of one channel's)."""
     from astropy.io import fits
     from almapipe.heuristics import imaging as heuristics
     from almapipe.stages.imaging import imagecube_chunk, joincube, makeimages, split
@@ -329,6 +329,15 @@ def test_a_cube_over_max_cube_gb_is_binned_by_two_channels_in_pieces(calibrated_
     factor = hdr["CRVAL3"] / freq[100:102].mean()            # the LSRK label's factor (|v| < 300 km/s)
     assert nplane == 20 and abs(factor - 1) < 1e-3
     assert hdr["CDELT3"] == pytest.approx(2 * (freq[101] - freq[100]) * factor, rel=1e-6)
+    # the same cube made in one piece (makeimages itself): the same planes, axis and beam
+    one = dict(ctx, images=[])
+    io1 = _stage_io(cfg, tmp_path, ctx["run_id"], 15, "makeimages")
+    makeimages(one, dict(params, cube_chunks=1), io1)
+    (rec1,) = one["images"]
+    assert (rec1["nbin"], rec1["nchan"], rec1["beam_arcsec"]) == (2, 20, rec["beam_arcsec"])
+    with fits.open(io1.fetch_file(rec1["files"]["image"])) as h1, fits.open(io.fetch_file(rec["files"]["image"])) as h:
+        assert (h1[0].header["CRVAL3"], h1[0].header["CDELT3"]) == (hdr["CRVAL3"], hdr["CDELT3"])
+        np.testing.assert_allclose(h1[0].data, h[0].data, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

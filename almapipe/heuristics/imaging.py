@@ -92,7 +92,7 @@ def cube_nbin(nchan: int, chan_width_hz: float, effective_bw_hz: float | None) -
     if nchan in BINNED_NCHAN:
         return 2
     if nchan in BINNED_IF_UNAVERAGED_NCHAN and chan_width_hz and effective_bw_hz and \
-            abs(abs(effective_bw_hz / chan_width_hz) - UNAVERAGED_EBW_RATIO) < 5e-4:
+            abs(abs(effective_bw_hz / chan_width_hz) - UNAVERAGED_EBW_RATIO) < 1e-3:
         return 2
     return 1
 
@@ -127,13 +127,13 @@ def mitigate_size(geom: ImageGeometry, max_imsize: int, max_cube_bytes: float = 
         return n <= max_imsize and (max_cube_bytes <= 0 or 4.0 * n * n * planes <= max_cube_bytes)
     if fits(npix0):
         return SizedImage(cell0, npix0)
-    limits = f"max_imsize {max_imsize}" + (f", max_cube_gb {max_cube_bytes / 1e9:.3g} for {nchan} channels"
+    limits = f"max_imsize {max_imsize}" + (f", max_cube_gb {max_cube_bytes / 1e9:.3g} for {nchan} planes"
                                            if max_cube_bytes > 0 and nchan > 1 else "")
     wanted = f"the image would be {npix0} x {npix0} pixels of {cell0}\" ({limits})"
     # first the channels binned, if the spw's may be (the planes fewer, the pixels as they were)
     binned, nbin_kept = "", 1
     if nbin > 1 and max_cube_bytes > 0 and nchan > 1:
-        planes, nbin_kept = -(-nchan // nbin), nbin
+        planes, nbin_kept = max(1, nchan // nbin), nbin      # the channels left over are not imaged
         binned = f"channels binned by {nbin} ({planes} planes)"
         if fits(npix0):
             return SizedImage(cell0, npix0, mitigation=f"{wanted}: {binned}", nbin=nbin)
@@ -157,7 +157,7 @@ def mitigate_size(geom: ImageGeometry, max_imsize: int, max_cube_bytes: float = 
                 f"the primary beam to {geom.pb_level_at_edge(side, cell):.2f} of its peak"), pixels_per_beam=ppb,
                 nbin=nbin_kept)
     return SizedImage(cell0, npix0, refused=(
-        f"{wanted}, and {least} x {least} even {binned.rstrip(', ') + ' and ' if binned else ''}narrowed to "
+        f"{wanted}, and {least} x {least} even {'with ' + binned.rstrip(', ') + ' and ' if binned else ''}narrowed to "
         f"{MAX_MITIGATED_PB_LEVEL} of the primary beam at {MITIGATED_PIXELS_PER_BEAM} pixels a beam: give imsize and "
         "cell_arcsec, or larger limits"))
 

@@ -234,17 +234,25 @@ def clean_planes(vis: Vis, spec: ImageSpec) -> Planes:
 
 
 def cube_planes(chans: np.ndarray, nbin: int) -> list:
-    """A cube's planes: its channels (indices, in order) nbin at a time, the last plane
-    with the rest. A cube's piece holds whole bins (stages/imaging.py's chunk_masks), so
-    its planes are the whole cube's."""
-    return [chans[k:k + nbin] for k in range(0, len(chans), max(1, int(nbin)))]
+    """A cube's planes: its channels (indices, ascending) nbin adjacent ones at a time,
+    each run of a selection with gaps binned on its own, and the channels left at a
+    run's end that do not fill a plane not imaged (as tclean's width with nchan = the
+    channels / width). A cube's piece holds whole planes (stages/imaging.py's
+    chunk_masks), so its planes are the whole cube's."""
+    chans = np.asarray(chans)
+    nbin = max(1, int(nbin))
+    if nbin == 1:
+        return [chans[k:k + 1] for k in range(len(chans))]
+    runs = np.split(chans, np.flatnonzero(np.diff(chans) > 1) + 1) if len(chans) else []
+    return [run[k:k + nbin] for run in runs for k in range(0, len(run) - nbin + 1, nbin)]
 
 
-def per_plane(per_channel: np.ndarray, nbin: int, how=np.all) -> np.ndarray:
-    """A property of a cube's channels (imaged, in order) as its planes have it: how
-    (np.all, np.any) over each plane's nbin channels."""
+def per_plane(per_channel: np.ndarray, chans: np.ndarray, nbin: int, how=np.all) -> np.ndarray:
+    """A property of a cube's channels (per_channel, indexed by channel number) as its
+    planes have it: how (np.all, np.any) over each plane's channels (cube_planes of
+    chans, the channels imaged)."""
     per_channel = np.asarray(per_channel, bool)
-    return np.array([bool(how(b)) for b in cube_planes(per_channel, nbin)], bool)
+    return np.array([bool(how(per_channel[p])) for p in cube_planes(chans, nbin)], bool)
 
 
 def join_planes(parts: list) -> Planes:

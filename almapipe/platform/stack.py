@@ -58,13 +58,15 @@ def worker_threads(service: str) -> dict:
     """The thread settings of a service's workers: with N of them on this machine's C
     cores, C / N threads each (at least one) for the gridder and the compiled kernels,
     so that N pieces of a cube at once do not oversubscribe the cores (threads that
-    meet at barriers slow down far more than their share when they do). Nothing when
-    one worker (all cores) or when ALMAPIPE_THREADS is set (the operator's choice)."""
+    meet at barriers slow down far more than their share when they do). Every stage a
+    worker runs has that many, a lone one too. Nothing when one worker (all cores) or
+    when ALMAPIPE_THREADS is set; a NUMBA_NUM_THREADS set is kept (the operator's)."""
     n = service_workers(service)
     if n == 1 or os.environ.get("ALMAPIPE_THREADS"):
         return {}
     threads = str(max(1, (os.cpu_count() or 1) // n))
-    return {"ALMAPIPE_THREADS": threads, "NUMBA_NUM_THREADS": threads}
+    return {k: threads for k in ("ALMAPIPE_THREADS", "NUMBA_NUM_THREADS") if not os.environ.get(k)}
+
 
 class StackError(RuntimeError):
     """The stack could not start; the message says which part and why."""

@@ -92,21 +92,22 @@ def _sky_panel(fig, pos, plane, hdr, title, unit, beam=True, cmap="inferno", con
 
 
 def _continuum_channels(ctx: dict, img: dict, nchan: int) -> tuple[np.ndarray, str]:
-    """The cube's planes in its field's continuum ranges (cont.dat), else all planes. A
-    plane of nbin channels (a binned cube) is in them if all its channels are."""
+    """The cube's planes in its field's continuum ranges (cont.dat), else all planes: its
+    planes are those of the channels it imaged (the record's chans, nbin a plane), and
+    a plane is in them if all its channels are."""
     from ..imaging.imager import per_plane
     from ..imaging.uvcontsub import parse_channels
     spw = next((s for s in ctx.get("observation", {}).get("spws", []) if s["id"] == int(img["spw"])), {})
-    nbin = int(img.get("nbin") or 1)
-    if spw.get("nchan") is None or -(-spw["nchan"] // nbin) != nchan:
-        return np.ones(nchan, bool), "all channels"    # a cube of part of the spw: cont.dat does not apply
     for e in ctx.get("continuum", []):
-        if e["field"] == img["field"] and int(e["spw"]) == int(img["spw"]) and e.get("channels"):
+        if spw.get("nchan") and e["field"] == img["field"] and int(e["spw"]) == int(img["spw"]) and \
+                e.get("channels"):
             try:
-                sel = per_plane(parse_channels(e["channels"], spw["nchan"]), nbin, np.all)
+                imaged = parse_channels(img.get("chans") or f"0~{spw['nchan'] - 1}", spw["nchan"])
+                sel = per_plane(parse_channels(e["channels"], spw["nchan"]), np.flatnonzero(imaged),
+                                int(img.get("nbin") or 1), np.all)
             except (ValueError, IndexError):
                 break
-            if sel.any():
+            if len(sel) == nchan and sel.any():        # else not this cube's planes: all of them
                 return sel, "continuum channels"
     return np.ones(nchan, bool), "all channels"
 

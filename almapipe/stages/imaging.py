@@ -620,7 +620,8 @@ class ImageJob:
                 return "no data"
             nchan = len(self._freq)
             self.chans = parse_channels(p["chans"], nchan) if p.get("chans") else np.ones(nchan, bool)
-            self.channel_has_data = np.zeros(nchan, bool)
+            if self.heuristics_only:        # a cube in pieces: cut by where its data are
+                self.channel_has_data = np.zeros(nchan, bool)
             uvdist, weights = self._uv_distances()
             if not len(uvdist):
                 return "all data flagged"
@@ -660,23 +661,28 @@ class ImageJob:
                     return (f"the image would be {npix} x {npix} pixels (max_imsize {max_imsize}); give a smaller "
                             "imsize or a larger max_imsize")
             else:
-                # long baselines, a large cube: narrowed as hif_checkproductsize narrows it
-                # (a mosaic's cube is not held to max_cube_gb: it could not be narrowed), an
-                # FDM spw's cube first binned by two channels unless nbin is given
-                cube = self.specmode == "cube" and mosaic is None
+                # long baselines, a large cube: narrowed as hif_checkproductsize narrows it,
+                # an FDM spw's cube first binned by two channels unless nbin is given (a
+                # mosaic's cube too; a mosaic is never narrowed, and its cube, if binning
+                # does not bring it under max_cube_gb, is made as large as it is)
+                cube = self.specmode == "cube"
                 may_bin = 1
                 if cube and p["nbin"] is None:
                     info = spw_info(self.ctx, int(self.part["spw"]))
                     may_bin = cube_nbin(int(info["nchan"]), info.get("chan_width_hz", 0.0),
                                         info.get("effective_bw_hz"))
-                planes = -(-int(self.chans.sum()) // self.nbin) if cube else 1
+                planes = len(cube_planes(np.flatnonzero(self.chans), self.nbin)) if cube else 1
                 sized = mitigate_size(geom, max_imsize, float(p["max_cube_gb"]) * 1e9 if cube else 0.0, planes,
                                       mosaic=mosaic is not None, nbin=may_bin)
+                if sized.refused and cube and mosaic is not None:
+                    sized = mitigate_size(geom, max_imsize, 0.0, planes, mosaic=True)
                 if sized.refused:
                     return sized.refused
                 cell, npix, self.mitigation = sized.cell_arcsec, sized.npix, sized.mitigation
                 self.pixels_per_beam = sized.pixels_per_beam
                 self.nbin *= sized.nbin
+        if self.specmode == "cube" and not cube_planes(np.flatnonzero(self.chans), self.nbin):
+            return f"no {self.nbin} adjacent channels selected to make a plane of (nbin {self.nbin})"
         self.spec = ImageSpec(
             field=self.field["name"], specmode="mfs" if self.specmode == "cont" else self.specmode,
             npix=npix, cell_arcsec=float(p["cell_arcsec"] or cell),
@@ -730,7 +736,8 @@ class ImageJob:
         visibilities) of the cross-correlation rows, in row blocks. Returns the uv
         distances (m) of the rows with data in the channels imaged, for the image's cell
         and size, and each field's sum of unflagged weights there (a mosaic's shares);
-        notes which channels have data (channel_has_data: a cube's pieces are cut by it)."""
+        a cube in pieces notes which channels have data (channel_has_data: its pieces
+        are cut by it)."""
         idx = np.flatnonzero(self.chans)
         if not len(idx):
             return np.zeros(0), {}
@@ -741,7 +748,7 @@ class ImageJob:
             # a mosaic's pointings (the first EB's field ids) by their ids in this EB
             pointings = [(f, eb_field_ids(part, [f])) for f in self.fids] if len(self.fids) > 1 else []
             for blk in vp.blocks(column=self.column, field_ids=fids, chan=span, data=False, cross_only=True):
-                if len(blk.flag):
+                if self.channel_has_data is not None and len(blk.flag):
                     self.channel_has_data[span] |= ~blk.flag.all(axis=(0, 2))
                 ok = ~blk.flag[:, sel].all(axis=(1, 2))
                 out.append(np.hypot(blk.uvw[ok, 0], blk.uvw[ok, 1]))
@@ -915,9 +922,12 @@ class ImageJob:
             return np.ones(1, bool)
         nchan = len(self.vis.freq)
         cross = self.vis.ant1 != self.vis.ant2
-        has_data = ~self.vis.flag[cross][:, idx].all(axis=(0, 2)) if cross.any() else np.zeros(len(idx), bool)
-        has_data = per_plane(has_data, self.nbin, np.any)
-        inner = per_plane((idx >= EDGE_CHANNELS) & (idx < nchan - EDGE_CHANNELS), self.nbin, np.all)
+        has_data = np.zeros(nchan, bool)
+        if cross.any():
+            has_data[idx] = ~self.vis.flag[cross][:, idx].all(axis=(0, 2))
+        has_data = per_plane(has_data, idx, self.nbin, np.any)
+        inner = per_plane((np.arange(nchan) >= EDGE_CHANNELS) & (np.arange(nchan) < nchan - EDGE_CHANNELS), idx,
+                          self.nbin, np.all)
         ok = has_data & inner
         return ok if ok.any() else has_data if has_data.any() else np.ones(len(ok), bool)
 
@@ -938,7 +948,7 @@ class ImageJob:
         cont_mask = None
         cont = part.get("cont_chans", {}).get(self.field["name"]) if self.specmode == "cube" else None
         if cont:                        # a plane is line-free if all its channels are
-            cont_mask = per_plane(parse_channels(cont, nchan)[self.chans], self.nbin, np.all)
+            cont_mask = per_plane(parse_channels(cont, nchan), np.flatnonzero(self.chans), self.nbin, np.all)
         peak_ok = self.peak_planes()
         stats = _stats(res, spec, cont_mask, self.specmode, peak_ok)
         # images are labelled in LSRK, as the ALMA pipeline makes them
@@ -1189,28 +1199,29 @@ def chunk_masks(chans: np.ndarray, n: int, nbin: int = 1, has_data: np.ndarray |
     """At most n channel masks splitting the selected channels into contiguous ranges of
     whole planes (nbin channels a plane: cube_planes) of nearly equal work: as many
     channels with data each (has_data, per channel of the spw; None: every channel
-    has), so that a range of flagged band edge is not one piece's whole share. A range
-    spans at most `most` channels (a piece's memory budget, which counts flagged
-    channels too: it reads them); where the balanced ranges would not, equal ones."""
-    masks = _split_planes(chans, n, nbin, has_data)
-    if has_data is not None and most is not None and \
-            max(int(np.ptp(np.flatnonzero(m))) + 1 for m in masks) > most:
-        return _split_planes(chans, n, nbin, None)
-    return masks
-
-
-def _split_planes(chans: np.ndarray, n: int, nbin: int, has_data: np.ndarray | None) -> list:
-    """chunk_masks' ranges of nearly equal work, whatever their span."""
+    has), so that a range of flagged band edge is not one piece's whole share. A piece
+    reads every channel of its range, flagged ones too, so with `most` (the channels a
+    piece's memory budget allows) the balanced ranges are taken only if none spans more
+    channels than both `most` and the widest of the equal ranges; else the equal ones
+    (np.array_split of the planes, as pieces were cut before they were balanced)."""
     planes = cube_planes(np.flatnonzero(chans), nbin)
-    work = np.array([len(p) if has_data is None else EMPTY_PLANE_WORK * len(p) + has_data[p].sum() for p in planes],
-                    float)
     n = max(1, min(n, len(planes)))
-    cum = np.cumsum(work)
-    # the piece boundaries: after the plane where the running work passes k / n of it
-    cuts = np.searchsorted(cum, cum[-1] * np.arange(1, n) / n, side="left") + 1
-    cuts = np.unique(np.clip(cuts, 1, len(planes) - 1)) if len(planes) > 1 else np.zeros(0, int)
+    equal = np.array_split(np.arange(len(planes)), n)
+    parts = equal
+    if has_data is not None and len(planes) > 1:
+        work = np.array([EMPTY_PLANE_WORK * len(p) + has_data[p].sum() for p in planes])
+        cum = np.cumsum(work)
+        # the boundaries: after the plane where the running work passes k / n of it
+        cuts = np.unique(np.clip(np.searchsorted(cum, cum[-1] * np.arange(1, n) / n, side="left") + 1, 1,
+                                 len(planes) - 1))
+        balanced = np.split(np.arange(len(planes)), cuts)
+
+        def widest(split):
+            return max(int(planes[q[-1]][-1] - planes[q[0]][0]) + 1 for q in split)
+        if most is None or widest(balanced) <= max(most, widest(equal)):
+            parts = balanced
     out = []
-    for part in np.split(np.arange(len(planes)), cuts):
+    for part in parts:
         m = np.zeros(len(chans), bool)
         m[np.concatenate([planes[k] for k in part])] = True
         out.append(m)
@@ -1240,7 +1251,8 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
         nchunks, most = 1, None
         if job[0] == "cube":
             # cube_chunks given, or as many as keep each piece within the memory budget
-            nchunks, most = (int(chunks), None) if chunks is not None else _cube_pieces(io, job)
+            nchunks, most = _cube_pieces(io, job)
+            nchunks = int(chunks) if chunks is not None else nchunks
         # a cube in pieces: its heuristics only, in row blocks (ImageJob's heuristics_only)
         im = ImageJob(ctx, io, job, theoretical, heuristics_only=nchunks > 1)
         why = im.prepare()
@@ -1253,7 +1265,7 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
             prep = im.heuristics()
             # each piece's channels, chosen here for the same work each (chunk_masks)
             masks = chunk_masks(im.chans, nchunks, im.nbin, im.channel_has_data, most)
-            pieces += [{"job": j, "chunk": k, "nchunks": len(masks), "prep": prep, "chans": format_channels(m)}
+            pieces += [{"job": j, "chunk": k, "nchunks": len(masks), "prep": prep, "piece_chans": format_channels(m)}
                        for k, m in enumerate(masks)]
             continue
         # a cube cleaned here in one piece: as a join holds it (a large one in files)
@@ -1290,7 +1302,7 @@ def imagecube_chunk(ctx: dict, params: dict, io: StageIO) -> QA:
         members = group.get("members", [group])
         nchan = int(group["nchan"])
         sel = parse_channels(p["chans"], nchan) if p.get("chans") else np.ones(nchan, bool)
-        mask = parse_channels(item["chans"], nchan) if item.get("chans") else \
+        mask = parse_channels(item["piece_chans"], nchan) if item.get("piece_chans") else \
             chunk_masks(sel, item["nchunks"], int(item["prep"].get("nbin", 1)))[item["chunk"]]
         idx = np.flatnonzero(mask)
         first = io.vis(members[0])
