@@ -200,7 +200,7 @@ def test_cube_peak_never_from_a_flagged_or_edge_plane():
               data=np.zeros((nrow, nchan, 2), np.complex64), flag=flag, weight=np.ones((nrow, 2), np.float32),
               freq=np.arange(nchan) * 1.0, corr_types=["XX", "YY"], spw=5)
     job = ImageJob.__new__(ImageJob)
-    job.vis, job.chans, job.specmode = vis, np.ones(nchan, bool), "cube"
+    job.vis, job.chans, job.specmode, job.nbin = vis, np.ones(nchan, bool), "cube", 1
     ok = job.peak_planes()
     assert list(ok) == [False, False, True, True, True, True, True, False]
     cont = np.array([True, True, True, False, False, False, True, True])
