@@ -241,8 +241,6 @@ def cube_planes(chans: np.ndarray, nbin: int) -> list:
     chunk_masks), so its planes are the whole cube's."""
     chans = np.asarray(chans)
     nbin = max(1, int(nbin))
-    if nbin == 1:
-        return [chans[k:k + 1] for k in range(len(chans))]
     runs = np.split(chans, np.flatnonzero(np.diff(chans) > 1) + 1) if len(chans) else []
     return [run[k:k + nbin] for run in runs for k in range(0, len(run) - nbin + 1, nbin)]
 

@@ -48,7 +48,6 @@ WORKER_DENY = ["$KV.>", f"$JS.API.DIRECT.GET.{KV_STREAM}.>", f"$JS.API.STREAM.MS
                "almapipe.>", "obs.>"]
 
 
-
 def service_workers(service: str) -> int:
     """The workers the local stack starts for a service (ALMAPIPE_<SERVICE>_WORKERS, 1)."""
     return max(1, int(os.environ.get(f"ALMAPIPE_{service.upper()}_WORKERS", "1")))

@@ -102,7 +102,8 @@ def _continuum_channels(ctx: dict, img: dict, nchan: int) -> tuple[np.ndarray, s
         if spw.get("nchan") and e["field"] == img["field"] and int(e["spw"]) == int(img["spw"]) and \
                 e.get("channels"):
             try:
-                imaged = parse_channels(img.get("chans") or f"0~{spw['nchan'] - 1}", spw["nchan"])
+                imaged = parse_channels(img["chans"], spw["nchan"]) if img.get("chans") else \
+                    np.ones(spw["nchan"], bool)
                 sel = per_plane(parse_channels(e["channels"], spw["nchan"]), np.flatnonzero(imaged),
                                 int(img.get("nbin") or 1), np.all)
             except (ValueError, IndexError):

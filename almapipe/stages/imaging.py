@@ -926,8 +926,8 @@ class ImageJob:
         if cross.any():
             has_data[idx] = ~self.vis.flag[cross][:, idx].all(axis=(0, 2))
         has_data = per_plane(has_data, idx, self.nbin, np.any)
-        inner = per_plane((np.arange(nchan) >= EDGE_CHANNELS) & (np.arange(nchan) < nchan - EDGE_CHANNELS), idx,
-                          self.nbin, np.all)
+        channel = np.arange(nchan)
+        inner = per_plane((channel >= EDGE_CHANNELS) & (channel < nchan - EDGE_CHANNELS), idx, self.nbin, np.all)
         ok = has_data & inner
         return ok if ok.any() else has_data if has_data.any() else np.ones(len(ok), bool)
 
