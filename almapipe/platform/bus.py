@@ -207,17 +207,29 @@ async def consume(sub, handle, what: str, nak_delay: float) -> None:
 
 
 async def kv_values(kv) -> list:
-    """Every value of a KV bucket, in one pass (a watcher delivers each key's latest
-    value, then None): for start-up and maintenance, never per request."""
-    out = []
-    watcher = await kv.watchall(ignore_deletes=True)
+    """Every live value of a KV bucket, in one pass: for start-up and maintenance, never
+    per request.
+
+    The watcher's "initial values delivered" marker is not trusted: it is sent at the first
+    message whose pending count reads 0, and under concurrent writes that count can read 0
+    before the replay is over (nats-io/nats.py#995), which lost a run in gc. Instead the
+    stream's last sequence is read once the watcher's consumer exists: that consumer
+    delivers, in stream order, the latest message of each key as it was at its creation and
+    every message written since, so once a message at or past that sequence has arrived,
+    every key written before the call has been seen. (Read before the watcher, the
+    sequence would let a key rewritten in between arrive after the stop.)"""
+    latest: dict = {}
+    watcher = await kv.watchall()           # deletes too: one may be the last message
     try:
-        while True:
+        state = (await kv.status()).stream_info.state
+        seen = 0
+        while state.messages and seen < state.last_seq:
             entry = await watcher.updates(timeout=10)
-            if entry is None:        # the initial values are all delivered
-                break
-            if entry.value:
-                out.append(json.loads(entry.value))
+            if entry is None:               # the marker; go on to the sequence read
+                continue
+            seen = max(seen, entry.revision)
+            latest[entry.key] = entry
     finally:
         await watcher.stop()
-    return out
+    return [json.loads(e.value) for e in latest.values()
+            if e.value and e.operation not in ("DEL", "PURGE")]
