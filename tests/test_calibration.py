@@ -227,3 +227,32 @@ def test_a_solve_on_channel_averages_equals_the_solve_on_every_channel(kind, sol
     np.testing.assert_allclose(avg.cparam, full.cparam, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(avg.freq, full.freq)
     np.testing.assert_allclose(avg.time, full.time)
+
+
+def test_integration_snr_of_hanning_smoothed_channels():
+    """The phase-up interval comes from each integration's SNR, its noise from adjacent
+    channels' differences. On ALMA's Hanning-smoothed channels those differences hide two
+    thirds of the noise and the channel mean keeps more of it than independent channels
+    would: taken as independent, the SNR came out 2.7 times too high for 16 channels. With
+    the correlation, it is the SNR of the same signal under independent noise of the
+    same channel-mean variance, within 10 %."""
+    from dataclasses import replace
+    from almapipe.calibration.terms import integration_snr
+    from almapipe.heuristics.spectral_response import channel_correlation, mean_variance_factor
+    nchan, sigma = 16, 2.0
+    vis = simulate(nant=10, ntime=30, nchan=nchan, noise=0.0, flux=1.0)
+    rng = np.random.default_rng(3)
+
+    def noise(n):
+        return sigma * (rng.normal(size=(len(vis.time), n, 2)) + 1j * rng.normal(size=(len(vis.time), n, 2))) / np.sqrt(2)
+    white = noise(nchan + 2)
+    hanning = replace(vis, data=(vis.data + 0.25 * white[:, :-2] + 0.5 * white[:, 1:-1] + 0.25 * white[:, 2:]
+                                 ).astype(np.complex64))
+    rho = channel_correlation(1e6, 2.667e6)
+    # independent channels whose mean is as noisy: sigma_ch^2 F / n, sigma_ch^2 = 3/8 sigma^2
+    same_mean = replace(vis, data=(vis.data + noise(nchan) * np.sqrt(3 / 8 * mean_variance_factor(np.arange(nchan), rho))
+                                   ).astype(np.complex64))
+    model = np.ones((len(vis.time), nchan))
+    truth = integration_snr(same_mean, model)
+    assert abs(integration_snr(hanning, model, rho=rho) / truth - 1) < 0.1
+    assert integration_snr(hanning, model) / truth > 2.3

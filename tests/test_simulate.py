@@ -99,15 +99,27 @@ def test_antennapos_csv_lists_the_position_errors(eb):
 
 
 def test_noise_follows_the_radiometer_equation(eb):
-    """Baselines to the dead antenna carry noise only: sigma = 1/sqrt(2 dnu tau) per component."""
+    """Baselines to the dead antenna carry noise only: sigma = 1/sqrt(2 dnu tau) per
+    component, dnu the effective bandwidth (8/3 of a channel's width: the correlator's
+    Hanning window, as ALMA's), neighbouring channels correlated by 2/3 and channels two
+    apart by 1/6; the importer reads the effective bandwidth that says so."""
+    from almapipe.heuristics.spectral_response import channel_correlation
     sim, res, truth, _ = eb
     vis = msio.read_vis(res["ms"], 5)
     dead = truth["antennas"].index(truth["dead_antenna"])
     rows = ((vis.ant1 == dead) | (vis.ant2 == dead)) & (vis.ant1 != vis.ant2)
-    d = vis.data[rows]
-    expected = 1 / np.sqrt(2 * sim.chan_widths[0] * sim.cfg.integration_s) / np.sqrt(2)
     shadowed = shadow_mask(vis.time, vis.ant1, vis.ant2, vis.uvw, np.full(sim.cfg.nant, 12.0))[rows]
-    assert abs(np.std(d[~shadowed].real) / expected - 1) < 0.05
+    d = vis.data[rows][~shadowed].real
+    (info,) = [s for s in msio.spw_table(res["ms"]) if s["id"] == 5]
+    assert info["effective_bw_hz"] == pytest.approx(8 / 3 * abs(info["chan_width_hz"]))
+    expected = 1 / np.sqrt(2 * info["effective_bw_hz"] * sim.cfg.integration_s) / np.sqrt(2)
+    assert abs(np.std(d) / expected - 1) < 0.05
+    bad = {c for sp, c in sim.bad_channels if sim.science_spw_ids[sp] == 5}     # the injected spikes
+    for k, want in ((1, 2 / 3), (2, 1 / 6)):
+        pairs = [c for c in range(d.shape[1] - k) if not {c, c + k} & bad]
+        got = np.mean([np.corrcoef(d[:, c].ravel(), d[:, c + k].ravel())[0, 1] for c in pairs])
+        assert abs(got - want) < 0.05, (k, got)
+    assert np.allclose(channel_correlation(info["chan_width_hz"], info["effective_bw_hz"]), [2 / 3, 1 / 6], atol=1e-3)
 
 
 def test_shadowing_is_present_and_found_by_flagdata(eb):

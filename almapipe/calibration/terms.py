@@ -19,6 +19,7 @@ import numpy as np
 from . import solver
 from .kernels import accumulate_slots, average_channels
 from ..errors import ParameterError
+from ..heuristics.spectral_response import contiguous_mean_variance_factor, difference_scale
 from .applycal import apply_tables
 from .caltable import CalSolutions
 from ..msio.ms import Vis, unique_rows
@@ -159,18 +160,21 @@ def unit_model(vis: Vis) -> np.ndarray:
     return np.ones((len(vis.time), 1))
 
 
-def integration_snr(vis: Vis, model: np.ndarray, chans: slice | None = None) -> float:
+def integration_snr(vis: Vis, model: np.ndarray, chans: slice | None = None,
+                    rho: np.ndarray = np.zeros(0)) -> float:
     """The median antenna SNR of one integration, from the data themselves: each
     baseline's signal (channel mean of data / model) over its noise, the noise
     taken from the differences of adjacent channels (thermal, and blind to the
     smooth bandpass structure that does not close before a bandpass is applied),
     summed in quadrature over an antenna's baselines. An a-priori-like estimate
     for choosing solution intervals (the ALMA pipeline computes its SNR from
-    fluxes and Tsys; this needs neither)."""
-    return antenna_snr(vis.time, vis.ant1, vis.ant2, row_snr2(vis, model, chans))
+    fluxes and Tsys; this needs neither). rho: the noise correlation of neighbouring
+    channels (heuristics.spectral_response), which hides part of the noise from the
+    differences and adds to the channel mean's."""
+    return antenna_snr(vis.time, vis.ant1, vis.ant2, row_snr2(vis, model, chans, rho))
 
 
-def row_snr2(vis: Vis, model: np.ndarray, chans: slice | None = None) -> np.ndarray:
+def row_snr2(vis: Vis, model: np.ndarray, chans: slice | None = None, rho: np.ndarray = np.zeros(0)) -> np.ndarray:
     """Each row's squared SNR per correlation (integration_snr's baseline term); rows
     are independent, so a caller reading in row blocks concatenates these."""
     sel = slice(None) if chans is None else chans
@@ -185,8 +189,10 @@ def row_snr2(vis: Vis, model: np.ndarray, chans: slice | None = None) -> np.ndar
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)          # rows without a pair of good channels
         d2 = np.nanmedian(np.where(pair, np.abs(np.diff(r, axis=1)) ** 2, np.nan), axis=1) / np.log(2)
-    d2 = np.nan_to_num(d2)
-    var_mean = d2 / 2 / np.maximum(n, 1)                                     # of the channel mean
+    d2 = np.nan_to_num(d2) * difference_scale(rho) ** 2
+    # of the channel mean (the good channels taken as one run: a few flagged ones in a row
+    # change its correlated share little)
+    var_mean = d2 / 2 / np.maximum(n, 1) * contiguous_mean_variance_factor(n, rho)
     return np.where((n > 1) & (var_mean > 0), signal ** 2 / np.where(var_mean > 0, var_mean, 1), 0)
 
 

@@ -98,6 +98,10 @@ class SimConfig:
     # the first target scan), 30 sigma in every channel of every spw
     bad_gain: tuple | None = None
     target_burst: tuple | None = None
+    # the correlator's Hanning window on the science spws, ALMA's default: each channel's
+    # noise is white noise weighted 1/4, 1/2, 1/4 over three channels, so neighbours share
+    # 2/3 of it, and EFFECTIVE_BW is 8/3 of a channel's width (the sky is not smoothed)
+    hanning: bool = True
     tsys_k: float = 90.0
     tsys_nchan: int = 128             # TDM Tsys spws: 128 channels over the 2 GHz baseband
     tsys_width_hz: float = 2.0e9
@@ -405,7 +409,8 @@ class Simulator:
     def calibrate_target_ideally(self, ms: str, noise_jy: float, seed: int = 5) -> None:
         """Replace the target's science-spw DATA of an EB this simulator wrote by what a
         perfect calibration would leave: the sky (target_sources through the primary beam
-        at each channel) plus thermal noise of noise_jy per visibility and correlation,
+        at each channel) plus thermal noise of noise_jy per visibility and correlation
+        (Hanning-smoothed along the channels as the EB's),
         WEIGHT 1 / noise_jy^2, only the auto-correlations flagged. For imaging benchmarks and comparisons
         with other imagers on calibrated data, without running the calibration."""
         from ..msio import ms as msio
@@ -419,8 +424,7 @@ class Simulator:
                     n1 = np.sqrt(1 - l * l - m * m) - 1
                     model += flux[None] * np.exp(2j * np.pi * (v.uvw[:, :1] * l + v.uvw[:, 1:2] * m
                                                                + v.uvw[:, 2:] * n1) * v.freq[None] / C)
-                noise = rng.normal(size=v.data.shape) + 1j * rng.normal(size=v.data.shape)
-                data = model[:, :, None] + noise_jy * noise / np.sqrt(2)
+                data = model[:, :, None] + noise_jy * self.channel_noise(v.data.shape, rng)
                 data[v.ant1 == v.ant2] = 1.0
                 msio.write_column(ms, v.rows, "DATA", data.astype(np.complex64))
                 msio.write_column(ms, v.rows, "WEIGHT", np.full(v.weight.shape, noise_jy ** -2, np.float32))
@@ -712,7 +716,9 @@ class Simulator:
                     vis[off_source] = 0.0                 # off source: noise only
                     # radiometer equation: noise of a correlation coefficient
                     sigma = 1 / np.sqrt(2 * self.chan_widths[s] * c.integration_s)
-                    noise = sigma * (self.rng.normal(size=vis.shape) + 1j * self.rng.normal(size=vis.shape)) / np.sqrt(2)
+                    # a channel's: its effective bandwidth is 8/3 of its width when smoothed
+                    ebw = self.chan_widths[s] * self.effective_bw_ratio("#FULL_RES")
+                    noise = self.channel_noise(vis.shape, self.rng) / np.sqrt(2 * ebw * c.integration_s)
                     vis = vis + noise
                     if burst is not None:
                         vis[burst] += 30 * sigma * (1 + 1j)
@@ -783,6 +789,21 @@ class Simulator:
                         np.array([sign * self.spw_widths[s] * 0.9375]), s + 1))
         return sorted(out, key=lambda x: x[0])
 
+    def channel_noise(self, shape: tuple, rng: np.random.Generator) -> np.ndarray:
+        """Complex noise of unit variance in each channel (rows, channels, correlations),
+        Hanning-smoothed along the channels when the config says so."""
+        def white(shape):
+            return (rng.normal(size=shape) + 1j * rng.normal(size=shape)) / np.sqrt(2)
+        if not self.cfg.hanning:
+            return white(shape)
+        nrow, nchan, ncorr = shape
+        w = white((nrow, nchan + 2, ncorr))
+        return (0.25 * w[:, :-2] + 0.5 * w[:, 1:-1] + 0.25 * w[:, 2:]) * np.sqrt(8.0 / 3.0)
+
+    def effective_bw_ratio(self, spw_name: str) -> float:
+        """EFFECTIVE_BW / CHAN_WIDTH of a spw: 8/3 for a Hanning-smoothed science spw."""
+        return 8.0 / 3.0 if self.cfg.hanning and spw_name.endswith("#FULL_RES") else 1.0
+
     def _write_spectral_setup(self, ms: str) -> None:
         """SPECTRAL_WINDOW (channel counts differ per row), POLARIZATION (the WVR's one
         correlation first, as in ALMA's EBs, then XX, YY) and one DATA_DESCRIPTION per spw.
@@ -795,8 +816,11 @@ class Simulator:
                 t.putcell("NAME", i, name)
                 t.putcell("NUM_CHAN", i, len(freq))
                 t.putcell("CHAN_FREQ", i, np.asarray(freq, float))
-                for col in ("CHAN_WIDTH", "EFFECTIVE_BW", "RESOLUTION"):
-                    t.putcell(col, i, np.abs(width) if col != "CHAN_WIDTH" else np.asarray(width, float))
+                t.putcell("CHAN_WIDTH", i, np.asarray(width, float))
+                # a Hanning-smoothed channel's resolution (FWHM) is about two channels
+                ratio = self.effective_bw_ratio(name)
+                t.putcell("EFFECTIVE_BW", i, np.abs(width) * ratio)
+                t.putcell("RESOLUTION", i, np.abs(width) * (2.0 if ratio > 1 else 1.0))
                 t.putcell("REF_FREQUENCY", i, float(freq[0]))
                 t.putcell("TOTAL_BANDWIDTH", i, float(np.abs(width).sum()))
                 t.putcell("MEAS_FREQ_REF", i, FREQ_FRAMES["TOPO"])

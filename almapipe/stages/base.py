@@ -18,7 +18,10 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
+
 from ..errors import ParameterError
+from ..heuristics.spectral_response import channel_correlation
 from ..platform.store import CachedFetcher, ObjectStore
 
 CONTEXT_VERSION = 1
@@ -548,6 +551,14 @@ def require_intent(ctx: dict, intent: str, stage_name: str) -> list:
 def spw_info(ctx: dict, spw: int) -> dict:
     """The observation summary's entry of a spectral window (frequencies, frame, ...)."""
     return next(s for s in ctx["observation"]["spws"] if s["id"] == spw)
+
+
+def channel_rho(ctx: dict, spw) -> np.ndarray:
+    """The noise correlation of a spw's neighbouring channels, from its effective bandwidth
+    (heuristics.spectral_response); none for a spw the summary lacks or an aggregate
+    ('5_7'), whose spws' noises are combined."""
+    info = next((s for s in ctx.get("observation", {}).get("spws", []) if str(s["id"]) == str(spw)), {})
+    return channel_correlation(info.get("chan_width_hz", 0.0), info.get("effective_bw_hz"))
 
 
 def field_name(ctx: dict, fid: int) -> str:

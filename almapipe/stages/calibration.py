@@ -18,7 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .base import (CAL_READS, COMBINE, QA, SOLINT, Metric, Param, Score, StageError, StageIO,  # noqa: E402
-                   field_ids_with, field_name, metric, require_intent, spw_info, stage, with_defaults)
+                   channel_rho, field_ids_with, field_name, metric, require_intent, spw_info, stage,
+                   with_defaults)
 from ..calibration import fluxcsv, fluxmodels, solar_system  # noqa: E402
 from ..calibration.applycal import GainApply, apply_tables  # noqa: E402
 from ..calibration.caltable import CalSolutions, read_caltable, write_caltable  # noqa: E402
@@ -484,7 +485,7 @@ def _phaseup_solint_from_snr(vis, model, ref, chans, earlier, params, qa, ctx, s
     the phase-up interval from it; a calibrator too weak even over the longest
     allowed interval is named in the QA."""
     data, flag, _ = apply_tables(vis, earlier) if earlier else (vis.data, vis.flag, None)
-    snr_int = integration_snr(dataclasses.replace(vis, data=data, flag=flag), model, chans)
+    snr_int = integration_snr(dataclasses.replace(vis, data=data, flag=flag), model, chans, channel_rho(ctx, spw))
     int_s = float(np.median(vis.interval)) if len(vis.interval) else 1.0
     used = ~vis.flag.all(axis=(1, 2))          # scans with data (not the flagged Tsys scans)
     scan_s = min((np.ptp(vis.time[used & (vis.scan == s)]) + int_s for s in np.unique(vis.scan[used])), default=int_s)
@@ -793,7 +794,7 @@ def spwphaseup(ctx: dict, params: dict, io: StageIO) -> QA:
             model = point_model(block, models)
             data, flag, _ = apply_tables(block, earlier)
             corrected = dataclasses.replace(block, data=data, flag=flag)
-            snr2.append(row_snr2(corrected, model))
+            snr2.append(row_snr2(corrected, model, rho=channel_rho(ctx, part["spw"])))
             averaged.append(channel_average(corrected, model))
         if not averaged:
             raise StageError(f"spwphaseup: spw {part['spw']} has no phase calibrator rows")

@@ -10,13 +10,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .base import (QA, Param, Score, StageError, StageIO, field_ids_with, field_name, metric,  # noqa: E402
+from .base import (QA, Param, Score, StageError, StageIO, channel_rho, field_ids_with, field_name, metric,  # noqa: E402
                    require_intent, spw_info, stage, with_defaults)
 from .ebs import as_group, eb_field_ids, member_blocks, read_group, spw_groups, view_name  # noqa: E402
 from ..heuristics.callibrary import calibrator_ids  # noqa: E402
 from ..heuristics.imaging import (PIXELS_PER_BEAM, cube_nbin, dr_correction, image_geometry,  # noqa: E402
                                   mitigate_size, uv_geometry)
 from ..heuristics.robust import robust_rms  # noqa: E402
+from ..heuristics.spectral_response import noise_from_differences  # noqa: E402
 from ..imaging import gridding  # noqa: E402
 from ..imaging.findcont import CubeGeometry, continuum_from_spectra  # noqa: E402
 from ..imaging.frames import channel_shifts, lsrk_factor, lsrk_factors, max_drift_channels  # noqa: E402
@@ -383,12 +384,15 @@ def _stats(res, spec: ImageSpec, cont_mask: np.ndarray | None, specmode: str,
     return {"rms": rms, "peak": float(per_plane[plane]), "peak_plane": plane}
 
 
-def _theoretical_rms(vis: msio.Vis, spec: ImageSpec, chans: np.ndarray | None, mfs: bool) -> float | None:
+def _theoretical_rms(vis: msio.Vis, spec: ImageSpec, chans: np.ndarray | None, mfs: bool,
+                     rho: np.ndarray = np.zeros(0)) -> float | None:
     """Image noise predicted from the visibility scatter and the imaging weights:
     sigma_vis * sqrt(sum w_im^2 / w_nat) / sum w_im, for one plane: a cube's (the
     first spec.nbin of the given channels, with their own Briggs weights) or an mfs
     image's (all of them). The scatter comes from differences of adjacent channels, which
-    neither continuum nor a smooth line contributes to."""
+    neither continuum nor a smooth line contributes to; rho, the noise correlation of
+    neighbouring channels (ALMA's Hanning-smoothed spws), corrects both that scatter and
+    the sum over the plane's channels (heuristics.spectral_response)."""
     if chans is None or chans.sum() < 2:
         return None
     idx = np.flatnonzero(chans)
@@ -412,7 +416,8 @@ def _theoretical_rms(vis: msio.Vis, spec: ImageSpec, chans: np.ndarray | None, m
     if not sel.any():
         return None
     # var(V_i) = sigma_unit^2 / w_i (natural weights are inverse variances up to a scale)
-    return float(sigma_unit * np.sqrt((wim[sel] ** 2 / wnat[sel]).sum()) / wim[sel].sum())
+    return float(sigma_unit * np.sqrt((wim[sel] ** 2 / wnat[sel]).sum()) / wim[sel].sum()) * \
+        noise_from_differences(plane, rho)
 
 
 def ous_name(ctx: dict) -> str:
@@ -703,14 +708,14 @@ class ImageJob:
             cont = self.part.get("cont_chans", {}).get(self.field["name"])
             cont_chans = parse_channels(cont, nchan) & self.chans if cont else None
             self.theo = self._cube_theoretical(cont_chans) if self.heuristics_only else \
-                _theoretical_rms(vis, self.spec, cont_chans, mfs=False)
+                _theoretical_rms(vis, self.spec, cont_chans, mfs=False, rho=channel_rho(self.ctx, self.part["spw"]))
         elif p["aggregate"]:
             # the spws' continuum images combine as independent measurements
             per_spw = [self.theoretical[(self.fid, int(s_))] for s_ in str(self.part["spw"]).split("_")
                        if self.theoretical.get((self.fid, int(s_)))]
             self.theo = float(np.sum(np.asarray(per_spw) ** -2.0) ** -0.5) if per_spw else None
         else:
-            self.theo = _theoretical_rms(vis, self.spec, self.chans, mfs=True)
+            self.theo = _theoretical_rms(vis, self.spec, self.chans, mfs=True, rho=channel_rho(self.ctx, self.part["spw"]))
             self.theoretical[(self.fid, self.part["spw"])] = self.theo
         if self.theo and mosaic is not None and self.prep is None:
             self.theo *= mosaic_noise_factor(self.spec.npix, np.radians(self.spec.cell_arcsec / 3600),
@@ -766,7 +771,7 @@ class ImageJob:
         all of them at once) and the Briggs weights of the samples."""
         self.samples, sigma_unit = self._read_with_scatter(self.chans, MFS_BIN_FRAC / self.spec.npix,
                                                            pointings=self._pointing_members())
-        return self._noise(self.samples, sigma_unit)
+        return self._noise(self.samples, sigma_unit, np.flatnonzero(self.chans))
 
     def _pointing_members(self) -> list | None:
         """A mosaic's members (as self.members) pointing by pointing, in its order; None
@@ -787,7 +792,7 @@ class ImageJob:
         first[idx] = 0
         samples, sigma_unit = self._read_with_scatter(cont, 0.0, bins=(first, np.array([self._freq[idx].mean()])),
                                                       pointings=self._pointing_members())
-        return self._noise(samples, sigma_unit)
+        return self._noise(samples, sigma_unit, idx)
 
     def _read_with_scatter(self, chans: np.ndarray, max_frac: float, bins: tuple | None = None,
                            pointings: list | None = None) -> tuple:
@@ -815,10 +820,11 @@ class ImageJob:
             return samples, None
         return samples, 1.4826 * sketch.median() / np.sqrt(2)
 
-    def _noise(self, samples, sigma_unit: float | None) -> float | None:
+    def _noise(self, samples, sigma_unit: float | None, plane: np.ndarray) -> float | None:
         """The image noise of binned samples (a mosaic's: a list, one per pointing, taken
-        together) whose visibilities of unit weight scatter by sigma_unit, with their
-        Briggs weights (as _theoretical_rms)."""
+        together) of the channels plane, whose visibilities of unit weight scatter by
+        sigma_unit as adjacent channels' differences show it, with their Briggs weights
+        (as _theoretical_rms)."""
         spec = self.spec
         pointings = samples if isinstance(samples, list) else [samples]
         if sigma_unit is None or not any(len(s.uvw) for s in pointings):
@@ -830,7 +836,8 @@ class ImageJob:
         sel = wnat > 0
         if not sel.any():
             return None
-        return float(sigma_unit * np.sqrt((wim[sel] ** 2 / wnat[sel]).sum()) / wim[sel].sum())
+        return float(sigma_unit * np.sqrt((wim[sel] ** 2 / wnat[sel]).sum()) / wim[sel].sum()) * \
+            noise_from_differences(plane, channel_rho(self.ctx, self.part["spw"]))
 
     def _read_aggregate(self) -> None:
         """The one pass of a streamed aggregate continuum: its samples
