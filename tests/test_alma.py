@@ -710,7 +710,7 @@ def test_uvcontsub_finds_each_targets_own_continuum(stack, tmp_path):  # noqa: F
         l, m = (np.radians(a / 3600) for a in c.target_offset_arcsec)
         shift = np.exp(2j * np.pi * (uvw[:, :1] * l + uvw[:, 1:2] * m) * f[None] / 299792458.0)
         sky = sky + np.where(fid[:, None] == 3, line[None] * shift, 0)
-        noise = 0.01 * (rng.normal(size=(len(fid), len(f), 2)) + 1j * rng.normal(size=(len(fid), len(f), 2)))
+        noise = 0.01 * np.sqrt(2) * sim.channel_noise((len(fid), len(f), 2), rng)     # as the spw says: smoothed
         t.putcol("DATA", (sky[:, :, None] + noise).astype(np.complex64))
         t.putcol("FLAG", np.zeros((len(fid), len(f), 2), bool))
         t.putcol("WEIGHT", np.ones((len(fid), 2), np.float32))

@@ -26,7 +26,8 @@ def _stage_io(cfg, tmp_path, run_id: str, index: int, name: str):
 def _calibrated_looking(ms: str, sim) -> None:
     """The science spw's DATA made what calibrated data look like: each field a point
     source of its catalogue flux at its phase centre (the target's continuum 0.6" off
-    it) plus thermal noise, nothing flagged, weights 1 / sigma^2."""
+    it) plus thermal noise (Hanning-smoothed along the channels, as the spw's
+    EFFECTIVE_BW says), nothing flagged, weights 1 / sigma^2."""
     import casacore.tables as ct
     from almapipe.msio.ms import spw_rows_query
     c = sim.cfg
@@ -47,7 +48,7 @@ def _calibrated_looking(ms: str, sim) -> None:
         sky = np.array([flux.get(names[i], 0.0) for i in fid])[:, None] * np.ones((n, len(f)), complex)
         tgt = np.array([names[i] == "Target" for i in fid])
         sky[tgt] *= np.exp(2j * np.pi * (uvw[tgt, :1] * l + uvw[tgt, 1:2] * m) * f[None] / 299792458.0)
-        noise = sigma / np.sqrt(2) * (rng.normal(size=(n, len(f), ncorr)) + 1j * rng.normal(size=(n, len(f), ncorr)))
+        noise = sigma * sim.channel_noise((n, len(f), ncorr), rng)
         sel.putcol("DATA", (sky[:, :, None] + noise).astype(np.complex64))
         sel.putcol("FLAG", np.zeros((n, len(f), ncorr), bool))
         sel.putcol("FLAG_ROW", np.zeros(n, bool))
@@ -289,7 +290,8 @@ def test_a_cube_over_max_cube_gb_is_binned_by_two_channels_in_pieces(calibrated_
     (hif_checkproductsize's nbin). Its pieces hold whole planes; the joined cube has
     half the planes, each at its two channels' mean frequency and twice their width,
     equal to the cube made in one piece; the theoretical noise handed to the pieces is a
-    plane of two channels' (about 1 / sqrt 2 of one channel's)."""
+    plane of two channels' (sqrt((1 + 2/3) / 2) of one channel's: Hanning-smoothed
+    neighbours share 2/3 of their noise)."""
     from astropy.io import fits
     from almapipe.heuristics import imaging as heuristics
     from almapipe.stages.imaging import imagecube_chunk, joincube, makeimages, split
@@ -310,7 +312,7 @@ def test_a_cube_over_max_cube_gb_is_binned_by_two_channels_in_pieces(calibrated_
     prep = items[0]["prep"]
     assert (prep["nbin"], prep["npix"], prep["cell_arcsec"]) == (2, prep0["npix"], prep0["cell_arcsec"])
     assert prep["mitigation"].endswith("channels binned by 2 (20 planes)"), prep["mitigation"]
-    assert abs(prep["theo"] / prep0["theo"] * np.sqrt(2) - 1) < 0.05, (prep["theo"], prep0["theo"])
+    assert abs(prep["theo"] / prep0["theo"] / np.sqrt(5 / 6) - 1) < 0.05, (prep["theo"], prep0["theo"])
     keys = []
     for k, item in enumerate(items):
         piece = dict(ctx)
@@ -372,7 +374,7 @@ def test_streamed_mosaic_images_equal_the_in_memory_ones(mosaic_eb, tmp_path):
     """A mosaic's per-spw and aggregate continuum images read pointing by pointing in row
     blocks, binned in channels as they are read (the default), against the same images
     from the whole selection in memory (streamed: false): the same size, cell and
-    pointings, peaks, rms, theoretical noise and beams within 1 %."""
+    pointings, peaks, theoretical noise and beams within 1 %, rms within 3 %."""
     from almapipe.stages.imaging import ImageJob, _image_jobs, makeimages
     from almapipe.stages.base import REGISTRY
     cfg, ctx, _ = mosaic_eb
@@ -397,8 +399,14 @@ def test_streamed_mosaic_images_equal_the_in_memory_ones(mosaic_eb, tmp_path):
         b = out[False][spw]
         assert a["pointings"] == b["pointings"] == 7
         assert (a["imsize"], a["cell_arcsec"]) == (b["imsize"], b["cell_arcsec"]), spw
-        for key in ("peak_jy_per_beam", "rms_jy_per_beam", "theoretical_rms_jy_per_beam"):
+        for key in ("peak_jy_per_beam", "theoretical_rms_jy_per_beam"):
             assert abs(a[key] / b[key] - 1) < 0.01, (spw, key, a[key], b[key])
+        # the residual after 100 components is the sources' sidelobes (rms 1.3-1.6 x the
+        # theoretical noise), where a different order of nearly equal peaks shows: the
+        # dirty images' rms agree within 0.1 %, the cleaned ones' within 2 % (0.6 % on
+        # the simulator's unsmoothed channels, before their noise was made as ALMA's)
+        assert abs(a["rms_jy_per_beam"] / b["rms_jy_per_beam"] - 1) < 0.03, (spw, a["rms_jy_per_beam"],
+                                                                          b["rms_jy_per_beam"])
         assert all(abs(x / y - 1) < 0.01 for x, y in zip(a["beam_arcsec"][:2], b["beam_arcsec"][:2])), spw
         assert abs(a["beam_arcsec"][2] - b["beam_arcsec"][2]) < 1.0, spw
 

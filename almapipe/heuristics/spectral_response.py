@@ -51,10 +51,11 @@ def difference_scale(rho: np.ndarray) -> float:
 
 
 def mean_variance_factor(chans: np.ndarray, rho: np.ndarray) -> float:
-    """The variance of the mean of the channels chans (indices), over what it would be were
+    """The variance of the mean of the channels chans (indices, or a mask), over what it would be were
     they independent: 1 + 2 sum_k rho_k pairs_k / M, pairs_k the channels of the selection
     whose k-th neighbour is selected too."""
-    idx = np.unique(np.asarray(chans, np.int64))
+    chans = np.asarray(chans)
+    idx = np.flatnonzero(chans) if chans.dtype == bool else np.unique(chans.astype(np.int64))
     if not len(rho) or len(idx) < 2:
         return 1.0
     mask = np.zeros(int(idx[-1]) + 1, bool)

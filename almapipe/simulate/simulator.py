@@ -410,7 +410,8 @@ class Simulator:
         """Replace the target's science-spw DATA of an EB this simulator wrote by what a
         perfect calibration would leave: the sky (target_sources through the primary beam
         at each channel) plus thermal noise of noise_jy per visibility and correlation
-        (Hanning-smoothed along the channels as the EB's),
+        before the correlator's window (Hanning-smoothed along the channels as the EB's:
+        a channel's is then sqrt(3/8) of it, and a continuum image's as it was unsmoothed),
         WEIGHT 1 / noise_jy^2, only the auto-correlations flagged. For imaging benchmarks and comparisons
         with other imagers on calibrated data, without running the calibration."""
         from ..msio import ms as msio
@@ -715,10 +716,9 @@ class Simulator:
                     vis = ga[ti, b1] * np.conj(ga[ti, b2]) * vsky[:, :, None]
                     vis[off_source] = 0.0                 # off source: noise only
                     # radiometer equation: noise of a correlation coefficient
+                    # before the window (a channel's noise is 1 / sqrt(2 EBW tau) after it)
                     sigma = 1 / np.sqrt(2 * self.chan_widths[s] * c.integration_s)
-                    # a channel's: its effective bandwidth is 8/3 of its width when smoothed
-                    ebw = self.chan_widths[s] * self.effective_bw_ratio("#FULL_RES")
-                    noise = self.channel_noise(vis.shape, self.rng) / np.sqrt(2 * ebw * c.integration_s)
+                    noise = sigma * self.channel_noise(vis.shape, self.rng)
                     vis = vis + noise
                     if burst is not None:
                         vis[burst] += 30 * sigma * (1 + 1j)
@@ -790,18 +790,21 @@ class Simulator:
         return sorted(out, key=lambda x: x[0])
 
     def channel_noise(self, shape: tuple, rng: np.random.Generator) -> np.ndarray:
-        """Complex noise of unit variance in each channel (rows, channels, correlations),
-        Hanning-smoothed along the channels when the config says so."""
+        """Complex noise (rows, channels, correlations) of unit variance before the
+        correlator's window: Hanning-smoothed along the channels when the config says
+        so, each channel's variance then 3/8 (the radiometer equation with the effective
+        bandwidth) and the noise of a sum over many channels as it was before smoothing."""
         def white(shape):
             return (rng.normal(size=shape) + 1j * rng.normal(size=shape)) / np.sqrt(2)
         if not self.cfg.hanning:
             return white(shape)
         nrow, nchan, ncorr = shape
         w = white((nrow, nchan + 2, ncorr))
-        return (0.25 * w[:, :-2] + 0.5 * w[:, 1:-1] + 0.25 * w[:, 2:]) * np.sqrt(8.0 / 3.0)
+        return 0.25 * w[:, :-2] + 0.5 * w[:, 1:-1] + 0.25 * w[:, 2:]
 
     def effective_bw_ratio(self, spw_name: str) -> float:
-        """EFFECTIVE_BW / CHAN_WIDTH of a spw: 8/3 for a Hanning-smoothed science spw."""
+        """EFFECTIVE_BW / CHAN_WIDTH of a spw: 8/3 for a Hanning-smoothed one (the science
+        spws and the TDM Tsys spws; not the channel averages)."""
         return 8.0 / 3.0 if self.cfg.hanning and spw_name.endswith("#FULL_RES") else 1.0
 
     def _write_spectral_setup(self, ms: str) -> None:

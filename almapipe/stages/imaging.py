@@ -384,6 +384,14 @@ def _stats(res, spec: ImageSpec, cont_mask: np.ndarray | None, specmode: str,
     return {"rms": rms, "peak": float(per_plane[plane]), "peak_plane": plane}
 
 
+def first_plane(chans: np.ndarray, nbin: int) -> np.ndarray:
+    """The channels of the first whole plane of nbin adjacent ones among chans (a cube's
+    plane, cube_planes), none if there is none: the plane a cube's theoretical noise is
+    that of (its channels' correlation depends on their being adjacent)."""
+    planes = cube_planes(chans, nbin)
+    return planes[0] if planes else np.zeros(0, np.int64)
+
+
 def _theoretical_rms(vis: msio.Vis, spec: ImageSpec, chans: np.ndarray | None, mfs: bool,
                      rho: np.ndarray = np.zeros(0)) -> float | None:
     """Image noise predicted from the visibility scatter and the imaging weights:
@@ -407,7 +415,9 @@ def _theoretical_rms(vis: msio.Vis, spec: ImageSpec, chans: np.ndarray | None, m
     # the MAD about zero (not about the median, as mad_std takes it): a difference of
     # neighbouring channels has zero mean by construction
     sigma_unit = 1.4826 * sketch.median() / np.sqrt(2)         # real part, weight 1
-    plane = idx if mfs else idx[:spec.nbin]
+    plane = idx if mfs else first_plane(idx, spec.nbin)
+    if not len(plane):
+        return None
     si = stokes_i(vis, plane)
     uvw, wnat = si.uvw, si.weight
     wim = gridding.briggs_weights(uvw, vis.freq[plane], wnat, spec.npix, np.radians(spec.cell_arcsec / 3600),
@@ -787,7 +797,9 @@ class ImageJob:
         pieces."""
         if cont is None or cont.sum() < 2:
             return None
-        idx = np.flatnonzero(cont)[:self.nbin]   # one bin: the first continuum channels' plane
+        idx = first_plane(np.flatnonzero(cont), self.nbin)     # one plane: the first of continuum channels
+        if not len(idx):
+            return None
         first = np.full(len(self._freq), -1, np.int64)
         first[idx] = 0
         samples, sigma_unit = self._read_with_scatter(cont, 0.0, bins=(first, np.array([self._freq[idx].mean()])),
