@@ -233,3 +233,30 @@ def test_every_stage_of_every_recipe_is_on_by_topic_and_by_task(tmp_path):
             assert f"stage{i}.html" in topic_html and f"stage{i}.html" in task_html, (name, s)
         on_topic = [s["name"] for _, items in weblog.by_topic(ctx["stage_results"]) for s in items]
         assert sorted(on_topic) == sorted(stages), name
+
+
+def test_channel_correlation_of_alma_spectral_setups():
+    """Each of ALMA's online averagings (N = 1-16 after the Hanning window) is recognised
+    from EFFECTIVE_BW / CHAN_WIDTH, its window's noise bandwidth is that ratio, and its
+    neighbours' correlation is the window's; anything else is independent, and the
+    WebLog's note says which."""
+    from almapipe.heuristics.spectral_response import (EBW_RATIO_OF_ONLINE_AVERAGING, channel_correlation,
+                                                        channel_noise_note, mean_variance_factor,
+                                                        noise_from_differences, online_averaging)
+    for n, ratio in EBW_RATIO_OF_ONLINE_AVERAGING.items():
+        assert online_averaging(-1e6, ratio * 1e6) == n                     # a lower sideband too
+        rho = channel_correlation(1e6, ratio * 1e6)
+        assert 1 + 2 * rho.sum() == pytest.approx(ratio, rel=1e-3)          # a wide sum's variance
+        assert mean_variance_factor(np.arange(4000), rho) == pytest.approx(ratio, rel=2e-3)
+    assert np.allclose(channel_correlation(1e6, 2.667e6), [2 / 3, 1 / 6])
+    assert channel_correlation(1e6, 1.6e6) == pytest.approx([0.3])
+    for ebw in (1e6, 2.0e6, None, 0.0):
+        assert not len(channel_correlation(1e6, ebw)) and noise_from_differences(np.arange(9), np.zeros(0)) == 1
+    rho = channel_correlation(1e6, 2.667e6)
+    assert noise_from_differences([7], rho) == pytest.approx(np.sqrt(3))             # one channel
+    assert noise_from_differences([6, 7], rho) == pytest.approx(np.sqrt(5))          # a binned plane
+    assert mean_variance_factor([3, 5], rho) == pytest.approx(1 + 1 / 6)             # a gap between
+    assert mean_variance_factor(np.array([False, True, True]), rho) == pytest.approx(5 / 3)   # a mask
+    assert "correlated by 0.67" in channel_noise_note(5, 1e6, 2.667e6)
+    assert "none of ALMA's" in channel_noise_note(5, 1e6, 2.0e6)
+    assert channel_noise_note(5, 1e6, 1e6) is None

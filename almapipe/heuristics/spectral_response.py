@@ -77,3 +77,23 @@ def noise_from_differences(chans: np.ndarray, rho: np.ndarray) -> float:
     """What an image noise computed from adjacent channels' differences, with the
     channels chans taken as independent, is multiplied by for correlated channels."""
     return difference_scale(rho) * float(np.sqrt(mean_variance_factor(chans, rho)))
+
+
+def channel_noise_note(spw, chan_width_hz: float, effective_bw_hz: float | None) -> str | None:
+    """What a WebLog says of a spw's channels where they are not plainly independent: the
+    online averaging recognised and the correlation taken, or a ratio of effective
+    bandwidth to width that is none of ALMA's (channels then taken as independent, as the
+    ALMA pipeline takes them, with a warning)."""
+    if not chan_width_hz or not effective_bw_hz:
+        return None
+    ratio = abs(effective_bw_hz / chan_width_hz)
+    n = online_averaging(chan_width_hz, effective_bw_hz)
+    if n is not None:
+        rho = channel_correlation(chan_width_hz, effective_bw_hz)
+        return (f"spw {spw}: channels Hanning-smoothed (EFFECTIVE_BW {ratio:.3f} widths, online averaging {n}); "
+                f"the theoretical noise takes neighbours' noise as correlated by {rho[0]:.2f}.")
+    if ratio > 1.001:
+        known = ", ".join(f"{r:.3f}" for r in EBW_RATIO_OF_ONLINE_AVERAGING.values())
+        return (f"spw {spw}: EFFECTIVE_BW is {ratio:.3f} channel widths, none of ALMA's Hanning setups ({known}); "
+                "its channels' noise is taken as independent, so the theoretical noise may be low.")
+    return None

@@ -17,7 +17,7 @@ from ..heuristics.callibrary import calibrator_ids  # noqa: E402
 from ..heuristics.imaging import (PIXELS_PER_BEAM, cube_nbin, dr_correction, image_geometry,  # noqa: E402
                                   mitigate_size, uv_geometry)
 from ..heuristics.robust import robust_rms  # noqa: E402
-from ..heuristics.spectral_response import noise_from_differences  # noqa: E402
+from ..heuristics.spectral_response import channel_noise_note, noise_from_differences  # noqa: E402
 from ..imaging import gridding  # noqa: E402
 from ..imaging.findcont import CubeGeometry, continuum_from_spectra  # noqa: E402
 from ..imaging.frames import channel_shifts, lsrk_factor, lsrk_factors, max_drift_channels  # noqa: E402
@@ -1260,6 +1260,11 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
     jobs = _image_jobs(ctx, params)
     if not jobs:
         raise StageError("makeimages: nothing to image (no calibrators, no continuum-subtracted target)")
+    imaged_spws = {str(p["spw"]) for p in ctx.get("target_partitions", []) + ctx.get("partitions", [])}
+    for info in ctx.get("observation", {}).get("spws", []):
+        note = channel_noise_note(info["id"], info.get("chan_width_hz", 0.0), info.get("effective_bw_hz"))
+        if note and str(info["id"]) in imaged_spws:
+            qa.note(note)
     chunks = params["cube_chunks"]
     theoretical = {}          # (field, spw) -> theoretical rms of its mfs image, for the aggregate
     images, pieces = [], []
