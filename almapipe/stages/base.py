@@ -8,6 +8,7 @@ returns its QA score. Services are thin shells around this call.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -114,6 +116,24 @@ def qa_colour(score: float) -> str:
     return "red"
 
 
+class _PutsBehind:
+    """StageIO.puts_behind's uploads."""
+
+    def __init__(self, io: "StageIO", threads: int):
+        self.io, self.pending = io, []
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="put-behind")
+
+    def put_file(self, local: str, name: str | None = None) -> None:
+        name = name or os.path.basename(local)
+        self.pending.append((name, self.pool.submit(self.io.store.put_file, local, self.io.key(name))))
+
+    def entries(self) -> list:
+        """Each file's entry (as put_file returns it), in the order put, once uploaded."""
+        done = [(name, f.result()) for name, f in self.pending]
+        self.pending = []
+        return [self.io._record(name, entry) for name, entry in done]
+
+
 class StageIO:
     """Object access for one execution of one stage of one run."""
 
@@ -188,6 +208,17 @@ class StageIO:
     def put_file(self, local: str, name: str | None = None) -> dict:
         name = name or os.path.basename(local)
         return self._record(name, self.store.put_file(local, self.key(name)))
+
+    @contextlib.contextmanager
+    def puts_behind(self, threads: int = 2):
+        """Files put a few at a time in threads while the stage goes on (makes its next
+        file): `with io.puts_behind() as up: up.put_file(path)`, then `up.entries()`,
+        recorded in the order put. Leaving the block waits for every upload."""
+        up = _PutsBehind(self, threads)
+        try:
+            yield up
+        finally:
+            up.pool.shutdown(wait=True)
 
     def put_bytes(self, data: bytes, name: str, content_type: str = "application/octet-stream") -> dict:
         return self._record(name, self.store.put_bytes(self.key(name), data, content_type))

@@ -986,7 +986,6 @@ class ImageJob:
             f"recipe {recipe.get('name', 'custom')} version {recipe.get('version', 1)}",
             f"stage {io.stage_index + 1} makeimages" + (f" ({io.stage})" if io.stage != "makeimages" else "")
             + f": {self.label()}"))
-        files = {}
         outputs = (("image", res.image, "Jy/beam"), ("pbcor", res.pbcor, "Jy/beam"),
                    ("pb", _planes_of(res.pb, len(res.freqs), scratch, "pb"), ""),
                    ("mask", _planes_of(res.clean_mask if res.clean_mask is not None else res.mask,
@@ -997,13 +996,17 @@ class ImageJob:
                    ("psf", res.psf, ""), ("model", res.model, "Jy/pixel"))
         if taylor is not None:
             outputs = _taylor_outputs(outputs, taylor)
-        for suffix, planes_, unit in outputs:
-            hdr = image_header(ra, dec, spec.npix, np.radians(spec.cell_arcsec / 3600), freqs, frame, unit,
-                               res.beam, spec.field, self.telescope, restfreq=restfreq, bandwidth_hz=bandwidth,
-                               obs=obs, obs_radec=(self.field["ra_rad"], self.field["dec_rad"]))
-            path = os.path.join(io.workdir, f"{base}.{suffix}.fits")
-            write_fits(path, planes_, hdr)
-            files[suffix] = io.put_file(path)["key"]
+        # uploaded behind, while the next product is written: a large cube's join is
+        # otherwise mostly waiting for S3, one file at a time
+        with io.puts_behind() as up:
+            for suffix, planes_, unit in outputs:
+                hdr = image_header(ra, dec, spec.npix, np.radians(spec.cell_arcsec / 3600), freqs, frame, unit,
+                                   res.beam, spec.field, self.telescope, restfreq=restfreq, bandwidth_hz=bandwidth,
+                                   obs=obs, obs_radec=(self.field["ra_rad"], self.field["dec_rad"]))
+                path = os.path.join(io.workdir, f"{base}.{suffix}.fits")
+                write_fits(path, planes_, hdr)
+                up.put_file(path)
+            files = {suffix: entry["key"] for (suffix, _, _), entry in zip(outputs, up.entries())}
         theo = self.theo
         pbcor_name = f"{base}.tt0.pbcor.fits" if taylor is not None else f"{base}.pbcor.fits"
         rec = {"file": pbcor_name, "files": files, "field": spec.field, "spw": part["spw"],
