@@ -609,6 +609,10 @@ def test_metric_functions_score_known_inputs_as_before():
     assert (s.score, s.evidence) == (pytest.approx(0.9), "table-low-gain")
     assert s.reason == "Flagged antenna(s) DA48: gain amplitude below 30% of the array's median."
     assert alma.low_gain_antennas([], 10, 0.3) == []
+    s, = alma.low_gain_antennas(["DA48", "DV17"], 10, 0.3, ["DV17"])      # DV17 shadowed on the bandpass calibrator
+    assert s.score == pytest.approx(0.8) and s.reason == (
+        "Flagged antenna(s) DA48: gain amplitude below 30% of the array's median; DV17: no unflagged data on the "
+        "bandpass calibrator (shadowed or flagged before), so no gain and no bandpass.")
     assert [x.score for x in alma.median_tsys(5, 1500.0, 1000.0)] == [0.6] and alma.median_tsys(5, 900.0, 1e3) == []
     assert alma.tsys_coverage(3)[0].reason == "No Tsys spw covers science spw 3: Tsys not applied there."
     assert alma.wvr_availability()[0].reason.startswith("No WVR spw in the EB")

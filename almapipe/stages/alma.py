@@ -635,10 +635,15 @@ def _flag_antennas_in_data(io: StageIO, ctx: dict, ant_ids: list) -> None:
 
 @metric("lowgainflag.antennas_flagged", "antennas with data whose gain amplitude on the bandpass calibrator is "
         "below `fraction` of the array's median, all their data flagged: 1 - their share of the antennas")
-def low_gain_antennas(names: list, n_with_data: int, fraction: float) -> Score | None:
+def low_gain_antennas(names: list, n_with_data: int, fraction: float, unsolved: list = ()) -> Score | None:
+    """names: every antenna flagged; unsolved: those of them with no unflagged data on the
+    bandpass calibrator (shadowed or flagged there), which no gain could be solved for."""
     if names:
-        return Score(1 - len(names) / max(n_with_data, 1), f"Flagged antenna(s) {', '.join(names)}: gain amplitude "
-                                                            f"below {fraction:.0%} of the array's median.",
+        low = [a for a in names if a not in unsolved]
+        why = ([f"{', '.join(low)}: gain amplitude below {fraction:.0%} of the array's median"] if low else []) + \
+            ([f"{', '.join(unsolved)}: no unflagged data on the bandpass calibrator (shadowed or flagged before), "
+              "so no gain and no bandpass"] if unsolved else [])
+        return Score(1 - len(names) / max(n_with_data, 1), f"Flagged antenna(s) {'; '.join(why)}.",
                      evidence="table-low-gain")
     return None
 
@@ -648,8 +653,10 @@ def lowgainflag_tables(ctx: dict) -> list:
         return []
     return [{"title": "Antennas flagged for low gain", "evidence": "table-low-gain",
              "header": ["Antenna", "Why"],
-             "rows": [[a, "gain amplitude on the bandpass calibrator far below the array's median: "
-                          "all its data flagged"] for a in ctx["flags"]["lowgainflag"]]}]
+             "rows": [[a, ("no unflagged data on the bandpass calibrator (shadowed or flagged before): no gain or "
+                           "bandpass to calibrate it with" if a in ctx["flags"].get("lowgainflag_unsolved", []) else
+                           "gain amplitude on the bandpass calibrator far below the array's median")
+                          + ": all its data flagged"] for a in ctx["flags"]["lowgainflag"]]}]
 
 
 def lowgainflag_outliers(ctx: dict, link) -> list:
@@ -677,7 +684,7 @@ def lowgainflag(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
     bp_ids = require_intent(ctx, "BANDPASS", "lowgainflag")
     ants = ctx["observation"]["antennas"]
-    low = set()
+    low, unsolved = set(), set()
     for part in ctx["partitions"]:
         _, vis = read_averaged(io, part, bp_ids, field_models(ctx, unit_for=bp_ids), preapply(ctx, io, part["spw"]))
         g = solve_term(vis, unit_model(vis), SolveSpec(kind="G", solint="inf", calmode="ap", refant=refant_id(ctx),
@@ -690,15 +697,18 @@ def lowgainflag(ctx: dict, params: dict, io: StageIO) -> QA:
             if v < params["fraction"] * med:
                 low.add(a)
         # an antenna with data but no usable gain at all is the lowest gain there is
-        low |= {a["id"] for a in ants if a["has_data"]} - set(per_ant)
+        unsolved |= {a["id"] for a in ants if a["has_data"]} - set(per_ant)
+    low |= unsolved
     has = {a["id"] for a in ants if a["has_data"]}
     low &= has
     if low:
         _flag_antennas_in_data(io, ctx, sorted(low))
-        qa.add(low_gain_antennas([ants[a]["name"] for a in sorted(low)], len(has), params["fraction"]))
+        qa.add(low_gain_antennas([ants[a]["name"] for a in sorted(low)], len(has), params["fraction"],
+                                 [ants[a]["name"] for a in sorted(unsolved & has)]))
     else:
         qa.note("No low-gain antennas.")
     ctx["flags"]["lowgainflag"] = [ants[a]["name"] for a in sorted(low)]
+    ctx["flags"]["lowgainflag_unsolved"] = [ants[a]["name"] for a in sorted(unsolved & has)]
     return qa
 
 
