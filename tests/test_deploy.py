@@ -585,6 +585,30 @@ def test_k8s_nats_runs_replicated_streams(k8s_nats_cluster, monkeypatch):
     asyncio.run(scenario())
 
 
+def test_a_service_without_a_jetstream_leader_waits_then_names_it(k8s_nats_cluster, monkeypatch):
+    """Two of the three servers down: the one left has no JetStream meta leader and answers
+    503 or nothing. A service connecting waits JETSTREAM_READY_S for a leader (the window
+    that a starting cluster needs to elect one), then fails with BusError naming the
+    stream it could not reach, rather than with nats' bare timeout."""
+    from almapipe.platform import bus
+    cluster = k8s_nats_cluster
+    for i in (1, 2):
+        cluster["procs"][i].kill()
+        cluster["procs"][i].wait()
+    monkeypatch.setattr(bus, "JETSTREAM_READY_S", 4.0)
+    cfg = _cfg(monkeypatch, "gateway", cluster)
+
+    async def scenario():
+        t0 = time.monotonic()
+        with pytest.raises(bus.BusError, match=f"stream {bus.WORK_STREAM}.*no leader") as err:
+            await bus.connect(cfg, "gateway")
+        waited = time.monotonic() - t0
+        assert 4.0 <= waited < 30, waited
+        assert "timeout" in str(err.value).lower() or "unavailable" in str(err.value).lower()
+
+    asyncio.run(scenario())
+
+
 def test_compose_nats_conf_runs(tmp_path):
     """deploy/nats-compose.conf as nats-server reads it: a worker's user connects, a client
     without a user is refused."""

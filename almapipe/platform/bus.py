@@ -20,7 +20,7 @@ import time
 
 import nats
 from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig, AckPolicy
-from nats.js.errors import BadRequestError
+from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
 
 from ..config import Config, stream_replicas
 
@@ -65,31 +65,69 @@ async def connect(cfg: Config, name: str):
     except Exception as exc:
         raise BusError(f"NATS at {cfg.nats_url} unavailable: {exc or type(exc).__name__}") from exc
     js = nc.jetstream()
-    await _ensure_stream(js, StreamConfig(name=WORK_STREAM, subjects=["work.>"],
-                                          retention=RetentionPolicy.WORK_QUEUE))
-    await _ensure_stream(js, StreamConfig(name=EVENTS_STREAM, subjects=["events.>"],
-                                          max_age=30 * 24 * 3600))
+    try:
+        await _ensure_stream(js, StreamConfig(name=WORK_STREAM, subjects=["work.>"],
+                                              retention=RetentionPolicy.WORK_QUEUE))
+        await _ensure_stream(js, StreamConfig(name=EVENTS_STREAM, subjects=["events.>"],
+                                              max_age=30 * 24 * 3600))
+    except BaseException:
+        await nc.close()     # a connection that reconnects forever would outlive the error
+        raise
     return nc, js
+
+
+# how long a service waits for JetStream to answer its first API requests: a NATS cluster
+# that has just started (or lost a server) elects its meta leader and each stream's
+# leader in seconds, and until then JetStream answers 503 or not at all
+JETSTREAM_READY_S = 60.0
+
+
+def _not_ready_yet(exc: BaseException) -> bool:
+    """JetStream has no leader yet (a timeout, 503, no responders), not a refusal."""
+    return isinstance(exc, (nats.errors.TimeoutError, nats.errors.NoRespondersError,
+                            ServiceUnavailableError, asyncio.TimeoutError))
+
+
+async def _when_ready(make, what: str, timeout_s: float | None = None):
+    """await make(), again while JetStream is not ready yet (_not_ready_yet), for up to
+    JETSTREAM_READY_S; then BusError naming what did not answer. Other errors pass."""
+    t_end = time.monotonic() + (JETSTREAM_READY_S if timeout_s is None else timeout_s)
+    while True:
+        try:
+            return await make()
+        except Exception as exc:
+            if not _not_ready_yet(exc):
+                raise
+            if time.monotonic() >= t_end:
+                raise BusError(f"JetStream did not answer {what}: {exc or type(exc).__name__} "
+                               f"(no leader elected on the NATS cluster?)") from exc
+            log.info("JetStream not ready for %s (%s); again", what, type(exc).__name__)
+            await asyncio.sleep(0.5)
 
 
 async def _ensure_stream(js, config: StreamConfig) -> None:
     # replicated on a NATS cluster (ALMAPIPE_STREAM_REPLICAS); an existing stream keeps
     # the count it was created with (`nats stream edit --replicas` changes it)
     config.num_replicas = stream_replicas()
-    try:
-        await js.stream_info(config.name)
-    except Exception:
+
+    async def info_or_add():
         try:
-            await js.add_stream(config)
-        except BadRequestError:
-            pass  # created concurrently by another process
+            await js.stream_info(config.name)
+        except NotFoundError:
+            try:
+                await js.add_stream(config)
+            except BadRequestError:
+                pass  # created concurrently by another process
+    await _when_ready(info_or_add, f"stream {config.name}'s info")
 
 
 async def runs_kv(js):
-    try:
-        return await js.key_value(RUNS_KV)
-    except Exception:
-        return await js.create_key_value(bucket=RUNS_KV, history=5, replicas=stream_replicas())
+    async def open_or_create():
+        try:
+            return await js.key_value(RUNS_KV)
+        except NotFoundError:
+            return await js.create_key_value(bucket=RUNS_KV, history=5, replicas=stream_replicas())
+    return await _when_ready(open_or_create, f"the KV bucket {RUNS_KV}")
 
 
 def work_consumer_name(service: str) -> str:
