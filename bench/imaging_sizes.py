@@ -4,7 +4,7 @@ peak memory.
 
     .venv/bin/python bench/imaging_sizes.py [--sizes 512,2048,4096] [--cell 1.0]
         [--niter 1000] [--base-src DIR] [--wsclean wsclean] [--work DIR] [--preset NAME]
-        [--casa-python PATH]
+        [--casa-python PATH] [--threads 1,2,4,8,16]
 
 Every run images the same data the same way: field 2 (N5921_2) of the built-in
 NGC 5921 UVFITS (written to an MS once, raw DATA: the imaging work does not depend
@@ -28,6 +28,10 @@ gain 0.1, niter components, no threshold.
   tclean   with --casa-python PATH (a Python with casatasks, in its own venv): CASA's
            tclean on the same MS and selection, mfs, Hogbom, gridder 'standard', its
            default cycles (cyclefactor 1, no limit on major cycles), pbcor off
+
+  --threads ours again with ALMAPIPE_THREADS set to each count (columns ours@N): the
+           gridder's, the Briggs weights' and the minor cycle's threads, on a machine
+           with the cores
 
 Each run is one process started cold; its peak resident memory is the child's
 ru_maxrss (os.wait4). Numba's compiled kernels are cached on disk by a first
@@ -121,6 +125,8 @@ def main() -> None:
     ap.add_argument("--make-ms", action="store_true")
     ap.add_argument("--casa-python", default="", help="a Python with casatasks: tclean on the same data")
     ap.add_argument("--tclean-child", nargs=3, metavar=("FIELD", "SPW", "OUT"))
+    ap.add_argument("--threads", default="", help="ours once with each of these ALMAPIPE_THREADS "
+                    "(comma separated, e.g. 1,2,4,8,16): how the imager scales with cores")
     args = ap.parse_args()
     if args.tclean_child:
         return tclean_child(args.ms, args.npix, args.cell, args.niter, *args.tclean_child)
@@ -149,18 +155,20 @@ def main() -> None:
         selection = ["-field", str(FIELD), "-channel-range", str(CHANS[0]), str(CHANS[1] + 1)]
         casa_selection = [str(FIELD), f"0:{CHANS[0]}~{CHANS[1]}"]
     wsclean = shutil.which(args.wsclean)
-    sides = {"ours": HERE}
+    sides = {"ours": (HERE, {})}
     if args.base_src:
-        sides["base"] = os.path.abspath(args.base_src)
+        sides["base"] = (os.path.abspath(args.base_src), {})
+    for t in filter(None, args.threads.split(",")):
+        sides[f"ours@{t}"] = (HERE, {"ALMAPIPE_THREADS": t})
     me = [sys.executable, os.path.abspath(__file__), "--child", "--ms", ms, "--cell", str(args.cell),
           "--niter", str(args.niter)]
-    for src in sides.values():                       # numba's caches, not timed
+    for src, _ in sides.values():                    # numba's caches, not timed
         run_measured(me + ["--npix", "256"], env=dict(os.environ, PYTHONPATH=src), cwd=work)
     rows = []
     for npix in map(int, args.sizes.split(",")):
         row = {"npix": npix}
-        for name, src in sides.items():
-            r = run_measured(me + ["--npix", str(npix)], env=dict(os.environ, PYTHONPATH=src), cwd=work)
+        for name, (src, env) in sides.items():
+            r = run_measured(me + ["--npix", str(npix)], env=dict(os.environ, PYTHONPATH=src, **env), cwd=work)
             row[name] = {"wall_s": r["wall_s"], "rss_mib": r["rss_mib"], **json.loads(r["stdout"])}
         if wsclean:
             r = run_measured([wsclean, "-quiet", "-name", os.path.join(work, f"wsc{npix}"), "-size", str(npix),
@@ -179,7 +187,7 @@ def main() -> None:
             row["tclean"] = {"wall_s": r["wall_s"], "rss_mib": r["rss_mib"], **json.loads(r["stdout"])}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    names = [n for n in ("base", "ours", "wsclean", "tclean") if n in rows[0]]
+    names = [n for n in ("base", "ours", "wsclean", "tclean") if n in rows[0]] + [n for n in sides if "@" in n]
     print(f"{'npix':>6s} " + " ".join(f"{n + ' s':>10s} {n + ' MiB':>12s}" for n in names)
           + ("  ours/wsclean" if "wsclean" in names else "") + ("  ours/base" if "base" in names else "")
           + ("  ours/tclean" if "tclean" in names else ""))
