@@ -46,6 +46,26 @@ HEARTBEAT_S = float(os.environ.get("ALMAPIPE_HEARTBEAT_S", "10"))
 INFRA_RETRY_S = float(os.environ.get("ALMAPIPE_INFRA_RETRY_S", "600"))
 
 
+def _profiled(fn, req, label: str):
+    """fn itself, or fn under cProfile when ALMAPIPE_PROFILE_DIR is set and the stage is
+    among ALMAPIPE_PROFILE_STAGES (comma separated; empty: every stage): where a stage's
+    seconds go on the machine and data it runs on (read the .prof files with pstats)."""
+    where = os.environ.get("ALMAPIPE_PROFILE_DIR")
+    wanted = set(filter(None, os.environ.get("ALMAPIPE_PROFILE_STAGES", "").split(",")))
+    if not where or (wanted and req.stage not in wanted):
+        return fn
+
+    def run(*args):
+        import cProfile
+        prof = cProfile.Profile()
+        try:
+            return prof.runcall(fn, *args)
+        finally:
+            os.makedirs(where, exist_ok=True)
+            prof.dump_stats(os.path.join(where, f"{req.run_id}_{req.stage_index:02d}_{label}.prof"))
+    return run
+
+
 def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, workroot: str) -> tuple:
     """Run one stage request; returns (new context key, QA, outputs, duration, fan-out
     or None). Raises on failure.
@@ -69,7 +89,7 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
     io = StageIO(store, fetcher, req.run_id, req.stage_index, label, workdir)
     t0 = time.time()
     try:
-        qa = fn(ctx, params, io)
+        qa = _profiled(fn, req, label)(ctx, params, io)
         duration = time.time() - t0
         metrics.VISIBILITIES.labels(service, req.stage).inc(io.visibilities)
         moved = io.bytes_moved()
