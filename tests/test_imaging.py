@@ -365,6 +365,36 @@ def test_cube_cleaned_in_channel_ranges_and_joined_equals_one_pass(tmp_path, mon
     np.testing.assert_array_equal(joined.freqs, whole.freqs)
 
 
+def test_a_piece_comes_back_from_its_file_as_it_was_saved(tmp_path):
+    """A cube's piece is stored, not deflated: its models as their clean components and
+    its masks as bits (a plane of 61 x 63 pixels, not a whole number of bytes) come back
+    exactly, and so does a piece saved the old way (deflated whole arrays)."""
+    from almapipe.imaging.imager import Planes
+    rng = np.random.default_rng(5)
+    n, ny, nx = 4, 61, 63
+    models = [np.where(rng.random((ny, nx)) < 0.01, rng.normal(size=(ny, nx)), 0).astype(np.float32)
+              for _ in range(n)]
+    models[2][:] = 0                                     # a plane with no components
+    piece = Planes(models, [rng.normal(size=(ny, nx)).astype(np.float32) for _ in range(n)],
+                   [rng.normal(size=(ny, nx)).astype(np.float32) for _ in range(n)],
+                   [(1.0, 0.5, 10.0)] * n, np.linspace(1e11, 1.001e11, n), ["niter"] * n, 77,
+                   [rng.random((ny, nx)) < 0.3 for _ in range(n)])
+    piece.save(str(tmp_path / "new.npz"))
+    np.savez_compressed(tmp_path / "old.npz", models=piece.models, residuals=piece.residuals, psfs=piece.psfs,
+                        beams=np.array(piece.beams), freqs=piece.freqs, masks=piece.masks,
+                        iterations=piece.iterations, reasons=np.array(piece.reasons))
+    for name in ("new.npz", "old.npz"):
+        back = Planes.load(str(tmp_path / name))
+        for field in ("models", "residuals", "psfs", "masks"):
+            got, want = np.array(getattr(back, field)), np.array(getattr(piece, field))
+            assert got.dtype == want.dtype, (name, field)
+            np.testing.assert_array_equal(got, want, err_msg=f"{name} {field}")
+        assert back.beams == piece.beams and back.reasons == piece.reasons and back.iterations == 77
+        np.testing.assert_array_equal(back.freqs, piece.freqs)
+    # the residuals and PSFs whole, the rest small
+    assert (tmp_path / "new.npz").stat().st_size < 2 * n * ny * nx * 4 * 1.1
+
+
 def simulate_mosaic(centre, pointing_offsets, sources, freq0=100e9, noise=0.002, dish_m=12.0):
     """The visibilities of a mosaic: each pointing (l, m offsets from the centre) sees
     the point sources [(flux, l, m)] through its own Gaussian primary beam, phased to

@@ -147,18 +147,39 @@ class Planes:
     masks: list            # clean masks (automask) or zeros
 
     def save(self, path: str) -> None:
-        """To an .npz file (a piece of a cube, handed from one worker to the join). The
-        lists go as they are: savez stacks one at a time as it writes, so the piece is
-        never held twice over."""
-        np.savez_compressed(path, models=self.models, residuals=self.residuals, psfs=self.psfs,
-                            beams=np.array(self.beams), freqs=self.freqs, masks=self.masks,
-                            iterations=self.iterations, reasons=np.array(self.reasons))
+        """To an .npz file (a piece of a cube, handed from one worker to the join).
+
+        Stored, not deflated: the residuals and PSFs are noise to zlib (it took a quarter
+        of a piece's time and saved little), and what does compress is kept small by its
+        form: the models as their clean components (index, value), the masks as bits.
+        The residuals and PSFs go as lists: savez stacks one at a time as it writes, so
+        the piece is never held twice over."""
+        shape = (len(self.models), *np.shape(self.models[0])) if self.models else (0, 0, 0)
+        plane = int(np.prod(shape[1:]))
+        where = [np.flatnonzero(m) for m in self.models]
+        np.savez(path, residuals=self.residuals, psfs=self.psfs, shape=np.array(shape),
+                 model_index=np.concatenate([w + k * plane for k, w in enumerate(where)] or [np.zeros(0, int)]),
+                 model_value=np.concatenate([np.ravel(m)[w] for m, w in zip(self.models, where)]
+                                            or [np.zeros(0, np.float32)]).astype(np.float32),
+                 mask_bits=np.concatenate([np.packbits(np.ravel(m) > 0) for m in self.masks]
+                                          or [np.zeros(0, np.uint8)]),
+                 beams=np.array(self.beams), freqs=self.freqs, iterations=self.iterations,
+                 reasons=np.array(self.reasons))
 
     @staticmethod
     def load(path: str) -> "Planes":
         with np.load(path) as z:
-            return Planes(list(z["models"]), list(z["residuals"]), list(z["psfs"]), [tuple(b) for b in z["beams"]],
-                          z["freqs"], [str(r) for r in z["reasons"]], int(z["iterations"]), list(z["masks"]))
+            if "models" in z:           # deflated whole, as pieces were saved before
+                models, masks = z["models"], z["masks"]
+            else:
+                shape = tuple(int(n) for n in z["shape"])
+                models = np.zeros(shape, np.float32)
+                models.reshape(-1)[z["model_index"]] = z["model_value"]
+                plane = int(np.prod(shape[1:]))
+                bits = z["mask_bits"].reshape(shape[0], -1) if shape[0] else np.zeros((0, 0), np.uint8)
+                masks = np.unpackbits(bits, axis=1, count=plane).astype(bool).reshape(shape)
+            return Planes(list(models), list(z["residuals"]), list(z["psfs"]), [tuple(b) for b in z["beams"]],
+                          z["freqs"], [str(r) for r in z["reasons"]], int(z["iterations"]), list(masks))
 
 
 def _pointing_samples(vis: Vis, mosaic: Mosaic, samples: StokesI) -> list:
