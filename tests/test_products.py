@@ -76,6 +76,25 @@ def test_header_has_every_key_exportfits_writes(tmp_path):
     assert w.wcs.dateobs.startswith("2026-03-01T04:05:06")
 
 
+def test_fits_written_a_few_planes_at_a_time_are_the_bytes_astropy_writes(tmp_path, monkeypatch):
+    """write_fits converts a few planes at a time to big-endian (a cube's join writes
+    seven products of its size): the file is byte for byte astropy's writeto of the same
+    planes and header, in memory or from a memmap, whatever the step."""
+    from almapipe.imaging import products
+    monkeypatch.setattr(products, "FITS_WRITE_BYTES", 3 * 61 * 63 * 4)       # 3 planes a step
+    rng = np.random.default_rng(3)
+    planes = rng.normal(size=(7, 61, 63)).astype(np.float32)
+    mm = np.lib.format.open_memmap(str(tmp_path / "p.npy"), mode="w+", dtype=np.float32, shape=planes.shape)
+    mm[:] = planes
+    h = header([230.0e9, 230.1e9], restfreq=230.538e9)
+    fits.PrimaryHDU(data=planes[None], header=h).writeto(tmp_path / "astropy.fits")
+    for name, data in (("mem", planes), ("memmap", mm)):
+        write_fits(str(tmp_path / f"{name}.fits"), data, h)
+        assert (tmp_path / f"{name}.fits").read_bytes() == (tmp_path / "astropy.fits").read_bytes(), name
+    with fits.open(tmp_path / "mem.fits") as f:
+        np.testing.assert_array_equal(f[0].data[0], planes)
+
+
 def test_cube_header_gives_a_velocity_axis():
     """A cube with RESTFRQ converts to radio velocity; a lower-sideband cube descends."""
     f0, df = 230.6e9, -0.5e6
