@@ -5,6 +5,8 @@ product names, the QA2 verdict, and a cube's reported peak (never from a flagged
 edge plane)."""
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 from astropy import units as u
@@ -79,7 +81,8 @@ def test_header_has_every_key_exportfits_writes(tmp_path):
 def test_fits_written_a_few_planes_at_a_time_are_the_bytes_astropy_writes(tmp_path, monkeypatch):
     """write_fits converts a few planes at a time to big-endian (a cube's join writes
     seven products of its size): the file is byte for byte astropy's writeto of the same
-    planes and header, in memory or from a memmap, whatever the step."""
+    planes and header, in memory or from a memmap, whatever the step, and its SHA-256 is
+    taken as it is written."""
     from almapipe.imaging import products
     monkeypatch.setattr(products, "FITS_WRITE_BYTES", 3 * 61 * 63 * 4)       # 3 planes a step
     rng = np.random.default_rng(3)
@@ -89,8 +92,10 @@ def test_fits_written_a_few_planes_at_a_time_are_the_bytes_astropy_writes(tmp_pa
     h = header([230.0e9, 230.1e9], restfreq=230.538e9)
     fits.PrimaryHDU(data=planes[None], header=h).writeto(tmp_path / "astropy.fits")
     for name, data in (("mem", planes), ("memmap", mm)):
-        write_fits(str(tmp_path / f"{name}.fits"), data, h)
-        assert (tmp_path / f"{name}.fits").read_bytes() == (tmp_path / "astropy.fits").read_bytes(), name
+        digest = write_fits(str(tmp_path / f"{name}.fits"), data, h)
+        written = (tmp_path / f"{name}.fits").read_bytes()
+        assert written == (tmp_path / "astropy.fits").read_bytes(), name
+        assert digest == hashlib.sha256(written).hexdigest()      # what the upload records
     with fits.open(tmp_path / "mem.fits") as f:
         np.testing.assert_array_equal(f[0].data[0], planes)
 

@@ -164,18 +164,25 @@ def image_header(ra_rad: float, dec_rad: float, npix: int, cell_rad: float, freq
 FITS_WRITE_BYTES = 32 << 20
 
 
-def write_fits(path: str, planes: np.ndarray, header: fits.Header) -> None:
+def write_fits(path: str, planes: np.ndarray, header: fits.Header) -> str:
     """planes is (nchan, ny, nx); written as (STOKES, FREQ, DEC, RA), the bytes astropy's
     writeto writes. The data go a few planes at a time, each converted to big-endian
     once: writeto swaps the whole array in place and back (two passes over a cube, and
-    over its file where it is a memmap), where this makes one."""
+    over its file where it is a memmap), where this makes one. Returns the file's
+    SHA-256, taken as it is written (the upload then need not read it again for it)."""
+    import hashlib
     from astropy.io import fits
     n, ny, nx = np.shape(planes)
     # the header astropy makes for such data (BITPIX, NAXISn in order), from a view of no size
     hdr = fits.PrimaryHDU(data=np.broadcast_to(np.float32(0), (1, n, ny, nx)), header=header).header
     step = max(1, FITS_WRITE_BYTES // max(ny * nx * 4, 1))
+    digest = hashlib.sha256()
     with open(path, "wb") as f:
-        f.write(hdr.tostring(endcard=True, padding=True).encode("ascii"))
+        def put(chunk) -> None:
+            digest.update(chunk)
+            f.write(chunk)
+        put(hdr.tostring(endcard=True, padding=True).encode("ascii"))
         for k in range(0, n, step):
-            f.write(np.ascontiguousarray(planes[k:k + step], ">f4").data)
-        f.write(b"\0" * (-(n * ny * nx * 4) % 2880))
+            put(np.ascontiguousarray(planes[k:k + step], ">f4").data)
+        put(b"\0" * (-(n * ny * nx * 4) % 2880))
+    return digest.hexdigest()

@@ -61,8 +61,9 @@ class ObjectStore:
             return False
 
     # --- files and directories
-    def put_file(self, local: str, key: str, bucket: str | None = None) -> dict:
-        digest = sha256_file(local)
+    def put_file(self, local: str, key: str, bucket: str | None = None, sha256: str | None = None) -> dict:
+        """sha256: the file's, where the caller took it as it wrote the file."""
+        digest = sha256 or sha256_file(local)
         size = os.path.getsize(local)
         self.client.fput_object(bucket or self.bucket, key, local, metadata={"x-amz-meta-sha256": digest})
         return {"key": key, "sha256": digest, "size": size}

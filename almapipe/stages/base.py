@@ -123,9 +123,10 @@ class _PutsBehind:
         self.io, self.pending = io, []
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="put-behind")
 
-    def put_file(self, local: str, name: str | None = None) -> None:
+    def put_file(self, local: str, name: str | None = None, sha256: str | None = None) -> None:
         name = name or os.path.basename(local)
-        self.pending.append((name, self.pool.submit(self.io.store.put_file, local, self.io.key(name))))
+        self.pending.append((name, self.pool.submit(self.io.store.put_file, local, self.io.key(name),
+                                                    sha256=sha256)))
 
     def entries(self) -> list:
         """Each file's entry (as put_file returns it), in the order put, once uploaded."""

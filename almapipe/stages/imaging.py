@@ -1004,8 +1004,7 @@ class ImageJob:
                                    res.beam, spec.field, self.telescope, restfreq=restfreq, bandwidth_hz=bandwidth,
                                    obs=obs, obs_radec=(self.field["ra_rad"], self.field["dec_rad"]))
                 path = os.path.join(io.workdir, f"{base}.{suffix}.fits")
-                write_fits(path, planes_, hdr)
-                up.put_file(path)
+                up.put_file(path, sha256=write_fits(path, planes_, hdr))
             files = {suffix: entry["key"] for (suffix, _, _), entry in zip(outputs, up.entries())}
         theo = self.theo
         pbcor_name = f"{base}.tt0.pbcor.fits" if taylor is not None else f"{base}.pbcor.fits"
