@@ -79,6 +79,50 @@ def test_beam_fit_of_a_known_gaussian():
     assert abs(got[0] - 10.0) < 0.1 and abs(got[1] - 6.0) < 0.1 and abs(got[2] - 30.0) < 1.0
 
 
+def test_main_lobe_walks_each_ray_only_to_its_edge():
+    """main_lobe samples its rays in growing stretches, each ray until its first sample
+    below the cutoff: the lobe it finds is, pixel for pixel, the one found by sampling
+    every ray out to the array's edge, for a lobe of a few pixels, one longer than the
+    first stretch (40 pixels along its major axis), a PSF whose sidelobes rise above the
+    cutoff beyond a dip, and a peak off the centre."""
+    from scipy import ndimage
+
+    def every_sample(psf, cutoff=deconvolve.PSF_CUTOFF, nrays=720):
+        py, px = np.unravel_index(np.argmax(psf), psf.shape)
+        theta = np.linspace(0, 2 * np.pi, nrays, endpoint=False)
+        rmax = float(min(py, px, psf.shape[0] - 1 - py, psf.shape[1] - 1 - px))
+        steps = np.arange(0.25, max(rmax, 0.25) + 0.25, 0.25)
+        yy = py + np.sin(theta)[:, None] * steps[None, :]
+        xx = px + np.cos(theta)[:, None] * steps[None, :]
+        below = ndimage.map_coordinates(psf, [yy.ravel(), xx.ravel()], order=1).reshape(yy.shape) < cutoff
+        return np.where(below.any(axis=1), steps[np.argmax(below, axis=1)], steps[-1])
+
+    rng = np.random.default_rng(2)
+    n = 256
+    yy, xx = np.mgrid[:n, :n] - n // 2
+    r = np.hypot(xx, yy)
+    psfs = [np.exp(-(xx / 3.0) ** 2 - (yy / 2.0) ** 2),
+            np.exp(-(xx / 40.0) ** 2 - (yy / 4.0) ** 2),
+            np.exp(-(r / 4.0) ** 2) + 0.6 * np.exp(-((r - 30.0) / 3.0) ** 2),
+            np.roll(np.exp(-(xx / 5.0) ** 2 - (yy / 3.0) ** 2), (90, -100), (0, 1))]
+    for k, psf in enumerate(psfs):
+        psf = (psf + 0.002 * rng.normal(size=psf.shape)).astype(np.float32)
+        psf /= psf.max()
+        dy, dx, val = deconvolve.main_lobe(psf)
+        py, px = np.unravel_index(np.argmax(psf), psf.shape)
+        edge = every_sample(psf)
+        theta = np.linspace(0, 2 * np.pi, 720, endpoint=False)
+        h = int(np.ceil(edge.max())) + 1
+        gy, gx = np.mgrid[-h:h + 1, -h:h + 1]
+        edge_at = np.interp(np.mod(np.arctan2(gy, gx), 2 * np.pi), np.append(theta, 2 * np.pi),
+                            np.append(edge, edge[0]))
+        inside = (np.hypot(gy, gx) < edge_at) & (py + gy >= 0) & (py + gy < n) & (px + gx >= 0) & (px + gx < n)
+        np.testing.assert_array_equal(dy, gy[inside], err_msg=str(k))
+        np.testing.assert_array_equal(dx, gx[inside], err_msg=str(k))
+        np.testing.assert_array_equal(val, psf[py + gy[inside], px + gx[inside]])
+    assert len(deconvolve.main_lobe((psfs[1] / psfs[1].max()).astype(np.float32))[0]) > 400   # past 16 pixels
+
+
 def test_clean_residual_is_noise_like():
     vis = simulate(nant=10, ntime=30, nchan=2, noise=0.01, flux=2.0, baseline_m=400)
     spec = ImageSpec(field="s", npix=64, cell_arcsec=12.0, niter=300)

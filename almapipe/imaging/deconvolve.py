@@ -433,12 +433,21 @@ def main_lobe(psf: np.ndarray, cutoff: float = PSF_CUTOFF, nrays: int = 720) -> 
     # the farthest a ray can go inside the array
     rmax = float(min(py, px, psf.shape[0] - 1 - py, psf.shape[1] - 1 - px))
     steps = np.arange(0.25, max(rmax, 0.25) + 0.25, 0.25)
-    yy = py + np.sin(theta)[:, None] * steps[None, :]
-    xx = px + np.cos(theta)[:, None] * steps[None, :]
-    samples = ndimage.map_coordinates(psf, [yy.ravel(), xx.ravel()], order=1).reshape(yy.shape)
-    below = samples < cutoff
-    # each ray's edge: its first sample below the cutoff (the whole ray if none)
-    edge = np.where(below.any(axis=1), steps[np.argmax(below, axis=1)], steps[-1])
+    sin, cos = np.sin(theta), np.cos(theta)
+    # each ray's edge: its first sample below the cutoff (the whole ray if none). The
+    # rays are walked out in growing stretches, each ray only until it has its edge: a
+    # lobe is a few pixels across and the array hundreds, and sampling every ray to the
+    # array's edge was half of a cube piece's time
+    edge = np.full(nrays, steps[-1])
+    todo, start, stop = np.arange(nrays), 0, min(len(steps), 64)
+    while todo.size and start < len(steps):
+        st = steps[start:stop]
+        yy = py + sin[todo, None] * st[None, :]
+        xx = px + cos[todo, None] * st[None, :]
+        below = ndimage.map_coordinates(psf, [yy.ravel(), xx.ravel()], order=1).reshape(yy.shape) < cutoff
+        hit = below.any(axis=1)
+        edge[todo[hit]] = st[np.argmax(below[hit], axis=1)]
+        todo, start, stop = todo[~hit], stop, min(len(steps), 2 * stop)
     h = int(np.ceil(edge.max())) + 1
     dy, dx = np.mgrid[-h:h + 1, -h:h + 1]
     r = np.hypot(dy, dx)
