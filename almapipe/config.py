@@ -49,6 +49,9 @@ so one data directory and one port base describe a whole local stack:
                        context and logs are kept)
   ALMAPIPE_TRIGGER_CLAIM_GRACE_S  age (s) after which a trigger claim left without a run
                        is taken over (default 30)
+  ALMAPIPE_PROFILE_DIR, ALMAPIPE_PROFILE_STAGES  a worker writes each stage's cProfile
+                       (<run>_<index>_<stage>.prof) to the folder, for the stages named
+                       (comma separated; unset: every stage)
 Credentials are never logged.
 """
 from __future__ import annotations
