@@ -600,11 +600,10 @@ def test_a_service_without_a_jetstream_leader_waits_then_names_it(k8s_nats_clust
 
     async def scenario():
         t0 = time.monotonic()
-        with pytest.raises(bus.BusError, match=f"stream {bus.WORK_STREAM}.*no leader") as err:
+        with pytest.raises(bus.BusError, match=f"stream {bus.WORK_STREAM}.*no leader"):
             await bus.connect(cfg, "gateway")
         waited = time.monotonic() - t0
         assert 4.0 <= waited < 30, waited
-        assert "timeout" in str(err.value).lower() or "unavailable" in str(err.value).lower()
 
     asyncio.run(scenario())
 
