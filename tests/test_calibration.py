@@ -75,9 +75,21 @@ def test_applycal_inverts_gains_and_scales_weights():
     vis = simulate(gains=g, noise=0.0, flux=3.0)
     sol = solve_term(vis, point_model(vis, {0: lambda f: np.full_like(f, 3.0)}),
                      SolveSpec(kind="G", solint="int", refant=0))
+    raw = vis.data.copy()
     data, flag, weight = apply_tables(vis, [GainApply(sol, interp="linear")])
     np.testing.assert_allclose(np.abs(data[~flag]), 3.0, rtol=1e-3)
     assert np.all(weight > 0)
+    np.testing.assert_array_equal(vis.data, raw)                  # by default the input stays
+    # in place (applycal's row blocks): the same result, in the input's own array when it
+    # is a writeable complex64 one, else in a copy
+    for dtype, writeable in ((np.complex64, True), (np.complex128, True), (np.complex64, False)):
+        vis.data = raw.astype(dtype)
+        vis.data.flags.writeable = writeable
+        got, gflag, gweight = apply_tables(vis, [GainApply(sol, interp="linear")], in_place=True)
+        np.testing.assert_array_equal(got, data)
+        np.testing.assert_array_equal(gflag, flag)
+        np.testing.assert_array_equal(gweight, weight)
+        assert (got is vis.data) == (dtype is np.complex64 and writeable), (dtype, writeable)
 
 
 def test_caltable_roundtrip_has_casa_layout(ngc5921_ms, tmp_path):

@@ -959,14 +959,15 @@ def applycal(ctx: dict, params: dict, io: StageIO) -> QA:
         stride = max(1, int(np.ceil(p.nrow * p.nchan * p.ncorr / PLOT_SAMPLES)))
         # in row blocks: memory stays at a few chunks whatever the size of the EB
         for blk in p.blocks(block_chunks=4):
-            corrected, flags, weights = apply_tables(blk, applies, strict=True)   # as CASA's calflagstrict
+            # as CASA's calflagstrict; the block's data are corrected where they are
+            corrected, flags, weights = apply_tables(blk, applies, strict=True, in_place=True)
             io.visibilities += blk.data.size
             flagged_before += int(blk.flag.sum())
             flagged_after += int(flags.sum())
             total += flags.size
             p.write("CORRECTED_DATA", blk.rows, corrected)
             p.write_flags(blk.rows, flags)
-            p.write("WEIGHT", blk.rows, weights.astype(np.float32))
+            p.write("WEIGHT", blk.rows, weights)            # float32 already (apply_tables)
             counts.add(blk, flags)
             keep = np.isin(blk.field_id, list(calibrators)) & (blk.rows % stride == 0)
             if keep.any():
