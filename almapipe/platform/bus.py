@@ -20,7 +20,7 @@ import time
 
 import nats
 from nats.js.api import ConsumerConfig, DeliverPolicy, RetentionPolicy, StreamConfig, AckPolicy
-from nats.js.errors import BadRequestError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from ..config import Config, stream_replicas
 
@@ -82,21 +82,16 @@ async def connect(cfg: Config, name: str):
 JETSTREAM_READY_S = 60.0
 
 
-def _not_ready_yet(exc: BaseException) -> bool:
-    """JetStream has no leader yet (a timeout, 503, no responders), not a refusal."""
-    return isinstance(exc, (nats.errors.TimeoutError, nats.errors.NoRespondersError,
-                            ServiceUnavailableError, asyncio.TimeoutError))
-
-
-async def _when_ready(make, what: str, timeout_s: float | None = None):
-    """await make(), again while JetStream is not ready yet (_not_ready_yet), for up to
-    JETSTREAM_READY_S; then BusError naming what did not answer. Other errors pass."""
-    t_end = time.monotonic() + (JETSTREAM_READY_S if timeout_s is None else timeout_s)
+async def _when_ready(make, what: str):
+    """await make(), again while JetStream does not answer (a timeout, 503, no responders:
+    is_infrastructure_error), for up to JETSTREAM_READY_S; then BusError naming what did
+    not answer. Other errors (a refusal) pass at once."""
+    t_end = time.monotonic() + JETSTREAM_READY_S
     while True:
         try:
             return await make()
         except Exception as exc:
-            if not _not_ready_yet(exc):
+            if not is_infrastructure_error(exc):
                 raise
             if time.monotonic() >= t_end:
                 raise BusError(f"JetStream did not answer {what}: {exc or type(exc).__name__} "
