@@ -12,6 +12,8 @@ from .. import limits
 from ..msio import listobs, ms as msio, storeio, uvfits
 
 
+# an input tar is read and copied this many bytes at a time (tarfile's own: 10-16 KiB)
+TAR_BUFFER_BYTES = 4 << 20
 # Files an input tar may carry beside the MS, as ALMA's pipeline finds them in
 # its working directory; each lands in the context's user inputs.
 SIDECARS = {"antennapos.csv": "antennapos", "flagtemplate.txt": "flag_template", "cont.dat": "cont_dat",
@@ -75,9 +77,6 @@ def _unpack_input(path: str, workdir: str, packed_size: int = 0) -> tuple[str, s
 def _is_plain_tar(head: bytes) -> bool:
     """A POSIX/GNU tar's first header: "ustar" at byte 257."""
     return len(head) >= 262 and head[257:262] == b"ustar"
-
-
-TAR_BUFFER_BYTES = 4 << 20
 
 
 def _stream_tar(io: StageIO, key: str, what: str) -> str:
