@@ -14,9 +14,12 @@ import os
 import shutil
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Iterable
 
 from minio import Minio
+from minio.commonconfig import ComposeSource
 from minio.error import S3Error
 
 from ..config import Config
@@ -24,6 +27,67 @@ from ..config import Config
 
 class StoreError(RuntimeError):
     """The object store is unreachable or refused a request; the message says which."""
+
+
+# S3's smallest part of a multipart upload but the last (AWS, MinIO and SeaweedFS alike):
+# a part copied by the server (UploadPartCopy) must be at least this long
+MIN_PART_BYTES = 5 * 2**20
+# bytes taken from a stream or an object at a time (hashing, uploading)
+STREAM_BYTES = 8 * 2**20
+PUT_PART_BYTES = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bytes [offset, offset + length) of an object already in the store: a segment of
+    ObjectStore.assemble. known: those bytes, where this process has them (hashed
+    without fetching them)."""
+    key: str
+    offset: int
+    length: int
+    known: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Stream:
+    """A segment of ObjectStore.assemble made here: length bytes, as chunks."""
+    chunks: Iterable
+    length: int
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """A segment of ObjectStore.assemble: data, times over (a FITS cube's plane that is
+    the same in every channel: a primary beam). Stored once as a unit of at least
+    MIN_PART_BYTES, copied by the server as often as it goes."""
+    data: bytes
+    times: int
+
+
+class _ChunkReader:
+    """A file-like object over chunks of bytes (minio's put_object reads a part at a
+    time from it), each chunk hashed on its way."""
+
+    def __init__(self, chunks: Iterable, digest=None):
+        self.chunks, self.digest = iter(chunks), digest
+        self.buf, self.pos = memoryview(b""), 0
+
+    def read(self, n: int = -1) -> bytes:
+        out = []
+        while n != 0:
+            if self.pos >= len(self.buf):
+                chunk = next(self.chunks, None)
+                if chunk is None:
+                    break
+                self.buf, self.pos = memoryview(chunk).cast("B"), 0
+                if self.digest is not None:
+                    self.digest.update(self.buf)
+                continue
+            take = len(self.buf) - self.pos if n < 0 else min(n, len(self.buf) - self.pos)
+            out.append(self.buf[self.pos:self.pos + take])
+            self.pos += take
+            n = n - take if n > 0 else n
+        return b"".join(out)
 
 
 def sha256_file(path: str) -> str:
@@ -67,6 +131,98 @@ class ObjectStore:
         size = os.path.getsize(local)
         self.client.fput_object(bucket or self.bucket, key, local, metadata={"x-amz-meta-sha256": digest})
         return {"key": key, "sha256": digest, "size": size}
+
+    def put_stream(self, key: str, chunks: Iterable, length: int, metadata: dict | None = None) -> dict:
+        """An object of length bytes given as chunks (memory: a part, not the object);
+        its entry carries their sha256, taken on the way."""
+        digest = hashlib.sha256()
+        reader = _ChunkReader(chunks, digest)
+        # parts of PUT_PART_BYTES: what the uploader holds at a time
+        self.client.put_object(self.bucket, key, reader, length, metadata=metadata, part_size=PUT_PART_BYTES)
+        if reader.read(1):
+            raise StoreError(f"put_stream {key}: more than the {length} bytes announced")
+        return {"key": key, "sha256": digest.hexdigest(), "size": length}
+
+    def chunks(self, key: str, offset: int = 0, length: int = 0, bucket: str | None = None):
+        """The bytes [offset, offset + length) of an object (length 0: to its end), a
+        few MB at a time."""
+        try:
+            resp = self.client.get_object(bucket or self.bucket, key, offset=offset, length=length)
+        except S3Error as exc:
+            raise StoreError(f"cannot fetch s3://{bucket or self.bucket}/{key}: {exc.code}") from exc
+        try:
+            yield from resp.stream(STREAM_BYTES)
+        finally:
+            resp.close()
+            resp.release_conn()
+
+    def assemble(self, key: str, segments: list) -> dict:
+        """One object made of segments, in order: bytes (or a Stream) from this process,
+        Ranges of objects already in the store, Repeats. Where a Range is at least
+        MIN_PART_BYTES the server copies it into place (a multipart upload's
+        UploadPartCopy): its bytes do not pass through this process but to be hashed. The
+        rest is uploaded as parts of their own (each at least MIN_PART_BYTES but the
+        last, taking Ranges in where it must), composed, then removed. A cube's pieces
+        write their planes, and its join assembles the FITS file from them.
+
+        The entry and the object's metadata carry the whole object's sha256, as
+        put_file's do; the entry's "copied" counts the bytes the server copied. A
+        retried call rewrites the same keys with the same bytes."""
+        digest = hashlib.sha256()
+        temps: list = []
+        try:
+            parts = _parts(self._expand(key, segments, temps))
+            sources, size, copied = [], 0, 0
+            for i, part in enumerate(parts):
+                if isinstance(part, Range):
+                    sources.append(ComposeSource(self.bucket, part.key, offset=part.offset, length=part.length))
+                    for chunk in ([part.known] if part.known is not None else
+                                  self.chunks(part.key, part.offset, part.length)):
+                        digest.update(chunk)
+                    size += part.length
+                    copied += part.length
+                    continue
+                tmp = f"{key}.part{i}"
+                length = sum(_length(s) for s in part)
+                self.put_stream(tmp, _segment_chunks(self, part, digest), length)
+                temps.append(tmp)
+                sources.append(ComposeSource(self.bucket, tmp))
+                size += length
+            sha = digest.hexdigest()
+            try:
+                self.client.compose_object(self.bucket, key, sources, metadata={"x-amz-meta-sha256": sha})
+            except (S3Error, ValueError) as exc:
+                raise StoreError(f"cannot assemble s3://{self.bucket}/{key} from {len(sources)} parts: "
+                                 f"{getattr(exc, 'code', exc)}") from exc
+            return {"key": key, "sha256": sha, "size": size, "copied": copied}
+        finally:
+            for tmp in temps:
+                try:
+                    self.client.remove_object(self.bucket, tmp)
+                except Exception:         # a temporary part left behind is retention's to drop
+                    pass
+
+    def _expand(self, key: str, segments: list, temps: list) -> list:
+        """segments with each Repeat made Ranges of a unit stored once (at key.unitN)
+        and the bytes that do not fill a unit."""
+        out, units = [], {}           # one unit for the Repeats of the same data
+        for seg in segments:
+            if not isinstance(seg, Repeat):
+                out.append(seg)
+                continue
+            per_unit = -(-MIN_PART_BYTES // max(len(seg.data), 1))
+            if seg.times < 2 * per_unit:         # too few to gain from copies
+                out.append(Stream([seg.data] * seg.times, len(seg.data) * seg.times))
+                continue
+            unit = seg.data * per_unit
+            if seg.data not in units:
+                units[seg.data] = f"{key}.unit{len(units)}"
+                self.put_bytes(units[seg.data], unit)
+                temps.append(units[seg.data])
+            out += [Range(units[seg.data], 0, len(unit), known=unit)] * (seg.times // per_unit)
+            if seg.times % per_unit:
+                out.append(Stream([seg.data] * (seg.times % per_unit), len(seg.data) * (seg.times % per_unit)))
+        return out
 
     def put_dir(self, local_dir: str, key: str) -> dict:
         """Upload a directory (an MS, a caltable) as a tar archive at key."""
@@ -138,6 +294,51 @@ class ObjectStore:
 
     def url(self, key: str, expiry_s: int = 3600) -> str:
         return self.client.presigned_get_object(self.bucket, key, expires=timedelta(seconds=expiry_s))
+
+
+def _length(seg) -> int:
+    return seg.length if isinstance(seg, (Range, Stream)) else len(seg)
+
+
+def _parts(segments: list) -> list:
+    """ObjectStore.assemble's parts: a Range of at least MIN_PART_BYTES alone (copied by
+    the server), else a list of segments uploaded together. A part to upload takes the
+    segments after it until it is MIN_PART_BYTES long (only the last part may be
+    shorter), so a short header or a short piece never stands between two copies; from a
+    long range it takes only what it lacks."""
+    parts: list = []
+    for seg in segments:
+        if _length(seg) == 0:
+            continue
+        last = parts[-1] if parts else None
+        short = MIN_PART_BYTES - sum(_length(s) for s in last) if isinstance(last, list) else 0
+        if short > 0 and isinstance(seg, Range) and seg.length - short >= MIN_PART_BYTES:
+            # the part takes what it lacks of a long range, the server copies the rest
+            cut = lambda a, b: seg.known[a:b] if seg.known is not None else None  # noqa: E731
+            last.append(Range(seg.key, seg.offset, short, cut(0, short)))
+            parts.append(Range(seg.key, seg.offset + short, seg.length - short, cut(short, seg.length)))
+        elif short <= 0 and isinstance(seg, Range) and seg.length >= MIN_PART_BYTES:
+            parts.append(seg)
+        elif isinstance(last, list):
+            last.append(seg)
+        else:
+            parts.append([seg])
+    return parts
+
+
+def _segment_chunks(store: "ObjectStore", part: list, digest):
+    """The bytes of a part to upload, in chunks, hashed into digest on the way (the
+    uploader reads them through a _ChunkReader without a digest of its own)."""
+    for seg in part:
+        if isinstance(seg, Range):
+            chunks = [seg.known] if seg.known is not None else store.chunks(seg.key, seg.offset, seg.length)
+        elif isinstance(seg, Stream):
+            chunks = seg.chunks
+        else:
+            chunks = [seg]
+        for chunk in chunks:
+            digest.update(chunk)
+            yield chunk
 
 
 def unpack_dir(tar, dest_parent: str, what: str) -> str:
