@@ -10,6 +10,7 @@ HISTORY).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -164,6 +165,33 @@ def image_header(ra_rad: float, dec_rad: float, npix: int, cell_rad: float, freq
 FITS_WRITE_BYTES = 32 << 20
 
 
+def fits_header_bytes(shape: tuple, header: fits.Header) -> bytes:
+    """The primary header of a (STOKES, FREQ, DEC, RA) float32 image of shape (nchan,
+    ny, nx), as astropy's writeto writes it (BITPIX, NAXISn in order; END, padded)."""
+    from astropy.io import fits
+    n, ny, nx = shape
+    # the header astropy makes for such data, from a view of no size
+    hdr = fits.PrimaryHDU(data=np.broadcast_to(np.float32(0), (1, n, ny, nx)), header=header).header
+    return hdr.tostring(endcard=True, padding=True).encode("ascii")
+
+
+def fits_padding(data_bytes: int) -> bytes:
+    """The zeros that fill a FITS data unit of data_bytes to its 2880-byte record."""
+    return b"\0" * (-data_bytes % 2880)
+
+
+def plane_chunks(planes) -> "Iterator[memoryview]":
+    """The FITS data of (nchan, ny, nx) planes (an array, a memmap, a list of planes):
+    big-endian float32, a few planes at a time, each converted once."""
+    n = len(planes)
+    if not n:
+        return
+    ny, nx = np.shape(planes[0])
+    step = max(1, FITS_WRITE_BYTES // max(ny * nx * 4, 1))
+    for k in range(0, n, step):
+        yield np.ascontiguousarray(planes[k:k + step], ">f4").data
+
+
 def write_fits(path: str, planes: np.ndarray, header: fits.Header) -> str:
     """planes is (nchan, ny, nx); written as (STOKES, FREQ, DEC, RA), the bytes astropy's
     writeto writes. The data go a few planes at a time, each converted to big-endian
@@ -171,18 +199,14 @@ def write_fits(path: str, planes: np.ndarray, header: fits.Header) -> str:
     over its file where it is a memmap), where this makes one. Returns the file's
     SHA-256, taken as it is written (the upload then need not read it again for it)."""
     import hashlib
-    from astropy.io import fits
-    n, ny, nx = np.shape(planes)
-    # the header astropy makes for such data (BITPIX, NAXISn in order), from a view of no size
-    hdr = fits.PrimaryHDU(data=np.broadcast_to(np.float32(0), (1, n, ny, nx)), header=header).header
-    step = max(1, FITS_WRITE_BYTES // max(ny * nx * 4, 1))
+    shape = np.shape(planes)
     digest = hashlib.sha256()
     with open(path, "wb") as f:
         def put(chunk) -> None:
             digest.update(chunk)
             f.write(chunk)
-        put(hdr.tostring(endcard=True, padding=True).encode("ascii"))
-        for k in range(0, n, step):
-            put(np.ascontiguousarray(planes[k:k + step], ">f4").data)
-        put(b"\0" * (-(n * ny * nx * 4) % 2880))
+        put(fits_header_bytes(shape, header))
+        for chunk in plane_chunks(planes):
+            put(chunk)
+        put(fits_padding(int(np.prod(shape)) * 4))
     return digest.hexdigest()
