@@ -101,6 +101,12 @@ def finished_run(s3, ngc5921_ms, tmp_path_factory):
         store.put_bytes(key, np.random.default_rng(n).bytes(n))
         products[name] = key
     store.put_json(f"runs/{rid}/products/manifest.json", products)
+    # a cube's pieces' planes (the join assembled its products from them) and a part an
+    # interrupted assembly left
+    for name in ("11_imagecube_chunk/planes_0_0.npz", "11_imagecube_chunk/planes_0_0.residual",
+                 "11_imagecube_chunk/planes_0_1.psf", "12_joincube/target.cube.psf.fits.part0"):
+        store.put_bytes(f"runs/{rid}/stages/{name}", np.random.default_rng(7).bytes(100_000))
+    store.put_bytes(f"runs/{rid}/stages/11_imagecube_chunk/imagecube_chunk.log", b"log")
     put_record(cfg, record(rid, "SUCCEEDED", final_key, input_key=input_key))
     return {"cfg": cfg, "store": store, "rid": rid, "final": e, "input_key": input_key, "products": products,
             "vs": vs, "meta": lambda k: fetcher.dir(k, str(work)), "prefix": prefix,
@@ -150,6 +156,10 @@ def test_gc_keeps_the_final_versions_and_meets_the_footprint_bound(finished_run,
         assert store.exists(key)
     assert store.get_json(f"runs/{rid}/gc.json")["freed_bytes"] == rep["freed_bytes"]
     assert retention.gc(r["cfg"], store, [rid])[0]["freed_bytes"] == 0
+    # the pieces' planes and the assembly's leftover part are gone, the pieces' log stays
+    stages = {o.object_name.split("/stages/")[1] for o in store.list(f"runs/{rid}/stages/")}
+    assert not any("planes_" in k or ".part" in k for k in stages), stages
+    assert "11_imagecube_chunk/imagecube_chunk.log" in stages
 
 
 def test_gc_drops_the_whole_visibility_store_after_n_days(finished_run, capsys):

@@ -342,6 +342,62 @@ def test_a_cube_over_max_cube_gb_is_binned_by_two_channels_in_pieces(calibrated_
         np.testing.assert_allclose(h1[0].data, h[0].data, atol=1e-6)
 
 
+def test_a_joined_cube_is_assembled_in_the_store_from_its_pieces_planes(calibrated_eb, tmp_path):
+    """A cube of 660 channels cleaned in 2 pieces with automasking: each piece stores its
+    residual and PSF planes as FITS data, and the join assembles those cubes in the store
+    from them (the server copies the second piece's planes; the first goes with the
+    header); the pb is one plane stored once and repeated, as are the empty planes of the
+    model and mask. Every product equals the cube made in one piece, each object's sha256
+    is its bytes', and no temporary part is left behind."""
+    import hashlib
+    from astropy.io import fits
+    from almapipe.platform.store import ObjectStore
+    from almapipe.stages.imaging import imagecube_chunk, joincube, makeimages, split
+    cfg, ctx, ms, spw, _ = calibrated_eb
+    ctx = dict(ctx)
+    split(ctx, {}, _stage_io(cfg, tmp_path, ctx["run_id"], 40, "split"))
+    ctx["contsub_partitions"] = [dict(p, cont_chans={}) for p in ctx["target_partitions"]]
+    params = {"calibrators": False, "target_cube": True, "cube_chunks": 2,
+              "cube": {"imsize": 64, "niter": 10, "automask": True, "chans": "100~759"}}
+    makeimages(ctx, params, _stage_io(cfg, tmp_path, ctx["run_id"], 41, "makeimages"))
+    keys = []
+    for k, item in enumerate(ctx["fanout"]["items"]):
+        piece = dict(ctx)
+        imagecube_chunk(piece, dict(params, piece=item), _stage_io(cfg, tmp_path, ctx["run_id"], 42, "imagecube_chunk"))
+        assert set(piece["piece"]["slabs"]) == {"residual", "psf"}
+        assert piece["piece"]["slab_bytes"] == 330 * 64 * 64 * 4
+        keys.append(_stage_io(cfg, tmp_path, ctx["run_id"], 42, "piece").put_json({"piece": piece["piece"]},
+                                                                                 f"piece{k}.json")["key"])
+    io = _stage_io(cfg, tmp_path, ctx["run_id"], 43, "joincube")
+    joined = dict(ctx, images=[])
+    joincube(joined, dict(params, pieces=keys), io)
+    (rec,) = joined["images"]
+    entries = {e["name"].split(".")[-2]: e for e in io.outputs if e["name"].endswith(".fits")}
+    for suffix in ("residual", "psf"):
+        assert entries[suffix]["copied"] == 330 * 64 * 64 * 4, (suffix, entries[suffix])
+    assert entries["pb"]["copied"] > 0 and "copied" not in entries["image"]
+    print({s: (e["size"], e.get("copied")) for s, e in entries.items()})
+    store = ObjectStore(cfg)
+    left = [o.object_name for o in store.list(io.prefix + "/") if ".part" in o.object_name or ".unit" in o.object_name]
+    assert not left, left
+    one = dict(ctx, images=[])
+    io1 = _stage_io(cfg, tmp_path, ctx["run_id"], 44, "makeimages")
+    makeimages(one, dict(params, cube_chunks=1), io1)
+    (rec1,) = one["images"]
+    assert set(rec["files"]) == set(rec1["files"]) and rec["beam_arcsec"] == rec1["beam_arcsec"]
+    for suffix, key in rec["files"].items():
+        path = io.fetch_file(key)
+        data = open(path, "rb").read()
+        assert store.client.stat_object(store.bucket, key).metadata["x-amz-meta-sha256"] == \
+            hashlib.sha256(data).hexdigest() == entries[suffix]["sha256"], suffix
+        assert len(data) % 2880 == 0
+        with fits.open(path) as h, fits.open(io1.fetch_file(rec1["files"][suffix])) as h1:
+            assert h[0].data.shape == h1[0].data.shape == (1, 660, 64, 64), suffix
+            assert h[0].header["BMAJ"] == pytest.approx(h1[0].header["BMAJ"], rel=1e-6)
+            assert h[0].header["BUNIT"] == h1[0].header["BUNIT"]
+            np.testing.assert_allclose(h[0].data, h1[0].data, atol=1e-6, err_msg=suffix)
+
+
 @pytest.fixture(scope="module")
 def mosaic_eb(stack, tmp_path_factory):
     """A 7-pointing mosaic EB of two spws in the store, split to its target views, with

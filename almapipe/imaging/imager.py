@@ -146,18 +146,20 @@ class Planes:
     iterations: int
     masks: list            # clean masks (automask) or zeros
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, dense: bool = True) -> None:
         """To an .npz file (a piece of a cube, handed from one worker to the join).
 
         Stored, not deflated: the residuals and PSFs are noise to zlib (it took a quarter
         of a piece's time and saved little), and what does compress is kept small by its
         form: the models as their clean components (index, value), the masks as bits.
         The residuals and PSFs go as lists: savez stacks one at a time as it writes, so
-        the piece is never held twice over."""
+        the piece is never held twice over. dense=False: without the residuals and
+        PSFs (a piece that stored them as FITS data of their own, joincube)."""
         shape = (len(self.models), *np.shape(self.models[0])) if self.models else (0, 0, 0)
         plane = int(np.prod(shape[1:]))
         where = [np.flatnonzero(m) for m in self.models]
-        np.savez(path, residuals=self.residuals, psfs=self.psfs, shape=np.array(shape),
+        planes = {"residuals": self.residuals, "psfs": self.psfs} if dense else {}
+        np.savez(path, **planes, shape=np.array(shape),
                  model_index=np.concatenate([w + k * plane for k, w in enumerate(where)] or [np.zeros(0, int)]),
                  model_value=np.concatenate([np.ravel(m)[w] for m, w in zip(self.models, where)]
                                             or [np.zeros(0, np.float32)]).astype(np.float32),
@@ -168,6 +170,8 @@ class Planes:
 
     @staticmethod
     def load(path: str) -> "Planes":
+        """Planes.save's file; without the residuals and PSFs (empty lists) where it was
+        saved without them."""
         with np.load(path) as z:
             if "models" in z:           # deflated whole, as pieces were saved before
                 models, masks = z["models"], z["masks"]
@@ -178,7 +182,8 @@ class Planes:
                 plane = int(np.prod(shape[1:]))
                 bits = z["mask_bits"].reshape(shape[0], -1) if shape[0] else np.zeros((0, 0), np.uint8)
                 masks = np.unpackbits(bits, axis=1, count=plane).astype(bool).reshape(shape)
-            return Planes(list(models), list(z["residuals"]), list(z["psfs"]), [tuple(b) for b in z["beams"]],
+            dense = {k: list(z[k]) if k in z else [] for k in ("residuals", "psfs")}
+            return Planes(list(models), dense["residuals"], dense["psfs"], [tuple(b) for b in z["beams"]],
                           z["freqs"], [str(r) for r in z["reasons"]], int(z["iterations"]), list(masks))
 
 
@@ -300,24 +305,30 @@ def cube_array(shape: tuple, dtype, scratch: str | None, name: str) -> np.ndarra
     return np.lib.format.open_memmap(os.path.join(scratch, f"{name}.npy"), mode="w+", dtype=dtype, shape=shape)
 
 
-def join_plane_files(paths: list, scratch: str | None = None) -> Planes:
+def join_plane_files(paths: list, scratch: str | None = None, residuals: list | None = None) -> Planes:
     """join_planes of pieces saved by Planes.save, read one piece at a time into the
-    cube's arrays (cube_array: on disk under scratch when large)."""
+    cube's arrays (cube_array: on disk under scratch when large).
+
+    residuals: where the pieces saved their planes without the residuals and PSFs
+    (dense=False), each piece's residual planes as FITS data (big-endian float32 in
+    chunks of bytes, ObjectStore.chunks); the joined planes then have no PSFs."""
     n = 0
     for path in paths:                  # the planes of every piece, from their frequencies alone
         with np.load(path) as z:
             n += len(z["freqs"])
     beams, freqs, reasons, iterations, k = [], [], [], 0, 0
-    for path in paths:
+    for i, path in enumerate(paths):
         piece = Planes.load(path)
         m = len(piece.freqs)
         if k == 0:                      # the cube's arrays, once a piece gives the planes' shape
             shape = (n, *np.shape(piece.models[0]))
-            models, residuals, psfs = (cube_array(shape, np.float32, scratch, name)
-                                       for name in ("models", "residuals", "psfs"))
+            models, residual_cube = (cube_array(shape, np.float32, scratch, name) for name in ("models", "residuals"))
+            psfs = cube_array(shape, np.float32, scratch, "psfs") if residuals is None else []
             masks = cube_array(shape, bool, scratch, "masks")
-        for dst, src in ((models, piece.models), (residuals, piece.residuals), (psfs, piece.psfs),
-                         (masks, piece.masks)):
+        pairs = [(models, piece.models), (masks, piece.masks)]
+        pairs += [(residual_cube, piece.residuals), (psfs, piece.psfs)] if residuals is None else \
+            [(residual_cube, fits_planes(residuals[i], shape[1:]))]
+        for dst, src in pairs:
             for j, plane in enumerate(src):     # a plane at a time (a mask's 0/1 cast to bool)
                 dst[k + j] = plane
         beams += piece.beams
@@ -326,7 +337,22 @@ def join_plane_files(paths: list, scratch: str | None = None) -> Planes:
         iterations += piece.iterations
         k += m
         del piece
-    return Planes(models, residuals, psfs, beams, np.concatenate(freqs), reasons, iterations, masks)
+    return Planes(models, residual_cube, psfs, beams, np.concatenate(freqs), reasons, iterations, masks)
+
+
+def fits_planes(chunks, plane_shape: tuple):
+    """The planes in FITS data given as chunks of bytes (big-endian float32, the chunks'
+    ends anywhere), one (ny, nx) plane at a time in native float32."""
+    size = int(np.prod(plane_shape)) * 4
+    buf = bytearray()
+    for chunk in chunks:
+        buf += chunk
+        whole = len(buf) // size * size
+        for off in range(0, whole, size):
+            yield np.frombuffer(buf, ">f4", size // 4, off).astype(np.float32).reshape(plane_shape)
+        del buf[:whole]
+    if buf:
+        raise ValueError(f"FITS planes: {len(buf)} bytes left over, not a whole plane of {plane_shape}")
 
 
 def _beam_axes(beam: tuple) -> tuple:
@@ -420,6 +446,13 @@ def typical_beams(beams: list, factor: float = 2.0) -> list:
     return [b for b in good if major / factor <= b[0] <= major * factor and minor / factor <= b[1] <= minor * factor]
 
 
+def restoring_beam(planes) -> tuple:
+    """The beam an image is restored with: a cube's common beam (the smallest enclosing
+    every plane's but outliers, as tclean's restoringbeam='common'), a multi-term
+    image's tt0 PSF's."""
+    return planes.beam if isinstance(planes, TaylorPlanes) else enclosing_beam(typical_beams(planes.beams))
+
+
 def restore_planes(pl: Planes, spec: ImageSpec, dish_m: float, telescope: str,
                    scratch: str | None = None) -> ImageResult:
     """Restore every plane with one beam (a cube's common beam: the smallest enclosing
@@ -427,7 +460,7 @@ def restore_planes(pl: Planes, spec: ImageSpec, dish_m: float, telescope: str,
     scratch: where a large cube's arrays are held on disk (cube_array)."""
     npix = spec.npix
     cell = np.radians(spec.cell_arcsec / 3600.0)
-    common = enclosing_beam(typical_beams(pl.beams))
+    common = restoring_beam(pl)
     shape = (len(pl.models), npix, npix)
     image = cube_array(shape, np.float32, scratch, "image")         # filled a plane at a time
     for k, (m, r) in enumerate(zip(pl.models, pl.residuals)):

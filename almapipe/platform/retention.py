@@ -10,6 +10,9 @@ in its record in the NATS KV bucket, as the gateway's coordinator writes it):
 * kept: the products (every key of ``products/manifest.json``), the caltables, the
   contexts, the logs, the plots, the MS shells (``entry["meta"]``): everything that is
   not visibilities;
+* dropped: a cube's pieces' planes (``planes_*`` of the ``imagecube_chunk`` stage: the
+  join assembled the cube's FITS products from them, decision 0020) and the parts an
+  interrupted ``ObjectStore.assemble`` left (``<key>.partN``, ``<key>.unitN``);
 * dropped: every object under ``runs/<id>/vis/`` that is not part of an array version
   the final context points at (``partitions``, ``target_partitions``,
   ``contsub_partitions``, ``aux_partitions``: a rerun of imaging starts from them; the
@@ -25,10 +28,15 @@ is recorded in ``runs/<id>/gc.json``; a second gc of the same run frees nothing.
 """
 from __future__ import annotations
 
+import re
 import time
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}     # as gateway/coordinator.py records them
 PARTITION_LISTS = ("partitions", "target_partitions", "contsub_partitions")
+# a stage's objects nothing reads once the run has ended: the planes a cube's pieces
+# stored for the join (stages/imaging.py's imagecube_chunk), and the temporary parts of
+# ObjectStore.assemble
+INTERMEDIATE = re.compile(r"/stages/\d+_imagecube_chunk/planes_[^/]*$|\.(part|unit)\d+$")
 
 
 def partition_entries(ctx: dict) -> list:
@@ -82,7 +90,7 @@ def plan(store, run: dict, extra_live: set = frozenset(), drop_vis: bool = False
             group_doc = k.endswith("/zarr.json") and k[:-len("/zarr.json")] in groups
             gone = drop_vis or not (_in_arrays(k, live) or group_doc)
         else:
-            gone = k in old_tars and k not in protected
+            gone = (k in old_tars or bool(INTERMEDIATE.search(k))) and k not in protected
         if gone:
             delete.append((k, o.size))
         else:

@@ -128,6 +128,14 @@ class _PutsBehind:
         self.pending.append((name, self.pool.submit(self.io.store.put_file, local, self.io.key(name),
                                                     sha256=sha256)))
 
+    def put_stream(self, chunks, length: int, name: str) -> None:
+        """An object of length bytes given as chunks (ObjectStore.put_stream)."""
+        self.pending.append((name, self.pool.submit(self.io.store.put_stream, self.io.key(name), chunks, length)))
+
+    def assemble(self, name: str, segments: list) -> None:
+        """An object made of segments, some of them objects in the store (ObjectStore.assemble)."""
+        self.pending.append((name, self.pool.submit(self.io.store.assemble, self.io.key(name), segments)))
+
     def entries(self) -> list:
         """Each file's entry (as put_file returns it), in the order put, once uploaded."""
         done = [(name, f.result()) for name, f in self.pending]

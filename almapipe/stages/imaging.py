@@ -23,19 +23,20 @@ from ..imaging.findcont import CubeGeometry, continuum_from_spectra  # noqa: E40
 from ..imaging.frames import channel_shifts, lsrk_factor, lsrk_factors, max_drift_channels  # noqa: E402
 from ..imaging.imager import (ImageSpec, TaylorPlanes, aggregate_samples, clean_planes, clean_taylor,  # noqa: E402
                               cube_array, cube_planes, join_plane_files, per_plane, restore_planes,
-                              restore_taylor_planes, stokes_i)
+                              restore_taylor_planes, restoring_beam, stokes_i)
 from ..imaging.mtmfs import fractional_bandwidth, nterms_for  # noqa: E402
 from ..imaging.kernels import shift_spectra  # noqa: E402
 from ..imaging.mosaic import make_mosaic  # noqa: E402
 from ..imaging.samples import (MedianSketch, clean_mfs, read_aggregate_samples,  # noqa: E402
                                 channel_bins, read_binned_stokes_i, read_mosaic_aggregate, reference_frequency,
                                 uv_distances)
-from ..imaging.products import (image_header, mosaic_noise_factor, obs_info,  # noqa: E402
-                                pipeline_version, write_fits)
+from ..imaging.products import (fits_header_bytes, fits_padding, image_header, mosaic_noise_factor,  # noqa: E402
+                                obs_info, pipeline_version, plane_chunks, write_fits)
 from ..imaging.kernels import fit_continuum_rows  # noqa: E402
 from ..imaging.uvcontsub import format_channels, parse_channels  # noqa: E402
 from ..msio import ms as msio  # noqa: E402
 from ..platform import visstore as vst  # noqa: E402
+from ..platform.store import Range, Repeat, Stream  # noqa: E402
 
 # the largest image makeimages makes from its heuristics (per image kind: max_imsize)
 MAX_IMSIZE = 4096
@@ -950,32 +951,31 @@ class ImageJob:
         ok = has_data & inner
         return ok if ok.any() else has_data if has_data.any() else np.ones(len(ok), bool)
 
-    def products(self, planes, qa: QA, scratch: str | None = None) -> dict:
+    def products(self, planes, qa: QA, scratch: str | None = None, slabs: dict | None = None) -> dict:
         """Restore, write the FITS products, measure and score: the image's record.
-        scratch: a directory where a large cube's arrays are held on disk (cube_array)."""
+        scratch: a directory where a large cube's arrays are held on disk (cube_array).
+        slabs: {product: [Range]}: products whose planes a cube's pieces stored (FITS
+        data, in channel order; joincube): assembled in the store from them, not
+        written here."""
         ctx, io, spec, p, part, fid = self.ctx, self.io, self.spec, self.p, self.part, self.fid
-        taylor = None
-        if isinstance(planes, TaylorPlanes):
-            res, taylor = restore_taylor_planes(planes, spec, self.dish, self.telescope)
-        else:
-            res = restore_planes(planes, spec, self.dish, self.telescope, scratch)
+        slabs = slabs or {}
+        multi_term = isinstance(planes, TaylorPlanes)
         if self.nterms_note:
             qa.note(self.nterms_note)
         nchan = len(self.freq)
         base = _product_name(ctx, io, spec.field, self.fctx["intents"], part["spw"], self.specmode,
                              bool(p["aggregate"]))
-        cont_mask = None
-        cont = part.get("cont_chans", {}).get(self.field["name"]) if self.specmode == "cube" else None
-        if cont:                        # a plane is line-free if all its channels are
-            cont_mask = per_plane(parse_channels(cont, nchan), np.flatnonzero(self.chans), self.nbin, np.all)
-        peak_ok = self.peak_planes()
-        stats = _stats(res, spec, cont_mask, self.specmode, peak_ok)
+        # the headers first (they need the restoring beam and the planes' frequencies, not
+        # the restored planes), so that the products the pieces stored are assembled in
+        # the store while the cube is restored here
+        beam = restoring_beam(planes)
+        plane_freqs = np.array([planes.nu0]) if multi_term else np.asarray(planes.freqs)
         # images are labelled in LSRK, as the ALMA pipeline makes them
         factor, frame = lsrk_labels(ctx, part.get("frame_spw", part["spw"]), fid, self.times)
         ra, dec = spec.mosaic.centre if spec.mosaic else (self.field["ra_rad"], self.field["dec_rad"])
         lo, hi, width = self.band()
         if self.specmode == "cube":     # the planes' frequencies; a one-plane cube's width is its plane's
-            freqs, bandwidth = res.freqs * factor, width * self.nbin * factor
+            freqs, bandwidth = plane_freqs * factor, width * self.nbin * factor
         else:                           # the centre and the width of the band taken, as tclean's mfs
             freqs, bandwidth = np.array([0.5 * (lo + hi) * factor]), (hi - lo) * factor
         # the line's rest frequency from the SOURCE table, else the centre of the band (tclean's default)
@@ -986,26 +986,54 @@ class ImageJob:
             f"recipe {recipe.get('name', 'custom')} version {recipe.get('version', 1)}",
             f"stage {io.stage_index + 1} makeimages" + (f" ({io.stage})" if io.stage != "makeimages" else "")
             + f": {self.label()}"))
-        outputs = (("image", res.image, "Jy/beam"), ("pbcor", res.pbcor, "Jy/beam"),
-                   ("pb", _planes_of(res.pb, len(res.freqs), scratch, "pb"), ""),
-                   ("mask", _planes_of(res.clean_mask if res.clean_mask is not None else res.mask,
-                                       len(res.freqs), scratch, "mask"), ""),
-                   ("residual", res.residual, "Jy/beam"),
-                   # as tclean writes them: the PSF (a cube's per plane, peak 1) and the clean
-                   # components, so the WebLog can show what was deconvolved with what
-                   ("psf", res.psf, ""), ("model", res.model, "Jy/pixel"))
-        if taylor is not None:
-            outputs = _taylor_outputs(outputs, taylor)
-        # uploaded behind, while the next product is written: a large cube's join is
+
+        def header(unit: str):
+            return image_header(ra, dec, spec.npix, np.radians(spec.cell_arcsec / 3600), freqs, frame, unit,
+                                beam, spec.field, self.telescope, restfreq=restfreq, bandwidth_hz=bandwidth,
+                                obs=obs, obs_radec=(self.field["ra_rad"], self.field["dec_rad"]))
+        shape = (len(plane_freqs), spec.npix, spec.npix)
+        padding = fits_padding(4 * int(np.prod(shape)))
+        # uploaded behind, while the next product is made: a large cube's join is
         # otherwise mostly waiting for S3, one file at a time
-        with io.puts_behind() as up:
-            for suffix, planes_, unit in outputs:
-                hdr = image_header(ra, dec, spec.npix, np.radians(spec.cell_arcsec / 3600), freqs, frame, unit,
-                                   res.beam, spec.field, self.telescope, restfreq=restfreq, bandwidth_hz=bandwidth,
-                                   obs=obs, obs_radec=(self.field["ra_rad"], self.field["dec_rad"]))
-                path = os.path.join(io.workdir, f"{base}.{suffix}.fits")
-                up.put_file(path, sha256=write_fits(path, planes_, hdr))
-            files = {suffix: entry["key"] for (suffix, _, _), entry in zip(outputs, up.entries())}
+        with io.puts_behind(threads=4 if slabs else 2) as up:
+            for suffix, ranges in slabs.items():
+                up.assemble(f"{base}.{suffix}.fits", [fits_header_bytes(shape, header(PRODUCT_UNITS[suffix])),
+                                                      *ranges, padding])
+            if multi_term:
+                res, taylor = restore_taylor_planes(planes, spec, self.dish, self.telescope)
+            else:
+                res, taylor = restore_planes(planes, spec, self.dish, self.telescope, scratch), None
+            # pb (and the mask of a cube cleaned without automasking) is one plane, the same
+            # in every channel: stored once, repeated by the store (ObjectStore.assemble)
+            outputs = (("image", res.image), ("pbcor", res.pbcor), ("pb", res.pb),
+                       ("mask", res.clean_mask if res.clean_mask is not None else res.mask),
+                       ("residual", res.residual),
+                       # as tclean writes them: the PSF (a cube's per plane, peak 1) and the clean
+                       # components, so the WebLog can show what was deconvolved with what
+                       ("psf", res.psf), ("model", res.model))
+            if taylor is not None:
+                outputs = _taylor_outputs(outputs, taylor)
+            for suffix, planes_ in outputs:
+                if suffix in slabs:
+                    continue
+                hdr = header(PRODUCT_UNITS[suffix.split(".")[0]])
+                name = f"{base}.{suffix}.fits"
+                if np.ndim(planes_) == 2:
+                    up.assemble(name, [fits_header_bytes(shape, hdr),
+                                       Repeat(np.ascontiguousarray(planes_, ">f4").tobytes(), shape[0]), padding])
+                elif suffix.split(".")[0] in ("model", "mask"):     # mostly empty planes
+                    up.assemble(name, [fits_header_bytes(shape, hdr), *sparse_plane_segments(planes_), padding])
+                else:
+                    path = os.path.join(io.workdir, name)
+                    up.put_file(path, sha256=write_fits(path, planes_, hdr))
+            cont_mask = None
+            cont = part.get("cont_chans", {}).get(self.field["name"]) if self.specmode == "cube" else None
+            if cont:                        # a plane is line-free if all its channels are
+                cont_mask = per_plane(parse_channels(cont, nchan), np.flatnonzero(self.chans), self.nbin, np.all)
+            peak_ok = self.peak_planes()
+            stats = _stats(res, spec, cont_mask, self.specmode, peak_ok)
+            written = {e["name"]: e["key"] for e in up.entries()}
+        files = {suffix: written[f"{base}.{suffix}.fits"] for suffix, _ in outputs}
         theo = self.theo
         pbcor_name = f"{base}.tt0.pbcor.fits" if taylor is not None else f"{base}.pbcor.fits"
         rec = {"file": pbcor_name, "files": files, "field": spec.field, "spw": part["spw"],
@@ -1046,16 +1074,6 @@ class ImageJob:
         return rec
 
 
-def _planes_of(a: np.ndarray, n: int, scratch: str | None, name: str) -> np.ndarray:
-    """A FITS product's n planes as float32: a (ny, nx) plane repeated (the primary beam,
-    the pb mask) or a (n, ny, nx) boolean cube (a clean mask), filled a plane at a time
-    (cube_array: on disk under scratch when large)."""
-    out = cube_array((n, *a.shape[-2:]), np.float32, scratch, name)
-    for k in range(n):
-        out[k] = a[k] if a.ndim == 3 else a
-    return out
-
-
 def _taylor_outputs(single: tuple, taylor) -> tuple:
     """The FITS products of a multi-term image, named as ALMA names them: the single-term
     products of tt0 with .tt0 (image as .tt0, .tt0.pbcor, .pb.tt0, .residual.tt0, .psf.tt0,
@@ -1063,11 +1081,33 @@ def _taylor_outputs(single: tuple, taylor) -> tuple:
     .alpha.error."""
     names = {"image": "tt0", "pbcor": "tt0.pbcor", "pb": "pb.tt0", "mask": "mask", "residual": "residual.tt0",
              "psf": "psf.tt0", "model": "model.tt0"}
-    out = [(names[s], planes, unit) for s, planes, unit in single]
-    out += [("tt1", taylor.tt[1:2], "Jy/beam"), ("residual.tt1", taylor.residual[1:2], "Jy/beam"),
-            ("model.tt1", taylor.model[1:2], "Jy/pixel"),
-            ("alpha", taylor.alpha[None], ""), ("alpha.error", taylor.alpha_error[None], "")]
+    out = [(names[s], planes) for s, planes in single]
+    out += [("tt1", taylor.tt[1:2]), ("residual.tt1", taylor.residual[1:2]), ("model.tt1", taylor.model[1:2]),
+            ("alpha", taylor.alpha[None]), ("alpha.error", taylor.alpha_error[None])]
     return tuple(out)
+
+
+def sparse_plane_segments(planes) -> list:
+    """The FITS data of (n, ny, nx) planes as ObjectStore.assemble's segments: a run of
+    empty planes (a cube's model and clean mask are empty wherever nothing was cleaned)
+    a Repeat of one empty plane, stored once and copied by the server; a run of the
+    others as their bytes."""
+    segments, k, n = [], 0, len(planes)
+    empty = np.array([not np.any(planes[i]) for i in range(n)], bool)
+    plane_bytes = 4 * int(np.prod(np.shape(planes[0]))) if n else 0
+    while k < n:
+        end = k + int(np.argmin(empty[k:] == empty[k])) if (empty[k:] != empty[k]).any() else n
+        if empty[k]:
+            segments.append(Repeat(bytes(plane_bytes), end - k))
+        else:
+            segments.append(Stream(plane_chunks(planes[k:end]), plane_bytes * (end - k)))
+        k = end
+    return segments
+
+
+# the brightness unit of each FITS product (a Taylor term's by its first name: tt0, tt1...)
+PRODUCT_UNITS = {"image": "Jy/beam", "pbcor": "Jy/beam", "tt0": "Jy/beam", "tt1": "Jy/beam", "residual": "Jy/beam",
+                 "pb": "", "mask": "", "psf": "", "alpha": "", "model": "Jy/pixel"}
 
 
 def _taylor_record(taylor, reffreq_hz: float) -> dict:
@@ -1346,9 +1386,23 @@ def imagecube_chunk(ctx: dict, params: dict, io: StageIO) -> QA:
     io.log("%s: cleaning channels %s (read channels %d-%d)", im.label(), format_channels(mask), im.chan0,
            im.chan0 + len(im.vis.freq) - 1)
     planes = im.clean(own)
-    path = os.path.join(io.workdir, f"planes_{item['job']}_{item['chunk']}.npz")
-    planes.save(path)
-    ctx["piece"] = dict(item, key=io.put_file(path)["key"], dr=im.dr_seen, lsrk_shift=im.lsrk_shift)
+    name = f"planes_{item['job']}_{item['chunk']}"
+    # the residual and PSF planes as FITS data (big-endian float32): the join assembles
+    # those cubes from every piece's in the store, and reads only the residuals back (to
+    # restore); the rest (beams, the clean components, the masks' bits) in an .npz (the
+    # model and mask cubes, mostly empty planes, are the join's to write: decision 0020)
+    own_planes = {"residual": planes.residuals, "psf": planes.psfs}
+    nbytes = 4 * len(planes.freqs) * im.spec.npix ** 2
+    with io.puts_behind() as up:
+        for suffix, src in own_planes.items():
+            up.put_stream(plane_chunks(src), nbytes, f"{name}.{suffix}")
+        path = os.path.join(io.workdir, f"{name}.npz")
+        planes.save(path, dense=False)
+        up.put_file(path)
+        keys = {e["name"]: e["key"] for e in up.entries()}
+    slabs = {suffix: keys[f"{name}.{suffix}"] for suffix in own_planes}
+    ctx["piece"] = dict(item, key=keys[f"{name}.npz"], slabs=slabs, slab_bytes=nbytes, dr=im.dr_seen,
+                        lsrk_shift=im.lsrk_shift)
     moved = io.bytes_moved()
     if moved:
         io.log("read %d B of visibility store objects", moved["s3_read"] + moved["cache_read"])
@@ -1381,9 +1435,16 @@ def joincube(ctx: dict, params: dict, io: StageIO) -> QA:
         # the pieces read one at a time into the cube's arrays, a large cube's on disk:
         # the join holds a piece and a plane, not the cube several times over
         scratch = os.path.join(io.workdir, f"cube{j}")
+        # pieces that stored their planes as FITS data (all of them, but those of a
+        # makeimages before): the residuals read back to restore, the cubes of residuals,
+        # PSFs, models (and masks) assembled from them in the store
+        stored = all("slabs" in p for p in mine)
+        residuals = [io.store.chunks(p["slabs"]["residual"]) for p in mine] if stored else None
+        slabs = {suffix: [Range(p["slabs"][suffix], 0, p["slab_bytes"]) for p in mine]
+                 for suffix in mine[0]["slabs"]} if stored else None
         try:
-            planes = join_plane_files([io.fetch_file(p["key"]) for p in mine], scratch)
-            ctx["images"].append(im.products(planes, qa, scratch))
+            planes = join_plane_files([io.fetch_file(p["key"]) for p in mine], scratch, residuals)
+            ctx["images"].append(im.products(planes, qa, scratch, slabs))
             del planes
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
