@@ -12,6 +12,7 @@ combined.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
@@ -21,10 +22,27 @@ from astropy.time import Time
 from scipy.interpolate import CubicSpline
 
 
+# one conversion at a time in a process: the first loads astropy's Earth-orientation
+# table, which warm_up may be loading in a thread of its own
+_CONVERTING = threading.Lock()
+
+
+def warm_up() -> None:
+    """Load what the first conversion of a process loads (astropy's Earth-orientation
+    table: 1.5-2 s), so that an imager worker does it while it waits for work, not in
+    its first cube's join."""
+    lsrk_factor("TOPO", 5.0e9, 0.0, -0.4, (2225142.18, -5440307.37, -2481029.85))
+
+
 def topo_to_lsrk(freq_hz: np.ndarray, time_mjd_s: float, ra_rad: float, dec_rad: float,
                  observatory_itrf_m) -> np.ndarray:
     """TOPO frequencies seen from the observatory at a time, towards (ra, dec) ICRS,
     as LSRK frequencies."""
+    with _CONVERTING:
+        return _topo_to_lsrk(freq_hz, time_mjd_s, ra_rad, dec_rad, observatory_itrf_m)
+
+
+def _topo_to_lsrk(freq_hz, time_mjd_s, ra_rad, dec_rad, observatory_itrf_m) -> np.ndarray:
     location = EarthLocation.from_geocentric(*np.asarray(observatory_itrf_m, float), unit=u.m)
     observer = location.get_itrs(obstime=Time(time_mjd_s / 86400.0, format="mjd", scale="utc"))
     target = SkyCoord(ra_rad * u.rad, dec_rad * u.rad, frame="icrs")

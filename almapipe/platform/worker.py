@@ -28,7 +28,9 @@ import os
 import shutil
 import signal
 import socket
+import importlib
 import tempfile
+import threading
 import time
 import traceback
 
@@ -39,6 +41,11 @@ from ..stages import REGISTRY
 from ..errors import ParameterError
 from ..stages.base import QA, StageError, StageIO
 from ..v1 import pipeline_pb2 as pb
+
+# what a service's worker loads in a thread once it is ready, while it waits for its
+# first stage: the imager's LSRK labels read astropy's Earth-orientation table, 1.5-2 s
+# the first time in a process (a cube's join waited for it)
+WARM_UPS = {"imager": "almapipe.imaging.frames:warm_up"}
 
 log = logging.getLogger("almapipe.worker")
 # a stage's heartbeat interval: a third of the gateway's ALMAPIPE_HEARTBEAT_TIMEOUT_S at most
@@ -293,6 +300,8 @@ class Worker:
         else:
             return
         log.info("%s ready", self.name)
+        if self.service in WARM_UPS:
+            threading.Thread(target=_warm_up, args=(WARM_UPS[self.service],), daemon=True, name="warm-up").start()
         while not self.stopping:
             try:
                 msgs = await sub.fetch(1, timeout=1.0)
@@ -418,6 +427,14 @@ class Worker:
                 await msg.in_progress()
             except Exception as exc:
                 log.debug("heartbeat: %s", exc)
+
+
+def _warm_up(target: str) -> None:
+    module, fn = target.split(":")
+    try:
+        getattr(importlib.import_module(module), fn)()
+    except Exception as exc:        # the stage that needs it loads it then
+        log.warning("warm-up %s failed: %s", target, exc)
 
 
 def main(service: str) -> None:
