@@ -442,13 +442,25 @@ def test_the_directory_cache_is_bounded_and_unpacks_private_copies(s3, tmp_path)
     assert int(open(os.path.join(fetcher.cache_dir, ".size")).read()) == again.held()
 
 
+def test_a_range_longer_than_s3s_largest_part_is_copied_in_equal_parts():
+    """compose_object would cut a range over 5 GiB into 5 GiB parts and a remainder that
+    may be shorter than S3 allows: assemble's sources are equal parts within the limits."""
+    from almapipe.platform.store import MAX_PART_BYTES, MIN_PART_BYTES, _sources
+    for length in (MIN_PART_BYTES, MAX_PART_BYTES, MAX_PART_BYTES + 1, 11 * 2**30 + 3):
+        src = _sources("b", "k", 100, length)
+        assert src[0].offset == 100 and sum(s.length for s in src) == length
+        assert all(a.offset + a.length == b.offset for a, b in zip(src[:-1], src[1:]))
+        assert all(MIN_PART_BYTES <= s.length <= MAX_PART_BYTES for s in src)
+    assert len(_sources("b", "k", 0, MAX_PART_BYTES + 1)) == 2
+
+
 def test_an_object_assembled_from_stored_ranges_is_their_bytes_with_their_sha256(s3):
     """ObjectStore.assemble (a joined cube's FITS products): a header, stored ranges long
-    enough to be copied by the server, a short one between them, a plane repeated 300
+    enough to be copied by the server, a short one between them, a plane repeated 600
     times and a short tail make one object of exactly those bytes, its sha256 in the
     entry and the object's metadata; the server copied the long ranges and the repeated
     units, and no temporary part is left."""
-    from almapipe.platform.store import MIN_PART_BYTES, Range, Repeat, Stream
+    from almapipe.platform.store import MIN_PART_BYTES, REPEAT_UNIT_BYTES, Range, Repeat, StoreError, Stream
     cfg, store = s3
     rng = np.random.default_rng(3)
     run = f"runs/assemble-{uuid.uuid4().hex[:6]}"
@@ -457,20 +469,24 @@ def test_an_object_assembled_from_stored_ranges_is_their_bytes_with_their_sha256
         store.put_bytes(f"{run}/slab{k}", b)
     head, plane = b"H" * 2880, rng.bytes(65536)
     segments = [head, *(Range(f"{run}/slab{k}", 0, len(b)) for k, b in enumerate(slabs)),
-                Range(f"{run}/slab0", 11, 17), Repeat(plane, 300), Stream([b"ab", memoryview(b"cd")], 4), b"\0" * 123]
-    want = head + b"".join(slabs) + slabs[0][11:28] + plane * 300 + b"abcd" + b"\0" * 123
+                Range(f"{run}/slab0", 11, 17), Repeat(plane, 600), Stream([b"ab", memoryview(b"cd")], 4), b"\0" * 123]
+    want = head + b"".join(slabs) + slabs[0][11:28] + plane * 600 + b"abcd" + b"\0" * 123
     entry = store.assemble(f"{run}/whole.fits", segments)
     assert store.get_bytes(f"{run}/whole.fits") == want
     assert entry["size"] == len(want) and entry["sha256"] == hashlib.sha256(want).hexdigest()
     assert store.client.stat_object(store.bucket, f"{run}/whole.fits").metadata["x-amz-meta-sha256"] == entry["sha256"]
     # copied: slab2; slab4 but what the short slab3 lacks of 5 MiB; of the 300 planes, the
-    # units of 80 (5 MiB) after the first, which fills the short part the 17 bytes begin.
-    # Uploaded: the header with slab0 (the rest of slab0 too short to copy) and slab1, and
-    # the last 60 planes with the tail
+    # 600 planes, two 16 MiB units of 256 (the first less what the 17 bytes' part lacks of
+    # 5 MiB). Uploaded: the header with slab0 (the rest of slab0 too short to copy) and
+    # slab1, and the last 88 planes with the tail
     assert entry["copied"] == len(slabs[2]) + len(slabs[4]) - (MIN_PART_BYTES - len(slabs[3])) + \
-        2 * 80 * len(plane), entry
+        2 * 256 * len(plane) - (MIN_PART_BYTES - 17), entry
     assert sorted(o.object_name for o in store.list(run + "/")) == [f"{run}/slab{k}" for k in range(5)] + \
         [f"{run}/whole.fits"]
+    # more parts than S3 takes: refused before anything is read or composed
+    with pytest.raises(StoreError, match="10001 parts, more than S3's 10000"):
+        store.assemble(f"{run}/huge", [Repeat(bytes(REPEAT_UNIT_BYTES), 10001)])
+    assert not store.exists(f"{run}/huge")
     # all of it short: one part, uploaded
     entry = store.assemble(f"{run}/small", [b"x" * 10, Range(f"{run}/slab1", 10, 50)])
     assert store.get_bytes(f"{run}/small") == b"x" * 10 + slabs[1][10:60] and entry["copied"] == 0

@@ -14,6 +14,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Iterable
@@ -30,8 +31,14 @@ class StoreError(RuntimeError):
 
 
 # S3's smallest part of a multipart upload but the last (AWS, MinIO and SeaweedFS alike):
-# a part copied by the server (UploadPartCopy) must be at least this long
+# a part copied by the server (UploadPartCopy) must be at least this long; its largest
+# part, and the most parts an object has
 MIN_PART_BYTES = 5 * 2**20
+MAX_PART_BYTES = 5 * 2**30
+MAX_PARTS = 10000
+# a Repeat's unit: its data as many times as fill this many bytes (a unit is one
+# UploadPartCopy request; what does not fill one is uploaded)
+REPEAT_UNIT_BYTES = 16 * 2**20
 # bytes taken from a stream or an object at a time (hashing, uploading)
 STREAM_BYTES = 8 * 2**20
 PUT_PART_BYTES = 16 * 2**20
@@ -40,12 +47,12 @@ PUT_PART_BYTES = 16 * 2**20
 @dataclass(frozen=True)
 class Range:
     """Bytes [offset, offset + length) of an object already in the store: a segment of
-    ObjectStore.assemble. known: those bytes, where this process has them (hashed
+    ObjectStore.assemble. data: those bytes, where this process has them (hashed
     without fetching them)."""
     key: str
     offset: int
     length: int
-    known: bytes | None = None
+    data: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,8 @@ class Stream:
 @dataclass(frozen=True)
 class Repeat:
     """A segment of ObjectStore.assemble: data, times over (a FITS cube's plane that is
-    the same in every channel: a primary beam). Stored once as a unit of at least
-    MIN_PART_BYTES, copied by the server as often as it goes."""
+    the same in every channel: a primary beam, an empty plane). Stored once as a unit of
+    REPEAT_UNIT_BYTES, copied by the server as often as it goes."""
     data: bytes
     times: int
 
@@ -132,16 +139,18 @@ class ObjectStore:
         self.client.fput_object(bucket or self.bucket, key, local, metadata={"x-amz-meta-sha256": digest})
         return {"key": key, "sha256": digest, "size": size}
 
-    def put_stream(self, key: str, chunks: Iterable, length: int, metadata: dict | None = None) -> dict:
-        """An object of length bytes given as chunks (memory: a part, not the object);
-        its entry carries their sha256, taken on the way."""
-        digest = hashlib.sha256()
+    def put_stream(self, key: str, chunks: Iterable, length: int, metadata: dict | None = None,
+                   hashed: bool = True) -> dict:
+        """An object of length bytes given as chunks (memory: a few parts of
+        PUT_PART_BYTES, not the object); its entry carries their sha256, taken on the
+        way (none where not hashed)."""
+        digest = hashlib.sha256() if hashed else None
         reader = _ChunkReader(chunks, digest)
         # parts of PUT_PART_BYTES: what the uploader holds at a time
         self.client.put_object(self.bucket, key, reader, length, metadata=metadata, part_size=PUT_PART_BYTES)
         if reader.read(1):
             raise StoreError(f"put_stream {key}: more than the {length} bytes announced")
-        return {"key": key, "sha256": digest.hexdigest(), "size": length}
+        return {"key": key, "sha256": digest.hexdigest() if hashed else None, "size": length}
 
     def chunks(self, key: str, offset: int = 0, length: int = 0, bucket: str | None = None):
         """The bytes [offset, offset + length) of an object (length 0: to its end), a
@@ -162,31 +171,44 @@ class ObjectStore:
         MIN_PART_BYTES the server copies it into place (a multipart upload's
         UploadPartCopy): its bytes do not pass through this process but to be hashed. The
         rest is uploaded as parts of their own (each at least MIN_PART_BYTES but the
-        last, taking Ranges in where it must), composed, then removed. A cube's pieces
-        write their planes, and its join assembles the FITS file from them.
+        last, taking from Ranges what they lack), composed, then removed. A cube's pieces
+        store their planes, and its join assembles the FITS files from them.
 
         The entry and the object's metadata carry the whole object's sha256, as
-        put_file's do; the entry's "copied" counts the bytes the server copied. A
-        retried call rewrites the same keys with the same bytes."""
+        put_file's do; the entry's "copied" counts the bytes the server copied. The
+        sha256 goes with the upload's first request, so the copied ranges are read back
+        to hash them before anything is composed. Temporary objects are named per call:
+        two calls for the same key at once (a redelivered stage) do not share them."""
         digest = hashlib.sha256()
+        token = uuid.uuid4().hex[:8]
         temps: list = []
         try:
-            parts = _parts(self._expand(key, segments, temps))
+            parts = _parts(self._expand(f"{key}.{token}", segments, temps))
+            count = sum(-(-(_length(p) if isinstance(p, Range) else sum(map(_length, p))) // MAX_PART_BYTES)
+                        for p in parts)
+            if count > MAX_PARTS:
+                raise StoreError(f"cannot assemble s3://{self.bucket}/{key}: {count} parts, more than S3's "
+                                 f"{MAX_PARTS}")
             sources, size, copied = [], 0, 0
             for i, part in enumerate(parts):
                 if isinstance(part, Range):
-                    sources.append(ComposeSource(self.bucket, part.key, offset=part.offset, length=part.length))
-                    for chunk in ([part.known] if part.known is not None else
+                    got = 0
+                    for chunk in ([part.data] if part.data is not None else
                                   self.chunks(part.key, part.offset, part.length)):
                         digest.update(chunk)
+                        got += len(chunk)
+                    if got != part.length:
+                        raise StoreError(f"assemble {key}: s3://{self.bucket}/{part.key} gave {got} of the "
+                                         f"{part.length} bytes from {part.offset}")
+                    sources += _sources(self.bucket, part.key, part.offset, part.length)
                     size += part.length
                     copied += part.length
                     continue
-                tmp = f"{key}.part{i}"
+                tmp = f"{key}.{token}.part{i}"
                 length = sum(_length(s) for s in part)
-                self.put_stream(tmp, _segment_chunks(self, part, digest), length)
                 temps.append(tmp)
-                sources.append(ComposeSource(self.bucket, tmp))
+                self.put_stream(tmp, _segment_chunks(self, part, digest), length, hashed=False)
+                sources += _sources(self.bucket, tmp, 0, length)
                 size += length
             sha = digest.hexdigest()
             try:
@@ -202,24 +224,25 @@ class ObjectStore:
                 except Exception:         # a temporary part left behind is retention's to drop
                     pass
 
-    def _expand(self, key: str, segments: list, temps: list) -> list:
-        """segments with each Repeat made Ranges of a unit stored once (at key.unitN)
-        and the bytes that do not fill a unit."""
-        out, units = [], {}           # one unit for the Repeats of the same data
+    def _expand(self, prefix: str, segments: list, temps: list) -> list:
+        """segments with each Repeat made Ranges of a unit stored once (at
+        prefix.unitN; one for the Repeats of the same data) and the bytes that do not
+        fill a unit."""
+        out, units = [], {}
         for seg in segments:
             if not isinstance(seg, Repeat):
                 out.append(seg)
                 continue
-            per_unit = -(-MIN_PART_BYTES // max(len(seg.data), 1))
+            per_unit = -(-REPEAT_UNIT_BYTES // max(len(seg.data), 1))
             if seg.times < 2 * per_unit:         # too few to gain from copies
                 out.append(Stream([seg.data] * seg.times, len(seg.data) * seg.times))
                 continue
-            unit = seg.data * per_unit
             if seg.data not in units:
-                units[seg.data] = f"{key}.unit{len(units)}"
-                self.put_bytes(units[seg.data], unit)
-                temps.append(units[seg.data])
-            out += [Range(units[seg.data], 0, len(unit), known=unit)] * (seg.times // per_unit)
+                units[seg.data] = (f"{prefix}.unit{len(units)}", seg.data * per_unit)
+                temps.append(units[seg.data][0])
+                self.put_bytes(*units[seg.data])
+            unit_key, unit = units[seg.data]
+            out += [Range(unit_key, 0, len(unit), data=unit)] * (seg.times // per_unit)
             if seg.times % per_unit:
                 out.append(Stream([seg.data] * (seg.times % per_unit), len(seg.data) * (seg.times % per_unit)))
         return out
@@ -297,7 +320,18 @@ class ObjectStore:
 
 
 def _length(seg) -> int:
-    return seg.length if isinstance(seg, (Range, Stream)) else len(seg)
+    return seg.length if isinstance(seg, (Range, Stream)) else memoryview(seg).nbytes
+
+
+def _sources(bucket: str, key: str, offset: int, length: int) -> list:
+    """What compose_object copies of bytes [offset, offset + length) of an object: one
+    source, or as many equal ones as keep each within MAX_PART_BYTES (minio would cut a
+    longer one into 5 GiB parts and a remainder that may be shorter than S3 allows)."""
+    n = -(-length // MAX_PART_BYTES)
+    if n <= 1:
+        return [ComposeSource(bucket, key, offset=offset, length=length)]
+    edges = [offset + length * k // n for k in range(n + 1)]
+    return [ComposeSource(bucket, key, offset=a, length=b - a) for a, b in zip(edges[:-1], edges[1:])]
 
 
 def _parts(segments: list) -> list:
@@ -314,7 +348,7 @@ def _parts(segments: list) -> list:
         short = MIN_PART_BYTES - sum(_length(s) for s in last) if isinstance(last, list) else 0
         if short > 0 and isinstance(seg, Range) and seg.length - short >= MIN_PART_BYTES:
             # the part takes what it lacks of a long range, the server copies the rest
-            cut = lambda a, b: seg.known[a:b] if seg.known is not None else None  # noqa: E731
+            cut = lambda a, b: seg.data[a:b] if seg.data is not None else None  # noqa: E731
             last.append(Range(seg.key, seg.offset, short, cut(0, short)))
             parts.append(Range(seg.key, seg.offset + short, seg.length - short, cut(short, seg.length)))
         elif short <= 0 and isinstance(seg, Range) and seg.length >= MIN_PART_BYTES:
@@ -331,7 +365,7 @@ def _segment_chunks(store: "ObjectStore", part: list, digest):
     uploader reads them through a _ChunkReader without a digest of its own)."""
     for seg in part:
         if isinstance(seg, Range):
-            chunks = [seg.known] if seg.known is not None else store.chunks(seg.key, seg.offset, seg.length)
+            chunks = [seg.data] if seg.data is not None else store.chunks(seg.key, seg.offset, seg.length)
         elif isinstance(seg, Stream):
             chunks = seg.chunks
         else:
