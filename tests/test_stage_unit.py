@@ -35,6 +35,8 @@ def test_every_recipe_validates_against_the_declarations():
     ({"gaincal.nosuchparam": "1"}, ["gaincal", "nosuchparam", "allowed:", "calmode"]),
     ({"makeimages.cube": '{"niter": "lots"}'}, ["makeimages.cube.niter", "lots", "int"]),
     ({"makeimages.cube": '{"nitre": 10}'}, ["makeimages.cube", "nitre", "niter"]),
+    # the gridder (ducc0) takes even sizes only
+    ({"makeimages.cube": '{"imsize": 127}'}, ["makeimages.cube.imsize", "127", "a multiple of 2"]),
     ({"bandpass.solint": "often"}, ["bandpass.solint", "often", "int|scan|inf"]),
     ({"flagdata.edge_fraction": "0.7"}, ["flagdata.edge_fraction", "0.7", "[0, 0.49]"]),
     ({"gaincal.calmode": '"x"'}, ["gaincal.calmode", "ap, p, a"]),

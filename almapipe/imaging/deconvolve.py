@@ -344,7 +344,8 @@ def clean(op, niter: int, threshold: float, gain: float = 0.1, cyclefactor: floa
         z = np.zeros((npix, npix))
         return CleanResult(z, z.copy(), z.copy(), 0, 0, "no data", None)
     c = big_psf.shape[0] // 2
-    psf_img = big_psf[c - npix // 2:c + npix // 2, c - npix // 2:c + npix // 2]
+    lo = c - npix // 2                   # npix pixels about the peak, an odd npix too
+    psf_img = big_psf[lo:lo + npix, lo:lo + npix]
     sidelobe = _max_sidelobe(psf_img)
     # beam area in pixels from the fitted main lobe (counting PSF pixels above 0.5
     # would include a sparse array's sidelobes)

@@ -329,8 +329,14 @@ def join_plane_files(paths: list, scratch: str | None = None, residuals: list | 
         pairs += [(residual_cube, piece.residuals), (psfs, piece.psfs)] if residuals is None else \
             [(residual_cube, fits_planes(residuals[i], shape[1:]))]
         for dst, src in pairs:
+            got = 0
             for j, plane in enumerate(src):     # a plane at a time (a mask's 0/1 cast to bool)
+                if j >= m:
+                    raise ValueError(f"{path}: more planes stored than its {m} frequencies")
                 dst[k + j] = plane
+                got += 1
+            if got != m:
+                raise ValueError(f"{path}: {got} planes stored for its {m} frequencies")
         beams += piece.beams
         freqs.append(piece.freqs)
         reasons += piece.reasons

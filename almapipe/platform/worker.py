@@ -28,7 +28,6 @@ import os
 import shutil
 import signal
 import socket
-import importlib
 import tempfile
 import threading
 import time
@@ -37,6 +36,7 @@ import traceback
 from . import bus, metrics
 from .store import CachedFetcher, ObjectStore
 from ..config import Config
+from ..imaging import frames
 from ..stages import REGISTRY
 from ..errors import ParameterError
 from ..stages.base import QA, StageError, StageIO
@@ -45,7 +45,7 @@ from ..v1 import pipeline_pb2 as pb
 # what a service's worker loads in a thread once it is ready, while it waits for its
 # first stage: the imager's LSRK labels read astropy's Earth-orientation table, 1.5-2 s
 # the first time in a process (a cube's join waited for it)
-WARM_UPS = {"imager": "almapipe.imaging.frames:warm_up"}
+WARM_UPS = {"imager": frames.warm_up}
 
 log = logging.getLogger("almapipe.worker")
 # a stage's heartbeat interval: a third of the gateway's ALMAPIPE_HEARTBEAT_TIMEOUT_S at most
@@ -429,12 +429,11 @@ class Worker:
                 log.debug("heartbeat: %s", exc)
 
 
-def _warm_up(target: str) -> None:
-    module, fn = target.split(":")
+def _warm_up(fn) -> None:
     try:
-        getattr(importlib.import_module(module), fn)()
+        fn()
     except Exception as exc:        # the stage that needs it loads it then
-        log.warning("warm-up %s failed: %s", target, exc)
+        log.warning("warm-up %s failed: %s", fn.__name__, exc)
 
 
 def main(service: str) -> None:

@@ -128,7 +128,7 @@ class _PutsBehind:
         self.pending.append((name, self.pool.submit(self.io.store.put_file, local, self.io.key(name),
                                                     sha256=sha256)))
 
-    def put_stream(self, chunks, length: int, name: str) -> None:
+    def put_stream(self, name: str, chunks, length: int) -> None:
         """An object of length bytes given as chunks (ObjectStore.put_stream)."""
         self.pending.append((name, self.pool.submit(self.io.store.put_stream, self.io.key(name), chunks, length)))
 
@@ -226,8 +226,10 @@ class StageIO:
         up = _PutsBehind(self, threads)
         try:
             yield up
-        finally:
-            up.pool.shutdown(wait=True)
+        except BaseException:       # the stage failed: what has not started is not wanted
+            up.pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        up.pool.shutdown(wait=True)
 
     def put_bytes(self, data: bytes, name: str, content_type: str = "application/octet-stream") -> dict:
         return self._record(name, self.store.put_bytes(self.key(name), data, content_type))
@@ -328,6 +330,7 @@ class Param:
     min: float | None = None
     max: float | None = None
     pattern: str = ""              # a regular expression a string value must match
+    multiple_of: int = 0           # a number's: a multiple of this (0: any)
     fields: tuple = ()             # the Params of a dict value
     internal: bool = False
 
@@ -343,6 +346,8 @@ class Param:
             what += f" >= {self.min:g}"
         elif self.max is not None:
             what += f" <= {self.max:g}"
+        if self.multiple_of:
+            what += f", a multiple of {self.multiple_of}"
         if self.pattern:
             what += f" matching {self.pattern}"
         if self.unit:
@@ -373,6 +378,8 @@ def check_value(where: str, p: Param, value) -> None:
         raise ParameterError(f"{where} = {json.dumps(value)[:40]}: allowed {', '.join(map(str, p.choices))}")
     if isinstance(value, (int, float)) and not isinstance(value, bool) and (
             (p.min is not None and value < p.min) or (p.max is not None and value > p.max)):
+        raise ParameterError(f"{where} = {value}: expected {p.describe()}")
+    if p.multiple_of and isinstance(value, int) and value % p.multiple_of:
         raise ParameterError(f"{where} = {value}: expected {p.describe()}")
     if p.pattern and isinstance(value, (str, int, float)) and not re.fullmatch(p.pattern, str(value)):
         raise ParameterError(f"{where} = {json.dumps(value)[:40]}: expected {p.describe()}")

@@ -1092,17 +1092,15 @@ def sparse_plane_segments(planes) -> list:
     empty planes (a cube's model and clean mask are empty wherever nothing was cleaned)
     a Repeat of one empty plane, stored once and copied by the server; a run of the
     others as their bytes."""
-    segments, k, n = [], 0, len(planes)
+    n = len(planes)
+    if not n:
+        return []
     empty = np.array([not np.any(planes[i]) for i in range(n)], bool)
-    plane_bytes = 4 * int(np.prod(np.shape(planes[0]))) if n else 0
-    while k < n:
-        end = k + int(np.argmin(empty[k:] == empty[k])) if (empty[k:] != empty[k]).any() else n
-        if empty[k]:
-            segments.append(Repeat(bytes(plane_bytes), end - k))
-        else:
-            segments.append(Stream(plane_chunks(planes[k:end]), plane_bytes * (end - k)))
-        k = end
-    return segments
+    plane_bytes = 4 * int(np.prod(np.shape(planes[0])))
+    zero = bytes(plane_bytes)           # one for every run (a 4096^2 plane is 64 MiB)
+    edges = [0, *(np.flatnonzero(np.diff(empty)) + 1).tolist(), n]
+    return [Repeat(zero, b - a) if empty[a] else Stream(plane_chunks(planes[a:b]), plane_bytes * (b - a))
+            for a, b in zip(edges[:-1], edges[1:])]
 
 
 # the brightness unit of each FITS product (a Taylor term's by its first name: tt0, tt1...)
@@ -1129,7 +1127,8 @@ IMAGE_PARAMS = (
     Param("niter", int, 1000, "most clean iterations", min=0),
     Param("nsigma", float, 3.0, "clean down to this many times the residual rms", min=0.0),
     Param("automask", bool, False, "auto-multithresh masks (else a primary-beam mask)"),
-    Param("imsize", int, None, "image side; none: from the heuristics", unit="pixels", min=1),
+    Param("imsize", int, None, "image side (even: the gridder's); none: from the heuristics", unit="pixels",
+          min=2, multiple_of=2),
     Param("cell_arcsec", float, None, "pixel size; none: a fifth of the beam (a third when narrowed to fit "
           "max_imsize or max_cube_gb)", unit="arcsec", min=0.0),
     Param("max_imsize", int, MAX_IMSIZE, "the largest image side; a single field the heuristics make larger is "
@@ -1395,7 +1394,7 @@ def imagecube_chunk(ctx: dict, params: dict, io: StageIO) -> QA:
     nbytes = 4 * len(planes.freqs) * im.spec.npix ** 2
     with io.puts_behind() as up:
         for suffix, src in own_planes.items():
-            up.put_stream(plane_chunks(src), nbytes, f"{name}.{suffix}")
+            up.put_stream(f"{name}.{suffix}", plane_chunks(src), nbytes)
         path = os.path.join(io.workdir, f"{name}.npz")
         planes.save(path, dense=False)
         up.put_file(path)
@@ -1435,10 +1434,14 @@ def joincube(ctx: dict, params: dict, io: StageIO) -> QA:
         # the pieces read one at a time into the cube's arrays, a large cube's on disk:
         # the join holds a piece and a plane, not the cube several times over
         scratch = os.path.join(io.workdir, f"cube{j}")
-        # pieces that stored their planes as FITS data (all of them, but those of a
-        # makeimages before): the residuals read back to restore, the cubes of residuals,
-        # PSFs, models (and masks) assembled from them in the store
+        # pieces that stored their residual and PSF planes as FITS data (all, but those
+        # of a makeimages before decision 0020): the residuals read back to restore, the
+        # residual and PSF cubes assembled from them in the store
         stored = all("slabs" in p for p in mine)
+        if not stored and any("slabs" in p for p in mine):
+            raise StageError(f"joincube: the pieces of cube {j} were cleaned by two versions of the pipeline "
+                             "(some stored their planes for the store to assemble, some did not): run makeimages "
+                             "again")
         residuals = [io.store.chunks(p["slabs"]["residual"]) for p in mine] if stored else None
         slabs = {suffix: [Range(p["slabs"][suffix], 0, p["slab_bytes"]) for p in mine]
                  for suffix in mine[0]["slabs"]} if stored else None
