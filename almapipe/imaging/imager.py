@@ -460,13 +460,15 @@ def restoring_beam(planes) -> tuple:
 
 
 def restore_planes(pl: Planes, spec: ImageSpec, dish_m: float, telescope: str,
-                   scratch: str | None = None) -> ImageResult:
+                   scratch: str | None = None, beam: tuple | None = None) -> ImageResult:
     """Restore every plane with one beam (a cube's common beam: the smallest enclosing
     every plane's, enclosing_beam), and add the primary beam and the pb-corrected image.
-    scratch: where a large cube's arrays are held on disk (cube_array)."""
+    scratch: where a large cube's arrays are held on disk (cube_array). beam: the
+    restoring beam where the caller has it already (restoring_beam: half a second for a
+    cube of a thousand planes)."""
     npix = spec.npix
     cell = np.radians(spec.cell_arcsec / 3600.0)
-    common = restoring_beam(pl)
+    common = beam if beam is not None else restoring_beam(pl)
     shape = (len(pl.models), npix, npix)
     image = cube_array(shape, np.float32, scratch, "image")         # filled a plane at a time
     for k, (m, r) in enumerate(zip(pl.models, pl.residuals)):

@@ -1002,7 +1002,7 @@ class ImageJob:
             if multi_term:
                 res, taylor = restore_taylor_planes(planes, spec, self.dish, self.telescope)
             else:
-                res, taylor = restore_planes(planes, spec, self.dish, self.telescope, scratch), None
+                res, taylor = restore_planes(planes, spec, self.dish, self.telescope, scratch, beam), None
             # pb (and the mask of a cube cleaned without automasking) is one plane, the same
             # in every channel: stored once, repeated by the store (ObjectStore.assemble)
             outputs = (("image", res.image), ("pbcor", res.pbcor), ("pb", res.pb),
