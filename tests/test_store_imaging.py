@@ -56,6 +56,25 @@ def _calibrated_looking(ms: str, sim) -> None:
         sel.close()
 
 
+def _pieces_and_join(cfg, tmp_path, ctx: dict, params: dict, index: int) -> tuple:
+    """Every piece of makeimages' fan-out in ctx cleaned (as stage index), then joined
+    (index + 1): (the joined cube's record, the join's StageIO, the pieces' results)."""
+    from almapipe.stages.imaging import imagecube_chunk, joincube
+    keys, pieces = [], []
+    for k, item in enumerate(ctx["fanout"]["items"]):
+        piece = dict(ctx)
+        imagecube_chunk(piece, dict(params, piece=item),
+                        _stage_io(cfg, tmp_path, ctx["run_id"], index, "imagecube_chunk"))
+        pieces.append(piece["piece"])
+        keys.append(_stage_io(cfg, tmp_path, ctx["run_id"], index, "piece").put_json(
+            {"piece": piece["piece"]}, f"piece{k}.json")["key"])
+    io = _stage_io(cfg, tmp_path, ctx["run_id"], index + 1, "joincube")
+    joined = dict(ctx, images=[])
+    joincube(joined, dict(params, pieces=keys), io)
+    (rec,) = joined["images"]
+    return rec, io, pieces
+
+
 @pytest.fixture(scope="module")
 def calibrated_eb(stack, tmp_path_factory):
     """An EB of one 1024-channel spw in the store, its CORRECTED_DATA the DATA (a
@@ -294,7 +313,7 @@ def test_a_cube_over_max_cube_gb_is_binned_by_two_channels_in_pieces(calibrated_
     neighbours share 2/3 of their noise)."""
     from astropy.io import fits
     from almapipe.heuristics import imaging as heuristics
-    from almapipe.stages.imaging import imagecube_chunk, joincube, makeimages, split
+    from almapipe.stages.imaging import makeimages, split
     cfg, ctx, ms, spw, _ = calibrated_eb
     ctx = dict(ctx)
     split(ctx, {}, _stage_io(cfg, tmp_path, ctx["run_id"], 10, "split"))
@@ -313,16 +332,7 @@ def test_a_cube_over_max_cube_gb_is_binned_by_two_channels_in_pieces(calibrated_
     assert (prep["nbin"], prep["npix"], prep["cell_arcsec"]) == (2, prep0["npix"], prep0["cell_arcsec"])
     assert prep["mitigation"].endswith("channels binned by 2 (20 planes)"), prep["mitigation"]
     assert abs(prep["theo"] / prep0["theo"] / np.sqrt(5 / 6) - 1) < 0.05, (prep["theo"], prep0["theo"])
-    keys = []
-    for k, item in enumerate(items):
-        piece = dict(ctx)
-        imagecube_chunk(piece, dict(params, piece=item), _stage_io(cfg, tmp_path, ctx["run_id"], 13, "imagecube_chunk"))
-        keys.append(_stage_io(cfg, tmp_path, ctx["run_id"], 13, "piece").put_json({"piece": piece["piece"]},
-                                                                                 f"piece{k}.json")["key"])
-    io = _stage_io(cfg, tmp_path, ctx["run_id"], 14, "joincube")
-    joined = dict(ctx, images=[])
-    joincube(joined, dict(params, pieces=keys), io)
-    (rec,) = joined["images"]
+    rec, io, _ = _pieces_and_join(cfg, tmp_path, ctx, params, 13)
     assert (rec["nchan"], rec["nbin"], rec["imsize"]) == (20, 2, prep0["npix"])
     assert rec["peak_channel"] in range(100, 140, 2) and rec["size_mitigation"] == prep["mitigation"]
     freq = np.array(ctx["observation"]["spws"][spw]["chan_freq_hz"])
@@ -353,7 +363,7 @@ def test_a_joined_cube_is_assembled_in_the_store_from_its_pieces_planes(calibrat
     import hashlib
     from astropy.io import fits
     from almapipe.platform.store import ObjectStore
-    from almapipe.stages.imaging import imagecube_chunk, joincube, makeimages, split
+    from almapipe.stages.imaging import makeimages, split
     cfg, ctx, ms, spw, _ = calibrated_eb
     ctx = dict(ctx)
     split(ctx, {}, _stage_io(cfg, tmp_path, ctx["run_id"], 40, "split"))
@@ -361,18 +371,8 @@ def test_a_joined_cube_is_assembled_in_the_store_from_its_pieces_planes(calibrat
     params = {"calibrators": False, "target_cube": True, "cube_chunks": 2,
               "cube": {"imsize": 64, "niter": 10, "automask": True, "chans": "100~759"}}
     makeimages(ctx, params, _stage_io(cfg, tmp_path, ctx["run_id"], 41, "makeimages"))
-    keys = []
-    for k, item in enumerate(ctx["fanout"]["items"]):
-        piece = dict(ctx)
-        imagecube_chunk(piece, dict(params, piece=item), _stage_io(cfg, tmp_path, ctx["run_id"], 42, "imagecube_chunk"))
-        assert set(piece["piece"]["slabs"]) == {"residual", "psf"}
-        assert piece["piece"]["slab_bytes"] == 330 * 64 * 64 * 4
-        keys.append(_stage_io(cfg, tmp_path, ctx["run_id"], 42, "piece").put_json({"piece": piece["piece"]},
-                                                                                 f"piece{k}.json")["key"])
-    io = _stage_io(cfg, tmp_path, ctx["run_id"], 43, "joincube")
-    joined = dict(ctx, images=[])
-    joincube(joined, dict(params, pieces=keys), io)
-    (rec,) = joined["images"]
+    rec, io, pieces = _pieces_and_join(cfg, tmp_path, ctx, params, 42)
+    assert all(set(p["slabs"]) == {"residual", "psf"} and p["slab_bytes"] == 330 * 64 * 64 * 4 for p in pieces)
     entries = {e["name"].split(".")[-2]: e for e in io.outputs if e["name"].endswith(".fits")}
     for suffix in ("residual", "psf"):
         assert entries[suffix]["copied"] == 330 * 64 * 64 * 4, (suffix, entries[suffix])
