@@ -193,8 +193,7 @@ class ObjectStore:
             for i, part in enumerate(parts):
                 if isinstance(part, Range):
                     got = 0
-                    for chunk in ([part.data] if part.data is not None else
-                                  self.chunks(part.key, part.offset, part.length)):
+                    for chunk in _range_chunks(self, part):
                         digest.update(chunk)
                         got += len(chunk)
                     if got != part.length:
@@ -289,15 +288,7 @@ class ObjectStore:
 
     def get_range(self, key: str, offset: int, length: int, bucket: str | None = None) -> bytes:
         """Bytes [offset, offset + length) of an object (fewer at its end; length 0: to its end)."""
-        try:
-            resp = self.client.get_object(bucket or self.bucket, key, offset=offset, length=length)
-        except S3Error as exc:
-            raise StoreError(f"cannot fetch s3://{bucket or self.bucket}/{key}: {exc.code}") from exc
-        try:
-            return resp.read()
-        finally:
-            resp.close()
-            resp.release_conn()
+        return b"".join(self.chunks(key, offset, length, bucket))
 
     def exists(self, key: str, bucket: str | None = None) -> bool:
         try:
@@ -341,23 +332,32 @@ def _parts(segments: list) -> list:
     shorter), so a short header or a short piece never stands between two copies; from a
     long range it takes only what it lacks."""
     parts: list = []
+    held = 0                            # the bytes of the last part, where it is one to upload
     for seg in segments:
-        if _length(seg) == 0:
+        length = _length(seg)
+        if length == 0:
             continue
-        last = parts[-1] if parts else None
-        short = MIN_PART_BYTES - sum(_length(s) for s in last) if isinstance(last, list) else 0
-        if short > 0 and isinstance(seg, Range) and seg.length - short >= MIN_PART_BYTES:
+        last = parts[-1] if parts and isinstance(parts[-1], list) else None
+        short = MIN_PART_BYTES - held if last is not None else 0
+        if short > 0 and isinstance(seg, Range) and length - short >= MIN_PART_BYTES:
             # the part takes what it lacks of a long range, the server copies the rest
             cut = lambda a, b: seg.data[a:b] if seg.data is not None else None  # noqa: E731
             last.append(Range(seg.key, seg.offset, short, cut(0, short)))
-            parts.append(Range(seg.key, seg.offset + short, seg.length - short, cut(short, seg.length)))
-        elif short <= 0 and isinstance(seg, Range) and seg.length >= MIN_PART_BYTES:
+            parts.append(Range(seg.key, seg.offset + short, length - short, cut(short, length)))
+        elif short <= 0 and isinstance(seg, Range) and length >= MIN_PART_BYTES:
             parts.append(seg)
-        elif isinstance(last, list):
+        elif last is not None:
             last.append(seg)
+            held += length
         else:
             parts.append([seg])
+            held = length
     return parts
+
+
+def _range_chunks(store: "ObjectStore", seg: Range):
+    """A Range's bytes: those this process has, else fetched."""
+    return [seg.data] if seg.data is not None else store.chunks(seg.key, seg.offset, seg.length)
 
 
 def _segment_chunks(store: "ObjectStore", part: list, digest):
@@ -365,7 +365,7 @@ def _segment_chunks(store: "ObjectStore", part: list, digest):
     uploader reads them through a _ChunkReader without a digest of its own)."""
     for seg in part:
         if isinstance(seg, Range):
-            chunks = [seg.data] if seg.data is not None else store.chunks(seg.key, seg.offset, seg.length)
+            chunks = _range_chunks(store, seg)
         elif isinstance(seg, Stream):
             chunks = seg.chunks
         else:

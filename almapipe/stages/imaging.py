@@ -993,12 +993,15 @@ class ImageJob:
                                 obs=obs, obs_radec=(self.field["ra_rad"], self.field["dec_rad"]))
         shape = (len(plane_freqs), spec.npix, spec.npix)
         padding = fits_padding(4 * int(np.prod(shape)))
+
+        def fits_file(unit: str, data: list) -> list:
+            """A FITS product as ObjectStore.assemble's segments: its header, data, padding."""
+            return [fits_header_bytes(shape, header(unit)), *data, padding]
         # uploaded behind, while the next product is made: a large cube's join is
         # otherwise mostly waiting for S3, one file at a time
         with io.puts_behind(threads=4 if slabs else 2) as up:
             for suffix, ranges in slabs.items():
-                up.assemble(f"{base}.{suffix}.fits", [fits_header_bytes(shape, header(PRODUCT_UNITS[suffix])),
-                                                      *ranges, padding])
+                up.assemble(f"{base}.{suffix}.fits", fits_file(PRODUCT_UNITS[suffix], ranges))
             if multi_term:
                 res, taylor = restore_taylor_planes(planes, spec, self.dish, self.telescope)
             else:
@@ -1016,16 +1019,16 @@ class ImageJob:
             for suffix, planes_ in outputs:
                 if suffix in slabs:
                     continue
-                hdr = header(PRODUCT_UNITS[suffix.split(".")[0]])
+                unit = PRODUCT_UNITS[suffix.split(".")[0]]
                 name = f"{base}.{suffix}.fits"
                 if np.ndim(planes_) == 2:
-                    up.assemble(name, [fits_header_bytes(shape, hdr),
-                                       Repeat(np.ascontiguousarray(planes_, ">f4").tobytes(), shape[0]), padding])
+                    up.assemble(name, fits_file(unit, [Repeat(np.ascontiguousarray(planes_, ">f4").tobytes(),
+                                                              shape[0])]))
                 elif suffix.split(".")[0] in ("model", "mask"):     # mostly empty planes
-                    up.assemble(name, [fits_header_bytes(shape, hdr), *sparse_plane_segments(planes_), padding])
+                    up.assemble(name, fits_file(unit, sparse_plane_segments(planes_)))
                 else:
                     path = os.path.join(io.workdir, name)
-                    up.put_file(path, sha256=write_fits(path, planes_, hdr))
+                    up.put_file(path, sha256=write_fits(path, planes_, header(unit)))
             cont_mask = None
             cont = part.get("cont_chans", {}).get(self.field["name"]) if self.specmode == "cube" else None
             if cont:                        # a plane is line-free if all its channels are
