@@ -23,9 +23,8 @@ class PlotIO:
         self.out, self.names = out, []
 
     def plot(self, fig, name):
-        import matplotlib.pyplot as plt
-        fig.savefig(self.out / name, dpi=40)
-        plt.close(fig)
+        from almapipe.report import render
+        render.draw(fig, str(self.out / name), {"dpi": 40})
         self.names.append(name)
         return {"name": name}
 
@@ -269,22 +268,68 @@ def test_tsysflag_and_gainflag_plots_frame_their_outliers(tmp_path, monkeypatch)
 
 # ------------------------------------------------------------------ figures drawn beside the stage
 
-def _grid_figure(formatter=None):
-    import matplotlib.ticker as mticker
+def _grid_figure():
     from almapipe.report.plots import antenna_grid, label_panel
     fig, axes = antenna_grid(12, "bandpass amplitude, spw 5")
     rng = np.random.default_rng(1)
     for i, ax in enumerate(axes):
         ax.plot(np.arange(64), 1 + 0.1 * rng.standard_normal(64), lw=0.6)
         label_panel(ax, f"DA{41 + i}", "outlier" if i == 3 else "")
-        if formatter is not None:
-            ax.yaxis.set_major_formatter(mticker.FuncFormatter(formatter))
+    return fig
+
+
+def _lambda_figure():
+    """A matplotlib figure that cannot be pickled (a lambda formatter)."""
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker as mticker
+    fig, ax = plt.subplots()
+    ax.plot(np.arange(64), np.arange(64.0))
+    ax.yaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:.1f}"))
     return fig
 
 
 def _pixels(path):
     import matplotlib.image as mimage
     return mimage.imread(str(path))
+
+
+def test_an_antenna_grid_is_data_until_drawn_and_draws_each_panel_in_one_axes(tmp_path):
+    """report/panels.py: a grid records what its panels show (it pickles small), shares
+    one x and y range over every panel, cuts lines at NaN, frames an outlier red, and
+    draws into a single Axes (the figure of 43 matplotlib Axes took ~1.3 s a grid)."""
+    import pickle
+    from almapipe.report import panels
+    from almapipe.report.plots import antenna_grid, label_panel
+    grid, axes = antenna_grid(43, "Tsys per antenna")
+    x = np.linspace(90, 92, 128)
+    for i, ax in enumerate(axes):
+        y = 100 + np.arange(128.0) + i
+        y[60:64] = np.nan                                  # a flagged run: the line is cut there
+        ax.plot(x, y, lw=0.8, color="C0")
+        ax.plot(x[::8], y[::8] - 50, ".", ms=1.5, color="C1")
+        ax.axvspan(90.0, 90.2)
+        ax.axhline(300.0)
+        label_panel(ax, f"DA{41 + i}", "outlier" if i == 7 else "flagged" if i == 8 else "")
+    with pytest.raises(ValueError, match="format"):
+        axes[0].plot(x, x, "o-")
+    assert len(pickle.dumps(grid)) < 1_000_000
+    assert len(panels._runs(np.arange(5.0), np.array([1, 2, np.nan, 4, 5.0]))) == 2
+    fig = grid.to_figure()
+    assert len(fig.axes) == 1
+    ax = fig.axes[0]
+    assert (grid.ncol, grid.nrow) == (8, 6) and ax.get_xlim() == (0, 8)
+    # the shared range covers every panel's data, the horizontal line included
+    (x0, x1), (y0, y1) = grid.limits()
+    assert x0 < 90 and x1 > 92 and y0 < 50 and y1 > 300
+    png = tmp_path / "grid.png"
+    grid.savefig(png, dpi=80, bbox_inches="tight")
+    rgb = _pixels(png)[..., :3]
+    red = (rgb[..., 0] > 0.7) & (rgb[..., 1] < 0.3) & (rgb[..., 2] < 0.3)
+    assert red.sum() > 100                                # DA48's frame
+    label_panel(axes[7], "DA48", "")
+    grid.savefig(tmp_path / "none.png", dpi=80)
+    rgb = _pixels(tmp_path / "none.png")[..., :3]
+    assert ((rgb[..., 0] > 0.7) & (rgb[..., 1] < 0.3) & (rgb[..., 2] < 0.3)).sum() == 0
 
 
 def test_a_figure_drawn_in_the_helper_is_the_png_the_stage_would_draw(tmp_path, monkeypatch):
@@ -299,7 +344,7 @@ def test_a_figure_drawn_in_the_helper_is_the_png_the_stage_would_draw(tmp_path, 
     render.submit(_grid_figure(), str(tmp_path / "here.png"), **opts).wait()
     monkeypatch.delenv("ALMAPIPE_PLOT_PROCESSES")
     np.testing.assert_array_equal(_pixels(pending.wait()), _pixels(tmp_path / "here.png"))
-    local = render.submit(_grid_figure(formatter=lambda v, _: f"{v:.1f}"), str(tmp_path / "lambda.png"), **opts)
+    local = render.submit(_lambda_figure(), str(tmp_path / "lambda.png"), **opts)
     assert local.future is None and _pixels(local.wait()).shape[0] > 100
 
 

@@ -7,13 +7,9 @@ ALMA data while the stage scored 1.00).
 """
 from __future__ import annotations
 
-import math
-
-import matplotlib
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from ..heuristics.robust import mad_std  # noqa: E402
+import numpy as np
+from ..heuristics.robust import mad_std
+from .panels import PanelGrid
 
 
 class EmptyPlotError(RuntimeError):
@@ -27,32 +23,15 @@ def require_finite(what: str, *arrays) -> None:
 
 
 def antenna_grid(n: int, title: str, panel_in: float = 1.9):
-    """A figure of n small panels (about square grid, shared axes) and the flat list of
-    the panels; the panels beyond n are hidden."""
-    ncol = max(1, math.ceil(math.sqrt(n * 1.3)))
-    nrow = max(1, math.ceil(n / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(panel_in * ncol, 0.8 * panel_in * nrow + 0.4),
-                             sharex=True, sharey=True, squeeze=False)
-    axes = list(axes.ravel())
-    for ax in axes[n:]:
-        ax.set_visible(False)
-    for ax in axes:
-        ax.tick_params(labelsize=6)
-    fig.suptitle(title, fontsize=9)
-    return fig, axes[:n]
+    """A grid of n small panels with shared axes (report/panels.py) and the list of its
+    panels; ``StageIO.plot`` takes the grid as it takes a figure."""
+    grid = PanelGrid(n, title, panel_in)
+    return grid, grid.panels
 
 
-def label_panel(ax, name: str, state: str = "") -> None:
+def label_panel(panel, name: str, state: str = "") -> None:
     """Name a panel's antenna; state 'outlier' frames it red, 'flagged' says so across it."""
-    colour = {"outlier": "tab:red", "flagged": "0.5"}.get(state, "black")
-    ax.set_title(name + (f" ({state})" if state else ""), fontsize=7, color=colour, pad=2)
-    if state == "outlier":
-        for sp in ax.spines.values():
-            sp.set_color("tab:red")
-            sp.set_linewidth(2)
-    if state == "flagged":
-        ax.text(0.5, 0.5, "all flagged", transform=ax.transAxes, ha="center", va="center", fontsize=7,
-                color="0.5")
+    panel.label(name, state)
 
 
 def robust_outliers(values: dict, nsigma: float = 6.0, floor: float = 0.0) -> dict:

@@ -31,8 +31,12 @@ def helper_processes() -> int:
 
 
 def draw(fig, path: str, savefig: dict) -> str:
-    """Save a figure as PNG at path and forget it (in whichever process holds it)."""
+    """Save a figure (or a report.panels.PanelGrid, drawn here) as PNG at path and forget
+    it (in whichever process holds it)."""
     import matplotlib.pyplot as plt
+    if hasattr(fig, "to_figure"):
+        fig.savefig(path, **savefig)
+        return path
     try:
         fig.savefig(path, **savefig)
     finally:
@@ -94,8 +98,9 @@ def submit(fig, path: str, **savefig) -> Pending:
         blob = pickle.dumps(fig)
     except Exception:       # a figure holding something unpicklable (a lambda formatter)
         return Pending(draw(fig, path, savefig), savefig)
-    import matplotlib.pyplot as plt
-    plt.close(fig)
+    if not hasattr(fig, "to_figure"):
+        import matplotlib.pyplot as plt
+        plt.close(fig)
     pool = _pool()
     try:
         return Pending(path, savefig, blob, pool.submit(_draw_pickled, blob, path, savefig), pool)

@@ -548,8 +548,8 @@ def _plot_bandpass(io, bp: CalSolutions, ctx, spw) -> list:
                     ax.plot(chan, y[r], lw=0.6, color=f"C{p}")
             label_panel(ax, a["name"], "flagged" if a["name"] not in shape else
                         "outlier" if a["name"] in bad else "")
-        axes[0].set_ylabel("amplitude" if kind == "amplitude" else "phase (deg)", fontsize=7)
-        axes[-1].set_xlabel("channel", fontsize=7)
+        fig.ylabel = "amplitude" if kind == "amplitude" else "phase (deg)"
+        fig.xlabel = "channel"
         io.plot(fig, f"bandpass_spw{spw}.png" if kind == "amplitude" else f"bandpass_phase_spw{spw}.png")
     return ([{"antenna": n, "spw": spw, "why": f"amplitude shape {dev[n]:.1%} rms from the array's "
                                                f"({sig:.0f} robust sigma)"} for n, sig in sorted(bad.items())],
