@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import solver
-from .kernels import accumulate_slots, average_channels
+from .kernels import accumulate_slots, average_channels, row_ratio_statistics
 from ..errors import ParameterError
 from ..heuristics.spectral_response import contiguous_mean_variance_factor, difference_scale
 from .applycal import apply_tables
@@ -178,17 +178,11 @@ def row_snr2(vis: Vis, model: np.ndarray, chans: slice | None = None, rho: np.nd
     """Each row's squared SNR per correlation (integration_snr's baseline term); rows
     are independent, so a caller reading in row blocks concatenates these."""
     sel = slice(None) if chans is None else chans
-    m = model[:, sel].astype(np.complex128)
-    r = np.where(np.abs(m[..., None]) > 0, vis.data[:, sel] / np.where(m[..., None] == 0, 1, m[..., None]), 0)
-    good = ~vis.flag[:, sel] & (np.abs(m[..., None]) > 0) & (vis.ant1 != vis.ant2)[:, None, None]
-    n = good.sum(axis=1)                                                     # (nrow, ncorr)
-    signal = np.abs(np.where(good, r, 0).sum(axis=1)) / np.maximum(n, 1)
-    pair = good[:, 1:] & good[:, :-1]
+    m = np.ascontiguousarray(model[:, sel], dtype=np.complex128)
+    n, signal, median = row_ratio_statistics(vis.data[:, sel], vis.flag[:, sel], m, vis.ant1, vis.ant2)
     # |difference|^2 of complex Gaussian noise is exponential with mean 2 sigma^2; its
     # median (2 sigma^2 ln 2) ignores the odd spike of a bad channel
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)          # rows without a pair of good channels
-        d2 = np.nanmedian(np.where(pair, np.abs(np.diff(r, axis=1)) ** 2, np.nan), axis=1) / np.log(2)
+    d2 = median / np.log(2)
     d2 = np.nan_to_num(d2) * difference_scale(rho) ** 2
     # of the channel mean (the good channels taken as one run: a few flagged ones in a row
     # change its correlated share little)
