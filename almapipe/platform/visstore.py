@@ -204,11 +204,10 @@ class VisStore:
     # --- arrays
     def create(self, key: str, shape: tuple, chunks: tuple, dtype: str, keep: bool = True):
         import zarr
-        from zarr.codecs import ZstdCodec
         # write_empty_chunks: a version holds every chunk it was given, also all-False
         # FLAG chunks, so that a chunk missing from a new version means "not written"
         return zarr.create_array(self.zstore if keep else self.passing_zstore, name=key, shape=shape,
-                                 chunks=chunks, dtype=dtype, compressors=ZstdCodec(level=1),
+                                 chunks=chunks, dtype=dtype, compressors=compressor_for(dtype),
                                  fill_value=_fill(dtype), overwrite=True, config={"write_empty_chunks": True})
 
     def open(self, key: str, mode: str = "r", keep: bool = True):
@@ -228,6 +227,19 @@ class VisStore:
 
 def _fill(dtype: str):
     return False if dtype == "bool" else 0
+
+
+def compressor_for(dtype: str):
+    """A new array's codec (decision 0015). Visibilities, weights and uvw (floating
+    point, mostly noise in their low bytes): LZ4 after a byte shuffle, which packs the
+    same bytes of every value together. It stores them a little smaller than zstd (the
+    realistic EB's store 8.23 GB against 8.42 GB) and decodes 3-5x faster; the stages
+    decode every chunk they read. Flags and integer columns (long runs of equal
+    values): zstd, ~50x smaller."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+    if np.dtype(dtype).kind in "fc":
+        return BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+    return ZstdCodec(level=1)
 
 
 # ------------------------------------------------------------------ one partition
