@@ -346,6 +346,10 @@ def test_a_figure_drawn_in_the_helper_is_the_png_the_stage_would_draw(tmp_path, 
     np.testing.assert_array_equal(_pixels(pending.wait()), _pixels(tmp_path / "here.png"))
     local = render.submit(_lambda_figure(), str(tmp_path / "lambda.png"), **opts)
     assert local.future is None and _pixels(local.wait()).shape[0] > 100
+    # any function beside the stage (the WebLog's image views): in the helper, or here
+    # when it cannot be pickled
+    assert render.Beside(os.getpid, ()).result() != os.getpid()
+    assert render.Beside(lambda: os.getpid(), ()).result() == os.getpid()
 
 
 def test_a_helper_that_died_loses_no_figure(tmp_path):

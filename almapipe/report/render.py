@@ -107,3 +107,39 @@ def submit(fig, path: str, **savefig) -> Pending:
     except (BrokenProcessPool, RuntimeError):        # a helper that died before this figure
         _forget_pool(pool)
         return Pending(_draw_pickled(blob, path, savefig), savefig)
+
+
+class Beside:
+    """fn(*args) computed in the helper process while the caller goes on; ``result``
+    returns its value, computed here instead when the helper is off or died, or when fn
+    and its arguments cannot be pickled (a test's stand-in function)."""
+
+    def __init__(self, fn, args: tuple):
+        self.fn, self.args, self.future, self.pool = fn, args, None, None
+        if helper_processes() == 0:
+            return
+        try:
+            blob = pickle.dumps((fn, args))
+        except Exception:
+            return
+        self.pool = _pool()
+        try:
+            self.future = self.pool.submit(_call_pickled, blob)
+        except (BrokenProcessPool, RuntimeError):
+            _forget_pool(self.pool)
+
+    def result(self):
+        if self.future is None:
+            return self.fn(*self.args)
+        try:
+            return self.future.result()
+        except BrokenProcessPool:
+            _forget_pool(self.pool)
+            return self.fn(*self.args)
+
+
+def _call_pickled(blob: bytes):
+    import matplotlib
+    matplotlib.use("Agg")
+    fn, args = pickle.loads(blob)
+    return fn(*args)
