@@ -153,6 +153,33 @@ def test_partial_row_writes_copy_the_untouched_chunks_and_read_back(ngc):
             assert new_objs[f"{key}/{tail}"] == old_objs[f"{ngc['entry']['arrays']['FLAG']}/{tail}"]
 
 
+def test_floats_are_stored_as_shuffled_lz4_and_a_new_version_keeps_its_predecessors_codec(ngc):
+    """Visibilities and weights: Blosc LZ4 with a byte shuffle; flags: zstd. A version
+    written after an older one takes that one's codec (an array stored by an earlier
+    release as zstd), since its unchanged chunk objects are copied into it as they are."""
+    from zarr.codecs import BloscCodec, ZstdCodec
+    vs = vst.VisStore(ngc["cfg"], cache_dir=None, cache_limit=0)
+    arrays = ngc["entry"]["arrays"]
+    codec = {name: type(vs.open(arrays[name]).compressors[0]) for name in ("VISIBILITY", "WEIGHT", "FLAG")}
+    assert codec == {"VISIBILITY": BloscCodec, "WEIGHT": BloscCodec, "FLAG": ZstdCodec}
+    weight = vs.open(arrays["WEIGHT"])
+    old_key = f"{ngc['prefix']}/WEIGHT/00_zstd"
+    z = vs.create(old_key, weight.shape, weight.chunks, str(weight.dtype), compressors=ZstdCodec(level=1))
+    z[:] = weight[:]
+    entry = dict(ngc["entry"], arrays=dict(arrays, WEIGHT=old_key))
+    vs = vst.VisStore(ngc["cfg"], cache_dir=None, cache_limit=0)           # its counter from here
+    part = partition(ngc, "16_codec", entry, vs)
+    rows = np.arange(ROWS + 3, ROWS + 40)
+    part.write("WEIGHT", rows, np.full((len(rows), part.ncorr), 7.0, np.float32))
+    new = part.commit()
+    assert vs.counter.objects_written < -(-part.nrow // ROWS)           # the other chunks copied
+    stored = vs.open(new["arrays"]["WEIGHT"])
+    assert type(stored.compressors[0]) is ZstdCodec
+    expect = np.asarray(weight[:]).copy()
+    expect[rows] = 7.0
+    np.testing.assert_array_equal(np.asarray(stored[:]), expect)
+
+
 def test_a_channel_range_fetches_only_its_chunks(ngc):
     vs = vst.VisStore(ngc["cfg"], cache_dir=None, cache_limit=0)
     part = partition(ngc, "16_x", vs=vs)

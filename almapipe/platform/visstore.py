@@ -202,12 +202,14 @@ class VisStore:
         return nbytes <= self.cache_limit
 
     # --- arrays
-    def create(self, key: str, shape: tuple, chunks: tuple, dtype: str, keep: bool = True):
+    def create(self, key: str, shape: tuple, chunks: tuple, dtype: str, keep: bool = True, compressors=None):
+        """A new array; compressors: those of the version it follows (its unchanged chunk
+        objects are copied into it as they are), else compressor_for(dtype)."""
         import zarr
         # write_empty_chunks: a version holds every chunk it was given, also all-False
         # FLAG chunks, so that a chunk missing from a new version means "not written"
         return zarr.create_array(self.zstore if keep else self.passing_zstore, name=key, shape=shape,
-                                 chunks=chunks, dtype=dtype, compressors=compressor_for(dtype),
+                                 chunks=chunks, dtype=dtype, compressors=compressors or compressor_for(dtype),
                                  fill_value=_fill(dtype), overwrite=True, config={"write_empty_chunks": True})
 
     def open(self, key: str, mode: str = "r", keep: bool = True):
@@ -590,7 +592,8 @@ class _ArrayWriter:
             if stored and np.array_equal(new, cur):
                 continue                  # unchanged: nothing to write
             if self.new is None:
-                self.new = self.part.vs.create(self.key, self.shape, self.chunks, self.dtype, self.keep)
+                self.new = self.part.vs.create(self.key, self.shape, self.chunks, self.dtype, self.keep,
+                                               self.old.compressors if self.old is not None else None)
             if self.part.vs.overlap:
                 self._write_behind(ci, lo, new)
             else:
