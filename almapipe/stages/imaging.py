@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import time
 
 import matplotlib
 matplotlib.use("Agg")
@@ -1316,6 +1317,7 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
         # the previous image's data go before the next image's are read (its ImageJob
         # would otherwise hold them until the new one is built: two spws at once)
         im = None
+        started = time.perf_counter()
         nchunks, most = 1, None
         if job[0] == "cube":
             # cube_chunks given, or as many as keep each piece within the memory budget
@@ -1342,6 +1344,7 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
             images.append(im.products(im.clean(), qa, scratch))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+        io.log("%s: made in %.1f s", images[-1]["file"], time.perf_counter() - started)
     if pieces:
         ctx["fanout"] = {"piece_stage": "imagecube_chunk", "join_stage": "joincube", "items": pieces}
         qa.note(f"{len({p['job'] for p in pieces})} cube(s) cleaned in {len(pieces)} channel ranges by the imager "
