@@ -5,6 +5,7 @@ caller that reads in channel slices)."""
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -117,9 +118,12 @@ def uv_bins(uvdist: np.ndarray, nbin: int) -> tuple[np.ndarray, np.ndarray]:
 def channel_outliers(amp: np.ndarray, ok: np.ndarray, first: np.ndarray, second: np.ndarray, nbin: int,
                      nhi: float, nlo: float, min_samples: int) -> np.ndarray:
     """Samples that are outliers in both uv bins that hold them. Every statistic is per
-    channel and correlation, so any slice of channels gives the same answer as the whole."""
-    return _bin_outliers(amp, ok, first, nbin, nhi, nlo, min_samples) & \
-        _bin_outliers(amp, ok, second, nbin - 1, nhi, nlo, min_samples)
+    channel and correlation, so any slice of channels gives the same answer as the whole.
+    The two sets of bins are tested at once, one in a thread: their numpy (sorts, masks)
+    releases the GIL, and flagtargets had a core idle through this part."""
+    with ThreadPoolExecutor(1, thread_name_prefix="uv-bins") as other:
+        shifted = other.submit(_bin_outliers, amp, ok, second, nbin - 1, nhi, nlo, min_samples)
+        return _bin_outliers(amp, ok, first, nbin, nhi, nlo, min_samples) & shifted.result()
 
 
 def uv_outliers(amp: np.ndarray, flag: np.ndarray, uvdist: np.ndarray, nhi: float = 12.0, nlo: float = 13.0,
