@@ -872,6 +872,18 @@ def test_aggregate_continuum_streamed_holds_no_channel_axis_and_equals_the_whole
                 np.testing.assert_allclose(s.uvw[mine] * f, si.uvw[theirs] * vis.freq[0], rtol=1e-9, atol=1e-3)
                 np.testing.assert_allclose(s.data[mine, b], si.data[theirs, 0], rtol=1e-4, atol=1e-6)
                 np.testing.assert_allclose(s.weight[mine, b], si.weight[theirs, 0], rtol=1e-5)
+            # binned beside each spw's own pass (its continuum image's: other bins), the same
+            # samples, and the aggregate reads nothing more
+            fed = []
+            for parts_k, m in spws:
+                feed = samples_mod.WidthBinned(parts_k, m, width)
+                samples_mod.read_binned_stokes_i(parts_k, None, m, 1 / 256, on_block=feed.add)
+                fed.append(feed)
+            blocks = []
+            again = read_aggregate_samples(spws, width, on_block=blocks.append, binned=fed)
+            assert not blocks and np.array_equal(again.freq, s.freq)
+            for a, b in ((again.uvw, s.uvw), (again.data, s.data), (again.weight, s.weight)):
+                np.testing.assert_array_equal(a, b)
             # spws of rows of their own: one sample per (row, bin), at one frequency
             monkeypatch.setattr(samples_mod, "_same_rows", lambda parts: False)
             flat = read_aggregate_samples(spws, width)

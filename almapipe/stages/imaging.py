@@ -28,7 +28,7 @@ from ..imaging.imager import (ImageSpec, TaylorPlanes, aggregate_samples, clean_
 from ..imaging.mtmfs import fractional_bandwidth, nterms_for  # noqa: E402
 from ..imaging.kernels import shift_spectra  # noqa: E402
 from ..imaging.mosaic import make_mosaic  # noqa: E402
-from ..imaging.samples import (MedianSketch, clean_mfs, read_aggregate_samples,  # noqa: E402
+from ..imaging.samples import (MedianSketch, WidthBinned, clean_mfs, read_aggregate_samples,  # noqa: E402
                                 channel_bins, read_binned_stokes_i, read_mosaic_aggregate, reference_frequency,
                                 uv_distances)
 from ..imaging.products import (fits_header_bytes, fits_padding, image_header, mosaic_noise_factor,  # noqa: E402
@@ -503,15 +503,19 @@ class ImageJob:
     (imagecube_chunk) and restored in one piece (joincube)."""
 
     def __init__(self, ctx: dict, io: StageIO, job: tuple, theoretical: dict, chan: slice | None = None,
-                 data: bool = True, prep: dict | None = None, heuristics_only: bool = False):
+                 data: bool = True, prep: dict | None = None, heuristics_only: bool = False,
+                 feeds: dict | None = None):
         """chan: read only these channels of the spw (a cube's piece); data: False reads
         flags, weights and uvw but no visibilities (a cube's join); prep: the image's
         heuristics as makeimages took them from the whole spw (ImageJob.heuristics), which
         a piece or a join, seeing part of the data, uses instead of its own;
         heuristics_only: a cube that makeimages hands out in pieces: read nothing now, and
         prepare() takes its heuristics in row blocks (never the spw's rows x channels; a
-        mosaic's pointing by pointing), for ImageJob.heuristics only."""
+        mosaic's pointing by pointing), for ImageJob.heuristics only. feeds: where a spw's
+        continuum image leaves its samples binned for the aggregate continuum that follows
+        it in makeimages (samples.WidthBinned, by feed_key), and the aggregate takes them."""
         self.ctx, self.io = ctx, io
+        self.feeds = feeds
         self.prep = prep
         self.streamed = False           # see below: an mfs image (a mosaic: pointing by pointing)
         self.heuristics_only = False
@@ -781,9 +785,20 @@ class ImageJob:
         same blocks, its theoretical noise as _theoretical_rms takes it: the scatter of
         adjacent channels' differences (their median from a fine histogram, not from
         all of them at once) and the Briggs weights of the samples."""
+        feed = None
+        if self.feeds is not None and self.specmode == "cont" and self.spec.mosaic is None and \
+                not self.p["aggregate"] and self.chans.any():
+            feed = WidthBinned(self.members, self.chans, int(self.p["width"]))
         self.samples, sigma_unit = self._read_with_scatter(self.chans, MFS_BIN_FRAC / self.spec.npix,
-                                                           pointings=self._pointing_members())
+                                                           pointings=self._pointing_members(), also=feed)
+        if feed is not None and feed.complete:
+            self.feeds[self.feed_key(self.part["spw"], self.p["chans"])] = feed
         return self._noise(self.samples, sigma_unit, np.flatnonzero(self.chans))
+
+    def feed_key(self, spw, chans: str) -> tuple:
+        """What a spw's continuum samples for the aggregate are found by: the fields, spw,
+        channels, bin width and column, all of which the aggregate's must equal."""
+        return tuple(self.fids), int(spw), chans or "", int(self.p["width"]), self.column
 
     def _pointing_members(self) -> list | None:
         """A mosaic's members (as self.members) pointing by pointing, in its order; None
@@ -809,11 +824,12 @@ class ImageJob:
         return self._noise(samples, sigma_unit, idx)
 
     def _read_with_scatter(self, chans: np.ndarray, max_frac: float, bins: tuple | None = None,
-                           pointings: list | None = None) -> tuple:
+                           pointings: list | None = None, also: WidthBinned | None = None) -> tuple:
         """(binned Stokes I samples of the channels chans, the scatter of a visibility of
         unit weight from adjacent channels' differences, or None where too few).
         pointings: a mosaic's members per pointing (as self.members): a list of samples,
-        one per pointing, with the same bins, and one scatter from all of them."""
+        one per pointing, with the same bins, and one scatter from all of them. also:
+        binned from the same blocks too (one pointing)."""
         idx = np.flatnonzero(chans)
         rel = idx - int(idx[0])              # the channels in the span a block holds
         sketch = MedianSketch()
@@ -821,6 +837,8 @@ class ImageJob:
         def scatter(blk):
             self.io.visibilities += blk.data.size
             sketch.add_adjacent_differences(blk.data, blk.flag, blk.weight, rel)
+            if also is not None:
+                also.add(blk)
 
         if pointings is None:
             samples = read_binned_stokes_i(self.members, None, chans, max_frac, self.column, on_block=scatter,
@@ -856,14 +874,25 @@ class ImageJob:
     def _read_aggregate(self) -> None:
         """The one pass of a streamed aggregate continuum: its samples
         (samples.read_aggregate_samples, bins of `width` continuum channels)."""
+        blocks = []
+
         def count(blk):
             self.io.visibilities += blk.data.size
+            blocks.append(None)
         if len(self.fids) > 1:              # a mosaic: each pointing's samples, with the same bins
             self.samples = read_mosaic_aggregate(
                 [[(self._members(piece, [f]), mask) for piece, (_, mask) in zip(self.spw_pieces, self.spws)]
                  for f in self.fids], int(self.p["width"]), self.column, on_block=count)
         else:
-            self.samples = read_aggregate_samples(self.spws, int(self.p["width"]), self.column, on_block=count)
+            # the spws' samples as their own continuum images binned them, where they did
+            binned = [self.feeds.pop(self.feed_key(piece["spw"], piece.get("chans", "")), None)
+                      for piece in self.spw_pieces] if self.feeds is not None else None
+            self.samples = read_aggregate_samples(self.spws, int(self.p["width"]), self.column, on_block=count,
+                                                  binned=binned)
+            del binned
+            if not blocks:
+                self.io.log("%s: its samples binned beside its spws' own continuum images, not read again",
+                            self.label())
         # the image's one plane: as aggregate_samples' Vis, at the reference frequency
         self._freq = np.array([reference_frequency(self.samples)])
 
@@ -1312,6 +1341,8 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
             qa.note(note)
     chunks = params["cube_chunks"]
     theoretical = {}          # (field, spw) -> theoretical rms of its mfs image, for the aggregate
+    # each spw's continuum samples binned for the aggregate (ImageJob.feed_key), where one follows
+    feeds = {} if any(job[0] == "cont" and job[4].get("aggregate") for job in jobs) else None
     images, pieces = [], []
     for j, job in enumerate(jobs):
         # the previous image's data go before the next image's are read (its ImageJob
@@ -1324,7 +1355,7 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
             nchunks, most = _cube_pieces(io, job)
             nchunks = int(chunks) if chunks is not None else nchunks
         # a cube in pieces: its heuristics only, in row blocks (ImageJob's heuristics_only)
-        im = ImageJob(ctx, io, job, theoretical, heuristics_only=nchunks > 1)
+        im = ImageJob(ctx, io, job, theoretical, heuristics_only=nchunks > 1, feeds=feeds)
         why = im.prepare()
         if why:
             qa.add(not_imaged(im.label(), why))
