@@ -187,13 +187,19 @@ def read_aggregate_samples(spws: list, width: int, column: str = "DATA", on_bloc
     if all(b is not None and b.complete for b in binned):
         order = np.argsort([b.fbin[0] for b in binned], kind="stable")
         binned = [binned[k] for k in order]
-        uvw = binned[0].uvw
-        vis = np.concatenate([b.vis for b in binned], axis=1)
-        wgt = np.concatenate([b.wgt for b in binned], axis=1)
+        uvw, fbin = binned[0].uvw, np.concatenate([b.fbin for b in binned])
+        vis = np.empty((len(uvw), len(fbin)), np.complex64)
+        wgt = np.empty((len(uvw), len(fbin)), np.float32)
+        col = 0
+        for b in binned:        # each spw's arrays let go once copied: one spw's held twice
+            cols = slice(col, col + len(b.fbin))
+            vis[:, cols], wgt[:, cols] = b.vis, b.wgt
+            b.vis = b.wgt = None
+            col = cols.stop
         keep = wgt.any(axis=1)
         if not keep.all():
             uvw, vis, wgt = uvw[keep], vis[keep], wgt[keep]
-        return BinnedStokesI(uvw, np.concatenate([b.fbin for b in binned]), vis, wgt)
+        return BinnedStokesI(uvw, fbin, vis, wgt)
     # the bins' frequencies ascending, spw by spw and the spws in frequency order, as the
     # gridder takes them without a reordered copy of the samples (spws that overlap in
     # frequency cost it one)

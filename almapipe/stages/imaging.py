@@ -1224,6 +1224,21 @@ def cube_piece_count(nrow: int, nchan: int, ncorr: int, budget: int | None = Non
     return max(1, min(nchan, -(-nchan // cube_piece_channels(nrow, ncorr, budget))))
 
 
+def _feed_bytes(io: StageIO, job: tuple) -> int:
+    """What an aggregate continuum job's spws' samples take held for it (samples.
+    WidthBinned: per cross-correlation row, a complex64 and a float32 a bin of `width`
+    selected channels, and its uvw), from the partitions' index arrays."""
+    _, fids, pieces, _, p = job
+    total = 0
+    for piece in pieces:
+        nrow = sum(len(io.vis(m).select(eb_field_ids(m, fids), cross_only=True))
+                   for m in piece.get("members", [piece]))
+        nchan = int(piece["nchan"])
+        sel = parse_channels(piece["chans"], nchan) if piece.get("chans") else np.ones(nchan, bool)
+        total += nrow * (-(-int(sel.sum()) // max(int(p.get("width") or 8), 1)) * 12 + 24)
+    return total
+
+
 def _cube_pieces(io: StageIO, job: tuple) -> tuple[int, int]:
     """cube_piece_count of a cube job of makeimages, and the most channels a piece may
     hold (cube_piece_channels): from its rows (of its fields, in every EB's partition)
@@ -1341,8 +1356,11 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
             qa.note(note)
     chunks = params["cube_chunks"]
     theoretical = {}          # (field, spw) -> theoretical rms of its mfs image, for the aggregate
-    # each spw's continuum samples binned for the aggregate (ImageJob.feed_key), where one follows
-    feeds = {} if any(job[0] == "cont" and job[4].get("aggregate") for job in jobs) else None
+    # each spw's continuum samples binned for the aggregate (ImageJob.feed_key), where one
+    # follows and they fit in the memory a cube's piece may hold (else the aggregate reads)
+    aggregates = [job for job in jobs if job[0] == "cont" and job[4].get("aggregate")]
+    feeds = {} if aggregates and max(_feed_bytes(io, job) for job in aggregates) <= cube_piece_budget() \
+        else None
     images, pieces = [], []
     for j, job in enumerate(jobs):
         # the previous image's data go before the next image's are read (its ImageJob
