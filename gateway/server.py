@@ -86,23 +86,30 @@ async def _stream_to_s3(store, key: str, blocks, h, check) -> tuple:
     q: queue.Queue = queue.Queue(maxsize=32)
 
     class Reader:
+        """The blocks as a file minio reads a part at a time. The blocks are kept as they
+        came and joined once a part: growing and slicing one bytearray copied every byte
+        three times (12 s of the gateway's 33 s of CPU for a 5.5 GB upload)."""
+
         def __init__(self):
-            self.buf = bytearray()
+            self.blocks: list = []
+            self.held = 0
             self.done = False
 
         def read(self, n: int = -1) -> bytes:
-            while not self.done and (n < 0 or len(self.buf) < n):
+            while not self.done and (n < 0 or self.held < n):
                 item = q.get()
                 if item is None:
                     self.done = True
                 elif isinstance(item, Exception):
                     raise item
                 else:
-                    self.buf.extend(item)
-            n = len(self.buf) if n < 0 else min(n, len(self.buf))
-            out = bytes(self.buf[:n])
-            del self.buf[:n]
-            return out
+                    self.blocks.append(item)
+                    self.held += len(item)
+            data = b"".join(self.blocks)
+            n = len(data) if n < 0 else min(n, len(data))
+            self.blocks = [data[n:]] if n < len(data) else []
+            self.held = len(data) - n
+            return data[:n] if n < len(data) else data
 
     put = asyncio.create_task(asyncio.to_thread(
         store.client.put_object, store.raw_bucket, key, Reader(), -1, part_size=64 << 20))

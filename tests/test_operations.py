@@ -9,11 +9,13 @@ import time
 import urllib.request
 
 import grpc
+import numpy as np
 import pytest
 
 from almapipe.cli import upload_input, upload_via_gateway
 from almapipe.config import port
 from almapipe.platform.auth import channel
+from almapipe.platform.store import ObjectStore
 from almapipe.v1 import pipeline_pb2 as pb, pipeline_pb2_grpc as pb_grpc
 from conftest import NGC5921
 
@@ -60,7 +62,7 @@ def _refused(call, code=grpc.StatusCode.INVALID_ARGUMENT):
 
 # ------------------------------------------------------------------ inputs bounded
 
-def test_upload_streams_an_input_and_checks_it(stub, tmp_path):
+def test_upload_streams_an_input_and_checks_it(stub, stack, tmp_path):
     data = b"these are not visibilities\n" * 100000      # 2.7 MB: three chunks
     path = tmp_path / "notes.txt"
     path.write_bytes(data)
@@ -89,6 +91,17 @@ def test_upload_streams_an_input_and_checks_it(stub, tmp_path):
 
     def up(*chunks):
         return stub.Upload(iter(chunks), timeout=30)
+    # more than one of the gateway's 64 MiB parts, in blocks that do not divide them
+    rng = np.random.default_rng(5)
+    big = rng.integers(0, 256, (70 << 20) + 12345, dtype=np.uint8).tobytes()
+    digest = hashlib.sha256(big).hexdigest()
+    blocks = [big[i:i + 3_000_001] for i in range(0, len(big), 3_000_001)]
+    resp = up(pb.UploadChunk(name="big.bin", size=len(big), sha256=digest, data=blocks[0]),
+              *(pb.UploadChunk(data=b) for b in blocks[1:]))
+    store = ObjectStore(stack[1])
+    assert resp.key == f"inputs/{digest[:16]}/big.bin"
+    assert hashlib.sha256(store.get_bytes(resp.key, bucket=store.raw_bucket)).hexdigest() == digest
+    store.remove(resp.key, bucket=store.raw_bucket)
     assert "sha256" in _refused(lambda: up(pb.UploadChunk(name="a.txt", size=3, sha256="0" * 64, data=b"abc")),
                                 grpc.StatusCode.DATA_LOSS)
     assert "name" in _refused(lambda: up(pb.UploadChunk(name="../etc/passwd", size=3, data=b"abc")))
