@@ -849,3 +849,33 @@ def test_the_local_s3_server_grows_with_the_disk_not_with_its_start_up_free_spac
     from almapipe.platform import stack
     src = inspect.getsource(stack.Stack)
     assert '"-volume.max=0"' not in src and "-volume.minFreeSpace={S3_MIN_FREE}" in src
+
+
+def test_the_aggregate_holds_its_spws_samples_only_within_a_pieces_budget(monkeypatch):
+    """makeimages' aggregate continuum takes its spws' samples from their own images'
+    passes (imaging.aggregate_feeds) only where holding them fits in a cube piece's
+    memory budget: a TDM spw's do, an FDM spw's (3840 channels) do not, and then the
+    aggregate reads as before; no aggregate, nothing is held."""
+    from almapipe.stages import imaging
+
+    class Part:
+        def __init__(self, nrow):
+            self.nrow = nrow
+
+        def select(self, fids, cross_only=False):
+            return np.arange(self.nrow)
+
+    class IO:
+        def vis(self, member):
+            return Part(member["nrow"])
+
+    def job(nchan, nrow=650_000, aggregate=True):
+        pieces = [{"spw": s, "nchan": nchan, "chans": "", "nrow": nrow} for s in (9, 11, 13, 15)]
+        return ("cont", [3], pieces, "DATA", {"aggregate": aggregate, "width": 8})
+    # 4 spws x 650k rows x (16 bins x 12 B + 24 B): 0.56 GB, within 1 GiB
+    assert imaging._feed_bytes(IO(), job(128)) == 4 * 650_000 * (16 * 12 + 24)
+    assert imaging.aggregate_feeds(IO(), [job(128)]) == {}
+    assert imaging.aggregate_feeds(IO(), [job(3840)]) is None
+    assert imaging.aggregate_feeds(IO(), [("mfs", [0], {}, "CORRECTED_DATA", {})]) is None
+    monkeypatch.setenv("ALMAPIPE_CUBE_PIECE_MB", "100")
+    assert imaging.aggregate_feeds(IO(), [job(128)]) is None

@@ -1224,6 +1224,16 @@ def cube_piece_count(nrow: int, nchan: int, ncorr: int, budget: int | None = Non
     return max(1, min(nchan, -(-nchan // cube_piece_channels(nrow, ncorr, budget))))
 
 
+def aggregate_feeds(io: StageIO, jobs: list) -> dict | None:
+    """Where each spw's continuum image leaves its samples binned for the aggregate
+    continuum (ImageJob.feed_key): a dict when an aggregate follows and what it holds
+    fits in the memory a cube's piece may hold; else None (the aggregate reads)."""
+    aggregates = [job for job in jobs if job[0] == "cont" and job[4].get("aggregate")]
+    if aggregates and max(_feed_bytes(io, job) for job in aggregates) <= cube_piece_budget():
+        return {}
+    return None
+
+
 def _feed_bytes(io: StageIO, job: tuple) -> int:
     """What an aggregate continuum job's spws' samples take held for it (samples.
     WidthBinned: per cross-correlation row, a complex64 and a float32 a bin of `width`
@@ -1356,11 +1366,7 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
             qa.note(note)
     chunks = params["cube_chunks"]
     theoretical = {}          # (field, spw) -> theoretical rms of its mfs image, for the aggregate
-    # each spw's continuum samples binned for the aggregate (ImageJob.feed_key), where one
-    # follows and they fit in the memory a cube's piece may hold (else the aggregate reads)
-    aggregates = [job for job in jobs if job[0] == "cont" and job[4].get("aggregate")]
-    feeds = {} if aggregates and max(_feed_bytes(io, job) for job in aggregates) <= cube_piece_budget() \
-        else None
+    feeds = aggregate_feeds(io, jobs)
     images, pieces = [], []
     for j, job in enumerate(jobs):
         # the previous image's data go before the next image's are read (its ImageJob
