@@ -209,7 +209,7 @@ class VisStore:
         # write_empty_chunks: a version holds every chunk it was given, also all-False
         # FLAG chunks, so that a chunk missing from a new version means "not written"
         return zarr.create_array(self.zstore if keep else self.passing_zstore, name=key, shape=shape,
-                                 chunks=chunks, dtype=dtype, compressors=compressors or compressor_for(dtype),
+                                 chunks=chunks, dtype=dtype, compressors=compressor_for(dtype) if compressors is None else compressors,
                                  fill_value=_fill(dtype), overwrite=True, config={"write_empty_chunks": True})
 
     def open(self, key: str, mode: str = "r", keep: bool = True):
