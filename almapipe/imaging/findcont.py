@@ -28,16 +28,11 @@ import ducc0
 import numpy as np
 
 from . import gridding
-from .imager import stokes_i
+from .imager import parallel_hands, stokes_i
 from ..heuristics.robust import mad_std, robust_sigma
 from ..msio.ms import Vis
 
 NPIX = 64
-
-
-def parallel_hands(corr_types: list) -> list:
-    """The correlations Stokes I is made of (imager.stokes_i's choice)."""
-    return [i for i, c in enumerate(corr_types) if c in ("RR", "LL", "XX", "YY", "I")] or [0]
 
 
 @dataclass

@@ -75,12 +75,17 @@ class StokesI:
     rows: np.ndarray       # (nrow,) the rows of the Vis they come from
 
 
+def parallel_hands(corr_types: list) -> list:
+    """The correlations Stokes I is made of: the parallel hands (or I itself)."""
+    return [i for i, c in enumerate(corr_types) if c in ("RR", "LL", "XX", "YY", "I")] or [0]
+
+
 def stokes_i(vis: Vis, chan_idx: np.ndarray) -> StokesI:
     """Stokes I samples of the given channels (kernels.stokes_i)."""
-    par = [i for i, c in enumerate(vis.corr_types) if c in ("RR", "LL", "XX", "YY", "I")] or [0]
     rows = np.flatnonzero(vis.ant1 != vis.ant2)
     chan_idx = np.asarray(chan_idx, np.int64)
-    data, w = kernels.stokes_i(vis.data, vis.flag, vis.weight, rows, chan_idx, np.array(par, np.int64))
+    data, w = kernels.stokes_i(vis.data, vis.flag, vis.weight, rows, chan_idx,
+                               np.array(parallel_hands(vis.corr_types), np.int64))
     keep = w.any(axis=1)
     if not keep.all():
         rows, data, w = rows[keep], data[keep], w[keep]

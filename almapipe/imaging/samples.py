@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import deconvolve, gridding, kernels
+from .imager import parallel_hands
 from .measurement import OnePointing
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ def read_binned_stokes_i(parts, field_ids, chans, max_frac: float, column: str =
     freq = np.asarray(parts[0][0].freq, float)
     chans = np.flatnonzero(chans) if np.asarray(chans).dtype == bool else np.asarray(chans, np.int64)
     chan_bin, fbin = channel_bins(freq, chans, max_frac) if bins is None else bins
-    nrow = sum(len(p.select(f, cross_only=True)) for p, f in parts)
+    nrow = _cross_rows(parts)
     uvw = np.zeros((nrow, 3))
     vis = np.zeros((nrow, len(fbin)), np.complex64)
     wgt = np.zeros((nrow, len(fbin)), np.float32)
@@ -102,20 +103,30 @@ def _bin_into(parts, chans, chan_bin, column, uvw, vis, wgt, block_chunks: int =
     for part, fids in parts:
         for blk in part.blocks(column=column, field_ids=fids, chan=span, cross_only=True,
                                block_chunks=block_chunks):
-            n = len(blk.rows)
-            if uvw is not None:
-                uvw[start:start + n] = blk.uvw
-            kernels.stokes_i_bins(blk.data, blk.flag, blk.weight.astype(np.float32, copy=False), span_bin, pols,
-                                  vis, wgt, start)
-            start += n
+            start = _bin_block(blk, span_bin, pols, uvw, vis, wgt, start)
             if on_block is not None:
                 on_block(blk)
             del blk
 
 
+def _bin_block(blk, span_bin, pols, uvw, vis, wgt, start: int) -> int:
+    """One row block (its channels the pass's span) binned into rows start.. of vis and
+    wgt, its uvw into uvw (None: not taken); returns the next block's first row."""
+    n = len(blk.rows)
+    if uvw is not None:
+        uvw[start:start + n] = blk.uvw
+    kernels.stokes_i_bins(blk.data, blk.flag, blk.weight.astype(np.float32, copy=False), span_bin, pols,
+                          vis, wgt, start)
+    return start + n
+
+
 def _parallel_hands(part) -> np.ndarray:
-    return np.array([i for i, c in enumerate(part.corr_types) if c in ("RR", "LL", "XX", "YY", "I")] or [0],
-                    np.int64)
+    return np.array(parallel_hands(part.corr_types), np.int64)
+
+
+def _cross_rows(parts) -> int:
+    """The cross-correlation rows of [(VisPartition, field ids)]."""
+    return sum(len(p.select(f, cross_only=True)) for p, f in parts)
 
 
 class WidthBinned:
@@ -132,7 +143,7 @@ class WidthBinned:
         self.span = slice(int(chans.min()), int(chans.max()) + 1)
         self.span_bin = np.ascontiguousarray(self.chan_bin[self.span])
         self.pols = _parallel_hands(parts[0][0])
-        nrow = sum(len(p.select(f, cross_only=True)) for p, f in parts)
+        nrow = _cross_rows(parts)
         self.uvw = np.zeros((nrow, 3))
         self.vis = np.zeros((nrow, len(self.fbin)), np.complex64)
         self.wgt = np.zeros((nrow, len(self.fbin)), np.float32)
@@ -140,13 +151,9 @@ class WidthBinned:
 
     def add(self, blk) -> None:
         """The next row block of the pass (cross-correlations, the channels of span)."""
-        n = len(blk.rows)
-        if blk.data.shape[1] != self.span.stop - self.span.start or self.rows + n > len(self.uvw):
+        if blk.data.shape[1] != self.span.stop - self.span.start or self.rows + len(blk.rows) > len(self.uvw):
             raise ValueError("WidthBinned: a block of other channels or rows than the pass it follows")
-        self.uvw[self.rows:self.rows + n] = blk.uvw
-        kernels.stokes_i_bins(blk.data, blk.flag, blk.weight.astype(np.float32, copy=False), self.span_bin,
-                              self.pols, self.vis, self.wgt, self.rows)
-        self.rows += n
+        self.rows = _bin_block(blk, self.span_bin, self.pols, self.uvw, self.vis, self.wgt, self.rows)
 
     @property
     def complete(self) -> bool:
@@ -206,7 +213,7 @@ def read_aggregate_samples(spws: list, width: int, column: str = "DATA", on_bloc
     bins = [_ascending_bins(*b) for b in bins]
     order = np.argsort([fbin[0] for _, fbin in bins], kind="stable")
     spws, bins = [spws[k] for k in order], [bins[k] for k in order]
-    nrow = sum(len(p.select(f, cross_only=True)) for p, f in spws[0][0])
+    nrow = _cross_rows(spws[0][0])
     nbin = [len(fbin) for _, fbin in bins]
     uvw = np.zeros((nrow, 3))
     vis = np.zeros((nrow, sum(nbin)), np.complex64)
@@ -271,7 +278,7 @@ def _same_rows(spw_parts: list, tol_m: float = 1e-3) -> bool:
 def _flat_aggregate(spws: list, bins: list, column: str, on_block) -> BinnedStokesI:
     """read_aggregate_samples where the spws' rows differ: one sample per (row, bin)."""
     # room for every (cross-correlation row, bin) of the spws; flagged ones are dropped
-    bound = sum(len(fbin) * sum(len(p.select(f, cross_only=True)) for p, f in parts)
+    bound = sum(len(fbin) * _cross_rows(parts)
                 for (parts, _), (_, fbin) in zip(spws, bins))
     uvw = np.empty((bound, 3))
     data = np.empty(bound, np.complex64)

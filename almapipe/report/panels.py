@@ -128,7 +128,8 @@ class PanelGrid:
             for x, y, colour, lw in p.lines:
                 lines.setdefault((colour, lw), []).extend(_runs(*place(i, x, y)))
             for y, colour, lw in p.hlines:
-                lines.setdefault((colour, lw), []).append(np.array([[bx, place(i, 0, y)[1]], [bx + w, place(i, 0, y)[1]]]))
+                at = place(i, 0, y)[1]
+                lines.setdefault((colour, lw), []).append(np.array([[bx, at], [bx + w, at]]))
             for x, y, colour, ms in p.points:
                 px, py = place(i, x, y)
                 ok = np.isfinite(px) & np.isfinite(py)
