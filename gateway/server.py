@@ -18,7 +18,7 @@ from almapipe.config import Config
 from almapipe.platform import metrics
 from almapipe.platform.auth import AuthError, TokenTable
 from almapipe.platform.bus import BusError
-from almapipe.platform.store import ObjectStore, StoreError
+from almapipe.platform.store import ChunkReader, ObjectStore, StoreError
 from almapipe.v1 import pipeline_pb2 as pb, pipeline_pb2_grpc as pb_grpc
 
 from .coordinator import Coordinator, RequestError, TERMINAL
@@ -85,34 +85,14 @@ async def _stream_to_s3(store, key: str, blocks, h, check) -> tuple:
     import queue
     q: queue.Queue = queue.Queue(maxsize=32)
 
-    class Reader:
-        """The blocks as a file minio reads a part at a time. The blocks are kept as they
-        came and joined once a part: growing and slicing one bytearray copied every byte
-        three times (12 s of the gateway's 33 s of CPU for a 5.5 GB upload)."""
-
-        def __init__(self):
-            self.blocks: list = []
-            self.held = 0
-            self.done = False
-
-        def read(self, n: int = -1) -> bytes:
-            while not self.done and (n < 0 or self.held < n):
-                item = q.get()
-                if item is None:
-                    self.done = True
-                elif isinstance(item, Exception):
-                    raise item
-                else:
-                    self.blocks.append(item)
-                    self.held += len(item)
-            data = b"".join(self.blocks)
-            n = len(data) if n < 0 else min(n, len(data))
-            self.blocks = [data[n:]] if n < len(data) else []
-            self.held = len(data) - n
-            return data[:n] if n < len(data) else data
+    def queued():
+        while (item := q.get()) is not None:
+            if isinstance(item, Exception):
+                raise item
+            yield item
 
     put = asyncio.create_task(asyncio.to_thread(
-        store.client.put_object, store.raw_bucket, key, Reader(), -1, part_size=64 << 20))
+        store.client.put_object, store.raw_bucket, key, ChunkReader(queued()), -1, part_size=64 << 20))
     size = 0
     try:
         async for block in blocks:

@@ -71,9 +71,10 @@ class Repeat:
     times: int
 
 
-class _ChunkReader:
+class ChunkReader:
     """A file-like object over chunks of bytes (minio's put_object reads a part at a
-    time from it), each chunk hashed on its way."""
+    time from it), each chunk hashed on its way (where a digest is given). A part is
+    joined once from views of the chunks: no byte is copied twice."""
 
     def __init__(self, chunks: Iterable, digest=None):
         self.chunks, self.digest = iter(chunks), digest
@@ -145,7 +146,7 @@ class ObjectStore:
         PUT_PART_BYTES, not the object); its entry carries their sha256, taken on the
         way (none where not hashed)."""
         digest = hashlib.sha256() if hashed else None
-        reader = _ChunkReader(chunks, digest)
+        reader = ChunkReader(chunks, digest)
         # parts of PUT_PART_BYTES: what the uploader holds at a time
         self.client.put_object(self.bucket, key, reader, length, metadata=metadata, part_size=PUT_PART_BYTES)
         if reader.read(1):
@@ -362,7 +363,7 @@ def _range_chunks(store: "ObjectStore", seg: Range):
 
 def _segment_chunks(store: "ObjectStore", part: list, digest):
     """The bytes of a part to upload, in chunks, hashed into digest on the way (the
-    uploader reads them through a _ChunkReader without a digest of its own)."""
+    uploader reads them through a ChunkReader without a digest of its own)."""
     for seg in part:
         if isinstance(seg, Range):
             chunks = _range_chunks(store, seg)
