@@ -532,6 +532,90 @@ def test_a_cubes_pieces_share_its_channels_with_data_not_its_channels():
     assert list(per_plane(line_free, np.flatnonzero(gaps), 2)) == [True, True, False, False, True] + [True] * 5
 
 
+def test_makeimages_makes_its_cubes_one_at_a_time_beside_its_other_images_in_order():
+    """run_in_lanes, which makeimages makes its images with: results in the tasks' order;
+    a lane's tasks one after the other in order (the cubes cleaned in one piece; the other
+    images, the aggregate after its spws' images), the two lanes side by side, so never
+    two cubes at once; after a failure nothing more starts and the error is raised. With
+    one at a time, every task in order."""
+    import threading
+    import time
+    from almapipe.stages.imaging import run_in_lanes
+    lock, running, events = threading.Lock(), set(), []
+
+    def task(name, seconds=0.03, fail=False):
+        def fn():
+            with lock:
+                running.add(name)
+                events.append(("start", name, frozenset(running)))
+            time.sleep(seconds)
+            with lock:
+                running.discard(name)
+                events.append(("end", name, None))
+            if fail:
+                raise RuntimeError(f"{name} failed")
+            return name
+        return fn
+    names = ["cal1", "cal2", "cont1", "cont2", "aggregate", "cube1", "cube2", "cube3"]
+    tasks = [(task(n), "cubes" if n.startswith("cube") else "images") for n in names]
+    assert run_in_lanes(tasks, 2) == names
+    starts = [(name, beside) for kind, name, beside in events if kind == "start"]
+    assert max(len(beside) for _, beside in starts) == 2
+    assert all(sum(n.startswith("cube") for n in beside) <= 1 for _, beside in starts)
+    at = {(kind, name): k for k, (kind, name, _) in enumerate(events)}
+    for lane in (names[:5], names[5:]):        # each lane in its order, one at a time
+        assert all(at["end", a] < at["start", b] for a, b in zip(lane, lane[1:]))
+    assert "cube1" in {n for _, beside in starts for n in beside if "cal1" in beside}
+    events.clear()
+    assert run_in_lanes(tasks, 1) == names
+    assert max(len(b) for kind, _, b in events if kind == "start") == 1
+    # a failure: what was running ends, nothing more starts, its error is raised
+    events.clear()
+    failing = [(task("a", 0.1), "cubes"), (task("b", 0.01, fail=True), "images"), (task("c"), "images"),
+               (task("d"), "cubes")]
+    with pytest.raises(RuntimeError, match="b failed"):
+        run_in_lanes(failing, 2)
+    assert {name for kind, name, _ in events if kind == "start"} == {"a", "b"}
+    assert ("end", "a") in {(kind, name) for kind, name, _ in events}
+
+
+def test_the_imager_chooses_a_threading_layer_whose_kernels_two_threads_may_call_at_once():
+    """prefer_threadsafe_layer (the imager worker calls it first): numba's OpenMP layer,
+    under which two threads run parallel kernels at once; numba's default, workqueue,
+    aborts the process instead. One image at a time where no such layer loads or
+    ALMAPIPE_IMAGES_AT_ONCE=1."""
+    import subprocess
+    import sys
+    child = ("import threading, numpy as np, numba\n"
+             "from almapipe.imaging.clean_kernels import prefer_threadsafe_layer, threadsafe_layer\n"
+             "from almapipe.stages.imaging import images_at_once\n"
+             "prefer_threadsafe_layer()\n"
+             "if not threadsafe_layer():\n"
+             "    raise SystemExit('no threadsafe layer')\n"
+             "@numba.njit(parallel=True)\n"
+             "def total(a):\n"
+             "    s = 0.0\n"
+             "    for i in numba.prange(len(a)):\n"
+             "        s += a[i]\n"
+             "    return s\n"
+             "a = np.ones(1 << 20)\n"
+             "out = []\n"
+             "ts = [threading.Thread(target=lambda: out.extend(total(a) for _ in range(20))) for _ in range(2)]\n"
+             "[t.start() for t in ts]\n"
+             "[t.join() for t in ts]\n"
+             "print(threadsafe_layer(), numba.threading_layer(), len(out), images_at_once())\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                          env=dict(env, ALMAPIPE_THREADS="2"))
+    if "no threadsafe layer" in proc.stderr:
+        pytest.skip("no threadsafe numba threading layer here (no libgomp): images are made one at a time")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "omp", "40", "2"]
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                          env=dict(env, ALMAPIPE_THREADS="2", ALMAPIPE_IMAGES_AT_ONCE="1"))
+    assert proc.stdout.split()[-1] == "1"
+
+
 # ------------------------------------------------------------------ QA metrics and WebLog tables
 
 def test_every_stage_declares_its_metrics_each_named_and_described():

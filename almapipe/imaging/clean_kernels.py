@@ -23,6 +23,8 @@ does.
 """
 from __future__ import annotations
 
+import ctypes
+import os
 from contextlib import contextmanager
 
 import numba
@@ -100,6 +102,29 @@ def positions(span_y, span_x0, span_start, ks):
         ys[i] = span_y[r]
         xs[i] = span_x0[r] + ks[i] - span_start[r]
     return ys, xs
+
+
+def prefer_threadsafe_layer() -> None:
+    """Choose numba's OpenMP threading layer for this process where the GNU OpenMP library
+    loads; call it before any parallel kernel runs. Two threads may then call parallel
+    kernels at once (makeimages makes two images at once), which numba's default layer,
+    workqueue, answers by aborting the process. NUMBA_THREADING_LAYER, when set, is the
+    operator's choice and stays."""
+    if os.environ.get("NUMBA_THREADING_LAYER"):
+        return
+    try:
+        ctypes.CDLL("libgomp.so.1")
+    except OSError:
+        return
+    numba.config.THREADING_LAYER = "omp"
+
+
+def threadsafe_layer() -> bool:
+    """Whether threads of this process may call parallel kernels at the same time."""
+    try:
+        return numba.threading_layer() in ("omp", "tbb")
+    except ValueError:       # no parallel kernel has run yet: the layer is the one configured
+        return numba.config.THREADING_LAYER in ("omp", "tbb", "threadsafe")
 
 
 # a sub-minor loop's pass over fewer entries runs on one thread: the threads meet

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -102,6 +103,13 @@ class QA:
     def note(self, reason: str) -> None:
         self.reasons.append(reason)
 
+    def extend(self, other: "QA") -> None:
+        """Take in another QA's reasons and scores (a part of the stage made apart, as
+        makeimages makes each image), after this one's."""
+        self.score = min(self.score, other.score)
+        self.reasons += other.reasons
+        self.metrics += other.metrics
+
 
 def qa_colour(score: float) -> str:
     """The ALMA WebLog colour of a QA score."""
@@ -144,7 +152,8 @@ class _PutsBehind:
 
 
 class StageIO:
-    """Object access for one execution of one stage of one run."""
+    """Object access for one execution of one stage of one run. A stage may use it from
+    several threads (makeimages makes two images at once): what it shares is guarded."""
 
     def __init__(self, store: ObjectStore, fetcher: CachedFetcher, run_id: str, stage_index: int,
                  stage: str, workdir: str):
@@ -158,16 +167,23 @@ class StageIO:
         self._vstore = None
         self._bytes_at_start = None
         self._plots: list = []       # (render.Pending, its output record) not yet uploaded
+        self._lock = threading.RLock()  # the store's first opening, fetched directories, counts
 
     # --- the visibility store (decision 0015)
     @property
     def vstore(self):
         """The worker process's visibility store (zarr arrays in S3, a bounded local cache)."""
-        if self._vstore is None:
-            self._vstore = visstore_for(self.store, self.fetcher.cache_dir)
-            self._vstore.begin_stage()
-            self._bytes_at_start = self._vstore.counter.as_dict()
-        return self._vstore
+        with self._lock:
+            if self._vstore is None:
+                self._vstore = visstore_for(self.store, self.fetcher.cache_dir)
+                self._vstore.begin_stage()
+                self._bytes_at_start = self._vstore.counter.as_dict()
+            return self._vstore
+
+    def count_visibilities(self, n: int) -> None:
+        """Count visibilities read (the stage's log reports them)."""
+        with self._lock:
+            self.visibilities += int(n)
 
     def vis(self, part: dict):
         """A partition of the context, to read and write through (``VisPartition``)."""
@@ -200,10 +216,11 @@ class StageIO:
     def fetch_dir(self, key: str) -> str:
         """A private, writable copy of the directory at key: one per stage execution,
         so a stage that reads a partition or table twice does not copy it twice."""
-        path = self._dirs.get(key)
-        if path is None or not os.path.isdir(path):    # uvcontsub renames its copy
-            path = self._dirs[key] = self.fetcher.dir(key, self.workdir)
-        return path
+        with self._lock:         # two threads asking for one directory get one copy
+            path = self._dirs.get(key)
+            if path is None or not os.path.isdir(path):    # uvcontsub renames its copy
+                path = self._dirs[key] = self.fetcher.dir(key, self.workdir)
+            return path
 
     def fetch_raw(self, key: str) -> str:
         return self.fetcher.file(key, self.workdir, bucket=self.store.raw_bucket)

@@ -51,7 +51,7 @@ def read_part(io: StageIO, part: dict, fields=None, column="DATA", data: bool = 
     path of its EB's MS shell (the subtables a caltable refers to)."""
     p = io.vis(part)
     vis = p.read(column=column, field_ids=fields, data=data)
-    io.visibilities += vis.flag.size
+    io.count_visibilities(vis.flag.size)
     return p.meta, vis
 
 
@@ -64,7 +64,7 @@ def read_averaged(io: StageIO, part: dict, fields: list, flux_of_field: dict, ea
     p = io.vis(part)
     blocks = []
     for vis in p.blocks(column="DATA", field_ids=fields, block_chunks=4):
-        io.visibilities += vis.flag.size
+        io.count_visibilities(vis.flag.size)
         blocks.append(channel_average(vis, point_model(vis, flux_of_field), chans, earlier))
     if not blocks:                                   # no rows: an empty one-channel Vis
         empty = p.read_rows(np.zeros(0, np.int64), data=True)
@@ -790,7 +790,7 @@ def spwphaseup(ctx: dict, params: dict, io: StageIO) -> QA:
         ms_path, models, earlier = p.meta, field_models(ctx, unit_for=phase_ids), preapply(ctx, io, part["spw"])
         snr2, averaged = [], []
         for block in p.blocks(column="DATA", field_ids=phase_ids, block_chunks=4):
-            io.visibilities += block.flag.size
+            io.count_visibilities(block.flag.size)
             model = point_model(block, models)
             data, flag, _ = apply_tables(block, earlier)
             corrected = dataclasses.replace(block, data=data, flag=flag)
@@ -961,7 +961,7 @@ def applycal(ctx: dict, params: dict, io: StageIO) -> QA:
         for blk in p.blocks(block_chunks=4):
             # as CASA's calflagstrict; the block's data are corrected where they are
             corrected, flags, weights = apply_tables(blk, applies, strict=True, in_place=True)
-            io.visibilities += blk.data.size
+            io.count_visibilities(blk.data.size)
             flagged_before += int(blk.flag.sum())
             flagged_after += int(flags.sum())
             total += flags.size

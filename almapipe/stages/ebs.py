@@ -43,7 +43,7 @@ def read_member(io: StageIO, part: dict, fields=None, column: str = "DATA", chan
     rows of the partition, so a stage writes back through the VisPartition."""
     vp = io.vis(part)
     vis = _as_first_ebs(vp.read(column=column, field_ids=eb_field_ids(part, fields), chan=chan, data=data), part)
-    io.visibilities += vis.data.size
+    io.count_visibilities(vis.data.size)
     return vp, vis
 
 
@@ -51,7 +51,7 @@ def member_blocks(io: StageIO, vp, part: dict, fields=None, column: str = "DATA"
                   block_chunks: int = 4):
     """read_member in row blocks of the VisPartition vp (io.vis(part)): bounded memory."""
     for vis in vp.blocks(column=column, field_ids=eb_field_ids(part, fields), data=data, block_chunks=block_chunks):
-        io.visibilities += vis.data.size
+        io.count_visibilities(vis.data.size)
         yield _as_first_ebs(vis, part)
 
 
@@ -172,7 +172,7 @@ def fluxconsistency(ctx: dict, params: dict, io: StageIO) -> QA:
                 vp.write("DATA", blk.rows, (blk.data * factor).astype(np.complex64))
                 # weights of data scaled by f scale by 1 / f^2, as a flux error's would
                 vp.write("WEIGHT", blk.rows, (blk.weight / factor ** 2).astype(np.float32))
-                io.visibilities += blk.data.size
+                io.count_visibilities(blk.data.size)
             new.append(dict(vp.commit(), flux_factor=factor))
         ctx["target_partitions"] = new
         csv = "eb,ratio,ratio_err,factor\n" + "".join(

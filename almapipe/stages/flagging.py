@@ -84,7 +84,7 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
             shadowed = shadow_mask(p.index("TIME"), p.index("ANTENNA1"), p.index("ANTENNA2"),
                                    p.row_array("UVW"), diam)
         for vis in p.blocks(block_chunks=4):
-            io.visibilities += vis.data.size
+            io.count_visibilities(vis.data.size)
             flag = vis.flag.copy()
             summary["before"] += int(flag.sum())
             summary["samples"] += flag.size
@@ -180,7 +180,7 @@ def rawflagchans(ctx: dict, params: dict, io: StageIO) -> QA:
         p = io.vis(part)
         wsum, w = np.zeros(p.nchan, complex), np.zeros(p.nchan)
         for cal in p.blocks(field_ids=calibrator_ids(ctx), block_chunks=4):
-            io.visibilities += cal.data.size
+            io.count_visibilities(cal.data.size)
             a, b = weighted_spectrum(cal)
             wsum += a
             w += b

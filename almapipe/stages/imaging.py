@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import shutil
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .base import (QA, Param, Score, StageError, StageIO, channel_rho, field_ids_with, field_name, metric,  # noqa: E402
@@ -20,6 +24,7 @@ from ..heuristics.imaging import (PIXELS_PER_BEAM, cube_nbin, dr_correction, ima
 from ..heuristics.robust import robust_rms  # noqa: E402
 from ..heuristics.spectral_response import channel_noise_note, noise_from_differences  # noqa: E402
 from ..imaging import gridding  # noqa: E402
+from ..imaging.clean_kernels import threadsafe_layer  # noqa: E402
 from ..imaging.findcont import CubeGeometry, continuum_from_spectra  # noqa: E402
 from ..imaging.frames import channel_shifts, lsrk_factor, lsrk_factors, max_drift_channels  # noqa: E402
 from ..imaging.imager import (ImageSpec, TaylorPlanes, aggregate_samples, clean_planes, clean_taylor,  # noqa: E402
@@ -98,7 +103,7 @@ def split(ctx: dict, params: dict, io: StageIO) -> QA:
         if not len(rows):
             raise StageError(f"split: no rows of the target fields in spw {part['spw']}")
         view["nrows"] = int(len(rows))
-        io.visibilities += int(len(rows)) * part["nchan"] * part["ncorr"]
+        io.count_visibilities(int(len(rows)) * part["nchan"] * part["ncorr"])
         out.append(view)
     ctx["target_partitions"] = out
     qa.note(f"Split {', '.join(field_name(ctx, f) for f in targets)} into {len(out)} partition(s) "
@@ -835,7 +840,7 @@ class ImageJob:
         sketch = MedianSketch()
 
         def scatter(blk):
-            self.io.visibilities += blk.data.size
+            self.io.count_visibilities(blk.data.size)
             sketch.add_adjacent_differences(blk.data, blk.flag, blk.weight, rel)
             if also is not None:
                 also.add(blk)
@@ -877,7 +882,7 @@ class ImageJob:
         blocks = []
 
         def count(blk):
-            self.io.visibilities += blk.data.size
+            self.io.count_visibilities(blk.data.size)
             blocks.append(None)
         if len(self.fids) > 1:              # a mosaic: each pointing's samples, with the same bins
             self.samples = read_mosaic_aggregate(
@@ -931,7 +936,7 @@ class ImageJob:
                                              spw_freq=self.spw_freq)
         if self.streamed:
             return clean_mfs(self.samples, spec)
-        self.io.visibilities += self.vis.data.size
+        self.io.count_visibilities(self.vis.data.size)
         if spec.nterms > 1:
             return clean_taylor(self.vis, spec, self.row_freq)
         return clean_planes(self.vis, spec)
@@ -1346,6 +1351,79 @@ def chunk_masks(chans: np.ndarray, n: int, nbin: int = 1, has_data: np.ndarray |
     return out
 
 
+def images_at_once() -> int:
+    """How many images makeimages makes at the same time, in threads (run_in_lanes):
+    ALMAPIPE_IMAGES_AT_ONCE, 2 (the default) or 1 (one at a time: the least memory). One
+    where this process's threads may not call parallel kernels at once (numba's
+    threading layer, clean_kernels.threadsafe_layer) or where it computes on one thread.
+    Why two: one image at a time kept the 2-core machine's cores 1.2 busy (reading,
+    binning and writing an image's products are mostly one thread)."""
+    n = min(2, max(1, int(os.environ.get("ALMAPIPE_IMAGES_AT_ONCE", "2"))))
+    if n > 1 and (gridding.nthreads() < 2 or not threadsafe_layer()):
+        return 1
+    return n
+
+
+def run_in_lanes(tasks: list, at_once: int) -> list:
+    """The results, in order, of tasks (fn, lane): the tasks of a lane run one after the
+    other in their order, the lanes side by side in threads (at_once > 1; else every task
+    in order). Once a task failed no other starts, and its error is raised when the tasks
+    running have ended."""
+    if at_once <= 1:
+        return [fn() for fn, _ in tasks]
+    lanes: dict = {}
+    for k, (_, lane) in enumerate(tasks):
+        lanes.setdefault(lane, []).append(k)
+    results, errors, failed = [None] * len(tasks), {}, threading.Event()
+
+    def run(indices):
+        for k in indices:
+            if failed.is_set():
+                return
+            try:
+                results[k] = tasks[k][0]()
+            except BaseException as exc:
+                errors[k] = exc
+                failed.set()
+                return
+    with ThreadPoolExecutor(len(lanes), thread_name_prefix="image") as pool:
+        list(pool.map(run, lanes.values()))
+    if errors:
+        raise errors[min(errors)]
+    return results
+
+
+def _make_image(ctx: dict, io: StageIO, j: int, job: tuple, theoretical: dict, feeds: dict | None,
+                nchunks: int, most: int | None) -> tuple:
+    """makeimages' image j: (its QA, its record or None, the items of its pieces where a
+    cube is cleaned in nchunks channel ranges of at most `most` channels by the imager
+    workers)."""
+    qa = QA()
+    started = time.perf_counter()
+    # a cube in pieces: its heuristics only, in row blocks (ImageJob's heuristics_only)
+    im = ImageJob(ctx, io, job, theoretical, heuristics_only=nchunks > 1, feeds=feeds)
+    why = im.prepare()
+    if why:
+        qa.add(not_imaged(im.label(), why))
+        return qa, None, []
+    if nchunks > 1:
+        # the heuristics (image size, cell, theoretical noise) from the whole spw, once:
+        # each piece reads only its channels, the join only flags; each piece's channels
+        # chosen here for the same work each (chunk_masks)
+        prep = im.heuristics()
+        masks = chunk_masks(im.chans, nchunks, im.nbin, im.channel_has_data, most)
+        return qa, None, [{"job": j, "chunk": k, "nchunks": len(masks), "prep": prep,
+                           "piece_chans": format_channels(m)} for k, m in enumerate(masks)]
+    # a cube cleaned here in one piece: as a join holds it (a large one in files)
+    scratch = os.path.join(io.workdir, f"image{j}")
+    try:
+        rec = im.products(im.clean(), qa, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    io.log("%s: made in %.1f s", rec["file"], time.perf_counter() - started)
+    return qa, rec, []
+
+
 @stage("makeimages", service="imager", topic="Line finding and imaging", reads=IMAGING_READS,
        qa=(not_imaged, size_mitigated, image_rms, image_dynamic_range), tables=makeimages_tables,
        writes=("images", "fanout"), params=MAKEIMAGES_PARAMS)
@@ -1367,39 +1445,24 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
     chunks = params["cube_chunks"]
     theoretical = {}          # (field, spw) -> theoretical rms of its mfs image, for the aggregate
     feeds = aggregate_feeds(io, jobs)
-    images, pieces = [], []
+    tasks = []
     for j, job in enumerate(jobs):
-        # the previous image's data go before the next image's are read (its ImageJob
-        # would otherwise hold them until the new one is built: two spws at once)
-        im = None
-        started = time.perf_counter()
         nchunks, most = 1, None
         if job[0] == "cube":
             # cube_chunks given, or as many as keep each piece within the memory budget
             nchunks, most = _cube_pieces(io, job)
             nchunks = int(chunks) if chunks is not None else nchunks
-        # a cube in pieces: its heuristics only, in row blocks (ImageJob's heuristics_only)
-        im = ImageJob(ctx, io, job, theoretical, heuristics_only=nchunks > 1, feeds=feeds)
-        why = im.prepare()
-        if why:
-            qa.add(not_imaged(im.label(), why))
-            continue
-        if nchunks > 1:
-            # the heuristics (image size, cell, theoretical noise) from the whole spw, once:
-            # each piece reads only its channels, the join only flags
-            prep = im.heuristics()
-            # each piece's channels, chosen here for the same work each (chunk_masks)
-            masks = chunk_masks(im.chans, nchunks, im.nbin, im.channel_has_data, most)
-            pieces += [{"job": j, "chunk": k, "nchunks": len(masks), "prep": prep, "piece_chans": format_channels(m)}
-                       for k, m in enumerate(masks)]
-            continue
-        # a cube cleaned here in one piece: as a join holds it (a large one in files)
-        scratch = os.path.join(io.workdir, f"image{j}")
-        try:
-            images.append(im.products(im.clean(), qa, scratch))
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        io.log("%s: made in %.1f s", images[-1]["file"], time.perf_counter() - started)
+        # two lanes side by side: the cubes cleaned here in one piece, each of which holds
+        # its spw's visibilities and all its planes, one at a time; the other images one
+        # at a time beside them, in order (the aggregate after its spws' own images,
+        # whose samples and noise it takes)
+        lane = "cubes" if job[0] == "cube" and nchunks == 1 else "images"
+        tasks.append((functools.partial(_make_image, ctx, io, j, job, theoretical, feeds, nchunks, most), lane))
+    images, pieces = [], []
+    for image_qa, image, its_pieces in run_in_lanes(tasks, images_at_once()):
+        qa.extend(image_qa)
+        images += [image] if image is not None else []
+        pieces += its_pieces
     if pieces:
         ctx["fanout"] = {"piece_stage": "imagecube_chunk", "join_stage": "joincube", "items": pieces}
         qa.note(f"{len({p['job'] for p in pieces})} cube(s) cleaned in {len(pieces)} channel ranges by the imager "
@@ -1532,7 +1595,9 @@ def _image_qa(rec: dict) -> float:
 
 def _thumbnail(io, res, base, specmode, peak_plane: int = 0) -> str:
     plane = res.image[0] if specmode == "mfs" else res.image[peak_plane]
-    fig, ax = plt.subplots(figsize=(4.5, 4))
+    # a Figure of its own, not pyplot's: two images are made at once, in threads
+    fig = Figure(figsize=(4.5, 4))
+    ax = fig.subplots()
     im = ax.imshow(plane, origin="lower", cmap="inferno")
     ax.contour(res.pb, levels=[0.2, 0.5], colors="w", linewidths=0.5)
     fig.colorbar(im, ax=ax, label="Jy/beam")
@@ -1543,7 +1608,8 @@ def _thumbnail(io, res, base, specmode, peak_plane: int = 0) -> str:
 
 
 def _cube_spectrum(io, res, base, chan_numbers, peak_ok) -> str:
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig = Figure(figsize=(7, 3))            # not pyplot's (as _thumbnail)
+    ax = fig.subplots()
     peak = np.nanmax(res.image, axis=(1, 2))
     ax.plot(chan_numbers, peak * 1e3, "k.-", ms=3)
     if not peak_ok.all():              # edge and flagged planes, which the peak is not taken from

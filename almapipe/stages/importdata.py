@@ -196,7 +196,7 @@ def importdata(ctx: dict, params: dict, io: StageIO) -> QA:
             parts.append(part)
         else:
             aux["wvr"] = part
-        io.visibilities += part["nrow"] * part["nchan"] * part["ncorr"]
+        io.count_visibilities(part["nrow"] * part["nchan"] * part["ncorr"])
     shutil.rmtree(ms_path, ignore_errors=True)    # the input's local copy: the store has it now
     ctx.update(partitions=parts, observation=obs, fields=fields, ms_name=basename, input_format=fmt)
     if aux:

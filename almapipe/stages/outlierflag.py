@@ -175,7 +175,7 @@ def _flag_targets_in(p, targets: list, commands: list, ctx: dict, params: dict, 
         at = 0
         for vis in p.blocks(column="CORRECTED_DATA", field_ids=targets, block_chunks=4):
             n = len(vis.rows)
-            io.visibilities += vis.data.size
+            io.count_visibilities(vis.data.size)
             counts["before"] += int(vis.flag.sum())
             counts["samples"] += vis.flag.size
             flag, added = _with_template(vis, commands, ctx, p.spw)
