@@ -66,6 +66,14 @@ def sizes(ngc) -> dict:
     return {o.object_name: o.size for o in ngc["store"].list(ngc["prefix"] + "/")}
 
 
+def test_chunk_bodies_are_hashed_into_signatures_only_off_this_machine_without_tls():
+    """UNSIGNED-PAYLOAD (the signature covers the headers) to a server on this machine or
+    over TLS; a body sent in the clear to another host is hashed into its signature."""
+    from almapipe.platform.visstore import _loopback
+    assert _loopback("127.0.0.1:16033") and _loopback("localhost:9000") and _loopback("[::1]:9000")
+    assert not _loopback("minio:9000") and not _loopback("10.1.2.3:9000") and not _loopback("s3.example.org:443")
+
+
 def test_ingest_reads_back_as_the_ms(ngc, ngc5921_ms):
     from almapipe.msio import ms as msio
     ref = msio.read_vis(ngc5921_ms, 0)
