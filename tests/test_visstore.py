@@ -553,7 +553,7 @@ def test_flagtargets_in_channel_slices_flags_as_the_whole_partition_would(ngc, t
     p = partition(ngc, "21_flagtargets", entry)
     ctx = {"observation": {"antennas": []}, "fields": [{"id": target, "name": "N5921_2"}]}
     params = {"nbins": 10, "nsigma_high": 12.0, "nsigma_low": 13.0}
-    io = types.SimpleNamespace(visibilities=0, log=lambda *a: None)
+    io = types.SimpleNamespace(count_visibilities=lambda n: None, log=lambda *a: None)
     counts = {"template": 0, "outliers": 0, "samples": 0, "before": 0}
     per_field: dict = {}
     assert outlierflag._flag_targets_in(p, [target], [], ctx, params, io, str(tmp_path), counts, per_field)
