@@ -74,6 +74,27 @@ def test_chunk_bodies_are_hashed_into_signatures_only_off_this_machine_without_t
     assert not _loopback("minio:9000") and not _loopback("10.1.2.3:9000") and not _loopback("s3.example.org:443")
 
 
+def test_rows_picked_from_plain_chunk_slices_equal_zarrs_orthogonal_selection(monkeypatch):
+    """_take reads the row chunks that ascending row numbers fall in as plain slices, runs
+    of consecutive chunks up to SPAN_BYTES, and picks the rows: the values of zarr's
+    orthogonal selection (which indexes every element through np.ix_), for sparse,
+    dense and clustered rows, with and without a channel range, spans of one chunk too."""
+    import zarr
+    from almapipe.platform import visstore as vst
+    rng = np.random.default_rng(7)
+    z = zarr.create_array(store={}, shape=(20000, 64, 2), chunks=(1024, 16, 2), dtype="complex64")
+    z[:] = (rng.standard_normal((20000, 64, 2)) + 1j * rng.standard_normal((20000, 64, 2))).astype(np.complex64)
+    selections = [np.sort(rng.choice(20000, n, replace=False)) for n in (1, 7, 900, 12000)]
+    selections += [np.concatenate([np.arange(5, 3000), np.arange(9000, 9010), [19999]])]
+    for span in (vst.SPAN_BYTES, 1):
+        monkeypatch.setattr(vst, "SPAN_BYTES", span)
+        for sel in selections:
+            for chan in (None, slice(3, 40)):
+                want = np.asarray(z.get_orthogonal_selection((sel, chan or slice(None), slice(None))))
+                got = vst._take(z, sel, chan)
+                assert got.shape == want.shape and np.array_equal(got, want)
+
+
 def test_ingest_reads_back_as_the_ms(ngc, ngc5921_ms):
     from almapipe.msio import ms as msio
     ref = msio.read_vis(ngc5921_ms, 0)
