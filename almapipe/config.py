@@ -44,6 +44,8 @@ so one data directory and one port base describe a whole local stack:
   ALMAPIPE_CACHE_MB    the most disk a service's worker cache holds (default 8192): three
                        quarters for visibility chunks, a quarter for directories (caltables,
                        MS shells); least recently used go first. Workers of a service share it.
+  ALMAPIPE_IMAGES_AT_ONCE  images makeimages makes at the same time, 2 (default: its cubes
+                       one at a time beside its other images) or 1 (the least memory)
   ALMAPIPE_VIS_RETENTION_DAYS  `almapipe gc` drops the whole visibility store of a run
                        that ended this many days ago (default: never; products, caltables,
                        context and logs are kept)
