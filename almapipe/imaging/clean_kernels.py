@@ -23,7 +23,7 @@ does.
 """
 from __future__ import annotations
 
-import ctypes
+import importlib
 import os
 from contextlib import contextmanager
 
@@ -105,16 +105,16 @@ def positions(span_y, span_x0, span_start, ks):
 
 
 def prefer_threadsafe_layer() -> None:
-    """Choose numba's OpenMP threading layer for this process where the GNU OpenMP library
-    loads; call it before any parallel kernel runs. Two threads may then call parallel
+    """Choose numba's OpenMP threading layer for this process where it loads (it needs
+    the GNU OpenMP library, libgomp); call it before any parallel kernel runs. Two threads may then call parallel
     kernels at once (makeimages makes two images at once), which numba's default layer,
     workqueue, answers by aborting the process. NUMBA_THREADING_LAYER, when set, is the
     operator's choice and stays."""
     if os.environ.get("NUMBA_THREADING_LAYER"):
         return
-    try:
-        ctypes.CDLL("libgomp.so.1")
-    except OSError:
+    try:        # the layer's own module: it loads only where libgomp does
+        importlib.import_module("numba.np.ufunc.omppool")
+    except ImportError:
         return
     numba.config.THREADING_LAYER = "omp"
 

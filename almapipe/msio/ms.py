@@ -6,7 +6,9 @@ arrays held by :class:`Vis`, read here from one spectral window of an MS.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -126,8 +128,16 @@ def check_ms(path: str) -> None:
             raise MSError(f"{path}: missing subtable {sub}")
 
 
-def subtable(ms: str, name: str, readonly: bool = True) -> ct.table:
-    return ct.table(os.path.join(ms, name), readonly=readonly, ack=False)
+# casacore's tables are not to be opened from two threads at once, and makeimages' two
+# images at a time read their MS shells' subtables from two threads: one at a time
+_SUBTABLES = threading.RLock()
+
+
+@contextlib.contextmanager
+def subtable(ms: str, name: str, readonly: bool = True):
+    """An MS's subtable, open for the `with` block (one thread of the process at a time)."""
+    with _SUBTABLES, ct.table(os.path.join(ms, name), readonly=readonly, ack=False) as t:
+        yield t
 
 
 def spw_of_ddid(ms: str) -> dict:

@@ -36,6 +36,7 @@ A partition entry (JSON, in ``ctx["partitions"]``):
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -124,7 +125,12 @@ class ByteCounter:
 def _loopback(endpoint: str) -> bool:
     """Whether host:port names this machine (a request to it never leaves the host)."""
     host = endpoint.rsplit(":", 1)[0].strip("[]")
-    return host in ("localhost", "127.0.0.1", "::1") or host.startswith("127.")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:          # a name other than localhost: resolved elsewhere, not trusted
+        return False
 
 
 def _zarr_store(cfg, cache_dir: str | None, cache_limit: int, counter: ByteCounter):
@@ -483,7 +489,8 @@ SPAN_BYTES = 64 << 20
 
 
 def _take(z, sel, chan, counter: ByteCounter | None = None):
-    """zarr read of rows (a slice or ascending row numbers) and, for a cube, a channel slice."""
+    """zarr read of rows (a slice, or row numbers in ascending order: others would be
+    picked wrongly) and, for a cube, a channel slice."""
     if not isinstance(sel, slice) and len(sel) and sel[-1] - sel[0] + 1 == len(sel):
         sel = slice(int(sel[0]), int(sel[-1]) + 1)          # contiguous rows: a plain slice
     if counter is not None:
@@ -510,7 +517,8 @@ def _take(z, sel, chan, counter: ByteCounter | None = None):
         lo, end = int(ci[starts[k]]) * rchunk, (starts[m] if m < len(starts) else len(sel))
         hi = min((int(ci[starts[m - 1]]) + 1) * rchunk, z.shape[0])
         block = np.asarray(z[lo:hi] if chan is None else z[lo:hi, chan])
-        np.take(block, sel[starts[k]:end] - lo, axis=0, out=out[starts[k]:end])
+        # (mode "clip": the indices are in range, and numpy then writes into out directly)
+        np.take(block, sel[starts[k]:end] - lo, axis=0, out=out[starts[k]:end], mode="clip")
         k = m
     return out
 

@@ -1458,8 +1458,12 @@ def makeimages(ctx: dict, params: dict, io: StageIO) -> QA:
         # whose samples and noise it takes)
         lane = "cubes" if job[0] == "cube" and nchunks == 1 else "images"
         tasks.append((functools.partial(_make_image, ctx, io, j, job, theoretical, feeds, nchunks, most), lane))
+    at_once = images_at_once()
+    io.log("images made %s", "two at a time (the cubes one at a time beside the others)" if at_once > 1 else
+           "one at a time" + ("" if threadsafe_layer() else " (numba's threading layer lets one thread call "
+                                                             "its parallel kernels at a time)"))
     images, pieces = [], []
-    for image_qa, image, its_pieces in run_in_lanes(tasks, images_at_once()):
+    for image_qa, image, its_pieces in run_in_lanes(tasks, at_once):
         qa.extend(image_qa)
         images += [image] if image is not None else []
         pieces += its_pieces
