@@ -88,8 +88,7 @@ def read_binned_stokes_i(parts, field_ids, chans, max_frac: float, column: str =
     vis = np.zeros((nrow, len(fbin)), np.complex64)
     wgt = np.zeros((nrow, len(fbin)), np.float32)
     _bin_into(parts, chans, chan_bin, column, uvw, vis, wgt, block_chunks, on_block)
-    keep = wgt.any(axis=1)
-    return BinnedStokesI(uvw[keep], fbin, vis[keep], wgt[keep])
+    return _rows_with_weight(uvw, fbin, vis, wgt)
 
 
 def _bin_into(parts, chans, chan_bin, column, uvw, vis, wgt, block_chunks: int = 1, on_block=None) -> None:
@@ -191,30 +190,26 @@ def read_aggregate_samples(spws: list, width: int, column: str = "DATA", on_bloc
     bins = [width_bins(parts[0][0].freq, np.flatnonzero(mask), width) for parts, mask in spws]
     if not (_same_rows([parts for parts, _ in spws]) if same_rows is None else same_rows):
         return _flat_aggregate(spws, bins, column, on_block)
-    if all(b is not None and b.complete for b in binned):
-        order = np.argsort([b.fbin[0] for b in binned], kind="stable")
-        binned = [binned[k] for k in order]
-        uvw, fbin = binned[0].uvw, np.concatenate([b.fbin for b in binned])
-        vis = np.empty((len(uvw), len(fbin)), np.complex64)
-        wgt = np.empty((len(uvw), len(fbin)), np.float32)
-        col = 0
-        for b in binned:        # each spw's arrays let go once copied: one spw's held twice
-            cols = slice(col, col + len(b.fbin))
-            vis[:, cols], wgt[:, cols] = b.vis, b.wgt
-            b.vis = b.wgt = None
-            col = cols.stop
-        keep = wgt.any(axis=1)
-        if not keep.all():
-            uvw, vis, wgt = uvw[keep], vis[keep], wgt[keep]
-        return BinnedStokesI(uvw, fbin, vis, wgt)
     # the bins' frequencies ascending, spw by spw and the spws in frequency order, as the
     # gridder takes them without a reordered copy of the samples (spws that overlap in
     # frequency cost it one)
     bins = [_ascending_bins(*b) for b in bins]
     order = np.argsort([fbin[0] for _, fbin in bins], kind="stable")
-    spws, bins = [spws[k] for k in order], [bins[k] for k in order]
-    nrow = _cross_rows(spws[0][0])
+    spws, bins, binned = [spws[k] for k in order], [bins[k] for k in order], [binned[k] for k in order]
     nbin = [len(fbin) for _, fbin in bins]
+    fbin = np.concatenate([fbin for _, fbin in bins])
+    if all(b is not None and b.complete for b in binned):
+        # every spw's samples as its own pass binned them (WidthBinned): nothing is read
+        uvw = binned[0].uvw
+        vis = np.empty((len(uvw), len(fbin)), np.complex64)
+        wgt = np.empty((len(uvw), len(fbin)), np.float32)
+        col = 0
+        for k, b in enumerate(binned):   # each spw's arrays let go once copied: one spw's held twice
+            vis[:, col:col + nbin[k]], wgt[:, col:col + nbin[k]] = b.vis, b.wgt
+            b.vis = b.wgt = None
+            col += nbin[k]
+        return _rows_with_weight(uvw, fbin, vis, wgt)
+    nrow = _cross_rows(spws[0][0])
     uvw = np.zeros((nrow, 3))
     vis = np.zeros((nrow, sum(nbin)), np.complex64)
     wgt = np.zeros((nrow, sum(nbin)), np.float32)
@@ -224,10 +219,16 @@ def read_aggregate_samples(spws: list, width: int, column: str = "DATA", on_bloc
         _bin_into(parts, np.flatnonzero(mask), chan_bin, column, uvw if k == 0 else None, vis[:, cols],
                   wgt[:, cols], on_block=on_block)
         col += nbin[k]
+    return _rows_with_weight(uvw, fbin, vis, wgt)
+
+
+def _rows_with_weight(uvw, fbin, vis, wgt) -> BinnedStokesI:
+    """The binned samples of the rows with weight in some bin (the others, flagged or
+    empty, dropped)."""
     keep = wgt.any(axis=1)
     if not keep.all():
         uvw, vis, wgt = uvw[keep], vis[keep], wgt[keep]
-    return BinnedStokesI(uvw, np.concatenate([fbin for _, fbin in bins]), vis, wgt)
+    return BinnedStokesI(uvw, fbin, vis, wgt)
 
 
 def read_mosaic_aggregate(pointing_spws: list, width: int, column: str = "DATA", on_block=None) -> list:
