@@ -645,7 +645,7 @@ class ImageJob:
             if not len(self._times):
                 return "no data"
             nchan = len(self._freq)
-            self.chans = parse_channels(p["chans"], nchan) if p.get("chans") else np.ones(nchan, bool)
+            self.chans = chans_or_all(p.get("chans"), nchan)
             if self.heuristics_only:        # a cube in pieces: cut by where its data are
                 self.channel_has_data = np.zeros(nchan, bool)
             uvdist, weights = self._uv_distances()
@@ -663,7 +663,7 @@ class ImageJob:
         else:
             nchan = len(vis.freq)
             nchan_spw = len(self.spw_freq) if self.spw_freq is not None else nchan
-            chans = parse_channels(p["chans"], nchan_spw) if p["chans"] else np.ones(nchan_spw, bool)
+            chans = chans_or_all(p["chans"], nchan_spw)
             self.chans = chans[self.chan0:self.chan0 + nchan]      # in the Vis's channels
             if self.prep is None and vis.flag[:, self.chans].all():
                 return "all data flagged"
@@ -1229,6 +1229,18 @@ def cube_piece_count(nrow: int, nchan: int, ncorr: int, budget: int | None = Non
     return max(1, min(nchan, -(-nchan // cube_piece_channels(nrow, ncorr, budget))))
 
 
+def chans_or_all(spec: str | None, nchan: int) -> np.ndarray:
+    """The channel mask of a selection ('4~6;50~59'); every channel where none is given."""
+    return parse_channels(spec, nchan) if spec else np.ones(nchan, bool)
+
+
+def _group_rows(io: StageIO, group: dict, fids: list, cross_only: bool = False) -> int:
+    """The rows of the fields fids in a spw's partition or MOUS group of them (every EB's
+    partition), from the partitions' index arrays."""
+    return sum(len(io.vis(m).select(eb_field_ids(m, fids), cross_only=cross_only))
+               for m in group.get("members", [group]))
+
+
 def aggregate_feeds(io: StageIO, jobs: list) -> dict | None:
     """Where each spw's continuum image leaves its samples binned for the aggregate
     continuum (ImageJob.feed_key): a dict when an aggregate follows and what it holds
@@ -1246,10 +1258,8 @@ def _feed_bytes(io: StageIO, job: tuple) -> int:
     _, fids, pieces, _, p = job
     total = 0
     for piece in pieces:
-        nrow = sum(len(io.vis(m).select(eb_field_ids(m, fids), cross_only=True))
-                   for m in piece.get("members", [piece]))
-        nchan = int(piece["nchan"])
-        sel = parse_channels(piece["chans"], nchan) if piece.get("chans") else np.ones(nchan, bool)
+        nrow = _group_rows(io, piece, fids, cross_only=True)
+        sel = chans_or_all(piece.get("chans"), int(piece["nchan"]))
         total += nrow * (-(-int(sel.sum()) // max(int(p.get("width") or 8), 1)) * 12 + 24)
     return total
 
@@ -1259,10 +1269,8 @@ def _cube_pieces(io: StageIO, job: tuple) -> tuple[int, int]:
     hold (cube_piece_channels): from its rows (of its fields, in every EB's partition)
     and its channels, from the partitions' index arrays (no visibilities read)."""
     _, fids, group, _, p = job
-    members = group.get("members", [group])
-    nrow = sum(len(io.vis(m).select(eb_field_ids(m, fids))) for m in members)
-    nchan = int(group["nchan"])
-    sel = parse_channels(p["chans"], nchan) if p.get("chans") else np.ones(nchan, bool)
+    nrow = _group_rows(io, group, fids)
+    sel = chans_or_all(p.get("chans"), int(group["nchan"]))
     return cube_piece_count(nrow, int(sel.sum()), int(group["ncorr"])), \
         cube_piece_channels(nrow, int(group["ncorr"]))
 
@@ -1494,7 +1502,7 @@ def imagecube_chunk(ctx: dict, params: dict, io: StageIO) -> QA:
         group, p = job[2], job[4]
         members = group.get("members", [group])
         nchan = int(group["nchan"])
-        sel = parse_channels(p["chans"], nchan) if p.get("chans") else np.ones(nchan, bool)
+        sel = chans_or_all(p.get("chans"), nchan)
         mask = parse_channels(item["piece_chans"], nchan) if item.get("piece_chans") else \
             chunk_masks(sel, item["nchunks"], int(item["prep"].get("nbin", 1)))[item["chunk"]]
         idx = np.flatnonzero(mask)
