@@ -226,7 +226,8 @@ class VisStore:
         # write_empty_chunks: a version holds every chunk it was given, also all-False
         # FLAG chunks, so that a chunk missing from a new version means "not written"
         return zarr.create_array(self.zstore if keep else self.passing_zstore, name=key, shape=shape,
-                                 chunks=chunks, dtype=dtype, compressors=compressor_for(dtype) if compressors is None else compressors,
+                                 chunks=chunks, dtype=dtype,
+                                 compressors=compressor_for(dtype) if compressors is None else compressors,
                                  fill_value=_fill(dtype), overwrite=True, config={"write_empty_chunks": True})
 
     def open(self, key: str, mode: str = "r", keep: bool = True):
@@ -506,20 +507,16 @@ def _take(z, sel, chan, counter: ByteCounter | None = None):
     # the imager's time on the realistic EB (py-spy).
     rchunk = int(z.chunks[0])
     row_bytes = z.dtype.itemsize * int(np.prod(shape))
-    most = max(1, SPAN_BYTES // max(1, rchunk * row_bytes))     # chunks a span may hold
-    ci = sel // rchunk
-    starts = np.flatnonzero(np.diff(ci, prepend=-2) != 0)        # the first selected row of each chunk
-    k = 0
-    while k < len(starts):
-        m = k + 1               # the chunks of a span: consecutive, at most `most`
-        while m < len(starts) and m - k < most and ci[starts[m]] == ci[starts[m - 1]] + 1:
-            m += 1
-        lo, end = int(ci[starts[k]]) * rchunk, (starts[m] if m < len(starts) else len(sel))
-        hi = min((int(ci[starts[m - 1]]) + 1) * rchunk, z.shape[0])
-        block = np.asarray(z[lo:hi] if chan is None else z[lo:hi, chan])
-        # (mode "clip": the indices are in range, and numpy then writes into out directly)
-        np.take(block, sel[starts[k]:end] - lo, axis=0, out=out[starts[k]:end], mode="clip")
-        k = m
+    most = max(1, SPAN_BYTES // max(1, rchunk * row_bytes))     # chunks a read may hold
+    touched = np.unique(sel // rchunk)                           # the row chunks, ascending
+    for run in np.split(touched, np.flatnonzero(np.diff(touched) != 1) + 1):   # consecutive ones
+        for first in range(0, len(run), most):
+            span = run[first:first + most]
+            lo, hi = int(span[0]) * rchunk, min((int(span[-1]) + 1) * rchunk, z.shape[0])
+            a, b = np.searchsorted(sel, [lo, hi])                # the selected rows in [lo, hi)
+            block = np.asarray(z[lo:hi] if chan is None else z[lo:hi, chan])
+            # (mode "clip": the indices are in range, and numpy then writes into out directly)
+            np.take(block, sel[a:b] - lo, axis=0, out=out[a:b], mode="clip")
     return out
 
 
