@@ -125,13 +125,13 @@ def apply_tables(vis: Vis, applies: list, data: np.ndarray | None = None, strict
     """Apply a list of GainApply (or bare CalSolutions) to vis.
 
     All tables are first multiplied into one antenna-gain cube per (field, time)
-    and channel, small next to the data; one fused pass (kernels.apply_gains)
-    then corrects every sample. Returns (corrected data, flags, weights); samples
-    whose gains are missing are flagged; with strict (applycal, restore), also those whose
-    interpolation would use a flagged solution, as CASA's applycal flags them.
+    and channel (antenna_gains), small next to the data; one fused pass
+    (kernels.apply_gains) then corrects every sample. Returns (corrected data, flags,
+    weights); samples whose gains are missing are flagged; with strict (applycal,
+    restore), also those whose interpolation would use a flagged solution, as CASA's
+    applycal flags them.
     in_place: the data (vis.data, or data) may be corrected where they are, when they are
-    a writeable, contiguous complex64 array: applycal reads its row blocks for this alone,
-    and copying them was a tenth of its time.
+    a writeable, contiguous complex64 array (the copy was a tenth of applycal's time).
     """
     from .kernels import apply_gains
     data = vis.data if data is None else data
@@ -141,12 +141,24 @@ def apply_tables(vis: Vis, applies: list, data: np.ndarray | None = None, strict
     weight = vis.weight.astype(np.float32, copy=True)
     if not len(vis.time):
         return data, flag, weight
-    nant = vis.nant
-    nchan, ncorr = data.shape[1:]
     pairs, pidx = unique_rows(vis.field_id.astype(np.float64), vis.time)
-    gain = np.ones((len(pairs), nant, nchan, ncorr), np.complex64)
-    wfac = np.ones((len(pairs), nant, nchan, ncorr), np.float32)   # |g|^2 of the calwt tables
-    bad = np.zeros((len(pairs), nant, nchan, ncorr), bool)
+    gain, wfac, bad = antenna_gains(pairs[:, 0].astype(int), pairs[:, 1], applies, vis.nant, *data.shape[1:],
+                                    strict=strict)
+    apply_gains(data, flag, weight, pidx.astype(np.int64), vis.ant1.astype(np.int64), vis.ant2.astype(np.int64),
+                gain, wfac, bad)
+    return data, flag, weight
+
+
+def antenna_gains(field_ids: np.ndarray, times: np.ndarray, applies: list, nant: int, nchan: int, ncorr: int,
+                  strict: bool = False):
+    """The product of the tables' gains for each (field, time) pair, antenna, channel and
+    correlation: (gain complex64, wfac float32 (|g|^2 of the calwt tables), bad bool),
+    each of shape (npair, nant, nchan, ncorr). bad: no gain, or (strict) one interpolated
+    from a flagged solution (interpolate_gains)."""
+    n = len(times)
+    gain = np.ones((n, nant, nchan, ncorr), np.complex64)
+    wfac = np.ones((n, nant, nchan, ncorr), np.float32)
+    bad = np.zeros((n, nant, nchan, ncorr), bool)
     for ap in applies:
         if not isinstance(ap, GainApply):
             ap = GainApply(ap)
@@ -154,16 +166,26 @@ def apply_tables(vis: Vis, applies: list, data: np.ndarray | None = None, strict
         nch_sol = sol.cparam.shape[1]
         if nch_sol != 1 and nch_sol != nchan:
             raise ValueError(f"{sol.kind} table has {nch_sol} channels, data have {nchan}")
-        for f in np.unique(pairs[:, 0]).astype(int):
-            sel = pairs[:, 0] == f
-            fields = ap.gainfield if ap.field_map is None else ap.field_map.get(f)
+        for f in np.unique(field_ids):
+            sel = field_ids == f
+            fields = ap.gainfield if ap.field_map is None else ap.field_map.get(int(f))
             if fields is not None and len(fields) == 0:
                 continue                         # this table does not apply to field f
-            g, b = interpolate_gains(sol, pairs[sel, 1], nant, ap.interp, fields, strict)
+            g, b = interpolate_gains(sol, times[sel], nant, ap.interp, fields, strict)
             gain[sel] *= g                       # (nt, nant, 1 or nchan, ncorr) broadcasts
             bad[sel] |= b
             if ap.calwt:
                 wfac[sel] *= np.abs(g) ** 2
-    apply_gains(data, flag, weight, pidx.astype(np.int64), vis.ant1.astype(np.int64), vis.ant2.astype(np.int64),
-                gain, wfac, bad)
-    return data, flag, weight
+    return gain, wfac, bad
+
+
+def flags_and_weights(vis: Vis, pair: np.ndarray, gain: np.ndarray, wfac: np.ndarray, bad: np.ndarray):
+    """What applying the gains (antenna_gains of the pairs `pair` indexes, per row) does
+    to vis's flags and weights, without the data: applycal's part when the data are
+    corrected on reading (decision 0021). Returns (flags, weights float32)."""
+    from .kernels import apply_gains
+    flag = vis.flag.copy()
+    weight = vis.weight.astype(np.float32, copy=True)
+    apply_gains(np.zeros((0, 0, 0), np.complex64), flag, weight, np.asarray(pair, np.int64),
+                vis.ant1.astype(np.int64), vis.ant2.astype(np.int64), gain, wfac, bad, False)
+    return flag, weight

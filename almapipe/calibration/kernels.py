@@ -6,11 +6,12 @@ import numpy as np
 
 
 @numba.njit(parallel=True, cache=True, fastmath=False)
-def apply_gains(data, flag, weight, pidx, ant1, ant2, gain, wfac, bad):
+def apply_gains(data, flag, weight, pidx, ant1, ant2, gain, wfac, bad, divide=True):
     """In place, for every row r, channel c, correlation p:
-    data /= g[a1] conj(g[a2]); flag where a gain is missing or zero;
-    weight[r, p] *= mean over channels of wfac[a1] wfac[a2] (calwt)."""
-    nrow, nchan, ncorr = data.shape
+    data /= g[a1] conj(g[a2]) (unless not `divide`: applycal's flags and weights alone,
+    its data corrected on reading, divide_by_gains); flag where a gain is missing or
+    zero; weight[r, p] *= mean over channels of wfac[a1] wfac[a2] (calwt)."""
+    nrow, nchan, ncorr = flag.shape
     for r in numba.prange(nrow):
         t = pidx[r]
         i = ant1[r]
@@ -22,9 +23,27 @@ def apply_gains(data, flag, weight, pidx, ant1, ant2, gain, wfac, bad):
                 wsum += wfac[t, i, c, p] * wfac[t, j, c, p]
                 if bad[t, i, c, p] or bad[t, j, c, p] or g == 0:
                     flag[r, c, p] = True
-                else:
+                elif divide:
                     data[r, c, p] = data[r, c, p] / g
             weight[r, p] = weight[r, p] * (wsum / nchan)
+
+
+@numba.njit(parallel=True, cache=True, fastmath=False)
+def divide_by_gains(data, pidx, ant1, ant2, gain):
+    """In place: data[r, c, p] /= g[a1] conj(g[a2]) where that product is not zero (the
+    gains of flagged solutions are stored as zero: those samples are flagged and left
+    as they are), the same arithmetic as apply_gains, so that visibilities corrected on
+    reading equal those applycal would have stored."""
+    nrow, nchan, ncorr = data.shape
+    for r in numba.prange(nrow):
+        t = pidx[r]
+        i = ant1[r]
+        j = ant2[r]
+        for c in range(nchan):
+            for p in range(ncorr):
+                g = gain[t, i, c, p] * np.conj(gain[t, j, c, p])
+                if g != 0:
+                    data[r, c, p] = data[r, c, p] / g
 
 
 @numba.njit(parallel=False, cache=True)
