@@ -13,7 +13,7 @@ import uuid
 import numpy as np
 import pytest
 
-from almapipe.msio import storeio
+from almapipe.msio import ms as msio, storeio
 from almapipe.platform import visstore as vst
 from almapipe.platform.cache import BoundedCache
 from almapipe.platform.store import CachedFetcher, ObjectStore
@@ -582,3 +582,92 @@ def test_flagtargets_in_channel_slices_flags_as_the_whole_partition_would(ngc, t
     np.testing.assert_array_equal(after.flag, expected)
     assert per_field == {"N5921_2": int((expected & ~v.flag).sum())} == {"N5921_2": counts["outliers"]}
     assert not os.listdir(tmp_path) or all(f.startswith(("amp.", "flag.", "out.")) for f in os.listdir(tmp_path))
+
+
+def _calibrate(ngc, tag: str, seed: int = 5):
+    """NGC 5921's partition calibrated as applycal does it (decision 0021): random
+    gains per (time, field) pair, antenna, channel and correlation, a few of them zero
+    (flagged), put in overlapping pair ranges. Returns (entry, pair of each row, gains)."""
+    part = partition(ngc, tag)
+    rng = np.random.default_rng(seed)
+    pairs, pidx = msio.unique_rows(part.index("TIME"), part.index("FIELD_ID").astype(np.float64))
+    nant = int(part.index("ANTENNA2").max()) + 1
+    shape = (len(pairs), nant, part.nchan, part.ncorr)
+    gains = (rng.normal(1, 0.2, shape) * np.exp(1j * rng.uniform(-3, 3, shape))).astype(np.complex64)
+    gains[rng.random(shape) < 0.01] = 0
+    w = part.calibration_writer(pidx, len(pairs), nant)
+    lo = 0
+    while lo < len(pairs):                          # blocks overlapping by a pair, as row blocks do
+        hi = min(len(pairs), lo + int(rng.integers(1, 40)))
+        w.put(lo, gains[lo:hi])
+        lo = hi - 1 if hi < len(pairs) and rng.random() < 0.5 else hi
+    return part.commit(), pidx, gains
+
+
+def test_calibration_is_stored_as_gains_and_corrected_on_reading(ngc):
+    """applycal's CORRECTED_DATA are not written (decision 0021): the partition holds
+    the gains of each (time, field) pair (about nant/2 times fewer bytes than the data),
+    and CORRECTED_DATA read, whole and in a channel range, as VISIBILITY / (g1 conj g2),
+    with the arithmetic applycal's kernel uses on stored data."""
+    from almapipe.calibration.kernels import apply_gains
+    before = set(objects(ngc))
+    entry, pidx, gains = _calibrate(ngc, "19_applycal")
+    made = set(objects(ngc)) - before
+    assert made and all("/CALIBRATION_GAIN/" in k or "/CALIBRATION_PAIR/" in k for k in made)
+    assert "VISIBILITY_CORRECTED" not in entry["arrays"] and vst.has_corrected(entry)
+    size = sizes(ngc)
+    gain_bytes = sum(size[k] for k in made)
+    data_bytes = sum(s for k, s in size.items() if "/VISIBILITY/" in k)
+    assert gain_bytes < data_bytes / 4
+
+    raw = partition(ngc, "20_x", entry).read()
+    want = raw.data.copy()
+    nant = gains.shape[1]
+    none = np.zeros(gains.shape, bool)
+    apply_gains(want, raw.flag.copy(), raw.weight.astype(np.float32), pidx.astype(np.int64),
+                raw.ant1.astype(np.int64), raw.ant2.astype(np.int64), gains, np.ones(gains.shape, np.float32), none)
+    got = partition(ngc, "20_x", entry).read(column="CORRECTED_DATA")
+    np.testing.assert_array_equal(got.data, want)
+    g = gains[pidx, raw.ant1] * np.conj(gains[pidx, raw.ant2])
+    np.testing.assert_allclose(got.data, np.where(g != 0, raw.data / np.where(g != 0, g, 1), raw.data), rtol=1e-5)
+    assert nant > 1 and (g == 0).any()
+    part = partition(ngc, "20_x", entry)
+    np.testing.assert_array_equal(part.read(column="CORRECTED_DATA", chan=slice(CHANS - 3, CHANS + 5)).data,
+                                  want[:, CHANS - 3:CHANS + 5])
+    blocks = list(part.blocks(column="CORRECTED_DATA", field_ids=[1, 2]))
+    rows = part.select([1, 2])
+    np.testing.assert_array_equal(np.concatenate([b.data for b in blocks]), want[rows])
+    # a split view (decision 0021): its DATA are the calibrated data
+    view = dict(entry, field_ids=[2], calibrated_column="DATA", name="ngc.spw0.target.ms")
+    tgt = partition(ngc, "21_split", view).read()
+    np.testing.assert_array_equal(tgt.data, want[part.select([2])])
+
+
+def test_a_stage_writing_a_column_corrected_on_reading_stores_it_whole(ngc):
+    """A stage that writes some rows of a view's calibrated DATA (fluxconsistency's
+    equalize) makes it a stored array: its other rows keep their corrected values."""
+    entry, _, _ = _calibrate(ngc, "22_applycal", seed=7)
+    view = dict(entry, field_ids=[1, 2], calibrated_column="DATA", name="ngc.spw0.target.ms")
+    part = partition(ngc, "23_scale", view)
+    before = part.read()
+    some = before.rows[::5]
+    part.write("DATA", some, before.data[::5] * 2)
+    after = part.commit()
+    assert vst.CALIBRATION_GAIN not in after["arrays"] and "calibrated_column" not in after
+    again = partition(ngc, "24_x", after).read()
+    want = before.data.copy()
+    want[::5] *= 2
+    np.testing.assert_array_equal(again.data, want)
+
+
+def test_the_calibrated_ms_exported_from_gains_holds_the_corrected_data(ngc, tmp_path):
+    """exportdata's calibrated MS of a partition corrected on reading: CORRECTED_DATA
+    as the store reads them, DATA the raw visibilities."""
+    import casacore.tables as ct
+    entry, _, _ = _calibrate(ngc, "25_applycal", seed=9)
+    part = partition(ngc, "26_x", entry)
+    dest = storeio.export_ms([entry], part.meta, str(tmp_path / "cal.ms"), lambda e: partition(ngc, "26_x", e))
+    full = part.read(column="CORRECTED_DATA")
+    with ct.table(dest, ack=False) as t:
+        np.testing.assert_array_equal(t.getcol("CORRECTED_DATA"), full.data)
+        np.testing.assert_array_equal(t.getcol("DATA"), part.read().data)

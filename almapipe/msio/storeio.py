@@ -106,7 +106,7 @@ def export_ms(parts: list, shell_path: str, dest: str, open_part, corrected: boo
     with ct.table(shell_path, ack=False) as t:
         t.copy(dest, deep=True).close()
     with ct.table(dest, readonly=False, ack=False) as t:
-        want_corrected = corrected and any("VISIBILITY_CORRECTED" in p["arrays"] for p in parts)
+        want_corrected = corrected and any(vst.has_corrected(p) for p in parts)
         # columns of the input MS that the store does not keep: left in, the new rows'
         # cells would be undefined (CASA fails reading them); CASA falls back to WEIGHT
         # and SIGMA without the spectra, and a split MS has no CORRECTED_DATA

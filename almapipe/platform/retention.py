@@ -2,7 +2,7 @@
 
 A run writes a new version of a visibility array at every stage that changes it
 (decision 0015): after flagdata, applycal, flagtargets... the store holds every
-FLAG and CORRECTED version the run went through. Once the run has ended nothing can
+FLAG (and WEIGHT, applycal's gains, ...) version the run went through. Once the run has ended nothing can
 read the intermediate ones: the final context points at the version each array is
 at. The retention rule, for a run in a terminal state (SUCCEEDED, FAILED, CANCELLED
 in its record in the NATS KV bucket, as the gateway's coordinator writes it):

@@ -28,6 +28,14 @@ sub-arrays), which a dense (time, baseline) grid would pad; the kernels are row-
   coefficients of each row's fitted continuum polynomial (nrow, FIT_TERMS, ncorr).
   Its DATA are read as VISIBILITY minus that polynomial (``subtract_continuum_fit``):
   uvcontsub writes a few numbers a row, not a second copy of the target's data.
+* Calibrated data are corrected on reading (decision 0021). applycal writes FLAG and
+  WEIGHT, and two arrays in place of VISIBILITY_CORRECTED: CALIBRATION_GAIN, the
+  product of the calibration tables' gains at each (time, field) of the partition, per
+  antenna, channel and correlation (npair, nant, nchan, ncorr; a flagged gain is 0),
+  and CALIBRATION_PAIR, each row's pair (nrow,). CORRECTED_DATA (in a split view:
+  DATA, ``entry["calibrated_column"]``) reads as VISIBILITY / (g[a1] conj(g[a2])):
+  about nant/2 times fewer bytes than the corrected cube, which no stage then writes,
+  uploads or caches. A stage that writes that column makes it a stored array again.
 
 A partition entry (JSON, in ``ctx["partitions"]``):
 ``{"name", "spw", "meta", "nrow", "nchan", "ncorr", "chunks": [rows, chans],
@@ -76,8 +84,12 @@ INDEX_ARRAYS = {
 # uvcontsub's continuum fit (nrow, FIT_TERMS, ncorr), complex64: term i multiplies x**i,
 # x = -1 .. 1 across the spw (continuum_x); orders up to 3, uvcontsub.fitorder's maximum
 CONTINUUM_FIT, FIT_TERMS = "CONTINUUM_FIT", 4
+# applycal's calibration, applied on reading (decision 0021): the gains of each
+# (time, field) pair (npair, nant, nchan, ncorr) complex64, and each row's pair (nrow,)
+CALIBRATION_GAIN, CALIBRATION_PAIR = "CALIBRATION_GAIN", "CALIBRATION_PAIR"
 ARRAY_OF_COLUMN = {**CUBE_OF_COLUMN, **{c: v[0] for c, v in ROW_ARRAYS.items()},
-                   **{c: v[0] for c, v in INDEX_ARRAYS.items()}, CONTINUUM_FIT: CONTINUUM_FIT}
+                   **{c: v[0] for c, v in INDEX_ARRAYS.items()}, CONTINUUM_FIT: CONTINUUM_FIT,
+                   CALIBRATION_PAIR: CALIBRATION_PAIR}
 INDEX_FACTOR = 16          # index arrays' chunks are this many data chunks long
 WRITES_IN_FLIGHT = 2       # chunk row-ranges of one array being written behind the stage
 CHUNK_BYTES = 8 << 20      # a VISIBILITY chunk's size, uncompressed
@@ -86,6 +98,24 @@ MAX_CHUNK_CHANS = 256      # wider spws (FDM) are chunked in channels too
 
 class VisStoreError(RuntimeError):
     """The visibility store cannot do what was asked; the message says what and where."""
+
+
+def calibrated_on_read(entry: dict) -> str | None:
+    """The MS column of a partition entry that reads as its VISIBILITY corrected by
+    applycal's gains (CORRECTED_DATA; DATA in a split view), or None: the entry has no
+    calibration applied on reading, or that column is a stored array of its own."""
+    arrays = entry["arrays"]
+    if CALIBRATION_GAIN not in arrays:
+        return None
+    column = entry.get("calibrated_column", "CORRECTED_DATA")
+    if column == "CORRECTED_DATA" and CUBE_OF_COLUMN[column] in arrays:
+        return None
+    return column
+
+
+def has_corrected(entry: dict) -> bool:
+    """Whether a partition entry has CORRECTED_DATA, stored or applied on reading."""
+    return "VISIBILITY_CORRECTED" in entry["arrays"] or calibrated_on_read(entry) == "CORRECTED_DATA"
 
 
 def chunking(nchan: int, ncorr: int) -> tuple[int, int]:
@@ -286,6 +316,7 @@ class VisPartition:
         self.prefix = key_prefix           # runs/<run>/vis/<partition name>
         self._index: dict = {}
         self._writers: dict = {}
+        self._calibration = None          # applycal's _GainWriter
         self.nrow, self.nchan, self.ncorr = entry["nrow"], entry["nchan"], entry["ncorr"]
         self.chunk_rows, self.chunk_chans = entry["chunks"]
         self.spw = entry["spw"]
@@ -313,7 +344,8 @@ class VisPartition:
         return list(self.entry["corr_types"])
 
     def has(self, column: str) -> bool:
-        return ARRAY_OF_COLUMN[column] in self.entry["arrays"] or column in self._writers
+        return ARRAY_OF_COLUMN[column] in self.entry["arrays"] or column in self._writers or \
+            calibrated_on_read(self.entry) == column
 
     def index(self, column: str) -> np.ndarray:
         """A whole per-row index array (TIME, ANTENNA1, FIELD_ID, ...) by MS column name."""
@@ -373,14 +405,39 @@ class VisPartition:
         channels `chan`. A continuum-subtracted view's DATA are its VISIBILITY minus its
         committed continuum fit (uvcontsub reads the data it fits unsubtracted)."""
         rows = np.asarray(rows, dtype=np.int64)
-        cube = column in CUBE_OF_COLUMN
         if column in self._writers:              # read what this stage wrote
-            values = self._writers[column].read(rows, chan if cube else None)
+            values = self._writers[column].read(rows, chan if column in CUBE_OF_COLUMN else None)
         else:
-            values = _take(self._array(column, keep), rows, chan if cube else None, self.vs.counter)
+            values = self._stored(column, rows, chan, keep)
         if column == "DATA" and CONTINUUM_FIT in self.entry["arrays"]:
             values = subtract_continuum_fit(values, self.rows_of(CONTINUUM_FIT, rows), chan, self.nchan)
         return values
+
+    def _stored(self, column: str, rows: np.ndarray, chan: slice | None = None, keep: bool = True) -> np.ndarray:
+        """A column's values of the given rows as the entry's versions hold them: the
+        calibrated column is VISIBILITY corrected by the calibration's gains."""
+        if calibrated_on_read(self.entry) == column:
+            return self._calibrate(_take(self._array("DATA", keep), rows, chan, self.vs.counter), rows, chan)
+        return _take(self._array(column, keep), rows, chan if column in CUBE_OF_COLUMN else None, self.vs.counter)
+
+    def _calibrate(self, data: np.ndarray, rows: np.ndarray, chan: slice | None) -> np.ndarray:
+        """data (of rows, channels chan) divided by g[a1] conj(g[a2]) of their pairs; only
+        the pairs the rows span are read (rows ascending: pairs follow time)."""
+        from ..calibration.kernels import divide_by_gains
+        if not len(rows):
+            return data
+        data = np.ascontiguousarray(data, dtype=np.complex64)
+        if not data.flags.writeable:
+            data = data.copy()
+        pair = self.index(CALIBRATION_PAIR)[rows]
+        lo, hi = int(pair.min()), int(pair.max()) + 1
+        z = self.vs.open(self.entry["arrays"][CALIBRATION_GAIN])
+        gain = np.asarray(z[lo:hi] if chan is None else z[lo:hi, :, chan])
+        self.vs.counter.add("requested", gain.nbytes)
+        self.vs.counter.add("decoded", gain.nbytes)
+        divide_by_gains(data, (pair - lo).astype(np.int64), self.index("ANTENNA1")[rows].astype(np.int64),
+                        self.index("ANTENNA2")[rows].astype(np.int64), gain)
+        return data
 
     def read(self, column: str = "DATA", field_ids=None, chan: slice | None = None, data: bool = True,
              cross_only: bool = False):
@@ -439,6 +496,20 @@ class VisPartition:
     def write_flags(self, rows: np.ndarray, flags: np.ndarray) -> None:
         self.write("FLAG", rows, flags)
 
+    def calibration_writer(self, pair_of_row: np.ndarray, npair: int, nant: int) -> "_GainWriter":
+        """applycal's calibration, corrected on reading (decision 0021): each row's
+        (time, field) pair (pairs in time order) and a writer of the pairs' gains (put
+        in ascending pair ranges); ``commit`` points the entry at both and drops a stored
+        VISIBILITY_CORRECTED."""
+        if len(pair_of_row) != self.nrow:
+            raise VisStoreError(f"{self.entry['name']}: a pair for each of {self.nrow} rows, not {len(pair_of_row)}")
+        key = f"{self.prefix}/{CALIBRATION_PAIR}/{self.tag}"
+        z = self.vs.create(key, (self.nrow,), (self.chunk_rows * INDEX_FACTOR,), "int32")
+        pair_of_row = np.asarray(pair_of_row, np.int32)
+        z[:] = pair_of_row
+        self._calibration = _GainWriter(self, npair, nant, key, pair_of_row)
+        return self._calibration
+
     def flag_antennas(self, ant_ids) -> None:
         """Flag every row (of the view) with one of the antennas; only the row chunks
         holding them are read and written."""
@@ -457,9 +528,22 @@ class VisPartition:
             key = w.finish()
             if key is not None:
                 arrays[ARRAY_OF_COLUMN[column]] = key
+        entry = dict(self.entry)
+        lazy = calibrated_on_read(self.entry)
+        if lazy is not None and lazy in self._writers:
+            # this stage wrote the calibrated column (its _ArrayWriter merged its values
+            # with those corrected on reading): a stored array from now on
+            arrays.pop(CALIBRATION_GAIN), arrays.pop(CALIBRATION_PAIR)
+            entry.pop("calibrated_column", None)
+        if self._calibration is not None:
+            arrays[CALIBRATION_GAIN] = self._calibration.finish()
+            arrays[CALIBRATION_PAIR] = self._calibration.pair_key
+            arrays.pop("VISIBILITY_CORRECTED", None)
+            self._index[CALIBRATION_PAIR] = self._calibration.pair_of_row
+            self._calibration = None
         self._writers = {}
         # reads after the commit see this stage's versions (read-your-writes)
-        self.entry = dict(self.entry, arrays=arrays)
+        self.entry = dict(entry, arrays=arrays)
         return self.entry
 
 
@@ -572,6 +656,11 @@ class _ArrayWriter:
         if self.old is not None and tuple(self.old.shape) != shape:
             raise VisStoreError(f"{part.entry['name']} {column}: shape {shape} differs from the stored "
                                 f"{tuple(self.old.shape)}")
+        # the column is corrected on reading (calibrated_on_read): its current values are
+        # VISIBILITY corrected, which the stage's values are merged with and compared to
+        self.lazy = calibrated_on_read(part.entry) == column
+        if self.lazy and self.old is None:
+            self.old = part.vs.open(part.entry["arrays"]["VISIBILITY"], keep=self.keep)   # its codec
         self.shape, self.chunks, self.dtype = shape, chunks, dtype
         self.new = None
         self.written: set = set()         # row-chunk indices written to the new version
@@ -595,6 +684,8 @@ class _ArrayWriter:
             self._pending.pop(ci).result()
         if ci in self.written:
             return np.asarray(self.new[lo:hi])
+        if self.lazy:
+            return self.part._stored(self.column, np.arange(lo, hi))
         if self.old is not None:
             return np.asarray(self.old[lo:hi])
         return np.full((hi - lo,) + self.shape[1:], _fill(self.dtype), dtype=self.dtype)
@@ -684,8 +775,56 @@ class _ArrayWriter:
                 # calibrators' chunks); a missing chunk reads as zeros
                 needed = np.unique(self.part.select() // self.rows_step).tolist()
             missing = [ci for ci in needed if ci not in self.written]
-            if missing:
+            if missing and self.lazy:
+                # the values read until now were corrected on reading: they are written
+                for ci in missing:
+                    lo = ci * self.rows_step
+                    self.new[lo:lo + self.rows_step] = self._current(ci)
+            elif missing:
                 self.part.vs.copy_chunk_objects(self.old_key, self.key, _chunk_keys(self.shape, self.chunks, missing))
+        return self.key
+
+
+# a chunk of the calibration's gains, uncompressed: a row block's pairs read a few
+GAIN_CHUNK_BYTES = 1 << 20
+
+
+class _GainWriter:
+    """applycal's CALIBRATION_GAIN version (npair, nant, nchan, ncorr), written in
+    pair chunks as the stage puts ascending, possibly overlapping, pair ranges (a row
+    block's pairs: one time's rows may straddle two blocks). Bounded memory: a chunk
+    and a block's pairs."""
+
+    def __init__(self, part: VisPartition, npair: int, nant: int, pair_key: str, pair_of_row: np.ndarray):
+        self.part, self.pair_key, self.pair_of_row = part, pair_key, pair_of_row
+        self.key = f"{part.prefix}/{CALIBRATION_GAIN}/{part.tag}"
+        self.shape = (npair, nant, part.nchan, part.ncorr)
+        self.step = max(1, GAIN_CHUNK_BYTES // (nant * part.chunk_chans * part.ncorr * 8))
+        self.z = part.vs.create(self.key, self.shape, (self.step, nant, part.chunk_chans, part.ncorr), "complex64")
+        self.lo = 0                                       # the first pair not yet written
+        self.buf = np.zeros((0,) + self.shape[1:], np.complex64)
+
+    def put(self, first: int, gains: np.ndarray) -> None:
+        """The gains of pairs first, first + 1, ...; pairs put before keep their values."""
+        end = self.lo + len(self.buf)
+        if first > end:
+            raise VisStoreError(f"{self.part.entry['name']}: gains of pairs {end}..{first - 1} were never put")
+        if gains.shape[1:] != self.shape[1:]:
+            raise VisStoreError(f"{self.part.entry['name']}: gains of shape {gains.shape[1:]}, "
+                                f"not {self.shape[1:]}")
+        new = gains[max(0, end - first):]
+        if len(new):
+            self.buf = np.concatenate([self.buf, new.astype(np.complex64, copy=False)])
+        while len(self.buf) >= self.step:
+            self.z[self.lo:self.lo + self.step] = self.buf[:self.step]
+            self.buf, self.lo = self.buf[self.step:], self.lo + self.step
+
+    def finish(self) -> str:
+        if self.lo + len(self.buf) != self.shape[0]:
+            raise VisStoreError(f"{self.part.entry['name']}: gains of {self.lo + len(self.buf)} of "
+                                f"{self.shape[0]} pairs were put")
+        if len(self.buf):
+            self.z[self.lo:] = self.buf
         return self.key
 
 

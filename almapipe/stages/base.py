@@ -545,7 +545,7 @@ CONTEXT = {
     "fields": (list, "fields with their intents (roles)"),
     "ms_name": (str, "the MS's base name"),
     "input_format": (str, "what the input was read as"),
-    "partitions": (list, "per science spw: the MS partition's key (calibrated: CORRECTED_DATA)"),
+    "partitions": (list, "per science spw: its entry in the visibility store (calibrated: applycal's gains, decision 0021)"),
     "aux_partitions": (dict, "partitions that are not science data (the WVR spw)"),
     "flags": (dict, "per flagging stage: what it flagged"),
     "flag_summary": (dict, "per spw after applycal: flagged fraction per field and per antenna (WebLog)"),

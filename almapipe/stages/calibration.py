@@ -21,7 +21,7 @@ from .base import (CAL_READS, COMBINE, QA, SOLINT, Metric, Param, Score, StageEr
                    channel_rho, field_ids_with, field_name, metric, require_intent, spw_info, stage,
                    with_defaults)
 from ..calibration import fluxcsv, fluxmodels, solar_system  # noqa: E402
-from ..calibration.applycal import GainApply, apply_tables  # noqa: E402
+from ..calibration.applycal import GainApply, antenna_gains, apply_tables, flags_and_weights  # noqa: E402
 from ..calibration.caltable import CalSolutions, read_caltable, write_caltable  # noqa: E402
 from ..calibration.terms import (SolveSpec, antenna_snr, channel_average, integration_snr, point_model,  # noqa: E402
                                  row_snr2, solint_seconds, solve_term, unit_model)
@@ -928,7 +928,7 @@ def fluxscale(ctx: dict, params: dict, io: StageIO) -> QA:
 # ------------------------------------------------------------------ applycal
 
 # samples (rows x channels x correlations) of the calibrators that applycal's plots show
-PLOT_SAMPLES = 20_000_000
+PLOT_SAMPLES = 5_000_000
 
 
 @metric("applycal.newly_flagged", "the fraction of the data applycal flagged (no solutions for them): "
@@ -943,47 +943,68 @@ def newly_flagged(newly: float) -> Score | None:
        reads=("fields", "observation", "partitions", "callibrary", "caltables"), writes=("partitions", "flag_summary"),
        params=(Param("calwt", bool, True, "scale the weights by the gains"),))
 def applycal(ctx: dict, params: dict, io: StageIO) -> QA:
-    """Apply the calibration library to every field, writing CORRECTED_DATA."""
+    """Apply the calibration library to every field: CORRECTED_DATA.
+
+    The corrected visibilities are not written (decision 0021): the store keeps the
+    product of the tables' gains at each (time, field) of the data, per antenna and
+    channel, and the partition's CORRECTED_DATA reads as its DATA divided by them. This
+    stage writes those gains, the flags (CASA's calflagstrict) and the weights (calwt),
+    and reads no visibility but the calibrators' sample its plots show."""
     qa = QA()
     if not ctx["callibrary"]:
         raise StageError("applycal: the calibration library is empty; run bandpass and timegaincal first")
     new_parts, flagged_before, flagged_after, total = [], 0, 0, 0
-    calibrators = set(calibrator_ids(ctx))
+    calibrators = list(calibrator_ids(ctx))
     for part in ctx["partitions"]:
         p = io.vis(part)
         applies = apply_for(ctx, io, part["spw"])
         for a in applies:
             a.calwt = a.calwt and params["calwt"]
-        shown = []       # the calibrators' rows the plots show, a bounded sample of them
+        rows = p.select()
+        # the (time, field) pairs of the rows, in time order: a row block's pairs are a range
+        pairs, pidx = msio.unique_rows(p.index("TIME")[rows], p.index("FIELD_ID")[rows].astype(np.float64))
+        pair_of_row = np.zeros(p.nrow, np.int64)
+        pair_of_row[rows] = pidx
+        nant = int(max(p.index("ANTENNA1").max(), p.index("ANTENNA2").max())) + 1 if p.nrow else 0
+        gains = p.calibration_writer(pair_of_row, len(pairs), nant)
         counts = FlagCounts(len(ctx["observation"]["antennas"]))
-        stride = max(1, int(np.ceil(p.nrow * p.nchan * p.ncorr / PLOT_SAMPLES)))
-        # in row blocks: memory stays at a few chunks whatever the size of the EB
-        for blk in p.blocks(block_chunks=4):
-            # as CASA's calflagstrict; the block's data are corrected where they are
-            corrected, flags, weights = apply_tables(blk, applies, strict=True, in_place=True)
-            io.count_visibilities(blk.data.size)
+        # in row blocks of flags and weights: memory stays at a few chunks whatever the EB
+        for blk in p.blocks(data=False, block_chunks=4):
+            bp = pair_of_row[blk.rows]
+            lo, hi = int(bp.min()), int(bp.max()) + 1
+            gain, wfac, bad = antenna_gains(pairs[lo:hi, 1].astype(int), pairs[lo:hi, 0], applies, nant,
+                                            p.nchan, p.ncorr, strict=True)
+            flags, weights = flags_and_weights(blk, bp - lo, gain, wfac, bad)
+            gain[bad] = 0                     # flagged: read back as they are (divide_by_gains)
+            gains.put(lo, gain)
+            io.count_visibilities(flags.size)
             flagged_before += int(blk.flag.sum())
             flagged_after += int(flags.sum())
             total += flags.size
-            p.write("CORRECTED_DATA", blk.rows, corrected)
             p.write_flags(blk.rows, flags)
-            p.write("WEIGHT", blk.rows, weights)            # float32 already (apply_tables)
+            p.write("WEIGHT", blk.rows, weights)
             counts.add(blk, flags)
-            keep = np.isin(blk.field_id, list(calibrators)) & (blk.rows % stride == 0)
-            if keep.any():
-                shown.append((blk.select(keep), corrected[keep], flags[keep]))
         new_parts.append(dict(p.commit(), calibrated=True))
         _record_flag_summary(ctx, counts, part["spw"])
-        if shown:
-            vis = msio.concat_vis([v for v, _, _ in shown])
-            _plot_calibrated(io, vis, np.concatenate([c for _, c, _ in shown]),
-                             np.concatenate([f for _, _, f in shown]), ctx, part["spw"])
+        shown = _plot_rows(p, calibrators)
+        if len(shown):
+            vis = p.read_rows(shown, "CORRECTED_DATA")
+            _plot_calibrated(io, vis, vis.data, vis.flag, ctx, part["spw"])
     ctx["partitions"] = new_parts
     newly = (flagged_after - flagged_before) / max(total, 1)
     qa.add(newly_flagged(newly))
     qa.note(f"Applied {', '.join(e['table'] for e in ctx['callibrary'])}; "
             f"{flagged_after / max(total, 1):.1%} of the data now flagged.")
     return qa
+
+
+def _plot_rows(p, calibrators: list) -> np.ndarray:
+    """The calibrators' rows applycal's plots show: those of every k-th row chunk, k such
+    that they hold at most PLOT_SAMPLES samples (whole chunks: a sample of scattered rows
+    would read every chunk)."""
+    rows = p.select(calibrators, cross_only=True)
+    k = max(1, int(np.ceil(len(rows) * p.nchan * p.ncorr / PLOT_SAMPLES)))
+    return rows[(rows // p.chunk_rows) % k == 0]
 
 
 def _plot_calibrated(io, vis, corrected, flags, ctx, spw):

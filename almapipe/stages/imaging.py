@@ -39,6 +39,7 @@ from ..imaging.samples import (MedianSketch, WidthBinned, clean_mfs, read_aggreg
 from ..imaging.products import (fits_header_bytes, fits_padding, image_header, mosaic_noise_factor,  # noqa: E402
                                 obs_info, pipeline_version, plane_chunks, write_fits)
 from ..imaging.kernels import fit_continuum_rows  # noqa: E402
+from ..platform.visstore import CALIBRATION_GAIN, CALIBRATION_PAIR, has_corrected  # noqa: E402
 from ..imaging.uvcontsub import format_channels, parse_channels  # noqa: E402
 from ..msio import ms as msio  # noqa: E402
 from ..platform import visstore as vst  # noqa: E402
@@ -90,13 +91,17 @@ def split(ctx: dict, params: dict, io: StageIO) -> QA:
     out = []
     for part in ctx["partitions"]:
         arrays = dict(part["arrays"])
-        if "VISIBILITY_CORRECTED" not in arrays:
+        if not has_corrected(part):
             raise StageError(f"split: {part['name']} has no CORRECTED_DATA in the store; run applycal first")
+        view = {k: v for k, v in part.items() if k not in ("calibrated", "field_ids", "calibrated_column")}
         # as CASA's split(datacolumn='corrected'): the corrected data become DATA, and the
         # view has neither CORRECTED_DATA nor MODEL_DATA
-        arrays["VISIBILITY"] = arrays.pop("VISIBILITY_CORRECTED")
+        if "VISIBILITY_CORRECTED" in arrays:
+            arrays["VISIBILITY"] = arrays.pop("VISIBILITY_CORRECTED")
+            arrays.pop(CALIBRATION_GAIN, None), arrays.pop(CALIBRATION_PAIR, None)
+        else:
+            view["calibrated_column"] = "DATA"      # corrected on reading (decision 0021)
         arrays.pop("VISIBILITY_MODEL", None)
-        view = {k: v for k, v in part.items() if k not in ("calibrated", "field_ids")}
         view.update(arrays=arrays, field_ids=sorted(int(f) for f in (eb_field_ids(part, targets) or [])),
                     name=view_name(part, "target"))
         rows = io.vis(view).select()
