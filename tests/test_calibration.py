@@ -92,6 +92,44 @@ def test_applycal_inverts_gains_and_scales_weights():
         assert (got is vis.data) == (dtype is np.complex64 and writeable), (dtype, writeable)
 
 
+def test_gains_computed_in_windows_are_those_of_all_pairs_and_give_applycals_flags_and_weights():
+    """applycal's GainWindows (the tables' gains for ascending ranges of (field, time)
+    pairs, in windows) give each pair the gains antenna_gains gives for all at once,
+    flagged ones zero; every window is handed on once, covering all pairs; and
+    flags_and_weights on them flags and weights as apply_tables does."""
+    from almapipe.calibration.applycal import GainWindows, antenna_gains, flags_and_weights
+    from almapipe.msio.ms import unique_rows
+    rng = np.random.default_rng(8)
+    g = _gains(rng, 30, 6, 2)
+    vis = simulate(nant=6, ntime=30, gains=g, noise=0.0, flux=3.0)
+    sol = solve_term(vis, point_model(vis, {0: lambda f: np.full_like(f, 3.0)}),
+                     SolveSpec(kind="G", solint="int", refant=0))
+    sol.flag[5] = True                                          # a flagged solution
+    applies = [GainApply(sol, interp="linear")]
+    pairs, pidx = unique_rows(vis.time, vis.field_id.astype(np.float64))
+    nchan, ncorr = vis.data.shape[1:]
+    gain, wfac, bad = antenna_gains(pairs[:, 1].astype(int), pairs[:, 0], applies, vis.nant, nchan, ncorr,
+                                    strict=True)
+    assert bad.any()
+    handed = []
+    windows = GainWindows(pairs[:, 1].astype(int), pairs[:, 0], applies, vis.nant, nchan, ncorr,
+                          lambda first, gains: handed.append((first, gains.copy())),
+                          max_bytes=7 * vis.nant * nchan * ncorr * 13)
+    lo = 0
+    while lo < len(pairs):                  # ranges overlapping by a pair, as row blocks' do
+        hi = min(len(pairs), lo + 3)
+        got = windows.get(lo, hi)
+        np.testing.assert_allclose(got[0], np.where(bad, 0, gain)[lo:hi], rtol=1e-6)
+        np.testing.assert_array_equal(got[2], bad[lo:hi])
+        lo = hi - 1 if hi < len(pairs) else hi
+    assert handed[0][0] == 0 and all(a[0] + len(a[1]) >= b[0] for a, b in zip(handed, handed[1:]))
+    assert handed[-1][0] + len(handed[-1][1]) == len(pairs) and len(handed) > 1
+    _, want_flag, want_weight = apply_tables(vis, applies, strict=True)
+    flags, weights = flags_and_weights(vis, pidx, *windows.get(0, len(pairs)))
+    np.testing.assert_array_equal(flags, want_flag)
+    np.testing.assert_allclose(weights, want_weight, rtol=1e-6)
+
+
 def test_caltable_roundtrip_has_casa_layout(ngc5921_ms, tmp_path):
     import casacore.tables as ct
     vis = simulate(nant=8)

@@ -189,3 +189,33 @@ def flags_and_weights(vis: Vis, pair: np.ndarray, gain: np.ndarray, wfac: np.nda
     apply_gains(np.zeros((0, 0, 0), np.complex64), flag, weight, np.asarray(pair, np.int64),
                 vis.ant1.astype(np.int64), vis.ant2.astype(np.int64), gain, wfac, bad, False)
     return flag, weight
+
+
+class GainWindows:
+    """antenna_gains of a partition's (field, time) pairs for ascending ranges of them
+    (applycal's row blocks), computed in windows of many pairs: each table's
+    interpolation is a few numpy calls per antenna and field whatever the number of
+    times, so a row block at a time was half of applycal. A window holds at most
+    `max_bytes` (bounded memory for an FDM spw) and its gains of flagged solutions are
+    zero, as the store keeps them (visstore's CALIBRATION_GAIN). `on_window(first,
+    gains)` is given each window as it is computed."""
+
+    def __init__(self, field_ids: np.ndarray, times: np.ndarray, applies: list, nant: int, nchan: int,
+                 ncorr: int, on_window, max_bytes: int = 64 << 20):
+        self.field_ids, self.times, self.applies = field_ids, times, applies
+        self.shape = (nant, nchan, ncorr)
+        self.per_window = max(1, max_bytes // (nant * nchan * ncorr * 13))    # complex64 + float32 + bool
+        self.on_window = on_window
+        self.lo = self.hi = 0
+        self.window = None
+
+    def get(self, lo: int, hi: int):
+        """(gain, wfac, bad) of pairs lo..hi-1."""
+        if self.window is None or lo < self.lo or hi > self.hi:
+            self.lo, self.hi = lo, min(len(self.times), max(hi, lo + self.per_window))
+            gain, wfac, bad = antenna_gains(self.field_ids[self.lo:self.hi], self.times[self.lo:self.hi],
+                                            self.applies, *self.shape, strict=True)
+            gain[bad] = 0            # flagged: the data are flagged and left as they are
+            self.window = gain, wfac, bad
+            self.on_window(self.lo, gain)
+        return tuple(a[lo - self.lo:hi - self.lo] for a in self.window)

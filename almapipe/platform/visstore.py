@@ -424,12 +424,12 @@ class VisPartition:
         """data (of rows, channels chan) divided by g[a1] conj(g[a2]) of their pairs; only
         the pairs the rows span are read (rows ascending: pairs follow time)."""
         from ..calibration.kernels import divide_by_gains
+        pair = self.index(CALIBRATION_PAIR)[rows]     # (also for no rows: blocks' first read)
         if not len(rows):
             return data
         data = np.ascontiguousarray(data, dtype=np.complex64)
         if not data.flags.writeable:
             data = data.copy()
-        pair = self.index(CALIBRATION_PAIR)[rows]
         lo, hi = int(pair.min()), int(pair.max()) + 1
         z = self.vs.open(self.entry["arrays"][CALIBRATION_GAIN])
         gain = np.asarray(z[lo:hi] if chan is None else z[lo:hi, :, chan])
@@ -787,13 +787,14 @@ class _ArrayWriter:
 
 # a chunk of the calibration's gains, uncompressed: a row block's pairs read a few
 GAIN_CHUNK_BYTES = 1 << 20
+GAIN_CHUNKS_AT_ONCE = 16       # _GainWriter writes when it holds this many whole chunks
 
 
 class _GainWriter:
     """applycal's CALIBRATION_GAIN version (npair, nant, nchan, ncorr), written in
     pair chunks as the stage puts ascending, possibly overlapping, pair ranges (a row
-    block's pairs: one time's rows may straddle two blocks). Bounded memory: a chunk
-    and a block's pairs."""
+    block's pairs: one time's rows may straddle two blocks). Bounded memory:
+    GAIN_CHUNKS_AT_ONCE chunks and the pairs put at once."""
 
     def __init__(self, part: VisPartition, npair: int, nant: int, pair_key: str, pair_of_row: np.ndarray):
         self.part, self.pair_key, self.pair_of_row = part, pair_key, pair_of_row
@@ -815,9 +816,11 @@ class _GainWriter:
         new = gains[max(0, end - first):]
         if len(new):
             self.buf = np.concatenate([self.buf, new.astype(np.complex64, copy=False)])
-        while len(self.buf) >= self.step:
-            self.z[self.lo:self.lo + self.step] = self.buf[:self.step]
-            self.buf, self.lo = self.buf[self.step:], self.lo + self.step
+        whole = len(self.buf) // self.step * self.step
+        if whole >= GAIN_CHUNKS_AT_ONCE * self.step:
+            # many chunks in one write: zarr encodes and uploads them concurrently
+            self.z[self.lo:self.lo + whole] = self.buf[:whole]
+            self.buf, self.lo = self.buf[whole:], self.lo + whole
 
     def finish(self) -> str:
         if self.lo + len(self.buf) != self.shape[0]:

@@ -21,7 +21,7 @@ from .base import (CAL_READS, COMBINE, QA, SOLINT, Metric, Param, Score, StageEr
                    channel_rho, field_ids_with, field_name, metric, require_intent, spw_info, stage,
                    with_defaults)
 from ..calibration import fluxcsv, fluxmodels, solar_system  # noqa: E402
-from ..calibration.applycal import GainApply, antenna_gains, apply_tables, flags_and_weights  # noqa: E402
+from ..calibration.applycal import GainApply, GainWindows, apply_tables, flags_and_weights  # noqa: E402
 from ..calibration.caltable import CalSolutions, read_caltable, write_caltable  # noqa: E402
 from ..calibration.terms import (SolveSpec, antenna_snr, channel_average, integration_snr, point_model,  # noqa: E402
                                  row_snr2, solint_seconds, solve_term, unit_model)
@@ -965,18 +965,15 @@ def applycal(ctx: dict, params: dict, io: StageIO) -> QA:
         pairs, pidx = msio.unique_rows(p.index("TIME")[rows], p.index("FIELD_ID")[rows].astype(np.float64))
         pair_of_row = np.zeros(p.nrow, np.int64)
         pair_of_row[rows] = pidx
-        nant = int(max(p.index("ANTENNA1").max(), p.index("ANTENNA2").max())) + 1 if p.nrow else 0
-        gains = p.calibration_writer(pair_of_row, len(pairs), nant)
+        nant = int(max(p.index("ANTENNA1").max(), p.index("ANTENNA2").max())) + 1 if p.nrow else 1
+        windows = GainWindows(pairs[:, 1].astype(int), pairs[:, 0], applies, nant, p.nchan, p.ncorr,
+                              p.calibration_writer(pair_of_row, len(pairs), nant).put)
         counts = FlagCounts(len(ctx["observation"]["antennas"]))
         # in row blocks of flags and weights: memory stays at a few chunks whatever the EB
         for blk in p.blocks(data=False, block_chunks=4):
             bp = pair_of_row[blk.rows]
             lo, hi = int(bp.min()), int(bp.max()) + 1
-            gain, wfac, bad = antenna_gains(pairs[lo:hi, 1].astype(int), pairs[lo:hi, 0], applies, nant,
-                                            p.nchan, p.ncorr, strict=True)
-            flags, weights = flags_and_weights(blk, bp - lo, gain, wfac, bad)
-            gain[bad] = 0                     # flagged: read back as they are (divide_by_gains)
-            gains.put(lo, gain)
+            flags, weights = flags_and_weights(blk, bp - lo, *windows.get(lo, hi))
             io.count_visibilities(flags.size)
             flagged_before += int(blk.flag.sum())
             flagged_after += int(flags.sum())
