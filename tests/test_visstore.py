@@ -132,6 +132,29 @@ def test_writing_the_stored_values_writes_nothing(ngc):
     assert vs.counter.objects_written == 0 and set(objects(ngc)) == before
 
 
+def test_values_the_stage_read_are_compared_without_reading_them_again(ngc):
+    """write(..., before=what the stage read): an unchanged chunk is still not written,
+    a changed one is, and the stored values are not read back to tell."""
+    vs = vst.VisStore(ngc["cfg"], cache_dir=None, cache_limit=0)
+    part = partition(ngc, "12_before", vs=vs)
+    blocks = list(part.blocks(data=False))
+    read = vs.counter.objects_read
+    for k, b in enumerate(blocks):
+        flag = b.flag.copy()
+        if k == 1:
+            flag[:, 3] = True
+        part.write_flags(b.rows, flag, before=b.flag)
+    # no chunk read back to compare (without `before`, each of the blocks' chunks would
+    # be): what is read is the arrays' metadata
+    assert vs.counter.objects_read - read < len(blocks)
+    entry = part.commit()
+    # one row chunk's channel chunks (and the array's metadata): the others are copied
+    assert 0 < vs.counter.objects_written <= -(-part.nchan // CHANS) + 1 < len(blocks)
+    again = partition(ngc, "12_x", entry).read(data=False)
+    np.testing.assert_array_equal(again.flag[:, 3][blocks[0].rows.size:][:blocks[1].rows.size], True)
+    np.testing.assert_array_equal(again.flag[:blocks[0].rows.size], blocks[0].flag)
+
+
 def test_a_retried_write_rewrites_the_same_keys_with_the_same_bytes(ngc):
     def attempt():
         part = partition(ngc, "13_retry")

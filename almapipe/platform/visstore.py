@@ -482,19 +482,21 @@ class VisPartition:
                 del blk
 
     # --- writing
-    def write(self, column: str, rows: np.ndarray, values: np.ndarray) -> None:
+    def write(self, column: str, rows: np.ndarray, values: np.ndarray, before: np.ndarray | None = None) -> None:
         """New values of an MS column (DATA, CORRECTED_DATA, MODEL_DATA, FLAG, WEIGHT,
-        UVW, ...) for the given rows; written as this stage's version of the array."""
+        UVW, ...) for the given rows; written as this stage's version of the array.
+        before: the values of these rows the stage read (a block's flags), which a
+        chunk's new values are compared with instead of reading it again."""
         if column == "DATA" and CONTINUUM_FIT in self.entry["arrays"]:
             raise VisStoreError(f"{self.entry['name']}: DATA of a continuum-subtracted view are read as "
                                 "VISIBILITY minus its continuum fit and cannot be written")
         w = self._writers.get(column)
         if w is None:
             w = self._writers[column] = _ArrayWriter(self, column)
-        w.put(np.asarray(rows, dtype=np.int64), values)
+        w.put(np.asarray(rows, dtype=np.int64), values, before)
 
-    def write_flags(self, rows: np.ndarray, flags: np.ndarray) -> None:
-        self.write("FLAG", rows, flags)
+    def write_flags(self, rows: np.ndarray, flags: np.ndarray, before: np.ndarray | None = None) -> None:
+        self.write("FLAG", rows, flags, before)
 
     def calibration_writer(self, pair_of_row: np.ndarray, npair: int, nant: int) -> "_GainWriter":
         """applycal's calibration, corrected on reading (decision 0021): each row's
@@ -690,7 +692,7 @@ class _ArrayWriter:
             return np.asarray(self.old[lo:hi])
         return np.full((hi - lo,) + self.shape[1:], _fill(self.dtype), dtype=self.dtype)
 
-    def put(self, rows: np.ndarray, values: np.ndarray) -> None:
+    def put(self, rows: np.ndarray, values: np.ndarray, before: np.ndarray | None = None) -> None:
         if len(rows) == 0:
             return
         if values.shape[1:] != self.shape[1:]:
@@ -699,6 +701,8 @@ class _ArrayWriter:
         # (a copy: the values are written behind the stage, which may reuse its array)
         order = np.argsort(rows, kind="stable")
         rows, values = rows[order], values[order]
+        if before is not None:
+            before = np.asarray(before)[order]
         cis = rows // self.rows_step
         breaks = np.flatnonzero(np.diff(cis)) + 1
         for lo_i, hi_i in zip(np.r_[0, breaks], np.r_[breaks, len(rows)]):
@@ -709,7 +713,10 @@ class _ArrayWriter:
             whole = len(at) == min(self.rows_step, self.shape[0] - lo) and at[0] == 0 and bool((np.diff(at) == 1).all())
             stored = ci in self.written or self.old is not None      # values to compare with
             # a whole chunk of a new array has nothing to merge with or compare to
-            cur = self._current(ci) if stored or not whole else None
+            if whole and before is not None and ci not in self.written and not self.lazy:
+                cur = before[lo_i:hi_i].astype(self.dtype, copy=False)    # what the stage read
+            else:
+                cur = self._current(ci) if stored or not whole else None
             if whole:
                 new = vals
             else:

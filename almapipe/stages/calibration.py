@@ -978,8 +978,8 @@ def applycal(ctx: dict, params: dict, io: StageIO) -> QA:
             flagged_before += int(blk.flag.sum())
             flagged_after += int(flags.sum())
             total += flags.size
-            p.write_flags(blk.rows, flags)
-            p.write("WEIGHT", blk.rows, weights)
+            p.write_flags(blk.rows, flags, before=blk.flag)
+            p.write("WEIGHT", blk.rows, weights, before=blk.weight)
             counts.add(blk, flags)
         new_parts.append(dict(p.commit(), calibrated=True))
         _record_flag_summary(ctx, counts, part["spw"])

@@ -97,7 +97,7 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
             if params["autocorr"]:
                 add(np.broadcast_to((vis.ant1 == vis.ant2)[:, None, None], flag.shape), "autocorr")
             if params["zeros"]:
-                add(np.abs(vis.data) == 0, "zeros")
+                add(vis.data == 0, "zeros")         # both parts zero: |V| = 0 without the square roots
             if bad_states:
                 add(np.broadcast_to(np.isin(vis.state_id, bad_states)[:, None, None], flag.shape), "intents")
             edge = params["edge_fraction"]     # ALMA TDM spws: 1/16 of the channels at each edge
@@ -114,7 +114,7 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
             for cmd in commands:
                 add(template_mask(vis, cmd, ants, ctx["fields"], part["spw"]), "template")
             summary["total"] += int(flag.sum())
-            p.write_flags(vis.rows, flag)
+            p.write_flags(vis.rows, flag, before=vis.flag)
         new_parts.append(p.commit())
     ctx["partitions"] = new_parts
     n = max(summary["samples"], 1)
@@ -187,7 +187,7 @@ def rawflagchans(ctx: dict, params: dict, io: StageIO) -> QA:
         bad = outlier_channels(wsum, w, params["nsigma"])
         if bad.any():
             for vis in p.blocks(data=False, block_chunks=4):    # flags are all it changes
-                p.write_flags(vis.rows, vis.flag | bad[None, :, None])
+                p.write_flags(vis.rows, vis.flag | bad[None, :, None], before=vis.flag)
             part = p.commit()
             found[part["spw"]] = np.flatnonzero(bad).tolist()
             qa.note(f"spw {part['spw']}: flagged channel(s) {', '.join(map(str, found[part['spw']]))}.")

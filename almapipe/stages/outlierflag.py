@@ -223,7 +223,7 @@ def _flag_targets_in(p, targets: list, commands: list, ctx: dict, params: dict, 
                     f[1] += int(o.any(axis=(1, 2)).sum())
                 flag |= out
             if (flag != vis.flag).any():
-                p.write_flags(vis.rows, flag)
+                p.write_flags(vis.rows, flag, before=vis.flag)
     for fid, (n, nrows) in sorted(found.items()):
         counts["outliers"] += n
         name = field_name(ctx, fid)
