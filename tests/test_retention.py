@@ -82,6 +82,7 @@ def finished_run(s3, ngc5921_ms, tmp_path_factory):
     e = stage("05_applycal", e, lambda p, v: p.write("CORRECTED_DATA", v.rows, v.data * 1.1))
     e = stage("07_flagtargets", e, lambda p, v: p.write_flags(v.rows[v.ant2 == 5], np.ones_like(v.flag[v.ant2 == 5])))
     e = stage("08_applycal", e, lambda p, v: p.write("CORRECTED_DATA", v.rows, v.data * 1.2))
+    e = stage("09_applycal", e, calibrate_on_reading)         # decision 0021: the stored CORRECTED goes
     # uvcontsub's view of the target: its continuum fit is an array of its own
     target = dict(e, field_ids=[2])
     contsub = vst.VisPartition(vs, dict(target, name="ngc.spw0.contsub.ms"), "09_uvcontsub",
@@ -111,6 +112,16 @@ def finished_run(s3, ngc5921_ms, tmp_path_factory):
     return {"cfg": cfg, "store": store, "rid": rid, "final": e, "input_key": input_key, "products": products,
             "vs": vs, "meta": lambda k: fetcher.dir(k, str(work)), "prefix": prefix,
             "contsub": final["contsub_partitions"][0]}
+
+
+def calibrate_on_reading(p, v):
+    """applycal as it is since decision 0021: gains per (time, field) pair, here one
+    real gain 1 / sqrt(1.3) for every antenna (CORRECTED_DATA = 1.3 DATA)."""
+    from almapipe.msio.ms import unique_rows
+    pairs, pidx = unique_rows(p.index("TIME"), p.index("FIELD_ID").astype(np.float64))
+    nant = int(max(p.index("ANTENNA1").max(), p.index("ANTENNA2").max())) + 1
+    w = p.calibration_writer(pidx, len(pairs), nant)
+    w.put(0, np.full((len(pairs), nant, p.nchan, p.ncorr), 1 / np.sqrt(1.3), np.complex64))
 
 
 def test_gc_keeps_the_final_versions_and_meets_the_footprint_bound(finished_run, capsys):
@@ -148,9 +159,14 @@ def test_gc_keeps_the_final_versions_and_meets_the_footprint_bound(finished_run,
     # the continuum-subtracted view too: a rerun of makeimages from the final context reads it
     np.testing.assert_array_equal(contsub(again.vs), subtracted)
     names = {o.object_name for o in store.list(f"runs/{rid}/vis/")}
-    assert not any("/FLAG/02_flagdata/" in k or "/VISIBILITY_CORRECTED/05_applycal/" in k for k in names)
+    assert not any("/FLAG/02_flagdata/" in k or "/VISIBILITY_CORRECTED/" in k for k in names)
+    assert {vst.CALIBRATION_GAIN, vst.CALIBRATION_PAIR} <= set(r["final"]["arrays"])
+    assert all(any(f"/{a}/09_applycal/c/" in k for k in names) for a in (vst.CALIBRATION_GAIN, vst.CALIBRATION_PAIR))
+    np.testing.assert_allclose(want.data, read.read().data * 1.3, rtol=1e-5)
     assert any("/FLAG/07_flagtargets/" in k for k in names)
-    assert groups <= names
+    # the zarr groups of the arrays the context points at stay (VISIBILITY_CORRECTED's,
+    # no version of which is live since the last applycal, goes with them)
+    assert {g for g in groups if "/VISIBILITY_CORRECTED/" not in g} <= names
     # products, contexts and the shell stay; gc.json says what was done; a second gc frees nothing
     for key in list(r["products"].values()) + [r["final"]["meta"], f"runs/{rid}/context/02_flagdata.json"]:
         assert store.exists(key)

@@ -694,3 +694,42 @@ def test_the_calibrated_ms_exported_from_gains_holds_the_corrected_data(ngc, tmp
     with ct.table(dest, ack=False) as t:
         np.testing.assert_array_equal(t.getcol("CORRECTED_DATA"), full.data)
         np.testing.assert_array_equal(t.getcol("DATA"), part.read().data)
+
+
+def test_a_column_corrected_on_reading_stays_so_when_a_stage_writes_it_unchanged(ngc):
+    """A stage whose writes of the calibrated column change nothing (fluxconsistency with
+    a factor that rounds to 1 in float32) stores no version: the view keeps reading its
+    DATA corrected, not the raw VISIBILITY. And DATA under a CORRECTED_DATA corrected on
+    reading cannot be written (it would change them)."""
+    entry, _, _ = _calibrate(ngc, "27_applycal", seed=11)
+    view = dict(entry, field_ids=[2], calibrated_column="DATA", name="ngc.spw0.target.ms")
+    part = partition(ngc, "28_same", view)
+    want = part.read()
+    for blk in part.blocks():
+        part.write("DATA", blk.rows, blk.data * np.float32(1 + 1e-9), before=blk.data)
+    after = part.commit()
+    assert after["arrays"] == view["arrays"] and after["calibrated_column"] == "DATA"
+    np.testing.assert_array_equal(partition(ngc, "29_x", after).read().data, want.data)
+    with pytest.raises(vst.VisStoreError, match="CORRECTED_DATA are its DATA divided"):
+        partition(ngc, "30_x", entry).write("DATA", want.rows, want.data)
+
+
+def test_the_gains_of_scattered_rows_are_read_from_their_pair_chunks_only(ngc, monkeypatch):
+    """Rows far apart (a plot's sample, one field's rows) read the gains of their own
+    pairs' chunks, not every pair between the first and the last."""
+    monkeypatch.setattr(vst, "GAIN_CHUNK_BYTES", 1)             # a pair a chunk
+    entry, pidx, _ = _calibrate(ngc, "31_applycal", seed=13)
+    part = partition(ngc, "32_x", entry)
+    full = part.read(column="CORRECTED_DATA")
+    rows = np.array([0, 1, part.nrow // 2, part.nrow - 1])
+    seen = []
+    real = vst._take
+
+    def spy(z, sel, chan, counter=None, chan_axis=1):
+        if chan_axis == 2:
+            seen.append(np.atleast_1d(sel))
+        return real(z, sel, chan, counter, chan_axis)
+    monkeypatch.setattr(vst, "_take", spy)
+    got = part.read_rows(rows, "CORRECTED_DATA")
+    np.testing.assert_array_equal(got.data, full.data[rows])
+    assert len(seen) == 1 and set(seen[0].tolist()) == set(pidx[rows].tolist())

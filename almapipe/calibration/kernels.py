@@ -28,14 +28,16 @@ def apply_gains(data, flag, weight, pidx, ant1, ant2, gain, wfac, bad, divide=Tr
             weight[r, p] = weight[r, p] * (wsum / nchan)
 
 
-@numba.njit(parallel=True, cache=True, fastmath=False)
+@numba.njit(parallel=False, cache=True, fastmath=False)
 def divide_by_gains(data, pidx, ant1, ant2, gain):
     """In place: data[r, c, p] /= g[a1] conj(g[a2]) where that product is not zero (the
     gains of flagged solutions are stored as zero: those samples are flagged and left
     as they are), the same arithmetic as apply_gains, so that visibilities corrected on
-    reading equal those applycal would have stored."""
+    reading equal those applycal would have stored. One thread: it runs in the
+    read-ahead thread of VisPartition.blocks beside the stage's own kernels, which
+    numba's workqueue threading layer (no OpenMP or TBB) does not allow for parallel ones."""
     nrow, nchan, ncorr = data.shape
-    for r in numba.prange(nrow):
+    for r in range(nrow):
         t = pidx[r]
         i = ant1[r]
         j = ant2[r]

@@ -430,13 +430,15 @@ class VisPartition:
         data = np.ascontiguousarray(data, dtype=np.complex64)
         if not data.flags.writeable:
             data = data.copy()
-        lo, hi = int(pair.min()), int(pair.max()) + 1
-        z = self.vs.open(self.entry["arrays"][CALIBRATION_GAIN])
-        gain = np.asarray(z[lo:hi] if chan is None else z[lo:hi, :, chan])
+        # the gains of the rows' pairs only (rows scattered over the EB, a field's or a
+        # plot's sample, touch a few of its pair chunks), in their channels
+        pairs = np.unique(pair)
+        gain = _take(self.vs.open(self.entry["arrays"][CALIBRATION_GAIN]), pairs, chan, chan_axis=2)
         self.vs.counter.add("requested", gain.nbytes)
         self.vs.counter.add("decoded", gain.nbytes)
-        divide_by_gains(data, (pair - lo).astype(np.int64), self.index("ANTENNA1")[rows].astype(np.int64),
-                        self.index("ANTENNA2")[rows].astype(np.int64), gain)
+        divide_by_gains(data, np.searchsorted(pairs, pair).astype(np.int64),
+                        self.index("ANTENNA1")[rows].astype(np.int64), self.index("ANTENNA2")[rows].astype(np.int64),
+                        gain)
         return data
 
     def read(self, column: str = "DATA", field_ids=None, chan: slice | None = None, data: bool = True,
@@ -490,6 +492,9 @@ class VisPartition:
         if column == "DATA" and CONTINUUM_FIT in self.entry["arrays"]:
             raise VisStoreError(f"{self.entry['name']}: DATA of a continuum-subtracted view are read as "
                                 "VISIBILITY minus its continuum fit and cannot be written")
+        if column == "DATA" and calibrated_on_read(self.entry) == "CORRECTED_DATA":
+            raise VisStoreError(f"{self.entry['name']}: its CORRECTED_DATA are its DATA divided by applycal's "
+                                "gains (decision 0021); new DATA would change them: run applycal again after")
         w = self._writers.get(column)
         if w is None:
             w = self._writers[column] = _ArrayWriter(self, column)
@@ -526,15 +531,17 @@ class VisPartition:
     def commit(self) -> dict:
         """The partition's new entry; arrays that did not change keep their pointers."""
         arrays = dict(self.entry["arrays"])
+        stored = {}
         for column, w in self._writers.items():
-            key = w.finish()
+            key = stored[column] = w.finish()
             if key is not None:
                 arrays[ARRAY_OF_COLUMN[column]] = key
         entry = dict(self.entry)
         lazy = calibrated_on_read(self.entry)
-        if lazy is not None and lazy in self._writers:
-            # this stage wrote the calibrated column (its _ArrayWriter merged its values
-            # with those corrected on reading): a stored array from now on
+        if lazy is not None and stored.get(lazy) is not None:
+            # this stage changed the calibrated column (its _ArrayWriter merged its values
+            # with those corrected on reading): a stored array from now on. (A writer that
+            # changed nothing stored no version: the column stays corrected on reading.)
             arrays.pop(CALIBRATION_GAIN), arrays.pop(CALIBRATION_PAIR)
             entry.pop("calibrated_column", None)
         if self._calibration is not None:
@@ -575,16 +582,23 @@ def subtract_continuum_fit(data: np.ndarray, fit: np.ndarray, chan: slice | None
 SPAN_BYTES = 64 << 20
 
 
-def _take(z, sel, chan, counter: ByteCounter | None = None):
+def _take(z, sel, chan, counter: ByteCounter | None = None, chan_axis: int = 1):
     """zarr read of rows (a slice, or row numbers in ascending order: others would be
-    picked wrongly) and, for a cube, a channel slice."""
+    picked wrongly) and, for a cube, a channel slice of axis `chan_axis` (2 for the
+    calibration's gains: pairs, antennas, channels, correlations)."""
     if not isinstance(sel, slice) and len(sel) and sel[-1] - sel[0] + 1 == len(sel):
         sel = slice(int(sel[0]), int(sel[-1]) + 1)          # contiguous rows: a plain slice
     if counter is not None:
         _count_amplification(z, sel, chan, counter)
+
+    def rows(s: slice):
+        return np.asarray(z[s] if chan is None else z[(s,) + (slice(None),) * (chan_axis - 1) + (chan,)])
     if isinstance(sel, slice):
-        return np.asarray(z[sel] if chan is None else z[sel, chan])
-    shape = z.shape[1:] if chan is None else (len(range(*chan.indices(z.shape[1]))),) + z.shape[2:]
+        return rows(sel)
+    shape = list(z.shape[1:])
+    if chan is not None:
+        shape[chan_axis - 1] = len(range(*chan.indices(z.shape[chan_axis])))
+    shape = tuple(shape)
     out = np.empty((len(sel),) + shape, z.dtype)
     # The row chunks the rows fall in are read as plain slices, runs of consecutive
     # chunks at a time (up to SPAN_BYTES), and the rows picked here. zarr's orthogonal
@@ -600,7 +614,7 @@ def _take(z, sel, chan, counter: ByteCounter | None = None):
             span = run[first:first + most]
             lo, hi = int(span[0]) * rchunk, min((int(span[-1]) + 1) * rchunk, z.shape[0])
             a, b = np.searchsorted(sel, [lo, hi])                # the selected rows in [lo, hi)
-            block = np.asarray(z[lo:hi] if chan is None else z[lo:hi, chan])
+            block = rows(slice(lo, hi))
             # (mode "clip": the indices are in range, and numpy then writes into out directly)
             np.take(block, sel[a:b] - lo, axis=0, out=out[a:b], mode="clip")
     return out
@@ -687,7 +701,7 @@ class _ArrayWriter:
         if ci in self.written:
             return np.asarray(self.new[lo:hi])
         if self.lazy:
-            return self.part._stored(self.column, np.arange(lo, hi))
+            return self.part._stored(self.column, np.arange(lo, hi), keep=self.keep)
         if self.old is not None:
             return np.asarray(self.old[lo:hi])
         return np.full((hi - lo,) + self.shape[1:], _fill(self.dtype), dtype=self.dtype)
@@ -713,7 +727,7 @@ class _ArrayWriter:
             whole = len(at) == min(self.rows_step, self.shape[0] - lo) and at[0] == 0 and bool((np.diff(at) == 1).all())
             stored = ci in self.written or self.old is not None      # values to compare with
             # a whole chunk of a new array has nothing to merge with or compare to
-            if whole and before is not None and ci not in self.written and not self.lazy:
+            if whole and before is not None and ci not in self.written:
                 cur = before[lo_i:hi_i].astype(self.dtype, copy=False)    # what the stage read
             else:
                 cur = self._current(ci) if stored or not whole else None

@@ -169,9 +169,9 @@ def fluxconsistency(ctx: dict, params: dict, io: StageIO) -> QA:
             # the scaled data as a new version of the view's arrays, in row blocks
             vp = io.vis(dict(part, name=view_name(part, "fluxeq")))
             for blk in vp.blocks():
-                vp.write("DATA", blk.rows, (blk.data * factor).astype(np.complex64))
+                vp.write("DATA", blk.rows, (blk.data * factor).astype(np.complex64), before=blk.data)
                 # weights of data scaled by f scale by 1 / f^2, as a flux error's would
-                vp.write("WEIGHT", blk.rows, (blk.weight / factor ** 2).astype(np.float32))
+                vp.write("WEIGHT", blk.rows, (blk.weight / factor ** 2).astype(np.float32), before=blk.weight)
                 io.count_visibilities(blk.data.size)
             new.append(dict(vp.commit(), flux_factor=factor))
         ctx["target_partitions"] = new
