@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from almapipe.cli import upload_input, upload_via_gateway
+from almapipe.cli import input_digest, upload_input, upload_via_gateway
 from almapipe.config import port
 from almapipe.platform.auth import channel
 from almapipe.platform.store import ObjectStore
@@ -88,6 +88,9 @@ def test_upload_streams_an_input_and_checks_it(stub, stack, tmp_path):
         t.add(tmp_path / "eb" / "flux.csv", arcname="flux.csv")
     ref = (tmp_path / "ref.tar").read_bytes()
     assert key == f"inputs/{hashlib.sha256(ref).hexdigest()[:16]}/x.ms.tar"
+    # its digest taken beforehand (`almapipe run` takes it while the stack starts)
+    assert input_digest(str(ms)) == ("x.ms.tar", len(ref), hashlib.sha256(ref).hexdigest())
+    assert upload_via_gateway(stub, pb, str(ms), input_digest(str(ms))) == key
 
     def up(*chunks):
         return stub.Upload(iter(chunks), timeout=30)
