@@ -117,11 +117,8 @@ def finished_run(s3, ngc5921_ms, tmp_path_factory):
 def calibrate_on_reading(p, v):
     """applycal as it is since decision 0021: gains per (time, field) pair, here one
     real gain 1 / sqrt(1.3) for every antenna (CORRECTED_DATA = 1.3 DATA)."""
-    from almapipe.msio.ms import unique_rows
-    pairs, pidx = unique_rows(p.index("TIME"), p.index("FIELD_ID").astype(np.float64))
-    nant = int(max(p.index("ANTENNA1").max(), p.index("ANTENNA2").max())) + 1
-    w = p.calibration_writer(pidx, len(pairs), nant)
-    w.put(0, np.full((len(pairs), nant, p.nchan, p.ncorr), 1 / np.sqrt(1.3), np.complex64))
+    w = p.calibration_writer()
+    w.put(0, np.full((len(w.times), w.nant, p.nchan, p.ncorr), 1 / np.sqrt(1.3), np.complex64))
 
 
 def test_gc_keeps_the_final_versions_and_meets_the_footprint_bound(finished_run, capsys):

@@ -13,7 +13,7 @@ import uuid
 import numpy as np
 import pytest
 
-from almapipe.msio import ms as msio, storeio
+from almapipe.msio import storeio
 from almapipe.platform import visstore as vst
 from almapipe.platform.cache import BoundedCache
 from almapipe.platform.store import CachedFetcher, ObjectStore
@@ -613,17 +613,22 @@ def _calibrate(ngc, tag: str, seed: int = 5):
     (flagged), put in overlapping pair ranges. Returns (entry, pair of each row, gains)."""
     part = partition(ngc, tag)
     rng = np.random.default_rng(seed)
-    pairs, pidx = msio.unique_rows(part.index("TIME"), part.index("FIELD_ID").astype(np.float64))
-    nant = int(part.index("ANTENNA2").max()) + 1
-    shape = (len(pairs), nant, part.nchan, part.ncorr)
+    w = part.calibration_writer()
+    pidx = w.pair_of_row
+    # the pairs are the distinct (time, field) of the rows, in time order
+    times, fields = part.index("TIME"), part.index("FIELD_ID")
+    np.testing.assert_array_equal(w.times[pidx], times)
+    np.testing.assert_array_equal(w.field_ids[pidx], fields)
+    assert (np.diff(pidx) >= 0).all() and len(w.times) == len(set(zip(times.tolist(), fields.tolist())))
+    assert w.nant == int(part.index("ANTENNA2").max()) + 1
+    shape = (len(w.times), w.nant, part.nchan, part.ncorr)
     gains = (rng.normal(1, 0.2, shape) * np.exp(1j * rng.uniform(-3, 3, shape))).astype(np.complex64)
     gains[rng.random(shape) < 0.01] = 0
-    w = part.calibration_writer(pidx, len(pairs), nant)
-    lo = 0
-    while lo < len(pairs):                          # blocks overlapping by a pair, as row blocks do
-        hi = min(len(pairs), lo + int(rng.integers(1, 40)))
+    lo, npair = 0, len(w.times)
+    while lo < npair:                               # blocks overlapping by a pair, as row blocks do
+        hi = min(npair, lo + int(rng.integers(1, 40)))
         w.put(lo, gains[lo:hi])
-        lo = hi - 1 if hi < len(pairs) and rng.random() < 0.5 else hi
+        lo = hi - 1 if hi < npair and rng.random() < 0.5 else hi
     return part.commit(), pidx, gains
 
 

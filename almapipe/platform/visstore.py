@@ -503,18 +503,21 @@ class VisPartition:
     def write_flags(self, rows: np.ndarray, flags: np.ndarray, before: np.ndarray | None = None) -> None:
         self.write("FLAG", rows, flags, before)
 
-    def calibration_writer(self, pair_of_row: np.ndarray, npair: int, nant: int) -> "_GainWriter":
-        """applycal's calibration, corrected on reading (decision 0021): each row's
-        (time, field) pair (pairs in time order) and a writer of the pairs' gains (put
-        in ascending pair ranges); ``commit`` points the entry at both and drops a stored
-        VISIBILITY_CORRECTED."""
-        if len(pair_of_row) != self.nrow:
-            raise VisStoreError(f"{self.entry['name']}: a pair for each of {self.nrow} rows, not {len(pair_of_row)}")
+    def calibration_writer(self) -> "_GainWriter":
+        """applycal's calibration, corrected on reading (decision 0021): the (time, field)
+        pairs of the partition's (view's) rows, in time order, so that a row block's pairs
+        are a range (``_calibrate`` and the writer rely on it); each row's pair is written
+        here, and the writer takes the pairs' gains in ascending ranges. ``commit``
+        points the entry at both and drops a stored VISIBILITY_CORRECTED."""
+        from ..msio.ms import unique_rows
+        rows = self.select()
+        pairs, pidx = unique_rows(self.index("TIME")[rows], self.index("FIELD_ID")[rows].astype(np.float64))
+        pair_of_row = np.zeros(self.nrow, np.int32)
+        pair_of_row[rows] = pidx
+        nant = int(max(self.index("ANTENNA1").max(), self.index("ANTENNA2").max())) + 1 if self.nrow else 1
         key = f"{self.prefix}/{CALIBRATION_PAIR}/{self.tag}"
-        z = self.vs.create(key, (self.nrow,), (self.chunk_rows * INDEX_FACTOR,), "int32")
-        pair_of_row = np.asarray(pair_of_row, np.int32)
-        z[:] = pair_of_row
-        self._calibration = _GainWriter(self, npair, nant, key, pair_of_row)
+        self.vs.create(key, (self.nrow,), (self.chunk_rows * INDEX_FACTOR,), "int32")[:] = pair_of_row
+        self._calibration = _GainWriter(self, pairs[:, 0], pairs[:, 1].astype(int), nant, key, pair_of_row)
         return self._calibration
 
     def flag_antennas(self, ant_ids) -> None:
@@ -815,12 +818,15 @@ class _GainWriter:
     """applycal's CALIBRATION_GAIN version (npair, nant, nchan, ncorr), written in
     pair chunks as the stage puts ascending, possibly overlapping, pair ranges (a row
     block's pairs: one time's rows may straddle two blocks). Bounded memory:
-    GAIN_CHUNKS_AT_ONCE chunks and the pairs put at once."""
+    GAIN_CHUNKS_AT_ONCE chunks and the pairs put at once. `times`, `field_ids`: the
+    pairs'; `pair_of_row`: each row's pair; `nant`: the antennas the gains are of."""
 
-    def __init__(self, part: VisPartition, npair: int, nant: int, pair_key: str, pair_of_row: np.ndarray):
+    def __init__(self, part: VisPartition, times: np.ndarray, field_ids: np.ndarray, nant: int, pair_key: str,
+                 pair_of_row: np.ndarray):
         self.part, self.pair_key, self.pair_of_row = part, pair_key, pair_of_row
+        self.times, self.field_ids, self.nant = times, field_ids, nant
         self.key = f"{part.prefix}/{CALIBRATION_GAIN}/{part.tag}"
-        self.shape = (npair, nant, part.nchan, part.ncorr)
+        self.shape = (len(times), nant, part.nchan, part.ncorr)
         self.step = max(1, GAIN_CHUNK_BYTES // (nant * part.chunk_chans * part.ncorr * 8))
         self.z = part.vs.create(self.key, self.shape, (self.step, nant, part.chunk_chans, part.ncorr), "complex64")
         self.lo = 0                                       # the first pair not yet written

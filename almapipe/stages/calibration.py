@@ -960,18 +960,13 @@ def applycal(ctx: dict, params: dict, io: StageIO) -> QA:
         applies = apply_for(ctx, io, part["spw"])
         for a in applies:
             a.calwt = a.calwt and params["calwt"]
-        rows = p.select()
-        # the (time, field) pairs of the rows, in time order: a row block's pairs are a range
-        pairs, pidx = msio.unique_rows(p.index("TIME")[rows], p.index("FIELD_ID")[rows].astype(np.float64))
-        pair_of_row = np.zeros(p.nrow, np.int64)
-        pair_of_row[rows] = pidx
-        nant = int(max(p.index("ANTENNA1").max(), p.index("ANTENNA2").max())) + 1 if p.nrow else 1
-        windows = GainWindows(pairs[:, 1].astype(int), pairs[:, 0], applies, nant, p.nchan, p.ncorr,
-                              p.calibration_writer(pair_of_row, len(pairs), nant).put)
+        # the (time, field) pairs of the data, in time order: a row block's pairs are a range
+        gains = p.calibration_writer()
+        windows = GainWindows(gains.field_ids, gains.times, applies, gains.nant, p.nchan, p.ncorr, gains.put)
         counts = FlagCounts(len(ctx["observation"]["antennas"]))
         # in row blocks of flags and weights: memory stays at a few chunks whatever the EB
         for blk in p.blocks(data=False, block_chunks=4):
-            bp = pair_of_row[blk.rows]
+            bp = gains.pair_of_row[blk.rows].astype(np.int64)
             lo, hi = int(bp.min()), int(bp.max()) + 1
             flags, weights = flags_and_weights(blk, bp - lo, *windows.get(lo, hi))
             io.count_visibilities(flags.size)
