@@ -12,7 +12,7 @@ from almapipe.stages.alma import line_channels
 from almapipe.errors import ParameterError
 from almapipe.heuristics.callibrary import field_map
 from almapipe.heuristics.solints import phaseup_interval
-from almapipe.heuristics.flagging import parse_template, parse_timerange, template_mask
+from almapipe.heuristics.flagging import Selection, parse_template, parse_timerange, template_mask
 from almapipe.msio.ms import Vis
 
 
@@ -56,6 +56,23 @@ def test_online_flag_command_selects_an_antenna_and_a_time_range():
     # integrations centred at 15 and 21 s lie inside, those at 9 and 27 s overlap the ends
     assert set(np.unique(vis.time[m] - vis.time[0] + 3.0)) == {9.0, 15.0, 21.0, 27.0}
     assert np.all((vis.ant1[m] == 2) | (vis.ant2[m] == 2))
+
+
+def test_a_selection_flags_what_its_mask_flags():
+    """flagdata flags through Selections (rows x channels x correlations) rather than
+    block-sized masks: the flags set and the count of newly flagged samples are the mask's."""
+    rng = np.random.default_rng(7)
+    shape = (40, 16, 4)
+    for rows, chans, corrs in [(rng.random(40) < 0.2, None, None), (rng.random(40) < 0.5, rng.random(16) < 0.3, None),
+                               (rng.random(40) < 0.5, None, np.array([True, False, False, True])),
+                               (rng.random(40) < 0.5, rng.random(16) < 0.3, np.array([False, True, True, False])),
+                               (np.zeros(40, bool), None, None), (np.ones(40, bool), np.zeros(16, bool), None)]:
+        sel = Selection(rows, chans, corrs)
+        flag = rng.random(shape) < 0.3
+        want = flag | sel.mask(shape)
+        new = int((sel.mask(shape) & ~flag).sum())
+        assert sel.flag(flag) == new
+        assert np.array_equal(flag, want)
 
 
 def test_reference_antenna_kept_continuous_where_it_has_no_solution():

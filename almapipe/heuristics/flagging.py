@@ -3,7 +3,9 @@ in CASA's flagdata list syntax (parse_template, template_mask, parse_timerange).
 malformed template is a ParameterError naming its line."""
 from __future__ import annotations
 
+import functools
 import shlex
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -60,12 +62,53 @@ def parse_template(text: str) -> list:
     return cmds
 
 
+@dataclass(frozen=True)
+class Selection:
+    """Samples of a row block chosen by rows, channels and correlations (None: all of
+    them): what a flag command selects, without a (nrow, nchan, ncorr) mask of it. A
+    command that selects an antenna over a time range hits a few rows of a few blocks;
+    flagging through its selection costs what it selects, not the block's size."""
+    rows: np.ndarray
+    chans: np.ndarray | None = None
+    corrs: np.ndarray | None = None
+
+    def _index(self, shape: tuple) -> tuple:
+        def pick(mask):
+            return None if mask is None or mask.all() else np.flatnonzero(mask)
+        r, c, k = np.flatnonzero(self.rows), pick(self.chans), pick(self.corrs)
+        if c is None and k is None:
+            return (r,)
+        return np.ix_(r, np.arange(shape[1]) if c is None else c, np.arange(shape[2]) if k is None else k)
+
+    def flag(self, flag: np.ndarray) -> int:
+        """Sets the selected samples of flag (nrow, nchan, ncorr); returns how many of
+        them were not flagged before."""
+        if not self.rows.any() or (self.chans is not None and not self.chans.any()) or \
+                (self.corrs is not None and not self.corrs.any()):
+            return 0
+        idx = self._index(flag.shape)
+        before = flag[idx]
+        flag[idx] = True
+        return int(before.size - np.count_nonzero(before))
+
+    def mask(self, shape: tuple) -> np.ndarray:
+        """The selection as a (nrow, nchan, ncorr) mask."""
+        nrow, nchan, ncorr = shape
+        chans = np.ones(nchan, bool) if self.chans is None else self.chans
+        corrs = np.ones(ncorr, bool) if self.corrs is None else self.corrs
+        return self.rows[:, None, None] & chans[None, :, None] & corrs[None, None, :]
+
+
 def template_mask(vis: msio.Vis, cmd: dict, ants: list, fields: list, spw: int) -> np.ndarray:
     """Flags (nrow, nchan, ncorr) selected by one template command."""
+    return template_selection(vis, cmd, ants, fields, spw).mask(vis.flag.shape)
+
+
+def template_selection(vis: msio.Vis, cmd: dict, ants: list, fields: list, spw: int) -> Selection:
+    """The samples of a row block that one template command selects."""
     nrow, nchan, ncorr = vis.flag.shape
     rows = np.ones(nrow, bool)
-    chans = np.ones(nchan, bool)
-    corrs = np.ones(ncorr, bool)
+    chans = corrs = None
     if "antenna" in cmd:
         rows &= _antenna_rows(vis, cmd["antenna"], ants)
     if "field" in cmd:
@@ -84,23 +127,29 @@ def template_mask(vis: msio.Vis, cmd: dict, ants: list, fields: list, spw: int) 
     if cmd.get("autocorr", "").lower() in ("true", "1"):
         rows &= vis.ant1 == vis.ant2
     if "spw" in cmd:
-        sel = cmd["spw"]
-        sp, _, ch = sel.partition(":")
+        sp, _, ch = cmd["spw"].partition(":")
         if sp not in ("", "*") and int(sp) != spw:
-            return np.zeros(vis.flag.shape, bool)
+            return Selection(np.zeros(nrow, bool))
         if ch:
             chans = parse_channels(ch, nchan)
     if "correlation" in cmd:
         wanted = {c.strip().upper() for c in cmd["correlation"].split(",")}
         corrs = np.array([c in wanted for c in vis.corr_types])
-    return rows[:, None, None] & chans[None, :, None] & corrs[None, None, :]
+    return Selection(rows, chans, corrs)
 
 
 def parse_timerange(spec: str, ref_mjd_s: float) -> list:
     """CASA timerange 'T0~T1[,T0~T1...]' -> [(start, end)] in MJD seconds (UTC).
     T is YYYY/MM/DD/hh:mm:ss[.s] or hh:mm:ss[.s] (then on the day of ref_mjd_s)."""
+    # by day: a flag stage asks again for every row block, and astropy's Time takes
+    # milliseconds
+    return list(_parse_timerange(spec, int(ref_mjd_s // 86400)))
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_timerange(spec: str, mjd_day: int) -> tuple:
     from astropy.time import Time
-    day = Time(ref_mjd_s / 86400, format="mjd", scale="utc").iso[:10]
+    day = Time(float(mjd_day), format="mjd", scale="utc").iso[:10]
 
     def one(t: str) -> float:
         t = t.strip()
@@ -121,7 +170,7 @@ def parse_timerange(spec: str, ref_mjd_s: float) -> list:
         if not sep:
             raise ParameterError(f"flag command: timerange {spec!r} needs start~end")
         out.append((one(lo), one(hi)))
-    return out
+    return tuple(out)
 
 
 def _range(part: str) -> range:

@@ -11,7 +11,7 @@ import numpy as np
 from .base import QA, Param, Score, StageIO, metric, stage
 from ..heuristics.callibrary import calibrator_ids
 from ..heuristics.channels import spike_channels
-from ..heuristics.flagging import parse_template, shadow_mask, template_mask
+from ..heuristics.flagging import Selection, parse_template, shadow_mask, template_selection
 from ..msio import ms as msio
 from ..msio.listobs import intents_of_modes
 from ..report.flagsummary import flag_summary_tables
@@ -86,34 +86,37 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
         for vis in p.blocks(block_chunks=4):
             io.count_visibilities(vis.data.size)
             flag = vis.flag.copy()
-            summary["before"] += int(flag.sum())
+            summary["before"] += int(np.count_nonzero(flag))
             summary["samples"] += flag.size
 
-            def add(mask, reason):
-                new = mask & ~flag
-                summary[reason] += int(new.sum())
-                flag[...] |= mask
+            # each reason flags a Selection (rows, channels, correlations): it costs what
+            # it selects, not a mask of the block's size
+            def add(sel: Selection, reason):
+                summary[reason] += sel.flag(flag)
 
             if params["autocorr"]:
-                add(np.broadcast_to((vis.ant1 == vis.ant2)[:, None, None], flag.shape), "autocorr")
+                add(Selection(vis.ant1 == vis.ant2), "autocorr")
             if params["zeros"]:
-                add(vis.data == 0, "zeros")         # both parts zero: |V| = 0 without the square roots
+                zero = vis.data == 0                # both parts zero: |V| = 0 without the square roots
+                new = zero & ~flag
+                summary["zeros"] += int(np.count_nonzero(new))
+                flag |= zero
             if bad_states:
-                add(np.broadcast_to(np.isin(vis.state_id, bad_states)[:, None, None], flag.shape), "intents")
+                add(Selection(np.isin(vis.state_id, bad_states)), "intents")
             edge = params["edge_fraction"]     # ALMA TDM spws: 1/16 of the channels at each edge
             if edge > 0:
                 nchan = flag.shape[1]
                 n_edge = int(np.ceil(edge * nchan))
                 edges = np.zeros(nchan, bool)
                 edges[:n_edge] = edges[nchan - n_edge:] = True
-                add(np.broadcast_to(edges[None, :, None], flag.shape), "edges")
+                add(Selection(np.ones(len(flag), bool), edges), "edges")
             if shadowed is not None:
-                add(np.broadcast_to(shadowed[vis.rows][:, None, None], flag.shape), "shadow")
+                add(Selection(shadowed[vis.rows]), "shadow")
             for cmd in online:
-                add(template_mask(vis, cmd, ants, ctx["fields"], part["spw"]), "online")
+                add(template_selection(vis, cmd, ants, ctx["fields"], part["spw"]), "online")
             for cmd in commands:
-                add(template_mask(vis, cmd, ants, ctx["fields"], part["spw"]), "template")
-            summary["total"] += int(flag.sum())
+                add(template_selection(vis, cmd, ants, ctx["fields"], part["spw"]), "template")
+            summary["total"] += int(np.count_nonzero(flag))
             p.write_flags(vis.rows, flag, before=vis.flag)
         new_parts.append(p.commit())
     ctx["partitions"] = new_parts

@@ -26,7 +26,7 @@ from .calibration import preapply, read_averaged
 from ..heuristics.callibrary import calibrator_ids, field_models, refant_id
 from ..heuristics.outliers import channel_outliers, gain_outliers, relative_amplitudes, uv_bins
 from ..platform.spill import ChannelSlices
-from ..heuristics.flagging import parse_template, template_mask
+from ..heuristics.flagging import parse_template, template_selection
 from ..calibration.caltable import CalSolutions
 from ..calibration.terms import SolveSpec, solve_term, unit_model
 
@@ -148,9 +148,7 @@ def _with_template(vis, commands: list, ctx: dict, spw: int) -> tuple[np.ndarray
     flag = vis.flag.copy()
     added = 0
     for cmd in commands:
-        m = template_mask(vis, cmd, ctx["observation"]["antennas"], ctx["fields"], spw)
-        added += int((m & ~flag).sum())
-        flag |= m
+        added += template_selection(vis, cmd, ctx["observation"]["antennas"], ctx["fields"], spw).flag(flag)
     return flag, added
 
 
