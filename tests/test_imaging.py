@@ -270,6 +270,23 @@ def test_a_stored_continuum_fit_subtracted_on_read_equals_the_subtraction(order)
         fit_continuum_rows(kept, flag, weight, rows, mask, order, fit[:, :order], fsum, fwsum)
 
 
+def test_the_compiled_flag_scans_equal_numpys():
+    """rows_with_data and channels_with_data (which rows / channels have an unflagged
+    sample) equal the numpy expressions they replace, at any flagged fraction, with
+    whole rows and channels flagged."""
+    from almapipe.imaging.kernels import channels_with_data, rows_with_data
+    rng = np.random.default_rng(0)
+    for p in (0.01, 0.5, 0.99, 1.0):
+        f = rng.random((500, 32, 4)) < p
+        f[:10] = True
+        f[:, 5] = True
+        chans, rows = rng.random(32) < 0.5, rng.random(500) < 0.3
+        assert np.array_equal(rows_with_data(f, chans), ~f[:, chans].all(axis=(1, 2)))
+        assert np.array_equal(rows_with_data(f), ~f.all(axis=(1, 2)))
+        assert np.array_equal(channels_with_data(f, rows), ~f[rows].all(axis=(0, 2)))
+        assert np.array_equal(channels_with_data(f), ~f.all(axis=(0, 2)))
+
+
 def test_findcont_finds_a_line_that_covers_most_of_the_band():
     """A line wider than half the band (as NGC 5921's HI is) must still be found."""
     from almapipe.imaging.findcont import find_continuum

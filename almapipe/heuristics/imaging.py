@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..imaging import gridding
+from ..imaging.kernels import rows_with_data
 from ..imaging.products import pb_fwhm
 from ..msio import ms as msio
 
@@ -46,7 +47,7 @@ class ImageGeometry:
 def image_geometry(vis: msio.Vis, dish_m: float, telescope: str, chans: np.ndarray,
                    extent_rad: float = 0.0) -> ImageGeometry:
     """uv_geometry of a Vis's cross-correlation rows with data in chans."""
-    cross = (vis.ant1 != vis.ant2) & ~vis.flag[:, chans].all(axis=(1, 2))
+    cross = (vis.ant1 != vis.ant2) & rows_with_data(vis.flag, chans)
     return uv_geometry(np.hypot(vis.uvw[cross, 0], vis.uvw[cross, 1]), vis.freq[chans], dish_m, telescope,
                        extent_rad)
 

@@ -302,3 +302,52 @@ def subtract_polynomial(data, fit, xpow, out):
                 for i in range(1, nterms):
                     v -= fit[r, i, p] * xpow[i, c]
                 out[r, c, p] = v
+
+
+@numba.njit(cache=True)
+def _rows_with_data(flag, chans):
+    out = np.zeros(flag.shape[0], np.bool_)
+    for r in range(flag.shape[0]):
+        for c in chans:
+            for p in range(flag.shape[2]):
+                if not flag[r, c, p]:
+                    out[r] = True
+                    break
+            if out[r]:
+                break
+    return out
+
+
+@numba.njit(cache=True)
+def _channels_with_data(flag, rows):
+    nchan = flag.shape[1]
+    out = np.zeros(nchan, np.bool_)
+    left = nchan
+    for r in rows:
+        for c in range(nchan):
+            if out[c]:
+                continue
+            for p in range(flag.shape[2]):
+                if not flag[r, c, p]:
+                    out[c] = True
+                    left -= 1
+                    break
+        if left == 0:       # mostly unflagged data: done after a row or two
+            break
+    return out
+
+
+def rows_with_data(flag: np.ndarray, chans: np.ndarray | None = None) -> np.ndarray:
+    """Per row of flag (nrow, nchan, ncorr): whether any sample in the channels chans (a
+    mask; None: all) is unflagged. ~flag[:, chans].all(axis=(1, 2)) without its copy:
+    numpy's boolean indexing on the middle axis took 20x as long as the test itself."""
+    idx = np.arange(flag.shape[1]) if chans is None else np.flatnonzero(chans)
+    return _rows_with_data(flag, idx.astype(np.int64))
+
+
+def channels_with_data(flag: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Per channel of flag (nrow, nchan, ncorr): whether any sample of the rows (a mask;
+    None: all) is unflagged. ~flag[rows].all(axis=(0, 2)), stopping once every channel
+    has data."""
+    idx = np.arange(flag.shape[0]) if rows is None else np.flatnonzero(rows)
+    return _channels_with_data(flag, idx.astype(np.int64))

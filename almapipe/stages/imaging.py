@@ -38,7 +38,7 @@ from ..imaging.samples import (MedianSketch, WidthBinned, clean_mfs, read_aggreg
                                 uv_distances)
 from ..imaging.products import (fits_header_bytes, fits_padding, image_header, mosaic_noise_factor,  # noqa: E402
                                 obs_info, pipeline_version, plane_chunks, write_fits)
-from ..imaging.kernels import fit_continuum_rows  # noqa: E402
+from ..imaging.kernels import channels_with_data, fit_continuum_rows, rows_with_data  # noqa: E402
 from ..platform.visstore import CALIBRATION_GAIN, CALIBRATION_PAIR, has_corrected  # noqa: E402
 from ..imaging.uvcontsub import format_channels, parse_channels  # noqa: E402
 from ..msio import ms as msio  # noqa: E402
@@ -670,7 +670,7 @@ class ImageJob:
             nchan_spw = len(self.spw_freq) if self.spw_freq is not None else nchan
             chans = chans_or_all(p["chans"], nchan_spw)
             self.chans = chans[self.chan0:self.chan0 + nchan]      # in the Vis's channels
-            if self.prep is None and vis.flag[:, self.chans].all():
+            if self.prep is None and not rows_with_data(vis.flag, self.chans).any():
                 return "all data flagged"
             mosaic = self.mosaic() if len(self.fids) > 1 else None
             # a cube's piece or join takes makeimages' size (prep), not its own heuristics
@@ -780,8 +780,8 @@ class ImageJob:
             pointings = [(f, eb_field_ids(part, [f])) for f in self.fids] if len(self.fids) > 1 else []
             for blk in vp.blocks(column=self.column, field_ids=fids, chan=span, data=False, cross_only=True):
                 if self.channel_has_data is not None and len(blk.flag):
-                    self.channel_has_data[span] |= ~blk.flag.all(axis=(0, 2))
-                ok = ~blk.flag[:, sel].all(axis=(1, 2))
+                    self.channel_has_data[span] |= channels_with_data(blk.flag)
+                ok = rows_with_data(blk.flag, sel)
                 out.append(np.hypot(blk.uvw[ok, 0], blk.uvw[ok, 1]))
                 if pointings:
                     w = np.where(blk.flag[:, sel], 0.0, blk.weight[:, None, :]).sum(axis=(1, 2))
@@ -984,7 +984,7 @@ class ImageJob:
         cross = self.vis.ant1 != self.vis.ant2
         has_data = np.zeros(nchan, bool)
         if cross.any():
-            has_data[idx] = ~self.vis.flag[cross][:, idx].all(axis=(0, 2))
+            has_data[idx] = channels_with_data(self.vis.flag, cross)[idx]
         has_data = per_plane(has_data, idx, self.nbin, np.any)
         channel = np.arange(nchan)
         inner = per_plane((channel >= EDGE_CHANNELS) & (channel < nchan - EDGE_CHANNELS), idx, self.nbin, np.all)
