@@ -148,6 +148,31 @@ def test_caltable_roundtrip_has_casa_layout(ngc5921_ms, tmp_path):
     assert back.kind == "B"
 
 
+def test_a_workers_caltables_are_read_once_and_handed_out_as_copies(ngc5921_ms, tmp_path, monkeypatch):
+    """load_table reads a caltable once per worker (its key never changes content), not
+    once per spw and stage; each caller gets its own copy."""
+    from types import SimpleNamespace
+    from almapipe.calibration import caltable
+    from almapipe.stages import calibration as cal
+    vis = simulate(nant=8)
+    sol = solve_term(vis, point_model(vis, {0: lambda f: np.ones_like(f)}), SolveSpec(kind="B", refant=0))
+    path = str(tmp_path / "b.tbl")
+    write_caltable(sol, path, ngc5921_ms)
+    reads = []
+    monkeypatch.setattr(cal, "read_caltable", lambda p: reads.append(p) or caltable.read_caltable(p))
+    monkeypatch.setattr(cal, "_TABLES", type(cal._TABLES)())
+    io = SimpleNamespace(store=SimpleNamespace(cfg=SimpleNamespace(s3_endpoint="e", bucket="b")),
+                         fetch_dir=lambda key: path)
+    ctx = {"caltables": {"bandpass": {"key": "runs/r/bandpass.tar"}}}
+    first = cal.load_table(io, ctx, "bandpass", 0)
+    first.cparam[:] = 0
+    again = cal.load_table(io, ctx, "bandpass", 0)
+    assert len(reads) == 1
+    np.testing.assert_allclose(again.cparam, sol.cparam)
+    with pytest.raises(cal.StageError, match="no solutions for spw 3"):
+        cal.load_table(io, ctx, "bandpass", 3)
+
+
 def test_perley_butler_2017_and_names():
     assert fluxmodels.standard_calibrator("1331+30500002_0") == "3C286"
     assert fluxmodels.standard_calibrator("J1331+3030") == "3C286"

@@ -8,9 +8,12 @@ which fields with which interpolation.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
+import threading
 import warnings
+from collections import OrderedDict
 
 import matplotlib
 matplotlib.use("Agg")
@@ -35,14 +38,37 @@ from ..report.plots import antenna_grid, label_panel, require_finite, robust_out
 
 # ------------------------------------------------------------------ helpers
 
+# The caltables a worker read, by key (a key is never written with other content,
+# decisions 2 and 15): the
+# bandpass table is applied by the eight stages after it, each asking for every spw, and
+# casacore read the whole table at each ask (5 s of the realistic EB's calibration)
+_TABLES: OrderedDict = OrderedDict()
+_TABLES_HELD = 16
+_TABLES_LOCK = threading.Lock()
+
+
+def _solutions(io: StageIO, key: str) -> list:
+    """The CalSolutions (one per spw) of the caltable stored under key."""
+    held = (io.store.cfg.s3_endpoint, io.store.cfg.bucket, key)
+    with _TABLES_LOCK:
+        if held in _TABLES:
+            _TABLES.move_to_end(held)
+            return _TABLES[held]
+    sols = read_caltable(io.fetch_dir(key))
+    with _TABLES_LOCK:
+        _TABLES[held] = sols
+        while len(_TABLES) > _TABLES_HELD:
+            _TABLES.popitem(last=False)
+    return sols
+
+
 def load_table(io: StageIO, ctx: dict, name: str, spw: int) -> CalSolutions:
     entry = ctx["caltables"].get(name)
     if entry is None:
         raise StageError(f"no {name} table in the context: run the {name} stage first")
-    path = io.fetch_dir(entry["key"])
-    for sol in read_caltable(path):
+    for sol in _solutions(io, entry["key"]):
         if sol.spw == spw:
-            return sol
+            return copy.deepcopy(sol)          # the caller's own: the held one stays as read
     raise StageError(f"{name} table has no solutions for spw {spw}")
 
 
