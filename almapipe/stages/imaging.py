@@ -343,14 +343,25 @@ def _findcont_cubes(io: StageIO, members: list, freq: np.ndarray, targets: list)
     geometry = {f: CubeGeometry(len(freq)) for f in fids}
     for part, vp in members:
         for blk in member_blocks(io, vp, part, fields=fids, data=False):
-            for f in np.unique(blk.field_id):
-                geometry[int(f)].add(blk.select(blk.field_id == f))
+            for f, rows in _by_field(blk):
+                geometry[f].add(rows)
     cubes = {f: g.cube(freq) for f, g in geometry.items()}
     for part, vp in members:
         for blk in member_blocks(io, vp, part, fields=fids):
-            for f in np.unique(blk.field_id):
-                cubes[int(f)].add(blk.select(blk.field_id == f))
+            for f, rows in _by_field(blk):
+                cubes[f].add(rows)
     return cubes
+
+
+def _by_field(blk: msio.Vis):
+    """(field id, its rows) of a row block: the block itself where it holds one field
+    (a single pointing's: most blocks), so that its data are not copied."""
+    fids = np.unique(blk.field_id)
+    if len(fids) == 1:
+        yield int(fids[0]), blk
+        return
+    for f in fids:
+        yield int(f), blk.select(blk.field_id == f)
 
 
 def _plot_spectrum(io, spec, mask, spw, field):
