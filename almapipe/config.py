@@ -40,10 +40,12 @@ so one data directory and one port base describe a whole local stack:
                        a container, so probes and Prometheus reach it)
   ALMAPIPE_TRIGGER_RULES  the state-change trigger's rules (JSON; default
                        <data_dir>/trigger-rules.json, absent: the built-in ALMA rule)
-  ALMAPIPE_CACHE_DIR   the workers' cache (default <data_dir>/cache; one folder per service)
-  ALMAPIPE_CACHE_MB    the most disk a service's worker cache holds (default 8192): three
-                       quarters for visibility chunks, a quarter for directories (caltables,
-                       MS shells); least recently used go first. Workers of a service share it.
+  ALMAPIPE_CACHE_DIR   the workers' cache (default <data_dir>/cache): visibility chunks in
+                       chunks/, shared by the host's workers of every service; directories
+                       (caltables, MS shells) in a folder per service
+  ALMAPIPE_CACHE_MB    the cache's bound (default 8192): three quarters for the host's
+                       visibility chunks, a quarter for each service's directories; least
+                       recently used go first.
   ALMAPIPE_IMAGES_AT_ONCE  images makeimages makes at the same time, 2 (default: its cubes
                        one at a time beside its other images) or 1 (the least memory)
   ALMAPIPE_VIS_RETENTION_DAYS  `almapipe gc` drops the whole visibility store of a run
@@ -125,13 +127,17 @@ def client_token(data_dir: str) -> str:
 # the worker cache's bound (cache_bytes) is shared: chunks of the visibility store take
 # this part, directories fetched whole (caltables, MS shells) the rest
 CHUNK_CACHE_SHARE = 0.75
+# the chunks' folder in ALMAPIPE_CACHE_DIR, one for every service of a host (decision 15):
+# a chunk's key never changes content, so what one service fetched serves the others
+CHUNK_FOLDER = "chunks"
 # ALMAPIPE_CACHE_MB's default. Why 8 GiB: the chunk share (6 GiB) then holds a pass over
 # the realistic EB's target (3.7 GB: uvcontsub's two passes, makeimages' images) and most
 # of what applycal wrote for flagtargets; at 4 GiB (3 GiB of chunks) such a pass was not
 # cached at all (VisStore.keeps) and every later one read S3 again. Measured end to end:
-# 466 s at 4 GiB, 424 s at 8 GiB (bench/README). Only the calibrator's and the imager's
-# caches fill (the importer writes past its cache), so a stack's caches hold at most
-# about 16 GiB of disk.
+# 466 s at 4 GiB, 424 s at 8 GiB (bench/README). The chunks are one folder for the
+# services of a host, which only the calibrator and the imager fill (the importer writes
+# past it): a stack's caches hold at most about 6 GiB of chunks, and the tar archives of
+# caltables and MS shells (tens of MB) beside them.
 DEFAULT_CACHE_MB = 8192
 
 

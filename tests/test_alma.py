@@ -1065,15 +1065,23 @@ def test_gc_leaves_the_package_and_at_most_twice_the_input(alma_run, stack, stub
         assert (pkg / path).read_bytes() == (out / path).read_bytes(), path
     (eb,) = glob.glob(str(out.parent / "eb" / "*.ms"))
     assert main(["restore", str(pkg), eb, "--out", str(tmp_path / "restored")]) == 0
-    # the workers' caches (per service: tars, and chunks) within ALMAPIPE_CACHE_MB's shares
-    from almapipe.config import CHUNK_CACHE_SHARE
+    # the workers' caches (the host's chunks, and each service's tars) within
+    # ALMAPIPE_CACHE_MB's shares
+    from almapipe.config import CHUNK_CACHE_SHARE, CHUNK_FOLDER
+    assert os.path.isdir(os.path.join(cfg.cache_dir, CHUNK_FOLDER))
+    assert not glob.glob(os.path.join(cfg.cache_dir, "*-chunks"))       # no service has chunks of its own
     for folder in glob.glob(os.path.join(cfg.cache_dir, "*")):
         held = sum(e.stat().st_size for e in os.scandir(folder) if e.is_file() and not e.name.startswith("."))
-        share = CHUNK_CACHE_SHARE if folder.endswith("-chunks") else 1 - CHUNK_CACHE_SHARE
+        share = CHUNK_CACHE_SHARE if os.path.basename(folder) == CHUNK_FOLDER else 1 - CHUNK_CACHE_SHARE
         print(f"cache {os.path.basename(folder)}: {held / 1e6:.1f} MB of {share * cfg.cache_bytes / 1e6:.1f} MB")
         assert held <= share * cfg.cache_bytes, folder
-    # what the final context points at still reads (exportdata's source)
     ctx = store.get_json(run.context_key)         # the run's final context
+    # the imager's uvcontsub read the target's chunks from the host's cache, where the
+    # calibrator's flagtargets had put them: next to nothing from S3
+    (rec,) = [r for r in ctx["stage_results"] if r["name"] == "uvcontsub"]
+    moved = rec["bytes"]
+    assert moved["s3_read"] < 0.05 * (moved["s3_read"] + moved["cache_read"]), moved
+    # what the final context points at still reads (exportdata's source)
     vs = VisStore(cfg, cache_dir=None, cache_limit=0)
     entries = ctx["partitions"] + ctx.get("target_partitions", []) + list(ctx.get("aux_partitions", {}).values())
     for entry in entries:

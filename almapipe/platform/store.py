@@ -396,11 +396,14 @@ class CachedFetcher:
     of ALMAPIPE_CACHE_MB, shared by the workers of a service); each stage execution
     unpacks its own private, writable copy."""
 
-    def __init__(self, store: ObjectStore, cache_dir: str, limit: int | None = None):
+    def __init__(self, store: ObjectStore, cache_dir: str, limit: int | None = None, chunk_dir: str | None = None):
+        """chunk_dir: the folder of the visibility chunks' cache (default: cache_dir's
+        name + "-chunks"); a worker's is its host's, shared by every service."""
         from ..config import CHUNK_CACHE_SHARE
         from .cache import BoundedCache
         self.store = store
         self.cache_dir = cache_dir
+        self.chunk_dir = chunk_dir or cache_dir.rstrip("/") + "-chunks"
         if limit is None:
             limit = int(store.cfg.cache_bytes * (1 - CHUNK_CACHE_SHARE))
         os.makedirs(cache_dir, exist_ok=True)

@@ -35,7 +35,7 @@ import traceback
 
 from . import bus, metrics
 from .store import CachedFetcher, ObjectStore
-from ..config import Config
+from ..config import CHUNK_FOLDER, Config
 from ..imaging import frames
 from ..stages import REGISTRY
 from ..errors import ParameterError
@@ -279,7 +279,10 @@ class Worker:
     async def run(self) -> None:
         metrics.serve(self.cfg.metrics_port)
         self.store = ObjectStore(self.cfg)
-        self.fetcher = CachedFetcher(self.store, os.path.join(self.cfg.cache_dir, self.service))
+        # directories in a folder of the service's, visibility chunks in one of the host's
+        # for every service: the imager reads the target's chunks the calibrator fetched
+        self.fetcher = CachedFetcher(self.store, os.path.join(self.cfg.cache_dir, self.service),
+                                     chunk_dir=os.path.join(self.cfg.cache_dir, CHUNK_FOLDER))
         # <data_dir>/work/<service>/w-<pid>-<random>: stage folders under the worker's own,
         # which the next worker to start removes if this one is killed
         self.workroot, self._workroot_lock = claim_workroot(

@@ -175,7 +175,7 @@ class StageIO:
         """The worker process's visibility store (zarr arrays in S3, a bounded local cache)."""
         with self._lock:
             if self._vstore is None:
-                self._vstore = visstore_for(self.store, self.fetcher.cache_dir)
+                self._vstore = visstore_for(self.store, self.fetcher.chunk_dir)
                 self._vstore.begin_stage()
                 self._bytes_at_start = self._vstore.counter.as_dict()
             return self._vstore
@@ -303,13 +303,13 @@ class StageIO:
 _VSTORES: dict = {}
 
 
-def visstore_for(store: ObjectStore, cache_dir: str):
-    """One VisStore per worker process and cache directory (its S3 client and cache are
-    shared by the stage executions of the process)."""
+def visstore_for(store: ObjectStore, chunk_dir: str):
+    """One VisStore per worker process and chunk cache folder (its S3 client and cache
+    are shared by the stage executions of the process)."""
     from ..platform.visstore import VisStore
-    key = (store.cfg.s3_endpoint, store.cfg.bucket, cache_dir)
+    key = (store.cfg.s3_endpoint, store.cfg.bucket, chunk_dir)
     if key not in _VSTORES:
-        _VSTORES[key] = VisStore(store.cfg, cache_dir=cache_dir.rstrip("/") + "-chunks")
+        _VSTORES[key] = VisStore(store.cfg, cache_dir=chunk_dir)
     return _VSTORES[key]
 
 
