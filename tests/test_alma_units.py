@@ -12,7 +12,7 @@ from almapipe.stages.alma import line_channels
 from almapipe.errors import ParameterError
 from almapipe.heuristics.callibrary import field_map
 from almapipe.heuristics.solints import phaseup_interval
-from almapipe.heuristics.flagging import Selection, parse_template, parse_timerange, template_mask
+from almapipe.heuristics.flagging import FlagSelection, parse_template, parse_timerange, template_mask
 from almapipe.msio.ms import Vis
 
 
@@ -67,12 +67,14 @@ def test_a_selection_flags_what_its_mask_flags():
                                (rng.random(40) < 0.5, None, np.array([True, False, False, True])),
                                (rng.random(40) < 0.5, rng.random(16) < 0.3, np.array([False, True, True, False])),
                                (np.zeros(40, bool), None, None), (np.ones(40, bool), np.zeros(16, bool), None)]:
-        sel = Selection(rows, chans, corrs)
+        sel = FlagSelection(rows, chans, corrs)
         flag = rng.random(shape) < 0.3
         want = flag | sel.mask(shape)
         new = int((sel.mask(shape) & ~flag).sum())
         assert sel.flag(flag) == new
         assert np.array_equal(flag, want)
+    with pytest.raises(ValueError, match="3 correlations for a block of 4"):
+        FlagSelection(np.ones(40, bool), None, np.ones(3, bool)).flag(np.zeros(shape, bool))
 
 
 def test_reference_antenna_kept_continuous_where_it_has_no_solution():

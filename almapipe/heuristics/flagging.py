@@ -1,5 +1,6 @@
 """Deterministic flagging as pure functions: antenna shadowing, and the flag templates
-in CASA's flagdata list syntax (parse_template, template_mask, parse_timerange). A
+in CASA's flagdata list syntax (parse_template; template_selection, the samples of a row
+block a command selects, or template_mask, the same as a mask; parse_timerange). A
 malformed template is a ParameterError naming its line."""
 from __future__ import annotations
 
@@ -62,8 +63,8 @@ def parse_template(text: str) -> list:
     return cmds
 
 
-@dataclass(frozen=True)
-class Selection:
+@dataclass(frozen=True, eq=False)
+class FlagSelection:
     """Samples of a row block chosen by rows, channels and correlations (None: all of
     them): what a flag command selects, without a (nrow, nchan, ncorr) mask of it. A
     command that selects an antenna over a time range hits a few rows of a few blocks;
@@ -83,6 +84,10 @@ class Selection:
     def flag(self, flag: np.ndarray) -> int:
         """Sets the selected samples of flag (nrow, nchan, ncorr); returns how many of
         them were not flagged before."""
+        for mask, n, what in ((self.rows, flag.shape[0], "rows"), (self.chans, flag.shape[1], "channels"),
+                              (self.corrs, flag.shape[2], "correlations")):
+            if mask is not None and len(mask) != n:
+                raise ValueError(f"flag selection: {len(mask)} {what} for a block of {n}")
         if not self.rows.any() or (self.chans is not None and not self.chans.any()) or \
                 (self.corrs is not None and not self.corrs.any()):
             return 0
@@ -104,7 +109,7 @@ def template_mask(vis: msio.Vis, cmd: dict, ants: list, fields: list, spw: int) 
     return template_selection(vis, cmd, ants, fields, spw).mask(vis.flag.shape)
 
 
-def template_selection(vis: msio.Vis, cmd: dict, ants: list, fields: list, spw: int) -> Selection:
+def template_selection(vis: msio.Vis, cmd: dict, ants: list, fields: list, spw: int) -> FlagSelection:
     """The samples of a row block that one template command selects."""
     nrow, nchan, ncorr = vis.flag.shape
     rows = np.ones(nrow, bool)
@@ -129,13 +134,13 @@ def template_selection(vis: msio.Vis, cmd: dict, ants: list, fields: list, spw: 
     if "spw" in cmd:
         sp, _, ch = cmd["spw"].partition(":")
         if sp not in ("", "*") and int(sp) != spw:
-            return Selection(np.zeros(nrow, bool))
+            return FlagSelection(np.zeros(nrow, bool))
         if ch:
             chans = parse_channels(ch, nchan)
     if "correlation" in cmd:
         wanted = {c.strip().upper() for c in cmd["correlation"].split(",")}
         corrs = np.array([c in wanted for c in vis.corr_types])
-    return Selection(rows, chans, corrs)
+    return FlagSelection(rows, chans, corrs)
 
 
 def parse_timerange(spec: str, ref_mjd_s: float) -> list:

@@ -11,7 +11,7 @@ import numpy as np
 from .base import QA, Param, Score, StageIO, metric, stage
 from ..heuristics.callibrary import calibrator_ids
 from ..heuristics.channels import spike_channels
-from ..heuristics.flagging import Selection, parse_template, shadow_mask, template_selection
+from ..heuristics.flagging import FlagSelection, parse_template, shadow_mask, template_selection
 from ..msio import ms as msio
 from ..msio.listobs import intents_of_modes
 from ..report.flagsummary import flag_summary_tables
@@ -89,29 +89,29 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
             summary["before"] += int(np.count_nonzero(flag))
             summary["samples"] += flag.size
 
-            # each reason flags a Selection (rows, channels, correlations): it costs what
+            # each reason flags a FlagSelection (rows, channels, correlations): it costs what
             # it selects, not a mask of the block's size
-            def add(sel: Selection, reason):
+            def add(sel: FlagSelection, reason):
                 summary[reason] += sel.flag(flag)
 
             if params["autocorr"]:
-                add(Selection(vis.ant1 == vis.ant2), "autocorr")
+                add(FlagSelection(vis.ant1 == vis.ant2), "autocorr")
             if params["zeros"]:
                 zero = vis.data == 0                # both parts zero: |V| = 0 without the square roots
                 new = zero & ~flag
                 summary["zeros"] += int(np.count_nonzero(new))
                 flag |= zero
             if bad_states:
-                add(Selection(np.isin(vis.state_id, bad_states)), "intents")
+                add(FlagSelection(np.isin(vis.state_id, bad_states)), "intents")
             edge = params["edge_fraction"]     # ALMA TDM spws: 1/16 of the channels at each edge
             if edge > 0:
                 nchan = flag.shape[1]
                 n_edge = int(np.ceil(edge * nchan))
                 edges = np.zeros(nchan, bool)
                 edges[:n_edge] = edges[nchan - n_edge:] = True
-                add(Selection(np.ones(len(flag), bool), edges), "edges")
+                add(FlagSelection(np.ones(len(flag), bool), edges), "edges")
             if shadowed is not None:
-                add(Selection(shadowed[vis.rows]), "shadow")
+                add(FlagSelection(shadowed[vis.rows]), "shadow")
             for cmd in online:
                 add(template_selection(vis, cmd, ants, ctx["fields"], part["spw"]), "online")
             for cmd in commands:
