@@ -285,6 +285,11 @@ def test_the_compiled_flag_scans_equal_numpys():
         assert np.array_equal(rows_with_data(f), ~f.all(axis=(1, 2)))
         assert np.array_equal(channels_with_data(f, rows), ~f[rows].all(axis=(0, 2)))
         assert np.array_equal(channels_with_data(f), ~f.all(axis=(0, 2)))
+    # the kernels index unchecked: a mask of another length or an index array is refused
+    with pytest.raises(ValueError, match="chans"):
+        rows_with_data(f, np.ones(33, bool))
+    with pytest.raises(ValueError, match="rows"):
+        channels_with_data(f, np.arange(10))
 
 
 def test_findcont_finds_a_line_that_covers_most_of_the_band():

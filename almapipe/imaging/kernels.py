@@ -304,7 +304,7 @@ def subtract_polynomial(data, fit, xpow, out):
                 out[r, c, p] = v
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _rows_with_data(flag, chans):
     out = np.zeros(flag.shape[0], np.bool_)
     for r in range(flag.shape[0]):
@@ -318,7 +318,7 @@ def _rows_with_data(flag, chans):
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _channels_with_data(flag, rows):
     nchan = flag.shape[1]
     out = np.zeros(nchan, np.bool_)
@@ -341,13 +341,22 @@ def rows_with_data(flag: np.ndarray, chans: np.ndarray | None = None) -> np.ndar
     """Per row of flag (nrow, nchan, ncorr): whether any sample in the channels chans (a
     mask; None: all) is unflagged. ~flag[:, chans].all(axis=(1, 2)) without its copy:
     numpy's boolean indexing on the middle axis took 20x as long as the test itself."""
-    idx = np.arange(flag.shape[1]) if chans is None else np.flatnonzero(chans)
-    return _rows_with_data(flag, idx.astype(np.int64))
+    return _rows_with_data(flag, _mask_indices(chans, flag.shape[1], "chans"))
 
 
 def channels_with_data(flag: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """Per channel of flag (nrow, nchan, ncorr): whether any sample of the rows (a mask;
     None: all) is unflagged. ~flag[rows].all(axis=(0, 2)), stopping once every channel
     has data."""
-    idx = np.arange(flag.shape[0]) if rows is None else np.flatnonzero(rows)
-    return _channels_with_data(flag, idx.astype(np.int64))
+    return _channels_with_data(flag, _mask_indices(rows, flag.shape[0], "rows"))
+
+
+def _mask_indices(mask, n: int, what: str) -> np.ndarray:
+    """The indices of a boolean mask of n entries (None: all): the kernels index with
+    them unchecked, so a mask of another length is refused here."""
+    if mask is None:
+        return np.arange(n, dtype=np.int64)
+    mask = np.asarray(mask)
+    if mask.dtype != bool or mask.shape != (n,):
+        raise ValueError(f"{what}: a boolean mask of {n} entries, not {mask.dtype} {mask.shape}")
+    return np.flatnonzero(mask).astype(np.int64)
