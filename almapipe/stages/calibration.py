@@ -38,26 +38,32 @@ from ..report.plots import antenna_grid, label_panel, require_finite, robust_out
 
 # ------------------------------------------------------------------ helpers
 
-# The caltables a worker read, by key (a key is never written with other content,
-# decisions 2 and 15): the
-# bandpass table is applied by the eight stages after it, each asking for every spw, and
-# casacore read the whole table at each ask (5 s of the realistic EB's calibration)
+# The caltables a worker read, by key and content (sha256): the bandpass table is applied
+# by the eight stages after it, each asking for every spw, and casacore read the whole
+# table at each ask (5 s of the realistic EB's calibration). At most _TABLES_HELD tables
+# and _TABLES_BYTES of their arrays, the least recently used dropped first.
 _TABLES: OrderedDict = OrderedDict()
 _TABLES_HELD = 16
+_TABLES_BYTES = 256 << 20
 _TABLES_LOCK = threading.Lock()
 
 
-def _solutions(io: StageIO, key: str) -> list:
-    """The CalSolutions (one per spw) of the caltable stored under key."""
-    held = (io.store.cfg.s3_endpoint, io.store.cfg.bucket, key)
+def _table_bytes(sols: list) -> int:
+    return sum(a.nbytes for s in sols for a in vars(s).values() if isinstance(a, np.ndarray))
+
+
+def _solutions(io: StageIO, entry: dict) -> list:
+    """The CalSolutions (one per spw) of the caltable a context entry names."""
+    held = (io.store.cfg.s3_endpoint, io.store.cfg.bucket, entry["key"], entry.get("sha256", ""))
     with _TABLES_LOCK:
         if held in _TABLES:
             _TABLES.move_to_end(held)
             return _TABLES[held]
-    sols = read_caltable(io.fetch_dir(key))
+    sols = read_caltable(io.fetch_dir(entry["key"]))
     with _TABLES_LOCK:
         _TABLES[held] = sols
-        while len(_TABLES) > _TABLES_HELD:
+        while len(_TABLES) > 1 and (len(_TABLES) > _TABLES_HELD or
+                                    sum(_table_bytes(v) for v in _TABLES.values()) > _TABLES_BYTES):
             _TABLES.popitem(last=False)
     return sols
 
@@ -66,7 +72,7 @@ def load_table(io: StageIO, ctx: dict, name: str, spw: int) -> CalSolutions:
     entry = ctx["caltables"].get(name)
     if entry is None:
         raise StageError(f"no {name} table in the context: run the {name} stage first")
-    for sol in _solutions(io, entry["key"]):
+    for sol in _solutions(io, entry):
         if sol.spw == spw:
             return copy.deepcopy(sol)          # the caller's own: the held one stays as read
     raise StageError(f"{name} table has no solutions for spw {spw}")
