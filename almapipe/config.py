@@ -43,9 +43,9 @@ so one data directory and one port base describe a whole local stack:
   ALMAPIPE_CACHE_DIR   the workers' cache (default <data_dir>/cache): visibility chunks in
                        chunks/, shared by the host's workers of every service; directories
                        (caltables, MS shells) in a folder per service
-  ALMAPIPE_CACHE_MB    the cache's bound (default 8192): three quarters for the host's
-                       visibility chunks, a quarter for each service's directories; least
-                       recently used go first.
+  ALMAPIPE_CACHE_MB    the cache's bound (default 8192; one value for every worker of a
+                       host): three quarters for the host's visibility chunks, a quarter
+                       for each service's directories; least recently used go first.
   ALMAPIPE_IMAGES_AT_ONCE  images makeimages makes at the same time, 2 (default: its cubes
                        one at a time beside its other images) or 1 (the least memory)
   ALMAPIPE_VIS_RETENTION_DAYS  `almapipe gc` drops the whole visibility store of a run

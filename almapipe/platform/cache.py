@@ -11,17 +11,21 @@ kept. A stage's passes over a working set larger than the cache (makeimages read
 target's spws once per image; a stage reads what the one before it wrote, in the same
 order) would under plain LRU each evict what the next read needs, and hit nothing; kept
 this way, the first part of the set stays and every later pass hits it. (Per process: a
-stage that begins later in another worker of the service may evict what an earlier one
-kept; nothing is lost but the later hits.)
+stage that begins later in another process sharing the folder may evict what an earlier
+one kept; nothing is lost but the later hits.)
 
-Several workers of a service (processes) share one cache folder. The bound holds for
-all of them together: the bytes held are counted in one file (``.size``) that is only
-changed under an exclusive lock on ``.lock`` (flock: the kernel releases it when a
-process dies, even killed), and room is made *before* an object is written, also
-under the lock. So at no moment does the folder hold more than ``limit`` bytes of
-objects. Writing under the lock serialises the cache writes of a service's workers;
-they are local disk writes of a few MiB, small beside the S3 reads they save. What a
-pass larger than the cache reads is not put here at all (visstore.VisStore.keeps).
+Several processes share one cache folder: the workers of a service share its folder of
+tar archives, and the workers of every service on a host share the folder of
+visibility chunks (config.CHUNK_FOLDER). The bound holds for all of them together: the
+bytes held are counted in one file (``.size``) that is only changed under an exclusive
+lock on ``.lock`` (flock: the kernel releases it when a process dies, even killed), and
+room is made *before* an object is written, also under the lock. So at no moment does
+the folder hold more than ``limit`` bytes of objects, provided every process sharing it
+is given the same limit (one ALMAPIPE_CACHE_MB for the host: a process with a smaller
+one trims the folder to its own). Writing under the lock serialises the cache writes of
+the processes sharing the folder; they are local disk writes of a few MiB, small beside
+the S3 reads they save, and a pipeline's stages run one after the other. What a pass
+larger than the cache reads is not put here at all (visstore.VisStore.keeps).
 """
 from __future__ import annotations
 

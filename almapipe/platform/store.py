@@ -397,8 +397,9 @@ class CachedFetcher:
     unpacks its own private, writable copy."""
 
     def __init__(self, store: ObjectStore, cache_dir: str, limit: int | None = None, chunk_dir: str | None = None):
-        """chunk_dir: the folder of the visibility chunks' cache (default: cache_dir's
-        name + "-chunks"); a worker's is its host's, shared by every service."""
+        """chunk_dir: the folder of the visibility chunks' cache, which the stages' VisStore
+        uses (StageIO.vstore). A worker passes its host's, shared by every service; the
+        default, cache_dir's name + "-chunks", keeps a test's or a bench's fetcher apart."""
         from ..config import CHUNK_CACHE_SHARE
         from .cache import BoundedCache
         self.store = store
