@@ -1,5 +1,7 @@
 """The calibrator service: a worker for the stages registered with service="calibrator"."""
-from almapipe.platform.worker import main
 
 if __name__ == "__main__":
+    # imported here, not above: a process this worker spawns (the drawing helper)
+    # imports this module again, and needs none of the worker's modules (2 s of CPU each)
+    from almapipe.platform.worker import main
     main("calibrator")
