@@ -138,15 +138,3 @@ def test_each_spw_streams_into_the_store_and_exports_back(ngc5921_ms, tmp_path, 
     for spw in (0, 1):
         a, b = msio.read_vis(out, spw), msio.read_vis(ms, spw)
         assert np.array_equal(a.data, b.data) and np.array_equal(a.flag, b.flag)
-
-
-def test_ingest_processes_start_when_asked_for():
-    """A large input's ingest processes start before the spws are known (their imports
-    overlap the input's extraction); fewer than two: none, the spws in this process."""
-    import os
-    from almapipe.stages.importdata import ingest_processes
-    with ingest_processes(1) as pool:
-        assert pool is None
-    with ingest_processes(2) as pool:
-        assert len(pool._processes) == 2            # started on entering, not at the first map
-        assert pool.submit(os.getpid).result() != os.getpid()

@@ -1,7 +1,6 @@
 """importdata (importer service): ingest, partition by spw, summarise, assign roles."""
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
 import shutil
@@ -107,44 +106,21 @@ def _stream_tar(io: StageIO, key: str, what: str) -> str:
     return dest
 
 
-# an input at least this large has its ingest processes started before it is extracted
-EARLY_INGEST_BYTES = 1 << 30
-# ingest processes started before the spws are known: an ALMA EB has four science spws
-EARLY_INGEST_PROCESSES = 4
-
-
-@contextlib.contextmanager
-def ingest_processes(n: int):
-    """n processes to ingest spws in (casacore tables are not thread-safe), started at
-    once: a spawned process imports its service's modules (2 s of CPU: spawn imports the
-    parent's __main__), which for a large input then happens while it is extracted
-    rather than after. None for fewer than two (the spws in this process)."""
-    if n < 2:
-        yield None
-        return
-    # spawned, not forked: the parent's S3 client and zarr's event loop do not survive a fork
-    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for _ in range(n):          # a process is started for each task that finds none idle
-            pool.submit(os.getpid)
-        yield pool
-
-
-def _ingest(io: StageIO, ms_path: str, basename: str, spws: list, pool: ProcessPoolExecutor | None) -> list:
+def _ingest(io: StageIO, ms_path: str, basename: str, spws: list) -> list:
     """Stream each spectral window of `spws` into the visibility store, spws in parallel
-    processes (`pool` if started already, ingest_processes), each in row blocks; the
-    subtables go to S3 once, as the EB's MS shell. Returns the partitions' entries."""
+    processes (casacore tables are not thread-safe), each in row blocks; the subtables
+    go to S3 once, as the EB's MS shell. Returns the partitions' entries."""
     shell = storeio.make_shell(ms_path, os.path.join(io.workdir, f"{basename}.meta.ms"))
     meta_key = io.put_dir(shell, os.path.basename(shell))["key"]
     tag = f"{io.stage_index:02d}_{io.stage}"
     jobs = [(io.store.cfg, ms_path, s, f"runs/{io.run_id}/vis/{basename}.spw{s}.ms", tag, meta_key,
              f"{basename}.spw{s}.ms") for s in spws]
-    n = min(len(jobs), os.cpu_count() or 1)
-    if n < 2:
+    workers = max(1, min(len(jobs), os.cpu_count() or 1))
+    if workers == 1:
         results = [storeio.ingest_spw_job(*j) for j in jobs]
-    elif pool is not None:
-        results = list(pool.map(storeio.ingest_spw_job, *zip(*jobs)))
     else:
-        with ingest_processes(n) as pool:
+        # spawned, not forked: the parent's S3 client and zarr's event loop do not survive a fork
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             results = list(pool.map(storeio.ingest_spw_job, *zip(*jobs)))
     entries = []
     for entry, written in results:
@@ -177,16 +153,6 @@ def missing_intents(missing: set) -> Score | None:
                  "none: the scan intents, else heuristics"),
            Param("name", str, "", "the MS's base name; empty: the input's")))
 def importdata(ctx: dict, params: dict, io: StageIO) -> QA:
-    try:
-        size = io.store.client.stat_object(io.store.raw_bucket, ctx["input_key"]).size
-    except Exception:            # reading it, _import names what is wrong
-        size = 0
-    early = min(EARLY_INGEST_PROCESSES, os.cpu_count() or 1) if size >= EARLY_INGEST_BYTES else 0
-    with ingest_processes(early) as pool:
-        return _import(ctx, params, io, pool)
-
-
-def _import(ctx: dict, params: dict, io: StageIO, pool: ProcessPoolExecutor | None) -> QA:
     qa = QA()
     key = ctx["input_key"]
     head = io.store.get_range(key, 0, 512, bucket=io.store.raw_bucket)
@@ -222,7 +188,7 @@ def _import(ctx: dict, params: dict, io: StageIO, pool: ProcessPoolExecutor | No
            {sid for sc in obs["scans"] for sid in sc["spws"]}]
     parts, aux = [], {}
     try:
-        entries = _ingest(io, ms_path, basename, science + wvr[:1], pool)
+        entries = _ingest(io, ms_path, basename, science + wvr[:1])
     except msio.MSError as exc:
         raise StageError(f"importdata: {exc}") from exc
     for part in entries:
