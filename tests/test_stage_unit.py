@@ -438,23 +438,47 @@ def test_robust_statistics_are_astropys_mad_std():
     np.testing.assert_allclose(robust.mad_std(rows, axis=1), mad_std(rows, axis=1), rtol=1e-6)
 
 
-def test_columnwise_median_and_mad_are_numpys_and_astropys():
-    """nan_median_mad_std (flagtargets' per-channel statistics) equals np.nanmedian and
-    mad_std(ignore_nan=True) column by column, columns without a value included."""
+def test_bin_outliers_are_numpys_nanmedian_and_astropys_mad_std_thresholds():
+    """The compiled bin_outliers (flagtargets' per-channel test in uv bins) flags what
+    numpy's nanmedian and astropy's mad_std(ignore_nan=True) of each bin's sampled rows
+    give: even and odd counts, ties, flagged and NaN samples, a column without a value,
+    bins with too few samples, rows in no bin."""
     import warnings
-    from almapipe.heuristics.robust import nan_median_mad_std
+    from almapipe.heuristics.kernels import bin_outliers
+
+    def reference(amp, ok, bins, nbin, nhi, nlo, min_samples, stats_rows):
+        out = np.zeros(amp.shape, bool)
+        for b in range(nbin):
+            r = bins == b
+            if not r.any():
+                continue
+            a = np.where(ok[r], amp[r], np.nan)
+            n = ok[r].sum(axis=0)
+            sample = a[::max(1, -(-len(a) // stats_rows))]
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore")
+                med = np.nanmedian(sample, axis=0)
+                sig = mad_std(sample, axis=0, ignore_nan=True).astype(np.float32)
+            usable = (n >= min_samples) & (sig > 0)
+            out[r] = ((a > med + nhi * sig) | (a < med - nlo * sig)) & usable[None]
+        return out
+
     rng = np.random.default_rng(4)
-    for shape, dtype in (((501, 6, 2), np.float32), ((8, 5, 2), np.float64), ((1, 3, 2), np.float32)):
-        a = rng.rayleigh(1.0, shape).astype(dtype)
-        a[rng.random(shape) < 0.3] = np.nan
-        a[:, 0, 0] = np.nan
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            warnings.simplefilter("ignore")
-            want_med, want_sig = np.nanmedian(a, axis=0), mad_std(a, axis=0, ignore_nan=True)
-        med, sig = nan_median_mad_std(a)
-        np.testing.assert_array_equal(med, want_med)
-        np.testing.assert_allclose(sig, want_sig, rtol=1e-6)
-        assert med.dtype == sig.dtype == dtype
+    for nrow, nchan, ncorr, stats_rows in ((5001, 6, 2, 20000), (900, 3, 4, 101), (37, 2, 1, 5)):
+        amp = rng.rayleigh(1.0, (nrow, nchan, ncorr)).astype(np.float32)
+        amp[rng.random(amp.shape) < 0.001] = 30.0                # outliers
+        amp[rng.random(amp.shape) < 0.001] = 1e-4
+        amp[:, 1] = np.round(amp[:, 1], 1)                         # ties
+        amp[rng.random(amp.shape) < 0.01] = np.nan                 # unflagged NaN
+        ok = rng.random(amp.shape) > 0.2
+        ok[:, 0, 0] = False                                        # a column without a value
+        bins = rng.integers(-1, 5, nrow)                           # -1: in no bin
+        for nhi, nlo, min_samples in ((3.0, 3.0, 20), (2.0, 1.0, 1), (12.0, 13.0, 2000)):
+            want = reference(amp, ok, bins, 5, nhi, nlo, min_samples, stats_rows)
+            got = bin_outliers(amp, ok, bins, 5, nhi, nlo, min_samples, stats_rows)
+            assert (got == want).all(), (nrow, nhi, nlo, min_samples, int((got != want).sum()))
+            if nrow > 100 and min_samples < 2000 and nhi == 3.0:
+                assert want.any()
 
 
 def test_uv_outliers_of_a_long_eb_take_their_statistics_from_a_sample_of_rows(monkeypatch):

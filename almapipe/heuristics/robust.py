@@ -35,26 +35,3 @@ def robust_sigma(values, floor: float = 0.0) -> float:
 def robust_centre_sigma(values, floor: float = 0.0) -> tuple[float, float]:
     """(median, robust sigma) of a sample, the sigma not below floor."""
     return float(np.median(values)), robust_sigma(values, floor)
-
-
-def _median_of_sorted(s: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """Median along axis 0 of s (sorted along axis 0, NaN last) over its first n values
-    per column; NaN where n is 0."""
-    lo, hi = np.maximum(n - 1, 0) // 2, n // 2          # equal for an odd n
-    with np.errstate(invalid="ignore"):
-        m = 0.5 * (np.take_along_axis(s, lo[None], 0)[0] + np.take_along_axis(s, hi[None], 0)[0])
-    return np.where(n > 0, m, np.nan).astype(s.dtype, copy=False)
-
-
-def nan_median_mad_std(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(median, MAD x 1.4826) along axis 0 over the finite values of each column, NaN
-    where a column has none: np.nanmedian(a, axis=0) and mad_std(a, axis=0,
-    ignore_nan=True) in two sorts, where those take a Python loop per column."""
-    if a.shape[0] == 0:
-        nan = np.full(a.shape[1:], np.nan, a.dtype)
-        return nan, nan.copy()
-    n = np.sum(~np.isnan(a), axis=0)
-    med = _median_of_sorted(np.sort(a, axis=0), n)
-    with np.errstate(invalid="ignore"):
-        dev = np.abs(a - med[None])
-    return med, (MAD_TO_SIGMA * _median_of_sorted(np.sort(dev, axis=0), n)).astype(a.dtype, copy=False)
