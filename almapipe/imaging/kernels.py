@@ -258,16 +258,19 @@ def _subtract_continuum_rows(data, flag, weight, rows, cont_mask, order, vsum, w
 
 
 @numba.njit(cache=True)
-def adjacent_difference_counts(data, flag, weight, rows, idx, counts, lo, per_decade):
+def adjacent_difference_counts(data, flag, weight, rows, idx, counts, shift, first, hi):
     """The noise sketch's pass (samples.MedianSketch): for each of the given rows and
     correlations and each pair of selected channels idx[k], idx[k + 1] that are adjacent
-    and both unflagged, |Re(V[idx[k + 1]] - V[idx[k]])| sqrt(w) is counted into the log
-    histogram `counts` (bin floor((log10 v - lo) per_decade) + 1; zeros and what is not
-    a finite positive number in bin 0, beyond the last bin in the last), with the same
-    float32 arithmetic as the array expression it replaces. Returns how many it counted.
-    No temporaries: the numpy version held the differences of a block several times."""
+    and both unflagged, v = |Re(V[idx[k + 1]] - V[idx[k]])| sqrt(w) is counted into the
+    histogram `counts` of float32 bit patterns: bin (bits of float32(v) >> shift) - first
+    + 1, zeros, values below the first bin and what is not a number in bin 0, hi and
+    above in the last. The same float32 arithmetic as the array expression it replaces;
+    returns how many it counted. No temporaries: the numpy version held the differences
+    of a block several times."""
     n = 0
     last = len(counts) - 1
+    as_float = np.zeros(1, np.float32)
+    as_bits = as_float.view(np.uint32)
     for rr in range(len(rows)):
         r = rows[rr]
         for p in range(data.shape[2]):
@@ -277,11 +280,13 @@ def adjacent_difference_counts(data, flag, weight, rows, idx, counts, lo, per_de
                 c1 = idx[k + 1]
                 if c1 != c0 + 1 or flag[r, c0, p] or flag[r, c1, p]:
                     continue
-                v = np.float64(np.abs((data[r, c1, p] - data[r, c0, p]).real) * sw)
+                v = np.abs((data[r, c1, p] - data[r, c0, p]).real) * sw
                 b = 0
-                if v > 0 and np.isfinite(v):
-                    b = int(np.floor((np.log10(v) - lo) * per_decade)) + 1
-                    b = min(max(b, 0), last)
+                if v >= hi:
+                    b = last
+                elif v > 0:
+                    as_float[0] = v
+                    b = min(max(np.int64(as_bits[0] >> shift) - first + 1, 0), last)
                 counts[b] += 1
                 n += 1
     return n

@@ -329,21 +329,30 @@ def uv_distances(samples: BinnedStokesI, fref: float) -> np.ndarray:
 
 class MedianSketch:
     """The median of many non-negative values seen a block at a time, from a histogram
-    of their logarithms (2000 bins a decade: within 0.06 % of the exact median) in
-    bounded memory."""
-    PER_DECADE, LO, HI = 2000, -15, 10
+    of their float32 bit patterns in bounded memory: a bin is an exponent and the top
+    MANTISSA_BITS bits of the mantissa, 2048 bins an octave (the median within 0.025 %).
+    The bin is a shift of the bits, where a logarithm per value took 8.5 s of the
+    imager's thread time on the realistic EB (py-spy)."""
+    MANTISSA_BITS = 11
+    SHIFT = 23 - MANTISSA_BITS
+    LO, HI = 1e-15, 1e10                 # bin 0: zeros and below LO; the last bin: HI and above
+    FIRST = int(np.float32(LO).view(np.uint32)) >> SHIFT     # the first inner bin's bits
 
     def __init__(self):
-        self.counts = np.zeros((self.HI - self.LO) * self.PER_DECADE + 2, np.int64)
+        last = (int(np.float32(self.HI).view(np.uint32)) >> self.SHIFT) - self.FIRST + 1
+        self.counts = np.zeros(last + 1, np.int64)
         self.n = 0
 
     def add(self, values: np.ndarray) -> None:
         values = np.asarray(values, float).ravel()
         self.n += len(values)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            b = np.floor((np.log10(values) - self.LO) * self.PER_DECADE).astype(np.int64) + 1
-        # bin 0: zeros (and anything below 1e-15), the last bin: anything beyond 1e10
-        self.counts += np.bincount(np.clip(b, 0, len(self.counts) - 1), minlength=len(self.counts))
+        last = len(self.counts) - 1
+        inner = (values > 0) & (values < self.HI)          # (NaN: neither)
+        bits = values[inner].astype(np.float32).view(np.uint32)
+        b = np.zeros(len(values), np.int64)
+        b[inner] = np.clip((bits >> self.SHIFT).astype(np.int64) - self.FIRST + 1, 0, last)
+        b[values >= self.HI] = last                        # (inf included)
+        self.counts += np.bincount(b, minlength=len(self.counts))
 
     def add_adjacent_differences(self, data, flag, weight, idx, rows=None) -> None:
         """Add |Re(V[c + 1] - V[c])| sqrt(w) of every row (or the given rows) and
@@ -353,7 +362,7 @@ class MedianSketch:
         line contributes to. One compiled pass, as add() of the same values."""
         rows = np.arange(len(data), dtype=np.int64) if rows is None else np.asarray(rows, np.int64)
         self.n += int(kernels.adjacent_difference_counts(data, flag, weight, rows, np.asarray(idx, np.int64),
-                                                         self.counts, float(self.LO), float(self.PER_DECADE)))
+                                                         self.counts, self.SHIFT, self.FIRST, self.HI))
 
     def median(self) -> float:
         if not self.n:
@@ -361,7 +370,9 @@ class MedianSketch:
         b = int(np.searchsorted(np.cumsum(self.counts), (self.n + 1) / 2.0))
         if b == 0:
             return 0.0
-        return float(10.0 ** (self.LO + (b - 0.5) / self.PER_DECADE))   # the bin's centre (in log)
+        # the bin's centre: its edges are float32 numbers, evenly spaced within an octave
+        lo, hi = (np.array([b - 1 + self.FIRST, b + self.FIRST], np.uint32) << self.SHIFT).view(np.float32)
+        return 0.5 * (float(lo) + float(hi))
 
 
 def clean_mfs(samples, spec) -> Planes | TaylorPlanes:
