@@ -94,7 +94,7 @@ def test_upload_streams_an_input_and_checks_it(stub, stack, tmp_path):
 
     def up(*chunks):
         return stub.Upload(iter(chunks), timeout=30)
-    # more than one of the gateway's 64 MiB parts, in blocks that do not divide them
+    # more than one of the gateway's parts (UPLOAD_PART_BYTES), in blocks that do not divide them
     rng = np.random.default_rng(5)
     big = rng.integers(0, 256, (70 << 20) + 12345, dtype=np.uint8).tobytes()
     digest = hashlib.sha256(big).hexdigest()
@@ -105,6 +105,11 @@ def test_upload_streams_an_input_and_checks_it(stub, stack, tmp_path):
     assert resp.key == f"inputs/{digest[:16]}/big.bin"
     assert hashlib.sha256(store.get_bytes(resp.key, bucket=store.raw_bucket)).hexdigest() == digest
     store.remove(resp.key, bucket=store.raw_bucket)
+    # more bytes than declared, found after two parts have gone to S3: refused, nothing kept
+    assert "more than the declared" in _refused(
+        lambda: up(pb.UploadChunk(name="big.bin", size=40 << 20, sha256=digest, data=blocks[0]),
+                   *(pb.UploadChunk(data=b) for b in blocks[1:])))
+    assert not store.exists(resp.key, bucket=store.raw_bucket)
     assert "sha256" in _refused(lambda: up(pb.UploadChunk(name="a.txt", size=3, sha256="0" * 64, data=b"abc")),
                                 grpc.StatusCode.DATA_LOSS)
     assert "name" in _refused(lambda: up(pb.UploadChunk(name="../etc/passwd", size=3, data=b"abc")))

@@ -69,9 +69,9 @@ def sizes(ngc) -> dict:
 def test_chunk_bodies_are_hashed_into_signatures_only_off_this_machine_without_tls():
     """UNSIGNED-PAYLOAD (the signature covers the headers) to a server on this machine or
     over TLS; a body sent in the clear to another host is hashed into its signature."""
-    from almapipe.platform.visstore import _loopback
-    assert _loopback("127.0.0.1:16033") and _loopback("localhost:9000") and _loopback("[::1]:9000")
-    assert not _loopback("minio:9000") and not _loopback("10.1.2.3:9000") and not _loopback("s3.example.org:443")
+    from almapipe.platform.store import loopback
+    assert loopback("127.0.0.1:16033") and loopback("localhost:9000") and loopback("[::1]:9000")
+    assert not loopback("minio:9000") and not loopback("10.1.2.3:9000") and not loopback("s3.example.org:443")
 
 
 def test_rows_picked_from_plain_chunk_slices_equal_zarrs_orthogonal_selection(monkeypatch):

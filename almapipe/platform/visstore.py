@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import ipaddress
 import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +53,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cache import BoundedCache
+from .store import s3_object_store
 
 # MS column -> store array, for the visibility cubes (nrow, nchan, ncorr)
 CUBE_OF_COLUMN = {"DATA": "VISIBILITY", "CORRECTED_DATA": "VISIBILITY_CORRECTED",
@@ -155,36 +155,16 @@ class ByteCounter:
                 "requested": self.requested, "decoded": self.decoded}
 
 
-def _loopback(endpoint: str) -> bool:
-    """Whether host:port names this machine (a request to it never leaves the host)."""
-    host = endpoint.rsplit(":", 1)[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:          # a name other than localhost: resolved elsewhere, not trusted
-        return False
-
-
 def _zarr_store(cfg, cache_dir: str | None, cache_limit: int, counter: ByteCounter):
     """Two zarr stores on the S3 bucket (obstore) with one bounded local cache: every key
     is immutable, so a cached object never goes stale. The first keeps what it reads and
     writes in the cache; the second (a pass over more visibilities than the cache holds)
     reads cached objects but keeps nothing: least-recently-used, the pass would only
     evict what it and everything else had cached before a second read came."""
-    from obstore.store import S3Store
     from zarr.storage import ObjectStore, WrapperStore
     from zarr.core.buffer import default_buffer_prototype
 
-    scheme = "https" if cfg.s3_secure else "http"
-    # A chunk's body is hashed into its request's signature only where nothing else
-    # guards it: over TLS, and to a server on this machine, the signature covers the
-    # headers (UNSIGNED-PAYLOAD, as AWS's SDKs send over TLS) and the body is not hashed
-    # (0.5 s of CPU per GB written, measured)
-    s3 = S3Store(cfg.bucket, endpoint=f"{scheme}://{cfg.s3_endpoint}", access_key_id=cfg.s3_access_key,
-                 secret_access_key=cfg.s3_secret_key, region="us-east-1",
-                 virtual_hosted_style_request=False, client_options={"allow_http": not cfg.s3_secure},
-                 unsigned_payload=cfg.s3_secure or _loopback(cfg.s3_endpoint))
+    s3 = s3_object_store(cfg, cfg.bucket)
     inner = ObjectStore(s3, read_only=False)
     cache = BoundedCache(cache_dir, cache_limit) if cache_dir and cache_limit > 0 else None
 
