@@ -5,6 +5,7 @@ import multiprocessing
 import os
 import shutil
 import tarfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 from .base import QA, Param, Score, StageError, StageIO, metric, stage
@@ -156,6 +157,7 @@ def importdata(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
     key = ctx["input_key"]
     head = io.store.get_range(key, 0, 512, bucket=io.store.raw_bucket)
+    t0 = time.perf_counter()
     if _is_plain_tar(head):
         local = os.path.basename(key)
         ms_path, fmt = _ms_in(_stream_tar(io, key, f"importdata: {local}"), local), "MeasurementSet"
@@ -167,7 +169,7 @@ def importdata(ctx: dict, params: dict, io: StageIO) -> QA:
     else:                                       # UVFITS, gzip: a local file first
         local = io.fetch_raw(key)
         ms_path, fmt = _unpack_input(local, io.workdir)
-    io.log("input %s read as %s", os.path.basename(local), fmt)
+    io.log("input %s read as %s in %.1f s", os.path.basename(local), fmt, time.perf_counter() - t0)
     for fname, key in SIDECARS.items():
         side = os.path.join(os.path.dirname(ms_path), fname)
         if os.path.exists(side) and not ctx["user"].get(key):
@@ -187,10 +189,12 @@ def importdata(ctx: dict, params: dict, io: StageIO) -> QA:
     wvr = [s["id"] for s in obs["spws"] if s["kind"] == "wvr" and s["id"] in
            {sid for sc in obs["scans"] for sid in sc["spws"]}]
     parts, aux = [], {}
+    t0 = time.perf_counter()
     try:
         entries = _ingest(io, ms_path, basename, science + wvr[:1])
     except msio.MSError as exc:
         raise StageError(f"importdata: {exc}") from exc
+    io.log("%d spws streamed into the store in %.1f s", len(entries), time.perf_counter() - t0)
     for part in entries:
         if part["spw"] in science:
             parts.append(part)
