@@ -138,3 +138,66 @@ def test_each_spw_streams_into_the_store_and_exports_back(ngc5921_ms, tmp_path, 
     for spw in (0, 1):
         a, b = msio.read_vis(out, spw), msio.read_vis(ms, spw)
         assert np.array_equal(a.data, b.data) and np.array_equal(a.flag, b.flag)
+
+
+def test_a_tar_in_the_raw_bucket_is_extracted_in_parallel_ranges_as_tarfile_extracts_it(tmp_path, stack,
+                                                                                         monkeypatch):
+    """importdata's extraction of a tar from S3 (headers first, then the files' bytes in
+    equal ranges by parallel GETs, a file split between them) gives tarfile's own
+    extraction: nested folders, long (PAX) names, empty files. A member outside the
+    folder, a link, and a tar beyond the unpacking cap are refused before a file is
+    written, each with an error naming it."""
+    import io
+    import os
+    import tarfile
+    from types import SimpleNamespace
+    from almapipe.platform.store import ObjectStore
+    from almapipe.stages import importdata
+    from almapipe.stages.base import StageError
+    _, cfg = stack
+    store = ObjectStore(cfg)
+    rng = np.random.default_rng(8)
+    src = tmp_path / "src" / "x.ms"
+    (src / ("SUB" + "_long" * 30)).mkdir(parents=True)
+    files = {"table.f0": rng.bytes(300_001), "table.f1_TSM1": rng.bytes(2_000_003), "empty": b"",
+             "SUB" + "_long" * 30 + "/table.f0": rng.bytes(77_777)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    monkeypatch.setattr(importdata, "MIN_STREAM_BYTES", 1000)
+    monkeypatch.setattr(importdata, "EXTRACT_STREAMS", 3)
+    monkeypatch.setattr(importdata, "TAR_BUFFER_BYTES", 65536)
+    monkeypatch.setattr(importdata.os, "cpu_count", lambda: 3)
+
+    def extract(tar_path, name):
+        key = f"test/untar/{name}"
+        store.put_file(str(tar_path), key, bucket=store.raw_bucket)
+        work = tmp_path / f"work-{name}"
+        work.mkdir()
+        return importdata._stream_tar(SimpleNamespace(store=store, workdir=str(work)), key, f"importdata: {name}")
+
+    tar_path = tmp_path / "x.tar"
+    with tarfile.open(tar_path, "w", format=tarfile.PAX_FORMAT) as t:
+        t.add(src, arcname="x.ms")
+    dest = extract(tar_path, "x.tar")
+    for name, data in files.items():
+        assert (tmp_path / f"work-x.tar/untar/x.ms/{name}").read_bytes() == data, name
+    assert sorted(os.listdir(os.path.join(dest, "x.ms"))) == sorted(os.listdir(src))
+
+    def tar_with(member: tarfile.TarInfo, data: bytes = b""):
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.tar"
+        with tarfile.open(path, "w") as t:
+            t.add(src / "table.f0", arcname="x.ms/table.f0")
+            member.size = len(data)
+            t.addfile(member, io.BytesIO(data))
+        return path
+    for n, name in enumerate(("../evil", "x.ms/../../evil")):      # ("/evil" lands as "evil", as tarfile puts it)
+        with pytest.raises(StageError, match="outside the destination"):
+            extract(tar_with(tarfile.TarInfo(name), b"x"), f"evil{n}")
+    link = tarfile.TarInfo("x.ms/link")
+    link.type, link.linkname = tarfile.SYMTYPE, "table.f0"
+    with pytest.raises(StageError, match="link"):
+        extract(tar_with(link), "link")
+    monkeypatch.setenv("ALMAPIPE_MAX_UNPACK_RATIO", "0.5")
+    with pytest.raises(StageError, match="ALMAPIPE_MAX_UNPACK_RATIO"):
+        extract(tar_path, "bomb")
+    assert not os.path.exists(tmp_path / "work-bomb/untar/x.ms/table.f0")
