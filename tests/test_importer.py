@@ -161,8 +161,11 @@ def test_a_tar_in_the_raw_bucket_is_extracted_in_parallel_ranges_as_tarfile_extr
     (src / ("SUB" + "_long" * 30)).mkdir(parents=True)
     files = {"table.f0": rng.bytes(300_001), "table.f1_TSM1": rng.bytes(2_000_003), "empty": b"",
              "SUB" + "_long" * 30 + "/table.f0": rng.bytes(77_777)}
+    files.update({f"t{i}.f0": rng.bytes(int(n)) for i, n in enumerate(rng.integers(0, 3000, 30))})
     for name, data in files.items():
         (src / name).write_bytes(data)
+    # headers read 1000 bytes at a time: reads straddle the window (a short read would end the scan)
+    monkeypatch.setattr(importdata, "HEADER_READ_AHEAD", 1000)
     monkeypatch.setattr(importdata, "MIN_STREAM_BYTES", 1000)
     monkeypatch.setattr(importdata, "EXTRACT_STREAMS", 3)
     monkeypatch.setattr(importdata, "TAR_BUFFER_BYTES", 65536)

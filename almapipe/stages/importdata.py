@@ -111,8 +111,10 @@ class _RangeReader(io_module.RawIOBase):
     def readinto(self, b) -> int:
         if self.pos >= self.size:
             return 0
-        if not self.buf_at <= self.pos < self.buf_at + len(self.buf):
-            length = min(max(len(b), HEADER_READ_AHEAD), self.size - self.pos)
+        want = min(len(b), self.size - self.pos)
+        if not self.buf_at <= self.pos <= self.pos + want <= self.buf_at + len(self.buf):
+            # (a read is never short: tarfile takes a short header for the archive's end)
+            length = min(max(want, HEADER_READ_AHEAD), self.size - self.pos)
             self.buf, self.buf_at = self.store.get_range(self.key, self.pos, length, bucket=self.bucket), self.pos
         chunk = memoryview(self.buf)[self.pos - self.buf_at:self.pos - self.buf_at + len(b)]
         if not len(chunk):             # (the object shorter than it said)
