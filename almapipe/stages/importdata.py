@@ -135,16 +135,16 @@ def _stream_tar(io: StageIO, key: str, what: str) -> str:
     5.5 GB in 19 s with a core idle, its time in writes to new pages of the page cache."""
     store = io.store
     size = store.client.stat_object(store.raw_bucket, key).size
-    cap, message = limits.unpack_cap(size, what)
     dest = os.path.join(io.workdir, "untar")
     os.makedirs(dest, exist_ok=True)
     try:
         with tarfile.open(fileobj=_RangeReader(store, store.raw_bucket, key, size), mode="r:") as tar:
+            limits.check_tar(tar, size, what)        # (stops reading headers at the cap)
             members = tar.getmembers()
+    except limits.UnpackLimit as exc:
+        raise StageError(str(exc)) from None
     except tarfile.TarError as exc:
         raise StageError(f"{what}: not a readable tar: {exc}") from None
-    if sum(m.size for m in members if m.isreg()) > cap:
-        raise StageError(message)
     checked = []
     for m in members:
         try:
@@ -187,8 +187,8 @@ def _stream_tar(io: StageIO, key: str, what: str) -> str:
         shares.append(share)
 
     def stream(pieces):
-        first, last = pieces[0][2], pieces[-1][2] + pieces[-1][3]
-        resp = store.client.get_object(store.raw_bucket, key, offset=first, length=last - first)
+        first, end = pieces[0][2], pieces[-1][2] + pieces[-1][3]
+        resp = store.client.get_object(store.raw_bucket, key, offset=first, length=end - first)
         buf = memoryview(bytearray(TAR_BUFFER_BYTES))
         try:
             at = first
