@@ -85,8 +85,8 @@ async def _drain(blocks, h, check) -> tuple:
 
 async def _stream_to_s3(store, key: str, blocks, h, check, declared: int) -> tuple:
     """Upload an async stream of blocks, declared bytes in all, to the raw bucket
-    (obstore's multipart put, fed by the stream as it arrives); returns (size, sha256). A check that raises stops the
-    put, whose parts S3 then drops. To a server on this machine or over TLS the parts
+    (obstore's multipart put, fed by the stream as it arrives); returns (size, sha256).
+    A check that raises stops the put, whose parts S3 then drops. To a server on this machine or over TLS the parts
     are not hashed again for their signatures (store.s3_object_store): minio's put
     hashed each and copied it twice, 20 of the gateway's 24 CPU-s for a 5.5 GB EB
     (py-spy)."""

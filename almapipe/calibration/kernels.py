@@ -8,9 +8,9 @@ import numpy as np
 @numba.njit(inline="always")
 def _divided(d, g):
     """d / g for a non-zero g as d conj(g) / |g|^2: one real division where numba's
-    complex one takes several (2.6x faster per sample; the results differ from it in
-    the last bit; |g|^2 is taken in float64). apply_gains and divide_by_gains share it, so that data corrected
-    on reading equal those applycal stores."""
+    complex one takes several (2x faster per sample; the results differ from it in the
+    last bit). apply_gains and divide_by_gains share it, so that data corrected on
+    reading equal those applycal stores."""
     gr, gi = np.float64(g.real), np.float64(g.imag)      # (|g|^2 in float64: no underflow)
     return d * np.conj(g) / (gr * gr + gi * gi)
 
