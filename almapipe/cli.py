@@ -259,6 +259,7 @@ def _in_background(fn):
 
 def cmd_run(args) -> int:
     import grpc
+    from .platform.inputs import covering_root
     from .platform.stack import Stack, StackError, gateway_healthy
     from .v1 import pipeline_pb2 as pb, pipeline_pb2_grpc as pb_grpc
     inputs = args.input or [DEFAULT_INPUT]
@@ -283,11 +284,19 @@ def cmd_run(args) -> int:
         print(f"almapipe run: {problem}", file=sys.stderr)
         return 2
     cfg = Config.from_env()
-    # the inputs' digests (a pass over their bytes, which names their keys) are taken
-    # while the stack starts and the request is prepared
-    digests = _in_background(lambda: [input_digest(p) for p in inputs])
+    own_stack = not gateway_healthy(cfg)
+    if own_stack and "ALMAPIPE_IMPORT_ROOTS" not in os.environ:
+        # the stack this command starts for itself reads the inputs where they lie
+        # (decision 0022): their folders are its import roots
+        os.environ["ALMAPIPE_IMPORT_ROOTS"] = os.pathsep.join(
+            sorted({os.path.dirname(os.path.realpath(p)) for p in inputs}))
+        cfg = Config.from_env()
+    in_place = [covering_root(p, cfg.import_roots) is not None for p in inputs]
+    # the uploaded inputs' digests (a pass over their bytes, which names their keys) are
+    # taken while the stack starts and the request is prepared
+    digests = _in_background(lambda: [None if here else input_digest(p) for p, here in zip(inputs, in_place)])
     started = None
-    if not gateway_healthy(cfg):
+    if own_stack:
         print(f"no gateway at {cfg.gateway_addr}: starting the local stack in {cfg.data_dir} ...", flush=True)
         started = Stack()
         try:
@@ -311,12 +320,15 @@ def cmd_run(args) -> int:
         with channel(cfg) as ch:
             stub = pb_grpc.PipelineServiceStub(ch)
             try:
-                keys = [upload_via_gateway(stub, pb, path, d) for path, d in zip(inputs, digests.result())]
-                if mous:
-                    req.input_keys.extend(keys)
-                else:
-                    req.input_key = keys[0]
-                run = stub.SubmitRun(req, metadata=metadata, timeout=60)
+                try:
+                    run = _submit(stub, pb, req, metadata, inputs, in_place, digests.result(), mous)
+                except grpc.RpcError as exc:
+                    if not any(in_place) or "ALMAPIPE_IMPORT_ROOTS" not in (exc.details() or ""):
+                        raise
+                    # a running stack whose import roots do not hold the inputs: upload them
+                    print(f"the stack does not read the inputs in place ({exc.details()}): uploading", flush=True)
+                    run = _submit(stub, pb, req, metadata, inputs, [False] * len(inputs),
+                                  [input_digest(p) for p in inputs], mous)
             except grpc.RpcError as exc:
                 print(f"almapipe run: submit refused: {exc.details()}", file=sys.stderr)
                 return 2
@@ -328,6 +340,25 @@ def cmd_run(args) -> int:
     finally:
         if started is not None and not args.keep_stack:
             started.down()
+
+
+def _submit(stub, pb, req, metadata, inputs: list, in_place: list, digests: list, mous: bool):
+    """SubmitRun with each input's key: file:// and its path where the stack reads it in
+    place, else the key Upload answers once it has the bytes."""
+    from .platform.inputs import key_for
+    keys = []
+    for path, here, digest in zip(inputs, in_place, digests):
+        if here:
+            keys.append(key_for(path))
+            print(f"{path}: read in place by the stack (no upload)", flush=True)
+        else:
+            keys.append(upload_via_gateway(stub, pb, path, digest))
+    del req.input_keys[:]
+    if mous:
+        req.input_keys.extend(keys)
+    else:
+        req.input_key = keys[0]
+    return stub.SubmitRun(req, metadata=metadata, timeout=60)
 
 
 def check_request(recipe_name: str | None, recipe_file: str | None, params: dict, mous: bool) -> str:

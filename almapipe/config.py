@@ -70,6 +70,17 @@ PORTS = {"nats": 22, "nats_monitor": 23, "s3": 33, "weed_master": 40, "weed_volu
          "metrics_imager": 63, "metrics_weblog": 64}
 
 
+def import_roots(value: str) -> tuple:
+    """ALMAPIPE_IMPORT_ROOTS (directories separated by ':') as absolute real paths; a
+    relative one is refused here, at start-up, not at the first import."""
+    roots = []
+    for d in filter(None, value.split(os.pathsep)):
+        if not os.path.isabs(d):
+            raise ValueError(f"ALMAPIPE_IMPORT_ROOTS: {d!r} is not an absolute path")
+        roots.append(os.path.realpath(d))
+    return tuple(roots)
+
+
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
@@ -170,6 +181,9 @@ class Config:
     # (the unpacking and imaging caps are read where they apply: almapipe/limits.py)
     max_upload_bytes: int = 100000 << 20
     raw_retention: str = "keep"
+    # directories whose EBs the importer reads where they lie (file:// inputs, decision
+    # 0022); empty: every input goes through the raw bucket
+    import_roots: tuple = ()
 
     @staticmethod
     def from_env() -> "Config":
@@ -200,4 +214,5 @@ class Config:
             tls_ca=_env("ALMAPIPE_TLS_CA", ""),
             max_upload_bytes=int(float(_env("ALMAPIPE_MAX_UPLOAD_MB", "100000")) * (1 << 20)),
             raw_retention=_env("ALMAPIPE_RAW_RETENTION", "keep"),
+            import_roots=import_roots(_env("ALMAPIPE_IMPORT_ROOTS", "")),
         )

@@ -19,7 +19,7 @@ import uuid
 
 from almapipe import limits, recipes
 from almapipe.errors import ParameterError
-from almapipe.platform import bus, metrics
+from almapipe.platform import bus, inputs as local_inputs, metrics
 from almapipe.platform.store import ObjectStore
 from almapipe.stages.base import new_context
 from almapipe.v1 import pipeline_pb2 as pb
@@ -64,8 +64,10 @@ def check_submit(req) -> None:
     if len(set(req.input_keys)) != len(req.input_keys):
         raise RequestError("input_keys: the same execution block is given twice")
     for key in list(req.input_keys) or [req.input_key]:
-        if len(key) > FIELD_MAX["input_key"] or ".." in key.split("/") or key.startswith("/"):
-            raise RequestError(f"input_key: {key[:100]!r} is not an object key")
+        if len(key) > FIELD_MAX["input_key"]:
+            raise RequestError(f"input_key: {len(key)} characters, at most {FIELD_MAX['input_key']}")
+        if not local_inputs.is_local(key) and (".." in key.split("/") or key.startswith("/")):
+            raise RequestError(f"input_key: {key[:100]!r} is not an object key (nor file:// and a path)")
     # a recipe is named, never a path: only the built-in recipes' names
     if req.recipe and (not RECIPE_NAME.match(req.recipe) or req.recipe not in recipes.available()):
         raise RequestError(f"recipe: unknown recipe {req.recipe[:64]!r} (a recipe name is lowercase letters, "
@@ -180,7 +182,12 @@ class Coordinator:
         check_submit(req)
         inputs = list(req.input_keys) or [req.input_key]
         for key in inputs:
-            if not self.store.exists(key, bucket=self.store.raw_bucket):
+            if local_inputs.is_local(key):      # read in place by the importer (decision 0022)
+                try:
+                    local_inputs.local_path(key, self.cfg.import_roots)
+                except local_inputs.InputError as exc:
+                    raise RequestError(str(exc), not_found=exc.not_found) from None
+            elif not self.store.exists(key, bucket=self.store.raw_bucket):
                 raise RequestError(f"input_key: {key!r} not found in bucket {self.store.raw_bucket}", not_found=True)
         mous = len(inputs) > 1 or bool(req.mous_id)
         auto = not recipe_doc and not req.recipe and not mous

@@ -31,7 +31,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 
 from almapipe import recipes
 from almapipe.errors import ParameterError
-from almapipe.platform import bus
+from almapipe.platform import bus, inputs as local_inputs
 from almapipe.v1 import pipeline_pb2 as pb
 
 from .coordinator import TERMINAL, RequestError, page_start
@@ -217,7 +217,13 @@ class Triggers:
     # ------------------------------------------------------------ deciding
     def input_keys(self, location: str) -> list:
         """The EBs' inputs in the raw bucket: one object, or every object under a prefix
-        ending in '/', in key order."""
+        ending in '/', in key order; or, file:// and a path under an import root, the
+        EB there or the EBs in that directory (decision 0022)."""
+        if local_inputs.is_local(location):
+            try:
+                return local_inputs.list_local(location, self.cfg.import_roots)
+            except local_inputs.InputError as exc:
+                raise RequestError(str(exc).replace("input_key: ", "data_location: ", 1)) from None
         prefix = f"s3://{self.store.raw_bucket}/"
         if location.startswith("s3://"):
             if not location.startswith(prefix):

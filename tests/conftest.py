@@ -75,8 +75,11 @@ def stack(tmp_path_factory, request):
     data_dir = str(tmp_path_factory.mktemp("stack"))
     old = {k: os.environ.get(k) for k in ("ALMAPIPE_DATA_DIR", "ALMAPIPE_PORT_BASE", "ALMAPIPE_MAX_DELIVER",
                                           "ALMAPIPE_IMAGER_WORKERS", "ALMAPIPE_CALIBRATOR_WORKERS",
-                                          "ALMAPIPE_HEARTBEAT_S", "ALMAPIPE_HEARTBEAT_TIMEOUT_S")}
+                                          "ALMAPIPE_HEARTBEAT_S", "ALMAPIPE_HEARTBEAT_TIMEOUT_S",
+                                          "ALMAPIPE_IMPORT_ROOTS")}
     os.environ["ALMAPIPE_DATA_DIR"] = data_dir
+    # inputs placed here are read in place (file:// keys, decision 0022)
+    os.environ["ALMAPIPE_IMPORT_ROOTS"] = str(tmp_path_factory.mktemp("import-area"))
     os.environ["ALMAPIPE_PORT_BASE"] = str(_free_base())
     os.environ["ALMAPIPE_MAX_DELIVER"] = "3"
     os.environ["ALMAPIPE_IMAGER_WORKERS"] = "2"     # cube pieces really run in parallel

@@ -204,3 +204,112 @@ def test_a_tar_in_the_raw_bucket_is_extracted_in_parallel_ranges_as_tarfile_extr
     with pytest.raises(StageError, match="ALMAPIPE_MAX_UNPACK_RATIO"):
         extract(tar_path, "bomb")
     assert not os.path.exists(tmp_path / "work-bomb/untar/x.ms/table.f0")
+
+
+def test_a_file_input_names_only_what_lies_under_an_import_root(tmp_path):
+    """file:// keys (decision 0022): a path outside the roots, a link out of them, a
+    relative or unnormalised path, a missing one, or any path when no root is set, is
+    refused with the reason; one under a root is its real path."""
+    import os
+    from almapipe.platform import inputs
+    root, outside = tmp_path / "area", tmp_path / "elsewhere"
+    for ms in (root / "eb.ms", outside / "secret.ms"):
+        ms.mkdir(parents=True)
+        (ms / "table.dat").write_bytes(b"")
+    os.symlink(outside / "secret.ms", root / "link.ms")
+    roots = (str(root),)
+    assert inputs.local_path(inputs.key_for(str(root / "eb.ms")), roots) == str(root / "eb.ms")
+    cases = [(f"file://{outside}/secret.ms", roots, "not under an import root"),
+             (f"file://{root}/link.ms", roots, "not under an import root"),
+             (f"file://{root}/../elsewhere/secret.ms", roots, "absolute, normalised"),
+             ("file://eb.ms", roots, "absolute, normalised"),
+             (f"file://{root}/eb.ms", (), "ALMAPIPE_IMPORT_ROOTS is empty")]
+    for key, rts, why in cases:
+        with pytest.raises(inputs.InputError, match=why):
+            inputs.local_path(key, rts)
+    with pytest.raises(inputs.InputError, match="no such file") as e:
+        inputs.local_path(f"file://{root}/gone.ms", roots)
+    assert e.value.not_found
+    (root / "notes").mkdir()
+    (root / "notes" / "a.txt").write_text("x")
+    with pytest.raises(inputs.InputError, match="not under an import root"):   # the link leads out
+        inputs.list_local(f"file://{root}/", roots)
+    os.unlink(root / "link.ms")
+    assert inputs.list_local(f"file://{root}/", roots) == [f"file://{root}/eb.ms"]
+    with pytest.raises(ValueError, match="not an absolute path"):
+        from almapipe.config import import_roots
+        import_roots("relative/dir")
+
+
+def _tree_state(path: str) -> dict:
+    import os
+    out = {}
+    for d, _, files in os.walk(path):
+        for f in files:
+            st = os.stat(os.path.join(d, f))
+            out[os.path.relpath(os.path.join(d, f), path)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def test_an_ms_under_an_import_root_is_read_in_place_and_left_as_it_was(ngc5921_ms, stack):
+    """A run whose input is file:// and an MS directory under the stack's import root
+    (decision 0022): nothing is uploaded, importdata reads the MS where it lies, the MS is
+    not changed (every file's size and mtime), and the store holds its rows. Paths the
+    stack may not read are refused at SubmitRun, naming the reason."""
+    import json
+    import shutil
+    import grpc
+    from almapipe.platform.auth import channel
+    from almapipe.platform.store import ObjectStore
+    from almapipe.v1 import pipeline_pb2 as pb, pipeline_pb2_grpc as pb_grpc
+    from test_operations import wait_run
+    _, cfg = stack
+    ms = shutil.copytree(ngc5921_ms, f"{cfg.import_roots[0]}/inplace.ms")
+    before = _tree_state(ms)
+    store = ObjectStore(cfg)
+    raw_before = {o.object_name for o in store.list("", bucket=cfg.raw_bucket)}
+    one_stage = [("x-almapipe-recipe", json.dumps({"name": "import-only", "stages": [{"stage": "importdata"}]}))]
+    with channel(cfg) as ch:
+        stub = pb_grpc.PipelineServiceStub(ch)
+        run = stub.SubmitRun(pb.SubmitRunRequest(input_key=f"file://{ms}"), metadata=one_stage, timeout=30)
+        run = wait_run(stub, run.run_id, 180)
+        assert run.status == pb.RUN_STATUS_SUCCEEDED, run.error
+        assert run.input_key == f"file://{ms}"
+        for key, code, why in [(f"file://{ngc5921_ms}", grpc.StatusCode.INVALID_ARGUMENT, "ALMAPIPE_IMPORT_ROOTS"),
+                               (f"file://{cfg.import_roots[0]}/none.ms", grpc.StatusCode.NOT_FOUND, "no such file")]:
+            with pytest.raises(grpc.RpcError) as e:
+                stub.SubmitRun(pb.SubmitRunRequest(input_key=key), metadata=one_stage, timeout=30)
+            assert e.value.code() == code and why in e.value.details(), e.value.details()
+    assert _tree_state(ms) == before
+    assert {o.object_name for o in store.list("", bucket=cfg.raw_bucket)} == raw_before
+    vis = list(store.list(f"runs/{run.run_id}/vis/"))
+    assert any("VISIBILITY" in o.object_name for o in vis), "no visibilities in the store"
+    with ct.table(ngc5921_ms, ack=False) as t:
+        nrow = t.nrows()
+    ctx_keys = sorted(o.object_name for o in store.list(f"runs/{run.run_id}/context/") if "importdata" in o.object_name)
+    parts = store.get_json(ctx_keys[-1])["partitions"]
+    assert sum(p["nrow"] for p in parts) == nrow
+
+
+def test_almapipe_run_hands_over_a_path_under_the_import_root_and_uploads_otherwise(ngc5921_ms, stack, tmp_path):
+    """`almapipe run MS`: with the MS under the stack's import root it sends the path (no
+    upload); a client that believes in a root the stack does not have is refused by the
+    gateway and uploads the MS instead. Both runs succeed."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    _, cfg = stack
+    ms = shutil.copytree(ngc5921_ms, f"{cfg.import_roots[0]}/viacli.ms")
+    recipe = tmp_path / "import-only.json"
+    recipe.write_text(json.dumps({"name": "import-only", "stages": [{"stage": "importdata"}]}))
+    cmd = [sys.executable, "-m", "almapipe.cli", "run", "--recipe-file", str(recipe)]
+    here = subprocess.run(cmd + [ms], capture_output=True, text=True, timeout=300)
+    assert here.returncode == 0, here.stdout[-2000:] + here.stderr[-2000:]
+    assert "read in place by the stack (no upload)" in here.stdout and "SUCCEEDED" in here.stdout
+    other = shutil.copytree(ngc5921_ms, tmp_path / "mine" / "viacli.ms")
+    env = dict(os.environ, ALMAPIPE_IMPORT_ROOTS=str(tmp_path / "mine"))
+    up = subprocess.run(cmd + [str(other)], capture_output=True, text=True, timeout=300, env=env)
+    assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+    assert "does not read the inputs in place" in up.stdout and "SUCCEEDED" in up.stdout

@@ -213,6 +213,9 @@ def test_bad_or_unmatched_events_start_nothing_and_say_why(env):
         (event(mous, key, array="40m"), "rejected", "array '40m'"),
         (event(mous, "inputs/none/such.uvfits"), "rejected", "data_location: 'inputs/none/such.uvfits' not found"),
         (event(mous, ""), "rejected", "data_location is missing"),
+        # read in place only under the stack's import roots (decision 0022)
+        (event(mous, "file:///etc/"), "rejected", "data_location: file:///etc/: not under an import root"),
+        (event(mous, f"file://{cfg.import_roots[0]}/none.ms"), "rejected", "no such file or directory"),
         (event(mous, key, state="PartiallyObserved"), "ignored", "no rule for telescope VLA"),
         (event(mous, key, telescope="ALMA", array="TP"), "ignored", "array TP, state FullyObserved"),
         # the default ALMA rule matches; the data are not there

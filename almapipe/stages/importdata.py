@@ -11,6 +11,7 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 from .base import QA, Param, Score, StageError, StageIO, metric, stage
 from .. import limits
+from ..platform import inputs as local_inputs
 from ..msio import listobs, ms as msio, storeio, uvfits
 
 
@@ -222,6 +223,23 @@ def _read_into(resp, buf, what: str) -> int:
     return n
 
 
+def _local_input(io: StageIO, key: str) -> tuple[str, str, bool]:
+    """(MS path, format, read in place) of a file:// input (decision 0022). An MS
+    directory is read where it lies and never written (casacore opens it read-only); a
+    tar or UVFITS file is unpacked into the work directory, as one from the raw bucket."""
+    try:
+        path = local_inputs.local_path(key, io.store.cfg.import_roots)
+    except local_inputs.InputError as exc:
+        raise StageError(f"importdata: {exc}") from None
+    if not os.path.isdir(path):
+        return (*_unpack_input(path, io.workdir), False)
+    try:
+        msio.check_ms(path)
+    except msio.MSError as exc:
+        raise StageError(f"importdata: {os.path.basename(path)}: {exc}") from exc
+    return path, "MeasurementSet", True
+
+
 def _ingest(io: StageIO, ms_path: str, basename: str, spws: list) -> list:
     """Stream each spectral window of `spws` into the visibility store, spws in parallel
     processes (casacore tables are not thread-safe), each in row blocks; the subtables
@@ -271,9 +289,12 @@ def missing_intents(missing: set) -> Score | None:
 def importdata(ctx: dict, params: dict, io: StageIO) -> QA:
     qa = QA()
     key = ctx["input_key"]
-    head = io.store.get_range(key, 0, 512, bucket=io.store.raw_bucket)
     t0 = time.perf_counter()
-    if _is_plain_tar(head):
+    in_place = False
+    if local_inputs.is_local(key):
+        ms_path, fmt, in_place = _local_input(io, key)
+        local = os.path.basename(key.rstrip("/"))
+    elif _is_plain_tar(io.store.get_range(key, 0, 512, bucket=io.store.raw_bucket)):
         local = os.path.basename(key)
         ms_path, fmt = _ms_in(_stream_tar(io, key, f"importdata: {local}"), local), "MeasurementSet"
         if io.store.cfg.raw_retention == "imported":
@@ -284,7 +305,8 @@ def importdata(ctx: dict, params: dict, io: StageIO) -> QA:
     else:                                       # UVFITS, gzip: a local file first
         local = io.fetch_raw(key)
         ms_path, fmt = _unpack_input(local, io.workdir)
-    io.log("input %s read as %s in %.1f s", os.path.basename(local), fmt, time.perf_counter() - t0)
+    io.log("input %s %s as %s in %.1f s", os.path.basename(local), "opened in place" if in_place else "read", fmt,
+           time.perf_counter() - t0)
     for fname, key in SIDECARS.items():
         side = os.path.join(os.path.dirname(ms_path), fname)
         if os.path.exists(side) and not ctx["user"].get(key):
@@ -296,7 +318,7 @@ def importdata(ctx: dict, params: dict, io: StageIO) -> QA:
         fields = listobs.assign_roles(obs, params["field_roles"])
     except ValueError as exc:
         raise StageError(f"importdata: {exc}") from exc
-    basename = params["name"] or os.path.basename(ctx["input_key"]).split(".")[0]
+    basename = params["name"] or os.path.basename(ctx["input_key"].rstrip("/")).split(".")[0]
     science = obs["science_spws"]
     if not science:
         kinds = ", ".join(f"{s['id']} ({s['kind']})" for s in obs["spws"])
@@ -316,7 +338,8 @@ def importdata(ctx: dict, params: dict, io: StageIO) -> QA:
         else:
             aux["wvr"] = part
         io.count_visibilities(part["nrow"] * part["nchan"] * part["ncorr"])
-    shutil.rmtree(ms_path, ignore_errors=True)    # the input's local copy: the store has it now
+    if not in_place:      # the input's local copy: the store has it now (an input in place is never touched)
+        shutil.rmtree(ms_path, ignore_errors=True)
     ctx.update(partitions=parts, observation=obs, fields=fields, ms_name=basename, input_format=fmt)
     if aux:
         ctx["aux_partitions"] = aux
