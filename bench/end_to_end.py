@@ -1,6 +1,6 @@
 """The whole pipeline through the services against CASA's task chain on the same EB.
 
-    .venv/bin/python bench/end_to_end.py --eb DIR [--casa-python PATH] [--sides ours,casa]
+    .venv/bin/python bench/end_to_end.py --eb DIR [--casa-python PATH] [--sides ours,inplace,casa]
 
 DIR holds an EB as `almapipe simulate` writes it (<name>.ms, flux.csv, antennapos.csv,
 truth.json). One invocation measures, one after the other on the same machine:
@@ -10,6 +10,9 @@ truth.json). One invocation measures, one after the other on the same machine:
         stage), timed as a whole process; per stage its wall time and the bytes it moved
         through the visibility store (from the run's context); the peak RSS of every
         stack process (VmHWM); S3 and cache bytes at the end, and after `almapipe gc`.
+  inplace  as ours, with the EB's folder the stack's import root and `almapipe run` given
+        the MS directory: importdata reads the MS where it lies, nothing is uploaded
+        (decision 0022), as CASA reads it.
   casa  CASA's tasks on a copy of the same MS, in one process: flagdata (autocorr,
         shadow, the same edge channels), setjy (flux.csv), bandpass with a phase-up,
         gaincal (phases per integration, amplitude per scan), fluxscale, applycal, then
@@ -141,12 +144,14 @@ def cpu_seconds_of_stack(data_dir: str) -> float:
 
 
 def ours(eb_dir: str, work: str, port_base: int, delete_input: bool = False, extra_env: dict | None = None,
-         params: list = (), inspect=None) -> dict:
+         params: list = (), inspect=None, in_place: bool = False) -> dict:
     """`almapipe run` on the EB's tar through a cold stack. With delete_input the run is
     driven through the same calls (Upload, SubmitRun, WatchRun), the MS directory
     streamed as a tar made on the fly, and the EB deleted once uploaded: a 20 GB EB does
     not fit on this disk three times over. inspect(store, run_id): more figures from the
-    run's objects, taken before the stack goes (returned under "inspected")."""
+    run's objects, taken before the stack goes (returned under "inspected"). With
+    in_place the EB's folder is the stack's import root and `almapipe run` is given the
+    MS directory: importdata reads it where it lies, nothing is uploaded (decision 0022)."""
     work, eb_dir = os.path.abspath(work), os.path.abspath(eb_dir)
     data_dir = os.path.join(work, "stack")
     # the code measured: this checkout's, or extra_env's PYTHONPATH (another commit's); run
@@ -154,7 +159,9 @@ def ours(eb_dir: str, work: str, port_base: int, delete_input: bool = False, ext
     env = dict(os.environ, ALMAPIPE_DATA_DIR=data_dir, ALMAPIPE_PORT_BASE=str(port_base))
     env.update({"PYTHONPATH": ROOT, **(extra_env or {})})
     almapipe = [sys.executable, "-m", "almapipe.cli"]
-    if delete_input:
+    if in_place:
+        env["ALMAPIPE_IMPORT_ROOTS"] = eb_dir
+    if delete_input or in_place:
         tar = glob.glob(os.path.join(eb_dir, "*.ms"))[0]
         input_bytes = du(tar)
     else:
@@ -341,7 +348,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--eb", help="directory of a simulated EB")
     ap.add_argument("--casa-python", default="")
-    ap.add_argument("--sides", default="ours,casa")
+    ap.add_argument("--sides", default="ours,casa", help="ours (the EB's tar uploaded), inplace (the MS read where "
+                    "it lies, decision 0022), casa; comma-separated, run in that order")
     ap.add_argument("--port-base", type=int, default=16000)
     ap.add_argument("--work", default="")
     ap.add_argument("--json", default="", help="write the figures here too")
@@ -359,21 +367,27 @@ def main() -> None:
     os.makedirs(work, exist_ok=True)
     ms = glob.glob(os.path.join(args.eb, "*.ms"))
     out = {"eb": os.path.abspath(args.eb), "ms_bytes": du(ms[0]) if ms else None}
-    if "ours" in args.sides:
-        out["ours"] = ours(args.eb, work, args.port_base, args.delete_input,
-                           dict(e.split("=", 1) for e in args.env), args.param)
-    if "ours" in out:       # what ours measured, kept even if the CASA side fails
+    sides = args.sides.split(",")
+    for side in ("ours", "inplace"):
+        if side in sides:
+            out[side] = ours(args.eb, work, args.port_base, args.delete_input,
+                             dict(e.split("=", 1) for e in args.env), args.param, in_place=side == "inplace")
+    if "ours" in out or "inplace" in out:       # what ours measured, kept even if the CASA side fails
         json.dump(out, open(os.path.join(work, "ours.json"), "w"), indent=1)
-    if "casa" in args.sides and args.casa_python:
-        images = out.get("ours", {}).get("images") or json.load(open(os.path.join(work, "images.json")))
+    if "casa" in sides and args.casa_python:
+        images = (out.get("ours") or out.get("inplace") or {}).get("images") or \
+            json.load(open(os.path.join(work, "images.json")))
         out["casa"] = casa(args.casa_python, args.eb, work, images)
-    for side in ("ours", "casa"):
+    for side in ("ours", "inplace", "casa"):
         if side in out:
             o = out[side]
             print(f"{side}: {o['wall_s']:.1f} s wall, {o['cpu_s']:.1f} s CPU (exit {o['status']}, "
                   f"load {o['load_at_start']} at start)")
-    if "ours" in out:
-        o = out["ours"]
+    for side in ("ours", "inplace"):
+        if side not in out:
+            continue
+        o = out[side]
+        print(f"{side}:")
         print(f"{'stage':16s} {'s':>7s} {'S3 read MB':>11s} {'cache MB':>9s} {'written MB':>11s} {'asked MB':>9s} "
               f"{'decoded/asked':>13s}")
         for s in o["stages"]:
@@ -385,9 +399,10 @@ def main() -> None:
         print(f"peak disk growth during the run: {o['peak_disk_growth'] / 1e9:.1f} GB")
         print(f"input {o['input_bytes'] / 1e9:.2f} GB; S3 at the end {o['s3_bytes']}, after gc {o['s3_bytes_after_gc']}; "
               f"cache {o['cache_bytes'] / 1e9:.2f} GB")
-    if "ours" in out and "casa" in out and out["casa"]["wall_s"]:
-        print(f"ratio ours/CASA end to end: wall {out['ours']['wall_s'] / out['casa']['wall_s']:.2f}, "
-              f"CPU {out['ours']['cpu_s'] / max(out['casa']['cpu_s'], 1e-9):.2f}")
+    for side in ("ours", "inplace"):
+        if side in out and "casa" in out and out["casa"]["wall_s"]:
+            print(f"ratio {side}/CASA end to end: wall {out[side]['wall_s'] / out['casa']['wall_s']:.2f}, "
+                  f"CPU {out[side]['cpu_s'] / max(out['casa']['cpu_s'], 1e-9):.2f}")
     if args.json:
         json.dump(out, open(args.json, "w"), indent=1)
 
