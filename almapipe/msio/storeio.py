@@ -92,6 +92,8 @@ def ingest_spw(vs: vst.VisStore, ms_path: str, spw: int, prefix: str, tag: str, 
 
 def ingest_spw_job(cfg, ms_path: str, spw: int, prefix: str, tag: str, meta_key: str, name: str) -> tuple:
     """ingest_spw in a process of its own (spws in parallel): (entry, bytes written)."""
+    from ..platform import memory
+    memory.tune_malloc()            # its row blocks reuse one heap, as a worker's do
     vs = vst.VisStore(cfg, cache_dir=None, cache_limit=0)
     entry = ingest_spw(vs, ms_path, spw, prefix, tag, meta_key, name)
     return entry, vs.counter.s3_written

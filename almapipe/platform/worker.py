@@ -33,7 +33,7 @@ import threading
 import time
 import traceback
 
-from . import bus, metrics
+from . import bus, memory, metrics
 from .store import CachedFetcher, ObjectStore
 from ..config import CHUNK_FOLDER, Config
 from ..imaging import frames
@@ -138,6 +138,7 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
         return new_key, qa, io.outputs, duration, fanout
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        memory.release()            # an idle worker holds only what it uses
 
 
 def joined_pieces(store: ObjectStore, before: dict, moved: dict, piece_keys: list) -> dict:
@@ -442,6 +443,7 @@ def _warm_up(fn) -> None:
 def main(service: str) -> None:
     logging.basicConfig(level=os.environ.get("ALMAPIPE_LOG_LEVEL", "INFO"),
                         format=f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s")
+    memory.tune_malloc()            # before the worker's threads start
     worker = Worker(service, Config.from_env())
     loop = asyncio.new_event_loop()
 
