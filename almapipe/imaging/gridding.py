@@ -10,7 +10,9 @@ its x axis runs with l, i.e. eastward, so u is flipped twice and not at all).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import numpy as np
 import ducc0
@@ -21,8 +23,24 @@ EPSILON = 1e-5
 FLIPS = {"flip_u": False, "flip_v": True, "flip_w": True}
 
 
+_this_thread = threading.local()
+
+
 def nthreads() -> int:
-    return int(os.environ.get("ALMAPIPE_THREADS", os.cpu_count() or 1))
+    """The threads a kernel called from this thread may use: ALMAPIPE_THREADS (default
+    the cores), or fewer where the caller runs several such threads (threads_each)."""
+    return getattr(_this_thread, "n", None) or int(os.environ.get("ALMAPIPE_THREADS", os.cpu_count() or 1))
+
+
+@contextlib.contextmanager
+def threads_each(n: int):
+    """Within: kernels called from this thread use n threads (a thread among several)."""
+    before = getattr(_this_thread, "n", None)
+    _this_thread.n = max(1, int(n))
+    try:
+        yield
+    finally:
+        _this_thread.n = before
 
 
 def briggs_weights(uvw: np.ndarray, freq: np.ndarray, weight: np.ndarray, npix: int, cell_rad: float,

@@ -244,7 +244,8 @@ def clean_planes(vis: Vis, spec: ImageSpec) -> Planes:
     samples = (si.uvw, si.data, si.weight) if spec.mosaic is None else _pointing_samples(vis, spec.mosaic, si)
     col = {c: i for i, c in enumerate(chans)}
     out = Planes([], [], [], [], np.array([vis.freq[pl].mean() for pl in planes]), [], 0, [])
-    for pl in planes:
+
+    def clean_plane(pl):
         op = plane_measurement(spec, samples, vis.freq[pl], [col[c] for c in pl], npix, cell)
         res = deconvolve.clean(op, spec.niter, spec.threshold_jy, gain=spec.gain,
                                nsigma=spec.nsigma, automask=spec.automask,
@@ -254,14 +255,44 @@ def clean_planes(vis: Vis, spec: ImageSpec) -> Planes:
         # a cube holds every plane's until it is restored (a piece's planes until the
         # join, the join the whole cube's): single precision, as the FITS products are,
         # and the masks as booleans, so a plane costs 3.25 x npix^2 x 4 bytes, not 4 x 8
-        out.masks.append(res.mask > 0 if res.mask is not None else np.zeros((npix, npix), bool))
-        out.beams.append(deconvolve.fit_beam(res.psf, cell) if res.psf.max() > 0 else (0.0, 0.0, 0.0))
-        out.residuals.append(res.residual.astype(np.float32))
-        out.models.append(res.model.astype(np.float32))
-        out.psfs.append(res.psf.astype(np.float32))
-        out.reasons.append(res.stop_reason)
-        out.iterations += res.iterations
+        return (res.mask > 0 if res.mask is not None else np.zeros((npix, npix), bool),
+                deconvolve.fit_beam(res.psf, cell) if res.psf.max() > 0 else (0.0, 0.0, 0.0),
+                res.residual.astype(np.float32), res.model.astype(np.float32), res.psf.astype(np.float32),
+                res.stop_reason, res.iterations)
+    for mask, beam, residual, model, psf, reason, iterations in _over_planes(clean_plane, planes, npix):
+        out.masks.append(mask)
+        out.beams.append(beam)
+        out.residuals.append(residual)
+        out.models.append(model)
+        out.psfs.append(psf)
+        out.reasons.append(reason)
+        out.iterations += iterations
     return out
+
+
+# a cube's planes are cleaned this many at a time, each on one thread, up to images of
+# PLANE_PARALLEL_NPIX pixels a side (larger planes parallelise well inside the gridder,
+# and two of them would hold two planes' grids)
+PLANE_PARALLEL_NPIX = 1024
+
+
+def _over_planes(fn, planes: list, npix: int):
+    """fn(plane) for each plane, in order: several planes at a time in threads, each
+    kernel on one thread, for a cube of small planes (a channel's gridding and its
+    minor cycles over a few hundred thousand samples parallelise poorly inside: a
+    cube alone kept the 2-core machine 1.3 cores busy); else one after the other."""
+    from concurrent.futures import ThreadPoolExecutor
+    from .clean_kernels import threadsafe_layer
+    workers = min(gridding.nthreads(), len(planes))
+    if workers < 2 or npix > PLANE_PARALLEL_NPIX or not threadsafe_layer():
+        yield from map(fn, planes)
+        return
+
+    def one_thread(pl):
+        with gridding.threads_each(1):
+            return fn(pl)
+    with ThreadPoolExecutor(workers, thread_name_prefix="plane") as pool:
+        yield from pool.map(one_thread, planes)
 
 
 def cube_planes(chans: np.ndarray, nbin: int) -> list:
