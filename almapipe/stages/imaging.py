@@ -15,8 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .base import (QA, Param, Score, StageError, StageIO, channel_rho, field_ids_with, field_name, metric,  # noqa: E402
-                   require_intent, spw_info, stage, with_defaults)
+from .base import (QA, Param, Score, StageError, StageIO, channel_rho, field_ids_with, field_name,  # noqa: E402
+                   in_threads, metric, require_intent, spw_info, stage, with_defaults)
 from .ebs import as_group, eb_field_ids, member_blocks, read_group, spw_groups, view_name  # noqa: E402
 from ..heuristics.callibrary import calibrator_ids  # noqa: E402
 from ..heuristics.imaging import (PIXELS_PER_BEAM, cube_nbin, dr_correction, image_geometry,  # noqa: E402
@@ -335,20 +335,13 @@ def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
     return qa
 
 
-def _over_spws(fn, groups: list):
+def _over_spws(fn, groups: list) -> list:
     """fn(group) for each spw's group, in order: two spws at a time in threads, each
     kernel on one thread, where the worker has the cores and numba lets threads call its
     parallel kernels at once (a spw's passes alone kept the 2-core machine 1.35 cores
     busy); else one after the other."""
-    workers = min(2, gridding.nthreads(), len(groups))
-    if workers < 2 or not threadsafe_layer():
-        return [fn(g) for g in groups]
-
-    def one_thread(group):
-        with gridding.threads_each(1):
-            return fn(group)
-    with ThreadPoolExecutor(workers, thread_name_prefix="spw") as pool:
-        return list(pool.map(one_thread, groups))
+    at_once = 2 if gridding.nthreads() >= 2 and threadsafe_layer() else 1
+    return in_threads(fn, groups, at_once, each=lambda: gridding.threads_each(1))
 
 
 def _common_channels(members: list, spw: int) -> np.ndarray:
