@@ -43,6 +43,26 @@ def threads_each(n: int):
         _this_thread.n = before
 
 
+def side_by_side(fn, items: list, at_most: int | None = None) -> list:
+    """[fn(item) for item in items]: as many at a time as this thread's kernels may use
+    threads (nthreads(); at most at_most), each in a thread of its own whose kernels use
+    one, for work that parallelises poorly inside (a small plane's gridding, a spw's
+    passes of reading ahead and computing a block at a time). One after the other where
+    that is one, or where numba's threading layer does not let threads call its parallel
+    kernels at once. The first error is raised once the calls running end."""
+    from concurrent.futures import ThreadPoolExecutor
+    from .clean_kernels import threadsafe_layer
+    at_once = min(nthreads(), len(items), at_most or len(items))
+    if at_once < 2 or not threadsafe_layer():
+        return [fn(item) for item in items]
+
+    def one_thread(item):
+        with threads_each(1):
+            return fn(item)
+    with ThreadPoolExecutor(at_once, thread_name_prefix="side-by-side") as pool:
+        return list(pool.map(one_thread, items))
+
+
 def briggs_weights(uvw: np.ndarray, freq: np.ndarray, weight: np.ndarray, npix: int, cell_rad: float,
                    robust: float | None) -> np.ndarray:
     """Imaging weights (nrow, nchan) from natural weights, Briggs-style (CASA's formula).

@@ -259,7 +259,8 @@ def clean_planes(vis: Vis, spec: ImageSpec) -> Planes:
                 deconvolve.fit_beam(res.psf, cell) if res.psf.max() > 0 else (0.0, 0.0, 0.0),
                 res.residual.astype(np.float32), res.model.astype(np.float32), res.psf.astype(np.float32),
                 res.stop_reason, res.iterations)
-    for mask, beam, residual, model, psf, reason, iterations in _over_planes(clean_plane, planes, npix):
+    cleaned = gridding.side_by_side(clean_plane, planes) if npix <= PLANE_PARALLEL_NPIX else map(clean_plane, planes)
+    for mask, beam, residual, model, psf, reason, iterations in cleaned:
         out.masks.append(mask)
         out.beams.append(beam)
         out.residuals.append(residual)
@@ -270,29 +271,12 @@ def clean_planes(vis: Vis, spec: ImageSpec) -> Planes:
     return out
 
 
-# a cube's planes are cleaned this many at a time, each on one thread, up to images of
-# PLANE_PARALLEL_NPIX pixels a side (larger planes parallelise well inside the gridder,
-# and two of them would hold two planes' grids)
+# a cube's planes are cleaned several at a time (gridding.side_by_side), each on one
+# thread, up to images of PLANE_PARALLEL_NPIX pixels a side: a channel's gridding and its
+# minor cycles over a few hundred thousand samples parallelise poorly inside (a cube
+# alone kept the 2-core machine 1.3 cores busy); larger planes parallelise well inside
+# the gridder, and two of them would hold two planes' grids
 PLANE_PARALLEL_NPIX = 1024
-
-
-def _over_planes(fn, planes: list, npix: int):
-    """fn(plane) for each plane, in order: several planes at a time in threads, each
-    kernel on one thread, for a cube of small planes (a channel's gridding and its
-    minor cycles over a few hundred thousand samples parallelise poorly inside: a
-    cube alone kept the 2-core machine 1.3 cores busy); else one after the other."""
-    from concurrent.futures import ThreadPoolExecutor
-    from .clean_kernels import threadsafe_layer
-    workers = min(gridding.nthreads(), len(planes))
-    if workers < 2 or npix > PLANE_PARALLEL_NPIX or not threadsafe_layer():
-        yield from map(fn, planes)
-        return
-
-    def one_thread(pl):
-        with gridding.threads_each(1):
-            return fn(pl)
-    with ThreadPoolExecutor(workers, thread_name_prefix="plane") as pool:
-        yield from pool.map(one_thread, planes)
 
 
 def cube_planes(chans: np.ndarray, nbin: int) -> list:

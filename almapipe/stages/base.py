@@ -595,25 +595,6 @@ def params_json(params: dict) -> str:
 
 # --- helpers on the context used by several stages
 
-def in_threads(fn, items: list, at_once: int, each=None) -> list:
-    """[fn(item) for item in items], at_once items at a time in threads where at_once > 1
-    and there are several (each call inside the context `each()` makes, where given: a
-    kernel thread count, say); the first error is raised once the calls running end. For
-    a stage's spws, whose passes alone keep a worker's cores partly idle (reading ahead
-    and computing one block at a time)."""
-    at_once = min(at_once, len(items))
-    if at_once < 2:
-        return [fn(item) for item in items]
-
-    def run(item):
-        if each is None:
-            return fn(item)
-        with each():
-            return fn(item)
-    with ThreadPoolExecutor(at_once, thread_name_prefix="part") as pool:
-        return list(pool.map(run, items))
-
-
 def fields_with(ctx: dict, intent: str) -> list:
     return [f for f in ctx["fields"] if intent in f["intents"]]
 

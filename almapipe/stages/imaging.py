@@ -16,7 +16,7 @@ from matplotlib.figure import Figure  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .base import (QA, Param, Score, StageError, StageIO, channel_rho, field_ids_with, field_name,  # noqa: E402
-                   in_threads, metric, require_intent, spw_info, stage, with_defaults)
+                   metric, require_intent, spw_info, stage, with_defaults)
 from .ebs import as_group, eb_field_ids, member_blocks, read_group, spw_groups, view_name  # noqa: E402
 from ..heuristics.callibrary import calibrator_ids  # noqa: E402
 from ..heuristics.imaging import (PIXELS_PER_BEAM, cube_nbin, dr_correction, image_geometry,  # noqa: E402
@@ -269,7 +269,8 @@ def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
     # in all their data, and subtracted from each EB's own partition. Everything is read
     # in row blocks (bounded memory): the row indices first, then, when findcont is
     # needed, the flags and uvw for its cube's geometry and the data for its cube, then
-    # the data again to subtract the continuum and write them
+    # the data again to subtract the continuum and write them. Two spws at a time, each
+    # kernel on one thread: a spw's passes alone kept the 2-core machine 1.35 cores busy
 
     def one_spw(group):
         """The spw's continuum ranges and fit: (its cont.dat entries, its views, what its
@@ -321,7 +322,8 @@ def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
         return entries, out, said, plots
 
     entries, out = [], []
-    for spw_entries, spw_out, said, plots in _over_spws(one_spw, spw_groups(ctx["target_partitions"])):
+    spws = gridding.side_by_side(one_spw, spw_groups(ctx["target_partitions"]), at_most=2)
+    for spw_entries, spw_out, said, plots in spws:
         entries += spw_entries
         out += spw_out
         for item in said:
@@ -333,15 +335,6 @@ def uvcontsub(ctx: dict, params: dict, io: StageIO) -> QA:
     ctx["continuum"] = entries
     ctx["contsub_partitions"] = out
     return qa
-
-
-def _over_spws(fn, groups: list) -> list:
-    """fn(group) for each spw's group, in order: two spws at a time in threads, each
-    kernel on one thread, where the worker has the cores and numba lets threads call its
-    parallel kernels at once (a spw's passes alone kept the 2-core machine 1.35 cores
-    busy); else one after the other."""
-    at_once = 2 if gridding.nthreads() >= 2 and threadsafe_layer() else 1
-    return in_threads(fn, groups, at_once, each=lambda: gridding.threads_each(1))
 
 
 def _common_channels(members: list, spw: int) -> np.ndarray:
