@@ -223,7 +223,7 @@ class Triggers:
             try:
                 return local_inputs.list_local(location, self.cfg.import_roots)
             except local_inputs.InputError as exc:
-                raise RequestError(str(exc).replace("input_key: ", "data_location: ", 1)) from None
+                raise RequestError(str(exc)) from None
         prefix = f"s3://{self.store.raw_bucket}/"
         if location.startswith("s3://"):
             if not location.startswith(prefix):

@@ -40,27 +40,27 @@ def covering_root(path: str, roots) -> str | None:
     return None
 
 
-def local_path(key: str, roots) -> str:
+def local_path(key: str, roots, field: str = "input_key") -> str:
     """The path a file:// key names, checked: absolute and normalised, inside an import
     root once its links are resolved (a link out of the root is refused), present and
-    readable. Raises InputError naming the problem."""
-    shown = key[:200]
+    readable. Raises InputError naming the problem and the request's field."""
+    shown = f"{field}: {key[:200]}"
     path = key[len(SCHEME):]
     if not roots:
-        raise InputError(f"input_key: {shown}: this stack reads no input in place (ALMAPIPE_IMPORT_ROOTS is "
+        raise InputError(f"{shown}: this stack reads no input in place (ALMAPIPE_IMPORT_ROOTS is "
                          f"empty); upload it instead")
     if not os.path.isabs(path) or os.path.normpath(path) != path.rstrip(os.sep) or "\0" in path:
-        raise InputError(f"input_key: {shown}: not file:// and an absolute, normalised path")
+        raise InputError(f"{shown}: not file:// and an absolute, normalised path")
     real = os.path.realpath(path)
     if covering_root(real, roots) is None:
-        raise InputError(f"input_key: {shown}: not under an import root of this stack "
+        raise InputError(f"{shown}: not under an import root of this stack "
                          f"({', '.join(roots)}; ALMAPIPE_IMPORT_ROOTS)")
     if not os.path.exists(real):
-        raise InputError(f"input_key: {shown}: no such file or directory", not_found=True)
+        raise InputError(f"{shown}: no such file or directory", not_found=True)
     if not os.path.isdir(real) and not os.path.isfile(real):
-        raise InputError(f"input_key: {shown}: neither an MS directory nor a file")
+        raise InputError(f"{shown}: neither an MS directory nor a file")
     if not os.access(real, os.R_OK | (os.X_OK if os.path.isdir(real) else 0)):
-        raise InputError(f"input_key: {shown}: not readable by the pipeline")
+        raise InputError(f"{shown}: not readable by the pipeline")
     return real
 
 
@@ -68,8 +68,8 @@ def list_local(location: str, roots) -> list:
     """The inputs a file:// location names: itself, or, for a directory ending in '/',
     the EBs in it (MS directories and files, hidden ones left out) in name order."""
     if not location.endswith("/"):
-        return [key_for(local_path(location, roots))]
-    folder = local_path(location, roots)
+        return [key_for(local_path(location, roots, "data_location"))]
+    folder = local_path(location, roots, "data_location")
     if not os.path.isdir(folder):
         raise InputError(f"data_location: {location[:200]}: not a directory")
     keys = []
@@ -77,7 +77,7 @@ def list_local(location: str, roots) -> list:
         p = os.path.join(folder, name)
         if name.startswith(".") or not (os.path.isfile(p) or os.path.isfile(os.path.join(p, "table.dat"))):
             continue
-        keys.append(key_for(local_path(SCHEME + p, roots)))
+        keys.append(key_for(local_path(SCHEME + p, roots, "data_location")))
     if not keys:
         raise InputError(f"data_location: no MS directory or file in {location[:200]}")
     return keys
