@@ -328,7 +328,7 @@ def cmd_run(args) -> int:
                     # a running stack whose import roots do not hold the inputs: upload them
                     print(f"the stack does not read the inputs in place ({exc.details()}): uploading", flush=True)
                     run = _submit(stub, pb, req, metadata, inputs, [False] * len(inputs),
-                                  [input_digest(p) for p in inputs], mous)
+                                  [d or input_digest(p) for p, d in zip(inputs, digests.result())], mous)
             except grpc.RpcError as exc:
                 print(f"almapipe run: submit refused: {exc.details()}", file=sys.stderr)
                 return 2
