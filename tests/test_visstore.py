@@ -435,7 +435,11 @@ def test_the_chunk_cache_never_exceeds_its_limit(ngc, tmp_path):
 
     def held():       # objects and writes under way (temporary files), as a disk sees them
         total = 0
-        for e in os.scandir(folder):
+        # under the cache's lock, as every renaming and deleting in the folder is: a scan
+        # beside a rename may list an object under both its names
+        with stores[0].cache._locked():
+            names = list(os.scandir(folder))
+        for e in names:
             if not e.name.startswith("."):
                 try:
                     total += e.stat().st_size
@@ -576,6 +580,45 @@ def test_the_directory_cache_is_bounded_and_unpacks_private_copies(s3, tmp_path)
     again = BoundedCache(fetcher.cache_dir, 1 << 20)
     assert not os.path.exists(os.path.join(fetcher.cache_dir, "x.12345.tmp"))
     assert int(open(os.path.join(fetcher.cache_dir, ".size")).read()) == again.held()
+
+
+def test_cache_writes_run_side_by_side_and_are_counted_while_under_way(tmp_path):
+    """Two threads' cache fills are written at the same time (each waits inside its write
+    for the other: written under the lock, they would wait for ever); while they are under
+    way their bytes count against the limit, and a third fill that would go over it makes
+    room or is not kept. A killed writer's temporary file counts until it has not been
+    written to for TMP_STALE_S, then a recount sweeps it."""
+    from almapipe.platform import cache as cache_mod
+    cache = BoundedCache(str(tmp_path / "c"), 5_000_000)
+    both_writing = threading.Barrier(2, timeout=20)
+    seen = []
+
+    def fill(key):
+        def write(f):
+            f.write(b"x" * 1_000_000)
+            both_writing.wait()                 # the other thread's write is under way too
+            seen.append(cache.held())
+        cache._put(key, 1_000_000, write, replace=False)
+
+    threads = [threading.Thread(target=fill, args=(k,)) for k in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [2_000_000, 2_000_000]       # both counted, both written at once
+    assert "a" in cache and "b" in cache and cache.held() == 2_000_000
+    assert int(open(tmp_path / "c" / ".size").read()) == 2_000_000
+    cache.fill("a", b"y" * 1_000_000)           # already there: kept as it was
+    assert cache.get("a") == b"x" * 1_000_000
+
+    # a write under way of a process that was killed: counted while fresh, swept when stale
+    left = tmp_path / "c" / f"{'0' * 40}.999-1.1500000.tmp"
+    left.write_bytes(b"z" * 10)
+    assert BoundedCache(str(tmp_path / "c"), 10_000_000).held() == 3_500_000
+    old = time.time() - cache_mod.TMP_STALE_S - 1
+    os.utime(left, (old, old))
+    again = BoundedCache(str(tmp_path / "c"), 10_000_000)
+    assert not left.exists() and again.held() == 2_000_000
 
 
 def test_a_range_longer_than_s3s_largest_part_is_copied_in_equal_parts():

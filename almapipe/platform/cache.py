@@ -19,13 +19,14 @@ tar archives, and the workers of every service on a host share the folder of
 visibility chunks (config.CHUNK_FOLDER). The bound holds for all of them together: the
 bytes held are counted in one file (``.size``) that is only changed under an exclusive
 lock on ``.lock`` (flock: the kernel releases it when a process dies, even killed), and
-room is made *before* an object is written, also under the lock. So at no moment does
-the folder hold more than ``limit`` bytes of objects, provided every process sharing it
-is given the same limit (one ALMAPIPE_CACHE_MB for the host: a process with a smaller
-one trims the folder to its own). Writing under the lock serialises the cache writes of
-the processes sharing the folder; they are local disk writes of a few MiB, small beside
-the S3 reads they save, and a pipeline's stages run one after the other. What a pass
-larger than the cache reads is not put here at all (visstore.VisStore.keeps).
+room is made and an object's bytes counted *before* it is written, also under the lock.
+So at no moment does the folder hold more than ``limit`` bytes of objects and writes
+under way, provided every process sharing it is given the same limit (one
+ALMAPIPE_CACHE_MB for the host: a process with a smaller one trims the folder to its
+own). The writing itself is outside the lock (into a temporary file named with the
+count, renamed into place under the lock), so that the threads and processes filling
+the cache write side by side. What a pass larger than the cache reads is not put here
+at all (visstore.VisStore.keeps).
 """
 from __future__ import annotations
 
@@ -35,8 +36,10 @@ import hashlib
 import os
 import shutil
 import threading
+import time
 
-LOCK, SIZE = ".lock", ".size"
+LOCK, SIZE, TMP = ".lock", ".size", ".tmp"
+TMP_STALE_S = 120       # a temporary file not written to for this long is a killed writer's
 EVICT_TO = 0.8          # an eviction makes room down to this part of the limit, not just enough
 LARGEST_PART = 4        # an object over limit/LARGEST_PART is not kept (it would flush the rest)
 
@@ -97,7 +100,8 @@ class BoundedCache:
         return os.path.exists(self._path(key))
 
     def held(self) -> int:
-        """Bytes of objects in the folder now (a scan; for tests and reports)."""
+        """Bytes of objects in the folder now, and of writes under way (a scan; for tests
+        and reports)."""
         return sum(size for _, size, _ in self._entries(sweep=False))
 
     # --- writing
@@ -139,11 +143,17 @@ class BoundedCache:
             return
         if not replace and os.path.exists(p):
             return
+        # Room is made and the object's bytes counted under the lock; the bytes are written
+        # outside it, into a temporary file named with that count, and renamed into place
+        # under the lock again. Written under the lock, the fills of a stage's eight
+        # fetching threads went one at a time: on a VM that backs each new page at its
+        # first touch, a GB of new page-cache pages costs 1.5-3 CPU-s, which two threads
+        # share (flagdata filled 4 GB, under half a core busy, on the realistic EB).
         with self._locked():
             if os.path.exists(p):
                 if not replace:
                     return
-                self._drop(p)
+                self._drop(p)      # readers meanwhile miss and read S3, which has the new bytes
             size, since = self._read_size(), self.protect_since
             if size + nbytes > self.limit:
                 if self._no_room_since == since:
@@ -154,16 +164,28 @@ class BoundedCache:
                     self._no_room_since = since
                     self._write_size(size)
                     return
-            tmp = f"{p}.{os.getpid()}.tmp"
-            try:
-                with open(tmp, "wb") as f:
-                    write(f)
-                os.replace(tmp, p)
-            except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-                raise
             self._write_size(size + nbytes)
+            # created under the lock: a recount from the folder (_evict) by another writer
+            # must see it, or the bytes counted for it would be lost from .size
+            tmp = f"{p}.{os.getpid()}-{threading.get_ident()}.{nbytes}{TMP}"
+            f = open(tmp, "wb")
+        try:
+            with f:
+                write(f)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            with self._locked():
+                self._write_size(max(0, self._read_size() - nbytes))
+            raise
+        with self._locked():
+            if os.path.exists(p):
+                if not replace:    # another thread or process filled it meanwhile
+                    os.unlink(tmp)
+                    self._write_size(max(0, self._read_size() - nbytes))
+                    return
+                self._drop(p)      # a read that began before this write put back older bytes
+            os.replace(tmp, p)
 
     # --- bookkeeping (under the lock)
     def _drop(self, path: str) -> None:
@@ -202,19 +224,21 @@ class BoundedCache:
             os.close(fd)
 
     def _entries(self, sweep: bool = True) -> list:
-        """(mtime, size, path) of the objects; `sweep` (under the lock only) deletes
-        temporary files."""
-        out = []
+        """(mtime, size, path) of the objects and of the writes under way (their temporary
+        files, at the size counted for them, never evicted: mtime inf). `sweep` (under
+        the lock only) deletes the temporary files of killed writers: those that have not
+        been written to for TMP_STALE_S, or not named with their size."""
+        out, now = [], time.time()
         for e in os.scandir(self.dir):
             if e.name.startswith("."):
                 continue
             try:
-                if e.name.endswith(".tmp"):
-                    if not sweep:
-                        continue
-                    # every write happens under the lock, so a temporary file seen by
-                    # the lock's holder is a killed writer's leftover
-                    os.unlink(e.path)
+                if e.name.endswith(TMP):
+                    counted = _counted_size(e.name)
+                    if counted is not None and e.stat().st_mtime > now - TMP_STALE_S:
+                        out.append((float("inf"), counted, e.path))
+                    elif sweep:
+                        os.unlink(e.path)
                 elif e.is_file():
                     st = e.stat()
                     out.append((st.st_mtime, st.st_size, e.path))
@@ -235,3 +259,10 @@ class BoundedCache:
                 os.unlink(path)
             total -= size
         return total
+
+
+def _counted_size(name: str) -> int | None:
+    """The bytes counted for a write under way, from its temporary file's name
+    (<object>.<pid>-<thread>.<bytes>.tmp); None for any other name."""
+    parts = name[:-len(TMP)].split(".")
+    return int(parts[2]) if len(parts) == 3 and "-" in parts[1] and parts[2].isdigit() else None
