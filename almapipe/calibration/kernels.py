@@ -38,14 +38,16 @@ def apply_gains(data, flag, weight, pidx, ant1, ant2, gain, wfac, bad, divide=Tr
             weight[r, p] = weight[r, p] * (wsum / nchan)
 
 
-@numba.njit(parallel=False, cache=True, fastmath=False)
+@numba.njit(parallel=False, cache=True, fastmath=False, nogil=True)
 def divide_by_gains(data, pidx, ant1, ant2, gain):
     """In place: data[r, c, p] /= g[a1] conj(g[a2]) where that product is not zero (the
     gains of flagged solutions are stored as zero: those samples are flagged and left
     as they are), the same arithmetic as apply_gains, so that visibilities corrected on
     reading equal those applycal would have stored. One thread: it runs in the
     read-ahead thread of VisPartition.blocks beside the stage's own kernels, which
-    numba's workqueue threading layer (no OpenMP or TBB) does not allow for parallel ones."""
+    numba's workqueue threading layer (no OpenMP or TBB) does not allow for parallel ones.
+    Without the GIL, so that the stage's own Python runs beside it (its caller owns
+    `data`, a fresh copy, so no other thread writes it)."""
     nrow, nchan, ncorr = data.shape
     for r in range(nrow):
         t = pidx[r]
