@@ -163,6 +163,46 @@ def test_ingest_reads_back_as_the_ms(ngc, ngc5921_ms):
     assert ngc["entry"]["chunks"] == [ROWS, CHANS] and ngc["entry"]["nrow"] > 5 * ROWS
 
 
+def test_importdata_records_the_rows_with_zeros_and_clipping_them_reads_only_theirs(s3, ngc5921_ms, tmp_path):
+    """ingest_spw lists the rows holding an exactly zero visibility (one sample or all of
+    them); flagdata's zero clipping then finds the same samples as a pass over all the
+    data, reading the data of those rows' chunks only. An entry whose VISIBILITY is not
+    the version the list was made for has no list (the stage reads the data)."""
+    import shutil
+    import casacore.tables as ct
+    from almapipe.stages.flagging import _zeros
+    cfg, _ = s3
+    ms = str(tmp_path / "zeros.ms")
+    shutil.copytree(ngc5921_ms, ms)
+    with ct.table(ms, readonly=False, ack=False) as t:
+        for row, chans in ((10, slice(5, 6)), (11, slice(0, 63)), (9000, slice(20, 22))):
+            d = t.getcell("DATA", row)
+            d[chans, :1] = 0
+            t.putcell("DATA", row, d)
+    prefix = f"runs/zeros-{uuid.uuid4().hex[:8]}/vis/z.spw0.ms"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vst, "chunking", lambda nchan, ncorr: (ROWS, CHANS))
+        entry = storeio.ingest_spw(vst.VisStore(cfg, cache_dir=None, cache_limit=0), ms, 0, prefix,
+                                   "00_importdata", "unused", "z.spw0.ms")
+    everything = vst.VisPartition(vst.VisStore(cfg, cache_dir=None, cache_limit=0), entry, "01_x", lambda key: ms, prefix)
+    v = everything.read()
+    want = np.flatnonzero((v.data == 0).any(axis=(1, 2)))
+    assert len(want) == 3 and np.array_equal(everything.zero_rows(), want)
+
+    vs = vst.VisStore(cfg, cache_dir=None, cache_limit=0)
+    p = vst.VisPartition(vs, entry, "01_x", lambda key: ms, prefix)
+    rows = p.zero_rows()
+    found = np.concatenate([_zeros(p, b, rows) for b in p.blocks(data=False, block_chunks=4)])
+    assert np.array_equal(found, v.data == 0)
+    full = vst.VisStore(cfg, cache_dir=None, cache_limit=0)
+    for _ in vst.VisPartition(full, entry, "01_x", lambda key: ms, prefix).blocks(block_chunks=4):
+        pass
+    assert vs.counter.s3_read < 0.4 * full.counter.s3_read      # flags, index arrays, two data chunks
+
+    moved = dict(entry, arrays=dict(entry["arrays"], VISIBILITY=f"{prefix}/VISIBILITY/05_other"))
+    assert vst.VisPartition(vs, moved, "01_x", lambda key: ms, prefix).zero_rows() is None
+
+
 def test_a_flag_write_creates_flag_objects_only(ngc):
     part = partition(ngc, "10_flagtest")
     before = set(objects(ngc))

@@ -70,6 +70,7 @@ def ingest_spw(vs: vst.VisStore, ms_path: str, spw: int, prefix: str, tag: str, 
         if missing:
             raise msio.MSError(f"{ms_path}: main table lacks {sorted(missing)}")
         big = rows_chunk * vst.INDEX_FACTOR
+        zero_rows = []         # rows holding an exactly zero visibility: flagdata reads only these
         for start in range(0, n, big):
             nr = min(big, n - start)
             for col in index_cols:
@@ -81,13 +82,20 @@ def ingest_spw(vs: vst.VisStore, ms_path: str, spw: int, prefix: str, tag: str, 
                 if flag_row is not None and flag_row.any():
                     flag |= flag_row[:, None, None]
                 zs["FLAG"][s:s + m] = flag
-                zs["VISIBILITY"][s:s + m] = sel.getcol("DATA", startrow=s, nrow=m).astype(np.complex64, copy=False)
+                data = sel.getcol("DATA", startrow=s, nrow=m).astype(np.complex64, copy=False)
+                zs["VISIBILITY"][s:s + m] = data
+                zero_rows.append(s + np.flatnonzero((data == 0).any(axis=(1, 2))))
                 for col, (array, dtype, _) in vst.ROW_ARRAYS.items():
                     if col in cols:
                         zs[array][s:s + m] = sel.getcol(col, startrow=s, nrow=m).astype(dtype, copy=False)
         sel.close()
+        zero_rows = np.concatenate(zero_rows) if zero_rows else np.zeros(0, np.int64)
+        new(vst.ZERO_ROWS, (len(zero_rows),), (max(len(zero_rows), 1),), "int64")
+        if len(zero_rows):
+            zs[vst.ZERO_ROWS][:] = zero_rows
     return {"name": name, "spw": int(spw), "meta": meta_key, "nrow": n, "nrows": n, "nchan": nchan,
-            "ncorr": ncorr, "corr_types": corr, "chunks": [rows_chunk, chan_chunk], "arrays": arrays}
+            "ncorr": ncorr, "corr_types": corr, "chunks": [rows_chunk, chan_chunk], "arrays": arrays,
+            "zero_rows_of": arrays["VISIBILITY"]}
 
 
 def ingest_spw_job(cfg, ms_path: str, spw: int, prefix: str, tag: str, meta_key: str, name: str) -> tuple:

@@ -89,6 +89,10 @@ CONTINUUM_FIT, FIT_TERMS = "CONTINUUM_FIT", 4
 # applycal's calibration, applied on reading (decision 0021): the gains of each
 # (time, field) pair (npair, nant, nchan, ncorr) complex64, and each row's pair (nrow,)
 CALIBRATION_GAIN, CALIBRATION_PAIR = "CALIBRATION_GAIN", "CALIBRATION_PAIR"
+# importdata's list of the rows (ascending) that hold a visibility exactly zero, for the
+# VISIBILITY version named by the entry's "zero_rows_of": flagdata's clipping of zeros
+# reads the data of these rows only (VisPartition.zero_rows)
+ZERO_ROWS = "VISIBILITY_ZERO_ROWS"
 ARRAY_OF_COLUMN = {**CUBE_OF_COLUMN, **{c: v[0] for c, v in ROW_ARRAYS.items()},
                    **{c: v[0] for c, v in INDEX_ARRAYS.items()}, CONTINUUM_FIT: CONTINUUM_FIT,
                    CALIBRATION_PAIR: CALIBRATION_PAIR}
@@ -377,6 +381,18 @@ class VisPartition:
     def has(self, column: str) -> bool:
         return ARRAY_OF_COLUMN[column] in self.entry["arrays"] or column in self._writers or \
             calibrated_on_read(self.entry) == column
+
+    def zero_rows(self) -> np.ndarray | None:
+        """The rows with a visibility exactly zero, as importdata found them, or None
+        where it recorded none for the VISIBILITY version this entry points at (a store
+        written before it did, or another version)."""
+        key = self.entry["arrays"].get(ZERO_ROWS)
+        if key is None or self.entry.get("zero_rows_of") != self.entry["arrays"].get("VISIBILITY"):
+            return None
+        rows = np.asarray(self.vs.open(key)[:], dtype=np.int64)
+        self.vs.counter.add("requested", rows.nbytes)
+        self.vs.counter.add("decoded", rows.nbytes)
+        return rows
 
     def index(self, column: str) -> np.ndarray:
         """A whole per-row index array (TIME, ANTENNA1, FIELD_ID, ...) by MS column name."""

@@ -83,8 +83,11 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
             # per-row arrays of the whole partition, which a row block may cut through
             shadowed = shadow_mask(p.index("TIME"), p.index("ANTENNA1"), p.index("ANTENNA2"),
                                    p.row_array("UVW"), diam)
-        for vis in p.blocks(block_chunks=4):
-            io.count_visibilities(vis.data.size)
+        # clipping zeros needs the data of the rows importdata found zeros in, no other:
+        # where it recorded them, the blocks are read without their data
+        zero_rows = p.zero_rows() if params["zeros"] else None
+        for vis in p.blocks(block_chunks=4, data=params["zeros"] and zero_rows is None):
+            io.count_visibilities(vis.flag.size)
             flag = vis.flag.copy()
             summary["before"] += int(np.count_nonzero(flag))
             summary["samples"] += flag.size
@@ -97,7 +100,7 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
             if params["autocorr"]:
                 add(FlagSelection(vis.ant1 == vis.ant2), "autocorr")
             if params["zeros"]:
-                zero = vis.data == 0                # both parts zero: |V| = 0 without the square roots
+                zero = _zeros(p, vis, zero_rows)
                 new = zero & ~flag
                 summary["zeros"] += int(np.count_nonzero(new))
                 flag |= zero
@@ -134,6 +137,18 @@ def flagdata(ctx: dict, params: dict, io: StageIO) -> QA:
             f"shadowing {frac['shadow']:.2%}, online flags {frac['online']:.2%} ({len(online)} commands), "
             f"template {frac['template']:.2%}).")
     return qa
+
+
+def _zeros(p, vis, zero_rows) -> np.ndarray:
+    """Where the block's visibilities are exactly zero (both parts: |V| = 0 without the
+    square roots). With importdata's zero rows, only those rows' data are read."""
+    if zero_rows is None:
+        return vis.data == 0
+    zero = np.zeros(vis.flag.shape, bool)
+    hit = np.isin(vis.rows, zero_rows, assume_unique=True)
+    if hit.any():
+        zero[hit] = p.rows_of("DATA", vis.rows[hit]) == 0
+    return zero
 
 
 def weighted_spectrum(vis: msio.Vis) -> tuple[np.ndarray, np.ndarray]:
