@@ -260,6 +260,32 @@ class VisStore:
         if self.cache is not None:
             self.cache.begin_stage()
 
+    def warm(self, keys: list, should_stop) -> int:
+        """Fetch into the cache, one at a time, the chunk objects of the arrays under
+        `keys` that it does not hold (platform/warmup.py); stops when should_stop() is
+        true. Counted in no stage's bytes. Returns the bytes fetched."""
+        import obstore
+        fetched = 0
+        if self.cache is None:
+            return 0
+        for key in keys:
+            z = self.open(key)
+            prefix = z.store_path.path
+            grid = [range(-(-n // c)) for n, c in zip(z.shape, z.chunks)]
+            for cc in itertools.product(*grid):
+                if should_stop():
+                    return fetched
+                chunk = f"{prefix}/{z.metadata.encode_chunk_key(cc)}"
+                if chunk in self.cache:
+                    continue
+                try:
+                    raw = obstore.get(self.s3, chunk).bytes()
+                except FileNotFoundError:          # never written: read as the fill value
+                    continue
+                self.cache.fill(chunk, raw)
+                fetched += len(raw)
+        return fetched
+
     def keeps(self, nbytes: int) -> bool:
         """Whether a pass over nbytes of visibilities goes into the cache: not if it is
         larger than the cache (_zarr_store says why)."""

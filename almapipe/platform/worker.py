@@ -34,12 +34,13 @@ import time
 import traceback
 
 from . import bus, memory, metrics
+from .warmup import CacheWarmer
 from .store import CachedFetcher, ObjectStore
 from ..config import CHUNK_FOLDER, Config
 from ..imaging import frames
 from ..stages import REGISTRY
 from ..errors import ParameterError
-from ..stages.base import QA, StageError, StageIO
+from ..stages.base import QA, StageError, StageIO, visstore_for
 from ..v1 import pipeline_pb2 as pb
 
 # what a service's worker loads in a thread once it is ready, while it waits for its
@@ -48,6 +49,7 @@ from ..v1 import pipeline_pb2 as pb
 WARM_UPS = {"imager": frames.warm_up}
 
 log = logging.getLogger("almapipe.worker")
+WARMER = CacheWarmer()       # the process's chunk cache warming (platform/warmup.py)
 # a stage's heartbeat interval: a third of the gateway's ALMAPIPE_HEARTBEAT_TIMEOUT_S at most
 HEARTBEAT_S = float(os.environ.get("ALMAPIPE_HEARTBEAT_S", "10"))
 INFRA_RETRY_S = float(os.environ.get("ALMAPIPE_INFRA_RETRY_S", "600"))
@@ -88,6 +90,8 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
     if done is not None:
         return done
     ctx = store.get_json(req.context_key)
+    if "partitions" in spec.reads:     # the visibilities later stages read, fetched in idle time
+        WARMER.start(visstore_for(store, fetcher.chunk_dir), ctx, req.run_id)
     params = json.loads(req.params_json or "{}")
     # every declared parameter present: a stage body reads params["x"], its default declared once
     params = spec.with_defaults(params)

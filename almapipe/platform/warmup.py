@@ -1,0 +1,92 @@
+"""The host's chunk cache filled in the workers' idle time (decision 0023).
+
+Whichever stage first reads an EB's visibilities pays for fetching them from S3 and
+writing them into the host's chunk cache: on the realistic EB about 4 CPU-s per GB
+(the client's read and the cache's new pages, the S3 server's answer), 16 CPU-s in all.
+flagdata used to pay it (it read every visibility to find the zeros), and once it read
+only the rows importdata found zeros in, flagtargets paid it instead: the run took as
+long. Meanwhile the calibration stages between them keep 1.0-1.4 of the machine's two
+cores busy for half a minute.
+
+So a worker that is handed a stage reading the partitions starts one background thread,
+at the lowest CPU priority, that fetches into the chunk cache every chunk of the
+partitions' VISIBILITY arrays not yet there: on an idle core it costs the stages
+nothing, and the stages that read the data later find them in the cache. It warms only
+an EB whose visibilities fit in three quarters of the chunk cache (a larger one would
+evict what the stages keep, as VisStore.keeps explains), once per run and version, and
+stops when the worker is handed a stage of another run. `ALMAPIPE_CACHE_WARMING=0`
+turns it off.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+log = logging.getLogger("almapipe.warmup")
+
+WARM_SHARE = 0.75        # the most of the chunk cache that warming fills
+
+
+def enabled() -> bool:
+    return os.environ.get("ALMAPIPE_CACHE_WARMING", "1") != "0"
+
+
+def visibility_arrays(ctx: dict) -> tuple[list, int]:
+    """The VISIBILITY arrays of the context's partitions and their bytes (complex64)."""
+    keys, nbytes = [], 0
+    for p in ctx.get("partitions") or []:
+        key = (p.get("arrays") or {}).get("VISIBILITY")
+        if key and key not in keys:
+            keys.append(key)
+            nbytes += int(p.get("nrow", 0)) * int(p.get("nchan", 0)) * int(p.get("ncorr", 0)) * 8
+    return keys, nbytes
+
+
+def _lowest_priority() -> None:
+    """This thread alone at nice 19 (Linux gives each thread its own niceness)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
+
+
+class CacheWarmer:
+    """One warming thread per worker process (`start` for each stage it is handed)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._for = None                   # (run, arrays) warmed or being warmed
+        self._stop = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def start(self, vstore, ctx: dict, run_id: str) -> bool:
+        """Warm the chunk cache with the context's visibilities unless they are being or
+        have been warmed, do not fit, or there is no cache. Returns whether it started."""
+        keys, nbytes = visibility_arrays(ctx)
+        if not enabled() or not keys or vstore.cache is None or nbytes > WARM_SHARE * vstore.cache_limit:
+            return False
+        want = (run_id, tuple(keys))
+        with self._lock:
+            if self._for == want:
+                return False
+            self._stop.set()               # another run's or version's: no longer wanted
+            self._for, self._stop = want, threading.Event()
+            self.thread = threading.Thread(target=self._warm, args=(vstore, keys, self._stop, run_id),
+                                           name="cache-warm", daemon=True)
+            self.thread.start()
+            return True
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop.set()
+
+    @staticmethod
+    def _warm(vstore, keys: list, stop: threading.Event, run_id: str) -> None:
+        _lowest_priority()
+        try:
+            fetched = vstore.warm(keys, stop.is_set)
+            log.info("run %s: %.2f GB of visibilities fetched into the chunk cache in idle time%s", run_id,
+                     fetched / 1e9, " (stopped)" if stop.is_set() else "")
+        except Exception as exc:           # a warming that fails costs the stages their hits, nothing else
+            log.warning("run %s: warming the chunk cache stopped: %s", run_id, exc)
