@@ -205,23 +205,23 @@ def test_importdata_records_the_rows_with_zeros_and_clipping_them_reads_only_the
 
 def test_the_chunk_cache_is_warmed_with_a_runs_visibilities_once(ngc, tmp_path):
     """CacheWarmer fetches every VISIBILITY chunk of the context's partitions into the
-    chunk cache, in a thread of its own, counted in no stage's bytes; once per run and
+    chunk cache, in a process of its own, counted in no stage's bytes; once per run and
     version; not where the visibilities would fill over WARM_SHARE of the cache."""
     import itertools
     from almapipe.platform.warmup import CacheWarmer
     vs = vst.VisStore(ngc["cfg"], cache_dir=str(tmp_path / "chunks"), cache_limit=256 << 20)
     ctx = {"partitions": [ngc["entry"]]}
     warmer = CacheWarmer()
-    assert warmer.start(vs, ctx, "run-a")
-    warmer.thread.join(120)
+    assert warmer.start(vs, ngc["cfg"], ctx, "run-a")
+    warmer.process.join(120)
     z = vs.open(ngc["entry"]["arrays"]["VISIBILITY"])
     keys = [f"{z.store_path.path}/{z.metadata.encode_chunk_key(cc)}"
             for cc in itertools.product(*[range(-(-n // c)) for n, c in zip(z.shape, z.chunks)])]
     assert len(keys) > 4 and all(k in vs.cache for k in keys)
-    assert vs.counter.s3_read < 10_000                    # its metadata only, no chunk counted
-    assert not warmer.start(vs, ctx, "run-a")             # done once
+    assert vs.counter.s3_read < 10_000                    # (the test's own open of the array)
+    assert not warmer.start(vs, ngc["cfg"], ctx, "run-a")     # done once
     small = vst.VisStore(ngc["cfg"], cache_dir=str(tmp_path / "small"), cache_limit=1 << 20)
-    assert not CacheWarmer().start(small, ctx, "run-a")   # would not fit
+    assert not CacheWarmer().start(small, ngc["cfg"], ctx, "run-a")   # would not fit
 
 
 def test_a_flag_write_creates_flag_objects_only(ngc):

@@ -8,7 +8,7 @@ only the rows importdata found zeros in, flagtargets paid it instead: the run to
 long. Meanwhile the calibration stages between them keep 1.0-1.4 of the machine's two
 cores busy for half a minute.
 
-So a worker that is handed a stage reading the partitions starts one background thread,
+So a worker that is handed a stage reading the partitions starts one background process,
 at the lowest CPU priority, that fetches into the chunk cache every chunk of the
 partitions' VISIBILITY arrays not yet there: on an idle core it costs the stages
 nothing, and the stages that read the data later find them in the cache. It warms only
@@ -43,26 +43,22 @@ def visibility_arrays(ctx: dict) -> tuple[list, int]:
     return keys, nbytes
 
 
-def _lowest_priority() -> None:
-    """This thread alone at nice 19 (Linux gives each thread its own niceness)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):
-        pass
-
-
 class CacheWarmer:
-    """One warming thread per worker process (`start` for each stage it is handed)."""
+    """One warming process per worker process (`start` for each stage it is handed).
+
+    A process, not a thread: a thread of the worker at nice 19 that holds the GIL when
+    the scheduler passes it over holds up the stage's own thread (flagdata took 14 s
+    beside a warming thread, 8 s alone)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._for = None                   # (run, arrays) warmed or being warmed
-        self._stop = threading.Event()
-        self.thread: threading.Thread | None = None
+        self.process = None
 
-    def start(self, vstore, ctx: dict, run_id: str) -> bool:
-        """Warm the chunk cache with the context's visibilities unless they are being or
-        have been warmed, do not fit, or there is no cache. Returns whether it started."""
+    def start(self, vstore, cfg, ctx: dict, run_id: str) -> bool:
+        """Warm the chunk cache of `vstore` with the context's visibilities unless they are
+        being or have been warmed, do not fit, or there is no cache. Returns whether it
+        started."""
         keys, nbytes = visibility_arrays(ctx)
         if not enabled() or not keys or vstore.cache is None or nbytes > WARM_SHARE * vstore.cache_limit:
             return False
@@ -70,23 +66,33 @@ class CacheWarmer:
         with self._lock:
             if self._for == want:
                 return False
-            self._stop.set()               # another run's or version's: no longer wanted
-            self._for, self._stop = want, threading.Event()
-            self.thread = threading.Thread(target=self._warm, args=(vstore, keys, self._stop, run_id),
-                                           name="cache-warm", daemon=True)
-            self.thread.start()
+            self._stop()                   # another run's or version's: no longer wanted
+            self._for = want
+            import multiprocessing
+            self.process = multiprocessing.get_context("spawn").Process(
+                target=_warm, args=(cfg, vstore.cache.dir, vstore.cache_limit, keys, run_id, os.getpid()),
+                name="cache-warm", daemon=True)
+            self.process.start()
             return True
 
     def stop(self) -> None:
         with self._lock:
-            self._stop.set()
+            self._stop()
 
-    @staticmethod
-    def _warm(vstore, keys: list, stop: threading.Event, run_id: str) -> None:
-        _lowest_priority()
-        try:
-            fetched = vstore.warm(keys, stop.is_set)
-            log.info("run %s: %.2f GB of visibilities fetched into the chunk cache in idle time%s", run_id,
-                     fetched / 1e9, " (stopped)" if stop.is_set() else "")
-        except Exception as exc:           # a warming that fails costs the stages their hits, nothing else
-            log.warning("run %s: warming the chunk cache stopped: %s", run_id, exc)
+    def _stop(self) -> None:
+        if self.process is not None and self.process.is_alive():
+            self.process.terminate()       # a fill cut short leaves a temporary file, swept later
+        self.process = None
+
+
+def _warm(cfg, cache_dir: str, cache_limit: int, keys: list, run_id: str, parent: int) -> None:
+    """The warming process: lowest priority; it stops when its worker is gone."""
+    from .visstore import VisStore
+    os.nice(19)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s warmup %(levelname)s %(name)s: %(message)s")
+    try:
+        vstore = VisStore(cfg, cache_dir=cache_dir, cache_limit=cache_limit)
+        fetched = vstore.warm(keys, lambda: os.getppid() != parent)
+        log.info("run %s: %.2f GB of visibilities fetched into the chunk cache in idle time", run_id, fetched / 1e9)
+    except Exception as exc:               # a warming that fails costs the stages their hits, nothing else
+        log.warning("run %s: warming the chunk cache stopped: %s", run_id, exc)

@@ -91,7 +91,7 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
         return done
     ctx = store.get_json(req.context_key)
     if "partitions" in spec.reads:     # the visibilities later stages read, fetched in idle time
-        WARMER.start(visstore_for(store, fetcher.chunk_dir), ctx, req.run_id)
+        WARMER.start(visstore_for(store, fetcher.chunk_dir), store.cfg, ctx, req.run_id)
     params = json.loads(req.params_json or "{}")
     # every declared parameter present: a stage body reads params["x"], its default declared once
     params = spec.with_defaults(params)
