@@ -50,6 +50,10 @@ WARM_UPS = {"imager": frames.warm_up}
 
 log = logging.getLogger("almapipe.worker")
 WARMER = CacheWarmer()       # the process's chunk cache warming (platform/warmup.py)
+# the services whose stages read visibilities in bulk (the importer writes them; the
+# weblog's exportdata reads them only to export an MS, and a pod with a cache of its own
+# would fetch the whole EB for nothing)
+WARMING_SERVICES = ("calibrator", "imager")
 # a stage's heartbeat interval: a third of the gateway's ALMAPIPE_HEARTBEAT_TIMEOUT_S at most
 HEARTBEAT_S = float(os.environ.get("ALMAPIPE_HEARTBEAT_S", "10"))
 INFRA_RETRY_S = float(os.environ.get("ALMAPIPE_INFRA_RETRY_S", "600"))
@@ -90,7 +94,8 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
     if done is not None:
         return done
     ctx = store.get_json(req.context_key)
-    if "partitions" in spec.reads:     # the visibilities later stages read, fetched in idle time
+    if service in WARMING_SERVICES and "partitions" in spec.reads:
+        # the visibilities this and later stages read, fetched in idle time
         WARMER.start(visstore_for(store, fetcher.chunk_dir), store.cfg, ctx, req.run_id)
     params = json.loads(req.params_json or "{}")
     # every declared parameter present: a stage body reads params["x"], its default declared once
