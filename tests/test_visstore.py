@@ -163,6 +163,32 @@ def test_ingest_reads_back_as_the_ms(ngc, ngc5921_ms):
     assert ngc["entry"]["chunks"] == [ROWS, CHANS] and ngc["entry"]["nrow"] > 5 * ROWS
 
 
+def test_a_cache_write_that_fails_or_is_swept_leaves_the_count_right(tmp_path):
+    """A write that raises takes its count back; a writer stalled past TMP_STALE_S whose
+    temporary file a recount swept ends without error, keeps nothing, and the count is
+    the folder's."""
+    from almapipe.platform import cache as cache_mod
+    folder = str(tmp_path / "c")
+    cache = BoundedCache(folder, 5_000_000)
+    cache.fill("kept", b"k" * 1000)
+
+    def failing(f):
+        f.write(b"x" * 500)
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        cache._put("a", 500, failing, replace=False)
+    assert "a" not in cache and int(open(tmp_path / "c" / ".size").read()) == cache.held() == 1000
+
+    def stalled(f):
+        f.write(b"y" * 700)
+        f.flush()
+        old = time.time() - cache_mod.TMP_STALE_S - 1
+        os.utime(f.name, (old, old))
+        BoundedCache(folder, 5_000_000)          # another process's recount sweeps it
+    cache._put("b", 700, stalled, replace=False)
+    assert "b" not in cache and int(open(tmp_path / "c" / ".size").read()) == cache.held() == 1000
+
+
 def test_importdata_records_the_rows_with_zeros_and_clipping_them_reads_only_theirs(s3, ngc5921_ms, tmp_path):
     """ingest_spw lists the rows holding an exactly zero visibility (one sample or all of
     them); flagdata's zero clipping then finds the same samples as a pass over all the
@@ -201,6 +227,8 @@ def test_importdata_records_the_rows_with_zeros_and_clipping_them_reads_only_the
 
     moved = dict(entry, arrays=dict(entry["arrays"], VISIBILITY=f"{prefix}/VISIBILITY/05_other"))
     assert vst.VisPartition(vs, moved, "01_x", lambda key: ms, prefix).zero_rows() is None
+    contsub = dict(entry, arrays=dict(entry["arrays"], CONTINUUM_FIT=f"{prefix}/CONTINUUM_FIT/06_uvcontsub"))
+    assert vst.VisPartition(vs, contsub, "01_x", lambda key: ms, prefix).zero_rows() is None
 
 
 def test_the_chunk_cache_is_warmed_with_a_runs_visibilities_once(ngc, tmp_path):
@@ -220,6 +248,7 @@ def test_the_chunk_cache_is_warmed_with_a_runs_visibilities_once(ngc, tmp_path):
     assert len(keys) > 4 and all(k in vs.cache for k in keys)
     assert vs.counter.s3_read < 10_000                    # (the test's own open of the array)
     assert not warmer.start(vs, ngc["cfg"], ctx, "run-a")     # done once
+    assert not [n for n in os.listdir(tmp_path / "chunks") if n.startswith(".warm-")]   # its lock file went
     small = vst.VisStore(ngc["cfg"], cache_dir=str(tmp_path / "small"), cache_limit=1 << 20)
     assert not CacheWarmer().start(small, ngc["cfg"], ctx, "run-a")   # would not fit
 

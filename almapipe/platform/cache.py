@@ -164,28 +164,38 @@ class BoundedCache:
                     self._no_room_since = since
                     self._write_size(size)
                     return
-            self._write_size(size + nbytes)
             # created under the lock: a recount from the folder (_evict) by another writer
             # must see it, or the bytes counted for it would be lost from .size
             tmp = f"{p}.{os.getpid()}-{threading.get_ident()}.{nbytes}{TMP}"
             f = open(tmp, "wb")
+            self._write_size(size + nbytes)
         try:
             with f:
                 write(f)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
             with self._locked():
-                self._write_size(max(0, self._read_size() - nbytes))
+                self._forget(tmp, nbytes)
             raise
         with self._locked():
+            if not os.path.exists(tmp):    # swept as a killed writer's (TMP_STALE_S), with its count
+                if replace:
+                    self._drop(p)  # no older copy may stay in its place
+                return
             if os.path.exists(p):
                 if not replace:    # another thread or process filled it meanwhile
-                    os.unlink(tmp)
-                    self._write_size(max(0, self._read_size() - nbytes))
+                    self._forget(tmp, nbytes)
                     return
                 self._drop(p)      # a read that began before this write put back older bytes
             os.replace(tmp, p)
+
+    def _forget(self, tmp: str, nbytes: int) -> None:
+        """(Under the lock.) Delete a write's temporary file and its count, unless a
+        recount swept both already."""
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            return
+        self._write_size(max(0, self._read_size() - nbytes))
 
     # --- bookkeeping (under the lock)
     def _drop(self, path: str) -> None:
