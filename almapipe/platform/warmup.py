@@ -13,12 +13,15 @@ at the lowest CPU priority, that fetches into the chunk cache every chunk of the
 partitions' VISIBILITY arrays not yet there: on an idle core it costs the stages
 nothing, and the stages that read the data later find them in the cache. It warms only
 an EB whose visibilities fit in three quarters of the chunk cache (a larger one would
-evict what the stages keep, as VisStore.keeps explains), once per run and version, and
-stops when the worker is handed a stage of another run. `ALMAPIPE_CACHE_WARMING=0`
+evict what the stages keep, as VisStore.keeps explains), once per run and version (one
+worker of a host at a time), and stops when the worker is handed a stage of another
+run. `ALMAPIPE_CACHE_WARMING=0`
 turns it off.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import os
 import threading
@@ -26,6 +29,7 @@ import threading
 log = logging.getLogger("almapipe.warmup")
 
 WARM_SHARE = 0.75        # the most of the chunk cache that warming fills
+REMEMBERED = 32          # the (run, arrays) a worker remembers having warmed
 
 
 def enabled() -> bool:
@@ -48,31 +52,40 @@ class CacheWarmer:
 
     A process, not a thread: a thread of the worker at nice 19 that holds the GIL when
     the scheduler passes it over holds up the stage's own thread (flagdata took 14 s
-    beside a warming thread, 8 s alone)."""
+    beside a warming thread, 8 s alone). Of the workers of a host, one warms a run's
+    visibilities at a time: the warming process holds a lock file named after them in
+    the chunk cache's folder, and another that finds it taken ends."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._for = None                   # (run, arrays) warmed or being warmed
+        self._run = None                   # the run whose visibilities are being warmed
+        self._started = collections.OrderedDict()    # (run, arrays) warmed or being warmed
         self.process = None
 
     def start(self, vstore, cfg, ctx: dict, run_id: str) -> bool:
-        """Warm the chunk cache of `vstore` with the context's visibilities unless they are
-        being or have been warmed, do not fit, or there is no cache. Returns whether it
-        started."""
-        keys, nbytes = visibility_arrays(ctx)
-        if not enabled() or not keys or vstore.cache is None or nbytes > WARM_SHARE * vstore.cache_limit:
-            return False
-        want = (run_id, tuple(keys))
+        """For each stage this worker is handed (`ctx` without partitions for a stage
+        that reads none): stop warming another run's visibilities, and warm these unless
+        they are being or have been warmed, do not fit, or there is no cache. Returns
+        whether a warming process started."""
         with self._lock:
-            if self._for == want:
+            if self._run is not None and self._run != run_id:
+                self._stop()               # another run's: no longer wanted
+            keys, nbytes = visibility_arrays(ctx)
+            if not enabled() or not keys or vstore.cache is None or nbytes > WARM_SHARE * vstore.cache_limit:
                 return False
-            self._stop()                   # another run's or version's: no longer wanted
-            self._for = want
+            want = (run_id, tuple(keys))
+            if want in self._started:
+                return False
+            self._stop()                   # another version's
+            self._started[want] = True
+            while len(self._started) > REMEMBERED:
+                self._started.popitem(last=False)
             import multiprocessing
             self.process = multiprocessing.get_context("spawn").Process(
                 target=_warm, args=(cfg, vstore.cache.dir, vstore.cache_limit, keys, run_id, os.getpid()),
                 name="cache-warm", daemon=True)
             self.process.start()
+            self._run = run_id
             return True
 
     def stop(self) -> None:
@@ -82,17 +95,30 @@ class CacheWarmer:
     def _stop(self) -> None:
         if self.process is not None and self.process.is_alive():
             self.process.terminate()       # a fill cut short leaves a temporary file, swept later
-        self.process = None
+        self.process, self._run = None, None
 
 
 def _warm(cfg, cache_dir: str, cache_limit: int, keys: list, run_id: str, parent: int) -> None:
-    """The warming process: lowest priority; it stops when its worker is gone."""
+    """The warming process: lowest priority; one per host and set of arrays (a lock file
+    in the cache's folder); it stops when its worker is gone."""
+    import fcntl
+    import hashlib
     from .visstore import VisStore
     os.nice(19)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s warmup %(levelname)s %(name)s: %(message)s")
-    try:
-        vstore = VisStore(cfg, cache_dir=cache_dir, cache_limit=cache_limit)
-        fetched = vstore.warm(keys, lambda: os.getppid() != parent)
-        log.info("run %s: %.2f GB of visibilities fetched into the chunk cache in idle time", run_id, fetched / 1e9)
-    except Exception as exc:               # a warming that fails costs the stages their hits, nothing else
-        log.warning("run %s: warming the chunk cache stopped: %s", run_id, exc)
+    path = os.path.join(cache_dir, f".warm-{hashlib.sha1(chr(10).join(keys).encode()).hexdigest()}")
+    with open(path, "a") as held:
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return                         # another worker of the host warms them
+        try:
+            vstore = VisStore(cfg, cache_dir=cache_dir, cache_limit=cache_limit)
+            fetched = vstore.warm(keys, lambda: os.getppid() != parent)
+            log.info("run %s: %.2f GB of visibilities fetched into the chunk cache in idle time", run_id,
+                     fetched / 1e9)
+        except Exception as exc:           # a warming that fails costs the stages their hits, nothing else
+            log.warning("run %s: warming the chunk cache stopped: %s", run_id, exc)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)            # (one left by a killed warming is an empty file)

@@ -94,9 +94,14 @@ def execute(store: ObjectStore, fetcher: CachedFetcher, req: pb.StageRequest, wo
     if done is not None:
         return done
     ctx = store.get_json(req.context_key)
-    if service in WARMING_SERVICES and "partitions" in spec.reads:
-        # the visibilities this and later stages read, fetched in idle time
-        WARMER.start(visstore_for(store, fetcher.chunk_dir), store.cfg, ctx, req.run_id)
+    if service in WARMING_SERVICES:
+        # the visibilities this and later stages read, fetched in idle time; a warming
+        # that cannot start costs the stages their cache hits, not their run
+        try:
+            WARMER.start(visstore_for(store, fetcher.chunk_dir), store.cfg,
+                         ctx if "partitions" in spec.reads else {}, req.run_id)
+        except Exception as exc:
+            log.warning("the chunk cache's warming did not start: %s", exc)
     params = json.loads(req.params_json or "{}")
     # every declared parameter present: a stage body reads params["x"], its default declared once
     params = spec.with_defaults(params)
