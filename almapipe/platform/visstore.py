@@ -410,10 +410,11 @@ class VisPartition:
 
     def zero_rows(self) -> np.ndarray | None:
         """The rows with a visibility exactly zero, as importdata found them, or None
-        where it recorded none for the VISIBILITY version this entry points at (a store
-        written before it did, or another version)."""
+        where it recorded none for the data this entry reads (a store written before it
+        did, another VISIBILITY version, a continuum-subtracted view)."""
         key = self.entry["arrays"].get(ZERO_ROWS)
-        if key is None or self.entry.get("zero_rows_of") != self.entry["arrays"].get("VISIBILITY"):
+        if key is None or self.entry.get("zero_rows_of") != self.entry["arrays"].get("VISIBILITY") \
+                or CONTINUUM_FIT in self.entry["arrays"]:     # (DATA is VISIBILITY minus a fit there)
             return None
         rows = np.asarray(self.vs.open(key)[:], dtype=np.int64)
         self.vs.counter.add("requested", rows.nbytes)

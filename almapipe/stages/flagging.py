@@ -145,7 +145,12 @@ def _zeros(p, vis, zero_rows) -> np.ndarray:
     if zero_rows is None:
         return vis.data == 0
     zero = np.zeros(vis.flag.shape, bool)
-    hit = np.isin(vis.rows, zero_rows, assume_unique=True)
+    if not len(vis.rows):
+        return zero
+    # the list's part within the block's rows (ascending both): an antenna whose data are
+    # all zero puts a large part of the partition in the list
+    lo, hi = np.searchsorted(zero_rows, [vis.rows[0], vis.rows[-1] + 1])
+    hit = np.isin(vis.rows, zero_rows[lo:hi], assume_unique=True)
     if hit.any():
         zero[hit] = p.rows_of("DATA", vis.rows[hit]) == 0
     return zero
