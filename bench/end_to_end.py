@@ -54,6 +54,20 @@ def load_avg() -> str:
     return open("/proc/loadavg").read().split()[0]
 
 
+SETTLE = {"below": 1.0, "at_most_s": 120.0}     # --settle: 0 waits for nothing
+
+
+def settle() -> float:
+    """Wait until the machine's 1-minute load falls below SETTLE['below'] (the stack just
+    started, or the side before just ended, raise it), at most SETTLE['at_most_s'];
+    returns the seconds waited. On this 2-core VM runs of one commit started at loads of
+    0.8 to 2.1 took 176 to 198 s."""
+    t0 = time.monotonic()
+    while float(load_avg()) >= SETTLE["below"] and time.monotonic() - t0 < SETTLE["at_most_s"]:
+        time.sleep(2)
+    return round(time.monotonic() - t0, 1)
+
+
 def make_tar(eb_dir: str, out: str) -> str:
     """The EB as ALMA hands it over: the MS with flux.csv and antennapos.csv beside it
     (kept if already made: a large EB's MS may have been deleted to make room)."""
@@ -170,6 +184,7 @@ def ours(eb_dir: str, work: str, port_base: int, delete_input: bool = False, ext
     param_args = [a for p in params for a in ("--param", p)]
     subprocess.run(almapipe + ["up"], env=env, check=True, stdout=subprocess.DEVNULL, cwd=work)
     try:
+        settled = settle()
         load0 = load_avg()
         sampler = Sampler(data_dir)
         cpu0 = cpu_seconds_of_stack(data_dir) + _children_cpu()
@@ -204,7 +219,7 @@ def ours(eb_dir: str, work: str, port_base: int, delete_input: bool = False, ext
                   for r in sorted(ctx.get("stage_results", []), key=lambda r: r["index"])]
         return {"wall_s": wall, "cpu_s": cpu, "status": proc.returncode, "run_id": run_id, "stages": stages, **sampled,
                 "s3_bytes": s3_before, "s3_bytes_after_gc": s3_after, "cache_bytes": cache,
-                "gc": (gc.stdout + gc.stderr)[-2000:], "input_bytes": input_bytes, "load_at_start": load0,
+                "gc": (gc.stdout + gc.stderr)[-2000:], "input_bytes": input_bytes, "load_at_start": load0, "settled_s": settled,
                 "images": ctx.get("images", []), "tail": proc.stdout[-3000:], "inspected": inspected}
     finally:
         subprocess.run(almapipe + ["down"], env=env, stdout=subprocess.DEVNULL, cwd=work)
@@ -330,6 +345,7 @@ def casa(python: str, eb_dir: str, work: str, images: list) -> dict:
     script = os.path.join(work, "casa_chain.py")
     open(script, "w").write(CASA_CHAIN)
     json.dump(images, open(os.path.join(work, "images.json"), "w"))
+    settled = settle()
     load0 = load_avg()
     cpu0 = _children_cpu()
     t0 = time.perf_counter()
@@ -341,7 +357,8 @@ def casa(python: str, eb_dir: str, work: str, images: list) -> dict:
         print(proc.stderr[-4000:], file=sys.stderr)
     steps = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
     shutil.rmtree(os.path.dirname(copy), ignore_errors=True)
-    return {"wall_s": wall, "cpu_s": cpu, "status": proc.returncode, "steps": steps, "load_at_start": load0}
+    return {"wall_s": wall, "cpu_s": cpu, "status": proc.returncode, "steps": steps, "load_at_start": load0,
+            "settled_s": settled}
 
 
 def main() -> None:
@@ -357,8 +374,12 @@ def main() -> None:
                     "uploaded (large EBs)")
     ap.add_argument("--param", action="append", default=[], help="stage.param=value, as almapipe run takes it")
     ap.add_argument("--env", action="append", default=[], help="NAME=VALUE for the stack (e.g. ALMAPIPE_CACHE_MB=1024)")
+    ap.add_argument("--settle", type=float, default=SETTLE["at_most_s"],
+                    help="before each side, wait at most this many seconds for the 1-minute load to fall below "
+                         f"{SETTLE['below']} (0: do not wait)")
     ap.add_argument("--drive", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    SETTLE["at_most_s"] = args.settle
     if args.drive:
         sys.exit(drive(args.drive, args.param))
     if not args.eb:
@@ -382,7 +403,7 @@ def main() -> None:
         if side in out:
             o = out[side]
             print(f"{side}: {o['wall_s']:.1f} s wall, {o['cpu_s']:.1f} s CPU (exit {o['status']}, "
-                  f"load {o['load_at_start']} at start)")
+                  f"load {o['load_at_start']} at start, after {o.get('settled_s', 0)} s of waiting for it)")
     for side in ("ours", "inplace"):
         if side not in out:
             continue
