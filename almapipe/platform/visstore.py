@@ -262,29 +262,21 @@ class VisStore:
 
     def warm(self, keys: list, should_stop) -> int:
         """Fetch into the cache, one at a time, the chunk objects of the arrays under
-        `keys` that it does not hold (platform/warmup.py); stops when should_stop() is
-        true. Counted in no stage's bytes. Returns the bytes fetched."""
-        import obstore
-        fetched = 0
+        `keys` that it does not hold (platform/warmup.py's process, whose store this is:
+        counted in no stage's bytes); stops when should_stop() is true. Returns the bytes
+        fetched."""
         if self.cache is None:
             return 0
+        before = self.counter.s3_read
         for key in keys:
             z = self.open(key)
-            prefix = z.store_path.path
-            grid = [range(-(-n // c)) for n, c in zip(z.shape, z.chunks)]
-            for cc in itertools.product(*grid):
+            for cc in itertools.product(*[range(-(-n // c)) for n, c in zip(z.shape, z.chunks)]):
                 if should_stop():
-                    return fetched
-                chunk = f"{prefix}/{z.metadata.encode_chunk_key(cc)}"
-                if chunk in self.cache:
-                    continue
-                try:
-                    raw = obstore.get(self.s3, chunk).bytes()
-                except FileNotFoundError:          # never written: read as the fill value
-                    continue
-                self.cache.fill(chunk, raw)
-                fetched += len(raw)
-        return fetched
+                    return self.counter.s3_read - before
+                chunk = _chunk_key(z, cc)
+                if chunk not in self.cache:
+                    self.zstore.get_many_sync([chunk])      # from S3 into the cache, as a stage's read
+        return self.counter.s3_read - before
 
     def keeps(self, nbytes: int) -> bool:
         """Whether a pass over nbytes of visibilities goes into the cache: not if it is
@@ -730,6 +722,11 @@ def _chunk_decoder(z):
     return None
 
 
+def _chunk_key(z, coords: tuple) -> str:
+    """The object key of array z's chunk at chunk coordinates `coords`."""
+    return f"{z.store_path.path}/{z.metadata.encode_chunk_key(coords)}"
+
+
 def _read_chunks(z, sel: tuple) -> np.ndarray:
     """z[sel] (sel: a slice per leading axis, step 1), reading the chunk objects
     itself: each is decoded straight into the result where it fills a contiguous part
@@ -751,11 +748,10 @@ def _read_chunks(z, sel: tuple) -> np.ndarray:
     if not out.size:
         return out
     coords = list(itertools.product(*[range(a // c, (b - 1) // c + 1) for (a, b), c in zip(spans, chunks)]))
-    prefix = z.store_path.path
     scratch = None
     for first in range(0, len(coords), FETCH_BATCH):
         batch = coords[first:first + FETCH_BATCH]
-        blobs = store.get_many_sync([f"{prefix}/{z.metadata.encode_chunk_key(cc)}" for cc in batch])
+        blobs = store.get_many_sync([_chunk_key(z, cc) for cc in batch])
         for cc, blob in zip(batch, blobs):
             src, dst, whole = [], [], True
             for ax, (ci, c, (a, b)) in enumerate(zip(cc, chunks, spans)):

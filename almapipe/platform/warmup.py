@@ -15,8 +15,7 @@ nothing, and the stages that read the data later find them in the cache. It warm
 an EB whose visibilities fit in three quarters of the chunk cache (a larger one would
 evict what the stages keep, as VisStore.keeps explains), once per run and version (one
 worker of a host at a time), and stops when the worker is handed a stage of another
-run. `ALMAPIPE_CACHE_WARMING=0`
-turns it off.
+run. `ALMAPIPE_CACHE_WARMING=0` turns it off.
 """
 from __future__ import annotations
 
@@ -87,10 +86,6 @@ class CacheWarmer:
             self.process.start()
             self._run = run_id
             return True
-
-    def stop(self) -> None:
-        with self._lock:
-            self._stop()
 
     def _stop(self) -> None:
         if self.process is not None and self.process.is_alive():
