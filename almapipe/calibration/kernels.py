@@ -5,14 +5,30 @@ import numba
 import numpy as np
 
 
+@numba.njit(cache=True, nogil=True)
+def inverse_gains(gain):
+    """1 / g of every gain, 0 where g is 0 (a flagged solution's gain is stored as zero),
+    computed in float64 (|g|^2 does not underflow). Dividing a sample by g[a1] conj(g[a2])
+    is then two multiplications (_corrected): the division per sample made correcting
+    on reading 2.7x slower, and it ran on every read of CORRECTED_DATA (some 20 GB a
+    run of the realistic EB in the imager alone)."""
+    inv = np.zeros_like(gain)
+    g = gain.ravel()
+    out = inv.ravel()
+    for k in range(g.size):
+        gr, gi = np.float64(g[k].real), np.float64(g[k].imag)
+        m = gr * gr + gi * gi
+        if m != 0:
+            out[k] = complex(gr / m, -gi / m)
+    return inv
+
+
 @numba.njit(inline="always")
-def _divided(d, g):
-    """d / g for a non-zero g as d conj(g) / |g|^2: one real division where numba's
-    complex one takes several (2x faster per sample; the results differ from it in the
-    last bit). apply_gains and divide_by_gains share it, so that data corrected on
-    reading equal those applycal stores."""
-    gr, gi = np.float64(g.real), np.float64(g.imag)      # (|g|^2 in float64: no underflow)
-    return d * np.conj(g) / (gr * gr + gi * gi)
+def _corrected(d, inv1, inv2):
+    """d / (g1 conj(g2)) from the inverses of g1 and g2 (inverse_gains). apply_gains and
+    divide_by_gains share it, so that data corrected on reading equal those applycal
+    stores."""
+    return d * (inv1 * np.conj(inv2))
 
 
 @numba.njit(parallel=True, cache=True, fastmath=False)
@@ -22,6 +38,7 @@ def apply_gains(data, flag, weight, pidx, ant1, ant2, gain, wfac, bad, divide=Tr
     its data corrected on reading, divide_by_gains); flag where a gain is missing or
     zero; weight[r, p] *= mean over channels of wfac[a1] wfac[a2] (calwt)."""
     nrow, nchan, ncorr = flag.shape
+    inv = inverse_gains(gain) if divide else gain
     for r in numba.prange(nrow):
         t = pidx[r]
         i = ant1[r]
@@ -34,13 +51,13 @@ def apply_gains(data, flag, weight, pidx, ant1, ant2, gain, wfac, bad, divide=Tr
                 if bad[t, i, c, p] or bad[t, j, c, p] or g == 0:
                     flag[r, c, p] = True
                 elif divide:
-                    data[r, c, p] = _divided(data[r, c, p], g)
+                    data[r, c, p] = _corrected(data[r, c, p], inv[t, i, c, p], inv[t, j, c, p])
             weight[r, p] = weight[r, p] * (wsum / nchan)
 
 
 @numba.njit(parallel=False, cache=True, fastmath=False, nogil=True)
 def divide_by_gains(data, pidx, ant1, ant2, gain):
-    """In place: data[r, c, p] /= g[a1] conj(g[a2]) where that product is not zero (the
+    """In place: data[r, c, p] /= g[a1] conj(g[a2]) where neither gain is zero (the
     gains of flagged solutions are stored as zero: those samples are flagged and left
     as they are), the same arithmetic as apply_gains, so that visibilities corrected on
     reading equal those applycal would have stored. One thread: it runs in the
@@ -49,15 +66,15 @@ def divide_by_gains(data, pidx, ant1, ant2, gain):
     Without the GIL, so that the stage's own Python runs beside it (its caller owns
     `data`, a fresh copy, so no other thread writes it)."""
     nrow, nchan, ncorr = data.shape
+    inv = inverse_gains(gain)
     for r in range(nrow):
         t = pidx[r]
-        i = ant1[r]
-        j = ant2[r]
+        inv1 = inv[t, ant1[r]]
+        inv2 = inv[t, ant2[r]]
         for c in range(nchan):
             for p in range(ncorr):
-                g = gain[t, i, c, p] * np.conj(gain[t, j, c, p])
-                if g != 0:
-                    data[r, c, p] = _divided(data[r, c, p], g)
+                if inv1[c, p] != 0 and inv2[c, p] != 0:
+                    data[r, c, p] = _corrected(data[r, c, p], inv1[c, p], inv2[c, p])
 
 
 @numba.njit(parallel=False, cache=True)
