@@ -761,10 +761,12 @@ def test_an_object_assembled_from_stored_ranges_is_their_bytes_with_their_sha256
     assert store.get_bytes(f"{run}/small") == b"x" * 10 + slabs[1][10:60] and entry["copied"] == 0
 
 
-def test_flagtargets_in_channel_slices_flags_as_the_whole_partition_would(ngc, tmp_path, monkeypatch):
+@pytest.mark.parametrize("slice_bytes", [1, None])
+def test_flagtargets_in_channel_slices_flags_as_the_whole_partition_would(ngc, tmp_path, monkeypatch, slice_bytes):
     """flagtargets spills the target amplitudes channel-major to disk and finds the outliers
     one channel slice at a time (bounded memory): with slices of one channel, the flags it
-    writes equal uv_outliers on the whole partition in memory, burst rows flagged whole."""
+    writes equal uv_outliers on the whole partition in memory, burst rows flagged whole.
+    With its own budget (None), one slice holds all channels and nothing goes to disk."""
     import types
     from almapipe.heuristics.outliers import uv_outliers
     from almapipe.stages import outlierflag
@@ -783,7 +785,8 @@ def test_flagtargets_in_channel_slices_flags_as_the_whole_partition_would(ngc, t
                                                np.hypot(v.uvw[cross, 0], v.uvw[cross, 1]))
     assert expected[burst].all()
 
-    monkeypatch.setattr(outlierflag, "SLICE_BYTES", 1)    # one channel per slice
+    if slice_bytes is not None:
+        monkeypatch.setattr(outlierflag, "SLICE_BYTES", slice_bytes)    # one channel per slice
     p = partition(ngc, "21_flagtargets", entry)
     ctx = {"observation": {"antennas": []}, "fields": [{"id": target, "name": "N5921_2"}]}
     params = {"nbins": 10, "nsigma_high": 12.0, "nsigma_low": 13.0}
@@ -794,7 +797,11 @@ def test_flagtargets_in_channel_slices_flags_as_the_whole_partition_would(ngc, t
     after = partition(ngc, "22_x", p.commit()).read(field_ids=[target], data=False)
     np.testing.assert_array_equal(after.flag, expected)
     assert per_field == {"N5921_2": int((expected & ~v.flag).sum())} == {"N5921_2": counts["outliers"]}
-    assert not os.listdir(tmp_path) or all(f.startswith(("amp.", "flag.", "out.")) for f in os.listdir(tmp_path))
+    spilled = os.listdir(tmp_path)
+    if slice_bytes is None:
+        assert not spilled
+    else:
+        assert len(spilled) > 3 and all(f.startswith(("amp.", "flag.", "out.")) for f in spilled)
 
 
 def _calibrate(ngc, tag: str, seed: int = 5):

@@ -156,7 +156,8 @@ def _flag_targets_in(p, targets: list, commands: list, ctx: dict, params: dict, 
                      counts: dict, per_field: dict) -> bool:
     """flagtargets on one partition with memory bounded by SLICE_BYTES, whatever its size.
     Pass 1 reads the corrected data once in row blocks, applies the template and spills
-    amplitudes (float32) and flags channel-major to local disk; pass 2 finds the outliers
+    amplitudes (float32) and flags channel-major to local disk (kept in memory where one
+    slice holds every channel); pass 2 finds the outliers
     one channel slice at a time (uv_outliers' statistics are per channel, its row rule
     needs only per-row counts); pass 3 reads the stored flags again in the same row blocks
     (to see what changed) and writes the spilled ones with the outliers added. Whether anything changed is the return value."""
@@ -179,7 +180,7 @@ def _flag_targets_in(p, targets: list, commands: list, ctx: dict, params: dict, 
             flag, added = _with_template(vis, commands, ctx, p.spw)
             counts["template"] += added
             changed |= added > 0
-            spill.write("amp", at, np.abs(vis.data).astype(np.float32))
+            spill.write("amp", at, np.abs(vis.data).astype(np.float32, copy=False))
             spill.write("flag", at, flag)
             uvdist[at:at + n] = np.hypot(vis.uvw[:, 0], vis.uvw[:, 1])
             at += n
@@ -219,7 +220,7 @@ def _flag_targets_in(p, targets: list, commands: list, ctx: dict, params: dict, 
                     f = found.setdefault(int(fid), [0, 0])
                     f[0] += int(o.sum())
                     f[1] += int(o.any(axis=(1, 2)).sum())
-                flag |= out
+                flag = flag | out                                # (the spill's arrays are read-only)
             if (flag != vis.flag).any():
                 p.write_flags(vis.rows, flag, before=vis.flag)
     for fid, (n, nrows) in sorted(found.items()):
