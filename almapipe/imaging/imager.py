@@ -45,6 +45,7 @@ class ImageSpec:
     mosaic: Mosaic | None = None        # several pointings imaged jointly; None: one field
     nterms: int = 1                     # Taylor terms of an mfs image (2: mtmfs, imaging/mtmfs.py)
     nbin: int = 1                       # a cube's plane: nbin adjacent channels (tclean's width)
+    time_average: bool = False          # a cube's samples averaged in time per baseline (averaged_in_time)
 
 
 @dataclass
@@ -90,6 +91,42 @@ def stokes_i(vis: Vis, chan_idx: np.ndarray) -> StokesI:
     if not keep.all():
         rows, data, w = rows[keep], data[keep], w[keep]
     return StokesI(vis.uvw[rows], data, w, rows)
+
+
+# Earth's rotation (rad/s): a baseline's uv point moves at most this times its length
+EARTH_ROTATION = 7.2921e-5
+# how far averaged_in_time joins integrations: the phase that a sample's move during one
+# average may sweep at the image's corner (radians). A linear sweep of phi keeps
+# sinc(phi / 2) of a source's amplitude: 0.35 rad keeps 99.5 % at the corner, more inside.
+AVERAGING_PHASE = 0.35
+
+
+def averaged_in_time(si: StokesI, vis: Vis, freq_max: float, radius_rad: float) -> StokesI:
+    """Stokes I samples averaged in time per baseline (baseline-dependent averaging, as
+    WSClean's -baseline-averaging): a baseline's consecutive integrations of a scan join
+    while the phase that its uv point's move sweeps at radius_rad from the phase centre
+    stays under AVERAGING_PHASE, so that short baselines are averaged over minutes and
+    the longest over a few integrations or none. A cube grids its samples once a plane
+    for the PSF, once for the dirty image and twice a major cycle: its gridding (most of
+    a cube's time) falls with their number. The weights are summed, so the noise and the
+    Briggs density are the integrations'. Each sample's row (rows) is its run's first."""
+    if not len(si.rows):
+        return si
+    rows = si.rows
+    ant1, ant2, time = vis.ant1[rows], vis.ant2[rows], vis.time[rows]
+    # a baseline's length in wavelengths (|uvw| is the same at every time) at the highest
+    # frequency: its uv point moves at most EARTH_ROTATION x that, in wavelengths a second
+    length = np.sqrt((si.uvw ** 2).sum(axis=1)) * (freq_max / 299792458.0)
+    rate = 2 * np.pi * EARTH_ROTATION * length * radius_rad / AVERAGING_PHASE
+    order = np.lexsort((time, vis.scan[rows], ant2, ant1))
+    starts = kernels.time_groups(order, ant1.astype(np.int64), ant2.astype(np.int64),
+                                 vis.scan[rows].astype(np.int64), time.astype(np.float64),
+                                 vis.interval[rows].astype(np.float64), rate)
+    if len(starts) - 1 == len(rows):
+        return si
+    uvw, data, weight = kernels.average_groups(order, starts, np.ascontiguousarray(si.uvw, np.float64),
+                                               si.data, si.weight)
+    return StokesI(uvw, data, weight, rows[order[starts[:-1]]])
 
 
 def aggregate_continuum(parts: list, width: int = 8) -> Vis:
@@ -241,6 +278,9 @@ def clean_planes(vis: Vis, spec: ImageSpec) -> Planes:
     chans = np.flatnonzero(spec.chans if spec.chans is not None else np.ones(nchan, bool))
     planes = [chans] if spec.specmode == "mfs" else cube_planes(chans, spec.nbin)
     si = stokes_i(vis, chans)
+    if spec.time_average and spec.mosaic is None:
+        # out to the image's corner
+        si = averaged_in_time(si, vis, float(vis.freq[chans].max()), npix * cell / np.sqrt(2))
     samples = (si.uvw, si.data, si.weight) if spec.mosaic is None else _pointing_samples(vis, spec.mosaic, si)
     col = {c: i for i, c in enumerate(chans)}
     out = Planes([], [], [], [], np.array([vis.freq[pl].mean() for pl in planes]), [], 0, [])

@@ -365,3 +365,63 @@ def _mask_indices(mask, n: int, what: str) -> np.ndarray:
     if mask.dtype != bool or mask.shape != (n,):
         raise ValueError(f"{what}: a boolean mask of {n} entries, not {mask.dtype} {mask.shape}")
     return np.flatnonzero(mask).astype(np.int64)
+
+
+@numba.njit(cache=True)
+def time_groups(order, ant1, ant2, scan, time, interval, rate):
+    """Runs of consecutive integrations of one baseline that average_groups may join:
+    the rows in `order` (sorted by baseline, scan, time) cut where the baseline or scan
+    changes, where a time is missing (a gap of more than half an integration), and
+    where the run would span more than 1 / rate[row] seconds (rate: the phase drift
+    that one second of averaging may cause at the image's edge, per unit of the
+    tolerance, of the run's first row). Returns the start of each run in `order`, and
+    len(order) at the end."""
+    n = len(order)
+    starts = np.empty(n + 1, np.int64)
+    starts[0] = 0
+    if n == 0:
+        return starts[:1]
+    ng = 1
+    first = order[0]
+    for k in range(1, n):
+        r = order[k]
+        p = order[k - 1]
+        new = ant1[r] != ant1[p] or ant2[r] != ant2[p] or scan[r] != scan[p]
+        new = new or time[r] - time[p] > 1.5 * max(interval[r], interval[p])
+        new = new or (time[r] + 0.5 * interval[r] - time[first] + 0.5 * interval[first]) * rate[first] > 1.0
+        if new:
+            starts[ng] = k
+            ng += 1
+            first = r
+    starts[ng] = n
+    return starts[:ng + 1]
+
+
+@numba.njit(parallel=True, cache=True)
+def average_groups(order, starts, uvw, vis, wgt):
+    """Each run of rows (order[starts[g]:starts[g + 1]]) as one sample: uvw their mean,
+    vis per channel the weighted mean of its unflagged values, wgt per channel the sum
+    of the weights (0 where all are flagged). Returns (uvw (ng, 3), vis (ng, nchan)
+    complex64, wgt (ng, nchan) float32)."""
+    ng = len(starts) - 1
+    nchan = vis.shape[1]
+    uvw_out = np.zeros((ng, 3))
+    vis_out = np.zeros((ng, nchan), np.complex64)
+    wgt_out = np.zeros((ng, nchan), np.float32)
+    for g in numba.prange(ng):
+        a, b = starts[g], starts[g + 1]
+        for k in range(a, b):
+            r = order[k]
+            for i in range(3):
+                uvw_out[g, i] += uvw[r, i]
+            for c in range(nchan):
+                w = wgt[r, c]
+                if w > 0:
+                    vis_out[g, c] += w * vis[r, c]
+                    wgt_out[g, c] += w
+        for i in range(3):
+            uvw_out[g, i] /= b - a
+        for c in range(nchan):
+            if wgt_out[g, c] > 0:
+                vis_out[g, c] /= wgt_out[g, c]
+    return uvw_out, vis_out, wgt_out

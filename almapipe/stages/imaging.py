@@ -750,7 +750,8 @@ class ImageJob:
             # multiscale: scales of 0, 1 and 3 beams
             scales=p["scales"] or ([0, self.pixels_per_beam, 3 * self.pixels_per_beam]
                                    if p["deconvolver"] == "multiscale" else None),
-            mosaic=mosaic, nterms=self.nterms(mosaic), nbin=self.nbin)
+            mosaic=mosaic, nterms=self.nterms(mosaic), nbin=self.nbin,
+            time_average=self.specmode == "cube" and bool(p["time_average"]))
         if self.streamed and self.spws is None:
             self.theo = self._read_samples()
             self.theoretical[(self.fid, self.part["spw"])] = self.theo
@@ -1210,6 +1211,8 @@ IMAGE_PARAMS = (
     Param("nbin", int, None, "cubes: channels averaged into each plane (tclean's width in channels); none: 1, or "
           "2 for ALMA's FDM spws whose cube would exceed max_cube_gb (hif_checkproductsize's first step)", min=1),
     Param("width", int, 8, "aggregate continuum: channels averaged", min=1),
+    Param("time_average", bool, True, "cubes of one field: a baseline's consecutive integrations averaged "
+          "while their smearing at the image's corner stays under 0.5 % (baseline-dependent averaging)"),
     Param("deconvolver", str, "hogbom", "minor cycle", choices=("hogbom", "multiscale")),
     Param("scales", list, None, "multiscale scales in pixels; none: 0, 1 and 3 beams"),
     Param("negative_threshold", float, None, "automask: negative-feature threshold; none: 15 for cubes, 0 else",
