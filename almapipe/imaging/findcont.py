@@ -28,7 +28,7 @@ import ducc0
 import numpy as np
 
 from . import gridding
-from .imager import parallel_hands, stokes_i
+from .imager import averaged_in_time, parallel_hands, stokes_i
 from ..heuristics.robust import mad_std, robust_sigma
 from ..msio.ms import Vis
 
@@ -75,6 +75,9 @@ class CoarseCube:
         si = stokes_i(vis, np.arange(len(self.has_data)))
         if not len(si.data):
             return
+        # a baseline's integrations in the block averaged as far as the cube's corner
+        # allows (decision 24): every sample is gridded in every channel
+        si = averaged_in_time(si, vis, float(vis.freq.max()), self.npix * self.cell / np.sqrt(2))
         wsum = si.weight.sum(axis=0)
         chans = np.flatnonzero(self.has_data & (wsum > 0))
         if not len(chans):
