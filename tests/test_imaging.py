@@ -996,9 +996,10 @@ def test_w_term_below_its_tolerance_costs_a_corner_source_under_half_the_toleran
 
 
 def _earth_rotating(nant=12, ntime=120, dt=6.0, nchan=4, freq0=230e9, baseline_m=150.0, source=(1.0, 0.0, 0.0),
-                    noise=0.05, gap_after=60, seed=3):
+                    noise=0.05, gap_after=60, seed=3, flag_blocks=0):
     """A Vis of one point source whose uv points turn at the Earth's rate (the test
-    simulator's turn 3x faster), in two scans with a gap between them."""
+    simulator's turn 3x faster), in two scans with a gap between them; flag_blocks: the
+    first channel flagged in every other block of that many integrations."""
     from almapipe.imaging.imager import EARTH_ROTATION
     from almapipe.msio.ms import Vis
     rng = np.random.default_rng(seed)
@@ -1017,35 +1018,48 @@ def _earth_rotating(nant=12, ntime=120, dt=6.0, nchan=4, freq0=230e9, baseline_m
     ph = np.exp(2j * np.pi * (uvw[:, 0:1] * l + uvw[:, 1:2] * m) * freq[None, :] / 299792458.0)
     v = np.repeat((flux * ph)[:, :, None], 2, axis=2)
     v = v + noise * (rng.normal(size=v.shape) + 1j * rng.normal(size=v.shape)) / np.sqrt(2)
+    flag = np.zeros(v.shape, bool)
+    if flag_blocks:
+        flag[(np.repeat(np.arange(ntime), len(a1)) // flag_blocks) % 2 == 0, 0] = True
     return Vis(time=t + 5e9, interval=np.full(len(t), dt), ant1=ant1, ant2=ant2, field_id=np.zeros(len(t), int),
                scan=np.where(np.repeat(np.arange(ntime), len(a1)) >= gap_after, 2, 1), uvw=uvw,
-               data=v.astype(np.complex64), flag=np.zeros(v.shape, bool),
+               data=v.astype(np.complex64), flag=flag,
                weight=np.full((len(t), 2), 1.0, np.float32), freq=freq, corr_types=["XX", "YY"],
                rows=np.arange(len(t)))
 
 
-def test_a_cube_averaged_in_time_per_baseline_keeps_its_source_at_the_corner():
+@pytest.mark.parametrize("flag_blocks", [0, 5])
+def test_a_cube_averaged_in_time_per_baseline_keeps_its_source_at_the_corner(flag_blocks):
     """A cube's samples averaged in time per baseline (baseline-dependent averaging):
-    far fewer samples, no run across a scan's end or holding a baseline twice, the weights
-    summed, and a source near the image's corner (where smearing is largest) keeps its
-    flux to within the 0.5 % the averaging allows."""
+    far fewer samples, each baseline's and scan's weight kept (no run across a scan's
+    end or two baselines), runs never mixing integrations with different flagged
+    channels, and a source near the image's corner (where smearing is largest) keeping
+    its flux to within the 0.5 % the averaging allows, with the first channel flagged
+    in blocks of integrations or not."""
     from almapipe.imaging.imager import AVERAGING_PHASE, averaged_in_time, stokes_i
     npix, cell_arcsec = 64, 0.4
     cell = np.radians(cell_arcsec / 3600)
-    corner = 26 * cell                               # l and m: 0.57 of the half-diagonal out, on a pixel
-    vis = _earth_rotating(source=(1.0, corner, corner))
+    corner = 26 * cell                               # l and m: 0.81 of the half-diagonal out, on a pixel
+    vis = _earth_rotating(source=(1.0, corner, corner), flag_blocks=flag_blocks)
     chans = np.arange(len(vis.freq))
     si = stokes_i(vis, chans)
     avg = averaged_in_time(si, vis, float(vis.freq.max()), npix * cell / np.sqrt(2))
     assert len(avg.rows) < len(si.rows) / 3
     np.testing.assert_allclose(avg.weight.sum(axis=0), si.weight.sum(axis=0), rtol=1e-6)
-    # every run is one baseline in one scan, and short baselines are averaged longest
-    key = vis.ant1 * 100 + vis.ant2
-    assert len(np.unique(np.stack([key[avg.rows], vis.scan[avg.rows]]), axis=1)[0]) <= len(avg.rows)
+
+    def per_baseline_and_scan(rows, w):
+        key = np.stack([vis.ant1[rows], vis.ant2[rows], vis.scan[rows]], axis=1)
+        u, inv = np.unique(key, axis=0, return_inverse=True)
+        return u, np.bincount(inv.ravel(), weights=w)
+    for a, b in zip(per_baseline_and_scan(si.rows, si.weight[:, 1]), per_baseline_and_scan(avg.rows, avg.weight[:, 1])):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    # a run's integrations all have the first channel flagged, or none has
+    assert ((avg.weight[:, 0] == 0) | (avg.weight[:, 0] == avg.weight[:, 1])).all()
     length = np.hypot(avg.uvw[:, 0], avg.uvw[:, 1])
-    runs = avg.weight[:, 0] / si.weight[0, 0]            # integrations a sample (each of weight 2)
-    assert runs.max() > 5
-    assert runs[length < np.percentile(length, 20)].mean() > 2 * runs[length > np.percentile(length, 80)].mean()
+    runs = avg.weight[:, 1] / si.weight[0, 1]            # integrations a sample (each of weight 2)
+    if not flag_blocks:
+        assert runs.max() > 5
+        assert runs[length < np.percentile(length, 20)].mean() > 2 * runs[length > np.percentile(length, 80)].mean()
     # the longest baseline's runs sweep at most AVERAGING_PHASE at the corner
     blen = np.sqrt((vis.uvw ** 2).sum(axis=1)).max() * vis.freq.max() / 299792458.0
     longest = runs[length > 0.98 * length.max()].max() * 6.0
@@ -1054,7 +1068,7 @@ def test_a_cube_averaged_in_time_per_baseline_keeps_its_source_at_the_corner():
     spec = ImageSpec(field="s", specmode="cube", npix=npix, cell_arcsec=cell_arcsec, niter=200, nsigma=2.0)
     each = make_image(vis, spec, 12.0, "ALMA")
     averaged = make_image(vis, dataclasses.replace(spec, time_average=True), 12.0, "ALMA")
-    y, x = np.unravel_index(np.argmax(each.image[0]), each.image[0].shape)
+    y, x = np.unravel_index(np.argmax(each.image[1]), each.image[1].shape)
     assert abs(x - npix // 2) > 20 and abs(y - npix // 2) > 20       # the source is near the corner
     for k in range(len(vis.freq)):
         peak_each, peak_avg = each.image[k][y, x], averaged.image[k][y, x]

@@ -46,6 +46,7 @@ class ImageSpec:
     nterms: int = 1                     # Taylor terms of an mfs image (2: mtmfs, imaging/mtmfs.py)
     nbin: int = 1                       # a cube's plane: nbin adjacent channels (tclean's width)
     time_average: bool = False          # a cube's samples averaged in time per baseline (averaged_in_time)
+    time_average_freq_hz: float = 0.0   # the frequency averaged_in_time takes (0: the planes' highest)
 
 
 @dataclass
@@ -69,7 +70,8 @@ class ImageResult:
 class StokesI:
     """The samples of Stokes I that an image grids: one per cross-correlation row
     with any unflagged data in the channels taken (the parallel hands' weighted
-    mean; auto-correlations and fully flagged rows left out)."""
+    mean; auto-correlations and fully flagged rows left out), or, averaged in time
+    (averaged_in_time), one per run of a baseline's rows."""
     uvw: np.ndarray        # (nrow, 3) m
     data: np.ndarray       # (nrow, nchan) complex64
     weight: np.ndarray     # (nrow, nchan) float32 natural weights, 0 where flagged
@@ -103,25 +105,29 @@ AVERAGING_PHASE = 0.35
 
 def averaged_in_time(si: StokesI, vis: Vis, freq_max: float, radius_rad: float) -> StokesI:
     """Stokes I samples averaged in time per baseline (baseline-dependent averaging, as
-    WSClean's -baseline-averaging): a baseline's consecutive integrations of a scan join
-    while the phase that its uv point's move sweeps at radius_rad from the phase centre
-    stays under AVERAGING_PHASE, so that short baselines are averaged over minutes and
-    the longest over a few integrations or none. A cube grids its samples once a plane
-    for the PSF, once for the dirty image and twice a major cycle: its gridding (most of
-    a cube's time) falls with their number. The weights are summed, so the noise and the
-    Briggs density are the integrations'. Each sample's row (rows) is its run's first."""
+    WSClean's -baseline-averaging): a baseline's integrations of a scan join while the
+    phase that its uv point's move sweeps at radius_rad from the phase centre stays
+    under AVERAGING_PHASE, and while they have the same channels flagged, so that short
+    baselines are averaged over minutes and the longest over a few integrations or
+    none. A cube grids its samples once a plane for the PSF, once for the dirty image
+    and twice a major cycle: its gridding (most of a cube's time) falls with their
+    number. The weights are summed, so the noise and the Briggs density are the
+    integrations'. The samples come in baseline order; each one's row (rows) is its
+    run's first. freq_max: the highest frequency of the image (of the whole cube, for a
+    piece of it, so that every piece cuts its runs by the same rate)."""
     if not len(si.rows):
         return si
     rows = si.rows
     ant1, ant2, time = vis.ant1[rows], vis.ant2[rows], vis.time[rows]
+    field, scan = vis.field_id[rows], vis.scan[rows]
     # a baseline's length in wavelengths (|uvw| is the same at every time) at the highest
     # frequency: its uv point moves at most EARTH_ROTATION x that, in wavelengths a second
-    length = np.sqrt((si.uvw ** 2).sum(axis=1)) * (freq_max / 299792458.0)
+    length = np.sqrt((np.asarray(si.uvw, np.float64) ** 2).sum(axis=1)) * (freq_max / 299792458.0)
     rate = 2 * np.pi * EARTH_ROTATION * length * radius_rad / AVERAGING_PHASE
-    order = np.lexsort((time, vis.scan[rows], ant2, ant1))
-    starts = kernels.time_groups(order, ant1.astype(np.int64), ant2.astype(np.int64),
-                                 vis.scan[rows].astype(np.int64), time.astype(np.float64),
-                                 vis.interval[rows].astype(np.float64), rate)
+    order = np.lexsort((time, scan, field, ant2, ant1))
+    starts = kernels.time_groups(order, ant1.astype(np.int64), ant2.astype(np.int64), field.astype(np.int64),
+                                 scan.astype(np.int64), time.astype(np.float64),
+                                 vis.interval[rows].astype(np.float64), rate, si.weight)
     if len(starts) - 1 == len(rows):
         return si
     uvw, data, weight = kernels.average_groups(order, starts, np.ascontiguousarray(si.uvw, np.float64),
@@ -279,8 +285,9 @@ def clean_planes(vis: Vis, spec: ImageSpec) -> Planes:
     planes = [chans] if spec.specmode == "mfs" else cube_planes(chans, spec.nbin)
     si = stokes_i(vis, chans)
     if spec.time_average and spec.mosaic is None:
-        # out to the image's corner
-        si = averaged_in_time(si, vis, float(vis.freq[chans].max()), npix * cell / np.sqrt(2))
+        # out to the image's corner, at the whole cube's highest frequency
+        si = averaged_in_time(si, vis, spec.time_average_freq_hz or float(vis.freq[chans].max()),
+                              npix * cell / np.sqrt(2))
     samples = (si.uvw, si.data, si.weight) if spec.mosaic is None else _pointing_samples(vis, spec.mosaic, si)
     col = {c: i for i, c in enumerate(chans)}
     out = Planes([], [], [], [], np.array([vis.freq[pl].mean() for pl in planes]), [], 0, [])

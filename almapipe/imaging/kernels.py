@@ -367,16 +367,19 @@ def _mask_indices(mask, n: int, what: str) -> np.ndarray:
     return np.flatnonzero(mask).astype(np.int64)
 
 
-@numba.njit(cache=True)
-def time_groups(order, ant1, ant2, scan, time, interval, rate):
-    """Runs of consecutive integrations of one baseline that average_groups may join:
-    the rows in `order` (sorted by baseline, scan, time) cut where the baseline or scan
-    changes, where a time is missing (a gap of more than half an integration), and
-    where the run would span more than 1 / rate[row] seconds (rate: the phase drift
-    that one second of averaging may cause at the image's edge, per unit of the
-    tolerance, of the run's first row). Returns the start of each run in `order`, and
-    len(order) at the end."""
+@numba.njit(cache=True, nogil=True)
+def time_groups(order, ant1, ant2, field, scan, time, interval, rate, wgt):
+    """Runs of integrations of one baseline that average_groups may join: the rows in
+    `order` (sorted by baseline, field, scan, time) cut where the baseline, field or scan
+    changes, where a row's flagged channels (wgt == 0) differ from the run's first row's
+    (so that a run's channels all average the same integrations, and the run's one uvw
+    is where each channel's data are), and where the run would span more than
+    1 / rate seconds (rate: of the run's first row, the phase that a second of its uv
+    point's move sweeps at the image's corner, per unit of the tolerance; a gap in time
+    counts in the span). Returns the start of each run in `order`, and len(order) at the
+    end."""
     n = len(order)
+    nchan = wgt.shape[1]
     starts = np.empty(n + 1, np.int64)
     starts[0] = 0
     if n == 0:
@@ -385,10 +388,16 @@ def time_groups(order, ant1, ant2, scan, time, interval, rate):
     first = order[0]
     for k in range(1, n):
         r = order[k]
-        p = order[k - 1]
-        new = ant1[r] != ant1[p] or ant2[r] != ant2[p] or scan[r] != scan[p]
-        new = new or time[r] - time[p] > 1.5 * max(interval[r], interval[p])
-        new = new or (time[r] + 0.5 * interval[r] - time[first] + 0.5 * interval[first]) * rate[first] > 1.0
+        new = ant1[r] != ant1[first] or ant2[r] != ant2[first] or field[r] != field[first] \
+            or scan[r] != scan[first]
+        if not new:
+            span = time[r] + 0.5 * interval[r] - time[first] + 0.5 * interval[first]
+            new = not (span * rate[first] <= 1.0)          # (NaN: not joined)
+        if not new:
+            for c in range(nchan):
+                if (wgt[r, c] > 0) != (wgt[first, c] > 0):
+                    new = True
+                    break
         if new:
             starts[ng] = k
             ng += 1
@@ -397,30 +406,35 @@ def time_groups(order, ant1, ant2, scan, time, interval, rate):
     return starts[:ng + 1]
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(cache=True, nogil=True)
 def average_groups(order, starts, uvw, vis, wgt):
-    """Each run of rows (order[starts[g]:starts[g + 1]]) as one sample: uvw their mean,
-    vis per channel the weighted mean of its unflagged values, wgt per channel the sum
-    of the weights (0 where all are flagged). Returns (uvw (ng, 3), vis (ng, nchan)
+    """Each run of rows (order[starts[g]:starts[g + 1]]) as one sample: uvw the mean of
+    its rows' weighted by their weight (summed over channels), vis per channel the
+    weighted mean of its values, wgt per channel the sum of the weights (the run's rows
+    share their flagged channels, time_groups). Returns (uvw (ng, 3), vis (ng, nchan)
     complex64, wgt (ng, nchan) float32)."""
     ng = len(starts) - 1
     nchan = vis.shape[1]
     uvw_out = np.zeros((ng, 3))
     vis_out = np.zeros((ng, nchan), np.complex64)
     wgt_out = np.zeros((ng, nchan), np.float32)
-    for g in numba.prange(ng):
+    for g in range(ng):
         a, b = starts[g], starts[g + 1]
+        wrow_sum = 0.0
         for k in range(a, b):
             r = order[k]
-            for i in range(3):
-                uvw_out[g, i] += uvw[r, i]
+            wrow = 0.0
             for c in range(nchan):
                 w = wgt[r, c]
                 if w > 0:
                     vis_out[g, c] += w * vis[r, c]
                     wgt_out[g, c] += w
+                    wrow += w
+            for i in range(3):
+                uvw_out[g, i] += wrow * uvw[r, i]
+            wrow_sum += wrow
         for i in range(3):
-            uvw_out[g, i] /= b - a
+            uvw_out[g, i] /= max(wrow_sum, 1e-300)
         for c in range(nchan):
             if wgt_out[g, c] > 0:
                 vis_out[g, c] /= wgt_out[g, c]

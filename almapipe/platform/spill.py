@@ -66,7 +66,7 @@ class ChannelSlices:
         """The array `name` held in memory (one slice), made on its first write."""
         dtype = self._dtype(name, dtype)
         if name not in self._held:
-            self._held[name] = np.empty((self.nrow, self.nchan, self.ncorr), dtype)
+            self._held[name] = np.zeros((self.nrow, self.nchan, self.ncorr), dtype)   # (as a file's holes read)
         return self._held[name]
 
     def write(self, name: str, row0: int, values: np.ndarray) -> None:

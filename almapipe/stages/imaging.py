@@ -751,7 +751,10 @@ class ImageJob:
             scales=p["scales"] or ([0, self.pixels_per_beam, 3 * self.pixels_per_beam]
                                    if p["deconvolver"] == "multiscale" else None),
             mosaic=mosaic, nterms=self.nterms(mosaic), nbin=self.nbin,
-            time_average=self.specmode == "cube" and bool(p["time_average"]))
+            time_average=self.specmode == "cube" and bool(p["time_average"]),
+            # the spw's highest frequency: a cube's pieces average as the whole cube does
+            time_average_freq_hz=float(np.max(self.spw_freq if self.spw_freq is not None else self.freq))
+            if self.specmode == "cube" else 0.0)
         if self.streamed and self.spws is None:
             self.theo = self._read_samples()
             self.theoretical[(self.fid, self.part["spw"])] = self.theo
