@@ -270,10 +270,10 @@ class VisStore:
         before = self.counter.s3_read
         for key in keys:
             z = self.open(key)
-            for cc in itertools.product(*[range(-(-n // c)) for n, c in zip(z.shape, z.chunks)]):
+            for rel in _chunk_keys(z.shape, z.chunks, range(-(-z.shape[0] // z.chunks[0]))):
                 if should_stop():
                     return self.counter.s3_read - before
-                chunk = _chunk_key(z, cc)
+                chunk = f"{z.store_path.path}/{rel}"
                 if chunk not in self.cache:
                     self.zstore.get_many_sync([chunk])      # from S3 into the cache, as a stage's read
         return self.counter.s3_read - before
