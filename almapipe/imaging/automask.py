@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from ..heuristics.robust import robust_rms
+from .mask_kernels import grow_within, region_sizes
 
 
 @dataclass
@@ -32,14 +32,8 @@ class AutomaskParams:
 
 
 def prune(mask: np.ndarray, min_pixels: float) -> np.ndarray:
-    """Drop connected regions smaller than min_pixels."""
-    labels, n = ndimage.label(mask)
-    if n == 0:
-        return mask
-    sizes = ndimage.sum(mask, labels, index=np.arange(1, n + 1))
-    keep = np.zeros(n + 1, bool)
-    keep[1:] = sizes >= min_pixels
-    return keep[labels]
+    """Drop connected (4-connected) regions smaller than min_pixels."""
+    return region_sizes(np.ascontiguousarray(mask, bool)) >= max(min_pixels, 1)
 
 
 def update_mask(residual: np.ndarray, previous: np.ndarray | None, sidelobe: float, beam_pixels: float,
@@ -55,6 +49,6 @@ def update_mask(residual: np.ndarray, previous: np.ndarray | None, sidelobe: flo
         return new
     previous = previous > 0
     low = (np.abs(residual) if p.negative_threshold > 0 else residual) > p.low_noise_threshold * rms
-    grown = ndimage.binary_dilation(previous, iterations=p.grow_iterations, mask=low | previous)
+    grown = grow_within(np.ascontiguousarray(previous), low | previous, p.grow_iterations)
     grown = prune(grown, p.min_beam_frac * beam_pixels) | previous
     return grown | new

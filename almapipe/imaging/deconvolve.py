@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import optimize
 
-from . import clean_kernels, gridding
+from . import clean_kernels, fourier, gridding
 from .automask import AutomaskParams, update_mask
 from ..heuristics.robust import robust_rms
 
@@ -34,8 +33,7 @@ def convolution_grid(psf_shape: tuple, shape: tuple, peak: tuple) -> tuple:
     image only from beyond the PSF's farther side of its peak plus the image's extent.
     Each side is rounded up to a length the FFT is fast at (a larger grid only adds
     zeros)."""
-    from scipy import fft
-    return tuple(fft.next_fast_len(max(m, n + max(p, m - p)), True) for m, n, p in zip(psf_shape, shape, peak))
+    return tuple(fourier.good_size(max(m, n + max(p, m - p))) for m, n, p in zip(psf_shape, shape, peak))
 
 
 def merge_components(ys: np.ndarray, xs: np.ndarray, amps: np.ndarray, width: int) -> tuple:
@@ -49,16 +47,15 @@ def merge_components(ys: np.ndarray, xs: np.ndarray, amps: np.ndarray, width: in
     return uy, ux, total
 
 
-def psf_transform(psf: np.ndarray, grid: tuple, peak: tuple, real, workers: int) -> np.ndarray:
+def psf_transform(psf: np.ndarray, grid: tuple, peak: tuple, real) -> np.ndarray:
     """rfft2 of the PSF on the grid with its peak moved to (0, 0): the convolution's shift
     is then the component's position."""
-    from scipy import fft
     shifted = np.zeros(grid, real)
     # the PSF placed as np.roll of the zero-padded array would put it, without that copy
     rows = (np.arange(psf.shape[0]) - peak[0]) % grid[0]
     cols = (np.arange(psf.shape[1]) - peak[1]) % grid[1]
     shifted[np.ix_(rows, cols)] = psf
-    return fft.rfft2(shifted, workers=workers)
+    return fourier.rfft2(shifted)
 
 
 class PsfConvolver:
@@ -89,18 +86,16 @@ class PsfConvolver:
         if len(uy) * image.size <= 0.5 * gy * gx * np.log2(gy * gx):
             clean_kernels.subtract_psf(image, self.psf, self.py, self.px, uy, ux, total.astype(image.dtype))
             return
-        from scipy import fft
         real = np.float32 if image.dtype == np.float32 else np.float64
-        workers = gridding.nthreads()
         if self._ft is None:
-            self._ft = psf_transform(self.psf, self.grid, (self.py, self.px), real, workers)
+            self._ft = psf_transform(self.psf, self.grid, (self.py, self.px), real)
         comps = np.zeros(self.grid, real)
         np.add.at(comps, (uy, ux), total)
         # one grid-sized temporary at a time (each is 150 MB at 4096^2)
-        ft = fft.rfft2(comps, workers=workers)
+        ft = fourier.rfft2(comps)
         del comps
         ft *= self._ft
-        conv = fft.irfft2(ft, s=self.grid, workers=workers, overwrite_x=True)
+        conv = fourier.irfft2(ft, self.grid)
         del ft
         image -= conv[:self.shape[0], :self.shape[1]].astype(image.dtype, copy=False)
 
@@ -202,14 +197,11 @@ def scale_kernel(npix: int, scale_px: float) -> np.ndarray:
 
 def convolve(a: np.ndarray, k: np.ndarray, centre: tuple) -> np.ndarray:
     """a convolved with the kernel k whose centre is at pixel `centre` of k, linearly
-    (nothing wraps), on a's pixels. scipy.fft rather than scipy.signal.fftconvolve,
-    whose import alone takes longer than restoring a 512^2 image."""
-    from scipy import fft
+    (nothing wraps), on a's pixels, as scipy.signal.fftconvolve's 'full' output cut to a's
+    window (imaging.fourier: the imager imports no scipy)."""
     full = [n + m - 1 for n, m in zip(a.shape, k.shape)]
-    grid = [fft.next_fast_len(n, True) for n in full]
-    workers = gridding.nthreads()
-    out = fft.irfft2(fft.rfft2(a, grid, workers=workers) * fft.rfft2(k, grid, workers=workers), grid,
-                     workers=workers)
+    grid = [fourier.good_size(n) for n in full]
+    out = fourier.irfft2(fourier.rfft2(a, grid) * fourier.rfft2(k, grid), grid)
     (oy, ox), (ny, nx) = centre, a.shape
     return out[oy:oy + ny, ox:ox + nx]
 
@@ -428,7 +420,6 @@ def main_lobe(psf: np.ndarray, cutoff: float = PSF_CUTOFF, nrays: int = 720) -> 
     belongs if it is nearer the peak than its direction's edge (interpolated between
     rays). Whatever its size in pixels: the window is the lobe's extent.
     Returns (dy, dx, values): the lobe's pixels relative to the peak and the PSF there."""
-    from scipy import ndimage
     py, px = np.unravel_index(np.argmax(psf), psf.shape)
     theta = np.linspace(0, 2 * np.pi, nrays, endpoint=False)
     # the farthest a ray can go inside the array
@@ -445,7 +436,7 @@ def main_lobe(psf: np.ndarray, cutoff: float = PSF_CUTOFF, nrays: int = 720) -> 
         st = steps[start:stop]
         yy = py + sin[todo, None] * st[None, :]
         xx = px + cos[todo, None] * st[None, :]
-        below = ndimage.map_coordinates(psf, [yy.ravel(), xx.ravel()], order=1).reshape(yy.shape) < cutoff
+        below = bilinear(psf, yy, xx) < cutoff
         hit = below.any(axis=1)
         edge[todo[hit]] = st[np.argmax(below[hit], axis=1)]
         todo, start, stop = todo[~hit], stop, min(len(steps), 2 * stop)
@@ -457,6 +448,46 @@ def main_lobe(psf: np.ndarray, cutoff: float = PSF_CUTOFF, nrays: int = 720) -> 
     inside = (r < edge_at) & (py + dy >= 0) & (py + dy < psf.shape[0]) & (px + dx >= 0) & (px + dx < psf.shape[1])
     dy, dx = dy[inside], dx[inside]
     return dy, dx, psf[py + dy, px + dx]
+
+
+def bilinear(image: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The image at fractional pixels (y, x) within it, interpolated linearly between its
+    four nearest pixels (scipy.ndimage.map_coordinates at order 1)."""
+    y0 = np.clip(np.floor(y).astype(np.int64), 0, image.shape[0] - 2)
+    x0 = np.clip(np.floor(x).astype(np.int64), 0, image.shape[1] - 2)
+    fy, fx = y - y0, x - x0
+    return ((image[y0, x0] * (1 - fx) + image[y0, x0 + 1] * fx) * (1 - fy)
+            + (image[y0 + 1, x0] * (1 - fx) + image[y0 + 1, x0 + 1] * fx) * fy)
+
+
+def fit_exp_quadratic(xx: np.ndarray, yy: np.ndarray, val: np.ndarray, p0, max_steps: int = 200) -> np.ndarray:
+    """(a, b, c) of exp(-(a x² + 2b xy + c y²)) fitted to val by least squares:
+    Levenberg-Marquardt with Marquardt's scaling (steps measured against the curvature
+    of each parameter, so that their sizes need no scale of their own), stopped when a
+    step changes the cost or the parameters by less than 1e-12 of themselves."""
+    basis = np.stack([xx * xx, 2.0 * xx * yy, yy * yy], axis=1)
+    p = np.asarray(p0, float)
+    model = np.exp(-(basis @ p))
+    resid = model - val
+    cost, damping = float(resid @ resid), 1e-3
+    for _ in range(max_steps):
+        jac = -basis * model[:, None]
+        jtj, grad = jac.T @ jac, jac.T @ resid
+        step = np.linalg.lstsq(jtj + damping * np.diag(np.diag(jtj)), -grad, rcond=None)[0]
+        trial = p + step
+        model_t = np.exp(-(basis @ trial))
+        resid_t = model_t - val
+        cost_t = float(resid_t @ resid_t)
+        if cost_t <= cost:
+            small = cost - cost_t <= 1e-12 * cost or np.linalg.norm(step) <= 1e-12 * np.linalg.norm(p)
+            p, model, resid, cost, damping = trial, model_t, resid_t, cost_t, max(damping / 10, 1e-15)
+            if small:
+                break
+        else:
+            damping *= 10
+            if damping > 1e15:
+                break
+    return p
 
 
 def fit_beam(psf: np.ndarray, cell_rad: float) -> tuple[float, float, float]:
@@ -471,12 +502,7 @@ def fit_beam(psf: np.ndarray, cell_rad: float) -> tuple[float, float, float]:
     r_mean = max(float(np.mean(np.hypot(xx, yy))) * 1.5, 1.0)
     a0 = -np.log(PSF_CUTOFF) / r_mean ** 2
 
-    def model(p):
-        a, b, cc = p
-        return np.exp(-(a * xx ** 2 + 2 * b * xx * yy + cc * yy ** 2))
-
-    res = optimize.least_squares(lambda p: model(p) - val, x0=[a0, 0.0, a0], x_scale=[a0, a0, a0])
-    a, b, cc = res.x
+    a, b, cc = fit_exp_quadratic(xx, yy, np.asarray(val, float), [a0, 0.0, a0])
     m = np.array([[a, b], [b, cc]])
     evals, evecs = np.linalg.eigh(m)          # ascending: the smaller is the major axis
     sig = np.sqrt(1 / (2 * np.maximum(evals, 1e-12)))

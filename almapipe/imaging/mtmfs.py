@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from . import clean_kernels, deconvolve, gridding
+from . import clean_kernels, deconvolve, fourier, gridding
 
 # tclean's default: two terms, a flux and a spectral index
 NTERMS = 2
@@ -426,19 +426,17 @@ class TaylorPsfConvolver:
         if len(uy) * nt * res[0].size <= 0.5 * gy * gx * np.log2(gy * gx):
             subtract_taylor_psfs(res, self.psfs, self.py, self.px, uy, ux, total)
             return
-        from scipy import fft
         real = np.float32 if res.dtype == np.float32 else np.float64
-        workers = gridding.nthreads()
         if self._ft is None:
-            self._ft = [deconvolve.psf_transform(p, self.grid, (self.py, self.px), real, workers) for p in self.psfs]
+            self._ft = [deconvolve.psf_transform(p, self.grid, (self.py, self.px), real) for p in self.psfs]
         comp_ft = []
         for s in range(nt):
             comps = np.zeros(self.grid, real)
             comps[uy, ux] = total[:, s]
-            comp_ft.append(fft.rfft2(comps, workers=workers))
+            comp_ft.append(fourier.rfft2(comps))
         for t in range(nt):
             spec = sum(comp_ft[s] * self._ft[t + s] for s in range(nt))
-            conv = fft.irfft2(spec, s=self.grid, workers=workers)
+            conv = fourier.irfft2(spec, self.grid)
             res[t] -= conv[:self.shape[0], :self.shape[1]].astype(res.dtype, copy=False)
 
 
