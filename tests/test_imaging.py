@@ -889,10 +889,15 @@ def test_mfs_image_peak_memory_does_not_grow_with_the_number_of_channels(stack, 
     target rows: its DATA grows by 190 MB), each in its own process, read from the
     visibility store: the samples are read one row block (one ~8 MiB chunk) at a time
     and averaged over channel bins as they are read (samples.read_binned_stokes_i), so
-    the process's peak RSS (its ru_maxrss) grows by less than 64 MiB. Measured: 304-307
-    and 311-314 MiB (from the MS, before the store: 269 and 268 MiB); reading the whole
-    spw and imaging it channel by channel (read_vis + make_image) took 347 and 959 MiB.
-    The bound is a third of the data's growth: a CI run under load measured 292 and 335."""
+    the process's peak RSS (its ru_maxrss) grows by less than half the data's growth.
+    Measured: 246-251 and 285-311 MiB (304-307 and 311-314 while the imager imported
+    scipy, decision 25; from the MS, before the store: 269 and 268 MiB); reading the
+    whole spw and imaging it channel by channel (read_vis + make_image) took 347 and
+    959 MiB. What grows is the read's block, held once and once more read ahead: the
+    64-channel spw is one 25 MiB block, the 512-channel one is read in blocks of two
+    256-channel chunks (19 MiB with their flags and weights); with the lower floor that
+    shows (a run under load measured 64 MiB more), so the bound is half the data's
+    growth, a seventh of what reading the spw whole adds."""
     import json
     import os
     import shutil
@@ -924,7 +929,7 @@ def test_mfs_image_peak_memory_does_not_grow_with_the_number_of_channels(stack, 
     print("peak RSS (MiB) by number of channels:", rss)
     assert out[64][1] == out[512][1] == "24000"        # the same rows, binned alike
     assert abs(float(out[512][2]) / float(out[64][2]) - 1) < 0.05
-    assert rss[512] - rss[64] < 64, rss
+    assert rss[512] - rss[64] < 96, rss
 
 
 def test_aggregate_continuum_streamed_holds_no_channel_axis_and_equals_the_whole_spw_one(stack, tmp_path,
