@@ -20,8 +20,10 @@ gain 0.1, niter components, no threshold.
   --preset instead of NGC 5921, the target of a simulator preset (e.g. longbaseline:
            C-8 pads, 4 FDM spws of 3840 channels), ideally calibrated and split into its
            own MS as bench/mtmfs_vs_wsclean.py makes it; all its science spws in one mfs
-           plane, ours in bins of 8 channels as makeimages' aggregate continuum
-           (imager.aggregate_continuum), WSClean from every channel
+           plane, ours in bins of 8 channels as makeimages' aggregate continuum makes
+           them (samples.read_aggregate_samples: each spw read in blocks of rows and
+           binned as read; MSPartition gives it the MS's rows as the store would),
+           WSClean from every channel
 
   wsclean  WSClean on the same MS (-mgain 0.8: major cycles, as ours; -j 2), if the
            program is installed (Debian: apt-get install wsclean)
@@ -55,37 +57,98 @@ FIELD, CHANS = 2, (5, 57)
 def child(ms: str, npix: int, cell: float, niter: int) -> None:
     """One image with the almapipe found on sys.path (this tree or --base-src)."""
     import numpy as np
-    from almapipe.imaging.imager import ImageSpec, aggregate_continuum, make_image
+    from almapipe.imaging.imager import ImageSpec, make_image
     from almapipe.msio.ms import read_vis
     meta = preset_meta(ms)
     if meta:
-        parts = [read_vis(ms, sid, field_ids=[meta["field"]]) for sid in meta["spws"]]
-        vis = aggregate_continuum([(v, np.ones(len(v.freq), bool)) for v in parts], 8)
-        del parts
-        spec, dish, telescope = ImageSpec(field="Target", npix=npix, cell_arcsec=cell, robust=0.5, niter=niter,
-                                          nsigma=0.0), 12.0, "ALMA"
+        from almapipe.imaging.imager import restore_planes
+        from almapipe.imaging.samples import clean_mfs, read_aggregate_samples
+        spec = ImageSpec(field="Target", npix=npix, cell_arcsec=cell, robust=0.5, niter=niter, nsigma=0.0)
+        spws = [MSPartition(ms, sid, meta["field"]) for sid in meta["spws"]]
+        samples = read_aggregate_samples([([(p, None)], np.ones(len(p.freq), bool)) for p in spws], 8)
+        res = restore_planes(clean_mfs(samples, spec), spec, 12.0, "ALMA")
     else:
         vis = read_vis(ms, field_ids=[FIELD])
         chans = np.zeros(len(vis.freq), bool)
         chans[CHANS[0]:CHANS[1] + 1] = True
-        spec, dish, telescope = ImageSpec(field="N5921_2", npix=npix, cell_arcsec=cell, robust=0.5, niter=niter,
-                                          nsigma=0.0, chans=chans), 25.0, "VLA"
-    res = make_image(vis, spec, dish, telescope)
+        spec = ImageSpec(field="N5921_2", npix=npix, cell_arcsec=cell, robust=0.5, niter=niter, nsigma=0.0,
+                         chans=chans)
+        res = make_image(vis, spec, 25.0, "VLA")
     print(json.dumps({"iterations": res.iterations, "beam": list(res.beam), "peak": float(res.image.max())}))
+
+
+class MSPartition:
+    """One spw of an MS, read in blocks of rows, with the few methods of a store partition
+    (almapipe.platform.visstore.VisPartition) that samples.read_aggregate_samples uses:
+    the child then streams a preset's spws into their binned samples as makeimages
+    streams them from the store, holding the samples and a block of rows, never an spw's
+    rows x channels (it read each spw whole before 2026-12-05)."""
+
+    BLOCK_ROWS = 2048              # as a 256-channel chunk of the store: 8 MiB of complex64
+
+    def __init__(self, ms: str, spw: int, field: int):
+        import casacore.tables as ct
+        import numpy as np
+        from almapipe.msio.ms import corr_types_of_spw, spw_rows_query, subtable
+        self.ms = ms
+        with ct.table(ms, ack=False) as t:
+            sel = t.query(spw_rows_query(ms, spw, [field]), sortlist="TIME,ANTENNA1,ANTENNA2")
+            self.ms_rows = np.asarray(sel.rownumbers(), np.int64)
+            self.cols = {c: sel.getcol(c) for c in ("TIME", "ANTENNA1", "ANTENNA2", "FIELD_ID", "UVW")}
+            sel.close()
+        with subtable(ms, "SPECTRAL_WINDOW") as t:
+            self.freq = t.getcell("CHAN_FREQ", spw)
+        self.corr_types = corr_types_of_spw(ms, spw)
+
+    def index(self, column: str):
+        return self.cols[column]
+
+    def row_array(self, column: str):
+        return self.cols[column]
+
+    def select(self, field_ids=None, cross_only: bool = False):
+        import numpy as np
+        keep = np.ones(len(self.ms_rows), bool)
+        if field_ids is not None:
+            keep &= np.isin(self.cols["FIELD_ID"], list(field_ids))
+        if cross_only:
+            keep &= self.cols["ANTENNA1"] != self.cols["ANTENNA2"]
+        return np.flatnonzero(keep)
+
+    def blocks(self, column="DATA", field_ids=None, chan=None, cross_only=False, block_chunks=1, **_):
+        import types
+        import casacore.tables as ct
+        import numpy as np
+        rows = self.select(field_ids, cross_only)
+        chan = chan or slice(0, len(self.freq))
+        step = self.BLOCK_ROWS * max(int(block_chunks), 1)
+        with ct.table(self.ms, ack=False) as t:
+            for lo in range(0, len(rows), step):
+                r = rows[lo:lo + step]
+                sub = t.selectrows(self.ms_rows[r].tolist())
+                ncorr = len(self.corr_types)
+                blc, trc = [chan.start, 0], [chan.stop - 1, ncorr - 1]
+                flag = sub.getcolslice("FLAG", blc, trc) | sub.getcol("FLAG_ROW")[:, None, None]
+                yield types.SimpleNamespace(rows=r, uvw=self.cols["UVW"][r], flag=flag,
+                                            data=sub.getcolslice(column, blc, trc).astype(np.complex64, copy=False),
+                                            weight=sub.getcol("WEIGHT").astype(np.float32, copy=False))
+                sub.close()
 
 
 def tclean_child(ms: str, npix: int, cell: float, niter: int, field: str, spw: str, out: str) -> None:
     """One image with CASA's tclean (run by --casa-python; imports no almapipe)."""
     from casatasks import tclean
     from casatools import image
-    tclean(vis=ms, imagename=out, field=field, spw=spw, specmode="mfs", imsize=[npix, npix], cell=f"{cell}arcsec",
-           stokes="I", datacolumn="data", weighting="briggs", robust=0.5, deconvolver="hogbom", gridder="standard",
-           niter=niter, gain=0.1, threshold="0Jy", pbcor=False)
+    summary = tclean(vis=ms, imagename=out, field=field, spw=spw, specmode="mfs", imsize=[npix, npix],
+                     cell=f"{cell}arcsec", stokes="I", datacolumn="data", weighting="briggs", robust=0.5,
+                     deconvolver="hogbom", gridder="standard", niter=niter, gain=0.1, threshold="0Jy", pbcor=False) or {}
     ia = image()
     ia.open(out + ".image")
     peak = float(ia.getchunk().max())
     ia.close()
-    print(json.dumps({"peak": peak}))
+    # its components and major cycles, where this CASA's tclean returns its summary
+    print(json.dumps({"peak": peak, "iterations": summary.get("iterdone"), "major_cycles": summary.get("nmajordone")},
+                     default=int))
 
 
 def preset_meta(ms: str) -> dict | None:
@@ -133,25 +196,26 @@ def main() -> None:
     if args.child:
         return child(args.ms, args.npix, args.cell, args.niter)
     if args.make_ms:
+        if not args.preset:
+            from almapipe.msio.uvfits import uvfits_to_ms
+            return uvfits_to_ms(os.path.join(HERE, "almapipe", "data", "ngc5921.uvfits.gz"), args.ms)
         from mtmfs_vs_wsclean import make_target_ms
         return make_target_ms(os.path.dirname(args.ms), args.ms, args.preset)
     work = args.work or tempfile.mkdtemp(prefix="imgsizes-")
     os.makedirs(work, exist_ok=True)
+    ms = os.path.join(work, "target.ms" if args.preset else "ngc5921.ms")
+    if not os.path.exists(ms):
+        # in a process of its own: a child's ru_maxrss starts from the size of the process
+        # it was forked from (the kernel keeps the high-water mark across exec), so a
+        # parent that had made the MS itself would lift every small image's figure to its
+        # own (WSClean's 66 MiB at 512² read 179 MiB that way)
+        run_measured([sys.executable, os.path.abspath(__file__), "--make-ms", "--preset", args.preset,
+                      "--ms", ms], env=dict(os.environ, PYTHONPATH=HERE), cwd=work)
     if args.preset:
-        ms = os.path.join(work, "target.ms")
-        if not os.path.exists(ms):
-            # in a process of its own, as mtmfs_vs_wsclean.py makes it (a child's ru_maxrss
-            # would start from this process's peak)
-            run_measured([sys.executable, os.path.abspath(__file__), "--make-ms", "--preset", args.preset,
-                          "--ms", ms], env=dict(os.environ, PYTHONPATH=HERE), cwd=work)
         meta = preset_meta(ms)
         selection = ["-field", str(meta["field"]), "-spws", ",".join(map(str, meta["spws"]))]
         casa_selection = [str(meta["field"]), ",".join(map(str, meta["spws"]))]
     else:
-        ms = os.path.join(work, "ngc5921.ms")
-        if not os.path.exists(ms):
-            from almapipe.msio.uvfits import uvfits_to_ms
-            uvfits_to_ms(os.path.join(HERE, "almapipe", "data", "ngc5921.uvfits.gz"), ms)
         selection = ["-field", str(FIELD), "-channel-range", str(CHANS[0]), str(CHANS[1] + 1)]
         casa_selection = [str(FIELD), f"0:{CHANS[0]}~{CHANS[1]}"]
     wsclean = shutil.which(args.wsclean)
