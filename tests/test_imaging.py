@@ -704,6 +704,8 @@ def test_automask_morphology_is_scipy_ndimages():
             assert np.array_equal(grow_within(seed, allowed | seed, steps),
                                   ndimage.binary_dilation(seed, iterations=steps, mask=allowed | seed))
         assert np.array_equal(grow_within(mask, allowed, 5), ndimage.binary_dilation(mask, iterations=5, mask=allowed))
+    with pytest.raises(ValueError, match="differ in shape"):      # numba does not check bounds
+        grow_within(mask, allowed[:-1], 1)
 
 
 def test_beam_fit_reaches_least_squares_minimum():
@@ -730,6 +732,9 @@ def test_beam_fit_reaches_least_squares_minimum():
         got = deconvolve.fit_exp_quadratic(x, y, val, [a0, 0.0, a0])
         assert resid(got) @ resid(got) <= resid(ref) @ resid(ref) * (1 + 1e-6)
         assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+    val[len(val) // 2] = np.nan                     # named, as least_squares named it
+    with pytest.raises(ValueError, match="not all finite"):
+        deconvolve.fit_exp_quadratic(x, y, val, [a0, 0.0, a0])
 
 
 _NO_SCIPY_CHILD = """
@@ -889,14 +894,15 @@ def test_mfs_image_peak_memory_does_not_grow_with_the_number_of_channels(stack, 
     target rows: its DATA grows by 190 MB), each in its own process, read from the
     visibility store: the samples are read one row block (one ~8 MiB chunk) at a time
     and averaged over channel bins as they are read (samples.read_binned_stokes_i), so
-    the process's peak RSS (its ru_maxrss) grows by less than half the data's growth.
+    the process's peak RSS (its ru_maxrss) grows by less than 96 MiB, about half the
+    data's growth.
     Measured: 246-251 and 285-311 MiB (304-307 and 311-314 while the imager imported
     scipy, decision 25; from the MS, before the store: 269 and 268 MiB); reading the
     whole spw and imaging it channel by channel (read_vis + make_image) took 347 and
     959 MiB. What grows is the read's block, held once and once more read ahead: the
     64-channel spw is one 25 MiB block, the 512-channel one is read in blocks of two
     256-channel chunks (19 MiB with their flags and weights); with the lower floor that
-    shows (a run under load measured 64 MiB more), so the bound is half the data's
+    shows (a run under load measured 64 MiB more), so the bound is about half the data's
     growth, a seventh of what reading the spw whole adds."""
     import json
     import os

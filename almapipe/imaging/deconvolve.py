@@ -91,11 +91,12 @@ class PsfConvolver:
             self._ft = psf_transform(self.psf, self.grid, (self.py, self.px), real)
         comps = np.zeros(self.grid, real)
         np.add.at(comps, (uy, ux), total)
-        # one grid-sized temporary at a time (each is 150 MB at 4096^2)
+        # at most two grid-sized arrays at once (each is 150 MB at 4096^2): the transform
+        # is inverted in its own place, not in a copy of it
         ft = fourier.rfft2(comps)
         del comps
         ft *= self._ft
-        conv = fourier.irfft2(ft, self.grid)
+        conv = fourier.irfft2(ft, self.grid, overwrite=True)
         del ft
         image -= conv[:self.shape[0], :self.shape[1]].astype(image.dtype, copy=False)
 
@@ -201,7 +202,7 @@ def convolve(a: np.ndarray, k: np.ndarray, centre: tuple) -> np.ndarray:
     window (imaging.fourier: the imager imports no scipy)."""
     full = [n + m - 1 for n, m in zip(a.shape, k.shape)]
     grid = [fourier.good_size(n) for n in full]
-    out = fourier.irfft2(fourier.rfft2(a, grid) * fourier.rfft2(k, grid), grid)
+    out = fourier.irfft2(fourier.rfft2(a, grid) * fourier.rfft2(k, grid), grid, overwrite=True)
     (oy, ox), (ny, nx) = centre, a.shape
     return out[oy:oy + ny, ox:ox + nx]
 
@@ -465,6 +466,8 @@ def fit_exp_quadratic(xx: np.ndarray, yy: np.ndarray, val: np.ndarray, p0, max_s
     Levenberg-Marquardt with Marquardt's scaling (steps measured against the curvature
     of each parameter, so that their sizes need no scale of their own), stopped when a
     step changes the cost or the parameters by less than 1e-12 of themselves."""
+    if not np.isfinite(val).all():
+        raise ValueError("fit_exp_quadratic: the values fitted are not all finite (a PSF with NaNs?)")
     basis = np.stack([xx * xx, 2.0 * xx * yy, yy * yy], axis=1)
     p = np.asarray(p0, float)
     model = np.exp(-(basis @ p))

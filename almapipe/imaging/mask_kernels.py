@@ -19,14 +19,14 @@ import numpy as np
 def region_sizes(mask: np.ndarray) -> np.ndarray:
     """Each True pixel's 4-connected region's size in pixels; 0 where mask is False."""
     ny, nx = mask.shape
-    size = np.zeros((ny, nx), np.int64)
-    seen = np.zeros((ny, nx), np.bool_)
-    queue = np.empty(ny * nx, np.int64)      # one region's pixels (flat indices), reused
+    # int32 (an image has fewer than 2**31 pixels): at 4096² each of these is 64 MiB
+    size = np.zeros((ny, nx), np.int32)       # 0: not reached yet (or not in the mask)
+    queue = np.empty(ny * nx, np.int32)       # one region's pixels (flat indices), reused
     for start in range(ny * nx):
         sy, sx = start // nx, start % nx
-        if not mask[sy, sx] or seen[sy, sx]:
+        if not mask[sy, sx] or size[sy, sx]:
             continue
-        seen[sy, sx] = True
+        size[sy, sx] = -1                     # reached: its size is written once the region is
         queue[0] = start
         head, tail = 0, 1
         while head < tail:
@@ -34,8 +34,8 @@ def region_sizes(mask: np.ndarray) -> np.ndarray:
             head += 1
             for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
                 v, u = y + dy, x + dx
-                if 0 <= v < ny and 0 <= u < nx and mask[v, u] and not seen[v, u]:
-                    seen[v, u] = True
+                if 0 <= v < ny and 0 <= u < nx and mask[v, u] and not size[v, u]:
+                    size[v, u] = -1
                     queue[tail] = v * nx + u
                     tail += 1
         for k in range(tail):
@@ -49,11 +49,13 @@ def grow_within(seed: np.ndarray, allowed: np.ndarray, steps: int) -> np.ndarray
     the pixels of allowed within `steps` of seed along paths through allowed, and seed
     itself (scipy.ndimage.binary_dilation(seed, iterations=steps, mask=allowed)); with
     steps < 1, as far as allowed reaches (as scipy's iterations < 1: until nothing changes)."""
+    if seed.shape != allowed.shape:
+        raise ValueError("grow_within: seed and allowed differ in shape")
     ny, nx = seed.shape
     if steps < 1:
         steps = ny * nx
-    dist = np.full((ny, nx), -1, np.int64)
-    queue = np.empty(ny * nx, np.int64)
+    dist = np.full((ny, nx), -1, np.int32)
+    queue = np.empty(ny * nx, np.int32)
     tail = 0
     for y in range(ny):
         for x in range(nx):

@@ -436,7 +436,7 @@ class TaylorPsfConvolver:
             comp_ft.append(fourier.rfft2(comps))
         for t in range(nt):
             spec = sum(comp_ft[s] * self._ft[t + s] for s in range(nt))
-            conv = fourier.irfft2(spec, self.grid)
+            conv = fourier.irfft2(spec, self.grid, overwrite=True)
             res[t] -= conv[:self.shape[0], :self.shape[1]].astype(res.dtype, copy=False)
 
 
