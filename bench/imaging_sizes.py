@@ -81,10 +81,10 @@ class MSPartition:
     """One spw of an MS, read in blocks of rows, with the few methods of a store partition
     (almapipe.platform.visstore.VisPartition) that samples.read_aggregate_samples uses:
     the child then streams a preset's spws into their binned samples as makeimages
-    streams them from the store, holding the samples and a block of rows, never an spw's
-    rows x channels (it read each spw whole before 2026-12-05)."""
-
-    BLOCK_ROWS = 2048              # as a 256-channel chunk of the store: 8 MiB of complex64
+    streams them from the store, holding the samples and two blocks of rows (one read
+    ahead, as VisPartition.blocks holds them), never an spw's rows x channels (it read
+    each spw whole before 2026-12-05). A block is the store's row chunk
+    (visstore.chunking) over the channels asked for."""
 
     def __init__(self, ms: str, spw: int, field: int):
         import casacore.tables as ct
@@ -119,20 +119,34 @@ class MSPartition:
         import types
         import casacore.tables as ct
         import numpy as np
+        from almapipe.platform.visstore import chunking
         rows = self.select(field_ids, cross_only)
         chan = chan or slice(0, len(self.freq))
-        step = self.BLOCK_ROWS * max(int(block_chunks), 1)
+        ncorr = len(self.corr_types)
+        # the store's blocks: whole row chunks of the spw's rows, those selected in each
+        step = chunking(len(self.freq), ncorr)[0] * max(int(block_chunks), 1)
+        bounds = np.searchsorted(rows, np.arange(0, len(self.ms_rows) + step, step))
+        blc, trc = [chan.start, 0], [chan.stop - 1, ncorr - 1]
+
+        def read(t, r):
+            sub = t.selectrows(self.ms_rows[r].tolist())
+            flag = sub.getcolslice("FLAG", blc, trc) | sub.getcol("FLAG_ROW")[:, None, None]
+            blk = types.SimpleNamespace(rows=r, uvw=self.cols["UVW"][r], flag=flag,
+                                        data=sub.getcolslice(column, blc, trc).astype(np.complex64, copy=False),
+                                        weight=sub.getcol("WEIGHT").astype(np.float32, copy=False))
+            sub.close()
+            return blk
         with ct.table(self.ms, ack=False) as t:
-            for lo in range(0, len(rows), step):
-                r = rows[lo:lo + step]
-                sub = t.selectrows(self.ms_rows[r].tolist())
-                ncorr = len(self.corr_types)
-                blc, trc = [chan.start, 0], [chan.stop - 1, ncorr - 1]
-                flag = sub.getcolslice("FLAG", blc, trc) | sub.getcol("FLAG_ROW")[:, None, None]
-                yield types.SimpleNamespace(rows=r, uvw=self.cols["UVW"][r], flag=flag,
-                                            data=sub.getcolslice(column, blc, trc).astype(np.complex64, copy=False),
-                                            weight=sub.getcol("WEIGHT").astype(np.float32, copy=False))
-                sub.close()
+            held = None
+            for lo, hi in zip(bounds[:-1], bounds[1:]):
+                if hi > lo:
+                    blk = read(t, rows[lo:hi])      # the next block, read before this one is used
+                    if held is not None:
+                        yield held
+                    held = blk
+                    del blk
+            if held is not None:
+                yield held
 
 
 def tclean_child(ms: str, npix: int, cell: float, niter: int, field: str, spw: str, out: str) -> None:

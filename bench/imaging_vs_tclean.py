@@ -3,14 +3,21 @@ time with 1, 2 and 4 imager workers.
 
     .venv/bin/python bench/imaging_vs_tclean.py --ms EB/sim.ms [--casa-python PATH]
         [--field 3] [--niter 1000] [--cube-niter 10] [--workers 1,2,4] [--steps mfs,cube]
+        [--spw 0] [--chans LO~HI] [--npix N --cell ARCSEC] [--time-average on|off|both]
 
 Steps, each a whole process, the same on both sides (image size and cell from the
 pipeline's heuristics, Briggs 0.5, Hogbom, the given niter, no threshold):
 
   mfs    all spws of the target in one continuum image (ours: the aggregate of every
          channel, averaged in bins of 8; tclean: specmode 'mfs' over all spws)
-  cube   every channel of spw 0 (ours: niter per channel; tclean: niter x nchan in
-         total with cycleniter niter, so both clean each channel about as much)
+  cube   every channel of spw --spw, or the channels --chans (ours: niter per channel;
+         tclean: niter x nchan in total with cycleniter niter, so both clean each
+         channel about as much). Ours averages the samples in time per baseline as
+         makeimages' cubes do (decision 24; --time-average off: every integration, as
+         tclean grids them; both: a row each)
+
+--npix and --cell give the image's size (else the pipeline's heuristics on spw 0: a
+long-baseline EB's ask for thousands of pixels, more than a cube can hold).
 
 The worker figures run the cube as makeimages does with cube_chunks = N: N processes,
 each cleaning a contiguous channel range, then one joining and restoring the planes
@@ -40,7 +47,17 @@ def heuristics(ms: str, field: int) -> tuple:
     return image_heuristics(vis, 12.0, "ALMA", np.ones(len(vis.freq), bool))
 
 
-def ours(step: str, ms: str, field: int, npix: int, cell: float, niter: int, chunk: str, out: str) -> None:
+def channel_mask(nchan: int, chans: str):
+    """The channels LO~HI of nchan as a mask (all where chans is empty)."""
+    import numpy as np
+    mask = np.zeros(nchan, bool)
+    lo, hi = map(int, chans.split("~")) if chans else (0, nchan - 1)
+    mask[lo:hi + 1] = True
+    return mask
+
+
+def ours(step: str, ms: str, field: int, npix: int, cell: float, niter: int, chunk: str, out: str,
+         spw: int = 0, chans: str = "", time_average: bool = True) -> None:
     import numpy as np
     from almapipe.imaging.imager import (ImageSpec, Planes, aggregate_continuum, clean_planes, join_planes,
                                          make_image, restore_planes)
@@ -51,21 +68,22 @@ def ours(step: str, ms: str, field: int, npix: int, cell: float, niter: int, chu
         vis = aggregate_continuum(parts, 8)
         make_image(vis, ImageSpec(field="t", npix=npix, cell_arcsec=cell, niter=niter, nsigma=0.0), 12.0, "ALMA")
         return
-    vis = read_vis(ms, 0, field_ids=[field])
-    spec = ImageSpec(field="t", specmode="cube", npix=npix, cell_arcsec=cell, niter=niter, nsigma=0.0)
+    vis = read_vis(ms, spw, field_ids=[field])
+    # as makeimages' cubes: averaged at the spw's highest frequency, whatever the channels
+    spec = ImageSpec(field="t", specmode="cube", npix=npix, cell_arcsec=cell, niter=niter, nsigma=0.0,
+                     chans=channel_mask(len(vis.freq), chans), time_average=time_average,
+                     time_average_freq_hz=float(vis.freq.max()))
     if step == "cube":
         make_image(vis, spec, 12.0, "ALMA")
     elif step == "piece":                      # one worker's channel range
-        lo, hi = map(int, chunk.split("~"))
-        mask = np.zeros(len(vis.freq), bool)
-        mask[lo:hi + 1] = True
-        clean_planes(vis, ImageSpec(**{**spec.__dict__, "chans": mask})).save(out)
+        clean_planes(vis, ImageSpec(**{**spec.__dict__, "chans": channel_mask(len(vis.freq), chunk)})).save(out)
     elif step == "join":
         pieces = [Planes.load(path) for path in chunk.split(",")]
         restore_planes(join_planes(pieces), spec, 12.0, "ALMA")
 
 
-def casa(step: str, ms: str, field: int, npix: int, cell: float, niter: int, out: str) -> None:
+def casa(step: str, ms: str, field: int, npix: int, cell: float, niter: int, out: str, spw: int = 0,
+         chans: str = "") -> None:
     from casatasks import tclean
     common = dict(vis=ms, field=str(field), imsize=[npix, npix], cell=f"{cell}arcsec", weighting="briggs",
                   robust=0.5, deconvolver="hogbom", gridder="standard", threshold="0Jy", pbcor=True,
@@ -76,9 +94,10 @@ def casa(step: str, ms: str, field: int, npix: int, cell: float, niter: int, out
         from casatools import table
         tb = table()
         tb.open(f"{ms}/SPECTRAL_WINDOW")
-        nchan = int(tb.getcell("NUM_CHAN", 0))
+        nchan = int(tb.getcell("NUM_CHAN", spw))
         tb.close()
-        tclean(specmode="cube", spw="0", niter=niter * nchan, cycleniter=niter, **common)
+        lo, hi = map(int, chans.split("~")) if chans else (0, nchan - 1)
+        tclean(specmode="cube", spw=f"{spw}:{lo}~{hi}", niter=niter * (hi - lo + 1), cycleniter=niter, **common)
 
 
 def timed(cmd: list, cwd: str) -> float:
@@ -105,50 +124,65 @@ def main() -> None:
     ap.add_argument("--cell", type=float)
     ap.add_argument("--chunk", default="")
     ap.add_argument("--out", default="")
+    ap.add_argument("--spw", type=int, default=0, help="the cube's spw")
+    ap.add_argument("--chans", default="", help="the cube's channels LO~HI (default all)")
+    ap.add_argument("--time-average", choices=("on", "off", "both"), default="on",
+                    help="ours' cube averaged in time per baseline, as makeimages' (decision 24)")
     args = ap.parse_args()
     if args.child == "ours":
-        return ours(args.step, args.ms, args.field, args.npix, args.cell, args.niter, args.chunk, args.out)
+        return ours(args.step, args.ms, args.field, args.npix, args.cell, args.niter, args.chunk, args.out,
+                    args.spw, args.chans, args.time_average == "on")
     if args.child == "casa":
-        return casa(args.step, args.ms, args.field, args.npix, args.cell, args.niter, args.out)
-    cell, npix = heuristics(args.ms, args.field)
+        return casa(args.step, args.ms, args.field, args.npix, args.cell, args.niter, args.out, args.spw,
+                    args.chans)
+    cell, npix = (args.cell, args.npix) if args.npix and args.cell else heuristics(args.ms, args.field)
     work = tempfile.mkdtemp(prefix="imgbench-")
     me = [sys.executable, os.path.abspath(__file__), "--ms", os.path.abspath(args.ms), "--field", str(args.field),
-          "--npix", str(npix), "--cell", str(cell)]
+          "--npix", str(npix), "--cell", str(cell), "--spw", str(args.spw), "--chans", args.chans]
     rows = []
+    averaging = ["on", "off"] if args.time_average == "both" else [args.time_average]
     for step, niter in (("mfs", args.niter), ("cube", args.cube_niter)):
         if step not in args.steps.split(","):
             continue
-        a = timed(me + ["--child", "ours", "--step", step, "--niter", str(niter)], work)
-        b = None
-        if args.casa_python:
-            cmd = [args.casa_python] + me[1:] + ["--child", "casa", "--step", step, "--niter", str(niter),
-                                                 "--out", os.path.join(work, f"casa_{step}")]
-            b = timed(cmd, work)
-        rows.append({"step": step, "almapipe_s": a, "casa_s": b})
+        for k, avg in enumerate(averaging if step == "cube" else ["on"]):
+            a = timed(me + ["--child", "ours", "--step", step, "--niter", str(niter), "--time-average", avg], work)
+            b = None
+            if args.casa_python and k == 0:
+                cmd = [args.casa_python] + me[1:] + ["--child", "casa", "--step", step, "--niter", str(niter),
+                                                     "--out", os.path.join(work, f"casa_{step}")]
+                b = timed(cmd, work)
+            name = step if step == "mfs" or avg == "on" else f"{step}, every integration"
+            rows.append({"step": name, "almapipe_s": a, "casa_s": b})
     # the cube with N workers: N piece processes at once, then the join
+    import numpy as np
     from almapipe.msio.ms import read_vis
-    nchan = len(read_vis(args.ms, 0, field_ids=[args.field]).freq)
+    selected = np.flatnonzero(channel_mask(len(read_vis(args.ms, args.spw, field_ids=[args.field]).freq),
+                                           args.chans))
+    nchan = len(selected)
     scaling = []
-    for n in map(int, args.workers.split(",")):
-        edges = [round(k * nchan / n) for k in range(n + 1)]
+    for n in map(int, filter(None, args.workers.split(","))):
+        edges = [int(selected[0]) + round(k * nchan / n) for k in range(n + 1)]
         outs = [os.path.join(work, f"piece{n}_{k}.npz") for k in range(n)]
         env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                    ALMAPIPE_THREADS=str(max(1, (os.cpu_count() or 1) // n)))
         t0 = time.perf_counter()
+        # the pieces averaged in time as the first of the table's cubes
+        pieces_avg = ["--time-average", averaging[0]]
         procs = [subprocess.Popen(me + ["--child", "ours", "--step", "piece", "--niter", str(args.cube_niter),
-                                        "--chunk", f"{edges[k]}~{edges[k + 1] - 1}", "--out", outs[k]],
+                                        "--chunk", f"{edges[k]}~{edges[k + 1] - 1}", "--out", outs[k]]
+                                  + pieces_avg,
                                   env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                  for k in range(n)]
         if any(p.wait() for p in procs):
             raise SystemExit(f"a piece of the {n}-worker cube failed")
         timed(me + ["--child", "ours", "--step", "join", "--niter", str(args.cube_niter),
-                    "--chunk", ",".join(outs)], work)
+                    "--chunk", ",".join(outs)] + pieces_avg, work)
         scaling.append({"workers": n, "cube_s": time.perf_counter() - t0})
     print(f"image {npix} x {npix}, cell {cell:.3f} arcsec, {nchan} channels in the cube")
-    print(f"{'step':8s} {'almapipe (s)':>13s} {'tclean (s)':>11s} {'ratio':>7s}")
+    print(f"{'step':28s} {'almapipe (s)':>13s} {'tclean (s)':>11s} {'ratio':>7s}")
     for r in rows:
         ratio = r["almapipe_s"] / r["casa_s"] if r["casa_s"] else float("nan")
-        print(f"{r['step']:8s} {r['almapipe_s']:13.1f} {r['casa_s'] or float('nan'):11.1f} {ratio:7.2f}")
+        print(f"{r['step']:28s} {r['almapipe_s']:13.1f} {r['casa_s'] or float('nan'):11.1f} {ratio:7.2f}")
     for s in scaling:
         print(f"cube with {s['workers']} worker(s): {s['cube_s']:.1f} s")
     print(json.dumps({"rows": rows, "scaling": scaling, "npix": npix, "cell_arcsec": cell}))
