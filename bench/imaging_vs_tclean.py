@@ -4,6 +4,7 @@ time with 1, 2 and 4 imager workers.
     .venv/bin/python bench/imaging_vs_tclean.py --ms EB/sim.ms [--casa-python PATH]
         [--field 3] [--niter 1000] [--cube-niter 10] [--workers 1,2,4] [--steps mfs,cube]
         [--spw 0] [--chans LO~HI] [--npix N --cell ARCSEC] [--time-average on|off|both]
+        [--wsclean wsclean]
 
 Steps, each a whole process, the same on both sides (image size and cell from the
 pipeline's heuristics, Briggs 0.5, Hogbom, the given niter, no threshold):
@@ -15,6 +16,10 @@ pipeline's heuristics, Briggs 0.5, Hogbom, the given niter, no threshold):
          channel about as much). Ours averages the samples in time per baseline as
          makeimages' cubes do (decision 24; --time-average off: every integration, as
          tclean grids them; both: a row each)
+
+  wsclean with --wsclean PROGRAM, the cube also with WSClean 3.1: one output channel per
+         channel (-channels-out), each cleaned on its own with niter components
+         (-mgain 0.8, -j 2), from every integration
 
 --npix and --cell give the image's size (else the pipeline's heuristics on spw 0: a
 long-baseline EB's ask for thousands of pixels, more than a cube can hold).
@@ -100,6 +105,29 @@ def casa(step: str, ms: str, field: int, npix: int, cell: float, niter: int, out
         tclean(specmode="cube", spw=f"{spw}:{lo}~{hi}", niter=niter * (hi - lo + 1), cycleniter=niter, **common)
 
 
+def wsclean_cube(args, npix: int, cell: float, work: str) -> float:
+    """WSClean's cube of the same channels: its wall time (s)."""
+    import numpy as np
+    from almapipe.msio.ms import subtable
+    with subtable(args.ms, "SPECTRAL_WINDOW") as t:
+        nchan = int(t.getcell("NUM_CHAN", args.spw))
+    chans = np.flatnonzero(channel_mask(nchan, args.chans))
+    out = os.path.join(work, "wsclean_cube")
+    os.makedirs(out, exist_ok=True)
+    cmd = [args.wsclean, "-quiet", "-name", os.path.join(out, "cube"), "-size", str(npix), str(npix),
+           "-scale", f"{cell}asec", "-weight", "briggs", "0.5", "-niter", str(args.cube_niter), "-gain", "0.1",
+           "-mgain", "0.8", "-field", str(args.field), "-spws", str(args.spw), "-channel-range", str(chans[0]),
+           str(chans[-1] + 1), "-channels-out", str(len(chans)), "-no-dirty", "-data-column", "DATA", "-pol", "i",
+           "-no-update-model-required", "-j", "2", os.path.abspath(args.ms)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if proc.returncode:
+        raise SystemExit(f"wsclean failed:\n{proc.stderr[-3000:]}")
+    wall = time.perf_counter() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    return wall
+
+
 def timed(cmd: list, cwd: str) -> float:
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     t0 = time.perf_counter()
@@ -126,6 +154,7 @@ def main() -> None:
     ap.add_argument("--out", default="")
     ap.add_argument("--spw", type=int, default=0, help="the cube's spw")
     ap.add_argument("--chans", default="", help="the cube's channels LO~HI (default all)")
+    ap.add_argument("--wsclean", default="", help="the cube also with this WSClean program")
     ap.add_argument("--time-average", choices=("on", "off", "both"), default="on",
                     help="ours' cube averaged in time per baseline, as makeimages' (decision 24)")
     args = ap.parse_args()
@@ -153,6 +182,8 @@ def main() -> None:
                 b = timed(cmd, work)
             name = step if step == "mfs" or avg == "on" else f"{step}, every integration"
             rows.append({"step": name, "almapipe_s": a, "casa_s": b})
+        if step == "cube" and args.wsclean:
+            rows[-len(averaging)]["wsclean_s"] = wsclean_cube(args, npix, cell, work)
     # the cube with N workers: N piece processes at once, then the join
     import numpy as np
     from almapipe.msio.ms import read_vis
@@ -182,7 +213,9 @@ def main() -> None:
     print(f"{'step':28s} {'almapipe (s)':>13s} {'tclean (s)':>11s} {'ratio':>7s}")
     for r in rows:
         ratio = r["almapipe_s"] / r["casa_s"] if r["casa_s"] else float("nan")
-        print(f"{r['step']:28s} {r['almapipe_s']:13.1f} {r['casa_s'] or float('nan'):11.1f} {ratio:7.2f}")
+        print(f"{r['step']:28s} {r['almapipe_s']:13.1f} {r['casa_s'] or float('nan'):11.1f} {ratio:7.2f}"
+              + (f"   WSClean {r['wsclean_s']:.1f} s, ours / WSClean {r['almapipe_s'] / r['wsclean_s']:.2f}"
+                 if r.get("wsclean_s") else ""))
     for s in scaling:
         print(f"cube with {s['workers']} worker(s): {s['cube_s']:.1f} s")
     print(json.dumps({"rows": rows, "scaling": scaling, "npix": npix, "cell_arcsec": cell}))
