@@ -101,10 +101,10 @@ class MSPartition:
         self.corr_types = corr_types_of_spw(ms, spw)
 
     def index(self, column: str):
+        """A row column of the spw's rows (the store's index arrays; UVW too)."""
         return self.cols[column]
 
-    def row_array(self, column: str):
-        return self.cols[column]
+    row_array = index
 
     def select(self, field_ids=None, cross_only: bool = False):
         import numpy as np

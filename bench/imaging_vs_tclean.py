@@ -52,13 +52,25 @@ def heuristics(ms: str, field: int) -> tuple:
     return image_heuristics(vis, 12.0, "ALMA", np.ones(len(vis.freq), bool))
 
 
+def channel_range(nchan: int, chans: str) -> tuple:
+    """(lo, hi) of the channels LO~HI (every channel of nchan where chans is empty)."""
+    return tuple(map(int, chans.split("~"))) if chans else (0, nchan - 1)
+
+
 def channel_mask(nchan: int, chans: str):
     """The channels LO~HI of nchan as a mask (all where chans is empty)."""
     import numpy as np
     mask = np.zeros(nchan, bool)
-    lo, hi = map(int, chans.split("~")) if chans else (0, nchan - 1)
+    lo, hi = channel_range(nchan, chans)
     mask[lo:hi + 1] = True
     return mask
+
+
+def spw_nchan(ms: str, spw: int) -> int:
+    """The number of channels of a spw (its SPECTRAL_WINDOW row; no data read)."""
+    from almapipe.msio.ms import subtable
+    with subtable(ms, "SPECTRAL_WINDOW") as t:
+        return int(t.getcell("NUM_CHAN", spw))
 
 
 def ours(step: str, ms: str, field: int, npix: int, cell: float, niter: int, chunk: str, out: str,
@@ -101,23 +113,19 @@ def casa(step: str, ms: str, field: int, npix: int, cell: float, niter: int, out
         tb.open(f"{ms}/SPECTRAL_WINDOW")
         nchan = int(tb.getcell("NUM_CHAN", spw))
         tb.close()
-        lo, hi = map(int, chans.split("~")) if chans else (0, nchan - 1)
+        lo, hi = channel_range(nchan, chans)
         tclean(specmode="cube", spw=f"{spw}:{lo}~{hi}", niter=niter * (hi - lo + 1), cycleniter=niter, **common)
 
 
 def wsclean_cube(args, npix: int, cell: float, work: str) -> float:
     """WSClean's cube of the same channels: its wall time (s)."""
-    import numpy as np
-    from almapipe.msio.ms import subtable
-    with subtable(args.ms, "SPECTRAL_WINDOW") as t:
-        nchan = int(t.getcell("NUM_CHAN", args.spw))
-    chans = np.flatnonzero(channel_mask(nchan, args.chans))
+    lo, hi = channel_range(spw_nchan(args.ms, args.spw), args.chans)
     out = os.path.join(work, "wsclean_cube")
     os.makedirs(out, exist_ok=True)
     cmd = [args.wsclean, "-quiet", "-name", os.path.join(out, "cube"), "-size", str(npix), str(npix),
            "-scale", f"{cell}asec", "-weight", "briggs", "0.5", "-niter", str(args.cube_niter), "-gain", "0.1",
-           "-mgain", "0.8", "-field", str(args.field), "-spws", str(args.spw), "-channel-range", str(chans[0]),
-           str(chans[-1] + 1), "-channels-out", str(len(chans)), "-no-dirty", "-data-column", "DATA", "-pol", "i",
+           "-mgain", "0.8", "-field", str(args.field), "-spws", str(args.spw), "-channel-range", str(lo),
+           str(hi + 1), "-channels-out", str(hi - lo + 1), "-no-dirty", "-data-column", "DATA", "-pol", "i",
            "-no-update-model-required", "-j", "2", os.path.abspath(args.ms)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -185,14 +193,11 @@ def main() -> None:
         if step == "cube" and args.wsclean:
             rows[-len(averaging)]["wsclean_s"] = wsclean_cube(args, npix, cell, work)
     # the cube with N workers: N piece processes at once, then the join
-    import numpy as np
-    from almapipe.msio.ms import read_vis
-    selected = np.flatnonzero(channel_mask(len(read_vis(args.ms, args.spw, field_ids=[args.field]).freq),
-                                           args.chans))
-    nchan = len(selected)
+    first, last = channel_range(spw_nchan(args.ms, args.spw), args.chans)
+    nchan = last - first + 1
     scaling = []
     for n in map(int, filter(None, args.workers.split(","))):
-        edges = [int(selected[0]) + round(k * nchan / n) for k in range(n + 1)]
+        edges = [first + round(k * nchan / n) for k in range(n + 1)]
         outs = [os.path.join(work, f"piece{n}_{k}.npz") for k in range(n)]
         env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                    ALMAPIPE_THREADS=str(max(1, (os.cpu_count() or 1) // n)))
