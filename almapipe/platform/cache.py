@@ -101,8 +101,10 @@ class BoundedCache:
 
     def held(self) -> int:
         """Bytes of objects in the folder now, and of writes under way (a scan; for tests
-        and reports)."""
-        return sum(size for _, size, _ in self._entries(sweep=False))
+        and reports). Under the lock: a write is renamed into place under it, and a scan
+        beside the rename could list neither the temporary name nor the final one."""
+        with self._locked():
+            return sum(size for _, size, _ in self._entries(sweep=False))
 
     # --- writing
     def put(self, key: str, data: bytes) -> None:
